@@ -1,0 +1,16 @@
+//! netd's eBPF programs: one program per attach point, shared logic in modules.
+#![no_std]
+#![no_main]
+
+mod counter;
+mod parse;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,141 @@
+//! The embedded eBPF object and the instance's bpffs pin directory.
+//!
+//! Layout under the pin root (one root per netd instance, `--bpffs`):
+//! `maps/` holds every map pinned by name (shared by all programs and all netd processes),
+//! `links/` holds one TCX link per attached program, so programs stay attached after exit.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+    },
+};
+
+/// The programs of `netd-ebpf`, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
+
+/// `statfs` magic of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin directory of one netd instance.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    /// Opens (creating when needed) the pin root `root`, which must be on a mounted bpffs.
+    pub fn open(root: &Path) -> Result<Self> {
+        check_bpffs(root)?;
+        let pins = Self { root: root.to_path_buf() };
+        for dir in [pins.maps_dir(), pins.links_dir()] {
+            fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        Ok(pins)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// The pin of program `prog`'s TCX link on interface `iface` in direction `dir`.
+    pub fn tc_link(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
+        self.links_dir().join(format!("{prog}@{iface}@{}", direction_name(dir)))
+    }
+
+    /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
+    pub fn load(&self) -> Result<Ebpf> {
+        EbpfLoader::new()
+            .default_map_pin_directory(self.maps_dir())
+            .load(OBJECT)
+            .context("load the eBPF object")
+    }
+
+    /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
+    /// stays attached when this process exits. Attaching twice is an error.
+    pub fn attach_tc(&self, ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+        let pin = self.tc_link(prog, iface, dir);
+        if pin.exists() {
+            bail!("{prog} is already attached to {iface} ({})", direction_name(dir));
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog} in the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{prog} is not a TC program"))?;
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("load program {prog}"))?;
+        }
+        let link_id = program
+            .attach(iface, dir)
+            .with_context(|| format!("attach {prog} to {iface}"))?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .context("take the TCX link")?
+            .try_into()
+            .context("TCX link is not an fd link")?;
+        link.pin(&pin)
+            .with_context(|| format!("pin link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
+    pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+        let pin = self.tc_link(prog, iface, dir);
+        if !pin.exists() {
+            return Ok(false);
+        }
+        let link = PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        // Unpinning drops the last reference to the link, which detaches the program.
+        let _detached: FdLink = link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+        Ok(true)
+    }
+
+    /// Removes every pin of this instance (links first, so programs detach).
+    pub fn remove_all(&self) -> Result<()> {
+        fs::remove_dir_all(&self.root).with_context(|| format!("remove {}", self.root.display()))
+    }
+}
+
+pub fn direction_name(dir: TcAttachType) -> &'static str {
+    match dir {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom",
+    }
+}
+
+/// Fails with a one-line hint when the bpffs that should hold `root` is not mounted.
+fn check_bpffs(root: &Path) -> Result<()> {
+    let mut probe = root;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let fs = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does)",
+            root.display()
+        );
+    }
+    Ok(())
+}

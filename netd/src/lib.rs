@@ -1,0 +1,8 @@
+//! netd: container networking for Linux with an eBPF datapath.
+pub mod bpf;
+pub mod counter;
+pub mod demo;
+pub mod netlink;
+pub mod netns;
+pub mod output;
+pub mod sandbox;

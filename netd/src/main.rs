@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use netd::{bpf::Pins, counter, demo, netns, output};
+
+/// Container networking with an eBPF datapath.
+#[derive(Parser)]
+#[command(name = "netd", version)]
+struct Cli {
+    /// The network namespace netd manages as "the host" (default: the one it runs in).
+    #[arg(long, global = true, value_name = "PATH")]
+    host_netns: Option<PathBuf>,
+    /// Where netd keeps its state.
+    #[arg(long, global = true, default_value = "/var/lib/netd", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// This instance's directory on a bpf filesystem, for pinned maps, programs and links.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/netd", value_name = "DIR")]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The per-protocol packet counter (a TCX program with a pinned map).
+    #[command(subcommand)]
+    Counter(CounterCommand),
+    /// Build a sandbox, run netd in it, show traffic through the datapath, remove it all.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum CounterCommand {
+    /// Attach the counter to an interface of the host namespace.
+    Attach {
+        iface: String,
+        /// Count outgoing packets instead of incoming ones.
+        #[arg(long)]
+        egress: bool,
+    },
+    /// Detach the counter from an interface.
+    Detach {
+        iface: String,
+        #[arg(long)]
+        egress: bool,
+    },
+    /// Show the counts, summed over every interface the counter is attached to.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("netd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Before any thread exists: every thread netd starts inherits the host namespace.
+    if let Some(ns) = &cli.host_netns {
+        netns::enter(ns)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
+        Command::Demo => demo::run().await,
+    }
+}
+
+fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {
+    match cmd {
+        CounterCommand::Attach { iface, egress } => {
+            counter::attach(pins, &iface, counter::direction(egress))?;
+            println!("counter attached to {iface}");
+        }
+        CounterCommand::Detach { iface, egress } => {
+            if !counter::detach(pins, &iface, counter::direction(egress))? {
+                anyhow::bail!("the counter is not attached to {iface}");
+            }
+            println!("counter detached from {iface}");
+        }
+        CounterCommand::Show { json } => {
+            let counts = counter::read(pins)?;
+            if json {
+                output::json(&counts)?;
+            } else {
+                let rows: Vec<Vec<String>> = counts
+                    .iter()
+                    .map(|c| vec![c.proto.to_string(), c.packets.to_string(), c.bytes.to_string()])
+                    .collect();
+                output::table(&["PROTO", "PACKETS", "BYTES"], &rows);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! rtnetlink in a chosen network namespace: links, addresses and routes.
+//!
+//! A netlink socket belongs to the namespace of the thread that opened it, so [`Netlink::in_ns`]
+//! opens it on a thread inside the target namespace and keeps using it from anywhere.
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::netns;
+
+/// A netlink connection bound to one network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a connection in the namespace at `ns`, or in the caller's when `None`.
+    /// Must be called inside a tokio runtime, which drives the connection.
+    pub fn in_ns(ns: Option<&Path>) -> Result<Self> {
+        let runtime = tokio::runtime::Handle::current();
+        let (connection, handle, _) = netns::run_in(ns, || {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection().context("open a netlink socket")
+        })?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The index of the link called `name`, if there is one.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self.link(name).await?.map(|m| m.header.index))
+    }
+
+    /// The index of the link called `name`, or an error naming it.
+    pub async fn require_link(&self, name: &str) -> Result<u32> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| anyhow!("no interface named {name:?}"))
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("look up interface {name:?}")),
+        }
+    }
+
+    /// Names and indexes of every link in the namespace.
+    pub async fn links(&self) -> Result<Vec<(u32, String)>> {
+        let mut out = Vec::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.context("list interfaces")? {
+            let name = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            out.push((link.header.index, name.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// The MAC address of the link `index`.
+    pub async fn link_mac(&self, index: u32) -> Result<Option<[u8; 6]>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let Some(link) = links.try_next().await.context("get interface")? else {
+            return Ok(None);
+        };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+            _ => None,
+        }))
+    }
+
+    /// Creates a veth pair `name` <-> `peer` in this namespace.
+    pub async fn add_veth(&self, name: &str, peer: &str, mtu: Option<u32>) -> Result<()> {
+        let mut msg = LinkVeth::new(name, peer);
+        if let Some(mtu) = mtu {
+            msg = msg.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(msg.build())
+            .execute()
+            .await
+            .with_context(|| format!("create veth pair {name}/{peer}"))
+    }
+
+    /// Creates a bridge `name`, up.
+    pub async fn add_bridge(&self, name: &str, mtu: Option<u32>) -> Result<u32> {
+        let mut msg = LinkBridge::new(name).up();
+        if let Some(mtu) = mtu {
+            msg = msg.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(msg.build())
+            .execute()
+            .await
+            .with_context(|| format!("create bridge {name}"))?;
+        self.require_link(name).await
+    }
+
+    /// Deletes the link `index` (for a veth, both ends go).
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("delete interface #{index}"))
+    }
+
+    /// Moves the link `index` into the namespace at `ns`.
+    pub async fn move_to_ns(&self, index: u32, ns: &Path) -> Result<()> {
+        let file = File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(file.as_raw_fd())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("move interface #{index} to {}", ns.display()))
+    }
+
+    /// Applies `edit` to a change message for link `index` (rename, MAC, MTU, master, up).
+    pub async fn set_link(
+        &self,
+        index: u32,
+        what: &str,
+        edit: impl FnOnce(rtnetlink::LinkMessageBuilder<LinkUnspec>) -> rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<()> {
+        let msg = edit(LinkUnspec::new_with_index(index)).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("{what} (interface #{index})"))
+    }
+
+    /// Brings link `index` up.
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.set_link(index, "set interface up", |m| m.up()).await
+    }
+
+    /// Adds `addr` to link `index`.
+    pub async fn add_addr(&self, index: u32, addr: IpNet) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+            .with_context(|| format!("add address {addr} to interface #{index}"))
+    }
+
+    /// Adds a route to `dst` via `gateway` (or directly on `dev` when `gateway` is `None`).
+    pub async fn add_route(&self, dst: IpNet, gateway: Option<IpAddr>, dev: Option<u32>) -> Result<()> {
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| anyhow!("route to {dst}: {e}"))?;
+        if let Some(gw) = gateway {
+            builder = builder.gateway(gw).map_err(|e| anyhow!("route via {gw}: {e}"))?;
+        }
+        if let Some(dev) = dev {
+            builder = builder.output_interface(dev);
+        }
+        self.handle
+            .route()
+            .add(builder.build())
+            .execute()
+            .await
+            .with_context(|| match gateway {
+                Some(gw) => format!("add route {dst} via {gw}"),
+                None => format!("add route {dst}"),
+            })
+    }
+}
+
+/// Writes a sysctl under /proc/sys/net in the namespace at `ns` (the caller's when `None`).
+/// /proc/sys/net is per namespace: the writer thread's namespace decides which one changes.
+pub fn set_sysctl(ns: Option<&Path>, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    netns::run_in(ns, || {
+        std::fs::write(&path, value).with_context(|| format!("set sysctl {key}={value}"))
+    })
+}

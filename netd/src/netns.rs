@@ -1,0 +1,110 @@
+//! Network namespaces: named ones under /run/netns (what `ip netns` shows), entering one, and
+//! running a closure inside one on a scoped thread (setns only affects the calling thread).
+
+use std::{
+    fs::{self, File, OpenOptions},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns, unshare},
+};
+
+/// Where `ip netns` keeps its names; netd uses the same place so both tools see each other.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// The path of the named namespace `name`.
+pub fn path_of(name: &str) -> PathBuf {
+    Path::new(NETNS_RUN_DIR).join(name)
+}
+
+/// Checks that `name` can be a file name under /run/netns.
+pub fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 200 || name == "." || name == ".." || name.contains('/') {
+        bail!("invalid namespace name {name:?}: must be 1-200 bytes without '/'");
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace at `path`. Threads it spawns afterwards
+/// inherit the namespace, so call this before starting a multi-threaded runtime.
+pub fn enter(path: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter network namespace {}", path.display()))
+}
+
+/// Runs `f` on a new thread inside the network namespace at `path` (the current one if `None`).
+pub fn run_in<T: Send>(path: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(path) = path {
+                enter(path)?;
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread inside a network namespace panicked"))?
+    })
+}
+
+/// Creates the named network namespace `name` and returns its path. Fails if it exists.
+pub fn create(name: &str) -> Result<PathBuf> {
+    validate_name(name)?;
+    fs::create_dir_all(NETNS_RUN_DIR).with_context(|| format!("create {NETNS_RUN_DIR}"))?;
+    let path = path_of(name);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                anyhow::anyhow!("network namespace {name:?} already exists")
+            }
+            _ => anyhow::Error::new(e).context(format!("create {}", path.display())),
+        })?;
+    let bound = std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mount the new namespace on {}", path.display()))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace creation thread panicked"))?
+    });
+    if let Err(e) = bound {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Removes the named network namespace `name`; a missing one is not an error. The namespace
+/// itself (and the interfaces in it) go away once no process or mount holds it any more.
+pub fn remove(name: &str) -> Result<()> {
+    validate_name(name)?;
+    let path = path_of(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    // EINVAL: not a mount point (a half-made namespace); the file still goes.
+    match umount2(&path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e).with_context(|| format!("unmount {}", path.display())),
+    }
+    fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// Whether the named namespace exists.
+pub fn exists(name: &str) -> bool {
+    path_of(name).exists()
+}
