@@ -1,1 +1,121 @@
-fn main() {}
+//! `cargo xtask`: the development loop. Every command first checks (and on a fresh machine
+//! installs) the toolchain and tools netd needs; see `setup`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (idempotent): nightly rust-src, LLVM 22, bpf-linker,
+    /// the test tools, and a mounted bpffs.
+    Setup,
+    /// Release build of the eBPF programs and the userspace.
+    Build,
+    /// All unit and integration tests.
+    Test {
+        /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy with warnings denied, for userspace and the eBPF crate.
+    Lint,
+    /// Build netd and run its demo in a sandbox.
+    Demo,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    setup::ensure()?;
+    match cli.command {
+        Task::Setup => {
+            eprintln!("setup: the toolchain, tools and bpffs are in place");
+            Ok(())
+        }
+        Task::Build => cargo(&["build", "--release", "--workspace"]),
+        Task::Test { args } => test(&args),
+        Task::Lint => lint(),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs `cargo ARGS` at the workspace root and fails if it does.
+fn cargo(args: &[&str]) -> Result<()> {
+    run_cmd(Command::new(env!("CARGO")).args(args))
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // The integration tests drive the netd binary, so build it first and tell them where it is.
+    cargo(&["build", "--package", "netd"])?;
+    let netd_bin = workspace_root().join("target/debug/netd");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["test", "--workspace", "--exclude", "netd-ebpf"]).env("NETD_BIN", &netd_bin);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run_cmd(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--exclude", "netd-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate only builds for the BPF target, with nightly and build-std.
+    run_cmd(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "netd-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--target-dir",
+        "target/ebpf-lint",
+        "--",
+        "-D",
+        "warnings",
+    ]).env_remove("RUSTC").env_remove("RUSTC_WORKSPACE_WRAPPER"))
+}
+
+fn demo() -> Result<()> {
+    cargo(&["build", "--release", "--package", "netd"])?;
+    run_cmd(Command::new(workspace_root().join("target/release/netd")).arg("demo"))
+}
