@@ -1,6 +1,7 @@
 //! netd: container networking for Linux with an eBPF datapath.
 pub mod bpf;
 pub mod counter;
+pub mod datapath;
 pub mod demo;
 pub mod netlink;
 pub mod netns;

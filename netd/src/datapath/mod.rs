@@ -1,0 +1,90 @@
+//! The datapath: what makes NAT, forwarding and filtering decisions for netd's networks.
+//!
+//! One trait, one file per driver, a factory that picks by name (the shape of netavark's
+//! `FirewallDriver`). The controller describes networks, endpoints and published ports with the
+//! plain types below and never reaches into a driver.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub mod ebpf;
+
+/// A network as the datapath needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Small stable id (unique per netd instance), used as a map key.
+    pub id: u32,
+    pub name: String,
+    /// The bridge interface in the host namespace.
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Containers on the network may talk to each other (`--icc`).
+    pub icc: bool,
+    /// No traffic in or out of the network beyond its containers and gateway (`--internal`).
+    pub internal: bool,
+    /// Masquerade traffic leaving the host (`--masquerade`, on by default).
+    pub masquerade: bool,
+}
+
+/// One container's interface on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    pub network_id: u32,
+    pub container: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The host end of the container's veth pair.
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// One published port: traffic to `host_ip:host_port` (any host address when `None`) goes to
+/// `container_ip:container_port`. A `-p` range is one `PortSpec` per port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub network_id: u32,
+    pub proto: Protocol,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// What every datapath driver does. Calls are idempotent where the name says "ensure"; the
+/// others fail on a second identical call. Every method rolls back its own partial work.
+pub trait Datapath {
+    /// The driver's name, as `--datapath` takes it.
+    fn name(&self) -> &'static str;
+    /// Prepares the host (the uplink, global programs and maps) and the network's bridge.
+    fn setup_network(&self, net: &NetworkSpec) -> Result<()>;
+    /// Undoes `setup_network` for this network (and the host part when it was the last one).
+    fn teardown_network(&self, net: &NetworkSpec) -> Result<()>;
+    /// A container joined `net`.
+    fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()>;
+    fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()>;
+    /// Publishes ports of an endpoint of `net`.
+    fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
+    fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
+}
+
+/// The drivers `--datapath` can name.
+pub const DRIVERS: &[&str] = &["ebpf"];
+
+/// Opens the driver called `name` for the instance pinned at `pins`.
+pub fn open(name: &str, pins: &crate::bpf::Pins) -> Result<Box<dyn Datapath>> {
+    match name {
+        "ebpf" => Ok(Box::new(ebpf::EbpfDatapath::new(pins.clone()))),
+        other => anyhow::bail!("unknown datapath {other:?} (known: {})", DRIVERS.join(", ")),
+    }
+}
