@@ -34,7 +34,9 @@ impl Pins {
     /// Opens (creating when needed) the pin root `root`, which must be on a mounted bpffs.
     pub fn open(root: &Path) -> Result<Self> {
         check_bpffs(root)?;
-        let pins = Self { root: root.to_path_buf() };
+        let pins = Self {
+            root: root.to_path_buf(),
+        };
         for dir in [pins.maps_dir(), pins.links_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         }
@@ -59,7 +61,8 @@ impl Pins {
 
     /// The pin of program `prog`'s TCX link on interface `iface` in direction `dir`.
     pub fn tc_link(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
-        self.links_dir().join(format!("{prog}@{iface}@{}", direction_name(dir)))
+        self.links_dir()
+            .join(format!("{prog}@{iface}@{}", direction_name(dir)))
     }
 
     /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
@@ -72,10 +75,19 @@ impl Pins {
 
     /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
     /// stays attached when this process exits. Attaching twice is an error.
-    pub fn attach_tc(&self, ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+    pub fn attach_tc(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
         let pin = self.tc_link(prog, iface, dir);
         if pin.exists() {
-            bail!("{prog} is already attached to {iface} ({})", direction_name(dir));
+            bail!(
+                "{prog} is already attached to {iface} ({})",
+                direction_name(dir)
+            );
         }
         let program: &mut SchedClassifier = ebpf
             .program_mut(prog)
@@ -83,7 +95,9 @@ impl Pins {
             .try_into()
             .with_context(|| format!("{prog} is not a TC program"))?;
         if program.fd().is_err() {
-            program.load().with_context(|| format!("load program {prog}"))?;
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
         }
         let link_id = program
             .attach(iface, dir)
@@ -106,7 +120,9 @@ impl Pins {
         }
         let link = PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
         // Unpinning drops the last reference to the link, which detaches the program.
-        let _detached: FdLink = link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+        let _detached: FdLink = link
+            .unpin()
+            .with_context(|| format!("unpin {}", pin.display()))?;
         Ok(true)
     }
 
@@ -130,7 +146,8 @@ fn check_bpffs(root: &Path) -> Result<()> {
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
-    let fs = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    let fs =
+        nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
     if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does)",
