@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub mod ebpf;
+pub mod iptables;
 
 /// A network as the datapath needs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,12 +80,13 @@ pub trait Datapath {
 }
 
 /// The drivers `--datapath` can name.
-pub const DRIVERS: &[&str] = &["ebpf"];
+pub const DRIVERS: &[&str] = &["ebpf", "iptables"];
 
 /// Opens the driver called `name` for the instance pinned at `pins`.
 pub fn open(name: &str, pins: &crate::bpf::Pins) -> Result<Box<dyn Datapath>> {
     match name {
         "ebpf" => Ok(Box::new(ebpf::EbpfDatapath::new(pins.clone()))),
+        "iptables" => Ok(Box::new(iptables::IptablesDatapath)),
         other => anyhow::bail!("unknown datapath {other:?} (known: {})", DRIVERS.join(", ")),
     }
 }
