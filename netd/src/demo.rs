@@ -7,83 +7,24 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
-    process::Command,
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, ensure};
 
 use crate::{
     netns,
-    sandbox::{HOST_ADDR, Sandbox, UPLINK},
+    sandbox::{HOST_ADDR, Instance, Sandbox, UPLINK},
 };
 
-/// The sandbox, state dir and pin dir of one demo run; dropping it removes them all.
-struct DemoEnv {
-    sandbox: Sandbox,
-    state_dir: PathBuf,
-    bpffs: PathBuf,
-}
-
-impl DemoEnv {
-    async fn create() -> Result<Self> {
-        let prefix = format!("netd-demo-{}", std::process::id());
-        step(&format!(
-            "building the sandbox: namespaces {prefix}-host (netd's host) and {prefix}-out (the internet)"
-        ));
-        let sandbox = Sandbox::create(&prefix).await?;
-        Ok(Self {
-            state_dir: std::env::temp_dir().join(&prefix),
-            bpffs: PathBuf::from("/sys/fs/bpf").join(&prefix),
-            sandbox,
-        })
+/// Runs `netd ARGS` in the demo's instance, echoing the command and its output.
+fn netd(inst: &Instance, args: &[&str]) -> Result<String> {
+    println!("$ netd {}", args.join(" "));
+    let stdout = inst.netd(args)?;
+    for line in stdout.lines() {
+        println!("  {line}");
     }
-
-    /// Runs `netd ARGS` against the sandbox, echoing the command and its output.
-    fn netd(&self, args: &[&str]) -> Result<String> {
-        println!("$ netd {}", args.join(" "));
-        let stdout = self.netd_quiet(args)?;
-        for line in stdout.lines() {
-            println!("  {line}");
-        }
-        Ok(stdout)
-    }
-
-    /// Runs `netd ARGS` against the sandbox and returns its output without echoing it.
-    fn netd_quiet(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(std::env::current_exe()?)
-            .arg("--host-netns")
-            .arg(self.sandbox.host_path())
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .args(args)
-            .output()
-            .context("run netd")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        for line in stdout.lines() {
-            println!("  {line}");
-        }
-        if !out.status.success() {
-            bail!(
-                "netd {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(stdout)
-    }
-}
-
-impl Drop for DemoEnv {
-    fn drop(&mut self) {
-        step("removing the sandbox, its pins and its state");
-        self.sandbox.remove();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
+    Ok(stdout)
 }
 
 fn step(what: &str) {
@@ -91,11 +32,15 @@ fn step(what: &str) {
 }
 
 pub async fn run() -> Result<()> {
-    let env = DemoEnv::create().await?;
+    let prefix = format!("netd-demo-{}", std::process::id());
+    step(&format!(
+        "building the sandbox: namespaces {prefix}-host (netd's host) and {prefix}-out (the internet)"
+    ));
+    let env = Instance::create(&prefix).await?;
     step(&format!(
         "attaching netd's eBPF packet counter to the host uplink {UPLINK} (TCX, pinned)"
     ));
-    env.netd(&["counter", "attach", UPLINK])?;
+    netd(&env, &["counter", "attach", UPLINK])?;
 
     step(&format!(
         "serving TCP on {HOST_ADDR}:8080 in the host; the outside sends 5 requests and 10 UDP datagrams"
@@ -105,9 +50,9 @@ pub async fn run() -> Result<()> {
     ensure!(replies == 5, "expected 5 replies, got {replies}");
 
     step("reading the counts back from the pinned map (a new netd process)");
-    env.netd(&["counter", "show"])?;
+    netd(&env, &["counter", "show"])?;
     let counts: serde_json::Value =
-        serde_json::from_str(&env.netd_quiet(&["counter", "show", "--json"])?)?;
+        serde_json::from_str(&env.netd(&["counter", "show", "--json"])?)?;
     let packets = |proto: &str| {
         counts
             .as_array()
@@ -130,7 +75,8 @@ pub async fn run() -> Result<()> {
         packets("tcp"),
         packets("udp")
     );
-    env.netd(&["counter", "detach", UPLINK])?;
+    netd(&env, &["counter", "detach", UPLINK])?;
+    step("removing the sandbox, its pins and its state");
     drop(env);
     println!("\ndemo finished: everything it made is gone");
     Ok(())

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use netd::{bpf::Pins, counter, demo, netns, output};
+use netd::{bench, bpf::Pins, counter, demo, netns, output};
 
 /// Container networking with an eBPF datapath.
 #[derive(Parser)]
@@ -38,6 +38,24 @@ enum Command {
     Counter(CounterCommand),
     /// Build a sandbox, run netd in it, show traffic through the datapath, remove it all.
     Demo,
+    /// Benchmark the eBPF datapath against iptables and a plain veth pair (the ceiling).
+    Bench {
+        /// A smoke run: short measurements, one round, fewer ports and containers.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write latest.json, report.md and ratios.svg.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Arms to run, in the order they alternate.
+        #[arg(long, value_delimiter = ',', default_values_t = netd::bench::ARMS.iter().map(|a| a.to_string()))]
+        arms: Vec<String>,
+        /// Rounds (each arm measured once per round); default 5, or 1 with --quick.
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Only the control plane: create and remove containers, per create and remove times.
+        #[arg(long)]
+        setup_only: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +103,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Demo => demo::run().await,
+        Command::Bench {
+            quick,
+            out,
+            arms,
+            runs,
+        } => {
+            let runs = runs.unwrap_or(if quick { 1 } else { 5 });
+            bench::run(bench::Options {
+                quick,
+                out,
+                arms,
+                runs,
+            })
+            .await
+        }
     }
 }
 

@@ -108,3 +108,77 @@ impl Sandbox {
         }
     }
 }
+
+/// A netd instance confined to a sandbox: its host namespace, state dir and pin dir, driven
+/// through the `netd` binary like a user would. Dropping it removes the sandbox, every
+/// namespace whose name starts with its prefix (containers), its pins and its state.
+pub struct Instance {
+    pub prefix: String,
+    pub sandbox: Sandbox,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+impl Instance {
+    pub async fn create(prefix: &str) -> Result<Self> {
+        let sandbox = Sandbox::create(prefix).await?;
+        Ok(Self {
+            prefix: prefix.to_string(),
+            state_dir: std::env::temp_dir().join(prefix),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(prefix),
+            sandbox,
+        })
+    }
+
+    /// A name for a container (and so its namespace) that [`Drop`] will clean up.
+    pub fn name(&self, base: &str) -> String {
+        format!("{}-{base}", self.prefix)
+    }
+
+    /// `netd GLOBALS ARGS` for this instance.
+    pub fn command(&self, args: &[&str]) -> Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("--host-netns")
+            .arg(self.sandbox.host_path())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        Ok(cmd)
+    }
+
+    /// Runs `netd ARGS` and returns its stdout; fails with netd's error line.
+    pub fn netd(&self, args: &[&str]) -> Result<String> {
+        let out = self.command(args)?.output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "netd {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(netns::NETNS_RUN_DIR) {
+            let ours = format!("{}-", self.prefix);
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&ours)
+                    && name != self.sandbox.host
+                    && name != self.sandbox.outside
+                {
+                    let _ = netns::remove(&name);
+                }
+            }
+        }
+        self.sandbox.remove();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}

@@ -35,6 +35,14 @@ enum Task {
     Lint,
     /// Build netd and run its demo in a sandbox.
     Demo,
+    /// Benchmark: eBPF against iptables and the ceiling; report in target/bench/.
+    Bench {
+        /// `setup`: only the control plane (create and remove 100 containers).
+        what: Option<String>,
+        /// A smoke run (under 3 minutes) with the same report shape.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -56,6 +64,7 @@ fn run() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
         Task::Demo => demo(),
+        Task::Bench { what, quick } => bench(what.as_deref(), quick),
     }
 }
 
@@ -131,6 +140,25 @@ fn lint() -> Result<()> {
             .env_remove("RUSTC")
             .env_remove("RUSTC_WORKSPACE_WRAPPER"),
     )
+}
+
+fn bench(what: Option<&str>, quick: bool) -> Result<()> {
+    cargo(&["build", "--release", "--package", "netd"])?;
+    let mut cmd = Command::new(workspace_root().join("target/release/netd"));
+    cmd.arg("bench")
+        .arg("--out")
+        .arg(workspace_root().join("target/bench"));
+    match what {
+        None => {}
+        Some("setup") => {
+            cmd.arg("--setup-only");
+        }
+        Some(other) => bail!("unknown benchmark {other:?} (known: setup)"),
+    }
+    if quick {
+        cmd.arg("--quick");
+    }
+    run_cmd(&mut cmd)
 }
 
 fn demo() -> Result<()> {

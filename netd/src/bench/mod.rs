@@ -1,0 +1,296 @@
+//! `netd bench`: the eBPF datapath against iptables and the ceiling (a plain veth pair), each
+//! arm in a fresh sandbox per round, rounds alternating the arms (A B A B ...), medians and
+//! every run reported. `cargo xtask bench` runs it; the report lands in `target/bench/`.
+
+mod arms;
+pub mod report;
+mod tools;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::sandbox::{HOST_ADDR, Instance};
+use arms::World;
+use report::{Machine, Record, Report};
+use tools::Endpoint;
+
+pub use arms::ARMS;
+
+/// What a run measures and for how long.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub quick: bool,
+    pub out: PathBuf,
+    pub arms: Vec<String>,
+    /// Rounds per arm (each arm measured once per round).
+    pub runs: usize,
+    /// Only the control-plane measurement (container create and remove).
+    pub setup_only: bool,
+}
+
+/// The traffic paths every arm is measured on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Path {
+    /// From the outside namespace to a container's published port.
+    Published,
+    /// From a container to the outside (masquerade).
+    Masquerade,
+    /// From one container to another on the same network.
+    ContainerToContainer,
+}
+
+impl Path {
+    pub const ALL: [Path; 3] = [
+        Path::Published,
+        Path::Masquerade,
+        Path::ContainerToContainer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Published => "outside->published",
+            Path::Masquerade => "container->outside",
+            Path::ContainerToContainer => "container->container",
+        }
+    }
+}
+
+struct Plan {
+    secs: u32,
+    crr_threads: usize,
+    port_counts: Vec<u32>,
+    containers: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                secs: 1,
+                crr_threads: 2,
+                port_counts: vec![1, 100],
+                containers: 10,
+            }
+        } else {
+            Self {
+                secs: 3,
+                crr_threads: 2,
+                port_counts: vec![1, 100, 1_000, 10_000],
+                containers: 100,
+            }
+        }
+    }
+}
+
+/// Samples keyed by (arm, path, metric, n_ports).
+type Samples = BTreeMap<(String, String, &'static str, u32), Vec<f64>>;
+
+fn progress(what: &str) {
+    eprintln!("bench: {what}");
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let plan = Plan::new(opts.quick);
+    let started = Instant::now();
+    let mut samples = Samples::new();
+    let mut fairness = BTreeMap::new();
+    let rounds = if opts.setup_only { 0 } else { opts.runs };
+    for round in 1..=rounds {
+        for arm in &opts.arms {
+            progress(&format!(
+                "round {round}/{}: {arm}: building a fresh sandbox",
+                opts.runs
+            ));
+            let world = World::build(arm, &prefix(arm)).await?;
+            for path in Path::ALL {
+                progress(&format!(
+                    "round {round}/{}: {arm}: {}",
+                    opts.runs,
+                    path.name()
+                ));
+                measure_path(&world.endpoint(path), arm, path, &plan, &mut samples)
+                    .with_context(|| format!("{arm}, {}", path.name()))?;
+            }
+            fairness.insert(arm.clone(), world.fairness()?);
+        }
+    }
+    for arm in opts.arms.iter().filter(|a| *a != "ceiling") {
+        for &n in plan.port_counts.iter().filter(|_| !opts.setup_only) {
+            for round in 1..=opts.runs {
+                progress(&format!(
+                    "scaling: {arm}: {n} published ports, round {round}/{}",
+                    opts.runs
+                ));
+                measure_scaling(arm, n, &plan, &mut samples)
+                    .await
+                    .with_context(|| format!("{arm}, {n} ports"))?;
+            }
+        }
+        progress(&format!(
+            "control plane: {arm}: {} containers",
+            plan.containers
+        ));
+        measure_setup(arm, plan.containers, &mut samples).await?;
+    }
+    let report = Report {
+        date: report::now_utc(),
+        quick: opts.quick,
+        duration_s: started.elapsed().as_secs_f64(),
+        machine: Machine::probe(),
+        fairness,
+        records: samples.into_iter().map(Record::from_samples).collect(),
+    };
+    report.write(&opts.out)?;
+    progress(&format!("report written to {}", opts.out.display()));
+    println!("{}", report.markdown());
+    Ok(())
+}
+
+fn prefix(arm: &str) -> String {
+    format!("nb{}{arm}", std::process::id())
+}
+
+fn record(samples: &mut Samples, arm: &str, path: &str, metric: &'static str, n: u32, v: f64) {
+    samples
+        .entry((arm.to_string(), path.to_string(), metric, n))
+        .or_default()
+        .push(v);
+}
+
+fn measure_path(
+    ep: &Endpoint,
+    arm: &str,
+    path: Path,
+    plan: &Plan,
+    samples: &mut Samples,
+) -> Result<()> {
+    let gbps = tools::throughput(ep, plan.secs).context("throughput")?;
+    record(samples, arm, path.name(), "throughput", 1, gbps);
+    let (p50, p99) = tools::rr_latency(ep, plan.secs).context("latency")?;
+    record(samples, arm, path.name(), "rr_p50", 1, p50);
+    record(samples, arm, path.name(), "rr_p99", 1, p99);
+    let cps = tools::crr(ep, plan.secs, plan.crr_threads).context("connections per second")?;
+    record(samples, arm, path.name(), "crr", 1, cps);
+    Ok(())
+}
+
+/// With `n - 1` ports already published, publishes port `n` (a container with one `-p`) and
+/// measures the time that took, the first connection's latency and connections per second
+/// through it.
+async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) -> Result<()> {
+    const FIRST: u32 = 20_000;
+    const LAST_HOST_PORT: u16 = 45_000;
+    let inst = Instance::create(&prefix(arm)).await?;
+    inst.netd(&[
+        "--datapath",
+        arm,
+        "network",
+        "create",
+        "bench",
+        "--subnet",
+        "172.30.0.0/24",
+    ])?;
+    if n > 1 {
+        let range = format!("{FIRST}-{}:{FIRST}-{}", FIRST + n - 2, FIRST + n - 2);
+        inst.netd(&[
+            "container",
+            "create",
+            &inst.name("many"),
+            "--network",
+            "bench",
+            "-p",
+            &range,
+        ])?;
+    }
+    let last = inst.name("last");
+    let spec = format!("{LAST_HOST_PORT}:{}", tools::CRR_PORT);
+    let started = Instant::now();
+    inst.netd(&[
+        "container",
+        "create",
+        &last,
+        "--network",
+        "bench",
+        "-p",
+        &spec,
+    ])?;
+    record(
+        samples,
+        arm,
+        "publish",
+        "publish_ms",
+        n,
+        started.elapsed().as_secs_f64() * 1e3,
+    );
+
+    let ep = Endpoint {
+        client_ns: inst.sandbox.outside_path(),
+        server_ns: crate::netns::path_of(&last),
+        target: HOST_ADDR,
+        port_shift: LAST_HOST_PORT - tools::CRR_PORT,
+    };
+    let first = first_packet(&ep)?;
+    record(
+        samples,
+        arm,
+        "outside->published",
+        "first_packet_us",
+        n,
+        first,
+    );
+    let cps = tools::crr(&ep, plan.secs, plan.crr_threads)?;
+    record(samples, arm, "outside->published", "crr", n, cps);
+    Ok(())
+}
+
+fn first_packet(ep: &Endpoint) -> Result<f64> {
+    let _listener = crate::netns::run_in(Some(&ep.server_ns), || {
+        Ok(std::net::TcpListener::bind(("0.0.0.0", tools::CRR_PORT))?)
+    })?;
+    tools::first_connect_us(
+        &ep.client_ns,
+        SocketAddr::from((ep.target, tools::CRR_PORT + ep.port_shift)),
+    )
+}
+
+/// Creates then removes `count` containers one by one, timing each command.
+async fn measure_setup(arm: &str, count: usize, samples: &mut Samples) -> Result<()> {
+    let inst = Instance::create(&prefix(arm)).await?;
+    inst.netd(&[
+        "--datapath",
+        arm,
+        "network",
+        "create",
+        "bench",
+        "--subnet",
+        "172.30.0.0/22",
+    ])?;
+    let names: Vec<String> = (0..count).map(|i| inst.name(&format!("c{i}"))).collect();
+    for name in &names {
+        let started = Instant::now();
+        inst.netd(&["container", "create", name, "--network", "bench"])?;
+        record(
+            samples,
+            arm,
+            "control",
+            "create_ms",
+            1,
+            started.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+    for name in &names {
+        let started = Instant::now();
+        inst.netd(&["container", "rm", name])?;
+        record(
+            samples,
+            arm,
+            "control",
+            "remove_ms",
+            1,
+            started.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
+}
