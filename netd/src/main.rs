@@ -108,6 +108,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             out,
             arms,
             runs,
+            setup_only,
         } => {
             let runs = runs.unwrap_or(if quick { 1 } else { 5 });
             bench::run(bench::Options {
@@ -115,6 +116,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 out,
                 arms,
                 runs,
+                setup_only,
             })
             .await
         }
