@@ -1,4 +1,5 @@
 //! netd: container networking for Linux with an eBPF datapath.
+pub mod bench;
 pub mod bpf;
 pub mod counter;
 pub mod datapath;
