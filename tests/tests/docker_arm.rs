@@ -13,7 +13,7 @@ use std::{
 };
 
 use netd::{
-    bench::docker::{DockerContainer, Dockerd},
+    bench::docker::{self, DockerContainer, Dockerd},
     datapath::Protocol,
     netns,
 };
@@ -23,6 +23,8 @@ const MESSAGE: &[u8] = b"through docker's DNAT and back";
 
 #[test]
 fn docker_publishes_a_container_port_inside_the_sandbox() {
+    // Installs docker.io and busybox-static on a machine that lacks them (CI's fresh ones).
+    docker::ensure_installed().unwrap_or_else(|e| panic!("install the Docker arm: {e:#}"));
     let env = TestEnv::new();
     let workdir = env.state_dir.join("docker");
     let machine_nat = machine_nat_rules();
@@ -100,12 +102,16 @@ fn docker_publishes_a_container_port_inside_the_sandbox() {
     );
     assert!(!workdir.exists(), "{} left", workdir.display());
 
-    let prefix = env.prefix.clone();
+    let sandbox = env.sandbox.clone();
     drop(env);
     let netns_list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let netns_list = String::from_utf8_lossy(&netns_list.stdout);
+    // Exact names: another test's prefix can start with ours (nt12x0 vs nt123x0).
     assert!(
-        !netns_list.contains(&prefix),
+        !netns_list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .any(|name| name == sandbox.host || name == sandbox.outside),
         "namespaces left:\n{netns_list}"
     );
 }

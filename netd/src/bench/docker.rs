@@ -52,7 +52,7 @@ const PACKAGES: [(&str, &str); 2] = [("docker.io", DOCKERD), ("busybox-static", 
 /// How long dockerd gets to answer on its socket after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long any docker CLI call may take before it is killed.
-const CLI_TIMEOUT: &str = "120";
+const CLI_TIMEOUT: &str = "60";
 /// How long dockerd gets to stop after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest path a unix socket address holds (sun_path less its NUL).
@@ -196,11 +196,6 @@ impl Dockerd {
     /// dockerd's PID.
     pub fn pid(&self) -> u32 {
         self.daemon.id()
-    }
-
-    /// The unix socket dockerd listens on.
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// `docker run -d --name NAME [-p HOST:CONTAINER/PROTO]... busybox sleep 1d`.
