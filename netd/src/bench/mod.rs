@@ -3,6 +3,7 @@
 //! every run reported. `cargo xtask bench` runs it; the report lands in `target/bench/`.
 
 mod arms;
+pub mod docker;
 pub mod report;
 mod tools;
 
