@@ -1,5 +1,5 @@
 //! The benchmark's arms. Each is built fresh in its own sandbox for every round and removed
-//! after it: `ceiling` (a plain veth pair), and netd with each datapath.
+//! after it: `ceiling` (a plain veth pair), netd with each datapath, and a real Docker.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -7,19 +7,21 @@ use anyhow::{Context as _, Result};
 
 use super::{
     Path,
+    docker::Dockerd,
     tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
 };
 use crate::{
+    datapath::Protocol,
     netlink::{Netlink, set_sysctl},
     netns,
     sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR},
 };
 
 /// Every arm the benchmark knows, in the order it alternates them.
-pub const ARMS: &[&str] = &["ceiling", "ebpf", "iptables"];
+pub const ARMS: &[&str] = &["ceiling", "ebpf", "iptables", "docker"];
 
-/// The subnet of the benchmark network and its two containers' addresses.
-const SUBNET: &str = "172.30.0.0/24";
+/// The subnet of netd's benchmark network and its two containers' addresses.
+const SUBNET: &str = "172.30.0.0/22";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
 
@@ -31,38 +33,180 @@ pub struct Fairness {
     pub bpf_programs_attached: usize,
 }
 
-/// A built arm.
+/// Ports a container publishes (TCP): `host:container` pairs, or a same-numbered range.
+pub enum Publish {
+    Pairs(Vec<(u16, u16)>),
+    Range { first: u16, count: u16 },
+}
+
+/// A container made by an arm: where to run things inside it, and its address.
+pub struct Created {
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+}
+
+/// An arm that manages containers: netd (with a datapath) or Docker, in a sandbox.
+pub enum Control {
+    Netd(Instance),
+    // Field order is drop order: dockerd stops before its sandbox goes.
+    Docker { dockerd: Dockerd, inst: Instance },
+}
+
+impl Control {
+    /// A sandbox with the arm ready to make containers (netd: a network `bench` exists).
+    pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
+        let inst = Instance::create(prefix).await?;
+        if arm == "docker" {
+            let workdir = inst.state_dir.join("docker");
+            let dockerd = Dockerd::start(&inst.sandbox.host_path(), &workdir)?;
+            return Ok(Self::Docker { dockerd, inst });
+        }
+        inst.netd(&[
+            "--datapath",
+            arm,
+            "network",
+            "create",
+            "bench",
+            "--subnet",
+            SUBNET,
+        ])?;
+        Ok(Self::Netd(inst))
+    }
+
+    pub fn instance(&self) -> &Instance {
+        match self {
+            Self::Netd(inst) | Self::Docker { inst, .. } => inst,
+        }
+    }
+
+    /// Creates container `base` (netd: at `ip`) publishing `publish`.
+    pub fn create(&self, base: &str, ip: Option<Ipv4Addr>, publish: Publish) -> Result<Created> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => {
+                let mut args = vec!["container".to_string(), "create".into(), name.clone()];
+                args.extend(["--network".into(), "bench".into()]);
+                if let Some(ip) = ip {
+                    args.extend(["--ip".into(), ip.to_string()]);
+                }
+                match publish {
+                    Publish::Pairs(pairs) => {
+                        for (host, container) in pairs {
+                            args.extend(["-p".into(), format!("{host}:{container}")]);
+                        }
+                    }
+                    Publish::Range { first, count } => {
+                        let last = first + count - 1;
+                        args.extend(["-p".into(), format!("{first}-{last}:{first}-{last}")]);
+                    }
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                inst.netd(&args)?;
+                Ok(Created {
+                    netns: netns::path_of(&name),
+                    ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                })
+            }
+            Self::Docker { dockerd, .. } => {
+                let ports: Vec<(u16, u16, Protocol)> = match publish {
+                    Publish::Pairs(pairs) => pairs
+                        .into_iter()
+                        .map(|(h, c)| (h, c, Protocol::Tcp))
+                        .collect(),
+                    Publish::Range { first, count } => (first..first + count)
+                        .map(|p| (p, p, Protocol::Tcp))
+                        .collect(),
+                };
+                let c = dockerd.run(&name, &ports)?;
+                Ok(Created {
+                    netns: c.netns,
+                    ip: c.ip,
+                })
+            }
+        }
+    }
+
+    pub fn remove(&self, base: &str) -> Result<()> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => inst.netd(&["container", "rm", &name]).map(drop),
+            Self::Docker { dockerd, .. } => dockerd.remove(&name),
+        }
+    }
+}
+
+/// A built arm with its two benchmark containers.
 pub enum World {
     Ceiling(Ceiling),
-    Netd(Instance),
+    Managed {
+        ctl: Control,
+        server: Created,
+        client: Created,
+    },
 }
 
 impl World {
     pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
-        match arm {
-            "ceiling" => Ok(Self::Ceiling(Ceiling::build(prefix).await?)),
-            datapath => Ok(Self::Netd(build_netd(datapath, prefix).await?)),
+        if arm == "ceiling" {
+            return Ok(Self::Ceiling(Ceiling::build(prefix).await?));
         }
+        let ctl = Control::build(arm, prefix).await?;
+        // The server container publishes the three servers' ports, shifted.
+        let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+        let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
+        let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
+        Ok(Self::Managed {
+            ctl,
+            server,
+            client,
+        })
     }
 
     /// Where a path's client and server run in this arm.
     pub fn endpoint(&self, path: Path) -> Endpoint {
-        match self {
+        let (ctl, server, client) = match self {
             // One veth pair is the ceiling for every path.
-            Self::Ceiling(c) => Endpoint {
-                client_ns: netns::path_of(&c.client),
-                server_ns: netns::path_of(&c.server),
-                target: CEILING_SERVER,
+            Self::Ceiling(c) => {
+                return Endpoint {
+                    client_ns: netns::path_of(&c.client),
+                    server_ns: netns::path_of(&c.server),
+                    target: CEILING_SERVER,
+                    port_shift: 0,
+                };
+            }
+            Self::Managed {
+                ctl,
+                server,
+                client,
+            } => (ctl, server, client),
+        };
+        let sandbox = &ctl.instance().sandbox;
+        match path {
+            Path::Published => Endpoint {
+                client_ns: sandbox.outside_path(),
+                server_ns: server.netns.clone(),
+                target: HOST_ADDR,
+                port_shift: PUBLISH_SHIFT,
+            },
+            Path::Masquerade => Endpoint {
+                client_ns: client.netns.clone(),
+                server_ns: sandbox.outside_path(),
+                target: OUTSIDE_ADDR,
                 port_shift: 0,
             },
-            Self::Netd(inst) => netd_endpoint(inst, path),
+            Path::ContainerToContainer => Endpoint {
+                client_ns: client.netns.clone(),
+                server_ns: server.netns.clone(),
+                target: server.ip,
+                port_shift: 0,
+            },
         }
     }
 
     pub fn fairness(&self) -> Result<Fairness> {
         let ns = match self {
             Self::Ceiling(c) => netns::path_of(&c.server),
-            Self::Netd(inst) => inst.sandbox.host_path(),
+            Self::Managed { ctl, .. } => ctl.instance().sandbox.host_path(),
         };
         fairness_of(&ns)
     }
@@ -111,68 +255,6 @@ impl Drop for Ceiling {
     fn drop(&mut self) {
         let _ = netns::remove(&self.client);
         let _ = netns::remove(&self.server);
-    }
-}
-
-/// A sandbox with one network and two containers: `srv` publishes the three servers' ports
-/// (shifted by [`PUBLISH_SHIFT`]), `cli` is the client for the container paths.
-async fn build_netd(datapath: &str, prefix: &str) -> Result<Instance> {
-    let inst = Instance::create(prefix).await?;
-    inst.netd(&[
-        "--datapath",
-        datapath,
-        "network",
-        "create",
-        "bench",
-        "--subnet",
-        SUBNET,
-    ])?;
-    let mut publish = Vec::new();
-    for port in [IPERF_PORT, SOCKPERF_PORT, CRR_PORT] {
-        publish.push("-p".to_string());
-        publish.push(format!("{}:{port}", port + PUBLISH_SHIFT));
-    }
-    let server = inst.name("srv");
-    let mut args = vec!["container", "create", &server, "--network", "bench", "--ip"];
-    let server_ip = SERVER_IP.to_string();
-    args.push(&server_ip);
-    args.extend(publish.iter().map(String::as_str));
-    inst.netd(&args)?;
-    let client = inst.name("cli");
-    let client_ip = CLIENT_IP.to_string();
-    inst.netd(&[
-        "container",
-        "create",
-        &client,
-        "--network",
-        "bench",
-        "--ip",
-        &client_ip,
-    ])?;
-    Ok(inst)
-}
-
-fn netd_endpoint(inst: &Instance, path: Path) -> Endpoint {
-    let container = |base: &str| netns::path_of(&inst.name(base));
-    match path {
-        Path::Published => Endpoint {
-            client_ns: inst.sandbox.outside_path(),
-            server_ns: container("srv"),
-            target: HOST_ADDR,
-            port_shift: PUBLISH_SHIFT,
-        },
-        Path::Masquerade => Endpoint {
-            client_ns: container("cli"),
-            server_ns: inst.sandbox.outside_path(),
-            target: OUTSIDE_ADDR,
-            port_shift: 0,
-        },
-        Path::ContainerToContainer => Endpoint {
-            client_ns: container("cli"),
-            server_ns: container("srv"),
-            target: SERVER_IP,
-            port_shift: 0,
-        },
     }
 }
 

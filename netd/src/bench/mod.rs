@@ -12,8 +12,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::sandbox::{HOST_ADDR, Instance};
-use arms::World;
+use crate::sandbox::HOST_ADDR;
+use arms::{Control, Publish, World};
 use report::{Machine, Record, Report};
 use tools::Endpoint;
 
@@ -92,9 +92,16 @@ fn progress(what: &str) {
     eprintln!("bench: {what}");
 }
 
-pub async fn run(opts: Options) -> Result<()> {
+pub async fn run(mut opts: Options) -> Result<()> {
     let plan = Plan::new(opts.quick);
     let started = Instant::now();
+    let mut skipped = Vec::new();
+    if opts.arms.iter().any(|a| a == "docker") {
+        if let Err(e) = docker::ensure_installed() {
+            skip(&mut skipped, format!("docker: {e:#}"));
+            opts.arms.retain(|a| a != "docker");
+        }
+    }
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();
     let rounds = if opts.setup_only { 0 } else { opts.runs };
@@ -119,6 +126,15 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     for arm in opts.arms.iter().filter(|a| *a != "ceiling") {
         for &n in plan.port_counts.iter().filter(|_| !opts.setup_only) {
+            if arm == "docker" && n > DOCKER_MAX_PORTS {
+                skip(
+                    &mut skipped,
+                    format!(
+                        "docker at {n} ports: Docker starts one docker-proxy process per published port"
+                    ),
+                );
+                continue;
+            }
             for round in 1..=opts.runs {
                 progress(&format!(
                     "scaling: {arm}: {n} published ports, round {round}/{}",
@@ -141,12 +157,24 @@ pub async fn run(opts: Options) -> Result<()> {
         duration_s: started.elapsed().as_secs_f64(),
         machine: Machine::probe(),
         fairness,
+        skipped,
         records: samples.into_iter().map(Record::from_samples).collect(),
     };
     report.write(&opts.out)?;
     progress(&format!("report written to {}", opts.out.display()));
     println!("{}", report.markdown());
     Ok(())
+}
+
+/// The path name of the scaling measurements: outside to the last-published port.
+pub const SCALING: &str = "outside->last-published";
+
+/// Docker runs a proxy process per published port; past this many the arm is not measured.
+const DOCKER_MAX_PORTS: u32 = 100;
+
+fn skip(skipped: &mut Vec<String>, why: String) {
+    progress(&format!("skipped: {why}"));
+    skipped.push(why);
 }
 
 fn prefix(arm: &str) -> String {
@@ -181,42 +209,26 @@ fn measure_path(
 /// measures the time that took, the first connection's latency and connections per second
 /// through it.
 async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) -> Result<()> {
-    const FIRST: u32 = 20_000;
+    const FIRST: u16 = 20_000;
     const LAST_HOST_PORT: u16 = 45_000;
-    let inst = Instance::create(&prefix(arm)).await?;
-    inst.netd(&[
-        "--datapath",
-        arm,
-        "network",
-        "create",
-        "bench",
-        "--subnet",
-        "172.30.0.0/24",
-    ])?;
+    let ctl = Control::build(arm, &prefix(arm)).await?;
     if n > 1 {
-        let range = format!("{FIRST}-{}:{FIRST}-{}", FIRST + n - 2, FIRST + n - 2);
-        inst.netd(&[
-            "container",
-            "create",
-            &inst.name("many"),
-            "--network",
-            "bench",
-            "-p",
-            &range,
-        ])?;
+        let count = u16::try_from(n - 1).context("too many ports")?;
+        ctl.create(
+            "many",
+            None,
+            Publish::Range {
+                first: FIRST,
+                count,
+            },
+        )?;
     }
-    let last = inst.name("last");
-    let spec = format!("{LAST_HOST_PORT}:{}", tools::CRR_PORT);
     let started = Instant::now();
-    inst.netd(&[
-        "container",
-        "create",
-        &last,
-        "--network",
-        "bench",
-        "-p",
-        &spec,
-    ])?;
+    let last = ctl.create(
+        "last",
+        None,
+        Publish::Pairs(vec![(LAST_HOST_PORT, tools::CRR_PORT)]),
+    )?;
     record(
         samples,
         arm,
@@ -227,22 +239,15 @@ async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) 
     );
 
     let ep = Endpoint {
-        client_ns: inst.sandbox.outside_path(),
-        server_ns: crate::netns::path_of(&last),
+        client_ns: ctl.instance().sandbox.outside_path(),
+        server_ns: last.netns,
         target: HOST_ADDR,
         port_shift: LAST_HOST_PORT - tools::CRR_PORT,
     };
     let first = first_packet(&ep)?;
-    record(
-        samples,
-        arm,
-        "outside->published",
-        "first_packet_us",
-        n,
-        first,
-    );
+    record(samples, arm, SCALING, "first_packet_us", n, first);
     let cps = tools::crr(&ep, plan.secs, plan.crr_threads)?;
-    record(samples, arm, "outside->published", "crr", n, cps);
+    record(samples, arm, SCALING, "crr", n, cps);
     Ok(())
 }
 
@@ -258,20 +263,11 @@ fn first_packet(ep: &Endpoint) -> Result<f64> {
 
 /// Creates then removes `count` containers one by one, timing each command.
 async fn measure_setup(arm: &str, count: usize, samples: &mut Samples) -> Result<()> {
-    let inst = Instance::create(&prefix(arm)).await?;
-    inst.netd(&[
-        "--datapath",
-        arm,
-        "network",
-        "create",
-        "bench",
-        "--subnet",
-        "172.30.0.0/22",
-    ])?;
-    let names: Vec<String> = (0..count).map(|i| inst.name(&format!("c{i}"))).collect();
+    let ctl = Control::build(arm, &prefix(arm)).await?;
+    let names: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
     for name in &names {
         let started = Instant::now();
-        inst.netd(&["container", "create", name, "--network", "bench"])?;
+        ctl.create(name, None, Publish::Pairs(vec![]))?;
         record(
             samples,
             arm,
@@ -283,7 +279,7 @@ async fn measure_setup(arm: &str, count: usize, samples: &mut Samples) -> Result
     }
     for name in &names {
         let started = Instant::now();
-        inst.netd(&["container", "rm", name])?;
+        ctl.remove(name)?;
         record(
             samples,
             arm,

@@ -101,6 +101,8 @@ pub struct Report {
     pub duration_s: f64,
     pub machine: Machine,
     pub fairness: BTreeMap<String, Fairness>,
+    /// What was not measured, and why.
+    pub skipped: Vec<String>,
     pub records: Vec<Record>,
 }
 
@@ -153,6 +155,12 @@ impl Report {
         self.scaling_table(&mut md);
         self.control_table(&mut md);
         self.fairness_table(&mut md);
+        if !self.skipped.is_empty() {
+            let _ = writeln!(md, "## Not measured\n");
+            for why in &self.skipped {
+                let _ = writeln!(md, "- {why}");
+            }
+        }
         md
     }
 
@@ -224,18 +232,18 @@ impl Report {
                 let _ = writeln!(
                     md,
                     "| {n} | {arm} | {} | {} | {} |",
-                    get("outside->published", "crr"),
-                    get("outside->published", "first_packet_us"),
+                    get(super::SCALING, "crr"),
+                    get(super::SCALING, "first_packet_us"),
                     get("publish", "publish_ms")
                 );
             }
         }
-        let crr_ratio = |n| self.ratio("iptables", "outside->published", "crr", n);
+        let crr_ratio = |n| self.ratio("iptables", super::SCALING, "crr", n);
         let fmt = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "–".into());
         let (first, last) = (ns[0], *ns.last().unwrap());
         let flat = match (
-            self.find("ebpf", "outside->published", "crr", first),
-            self.find("ebpf", "outside->published", "crr", last),
+            self.find("ebpf", super::SCALING, "crr", first),
+            self.find("ebpf", super::SCALING, "crr", last),
         ) {
             (Some(a), Some(b)) => format!("{:+.1}%", (b.median / a.median - 1.0) * 100.0),
             _ => "–".into(),
