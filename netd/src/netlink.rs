@@ -170,6 +170,40 @@ impl Netlink {
             .with_context(|| format!("add address {addr} to interface #{index}"))
     }
 
+    /// Every IPv4 network in use in this namespace: interface addresses and route destinations
+    /// (the default route excluded). A new subnet must overlap none of them.
+    pub async fn ipv4_networks_in_use(&self) -> Result<Vec<ipnet::Ipv4Net>> {
+        use netlink_packet_route::{
+            address::AddressAttribute,
+            route::{RouteAddress, RouteAttribute},
+        };
+        let mut nets = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.context("list addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    nets.push(ipnet::Ipv4Net::new(*ip, msg.header.prefix_len)?.trunc());
+                }
+            }
+        }
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = routes.try_next().await.context("list routes")? {
+            let len = msg.header.destination_prefix_length;
+            for attr in &msg.attributes {
+                if let RouteAttribute::Destination(RouteAddress::Inet(ip)) = attr
+                    && len > 0
+                {
+                    nets.push(ipnet::Ipv4Net::new(*ip, len)?.trunc());
+                }
+            }
+        }
+        Ok(nets)
+    }
+
     /// Adds a route to `dst` via `gateway` (or directly on `dev` when `gateway` is `None`).
     pub async fn add_route(
         &self,

@@ -1,0 +1,190 @@
+//! Address management: subnet choice and validation, container addresses, MACs.
+//! All CIDR math is `ipnet`'s.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use anyhow::{Result, bail};
+use ipnet::Ipv4Net;
+
+/// The pools Docker takes bridge subnets from, in order: 172.17-31.0.0/16, then
+/// 192.168.0-240.0/20.
+fn default_pool() -> impl Iterator<Item = Ipv4Net> {
+    let big = (17..=31).map(|b| Ipv4Net::new(Ipv4Addr::new(172, b, 0, 0), 16).unwrap());
+    let small = (0..16).map(|i| Ipv4Net::new(Ipv4Addr::new(192, 168, i * 16, 0), 20).unwrap());
+    big.chain(small)
+}
+
+pub fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The first pool subnet that overlaps nothing in `in_use`.
+pub fn free_subnet(in_use: &[Ipv4Net]) -> Result<Ipv4Net> {
+    default_pool()
+        .find(|candidate| !in_use.iter().any(|used| overlaps(candidate, used)))
+        .ok_or_else(|| anyhow::anyhow!("no free subnet left in 172.17.0.0/12 and 192.168.0.0/16"))
+}
+
+/// Parses a `--subnet`: an IPv4 CIDR with no host bits, room for a gateway and a container.
+pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
+    let net: Ipv4Net = text
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid subnet {text:?}: expected an IPv4 CIDR like 10.1.0.0/24"))?;
+    if net.trunc() != net {
+        bail!("invalid subnet {text:?}: host bits set (did you mean {}?)", net.trunc());
+    }
+    if net.prefix_len() > 30 {
+        bail!("invalid subnet {text:?}: a /{} has no room for a gateway and containers", net.prefix_len());
+    }
+    Ok(net)
+}
+
+/// Checks `--gateway` and `--ip-range` against the subnet and fills in their defaults (the
+/// first host address; the whole subnet).
+pub fn gateway_and_range(
+    subnet: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+    ip_range: Option<&str>,
+) -> Result<(Ipv4Addr, Ipv4Net)> {
+    let gateway = gateway.unwrap_or_else(|| first_host(subnet));
+    if !is_host_of(subnet, gateway) {
+        bail!("gateway {gateway} is not a host address of subnet {subnet}");
+    }
+    let range = match ip_range {
+        None => subnet,
+        Some(text) => {
+            let range: Ipv4Net = text
+                .parse()
+                .map_err(|_| anyhow::anyhow!("invalid ip-range {text:?}: expected an IPv4 CIDR"))?;
+            if !subnet.contains(&range) {
+                bail!("ip-range {range} is not inside subnet {subnet}");
+            }
+            range.trunc()
+        }
+    };
+    Ok((gateway, range))
+}
+
+fn first_host(net: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + 1)
+}
+
+/// Whether `ip` is in `net` and is neither its network nor its broadcast address.
+fn is_host_of(net: Ipv4Net, ip: Ipv4Addr) -> bool {
+    net.contains(&ip) && ip != net.network() && ip != net.broadcast()
+}
+
+/// What a network's addresses are constrained by.
+pub struct Pool<'a> {
+    pub subnet: Ipv4Net,
+    pub range: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub used: &'a HashSet<Ipv4Addr>,
+}
+
+impl Pool<'_> {
+    /// The lowest free address of the range.
+    pub fn allocate(&self) -> Result<Ipv4Addr> {
+        self.range
+            .hosts()
+            .find(|ip| self.is_free(*ip))
+            .ok_or_else(|| anyhow::anyhow!("address pool {} is exhausted", self.range))
+    }
+
+    /// Checks a requested `--ip`.
+    pub fn check(&self, ip: Ipv4Addr) -> Result<()> {
+        if !self.range.contains(&ip) || !is_host_of(self.subnet, ip) {
+            bail!("address {ip} is outside the pool {}", self.range);
+        }
+        if !self.is_free(ip) {
+            bail!("address {ip} is already in use");
+        }
+        Ok(())
+    }
+
+    fn is_free(&self, ip: Ipv4Addr) -> bool {
+        is_host_of(self.subnet, ip) && ip != self.gateway && !self.used.contains(&ip)
+    }
+}
+
+/// Docker's MAC for an address: 02:42 followed by the four address bytes.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Parses `--mac`: a unicast MAC written as six colon-separated hex bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None })
+        .collect::<Option<_>>()
+        .filter(|b: &Vec<u8>| b.len() == 6)
+        .ok_or_else(|| anyhow::anyhow!("invalid MAC address {text:?}: expected 6 hex bytes like 02:42:ac:11:00:02"))?;
+    if bytes[0] & 1 == 1 {
+        bail!("invalid MAC address {text:?}: multicast bit set");
+    }
+    Ok(bytes.try_into().expect("six bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn free_subnet_skips_overlaps() {
+        assert_eq!(free_subnet(&[]).unwrap(), net("172.17.0.0/16"));
+        let used = [net("172.17.5.0/24"), net("172.16.0.0/12").trunc()];
+        assert_eq!(free_subnet(&used[..1]).unwrap(), net("172.18.0.0/16"));
+        assert_eq!(free_subnet(&used[1..]).unwrap(), net("192.168.0.0/20"));
+    }
+
+    #[test]
+    fn subnet_validation() {
+        assert!(parse_subnet("10.1.0.0/24").is_ok());
+        assert!(parse_subnet("10.1.0.5/24").unwrap_err().to_string().contains("host bits"));
+        assert!(parse_subnet("10.1.0.0/33").is_err());
+        assert!(parse_subnet("10.1.0.0/31").is_err());
+        assert!(parse_subnet("banana").unwrap_err().to_string().contains("banana"));
+    }
+
+    #[test]
+    fn gateway_and_range_defaults_and_errors() {
+        let s = net("10.1.0.0/24");
+        assert_eq!(gateway_and_range(s, None, None).unwrap(), ("10.1.0.1".parse().unwrap(), s));
+        assert!(gateway_and_range(s, Some("10.2.0.1".parse().unwrap()), None).is_err());
+        assert!(gateway_and_range(s, Some("10.1.0.255".parse().unwrap()), None).is_err());
+        assert!(gateway_and_range(s, None, Some("10.1.1.0/25")).is_err());
+        let (_, r) = gateway_and_range(s, None, Some("10.1.0.128/25")).unwrap();
+        assert_eq!(r, net("10.1.0.128/25"));
+    }
+
+    #[test]
+    fn allocation_skips_gateway_and_used_and_exhausts() {
+        let used: HashSet<Ipv4Addr> = ["10.1.0.2".parse().unwrap()].into();
+        let pool = Pool { subnet: net("10.1.0.0/29"), range: net("10.1.0.0/29"), gateway: "10.1.0.1".parse().unwrap(), used: &used };
+        assert_eq!(pool.allocate().unwrap(), "10.1.0.3".parse::<Ipv4Addr>().unwrap());
+        assert!(pool.check("10.1.0.2".parse().unwrap()).unwrap_err().to_string().contains("in use"));
+        assert!(pool.check("10.1.0.1".parse().unwrap()).is_err());
+        assert!(pool.check("10.1.0.9".parse().unwrap()).unwrap_err().to_string().contains("outside"));
+        let all: HashSet<Ipv4Addr> = (2..=6).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+        let full = Pool { used: &all, ..pool };
+        assert!(full.allocate().unwrap_err().to_string().contains("exhausted"));
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(format_mac(mac_for("172.17.0.2".parse().unwrap())), "02:42:ac:11:00:02");
+        assert_eq!(parse_mac("02:42:ac:11:00:09").unwrap(), [2, 0x42, 0xac, 0x11, 0, 9]);
+        assert!(parse_mac("01:00:00:00:00:01").is_err());
+        assert!(parse_mac("zz").is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! Published ports: `-p`/`--expose` parsing, `-P` and random host ports, conflict checks.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{datapath::Protocol, state::PortMapping};
+
+/// Host ports `-P` and `-p CPORT` take from (Docker's ephemeral range).
+pub const RANDOM_PORTS: std::ops::RangeInclusive<u16> = 49153..=65535;
+
+/// One `-p [IP:][HOSTPORT[-END]:]CPORT[-END][/PROTO]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub host_ip: Option<Ipv4Addr>,
+    /// `None`: pick free host ports.
+    pub host_ports: Option<(u16, u16)>,
+    pub container_ports: (u16, u16),
+    pub proto: Protocol,
+}
+
+fn parse_proto(text: &str, spec: &str) -> Result<Protocol> {
+    match text {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        other => bail!("invalid port spec {spec:?}: unknown protocol {other:?} (tcp or udp)"),
+    }
+}
+
+fn parse_port(text: &str, spec: &str) -> Result<u16> {
+    match text.parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        _ => bail!("invalid port spec {spec:?}: port {text:?} is not in 1-65535"),
+    }
+}
+
+/// `PORT` or `PORT-END` as an inclusive range.
+fn parse_range(text: &str, spec: &str) -> Result<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (parse_port(lo, spec)?, parse_port(hi, spec)?),
+        None => {
+            let p = parse_port(text, spec)?;
+            (p, p)
+        }
+    };
+    if hi < lo {
+        bail!("invalid port spec {spec:?}: range {text} ends before it starts");
+    }
+    Ok((lo, hi))
+}
+
+fn len((lo, hi): (u16, u16)) -> u32 {
+    u32::from(hi - lo) + 1
+}
+
+/// Parses a `-p` value.
+pub fn parse_publish(spec: &str) -> Result<Publish> {
+    let (ports, proto) = match spec.rsplit_once('/') {
+        Some((ports, proto)) => (ports, parse_proto(proto, spec)?),
+        None => (spec, Protocol::Tcp),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (ip, host, container) = match parts.as_slice() {
+        [c] => (None, None, *c),
+        [h, c] => (None, Some(*h), *c),
+        [ip, h, c] => (Some(*ip), Some(*h).filter(|h| !h.is_empty()), *c),
+        _ => bail!("invalid port spec {spec:?}: expected [IP:][HOSTPORT:]CONTAINERPORT[/PROTO]"),
+    };
+    let host_ip = ip
+        .map(|ip| ip.parse::<Ipv4Addr>().with_context(|| format!("invalid port spec {spec:?}: bad host address {ip:?}")))
+        .transpose()?;
+    let container_ports = parse_range(container, spec)?;
+    let host_ports = host.map(|h| parse_range(h, spec)).transpose()?;
+    if let Some(h) = host_ports
+        && len(h) != len(container_ports)
+    {
+        bail!("invalid port spec {spec:?}: host and container ranges have different lengths");
+    }
+    Ok(Publish { host_ip, host_ports, container_ports, proto })
+}
+
+/// Parses an `--expose PORT[-END][/PROTO]` into a `Publish` with random host ports.
+pub fn parse_expose(spec: &str) -> Result<Publish> {
+    let (ports, proto) = match spec.rsplit_once('/') {
+        Some((ports, proto)) => (ports, parse_proto(proto, spec)?),
+        None => (spec, Protocol::Tcp),
+    };
+    Ok(Publish { host_ip: None, host_ports: None, container_ports: parse_range(ports, spec)?, proto })
+}
+
+/// Whether two mappings would take the same host address, port and protocol.
+fn clash(a: &PortMapping, b: &PortMapping) -> bool {
+    a.proto == b.proto
+        && a.host_port == b.host_port
+        && (a.host_ip.is_none() || b.host_ip.is_none() || a.host_ip == b.host_ip)
+}
+
+/// Turns publish requests into one mapping per port, choosing free random host ports where
+/// none was given and refusing any clash with `taken` (every other container's mappings) or
+/// among themselves. `default_ip` is the network's `--host-ip`.
+pub fn assign(requests: &[Publish], default_ip: Option<Ipv4Addr>, taken: &[PortMapping]) -> Result<Vec<PortMapping>> {
+    let mut out: Vec<PortMapping> = Vec::new();
+    for req in requests {
+        let host_ip = req.host_ip.or(default_ip);
+        for offset in 0..len(req.container_ports) {
+            let offset = offset as u16;
+            let container_port = req.container_ports.0 + offset;
+            let mapping = match req.host_ports {
+                Some((lo, _)) => {
+                    let m = PortMapping { proto: req.proto, host_ip, host_port: lo + offset, container_port };
+                    if let Some(other) = taken.iter().chain(&out).find(|t| clash(t, &m)) {
+                        bail!(
+                            "host port {}/{} is already published{}",
+                            m.host_port,
+                            proto_name(m.proto),
+                            other.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default()
+                        );
+                    }
+                    m
+                }
+                None => RANDOM_PORTS
+                    .map(|host_port| PortMapping { proto: req.proto, host_ip, host_port, container_port })
+                    .find(|m| !taken.iter().chain(&out).any(|t| clash(t, m)))
+                    .context("no free host port left in 49153-65535")?,
+            };
+            out.push(mapping);
+        }
+    }
+    Ok(out)
+}
+
+pub fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_forms() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!((p.host_ports, p.container_ports, p.proto, p.host_ip), (Some((8080, 8080)), (80, 80), Protocol::Tcp, None));
+        let p = parse_publish("198.18.0.2:5000-5002:6000-6002/udp").unwrap();
+        assert_eq!((p.host_ip, p.host_ports, p.container_ports, p.proto), (Some("198.18.0.2".parse().unwrap()), Some((5000, 5002)), (6000, 6002), Protocol::Udp));
+        assert_eq!(parse_publish("80").unwrap().host_ports, None);
+        assert_eq!(parse_publish("1.2.3.4::80").unwrap().host_ports, None);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for (spec, why) in [
+            ("0:80", "not in 1-65535"),
+            ("8080:70000", "not in 1-65535"),
+            ("8000-8002:80-81", "different lengths"),
+            ("8080:80/sctp", "unknown protocol"),
+            ("8082-8080:80-82", "ends before"),
+            ("a:b:c:d", "expected"),
+            ("x.y:80:80", "bad host address"),
+        ] {
+            let err = parse_publish(spec).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(spec), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn assigns_random_ports_and_refuses_clashes() {
+        let taken = vec![PortMapping { proto: Protocol::Tcp, host_ip: None, host_port: 49153, container_port: 1 }];
+        let got = assign(&[parse_publish("80").unwrap(), parse_expose("81-82").unwrap()], None, &taken).unwrap();
+        assert_eq!(got.iter().map(|m| m.host_port).collect::<Vec<_>>(), [49154, 49155, 49156]);
+        let err = assign(&[parse_publish("49153:80").unwrap()], None, &taken).unwrap_err();
+        assert!(err.to_string().contains("49153/tcp is already published"), "{err}");
+        // Another protocol, or a different specific address against a specific one, is free.
+        assert!(assign(&[parse_publish("49153:80/udp").unwrap()], None, &taken).is_ok());
+        let on_a = vec![PortMapping { proto: Protocol::Tcp, host_ip: Some("10.0.0.1".parse().unwrap()), host_port: 80, container_port: 80 }];
+        assert!(assign(&[parse_publish("10.0.0.2:80:80").unwrap()], None, &on_a).is_ok());
+        assert!(assign(&[parse_publish("80:80").unwrap()], None, &on_a).is_err());
+        assert!(assign(&[parse_publish("90:80").unwrap(), parse_publish("90:81").unwrap()], None, &[]).is_err());
+    }
+}
