@@ -2,8 +2,12 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod counter;
+mod nat;
 mod parse;
+mod stats;
+mod uplink;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -12,11 +12,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -34,7 +36,9 @@ impl Pins {
     /// Opens (creating when needed) the pin root `root`, which must be on a mounted bpffs.
     pub fn open(root: &Path) -> Result<Self> {
         check_bpffs(root)?;
-        let pins = Self { root: root.to_path_buf() };
+        let pins = Self {
+            root: root.to_path_buf(),
+        };
         for dir in [pins.maps_dir(), pins.links_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         }
@@ -59,23 +63,47 @@ impl Pins {
 
     /// The pin of program `prog`'s TCX link on interface `iface` in direction `dir`.
     pub fn tc_link(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
-        self.links_dir().join(format!("{prog}@{iface}@{}", direction_name(dir)))
+        self.links_dir()
+            .join(format!("{prog}@{iface}@{}", direction_name(dir)))
     }
 
     /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
     pub fn load(&self) -> Result<Ebpf> {
+        self.load_sized(CONNTRACK_DEFAULT_MAX)
+    }
+
+    /// Like [`Pins::load`], with a conntrack table of `conntrack_max` entries when it is not
+    /// pinned yet (a pinned table keeps its size).
+    pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
         EbpfLoader::new()
             .default_map_pin_directory(self.maps_dir())
+            .map_max_entries(CONNTRACK_MAP, conntrack_max)
             .load(OBJECT)
             .context("load the eBPF object")
     }
 
+    /// Opens the map pinned as `name` (it exists once any program using it was loaded).
+    pub fn open_map(&self, name: &str) -> Result<MapData> {
+        let path = self.map(name);
+        MapData::from_pin(&path)
+            .with_context(|| format!("open {} (is the datapath set up?)", path.display()))
+    }
+
     /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
     /// stays attached when this process exits. Attaching twice is an error.
-    pub fn attach_tc(&self, ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+    pub fn attach_tc(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
         let pin = self.tc_link(prog, iface, dir);
         if pin.exists() {
-            bail!("{prog} is already attached to {iface} ({})", direction_name(dir));
+            bail!(
+                "{prog} is already attached to {iface} ({})",
+                direction_name(dir)
+            );
         }
         let program: &mut SchedClassifier = ebpf
             .program_mut(prog)
@@ -83,7 +111,9 @@ impl Pins {
             .try_into()
             .with_context(|| format!("{prog} is not a TC program"))?;
         if program.fd().is_err() {
-            program.load().with_context(|| format!("load program {prog}"))?;
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
         }
         let link_id = program
             .attach(iface, dir)
@@ -106,8 +136,30 @@ impl Pins {
         }
         let link = PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
         // Unpinning drops the last reference to the link, which detaches the program.
-        let _detached: FdLink = link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+        let _detached: FdLink = link
+            .unpin()
+            .with_context(|| format!("unpin {}", pin.display()))?;
         Ok(true)
+    }
+
+    /// The interfaces program `prog` is attached to in direction `dir`, from the link pins.
+    pub fn tc_attachments(&self, prog: &str, dir: TcAttachType) -> Result<Vec<String>> {
+        let suffix = format!("@{}", direction_name(dir));
+        let prefix = format!("{prog}@");
+        let dir_path = self.links_dir();
+        let entries =
+            fs::read_dir(&dir_path).with_context(|| format!("list {}", dir_path.display()))?;
+        let mut ifaces = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(&suffix))
+            {
+                ifaces.push(iface.to_string());
+            }
+        }
+        Ok(ifaces)
     }
 
     /// Removes every pin of this instance (links first, so programs detach).
@@ -130,7 +182,8 @@ fn check_bpffs(root: &Path) -> Result<()> {
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
-    let fs = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    let fs =
+        nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
     if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does)",

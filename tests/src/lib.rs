@@ -1,1 +1,3 @@
+pub mod frames;
 pub mod harness;
+pub mod netdata;

@@ -1,19 +1,102 @@
-//! The eBPF datapath: TC programs from netd-ebpf and pinned maps under the instance's bpffs dir.
+//! The eBPF datapath: the NAT programs of netd-ebpf on the host's uplink (TCX links pinned
+//! under the instance's bpffs dir) and the pinned maps they read, which this driver fills.
 //!
-//! PLACEHOLDER until the datapath lands: it records nothing and attaches nothing.
-use anyhow::Result;
+//! Every call works on the pins alone, so any netd process (or none: the programs keep
+//! running) sees the same datapath.
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::TcAttachType;
+use netd_common::datapath::{
+    AF_INET, CONNTRACK_DEFAULT_MAX, Config, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    addr_v4,
+};
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
 use crate::bpf::Pins;
 
+pub mod conntrack;
+pub mod maps;
+pub mod stats;
+pub mod uplink;
+
+/// The programs on the uplink, with their attach directions.
+const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
+    (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
+    (UPLINK_EGRESS_PROG, TcAttachType::Egress),
+];
+
 pub struct EbpfDatapath {
-    #[allow(dead_code)]
     pins: Pins,
+    conntrack_max: u32,
+    timeouts: Timeouts,
 }
 
 impl EbpfDatapath {
     pub fn new(pins: Pins) -> Self {
-        Self { pins }
+        Self {
+            pins,
+            conntrack_max: CONNTRACK_DEFAULT_MAX,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    /// Size of the conntrack table when the datapath creates it (entries, two per flow).
+    pub fn with_conntrack_max(mut self, entries: u32) -> Self {
+        self.conntrack_max = entries;
+        self
+    }
+
+    /// Conntrack timeouts (written at every `setup_network`).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Attaches the uplink programs where they are not attached yet. On failure, detaches
+    /// what this call attached.
+    fn attach_uplink(&self, iface: &str) -> Result<()> {
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let mut attached = Vec::new();
+        for (prog, dir) in UPLINK_PROGS {
+            if self.pins.tc_link(prog, iface, dir).exists() {
+                continue;
+            }
+            if let Err(e) = self.pins.attach_tc(&mut ebpf, prog, iface, dir) {
+                for (prog, dir) in attached {
+                    let _ = self.pins.detach_tc(prog, iface, dir);
+                }
+                return Err(e);
+            }
+            attached.push((prog, dir));
+        }
+        Ok(())
+    }
+
+    /// Detaches the uplink programs from every interface they are attached to.
+    fn detach_uplink(&self) -> Result<()> {
+        for (prog, dir) in UPLINK_PROGS {
+            for iface in self.pins.tc_attachments(prog, dir)? {
+                self.pins.detach_tc(prog, &iface, dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, uplink: &uplink::Uplink) -> Result<()> {
+        let config = Config {
+            uplink_addr: addr_v4(uplink.addr.octets()),
+            uplink_ifindex: uplink.index,
+            family: AF_INET,
+            _pad: [0; 3],
+            timeouts: self.timeouts,
+        };
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")
     }
 }
 
@@ -21,22 +104,116 @@ impl Datapath for EbpfDatapath {
     fn name(&self) -> &'static str {
         "ebpf"
     }
-    fn setup_network(&self, _net: &NetworkSpec) -> Result<()> {
+
+    fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
+        let uplink = uplink::find()?;
+        // Loading pins the maps (or reuses the pinned ones) before anything is written.
+        self.attach_uplink(&uplink.name)?;
+        let mut networks = maps::networks(&self.pins)?;
+        if networks.get(&net.id, 0).is_ok() {
+            bail!("network {} (id {}) is already set up", net.name, net.id);
+        }
+        self.write_config(&uplink)?;
+        networks
+            .insert(net.id, maps::network_info(net), 0)
+            .with_context(|| format!("add network {}", net.name))
+    }
+
+    fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
+        let mut networks = maps::networks(&self.pins)?;
+        networks
+            .remove(&net.id)
+            .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
+        let mut endpoints = maps::endpoints(&self.pins)?;
+        let stale: Vec<_> = endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, ep)| ep.network_id == net.id)
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            endpoints.remove(&key)?;
+        }
+        let mut published = maps::published(&self.pins)?;
+        let stale: Vec<_> = published
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, target)| target.network_id == net.id)
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            published.remove(&key)?;
+        }
+        conntrack::flush_network(&self.pins, net.subnet)?;
+        if networks.keys().next().is_none() {
+            self.detach_uplink()?;
+        }
         Ok(())
     }
-    fn teardown_network(&self, _net: &NetworkSpec) -> Result<()> {
+
+    fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        let mut endpoints = maps::endpoints(&self.pins)?;
+        let key = maps::endpoint_key(ep.ip);
+        if endpoints.get(&key, 0).is_ok() {
+            bail!("endpoint {} is already on a network", ep.ip);
+        }
+        endpoints
+            .insert(key, maps::endpoint_info(ep), 0)
+            .with_context(|| format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name))
+    }
+
+    fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        maps::endpoints(&self.pins)?
+            .remove(&maps::endpoint_key(ep.ip))
+            .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
+        // The address may go to another container: its flows must not follow.
+        conntrack::flush_address(&self.pins, ep.ip).map(drop)
+    }
+
+    fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
+        let mut published = maps::published(&self.pins)?;
+        for (done, port) in ports.iter().enumerate() {
+            let key = maps::published_key(port);
+            let result = if published.get(&key, 0).is_ok() {
+                Err(anyhow::anyhow!("{} is already published", describe(port)))
+            } else {
+                published
+                    .insert(key, maps::published_target(port), 0)
+                    .with_context(|| format!("publish {} on {}", describe(port), net.name))
+            };
+            if let Err(e) = result {
+                for port in &ports[..done] {
+                    let _ = published.remove(&maps::published_key(port));
+                }
+                return Err(e);
+            }
+        }
         Ok(())
     }
-    fn add_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
+
+    fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
+        let mut published = maps::published(&self.pins)?;
+        let mut missing = Vec::new();
+        for port in ports {
+            if published.remove(&maps::published_key(port)).is_err() {
+                missing.push(describe(port));
+            }
+        }
+        if !missing.is_empty() {
+            bail!("not published on {}: {}", net.name, missing.join(", "));
+        }
         Ok(())
     }
-    fn remove_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
-        Ok(())
-    }
-    fn publish(&self, _net: &NetworkSpec, _ports: &[PortSpec]) -> Result<()> {
-        Ok(())
-    }
-    fn unpublish(&self, _net: &NetworkSpec, _ports: &[PortSpec]) -> Result<()> {
-        Ok(())
+}
+
+/// `tcp 198.18.0.2:8080` or `udp *:53`.
+fn describe(port: &PortSpec) -> String {
+    let proto = match port.proto {
+        super::Protocol::Tcp => "tcp",
+        super::Protocol::Udp => "udp",
+    };
+    match port.host_ip {
+        Some(ip) => format!("{proto} {ip}:{}", port.host_port),
+        None => format!("{proto} *:{}", port.host_port),
     }
 }

@@ -1,0 +1,171 @@
+//! The two programs on the host's uplink. Each packet goes parse → conntrack → nat:
+//!
+//! - egress (leaving the host): a packet of a tracked flow gets its direction's rewrite
+//!   (masqueraded flows: source → host:port; published-port replies: source → host:published
+//!   port); a new flow from a container of a masquerading network is masqueraded.
+//! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
+//!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
+//!   the container. The host stack then routes the packet to the container's bridge.
+//!
+//! Everything else, and every packet that can't be fully parsed, passes untouched (counted
+//! with the reason in `STATS`). The only drops are new flows that can't be tracked.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{Array, HashMap},
+    programs::TcContext,
+};
+use netd_common::datapath::{
+    AF_INET, CT_NAT_SNAT, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NET_MASQUERADE,
+    NETWORKS_MAX, NetworkInfo, PUBLISHED_MAX, PublishedKey, PublishedTarget, Stat,
+};
+
+use crate::{
+    conntrack::{self, v4},
+    nat,
+    parse::{self, Flow},
+    stats,
+};
+
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+#[map]
+static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+
+/// TCX_NEXT: the next program, or the stack, decides.
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    verdict(egress(&ctx))
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    verdict(ingress(&ctx))
+}
+
+/// Counts what happened to the packet and turns it into a TC action.
+#[inline(always)]
+fn verdict(outcome: Stat) -> i32 {
+    stats::count(outcome);
+    if outcome.drops() { DROP } else { PASS }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Stat {
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Stat::NoNat;
+    };
+    let key = conntrack::key_of(&flow);
+    let now = now_ns();
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
+        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
+    }
+    if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_snat(&key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
+        Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Stat {
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Stat::NoNat;
+    };
+    let key = conntrack::key_of(&flow);
+    let now = now_ns();
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
+        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
+    }
+    let Some(target) = published_target(&flow, cfg) else {
+        return Stat::NoNat;
+    };
+    if !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
+        Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
+    match nat::apply(ctx, flow, rw) {
+        Ok(()) => done,
+        Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn hit_stat(nat: u8) -> Stat {
+    if nat == CT_NAT_SNAT {
+        Stat::SnatHit
+    } else {
+        Stat::DnatHit
+    }
+}
+
+/// Whether `saddr` is a container on a network with masquerading on.
+#[inline(always)]
+fn masquerades(saddr: u32) -> bool {
+    let key = EndpointKey {
+        addr: v4(saddr),
+        family: AF_INET,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only use of map values that userspace replaces whole.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&key) }) else {
+        return false;
+    };
+    let Some(net) = (unsafe { NETWORKS.get(&ep.network_id) }) else {
+        return false;
+    };
+    net.flags & NET_MASQUERADE != 0
+}
+
+/// The container a new flow to a published port goes to: a port bound to the packet's
+/// destination address, else one bound to any address when the destination is the uplink's.
+#[inline(always)]
+fn published_target(flow: &Flow, cfg: &Config) -> Option<PublishedTarget> {
+    let mut key = PublishedKey {
+        addr: v4(flow.daddr),
+        port: flow.dport,
+        proto: flow.proto,
+        family: AF_INET,
+    };
+    // SAFETY: read-only use of map values that userspace replaces whole.
+    if let Some(target) = unsafe { PUBLISHED.get(&key) } {
+        return Some(*target);
+    }
+    if flow.daddr != cfg.uplink_addr[0] {
+        return None;
+    }
+    key.addr = [0; 4];
+    unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
