@@ -2,7 +2,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use netd::{bpf::Pins, counter, demo, netns, output};
+use netd::{
+    bpf::Pins,
+    counter,
+    datapath::ebpf::{conntrack, stats},
+    demo, netns, output,
+};
 
 /// Container networking with an eBPF datapath.
 #[derive(Parser)]
@@ -38,6 +43,25 @@ enum Command {
     Counter(CounterCommand),
     /// Build a sandbox, run netd in it, show traffic through the datapath, remove it all.
     Demo,
+    /// The eBPF datapath's connection tracking table.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// The eBPF datapath's packet counters, per reason (drops included).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// List the live flows, like `conntrack -L`.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every flow.
+    Flush,
 }
 
 #[derive(Subcommand)]
@@ -85,7 +109,70 @@ async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Demo => demo::run().await,
+        Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
+        Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
     }
+}
+
+fn conntrack_command(pins: &Pins, cmd: ConntrackCommand) -> Result<()> {
+    match cmd {
+        ConntrackCommand::Ls { json } => {
+            let flows = conntrack::list(pins)?;
+            if json {
+                output::json(&flows)?;
+            } else {
+                for f in &flows {
+                    let (o, r) = (&f.original, &f.reply);
+                    println!(
+                        "{} {} {} {}s src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} age={}s",
+                        f.proto,
+                        f.nat,
+                        f.state,
+                        f.expires_secs,
+                        o.src,
+                        o.dst,
+                        o.sport,
+                        o.dport,
+                        o.packets,
+                        o.bytes,
+                        r.src,
+                        r.dst,
+                        r.sport,
+                        r.dport,
+                        r.packets,
+                        r.bytes,
+                        f.age_secs
+                    );
+                }
+                eprintln!("netd: {} flows", flows.len());
+            }
+        }
+        ConntrackCommand::Flush => {
+            let removed = conntrack::flush(pins)?;
+            println!("conntrack table flushed ({removed} entries removed)");
+        }
+    }
+    Ok(())
+}
+
+fn stats_command(pins: &Pins, json: bool) -> Result<()> {
+    let counters = stats::read(pins)?;
+    if json {
+        output::json(&counters)?;
+    } else {
+        let rows: Vec<Vec<String>> = counters
+            .iter()
+            .map(|c| {
+                vec![
+                    c.reason.to_string(),
+                    if c.dropped { "drop" } else { "pass" }.to_string(),
+                    c.packets.to_string(),
+                ]
+            })
+            .collect();
+        output::table(&["REASON", "VERDICT", "PACKETS"], &rows);
+    }
+    Ok(())
 }
 
 fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {

@@ -1,0 +1,103 @@
+//! The container side of the sandbox, built the way the controller will: a bridge `netd0`
+//! (172.17.0.1/16) in the host namespace and containers in their own namespaces, each with a
+//! veth to the bridge and a default route via the gateway; then the eBPF datapath is told
+//! about the network and its endpoints through the driver, as the controller will tell it.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use netd::{
+    bpf::Pins,
+    datapath::{Datapath as _, PortSpec, ebpf::EbpfDatapath},
+    netlink::set_sysctl,
+    netns,
+};
+
+use crate::{
+    harness::TestEnv,
+    netdata::{BRIDGE, GATEWAY, endpoint, network},
+};
+
+pub struct Container {
+    pub ns: PathBuf,
+    pub ip: Ipv4Addr,
+    /// The host end of its veth, on the bridge.
+    pub host_if: String,
+}
+
+/// Runs `ip args` in `ns` and panics with its output when it fails.
+pub fn ip_in(env: &TestEnv, ns: &PathBuf, args: &[&str]) {
+    let out = env.run_in(ns, "ip", args);
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds the bridge and `count` containers (172.17.0.2, .3, ...), enables forwarding on the
+/// host, and sets the datapath up with them as endpoints of a masquerading network.
+pub fn containers(env: &TestEnv, count: u8) -> Vec<Container> {
+    let host = env.host_ns();
+    ip_in(env, &host, &["link", "add", BRIDGE, "type", "bridge"]);
+    ip_in(
+        env,
+        &host,
+        &["addr", "add", &format!("{GATEWAY}/16"), "dev", BRIDGE],
+    );
+    ip_in(env, &host, &["link", "set", BRIDGE, "up"]);
+    set_sysctl(Some(&host), "net.ipv4.ip_forward", "1").unwrap();
+    let containers: Vec<Container> = (0..count).map(|i| container(env, i)).collect();
+    datapath_in(env, |dp| {
+        let net = network();
+        dp.setup_network(&net).unwrap();
+        for c in &containers {
+            let index = nix::net::if_::if_nametoindex(c.host_if.as_str()).unwrap();
+            dp.add_endpoint(&net, &endpoint(c.ip, &c.host_if, index))
+                .unwrap();
+        }
+    });
+    containers
+}
+
+fn container(env: &TestEnv, i: u8) -> Container {
+    let name = env.name(&format!("c{i}"));
+    let ns = netns::create(&name).unwrap();
+    let ip = Ipv4Addr::new(172, 17, 0, 2 + i);
+    let host_if = format!("vc{i}");
+    let host = env.host_ns();
+    ip_in(
+        env,
+        &host,
+        &[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ],
+    );
+    ip_in(
+        env,
+        &host,
+        &["link", "set", &host_if, "master", BRIDGE, "up"],
+    );
+    ip_in(
+        env,
+        &ns,
+        &["addr", "add", &format!("{ip}/16"), "dev", "eth0"],
+    );
+    ip_in(env, &ns, &["link", "set", "eth0", "up"]);
+    ip_in(env, &ns, &["link", "set", "lo", "up"]);
+    ip_in(
+        env,
+        &ns,
+        &["route", "add", "default", "via", &GATEWAY.to_string()],
+    );
+    Container { ns, ip, host_if }
+}
+
+/// Runs `f` with this test's datapath driver on a thread in the host namespace.
+pub fn datapath_in<T: Send>(env: &TestEnv, f: impl FnOnce(&EbpfDatapath) -> T + Send) -> T {
+    let pins = Pins::open(&env.bpffs).unwrap();
+    env.in_ns(&env.host_ns(), || f(&EbpfDatapath::new(pins)))
+}
+
+pub fn publish(env: &TestEnv, ports: &[PortSpec]) {
+    datapath_in(env, |dp| dp.publish(&network(), ports).unwrap());
+}
