@@ -40,7 +40,7 @@ static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLI
 
 /// TCX_NEXT: the next program, or the stack, decides.
 const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {

@@ -3,7 +3,10 @@
 //! veth to the bridge and a default route via the gateway; then the eBPF datapath is told
 //! about the network and its endpoints through the driver, as the controller will tell it.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use netd::{
     bpf::Pins,
@@ -25,7 +28,7 @@ pub struct Container {
 }
 
 /// Runs `ip args` in `ns` and panics with its output when it fails.
-pub fn ip_in(env: &TestEnv, ns: &PathBuf, args: &[&str]) {
+pub fn ip_in(env: &TestEnv, ns: &Path, args: &[&str]) {
     let out = env.run_in(ns, "ip", args);
     assert!(
         out.status.success(),
