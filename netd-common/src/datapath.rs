@@ -294,10 +294,12 @@ pub enum Stat {
     ConntrackFull = 15,
     /// A helper failed while rewriting: dropped, the packet may be half written.
     RewriteFailed = 16,
+    /// An ICMP error about a tracked flow, translated with the packet it quotes.
+    IcmpError = 17,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -316,6 +318,7 @@ impl Stat {
         Stat::PortExhausted,
         Stat::ConntrackFull,
         Stat::RewriteFailed,
+        Stat::IcmpError,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -337,6 +340,7 @@ impl Stat {
             Stat::PortExhausted => "port_exhausted",
             Stat::ConntrackFull => "conntrack_full",
             Stat::RewriteFailed => "rewrite_failed",
+            Stat::IcmpError => "icmp_error",
         }
     }
 

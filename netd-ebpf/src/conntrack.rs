@@ -89,6 +89,20 @@ pub fn track(key: &CtKey, flow: &Flow, len: u32, now: u64, cfg: &Config) -> Opti
     })
 }
 
+/// The rewrite for packets matching `key`, if it belongs to a live flow, without counting a
+/// packet (for ICMP errors about the flow).
+#[inline(always)]
+pub fn rewrite_for(key: &CtKey, now: u64, cfg: &Config) -> Option<Rewrite> {
+    let (entry, _) = live_flow(key, now, &cfg.timeouts)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let entry = unsafe { &*entry };
+    Some(Rewrite {
+        src: entry.rewrite == CT_REWRITE_SRC,
+        addr: entry.nat_addr[0],
+        port: entry.nat_port,
+    })
+}
+
 /// The entry matching `key` and its flow's original-direction entry, if the flow is live:
 /// not timed out, and (for a reply entry) still the flow that owns the tuple.
 #[inline(always)]

@@ -16,8 +16,16 @@ pub const L3_OFF: usize = EthHdr::LEN;
 /// Where the L4 header starts: only IPv4 without options (IHL 5) is translated.
 pub const L4_OFF: usize = L3_OFF + Ipv4Hdr::LEN;
 
+/// Where the header of the packet an ICMP error quotes starts, and its L4 header.
+pub const QUOTED_L3_OFF: usize = L4_OFF + Icmpv4Hdr::LEN;
+pub const QUOTED_L4_OFF: usize = QUOTED_L3_OFF + Ipv4Hdr::LEN;
+/// An ICMP error quotes the offending IP header and at least 8 bytes of its payload.
+const QUOTED_L4_LEN: usize = 8;
+
 const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 /// `vihl` of an IPv4 header without options.
 const IPV4_NO_OPTIONS: u8 = 0x45;
 /// The "more fragments" flag and the fragment offset.
@@ -53,6 +61,18 @@ pub struct Flow {
     pub proto: u8,
     /// TCP flags byte; 0 for UDP and ICMP.
     pub tcp_flags: u8,
+    /// For an ICMP error (destination unreachable, time exceeded): the packet it quotes.
+    pub quoted: Option<Quoted>,
+}
+
+/// The ends of the packet an ICMP error quotes, as they were when it was sent (ports and echo
+/// identifier as in [`Flow`]).
+pub struct Quoted {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
 }
 
 /// Parses an Ethernet + IPv4 (IHL 5, unfragmented) + TCP/UDP/ICMP echo frame. Anything else is
@@ -81,6 +101,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
         dport: 0,
         proto: ip.proto,
         tcp_flags: 0,
+        quoted: None,
     };
     match ip.proto {
         IPPROTO_TCP => {
@@ -111,12 +132,52 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
             match (icmp.type_, icmp.code) {
                 (ICMP_ECHO_REQUEST, 0) => flow.sport = id,
                 (ICMP_ECHO_REPLY, 0) => flow.dport = id,
+                (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED, _) => {
+                    flow.quoted = Some(quoted(ctx, l4_len - Icmpv4Hdr::LEN)?);
+                }
                 _ => return Err(Stat::UnsupportedProto),
             }
         }
         _ => return Err(Stat::UnsupportedProto),
     }
     Ok(flow)
+}
+
+/// Parses the packet quoted by an ICMP error, `len` bytes long in the frame. The same rules
+/// as for the outer packet apply: IHL 5, TCP, UDP or ICMP echo.
+#[inline(always)]
+fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
+    if len < Ipv4Hdr::LEN + QUOTED_L4_LEN {
+        return Err(Stat::TruncatedL4);
+    }
+    let ip: Ipv4Hdr = ctx.load(QUOTED_L3_OFF).map_err(|_| Stat::TruncatedL4)?;
+    if ip.vihl != IPV4_NO_OPTIONS {
+        return Err(Stat::IpOptions);
+    }
+    let mut q = Quoted {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+    };
+    let l4: [u8; QUOTED_L4_LEN] = ctx.load(QUOTED_L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            q.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            q.dport = u16::from_be_bytes([l4[2], l4[3]]);
+        }
+        IPPROTO_ICMP => {
+            let id = u16::from_be_bytes([l4[4], l4[5]]);
+            match (l4[0], l4[1]) {
+                (ICMP_ECHO_REQUEST, 0) => q.sport = id,
+                (ICMP_ECHO_REPLY, 0) => q.dport = id,
+                _ => return Err(Stat::UnsupportedProto),
+            }
+        }
+        _ => return Err(Stat::UnsupportedProto),
+    }
+    Ok(q)
 }
 
 /// Checks the IPv4 header is one NAT may rewrite and returns the length of its payload.

@@ -18,14 +18,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NET_MASQUERADE,
+    AF_INET, CT_NAT_SNAT, Config, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NET_MASQUERADE,
     NETWORKS_MAX, NetworkInfo, PUBLISHED_MAX, PublishedKey, PublishedTarget, Stat,
 };
 
 use crate::{
     conntrack::{self, v4},
     nat,
-    parse::{self, Flow},
+    parse::{self, Flow, Quoted},
     stats,
 };
 
@@ -68,8 +68,11 @@ fn egress(ctx: &TcContext) -> Stat {
     let Some(cfg) = CONFIG.get(0) else {
         return Stat::NoNat;
     };
-    let key = conntrack::key_of(&flow);
     let now = now_ns();
+    if let Some(quoted) = &flow.quoted {
+        return icmp_error(ctx, &flow, quoted, now, cfg);
+    }
+    let key = conntrack::key_of(&flow);
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
         return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
     }
@@ -91,8 +94,11 @@ fn ingress(ctx: &TcContext) -> Stat {
     let Some(cfg) = CONFIG.get(0) else {
         return Stat::NoNat;
     };
-    let key = conntrack::key_of(&flow);
     let now = now_ns();
+    if let Some(quoted) = &flow.quoted {
+        return icmp_error(ctx, &flow, quoted, now, cfg);
+    }
+    let key = conntrack::key_of(&flow);
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
         return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
     }
@@ -104,6 +110,28 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
     match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
+        Err(reason) => reason,
+    }
+}
+
+/// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
+/// entry for the reversed quoted tuple says how this packet travels.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Stat {
+    let key = CtKey {
+        saddr: v4(q.daddr),
+        daddr: v4(q.saddr),
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    let Some(rw) = conntrack::rewrite_for(&key, now, cfg) else {
+        return Stat::NoNat;
+    };
+    match nat::apply_icmp_error(ctx, flow, q, &rw) {
+        Ok(()) => Stat::IcmpError,
         Err(reason) => reason,
     }
 }

@@ -230,3 +230,53 @@ pub fn assert_only_nat_fields_changed(before: &[u8], after: &[u8]) {
         }
     }
 }
+
+/// Where the packet quoted by an ICMP error starts, and its L4 header.
+pub const QUOTED: usize = L4 + 8;
+pub const QUOTED_L4: usize = QUOTED + IP_LEN;
+
+/// An ICMP error (`kind`, `code`) from `src` to `dst` quoting the first 28 bytes of `packet`
+/// (an IPv4 packet), with a correct ICMP checksum.
+pub fn icmp_error_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    packet: &[u8],
+) -> Vec<u8> {
+    // Bytes 4..8: unused, or the next-hop MTU for "fragmentation needed".
+    let mut msg = vec![kind, code, 0, 0, 0, 0, 0x05, 0x78];
+    msg.extend_from_slice(&packet[..IP_LEN + 8]);
+    let csum = !sum16(&msg, 0);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    eth(ETHERTYPE_IPV4, &ipv4(src, dst, ICMP, &msg))
+}
+
+/// The ends of the packet an ICMP error frame quotes (ICMP echo: the identifier twice).
+pub fn quoted_ends(frame: &[u8]) -> Ends {
+    let inner = &frame[QUOTED..];
+    let addr =
+        |off: usize| Ipv4Addr::new(inner[off], inner[off + 1], inner[off + 2], inner[off + 3]);
+    let word = |off: usize| u16::from_be_bytes([inner[off], inner[off + 1]]);
+    let (sport, dport) = if inner[9] == ICMP {
+        (word(IP_LEN + 4), word(IP_LEN + 4))
+    } else {
+        (word(IP_LEN), word(IP_LEN + 2))
+    };
+    Ends {
+        src: addr(12),
+        dst: addr(16),
+        sport,
+        dport,
+    }
+}
+
+/// Panics unless the quoted IPv4 header of an ICMP error frame has a right checksum.
+pub fn assert_quoted_ip_checksum(frame: &[u8]) {
+    let header = &frame[QUOTED..QUOTED + IP_LEN];
+    assert_eq!(
+        sum16(header, 0),
+        0xffff,
+        "quoted IPv4 header checksum wrong: {header:02x?}"
+    );
+}

@@ -165,22 +165,10 @@ fn masquerade_tcp_udp_and_ping_reach_the_outside_as_the_host() {
         ["FIN_WAIT", "TIME_WAIT"].contains(&tcp["state"].as_str().unwrap()),
         "{tcp}"
     );
-    let stats = env.netd_json(&["stats", "--json"]);
-    let count = |reason: &str| {
-        stats
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["reason"] == reason)
-            .unwrap()["packets"]
-            .as_u64()
-            .unwrap()
-    };
-    assert_eq!(count("snat_new"), 3, "{stats}");
+    assert_eq!(stat(&env, "snat_new"), 3);
     assert_eq!(
-        count("port_exhausted") + count("conntrack_full") + count("rewrite_failed"),
-        0,
-        "{stats}"
+        stat(&env, "port_exhausted") + stat(&env, "conntrack_full") + stat(&env, "rewrite_failed"),
+        0
     );
     env.netd_ok(&["conntrack", "flush"]);
     assert_eq!(
@@ -375,4 +363,78 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
             ns.display()
         );
     }
+}
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_reach_the_container() {
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+
+    // Port unreachable: a connected UDP socket learns of it as ECONNREFUSED.
+    let sock = env.in_ns(&c.ns, || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap()
+    });
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    sock.connect((OUTSIDE_ADDR, 9999)).unwrap();
+    sock.send(b"anyone there?").unwrap();
+    let err = sock.recv(&mut [0u8; 64]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // The outside namespace becomes a router towards 198.19.0.0/16 (back through the host,
+    // on a path with MTU 1000), so it answers about masqueraded packets with TTL exceeded and
+    // fragmentation needed.
+    let out = env.outside_ns();
+    netd::netlink::set_sysctl(Some(&out), "net.ipv4.ip_forward", "1").unwrap();
+    tests::topology::ip_in(
+        &env,
+        &out,
+        &[
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "via",
+            &HOST_ADDR.to_string(),
+            "mtu",
+            "lock",
+            "1000",
+        ],
+    );
+    let far = "198.19.0.1";
+    let traced = env.run_in(&c.ns, "ping", &["-n", "-c", "1", "-t", "2", "-W", "2", far]);
+    let text = String::from_utf8_lossy(&traced.stdout);
+    assert!(
+        text.contains(&format!("From {OUTSIDE_ADDR}")) && text.contains("Time to live exceeded"),
+        "{text}"
+    );
+
+    let big = env.run_in(
+        &c.ns,
+        "ping",
+        &["-n", "-c", "1", "-M", "do", "-s", "1200", "-W", "2", far],
+    );
+    let text = String::from_utf8_lossy(&big.stdout);
+    assert!(
+        text.contains("Frag needed") || text.contains("mtu = 1000"),
+        "{text}"
+    );
+    // Path MTU discovery worked: the container's kernel now knows the path's MTU.
+    let route = output_in(&env, &c.ns, "ip", &["route", "get", far]);
+    assert!(route.contains("mtu 1000"), "{route}");
+    assert_eq!(
+        stat(&env, "icmp_error"),
+        3,
+        "each error went through the datapath's translation"
+    );
+}
+
+fn stat(env: &TestEnv, reason: &str) -> u64 {
+    let stats = env.netd_json(&["stats", "--json"]);
+    let counter = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["reason"] == reason);
+    counter.unwrap_or_else(|| panic!("no {reason} in {stats}"))["packets"]
+        .as_u64()
+        .unwrap()
 }

@@ -256,6 +256,106 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
     assert!(b.stat("no_nat") >= 6);
 }
 
+/// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted
+/// packet's ends and every checksum right, and no other byte changed. Returns the outer and
+/// quoted ends.
+fn translate_icmp_error(b: &Bench, prog: &str, frame: &[u8]) -> (Ends, Ends) {
+    let (verdict, out) = b.run(prog, frame);
+    assert_eq!(verdict, PASS);
+    assert_checksums(&out, false);
+    assert_quoted_ip_checksum(&out);
+    let mutable: Vec<usize> = (IP_CSUM..IP_DST + 4)
+        .chain(L4 + 2..L4 + 4)
+        .chain(QUOTED + 10..QUOTED + 20)
+        .chain(QUOTED_L4..QUOTED_L4 + 6)
+        .collect();
+    for (i, (x, y)) in frame.iter().zip(&out).enumerate() {
+        assert!(
+            x == y || mutable.contains(&i),
+            "byte {i} changed: {x:#04x} -> {y:#04x}"
+        );
+    }
+    (ends(&out), quoted_ends(&out))
+}
+
+const DEST_UNREACH: u8 = 3;
+const PORT_UNREACH: u8 = 3;
+const FRAG_NEEDED: u8 = 4;
+const TIME_EXCEEDED: u8 = 11;
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_are_translated_back_with_the_quoted_packet() {
+    let b = Bench::new();
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    // UDP from C1 masqueraded; the server says "port unreachable" about the translated packet.
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    let sent = &udp_frame(HOST_ADDR, 5000, SERVER, 53, true)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(SERVER, HOST_ADDR, DEST_UNREACH, PORT_UNREACH, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (SERVER, C1));
+    assert_eq!(quoted, at(C1, 5000, SERVER, 53));
+
+    // TCP from C2 on a port C1 holds towards the server: translated to another port; a router
+    // on the way says "fragmentation needed" about it.
+    b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN));
+    let port = b.egress(&tcp_frame(C2, 40000, SERVER, 80, SYN)).sport;
+    assert_ne!(port, 40000);
+    let sent = &tcp_frame(HOST_ADDR, port, SERVER, 80, SYN)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(router, HOST_ADDR, DEST_UNREACH, FRAG_NEEDED, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (router, C2));
+    assert_eq!(quoted, at(C2, 40000, SERVER, 80));
+
+    // A ping from C2 whose identifier was translated; "TTL exceeded" on the way.
+    b.egress(&icmp_frame(C1, SERVER, true, 99));
+    let id = b.egress(&icmp_frame(C2, SERVER, true, 99)).sport;
+    let sent = &icmp_frame(HOST_ADDR, SERVER, true, id)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(router, HOST_ADDR, TIME_EXCEEDED, 0, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (router, C2));
+    assert_eq!(quoted, at(C2, 99, SERVER, 99));
+    assert_eq!(b.stat("icmp_error"), 3);
+
+    // An error about a flow that doesn't exist passes untouched.
+    let unknown = &udp_frame(HOST_ADDR, 5999, SERVER, 53, true)[ETH_LEN..];
+    b.assert_untouched(&icmp_error_frame(
+        SERVER,
+        HOST_ADDR,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        unknown,
+    ));
+}
+
+#[test]
+fn icmp_errors_from_a_container_about_a_published_port_flow_leave_from_the_host() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    assert_eq!(
+        b.ingress(&udp_frame(client, 6000, HOST_ADDR, 5353, true))
+            .dst,
+        C2
+    );
+    // C2 has nothing on port 53: it answers with "port unreachable" about the DNATed packet.
+    let received = &udp_frame(client, 6000, C2, 53, true)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_EGRESS_PROG,
+        &icmp_error_frame(C2, client, DEST_UNREACH, PORT_UNREACH, received),
+    );
+    assert_eq!((outer.src, outer.dst), (HOST_ADDR, client));
+    assert_eq!(quoted, at(client, 6000, HOST_ADDR, 5353));
+}
+
 /// A masqueradable TCP SYN from C1, mangled by `edit`.
 fn mangled(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut frame = tcp_frame(C1, 41000, SERVER, 80, SYN);
