@@ -438,3 +438,79 @@ fn stat(env: &TestEnv, reason: &str) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+#[test]
+fn a_thousand_concurrent_flows_from_ten_containers_to_one_server_port_all_complete() {
+    const CONTAINERS: u8 = 10;
+    const PER_CONTAINER: usize = 100;
+    let env = TestEnv::new();
+    let cs = containers(&env, CONTAINERS);
+    let listener = env.in_ns(&env.outside_ns(), || {
+        TcpListener::bind((OUTSIDE_ADDR, 9000)).unwrap()
+    });
+    let total = usize::from(CONTAINERS) * PER_CONTAINER;
+    // The server answers each connection on its own thread and keeps it open until the client
+    // closes, so all the flows are live at once.
+    let server = thread::spawn(move || {
+        let handlers: Vec<_> = (0..total)
+            .map(|_| {
+                let (mut conn, peer) = listener.accept().unwrap();
+                thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))
+                        .unwrap();
+                    let mut id = [0u8; 8];
+                    conn.read_exact(&mut id).unwrap();
+                    conn.write_all(&id).unwrap();
+                    conn.read_to_end(&mut Vec::new()).unwrap();
+                    peer
+                })
+            })
+            .collect();
+        handlers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    thread::scope(|s| {
+        for (i, c) in cs.iter().enumerate() {
+            let env = &env;
+            s.spawn(move || {
+                // Open them all first, then talk on each: every flow is open at the same time.
+                let mut conns: Vec<TcpStream> = env.in_ns(&c.ns, || {
+                    (0..PER_CONTAINER)
+                        .map(|_| {
+                            TcpStream::connect_timeout(&(OUTSIDE_ADDR, 9000).into(), TIMEOUT)
+                                .unwrap()
+                        })
+                        .collect()
+                });
+                for (j, conn) in conns.iter_mut().enumerate() {
+                    let id = ((i * PER_CONTAINER + j) as u64).to_be_bytes();
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))
+                        .unwrap();
+                    conn.write_all(&id).unwrap();
+                    let mut back = [0u8; 8];
+                    conn.read_exact(&mut back).unwrap();
+                    assert_eq!(back, id);
+                }
+            });
+        }
+    });
+    let live = env.netd_json(&["conntrack", "ls", "--json"]);
+    let tcp_flows = live
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["proto"] == "tcp")
+        .count();
+    assert_eq!(tcp_flows, total, "every flow is tracked");
+    let peers = server.join().unwrap();
+    assert!(peers.iter().all(|p| p.ip() == HOST_ADDR));
+    let ports: std::collections::HashSet<u16> = peers.iter().map(SocketAddr::port).collect();
+    assert_eq!(
+        ports.len(),
+        total,
+        "a translated port was used twice towards the same server"
+    );
+    assert_eq!(stat(&env, "port_exhausted"), 0);
+}
