@@ -22,6 +22,8 @@ pub const STATS_MAP: &str = "STATS";
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 /// TC program on the uplink's egress: SNAT (masquerade) and reverse DNAT.
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
+/// TC program on each network bridge's ingress: hairpin to published ports.
+pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
 
 /// Default size of the conntrack table (entries; each flow takes two).
 pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
@@ -138,10 +140,14 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// What a flow's translation is.
 pub const CT_NAT_SNAT: u8 = 1;
 pub const CT_NAT_DNAT: u8 = 2;
+/// A container to a published port through a host address: DNAT plus SNAT to the gateway.
+pub const CT_NAT_HAIRPIN: u8 = 3;
 
 /// Which end of the packet an entry's rewrite changes.
 pub const CT_REWRITE_SRC: u8 = 1;
 pub const CT_REWRITE_DST: u8 = 2;
+/// The destination to `nat_addr`/`nat_port`, the source to `nat2_addr`/`nat2_port`.
+pub const CT_REWRITE_BOTH: u8 = 3;
 
 /// Flow states. TCP walks them like netfilter; UDP and ICMP use `NEW` and `ESTABLISHED`
 /// (once a reply was seen: netfilter's assured stream).
@@ -182,6 +188,10 @@ pub struct CtEntry {
     /// `CT_SEEN_REPLY` | `CT_FIN_*` (original entry only).
     pub flags: u8,
     pub _pad: u8,
+    /// The source rewrite of a `CT_REWRITE_BOTH` entry.
+    pub nat2_addr: Addr,
+    pub nat2_port: u16,
+    pub _pad2: [u8; 6],
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last packet.
     pub created_ns: u64,
     pub last_seen_ns: u64,
@@ -296,10 +306,16 @@ pub enum Stat {
     RewriteFailed = 16,
     /// An ICMP error about a tracked flow, translated with the packet it quotes.
     IcmpError = 17,
+    /// A new hairpin flow (a container to a published port through a host address).
+    HairpinNew = 18,
+    /// A packet of a hairpin flow, either direction.
+    HairpinHit = 19,
+    /// A hairpin packet whose container is gone: dropped.
+    NoEndpoint = 20,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -319,6 +335,9 @@ impl Stat {
         Stat::ConntrackFull,
         Stat::RewriteFailed,
         Stat::IcmpError,
+        Stat::HairpinNew,
+        Stat::HairpinHit,
+        Stat::NoEndpoint,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -341,6 +360,9 @@ impl Stat {
             Stat::ConntrackFull => "conntrack_full",
             Stat::RewriteFailed => "rewrite_failed",
             Stat::IcmpError => "icmp_error",
+            Stat::HairpinNew => "hairpin_new",
+            Stat::HairpinHit => "hairpin_hit",
+            Stat::NoEndpoint => "no_endpoint",
         }
     }
 

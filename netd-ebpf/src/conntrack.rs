@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_CLOSE, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED,
-    CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT, CT_NAT_DNAT, CT_NAT_SNAT, CT_NEW, CT_REWRITE_DST,
-    CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config, CtEntry, CtKey,
-    IPPROTO_TCP, Stat, Timeouts,
+    CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW,
+    CT_REWRITE_BOTH, CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT,
+    CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_TCP, Stat, Timeouts,
 };
 
 use crate::{nat::Rewrite, parse::Flow};
@@ -60,31 +60,50 @@ pub fn v4(addr: u32) -> Addr {
     [addr, 0, 0, 0]
 }
 
-/// What a tracked packet gets: its entry's rewrite, and the kind of translation.
+/// What a tracked packet gets: its entry's rewrite (for hairpin flows: of the destination,
+/// and `second` of the source), and the kind of translation.
 pub struct Hit {
     pub rewrite: Rewrite,
+    pub second: Option<Rewrite>,
     pub nat: u8,
 }
 
-/// Looks `key` up. For a packet of a live flow, advances the flow's state, counts the packet
-/// and returns the rewrite its direction needs.
+/// Looks `key` up among hairpin flows (`hairpin`) or the others: each attach point sees one
+/// kind. For a packet of a live flow, advances the flow's state, counts the packet and
+/// returns the rewrite its direction needs.
 #[inline(always)]
-pub fn track(key: &CtKey, flow: &Flow, len: u32, now: u64, cfg: &Config) -> Option<Hit> {
+pub fn track(
+    key: &CtKey,
+    flow: &Flow,
+    len: u32,
+    now: u64,
+    cfg: &Config,
+    hairpin: bool,
+) -> Option<Hit> {
     let (entry, state) = live_flow(key, now, &cfg.timeouts)?;
     // SAFETY: both point into map values; concurrent updates race only on counters and
     // state, which tolerate a lost update.
     let (entry, state) = unsafe { (&*entry, &mut *state) };
+    if (entry.nat == CT_NAT_HAIRPIN) != hairpin {
+        return None;
+    }
     advance(state, entry.dir, flow.tcp_flags);
     state.last_seen_ns = now;
     let dir = usize::from(entry.dir & 1);
     state.packets[dir] += 1;
     state.bytes[dir] += u64::from(len);
+    let second = (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite {
+        src: true,
+        addr: entry.nat2_addr[0],
+        port: entry.nat2_port,
+    });
     Some(Hit {
         rewrite: Rewrite {
             src: entry.rewrite == CT_REWRITE_SRC,
             addr: entry.nat_addr[0],
             port: entry.nat_port,
         },
+        second,
         nat: entry.nat,
     })
 }
@@ -261,6 +280,61 @@ pub fn start_dnat(
     })
 }
 
+/// Starts a hairpin flow: `key` goes from a container to host:port, published as `target`:
+/// `target_port`; it leaves with the destination rewritten to the target and the source to
+/// the container network's `gateway` and a port free towards the target (so the target's
+/// replies come back through the bridge, where they are translated back). Returns the
+/// destination and source rewrites for this packet.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn start_hairpin(
+    key: &CtKey,
+    flow: &Flow,
+    target: u32,
+    target_port: u16,
+    gateway: u32,
+    len: u32,
+    now: u64,
+    cfg: &Config,
+) -> Result<(Rewrite, Rewrite), Stat> {
+    let e = scratch_flow(key, flow, len, now)?;
+    e.nat = CT_NAT_HAIRPIN;
+    e.rewrite = CT_REWRITE_BOTH;
+    // The reply entry: from the target to gateway:port, back to host:port → container.
+    e.reply = CtKey {
+        saddr: v4(target),
+        daddr: v4(gateway),
+        sport: target_port,
+        dport: key.sport,
+        ..*key
+    };
+    e.dir = CT_DIR_REPLY;
+    e.nat_addr = key.saddr;
+    e.nat_port = key.sport;
+    e.nat2_addr = key.daddr;
+    e.nat2_port = key.dport;
+    let port = claim_reply_tuple(e, now, &cfg.timeouts)?;
+    // The original entry: container → host:port, to gateway:port → target.
+    e.dir = CT_DIR_ORIGINAL;
+    e.nat_addr = v4(target);
+    e.nat_port = target_port;
+    e.nat2_addr = v4(gateway);
+    e.nat2_port = port;
+    insert_original(key, e)?;
+    Ok((
+        Rewrite {
+            src: false,
+            addr: target,
+            port: target_port,
+        },
+        Rewrite {
+            src: true,
+            addr: gateway,
+            port,
+        },
+    ))
+}
+
 /// The per-CPU scratch entry, filled with a new flow's common fields.
 #[inline(always)]
 fn scratch_flow(
@@ -281,6 +355,10 @@ fn scratch_flow(
     };
     e.flags = 0;
     e._pad = 0;
+    e.rewrite = 0;
+    e.nat2_addr = [0; 4];
+    e.nat2_port = 0;
+    e._pad2 = [0; 6];
     e.created_ns = now;
     e.last_seen_ns = now;
     e.packets = [1, 0];

@@ -5,8 +5,10 @@
 // 512-byte BPF stack first (a CtEntry is 152 bytes), and map-value pointers would be lost.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod bridge;
 mod conntrack;
 mod counter;
+mod maps;
 mod nat;
 mod parse;
 mod stats;

@@ -13,34 +13,21 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{Array, HashMap},
+    macros::classifier,
     programs::TcContext,
 };
-use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NET_MASQUERADE,
-    NETWORKS_MAX, NetworkInfo, PUBLISHED_MAX, PublishedKey, PublishedTarget, Stat,
-};
+use netd_common::datapath::{AF_INET, CT_NAT_SNAT, Config, CtKey, NET_MASQUERADE, Stat};
 
 use crate::{
     conntrack::{self, v4},
-    nat,
+    maps, nat,
     parse::{self, Flow, Quoted},
     stats,
 };
 
-#[map]
-static CONFIG: Array<Config> = Array::pinned(1, 0);
-#[map]
-static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
-#[map]
-static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
-#[map]
-static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
-
 /// TCX_NEXT: the next program, or the stack, decides.
-const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT;
+pub const PASS: i32 = TC_ACT_UNSPEC;
+pub const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
@@ -54,7 +41,7 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 
 /// Counts what happened to the packet and turns it into a TC action.
 #[inline(always)]
-fn verdict(outcome: Stat) -> i32 {
+pub fn verdict(outcome: Stat) -> i32 {
     stats::count(outcome);
     if outcome.drops() { DROP } else { PASS }
 }
@@ -65,7 +52,7 @@ fn egress(ctx: &TcContext) -> Stat {
         Ok(flow) => flow,
         Err(reason) => return reason,
     };
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(cfg) = maps::config() else {
         return Stat::NoNat;
     };
     let now = now_ns();
@@ -73,7 +60,7 @@ fn egress(ctx: &TcContext) -> Stat {
         return icmp_error(ctx, &flow, quoted, now, cfg);
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
         return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
     }
     if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
@@ -91,7 +78,7 @@ fn ingress(ctx: &TcContext) -> Stat {
         Ok(flow) => flow,
         Err(reason) => return reason,
     };
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(cfg) = maps::config() else {
         return Stat::NoNat;
     };
     let now = now_ns();
@@ -99,10 +86,11 @@ fn ingress(ctx: &TcContext) -> Stat {
         return icmp_error(ctx, &flow, quoted, now, cfg);
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg) {
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
         return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
     }
-    let Some(target) = published_target(&flow, cfg) else {
+    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
+    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
         return Stat::NoNat;
     };
     if !conntrack::may_start_flow(&flow) {
@@ -137,7 +125,7 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
 }
 
 #[inline(always)]
-fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
+pub fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
     match nat::apply(ctx, flow, rw) {
         Ok(()) => done,
         Err(reason) => reason,
@@ -156,44 +144,13 @@ fn hit_stat(nat: u8) -> Stat {
 /// Whether `saddr` is a container on a network with masquerading on.
 #[inline(always)]
 fn masquerades(saddr: u32) -> bool {
-    let key = EndpointKey {
-        addr: v4(saddr),
-        family: AF_INET,
-        _pad: [0; 3],
-    };
-    // SAFETY: read-only use of map values that userspace replaces whole.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&key) }) else {
-        return false;
-    };
-    let Some(net) = (unsafe { NETWORKS.get(&ep.network_id) }) else {
-        return false;
-    };
-    net.flags & NET_MASQUERADE != 0
-}
-
-/// The container a new flow to a published port goes to: a port bound to the packet's
-/// destination address, else one bound to any address when the destination is the uplink's.
-#[inline(always)]
-fn published_target(flow: &Flow, cfg: &Config) -> Option<PublishedTarget> {
-    let mut key = PublishedKey {
-        addr: v4(flow.daddr),
-        port: flow.dport,
-        proto: flow.proto,
-        family: AF_INET,
-    };
-    // SAFETY: read-only use of map values that userspace replaces whole.
-    if let Some(target) = unsafe { PUBLISHED.get(&key) } {
-        return Some(*target);
-    }
-    if flow.daddr != cfg.uplink_addr[0] {
-        return None;
-    }
-    key.addr = [0; 4];
-    unsafe { PUBLISHED.get(&key) }.copied()
+    maps::endpoint(saddr)
+        .and_then(|ep| maps::network(ep.network_id))
+        .is_some_and(|net| net.flags & NET_MASQUERADE != 0)
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     // SAFETY: a helper without preconditions.
     unsafe { bpf_ktime_get_ns() }
 }

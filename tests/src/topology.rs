@@ -80,6 +80,12 @@ fn container(env: &TestEnv, i: u8) -> Container {
         &host,
         &["link", "set", &host_if, "master", BRIDGE, "up"],
     );
+    // The MAC the endpoint spec gives the datapath.
+    let mac = endpoint(ip, &host_if, 0)
+        .mac
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    ip_in(env, &ns, &["link", "set", "eth0", "address", &mac]);
     ip_in(
         env,
         &ns,

@@ -514,3 +514,37 @@ fn a_thousand_concurrent_flows_from_ten_containers_to_one_server_port_all_comple
     );
     assert_eq!(stat(&env, "port_exhausted"), 0);
 }
+
+#[test]
+fn hairpin_containers_reach_published_ports_through_the_host_address() {
+    let env = TestEnv::new();
+    let cs = containers(&env, 2);
+    publish(&env, &[port(Protocol::Tcp, None, 8080, cs[0].ip, 80)]);
+    let listener = env.in_ns(&cs[0].ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    let server = tcp_echo_server(listener, 3);
+    let data = payload(1 << 20);
+    // Another container, and the published container itself, through the uplink address and
+    // through the gateway address (both are the host's).
+    for (c, host) in [
+        (&cs[1], HOST_ADDR),
+        (&cs[0], HOST_ADDR),
+        (&cs[1], tests::netdata::GATEWAY),
+    ] {
+        let back = env.in_ns(&c.ns, || tcp_round_trip((host, 8080).into(), None, &data));
+        assert!(
+            back == data,
+            "hairpin from {} via {host}: data came back changed",
+            c.ip
+        );
+    }
+    // Like Docker's hairpin MASQUERADE: the server sees the gateway.
+    let peers = server.join().unwrap();
+    assert!(
+        peers.iter().all(|p| p.ip() == tests::netdata::GATEWAY),
+        "{peers:?}"
+    );
+    assert_eq!(stat(&env, "hairpin_new"), 3);
+    assert_eq!(stat(&env, "no_endpoint"), 0);
+}

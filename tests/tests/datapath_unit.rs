@@ -13,11 +13,12 @@ use netd::{
         ebpf::{EbpfDatapath, stats},
     },
 };
-use netd_common::datapath::{UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG};
+use netd_common::datapath::{BRIDGE_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG};
 use tests::{
     frames::*,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
-    netdata::{C1, C2, endpoint, network, port},
+    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network, port},
+    topology::ip_in,
 };
 
 /// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
@@ -36,6 +37,11 @@ impl Bench {
     fn new() -> Self {
         let env = TestEnv::new();
         let pins = Pins::open(&env.bpffs).unwrap();
+        ip_in(
+            &env,
+            &env.host_ns(),
+            &["link", "add", BRIDGE, "type", "bridge"],
+        );
         env.in_ns(&env.host_ns(), || {
             let dp = EbpfDatapath::new(pins.clone());
             let net = network();
@@ -52,7 +58,7 @@ impl Bench {
             .unwrap();
         });
         let mut ebpf = pins.load().unwrap();
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG] {
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
             p.load().unwrap();
         }
@@ -92,9 +98,9 @@ impl Bench {
         self.translate(UPLINK_INGRESS_PROG, frame)
     }
 
-    /// Runs both programs on `frame`: each must pass it on byte for byte.
+    /// Runs the programs on `frame`: each must pass it on byte for byte.
     fn assert_untouched(&self, frame: &[u8]) {
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG] {
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
             let (verdict, out) = self.run(prog, frame);
             assert_eq!(verdict, PASS, "{prog} verdict");
             assert_eq!(out, frame, "{prog} changed a frame it must not translate");
@@ -356,6 +362,61 @@ fn icmp_errors_from_a_container_about_a_published_port_flow_leave_from_the_host(
     assert_eq!(quoted, at(client, 6000, HOST_ADDR, 5353));
 }
 
+/// TC_ACT_REDIRECT.
+const REDIRECT: u32 = 7;
+
+/// Runs the bridge program on `frame`: it must redirect it with its ends and checksums right
+/// and its MACs set from the bridge's (the frame's destination) to `to_mac`.
+fn hairpin(b: &Bench, frame: &[u8], to_mac: [u8; 6]) -> Ends {
+    let (verdict, out) = b.run(BRIDGE_INGRESS_PROG, frame);
+    assert_eq!(
+        verdict, REDIRECT,
+        "hairpin traffic goes straight to the container's veth"
+    );
+    assert_eq!(out[0..6], to_mac, "destination MAC");
+    assert_eq!(out[6..12], frame[0..6], "source MAC: the bridge's");
+    let mut macs_rewritten = frame.to_vec();
+    macs_rewritten[..12].copy_from_slice(&out[..12]);
+    assert_only_nat_fields_changed(&macs_rewritten, &out);
+    assert_checksums(&out, false);
+    ends(&out)
+}
+
+#[test]
+fn hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
+    let b = Bench::new();
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let c2_mac = endpoint(C2, "", 0).mac;
+    // C2 → host:8080 (published → C1:80): to C1 from the gateway.
+    let there = hairpin(&b, &tcp_frame(C2, 40000, HOST_ADDR, 8080, SYN), c1_mac);
+    assert_eq!(there, at(GATEWAY, 40000, C1, 80));
+    let back = hairpin(&b, &tcp_frame(C1, 80, GATEWAY, 40000, SYN | ACK), c2_mac);
+    assert_eq!(back, at(HOST_ADDR, 8080, C2, 40000));
+    // C1 to its own published port, through the gateway address, from the same port: another
+    // gateway port, since 40000 is taken towards C1:80.
+    let own = hairpin(&b, &tcp_frame(C1, 40000, GATEWAY, 8080, SYN), c1_mac);
+    assert_eq!((own.src, own.dst, own.dport), (GATEWAY, C1, 80));
+    assert_ne!(own.sport, 40000);
+    assert_eq!(
+        hairpin(
+            &b,
+            &tcp_frame(C1, 80, GATEWAY, own.sport, SYN | ACK),
+            c1_mac
+        ),
+        at(GATEWAY, 8080, C1, 40000)
+    );
+    assert_eq!((b.stat("hairpin_new"), b.stat("hairpin_hit")), (2, 2));
+
+    // Traffic to the outside is the uplink's: the bridge leaves it alone, even once it is a
+    // tracked masqueraded flow.
+    let out = tcp_frame(C1, 41000, SERVER, 80, SYN);
+    let (verdict, same) = b.run(BRIDGE_INGRESS_PROG, &out);
+    assert_eq!((verdict, same), (PASS, out.clone()));
+    assert_eq!(b.egress(&out).src, HOST_ADDR);
+    let (verdict, same) = b.run(BRIDGE_INGRESS_PROG, &out);
+    assert_eq!((verdict, same), (PASS, out));
+}
+
 /// A masqueradable TCP SYN from C1, mangled by `edit`.
 fn mangled(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut frame = tcp_frame(C1, 41000, SERVER, 80, SYN);
@@ -374,7 +435,7 @@ fn fix_ip_csum(frame: &mut [u8]) {
 fn check_malformed(b: &Bench, frame: &[u8], reason: &str) {
     let before = b.stat(reason);
     b.assert_untouched(frame);
-    assert_eq!(b.stat(reason), before + 2, "both programs count {reason}");
+    assert_eq!(b.stat(reason), before + 3, "every program counts {reason}");
 }
 
 #[test]

@@ -7,8 +7,8 @@
 use anyhow::{Context as _, Result, bail};
 use aya::programs::TcAttachType;
 use netd_common::datapath::{
-    AF_INET, CONNTRACK_DEFAULT_MAX, Config, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
-    addr_v4,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, Timeouts, UPLINK_EGRESS_PROG,
+    UPLINK_INGRESS_PROG, addr_v4,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -56,12 +56,12 @@ impl EbpfDatapath {
         &self.pins
     }
 
-    /// Attaches the uplink programs where they are not attached yet. On failure, detaches
-    /// what this call attached.
-    fn attach_uplink(&self, iface: &str) -> Result<()> {
+    /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what
+    /// this call attached.
+    fn attach(&self, iface: &str, progs: &[(&'static str, TcAttachType)]) -> Result<()> {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         let mut attached = Vec::new();
-        for (prog, dir) in UPLINK_PROGS {
+        for &(prog, dir) in progs {
             if self.pins.tc_link(prog, iface, dir).exists() {
                 continue;
             }
@@ -108,7 +108,7 @@ impl Datapath for EbpfDatapath {
     fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
         let uplink = uplink::find()?;
         // Loading pins the maps (or reuses the pinned ones) before anything is written.
-        self.attach_uplink(&uplink.name)?;
+        self.attach(&uplink.name, &UPLINK_PROGS)?;
         let mut networks = maps::networks(&self.pins)?;
         if networks.get(&net.id, 0).is_ok() {
             bail!("network {} (id {}) is already set up", net.name, net.id);
@@ -116,7 +116,12 @@ impl Datapath for EbpfDatapath {
         self.write_config(&uplink)?;
         networks
             .insert(net.id, maps::network_info(net), 0)
-            .with_context(|| format!("add network {}", net.name))
+            .with_context(|| format!("add network {}", net.name))?;
+        if let Err(e) = self.attach(&net.bridge, &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)]) {
+            let _ = networks.remove(&net.id);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
@@ -145,6 +150,8 @@ impl Datapath for EbpfDatapath {
             published.remove(&key)?;
         }
         conntrack::flush_network(&self.pins, net.subnet)?;
+        self.pins
+            .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
         if networks.keys().next().is_none() {
             self.detach_uplink()?;
         }
