@@ -24,6 +24,8 @@ pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// cgroup connect4 program: host processes connecting to published ports go to the container.
+pub const HOST_CONNECT4_PROG: &str = "host_connect4";
 
 /// Default size of the conntrack table (entries; each flow takes two).
 pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
@@ -264,6 +266,8 @@ pub struct Config {
     pub family: u8,
     pub _pad: [u8; 3],
     pub timeouts: Timeouts,
+    /// The cookie of the host network namespace: the cgroup program acts only there.
+    pub netns_cookie: u64,
 }
 
 /// Counters in `STATS`: what the programs did with each packet, and why they left one alone.

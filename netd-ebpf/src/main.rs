@@ -8,6 +8,7 @@
 mod bridge;
 mod conntrack;
 mod counter;
+mod host;
 mod maps;
 mod nat;
 mod parse;

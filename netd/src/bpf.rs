@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
@@ -128,18 +128,66 @@ impl Pins {
         Ok(())
     }
 
-    /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
-    pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
-        let pin = self.tc_link(prog, iface, dir);
+    /// The pin of cgroup program `prog`'s link (one cgroup per instance).
+    pub fn cgroup_link(&self, prog: &str) -> PathBuf {
+        self.links_dir().join(format!("{prog}@cgroup"))
+    }
+
+    /// Attaches the cgroup sock_addr program `prog` of `ebpf` to the cgroup at `cgroup` and
+    /// pins the link. Attaching twice is an error.
+    pub fn attach_cgroup_sock_addr(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        cgroup: &Path,
+    ) -> Result<()> {
+        let pin = self.cgroup_link(prog);
+        if pin.exists() {
+            bail!("{prog} is already attached to a cgroup");
+        }
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog} in the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{prog} is not a cgroup sock_addr program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
+        }
+        let dir =
+            fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        // A bpf_link (aya uses one on Linux >= 5.7) always coexists with other programs on the
+        // cgroup; link_create takes no attach flags, so "Single" (flags 0) is the right mode.
+        let link_id = program
+            .attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attach {prog} to {}", cgroup.display()))?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .context("take the cgroup link")?
+            .try_into()
+            .context("cgroup link is not an fd link")?;
+        link.pin(&pin)
+            .with_context(|| format!("pin link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Detaches the link pinned at `pin`. Returns whether anything was attached.
+    pub fn detach_pinned(&self, pin: &Path) -> Result<bool> {
         if !pin.exists() {
             return Ok(false);
         }
-        let link = PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let link = PinnedLink::from_pin(pin).with_context(|| format!("open {}", pin.display()))?;
         // Unpinning drops the last reference to the link, which detaches the program.
         let _detached: FdLink = link
             .unpin()
             .with_context(|| format!("unpin {}", pin.display()))?;
         Ok(true)
+    }
+
+    /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
+    pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+        self.detach_pinned(&self.tc_link(prog, iface, dir))
     }
 
     /// The interfaces program `prog` is attached to in direction `dir`, from the link pins.

@@ -6,6 +6,7 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
 };
 
 use netd::{
@@ -40,6 +41,11 @@ pub fn ip_in(env: &TestEnv, ns: &Path, args: &[&str]) {
 /// Builds the bridge and `count` containers (172.17.0.2, .3, ...), enables forwarding on the
 /// host, and sets the datapath up with them as endpoints of a masquerading network.
 pub fn containers(env: &TestEnv, count: u8) -> Vec<Container> {
+    containers_with(env, count, None)
+}
+
+/// [`containers`], with host processes of `host_cgroup` redirected to published ports.
+pub fn containers_with(env: &TestEnv, count: u8, host_cgroup: Option<&Path>) -> Vec<Container> {
     let host = env.host_ns();
     ip_in(env, &host, &["link", "add", BRIDGE, "type", "bridge"]);
     ip_in(
@@ -50,7 +56,7 @@ pub fn containers(env: &TestEnv, count: u8) -> Vec<Container> {
     ip_in(env, &host, &["link", "set", BRIDGE, "up"]);
     set_sysctl(Some(&host), "net.ipv4.ip_forward", "1").unwrap();
     let containers: Vec<Container> = (0..count).map(|i| container(env, i)).collect();
-    datapath_in(env, |dp| {
+    datapath_with(env, host_cgroup, |dp| {
         let net = network();
         dp.setup_network(&net).unwrap();
         for c in &containers {
@@ -101,10 +107,65 @@ fn container(env: &TestEnv, i: u8) -> Container {
     Container { ns, ip, host_if }
 }
 
-/// Runs `f` with this test's datapath driver on a thread in the host namespace.
+/// Runs `f` with this test's datapath driver on a thread in the host namespace. Tests never
+/// attach to the machine's root cgroup: host redirection only for a test's own cgroup.
 pub fn datapath_in<T: Send>(env: &TestEnv, f: impl FnOnce(&EbpfDatapath) -> T + Send) -> T {
+    datapath_with(env, None, f)
+}
+
+fn datapath_with<T: Send>(
+    env: &TestEnv,
+    host_cgroup: Option<&Path>,
+    f: impl FnOnce(&EbpfDatapath) -> T + Send,
+) -> T {
     let pins = Pins::open(&env.bpffs).unwrap();
-    env.in_ns(&env.host_ns(), || f(&EbpfDatapath::new(pins)))
+    let dp = EbpfDatapath::new(pins).with_host_cgroup(host_cgroup.map(Path::to_path_buf));
+    env.in_ns(&env.host_ns(), || f(&dp))
+}
+
+/// A cgroup v2 of one test, removed on drop. Processes run in it through [`TestCgroup::run`].
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(env: &TestEnv) -> Self {
+        let root = netd::datapath::ebpf::host::cgroup2_root().expect("cgroup v2 is not mounted");
+        let path = root.join(format!("netd-{}", env.prefix));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// Runs `program args` in this cgroup, in the namespace at `ns` (the machine's when `None`).
+    pub fn run(&self, ns: Option<&Path>, program: &str, args: &[&str]) -> Output {
+        let procs = self.path.join("cgroup.procs");
+        let script = format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display());
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null());
+        if let Some(ns) = ns {
+            let mut inner = Command::new("nsenter");
+            inner
+                .arg(format!("--net={}", ns.display()))
+                .arg("--")
+                .arg("sh")
+                .args(cmd.get_args())
+                .stdin(Stdio::null());
+            cmd = inner;
+        }
+        cmd.output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Empty by now: every process run in it has exited.
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }
 
 pub fn publish(env: &TestEnv, ports: &[PortSpec]) {

@@ -13,8 +13,8 @@ use std::{
 use netd::datapath::Protocol;
 use tests::{
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
-    netdata::port,
-    topology::{containers, publish},
+    netdata::{port, port as port_spec},
+    topology::{TestCgroup, containers, containers_with, publish},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -547,4 +547,96 @@ fn hairpin_containers_reach_published_ports_through_the_host_address() {
     );
     assert_eq!(stat(&env, "hairpin_new"), 3);
     assert_eq!(stat(&env, "no_endpoint"), 0);
+}
+
+/// A TCP server on `addr` in `ns` answering one connection with `tag`.
+fn tag_server(
+    env: &TestEnv,
+    ns: &Path,
+    addr: SocketAddr,
+    tag: &'static str,
+) -> (SocketAddr, thread::JoinHandle<()>) {
+    let listener = env.in_ns(ns, || TcpListener::bind(addr).unwrap());
+    let bound = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        // Read what the client sends first, so closing doesn't reset the connection.
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        conn.read_to_end(&mut Vec::new()).unwrap();
+        conn.write_all(tag.as_bytes()).unwrap();
+    });
+    (bound, server)
+}
+
+/// What a TCP connection to `addr` from a process in `cgroup`, in `ns`, receives.
+fn connect_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
+    let script = format!(
+        "import socket; s = socket.create_connection(('{}', {}), timeout=5); s.sendall(b'hello'); \
+         s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())",
+        addr.ip(),
+        addr.port()
+    );
+    let out = cgroup.run(ns, "python3", &["-c", &script]);
+    assert!(
+        out.status.success(),
+        "connect to {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_the_host() {
+    let env = TestEnv::new();
+    let cgroup = TestCgroup::new(&env);
+    let c = &containers_with(&env, 1, Some(&cgroup.path))[0];
+    // Any free port of the machine's own loopback, so the machine's namespace can be checked
+    // without taking a port something else uses.
+    let (machine, machine_server) = tag_server(
+        &env,
+        Path::new("/proc/self/ns/net"),
+        (Ipv4Addr::LOCALHOST, 0).into(),
+        "machine",
+    );
+    let port = machine.port();
+    publish(
+        &env,
+        &[
+            port_spec(Protocol::Tcp, None, port, c.ip, 80),
+            port_spec(Protocol::Tcp, Some(Ipv4Addr::LOCALHOST), 8081, c.ip, 80),
+        ],
+    );
+
+    let listener = env.in_ns(&c.ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    let server = tcp_echo_server(listener, 3);
+    let host = env.host_ns();
+    for addr in [
+        (HOST_ADDR, port),
+        (Ipv4Addr::LOCALHOST, port),
+        (Ipv4Addr::LOCALHOST, 8081),
+    ] {
+        assert_eq!(
+            connect_from_cgroup(&cgroup, Some(&host), addr.into()),
+            "hello",
+            "host → {addr:?}"
+        );
+    }
+    // The host connects directly from its bridge address: no NAT, no proxy.
+    let peers = server.join().unwrap();
+    assert!(
+        peers.iter().all(|p| p.ip() == tests::netdata::GATEWAY),
+        "{peers:?}"
+    );
+
+    // The same connect() in another namespace of the cgroup is left alone: the outside's own
+    // loopback, and the machine's.
+    let out = env.outside_ns();
+    let (outside, outside_server) =
+        tag_server(&env, &out, (Ipv4Addr::LOCALHOST, port).into(), "outside");
+    assert_eq!(connect_from_cgroup(&cgroup, Some(&out), outside), "outside");
+    outside_server.join().unwrap();
+    assert_eq!(connect_from_cgroup(&cgroup, None, machine), "machine");
+    machine_server.join().unwrap();
 }

@@ -43,7 +43,7 @@ impl Bench {
             &["link", "add", BRIDGE, "type", "bridge"],
         );
         env.in_ns(&env.host_ns(), || {
-            let dp = EbpfDatapath::new(pins.clone());
+            let dp = EbpfDatapath::new(pins.clone()).with_host_cgroup(None);
             let net = network();
             dp.setup_network(&net).unwrap();
             dp.add_endpoint(&net, &endpoint(C1, "veth1", 101)).unwrap();

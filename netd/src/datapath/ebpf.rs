@@ -4,20 +4,22 @@
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath.
 
+use std::path::PathBuf;
+
 use anyhow::{Context as _, Result, bail};
 use aya::programs::TcAttachType;
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, addr_v4,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_CONNECT4_PROG, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
 use crate::bpf::Pins;
 
 pub mod conntrack;
+pub mod host;
 pub mod maps;
 pub mod stats;
-pub mod uplink;
 
 /// The programs on the uplink, with their attach directions.
 const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
@@ -29,6 +31,7 @@ pub struct EbpfDatapath {
     pins: Pins,
     conntrack_max: u32,
     timeouts: Timeouts,
+    host_cgroup: Option<PathBuf>,
 }
 
 impl EbpfDatapath {
@@ -37,7 +40,17 @@ impl EbpfDatapath {
             pins,
             conntrack_max: CONNTRACK_DEFAULT_MAX,
             timeouts: Timeouts::default(),
+            // Every process by default: the program only acts in the host namespace, whatever
+            // the cgroup holds.
+            host_cgroup: host::cgroup2_root(),
         }
+    }
+
+    /// The cgroup whose processes reach published ports through host addresses and loopback
+    /// (socket-level redirection); `None` leaves host processes alone.
+    pub fn with_host_cgroup(mut self, cgroup: Option<PathBuf>) -> Self {
+        self.host_cgroup = cgroup;
+        self
     }
 
     /// Size of the conntrack table when the datapath creates it (entries, two per flow).
@@ -76,23 +89,40 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Detaches the uplink programs from every interface they are attached to.
-    fn detach_uplink(&self) -> Result<()> {
+    /// Attaches the host connect program to the host cgroup, when there is one and it is not
+    /// attached yet.
+    fn attach_host_connect(&self) -> Result<()> {
+        let Some(cgroup) = &self.host_cgroup else {
+            return Ok(());
+        };
+        if self.pins.cgroup_link(HOST_CONNECT4_PROG).exists() {
+            return Ok(());
+        }
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        self.pins
+            .attach_cgroup_sock_addr(&mut ebpf, HOST_CONNECT4_PROG, cgroup)
+    }
+
+    /// Detaches the host-wide programs: the uplink's, wherever they are, and the cgroup one.
+    fn detach_host(&self) -> Result<()> {
         for (prog, dir) in UPLINK_PROGS {
             for iface in self.pins.tc_attachments(prog, dir)? {
                 self.pins.detach_tc(prog, &iface, dir)?;
             }
         }
+        self.pins
+            .detach_pinned(&self.pins.cgroup_link(HOST_CONNECT4_PROG))?;
         Ok(())
     }
 
-    fn write_config(&self, uplink: &uplink::Uplink) -> Result<()> {
+    fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
             uplink_ifindex: uplink.index,
             family: AF_INET,
             _pad: [0; 3],
             timeouts: self.timeouts,
+            netns_cookie: host::netns_cookie()?,
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
@@ -106,9 +136,10 @@ impl Datapath for EbpfDatapath {
     }
 
     fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
-        let uplink = uplink::find()?;
+        let uplink = host::find_uplink()?;
         // Loading pins the maps (or reuses the pinned ones) before anything is written.
         self.attach(&uplink.name, &UPLINK_PROGS)?;
+        self.attach_host_connect()?;
         let mut networks = maps::networks(&self.pins)?;
         if networks.get(&net.id, 0).is_ok() {
             bail!("network {} (id {}) is already set up", net.name, net.id);
@@ -153,7 +184,7 @@ impl Datapath for EbpfDatapath {
         self.pins
             .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
         if networks.keys().next().is_none() {
-            self.detach_uplink()?;
+            self.detach_host()?;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
-//! The host's uplink: the interface of the default route in the calling thread's network
-//! namespace, and its IPv4 address (the masquerade source).
+//! What the datapath learns about the host (the calling thread's network namespace): the
+//! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
+//! the namespace's cookie, and where cgroup v2 is mounted.
 
-use std::{fs, net::Ipv4Addr};
+use std::{fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
@@ -14,7 +15,7 @@ pub struct Uplink {
 }
 
 /// The uplink of the calling thread's namespace.
-pub fn find() -> Result<Uplink> {
+pub fn find_uplink() -> Result<Uplink> {
     // thread-self, not self: /proc/self/net shows the main thread's namespace, and netd may
     // be on a thread that entered another one.
     let routes =
@@ -45,6 +46,45 @@ fn first_ipv4(iface: &str) -> Result<Ipv4Addr> {
                 .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
         })
         .ok_or_else(|| anyhow!("uplink {iface} has no IPv4 address"))
+}
+
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14).
+pub fn netns_cookie() -> Result<u64> {
+    // Not in the libc crate's constants for every target yet.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("open a socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("get the network namespace cookie");
+    }
+    Ok(cookie)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+/// hybrid system), if it is.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 2 && fields[2] == "cgroup2").then(|| PathBuf::from(fields[1]))
+    })
 }
 
 #[cfg(test)]
