@@ -16,6 +16,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
     },
 };
 use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
@@ -125,6 +126,37 @@ impl Pins {
             .context("TCX link is not an fd link")?;
         link.pin(&pin)
             .with_context(|| format!("pin link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Atomically replaces the program behind the pinned TCX link of `prog` on `iface` with
+    /// `prog` from `ebpf` (a newer build): packets see the old or the new program, never none.
+    pub fn replace_tc(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
+        let pin = self.tc_link(prog, iface, dir);
+        let pinned =
+            PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("{} is not a TCX link", pin.display()))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog} in the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{prog} is not a TC program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
+        }
+        // The link stays pinned: it outlives this process with the new program.
+        program
+            .attach_to_link(link)
+            .with_context(|| format!("replace {prog} on {iface}"))?;
         Ok(())
     }
 

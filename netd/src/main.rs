@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use netd::{
     bpf::Pins,
     counter,
-    datapath::ebpf::{conntrack, stats},
+    datapath::ebpf::{EbpfDatapath, conntrack, stats},
     demo, netns, output,
 };
 
@@ -46,6 +46,9 @@ enum Command {
     /// The eBPF datapath's connection tracking table.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
+    /// Replace the attached eBPF programs with this binary's, atomically (an upgrade: flows and
+    /// maps stay).
+    Reload,
     /// The eBPF datapath's packet counters, per reason (drops included).
     Stats {
         #[arg(long)]
@@ -111,6 +114,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Demo => demo::run().await,
         Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
+        Command::Reload => {
+            let replaced = EbpfDatapath::new(Pins::open(&cli.bpffs)?).reload_programs()?;
+            println!("{replaced} programs replaced");
+            Ok(())
+        }
     }
 }
 

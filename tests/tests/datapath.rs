@@ -640,3 +640,65 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     assert_eq!(connect_from_cgroup(&cgroup, None, machine), "machine");
     machine_server.join().unwrap();
 }
+
+/// Waits until something listens on TCP `port` in `ns`.
+fn wait_listening(env: &TestEnv, ns: &Path, port: u16) {
+    for _ in 0..100 {
+        let ss = output_in(env, ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
+        if !ss.trim().is_empty() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+#[test]
+fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+    publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 5201)]);
+    env.spawn_in(&c.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
+    wait_listening(&env, &c.ns, 5201);
+    let client = {
+        let cmd = env.cmd_in(
+            &env.outside_ns(),
+            "iperf3",
+            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "3", "-J"],
+        );
+        thread::spawn(move || {
+            let mut cmd = cmd;
+            cmd.output().unwrap()
+        })
+    };
+    // An upgrade, three times over, while the flow runs: no netd process stays around either.
+    for _ in 0..3 {
+        thread::sleep(Duration::from_millis(600));
+        let out = env.netd_ok(&["reload"]);
+        assert!(out.contains("3 programs replaced"), "{out}");
+    }
+    let out = client.join().unwrap();
+    assert!(
+        out.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let intervals = report["intervals"].as_array().unwrap();
+    assert!(intervals.len() >= 3, "{report}");
+    for interval in intervals {
+        assert!(
+            interval["sum"]["bytes"].as_u64().unwrap() > 0,
+            "a stalled interval: {interval}"
+        );
+    }
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
+    assert!(received > 0);
+    eprintln!(
+        "iperf3 through a published port: {:.1} Gbit/s",
+        report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+            / 1e9
+    );
+}

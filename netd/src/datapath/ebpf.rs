@@ -69,6 +69,22 @@ impl EbpfDatapath {
         &self.pins
     }
 
+    /// Replaces every attached TC program with this binary's build of it, atomically (an
+    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
+    /// how many programs were replaced.
+    pub fn reload_programs(&self) -> Result<usize> {
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let mut replaced = 0;
+        let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
+        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
+            for iface in self.pins.tc_attachments(prog, *dir)? {
+                self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
+                replaced += 1;
+            }
+        }
+        Ok(replaced)
+    }
+
     /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what
     /// this call attached.
     fn attach(&self, iface: &str, progs: &[(&'static str, TcAttachType)]) -> Result<()> {
