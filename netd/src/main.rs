@@ -65,6 +65,8 @@ enum ConntrackCommand {
     },
     /// Remove every flow.
     Flush,
+    /// Remove the entries of timed-out flows.
+    Sweep,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +156,10 @@ fn conntrack_command(pins: &Pins, cmd: ConntrackCommand) -> Result<()> {
                 }
                 eprintln!("netd: {} flows", flows.len());
             }
+        }
+        ConntrackCommand::Sweep => {
+            let removed = conntrack::sweep(pins)?;
+            println!("{removed} expired entries removed");
         }
         ConntrackCommand::Flush => {
             let removed = conntrack::flush(pins)?;

@@ -14,7 +14,7 @@ use netd::datapath::Protocol;
 use tests::{
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
     netdata::{port, port as port_spec},
-    topology::{TestCgroup, containers, containers_with, publish},
+    topology::{TestCgroup, containers, containers_with, datapath_in, publish},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -700,5 +700,48 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
             .as_f64()
             .unwrap()
             / 1e9
+    );
+}
+
+#[test]
+fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network() {
+    use netd::datapath::Datapath as _;
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+    ping(&env, &c.ns, OUTSIDE_ADDR, 1);
+    let net = tests::netdata::network();
+    let links = env.bpffs.join("links");
+    let attached = || std::fs::read_dir(&links).unwrap().count();
+    assert_eq!(attached(), 3, "uplink ingress and egress, bridge ingress");
+    datapath_in(&env, |dp| {
+        let err = dp.setup_network(&net).unwrap_err();
+        assert!(format!("{err:#}").contains("already set up"), "{err:#}");
+        let ep = tests::netdata::endpoint(c.ip, &c.host_if, 1);
+        assert!(dp.add_endpoint(&net, &ep).is_err());
+        // A batch with a clash publishes nothing.
+        dp.publish(&net, &[port(Protocol::Udp, None, 7000, c.ip, 7000)])
+            .unwrap();
+        let batch = [
+            port(Protocol::Tcp, None, 7001, c.ip, 7001),
+            port(Protocol::Udp, None, 7000, c.ip, 7000),
+        ];
+        let err = dp.publish(&net, &batch).unwrap_err();
+        assert!(format!("{err:#}").contains("already published"), "{err:#}");
+        dp.unpublish(&net, &batch[1..]).unwrap();
+        let err = dp.unpublish(&net, &batch[..1]).unwrap_err();
+        assert!(format!("{err:#}").contains("not published"), "{err:#}");
+        dp.teardown_network(&net).unwrap();
+    });
+    assert_eq!(attached(), 0, "the last network took the programs with it");
+    // Nothing masquerades any more: the outside can't answer the container.
+    let out = env.run_in(
+        &c.ns,
+        "ping",
+        &["-c", "1", "-W", "1", &OUTSIDE_ADDR.to_string()],
+    );
+    assert!(!out.status.success());
+    assert_eq!(
+        env.netd_json(&["conntrack", "ls", "--json"]),
+        serde_json::json!([])
     );
 }

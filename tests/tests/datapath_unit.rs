@@ -13,7 +13,9 @@ use netd::{
         ebpf::{EbpfDatapath, stats},
     },
 };
-use netd_common::datapath::{BRIDGE_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG};
+use netd_common::datapath::{
+    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+};
 use tests::{
     frames::*,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
@@ -35,6 +37,10 @@ impl Bench {
     /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
     /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
     fn new() -> Self {
+        Self::with_timeouts(Timeouts::default())
+    }
+
+    fn with_timeouts(timeouts: Timeouts) -> Self {
         let env = TestEnv::new();
         let pins = Pins::open(&env.bpffs).unwrap();
         ip_in(
@@ -43,7 +49,9 @@ impl Bench {
             &["link", "add", BRIDGE, "type", "bridge"],
         );
         env.in_ns(&env.host_ns(), || {
-            let dp = EbpfDatapath::new(pins.clone()).with_host_cgroup(None);
+            let dp = EbpfDatapath::new(pins.clone())
+                .with_host_cgroup(None)
+                .with_timeouts(timeouts);
             let net = network();
             dp.setup_network(&net).unwrap();
             dp.add_endpoint(&net, &endpoint(C1, "veth1", 101)).unwrap();
@@ -415,6 +423,43 @@ fn hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
     assert_eq!(b.egress(&out).src, HOST_ADDR);
     let (verdict, same) = b.run(BRIDGE_INGRESS_PROG, &out);
     assert_eq!((verdict, same), (PASS, out));
+}
+
+#[test]
+fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
+    let b = Bench::with_timeouts(Timeouts {
+        udp: 1,
+        ..Timeouts::default()
+    });
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    assert_eq!(
+        netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
+        1
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // The flow timed out: a late reply is not translated, and the flow is not listed.
+    b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true));
+    assert!(
+        netd::datapath::ebpf::conntrack::list(&pins)
+            .unwrap()
+            .is_empty()
+    );
+    // Its port is free again towards that server.
+    assert_eq!(
+        b.egress(&udp_frame(C2, 5000, SERVER, 53, true)),
+        at(HOST_ADDR, 5000, SERVER, 53)
+    );
+    assert_eq!(
+        b.ingress(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true)).dst,
+        C2
+    );
+    // Sweeping removes the dead flow's original entry (its reply entry now belongs to C2's
+    // flow) and nothing of the live one.
+    assert_eq!(netd::datapath::ebpf::conntrack::sweep(&pins).unwrap(), 1);
+    let live = netd::datapath::ebpf::conntrack::list(&pins).unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].original.src, C2);
 }
 
 /// A masqueradable TCP SYN from C1, mangled by `edit`.

@@ -1,7 +1,7 @@
 //! The conntrack table seen from userspace: `netd conntrack ls` and `flush`, and the
 //! clean-ups the driver does when an endpoint or a network goes.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
@@ -71,6 +71,35 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
     Ok(flows)
 }
 
+/// Removes the entries of timed-out flows (the datapath already ignores them; this frees
+/// their slots before the LRU would). Returns how many entries went.
+pub fn sweep(pins: &Pins) -> Result<usize> {
+    let timeouts = maps::read_config(pins)?.timeouts;
+    let now = monotonic_ns();
+    let table = maps::conntrack(pins)?;
+    let entries: Vec<(CtKey, CtEntry)> = table.iter().filter_map(Result::ok).collect();
+    let originals: HashMap<CtKey, CtEntry> = entries
+        .iter()
+        .filter(|(_, e)| e.dir == CT_DIR_ORIGINAL)
+        .map(|(k, e)| (*k, *e))
+        .collect();
+    let dead = |key: &CtKey, e: &CtEntry| {
+        let Some(flow) = originals.get(&e.original) else {
+            return true;
+        };
+        // A reply entry left behind by an older flow of the same original tuple.
+        let superseded = e.dir != CT_DIR_ORIGINAL && flow.reply != *key;
+        let idle = now.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
+        superseded || idle > u64::from(flow.timeout_secs(&timeouts))
+    };
+    let doomed: Vec<CtKey> = entries
+        .iter()
+        .filter(|(k, e)| dead(k, e))
+        .map(|(k, _)| *k)
+        .collect();
+    remove_keys(pins, &doomed)
+}
+
 /// Empties the table; returns how many entries (two per flow) went.
 pub fn flush(pins: &Pins) -> Result<usize> {
     flush_matching(pins, |_| true)
@@ -96,15 +125,19 @@ pub fn flush_network(pins: &Pins, subnet: Ipv4Net) -> Result<usize> {
 }
 
 fn flush_matching(pins: &Pins, matches: impl Fn(&CtEntry) -> bool) -> Result<usize> {
-    let mut table = maps::conntrack(pins)?;
-    let doomed: Vec<CtKey> = table
+    let doomed: Vec<CtKey> = maps::conntrack(pins)?
         .iter()
         .filter_map(Result::ok)
         .filter(|(_, e)| matches(e))
         .map(|(k, _)| k)
         .collect();
+    remove_keys(pins, &doomed)
+}
+
+fn remove_keys(pins: &Pins, doomed: &[CtKey]) -> Result<usize> {
+    let mut table = maps::conntrack(pins)?;
     let mut removed = 0;
-    for key in &doomed {
+    for key in doomed {
         // The datapath or the LRU may have removed it meanwhile.
         if table.remove(key).is_ok() {
             removed += 1;
