@@ -280,3 +280,42 @@ pub fn assert_quoted_ip_checksum(frame: &[u8]) {
         "quoted IPv4 header checksum wrong: {header:02x?}"
     );
 }
+
+/// Sends `frame` as is out of interface `ifname` of the calling thread's namespace (an
+/// AF_PACKET socket: the stack sees a packet with no checksum offload state, so every
+/// checksum in it is checked in full by whoever receives it).
+pub fn send_raw(ifname: &str, frame: &[u8]) {
+    let index = nix::net::if_::if_nametoindex(ifname).unwrap_or_else(|e| panic!("{ifname}: {e}"));
+    // SAFETY: plain socket calls on a fresh fd with a fully initialised sockaddr_ll.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, frame.len() as isize, "send on {ifname}: {err}");
+    }
+}
+
+/// `frame` with its Ethernet addresses set.
+pub fn with_macs(mut frame: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    frame
+}

@@ -171,3 +171,36 @@ impl Drop for TestCgroup {
 pub fn publish(env: &TestEnv, ports: &[PortSpec]) {
     datapath_in(env, |dp| dp.publish(&network(), ports).unwrap());
 }
+
+/// Turns transmit checksum offload of `ifname` in `ns` off: packets leaving it with a
+/// checksum still to compute (CHECKSUM_PARTIAL) get it computed in software from the
+/// pseudo-header seed in the packet, so the receiver checks the seed the datapath left.
+/// (The ETHTOOL_STXCSUM ioctl: what `ethtool -K IF tx off` does, without ethtool.)
+pub fn disable_tx_checksum_offload(env: &TestEnv, ns: &Path, ifname: &str) {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    env.in_ns(ns, || {
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        // SAFETY: an ifreq naming the interface, pointing at a live ethtool_value.
+        unsafe {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (dst, src) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+                *dst = src as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(rc, 0, "turn tx checksum offload off on {ifname}: {err}");
+        }
+    });
+}

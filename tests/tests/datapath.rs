@@ -12,9 +12,11 @@ use std::{
 
 use netd::datapath::Protocol;
 use tests::{
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
     netdata::{port, port as port_spec},
-    topology::{TestCgroup, containers, containers_with, datapath_in, publish},
+    topology::{
+        TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
+    },
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -290,6 +292,11 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
     let cs = containers(&env, 2);
     publish(&env, &[port(Protocol::Tcp, None, 8080, cs[1].ip, 80)]);
     let before = kernel_conntrack_count(&env);
+    // Checksums left for offload (CHECKSUM_PARTIAL) are computed in software when they leave
+    // the uplink and the containers' veths, so the receivers check what the datapath wrote.
+    for ifname in [UPLINK, "vc0", "vc1"] {
+        disable_tx_checksum_offload(&env, &env.host_ns(), ifname);
+    }
 
     let listener = env.in_ns(&env.outside_ns(), || {
         TcpListener::bind((OUTSIDE_ADDR, 9000)).unwrap()
@@ -744,4 +751,111 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
         env.netd_json(&["conntrack", "ls", "--json"]),
         serde_json::json!([])
     );
+}
+
+/// The MAC address of `ifname` in `ns`.
+fn mac_of(env: &TestEnv, ns: &Path, ifname: &str) -> [u8; 6] {
+    let json: serde_json::Value =
+        serde_json::from_str(&output_in(env, ns, "ip", &["-j", "link", "show", ifname])).unwrap();
+    let text = json[0]["address"].as_str().unwrap();
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// A counter of `nstat -az` in `ns`.
+fn nstat(env: &TestEnv, ns: &Path, counter: &str) -> u64 {
+    let out = output_in(env, ns, "nstat", &["-azs", counter]);
+    out.lines()
+        .find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(counter)).then(|| fields.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {counter} in {out}"))
+}
+
+#[test]
+fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept() {
+    use tests::frames::{SYN, send_raw, tcp_frame, udp_frame, with_macs};
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+    publish(
+        &env,
+        &[
+            port(Protocol::Udp, None, 5353, c.ip, 53),
+            port(Protocol::Tcp, None, 8080, c.ip, 80),
+        ],
+    );
+    let out = env.outside_ns();
+    let host = env.host_ns();
+    let (uplink_mac, outside_mac) = (mac_of(&env, &host, "up0"), mac_of(&env, &out, "out0"));
+    let (bridge_mac, container_mac) = (
+        mac_of(&env, &host, tests::netdata::BRIDGE),
+        mac_of(&env, &c.ns, "eth0"),
+    );
+
+    // Outside → published UDP port, with a full checksum and with none: DNAT on packets
+    // without offload state, checked in full by the container's UDP stack.
+    let server = udp_bound_in(&env, &c.ns, (Ipv4Addr::UNSPECIFIED, 53).into());
+    for with_csum in [true, false] {
+        let frame = with_macs(
+            udp_frame(OUTSIDE_ADDR, 6000, HOST_ADDR, 5353, with_csum),
+            uplink_mac,
+            outside_mac,
+        );
+        env.in_ns(&out, || send_raw("out0", &frame));
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"netd udp!"[..], SocketAddr::from((OUTSIDE_ADDR, 6000)))
+        );
+    }
+
+    // Container → outside, masqueraded, received by the outside's UDP stack.
+    let sink = udp_bound_in(&env, &out, (OUTSIDE_ADDR, 9001).into());
+    let frame = with_macs(
+        udp_frame(c.ip, 7000, OUTSIDE_ADDR, 9001, true),
+        bridge_mac,
+        container_mac,
+    );
+    env.in_ns(&c.ns, || send_raw("eth0", &frame));
+    let mut buf = [0u8; 64];
+    let (n, from) = sink.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], from),
+        (&b"netd udp!"[..], SocketAddr::from((HOST_ADDR, 7000)))
+    );
+
+    // Outside → published TCP port: the container's TCP stack accepts the SYN (and answers it).
+    let _listener = env.in_ns(&c.ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    let sent_before = nstat(&env, &c.ns, "TcpOutSegs");
+    let frame = with_macs(
+        tcp_frame(OUTSIDE_ADDR, 6001, HOST_ADDR, 8080, SYN),
+        uplink_mac,
+        outside_mac,
+    );
+    env.in_ns(&out, || send_raw("out0", &frame));
+    for _ in 0..100 {
+        if nstat(&env, &c.ns, "TcpOutSegs") > sent_before {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        nstat(&env, &c.ns, "TcpOutSegs") > sent_before,
+        "the container never answered the SYN"
+    );
+    for ns in [host, out, c.ns.clone()] {
+        assert_eq!(
+            checksum_errors(&env, &ns),
+            Vec::<String>::new(),
+            "in {}",
+            ns.display()
+        );
+    }
 }
