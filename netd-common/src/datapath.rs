@@ -17,6 +17,8 @@ pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// `STATS`: per-CPU array of `u64` indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
+/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointKey`] → packets of that container dropped.
+pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
 
 /// TC program on the uplink's ingress: reverse SNAT and DNAT of published ports.
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";

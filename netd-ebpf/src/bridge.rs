@@ -51,6 +51,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let now = now_ns();
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
+            stats::count_endpoint_drop(flow.saddr);
             return Outcome::Done(Stat::NoEndpoint);
         };
         let Some(second) = hit.second else {
@@ -85,7 +86,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     );
     match started {
         Ok((dst, src)) => translate(ctx, &flow, &dst, &src, Stat::HairpinNew, ep),
-        Err(reason) => Outcome::Done(reason),
+        Err(reason) => {
+            stats::count_endpoint_drop(flow.saddr);
+            Outcome::Done(reason)
+        }
     }
 }
 
@@ -99,6 +103,7 @@ fn translate(
     ep: &'static EndpointInfo,
 ) -> Outcome {
     if let Err(reason) = nat::apply(ctx, flow, dst).and_then(|()| nat::apply(ctx, flow, src)) {
+        stats::count_endpoint_drop(flow.saddr);
         return Outcome::Done(reason);
     }
     Outcome::Forward(done, ep)

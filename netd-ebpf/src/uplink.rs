@@ -68,7 +68,10 @@ fn egress(ctx: &TcContext) -> Stat {
     }
     match conntrack::start_snat(&key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
-        Err(reason) => reason,
+        Err(reason) => {
+            stats::count_endpoint_drop(flow.saddr);
+            reason
+        }
     }
 }
 
@@ -98,7 +101,10 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
     match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
-        Err(reason) => reason,
+        Err(reason) => {
+            stats::count_endpoint_drop(target.addr[0]);
+            reason
+        }
     }
 }
 
@@ -124,11 +130,16 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
     }
 }
 
+/// Applies `rw`; a failure drops the packet and counts it against its container (the
+/// source of a rewritten source, the new destination of a rewritten destination).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
+fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
     match nat::apply(ctx, flow, rw) {
         Ok(()) => done,
-        Err(reason) => reason,
+        Err(reason) => {
+            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr });
+            reason
+        }
     }
 }
 

@@ -170,21 +170,29 @@ fn conntrack_command(pins: &Pins, cmd: ConntrackCommand) -> Result<()> {
 }
 
 fn stats_command(pins: &Pins, json: bool) -> Result<()> {
-    let counters = stats::read(pins)?;
+    let reasons = stats::read(pins)?;
+    let endpoints = stats::read_endpoint_drops(pins)?;
     if json {
-        output::json(&counters)?;
-    } else {
-        let rows: Vec<Vec<String>> = counters
+        return output::json(&serde_json::json!({ "reasons": reasons, "endpoints": endpoints }));
+    }
+    let rows: Vec<Vec<String>> = reasons
+        .iter()
+        .map(|c| {
+            vec![
+                c.reason.to_string(),
+                if c.dropped { "drop" } else { "pass" }.to_string(),
+                c.packets.to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["REASON", "VERDICT", "PACKETS"], &rows);
+    if !endpoints.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = endpoints
             .iter()
-            .map(|c| {
-                vec![
-                    c.reason.to_string(),
-                    if c.dropped { "drop" } else { "pass" }.to_string(),
-                    c.packets.to_string(),
-                ]
-            })
+            .map(|d| vec![d.endpoint.to_string(), d.dropped.to_string()])
             .collect();
-        output::table(&["REASON", "VERDICT", "PACKETS"], &rows);
+        output::table(&["ENDPOINT", "DROPPED"], &rows);
     }
     Ok(())
 }

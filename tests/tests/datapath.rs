@@ -436,7 +436,7 @@ fn icmp_errors_about_masqueraded_flows_reach_the_container() {
 
 fn stat(env: &TestEnv, reason: &str) -> u64 {
     let stats = env.netd_json(&["stats", "--json"]);
-    let counter = stats
+    let counter = stats["reasons"]
         .as_array()
         .unwrap()
         .iter()

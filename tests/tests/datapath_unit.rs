@@ -561,3 +561,77 @@ fn malformed_frames_pass_untouched_with_their_reason_counted() {
         1
     );
 }
+
+#[test]
+fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken() {
+    use netd_common::datapath::{
+        AF_INET, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_NAT_SNAT, CtEntry, CtKey,
+        addr_v4,
+    };
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // Live masqueraded flows from a third container hold every port of HOST_ADDR towards
+    // SERVER:80 (as 64,512 connections would).
+    let other = Ipv4Addr::new(172, 17, 0, 9);
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let mut table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    let tuple = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| CtKey {
+        saddr: addr_v4(src.octets()),
+        daddr: addr_v4(dst.octets()),
+        sport,
+        dport,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    for port in 0..=u16::MAX {
+        let original = tuple(other, port, SERVER, 80);
+        let reply = tuple(SERVER, 80, HOST_ADDR, port);
+        let entry = CtEntry {
+            original,
+            reply,
+            nat: CT_NAT_SNAT,
+            state: CT_ESTABLISHED,
+            created_ns: now_ns,
+            last_seen_ns: now_ns,
+            ..Default::default()
+        };
+        table
+            .insert(
+                reply,
+                CtEntry {
+                    dir: CT_DIR_REPLY,
+                    ..entry
+                },
+                0,
+            )
+            .unwrap();
+        table
+            .insert(
+                original,
+                CtEntry {
+                    dir: CT_DIR_ORIGINAL,
+                    ..entry
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let (verdict, _) = b.run(UPLINK_EGRESS_PROG, &tcp_frame(C1, 40000, SERVER, 80, SYN));
+    assert_eq!(verdict, 2, "TC_ACT_SHOT: no port to translate to");
+    assert_eq!(b.stat("port_exhausted"), 1);
+    let drops = stats::read_endpoint_drops(&pins).unwrap();
+    assert_eq!(drops.len(), 1);
+    assert_eq!((drops[0].endpoint, drops[0].dropped), (C1, 1));
+    // Towards another destination port, the host's ports are free.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, SERVER, 443, SYN)).sport,
+        40000
+    );
+}

@@ -220,7 +220,8 @@ impl Datapath for EbpfDatapath {
         maps::endpoints(&self.pins)?
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        // The address may go to another container: its flows must not follow.
+        // The address may go to another container: its flows and counts must not follow.
+        let _never_dropped = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
         conntrack::flush_address(&self.pins, ep.ip).map(drop)
     }
 

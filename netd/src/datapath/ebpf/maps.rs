@@ -3,11 +3,11 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use netd_common::datapath::{
-    AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINTS_MAP, EndpointInfo,
-    EndpointKey, IPPROTO_TCP, IPPROTO_UDP, NETWORKS_MAP, NetworkInfo, PUBLISHED_MAP, PublishedKey,
-    PublishedTarget, STATS_MAP, addr_v4,
+    AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
+    EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, NETWORKS_MAP, NetworkInfo, PUBLISHED_MAP,
+    PublishedKey, PublishedTarget, STATS_MAP, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -19,6 +19,7 @@ pub type Published = HashMap<MapData, PublishedKey, PublishedTarget>;
 pub type Conntrack = HashMap<MapData, CtKey, CtEntry>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type Stats = PerCpuArray<MapData, u64>;
+pub type EndpointDrops = PerCpuHashMap<MapData, EndpointKey, u64>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
@@ -51,6 +52,12 @@ pub fn config(pins: &Pins) -> Result<ConfigMap> {
 pub fn stats(pins: &Pins) -> Result<Stats> {
     Ok(PerCpuArray::try_from(Map::PerCpuArray(
         pins.open_map(STATS_MAP)?,
+    ))?)
+}
+
+pub fn endpoint_drops(pins: &Pins) -> Result<EndpointDrops> {
+    Ok(PerCpuHashMap::try_from(Map::PerCpuHashMap(
+        pins.open_map(ENDPOINT_DROPS_MAP)?,
     ))?)
 }
 
