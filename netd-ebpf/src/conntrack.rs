@@ -3,6 +3,12 @@
 //! counters; the reply-direction entry points back to it. An entry whose flow has timed out
 //! (netfilter's timeouts, from `Config`) is treated as absent, and overwritten when its tuple
 //! is needed again.
+//!
+//! A full table: every new flow is admitted, the LRU map makes room by evicting the least
+//! recently used entries, so idle flows go first and active ones (refreshed by each packet)
+//! stay. A packet of an evicted flow starts a new flow when it leaves, and passes to the host
+//! untranslated when it arrives. An insert that fails anyway is dropped and counted
+//! (`conntrack_full`).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

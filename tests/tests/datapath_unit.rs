@@ -41,6 +41,10 @@ impl Bench {
     }
 
     fn with_timeouts(timeouts: Timeouts) -> Self {
+        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
+    }
+
+    fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
         let env = TestEnv::new();
         let pins = Pins::open(&env.bpffs).unwrap();
         ip_in(
@@ -51,7 +55,8 @@ impl Bench {
         env.in_ns(&env.host_ns(), || {
             let dp = EbpfDatapath::new(pins.clone())
                 .with_host_cgroup(None)
-                .with_timeouts(timeouts);
+                .with_timeouts(timeouts)
+                .with_conntrack_max(conntrack_max);
             let net = network();
             dp.setup_network(&net).unwrap();
             dp.add_endpoint(&net, &endpoint(C1, "veth1", 101)).unwrap();
@@ -633,5 +638,51 @@ fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken(
     assert_eq!(
         b.egress(&tcp_frame(C1, 40000, SERVER, 443, SYN)).sport,
         40000
+    );
+}
+
+#[test]
+fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
+    const ENTRIES: u32 = 4096;
+    let b = Bench::with(Timeouts::default(), ENTRIES);
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN)).sport,
+        40000
+    );
+    // Three times as many new flows as the table holds, the first flow active throughout.
+    for i in 0..3 * ENTRIES / 2 {
+        let port = 10_000 + i as u16;
+        assert_eq!(
+            b.egress(&udp_frame(C2, port, SERVER, 53, true)).src,
+            HOST_ADDR
+        );
+        if i % 64 == 0 {
+            assert_eq!(
+                b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+                C1,
+                "after {i} new flows"
+            );
+        }
+    }
+    let table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    let count = table.keys().count();
+    assert!(count <= ENTRIES as usize, "{count} entries");
+    assert_eq!(b.stat("conntrack_full"), 0, "new flows are admitted");
+    // The latest flow is tracked; the active one too.
+    assert_eq!(
+        b.ingress(&udp_frame(
+            SERVER,
+            53,
+            HOST_ADDR,
+            10_000 + (3 * ENTRIES / 2 - 1) as u16,
+            true
+        ))
+        .dst,
+        C2
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+        C1
     );
 }
