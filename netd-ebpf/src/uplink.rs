@@ -7,8 +7,12 @@
 //!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
 //!   the container. The host stack then routes the packet to the container's bridge.
 //!
+//! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
+//! with the packet they quote, in both directions.
+//!
 //! Everything else, and every packet that can't be fully parsed, passes untouched (counted
-//! with the reason in `STATS`). The only drops are new flows that can't be tracked.
+//! with the reason in `STATS`). The only drops are new flows that can't be tracked and
+//! packets a helper failed to rewrite.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -26,8 +30,8 @@ use crate::{
 };
 
 /// TCX_NEXT: the next program, or the stack, decides.
-pub const PASS: i32 = TC_ACT_UNSPEC;
-pub const DROP: i32 = TC_ACT_SHOT;
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {

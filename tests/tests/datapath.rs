@@ -172,6 +172,19 @@ fn masquerade_tcp_udp_and_ping_reach_the_outside_as_the_host() {
         stat(&env, "port_exhausted") + stat(&env, "conntrack_full") + stat(&env, "rewrite_failed"),
         0
     );
+    // The tables for people name the same things.
+    let table = env.netd_ok(&["conntrack", "ls"]);
+    assert!(
+        table.contains("tcp snat") && table.contains(&format!("src={}", c.ip)),
+        "{table}"
+    );
+    let stats_table = env.netd_ok(&["stats"]);
+    assert!(
+        stats_table
+            .lines()
+            .any(|l| l.starts_with("snat_new") && l.ends_with(" 3")),
+        "{stats_table}"
+    );
     env.netd_ok(&["conntrack", "flush"]);
     assert_eq!(
         env.netd_json(&["conntrack", "ls", "--json"]),

@@ -1,8 +1,16 @@
-//! The eBPF datapath: the NAT programs of netd-ebpf on the host's uplink (TCX links pinned
-//! under the instance's bpffs dir) and the pinned maps they read, which this driver fills.
+//! The eBPF datapath: the programs of netd-ebpf and the pinned maps they read, which this
+//! driver fills. Attach points (links pinned under the instance's bpffs dir):
+//!
+//! - the host's uplink (the default route's interface), ingress and egress: masquerade,
+//!   published ports, ICMP errors about both; attached with the first network, detached with
+//!   the last;
+//! - each network's bridge, ingress: hairpin (containers to published ports via the host);
+//!   the bridge must exist when `setup_network` is called;
+//! - the host cgroup (cgroup v2 root by default), connect4: host processes to published
+//!   ports, in the host namespace only.
 //!
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
-//! running) sees the same datapath.
+//! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
 use std::path::PathBuf;
 
