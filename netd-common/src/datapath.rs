@@ -28,6 +28,20 @@ pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
 /// cgroup connect4 program: host processes connecting to published ports go to the container.
 pub const HOST_CONNECT4_PROG: &str = "host_connect4";
+/// cgroup sendmsg4 program: the same for unconnected UDP sends.
+pub const HOST_SENDMSG4_PROG: &str = "host_sendmsg4";
+/// cgroup recvmsg4 and getpeername4 programs: the process sees the address it asked for.
+pub const HOST_RECVMSG4_PROG: &str = "host_recvmsg4";
+pub const HOST_GETPEERNAME4_PROG: &str = "host_getpeername4";
+/// Every cgroup program of the host redirection.
+pub const HOST_SOCK_PROGS: [&str; 4] = [
+    HOST_CONNECT4_PROG,
+    HOST_SENDMSG4_PROG,
+    HOST_RECVMSG4_PROG,
+    HOST_GETPEERNAME4_PROG,
+];
+/// Redirected sockets remembered for `recvmsg4`/`getpeername4` (LRU).
+pub const SOCK_REDIRECTS_MAX: u32 = 65_536;
 
 /// Default size of the conntrack table (entries; each flow takes two).
 pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
@@ -105,6 +119,26 @@ pub struct PublishedTarget {
     pub port: u16,
     pub _pad: u16,
     pub network_id: u32,
+}
+
+/// A host socket (by cookie) redirected to a container address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRedirectKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The address and port the socket's process asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRedirectOrigin {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: [u8; 2],
 }
 
 /// One direction of a flow as seen on the wire at the uplink. For ICMP echo, the identifier
@@ -382,6 +416,8 @@ impl Stat {
 }
 
 crate::user_pod!(
+    SockRedirectKey,
+    SockRedirectOrigin,
     NetworkInfo,
     EndpointKey,
     EndpointInfo,

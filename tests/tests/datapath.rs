@@ -588,21 +588,39 @@ fn tag_server(
     (bound, server)
 }
 
-/// What a TCP connection to `addr` from a process in `cgroup`, in `ns`, receives.
-fn connect_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
-    let script = format!(
-        "import socket; s = socket.create_connection(('{}', {}), timeout=5); s.sendall(b'hello'); \
-         s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())",
-        addr.ip(),
-        addr.port()
-    );
-    let out = cgroup.run(ns, "python3", &["-c", &script]);
+/// Runs the Python `script` in `cgroup`, in `ns`; returns what it prints.
+fn python_in_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, script: &str) -> String {
+    let out = cgroup.run(ns, "python3", &["-c", script]);
     assert!(
         out.status.success(),
-        "connect to {addr}: {}",
+        "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// What a TCP connection to `addr` from a process in `cgroup`, in `ns`, receives, and the
+/// peer getpeername() shows it: `"<reply> <ip>:<port>"`.
+fn connect_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
+    let script = format!(
+        "import socket; s = socket.create_connection(('{}', {}), timeout=5); p = s.getpeername(); \
+         s.sendall(b'hello'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode(), '%s:%d' % p)",
+        addr.ip(),
+        addr.port()
+    );
+    python_in_cgroup(cgroup, ns, &script)
+}
+
+/// What an unconnected UDP socket in `cgroup`, in `ns`, gets back for a datagram to `addr`,
+/// and from where: `"<reply> <ip>:<port>"`.
+fn udp_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
+    let script = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
+         s.sendto(b'query', ('{}', {})); data, src = s.recvfrom(100); print(data.decode(), '%s:%d' % src)",
+        addr.ip(),
+        addr.port()
+    );
+    python_in_cgroup(cgroup, ns, &script)
 }
 
 #[test]
@@ -624,6 +642,7 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
         &[
             port_spec(Protocol::Tcp, None, port, c.ip, 80),
             port_spec(Protocol::Tcp, Some(Ipv4Addr::LOCALHOST), 8081, c.ip, 80),
+            port_spec(Protocol::Udp, None, 5353, c.ip, 53),
         ],
     );
 
@@ -637,10 +656,11 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
         (Ipv4Addr::LOCALHOST, port),
         (Ipv4Addr::LOCALHOST, 8081),
     ] {
+        // Echoed by the container, and the peer is the address asked for.
+        let expected = format!("hello {}:{}", addr.0, addr.1);
         assert_eq!(
             connect_from_cgroup(&cgroup, Some(&host), addr.into()),
-            "hello",
-            "host → {addr:?}"
+            expected
         );
     }
     // The host connects directly from its bridge address: no NAT, no proxy.
@@ -650,14 +670,35 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
         "{peers:?}"
     );
 
+    // UDP without connect(): sent to the container, answered from the address asked for.
+    let dns = udp_bound_in(&env, &c.ns, (Ipv4Addr::UNSPECIFIED, 53).into());
+    let answers = thread::spawn(move || {
+        for _ in 0..2 {
+            let mut buf = [0u8; 64];
+            let (n, peer) = dns.recv_from(&mut buf).unwrap();
+            dns.send_to(&buf[..n], peer).unwrap();
+        }
+    });
+    for ip in [HOST_ADDR, Ipv4Addr::LOCALHOST] {
+        let reply = udp_from_cgroup(&cgroup, Some(&host), (ip, 5353).into());
+        assert_eq!(reply, format!("query {ip}:5353"));
+    }
+    answers.join().unwrap();
+
     // The same connect() in another namespace of the cgroup is left alone: the outside's own
     // loopback, and the machine's.
     let out = env.outside_ns();
     let (outside, outside_server) =
         tag_server(&env, &out, (Ipv4Addr::LOCALHOST, port).into(), "outside");
-    assert_eq!(connect_from_cgroup(&cgroup, Some(&out), outside), "outside");
+    assert_eq!(
+        connect_from_cgroup(&cgroup, Some(&out), outside),
+        format!("outside {outside}")
+    );
     outside_server.join().unwrap();
-    assert_eq!(connect_from_cgroup(&cgroup, None, machine), "machine");
+    assert_eq!(
+        connect_from_cgroup(&cgroup, None, machine),
+        format!("machine {machine}")
+    );
     machine_server.join().unwrap();
 }
 

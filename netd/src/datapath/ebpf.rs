@@ -6,8 +6,8 @@
 //!   the last;
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
-//! - the host cgroup (cgroup v2 root by default), connect4: host processes to published
-//!   ports, in the host namespace only.
+//! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
+//!   getpeername4: host processes to published ports, in the host namespace only.
 //!
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use aya::programs::TcAttachType;
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_CONNECT4_PROG, Timeouts,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_SOCK_PROGS, Timeouts,
     UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4,
 };
 
@@ -113,18 +113,27 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Attaches the host connect program to the host cgroup, when there is one and it is not
-    /// attached yet.
-    fn attach_host_connect(&self) -> Result<()> {
+    /// Attaches the host socket programs to the host cgroup, when there is one, where they are
+    /// not attached yet. On failure, detaches what this call attached.
+    fn attach_host_sockets(&self) -> Result<()> {
         let Some(cgroup) = &self.host_cgroup else {
             return Ok(());
         };
-        if self.pins.cgroup_link(HOST_CONNECT4_PROG).exists() {
-            return Ok(());
-        }
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-        self.pins
-            .attach_cgroup_sock_addr(&mut ebpf, HOST_CONNECT4_PROG, cgroup)
+        let mut attached = Vec::new();
+        for prog in HOST_SOCK_PROGS {
+            if self.pins.cgroup_link(prog).exists() {
+                continue;
+            }
+            if let Err(e) = self.pins.attach_cgroup_sock_addr(&mut ebpf, prog, cgroup) {
+                for prog in attached {
+                    let _ = self.pins.detach_pinned(&self.pins.cgroup_link(prog));
+                }
+                return Err(e);
+            }
+            attached.push(prog);
+        }
+        Ok(())
     }
 
     /// Detaches the host-wide programs: the uplink's, wherever they are, and the cgroup one.
@@ -134,8 +143,9 @@ impl EbpfDatapath {
                 self.pins.detach_tc(prog, &iface, dir)?;
             }
         }
-        self.pins
-            .detach_pinned(&self.pins.cgroup_link(HOST_CONNECT4_PROG))?;
+        for prog in HOST_SOCK_PROGS {
+            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
+        }
         Ok(())
     }
 
@@ -163,7 +173,7 @@ impl Datapath for EbpfDatapath {
         let uplink = host::find_uplink()?;
         // Loading pins the maps (or reuses the pinned ones) before anything is written.
         self.attach(&uplink.name, &UPLINK_PROGS)?;
-        self.attach_host_connect()?;
+        self.attach_host_sockets()?;
         let mut networks = maps::networks(&self.pins)?;
         if networks.get(&net.id, 0).is_ok() {
             bail!("network {} (id {}) is already set up", net.name, net.id);
