@@ -272,6 +272,31 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
     ));
     // A reply for which no flow exists.
     b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5999, true));
+    // A container of a network with masquerading off (`--masquerade=false`) keeps its address.
+    let plain = netd::datapath::NetworkSpec {
+        id: 2,
+        name: "plain".into(),
+        bridge: BRIDGE.into(),
+        subnet: "10.1.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 1, 0, 1),
+        masquerade: false,
+        ..network()
+    };
+    let routed = Ipv4Addr::new(10, 1, 0, 2);
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        dp.setup_network(&plain).unwrap();
+        dp.add_endpoint(
+            &plain,
+            &netd::datapath::EndpointSpec {
+                network_id: 2,
+                ..endpoint(routed, "veth3", 103)
+            },
+        )
+        .unwrap();
+    });
+    b.assert_untouched(&tcp_frame(routed, 40000, SERVER, 80, SYN));
     assert!(b.stat("no_nat") >= 6);
 }
 
