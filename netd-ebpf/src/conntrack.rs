@@ -1,5 +1,5 @@
 //! Connection tracking: one LRU entry per direction of each flow, keyed by the tuple as it is
-//! seen at the uplink. The original-direction entry holds the flow's state, timestamps and
+//! seen where the flow is translated (the uplink; the bridge for hairpin flows). The original-direction entry holds the flow's state, timestamps and
 //! counters; the reply-direction entry points back to it. An entry whose flow has timed out
 //! (netfilter's timeouts, from `Config`) is treated as absent, and overwritten when its tuple
 //! is needed again.
@@ -25,11 +25,12 @@ use netd_common::datapath::{
 
 use crate::{nat::Rewrite, parse::Flow};
 
-/// Sized by the loader (`set_max_entries`); this is the default.
+/// Sized by the loader (`map_max_entries`); this is the default.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_DEFAULT_MAX, 0);
 
-/// Where new entries are built: a `CtEntry` is too big for the 512-byte BPF stack twice over.
+/// Where new entries are built: a `CtEntry` (176 bytes) next to the keys and the parsed
+/// packet would not fit in the 512-byte BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
 
@@ -114,13 +115,16 @@ pub fn track(
     })
 }
 
-/// The rewrite for packets matching `key`, if it belongs to a live flow, without counting a
-/// packet (for ICMP errors about the flow).
+/// The rewrite for packets matching `key`, if it belongs to a live flow translated on the
+/// uplink, without counting a packet (for ICMP errors about the flow).
 #[inline(always)]
 pub fn rewrite_for(key: &CtKey, now: u64, cfg: &Config) -> Option<Rewrite> {
     let (entry, _) = live_flow(key, now, &cfg.timeouts)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let entry = unsafe { &*entry };
+    if entry.nat == CT_NAT_HAIRPIN {
+        return None;
+    }
     Some(Rewrite {
         src: entry.rewrite == CT_REWRITE_SRC,
         addr: entry.nat_addr[0],
