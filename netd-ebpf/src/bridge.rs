@@ -75,6 +75,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return Outcome::Done(Stat::NoNat);
     }
     let started = conntrack::start_hairpin(
+        ctx,
         &key,
         &flow,
         target.addr[0],

@@ -15,6 +15,7 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::map,
     maps::{LruHashMap, PerCpuArray},
+    programs::TcContext,
 };
 use netd_common::datapath::{
     AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_CLOSE, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED,
@@ -23,7 +24,7 @@ use netd_common::datapath::{
     CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_TCP, Stat, Timeouts,
 };
 
-use crate::{nat::Rewrite, parse::Flow};
+use crate::{nat::Rewrite, parse::Flow, sockets};
 
 /// Sized by the loader (`map_max_entries`); this is the default.
 #[map]
@@ -209,10 +210,11 @@ pub fn may_start_flow(flow: &Flow) -> bool {
 }
 
 /// Starts a masqueraded flow for the packet `key`/`flow` leaving from `host`: keeps the
-/// source port (echo id) when no live flow to the same destination uses it on `host`, else
-/// takes a random free one. Returns the rewrite for this packet.
+/// source port (echo id) when no live flow and no host socket uses it on `host` towards the
+/// same destination, else takes a random free one. Returns the rewrite for this packet.
 #[inline(always)]
 pub fn start_snat(
+    ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
     host: u32,
@@ -234,7 +236,7 @@ pub fn start_snat(
     e.rewrite = CT_REWRITE_DST;
     e.nat_addr = key.saddr;
     e.nat_port = key.sport;
-    let port = claim_reply_tuple(e, now, &cfg.timeouts)?;
+    let port = claim_reply_tuple(ctx, e, now, &cfg.timeouts)?;
     // The original entry: from the container, rewritten to host:port.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_SRC;
@@ -298,6 +300,7 @@ pub fn start_dnat(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn start_hairpin(
+    ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
     target: u32,
@@ -323,7 +326,7 @@ pub fn start_hairpin(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple(e, now, &cfg.timeouts)?;
+    let port = claim_reply_tuple(ctx, e, now, &cfg.timeouts)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
     e.nat_addr = v4(target);
@@ -377,14 +380,22 @@ fn scratch_flow(
 }
 
 /// Inserts the reply entry `e`, changing its destination port (the translated source port)
-/// until the tuple is free or held by a dead flow. Returns the port.
+/// until the tuple is free (no host socket, no live flow holds it). Returns the port.
 #[inline(always)]
-fn claim_reply_tuple(e: &mut CtEntry, now: u64, timeouts: &Timeouts) -> Result<u16, Stat> {
+fn claim_reply_tuple(
+    ctx: &TcContext,
+    e: &mut CtEntry,
+    now: u64,
+    timeouts: &Timeouts,
+) -> Result<u16, Stat> {
     for attempt in 0..PORT_TRIES {
         if attempt > 0 {
             // SAFETY: a helper without preconditions.
             let random = unsafe { bpf_get_prandom_u32() };
             e.reply.dport = (PORT_MIN + random % PORT_SPAN) as u16;
+        }
+        if sockets::host_socket_owns(ctx, &e.reply) {
+            continue;
         }
         if CONNTRACK
             .insert(&e.reply, &*e, u64::from(BPF_NOEXIST))

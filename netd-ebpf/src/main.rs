@@ -12,6 +12,7 @@ mod host;
 mod maps;
 mod nat;
 mod parse;
+mod sockets;
 mod stats;
 mod uplink;
 

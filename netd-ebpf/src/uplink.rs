@@ -70,7 +70,7 @@ fn egress(ctx: &TcContext) -> Stat {
     if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
-    match conntrack::start_snat(&key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => {
             stats::count_endpoint_drop(flow.saddr);

@@ -913,3 +913,43 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
         );
     }
 }
+
+#[test]
+fn masquerade_never_takes_the_tuple_of_a_host_connection() {
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+    let listener = env.in_ns(&env.outside_ns(), || {
+        TcpListener::bind((OUTSIDE_ADDR, 9000)).unwrap()
+    });
+    let server = thread::spawn(move || {
+        let accepted: Vec<_> = (0..2).map(|_| listener.accept().unwrap()).collect();
+        accepted
+            .into_iter()
+            .map(|(mut conn, peer)| {
+                conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut data = [0u8; 4];
+                conn.read_exact(&mut data).unwrap();
+                conn.write_all(&data).unwrap();
+                peer
+            })
+            .collect::<Vec<_>>()
+    });
+    // A process of the host holds HOST_ADDR:40000 → server; a container then uses source port
+    // 40000 towards the same server. Both must work: the flow gets another port.
+    let mut host_conn = env.in_ns(&env.host_ns(), || {
+        bound_connect((HOST_ADDR, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+    });
+    let mut container_conn = env.in_ns(&c.ns, || {
+        bound_connect((c.ip, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+    });
+    for (conn, tag) in [(&mut host_conn, b"host"), (&mut container_conn, b"ctnr")] {
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        conn.write_all(tag).unwrap();
+        let mut back = [0u8; 4];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(&back, tag);
+    }
+    let peers = server.join().unwrap();
+    assert!(peers.iter().all(|p| p.ip() == HOST_ADDR), "{peers:?}");
+    assert_ne!(peers[0].port(), peers[1].port(), "{peers:?}");
+}
