@@ -953,3 +953,31 @@ fn masquerade_never_takes_the_tuple_of_a_host_connection() {
     assert!(peers.iter().all(|p| p.ip() == HOST_ADDR), "{peers:?}");
     assert_ne!(peers[0].port(), peers[1].port(), "{peers:?}");
 }
+
+#[test]
+fn a_failed_setup_leaves_nothing_attached() {
+    use netd::datapath::Datapath as _;
+    let env = TestEnv::new();
+    let net = tests::netdata::network();
+    // The bridge doesn't exist yet: the uplink programs attached on the way are taken back.
+    let err = datapath_in(&env, |dp| dp.setup_network(&net).unwrap_err());
+    assert!(
+        format!("{err:#}").contains(tests::netdata::BRIDGE),
+        "{err:#}"
+    );
+    assert_eq!(
+        std::fs::read_dir(env.bpffs.join("links")).unwrap().count(),
+        0
+    );
+    // Once the bridge is there, the same call works.
+    tests::topology::ip_in(
+        &env,
+        &env.host_ns(),
+        &["link", "add", tests::netdata::BRIDGE, "type", "bridge"],
+    );
+    datapath_in(&env, |dp| dp.setup_network(&net).unwrap());
+    assert_eq!(
+        std::fs::read_dir(env.bpffs.join("links")).unwrap().count(),
+        3
+    );
+}

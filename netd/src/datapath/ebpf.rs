@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::TcAttachType;
+use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_SOCK_PROGS, Timeouts,
     UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4,
@@ -95,14 +95,18 @@ impl EbpfDatapath {
 
     /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what
     /// this call attached.
-    fn attach(&self, iface: &str, progs: &[(&'static str, TcAttachType)]) -> Result<()> {
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+    fn attach(
+        &self,
+        ebpf: &mut Ebpf,
+        iface: &str,
+        progs: &[(&'static str, TcAttachType)],
+    ) -> Result<()> {
         let mut attached = Vec::new();
         for &(prog, dir) in progs {
             if self.pins.tc_link(prog, iface, dir).exists() {
                 continue;
             }
-            if let Err(e) = self.pins.attach_tc(&mut ebpf, prog, iface, dir) {
+            if let Err(e) = self.pins.attach_tc(ebpf, prog, iface, dir) {
                 for (prog, dir) in attached {
                     let _ = self.pins.detach_tc(prog, iface, dir);
                 }
@@ -115,17 +119,16 @@ impl EbpfDatapath {
 
     /// Attaches the host socket programs to the host cgroup, when there is one, where they are
     /// not attached yet. On failure, detaches what this call attached.
-    fn attach_host_sockets(&self) -> Result<()> {
+    fn attach_host_sockets(&self, ebpf: &mut Ebpf) -> Result<()> {
         let Some(cgroup) = &self.host_cgroup else {
             return Ok(());
         };
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         let mut attached = Vec::new();
         for prog in HOST_SOCK_PROGS {
             if self.pins.cgroup_link(prog).exists() {
                 continue;
             }
-            if let Err(e) = self.pins.attach_cgroup_sock_addr(&mut ebpf, prog, cgroup) {
+            if let Err(e) = self.pins.attach_cgroup_sock_addr(ebpf, prog, cgroup) {
                 for prog in attached {
                     let _ = self.pins.detach_pinned(&self.pins.cgroup_link(prog));
                 }
@@ -172,18 +175,33 @@ impl Datapath for EbpfDatapath {
     fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
         let uplink = host::find_uplink()?;
         // Loading pins the maps (or reuses the pinned ones) before anything is written.
-        self.attach(&uplink.name, &UPLINK_PROGS)?;
-        self.attach_host_sockets()?;
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         let mut networks = maps::networks(&self.pins)?;
         if networks.get(&net.id, 0).is_ok() {
             bail!("network {} (id {}) is already set up", net.name, net.id);
         }
-        self.write_config(&uplink)?;
-        networks
-            .insert(net.id, maps::network_info(net), 0)
-            .with_context(|| format!("add network {}", net.name))?;
-        if let Err(e) = self.attach(&net.bridge, &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)]) {
+        let first = networks.keys().next().is_none();
+        let attached = self
+            .attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)
+            .and_then(|()| self.attach_host_sockets(&mut ebpf))
+            .and_then(|()| self.write_config(&uplink))
+            .and_then(|()| {
+                networks
+                    .insert(net.id, maps::network_info(net), 0)
+                    .with_context(|| format!("add network {}", net.name))
+            })
+            .and_then(|()| {
+                self.attach(
+                    &mut ebpf,
+                    &net.bridge,
+                    &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
+                )
+            });
+        if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            if first {
+                let _ = self.detach_host();
+            }
             return Err(e);
         }
         Ok(())
