@@ -256,8 +256,9 @@ impl Datapath for EbpfDatapath {
         maps::endpoints(&self.pins)?
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        // The address may go to another container: its flows and counts must not follow.
-        let _never_dropped = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
+        // The address may go to another container: its flows and counts must not follow. (No
+        // drop count is no error: most containers never have one.)
+        let _ = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
         conntrack::flush_address(&self.pins, ep.ip).map(drop)
     }
 
