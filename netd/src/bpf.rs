@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
@@ -19,7 +20,6 @@ use aya::{
         tc::SchedClassifierLink,
     },
 };
-use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -37,9 +37,7 @@ impl Pins {
     /// Opens (creating when needed) the pin root `root`, which must be on a mounted bpffs.
     pub fn open(root: &Path) -> Result<Self> {
         check_bpffs(root)?;
-        let pins = Self {
-            root: root.to_path_buf(),
-        };
+        let pins = Self { root: root.to_path_buf() };
         for dir in [pins.maps_dir(), pins.links_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         }
@@ -64,8 +62,7 @@ impl Pins {
 
     /// The pin of program `prog`'s TCX link on interface `iface` in direction `dir`.
     pub fn tc_link(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
-        self.links_dir()
-            .join(format!("{prog}@{iface}@{}", direction_name(dir)))
+        self.links_dir().join(format!("{prog}@{iface}@{}", direction_name(dir)))
     }
 
     /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
@@ -92,19 +89,10 @@ impl Pins {
 
     /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
     /// stays attached when this process exits. Attaching twice is an error.
-    pub fn attach_tc(
-        &self,
-        ebpf: &mut Ebpf,
-        prog: &str,
-        iface: &str,
-        dir: TcAttachType,
-    ) -> Result<()> {
+    pub fn attach_tc(&self, ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
         let pin = self.tc_link(prog, iface, dir);
         if pin.exists() {
-            bail!(
-                "{prog} is already attached to {iface} ({})",
-                direction_name(dir)
-            );
+            bail!("{prog} is already attached to {iface} ({})", direction_name(dir));
         }
         let program: &mut SchedClassifier = ebpf
             .program_mut(prog)
@@ -112,9 +100,7 @@ impl Pins {
             .try_into()
             .with_context(|| format!("{prog} is not a TC program"))?;
         if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("load program {prog}"))?;
+            program.load().with_context(|| format!("load program {prog}"))?;
         }
         let link_id = program
             .attach(iface, dir)
@@ -262,8 +248,7 @@ fn check_bpffs(root: &Path) -> Result<()> {
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
-    let fs =
-        nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    let fs = nix::sys::statfs::statfs(probe).with_context(|| format!("statfs {}", probe.display()))?;
     if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does)",

@@ -20,11 +20,7 @@ pub struct Count {
 }
 
 pub fn direction(egress: bool) -> TcAttachType {
-    if egress {
-        TcAttachType::Egress
-    } else {
-        TcAttachType::Ingress
-    }
+    if egress { TcAttachType::Egress } else { TcAttachType::Ingress }
 }
 
 /// Attaches the counter to `iface`.
@@ -47,9 +43,7 @@ pub fn read(pins: &Pins) -> Result<Vec<Count>> {
     Proto::ALL
         .iter()
         .map(|&proto| {
-            let per_cpu = array
-                .get(&(proto as u32), 0)
-                .context("read the counter map")?;
+            let per_cpu = array.get(&(proto as u32), 0).context("read the counter map")?;
             Ok(Count {
                 proto: proto.name(),
                 packets: per_cpu.iter().map(|c| c.packets).sum(),

@@ -17,20 +17,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     host_netns: Option<PathBuf>,
     /// Where netd keeps its state.
-    #[arg(
-        long,
-        global = true,
-        default_value = "/var/lib/netd",
-        value_name = "DIR"
-    )]
+    #[arg(long, global = true, default_value = "/var/lib/netd", value_name = "DIR")]
     state_dir: PathBuf,
     /// This instance's directory on a bpf filesystem, for pinned maps, programs and links.
-    #[arg(
-        long,
-        global = true,
-        default_value = "/sys/fs/bpf/netd",
-        value_name = "DIR"
-    )]
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/netd", value_name = "DIR")]
     bpffs: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -216,13 +206,7 @@ fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = counts
                     .iter()
-                    .map(|c| {
-                        vec![
-                            c.proto.to_string(),
-                            c.packets.to_string(),
-                            c.bytes.to_string(),
-                        ]
-                    })
+                    .map(|c| vec![c.proto.to_string(), c.packets.to_string(), c.bytes.to_string()])
                     .collect();
                 output::table(&["PROTO", "PACKETS", "BYTES"], &rows);
             }

@@ -3,7 +3,12 @@
 //! A netlink socket belongs to the namespace of the thread that opened it, so [`Netlink::in_ns`]
 //! opens it on a thread inside the target namespace and keeps using it from anywhere.
 
-use std::{fs::File, net::IpAddr, os::fd::AsRawFd, path::Path};
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
@@ -45,12 +50,7 @@ impl Netlink {
     }
 
     async fn link(&self, name: &str) -> Result<Option<LinkMessage>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(link) => Ok(link),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
@@ -142,9 +142,7 @@ impl Netlink {
         &self,
         index: u32,
         what: &str,
-        edit: impl FnOnce(
-            rtnetlink::LinkMessageBuilder<LinkUnspec>,
-        ) -> rtnetlink::LinkMessageBuilder<LinkUnspec>,
+        edit: impl FnOnce(rtnetlink::LinkMessageBuilder<LinkUnspec>) -> rtnetlink::LinkMessageBuilder<LinkUnspec>,
     ) -> Result<()> {
         let msg = edit(LinkUnspec::new_with_index(index)).build();
         self.handle
@@ -171,19 +169,12 @@ impl Netlink {
     }
 
     /// Adds a route to `dst` via `gateway` (or directly on `dev` when `gateway` is `None`).
-    pub async fn add_route(
-        &self,
-        dst: IpNet,
-        gateway: Option<IpAddr>,
-        dev: Option<u32>,
-    ) -> Result<()> {
+    pub async fn add_route(&self, dst: IpNet, gateway: Option<IpAddr>, dev: Option<u32>) -> Result<()> {
         let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
             .map_err(|e| anyhow!("route to {dst}: {e}"))?;
         if let Some(gw) = gateway {
-            builder = builder
-                .gateway(gw)
-                .map_err(|e| anyhow!("route via {gw}: {e}"))?;
+            builder = builder.gateway(gw).map_err(|e| anyhow!("route via {gw}: {e}"))?;
         }
         if let Some(dev) = dev {
             builder = builder.output_interface(dev);

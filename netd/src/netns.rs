@@ -32,8 +32,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 /// Moves the calling thread into the network namespace at `path`. Threads it spawns afterwards
 /// inherit the namespace, so call this before starting a multi-threaded runtime.
 pub fn enter(path: &Path) -> Result<()> {
-    let file =
-        File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("open network namespace {}", path.display()))?;
     setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("enter network namespace {}", path.display()))
 }

@@ -15,10 +15,7 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 
-use crate::{
-    netlink::{Netlink, set_sysctl},
-    netns,
-};
+use crate::{netlink::{Netlink, set_sysctl}, netns};
 
 /// The host's uplink interface inside the sandbox host namespace.
 pub const UPLINK: &str = "up0";
@@ -41,10 +38,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// Names for a sandbox whose namespaces start with `prefix`.
     pub fn named(prefix: &str) -> Self {
-        Self {
-            host: format!("{prefix}-host"),
-            outside: format!("{prefix}-out"),
-        }
+        Self { host: format!("{prefix}-host"), outside: format!("{prefix}-out") }
     }
 
     pub fn host_path(&self) -> PathBuf {
@@ -84,14 +78,10 @@ impl Sandbox {
         host_nl.move_to_ns(peer, &outside).await?;
 
         let up = host_nl.require_link(UPLINK).await?;
-        host_nl
-            .add_addr(up, IpNet::new(HOST_ADDR.into(), PREFIX_LEN)?)
-            .await?;
+        host_nl.add_addr(up, IpNet::new(HOST_ADDR.into(), PREFIX_LEN)?).await?;
         host_nl.set_up(up).await?;
         let out = out_nl.require_link(OUTSIDE_LINK).await?;
-        out_nl
-            .add_addr(out, IpNet::new(OUTSIDE_ADDR.into(), PREFIX_LEN)?)
-            .await?;
+        out_nl.add_addr(out, IpNet::new(OUTSIDE_ADDR.into(), PREFIX_LEN)?).await?;
         out_nl.set_up(out).await?;
         host_nl
             .add_route("0.0.0.0/0".parse()?, Some(IpAddr::V4(OUTSIDE_ADDR)), None)

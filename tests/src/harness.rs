@@ -28,16 +28,8 @@ pub fn netd_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/netd
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("netd");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo xtask test`",
-        bin.display()
-    );
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("netd");
+    assert!(bin.exists(), "{} not built: run `cargo xtask test`", bin.display());
     bin
 }
 
@@ -54,15 +46,8 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> Self {
         ensure_bpffs();
-        let prefix = format!(
-            "nt{}x{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let prefix = format!("nt{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let sandbox = runtime
             .block_on(Sandbox::create(&prefix))
             .unwrap_or_else(|e| panic!("create sandbox {prefix}: {e:#}"));
@@ -128,24 +113,15 @@ impl TestEnv {
     pub fn netd_err(&self, args: &[&str]) -> String {
         let out = self.netd(args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !out.status.success(),
-            "netd {args:?} should have failed, printed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "error should be one line: {stderr}"
-        );
+        assert!(!out.status.success(), "netd {args:?} should have failed, printed: {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(stderr.trim_end().lines().count(), 1, "error should be one line: {stderr}");
         stderr
     }
 
     /// Runs netd with `--json` output parsed.
     pub fn netd_json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.netd_ok(args);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("netd {args:?}: bad JSON ({e}): {out}"))
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("netd {args:?}: bad JSON ({e}): {out}"))
     }
 
     /// A command run inside the namespace at `ns` (`ip netns exec` semantics, without the /sys
@@ -162,9 +138,7 @@ impl TestEnv {
 
     /// Runs `program` in `ns` to completion.
     pub fn run_in(&self, ns: &Path, program: &str, args: &[&str]) -> Output {
-        self.cmd_in(ns, program, args)
-            .output()
-            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+        self.cmd_in(ns, program, args).output().unwrap_or_else(|e| panic!("run {program}: {e}"))
     }
 
     /// Starts `program` in `ns` in the background; it is killed when the test ends.

@@ -41,15 +41,7 @@ fn send_traffic(env: &TestEnv, syns: u64, datagrams: u64, pings: u64) {
     let ping = env.run_in(
         &env.outside_ns(),
         "ping",
-        &[
-            "-c",
-            &pings.to_string(),
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-            &HOST_ADDR.to_string(),
-        ],
+        &["-c", &pings.to_string(), "-i", "0.05", "-W", "2", &HOST_ADDR.to_string()],
     );
     assert!(ping.status.success(), "ping failed: {ping:?}");
 }

@@ -60,10 +60,7 @@ fn run() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Runs `cargo ARGS` at the workspace root and fails if it does.
@@ -87,8 +84,7 @@ fn test(args: &[String]) -> Result<()> {
     cargo(&["build", "--package", "netd"])?;
     let netd_bin = workspace_root().join("target/debug/netd");
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["test", "--workspace", "--exclude", "netd-ebpf"])
-        .env("NETD_BIN", &netd_bin);
+    cmd.args(["test", "--workspace", "--exclude", "netd-ebpf"]).env("NETD_BIN", &netd_bin);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
@@ -97,40 +93,26 @@ fn test(args: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&[
+    cargo(&["clippy", "--workspace", "--exclude", "netd-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate only builds for the BPF target, with nightly and build-std.
+    run_cmd(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
         "clippy",
-        "--workspace",
-        "--exclude",
+        "--package",
         "netd-ebpf",
-        "--all-targets",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--target-dir",
+        "target/ebpf-lint",
         "--",
         "-D",
         "warnings",
-    ])?;
-    // The eBPF crate only builds for the BPF target, with nightly and build-std.
-    run_cmd(
-        Command::new("rustup")
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "clippy",
-                "--package",
-                "netd-ebpf",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--release",
-                "--target-dir",
-                "target/ebpf-lint",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
-    )
+    ]).env_remove("RUSTC").env_remove("RUSTC_WORKSPACE_WRAPPER"))
 }
 
 fn demo() -> Result<()> {

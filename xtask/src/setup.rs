@@ -36,10 +36,7 @@ fn installing(what: &str) {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {cmd:?}"))?;
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({})", out.status);
     }
@@ -59,52 +56,25 @@ fn nightly_components() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         installing("the nightly toolchain");
-        status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))?;
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     for component in ["rust-src", "clippy"] {
         if !installed.lines().any(|l| l.starts_with(component)) {
             installing(&format!("{component} for nightly"));
-            status(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                "nightly",
-            ]))?;
+            status(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
         }
     }
     Ok(())
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     installing(&missing.join(" "));
-    status(
-        Command::new("apt-get")
-            .arg("update")
-            .arg("-q")
-            .stdout(Stdio::null()),
-    )?;
+    status(Command::new("apt-get").arg("update").arg("-q").stdout(Stdio::null()))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -128,9 +98,7 @@ fn bpf_linker() -> Result<()> {
     if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    installing(&format!(
-        "bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"
-    ));
+    installing(&format!("bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"));
     status(
         Command::new(env!("CARGO"))
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
@@ -143,10 +111,9 @@ fn bpf_linker() -> Result<()> {
 /// A bpf filesystem at /sys/fs/bpf in the machine's mount namespace, for netd's pins.
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
-    let mounted = mounts.lines().any(|l| {
-        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-            && l.split_whitespace().nth(2) == Some("bpf")
-    });
+    let mounted = mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"));
     if !mounted {
         installing("a bpf filesystem on /sys/fs/bpf");
         status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
