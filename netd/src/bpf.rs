@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
@@ -20,6 +19,7 @@ use aya::{
         tc::SchedClassifierLink,
     },
 };
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
