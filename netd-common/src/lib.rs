@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod counter;
+pub mod datapath;
 
 /// Implements aya's `Pod` for map types on the userspace side.
 macro_rules! user_pod {

@@ -12,11 +12,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
     },
 };
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -67,10 +70,24 @@ impl Pins {
 
     /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
     pub fn load(&self) -> Result<Ebpf> {
+        self.load_sized(CONNTRACK_DEFAULT_MAX)
+    }
+
+    /// Like [`Pins::load`], with a conntrack table of `conntrack_max` entries when it is not
+    /// pinned yet (a pinned table keeps its size).
+    pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
         EbpfLoader::new()
             .default_map_pin_directory(self.maps_dir())
+            .map_max_entries(CONNTRACK_MAP, conntrack_max)
             .load(OBJECT)
             .context("load the eBPF object")
+    }
+
+    /// Opens the map pinned as `name` (it exists once any program using it was loaded).
+    pub fn open_map(&self, name: &str) -> Result<MapData> {
+        let path = self.map(name);
+        MapData::from_pin(&path)
+            .with_context(|| format!("open {} (is the datapath set up?)", path.display()))
     }
 
     /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
@@ -112,18 +129,117 @@ impl Pins {
         Ok(())
     }
 
-    /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
-    pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+    /// Atomically replaces the program behind the pinned TCX link of `prog` on `iface` with
+    /// `prog` from `ebpf` (a newer build): packets see the old or the new program, never none.
+    pub fn replace_tc(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
         let pin = self.tc_link(prog, iface, dir);
+        let pinned =
+            PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("{} is not a TCX link", pin.display()))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog} in the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{prog} is not a TC program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
+        }
+        // The link stays pinned: it outlives this process with the new program.
+        program
+            .attach_to_link(link)
+            .with_context(|| format!("replace {prog} on {iface}"))?;
+        Ok(())
+    }
+
+    /// The pin of cgroup program `prog`'s link (one cgroup per instance).
+    pub fn cgroup_link(&self, prog: &str) -> PathBuf {
+        self.links_dir().join(format!("{prog}@cgroup"))
+    }
+
+    /// Attaches the cgroup sock_addr program `prog` of `ebpf` to the cgroup at `cgroup` and
+    /// pins the link. Attaching twice is an error.
+    pub fn attach_cgroup_sock_addr(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        cgroup: &Path,
+    ) -> Result<()> {
+        let pin = self.cgroup_link(prog);
+        if pin.exists() {
+            bail!("{prog} is already attached to a cgroup");
+        }
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no program {prog} in the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{prog} is not a cgroup sock_addr program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("load program {prog}"))?;
+        }
+        let dir =
+            fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        // A bpf_link (aya uses one on Linux >= 5.7) always coexists with other programs on the
+        // cgroup; link_create takes no attach flags, so "Single" (flags 0) is the right mode.
+        let link_id = program
+            .attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attach {prog} to {}", cgroup.display()))?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .context("take the cgroup link")?
+            .try_into()
+            .context("cgroup link is not an fd link")?;
+        link.pin(&pin)
+            .with_context(|| format!("pin link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Detaches the link pinned at `pin`. Returns whether anything was attached.
+    pub fn detach_pinned(&self, pin: &Path) -> Result<bool> {
         if !pin.exists() {
             return Ok(false);
         }
-        let link = PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let link = PinnedLink::from_pin(pin).with_context(|| format!("open {}", pin.display()))?;
         // Unpinning drops the last reference to the link, which detaches the program.
         let _detached: FdLink = link
             .unpin()
             .with_context(|| format!("unpin {}", pin.display()))?;
         Ok(true)
+    }
+
+    /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
+    pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+        self.detach_pinned(&self.tc_link(prog, iface, dir))
+    }
+
+    /// The interfaces program `prog` is attached to in direction `dir`, from the link pins.
+    pub fn tc_attachments(&self, prog: &str, dir: TcAttachType) -> Result<Vec<String>> {
+        let suffix = format!("@{}", direction_name(dir));
+        let prefix = format!("{prog}@");
+        let dir_path = self.links_dir();
+        let entries =
+            fs::read_dir(&dir_path).with_context(|| format!("list {}", dir_path.display()))?;
+        let mut ifaces = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(&suffix))
+            {
+                ifaces.push(iface.to_string());
+            }
+        }
+        Ok(ifaces)
     }
 
     /// Removes every pin of this instance (links first, so programs detach).

@@ -2,7 +2,13 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use netd::{bench, bpf::Pins, counter, demo, netns, output};
+use netd::{
+    bench,
+    bpf::Pins,
+    counter,
+    datapath::ebpf::{EbpfDatapath, conntrack, stats},
+    demo, netns, output,
+};
 
 /// Container networking with an eBPF datapath.
 #[derive(Parser)]
@@ -56,6 +62,30 @@ enum Command {
         #[arg(long)]
         setup_only: bool,
     },
+    /// The eBPF datapath's connection tracking table.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Replace the attached eBPF programs with this binary's, atomically (an upgrade: flows and
+    /// maps stay).
+    Reload,
+    /// The eBPF datapath's packet counters, per reason (drops included).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// List the live flows, like `conntrack -L`.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every flow.
+    Flush,
+    /// Remove the entries of timed-out flows.
+    Sweep,
 }
 
 #[derive(Subcommand)]
@@ -120,7 +150,87 @@ async fn dispatch(cli: Cli) -> Result<()> {
             })
             .await
         }
+        Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
+        Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
+        Command::Reload => {
+            let replaced = EbpfDatapath::new(Pins::open(&cli.bpffs)?).reload_programs()?;
+            println!("{replaced} programs replaced");
+            Ok(())
+        }
     }
+}
+
+fn conntrack_command(pins: &Pins, cmd: ConntrackCommand) -> Result<()> {
+    match cmd {
+        ConntrackCommand::Ls { json } => {
+            let flows = conntrack::list(pins)?;
+            if json {
+                output::json(&flows)?;
+            } else {
+                for f in &flows {
+                    let (o, r) = (&f.original, &f.reply);
+                    println!(
+                        "{} {} {} {}s src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} age={}s",
+                        f.proto,
+                        f.nat,
+                        f.state,
+                        f.expires_secs,
+                        o.src,
+                        o.dst,
+                        o.sport,
+                        o.dport,
+                        o.packets,
+                        o.bytes,
+                        r.src,
+                        r.dst,
+                        r.sport,
+                        r.dport,
+                        r.packets,
+                        r.bytes,
+                        f.age_secs
+                    );
+                }
+                eprintln!("netd: {} flows", flows.len());
+            }
+        }
+        ConntrackCommand::Sweep => {
+            let removed = conntrack::sweep(pins)?;
+            println!("{removed} expired entries removed");
+        }
+        ConntrackCommand::Flush => {
+            let removed = conntrack::flush(pins)?;
+            println!("conntrack table flushed ({removed} entries removed)");
+        }
+    }
+    Ok(())
+}
+
+fn stats_command(pins: &Pins, json: bool) -> Result<()> {
+    let reasons = stats::read(pins)?;
+    let endpoints = stats::read_endpoint_drops(pins)?;
+    if json {
+        return output::json(&serde_json::json!({ "reasons": reasons, "endpoints": endpoints }));
+    }
+    let rows: Vec<Vec<String>> = reasons
+        .iter()
+        .map(|c| {
+            vec![
+                c.reason.to_string(),
+                if c.dropped { "drop" } else { "pass" }.to_string(),
+                c.packets.to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["REASON", "VERDICT", "PACKETS"], &rows);
+    if !endpoints.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = endpoints
+            .iter()
+            .map(|d| vec![d.endpoint.to_string(), d.dropped.to_string()])
+            .collect();
+        output::table(&["ENDPOINT", "DROPPED"], &rows);
+    }
+    Ok(())
 }
 
 fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {

@@ -1,1 +1,4 @@
+pub mod frames;
 pub mod harness;
+pub mod netdata;
+pub mod topology;

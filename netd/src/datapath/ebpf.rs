@@ -1,19 +1,169 @@
-//! The eBPF datapath: TC programs from netd-ebpf and pinned maps under the instance's bpffs dir.
+//! The eBPF datapath: the programs of netd-ebpf and the pinned maps they read, which this
+//! driver fills. Attach points (links pinned under the instance's bpffs dir):
 //!
-//! PLACEHOLDER until the datapath lands: it records nothing and attaches nothing.
-use anyhow::Result;
+//! - the host's uplink (the default route's interface), ingress and egress: masquerade,
+//!   published ports, ICMP errors about both; attached with the first network, detached with
+//!   the last;
+//! - each network's bridge, ingress: hairpin (containers to published ports via the host);
+//!   the bridge must exist when `setup_network` is called;
+//! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
+//!   getpeername4: host processes to published ports, in the host namespace only.
+//!
+//! Every call works on the pins alone, so any netd process (or none: the programs keep
+//! running) sees the same datapath, and `reload_programs` upgrades it in place.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use aya::{Ebpf, programs::TcAttachType};
+use netd_common::datapath::{
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_SOCK_PROGS, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4,
+};
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
 use crate::bpf::Pins;
 
+pub mod conntrack;
+pub mod host;
+pub mod maps;
+pub mod stats;
+
+/// The programs on the uplink, with their attach directions.
+const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
+    (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
+    (UPLINK_EGRESS_PROG, TcAttachType::Egress),
+];
+
 pub struct EbpfDatapath {
-    #[allow(dead_code)]
     pins: Pins,
+    conntrack_max: u32,
+    timeouts: Timeouts,
+    host_cgroup: Option<PathBuf>,
 }
 
 impl EbpfDatapath {
     pub fn new(pins: Pins) -> Self {
-        Self { pins }
+        Self {
+            pins,
+            conntrack_max: CONNTRACK_DEFAULT_MAX,
+            timeouts: Timeouts::default(),
+            // Every process by default: the program only acts in the host namespace, whatever
+            // the cgroup holds.
+            host_cgroup: host::cgroup2_root(),
+        }
+    }
+
+    /// The cgroup whose processes reach published ports through host addresses and loopback
+    /// (socket-level redirection); `None` leaves host processes alone.
+    pub fn with_host_cgroup(mut self, cgroup: Option<PathBuf>) -> Self {
+        self.host_cgroup = cgroup;
+        self
+    }
+
+    /// Size of the conntrack table when the datapath creates it (entries, two per flow).
+    pub fn with_conntrack_max(mut self, entries: u32) -> Self {
+        self.conntrack_max = entries;
+        self
+    }
+
+    /// Conntrack timeouts (written at every `setup_network`).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Replaces every attached TC program with this binary's build of it, atomically (an
+    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
+    /// how many programs were replaced.
+    pub fn reload_programs(&self) -> Result<usize> {
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let mut replaced = 0;
+        let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
+        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
+            for iface in self.pins.tc_attachments(prog, *dir)? {
+                self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
+                replaced += 1;
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what
+    /// this call attached.
+    fn attach(
+        &self,
+        ebpf: &mut Ebpf,
+        iface: &str,
+        progs: &[(&'static str, TcAttachType)],
+    ) -> Result<()> {
+        let mut attached = Vec::new();
+        for &(prog, dir) in progs {
+            if self.pins.tc_link(prog, iface, dir).exists() {
+                continue;
+            }
+            if let Err(e) = self.pins.attach_tc(ebpf, prog, iface, dir) {
+                for (prog, dir) in attached {
+                    let _ = self.pins.detach_tc(prog, iface, dir);
+                }
+                return Err(e);
+            }
+            attached.push((prog, dir));
+        }
+        Ok(())
+    }
+
+    /// Attaches the host socket programs to the host cgroup, when there is one, where they are
+    /// not attached yet. On failure, detaches what this call attached.
+    fn attach_host_sockets(&self, ebpf: &mut Ebpf) -> Result<()> {
+        let Some(cgroup) = &self.host_cgroup else {
+            return Ok(());
+        };
+        let mut attached = Vec::new();
+        for prog in HOST_SOCK_PROGS {
+            if self.pins.cgroup_link(prog).exists() {
+                continue;
+            }
+            if let Err(e) = self.pins.attach_cgroup_sock_addr(ebpf, prog, cgroup) {
+                for prog in attached {
+                    let _ = self.pins.detach_pinned(&self.pins.cgroup_link(prog));
+                }
+                return Err(e);
+            }
+            attached.push(prog);
+        }
+        Ok(())
+    }
+
+    /// Detaches the host-wide programs: the uplink's, wherever they are, and the cgroup one.
+    fn detach_host(&self) -> Result<()> {
+        for (prog, dir) in UPLINK_PROGS {
+            for iface in self.pins.tc_attachments(prog, dir)? {
+                self.pins.detach_tc(prog, &iface, dir)?;
+            }
+        }
+        for prog in HOST_SOCK_PROGS {
+            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
+        let config = Config {
+            uplink_addr: addr_v4(uplink.addr.octets()),
+            uplink_ifindex: uplink.index,
+            family: AF_INET,
+            _pad: [0; 3],
+            timeouts: self.timeouts,
+            netns_cookie: host::netns_cookie()?,
+        };
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")
     }
 }
 
@@ -21,22 +171,141 @@ impl Datapath for EbpfDatapath {
     fn name(&self) -> &'static str {
         "ebpf"
     }
-    fn setup_network(&self, _net: &NetworkSpec) -> Result<()> {
+
+    fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
+        let uplink = host::find_uplink()?;
+        // Loading pins the maps (or reuses the pinned ones) before anything is written.
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let mut networks = maps::networks(&self.pins)?;
+        if networks.get(&net.id, 0).is_ok() {
+            bail!("network {} (id {}) is already set up", net.name, net.id);
+        }
+        let first = networks.keys().next().is_none();
+        let attached = self
+            .attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)
+            .and_then(|()| self.attach_host_sockets(&mut ebpf))
+            .and_then(|()| self.write_config(&uplink))
+            .and_then(|()| {
+                networks
+                    .insert(net.id, maps::network_info(net), 0)
+                    .with_context(|| format!("add network {}", net.name))
+            })
+            .and_then(|()| {
+                self.attach(
+                    &mut ebpf,
+                    &net.bridge,
+                    &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
+                )
+            });
+        if let Err(e) = attached {
+            let _ = networks.remove(&net.id);
+            if first {
+                let _ = self.detach_host();
+            }
+            return Err(e);
+        }
         Ok(())
     }
-    fn teardown_network(&self, _net: &NetworkSpec) -> Result<()> {
+
+    fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
+        let mut networks = maps::networks(&self.pins)?;
+        networks
+            .remove(&net.id)
+            .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
+        let mut endpoints = maps::endpoints(&self.pins)?;
+        let stale: Vec<_> = endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, ep)| ep.network_id == net.id)
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            endpoints.remove(&key)?;
+        }
+        let mut published = maps::published(&self.pins)?;
+        let stale: Vec<_> = published
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, target)| target.network_id == net.id)
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            published.remove(&key)?;
+        }
+        conntrack::flush_network(&self.pins, net.subnet)?;
+        self.pins
+            .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
+        if networks.keys().next().is_none() {
+            self.detach_host()?;
+        }
         Ok(())
     }
-    fn add_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
+
+    fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        let mut endpoints = maps::endpoints(&self.pins)?;
+        let key = maps::endpoint_key(ep.ip);
+        if endpoints.get(&key, 0).is_ok() {
+            bail!("endpoint {} is already on a network", ep.ip);
+        }
+        endpoints
+            .insert(key, maps::endpoint_info(ep), 0)
+            .with_context(|| format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name))
+    }
+
+    fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        maps::endpoints(&self.pins)?
+            .remove(&maps::endpoint_key(ep.ip))
+            .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
+        // The address may go to another container: its flows and counts must not follow. (No
+        // drop count is no error: most containers never have one.)
+        let _ = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
+        conntrack::flush_address(&self.pins, ep.ip).map(drop)
+    }
+
+    fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
+        let mut published = maps::published(&self.pins)?;
+        for (done, port) in ports.iter().enumerate() {
+            let key = maps::published_key(port);
+            let result = if published.get(&key, 0).is_ok() {
+                Err(anyhow::anyhow!("{} is already published", describe(port)))
+            } else {
+                published
+                    .insert(key, maps::published_target(port), 0)
+                    .with_context(|| format!("publish {} on {}", describe(port), net.name))
+            };
+            if let Err(e) = result {
+                for port in &ports[..done] {
+                    let _ = published.remove(&maps::published_key(port));
+                }
+                return Err(e);
+            }
+        }
         Ok(())
     }
-    fn remove_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
+
+    fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
+        let mut published = maps::published(&self.pins)?;
+        let mut missing = Vec::new();
+        for port in ports {
+            if published.remove(&maps::published_key(port)).is_err() {
+                missing.push(describe(port));
+            }
+        }
+        if !missing.is_empty() {
+            bail!("not published on {}: {}", net.name, missing.join(", "));
+        }
         Ok(())
     }
-    fn publish(&self, _net: &NetworkSpec, _ports: &[PortSpec]) -> Result<()> {
-        Ok(())
-    }
-    fn unpublish(&self, _net: &NetworkSpec, _ports: &[PortSpec]) -> Result<()> {
-        Ok(())
+}
+
+/// `tcp 198.18.0.2:8080` or `udp *:53`.
+fn describe(port: &PortSpec) -> String {
+    let proto = match port.proto {
+        super::Protocol::Tcp => "tcp",
+        super::Protocol::Udp => "udp",
+    };
+    match port.host_ip {
+        Some(ip) => format!("{proto} {ip}:{}", port.host_port),
+        None => format!("{proto} *:{}", port.host_port),
     }
 }

@@ -1,0 +1,68 @@
+//! The maps userspace fills (configuration, networks, endpoints, published ports), and the
+//! lookups the programs make in them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+};
+use netd_common::datapath::{
+    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NETWORKS_MAX, NetworkInfo,
+    PUBLISHED_MAX, PublishedKey, PublishedTarget,
+};
+
+use crate::conntrack::v4;
+
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+#[map]
+static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+
+/// The datapath configuration; `None` until userspace wrote it.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0).filter(|c| c.uplink_ifindex != 0)
+}
+
+/// The container with address `addr` (wire byte order).
+#[inline(always)]
+pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
+    let key = EndpointKey {
+        addr: v4(addr),
+        family: AF_INET,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only use of a map value that userspace replaces whole.
+    unsafe { ENDPOINTS.get(&key) }
+}
+
+#[inline(always)]
+pub fn network(id: u32) -> Option<&'static NetworkInfo> {
+    // SAFETY: as above.
+    unsafe { NETWORKS.get(&id) }
+}
+
+/// The container a new flow to `daddr:port` goes to: a port published on that address, else
+/// one published on any address when `daddr` is a host address (`daddr_is_host`).
+#[inline(always)]
+pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Option<PublishedTarget> {
+    let mut key = PublishedKey {
+        addr: v4(daddr),
+        port,
+        proto,
+        family: AF_INET,
+    };
+    // SAFETY: as above.
+    if let Some(target) = unsafe { PUBLISHED.get(&key) } {
+        return Some(*target);
+    }
+    if !daddr_is_host {
+        return None;
+    }
+    key.addr = [0; 4];
+    // SAFETY: as above.
+    unsafe { PUBLISHED.get(&key) }.copied()
+}

@@ -1,0 +1,171 @@
+//! The two programs on the host's uplink. Each packet goes parse → conntrack → nat:
+//!
+//! - egress (leaving the host): a packet of a tracked flow gets its direction's rewrite
+//!   (masqueraded flows: source → host:port; published-port replies: source → host:published
+//!   port); a new flow from a container of a masquerading network is masqueraded.
+//! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
+//!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
+//!   the container. The host stack then routes the packet to the container's bridge.
+//!
+//! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
+//! with the packet they quote, in both directions.
+//!
+//! Everything else, and every packet that can't be fully parsed, passes untouched (counted
+//! with the reason in `STATS`). The only drops are new flows that can't be tracked and
+//! packets a helper failed to rewrite.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    programs::TcContext,
+};
+use netd_common::datapath::{AF_INET, CT_NAT_SNAT, Config, CtKey, NET_MASQUERADE, Stat};
+
+use crate::{
+    conntrack::{self, v4},
+    maps, nat,
+    parse::{self, Flow, Quoted},
+    stats,
+};
+
+/// TCX_NEXT: the next program, or the stack, decides.
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT;
+
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    verdict(egress(&ctx))
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    verdict(ingress(&ctx))
+}
+
+/// Counts what happened to the packet and turns it into a TC action.
+#[inline(always)]
+pub fn verdict(outcome: Stat) -> i32 {
+    stats::count(outcome);
+    if outcome.drops() { DROP } else { PASS }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Stat {
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let Some(cfg) = maps::config() else {
+        return Stat::NoNat;
+    };
+    let now = now_ns();
+    if let Some(quoted) = &flow.quoted {
+        return icmp_error(ctx, &flow, quoted, now, cfg);
+    }
+    let key = conntrack::key_of(&flow);
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
+        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
+    }
+    if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
+        Err(reason) => {
+            stats::count_endpoint_drop(flow.saddr);
+            reason
+        }
+    }
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Stat {
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let Some(cfg) = maps::config() else {
+        return Stat::NoNat;
+    };
+    let now = now_ns();
+    if let Some(quoted) = &flow.quoted {
+        return icmp_error(ctx, &flow, quoted, now, cfg);
+    }
+    let key = conntrack::key_of(&flow);
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
+        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
+    }
+    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
+    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
+        return Stat::NoNat;
+    };
+    if !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
+        Err(reason) => {
+            stats::count_endpoint_drop(target.addr[0]);
+            reason
+        }
+    }
+}
+
+/// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
+/// entry for the reversed quoted tuple says how this packet travels.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Stat {
+    let key = CtKey {
+        saddr: v4(q.daddr),
+        daddr: v4(q.saddr),
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    let Some(rw) = conntrack::rewrite_for(&key, now, cfg) else {
+        return Stat::NoNat;
+    };
+    match nat::apply_icmp_error(ctx, flow, q, &rw) {
+        Ok(()) => Stat::IcmpError,
+        Err(reason) => reason,
+    }
+}
+
+/// Applies `rw`; a failure drops the packet and counts it against its container (the
+/// source of a rewritten source, the new destination of a rewritten destination).
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
+    match nat::apply(ctx, flow, rw) {
+        Ok(()) => done,
+        Err(reason) => {
+            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr });
+            reason
+        }
+    }
+}
+
+#[inline(always)]
+fn hit_stat(nat: u8) -> Stat {
+    if nat == CT_NAT_SNAT {
+        Stat::SnatHit
+    } else {
+        Stat::DnatHit
+    }
+}
+
+/// Whether `saddr` is a container on a network with masquerading on.
+#[inline(always)]
+fn masquerades(saddr: u32) -> bool {
+    maps::endpoint(saddr)
+        .and_then(|ep| maps::network(ep.network_id))
+        .is_some_and(|net| net.flags & NET_MASQUERADE != 0)
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}

@@ -1,0 +1,206 @@
+//! The conntrack table seen from userspace: `netd conntrack ls` and `flush`, and the
+//! clean-ups the driver does when an endpoint or a network goes.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use netd_common::datapath::{
+    Addr, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_SNAT, CT_NEW,
+    CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, CtEntry, CtKey, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, v4_octets,
+};
+use serde::Serialize;
+
+use super::maps;
+use crate::bpf::Pins;
+
+/// One direction of a flow, like a tuple of `conntrack -L`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Tuple {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// Ports; for ICMP echo, the identifier is `sport` of the original direction.
+    pub sport: u16,
+    pub dport: u16,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A tracked flow.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: &'static str,
+    pub state: &'static str,
+    /// `snat` (masquerade) or `dnat` (published port).
+    pub nat: &'static str,
+    pub original: Tuple,
+    pub reply: Tuple,
+    pub age_secs: u64,
+    /// Seconds until the flow times out if idle.
+    pub expires_secs: u64,
+}
+
+/// Every live flow in the table.
+pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
+    let timeouts = maps::read_config(pins)?.timeouts;
+    let now = monotonic_ns();
+    let table = maps::conntrack(pins)?;
+    let mut flows = Vec::new();
+    for item in table.iter() {
+        let (_, e) = item?;
+        if e.dir != CT_DIR_ORIGINAL {
+            continue;
+        }
+        let idle = now.saturating_sub(e.last_seen_ns) / 1_000_000_000;
+        let timeout = u64::from(e.timeout_secs(&timeouts));
+        if idle > timeout {
+            continue;
+        }
+        flows.push(Flow {
+            proto: proto_name(e.original.proto),
+            state: state_name(&e),
+            nat: if e.nat == CT_NAT_SNAT { "snat" } else { "dnat" },
+            original: tuple(&e.original, e.packets[0], e.bytes[0]),
+            reply: tuple(&e.reply, e.packets[1], e.bytes[1]),
+            age_secs: now.saturating_sub(e.created_ns) / 1_000_000_000,
+            expires_secs: timeout - idle,
+        });
+    }
+    flows.sort_by_key(|f| std::cmp::Reverse(f.age_secs));
+    Ok(flows)
+}
+
+/// Removes the entries of timed-out flows (the datapath already ignores them; this frees
+/// their slots before the LRU would). Returns how many entries went.
+pub fn sweep(pins: &Pins) -> Result<usize> {
+    let timeouts = maps::read_config(pins)?.timeouts;
+    let now = monotonic_ns();
+    let table = maps::conntrack(pins)?;
+    let entries: Vec<(CtKey, CtEntry)> = table.iter().filter_map(Result::ok).collect();
+    let originals: HashMap<CtKey, CtEntry> = entries
+        .iter()
+        .filter(|(_, e)| e.dir == CT_DIR_ORIGINAL)
+        .map(|(k, e)| (*k, *e))
+        .collect();
+    let dead = |key: &CtKey, e: &CtEntry| {
+        let Some(flow) = originals.get(&e.original) else {
+            return true;
+        };
+        // A reply entry left behind by an older flow of the same original tuple.
+        let superseded = e.dir != CT_DIR_ORIGINAL && flow.reply != *key;
+        let idle = now.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
+        superseded || idle > u64::from(flow.timeout_secs(&timeouts))
+    };
+    let doomed: Vec<CtKey> = entries
+        .iter()
+        .filter(|(k, e)| dead(k, e))
+        .map(|(k, _)| *k)
+        .collect();
+    remove_keys(pins, &doomed)
+}
+
+/// Empties the table; returns how many entries (two per flow) went.
+pub fn flush(pins: &Pins) -> Result<usize> {
+    flush_matching(pins, |_| true)
+}
+
+/// Removes the flows of a container address.
+pub fn flush_address(pins: &Pins, ip: Ipv4Addr) -> Result<usize> {
+    let addr = ip.octets();
+    flush_matching(pins, |e| {
+        [&e.original, &e.reply]
+            .iter()
+            .any(|k| ends(k).contains(&addr))
+    })
+}
+
+/// Removes the flows of a network's containers.
+pub fn flush_network(pins: &Pins, subnet: Ipv4Net) -> Result<usize> {
+    flush_matching(pins, |e| {
+        [&e.original, &e.reply]
+            .iter()
+            .any(|k| ends(k).iter().any(|a| subnet.contains(&Ipv4Addr::from(*a))))
+    })
+}
+
+fn flush_matching(pins: &Pins, matches: impl Fn(&CtEntry) -> bool) -> Result<usize> {
+    let doomed: Vec<CtKey> = maps::conntrack(pins)?
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, e)| matches(e))
+        .map(|(k, _)| k)
+        .collect();
+    remove_keys(pins, &doomed)
+}
+
+fn remove_keys(pins: &Pins, doomed: &[CtKey]) -> Result<usize> {
+    let mut table = maps::conntrack(pins)?;
+    let mut removed = 0;
+    for key in doomed {
+        // The datapath or the LRU may have removed it meanwhile.
+        if table.remove(key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn ends(key: &CtKey) -> [[u8; 4]; 2] {
+    [v4_octets(&key.saddr), v4_octets(&key.daddr)]
+}
+
+fn ip(addr: &Addr) -> Ipv4Addr {
+    Ipv4Addr::from(v4_octets(addr))
+}
+
+fn tuple(key: &CtKey, packets: u64, bytes: u64) -> Tuple {
+    Tuple {
+        src: ip(&key.saddr),
+        dst: ip(&key.daddr),
+        sport: key.sport,
+        dport: key.dport,
+        packets,
+        bytes,
+    }
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        IPPROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+fn state_name(e: &CtEntry) -> &'static str {
+    if e.original.proto != IPPROTO_TCP {
+        return if e.flags & CT_SEEN_REPLY != 0 {
+            "ASSURED"
+        } else {
+            "UNREPLIED"
+        };
+    }
+    match e.state {
+        CT_NEW => "NONE",
+        CT_SYN_SENT => "SYN_SENT",
+        CT_SYN_RECV => "SYN_RECV",
+        CT_ESTABLISHED => "ESTABLISHED",
+        CT_FIN_WAIT => "FIN_WAIT",
+        CT_TIME_WAIT => "TIME_WAIT",
+        CT_CLOSE => "CLOSE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,106 @@
+//! What the datapath learns about the host (the calling thread's network namespace): the
+//! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
+//! the namespace's cookie, and where cgroup v2 is mounted.
+
+use std::{fs, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result, anyhow};
+use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uplink {
+    pub name: String,
+    pub index: u32,
+    pub addr: Ipv4Addr,
+}
+
+/// The uplink of the calling thread's namespace.
+pub fn find_uplink() -> Result<Uplink> {
+    // thread-self, not self: /proc/self/net shows the main thread's namespace, and netd may
+    // be on a thread that entered another one.
+    let routes =
+        fs::read_to_string("/proc/thread-self/net/route").context("read the routing table")?;
+    let name = default_route_iface(&routes)
+        .ok_or_else(|| anyhow!("no IPv4 default route: netd needs an uplink"))?;
+    let index = if_nametoindex(name.as_str()).with_context(|| format!("index of {name}"))?;
+    let addr = first_ipv4(&name)?;
+    Ok(Uplink { name, index, addr })
+}
+
+/// The interface of the first default route in /proc/net/route's text.
+fn default_route_iface(routes: &str) -> Option<String> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+            .then(|| fields[0].to_string())
+    })
+}
+
+fn first_ipv4(iface: &str) -> Result<Ipv4Addr> {
+    getifaddrs()
+        .context("list addresses")?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .ok_or_else(|| anyhow!("uplink {iface} has no IPv4 address"))
+}
+
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14).
+pub fn netns_cookie() -> Result<u64> {
+    // Not in the libc crate's constants for every target yet.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("open a socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("get the network namespace cookie");
+    }
+    Ok(cookie)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+/// hybrid system), if it is.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 2 && fields[2] == "cgroup2").then(|| PathBuf::from(fields[1]))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_route_is_found_in_proc_net_route_text() {
+        let text = "Iface\\tDestination\\tGateway\\tFlags\\tRefCnt\\tUse\\tMetric\\tMask\\tMTU\\tWindow\\tIRTT\n\
+                    up0\\t000012C6\\t00000000\\t0001\\t0\\t0\\t0\\t00FFFFFF\\t0\\t0\\t0\n\
+                    up0\\t00000000\\t010012C6\\t0003\\t0\\t0\\t0\\t00000000\\t0\\t0\\t0\n"
+            .replace("\\t", "\t");
+        assert_eq!(default_route_iface(&text).as_deref(), Some("up0"));
+        assert_eq!(
+            default_route_iface(text.lines().take(2).collect::<Vec<_>>().join("\n").as_str()),
+            None
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Typed handles on the datapath's pinned maps, and conversions from the spec types.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use netd_common::datapath::{
+    AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
+    EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, NETWORKS_MAP, NetworkInfo, PUBLISHED_MAP,
+    PublishedKey, PublishedTarget, STATS_MAP, addr_v4,
+};
+
+use crate::bpf::Pins;
+use crate::datapath::{EndpointSpec, NetworkSpec, PortSpec, Protocol};
+
+pub type Networks = HashMap<MapData, u32, NetworkInfo>;
+pub type Endpoints = HashMap<MapData, EndpointKey, EndpointInfo>;
+pub type Published = HashMap<MapData, PublishedKey, PublishedTarget>;
+pub type Conntrack = HashMap<MapData, CtKey, CtEntry>;
+pub type ConfigMap = Array<MapData, Config>;
+pub type Stats = PerCpuArray<MapData, u64>;
+pub type EndpointDrops = PerCpuHashMap<MapData, EndpointKey, u64>;
+
+pub fn networks(pins: &Pins) -> Result<Networks> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(NETWORKS_MAP)?,
+    ))?)
+}
+
+pub fn endpoints(pins: &Pins) -> Result<Endpoints> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(ENDPOINTS_MAP)?,
+    ))?)
+}
+
+pub fn published(pins: &Pins) -> Result<Published> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(PUBLISHED_MAP)?,
+    ))?)
+}
+
+pub fn conntrack(pins: &Pins) -> Result<Conntrack> {
+    Ok(HashMap::try_from(Map::LruHashMap(
+        pins.open_map(CONNTRACK_MAP)?,
+    ))?)
+}
+
+pub fn config(pins: &Pins) -> Result<ConfigMap> {
+    Ok(Array::try_from(Map::Array(pins.open_map(CONFIG_MAP)?))?)
+}
+
+pub fn stats(pins: &Pins) -> Result<Stats> {
+    Ok(PerCpuArray::try_from(Map::PerCpuArray(
+        pins.open_map(STATS_MAP)?,
+    ))?)
+}
+
+pub fn endpoint_drops(pins: &Pins) -> Result<EndpointDrops> {
+    Ok(PerCpuHashMap::try_from(Map::PerCpuHashMap(
+        pins.open_map(ENDPOINT_DROPS_MAP)?,
+    ))?)
+}
+
+/// The datapath's configuration, as the last `setup_network` wrote it.
+pub fn read_config(pins: &Pins) -> Result<Config> {
+    config(pins)?
+        .get(&0, 0)
+        .context("read the datapath configuration")
+}
+
+pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
+    let mut flags = 0;
+    for (on, flag) in [
+        (net.masquerade, netd_common::datapath::NET_MASQUERADE),
+        (net.icc, netd_common::datapath::NET_ICC),
+        (net.internal, netd_common::datapath::NET_INTERNAL),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    NetworkInfo {
+        subnet: addr_v4(net.subnet.network().octets()),
+        gateway: addr_v4(net.gateway.octets()),
+        prefix_len: net.subnet.prefix_len(),
+        family: AF_INET,
+        flags,
+        _pad: 0,
+    }
+}
+
+pub fn endpoint_key(ip: Ipv4Addr) -> EndpointKey {
+    EndpointKey {
+        addr: addr_v4(ip.octets()),
+        family: AF_INET,
+        _pad: [0; 3],
+    }
+}
+
+pub fn endpoint_info(ep: &EndpointSpec) -> EndpointInfo {
+    EndpointInfo {
+        ifindex: ep.host_ifindex,
+        network_id: ep.network_id,
+        mac: ep.mac,
+        _pad: [0; 2],
+    }
+}
+
+pub fn proto_number(proto: Protocol) -> u8 {
+    match proto {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    }
+}
+
+pub fn published_key(port: &PortSpec) -> PublishedKey {
+    PublishedKey {
+        addr: port.host_ip.map_or([0; 4], |ip| addr_v4(ip.octets())),
+        port: port.host_port,
+        proto: proto_number(port.proto),
+        family: AF_INET,
+    }
+}
+
+pub fn published_target(port: &PortSpec) -> PublishedTarget {
+    PublishedTarget {
+        addr: addr_v4(port.container_ip.octets()),
+        port: port.container_port,
+        _pad: 0,
+        network_id: port.network_id,
+    }
+}

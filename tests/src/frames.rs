@@ -1,0 +1,321 @@
+//! Crafted Ethernet/IPv4 frames for BPF_PROG_TEST_RUN, and independent checksum checks: the
+//! builders compute every checksum from scratch, so a rewritten frame can be verified by
+//! recomputation rather than by trusting the datapath's incremental updates.
+
+use std::net::Ipv4Addr;
+
+pub const ETH_LEN: usize = 14;
+pub const IP_LEN: usize = 20;
+pub const L4: usize = ETH_LEN + IP_LEN;
+pub const IP_SRC: usize = ETH_LEN + 12;
+pub const IP_DST: usize = ETH_LEN + 16;
+pub const IP_CSUM: usize = ETH_LEN + 10;
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+
+/// The one's complement sum of `data` folded to 16 bits (not complemented).
+pub fn sum16(data: &[u8], mut acc: u32) -> u16 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        acc += u32::from(word);
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(len as u16).to_be_bytes());
+    u32::from(sum16(&pseudo, 0))
+}
+
+/// An Ethernet frame carrying `ethertype` and `payload`.
+pub fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 header (IHL 5, no fragmentation) with a correct checksum, followed by `l4`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((IP_LEN + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let csum = !sum16(&ip, 0);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    ip.extend_from_slice(l4);
+    ip
+}
+
+/// A TCP segment from `src:sport` to `dst:dport` with a correct checksum.
+pub fn tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&sport.to_be_bytes());
+    seg.extend_from_slice(&dport.to_be_bytes());
+    seg.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    seg.extend_from_slice(&0u32.to_be_bytes());
+    seg.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    seg.extend_from_slice(payload);
+    let csum = !sum16(
+        &seg,
+        pseudo_header_sum(src.octets(), dst.octets(), TCP, seg.len()),
+    );
+    seg[16..18].copy_from_slice(&csum.to_be_bytes());
+    seg
+}
+
+/// A UDP datagram with a correct checksum, or checksum 0 ("none") when `with_csum` is false.
+pub fn udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    with_csum: bool,
+) -> Vec<u8> {
+    let mut dgram = Vec::new();
+    dgram.extend_from_slice(&sport.to_be_bytes());
+    dgram.extend_from_slice(&dport.to_be_bytes());
+    dgram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    dgram.extend_from_slice(&[0, 0]);
+    dgram.extend_from_slice(payload);
+    if with_csum {
+        let mut csum = !sum16(
+            &dgram,
+            pseudo_header_sum(src.octets(), dst.octets(), UDP, dgram.len()),
+        );
+        if csum == 0 {
+            csum = 0xffff;
+        }
+        dgram[6..8].copy_from_slice(&csum.to_be_bytes());
+    }
+    dgram
+}
+
+/// An ICMP echo request (type 8) or reply (type 0) with a correct checksum.
+pub fn icmp_echo(request: bool, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut msg = vec![if request { 8 } else { 0 }, 0, 0, 0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(payload);
+    let csum = !sum16(&msg, 0);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    msg
+}
+
+pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    eth(
+        ETHERTYPE_IPV4,
+        &ipv4(
+            src,
+            dst,
+            TCP,
+            &tcp(src, dst, sport, dport, flags, b"netd tcp"),
+        ),
+    )
+}
+
+pub fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, with_csum: bool) -> Vec<u8> {
+    eth(
+        ETHERTYPE_IPV4,
+        &ipv4(
+            src,
+            dst,
+            UDP,
+            &udp(src, dst, sport, dport, b"netd udp!", with_csum),
+        ),
+    )
+}
+
+pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, request: bool, id: u16) -> Vec<u8> {
+    eth(
+        ETHERTYPE_IPV4,
+        &ipv4(src, dst, ICMP, &icmp_echo(request, id, 7, b"netd ping")),
+    )
+}
+
+/// The fields a NAT may change, read back from a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// TCP/UDP ports; for ICMP echo both are the identifier.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub fn ends(frame: &[u8]) -> Ends {
+    let addr =
+        |off: usize| Ipv4Addr::new(frame[off], frame[off + 1], frame[off + 2], frame[off + 3]);
+    let word = |off: usize| u16::from_be_bytes([frame[off], frame[off + 1]]);
+    let (sport, dport) = if frame[ETH_LEN + 9] == ICMP {
+        (word(L4 + 4), word(L4 + 4))
+    } else {
+        (word(L4), word(L4 + 2))
+    };
+    Ends {
+        src: addr(IP_SRC),
+        dst: addr(IP_DST),
+        sport,
+        dport,
+    }
+}
+
+/// Panics unless the IPv4 header checksum and the L4 checksum of `frame` are right, computed
+/// from scratch. A UDP checksum of 0 means "none" and passes only when `udp_zero_ok`.
+pub fn assert_checksums(frame: &[u8], udp_zero_ok: bool) {
+    let ip = &frame[ETH_LEN..ETH_LEN + IP_LEN];
+    assert_eq!(
+        sum16(ip, 0),
+        0xffff,
+        "IPv4 header checksum wrong: {ip:02x?}"
+    );
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &frame[L4..ETH_LEN + total];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    match ip[9] {
+        TCP => assert_eq!(
+            sum16(l4, pseudo_header_sum(src, dst, TCP, l4.len())),
+            0xffff,
+            "TCP checksum wrong"
+        ),
+        UDP if l4[6..8] == [0, 0] => assert!(udp_zero_ok, "UDP checksum became 0"),
+        UDP => assert_eq!(
+            sum16(l4, pseudo_header_sum(src, dst, UDP, l4.len())),
+            0xffff,
+            "UDP checksum wrong"
+        ),
+        ICMP => assert_eq!(sum16(l4, 0), 0xffff, "ICMP checksum wrong"),
+        other => panic!("unexpected protocol {other}"),
+    }
+}
+
+/// Panics unless `after` equals `before` outside the bytes a NAT of the IPv4 addresses, the
+/// L4 ports or ICMP id, and the checksums may change.
+pub fn assert_only_nat_fields_changed(before: &[u8], after: &[u8]) {
+    assert_eq!(before.len(), after.len(), "frame length changed");
+    let proto = before[ETH_LEN + 9];
+    let mut mutable: Vec<usize> = (IP_CSUM..IP_CSUM + 2).chain(IP_SRC..IP_DST + 4).collect();
+    match proto {
+        TCP => mutable.extend((L4..L4 + 4).chain(L4 + 16..L4 + 18)),
+        UDP => mutable.extend((L4..L4 + 4).chain(L4 + 6..L4 + 8)),
+        _ => mutable.extend(L4 + 2..L4 + 6),
+    }
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        if !mutable.contains(&i) {
+            assert_eq!(b, a, "byte {i} changed: {b:#04x} -> {a:#04x}");
+        }
+    }
+}
+
+/// Where the packet quoted by an ICMP error starts, and its L4 header.
+pub const QUOTED: usize = L4 + 8;
+pub const QUOTED_L4: usize = QUOTED + IP_LEN;
+
+/// An ICMP error (`kind`, `code`) from `src` to `dst` quoting the first 28 bytes of `packet`
+/// (an IPv4 packet), with a correct ICMP checksum.
+pub fn icmp_error_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    packet: &[u8],
+) -> Vec<u8> {
+    // Bytes 4..8: unused, or the next-hop MTU for "fragmentation needed".
+    let mut msg = vec![kind, code, 0, 0, 0, 0, 0x05, 0x78];
+    msg.extend_from_slice(&packet[..IP_LEN + 8]);
+    let csum = !sum16(&msg, 0);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    eth(ETHERTYPE_IPV4, &ipv4(src, dst, ICMP, &msg))
+}
+
+/// The ends of the packet an ICMP error frame quotes (ICMP echo: the identifier twice).
+pub fn quoted_ends(frame: &[u8]) -> Ends {
+    let inner = &frame[QUOTED..];
+    let addr =
+        |off: usize| Ipv4Addr::new(inner[off], inner[off + 1], inner[off + 2], inner[off + 3]);
+    let word = |off: usize| u16::from_be_bytes([inner[off], inner[off + 1]]);
+    let (sport, dport) = if inner[9] == ICMP {
+        (word(IP_LEN + 4), word(IP_LEN + 4))
+    } else {
+        (word(IP_LEN), word(IP_LEN + 2))
+    };
+    Ends {
+        src: addr(12),
+        dst: addr(16),
+        sport,
+        dport,
+    }
+}
+
+/// Panics unless the quoted IPv4 header of an ICMP error frame has a right checksum.
+pub fn assert_quoted_ip_checksum(frame: &[u8]) {
+    let header = &frame[QUOTED..QUOTED + IP_LEN];
+    assert_eq!(
+        sum16(header, 0),
+        0xffff,
+        "quoted IPv4 header checksum wrong: {header:02x?}"
+    );
+}
+
+/// Sends `frame` as is out of interface `ifname` of the calling thread's namespace (an
+/// AF_PACKET socket: the stack sees a packet with no checksum offload state, so every
+/// checksum in it is checked in full by whoever receives it).
+pub fn send_raw(ifname: &str, frame: &[u8]) {
+    let index = nix::net::if_::if_nametoindex(ifname).unwrap_or_else(|e| panic!("{ifname}: {e}"));
+    // SAFETY: plain socket calls on a fresh fd with a fully initialised sockaddr_ll.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, frame.len() as isize, "send on {ifname}: {err}");
+    }
+}
+
+/// `frame` with its Ethernet addresses set.
+pub fn with_macs(mut frame: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    frame
+}

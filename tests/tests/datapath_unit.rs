@@ -1,0 +1,713 @@
+//! The NAT programs run with BPF_PROG_TEST_RUN on crafted frames, with the maps filled by the
+//! real driver (`EbpfDatapath`) in a sandbox: every rewrite is checked byte for byte and by
+//! recomputing the checksums; frames the datapath can't fully parse come out untouched, with
+//! the verdict "pass" (TCX_NEXT) and the reason counted.
+
+use std::net::Ipv4Addr;
+
+use aya::{Ebpf, TestRun as _, TestRunOptions, programs::SchedClassifier};
+use netd::{
+    bpf::Pins,
+    datapath::{
+        Datapath as _, Protocol,
+        ebpf::{EbpfDatapath, stats},
+    },
+};
+use netd_common::datapath::{
+    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+};
+use tests::{
+    frames::*,
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network, port},
+    topology::ip_in,
+};
+
+/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
+const PASS: u32 = u32::MAX;
+const SERVER: Ipv4Addr = OUTSIDE_ADDR;
+const OTHER_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+struct Bench {
+    env: TestEnv,
+    ebpf: Ebpf,
+}
+
+impl Bench {
+    /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
+    /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
+    fn new() -> Self {
+        Self::with_timeouts(Timeouts::default())
+    }
+
+    fn with_timeouts(timeouts: Timeouts) -> Self {
+        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
+    }
+
+    fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
+        let env = TestEnv::new();
+        let pins = Pins::open(&env.bpffs).unwrap();
+        ip_in(
+            &env,
+            &env.host_ns(),
+            &["link", "add", BRIDGE, "type", "bridge"],
+        );
+        env.in_ns(&env.host_ns(), || {
+            let dp = EbpfDatapath::new(pins.clone())
+                .with_host_cgroup(None)
+                .with_timeouts(timeouts)
+                .with_conntrack_max(conntrack_max);
+            let net = network();
+            dp.setup_network(&net).unwrap();
+            dp.add_endpoint(&net, &endpoint(C1, "veth1", 101)).unwrap();
+            dp.add_endpoint(&net, &endpoint(C2, "veth2", 102)).unwrap();
+            dp.publish(
+                &net,
+                &[
+                    port(Protocol::Tcp, None, 8080, C1, 80),
+                    port(Protocol::Udp, Some(HOST_ADDR), 5353, C2, 53),
+                ],
+            )
+            .unwrap();
+        });
+        let mut ebpf = pins.load().unwrap();
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
+            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
+            p.load().unwrap();
+        }
+        Self { env, ebpf }
+    }
+
+    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
+    /// fields changed; returns the new ends.
+    fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
+        let (verdict, out) = self.run(prog, frame);
+        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
+        assert_only_nat_fields_changed(frame, &out);
+        assert_checksums(&out, false);
+        ends(&out)
+    }
+
+    fn egress(&self, frame: &[u8]) -> Ends {
+        self.translate(UPLINK_EGRESS_PROG, frame)
+    }
+
+    fn ingress(&self, frame: &[u8]) -> Ends {
+        self.translate(UPLINK_INGRESS_PROG, frame)
+    }
+
+    /// Runs the programs on `frame`: each must pass it on byte for byte.
+    fn assert_untouched(&self, frame: &[u8]) {
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
+            let (verdict, out) = self.run(prog, frame);
+            assert_eq!(verdict, PASS, "{prog} verdict");
+            assert_eq!(out, frame, "{prog} changed a frame it must not translate");
+        }
+    }
+
+    fn stat(&self, reason: &str) -> u64 {
+        let pins = Pins::open(&self.env.bpffs).unwrap();
+        stats::read(&pins)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.reason == reason)
+            .unwrap()
+            .packets
+    }
+}
+
+fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
+    Ends {
+        src,
+        dst,
+        sport,
+        dport,
+    }
+}
+
+#[test]
+fn masquerade_tcp_rewrites_source_and_reverses_replies() {
+    let b = Bench::new();
+    let syn = tcp_frame(C1, 40000, SERVER, 80, SYN);
+    // The source port is free towards this server: it is kept.
+    assert_eq!(b.egress(&syn), at(HOST_ADDR, 40000, SERVER, 80));
+    let syn_ack = tcp_frame(SERVER, 80, HOST_ADDR, 40000, SYN | ACK);
+    assert_eq!(b.ingress(&syn_ack), at(SERVER, 80, C1, 40000));
+    let ack = tcp_frame(C1, 40000, SERVER, 80, ACK);
+    assert_eq!(b.egress(&ack), at(HOST_ADDR, 40000, SERVER, 80));
+    assert_eq!(b.stat("snat_new"), 1);
+    assert_eq!(b.stat("snat_hit"), 2);
+}
+
+#[test]
+fn masquerade_gives_a_clashing_source_port_another_port() {
+    let b = Bench::new();
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN)).sport,
+        40000
+    );
+    let second = b.egress(&tcp_frame(C2, 40000, SERVER, 80, SYN));
+    assert_eq!(second.src, HOST_ADDR);
+    assert_ne!(
+        second.sport, 40000,
+        "a port in use towards the same destination was reused"
+    );
+    // Replies to each translated port reach their own container.
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, SYN | ACK))
+            .dst,
+        C1
+    );
+    let back = b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, second.sport, SYN | ACK));
+    assert_eq!(back, at(SERVER, 80, C2, 40000));
+    // Towards another destination the original port is free again.
+    assert_eq!(
+        b.egress(&tcp_frame(C2, 40000, SERVER, 443, SYN)).sport,
+        40000
+    );
+}
+
+#[test]
+fn masquerade_udp_keeps_a_zero_checksum_zero_and_fixes_a_real_one() {
+    let b = Bench::new();
+    let with_csum = udp_frame(C1, 5000, SERVER, 53, true);
+    assert_eq!(b.egress(&with_csum), at(HOST_ADDR, 5000, SERVER, 53));
+    assert_eq!(
+        b.ingress(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true)),
+        at(SERVER, 53, C1, 5000)
+    );
+
+    let no_csum = udp_frame(C1, 5001, SERVER, 53, false);
+    let (verdict, out) = b.run(UPLINK_EGRESS_PROG, &no_csum);
+    assert_eq!(verdict, PASS);
+    assert_eq!(ends(&out), at(HOST_ADDR, 5001, SERVER, 53));
+    assert_eq!(
+        out[L4 + 6..L4 + 8],
+        [0, 0],
+        "a zero UDP checksum must stay zero"
+    );
+    assert_checksums(&out, true);
+    assert_only_nat_fields_changed(&no_csum, &out);
+}
+
+#[test]
+fn masquerade_icmp_echo_translates_identifiers() {
+    let b = Bench::new();
+    let first = b.egress(&icmp_frame(C1, SERVER, true, 77));
+    assert_eq!((first.src, first.sport), (HOST_ADDR, 77));
+    // The same identifier from another container towards the same server gets another one.
+    let second = b.egress(&icmp_frame(C2, SERVER, true, 77));
+    assert_eq!(second.src, HOST_ADDR);
+    assert_ne!(second.sport, 77);
+    let reply = b.ingress(&icmp_frame(SERVER, HOST_ADDR, false, second.sport));
+    assert_eq!(reply, at(SERVER, 77, C2, 77));
+    assert_eq!(b.ingress(&icmp_frame(SERVER, HOST_ADDR, false, 77)).dst, C1);
+}
+
+#[test]
+fn published_tcp_port_on_any_address_is_dnated_and_replies_leave_from_it() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    assert_eq!(
+        b.ingress(&tcp_frame(client, 5555, HOST_ADDR, 8080, SYN)),
+        at(client, 5555, C1, 80)
+    );
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 80, client, 5555, SYN | ACK)),
+        at(HOST_ADDR, 8080, client, 5555)
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(client, 5555, HOST_ADDR, 8080, ACK)),
+        at(client, 5555, C1, 80)
+    );
+    assert_eq!(b.stat("dnat_new"), 1);
+    assert_eq!(b.stat("dnat_hit"), 2);
+    // "Any" means the host's addresses, not every address routed through the uplink.
+    b.assert_untouched(&tcp_frame(client, 5556, OTHER_HOST_ADDR, 8080, SYN));
+    // An unpublished port is left to the host.
+    b.assert_untouched(&tcp_frame(client, 5557, HOST_ADDR, 8081, SYN));
+}
+
+#[test]
+fn published_udp_port_bound_to_a_host_address() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    assert_eq!(
+        b.ingress(&udp_frame(client, 6000, HOST_ADDR, 5353, true)),
+        at(client, 6000, C2, 53)
+    );
+    assert_eq!(
+        b.egress(&udp_frame(C2, 53, client, 6000, true)),
+        at(HOST_ADDR, 5353, client, 6000)
+    );
+    // TCP on the same port number is not published.
+    b.assert_untouched(&tcp_frame(client, 6000, HOST_ADDR, 5353, SYN));
+}
+
+#[test]
+fn traffic_from_outside_netd_networks_is_not_translated() {
+    let b = Bench::new();
+    b.assert_untouched(&tcp_frame(HOST_ADDR, 40000, SERVER, 80, SYN));
+    b.assert_untouched(&tcp_frame(
+        Ipv4Addr::new(10, 0, 0, 5),
+        40000,
+        SERVER,
+        80,
+        SYN,
+    ));
+    // A reply for which no flow exists.
+    b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5999, true));
+    // A container of a network with masquerading off (`--masquerade=false`) keeps its address.
+    let plain = netd::datapath::NetworkSpec {
+        id: 2,
+        name: "plain".into(),
+        bridge: BRIDGE.into(),
+        subnet: "10.1.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 1, 0, 1),
+        masquerade: false,
+        ..network()
+    };
+    let routed = Ipv4Addr::new(10, 1, 0, 2);
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        dp.setup_network(&plain).unwrap();
+        dp.add_endpoint(
+            &plain,
+            &netd::datapath::EndpointSpec {
+                network_id: 2,
+                ..endpoint(routed, "veth3", 103)
+            },
+        )
+        .unwrap();
+    });
+    b.assert_untouched(&tcp_frame(routed, 40000, SERVER, 80, SYN));
+    assert!(b.stat("no_nat") >= 6);
+}
+
+/// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted
+/// packet's ends and every checksum right, and no other byte changed. Returns the outer and
+/// quoted ends.
+fn translate_icmp_error(b: &Bench, prog: &str, frame: &[u8]) -> (Ends, Ends) {
+    let (verdict, out) = b.run(prog, frame);
+    assert_eq!(verdict, PASS);
+    assert_checksums(&out, false);
+    assert_quoted_ip_checksum(&out);
+    let mutable: Vec<usize> = (IP_CSUM..IP_DST + 4)
+        .chain(L4 + 2..L4 + 4)
+        .chain(QUOTED + 10..QUOTED + 20)
+        .chain(QUOTED_L4..QUOTED_L4 + 6)
+        .collect();
+    for (i, (x, y)) in frame.iter().zip(&out).enumerate() {
+        assert!(
+            x == y || mutable.contains(&i),
+            "byte {i} changed: {x:#04x} -> {y:#04x}"
+        );
+    }
+    (ends(&out), quoted_ends(&out))
+}
+
+const DEST_UNREACH: u8 = 3;
+const PORT_UNREACH: u8 = 3;
+const FRAG_NEEDED: u8 = 4;
+const TIME_EXCEEDED: u8 = 11;
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_are_translated_back_with_the_quoted_packet() {
+    let b = Bench::new();
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    // UDP from C1 masqueraded; the server says "port unreachable" about the translated packet.
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    let sent = &udp_frame(HOST_ADDR, 5000, SERVER, 53, true)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(SERVER, HOST_ADDR, DEST_UNREACH, PORT_UNREACH, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (SERVER, C1));
+    assert_eq!(quoted, at(C1, 5000, SERVER, 53));
+
+    // TCP from C2 on a port C1 holds towards the server: translated to another port; a router
+    // on the way says "fragmentation needed" about it.
+    b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN));
+    let port = b.egress(&tcp_frame(C2, 40000, SERVER, 80, SYN)).sport;
+    assert_ne!(port, 40000);
+    let sent = &tcp_frame(HOST_ADDR, port, SERVER, 80, SYN)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(router, HOST_ADDR, DEST_UNREACH, FRAG_NEEDED, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (router, C2));
+    assert_eq!(quoted, at(C2, 40000, SERVER, 80));
+
+    // A ping from C2 whose identifier was translated; "TTL exceeded" on the way.
+    b.egress(&icmp_frame(C1, SERVER, true, 99));
+    let id = b.egress(&icmp_frame(C2, SERVER, true, 99)).sport;
+    let sent = &icmp_frame(HOST_ADDR, SERVER, true, id)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_INGRESS_PROG,
+        &icmp_error_frame(router, HOST_ADDR, TIME_EXCEEDED, 0, sent),
+    );
+    assert_eq!((outer.src, outer.dst), (router, C2));
+    assert_eq!(quoted, at(C2, 99, SERVER, 99));
+    assert_eq!(b.stat("icmp_error"), 3);
+
+    // An error about a flow that doesn't exist passes untouched.
+    let unknown = &udp_frame(HOST_ADDR, 5999, SERVER, 53, true)[ETH_LEN..];
+    b.assert_untouched(&icmp_error_frame(
+        SERVER,
+        HOST_ADDR,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        unknown,
+    ));
+}
+
+#[test]
+fn icmp_errors_from_a_container_about_a_published_port_flow_leave_from_the_host() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    assert_eq!(
+        b.ingress(&udp_frame(client, 6000, HOST_ADDR, 5353, true))
+            .dst,
+        C2
+    );
+    // C2 has nothing on port 53: it answers with "port unreachable" about the DNATed packet.
+    let received = &udp_frame(client, 6000, C2, 53, true)[ETH_LEN..];
+    let (outer, quoted) = translate_icmp_error(
+        &b,
+        UPLINK_EGRESS_PROG,
+        &icmp_error_frame(C2, client, DEST_UNREACH, PORT_UNREACH, received),
+    );
+    assert_eq!((outer.src, outer.dst), (HOST_ADDR, client));
+    assert_eq!(quoted, at(client, 6000, HOST_ADDR, 5353));
+}
+
+/// TC_ACT_REDIRECT.
+const REDIRECT: u32 = 7;
+
+/// Runs the bridge program on `frame`: it must redirect it with its ends and checksums right
+/// and its MACs set from the bridge's (the frame's destination) to `to_mac`.
+fn hairpin(b: &Bench, frame: &[u8], to_mac: [u8; 6]) -> Ends {
+    let (verdict, out) = b.run(BRIDGE_INGRESS_PROG, frame);
+    assert_eq!(
+        verdict, REDIRECT,
+        "hairpin traffic goes straight to the container's veth"
+    );
+    assert_eq!(out[0..6], to_mac, "destination MAC");
+    assert_eq!(out[6..12], frame[0..6], "source MAC: the bridge's");
+    let mut macs_rewritten = frame.to_vec();
+    macs_rewritten[..12].copy_from_slice(&out[..12]);
+    assert_only_nat_fields_changed(&macs_rewritten, &out);
+    assert_checksums(&out, false);
+    ends(&out)
+}
+
+#[test]
+fn hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
+    let b = Bench::new();
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let c2_mac = endpoint(C2, "", 0).mac;
+    // C2 → host:8080 (published → C1:80): to C1 from the gateway.
+    let there = hairpin(&b, &tcp_frame(C2, 40000, HOST_ADDR, 8080, SYN), c1_mac);
+    assert_eq!(there, at(GATEWAY, 40000, C1, 80));
+    let back = hairpin(&b, &tcp_frame(C1, 80, GATEWAY, 40000, SYN | ACK), c2_mac);
+    assert_eq!(back, at(HOST_ADDR, 8080, C2, 40000));
+    // C1 to its own published port, through the gateway address, from the same port: another
+    // gateway port, since 40000 is taken towards C1:80.
+    let own = hairpin(&b, &tcp_frame(C1, 40000, GATEWAY, 8080, SYN), c1_mac);
+    assert_eq!((own.src, own.dst, own.dport), (GATEWAY, C1, 80));
+    assert_ne!(own.sport, 40000);
+    assert_eq!(
+        hairpin(
+            &b,
+            &tcp_frame(C1, 80, GATEWAY, own.sport, SYN | ACK),
+            c1_mac
+        ),
+        at(GATEWAY, 8080, C1, 40000)
+    );
+    assert_eq!((b.stat("hairpin_new"), b.stat("hairpin_hit")), (2, 2));
+
+    // Traffic to the outside is the uplink's: the bridge leaves it alone, even once it is a
+    // tracked masqueraded flow.
+    let out = tcp_frame(C1, 41000, SERVER, 80, SYN);
+    let (verdict, same) = b.run(BRIDGE_INGRESS_PROG, &out);
+    assert_eq!((verdict, same), (PASS, out.clone()));
+    assert_eq!(b.egress(&out).src, HOST_ADDR);
+    let (verdict, same) = b.run(BRIDGE_INGRESS_PROG, &out);
+    assert_eq!((verdict, same), (PASS, out));
+}
+
+#[test]
+fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
+    let b = Bench::with_timeouts(Timeouts {
+        udp: 1,
+        ..Timeouts::default()
+    });
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    assert_eq!(
+        netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
+        1
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // The flow timed out: a late reply is not translated, and the flow is not listed.
+    b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true));
+    assert!(
+        netd::datapath::ebpf::conntrack::list(&pins)
+            .unwrap()
+            .is_empty()
+    );
+    // Its port is free again towards that server.
+    assert_eq!(
+        b.egress(&udp_frame(C2, 5000, SERVER, 53, true)),
+        at(HOST_ADDR, 5000, SERVER, 53)
+    );
+    assert_eq!(
+        b.ingress(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true)).dst,
+        C2
+    );
+    // Sweeping removes the dead flow's original entry (its reply entry now belongs to C2's
+    // flow) and nothing of the live one.
+    assert_eq!(netd::datapath::ebpf::conntrack::sweep(&pins).unwrap(), 1);
+    let live = netd::datapath::ebpf::conntrack::list(&pins).unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].original.src, C2);
+}
+
+/// A masqueradable TCP SYN from C1, mangled by `edit`.
+fn mangled(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut frame = tcp_frame(C1, 41000, SERVER, 80, SYN);
+    edit(&mut frame);
+    frame
+}
+
+/// Fixes the IPv4 header checksum after an edit, so only the edit makes the frame invalid.
+fn fix_ip_csum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&[0, 0]);
+    let csum = !sum16(&frame[ETH_LEN..ETH_LEN + ihl.max(IP_LEN)], 0);
+    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&csum.to_be_bytes());
+}
+
+fn check_malformed(b: &Bench, frame: &[u8], reason: &str) {
+    let before = b.stat(reason);
+    b.assert_untouched(frame);
+    assert_eq!(b.stat(reason), before + 3, "every program counts {reason}");
+}
+
+#[test]
+fn malformed_frames_pass_untouched_with_their_reason_counted() {
+    let b = Bench::new();
+    // Sanity: unmangled, the frame is translated.
+    assert_eq!(b.egress(&mangled(|_| {})).src, HOST_ADDR);
+
+    // Frames shorter than an Ethernet header, or than an IPv4 header when the EtherType says
+    // IPv4, never reach a program: BPF_PROG_TEST_RUN refuses them (EINVAL), as the stack never
+    // builds such skbs. Truncation is tested from there on.
+    // Truncated L3: the IPv4 header is whole, the datagram is 4 bytes shorter than it says.
+    check_malformed(&b, &mangled(|f| f.truncate(f.len() - 4)), "truncated_l3");
+    // Truncated L4: the datagram ends 4 bytes into the TCP header.
+    check_malformed(
+        &b,
+        &mangled(|f| {
+            f.truncate(L4 + 4);
+            f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&((IP_LEN + 4) as u16).to_be_bytes());
+            fix_ip_csum(f);
+        }),
+        "truncated_l4",
+    );
+    // Bad IHL (4 words, shorter than a header) and a bad version.
+    check_malformed(&b, &mangled(|f| f[ETH_LEN] = 0x44), "bad_ip_header");
+    check_malformed(&b, &mangled(|f| f[ETH_LEN] = 0x65), "bad_ip_header");
+    // IP options: IHL 6 with a 4-byte NOP option in front of the TCP header.
+    check_malformed(
+        &b,
+        &mangled(|f| {
+            f.splice(L4..L4, [1, 1, 1, 1]);
+            f[ETH_LEN] = 0x46;
+            let total = u16::from_be_bytes([f[ETH_LEN + 2], f[ETH_LEN + 3]]) + 4;
+            f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+            fix_ip_csum(f);
+        }),
+        "ip_options",
+    );
+    // Fragments: a first fragment (MF) and a later one (offset 8 bytes).
+    check_malformed(
+        &b,
+        &mangled(|f| {
+            f[ETH_LEN + 6] = 0x20;
+            fix_ip_csum(f)
+        }),
+        "fragment",
+    );
+    check_malformed(
+        &b,
+        &mangled(|f| {
+            f[ETH_LEN + 6] = 0x00;
+            f[ETH_LEN + 7] = 1;
+            fix_ip_csum(f)
+        }),
+        "fragment",
+    );
+    // Non-IP: ARP.
+    check_malformed(&b, &eth(0x0806, &[0u8; 28]), "not_ipv4");
+    // VLAN: an 802.1Q tag in front of a translatable IPv4 packet.
+    check_malformed(
+        &b,
+        &mangled(|f| drop(f.splice(12..12, [0x81, 0x00, 0x00, 0x05]))),
+        "vlan",
+    );
+    // ICMP other than echo (here: a timestamp request).
+    check_malformed(
+        &b,
+        &eth(
+            0x0800,
+            &ipv4(C1, SERVER, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
+        ),
+        "unsupported_proto",
+    );
+    // Nothing above created a flow.
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(
+        netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken() {
+    use netd_common::datapath::{
+        AF_INET, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_NAT_SNAT, CtEntry, CtKey,
+        addr_v4,
+    };
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // Live masqueraded flows from a third container hold every port of HOST_ADDR towards
+    // SERVER:80 (as 64,512 connections would).
+    let other = Ipv4Addr::new(172, 17, 0, 9);
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let mut table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    let tuple = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| CtKey {
+        saddr: addr_v4(src.octets()),
+        daddr: addr_v4(dst.octets()),
+        sport,
+        dport,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    for port in 0..=u16::MAX {
+        let original = tuple(other, port, SERVER, 80);
+        let reply = tuple(SERVER, 80, HOST_ADDR, port);
+        let entry = CtEntry {
+            original,
+            reply,
+            nat: CT_NAT_SNAT,
+            state: CT_ESTABLISHED,
+            created_ns: now_ns,
+            last_seen_ns: now_ns,
+            ..Default::default()
+        };
+        table
+            .insert(
+                reply,
+                CtEntry {
+                    dir: CT_DIR_REPLY,
+                    ..entry
+                },
+                0,
+            )
+            .unwrap();
+        table
+            .insert(
+                original,
+                CtEntry {
+                    dir: CT_DIR_ORIGINAL,
+                    ..entry
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let (verdict, _) = b.run(UPLINK_EGRESS_PROG, &tcp_frame(C1, 40000, SERVER, 80, SYN));
+    assert_eq!(verdict, 2, "TC_ACT_SHOT: no port to translate to");
+    assert_eq!(b.stat("port_exhausted"), 1);
+    let drops = stats::read_endpoint_drops(&pins).unwrap();
+    assert_eq!(drops.len(), 1);
+    assert_eq!((drops[0].endpoint, drops[0].dropped), (C1, 1));
+    // Towards another destination port, the host's ports are free.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, SERVER, 443, SYN)).sport,
+        40000
+    );
+}
+
+#[test]
+fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
+    const ENTRIES: u32 = 4096;
+    let b = Bench::with(Timeouts::default(), ENTRIES);
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN)).sport,
+        40000
+    );
+    // Three times as many new flows as the table holds, the first flow active throughout.
+    for i in 0..3 * ENTRIES / 2 {
+        let port = 10_000 + i as u16;
+        assert_eq!(
+            b.egress(&udp_frame(C2, port, SERVER, 53, true)).src,
+            HOST_ADDR
+        );
+        if i % 64 == 0 {
+            assert_eq!(
+                b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+                C1,
+                "after {i} new flows"
+            );
+        }
+    }
+    let table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    let count = table.keys().count();
+    assert!(count <= ENTRIES as usize, "{count} entries");
+    assert_eq!(b.stat("conntrack_full"), 0, "new flows are admitted");
+    // The latest flow is tracked; the active one too.
+    assert_eq!(
+        b.ingress(&udp_frame(
+            SERVER,
+            53,
+            HOST_ADDR,
+            10_000 + (3 * ENTRIES / 2 - 1) as u16,
+            true
+        ))
+        .dst,
+        C2
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+        C1
+    );
+}
