@@ -106,18 +106,32 @@ async fn plan(ctx: &Ctx, state: &mut State, req: Request) -> Result<Container> {
         hostname: req.hostname.clone().unwrap_or_else(|| req.name.clone()),
         dns: req.dns.clone(),
         dns_search: req.dns_search.clone(),
-        add_hosts: req.add_hosts.iter().map(|h| parse_add_host(h)).collect::<Result<_>>()?,
-        links: req.links.iter().map(|l| parse_link(state, l)).collect::<Result<_>>()?,
+        add_hosts: req
+            .add_hosts
+            .iter()
+            .map(|h| parse_add_host(h))
+            .collect::<Result<_>>()?,
+        links: req
+            .links
+            .iter()
+            .map(|l| parse_link(state, l))
+            .collect::<Result<_>>()?,
         peer_links: vec![],
         ports: vec![],
     };
     let wants_ports = !req.publish.is_empty() || req.publish_all;
     if mode != Mode::Bridge {
         if wants_ports {
-            bail!("published ports need a bridge network, not --network {}", req.network);
+            bail!(
+                "published ports need a bridge network, not --network {}",
+                req.network
+            );
         }
         if req.ip.is_some() || req.mac.is_some() {
-            bail!("--ip and --mac need a bridge network, not --network {}", req.network);
+            bail!(
+                "--ip and --mac need a bridge network, not --network {}",
+                req.network
+            );
         }
         return Ok(c);
     }
@@ -126,8 +140,16 @@ async fn plan(ctx: &Ctx, state: &mut State, req: Request) -> Result<Container> {
         ctx.store.save(state)?;
     }
     let net = state.network(&req.network)?.clone();
-    let used: HashSet<Ipv4Addr> = state.containers_on(&net.name).filter_map(|c| c.ip).collect();
-    let pool = ipam::Pool { subnet: net.subnet, range: net.ip_range, gateway: net.gateway, used: &used };
+    let used: HashSet<Ipv4Addr> = state
+        .containers_on(&net.name)
+        .filter_map(|c| c.ip)
+        .collect();
+    let pool = ipam::Pool {
+        subnet: net.subnet,
+        range: net.ip_range,
+        gateway: net.gateway,
+        used: &used,
+    };
     let ip = match req.ip {
         Some(ip) => pool.check(ip).map(|()| ip)?,
         None => pool.allocate()?,
@@ -182,25 +204,42 @@ fn parse_add_host(spec: &str) -> Result<(String, Ipv4Addr)> {
         .rsplit_once(':')
         .filter(|(h, _)| !h.is_empty())
         .ok_or_else(|| anyhow::anyhow!("invalid --add-host {spec:?}: expected HOST:IP"))?;
-    let ip = ip
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid --add-host {spec:?}: {ip:?} is not an IPv4 address"))?;
+    let ip = ip.parse().map_err(|_| {
+        anyhow::anyhow!("invalid --add-host {spec:?}: {ip:?} is not an IPv4 address")
+    })?;
     Ok((host.to_string(), ip))
 }
 
 fn parse_link(state: &State, spec: &str) -> Result<Link> {
     let (container, alias) = spec.split_once(':').unwrap_or((spec, spec));
-    state.container(container).with_context(|| format!("--link {spec}"))?;
-    Ok(Link { container: container.to_string(), alias: alias.to_string() })
+    state
+        .container(container)
+        .with_context(|| format!("--link {spec}"))?;
+    Ok(Link {
+        container: container.to_string(),
+        alias: alias.to_string(),
+    })
 }
 
 fn plan_ports(state: &State, req: &Request, host_ip: Option<Ipv4Addr>) -> Result<Vec<PortMapping>> {
-    let mut requests: Vec<Publish> = req.publish.iter().map(|p| ports::parse_publish(p)).collect::<Result<_>>()?;
-    let exposed: Vec<Publish> = req.expose.iter().map(|e| ports::parse_expose(e)).collect::<Result<_>>()?;
+    let mut requests: Vec<Publish> = req
+        .publish
+        .iter()
+        .map(|p| ports::parse_publish(p))
+        .collect::<Result<_>>()?;
+    let exposed: Vec<Publish> = req
+        .expose
+        .iter()
+        .map(|e| ports::parse_expose(e))
+        .collect::<Result<_>>()?;
     if req.publish_all {
         requests.extend(exposed);
     }
-    let taken: Vec<PortMapping> = state.containers.values().flat_map(|c| c.ports.clone()).collect();
+    let taken: Vec<PortMapping> = state
+        .containers
+        .values()
+        .flat_map(|c| c.ports.clone())
+        .collect();
     ports::assign(&requests, host_ip, &taken)
 }
 
@@ -253,19 +292,29 @@ async fn connect_veth(state: &State, c: &Container, inside: &Netlink) -> Result<
     let eth0 = inside.require_link(&temp_name).await?;
     let mac = ipam::parse_mac(c.mac.as_deref().expect("bridge mode"))?;
     inside
-        .set_link(eth0, "configure eth0", |m| m.name("eth0".into()).address(mac.to_vec()).mtu(net.mtu))
+        .set_link(eth0, "configure eth0", |m| {
+            m.name("eth0").address(mac.to_vec()).mtu(net.mtu)
+        })
         .await?;
     inside.set_up(eth0).await?;
     let ip = c.ip.expect("bridge mode");
-    inside.add_addr(eth0, IpNet::new(ip.into(), net.subnet.prefix_len())?).await?;
     inside
-        .add_route("0.0.0.0/0".parse()?, Some(IpAddr::V4(net.gateway)), Some(eth0))
+        .add_addr(eth0, IpNet::new(ip.into(), net.subnet.prefix_len())?)
+        .await?;
+    inside
+        .add_route(
+            "0.0.0.0/0".parse()?,
+            Some(IpAddr::V4(net.gateway)),
+            Some(eth0),
+        )
         .await?;
 
     let bridge = host.require_link(&net.bridge).await?;
     let host_end = host.require_link(host_name).await?;
-    host.set_link(host_end, "attach the veth to the bridge", |m| m.controller(bridge))
-        .await?;
+    host.set_link(host_end, "attach the veth to the bridge", |m| {
+        m.controller(bridge)
+    })
+    .await?;
     host.set_up(host_end).await
 }
 
@@ -338,7 +387,10 @@ pub async fn remove(ctx: &Ctx, name: &str) -> Result<()> {
         .map(|o| o.name.as_str())
         .collect();
     if !sharers.is_empty() {
-        bail!("container {name:?} shares its network namespace with: {}", sharers.join(", "));
+        bail!(
+            "container {name:?} shares its network namespace with: {}",
+            sharers.join(", ")
+        );
     }
     teardown(ctx, &state, &c).await;
     state.containers.remove(name);
@@ -351,7 +403,11 @@ pub async fn remove(ctx: &Ctx, name: &str) -> Result<()> {
 
 /// Rewrites every running container's files, so hosts entries follow linked containers.
 fn refresh_etc_files(ctx: &Ctx, state: &State) -> Result<()> {
-    for c in state.containers.values().filter(|c| c.status == Status::Running) {
+    for c in state
+        .containers
+        .values()
+        .filter(|c| c.status == Status::Running)
+    {
         etcfiles::write(&ctx.store.container_dir(&c.name), c, state)?;
     }
     Ok(())
@@ -390,9 +446,16 @@ pub async fn link(ctx: &Ctx, a: &str, b: &str) -> Result<()> {
     let (ca, cb) = (state.container(a)?.clone(), state.container(b)?.clone());
     for c in [&ca, &cb] {
         if c.ip.is_none() {
-            bail!("container {:?} has no address to link with (network mode {:?})", c.name, c.mode);
+            bail!(
+                "container {:?} has no address to link with (network mode {:?})",
+                c.name,
+                c.mode
+            );
         }
-        if c.peer_links.iter().any(|l| l.peer == if c.name == a { b } else { a }) {
+        if c.peer_links
+            .iter()
+            .any(|l| l.peer == if c.name == a { b } else { a })
+        {
             bail!("containers {a:?} and {b:?} are already linked");
         }
     }
@@ -403,7 +466,10 @@ pub async fn link(ctx: &Ctx, a: &str, b: &str) -> Result<()> {
     let made = wire_peer_link(&host, &ca, &end_a, &cb, &end_b).await;
     if let Err(e) = made {
         for (c, end) in [(&ca, &end_a), (&cb, &end_b)] {
-            for nl in [Netlink::in_ns(None), Netlink::in_ns(Some(&c.netns))].into_iter().flatten() {
+            for nl in [Netlink::in_ns(None), Netlink::in_ns(Some(&c.netns))]
+                .into_iter()
+                .flatten()
+            {
                 if let Ok(Some(index)) = nl.link_index(end).await {
                     let _ = nl.del_link(index).await;
                 }
@@ -413,21 +479,36 @@ pub async fn link(ctx: &Ctx, a: &str, b: &str) -> Result<()> {
     }
     for (name, peer, ifname) in [(a, b, end_a), (b, a, end_b)] {
         let c = state.containers.get_mut(name).expect("checked");
-        c.peer_links.push(PeerLink { peer: peer.to_string(), ifname });
+        c.peer_links.push(PeerLink {
+            peer: peer.to_string(),
+            ifname,
+        });
     }
     ctx.store.save(&state)
 }
 
-async fn wire_peer_link(host: &Netlink, ca: &Container, end_a: &str, cb: &Container, end_b: &str) -> Result<()> {
+async fn wire_peer_link(
+    host: &Netlink,
+    ca: &Container,
+    end_a: &str,
+    cb: &Container,
+    end_b: &str,
+) -> Result<()> {
     for (c, end, peer) in [(ca, end_a, cb), (cb, end_b, ca)] {
         let index = host.require_link(end).await?;
         host.move_to_ns(index, &c.netns).await?;
         let inside = Netlink::in_ns(Some(&c.netns))?;
         let index = inside.require_link(end).await?;
-        inside.add_addr(index, IpNet::new(c.ip.expect("checked").into(), 32)?).await?;
+        inside
+            .add_addr(index, IpNet::new(c.ip.expect("checked").into(), 32)?)
+            .await?;
         inside.set_up(index).await?;
         inside
-            .add_route(IpNet::new(peer.ip.expect("checked").into(), 32)?, None, Some(index))
+            .add_route(
+                IpNet::new(peer.ip.expect("checked").into(), 32)?,
+                None,
+                Some(index),
+            )
             .await?;
     }
     Ok(())

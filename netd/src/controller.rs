@@ -22,10 +22,16 @@ pub struct Ctx {
 
 impl Ctx {
     /// Locks the state dir for the whole command.
-    pub fn open(state_dir: &Path, host_netns: Option<&Path>, bpffs: &Path, datapath: &str) -> Result<Self> {
+    pub fn open(
+        state_dir: &Path,
+        host_netns: Option<&Path>,
+        bpffs: &Path,
+        datapath: &str,
+    ) -> Result<Self> {
         Ok(Self {
             store: Store::lock(state_dir)?,
-            host_netns: host_netns.map_or_else(|| PathBuf::from("/proc/1/ns/net"), Path::to_path_buf),
+            host_netns: host_netns
+                .map_or_else(|| PathBuf::from("/proc/1/ns/net"), Path::to_path_buf),
             pins: Pins::open(bpffs)?,
             datapath: datapath.to_string(),
         })

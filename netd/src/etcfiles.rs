@@ -68,7 +68,8 @@ pub fn resolv_conf(c: &Container, host_resolv: &str) -> String {
 }
 
 fn is_loopback(ns: &str) -> bool {
-    ns.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    ns.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Writes the three files of `c` into `dir`.
@@ -111,10 +112,16 @@ mod tests {
     #[test]
     fn hosts_has_self_links_and_extra_hosts() {
         let mut state = State::default();
-        state.containers.insert("db".into(), container("db", "172.17.0.3"));
+        state
+            .containers
+            .insert("db".into(), container("db", "172.17.0.3"));
         let mut web = container("web", "172.17.0.2");
-        web.links.push(Link { container: "db".into(), alias: "database".into() });
-        web.add_hosts.push(("registry".into(), "10.0.0.9".parse().unwrap()));
+        web.links.push(Link {
+            container: "db".into(),
+            alias: "database".into(),
+        });
+        web.add_hosts
+            .push(("registry".into(), "10.0.0.9".parse().unwrap()));
         let hosts = hosts(&web, &state);
         assert!(hosts.contains("127.0.0.1\tlocalhost\n"));
         assert!(hosts.contains("172.17.0.2\tweb\n"));
@@ -126,11 +133,20 @@ mod tests {
     fn resolv_conf_drops_loopback_and_honours_flags() {
         let host = "nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch corp.example\n";
         let c = container("a", "172.17.0.2");
-        assert_eq!(resolv_conf(&c, host), "search corp.example\nnameserver 10.0.0.2\n");
-        assert_eq!(resolv_conf(&c, "nameserver 127.0.0.1\n"), "nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+        assert_eq!(
+            resolv_conf(&c, host),
+            "search corp.example\nnameserver 10.0.0.2\n"
+        );
+        assert_eq!(
+            resolv_conf(&c, "nameserver 127.0.0.1\n"),
+            "nameserver 8.8.8.8\nnameserver 8.8.4.4\n"
+        );
         let mut c = c;
         c.dns = vec!["9.9.9.9".parse().unwrap()];
         c.dns_search = vec!["a.example".into(), "b.example".into()];
-        assert_eq!(resolv_conf(&c, host), "search a.example b.example\nnameserver 9.9.9.9\n");
+        assert_eq!(
+            resolv_conf(&c, host),
+            "search a.example b.example\nnameserver 9.9.9.9\n"
+        );
     }
 }

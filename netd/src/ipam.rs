@@ -27,14 +27,20 @@ pub fn free_subnet(in_use: &[Ipv4Net]) -> Result<Ipv4Net> {
 
 /// Parses a `--subnet`: an IPv4 CIDR with no host bits, room for a gateway and a container.
 pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
-    let net: Ipv4Net = text
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid subnet {text:?}: expected an IPv4 CIDR like 10.1.0.0/24"))?;
+    let net: Ipv4Net = text.parse().map_err(|_| {
+        anyhow::anyhow!("invalid subnet {text:?}: expected an IPv4 CIDR like 10.1.0.0/24")
+    })?;
     if net.trunc() != net {
-        bail!("invalid subnet {text:?}: host bits set (did you mean {}?)", net.trunc());
+        bail!(
+            "invalid subnet {text:?}: host bits set (did you mean {}?)",
+            net.trunc()
+        );
     }
     if net.prefix_len() > 30 {
-        bail!("invalid subnet {text:?}: a /{} has no room for a gateway and containers", net.prefix_len());
+        bail!(
+            "invalid subnet {text:?}: a /{} has no room for a gateway and containers",
+            net.prefix_len()
+        );
     }
     Ok(net)
 }
@@ -114,17 +120,30 @@ pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Parses `--mac`: a unicast MAC written as six colon-separated hex bytes.
 pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     let bytes: Vec<u8> = text
         .split(':')
-        .map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None })
+        .map(|p| {
+            if p.len() == 2 {
+                u8::from_str_radix(p, 16).ok()
+            } else {
+                None
+            }
+        })
         .collect::<Option<_>>()
         .filter(|b: &Vec<u8>| b.len() == 6)
-        .ok_or_else(|| anyhow::anyhow!("invalid MAC address {text:?}: expected 6 hex bytes like 02:42:ac:11:00:02"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid MAC address {text:?}: expected 6 hex bytes like 02:42:ac:11:00:02"
+            )
+        })?;
     if bytes[0] & 1 == 1 {
         bail!("invalid MAC address {text:?}: multicast bit set");
     }
@@ -150,16 +169,29 @@ mod tests {
     #[test]
     fn subnet_validation() {
         assert!(parse_subnet("10.1.0.0/24").is_ok());
-        assert!(parse_subnet("10.1.0.5/24").unwrap_err().to_string().contains("host bits"));
+        assert!(
+            parse_subnet("10.1.0.5/24")
+                .unwrap_err()
+                .to_string()
+                .contains("host bits")
+        );
         assert!(parse_subnet("10.1.0.0/33").is_err());
         assert!(parse_subnet("10.1.0.0/31").is_err());
-        assert!(parse_subnet("banana").unwrap_err().to_string().contains("banana"));
+        assert!(
+            parse_subnet("banana")
+                .unwrap_err()
+                .to_string()
+                .contains("banana")
+        );
     }
 
     #[test]
     fn gateway_and_range_defaults_and_errors() {
         let s = net("10.1.0.0/24");
-        assert_eq!(gateway_and_range(s, None, None).unwrap(), ("10.1.0.1".parse().unwrap(), s));
+        assert_eq!(
+            gateway_and_range(s, None, None).unwrap(),
+            ("10.1.0.1".parse().unwrap(), s)
+        );
         assert!(gateway_and_range(s, Some("10.2.0.1".parse().unwrap()), None).is_err());
         assert!(gateway_and_range(s, Some("10.1.0.255".parse().unwrap()), None).is_err());
         assert!(gateway_and_range(s, None, Some("10.1.1.0/25")).is_err());
@@ -170,20 +202,49 @@ mod tests {
     #[test]
     fn allocation_skips_gateway_and_used_and_exhausts() {
         let used: HashSet<Ipv4Addr> = ["10.1.0.2".parse().unwrap()].into();
-        let pool = Pool { subnet: net("10.1.0.0/29"), range: net("10.1.0.0/29"), gateway: "10.1.0.1".parse().unwrap(), used: &used };
-        assert_eq!(pool.allocate().unwrap(), "10.1.0.3".parse::<Ipv4Addr>().unwrap());
-        assert!(pool.check("10.1.0.2".parse().unwrap()).unwrap_err().to_string().contains("in use"));
+        let pool = Pool {
+            subnet: net("10.1.0.0/29"),
+            range: net("10.1.0.0/29"),
+            gateway: "10.1.0.1".parse().unwrap(),
+            used: &used,
+        };
+        assert_eq!(
+            pool.allocate().unwrap(),
+            "10.1.0.3".parse::<Ipv4Addr>().unwrap()
+        );
+        assert!(
+            pool.check("10.1.0.2".parse().unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("in use")
+        );
         assert!(pool.check("10.1.0.1".parse().unwrap()).is_err());
-        assert!(pool.check("10.1.0.9".parse().unwrap()).unwrap_err().to_string().contains("outside"));
+        assert!(
+            pool.check("10.1.0.9".parse().unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("outside")
+        );
         let all: HashSet<Ipv4Addr> = (2..=6).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
         let full = Pool { used: &all, ..pool };
-        assert!(full.allocate().unwrap_err().to_string().contains("exhausted"));
+        assert!(
+            full.allocate()
+                .unwrap_err()
+                .to_string()
+                .contains("exhausted")
+        );
     }
 
     #[test]
     fn macs() {
-        assert_eq!(format_mac(mac_for("172.17.0.2".parse().unwrap())), "02:42:ac:11:00:02");
-        assert_eq!(parse_mac("02:42:ac:11:00:09").unwrap(), [2, 0x42, 0xac, 0x11, 0, 9]);
+        assert_eq!(
+            format_mac(mac_for("172.17.0.2".parse().unwrap())),
+            "02:42:ac:11:00:02"
+        );
+        assert_eq!(
+            parse_mac("02:42:ac:11:00:09").unwrap(),
+            [2, 0x42, 0xac, 0x11, 0, 9]
+        );
         assert!(parse_mac("01:00:00:00:00:01").is_err());
         assert!(parse_mac("zz").is_err());
     }

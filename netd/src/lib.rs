@@ -1,10 +1,19 @@
 //! netd: container networking for Linux with an eBPF datapath.
 pub mod bench;
 pub mod bpf;
+pub mod container;
+pub mod controller;
 pub mod counter;
 pub mod datapath;
 pub mod demo;
+pub mod etcfiles;
+pub mod exec;
+pub mod ipam;
 pub mod netlink;
 pub mod netns;
+pub mod network;
 pub mod output;
+pub mod ports;
 pub mod sandbox;
+pub mod state;
+pub mod views;

@@ -1,13 +1,15 @@
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 use netd::{
     bench,
     bpf::Pins,
+    container,
+    controller::Ctx,
     counter,
     datapath::ebpf::{EbpfDatapath, conntrack, stats},
-    demo, netns, output,
+    demo, exec, netns, network, output, views,
 };
 
 /// Container networking with an eBPF datapath.
@@ -33,12 +35,33 @@ struct Cli {
         value_name = "DIR"
     )]
     bpffs: PathBuf,
+    /// The datapath new networks use: ebpf, or iptables (Docker's rules, the baseline).
+    #[arg(long, global = true, default_value = "ebpf", value_name = "NAME")]
+    datapath: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Networks: a bridge, an address pool and the datapath that serves them.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Containers: a network namespace joined to a network.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Run a command inside a container's network namespace, with its /etc files.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The ports a container publishes, like `docker port`.
+    Port { name: String },
+    /// A point-to-point veth between two containers, with /32 routes to each other.
+    Link { a: String, b: String },
+    /// Remove what a netd command that died midway left behind.
+    Gc,
     /// The per-protocol packet counter (a TCX program with a pinned map).
     #[command(subcommand)]
     Counter(CounterCommand),
@@ -73,6 +96,100 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Create a network.
+    Create {
+        name: String,
+        /// IPv4 subnet (default: the first free private /16 or /20).
+        #[arg(long)]
+        subnet: Option<String>,
+        /// The bridge's address (default: the subnet's first host).
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        /// Allocate container addresses from this part of the subnet.
+        #[arg(long)]
+        ip_range: Option<String>,
+        /// Bridge interface name (default: netd0 for `bridge`, netd-brN otherwise).
+        #[arg(long)]
+        bridge: Option<String>,
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Let containers on the network talk to each other.
+        #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        icc: bool,
+        /// No traffic in or out of the network beyond its containers and gateway.
+        #[arg(long)]
+        internal: bool,
+        /// Masquerade traffic leaving the host.
+        #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        masquerade: bool,
+        /// Default host address for published ports.
+        #[arg(long)]
+        host_ip: Option<Ipv4Addr>,
+    },
+    /// Remove a network (it must have no containers).
+    Rm { name: String },
+    /// List networks.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a network as JSON.
+    Inspect { name: String },
+}
+
+#[derive(Subcommand)]
+enum ContainerCommand {
+    /// Create a container's network: a namespace (or an existing one) joined to a network.
+    Create {
+        name: String,
+        /// A network name, or host, none, container:OTHER.
+        #[arg(long, default_value = "bridge")]
+        network: String,
+        /// Configure this existing network namespace instead of making one.
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
+        /// Configure the network namespace of this process instead of making one.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
+        dns: Vec<Ipv4Addr>,
+        #[arg(long)]
+        dns_search: Vec<String>,
+        /// HOST:IP
+        #[arg(long)]
+        add_host: Vec<String>,
+        /// OTHER[:ALIAS]
+        #[arg(long)]
+        link: Vec<String>,
+        /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]
+        #[arg(short = 'p', long)]
+        publish: Vec<String>,
+        /// Publish every --expose'd port on a free host port.
+        #[arg(short = 'P', long)]
+        publish_all: bool,
+        /// PORT[-END][/tcp|/udp]
+        #[arg(long)]
+        expose: Vec<String>,
+    },
+    /// Remove a container's network.
+    Rm { name: String },
+    /// List containers.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a container as JSON.
+    Inspect { name: String },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +228,9 @@ enum CounterCommand {
 }
 
 fn main() {
+    // Like other Unix tools: a closed pipe (`netd ... | head`) ends netd quietly.
+    // SAFETY: set before any thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = run(Cli::parse()) {
         eprintln!("netd: {e:#}");
         std::process::exit(1);
@@ -130,7 +250,44 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
+    let ctx = || {
+        Ctx::open(
+            &cli.state_dir,
+            cli.host_netns.as_deref(),
+            &cli.bpffs,
+            &cli.datapath,
+        )
+    };
     match cli.command {
+        Command::Network(cmd) => network_command(&ctx()?, cmd).await,
+        Command::Container(cmd) => container_command(&ctx()?, cmd).await,
+        Command::Exec { name, command } => {
+            let ctx = ctx()?;
+            let state = ctx.store.load()?;
+            let c = state.container(&name)?;
+            let code = exec::run(c, &ctx.store.container_dir(&name), &command)?;
+            std::process::exit(code);
+        }
+        Command::Port { name } => views::port(&ctx()?.store.load()?, &name),
+        Command::Link { a, b } => {
+            container::link(&ctx()?, &a, &b).await?;
+            println!("linked {a} <-> {b}");
+            Ok(())
+        }
+        Command::Gc => {
+            let ctx = ctx()?;
+            let removed = container::collect_garbage(&ctx, &mut ctx.store.load()?).await?;
+            println!(
+                "removed {} half-made container(s){}",
+                removed.len(),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", removed.join(", "))
+                }
+            );
+            Ok(())
+        }
         Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Demo => demo::run().await,
         Command::Bench {
@@ -231,6 +388,105 @@ fn stats_command(pins: &Pins, json: bool) -> Result<()> {
         output::table(&["ENDPOINT", "DROPPED"], &rows);
     }
     Ok(())
+}
+
+async fn network_command(ctx: &Ctx, cmd: NetworkCommand) -> Result<()> {
+    let mut state = ctx.store.load()?;
+    match cmd {
+        NetworkCommand::Create {
+            name,
+            subnet,
+            gateway,
+            ip_range,
+            bridge,
+            mtu,
+            icc,
+            internal,
+            masquerade,
+            host_ip,
+        } => {
+            let req = network::Request {
+                name,
+                subnet,
+                gateway,
+                ip_range,
+                bridge,
+                mtu,
+                icc,
+                internal,
+                masquerade,
+                host_ip,
+            };
+            let net = network::create(ctx, &mut state, req).await?;
+            ctx.store.save(&state)?;
+            println!(
+                "{} {} gateway {} bridge {} ({})",
+                net.name, net.subnet, net.gateway, net.bridge, net.datapath
+            );
+            Ok(())
+        }
+        NetworkCommand::Rm { name } => {
+            container::collect_garbage(ctx, &mut state).await?;
+            network::remove(ctx, &mut state, &name).await?;
+            ctx.store.save(&state)?;
+            println!("{name}");
+            Ok(())
+        }
+        NetworkCommand::Ls { json } => views::network_ls(&state, json),
+        NetworkCommand::Inspect { name } => views::network_inspect(&state, &name),
+    }
+}
+
+async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
+    match cmd {
+        ContainerCommand::Create {
+            name,
+            network,
+            netns,
+            pid,
+            ip,
+            mac,
+            hostname,
+            dns,
+            dns_search,
+            add_host,
+            link,
+            publish,
+            publish_all,
+            expose,
+        } => {
+            let req = container::Request {
+                name,
+                network,
+                netns,
+                pid,
+                ip,
+                mac,
+                hostname,
+                dns,
+                dns_search,
+                add_hosts: add_host,
+                links: link,
+                publish,
+                publish_all,
+                expose,
+            };
+            let c = container::create(ctx, req).await?;
+            let ip = c.ip.map(|ip| format!(" {ip}")).unwrap_or_default();
+            println!("{}{ip}", c.name);
+            for p in &c.ports {
+                println!("  {}", views::port_line(p));
+            }
+            Ok(())
+        }
+        ContainerCommand::Rm { name } => {
+            container::remove(ctx, &name).await?;
+            println!("{name}");
+            Ok(())
+        }
+        ContainerCommand::Ls { json } => views::container_ls(&ctx.store.load()?, json),
+        ContainerCommand::Inspect { name } => views::container_inspect(&ctx.store.load()?, &name),
+    }
 }
 
 fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {

@@ -40,17 +40,26 @@ pub struct Request {
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
-        bail!("invalid {kind} name {name:?}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit");
+        bail!(
+            "invalid {kind} name {name:?}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        );
     }
     Ok(())
 }
 
 pub fn validate_ifname(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ', ':']) {
-        bail!("invalid interface name {name:?}: must be 1-{MAX_IFNAME} bytes without '/', ':' or spaces");
+        bail!(
+            "invalid interface name {name:?}: must be 1-{MAX_IFNAME} bytes without '/', ':' or spaces"
+        );
     }
     Ok(())
 }
@@ -68,8 +77,16 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
     let subnet = match &req.subnet {
         Some(text) => {
             let subnet = ipam::parse_subnet(text)?;
-            if let Some(other) = state.networks.values().find(|n| ipam::overlaps(&n.subnet, &subnet)) {
-                bail!("subnet {subnet} overlaps network {:?} ({})", other.name, other.subnet);
+            if let Some(other) = state
+                .networks
+                .values()
+                .find(|n| ipam::overlaps(&n.subnet, &subnet))
+            {
+                bail!(
+                    "subnet {subnet} overlaps network {:?} ({})",
+                    other.name,
+                    other.subnet
+                );
             }
             if let Some(used) = in_use.iter().find(|u| ipam::overlaps(u, &subnet)) {
                 bail!("subnet {subnet} overlaps {used}, already in use on the host");
@@ -78,7 +95,8 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
         }
         None => ipam::free_subnet(&[in_use, taken].concat())?,
     };
-    let (gateway, ip_range) = ipam::gateway_and_range(subnet, req.gateway, req.ip_range.as_deref())?;
+    let (gateway, ip_range) =
+        ipam::gateway_and_range(subnet, req.gateway, req.ip_range.as_deref())?;
     let id = state.next_network_id.max(1);
     let bridge = match req.bridge {
         Some(b) => b,
@@ -87,7 +105,10 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
     };
     validate_ifname(&bridge)?;
     if let Some(other) = state.networks.values().find(|n| n.bridge == bridge) {
-        bail!("bridge {bridge} is already used by network {:?}", other.name);
+        bail!(
+            "bridge {bridge} is already used by network {:?}",
+            other.name
+        );
     }
     if host.link_index(&bridge).await?.is_some() {
         bail!("interface {bridge} already exists on the host");
@@ -122,7 +143,11 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
 
 async fn realize(ctx: &Ctx, host: &Netlink, net: &Network) -> Result<()> {
     let index = host.add_bridge(&net.bridge, Some(net.mtu)).await?;
-    host.add_addr(index, IpNet::new(net.gateway.into(), net.subnet.prefix_len())?).await?;
+    host.add_addr(
+        index,
+        IpNet::new(net.gateway.into(), net.subnet.prefix_len())?,
+    )
+    .await?;
     // Containers' traffic to the outside is routed by the host.
     set_sysctl(None, "net.ipv4.ip_forward", "1")?;
     ctx.datapath(&net.datapath)?
@@ -143,7 +168,12 @@ async fn undo(ctx: &Ctx, host: &Netlink, net: &Network) {
 /// The default network, made on first use on the first free private subnet.
 pub async fn ensure_default(ctx: &Ctx, state: &mut State) -> Result<()> {
     if !state.networks.contains_key(DEFAULT_NETWORK) {
-        let req = Request { name: DEFAULT_NETWORK.into(), icc: true, masquerade: true, ..Default::default() };
+        let req = Request {
+            name: DEFAULT_NETWORK.into(),
+            icc: true,
+            masquerade: true,
+            ..Default::default()
+        };
         create(ctx, state, req).await?;
     }
     Ok(())

@@ -67,7 +67,10 @@ pub fn parse_publish(spec: &str) -> Result<Publish> {
         _ => bail!("invalid port spec {spec:?}: expected [IP:][HOSTPORT:]CONTAINERPORT[/PROTO]"),
     };
     let host_ip = ip
-        .map(|ip| ip.parse::<Ipv4Addr>().with_context(|| format!("invalid port spec {spec:?}: bad host address {ip:?}")))
+        .map(|ip| {
+            ip.parse::<Ipv4Addr>()
+                .with_context(|| format!("invalid port spec {spec:?}: bad host address {ip:?}"))
+        })
         .transpose()?;
     let container_ports = parse_range(container, spec)?;
     let host_ports = host.map(|h| parse_range(h, spec)).transpose()?;
@@ -76,7 +79,12 @@ pub fn parse_publish(spec: &str) -> Result<Publish> {
     {
         bail!("invalid port spec {spec:?}: host and container ranges have different lengths");
     }
-    Ok(Publish { host_ip, host_ports, container_ports, proto })
+    Ok(Publish {
+        host_ip,
+        host_ports,
+        container_ports,
+        proto,
+    })
 }
 
 /// Parses an `--expose PORT[-END][/PROTO]` into a `Publish` with random host ports.
@@ -85,7 +93,12 @@ pub fn parse_expose(spec: &str) -> Result<Publish> {
         Some((ports, proto)) => (ports, parse_proto(proto, spec)?),
         None => (spec, Protocol::Tcp),
     };
-    Ok(Publish { host_ip: None, host_ports: None, container_ports: parse_range(ports, spec)?, proto })
+    Ok(Publish {
+        host_ip: None,
+        host_ports: None,
+        container_ports: parse_range(ports, spec)?,
+        proto,
+    })
 }
 
 /// Whether two mappings would take the same host address, port and protocol.
@@ -98,7 +111,11 @@ fn clash(a: &PortMapping, b: &PortMapping) -> bool {
 /// Turns publish requests into one mapping per port, choosing free random host ports where
 /// none was given and refusing any clash with `taken` (every other container's mappings) or
 /// among themselves. `default_ip` is the network's `--host-ip`.
-pub fn assign(requests: &[Publish], default_ip: Option<Ipv4Addr>, taken: &[PortMapping]) -> Result<Vec<PortMapping>> {
+pub fn assign(
+    requests: &[Publish],
+    default_ip: Option<Ipv4Addr>,
+    taken: &[PortMapping],
+) -> Result<Vec<PortMapping>> {
     let mut out: Vec<PortMapping> = Vec::new();
     for req in requests {
         let host_ip = req.host_ip.or(default_ip);
@@ -107,19 +124,32 @@ pub fn assign(requests: &[Publish], default_ip: Option<Ipv4Addr>, taken: &[PortM
             let container_port = req.container_ports.0 + offset;
             let mapping = match req.host_ports {
                 Some((lo, _)) => {
-                    let m = PortMapping { proto: req.proto, host_ip, host_port: lo + offset, container_port };
+                    let m = PortMapping {
+                        proto: req.proto,
+                        host_ip,
+                        host_port: lo + offset,
+                        container_port,
+                    };
                     if let Some(other) = taken.iter().chain(&out).find(|t| clash(t, &m)) {
                         bail!(
                             "host port {}/{} is already published{}",
                             m.host_port,
                             proto_name(m.proto),
-                            other.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default()
+                            other
+                                .host_ip
+                                .map(|ip| format!(" on {ip}"))
+                                .unwrap_or_default()
                         );
                     }
                     m
                 }
                 None => RANDOM_PORTS
-                    .map(|host_port| PortMapping { proto: req.proto, host_ip, host_port, container_port })
+                    .map(|host_port| PortMapping {
+                        proto: req.proto,
+                        host_ip,
+                        host_port,
+                        container_port,
+                    })
                     .find(|m| !taken.iter().chain(&out).any(|t| clash(t, m)))
                     .context("no free host port left in 49153-65535")?,
             };
@@ -143,9 +173,20 @@ mod tests {
     #[test]
     fn parses_docker_forms() {
         let p = parse_publish("8080:80").unwrap();
-        assert_eq!((p.host_ports, p.container_ports, p.proto, p.host_ip), (Some((8080, 8080)), (80, 80), Protocol::Tcp, None));
+        assert_eq!(
+            (p.host_ports, p.container_ports, p.proto, p.host_ip),
+            (Some((8080, 8080)), (80, 80), Protocol::Tcp, None)
+        );
         let p = parse_publish("198.18.0.2:5000-5002:6000-6002/udp").unwrap();
-        assert_eq!((p.host_ip, p.host_ports, p.container_ports, p.proto), (Some("198.18.0.2".parse().unwrap()), Some((5000, 5002)), (6000, 6002), Protocol::Udp));
+        assert_eq!(
+            (p.host_ip, p.host_ports, p.container_ports, p.proto),
+            (
+                Some("198.18.0.2".parse().unwrap()),
+                Some((5000, 5002)),
+                (6000, 6002),
+                Protocol::Udp
+            )
+        );
         assert_eq!(parse_publish("80").unwrap().host_ports, None);
         assert_eq!(parse_publish("1.2.3.4::80").unwrap().host_ports, None);
     }
@@ -168,16 +209,47 @@ mod tests {
 
     #[test]
     fn assigns_random_ports_and_refuses_clashes() {
-        let taken = vec![PortMapping { proto: Protocol::Tcp, host_ip: None, host_port: 49153, container_port: 1 }];
-        let got = assign(&[parse_publish("80").unwrap(), parse_expose("81-82").unwrap()], None, &taken).unwrap();
-        assert_eq!(got.iter().map(|m| m.host_port).collect::<Vec<_>>(), [49154, 49155, 49156]);
+        let taken = vec![PortMapping {
+            proto: Protocol::Tcp,
+            host_ip: None,
+            host_port: 49153,
+            container_port: 1,
+        }];
+        let got = assign(
+            &[parse_publish("80").unwrap(), parse_expose("81-82").unwrap()],
+            None,
+            &taken,
+        )
+        .unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.host_port).collect::<Vec<_>>(),
+            [49154, 49155, 49156]
+        );
         let err = assign(&[parse_publish("49153:80").unwrap()], None, &taken).unwrap_err();
-        assert!(err.to_string().contains("49153/tcp is already published"), "{err}");
+        assert!(
+            err.to_string().contains("49153/tcp is already published"),
+            "{err}"
+        );
         // Another protocol, or a different specific address against a specific one, is free.
         assert!(assign(&[parse_publish("49153:80/udp").unwrap()], None, &taken).is_ok());
-        let on_a = vec![PortMapping { proto: Protocol::Tcp, host_ip: Some("10.0.0.1".parse().unwrap()), host_port: 80, container_port: 80 }];
+        let on_a = vec![PortMapping {
+            proto: Protocol::Tcp,
+            host_ip: Some("10.0.0.1".parse().unwrap()),
+            host_port: 80,
+            container_port: 80,
+        }];
         assert!(assign(&[parse_publish("10.0.0.2:80:80").unwrap()], None, &on_a).is_ok());
         assert!(assign(&[parse_publish("80:80").unwrap()], None, &on_a).is_err());
-        assert!(assign(&[parse_publish("90:80").unwrap(), parse_publish("90:81").unwrap()], None, &[]).is_err());
+        assert!(
+            assign(
+                &[
+                    parse_publish("90:80").unwrap(),
+                    parse_publish("90:81").unwrap()
+                ],
+                None,
+                &[]
+            )
+            .is_err()
+        );
     }
 }

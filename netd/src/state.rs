@@ -173,7 +173,10 @@ impl Store {
         let lock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, e)| e)
             .context("lock the state dir")?;
-        Ok(Self { dir: dir.to_path_buf(), _lock: lock })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -82,11 +82,19 @@ pub trait Datapath {
 /// The drivers `--datapath` can name.
 pub const DRIVERS: &[&str] = &["ebpf", "iptables"];
 
+/// Checks that `name` is a driver `--datapath` can name.
+pub fn check_name(name: &str) -> Result<()> {
+    if !DRIVERS.contains(&name) {
+        anyhow::bail!("unknown datapath {name:?} (known: {})", DRIVERS.join(", "));
+    }
+    Ok(())
+}
+
 /// Opens the driver called `name` for the instance pinned at `pins`.
 pub fn open(name: &str, pins: &crate::bpf::Pins) -> Result<Box<dyn Datapath>> {
     match name {
         "ebpf" => Ok(Box::new(ebpf::EbpfDatapath::new(pins.clone()))),
         "iptables" => Ok(Box::new(iptables::IptablesDatapath)),
-        other => anyhow::bail!("unknown datapath {other:?} (known: {})", DRIVERS.join(", ")),
+        other => check_name(other).map(|()| unreachable!("every driver is matched above")),
     }
 }
