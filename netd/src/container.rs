@@ -356,12 +356,11 @@ async fn teardown(ctx: &Ctx, state: &State, c: &Container) {
             let _ = dp.remove_endpoint(&net.spec(), &ep);
         }
     }
-    if let Ok(host) = Netlink::in_ns(None) {
-        if let Some(veth) = &c.host_veth
-            && let Ok(Some(index)) = host.link_index(veth).await
-        {
-            let _ = host.del_link(index).await;
-        }
+    if let Ok(host) = Netlink::in_ns(None)
+        && let Some(veth) = &c.host_veth
+        && let Ok(Some(index)) = host.link_index(veth).await
+    {
+        let _ = host.del_link(index).await;
     }
     if let Ok(inside) = Netlink::in_ns(Some(&c.netns)) {
         for link in &c.peer_links {
