@@ -272,10 +272,37 @@ fn output_in(ns: &std::path::Path, program: &str, args: &[&str]) -> Result<Strin
 fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
     let rules = output_in(ns, "iptables-save", &[])?;
     let conntrack = output_in(ns, "conntrack", &["-C"])?;
-    let bpf = output_in(ns, "bpftool", &["net", "show"])?;
     Ok(Fairness {
         netfilter_rules: rules.lines().filter(|l| l.starts_with("-A ")).count(),
         kernel_conntrack: conntrack.trim().parse().unwrap_or(0),
-        bpf_programs_attached: bpf.lines().filter(|l| l.contains(" prog_id ")).count(),
+        bpf_programs_attached: tcx_programs_in(ns)?,
     })
+}
+
+/// TCX programs attached to the interfaces of `ns`, both directions (Debian's bpftool is too
+/// old to list TCX, so the kernel is asked directly).
+fn tcx_programs_in(ns: &std::path::Path) -> Result<usize> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    netns::run_in(Some(ns), || {
+        let mut count = 0;
+        for name in interface_names()? {
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, dir) {
+                    count += progs.len();
+                }
+            }
+        }
+        Ok(count)
+    })
+}
+
+/// Interface names of the calling thread's namespace, from /proc/thread-self/net/dev.
+fn interface_names() -> Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+    Ok(dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect())
 }

@@ -304,7 +304,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| arm | netfilter rules | kernel conntrack entries | BPF programs attached |"
+            "| arm | netfilter rules | kernel conntrack entries | TCX programs attached |"
         );
         let _ = writeln!(md, "|---|---|---|---|");
         for (arm, f) in &self.fairness {
