@@ -4,6 +4,7 @@ pub mod bpf;
 pub mod container;
 pub mod controller;
 pub mod counter;
+pub mod daemon;
 pub mod datapath;
 pub mod demo;
 pub mod etcfiles;

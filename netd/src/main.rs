@@ -62,6 +62,13 @@ enum Command {
     Link { a: String, b: String },
     /// Remove what a netd command that died midway left behind.
     Gc,
+    /// Run the long-running part: conntrack sweeping and clean-up (the datapath doesn't need
+    /// it to forward; it can be killed and restarted at any time).
+    Daemon {
+        /// Seconds between sweeps.
+        #[arg(long, default_value_t = 30.0)]
+        sweep_interval: f64,
+    },
     /// The per-protocol packet counter (a TCX program with a pinned map).
     #[command(subcommand)]
     Counter(CounterCommand),
@@ -275,6 +282,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
             container::link(&ctx()?, &a, &b).await?;
             println!("linked {a} <-> {b}");
             Ok(())
+        }
+        Command::Daemon { sweep_interval } => {
+            if !(sweep_interval > 0.0) {
+                anyhow::bail!("invalid --sweep-interval {sweep_interval}: must be above 0");
+            }
+            netd::daemon::run(ctx, std::time::Duration::from_secs_f64(sweep_interval)).await
         }
         Command::Gc => {
             let ctx = ctx()?;

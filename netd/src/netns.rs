@@ -109,3 +109,29 @@ pub fn remove(name: &str) -> Result<()> {
 pub fn exists(name: &str) -> bool {
     path_of(name).exists()
 }
+
+/// Waits until something listens on TCP `port` (IPv4 or dual-stack) in the namespace at `ns`.
+pub fn wait_tcp_listener(ns: &Path, port: u16, timeout: std::time::Duration) -> Result<()> {
+    let local = format!(":{port:04X}");
+    let is_listener = |line: &str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        // /proc/thread-self/net shows the namespace of the reading thread.
+        let listening = run_in(Some(ns), || {
+            let mut tables = fs::read_to_string("/proc/thread-self/net/tcp")?;
+            tables += &fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default();
+            Ok(tables.lines().any(is_listener))
+        })?;
+        if listening {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!(
+        "nothing listens on TCP port {port} in {} after {timeout:?}",
+        ns.display()
+    )
+}

@@ -70,31 +70,8 @@ fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Se
         .spawn()
         .with_context(|| format!("start {program}"))?;
     let server = Server(child);
-    wait_listening(ns, port)?;
+    netns::wait_tcp_listener(ns, port, Duration::from_secs(5))?;
     Ok(server)
-}
-
-/// Polls the namespace's TCP tables until something listens on `port` (IPv4 or dual-stack).
-fn wait_listening(ns: &Path, port: u16) -> Result<()> {
-    let local = format!(":{port:04X} ");
-    let is_listener = |line: &str| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() > 3 && fields[1].ends_with(local.trim_end()) && fields[3] == "0A"
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        // /proc/thread-self/net shows the namespace of the reading thread.
-        let listening = netns::run_in(Some(ns), || {
-            let mut tables = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
-            tables += &std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default();
-            Ok(tables.lines().any(is_listener))
-        })?;
-        if listening {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("nothing listens on port {port} after 5 s")
 }
 
 /// Bulk TCP throughput from client to server, in Gbit/s.
