@@ -284,7 +284,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Daemon { sweep_interval } => {
-            if !(sweep_interval > 0.0) {
+            if !sweep_interval.is_finite() || sweep_interval <= 0.0 {
                 anyhow::bail!("invalid --sweep-interval {sweep_interval}: must be above 0");
             }
             netd::daemon::run(ctx, std::time::Duration::from_secs_f64(sweep_interval)).await
