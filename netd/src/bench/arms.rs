@@ -203,12 +203,16 @@ impl World {
         }
     }
 
-    pub fn fairness(&self) -> Result<Fairness> {
-        let ns = match self {
+    /// The namespace whose datapath this arm exercises (the host, or the ceiling's server).
+    pub fn datapath_ns(&self) -> PathBuf {
+        match self {
             Self::Ceiling(c) => netns::path_of(&c.server),
             Self::Managed { ctl, .. } => ctl.instance().sandbox.host_path(),
-        };
-        fairness_of(&ns)
+        }
+    }
+
+    pub fn fairness(&self) -> Result<Fairness> {
+        fairness_of(&self.datapath_ns())
     }
 }
 
@@ -282,17 +286,39 @@ fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
 /// TCX programs attached to the interfaces of `ns`, both directions (Debian's bpftool is too
 /// old to list TCX, so the kernel is asked directly).
 fn tcx_programs_in(ns: &std::path::Path) -> Result<usize> {
+    Ok(tcx_program_stats(ns)?.len())
+}
+
+/// Run counters of one attached program (kept by the kernel while stats are enabled).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgStats {
+    pub program: String,
+    pub interface: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+/// Every TCX program attached in `ns` with its counters.
+pub fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     netns::run_in(Some(ns), || {
-        let mut count = 0;
+        let mut out = Vec::new();
         for name in interface_names()? {
             for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
-                if let Ok((_, progs)) = SchedClassifier::query_tcx(&name, dir) {
-                    count += progs.len();
+                let Ok((_, progs)) = SchedClassifier::query_tcx(&name, dir) else {
+                    continue;
+                };
+                for p in progs {
+                    out.push(ProgStats {
+                        program: p.name_as_str().unwrap_or("?").to_string(),
+                        interface: name.clone(),
+                        runs: p.run_count(),
+                        run_time_ns: p.run_time().as_nanos() as u64,
+                    });
                 }
             }
         }
-        Ok(count)
+        Ok(out)
     })
 }
 

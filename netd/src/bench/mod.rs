@@ -104,6 +104,10 @@ pub async fn run(mut opts: Options) -> Result<()> {
     }
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();
+    // Per-program run counts and times while the paths run (what a missed target costs).
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enable BPF run-time stats")?;
+    let mut profile: BTreeMap<(String, String, String), (u64, u64)> = BTreeMap::new();
     let rounds = if opts.setup_only { 0 } else { opts.runs };
     for round in 1..=rounds {
         for arm in &opts.arms {
@@ -118,8 +122,11 @@ pub async fn run(mut opts: Options) -> Result<()> {
                     opts.runs,
                     path.name()
                 ));
+                let before = arms::tcx_program_stats(&world.datapath_ns())?;
                 measure_path(&world.endpoint(path), arm, path, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {}", path.name()))?;
+                let after = arms::tcx_program_stats(&world.datapath_ns())?;
+                add_profile(&mut profile, arm, path, &before, &after);
             }
             fairness.insert(arm.clone(), world.fairness()?);
         }
@@ -157,6 +164,16 @@ pub async fn run(mut opts: Options) -> Result<()> {
         duration_s: started.elapsed().as_secs_f64(),
         machine: Machine::probe(),
         fairness,
+        profile: profile
+            .into_iter()
+            .map(|((arm, path, program), (runs, ns))| report::Profile {
+                arm,
+                path,
+                program,
+                runs,
+                run_time_ns: ns,
+            })
+            .collect(),
         skipped,
         records: samples.into_iter().map(Record::from_samples).collect(),
     };
@@ -164,6 +181,28 @@ pub async fn run(mut opts: Options) -> Result<()> {
     progress(&format!("report written to {}", opts.out.display()));
     println!("{}", report.markdown());
     Ok(())
+}
+
+/// Adds what each program ran between `before` and `after` to `profile`.
+fn add_profile(
+    profile: &mut BTreeMap<(String, String, String), (u64, u64)>,
+    arm: &str,
+    path: Path,
+    before: &[arms::ProgStats],
+    after: &[arms::ProgStats],
+) {
+    for a in after {
+        let b = before
+            .iter()
+            .find(|b| b.program == a.program && b.interface == a.interface);
+        let runs = a.runs - b.map_or(0, |b| b.runs);
+        let ns = a.run_time_ns - b.map_or(0, |b| b.run_time_ns);
+        let entry = profile
+            .entry((arm.to_string(), path.name().to_string(), a.program.clone()))
+            .or_default();
+        entry.0 += runs;
+        entry.1 += ns;
+    }
 }
 
 /// The path name of the scaling measurements: outside to the last-published port.

@@ -60,6 +60,16 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// What one program cost on one path, summed over the rounds.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    pub arm: String,
+    pub path: String,
+    pub program: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Machine {
     pub kernel: String,
@@ -101,6 +111,8 @@ pub struct Report {
     pub duration_s: f64,
     pub machine: Machine,
     pub fairness: BTreeMap<String, Fairness>,
+    /// Time spent in each attached TCX program while the paths ran (kernel run-time stats).
+    pub profile: Vec<Profile>,
     /// What was not measured, and why.
     pub skipped: Vec<String>,
     pub records: Vec<Record>,
@@ -155,6 +167,7 @@ impl Report {
         self.scaling_table(&mut md);
         self.control_table(&mut md);
         self.fairness_table(&mut md);
+        self.profile_table(&mut md);
         if !self.skipped.is_empty() {
             let _ = writeln!(md, "## Not measured\n");
             for why in &self.skipped {
@@ -312,6 +325,32 @@ impl Report {
                 md,
                 "| {arm} | {} | {} | {} |",
                 f.netfilter_rules, f.kernel_conntrack, f.bpf_programs_attached
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn profile_table(&self, md: &mut String) {
+        if self.profile.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Where the eBPF datapath spends its time\n");
+        let _ = writeln!(
+            md,
+            "Kernel run-time statistics of every attached TCX program while the paths ran (all rounds):\n"
+        );
+        let _ = writeln!(md, "| arm | path | program | runs | ns per run |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for p in &self.profile {
+            let per_run = if p.runs == 0 {
+                0.0
+            } else {
+                p.run_time_ns as f64 / p.runs as f64
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {per_run:.0} |",
+                p.arm, p.path, p.program, p.runs
             );
         }
         let _ = writeln!(md);
