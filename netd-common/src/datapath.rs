@@ -19,6 +19,14 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const STATS_MAP: &str = "STATS";
 /// `ENDPOINT_DROPS`: per-CPU hash [`EndpointKey`] → packets of that container dropped.
 pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
+/// `VETHS`: host-side veth ifindex (`u32`) → the [`EndpointKey`] of the container behind it.
+pub const VETHS_MAP: &str = "VETHS";
+/// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
+pub const LINKS_MAP: &str = "LINKS";
+/// `DROP_EVENTS`: ring buffer of [`DropEvent`], read by `netd monitor`.
+pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
+/// Size of `DROP_EVENTS` in bytes (a power of two, a multiple of the page size).
+pub const DROP_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// TC program on the uplink's ingress: reverse SNAT and DNAT of published ports.
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
@@ -26,6 +34,9 @@ pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
+/// other networks, `--icc`, `--link`, `--internal`) and the container-to-container fast path.
+pub const ENDPOINT_INGRESS_PROG: &str = "endpoint_ingress";
 /// cgroup connect4 program: host processes connecting to published ports go to the container.
 pub const HOST_CONNECT4_PROG: &str = "host_connect4";
 /// cgroup sendmsg4 program: the same for unconnected UDP sends.
@@ -48,6 +59,7 @@ pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;
 pub const PUBLISHED_MAX: u32 = 65_536;
+pub const LINKS_MAX: u32 = 65_536;
 
 pub const AF_INET: u8 = 2;
 pub const IPPROTO_ICMP: u8 = 1;
@@ -100,6 +112,36 @@ pub struct EndpointInfo {
     pub network_id: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+/// One port `--link` opens: `src` may reach `dst` on `proto`/`port`, and `dst` may answer from
+/// it (Docker's pair of ACCEPT rules per exposed port of a linked container).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinkKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// A packet the policy dropped, as `netd monitor` shows it. Ports are 0 when the packet has
+/// none (or was not parsed that far); addresses are zero for non-IP frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DropEvent {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// A [`Stat`] that drops.
+    pub reason: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
 }
 
 /// A published port: `addr` is the host address it is bound to, all zero for any.
@@ -352,10 +394,26 @@ pub enum Stat {
     HairpinHit = 19,
     /// A hairpin packet whose container is gone: dropped.
     NoEndpoint = 20,
+    /// From a container, with a source MAC (or ARP sender) that isn't the container's: dropped.
+    SpoofedMac = 21,
+    /// From a container, with a source address (or ARP sender address) that isn't its own:
+    /// dropped.
+    SpoofedAddr = 22,
+    /// From a container to another network's container: dropped.
+    OtherNetwork = 23,
+    /// Between containers of an `--icc=false` network, not along a `--link`: dropped.
+    IccDenied = 24,
+    /// Leaving an `--internal` network, or arriving at one from outside: dropped.
+    Internal = 25,
+    /// From a container, allowed by the policy, on to the bridge.
+    PolicyPass = 26,
+    /// From a container to a container of the same network, delivered straight into its
+    /// namespace (no bridge, no netfilter).
+    FastPath = 27,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 28;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -378,6 +436,13 @@ impl Stat {
         Stat::HairpinNew,
         Stat::HairpinHit,
         Stat::NoEndpoint,
+        Stat::SpoofedMac,
+        Stat::SpoofedAddr,
+        Stat::OtherNetwork,
+        Stat::IccDenied,
+        Stat::Internal,
+        Stat::PolicyPass,
+        Stat::FastPath,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -403,6 +468,13 @@ impl Stat {
             Stat::HairpinNew => "hairpin_new",
             Stat::HairpinHit => "hairpin_hit",
             Stat::NoEndpoint => "no_endpoint",
+            Stat::SpoofedMac => "spoofed_mac",
+            Stat::SpoofedAddr => "spoofed_addr",
+            Stat::OtherNetwork => "other_network",
+            Stat::IccDenied => "icc_denied",
+            Stat::Internal => "internal",
+            Stat::PolicyPass => "policy_pass",
+            Stat::FastPath => "fast_path",
         }
     }
 
@@ -410,7 +482,14 @@ impl Stat {
     pub const fn drops(self) -> bool {
         matches!(
             self,
-            Stat::PortExhausted | Stat::ConntrackFull | Stat::RewriteFailed
+            Stat::PortExhausted
+                | Stat::ConntrackFull
+                | Stat::RewriteFailed
+                | Stat::SpoofedMac
+                | Stat::SpoofedAddr
+                | Stat::OtherNetwork
+                | Stat::IccDenied
+                | Stat::Internal
         )
     }
 }
@@ -423,6 +502,8 @@ crate::user_pod!(
     EndpointInfo,
     PublishedKey,
     PublishedTarget,
+    LinkKey,
+    DropEvent,
     CtKey,
     CtEntry,
     Timeouts,

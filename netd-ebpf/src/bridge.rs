@@ -60,7 +60,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return translate(ctx, &flow, &hit.rewrite, &second, Stat::HairpinHit, ep);
     }
     // A new flow: from a container of a netd network to a port published on a host address.
-    let Some(net) = maps::endpoint(flow.saddr).and_then(|src| maps::network(src.network_id)) else {
+    let Some(src_net_id) = maps::endpoint(flow.saddr).map(|src| src.network_id) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let Some(net) = maps::network(src_net_id) else {
         return Outcome::Done(Stat::NoNat);
     };
     let gateway = net.gateway[0];
@@ -71,6 +74,11 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let Some(ep) = maps::endpoint(target.addr[0]) else {
         return Outcome::Done(Stat::NoNat);
     };
+    // An internal network's published ports are out of reach from its neighbours too.
+    if ep.network_id != src_net_id && maps::is_internal(ep.network_id) {
+        stats::count_endpoint_drop(target.addr[0]);
+        return Outcome::Done(Stat::Internal);
+    }
     if !conntrack::may_start_flow(&flow) {
         return Outcome::Done(Stat::NoNat);
     }

@@ -8,10 +8,12 @@
 mod bridge;
 mod conntrack;
 mod counter;
+mod events;
 mod host;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod sockets;
 mod stats;
 mod uplink;

@@ -5,7 +5,8 @@
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
-//!   the container. The host stack then routes the packet to the container's bridge.
+//!   the container (never to one of an `--internal` network: dropped). The host stack then
+//!   routes the packet to the container's bridge.
 //!
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
@@ -20,10 +21,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use netd_common::datapath::{AF_INET, CT_NAT_SNAT, Config, CtKey, NET_MASQUERADE, Stat};
+use netd_common::datapath::{
+    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
+};
 
 use crate::{
     conntrack::{self, v4},
+    events::{self, Tuple},
     maps, nat,
     parse::{self, Flow, Quoted},
     stats,
@@ -100,6 +104,9 @@ fn ingress(ctx: &TcContext) -> Stat {
     let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
         return Stat::NoNat;
     };
+    if maps::is_internal(target.network_id) {
+        return refuse(ctx, &flow, Stat::Internal, target.addr[0]);
+    }
     if !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
@@ -110,6 +117,17 @@ fn ingress(ctx: &TcContext) -> Stat {
             reason
         }
     }
+}
+
+/// Drops a new flow to the container at `target` for `reason`: counted against the container
+/// and reported as an event.
+#[inline(always)]
+fn refuse(ctx: &TcContext, flow: &Flow, reason: Stat, target: u32) -> Stat {
+    stats::count_endpoint_drop(target);
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    events::report_drop(&Tuple::of(flow), reason, ifindex);
+    reason
 }
 
 /// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
@@ -156,12 +174,13 @@ fn hit_stat(nat: u8) -> Stat {
     }
 }
 
-/// Whether `saddr` is a container on a network with masquerading on.
+/// Whether `saddr` is a container on a network with masquerading on (never an internal one:
+/// its traffic stops at the container's veth, this makes sure nothing gets out anyway).
 #[inline(always)]
 fn masquerades(saddr: u32) -> bool {
     maps::endpoint(saddr)
         .and_then(|ep| maps::network(ep.network_id))
-        .is_some_and(|net| net.flags & NET_MASQUERADE != 0)
+        .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
 }
 
 #[inline(always)]

@@ -105,6 +105,7 @@ mod tests {
             add_hosts: vec![],
             links: vec![],
             peer_links: vec![],
+            exposed: vec![],
             ports: vec![],
         }
     }

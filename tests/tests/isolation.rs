@@ -1,0 +1,209 @@
+//! Isolation in the eBPF datapath, with real packets through networks and containers made by
+//! the CLI: `--icc=false` and `--link`, `--internal`, anti-spoofing, other networks, and the
+//! drop counters and events that report each refusal.
+
+use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+
+use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
+
+/// A container made with `netd container create NAME ARGS`: its name, namespace and address.
+struct Container {
+    name: String,
+    ns: PathBuf,
+    ip: Ipv4Addr,
+}
+
+fn create(env: &TestEnv, base: &str, args: &[&str]) -> Container {
+    let name = env.name(base);
+    let mut all = vec!["container", "create", name.as_str()];
+    all.extend_from_slice(args);
+    env.netd_ok(&all);
+    let info = env.netd_json(&["container", "inspect", &name]);
+    Container {
+        ns: netd::netns::path_of(&name),
+        ip: info["ip"].as_str().unwrap().parse().unwrap(),
+        name,
+    }
+}
+
+/// Whether `count` pings from `ns` to `dst` (from `src` when given) get an answer.
+fn pings(env: &TestEnv, ns: &std::path::Path, dst: Ipv4Addr, src: Option<Ipv4Addr>) -> bool {
+    let dst = dst.to_string();
+    let mut args = vec!["-c", "1", "-W", "1"];
+    let src = src.map(|s| s.to_string());
+    if let Some(src) = &src {
+        args.extend_from_slice(&["-I", src]);
+    }
+    args.push(&dst);
+    env.run_in(ns, "ping", &args).status.success()
+}
+
+/// Whether a TCP connection from `ns` to `dst:port` is accepted.
+fn connects(env: &TestEnv, ns: &std::path::Path, dst: Ipv4Addr, port: u16) -> bool {
+    env.run_in(
+        ns,
+        "nc",
+        &["-z", "-w", "1", &dst.to_string(), &port.to_string()],
+    )
+    .status
+    .success()
+}
+
+/// Starts TCP listeners on `ports` in `ns` and waits until they listen.
+fn listen(env: &TestEnv, ns: &std::path::Path, ports: &[u16]) {
+    for port in ports {
+        env.spawn_in(ns, "nc", &["-lk", &port.to_string()]);
+    }
+    for port in ports {
+        let listening = (0..100).any(|_| {
+            let ss = env.run_in(ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
+            let up = !ss.stdout.is_empty();
+            if !up {
+                thread::sleep(Duration::from_millis(20));
+            }
+            up
+        });
+        assert!(listening, "nothing listens on port {port}");
+    }
+}
+
+fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
+    env.netd_json(&["network", "inspect", network])["network"]["gateway"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Packets counted under `reason` by `netd stats`.
+fn stat(env: &TestEnv, reason: &str) -> u64 {
+    let stats = env.netd_json(&["stats", "--json"]);
+    stats["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reason"] == reason)
+        .unwrap_or_else(|| panic!("no counter {reason}: {stats}"))["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Dropped packets of the container at `ip`, as `netd stats` shows them.
+fn endpoint_drops(env: &TestEnv, ip: Ipv4Addr) -> u64 {
+    let stats = env.netd_json(&["stats", "--json"]);
+    stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["endpoint"] == ip.to_string())
+        .map_or(0, |e| e["dropped"].as_u64().unwrap())
+}
+
+#[test]
+fn without_icc_only_links_to_exposed_ports_and_their_replies_pass() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "quiet", "--icc=false"]);
+    let web = create(&env, "web", &["--network", "quiet", "--expose", "80"]);
+    let link = format!("{}:db", web.name);
+    let client = create(&env, "client", &["--network", "quiet", "--link", &link]);
+    let stranger = create(&env, "stranger", &["--network", "quiet"]);
+    listen(&env, &web.ns, &[80, 81]);
+    listen(&env, &client.ns, &[80]);
+
+    assert!(connects(&env, &client.ns, web.ip, 80), "along the link");
+    let denied = stat(&env, "icc_denied");
+    assert!(
+        !connects(&env, &client.ns, web.ip, 81),
+        "a port not exposed"
+    );
+    assert!(!connects(&env, &stranger.ns, web.ip, 80), "not linked");
+    assert!(!connects(&env, &web.ns, client.ip, 80), "against the link");
+    assert!(!pings(&env, &client.ns, web.ip, None), "ICMP isn't linked");
+    assert!(stat(&env, "icc_denied") >= denied + 4);
+    assert!(endpoint_drops(&env, stranger.ip) > 0);
+    // The gateway (the host) stays reachable.
+    let gateway = gateway_of(&env, "quiet");
+    assert!(pings(&env, &stranger.ns, gateway, None));
+}
+
+#[test]
+fn with_icc_containers_talk_over_the_fast_path() {
+    let env = TestEnv::new();
+    let c1 = create(&env, "c1", &[]);
+    let c2 = create(&env, "c2", &[]);
+    let before = stat(&env, "fast_path");
+    assert!(pings(&env, &c1.ns, c2.ip, None));
+    listen(&env, &c2.ns, &[80]);
+    assert!(connects(&env, &c1.ns, c2.ip, 80));
+    assert!(
+        stat(&env, "fast_path") >= before + 4,
+        "echo, reply, SYN, SYN-ACK at least"
+    );
+}
+
+#[test]
+fn an_internal_network_reaches_only_its_containers_and_gateway() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "vault", "--internal"]);
+    let c1 = create(&env, "c1", &["--network", "vault", "-p", "8080:80"]);
+    let c2 = create(&env, "c2", &["--network", "vault"]);
+    listen(&env, &c1.ns, &[80]);
+    let gateway = gateway_of(&env, "vault");
+    assert!(pings(&env, &c2.ns, c1.ip, None));
+    assert!(connects(&env, &c2.ns, c1.ip, 80));
+    assert!(pings(&env, &c2.ns, gateway, None));
+    assert!(!pings(&env, &c2.ns, OUTSIDE_ADDR, None), "nothing out");
+    assert!(
+        !pings(&env, &c2.ns, HOST_ADDR, None),
+        "not even the host's uplink"
+    );
+    assert!(
+        !connects(&env, &env.outside_ns(), HOST_ADDR, 8080),
+        "nothing in through a published port"
+    );
+    assert!(stat(&env, "internal") >= 3);
+    assert!(
+        endpoint_drops(&env, c1.ip) > 0,
+        "the refused published port"
+    );
+    assert!(endpoint_drops(&env, c2.ip) >= 2);
+}
+
+#[test]
+fn spoofed_addresses_and_macs_are_dropped_and_counted() {
+    let env = TestEnv::new();
+    let c1 = create(&env, "c1", &[]);
+    let c2 = create(&env, "c2", &[]);
+    assert!(pings(&env, &c1.ns, c2.ip, None));
+
+    let spoofed = Ipv4Addr::new(172, 17, 0, 200);
+    let ip = |args: &[&str]| assert!(env.run_in(&c1.ns, "ip", args).status.success());
+    ip(&["addr", "add", &format!("{spoofed}/16"), "dev", "eth0"]);
+    assert!(!pings(&env, &c1.ns, c2.ip, Some(spoofed)));
+    assert!(stat(&env, "spoofed_addr") > 0);
+    let drops = endpoint_drops(&env, c1.ip);
+    assert!(drops > 0, "counted against the sender");
+
+    ip(&["addr", "del", &format!("{spoofed}/16"), "dev", "eth0"]);
+    ip(&["link", "set", "eth0", "address", "02:42:ac:11:99:99"]);
+    assert!(!pings(&env, &c1.ns, c2.ip, None));
+    assert!(stat(&env, "spoofed_mac") > 0);
+    assert!(endpoint_drops(&env, c1.ip) > drops);
+}
+
+#[test]
+fn containers_of_another_network_are_out_of_reach() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "blue"]);
+    env.netd_ok(&["network", "create", "red"]);
+    let b = create(&env, "b", &["--network", "blue"]);
+    let r = create(&env, "r", &["--network", "red"]);
+    listen(&env, &r.ns, &[80]);
+    assert!(!pings(&env, &b.ns, r.ip, None));
+    assert!(!connects(&env, &b.ns, r.ip, 80));
+    assert!(stat(&env, "other_network") >= 2);
+    assert!(endpoint_drops(&env, b.ip) >= 2);
+    // Both still reach the outside.
+    assert!(pings(&env, &b.ns, OUTSIDE_ADDR, None));
+    assert!(pings(&env, &r.ns, OUTSIDE_ADDR, None));
+}
