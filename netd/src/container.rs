@@ -78,7 +78,7 @@ pub async fn create(ctx: &Ctx, req: Request) -> Result<Container> {
         return Err(e);
     }
     state.containers.get_mut(&name).expect("recorded").status = Status::Running;
-    refresh_etc_files(ctx, &state)?;
+    refresh_linkers(ctx, &state, &name)?;
     ctx.store.save(&state)?;
     Ok(state.containers[&name].clone())
 }
@@ -284,19 +284,11 @@ async fn realize(ctx: &Ctx, state: &State, c: &Container) -> Result<()> {
 async fn connect_veth(state: &State, c: &Container, inside: &Netlink) -> Result<()> {
     let net = state.network(c.network.as_deref().expect("bridge mode"))?;
     let host_name = c.host_veth.as_deref().expect("bridge mode");
-    let temp_name = format!("tmp{}", &host_name[4..]);
-    let host = Netlink::in_ns(None)?;
-    host.add_veth(host_name, &temp_name, Some(net.mtu)).await?;
-    let peer = host.require_link(&temp_name).await?;
-    host.move_to_ns(peer, &c.netns).await?;
-
-    let eth0 = inside.require_link(&temp_name).await?;
     let mac = ipam::parse_mac(c.mac.as_deref().expect("bridge mode"))?;
-    inside
-        .set_link(eth0, "configure eth0", |m| {
-            m.name("eth0").address(mac.to_vec()).mtu(net.mtu)
-        })
+    let host = Netlink::in_ns(None)?;
+    host.add_veth_into(host_name, net.mtu, "eth0", &c.netns, mac)
         .await?;
+    let eth0 = inside.require_link("eth0").await?;
     inside.set_up(eth0).await?;
     let ip = c.ip.expect("bridge mode");
     inside
@@ -390,12 +382,11 @@ async fn teardown(ctx: &Ctx, state: &State, c: &Container) {
             let _ = dp.remove_endpoint(&net.spec(), &ep);
         }
     }
-    if let Ok(host) = Netlink::in_ns(None) {
-        if let Some(veth) = &c.host_veth
-            && let Ok(Some(index)) = host.link_index(veth).await
-        {
-            let _ = host.del_link(index).await;
-        }
+    if let Ok(host) = Netlink::in_ns(None)
+        && let Some(veth) = &c.host_veth
+        && let Ok(Some(index)) = host.link_index(veth).await
+    {
+        let _ = host.del_link(index).await;
     }
     if let Ok(inside) = Netlink::in_ns(Some(&c.netns)) {
         for link in &c.peer_links {
@@ -431,17 +422,18 @@ pub async fn remove(ctx: &Ctx, name: &str) -> Result<()> {
     for other in state.containers.values_mut() {
         other.peer_links.retain(|l| l.peer != name);
     }
-    refresh_etc_files(ctx, &state)?;
+    refresh_linkers(ctx, &state, name)?;
     ctx.store.save(&state)
 }
 
-/// Rewrites every running container's files, so hosts entries follow linked containers.
-fn refresh_etc_files(ctx: &Ctx, state: &State) -> Result<()> {
-    for c in state
+/// Rewrites the files of the containers that link to `name`, so their hosts entries follow
+/// it when it is re-created with another address (or goes).
+fn refresh_linkers(ctx: &Ctx, state: &State, name: &str) -> Result<()> {
+    let linkers = state
         .containers
         .values()
-        .filter(|c| c.status == Status::Running)
-    {
+        .filter(|c| c.status == Status::Running && c.links.iter().any(|l| l.container == name));
+    for c in linkers {
         etcfiles::write(&ctx.store.container_dir(&c.name), c, state)?;
     }
     Ok(())

@@ -98,6 +98,37 @@ impl Netlink {
             .with_context(|| format!("create veth pair {name}/{peer}"))
     }
 
+    /// Creates a veth pair whose peer is made directly inside the namespace at `peer_ns`,
+    /// already named `peer` and carrying `peer_mac`. Making it there instead of moving it
+    /// afterwards saves the RCU grace period a namespace move waits for (~15 ms a container).
+    pub async fn add_veth_into(
+        &self,
+        name: &str,
+        mtu: u32,
+        peer: &str,
+        peer_ns: &Path,
+        peer_mac: [u8; 6],
+    ) -> Result<()> {
+        use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
+        let ns = File::open(peer_ns).with_context(|| format!("open {}", peer_ns.display()))?;
+        let peer_msg = LinkUnspec::new_with_name(peer)
+            .setns_by_fd(ns.as_raw_fd())
+            .address(peer_mac.to_vec())
+            .mtu(mtu)
+            .build();
+        let msg = rtnetlink::LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("create veth pair {name}/{peer} into {}", peer_ns.display()))
+    }
+
     /// Creates a bridge `name`, up.
     pub async fn add_bridge(&self, name: &str, mtu: Option<u32>) -> Result<u32> {
         let mut msg = LinkBridge::new(name).up();

@@ -219,12 +219,13 @@ impl Store {
         }
     }
 
-    /// Replaces the stored state atomically.
+    /// Replaces the stored state atomically: a process killed at any point leaves the old or
+    /// the new document. No fsync: what the state describes (namespaces, links, programs)
+    /// doesn't survive a power loss either, and the rename is what crash safety needs.
     pub fn save(&self, state: &State) -> Result<()> {
         let tmp = self.dir.join("state.json.tmp");
         let mut file = File::create(&tmp).with_context(|| format!("write {}", tmp.display()))?;
         file.write_all(&serde_json::to_vec_pretty(state)?)?;
-        file.sync_all()?;
         fs::rename(&tmp, self.path()).with_context(|| format!("replace {}", self.path().display()))
     }
 

@@ -139,7 +139,7 @@ impl Control {
 pub enum World {
     Ceiling(Ceiling),
     Managed {
-        ctl: Control,
+        ctl: Box<Control>,
         server: Created,
         client: Created,
     },
@@ -150,7 +150,7 @@ impl World {
         if arm == "ceiling" {
             return Ok(Self::Ceiling(Ceiling::build(prefix).await?));
         }
-        let ctl = Control::build(arm, prefix).await?;
+        let ctl = Box::new(Control::build(arm, prefix).await?);
         // The server container publishes the three servers' ports, shifted.
         let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
         let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
@@ -269,7 +269,7 @@ fn output_in(ns: &std::path::Path, program: &str, args: &[&str]) -> Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn fairness_of(ns: &PathBuf) -> Result<Fairness> {
+fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
     let rules = output_in(ns, "iptables-save", &[])?;
     let conntrack = output_in(ns, "conntrack", &["-C"])?;
     let bpf = output_in(ns, "bpftool", &["net", "show"])?;

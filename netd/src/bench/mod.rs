@@ -96,11 +96,11 @@ pub async fn run(mut opts: Options) -> Result<()> {
     let plan = Plan::new(opts.quick);
     let started = Instant::now();
     let mut skipped = Vec::new();
-    if opts.arms.iter().any(|a| a == "docker") {
-        if let Err(e) = docker::ensure_installed() {
-            skip(&mut skipped, format!("docker: {e:#}"));
-            opts.arms.retain(|a| a != "docker");
-        }
+    if opts.arms.iter().any(|a| a == "docker")
+        && let Err(e) = docker::ensure_installed()
+    {
+        skip(&mut skipped, format!("docker: {e:#}"));
+        opts.arms.retain(|a| a != "docker");
     }
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();

@@ -165,6 +165,9 @@ impl Report {
     }
 
     fn paths_table(&self, md: &mut String) {
+        if !self.records.iter().any(|r| r.metric == "throughput") {
+            return;
+        }
         let arms = self.arms();
         let _ = writeln!(md, "## Paths (median, min–max over runs)\n");
         let _ = write!(md, "| path | metric |");
@@ -257,6 +260,9 @@ impl Report {
     }
 
     fn control_table(&self, md: &mut String) {
+        if !self.records.iter().any(|r| r.metric == "create_ms") {
+            return;
+        }
         let _ = writeln!(md, "## Control plane (per container)\n");
         let _ = writeln!(
             md,
@@ -286,6 +292,9 @@ impl Report {
     }
 
     fn fairness_table(&self, md: &mut String) {
+        if self.fairness.is_empty() {
+            return;
+        }
         let _ = writeln!(md, "## Fairness\n");
         let _ = writeln!(
             md,

@@ -1,0 +1,700 @@
+//! The control plane through the `netd` CLI: networks, containers, modes, links, /etc files,
+//! concurrency, bad input and crash recovery, with real namespaces and real packets.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use netd::netns;
+use tests::harness::{OUTSIDE_ADDR, TestEnv};
+
+fn ip_of(env: &TestEnv, name: &str) -> String {
+    let c = env.netd_json(&["container", "inspect", name]);
+    c["ip"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no ip: {c}"))
+        .to_string()
+}
+
+fn ns(name: &str) -> PathBuf {
+    netns::path_of(name)
+}
+
+fn pings(env: &TestEnv, from: &Path, to: &str) -> bool {
+    env.run_in(from, "ping", &["-c", "1", "-W", "2", to])
+        .status
+        .success()
+}
+
+/// Starts a one-shot TCP echo server in `ns` on `port`; returns its thread, which yields the
+/// peer address it saw.
+fn echo_server(env: &TestEnv, ns: &Path, port: u16) -> std::thread::JoinHandle<SocketAddr> {
+    let listener = env.in_ns(ns, || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&buf[..n]).unwrap();
+        peer
+    })
+}
+
+/// Connects from `ns` to `addr`, sends a line and returns what came back.
+fn tcp_echo(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<String> {
+    env.in_ns(ns, || {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.write_all(b"netd")?;
+        let mut buf = [0u8; 16];
+        let n = conn.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+#[test]
+fn a_none_container_is_isolated_and_keeps_loopback() {
+    let env = TestEnv::new();
+    let c = env.name("iso");
+    env.netd_ok(&["container", "create", &c, "--network", "none"]);
+    let links = String::from_utf8(env.run_in(&ns(&c), "ip", &["-o", "link"]).stdout).unwrap();
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    // A server inside answers on its own loopback...
+    let server = echo_server(&env, &ns(&c), 8000);
+    assert_eq!(
+        tcp_echo(&env, &ns(&c), addr("127.0.0.1", 8000)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    // ...and the host, whose 127.0.0.1 is its own, can't reach it.
+    let _server = env.in_ns(&ns(&c), || TcpListener::bind("0.0.0.0:8001").unwrap());
+    assert!(tcp_echo(&env, &env.host_ns(), addr("127.0.0.1", 8001)).is_err());
+}
+
+#[test]
+fn host_and_container_reach_each_other_by_ping_and_tcp() {
+    let env = TestEnv::new();
+    let c = env.name("hc");
+    env.netd_ok(&["container", "create", &c]);
+    let ip = ip_of(&env, &c);
+    let gateway = env.netd_json(&["network", "inspect", "bridge"])["network"]["gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(pings(&env, &env.host_ns(), &ip));
+    assert!(pings(&env, &ns(&c), &gateway));
+    let server = echo_server(&env, &ns(&c), 8000);
+    assert_eq!(
+        tcp_echo(&env, &env.host_ns(), addr(&ip, 8000)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    let server = echo_server(&env, &env.host_ns(), 8001);
+    assert_eq!(
+        tcp_echo(&env, &ns(&c), addr(&gateway, 8001)).unwrap(),
+        "netd"
+    );
+    assert_eq!(server.join().unwrap().ip().to_string(), ip);
+}
+
+#[test]
+fn containers_reach_each_other_over_the_bridge() {
+    let env = TestEnv::new();
+    let (a, b) = (env.name("a"), env.name("b"));
+    env.netd_ok(&["network", "create", "n1", "--subnet", "10.91.0.0/24"]);
+    env.netd_ok(&["container", "create", &a, "--network", "n1"]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &b,
+        "--network",
+        "n1",
+        "--ip",
+        "10.91.0.50",
+    ]);
+    assert_eq!(ip_of(&env, &a), "10.91.0.2");
+    assert!(pings(&env, &ns(&a), "10.91.0.50"));
+    let server = echo_server(&env, &ns(&b), 9000);
+    assert_eq!(
+        tcp_echo(&env, &ns(&a), addr("10.91.0.50", 9000)).unwrap(),
+        "netd"
+    );
+    assert_eq!(server.join().unwrap().ip().to_string(), "10.91.0.2");
+    // MAC derived from the address, MTU from the network, eth0 inside.
+    let link = String::from_utf8(
+        env.run_in(&ns(&b), "ip", &["-o", "link", "show", "eth0"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        link.contains("02:42:0a:5b:00:32") && link.contains("mtu 1500"),
+        "{link}"
+    );
+}
+
+/// The outside sees the host's uplink address for a container's connection (masquerade), and
+/// a published port reaches the container; the same test runs on both datapaths.
+fn masquerade_and_published_port(datapath: &str) {
+    let env = TestEnv::new();
+    let c = env.name("web");
+    env.netd_ok(&[
+        "--datapath",
+        datapath,
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.92.0.0/24",
+    ]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &c,
+        "--network",
+        "n",
+        "-p",
+        "8080:80",
+        "-p",
+        "5353:53/udp",
+    ]);
+    assert_eq!(
+        env.netd_ok(&["port", &c]),
+        "80/tcp -> 0.0.0.0:8080\n53/udp -> 0.0.0.0:5353\n"
+    );
+
+    let server = echo_server(&env, &env.outside_ns(), 7000);
+    assert!(pings(&env, &ns(&c), &OUTSIDE_ADDR.to_string()));
+    assert_eq!(
+        tcp_echo(&env, &ns(&c), addr(&OUTSIDE_ADDR.to_string(), 7000)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        server.join().unwrap().ip().to_string(),
+        "198.18.0.2",
+        "masqueraded to the uplink address"
+    );
+
+    let server = echo_server(&env, &ns(&c), 80);
+    assert_eq!(
+        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8080)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        server.join().unwrap().ip(),
+        std::net::IpAddr::V4(OUTSIDE_ADDR),
+        "DNAT keeps the client address"
+    );
+
+    env.netd_ok(&["container", "rm", &c]);
+    env.netd_ok(&["network", "rm", "n"]);
+    let rules = String::from_utf8(env.run_in(&env.host_ns(), "iptables-save", &[]).stdout).unwrap();
+    assert!(!rules.contains("NETD"), "{datapath} left rules:\n{rules}");
+}
+
+#[test]
+fn masquerade_and_published_port_ebpf() {
+    masquerade_and_published_port("ebpf");
+}
+
+#[test]
+fn masquerade_and_published_port_iptables() {
+    masquerade_and_published_port("iptables");
+}
+
+#[test]
+fn host_none_and_container_modes() {
+    let env = TestEnv::new();
+    let (h, owner, sharer) = (env.name("h"), env.name("own"), env.name("share"));
+    env.netd_ok(&["container", "create", &h, "--network", "host"]);
+    let out = env.netd_ok(&["exec", &h, "--", "ip", "-o", "addr"]);
+    assert!(
+        out.contains("198.18.0.2"),
+        "host mode sees the host's uplink: {out}"
+    );
+
+    env.netd_ok(&["container", "create", &owner]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &sharer,
+        "--network",
+        &format!("container:{owner}"),
+    ]);
+    let ip = ip_of(&env, &owner);
+    let out = env.netd_ok(&["exec", &sharer, "--", "ip", "-o", "addr", "show", "eth0"]);
+    assert!(out.contains(&ip), "the sharer sees the owner's eth0: {out}");
+    let err = env.netd_err(&["container", "rm", &owner]);
+    assert!(
+        err.contains("shares its network namespace") && err.contains(&sharer),
+        "{err}"
+    );
+    env.netd_ok(&["container", "rm", &sharer]);
+    env.netd_ok(&["container", "rm", &owner]);
+    env.netd_ok(&["container", "rm", &h]);
+    assert!(!netns::exists(&owner));
+}
+
+#[test]
+fn netd_link_joins_two_containers_point_to_point() {
+    let env = TestEnv::new();
+    let (a, b) = (env.name("pa"), env.name("pb"));
+    env.netd_ok(&["network", "create", "na", "--subnet", "10.93.0.0/24"]);
+    env.netd_ok(&["network", "create", "nb", "--subnet", "10.94.0.0/24"]);
+    env.netd_ok(&["container", "create", &a, "--network", "na"]);
+    env.netd_ok(&["container", "create", &b, "--network", "nb"]);
+    env.netd_ok(&["link", &a, &b]);
+    let route = String::from_utf8(
+        env.run_in(&ns(&a), "ip", &["route", "get", "10.94.0.2"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(route.contains("dev p2p"), "to b over the p2p link: {route}");
+    let server = echo_server(&env, &ns(&b), 9100);
+    assert_eq!(
+        tcp_echo(&env, &ns(&a), addr("10.94.0.2", 9100)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        server.join().unwrap().ip().to_string(),
+        "10.93.0.2",
+        "no NAT on a p2p link"
+    );
+    let err = env.netd_err(&["link", &a, &b]);
+    assert!(err.contains("already linked"), "{err}");
+    env.netd_ok(&["container", "rm", &a]);
+    let links = String::from_utf8(env.run_in(&ns(&b), "ip", &["-o", "link"]).stdout).unwrap();
+    assert!(!links.contains("p2p"), "the peer end went with a: {links}");
+}
+
+#[test]
+fn hosts_and_resolv_conf_follow_flags_and_links() {
+    let env = TestEnv::new();
+    let (db, web) = (env.name("db"), env.name("web"));
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.95.0.0/24"]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &db,
+        "--network",
+        "n",
+        "--ip",
+        "10.95.0.10",
+    ]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &web,
+        "--network",
+        "n",
+        "--hostname",
+        "frontend",
+        "--add-host",
+        "registry:10.9.9.9",
+        "--dns",
+        "10.0.0.53",
+        "--dns-search",
+        "corp.example",
+        "--link",
+        &format!("{db}:database"),
+    ]);
+    let hosts = env.netd_ok(&["exec", &web, "--", "cat", "/etc/hosts"]);
+    assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
+    assert!(hosts.contains("10.95.0.2\tfrontend"), "{hosts}");
+    assert!(
+        hosts.contains(&format!("10.95.0.10\tdatabase {db}")),
+        "{hosts}"
+    );
+    assert!(hosts.contains("10.9.9.9\tregistry"), "{hosts}");
+    let resolv = env.netd_ok(&["exec", &web, "--", "cat", "/etc/resolv.conf"]);
+    assert_eq!(resolv, "search corp.example\nnameserver 10.0.0.53\n");
+    assert_eq!(env.netd_ok(&["exec", &web, "--", "hostname"]), "frontend\n");
+    // The machine's own files are untouched.
+    assert!(
+        !std::fs::read_to_string("/etc/hosts")
+            .unwrap()
+            .contains("frontend")
+    );
+
+    // Re-created with a new address, the linked container's entry follows it.
+    env.netd_ok(&["container", "rm", &db]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &db,
+        "--network",
+        "n",
+        "--ip",
+        "10.95.0.20",
+    ]);
+    let hosts = env.netd_ok(&["exec", &web, "--", "cat", "/etc/hosts"]);
+    assert!(
+        hosts.contains(&format!("10.95.0.20\tdatabase {db}")),
+        "{hosts}"
+    );
+
+    // Without --dns, the host's resolv.conf minus loopback nameservers.
+    let plain = env.name("plain");
+    env.netd_ok(&["container", "create", &plain, "--network", "n"]);
+    let resolv = env.netd_ok(&["exec", &plain, "--", "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("nameserver ") && !resolv.contains("nameserver 127."),
+        "{resolv}"
+    );
+}
+
+#[test]
+fn fifty_concurrent_creates_all_succeed_with_distinct_addresses() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.96.0.0/24"]);
+    let names: Vec<String> = (0..50).map(|i| env.name(&format!("k{i}"))).collect();
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| {
+            env.netd_cmd(&["container", "create", n, "--network", "n"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ips: HashSet<String> = names.iter().map(|n| ip_of(&env, n)).collect();
+    assert_eq!(ips.len(), 50);
+    let listed = env.netd_json(&["container", "ls", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 50);
+}
+
+/// What a failed command must leave exactly as it was.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    namespaces: Vec<String>,
+    host_links: Vec<String>,
+    state: String,
+}
+
+fn snapshot(env: &TestEnv) -> Snapshot {
+    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&env.prefix))
+        .collect();
+    namespaces.sort();
+    let links =
+        String::from_utf8(env.run_in(&env.host_ns(), "ip", &["-o", "link"]).stdout).unwrap();
+    let host_links = links
+        .lines()
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .collect();
+    let state = std::fs::read_to_string(env.state_dir.join("state.json")).unwrap_or_default();
+    Snapshot {
+        namespaces,
+        host_links,
+        state,
+    }
+}
+
+#[test]
+fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
+    let env = TestEnv::new();
+    let (c1, c2, bad) = (env.name("c1"), env.name("c2"), env.name("bad"));
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.97.0.0/24"]);
+    env.netd_ok(&[
+        "network",
+        "create",
+        "tiny",
+        "--subnet",
+        "10.98.0.0/29",
+        "--ip-range",
+        "10.98.0.0/30",
+    ]);
+    env.netd_ok(&[
+        "container",
+        "create",
+        &c1,
+        "--network",
+        "n",
+        "--ip",
+        "10.97.0.5",
+        "-p",
+        "8080:80",
+    ]);
+    env.netd_ok(&["container", "create", &c2, "--network", "tiny"]);
+    let long_bridge = "b23456789012345x";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["network", "create", "x", "--subnet", "10.99.0.0/33"],
+            "10.99.0.0/33",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "banana"],
+            "banana",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "10.97.0.128/25"],
+            "overlaps",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "198.18.0.0/16"],
+            "in use on the host",
+        ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+                "--gateway",
+                "10.100.0.1",
+            ],
+            "10.100.0.1",
+        ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+                "--ip-range",
+                "10.99.1.0/25",
+            ],
+            "10.99.1.0/25",
+        ),
+        (
+            vec!["network", "create", "n", "--subnet", "10.99.0.0/24"],
+            "already exists",
+        ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+                "--bridge",
+                long_bridge,
+            ],
+            long_bridge,
+        ),
+        (vec!["network", "rm", "n"], "has containers"),
+        (vec!["network", "rm", "nosuch"], "nosuch"),
+        (
+            vec!["container", "create", &bad, "--network", "nosuch"],
+            "nosuch",
+        ),
+        (
+            vec!["container", "create", &c1, "--network", "n"],
+            "already exists",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--ip",
+                "10.96.0.9",
+            ],
+            "10.96.0.9",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--ip",
+                "10.97.0.5",
+            ],
+            "already in use",
+        ),
+        (
+            vec!["container", "create", &bad, "--network", "tiny"],
+            "exhausted",
+        ),
+        (
+            vec!["container", "create", &bad, "--network", "n", "-p", "0:80"],
+            "0:80",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "8081:70000",
+            ],
+            "70000",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "8000-8002:80-81",
+            ],
+            "different lengths",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "8082:80/sctp",
+            ],
+            "sctp",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "8080:81",
+            ],
+            "8080/tcp is already published",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--pid",
+                "999999999",
+            ],
+            "999999999",
+        ),
+        (
+            vec!["container", "create", "bad/name", "--network", "n"],
+            "bad/name",
+        ),
+        (vec!["container", "rm", "nosuch"], "nosuch"),
+        (
+            vec![
+                "--datapath",
+                "nosuch",
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+            ],
+            "nosuch",
+        ),
+    ];
+    for (args, needle) in cases {
+        let before = snapshot(&env);
+        let err = env.netd_err(&args);
+        assert!(
+            err.contains(needle),
+            "netd {args:?}: {err:?} should name {needle:?}"
+        );
+        assert_eq!(
+            snapshot(&env),
+            before,
+            "netd {args:?} left something behind"
+        );
+    }
+}
+
+#[test]
+fn a_create_killed_midway_is_cleaned_up_by_the_next_command() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.99.0.0/24"]);
+    let victim = env.name("victim");
+    let mut child = env
+        .netd_cmd(&[
+            "container",
+            "create",
+            &victim,
+            "--network",
+            "n",
+            "--ip",
+            "10.99.0.7",
+        ])
+        .env("NETD_TEST_PAUSE_AFTER", "veth")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "paused after veth");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    // It left a namespace and a veth behind...
+    assert!(netns::exists(&victim));
+    let links =
+        || String::from_utf8(env.run_in(&env.host_ns(), "ip", &["-o", "link"]).stdout).unwrap();
+    assert!(links().contains("veth"));
+    // ...which the next command removes, releasing the address.
+    let out = env.netd_ok(&["gc"]);
+    assert!(out.contains(&victim), "{out}");
+    assert!(!netns::exists(&victim));
+    assert!(!links().contains("veth"), "{}", links());
+    let again = env.name("again");
+    env.netd_ok(&[
+        "container",
+        "create",
+        &again,
+        "--network",
+        "n",
+        "--ip",
+        "10.99.0.7",
+    ]);
+}
+
+#[test]
+fn listings_have_tables_and_json() {
+    let env = TestEnv::new();
+    let c = env.name("ls");
+    env.netd_ok(&["container", "create", &c, "-p", "9090:90"]);
+    let table = env.netd_ok(&["container", "ls"]);
+    assert!(
+        table.starts_with("NAME") && table.contains(&c) && table.contains("90/tcp -> 0.0.0.0:9090"),
+        "{table}"
+    );
+    let nets = env.netd_ok(&["network", "ls"]);
+    assert!(
+        nets.contains("bridge") && nets.contains("netd0") && nets.contains("172.17.0.0/16"),
+        "{nets}"
+    );
+    let json = env.netd_json(&["network", "ls", "--json"]);
+    assert_eq!(json[0]["name"], "bridge");
+}
