@@ -445,6 +445,11 @@ impl Stat {
         Stat::FastPath,
     ];
 
+    /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
+    pub fn from_index(n: u32) -> Option<Stat> {
+        Self::ALL.iter().copied().find(|s| *s as u32 == n)
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Stat::SnatNew => "snat_new",

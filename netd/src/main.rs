@@ -8,7 +8,7 @@ use netd::{
     container,
     controller::Ctx,
     counter,
-    datapath::ebpf::{EbpfDatapath, conntrack, stats},
+    datapath::ebpf::{EbpfDatapath, conntrack, events, stats},
     demo, exec, netns, network, output, views,
 };
 
@@ -95,6 +95,15 @@ enum Command {
     Stats {
         #[arg(long)]
         json: bool,
+    },
+    /// Stream the packets the eBPF datapath drops: reason and 5-tuple, one per line.
+    Monitor {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
     },
 }
 
@@ -311,6 +320,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
+        Command::Monitor { json, count } => {
+            events::follow(&Pins::open(&cli.bpffs)?, count, |drop| {
+                if json {
+                    println!("{}", serde_json::to_string(&drop)?);
+                } else {
+                    println!("{drop}");
+                }
+                Ok(())
+            })
+            .await
+        }
         Command::Reload => {
             let replaced = EbpfDatapath::new(Pins::open(&cli.bpffs)?).reload_programs()?;
             println!("{replaced} programs replaced");

@@ -2,7 +2,7 @@
 //! the CLI: `--icc=false` and `--link`, `--internal`, anti-spoofing, other networks, and the
 //! drop counters and events that report each refusal.
 
-use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::Stdio, thread, time::Duration};
 
 use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
 
@@ -206,4 +206,57 @@ fn containers_of_another_network_are_out_of_reach() {
     // Both still reach the outside.
     assert!(pings(&env, &b.ns, OUTSIDE_ADDR, None));
     assert!(pings(&env, &r.ns, OUTSIDE_ADDR, None));
+}
+
+/// Runs `netd monitor ARGS` to completion (it must exit within 10 s) and returns its stdout.
+fn monitor(env: &TestEnv, args: &[&str], cause: impl FnOnce()) -> String {
+    let mut all = vec!["monitor"];
+    all.extend_from_slice(args);
+    let mut child = env
+        .netd_cmd(&all)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start netd monitor");
+    cause();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "netd monitor: {:?}", out.status);
+            return String::from_utf8(out.stdout).unwrap();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("netd monitor {args:?} saw no event");
+}
+
+#[test]
+fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "quiet", "--icc=false"]);
+    let c1 = create(&env, "c1", &["--network", "quiet"]);
+    let c2 = create(&env, "c2", &["--network", "quiet"]);
+    listen(&env, &c2.ns, &[80]);
+
+    // One ping, one echo request dropped: the text form.
+    let out = monitor(&env, &["--count", "1"], || {
+        assert!(!pings(&env, &c1.ns, c2.ip, None));
+    });
+    let line = out.lines().next().unwrap();
+    assert!(
+        line.starts_with(&format!("icc_denied icmp {}:", c1.ip)),
+        "{line}"
+    );
+
+    let out = monitor(&env, &["--json", "--count", "1"], || {
+        assert!(!connects(&env, &c1.ns, c2.ip, 80));
+    });
+    let event: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(event["reason"], "icc_denied", "{event}");
+    assert_eq!(event["proto"], "tcp", "{event}");
+    assert_eq!(event["saddr"], c1.ip.to_string(), "{event}");
+    assert_eq!(event["daddr"], c2.ip.to_string(), "{event}");
+    assert_eq!(event["dport"], 80, "{event}");
+    assert!(event["sport"].as_u64().unwrap() >= 1024, "{event}");
 }

@@ -28,6 +28,7 @@ use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
 use crate::bpf::Pins;
 
 pub mod conntrack;
+pub mod events;
 pub mod host;
 pub mod maps;
 pub mod stats;
