@@ -409,11 +409,16 @@ pub enum Stat {
     PolicyPass = 26,
     /// From a container to a container of the same network, delivered straight into its
     /// namespace (no bridge, no netfilter).
-    FastPath = 27,
+    FastPathLocal = 27,
+    /// Translated on the uplink's ingress and delivered straight into the container's
+    /// namespace.
+    FastPathIn = 28,
+    /// From a container to the outside, sent straight to the uplink's egress.
+    FastPathOut = 29,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -442,7 +447,9 @@ impl Stat {
         Stat::IccDenied,
         Stat::Internal,
         Stat::PolicyPass,
-        Stat::FastPath,
+        Stat::FastPathLocal,
+        Stat::FastPathIn,
+        Stat::FastPathOut,
     ];
 
     /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
@@ -479,7 +486,9 @@ impl Stat {
             Stat::IccDenied => "icc_denied",
             Stat::Internal => "internal",
             Stat::PolicyPass => "policy_pass",
-            Stat::FastPath => "fast_path",
+            Stat::FastPathLocal => "fast_path_local",
+            Stat::FastPathIn => "fast_path_in",
+            Stat::FastPathOut => "fast_path_out",
         }
     }
 

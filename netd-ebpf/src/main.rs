@@ -9,6 +9,7 @@ mod bridge;
 mod conntrack;
 mod counter;
 mod events;
+mod fib;
 mod host;
 mod maps;
 mod nat;

@@ -8,9 +8,9 @@
 //! 4. `--internal`: nothing leaves the network but to its gateway.
 //!
 //! A packet to a container of the same network that passes is delivered straight into that
-//! container's namespace (`bpf_redirect_peer`): the fast path, skipping the bridge and
-//! netfilter. Everything else that passes goes on to the bridge (ARP, broadcast, the host,
-//! the outside). Every drop is counted (per reason and per container) and reported as an event.
+//! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink is sent
+//! straight to it (`fib`): the fast path, skipping the bridge and netfilter. Everything else
+//! that passes goes on to the bridge (ARP, broadcast, the host). Every drop is counted (per reason and per container) and reported as an event.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -28,7 +28,7 @@ use network_types::{
 
 use crate::{
     events::{self, Tuple},
-    maps,
+    fib, maps,
     parse::L3_OFF,
     stats,
 };
@@ -48,10 +48,12 @@ struct Sender {
 }
 
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
-/// the container behind host-side veth `ifindex`, or is dropped.
+/// the container behind host-side veth `ifindex`, or leaves the network (straight to the
+/// uplink when that is where it is routed), or is dropped.
 enum Verdict {
     Pass,
     Deliver(u32),
+    Leave,
     Drop(Stat, Tuple),
 }
 
@@ -78,10 +80,17 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
             TC_ACT_UNSPEC
         }
         Verdict::Deliver(peer) => {
-            stats::count(Stat::FastPath);
+            stats::count(Stat::FastPathLocal);
             // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT, or
             // TC_ACT_SHOT when `peer` is not a veth (endpoints are).
             unsafe { bpf_redirect_peer(peer, 0) as i32 }
+        }
+        Verdict::Leave => {
+            let forwarded =
+                maps::config().and_then(|cfg| fib::forward_to_uplink(&ctx, cfg.uplink_ifindex));
+            let (action, stat) = forwarded.unwrap_or((TC_ACT_UNSPEC, Stat::PolicyPass));
+            stats::count(stat);
+            action
         }
         Verdict::Drop(reason, tuple) => {
             stats::count(reason);
@@ -177,7 +186,7 @@ fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
     if net.flags & NET_INTERNAL != 0 {
         return Verdict::Drop(Stat::Internal, tuple);
     }
-    Verdict::Pass
+    Verdict::Leave
 }
 
 /// Docker's ACCEPT rules for a link: to the linked container's port, or a reply from it.

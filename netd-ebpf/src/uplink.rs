@@ -5,8 +5,9 @@
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
-//!   the container (never to one of an `--internal` network: dropped). The host stack then
-//!   routes the packet to the container's bridge.
+//!   the container (never to one of an `--internal` network: dropped). A packet translated
+//!   to a container goes straight into its namespace (`fib`), else the host stack routes it
+//!   to the container's bridge.
 //!
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
@@ -28,7 +29,7 @@ use netd_common::datapath::{
 use crate::{
     conntrack::{self, v4},
     events::{self, Tuple},
-    maps, nat,
+    fib, maps, nat,
     parse::{self, Flow, Quoted},
     stats,
 };
@@ -44,7 +45,15 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    verdict(ingress(&ctx))
+    let outcome = ingress(&ctx);
+    if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit)
+        && let Some(action) = fib::deliver_to_container(&ctx)
+    {
+        stats::count(outcome);
+        stats::count(Stat::FastPathIn);
+        return action;
+    }
+    verdict(outcome)
 }
 
 /// Counts what happened to the packet and turns it into a TC action.

@@ -196,12 +196,12 @@ fn containers_of_a_network_talk_over_the_fast_path_past_the_bridge_and_netfilter
             call_iptables,
         )
         .unwrap();
-        let fast = stat(&env, "fast_path");
+        let fast = stat(&env, "fast_path_local");
         assert!(pings(&env, &c1.ns, c2.ip, None));
         listen(&env, &c2.ns, &[80]);
         assert!(connects(&env, &c1.ns, c2.ip, 80));
         assert!(
-            stat(&env, "fast_path") >= fast + 4,
+            stat(&env, "fast_path_local") >= fast + 4,
             "echo, reply, SYN, SYN-ACK at least"
         );
         assert_eq!(forwarded(&env, c1.ip, c2.ip), 0, "netfilter saw none");
@@ -217,6 +217,56 @@ fn containers_of_a_network_talk_over_the_fast_path_past_the_bridge_and_netfilter
         throughput(&env, &c1, &c2),
         throughput(&env, &s1, &s2)
     );
+}
+
+#[test]
+fn published_ports_and_the_outside_are_reached_past_the_bridge_and_netfilter() {
+    let env = TestEnv::new();
+    let c = create(&env, "c", &["-p", "8080:80"]);
+    listen(&env, &c.ns, &[80]);
+    listen(&env, &env.outside_ns(), &[9000]);
+    // The host learns the container's MAC from its ARP: until then the stack delivers.
+    assert!(pings(&env, &c.ns, gateway_of(&env, "bridge"), None));
+    // The control: an iptables network's traffic out is forwarded by the stack.
+    env.netd_ok(&["--datapath", "iptables", "network", "create", "slow"]);
+    let s = create(&env, "s", &["--network", "slow"]);
+    count_forwarded(&env, s.ip, OUTSIDE_ADDR);
+    count_forwarded(&env, c.ip, OUTSIDE_ADDR);
+    count_forwarded(&env, OUTSIDE_ADDR, c.ip);
+    for call_iptables in ["1", "0"] {
+        netd::netlink::set_sysctl(
+            Some(&env.host_ns()),
+            "net.bridge.bridge-nf-call-iptables",
+            call_iptables,
+        )
+        .unwrap();
+        let (fast_in, fast_out) = (stat(&env, "fast_path_in"), stat(&env, "fast_path_out"));
+        assert!(connects(&env, &env.outside_ns(), HOST_ADDR, 8080));
+        assert!(connects(&env, &c.ns, OUTSIDE_ADDR, 9000));
+        assert!(pings(&env, &c.ns, OUTSIDE_ADDR, None));
+        // In: the published port's SYN and ACK, the SYN-ACK to the container's connection,
+        // the echo reply. Out: the container's SYN and ACK, the SYN-ACK of the published
+        // port, the echo request.
+        assert!(stat(&env, "fast_path_in") >= fast_in + 4);
+        assert!(stat(&env, "fast_path_out") >= fast_out + 4);
+        assert_eq!(
+            forwarded(&env, c.ip, OUTSIDE_ADDR),
+            0,
+            "netfilter saw none out"
+        );
+        assert_eq!(
+            forwarded(&env, OUTSIDE_ADDR, c.ip),
+            0,
+            "netfilter saw none in"
+        );
+
+        let slow = forwarded(&env, s.ip, OUTSIDE_ADDR);
+        assert!(pings(&env, &s.ns, OUTSIDE_ADDR, None));
+        assert!(
+            forwarded(&env, s.ip, OUTSIDE_ADDR) > slow,
+            "the control counts"
+        );
+    }
 }
 
 #[test]
