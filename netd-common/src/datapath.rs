@@ -19,6 +19,10 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const STATS_MAP: &str = "STATS";
 /// `ENDPOINT_DROPS`: per-CPU hash [`EndpointKey`] → packets of that container dropped.
 pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
+/// `PUBLISH_ALLOW`: LPM trie of [`PublishAllowKey`] → `u8` (1): the sources a published port
+/// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
+pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
+pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
 /// `VETHS`: host-side veth ifindex (`u32`) → the [`EndpointKey`] of the container behind it.
 pub const VETHS_MAP: &str = "VETHS";
 /// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
@@ -159,8 +163,31 @@ pub struct PublishedKey {
 pub struct PublishedTarget {
     pub addr: Addr,
     pub port: u16,
-    pub _pad: u16,
+    /// `PUBLISH_*` bits.
+    pub flags: u16,
     pub network_id: u32,
+}
+
+/// `PublishedTarget::flags`: new flows only from the sources in `PUBLISH_ALLOW`
+/// (`--publish-allow`).
+pub const PUBLISH_RESTRICTED: u16 = 1;
+
+/// A source range a published port accepts, as the data of an LPM trie key: the published
+/// target (container address, port, protocol) is matched whole, then `src` by prefix. The
+/// key's prefix length is therefore [`PublishAllowKey::TARGET_BITS`] + the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PublishAllowKey {
+    pub target: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub src: Addr,
+}
+
+impl PublishAllowKey {
+    /// The bits before `src`.
+    pub const TARGET_BITS: u32 = (16 + 2 + 1 + 1) * 8;
 }
 
 /// A host socket (by cookie) redirected to a container address and port.
@@ -415,10 +442,13 @@ pub enum Stat {
     FastPathIn = 28,
     /// From a container to the outside, sent straight to the uplink's egress.
     FastPathOut = 29,
+    /// A new flow to a published port from a source its `--publish-allow` ranges don't
+    /// cover: dropped.
+    PublishDenied = 30,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -450,6 +480,7 @@ impl Stat {
         Stat::FastPathLocal,
         Stat::FastPathIn,
         Stat::FastPathOut,
+        Stat::PublishDenied,
     ];
 
     /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
@@ -489,6 +520,7 @@ impl Stat {
             Stat::FastPathLocal => "fast_path_local",
             Stat::FastPathIn => "fast_path_in",
             Stat::FastPathOut => "fast_path_out",
+            Stat::PublishDenied => "publish_denied",
         }
     }
 
@@ -504,6 +536,7 @@ impl Stat {
                 | Stat::OtherNetwork
                 | Stat::IccDenied
                 | Stat::Internal
+                | Stat::PublishDenied
         )
     }
 }
@@ -518,6 +551,7 @@ crate::user_pod!(
     PublishedTarget,
     LinkKey,
     DropEvent,
+    PublishAllowKey,
     CtKey,
     CtEntry,
     Timeouts,

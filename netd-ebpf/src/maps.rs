@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
-    NETWORKS_MAX, NetworkInfo, PUBLISHED_MAX, PublishedKey, PublishedTarget,
+    NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX,
+    PublishAllowKey, PublishedKey, PublishedTarget,
 };
 
 use crate::conntrack::v4;
@@ -20,6 +21,8 @@ static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+#[map]
+static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
 #[map]
 static VETHS: HashMap<u32, EndpointKey> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
@@ -98,4 +101,24 @@ pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Optio
 #[inline(always)]
 pub fn is_internal(id: u32) -> bool {
     network(id).is_some_and(|net| net.flags & NET_INTERNAL != 0)
+}
+
+/// Whether a new flow from `saddr` may reach `target` (on `proto`): always, unless the port
+/// was published with `--publish-allow` ranges and none covers `saddr`.
+#[inline(always)]
+pub fn publish_allows(target: &PublishedTarget, proto: u8, saddr: u32) -> bool {
+    if target.flags & PUBLISH_RESTRICTED == 0 {
+        return true;
+    }
+    let key = Key::new(
+        PublishAllowKey::TARGET_BITS + 32,
+        PublishAllowKey {
+            target: target.addr,
+            port: target.port,
+            proto,
+            family: AF_INET,
+            src: v4(saddr),
+        },
+    );
+    PUBLISH_ALLOW.get(&key).is_some()
 }

@@ -5,7 +5,8 @@
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
-//!   the container (never to one of an `--internal` network: dropped). A packet translated
+//!   the container (never to one of an `--internal` network, nor from a source outside the
+//!   port's `--publish-allow` ranges: dropped). A packet translated
 //!   to a container goes straight into its namespace (`fib`), else the host stack routes it
 //!   to the container's bridge.
 //!
@@ -115,6 +116,9 @@ fn ingress(ctx: &TcContext) -> Stat {
     };
     if maps::is_internal(target.network_id) {
         return refuse(ctx, &flow, Stat::Internal, target.addr[0]);
+    }
+    if !maps::publish_allows(&target, flow.proto, flow.saddr) {
+        return refuse(ctx, &flow, Stat::PublishDenied, target.addr[0]);
     }
     if !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::{
     controller::Ctx,
@@ -40,6 +40,7 @@ pub struct Request {
     pub links: Vec<String>,
     pub publish: Vec<String>,
     pub publish_all: bool,
+    pub publish_allow: Vec<Ipv4Net>,
     pub expose: Vec<String>,
 }
 
@@ -119,6 +120,7 @@ async fn plan(ctx: &Ctx, state: &mut State, req: Request) -> Result<Container> {
         peer_links: vec![],
         ports: vec![],
         exposed: exposed_ports(&req.expose)?,
+        publish_allow: req.publish_allow.clone(),
     };
     let wants_ports = !req.publish.is_empty() || req.publish_all;
     if mode != Mode::Bridge {
@@ -367,6 +369,7 @@ fn port_specs(c: &Container, network_id: u32) -> Vec<PortSpec> {
             host_port: p.host_port,
             container_ip: c.ip.expect("bridge mode"),
             container_port: p.container_port,
+            allow: c.publish_allow.clone(),
         })
         .collect()
 }

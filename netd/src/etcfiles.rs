@@ -106,6 +106,7 @@ mod tests {
             links: vec![],
             peer_links: vec![],
             exposed: vec![],
+            publish_allow: vec![],
             ports: vec![],
         }
     }

@@ -2,6 +2,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{ArgAction, Parser, Subcommand};
+use ipnet::Ipv4Net;
 use netd::{
     bench,
     bpf::Pins,
@@ -188,6 +189,10 @@ enum ContainerCommand {
         /// Publish every --expose'd port on a free host port.
         #[arg(short = 'P', long)]
         publish_all: bool,
+        /// Published ports accept new connections only from this source range (repeatable;
+        /// from anywhere when not given).
+        #[arg(long, value_name = "CIDR")]
+        publish_allow: Vec<Ipv4Net>,
         /// PORT[-END][/tcp|/udp]
         #[arg(long)]
         expose: Vec<String>,
@@ -475,6 +480,7 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
             link,
             publish,
             publish_all,
+            publish_allow,
             expose,
         } => {
             let req = container::Request {
@@ -491,6 +497,7 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
                 links: link,
                 publish,
                 publish_all,
+                publish_allow,
                 expose,
             };
             let c = container::create(ctx, req).await?;

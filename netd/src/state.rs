@@ -128,6 +128,9 @@ pub struct Container {
     /// this container opens.
     #[serde(default)]
     pub exposed: Vec<Exposed>,
+    /// `--publish-allow`: the source ranges its published ports accept (any when empty).
+    #[serde(default)]
+    pub publish_allow: Vec<Ipv4Net>,
 }
 
 impl Container {

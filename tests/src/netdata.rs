@@ -49,5 +49,6 @@ pub fn port(
         host_port,
         container_ip,
         container_port,
+        allow: vec![],
     }
 }

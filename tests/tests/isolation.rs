@@ -388,3 +388,99 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
     assert_eq!(event["dport"], 80, "{event}");
     assert!(event["sport"].as_u64().unwrap() >= 1024, "{event}");
 }
+
+/// Whether a TCP connection from the outside, from source address `src`, to the host's
+/// `port` is accepted.
+fn connects_from(env: &TestEnv, src: Ipv4Addr, port: u16) -> bool {
+    env.run_in(
+        &env.outside_ns(),
+        "nc",
+        &[
+            "-z",
+            "-w",
+            "1",
+            "-s",
+            &src.to_string(),
+            &HOST_ADDR.to_string(),
+            &port.to_string(),
+        ],
+    )
+    .status
+    .success()
+}
+
+#[test]
+fn published_ports_accept_new_flows_only_from_their_allowed_sources() {
+    for datapath in ["ebpf", "iptables"] {
+        publish_allow_on(datapath);
+    }
+}
+
+/// `--publish-allow` on a network of `datapath`; the eBPF one also counts the refusals.
+fn publish_allow_on(datapath: &str) {
+    let env = TestEnv::new();
+    env.netd_ok(&["--datapath", datapath, "network", "create", "pub"]);
+    let second = Ipv4Addr::new(198, 18, 0, 77);
+    let out = env.run_in(
+        &env.outside_ns(),
+        "ip",
+        &["addr", "add", &format!("{second}/24"), "dev", "out0"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let allow_one = format!("{OUTSIDE_ADDR}/32");
+    let one = create(
+        &env,
+        "one",
+        &[
+            "--network",
+            "pub",
+            "-p",
+            "8080:80",
+            "--publish-allow",
+            &allow_one,
+        ],
+    );
+    let range = create(
+        &env,
+        "range",
+        &[
+            "--network",
+            "pub",
+            "-p",
+            "8081:80",
+            "--publish-allow",
+            "10.9.0.0/16",
+            "--publish-allow",
+            "198.18.0.64/26",
+        ],
+    );
+    let open = create(&env, "open", &["--network", "pub", "-p", "8082:80"]);
+    for c in [&one, &range, &open] {
+        listen(&env, &c.ns, &[80]);
+    }
+
+    assert!(connects_from(&env, OUTSIDE_ADDR, 8080), "{datapath}");
+    assert!(!connects_from(&env, second, 8080), "{datapath}");
+    assert!(
+        connects_from(&env, second, 8081),
+        "{datapath}: in 198.18.0.64/26"
+    );
+    assert!(!connects_from(&env, OUTSIDE_ADDR, 8081), "{datapath}");
+    assert!(
+        connects_from(&env, OUTSIDE_ADDR, 8082),
+        "{datapath}: open to all"
+    );
+    assert!(connects_from(&env, second, 8082), "{datapath}");
+    if datapath == "ebpf" {
+        assert!(stat(&env, "publish_denied") >= 2);
+        assert!(endpoint_drops(&env, one.ip) > 0);
+        assert!(endpoint_drops(&env, range.ip) > 0);
+        assert_eq!(endpoint_drops(&env, open.ip), 0);
+    }
+
+    // The ranges go with the container (its address goes to the next one).
+    env.netd_ok(&["container", "rm", &one.name]);
+    let again = create(&env, "again", &["--network", "pub", "-p", "8080:80"]);
+    listen(&env, &again.ns, &[80]);
+    assert!(connects_from(&env, second, 8080), "{datapath}");
+}

@@ -15,7 +15,7 @@
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
@@ -207,6 +207,26 @@ impl EbpfDatapath {
         Ok(())
     }
 
+    /// The source ranges `port` accepts new flows from (`--publish-allow`).
+    fn allow_sources(&self, port: &PortSpec) -> Result<()> {
+        let mut allow = maps::publish_allow(&self.pins)?;
+        for key in maps::publish_allow_keys(port) {
+            allow
+                .insert(&key, 1, 0)
+                .with_context(|| format!("allow sources of {}", describe(port)))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes `allow_sources` (best effort: what is not there needs no removing).
+    fn forget_sources(&self, port: &PortSpec) {
+        if let Ok(mut allow) = maps::publish_allow(&self.pins) {
+            for key in maps::publish_allow_keys(port) {
+                let _ = allow.remove(&key);
+            }
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
@@ -287,6 +307,18 @@ impl Datapath for EbpfDatapath {
         for key in stale {
             published.remove(&key)?;
         }
+        let mut allow = maps::publish_allow(&self.pins)?;
+        let stale: Vec<_> = allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                net.subnet
+                    .contains(&Ipv4Addr::from(v4_octets(&k.data().target)))
+            })
+            .collect();
+        for key in stale {
+            allow.remove(&key)?;
+        }
         conntrack::flush_network(&self.pins, net.subnet)?;
         self.pins
             .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
@@ -340,13 +372,18 @@ impl Datapath for EbpfDatapath {
             let result = if published.get(&key, 0).is_ok() {
                 Err(anyhow::anyhow!("{} is already published", describe(port)))
             } else {
-                published
-                    .insert(key, maps::published_target(port), 0)
-                    .with_context(|| format!("publish {} on {}", describe(port), net.name))
+                // The ranges first: a restricted port is never open to all, even for a moment.
+                self.allow_sources(port).and_then(|()| {
+                    published
+                        .insert(key, maps::published_target(port), 0)
+                        .with_context(|| format!("publish {} on {}", describe(port), net.name))
+                })
             };
             if let Err(e) = result {
+                self.forget_sources(port);
                 for port in &ports[..done] {
                     let _ = published.remove(&maps::published_key(port));
+                    self.forget_sources(port);
                 }
                 return Err(e);
             }
@@ -361,6 +398,7 @@ impl Datapath for EbpfDatapath {
             if published.remove(&maps::published_key(port)).is_err() {
                 missing.push(describe(port));
             }
+            self.forget_sources(port);
         }
         if !missing.is_empty() {
             bail!("not published on {}: {}", net.name, missing.join(", "));

@@ -220,15 +220,25 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec) -> Script {
         .map(|ip| format!("-d {ip}/32 "))
         .unwrap_or_default();
     let (cip, cport, hport) = (port.container_ip, port.container_port, port.host_port);
+    // One DNAT per allowed source range (`--publish-allow`); one from anywhere without.
+    let sources: Vec<String> = if port.allow.is_empty() {
+        vec![String::new()]
+    } else {
+        port.allow.iter().map(|net| format!("-s {net} ")).collect()
+    };
+    let mut nat: Vec<String> = sources
+        .iter()
+        .map(|src| {
+            format!(
+                "-A {CHAIN} {src}{dst}! -i {br} -p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
+            )
+        })
+        .collect();
+    nat.push(format!(
+        "-A POSTROUTING -s {cip}/32 -d {cip}/32 -p {p} -m {p} --dport {cport} -j MASQUERADE"
+    ));
     Script {
-        nat: vec![
-            format!(
-                "-A {CHAIN} {dst}! -i {br} -p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
-            ),
-            format!(
-                "-A POSTROUTING -s {cip}/32 -d {cip}/32 -p {p} -m {p} --dport {cport} -j MASQUERADE"
-            ),
-        ],
+        nat,
         filter: vec![format!(
             "-I {CHAIN} -d {cip}/32 ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
         )],
@@ -332,6 +342,7 @@ mod tests {
             host_port: 8080,
             container_ip: "172.17.0.2".parse().unwrap(),
             container_port: 80,
+            allow: vec![],
         };
         let s = port_rules(&net(), &port);
         assert_eq!(

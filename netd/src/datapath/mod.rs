@@ -71,6 +71,8 @@ pub struct PortSpec {
     pub host_port: u16,
     pub container_ip: Ipv4Addr,
     pub container_port: u16,
+    /// New flows only from these source ranges (`--publish-allow`); from anywhere if empty.
+    pub allow: Vec<Ipv4Net>,
 }
 
 /// What every datapath driver does. Calls are idempotent where the name says "ensure"; the
