@@ -113,6 +113,11 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
         return check_arp(ctx, from);
     }
     if eth.ether_type != EtherType::Ipv4 as u16 {
+        // Without ICC the bridge must not carry anything else between containers either
+        // (IPv6 link-local, raw Ethernet): netd gives containers IPv4 only.
+        if from.net.flags & NET_ICC == 0 {
+            return Verdict::Drop(Stat::IccDenied, Tuple::default());
+        }
         return Verdict::Pass;
     }
     let Ok(ip) = ctx.load::<Ipv4Hdr>(L3_OFF) else {
@@ -168,19 +173,20 @@ fn to_container(from: &Sender, to: &EndpointInfo, tuple: Tuple, eth: &EthHdr) ->
     }
 }
 
-/// A packet to anything but a container: the gateway is always reachable; without ICC,
-/// no other address of the subnet (broadcast, unassigned) is; an internal network reaches
-/// nothing outside its subnet.
+/// A packet to anything but a container: the gateway is always reachable; an internal
+/// network reaches nothing outside its subnet.
 #[inline(always)]
 fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
     let net = from.net;
     if tuple.daddr == net.gateway[0] {
         return Verdict::Pass;
     }
+    // Without ICC no other address of the subnet, nor a broadcast or multicast group the
+    // bridge would flood to the other containers.
+    if net.flags & NET_ICC == 0 && (in_subnet(tuple.daddr, net) || floods(tuple.daddr)) {
+        return Verdict::Drop(Stat::IccDenied, tuple);
+    }
     if in_subnet(tuple.daddr, net) {
-        if net.flags & NET_ICC == 0 {
-            return Verdict::Drop(Stat::IccDenied, tuple);
-        }
         return Verdict::Pass;
     }
     if net.flags & NET_INTERNAL != 0 {
@@ -198,6 +204,12 @@ fn link_allows(t: &Tuple) -> bool {
     }
     maps::linked(t.saddr, t.daddr, t.proto, t.dport)
         || maps::linked(t.daddr, t.saddr, t.proto, t.sport)
+}
+
+/// The limited broadcast address and multicast groups (224.0.0.0/4).
+#[inline(always)]
+fn floods(addr: u32) -> bool {
+    addr == u32::MAX || u32::from_be(addr) >> 28 == 0xe
 }
 
 #[inline(always)]

@@ -126,6 +126,16 @@ fn without_icc_only_links_to_exposed_ports_and_their_replies_pass() {
     assert!(!pings(&env, &client.ns, web.ip, None), "ICMP isn't linked");
     assert!(stat(&env, "icc_denied") >= denied + 4);
     assert!(endpoint_drops(&env, stranger.ip) > 0);
+    // Nothing the bridge would flood to the others: broadcast, multicast, IPv6.
+    for args in [
+        ["-b", "-c1", "-W1", "255.255.255.255"],
+        ["-b", "-c1", "-W1", "224.0.0.1"],
+        ["-6", "-c1", "-W1", "ff02::1%eth0"],
+    ] {
+        let denied = stat(&env, "icc_denied");
+        let _ = env.run_in(&stranger.ns, "ping", &args);
+        assert!(stat(&env, "icc_denied") > denied, "ping {args:?}");
+    }
     // The gateway (the host) stays reachable.
     let gateway = gateway_of(&env, "quiet");
     assert!(pings(&env, &stranger.ns, gateway, None));
