@@ -17,7 +17,8 @@ pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// `STATS`: per-CPU array of `u64` indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
-/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointKey`] → packets of that container dropped.
+/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointDropKey`] → packets of that container dropped
+/// for that reason.
 pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
 /// `PUBLISH_ALLOW`: LPM trie of [`PublishAllowKey`] → `u8` (1): the sources a published port
 /// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
@@ -106,6 +107,15 @@ pub struct EndpointKey {
     pub addr: Addr,
     pub family: u8,
     pub _pad: [u8; 3],
+}
+
+/// A container's drops for one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EndpointDropKey {
+    pub endpoint: EndpointKey,
+    /// The [`Stat`] the drop is counted under.
+    pub reason: u32,
 }
 
 #[repr(C)]
@@ -546,6 +556,7 @@ crate::user_pod!(
     SockRedirectOrigin,
     NetworkInfo,
     EndpointKey,
+    EndpointDropKey,
     EndpointInfo,
     PublishedKey,
     PublishedTarget,

@@ -94,7 +94,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
         }
         Verdict::Drop(reason, tuple) => {
             stats::count(reason);
-            stats::count_endpoint_drop(from.addr);
+            stats::count_endpoint_drop(from.addr, reason);
             events::report_drop(&tuple, reason, from.ifindex);
             TC_ACT_SHOT
         }

@@ -87,7 +87,7 @@ fn egress(ctx: &TcContext) -> Stat {
     match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => {
-            stats::count_endpoint_drop(flow.saddr);
+            stats::count_endpoint_drop(flow.saddr, reason);
             reason
         }
     }
@@ -126,7 +126,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
         Err(reason) => {
-            stats::count_endpoint_drop(target.addr[0]);
+            stats::count_endpoint_drop(target.addr[0], reason);
             reason
         }
     }
@@ -136,7 +136,7 @@ fn ingress(ctx: &TcContext) -> Stat {
 /// and reported as an event.
 #[inline(always)]
 fn refuse(ctx: &TcContext, flow: &Flow, reason: Stat, target: u32) -> Stat {
-    stats::count_endpoint_drop(target);
+    stats::count_endpoint_drop(target, reason);
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     events::report_drop(&Tuple::of(flow), reason, ifindex);
@@ -172,7 +172,7 @@ fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat 
     match nat::apply(ctx, flow, rw) {
         Ok(()) => done,
         Err(reason) => {
-            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr });
+            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr }, reason);
             reason
         }
     }

@@ -410,9 +410,20 @@ fn stats_command(pins: &Pins, json: bool) -> Result<()> {
         println!();
         let rows: Vec<Vec<String>> = endpoints
             .iter()
-            .map(|d| vec![d.endpoint.to_string(), d.dropped.to_string()])
+            .map(|d| {
+                let reasons: Vec<String> = d
+                    .reasons
+                    .iter()
+                    .map(|r| format!("{}={}", r.reason, r.packets))
+                    .collect();
+                vec![
+                    d.endpoint.to_string(),
+                    d.dropped.to_string(),
+                    reasons.join(","),
+                ]
+            })
             .collect();
-        output::table(&["ENDPOINT", "DROPPED"], &rows);
+        output::table(&["ENDPOINT", "DROPPED", "REASONS"], &rows);
     }
     Ok(())
 }

@@ -104,6 +104,24 @@ fn endpoint_drops(env: &TestEnv, ip: Ipv4Addr) -> u64 {
         .map_or(0, |e| e["dropped"].as_u64().unwrap())
 }
 
+/// Packets of the container at `ip` dropped for `reason`, as `netd stats` shows them.
+fn endpoint_drops_for(env: &TestEnv, ip: Ipv4Addr, reason: &str) -> u64 {
+    let stats = env.netd_json(&["stats", "--json"]);
+    stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["endpoint"] == ip.to_string())
+        .and_then(|e| {
+            e["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["reason"] == reason)
+        })
+        .map_or(0, |r| r["packets"].as_u64().unwrap())
+}
+
 #[test]
 fn without_icc_only_links_to_exposed_ports_and_their_replies_pass() {
     let env = TestEnv::new();
@@ -319,14 +337,25 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
     ip(&["addr", "add", &format!("{spoofed}/16"), "dev", "eth0"]);
     assert!(!pings(&env, &c1.ns, c2.ip, Some(spoofed)));
     assert!(stat(&env, "spoofed_addr") > 0);
+    assert!(
+        endpoint_drops_for(&env, c1.ip, "spoofed_addr") > 0,
+        "counted against the sender"
+    );
     let drops = endpoint_drops(&env, c1.ip);
-    assert!(drops > 0, "counted against the sender");
 
     ip(&["addr", "del", &format!("{spoofed}/16"), "dev", "eth0"]);
     ip(&["link", "set", "eth0", "address", "02:42:ac:11:99:99"]);
     assert!(!pings(&env, &c1.ns, c2.ip, None));
     assert!(stat(&env, "spoofed_mac") > 0);
+    assert!(endpoint_drops_for(&env, c1.ip, "spoofed_mac") > 0);
     assert!(endpoint_drops(&env, c1.ip) > drops);
+    let text = env.netd_ok(&["stats"]);
+    assert!(
+        text.lines().any(|l| l.starts_with(&c1.ip.to_string())
+            && l.contains("spoofed_addr=")
+            && l.contains("spoofed_mac=")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -346,8 +375,15 @@ fn containers_of_another_network_are_out_of_reach() {
     assert!(pings(&env, &r.ns, OUTSIDE_ADDR, None));
 }
 
-/// Runs `netd monitor ARGS` to completion (it must exit within 10 s) and returns its stdout.
-fn monitor(env: &TestEnv, args: &[&str], cause: impl FnOnce()) -> String {
+/// Runs `netd monitor ARGS` while `cause` runs, and returns the first line it prints that
+/// `wanted` accepts (within 10 s). Other drops (a container's IPv6 autoconfiguration on a
+/// network without ICC, say) may come first.
+fn monitor(
+    env: &TestEnv,
+    args: &[&str],
+    cause: impl FnOnce(),
+    wanted: impl Fn(&str) -> bool,
+) -> String {
     let mut all = vec!["monitor"];
     all.extend_from_slice(args);
     let mut child = env
@@ -355,18 +391,30 @@ fn monitor(env: &TestEnv, args: &[&str], cause: impl FnOnce()) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start netd monitor");
-    cause();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "netd monitor: {:?}", out.status);
-            return String::from_utf8(out.stdout).unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
         }
-        thread::sleep(Duration::from_millis(100));
-    }
+    });
+    cause();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if wanted(&line) => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
-    panic!("netd monitor {args:?} saw no event");
+    let _ = reader.join();
+    found.unwrap_or_else(|| panic!("netd monitor {args:?}: no such event in {seen:?}"))
 }
 
 #[test]
@@ -377,26 +425,31 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
     let c2 = create(&env, "c2", &["--network", "quiet"]);
     listen(&env, &c2.ns, &[80]);
 
-    // One ping, one echo request dropped: the text form.
-    let out = monitor(&env, &["--count", "1"], || {
-        assert!(!pings(&env, &c1.ns, c2.ip, None));
-    });
-    let line = out.lines().next().unwrap();
-    assert!(
-        line.starts_with(&format!("icc_denied icmp {}:", c1.ip)),
-        "{line}"
+    let echo = format!("icc_denied icmp {}:", c1.ip);
+    let line = monitor(
+        &env,
+        &[],
+        || assert!(!pings(&env, &c1.ns, c2.ip, None)),
+        |l| l.starts_with(&echo),
     );
+    assert!(line.contains(&format!("-> {}:", c2.ip)), "{line}");
 
-    let out = monitor(&env, &["--json", "--count", "1"], || {
-        assert!(!connects(&env, &c1.ns, c2.ip, 80));
-    });
-    let event: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let line = monitor(
+        &env,
+        &["--json"],
+        || assert!(!connects(&env, &c1.ns, c2.ip, 80)),
+        |l| l.contains("\"tcp\""),
+    );
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["reason"], "icc_denied", "{event}");
-    assert_eq!(event["proto"], "tcp", "{event}");
     assert_eq!(event["saddr"], c1.ip.to_string(), "{event}");
     assert_eq!(event["daddr"], c2.ip.to_string(), "{event}");
     assert_eq!(event["dport"], 80, "{event}");
     assert!(event["sport"].as_u64().unwrap() >= 1024, "{event}");
+    // --count ends the stream (the buffer keeps this drop for a monitor started after it).
+    assert!(!pings(&env, &c1.ns, c2.ip, None));
+    let out = env.netd_ok(&["monitor", "--count", "1"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
 }
 
 /// Whether a TCP connection from the outside, from source address `src`, to the host's

@@ -359,9 +359,8 @@ impl Datapath for EbpfDatapath {
             self.pins.detach_tc(prog, &ep.host_ifname, dir)?;
         }
         self.remove_policy(ep);
-        // The address may go to another container: its flows and counts must not follow. (No
-        // drop count is no error: most containers never have one.)
-        let _ = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
+        // The address may go to another container: its flows and counts must not follow.
+        stats::forget_endpoint(&self.pins, ep.ip)?;
         conntrack::flush_address(&self.pins, ep.ip).map(drop)
     }
 

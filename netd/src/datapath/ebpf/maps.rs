@@ -6,9 +6,9 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
 use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
-    EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP,
-    NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey,
-    PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, addr_v4,
+    EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
+    NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
+    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -20,7 +20,7 @@ pub type Published = HashMap<MapData, PublishedKey, PublishedTarget>;
 pub type Conntrack = HashMap<MapData, CtKey, CtEntry>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type Stats = PerCpuArray<MapData, u64>;
-pub type EndpointDrops = PerCpuHashMap<MapData, EndpointKey, u64>;
+pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
 pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, EndpointKey>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
