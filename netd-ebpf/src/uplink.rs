@@ -112,7 +112,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
     let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
     let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
-        return Stat::NoNat;
+        return unpublished(ctx, &flow);
     };
     if maps::is_internal(target.network_id) {
         return refuse(ctx, &flow, Stat::Internal, target.addr[0]);
@@ -129,6 +129,18 @@ fn ingress(ctx: &TcContext) -> Stat {
             stats::count_endpoint_drop(target.addr[0], reason);
             reason
         }
+    }
+}
+
+/// A new flow to no published port: the stack routes it, unless it is routed straight to a
+/// container of an internal network (nothing gets in there).
+#[inline(always)]
+fn unpublished(ctx: &TcContext, flow: &Flow) -> Stat {
+    match maps::endpoint(flow.daddr) {
+        Some(ep) if maps::is_internal(ep.network_id) => {
+            refuse(ctx, flow, Stat::Internal, flow.daddr)
+        }
+        _ => Stat::NoNat,
     }
 }
 

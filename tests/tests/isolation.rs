@@ -72,6 +72,24 @@ fn listen_wait(env: &TestEnv, ns: &std::path::Path, port: u16) {
     assert!(listening, "nothing listens on port {port}");
 }
 
+/// ICMP echo requests the namespace at `ns` received (`InEchos` of /proc/net/snmp).
+fn echo_requests_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
+    let out = env.run_in(ns, "cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut icmp = text.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "InEchos")
+        .unwrap();
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
     env.netd_json(&["network", "inspect", network])["network"]["gateway"]
         .as_str()
@@ -317,7 +335,28 @@ fn an_internal_network_reaches_only_its_containers_and_gateway() {
         !connects(&env, &env.outside_ns(), HOST_ADDR, 8080),
         "nothing in through a published port"
     );
-    assert!(stat(&env, "internal") >= 3);
+    // Nor routed straight to a container through the host.
+    let subnet = env.netd_json(&["network", "inspect", "vault"])["network"]["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let route = env.run_in(
+        &env.outside_ns(),
+        "ip",
+        &["route", "add", &subnet, "via", &HOST_ADDR.to_string()],
+    );
+    assert!(route.status.success(), "{route:?}");
+    let echoes = echo_requests_received(&env, &c1.ns);
+    assert!(
+        !pings(&env, &env.outside_ns(), c1.ip, None),
+        "nothing routed in"
+    );
+    assert_eq!(
+        echo_requests_received(&env, &c1.ns),
+        echoes,
+        "stopped before the container"
+    );
+    assert!(stat(&env, "internal") >= 4);
     assert!(
         endpoint_drops(&env, c1.ip) > 0,
         "the refused published port"
