@@ -104,7 +104,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     let Ok(eth) = ctx.load::<EthHdr>(0) else {
-        return Verdict::Pass;
+        return not_ipv4(from);
     };
     if eth.src_addr != from.ep.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
@@ -112,16 +112,13 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     if eth.ether_type == EtherType::Arp as u16 {
         return check_arp(ctx, from);
     }
-    if eth.ether_type != EtherType::Ipv4 as u16 {
-        // Without ICC the bridge must not carry anything else between containers either
-        // (IPv6 link-local, raw Ethernet): netd gives containers IPv4 only.
-        if from.net.flags & NET_ICC == 0 {
-            return Verdict::Drop(Stat::IccDenied, Tuple::default());
-        }
-        return Verdict::Pass;
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let vlan_tagged = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    if eth.ether_type != EtherType::Ipv4 as u16 || vlan_tagged {
+        return not_ipv4(from);
     }
     let Ok(ip) = ctx.load::<Ipv4Hdr>(L3_OFF) else {
-        return Verdict::Pass;
+        return not_ipv4(from);
     };
     let tuple = tuple_of(ctx, &ip);
     if tuple.saddr != from.addr {
@@ -130,6 +127,18 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     match maps::endpoint(tuple.daddr) {
         Some(to) => to_container(from, to, tuple, &eth),
         None => to_elsewhere(from, tuple),
+    }
+}
+
+/// A frame that is not (parsable, untagged) IPv4 or ARP: without ICC the bridge must not
+/// carry it between containers (IPv6 link-local, raw Ethernet, VLANs: netd gives containers
+/// IPv4 only); with ICC the bridge and the stack deal with it as with any frame.
+#[inline(always)]
+fn not_ipv4(from: &Sender) -> Verdict {
+    if from.net.flags & NET_ICC == 0 {
+        Verdict::Drop(Stat::IccDenied, Tuple::default())
+    } else {
+        Verdict::Pass
     }
 }
 
