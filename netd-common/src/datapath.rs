@@ -1,5 +1,6 @@
-//! The NAT datapath's maps: networks, endpoints, published ports, connection tracking, the
-//! uplink configuration and the per-reason packet counters.
+//! The eBPF datapath's maps: networks, endpoints, published ports (and their allowed sources),
+//! connection tracking, the uplink configuration, the isolation policy (veths, links), the
+//! per-reason packet counters and the drop events.
 //!
 //! Addresses are 16 bytes ([`Addr`]) with a family byte next to them, so IPv6 is an addition to
 //! these layouts, not a rewrite. IPv4 addresses sit in word 0 in network byte order (the bytes
