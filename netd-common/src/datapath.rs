@@ -1,5 +1,6 @@
-//! The NAT datapath's maps: networks, endpoints, published ports, connection tracking, the
-//! uplink configuration and the per-reason packet counters.
+//! The eBPF datapath's maps: networks, endpoints, published ports (and their allowed sources),
+//! connection tracking, the uplink configuration, the isolation policy (veths, links), the
+//! per-reason packet counters and the drop events.
 //!
 //! Addresses are 16 bytes ([`Addr`]) with a family byte next to them, so IPv6 is an addition to
 //! these layouts, not a rewrite. IPv4 addresses sit in word 0 in network byte order (the bytes
@@ -17,8 +18,21 @@ pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// `STATS`: per-CPU array of `u64` indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
-/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointKey`] → packets of that container dropped.
+/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointDropKey`] → packets of that container dropped
+/// for that reason.
 pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
+/// `PUBLISH_ALLOW`: LPM trie of [`PublishAllowKey`] → `u8` (1): the sources a published port
+/// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
+pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
+pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
+/// `VETHS`: host-side veth ifindex (`u32`) → the [`EndpointKey`] of the container behind it.
+pub const VETHS_MAP: &str = "VETHS";
+/// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
+pub const LINKS_MAP: &str = "LINKS";
+/// `DROP_EVENTS`: ring buffer of [`DropEvent`], read by `netd monitor`.
+pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
+/// Size of `DROP_EVENTS` in bytes (a power of two, a multiple of the page size).
+pub const DROP_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// TC program on the uplink's ingress: reverse SNAT and DNAT of published ports.
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
@@ -26,6 +40,9 @@ pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
+/// other networks, `--icc`, `--link`, `--internal`) and the container-to-container fast path.
+pub const ENDPOINT_INGRESS_PROG: &str = "endpoint_ingress";
 /// cgroup connect4 program: host processes connecting to published ports go to the container.
 pub const HOST_CONNECT4_PROG: &str = "host_connect4";
 /// cgroup sendmsg4 program: the same for unconnected UDP sends.
@@ -48,6 +65,7 @@ pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;
 pub const PUBLISHED_MAX: u32 = 65_536;
+pub const LINKS_MAX: u32 = 65_536;
 
 pub const AF_INET: u8 = 2;
 pub const IPPROTO_ICMP: u8 = 1;
@@ -92,6 +110,15 @@ pub struct EndpointKey {
     pub _pad: [u8; 3],
 }
 
+/// A container's drops for one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EndpointDropKey {
+    pub endpoint: EndpointKey,
+    /// The [`Stat`] the drop is counted under.
+    pub reason: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct EndpointInfo {
@@ -100,6 +127,36 @@ pub struct EndpointInfo {
     pub network_id: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+/// One port `--link` opens: `src` may reach `dst` on `proto`/`port`, and `dst` may answer from
+/// it (Docker's pair of ACCEPT rules per exposed port of a linked container).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinkKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// A packet the policy dropped, as `netd monitor` shows it. Ports are 0 when the packet has
+/// none (or was not parsed that far); addresses are zero for non-IP frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DropEvent {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// A [`Stat`] that drops.
+    pub reason: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
 }
 
 /// A published port: `addr` is the host address it is bound to, all zero for any.
@@ -117,8 +174,31 @@ pub struct PublishedKey {
 pub struct PublishedTarget {
     pub addr: Addr,
     pub port: u16,
-    pub _pad: u16,
+    /// `PUBLISH_*` bits.
+    pub flags: u16,
     pub network_id: u32,
+}
+
+/// `PublishedTarget::flags`: new flows only from the sources in `PUBLISH_ALLOW`
+/// (`--publish-allow`).
+pub const PUBLISH_RESTRICTED: u16 = 1;
+
+/// A source range a published port accepts, as the data of an LPM trie key: the published
+/// target (container address, port, protocol) is matched whole, then `src` by prefix. The
+/// key's prefix length is therefore [`PublishAllowKey::TARGET_BITS`] + the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PublishAllowKey {
+    pub target: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub src: Addr,
+}
+
+impl PublishAllowKey {
+    /// The bits before `src`.
+    pub const TARGET_BITS: u32 = (16 + 2 + 1 + 1) * 8;
 }
 
 /// A host socket (by cookie) redirected to a container address and port.
@@ -352,10 +432,34 @@ pub enum Stat {
     HairpinHit = 19,
     /// A hairpin packet whose container is gone: dropped.
     NoEndpoint = 20,
+    /// From a container, with a source MAC (or ARP sender) that isn't the container's: dropped.
+    SpoofedMac = 21,
+    /// From a container, with a source address (or ARP sender address) that isn't its own:
+    /// dropped.
+    SpoofedAddr = 22,
+    /// From a container to another network's container: dropped.
+    OtherNetwork = 23,
+    /// Between containers of an `--icc=false` network, not along a `--link`: dropped.
+    IccDenied = 24,
+    /// Leaving an `--internal` network, or arriving at one from outside: dropped.
+    Internal = 25,
+    /// From a container, allowed by the policy, on to the bridge.
+    PolicyPass = 26,
+    /// From a container to a container of the same network, delivered straight into its
+    /// namespace (no bridge, no netfilter).
+    FastPathLocal = 27,
+    /// Translated on the uplink's ingress and delivered straight into the container's
+    /// namespace.
+    FastPathIn = 28,
+    /// From a container to the outside, sent straight to the uplink's egress.
+    FastPathOut = 29,
+    /// A new flow to a published port from a source its `--publish-allow` ranges don't
+    /// cover: dropped.
+    PublishDenied = 30,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 31;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -378,7 +482,22 @@ impl Stat {
         Stat::HairpinNew,
         Stat::HairpinHit,
         Stat::NoEndpoint,
+        Stat::SpoofedMac,
+        Stat::SpoofedAddr,
+        Stat::OtherNetwork,
+        Stat::IccDenied,
+        Stat::Internal,
+        Stat::PolicyPass,
+        Stat::FastPathLocal,
+        Stat::FastPathIn,
+        Stat::FastPathOut,
+        Stat::PublishDenied,
     ];
+
+    /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
+    pub fn from_index(n: u32) -> Option<Stat> {
+        Self::ALL.iter().copied().find(|s| *s as u32 == n)
+    }
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -403,6 +522,16 @@ impl Stat {
             Stat::HairpinNew => "hairpin_new",
             Stat::HairpinHit => "hairpin_hit",
             Stat::NoEndpoint => "no_endpoint",
+            Stat::SpoofedMac => "spoofed_mac",
+            Stat::SpoofedAddr => "spoofed_addr",
+            Stat::OtherNetwork => "other_network",
+            Stat::IccDenied => "icc_denied",
+            Stat::Internal => "internal",
+            Stat::PolicyPass => "policy_pass",
+            Stat::FastPathLocal => "fast_path_local",
+            Stat::FastPathIn => "fast_path_in",
+            Stat::FastPathOut => "fast_path_out",
+            Stat::PublishDenied => "publish_denied",
         }
     }
 
@@ -410,7 +539,15 @@ impl Stat {
     pub const fn drops(self) -> bool {
         matches!(
             self,
-            Stat::PortExhausted | Stat::ConntrackFull | Stat::RewriteFailed
+            Stat::PortExhausted
+                | Stat::ConntrackFull
+                | Stat::RewriteFailed
+                | Stat::SpoofedMac
+                | Stat::SpoofedAddr
+                | Stat::OtherNetwork
+                | Stat::IccDenied
+                | Stat::Internal
+                | Stat::PublishDenied
         )
     }
 }
@@ -420,9 +557,13 @@ crate::user_pod!(
     SockRedirectOrigin,
     NetworkInfo,
     EndpointKey,
+    EndpointDropKey,
     EndpointInfo,
     PublishedKey,
     PublishedTarget,
+    LinkKey,
+    DropEvent,
+    PublishAllowKey,
     CtKey,
     CtEntry,
     Timeouts,

@@ -51,7 +51,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let now = now_ns();
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
-            stats::count_endpoint_drop(flow.saddr);
+            stats::count_endpoint_drop(flow.saddr, Stat::NoEndpoint);
             return Outcome::Done(Stat::NoEndpoint);
         };
         let Some(second) = hit.second else {
@@ -60,7 +60,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return translate(ctx, &flow, &hit.rewrite, &second, Stat::HairpinHit, ep);
     }
     // A new flow: from a container of a netd network to a port published on a host address.
-    let Some(net) = maps::endpoint(flow.saddr).and_then(|src| maps::network(src.network_id)) else {
+    let Some(src_net_id) = maps::endpoint(flow.saddr).map(|src| src.network_id) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let Some(net) = maps::network(src_net_id) else {
         return Outcome::Done(Stat::NoNat);
     };
     let gateway = net.gateway[0];
@@ -71,6 +74,11 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let Some(ep) = maps::endpoint(target.addr[0]) else {
         return Outcome::Done(Stat::NoNat);
     };
+    // An internal network's published ports are out of reach from its neighbours too.
+    if ep.network_id != src_net_id && maps::is_internal(ep.network_id) {
+        stats::count_endpoint_drop(target.addr[0], Stat::Internal);
+        return Outcome::Done(Stat::Internal);
+    }
     if !conntrack::may_start_flow(&flow) {
         return Outcome::Done(Stat::NoNat);
     }
@@ -88,7 +96,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     match started {
         Ok((dst, src)) => translate(ctx, &flow, &dst, &src, Stat::HairpinNew, ep),
         Err(reason) => {
-            stats::count_endpoint_drop(flow.saddr);
+            stats::count_endpoint_drop(flow.saddr, reason);
             Outcome::Done(reason)
         }
     }
@@ -104,7 +112,7 @@ fn translate(
     ep: &'static EndpointInfo,
 ) -> Outcome {
     if let Err(reason) = nat::apply(ctx, flow, dst).and_then(|()| nat::apply(ctx, flow, src)) {
-        stats::count_endpoint_drop(flow.saddr);
+        stats::count_endpoint_drop(flow.saddr, reason);
         return Outcome::Done(reason);
     }
     Outcome::Forward(done, ep)

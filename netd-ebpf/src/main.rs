@@ -8,10 +8,13 @@
 mod bridge;
 mod conntrack;
 mod counter;
+mod events;
+mod fib;
 mod host;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod sockets;
 mod stats;
 mod uplink;

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use netd_common::datapath::{
-    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, NETWORKS_MAX, NetworkInfo,
-    PUBLISHED_MAX, PublishedKey, PublishedTarget,
+    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
+    NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX,
+    PublishAllowKey, PublishedKey, PublishedTarget,
 };
 
 use crate::conntrack::v4;
@@ -20,6 +21,12 @@ static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+#[map]
+static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
+#[map]
+static VETHS: HashMap<u32, EndpointKey> = HashMap::pinned(ENDPOINTS_MAX, 0);
+#[map]
+static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
 
 /// The datapath configuration; `None` until userspace wrote it.
 #[inline(always)]
@@ -37,6 +44,29 @@ pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
     };
     // SAFETY: read-only use of a map value that userspace replaces whole.
     unsafe { ENDPOINTS.get(&key) }
+}
+
+/// The container behind the host-side veth `ifindex`, with its address (wire byte order).
+#[inline(always)]
+pub fn endpoint_behind(ifindex: u32) -> Option<(u32, &'static EndpointInfo)> {
+    // SAFETY: as above.
+    let key = unsafe { VETHS.get(&ifindex) }?;
+    let addr = key.addr[0];
+    endpoint(addr).map(|ep| (addr, ep))
+}
+
+/// Whether a `--link` lets `src` reach `dst` on `proto`/`port`.
+#[inline(always)]
+pub fn linked(src: u32, dst: u32, proto: u8, port: u16) -> bool {
+    let key = LinkKey {
+        src: v4(src),
+        dst: v4(dst),
+        port,
+        proto,
+        family: AF_INET,
+    };
+    // SAFETY: as above.
+    unsafe { LINKS.get(&key) }.is_some()
 }
 
 #[inline(always)]
@@ -65,4 +95,30 @@ pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Optio
     key.addr = [0; 4];
     // SAFETY: as above.
     unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// Whether network `id` is `--internal`: nothing gets in from beyond it.
+#[inline(always)]
+pub fn is_internal(id: u32) -> bool {
+    network(id).is_some_and(|net| net.flags & NET_INTERNAL != 0)
+}
+
+/// Whether a new flow from `saddr` may reach `target` (on `proto`): always, unless the port
+/// was published with `--publish-allow` ranges and none covers `saddr`.
+#[inline(always)]
+pub fn publish_allows(target: &PublishedTarget, proto: u8, saddr: u32) -> bool {
+    if target.flags & PUBLISH_RESTRICTED == 0 {
+        return true;
+    }
+    let key = Key::new(
+        PublishAllowKey::TARGET_BITS + 32,
+        PublishAllowKey {
+            target: target.addr,
+            port: target.port,
+            proto,
+            family: AF_INET,
+            src: v4(saddr),
+        },
+    );
+    PUBLISH_ALLOW.get(&key).is_some()
 }

@@ -11,7 +11,7 @@ use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use crate::parse::{Flow, L3_OFF, L4_OFF, QUOTED_L3_OFF, QUOTED_L4_OFF, Quoted};
 
-const IP_CSUM_OFF: usize = L3_OFF + 10;
+pub const IP_CSUM_OFF: usize = L3_OFF + 10;
 const IP_SRC_OFF: usize = L3_OFF + 12;
 const IP_DST_OFF: usize = L3_OFF + 16;
 const TCP_CSUM_OFF: usize = L4_OFF + 16;

@@ -5,14 +5,15 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
-use netd_common::datapath::{AF_INET, ENDPOINTS_MAX, EndpointKey, Stat};
+use netd_common::datapath::{AF_INET, ENDPOINTS_MAX, EndpointDropKey, EndpointKey, Stat};
 
 use crate::conntrack::v4;
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 #[map]
-static ENDPOINT_DROPS: PerCpuHashMap<EndpointKey, u64> = PerCpuHashMap::pinned(ENDPOINTS_MAX, 0);
+static ENDPOINT_DROPS: PerCpuHashMap<EndpointDropKey, u64> =
+    PerCpuHashMap::pinned(ENDPOINTS_MAX, 0);
 
 #[inline(always)]
 pub fn count(stat: Stat) {
@@ -22,13 +23,16 @@ pub fn count(stat: Stat) {
     }
 }
 
-/// Counts a dropped packet of the container at `addr` (wire byte order).
+/// Counts a packet of the container at `addr` (wire byte order) dropped for `reason`.
 #[inline(always)]
-pub fn count_endpoint_drop(addr: u32) {
-    let key = EndpointKey {
-        addr: v4(addr),
-        family: AF_INET,
-        _pad: [0; 3],
+pub fn count_endpoint_drop(addr: u32, reason: Stat) {
+    let key = EndpointDropKey {
+        endpoint: EndpointKey {
+            addr: v4(addr),
+            family: AF_INET,
+            _pad: [0; 3],
+        },
+        reason: reason as u32,
     };
     match ENDPOINT_DROPS.get_ptr_mut(&key) {
         // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.

@@ -5,7 +5,10 @@
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
-//!   the container. The host stack then routes the packet to the container's bridge.
+//!   the container (never to one of an `--internal` network, nor from a source outside the
+//!   port's `--publish-allow` ranges: dropped). A packet translated
+//!   to a container goes straight into its namespace (`fib`), else the host stack routes it
+//!   to the container's bridge.
 //!
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
@@ -20,11 +23,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use netd_common::datapath::{AF_INET, CT_NAT_SNAT, Config, CtKey, NET_MASQUERADE, Stat};
+use netd_common::datapath::{
+    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
+};
 
 use crate::{
     conntrack::{self, v4},
-    maps, nat,
+    events::{self, Tuple},
+    fib, maps, nat,
     parse::{self, Flow, Quoted},
     stats,
 };
@@ -40,7 +46,15 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    verdict(ingress(&ctx))
+    let outcome = ingress(&ctx);
+    if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit)
+        && let Some(action) = fib::deliver_to_container(&ctx)
+    {
+        stats::count(outcome);
+        stats::count(Stat::FastPathIn);
+        return action;
+    }
+    verdict(outcome)
 }
 
 /// Counts what happened to the packet and turns it into a TC action.
@@ -73,7 +87,7 @@ fn egress(ctx: &TcContext) -> Stat {
     match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => {
-            stats::count_endpoint_drop(flow.saddr);
+            stats::count_endpoint_drop(flow.saddr, reason);
             reason
         }
     }
@@ -98,18 +112,47 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
     let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
     let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
-        return Stat::NoNat;
+        return unpublished(ctx, &flow);
     };
+    if maps::is_internal(target.network_id) {
+        return refuse(ctx, &flow, Stat::Internal, target.addr[0]);
+    }
+    if !maps::publish_allows(&target, flow.proto, flow.saddr) {
+        return refuse(ctx, &flow, Stat::PublishDenied, target.addr[0]);
+    }
     if !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
     match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
         Err(reason) => {
-            stats::count_endpoint_drop(target.addr[0]);
+            stats::count_endpoint_drop(target.addr[0], reason);
             reason
         }
     }
+}
+
+/// A new flow to no published port: the stack routes it, unless it is routed straight to a
+/// container of an internal network (nothing gets in there).
+#[inline(always)]
+fn unpublished(ctx: &TcContext, flow: &Flow) -> Stat {
+    match maps::endpoint(flow.daddr) {
+        Some(ep) if maps::is_internal(ep.network_id) => {
+            refuse(ctx, flow, Stat::Internal, flow.daddr)
+        }
+        _ => Stat::NoNat,
+    }
+}
+
+/// Drops a new flow to the container at `target` for `reason`: counted against the container
+/// and reported as an event.
+#[inline(always)]
+fn refuse(ctx: &TcContext, flow: &Flow, reason: Stat, target: u32) -> Stat {
+    stats::count_endpoint_drop(target, reason);
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    events::report_drop(&Tuple::of(flow), reason, ifindex);
+    reason
 }
 
 /// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
@@ -141,7 +184,7 @@ fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat 
     match nat::apply(ctx, flow, rw) {
         Ok(()) => done,
         Err(reason) => {
-            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr });
+            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr }, reason);
             reason
         }
     }
@@ -156,12 +199,13 @@ fn hit_stat(nat: u8) -> Stat {
     }
 }
 
-/// Whether `saddr` is a container on a network with masquerading on.
+/// Whether `saddr` is a container on a network with masquerading on (never an internal one:
+/// its traffic stops at the container's veth, this makes sure nothing gets out anyway).
 #[inline(always)]
 fn masquerades(saddr: u32) -> bool {
     maps::endpoint(saddr)
         .and_then(|ep| maps::network(ep.network_id))
-        .is_some_and(|net| net.flags & NET_MASQUERADE != 0)
+        .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
 }
 
 #[inline(always)]

@@ -12,16 +12,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::{
     controller::Ctx,
-    datapath::{EndpointSpec, PortSpec},
+    datapath::{EndpointSpec, LinkSpec, PortSpec},
     etcfiles, ipam,
     netlink::Netlink,
     netns, network,
     ports::{self, Publish},
-    state::{Container, Link, Mode, PeerLink, PortMapping, State, Status},
+    state::{Container, Exposed, Link, Mode, PeerLink, PortMapping, State, Status},
 };
 
 /// `netd container create` as asked.
@@ -40,6 +40,7 @@ pub struct Request {
     pub links: Vec<String>,
     pub publish: Vec<String>,
     pub publish_all: bool,
+    pub publish_allow: Vec<Ipv4Net>,
     pub expose: Vec<String>,
 }
 
@@ -118,6 +119,8 @@ async fn plan(ctx: &Ctx, state: &mut State, req: Request) -> Result<Container> {
             .collect::<Result<_>>()?,
         peer_links: vec![],
         ports: vec![],
+        exposed: exposed_ports(&req.expose)?,
+        publish_allow: req.publish_allow.clone(),
     };
     let wants_ports = !req.publish.is_empty() || req.publish_all;
     if mode != Mode::Bridge {
@@ -272,7 +275,7 @@ async fn realize(ctx: &Ctx, state: &State, c: &Container) -> Result<()> {
         pause_after("veth");
         let net = state.network(c.network.as_deref().expect("bridge mode"))?;
         let dp = ctx.datapath(&net.datapath)?;
-        dp.add_endpoint(&net.spec(), &endpoint_spec(c, net.id).await?)?;
+        dp.add_endpoint(&net.spec(), &endpoint_spec(state, c, net.id).await?)?;
         dp.publish(&net.spec(), &port_specs(c, net.id))?;
     }
     etcfiles::write(&ctx.store.container_dir(&c.name), c, state)
@@ -310,7 +313,7 @@ async fn connect_veth(state: &State, c: &Container, inside: &Netlink) -> Result<
     host.set_up(host_end).await
 }
 
-async fn endpoint_spec(c: &Container, network_id: u32) -> Result<EndpointSpec> {
+async fn endpoint_spec(state: &State, c: &Container, network_id: u32) -> Result<EndpointSpec> {
     let host_ifname = c.host_veth.clone().expect("bridge mode");
     let host_ifindex = Netlink::in_ns(None)?.require_link(&host_ifname).await?;
     Ok(EndpointSpec {
@@ -320,7 +323,40 @@ async fn endpoint_spec(c: &Container, network_id: u32) -> Result<EndpointSpec> {
         mac: ipam::parse_mac(c.mac.as_deref().expect("bridge mode"))?,
         host_ifname,
         host_ifindex,
+        links: link_specs(state, c),
     })
+}
+
+/// What `c`'s `--link`s open: every exposed and published port of each linked container
+/// still there.
+fn link_specs(state: &State, c: &Container) -> Vec<LinkSpec> {
+    c.links
+        .iter()
+        .filter_map(|link| state.containers.get(&link.container))
+        .filter_map(|peer| Some((peer.ip?, peer.link_ports())))
+        .flat_map(|(ip, ports)| {
+            ports.into_iter().map(move |(proto, port)| LinkSpec {
+                peer: ip,
+                proto,
+                port,
+            })
+        })
+        .collect()
+}
+
+/// `--expose` requests, one entry per port.
+fn exposed_ports(expose: &[String]) -> Result<Vec<Exposed>> {
+    let mut out = Vec::new();
+    for spec in expose {
+        let e = ports::parse_expose(spec)?;
+        for port in e.container_ports.0..=e.container_ports.1 {
+            out.push(Exposed {
+                proto: e.proto,
+                port,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn port_specs(c: &Container, network_id: u32) -> Vec<PortSpec> {
@@ -333,6 +369,7 @@ fn port_specs(c: &Container, network_id: u32) -> Vec<PortSpec> {
             host_port: p.host_port,
             container_ip: c.ip.expect("bridge mode"),
             container_port: p.container_port,
+            allow: c.publish_allow.clone(),
         })
         .collect()
 }
@@ -344,7 +381,7 @@ async fn teardown(ctx: &Ctx, state: &State, c: &Container) {
         && let Ok(dp) = ctx.datapath(&net.datapath)
     {
         let _ = dp.unpublish(&net.spec(), &port_specs(c, net.id));
-        if let Ok(ep) = endpoint_spec(c, net.id).await {
+        if let Ok(ep) = endpoint_spec(state, c, net.id).await {
             let _ = dp.remove_endpoint(&net.spec(), &ep);
         }
     }

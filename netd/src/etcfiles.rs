@@ -105,6 +105,8 @@ mod tests {
             add_hosts: vec![],
             links: vec![],
             peer_links: vec![],
+            exposed: vec![],
+            publish_allow: vec![],
             ports: vec![],
         }
     }

@@ -2,13 +2,14 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{ArgAction, Parser, Subcommand};
+use ipnet::Ipv4Net;
 use netd::{
     bench,
     bpf::Pins,
     container,
     controller::Ctx,
     counter,
-    datapath::ebpf::{EbpfDatapath, conntrack, stats},
+    datapath::ebpf::{EbpfDatapath, conntrack, events, stats},
     demo, exec, netns, network, output, views,
 };
 
@@ -103,6 +104,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the packets the eBPF datapath drops: reason and 5-tuple, one per line.
+    Monitor {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +196,10 @@ enum ContainerCommand {
         /// Publish every --expose'd port on a free host port.
         #[arg(short = 'P', long)]
         publish_all: bool,
+        /// Published ports accept new connections only from this source range (repeatable;
+        /// from anywhere when not given).
+        #[arg(long, value_name = "CIDR")]
+        publish_allow: Vec<Ipv4Net>,
         /// PORT[-END][/tcp|/udp]
         #[arg(long)]
         expose: Vec<String>,
@@ -324,6 +338,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
+        Command::Monitor { json, count } => {
+            events::follow(&Pins::open(&cli.bpffs)?, count, |drop| {
+                if json {
+                    println!("{}", serde_json::to_string(&drop)?);
+                } else {
+                    println!("{drop}");
+                }
+                Ok(())
+            })
+            .await
+        }
         Command::Reload => {
             let replaced = EbpfDatapath::new(Pins::open(&cli.bpffs)?).reload_programs()?;
             println!("{replaced} programs replaced");
@@ -398,9 +423,20 @@ fn stats_command(pins: &Pins, json: bool) -> Result<()> {
         println!();
         let rows: Vec<Vec<String>> = endpoints
             .iter()
-            .map(|d| vec![d.endpoint.to_string(), d.dropped.to_string()])
+            .map(|d| {
+                let reasons: Vec<String> = d
+                    .reasons
+                    .iter()
+                    .map(|r| format!("{}={}", r.reason, r.packets))
+                    .collect();
+                vec![
+                    d.endpoint.to_string(),
+                    d.dropped.to_string(),
+                    reasons.join(","),
+                ]
+            })
             .collect();
-        output::table(&["ENDPOINT", "DROPPED"], &rows);
+        output::table(&["ENDPOINT", "DROPPED", "REASONS"], &rows);
     }
     Ok(())
 }
@@ -468,6 +504,7 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
             link,
             publish,
             publish_all,
+            publish_allow,
             expose,
         } => {
             let req = container::Request {
@@ -484,6 +521,7 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
                 links: link,
                 publish,
                 publish_all,
+                publish_allow,
                 expose,
             };
             let c = container::create(ctx, req).await?;

@@ -8,7 +8,7 @@
 //! they are the addresses of the recorded containers, so they can't leak.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     io::Write as _,
     net::Ipv4Addr,
@@ -124,6 +124,32 @@ pub struct Container {
     pub links: Vec<Link>,
     pub peer_links: Vec<PeerLink>,
     pub ports: Vec<PortMapping>,
+    /// `--expose`d ports, one entry per port: with the published ones, what a `--link` to
+    /// this container opens.
+    #[serde(default)]
+    pub exposed: Vec<Exposed>,
+    /// `--publish-allow`: the source ranges its published ports accept (any when empty).
+    #[serde(default)]
+    pub publish_allow: Vec<Ipv4Net>,
+}
+
+impl Container {
+    /// The ports a `--link` to this container opens: exposed and published ones (Docker's
+    /// link rules cover both).
+    pub fn link_ports(&self) -> BTreeSet<(Protocol, u16)> {
+        self.exposed
+            .iter()
+            .map(|e| (e.proto, e.port))
+            .chain(self.ports.iter().map(|p| (p.proto, p.container_port)))
+            .collect()
+    }
+}
+
+/// One `--expose`d container port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exposed {
+    pub proto: Protocol,
+    pub port: u16,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

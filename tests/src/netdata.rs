@@ -31,6 +31,7 @@ pub fn endpoint(ip: Ipv4Addr, host_ifname: &str, host_ifindex: u32) -> EndpointS
         mac: [0x02, 0x42, 172, 17, 0, ip.octets()[3]],
         host_ifname: host_ifname.into(),
         host_ifindex,
+        links: vec![],
     }
 }
 
@@ -48,5 +49,6 @@ pub fn port(
         host_port,
         container_ip,
         container_port,
+        allow: vec![],
     }
 }

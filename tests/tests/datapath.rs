@@ -736,7 +736,8 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
     for _ in 0..3 {
         thread::sleep(Duration::from_millis(600));
         let out = env.netd_ok(&["reload"]);
-        assert!(out.contains("3 programs replaced"), "{out}");
+        // Uplink ingress and egress, bridge ingress, the container's veth ingress.
+        assert!(out.contains("4 programs replaced"), "{out}");
     }
     let out = client.join().unwrap();
     assert!(
@@ -773,7 +774,11 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     let net = tests::netdata::network();
     let links = env.bpffs.join("links");
     let attached = || std::fs::read_dir(&links).unwrap().count();
-    assert_eq!(attached(), 3, "uplink ingress and egress, bridge ingress");
+    assert_eq!(
+        attached(),
+        4,
+        "uplink ingress and egress, bridge ingress, the container's veth ingress"
+    );
     datapath_in(&env, |dp| {
         let err = dp.setup_network(&net).unwrap_err();
         assert!(format!("{err:#}").contains("already set up"), "{err:#}");

@@ -52,6 +52,8 @@ impl Bench {
             &env.host_ns(),
             &["link", "add", BRIDGE, "type", "bridge"],
         );
+        let veth1 = host_veth(&env, "veth1");
+        let veth2 = host_veth(&env, "veth2");
         env.in_ns(&env.host_ns(), || {
             let dp = EbpfDatapath::new(pins.clone())
                 .with_host_cgroup(None)
@@ -59,8 +61,10 @@ impl Bench {
                 .with_conntrack_max(conntrack_max);
             let net = network();
             dp.setup_network(&net).unwrap();
-            dp.add_endpoint(&net, &endpoint(C1, "veth1", 101)).unwrap();
-            dp.add_endpoint(&net, &endpoint(C2, "veth2", 102)).unwrap();
+            dp.add_endpoint(&net, &endpoint(C1, "veth1", veth1))
+                .unwrap();
+            dp.add_endpoint(&net, &endpoint(C2, "veth2", veth2))
+                .unwrap();
             dp.publish(
                 &net,
                 &[
@@ -283,6 +287,7 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
         ..network()
     };
     let routed = Ipv4Addr::new(10, 1, 0, 2);
+    let veth3 = host_veth(&b.env, "veth3");
     let pins = Pins::open(&b.env.bpffs).unwrap();
     b.env.in_ns(&b.env.host_ns(), || {
         let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
@@ -291,13 +296,27 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
             &plain,
             &netd::datapath::EndpointSpec {
                 network_id: 2,
-                ..endpoint(routed, "veth3", 103)
+                ..endpoint(routed, "veth3", veth3)
             },
         )
         .unwrap();
     });
     b.assert_untouched(&tcp_frame(routed, 40000, SERVER, 80, SYN));
     assert!(b.stat("no_nat") >= 6);
+}
+
+/// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit
+/// on; returns the ifindex of `name`.
+fn host_veth(env: &TestEnv, name: &str) -> u32 {
+    let peer = format!("{name}p");
+    ip_in(
+        env,
+        &env.host_ns(),
+        &["link", "add", name, "type", "veth", "peer", "name", &peer],
+    );
+    env.in_ns(&env.host_ns(), || {
+        nix::net::if_::if_nametoindex(name).unwrap()
+    })
 }
 
 /// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted

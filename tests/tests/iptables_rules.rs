@@ -34,6 +34,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         host_port: 5353,
         container_ip: "172.17.0.2".parse().unwrap(),
         container_port: 53,
+        allow: vec![],
     };
     let pins = Pins::open(&env.bpffs).unwrap();
     netns::run_in(Some(&env.host_ns()), || {

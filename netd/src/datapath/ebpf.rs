@@ -6,25 +6,29 @@
 //!   the last;
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
+//! - each container's host-side veth, ingress: the isolation policy and the
+//!   container-to-container fast path; attached by `add_endpoint`, detached by
+//!   `remove_endpoint`;
 //! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
 //!   getpeername4: host processes to published ports, in the host namespace only.
 //!
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, HOST_SOCK_PROGS, Timeouts,
-    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, ENDPOINT_INGRESS_PROG,
+    HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
 use crate::bpf::Pins;
 
 pub mod conntrack;
+pub mod events;
 pub mod host;
 pub mod maps;
 pub mod stats;
@@ -34,6 +38,9 @@ const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
     (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
     (UPLINK_EGRESS_PROG, TcAttachType::Egress),
 ];
+
+/// The program on each container's host-side veth.
+const ENDPOINT_PROGS: [(&str, TcAttachType); 1] = [(ENDPOINT_INGRESS_PROG, TcAttachType::Ingress)];
 
 pub struct EbpfDatapath {
     pins: Pins,
@@ -84,7 +91,7 @@ impl EbpfDatapath {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
-        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
+        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge).chain(&ENDPOINT_PROGS) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
                 self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
                 replaced += 1;
@@ -152,6 +159,74 @@ impl EbpfDatapath {
         Ok(())
     }
 
+    /// What the endpoint program needs to know of `ep`: the veth it sits behind, and the
+    /// ports its links open.
+    fn add_policy(&self, ep: &EndpointSpec) -> Result<()> {
+        maps::veths(&self.pins)?
+            .insert(ep.host_ifindex, maps::endpoint_key(ep.ip), 0)
+            .with_context(|| format!("add veth {} of {}", ep.host_ifname, ep.container))?;
+        let mut links = maps::links(&self.pins)?;
+        for link in &ep.links {
+            links
+                .insert(maps::link_key(ep.ip, link), 1, 0)
+                .with_context(|| format!("add a link of {} to {}", ep.container, link.peer))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes `add_policy`, and removes the links of other containers to `ep` (the address
+    /// may go to another container). Best effort: what is not there needs no removing.
+    fn remove_policy(&self, ep: &EndpointSpec) {
+        if let Ok(mut veths) = maps::veths(&self.pins) {
+            let _ = veths.remove(&ep.host_ifindex);
+        }
+        let Ok(mut links) = maps::links(&self.pins) else {
+            return;
+        };
+        let addr = ep.ip.octets();
+        let stale: Vec<_> = links
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| v4_octets(&k.src) == addr || v4_octets(&k.dst) == addr)
+            .collect();
+        for key in stale {
+            let _ = links.remove(&key);
+        }
+    }
+
+    /// Detaches the endpoint program from the host-side veth `ifindex` of an endpoint left on a
+    /// network being torn down (one whose veth is gone has nothing attached any more).
+    fn detach_endpoint(&self, ifindex: u32) -> Result<()> {
+        let _ = maps::veths(&self.pins)?.remove(&ifindex);
+        let Ok(ifname) = nix::net::if_::if_indextoname(ifindex) else {
+            return Ok(());
+        };
+        for (prog, dir) in ENDPOINT_PROGS {
+            self.pins.detach_tc(prog, &ifname.to_string_lossy(), dir)?;
+        }
+        Ok(())
+    }
+
+    /// The source ranges `port` accepts new flows from (`--publish-allow`).
+    fn allow_sources(&self, port: &PortSpec) -> Result<()> {
+        let mut allow = maps::publish_allow(&self.pins)?;
+        for key in maps::publish_allow_keys(port) {
+            allow
+                .insert(&key, 1, 0)
+                .with_context(|| format!("allow sources of {}", describe(port)))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes `allow_sources` (best effort: what is not there needs no removing).
+    fn forget_sources(&self, port: &PortSpec) {
+        if let Ok(mut allow) = maps::publish_allow(&self.pins) {
+            for key in maps::publish_allow_keys(port) {
+                let _ = allow.remove(&key);
+            }
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
@@ -217,10 +292,10 @@ impl Datapath for EbpfDatapath {
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, ep)| ep.network_id == net.id)
-            .map(|(key, _)| key)
             .collect();
-        for key in stale {
+        for (key, ep) in stale {
             endpoints.remove(&key)?;
+            self.detach_endpoint(ep.ifindex)?;
         }
         let mut published = maps::published(&self.pins)?;
         let stale: Vec<_> = published
@@ -231,6 +306,18 @@ impl Datapath for EbpfDatapath {
             .collect();
         for key in stale {
             published.remove(&key)?;
+        }
+        let mut allow = maps::publish_allow(&self.pins)?;
+        let stale: Vec<_> = allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                net.subnet
+                    .contains(&Ipv4Addr::from(v4_octets(&k.data().target)))
+            })
+            .collect();
+        for key in stale {
+            allow.remove(&key)?;
         }
         conntrack::flush_network(&self.pins, net.subnet)?;
         self.pins
@@ -249,16 +336,31 @@ impl Datapath for EbpfDatapath {
         }
         endpoints
             .insert(key, maps::endpoint_info(ep), 0)
-            .with_context(|| format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name))
+            .with_context(|| {
+                format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
+            })?;
+        let policed = self.add_policy(ep).and_then(|()| {
+            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+            self.attach(&mut ebpf, &ep.host_ifname, &ENDPOINT_PROGS)
+        });
+        if let Err(e) = policed {
+            self.remove_policy(ep);
+            let _ = endpoints.remove(&key);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         maps::endpoints(&self.pins)?
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        // The address may go to another container: its flows and counts must not follow. (No
-        // drop count is no error: most containers never have one.)
-        let _ = maps::endpoint_drops(&self.pins)?.remove(&maps::endpoint_key(ep.ip));
+        for (prog, dir) in ENDPOINT_PROGS {
+            self.pins.detach_tc(prog, &ep.host_ifname, dir)?;
+        }
+        self.remove_policy(ep);
+        // The address may go to another container: its flows and counts must not follow.
+        stats::forget_endpoint(&self.pins, ep.ip)?;
         conntrack::flush_address(&self.pins, ep.ip).map(drop)
     }
 
@@ -269,13 +371,18 @@ impl Datapath for EbpfDatapath {
             let result = if published.get(&key, 0).is_ok() {
                 Err(anyhow::anyhow!("{} is already published", describe(port)))
             } else {
-                published
-                    .insert(key, maps::published_target(port), 0)
-                    .with_context(|| format!("publish {} on {}", describe(port), net.name))
+                // The ranges first: a restricted port is never open to all, even for a moment.
+                self.allow_sources(port).and_then(|()| {
+                    published
+                        .insert(key, maps::published_target(port), 0)
+                        .with_context(|| format!("publish {} on {}", describe(port), net.name))
+                })
             };
             if let Err(e) = result {
+                self.forget_sources(port);
                 for port in &ports[..done] {
                     let _ = published.remove(&maps::published_key(port));
+                    self.forget_sources(port);
                 }
                 return Err(e);
             }
@@ -290,6 +397,7 @@ impl Datapath for EbpfDatapath {
             if published.remove(&maps::published_key(port)).is_err() {
                 missing.push(describe(port));
             }
+            self.forget_sources(port);
         }
         if !missing.is_empty() {
             bail!("not published on {}: {}", net.name, missing.join(", "));

@@ -220,18 +220,55 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec) -> Script {
         .map(|ip| format!("-d {ip}/32 "))
         .unwrap_or_default();
     let (cip, cport, hport) = (port.container_ip, port.container_port, port.host_port);
+    // One DNAT per allowed source range (`--publish-allow`); one from anywhere without.
+    let sources: Vec<String> = if port.allow.is_empty() {
+        vec![String::new()]
+    } else {
+        port.allow.iter().map(|net| format!("-s {net} ")).collect()
+    };
+    let mut nat: Vec<String> = sources
+        .iter()
+        .map(|src| {
+            format!(
+                "-A {CHAIN} {src}{dst}! -i {br} -p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
+            )
+        })
+        .collect();
+    nat.push(format!(
+        "-A POSTROUTING -s {cip}/32 -d {cip}/32 -p {p} -m {p} --dport {cport} -j MASQUERADE"
+    ));
     Script {
-        nat: vec![
-            format!(
-                "-A {CHAIN} {dst}! -i {br} -p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
-            ),
-            format!(
-                "-A POSTROUTING -s {cip}/32 -d {cip}/32 -p {p} -m {p} --dport {cport} -j MASQUERADE"
-            ),
-        ],
+        nat,
         filter: vec![format!(
             "-I {CHAIN} -d {cip}/32 ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
         )],
+    }
+}
+
+/// Docker's pair of ACCEPT rules for each port a `--link` opens (`linkContainers`): to the
+/// linked container's port, and its replies from it. They sit in the chain FORWARD jumps to
+/// before the `--icc=false` DROP.
+fn link_rules(net: &NetworkSpec, ep: &EndpointSpec) -> Script {
+    let br = &net.bridge;
+    let a = ep.ip;
+    let filter = ep
+        .links
+        .iter()
+        .flat_map(|link| {
+            let (b, port, p) = (link.peer, link.port, proto(link.proto));
+            [
+                format!(
+                    "-I {CHAIN} -s {a}/32 -d {b}/32 -i {br} -o {br} -p {p} -m {p} --dport {port} -j ACCEPT"
+                ),
+                format!(
+                    "-I {CHAIN} -s {b}/32 -d {a}/32 -i {br} -o {br} -p {p} -m {p} --sport {port} -j ACCEPT"
+                ),
+            ]
+        })
+        .collect();
+    Script {
+        nat: vec![],
+        filter,
     }
 }
 
@@ -277,12 +314,18 @@ impl Datapath for IptablesDatapath {
     }
 
     // Docker writes no rule per container (links aside); the bridge carries them.
-    fn add_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
-        Ok(())
+    fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        if ep.links.is_empty() {
+            return Ok(());
+        }
+        restore(&link_rules(net, ep)).context("install iptables rules of links")
     }
 
-    fn remove_endpoint(&self, _net: &NetworkSpec, _ep: &EndpointSpec) -> Result<()> {
-        Ok(())
+    fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        if ep.links.is_empty() {
+            return Ok(());
+        }
+        restore(&link_rules(net, ep).deletions()).context("remove iptables rules of links")
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
@@ -332,6 +375,7 @@ mod tests {
             host_port: 8080,
             container_ip: "172.17.0.2".parse().unwrap(),
             container_port: 80,
+            allow: vec![],
         };
         let s = port_rules(&net(), &port);
         assert_eq!(
@@ -344,6 +388,30 @@ mod tests {
         assert_eq!(
             s.filter,
             ["-I NETD -d 172.17.0.2/32 ! -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT"]
+        );
+    }
+
+    #[test]
+    fn link_rules_match_docker() {
+        let ep = EndpointSpec {
+            network_id: 1,
+            container: "client".into(),
+            ip: "172.17.0.3".parse().unwrap(),
+            mac: [0x02, 0x42, 172, 17, 0, 3],
+            host_ifname: "veth0000001".into(),
+            host_ifindex: 7,
+            links: vec![super::super::LinkSpec {
+                peer: "172.17.0.2".parse().unwrap(),
+                proto: Protocol::Tcp,
+                port: 80,
+            }],
+        };
+        assert_eq!(
+            link_rules(&net(), &ep).filter,
+            [
+                "-I NETD -s 172.17.0.3/32 -d 172.17.0.2/32 -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT",
+                "-I NETD -s 172.17.0.2/32 -d 172.17.0.3/32 -i netd0 -o netd0 -p tcp -m tcp --sport 80 -j ACCEPT",
+            ]
         );
     }
 

@@ -41,9 +41,20 @@ pub struct EndpointSpec {
     /// The host end of the container's veth pair.
     pub host_ifname: String,
     pub host_ifindex: u32,
+    /// What `--link` opens for this container on a network with `--icc=false`.
+    pub links: Vec<LinkSpec>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One port a `--link` opens: the container may reach `peer` on `proto`/`port` (an exposed
+/// port of the linked container), and `peer` may answer from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkSpec {
+    pub peer: Ipv4Addr,
+    pub proto: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -60,6 +71,8 @@ pub struct PortSpec {
     pub host_port: u16,
     pub container_ip: Ipv4Addr,
     pub container_port: u16,
+    /// New flows only from these source ranges (`--publish-allow`); from anywhere if empty.
+    pub allow: Vec<Ipv4Net>,
 }
 
 /// What every datapath driver does. Calls are idempotent where the name says "ensure"; the

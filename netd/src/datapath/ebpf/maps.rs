@@ -3,15 +3,16 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
 use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
-    EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, NETWORKS_MAP, NetworkInfo, PUBLISHED_MAP,
-    PublishedKey, PublishedTarget, STATS_MAP, addr_v4,
+    EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
+    NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
+    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, addr_v4,
 };
 
 use crate::bpf::Pins;
-use crate::datapath::{EndpointSpec, NetworkSpec, PortSpec, Protocol};
+use crate::datapath::{EndpointSpec, LinkSpec, NetworkSpec, PortSpec, Protocol};
 
 pub type Networks = HashMap<MapData, u32, NetworkInfo>;
 pub type Endpoints = HashMap<MapData, EndpointKey, EndpointInfo>;
@@ -19,7 +20,10 @@ pub type Published = HashMap<MapData, PublishedKey, PublishedTarget>;
 pub type Conntrack = HashMap<MapData, CtKey, CtEntry>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type Stats = PerCpuArray<MapData, u64>;
-pub type EndpointDrops = PerCpuHashMap<MapData, EndpointKey, u64>;
+pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
+pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
+pub type Veths = HashMap<MapData, u32, EndpointKey>;
+pub type Links = HashMap<MapData, LinkKey, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
@@ -59,6 +63,20 @@ pub fn endpoint_drops(pins: &Pins) -> Result<EndpointDrops> {
     Ok(PerCpuHashMap::try_from(Map::PerCpuHashMap(
         pins.open_map(ENDPOINT_DROPS_MAP)?,
     ))?)
+}
+
+pub fn publish_allow(pins: &Pins) -> Result<PublishAllow> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(
+        pins.open_map(PUBLISH_ALLOW_MAP)?,
+    ))?)
+}
+
+pub fn veths(pins: &Pins) -> Result<Veths> {
+    Ok(HashMap::try_from(Map::HashMap(pins.open_map(VETHS_MAP)?))?)
+}
+
+pub fn links(pins: &Pins) -> Result<Links> {
+    Ok(HashMap::try_from(Map::HashMap(pins.open_map(LINKS_MAP)?))?)
 }
 
 /// The datapath's configuration, as the last `setup_network` wrote it.
@@ -126,7 +144,41 @@ pub fn published_target(port: &PortSpec) -> PublishedTarget {
     PublishedTarget {
         addr: addr_v4(port.container_ip.octets()),
         port: port.container_port,
-        _pad: 0,
+        flags: if port.allow.is_empty() {
+            0
+        } else {
+            PUBLISH_RESTRICTED
+        },
         network_id: port.network_id,
     }
+}
+
+/// The key of `link` opened for the container at `ip`.
+pub fn link_key(ip: Ipv4Addr, link: &LinkSpec) -> LinkKey {
+    LinkKey {
+        src: addr_v4(ip.octets()),
+        dst: addr_v4(link.peer.octets()),
+        port: link.port,
+        proto: proto_number(link.proto),
+        family: AF_INET,
+    }
+}
+
+/// The `PUBLISH_ALLOW` keys of `port`'s source ranges.
+pub fn publish_allow_keys(port: &PortSpec) -> Vec<Key<PublishAllowKey>> {
+    port.allow
+        .iter()
+        .map(|range| {
+            Key::new(
+                PublishAllowKey::TARGET_BITS + u32::from(range.prefix_len()),
+                PublishAllowKey {
+                    target: addr_v4(port.container_ip.octets()),
+                    port: port.container_port,
+                    proto: proto_number(port.proto),
+                    family: AF_INET,
+                    src: addr_v4(range.network().octets()),
+                },
+            )
+        })
+        .collect()
 }

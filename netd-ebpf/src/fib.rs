@@ -1,0 +1,114 @@
+//! Forwarding without the host stack: the kernel's FIB says where a packet goes, and the
+//! redirects take it there, past the bridge, netfilter and a second routing pass. A packet
+//! the FIB can't fully answer for (no route, a local destination, an unresolved neighbour,
+//! too big, TTL about to expire) is left to the stack, which does all of that itself.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use netd_common::datapath::{EndpointInfo, Stat};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{maps, nat::IP_CSUM_OFF, parse::L3_OFF};
+
+const AF_INET: u8 = 2;
+/// Offset of the IPv4 TTL (with the protocol after it, a 16-bit word of the checksum).
+const TTL_OFF: usize = L3_OFF + 8;
+
+/// Delivers a packet the uplink's ingress translated to a container straight into its
+/// namespace: MACs as the bridge would have sent it (from the bridge to the container), TTL
+/// decremented as routing would have. `None`: the stack takes it.
+#[inline(always)]
+pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
+    let ip: Ipv4Hdr = ctx.load(L3_OFF).ok()?;
+    let ep: &EndpointInfo = maps::endpoint(u32::from_ne_bytes(ip.dst_addr))?;
+    let (ret, fib) = lookup(ctx, &ip)?;
+    // The route must lead to this container through a resolved neighbour: anything else is
+    // the stack's to sort out.
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.dmac != ep.mac {
+        return None;
+    }
+    decrement_ttl(ctx, &ip)?;
+    ctx.store(0, &fib.dmac, 0).ok()?;
+    ctx.store(6, &fib.smac, 0).ok()?;
+    // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
+    // interface is not a veth, which endpoints are).
+    Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// Sends a container's packet for the outside to the uplink's egress (where it is
+/// masqueraded), with `bpf_redirect_neigh` resolving the next hop's MAC. Only when the route
+/// goes out of the uplink; `None` otherwise (the stack takes it).
+#[inline(always)]
+pub fn forward_to_uplink(ctx: &TcContext, uplink_ifindex: u32) -> Option<(i32, Stat)> {
+    let ip: Ipv4Hdr = ctx.load(L3_OFF).ok()?;
+    let (ret, fib) = lookup(ctx, &ip)?;
+    let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS as i64;
+    if !resolved && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 || fib.ifindex != uplink_ifindex {
+        return None;
+    }
+    decrement_ttl(ctx, &ip)?;
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
+            ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+        },
+    };
+    // SAFETY: `nh` lives across the call, its size is passed with it.
+    let action =
+        unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    Some((action as i32, Stat::FastPathOut))
+}
+
+/// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
+/// make it (MTU checked against the IP length, except for GSO packets that the stack
+/// segments to the device's size anyway). `None` if the helper failed outright.
+#[inline(always)]
+fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
+    if ip.ttl <= 1 {
+        return None;
+    }
+    // SAFETY: all zeros is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let skb = unsafe { &*ctx.skb.skb };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = if skb.gso_segs > 1 {
+        0
+    } else {
+        u16::from_be_bytes(ip.tot_len)
+    };
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    fib.ifindex = skb.ifindex;
+    // SAFETY: `fib` lives across the call, its size is passed with it.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (ret >= 0).then_some((ret, fib))
+}
+
+/// What forwarding does to the IPv4 header: TTL down by one, checksum updated.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<()> {
+    // The checksum helper takes the 16-bit word as it is in the packet.
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
+    ctx.store(TTL_OFF, &(ip.ttl - 1), 0).ok()?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
+        .ok()
+}

@@ -1,0 +1,86 @@
+//! `netd monitor`: the packets the datapath drops, as they happen, from the `DROP_EVENTS` ring
+//! buffer. The buffer keeps what no monitor read yet (up to its size), so a monitor started
+//! after a drop still sees it; there is one reader position, so two monitors share the stream.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use aya::maps::{Map, RingBuf};
+use netd_common::datapath::{
+    DROP_EVENTS_MAP, DropEvent, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, v4_octets,
+};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+use crate::bpf::Pins;
+
+/// One dropped packet.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Drop {
+    pub reason: &'static str,
+    pub proto: String,
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+    /// The interface the packet arrived on (in the host namespace).
+    pub ifindex: u32,
+}
+
+impl std::fmt::Display for Drop {
+    /// `icc_denied tcp 172.18.0.3:41234 -> 172.18.0.2:80 (if 12)`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {}:{} -> {}:{} (if {})",
+            self.reason, self.proto, self.saddr, self.sport, self.daddr, self.dport, self.ifindex
+        )
+    }
+}
+
+/// Calls `each` with every drop event, waiting for new ones, until `count` were seen (for
+/// ever when `None`) or `each` fails.
+pub async fn follow(
+    pins: &Pins,
+    count: Option<usize>,
+    mut each: impl FnMut(Drop) -> Result<()>,
+) -> Result<()> {
+    let ring = RingBuf::try_from(Map::RingBuf(pins.open_map(DROP_EVENTS_MAP)?))?;
+    // SAFETY: the ring buffer owns its map fd for its whole life (moved into the AsyncFd, it
+    // is neither closed nor replaced), and as_raw_fd always returns that fd.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("poll the drop events: {e}"))?;
+    let mut seen = 0;
+    loop {
+        let mut ready = ring.readable_mut().await?;
+        while let Some(item) = ready.get_inner_mut().next() {
+            let event: DropEvent = bytemuck::try_pod_read_unaligned(&item)
+                .map_err(|e| anyhow::anyhow!("a drop event of {} bytes: {e}", item.len()))?;
+            drop(item);
+            each(describe(&event))?;
+            seen += 1;
+            if count.is_some_and(|c| seen >= c) {
+                return Ok(());
+            }
+        }
+        ready.clear_ready();
+    }
+}
+
+fn describe(e: &DropEvent) -> Drop {
+    Drop {
+        reason: Stat::from_index(e.reason).map_or("unknown", Stat::name),
+        proto: match e.proto {
+            IPPROTO_TCP => "tcp".into(),
+            IPPROTO_UDP => "udp".into(),
+            IPPROTO_ICMP => "icmp".into(),
+            0 => "-".into(),
+            other => other.to_string(),
+        },
+        saddr: Ipv4Addr::from(v4_octets(&e.saddr)),
+        sport: e.sport,
+        daddr: Ipv4Addr::from(v4_octets(&e.daddr)),
+        dport: e.dport,
+        ifindex: e.ifindex,
+    }
+}
