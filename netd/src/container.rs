@@ -360,7 +360,12 @@ fn exposed_ports(expose: &[String]) -> Result<Vec<Exposed>> {
 }
 
 fn port_specs(c: &Container, network_id: u32) -> Vec<PortSpec> {
-    c.ports
+    specs_of(c, &c.ports, network_id)
+}
+
+/// The datapath's view of `ports` of container `c`.
+fn specs_of(c: &Container, ports: &[PortMapping], network_id: u32) -> Vec<PortSpec> {
+    ports
         .iter()
         .map(|p| PortSpec {
             network_id,
@@ -541,4 +546,36 @@ async fn wire_peer_link(
             .await?;
     }
     Ok(())
+}
+
+/// `netd publish NAME -p SPEC...`: publishes more ports of a running container (checked for
+/// clashes like at create).
+pub async fn publish(ctx: &Ctx, name: &str, specs: &[String]) -> Result<Vec<PortMapping>> {
+    let mut state = ctx.store.load()?;
+    collect_garbage(ctx, &mut state).await?;
+    let c = state.container(name)?.clone();
+    let Some(network) = c.network.as_deref().filter(|_| c.mode == Mode::Bridge) else {
+        bail!("container {name:?} is not on a bridge network: it has no ports to publish");
+    };
+    let net = state.network(network)?.clone();
+    let requests: Vec<Publish> = specs
+        .iter()
+        .map(|p| ports::parse_publish(p))
+        .collect::<Result<_>>()?;
+    let taken: Vec<PortMapping> = state
+        .containers
+        .values()
+        .flat_map(|c| c.ports.clone())
+        .collect();
+    let added = ports::assign(&requests, net.host_ip, &taken)?;
+    ctx.datapath(&net.datapath)?
+        .publish(&net.spec(), &specs_of(&c, &added, net.id))?;
+    state
+        .containers
+        .get_mut(name)
+        .expect("checked")
+        .ports
+        .extend(added.iter().cloned());
+    ctx.store.save(&state)?;
+    Ok(added)
 }

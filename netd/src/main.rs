@@ -59,6 +59,13 @@ enum Command {
     },
     /// The ports a container publishes, like `docker port`.
     Port { name: String },
+    /// Publish more ports of an existing container.
+    Publish {
+        name: String,
+        /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]
+        #[arg(short = 'p', long = "publish", required = true)]
+        publish: Vec<String>,
+    },
     /// A point-to-point veth between two containers, with /32 routes to each other.
     Link { a: String, b: String },
     /// Remove what a netd command that died midway left behind.
@@ -290,6 +297,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let c = state.container(&name)?;
             let code = exec::run(c, &ctx.store.container_dir(&name), &command)?;
             std::process::exit(code);
+        }
+        Command::Publish { name, publish } => {
+            for p in container::publish(&ctx()?, &name, &publish).await? {
+                println!("{}", views::port_line(&p));
+            }
+            Ok(())
         }
         Command::Port { name } => views::port(&ctx()?.store.load()?, &name),
         Command::Link { a, b } => {

@@ -698,3 +698,27 @@ fn listings_have_tables_and_json() {
     let json = env.netd_json(&["network", "ls", "--json"]);
     assert_eq!(json[0]["name"], "bridge");
 }
+
+#[test]
+fn publish_adds_ports_to_a_running_container() {
+    let env = TestEnv::new();
+    let (c, other) = (env.name("pub"), env.name("other"));
+    env.netd_ok(&["container", "create", &c, "-p", "8080:80"]);
+    env.netd_ok(&["container", "create", &other]);
+    assert_eq!(
+        env.netd_ok(&["publish", &c, "-p", "8081:81"]),
+        "81/tcp -> 0.0.0.0:8081\n"
+    );
+    let server = echo_server(&env, &ns(&c), 81);
+    assert_eq!(
+        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8081)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    let err = env.netd_err(&["publish", &other, "-p", "8081:90"]);
+    assert!(err.contains("8081/tcp is already published"), "{err}");
+    assert_eq!(
+        env.netd_ok(&["port", &c]),
+        "80/tcp -> 0.0.0.0:8080\n81/tcp -> 0.0.0.0:8081\n"
+    );
+}

@@ -126,6 +126,26 @@ impl Control {
         }
     }
 
+    /// Publishes one more port of an existing container. Docker can't: its arm re-creates the
+    /// container with the port, which is what a Docker user would have to do. Returns the
+    /// container as it is afterwards.
+    pub fn publish(&self, base: &str, (host, container): (u16, u16)) -> Result<Created> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => {
+                inst.netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
+                Ok(Created {
+                    netns: netns::path_of(&name),
+                    ip: Ipv4Addr::UNSPECIFIED,
+                })
+            }
+            Self::Docker { .. } => {
+                self.remove(base)?;
+                self.create(base, None, Publish::Pairs(vec![(host, container)]))
+            }
+        }
+    }
+
     pub fn remove(&self, base: &str) -> Result<()> {
         let name = self.instance().name(base);
         match self {

@@ -262,12 +262,9 @@ async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) 
             },
         )?;
     }
+    ctl.create("last", None, Publish::Pairs(vec![]))?;
     let started = Instant::now();
-    let last = ctl.create(
-        "last",
-        None,
-        Publish::Pairs(vec![(LAST_HOST_PORT, tools::CRR_PORT)]),
-    )?;
+    let last = ctl.publish("last", (LAST_HOST_PORT, tools::CRR_PORT))?;
     record(
         samples,
         arm,
