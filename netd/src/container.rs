@@ -24,23 +24,47 @@ use crate::{
     state::{Container, Exposed, Link, Mode, PeerLink, PortMapping, State, Status},
 };
 
-/// `netd container create` as asked.
-#[derive(Debug, Default)]
+/// `netd container create` as asked (the CLI's arguments).
+#[derive(Debug, Default, clap::Args)]
 pub struct Request {
     pub name: String,
+    /// A network name, or host, none, container:OTHER.
+    #[arg(long, default_value = "bridge")]
     pub network: String,
+    /// Configure this existing network namespace instead of making one.
+    #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
+    /// Configure the network namespace of this process instead of making one.
+    #[arg(long)]
     pub pid: Option<u32>,
+    #[arg(long)]
     pub ip: Option<Ipv4Addr>,
+    #[arg(long)]
     pub mac: Option<String>,
+    #[arg(long)]
     pub hostname: Option<String>,
+    #[arg(long)]
     pub dns: Vec<Ipv4Addr>,
+    #[arg(long)]
     pub dns_search: Vec<String>,
+    /// HOST:IP
+    #[arg(long = "add-host")]
     pub add_hosts: Vec<String>,
+    /// OTHER[:ALIAS]
+    #[arg(long = "link")]
     pub links: Vec<String>,
+    /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]
+    #[arg(short = 'p', long)]
     pub publish: Vec<String>,
+    /// Publish every --expose'd port on a free host port.
+    #[arg(short = 'P', long)]
     pub publish_all: bool,
+    /// Published ports accept new connections only from this source range (repeatable;
+    /// from anywhere when not given).
+    #[arg(long, value_name = "CIDR")]
     pub publish_allow: Vec<Ipv4Net>,
+    /// PORT[-END][/tcp|/udp]
+    #[arg(long)]
     pub expose: Vec<String>,
 }
 

@@ -18,6 +18,7 @@ pub struct Ctx {
     pub pins: Pins,
     /// `--datapath`: the driver new networks use.
     pub datapath: String,
+    pub tuning: datapath::Tuning,
 }
 
 impl Ctx {
@@ -27,6 +28,7 @@ impl Ctx {
         host_netns: Option<&Path>,
         bpffs: &Path,
         datapath: &str,
+        tuning: datapath::Tuning,
     ) -> Result<Self> {
         Ok(Self {
             store: Store::lock(state_dir)?,
@@ -34,11 +36,12 @@ impl Ctx {
                 .map_or_else(|| PathBuf::from("/proc/1/ns/net"), Path::to_path_buf),
             pins: Pins::open(bpffs)?,
             datapath: datapath.to_string(),
+            tuning,
         })
     }
 
     /// The driver called `name` (each network records the one it was made with).
     pub fn datapath(&self, name: &str) -> Result<Box<dyn Datapath>> {
-        datapath::open(name, &self.pins)
+        datapath::open(name, &self.pins, &self.tuning)
     }
 }

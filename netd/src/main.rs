@@ -1,8 +1,7 @@
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{ArgAction, Parser, Subcommand};
-use ipnet::Ipv4Net;
+use clap::{Parser, Subcommand};
 use netd::{
     bench,
     bpf::Pins,
@@ -39,6 +38,13 @@ struct Cli {
     /// The datapath new networks use: ebpf, or iptables (Docker's rules, the baseline).
     #[arg(long, global = true, default_value = "ebpf", value_name = "NAME")]
     datapath: String,
+    /// Entries of the eBPF connection-tracking table (two per flow), when it is created.
+    #[arg(long, global = true, value_name = "N")]
+    conntrack_max: Option<u32>,
+    /// A conntrack timeout, NAME=SECONDS (tcp_established, tcp_syn_sent, udp, icmp, ...),
+    /// applied when a network is set up; netfilter's defaults otherwise.
+    #[arg(long, global = true, value_name = "NAME=SECS")]
+    conntrack_timeout: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,35 +131,7 @@ enum Command {
 #[derive(Subcommand)]
 enum NetworkCommand {
     /// Create a network.
-    Create {
-        name: String,
-        /// IPv4 subnet (default: the first free private /16 or /20).
-        #[arg(long)]
-        subnet: Option<String>,
-        /// The bridge's address (default: the subnet's first host).
-        #[arg(long)]
-        gateway: Option<Ipv4Addr>,
-        /// Allocate container addresses from this part of the subnet.
-        #[arg(long)]
-        ip_range: Option<String>,
-        /// Bridge interface name (default: netd0 for `bridge`, netd-brN otherwise).
-        #[arg(long)]
-        bridge: Option<String>,
-        #[arg(long)]
-        mtu: Option<u32>,
-        /// Let containers on the network talk to each other.
-        #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-        icc: bool,
-        /// No traffic in or out of the network beyond its containers and gateway.
-        #[arg(long)]
-        internal: bool,
-        /// Masquerade traffic leaving the host.
-        #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-        masquerade: bool,
-        /// Default host address for published ports.
-        #[arg(long)]
-        host_ip: Option<Ipv4Addr>,
-    },
+    Create(network::Request),
     /// Remove a network (it must have no containers).
     Rm { name: String },
     /// List networks.
@@ -165,52 +143,10 @@ enum NetworkCommand {
     Inspect { name: String },
 }
 
-// Parsed once per process: the size of the biggest variant doesn't matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ContainerCommand {
     /// Create a container's network: a namespace (or an existing one) joined to a network.
-    Create {
-        name: String,
-        /// A network name, or host, none, container:OTHER.
-        #[arg(long, default_value = "bridge")]
-        network: String,
-        /// Configure this existing network namespace instead of making one.
-        #[arg(long, value_name = "PATH")]
-        netns: Option<PathBuf>,
-        /// Configure the network namespace of this process instead of making one.
-        #[arg(long)]
-        pid: Option<u32>,
-        #[arg(long)]
-        ip: Option<Ipv4Addr>,
-        #[arg(long)]
-        mac: Option<String>,
-        #[arg(long)]
-        hostname: Option<String>,
-        #[arg(long)]
-        dns: Vec<Ipv4Addr>,
-        #[arg(long)]
-        dns_search: Vec<String>,
-        /// HOST:IP
-        #[arg(long)]
-        add_host: Vec<String>,
-        /// OTHER[:ALIAS]
-        #[arg(long)]
-        link: Vec<String>,
-        /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]
-        #[arg(short = 'p', long)]
-        publish: Vec<String>,
-        /// Publish every --expose'd port on a free host port.
-        #[arg(short = 'P', long)]
-        publish_all: bool,
-        /// Published ports accept new connections only from this source range (repeatable;
-        /// from anywhere when not given).
-        #[arg(long, value_name = "CIDR")]
-        publish_allow: Vec<Ipv4Net>,
-        /// PORT[-END][/tcp|/udp]
-        #[arg(long)]
-        expose: Vec<String>,
-    },
+    Create(container::Request),
     /// Remove a container's network.
     Rm { name: String },
     /// List containers.
@@ -280,12 +216,20 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
+    let mut tuning = netd::datapath::Tuning {
+        conntrack_max: cli.conntrack_max,
+        ..Default::default()
+    };
+    for spec in &cli.conntrack_timeout {
+        tuning.set_timeout(spec)?;
+    }
     let ctx = || {
         Ctx::open(
             &cli.state_dir,
             cli.host_netns.as_deref(),
             &cli.bpffs,
             &cli.datapath,
+            tuning.clone(),
         )
     };
     match cli.command {
@@ -457,30 +401,7 @@ fn stats_command(pins: &Pins, json: bool) -> Result<()> {
 async fn network_command(ctx: &Ctx, cmd: NetworkCommand) -> Result<()> {
     let mut state = ctx.store.load()?;
     match cmd {
-        NetworkCommand::Create {
-            name,
-            subnet,
-            gateway,
-            ip_range,
-            bridge,
-            mtu,
-            icc,
-            internal,
-            masquerade,
-            host_ip,
-        } => {
-            let req = network::Request {
-                name,
-                subnet,
-                gateway,
-                ip_range,
-                bridge,
-                mtu,
-                icc,
-                internal,
-                masquerade,
-                host_ip,
-            };
+        NetworkCommand::Create(req) => {
             let net = network::create(ctx, &mut state, req).await?;
             ctx.store.save(&state)?;
             println!(
@@ -503,40 +424,7 @@ async fn network_command(ctx: &Ctx, cmd: NetworkCommand) -> Result<()> {
 
 async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
     match cmd {
-        ContainerCommand::Create {
-            name,
-            network,
-            netns,
-            pid,
-            ip,
-            mac,
-            hostname,
-            dns,
-            dns_search,
-            add_host,
-            link,
-            publish,
-            publish_all,
-            publish_allow,
-            expose,
-        } => {
-            let req = container::Request {
-                name,
-                network,
-                netns,
-                pid,
-                ip,
-                mac,
-                hostname,
-                dns,
-                dns_search,
-                add_hosts: add_host,
-                links: link,
-                publish,
-                publish_all,
-                publish_allow,
-                expose,
-            };
+        ContainerCommand::Create(req) => {
             let c = container::create(ctx, req).await?;
             let ip = c.ip.map(|ip| format!(" {ip}")).unwrap_or_default();
             println!("{}{ip}", c.name);

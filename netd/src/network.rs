@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
+use clap::ArgAction;
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::{
@@ -20,18 +21,35 @@ const DEFAULT_MTU: u32 = 1500;
 /// Linux's limit on interface names (IFNAMSIZ less the NUL).
 pub const MAX_IFNAME: usize = 15;
 
-/// `netd network create` as asked.
-#[derive(Debug, Default)]
+/// `netd network create` as asked (the CLI's arguments).
+#[derive(Debug, Default, clap::Args)]
 pub struct Request {
     pub name: String,
+    /// IPv4 subnet (default: the first free private /16 or /20).
+    #[arg(long)]
     pub subnet: Option<String>,
+    /// The bridge's address (default: the subnet's first host).
+    #[arg(long)]
     pub gateway: Option<Ipv4Addr>,
+    /// Allocate container addresses from this part of the subnet.
+    #[arg(long)]
     pub ip_range: Option<String>,
+    /// Bridge interface name (default: netd0 for `bridge`, netd-brN otherwise).
+    #[arg(long)]
     pub bridge: Option<String>,
+    #[arg(long)]
     pub mtu: Option<u32>,
+    /// Let containers on the network talk to each other.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub icc: bool,
+    /// No traffic in or out of the network beyond its containers and gateway.
+    #[arg(long)]
     pub internal: bool,
+    /// Masquerade traffic leaving the host.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub masquerade: bool,
+    /// Default host address for published ports.
+    #[arg(long)]
     pub host_ip: Option<Ipv4Addr>,
 }
 

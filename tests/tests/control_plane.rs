@@ -722,3 +722,121 @@ fn publish_adds_ports_to_a_running_container() {
         "80/tcp -> 0.0.0.0:8080\n81/tcp -> 0.0.0.0:8081\n"
     );
 }
+
+/// Two containers using the same source port towards one server both get through with
+/// distinct translated ports, and an ICMP port-unreachable about a translated flow reaches
+/// the container; the same test runs on both datapaths.
+fn nat_ports_and_icmp_errors(datapath: &str) {
+    use std::net::UdpSocket;
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "--datapath",
+        datapath,
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.87.0.0/24",
+    ]);
+    let names = [env.name("u1"), env.name("u2")];
+    for n in &names {
+        env.netd_ok(&["container", "create", n, "--network", "n"]);
+    }
+    let server = env.in_ns(&env.outside_ns(), || {
+        UdpSocket::bind((OUTSIDE_ADDR, 5300)).unwrap()
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut peers = Vec::new();
+    for n in &names {
+        let sock = env.in_ns(&ns(n), || UdpSocket::bind("0.0.0.0:40000").unwrap());
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock.send_to(b"hi", (OUTSIDE_ADDR, 5300)).unwrap();
+        let mut buf = [0u8; 8];
+        let (_, peer) = server.recv_from(&mut buf).unwrap();
+        server.send_to(b"back", peer).unwrap();
+        let (len, _) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"back");
+        peers.push(peer);
+    }
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4("198.18.0.2".parse().unwrap())),
+        "{peers:?}"
+    );
+    assert_ne!(
+        peers[0].port(),
+        peers[1].port(),
+        "two flows shared a translated port"
+    );
+
+    // Nothing listens on 5301: the outside's port unreachable must come back to the container.
+    let refused = env.in_ns(&ns(&names[0]), || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect((OUTSIDE_ADDR, 5301)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock.send(b"anyone?").unwrap();
+        sock.recv(&mut [0u8; 8]).unwrap_err().kind()
+    });
+    assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn nat_ports_and_icmp_errors_ebpf() {
+    nat_ports_and_icmp_errors("ebpf");
+}
+
+#[test]
+fn nat_ports_and_icmp_errors_iptables() {
+    nat_ports_and_icmp_errors("iptables");
+}
+
+#[test]
+fn conntrack_size_and_timeouts_are_configurable() {
+    let env = TestEnv::new();
+    let c = env.name("ct");
+    let tuning = ["--conntrack-max", "4096", "--conntrack-timeout", "udp=1"];
+    env.netd_ok(
+        &[
+            &tuning[..],
+            &["network", "create", "n", "--subnet", "10.86.0.0/24"],
+        ]
+        .concat(),
+    );
+    env.netd_ok(&["container", "create", &c, "--network", "n"]);
+    let map = env.bpffs.join("maps/CONNTRACK");
+    let shown = String::from_utf8(
+        std::process::Command::new("bpftool")
+            .args(["map", "show", "pinned"])
+            .arg(&map)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(shown.contains("max_entries 4096"), "{shown}");
+
+    env.in_ns(&ns(&c), || {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .send_to(b"x", (OUTSIDE_ADDR, 5400))
+            .unwrap();
+    });
+    let flows = env.netd_json(&["conntrack", "ls", "--json"]);
+    assert_eq!(flows.as_array().unwrap().len(), 1, "{flows}");
+    std::thread::sleep(Duration::from_millis(2100));
+    // Timed out after 1 s: ignored by the datapath, removed by a sweep.
+    env.netd_ok(&["conntrack", "sweep"]);
+    assert_eq!(
+        env.netd_json(&["conntrack", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let err = env.netd_err(&["--conntrack-timeout", "tcp_forever=1", "network", "ls"]);
+    assert!(err.contains("tcp_forever"), "{err}");
+}

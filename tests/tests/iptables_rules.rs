@@ -38,7 +38,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     };
     let pins = Pins::open(&env.bpffs).unwrap();
     netns::run_in(Some(&env.host_ns()), || {
-        let dp = datapath::open("iptables", &pins)?;
+        let dp = datapath::open("iptables", &pins, &Default::default())?;
         dp.setup_network(&net)?;
         dp.publish(&net, std::slice::from_ref(&port))
     })
@@ -69,7 +69,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     );
 
     netns::run_in(Some(&env.host_ns()), || {
-        let dp = datapath::open("iptables", &pins)?;
+        let dp = datapath::open("iptables", &pins, &Default::default())?;
         dp.unpublish(&net, std::slice::from_ref(&port))?;
         dp.teardown_network(&net)
     })

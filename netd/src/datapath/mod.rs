@@ -103,10 +103,56 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Sizes and timeouts of the eBPF datapath's connection tracking (`--conntrack-max`,
+/// `--conntrack-timeout`); the table is sized when it is first created, timeouts are written
+/// whenever a network is set up.
+#[derive(Clone, Debug, Default)]
+pub struct Tuning {
+    pub conntrack_max: Option<u32>,
+    pub timeouts: netd_common::datapath::Timeouts,
+}
+
+impl Tuning {
+    /// Applies a `NAME=SECONDS` timeout, e.g. `tcp_established=3600`.
+    pub fn set_timeout(&mut self, spec: &str) -> Result<()> {
+        let (name, secs) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("invalid conntrack timeout {spec:?}: expected NAME=SECONDS")
+        })?;
+        let secs: u32 = secs.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "invalid conntrack timeout {spec:?}: {secs:?} is not a number of seconds"
+            )
+        })?;
+        let t = &mut self.timeouts;
+        let slot = match name {
+            "tcp_syn_sent" => &mut t.tcp_syn_sent,
+            "tcp_syn_recv" => &mut t.tcp_syn_recv,
+            "tcp_established" => &mut t.tcp_established,
+            "tcp_fin_wait" => &mut t.tcp_fin_wait,
+            "tcp_time_wait" => &mut t.tcp_time_wait,
+            "tcp_close" => &mut t.tcp_close,
+            "udp" => &mut t.udp,
+            "udp_stream" => &mut t.udp_stream,
+            "icmp" => &mut t.icmp,
+            other => anyhow::bail!(
+                "unknown conntrack timeout {other:?} (known: tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_time_wait, tcp_close, udp, udp_stream, icmp)"
+            ),
+        };
+        *slot = secs;
+        Ok(())
+    }
+}
+
 /// Opens the driver called `name` for the instance pinned at `pins`.
-pub fn open(name: &str, pins: &crate::bpf::Pins) -> Result<Box<dyn Datapath>> {
+pub fn open(name: &str, pins: &crate::bpf::Pins, tuning: &Tuning) -> Result<Box<dyn Datapath>> {
     match name {
-        "ebpf" => Ok(Box::new(ebpf::EbpfDatapath::new(pins.clone()))),
+        "ebpf" => {
+            let mut dp = ebpf::EbpfDatapath::new(pins.clone()).with_timeouts(tuning.timeouts);
+            if let Some(max) = tuning.conntrack_max {
+                dp = dp.with_conntrack_max(max);
+            }
+            Ok(Box::new(dp))
+        }
         "iptables" => Ok(Box::new(iptables::IptablesDatapath)),
         other => check_name(other).map(|()| unreachable!("every driver is matched above")),
     }
