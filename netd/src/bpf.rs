@@ -116,6 +116,47 @@ impl Pins {
                 .load()
                 .with_context(|| format!("load program {prog}"))?;
         }
+        self.pin_program(program, prog)?;
+        self.attach_and_pin_link(program, prog, iface, dir)
+    }
+
+    /// Attaches the program pinned by an earlier [`Pins::attach_tc`] to `iface`, without
+    /// loading (and verifying) the object again: what makes per-container attaches cheap.
+    /// Returns `false`, attaching nothing, when no such program is pinned yet.
+    pub fn attach_pinned_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+        let path = self.program(prog);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let mut program = SchedClassifier::from_pin(&path)
+            .with_context(|| format!("open pinned program {}", path.display()))?;
+        self.attach_and_pin_link(&mut program, prog, iface, dir)?;
+        Ok(true)
+    }
+
+    /// The pin of loaded program `prog` (the build attached last).
+    pub fn program(&self, prog: &str) -> PathBuf {
+        self.root.join("progs").join(prog)
+    }
+
+    /// Pins `program` as `prog`, replacing an older pin (a reload's new build wins).
+    fn pin_program(&self, program: &mut SchedClassifier, prog: &str) -> Result<()> {
+        let path = self.program(prog);
+        fs::create_dir_all(self.root.join("progs"))?;
+        let _ = fs::remove_file(&path);
+        program
+            .pin(&path)
+            .with_context(|| format!("pin program at {}", path.display()))
+    }
+
+    fn attach_and_pin_link(
+        &self,
+        program: &mut SchedClassifier,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
+        let pin = self.tc_link(prog, iface, dir);
         let link_id = program
             .attach(iface, dir)
             .with_context(|| format!("attach {prog} to {iface}"))?;
@@ -157,7 +198,7 @@ impl Pins {
         program
             .attach_to_link(link)
             .with_context(|| format!("replace {prog} on {iface}"))?;
-        Ok(())
+        self.pin_program(program, prog)
     }
 
     /// The pin of cgroup program `prog`'s link (one cgroup per instance).

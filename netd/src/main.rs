@@ -143,6 +143,8 @@ enum NetworkCommand {
     Inspect { name: String },
 }
 
+// Parsed once per process: the size of the biggest variant doesn't matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ContainerCommand {
     /// Create a container's network: a namespace (or an existing one) joined to a network.

@@ -124,6 +124,31 @@ impl EbpfDatapath {
         Ok(())
     }
 
+    /// Attaches the endpoint programs to a container's veth: from their pins when an earlier
+    /// container already loaded them (no object load, no verifier run), else from the object.
+    fn attach_endpoint_programs(&self, iface: &str) -> Result<()> {
+        let mut attached = Vec::new();
+        for &(prog, dir) in &ENDPOINT_PROGS {
+            match self.pins.attach_pinned_tc(prog, iface, dir) {
+                Ok(true) => attached.push((prog, dir)),
+                Ok(false) => {
+                    for (prog, dir) in attached {
+                        let _ = self.pins.detach_tc(prog, iface, dir);
+                    }
+                    let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+                    return self.attach(&mut ebpf, iface, &ENDPOINT_PROGS);
+                }
+                Err(e) => {
+                    for (prog, dir) in attached {
+                        let _ = self.pins.detach_tc(prog, iface, dir);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the host socket programs to the host cgroup, when there is one, where they are
     /// not attached yet. On failure, detaches what this call attached.
     fn attach_host_sockets(&self, ebpf: &mut Ebpf) -> Result<()> {
@@ -339,10 +364,9 @@ impl Datapath for EbpfDatapath {
             .with_context(|| {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
-        let policed = self.add_policy(ep).and_then(|()| {
-            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-            self.attach(&mut ebpf, &ep.host_ifname, &ENDPOINT_PROGS)
-        });
+        let policed = self
+            .add_policy(ep)
+            .and_then(|()| self.attach_endpoint_programs(&ep.host_ifname));
         if let Err(e) = policed {
             self.remove_policy(ep);
             let _ = endpoints.remove(&key);
