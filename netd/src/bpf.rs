@@ -106,16 +106,7 @@ impl Pins {
                 direction_name(dir)
             );
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("no program {prog} in the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("{prog} is not a TC program"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("load program {prog}"))?;
-        }
+        let program = loaded_tc_program(ebpf, prog)?;
         self.pin_program(program, prog)?;
         self.attach_and_pin_link(program, prog, iface, dir)
     }
@@ -184,16 +175,7 @@ impl Pins {
             PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
         let link = SchedClassifierLink::try_from(FdLink::from(pinned))
             .with_context(|| format!("{} is not a TCX link", pin.display()))?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("no program {prog} in the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("{prog} is not a TC program"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("load program {prog}"))?;
-        }
+        let program = loaded_tc_program(ebpf, prog)?;
         // The link stays pinned: it outlives this process with the new program.
         program
             .attach_to_link(link)
@@ -287,6 +269,21 @@ impl Pins {
     pub fn remove_all(&self) -> Result<()> {
         fs::remove_dir_all(&self.root).with_context(|| format!("remove {}", self.root.display()))
     }
+}
+
+/// TC program `prog` of `ebpf`, loaded into the kernel (verified once per object).
+fn loaded_tc_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut SchedClassifier> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("no program {prog} in the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{prog} is not a TC program"))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("load program {prog}"))?;
+    }
+    Ok(program)
 }
 
 pub fn direction_name(dir: TcAttachType) -> &'static str {

@@ -128,25 +128,24 @@ impl EbpfDatapath {
     /// container already loaded them (no object load, no verifier run), else from the object.
     fn attach_endpoint_programs(&self, iface: &str) -> Result<()> {
         let mut attached = Vec::new();
+        let mut from_pins = Ok(true);
         for &(prog, dir) in &ENDPOINT_PROGS {
-            match self.pins.attach_pinned_tc(prog, iface, dir) {
-                Ok(true) => attached.push((prog, dir)),
-                Ok(false) => {
-                    for (prog, dir) in attached {
-                        let _ = self.pins.detach_tc(prog, iface, dir);
-                    }
-                    let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-                    return self.attach(&mut ebpf, iface, &ENDPOINT_PROGS);
-                }
-                Err(e) => {
-                    for (prog, dir) in attached {
-                        let _ = self.pins.detach_tc(prog, iface, dir);
-                    }
-                    return Err(e);
-                }
+            from_pins = self.pins.attach_pinned_tc(prog, iface, dir);
+            if !matches!(from_pins, Ok(true)) {
+                break;
             }
+            attached.push((prog, dir));
         }
-        Ok(())
+        if matches!(from_pins, Ok(true)) {
+            return Ok(());
+        }
+        for (prog, dir) in attached {
+            let _ = self.pins.detach_tc(prog, iface, dir);
+        }
+        // Not pinned yet (the first container): load the object, which pins them.
+        from_pins?;
+        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        self.attach(&mut ebpf, iface, &ENDPOINT_PROGS)
     }
 
     /// Attaches the host socket programs to the host cgroup, when there is one, where they are
