@@ -64,23 +64,47 @@ pub fn verdict(outcome: Stat) -> i32 {
     if outcome.drops() { DROP } else { PASS }
 }
 
+/// A parsed packet that belongs to no tracked flow: the direction decides whether it starts one.
+struct Untracked {
+    flow: Flow,
+    cfg: &'static Config,
+    key: CtKey,
+    now: u64,
+}
+
+/// What both directions do first: parse the packet, then translate ICMP errors about tracked
+/// flows and packets of tracked flows. `Err` is the finished packet's outcome.
 #[inline(always)]
-fn egress(ctx: &TcContext) -> Stat {
-    let flow = match parse::ipv4_flow(ctx) {
-        Ok(flow) => flow,
-        Err(reason) => return reason,
-    };
-    let Some(cfg) = maps::config() else {
-        return Stat::NoNat;
-    };
+fn translate_tracked(ctx: &TcContext) -> Result<Untracked, Stat> {
+    let flow = parse::ipv4_flow(ctx)?;
+    let cfg = maps::config().ok_or(Stat::NoNat)?;
     let now = now_ns();
     if let Some(quoted) = &flow.quoted {
-        return icmp_error(ctx, &flow, quoted, now, cfg);
+        return Err(icmp_error(ctx, &flow, quoted, now, cfg));
     }
     let key = conntrack::key_of(&flow);
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
-        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
+        return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
     }
+    Ok(Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    })
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Stat {
+    let Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    } = match translate_tracked(ctx) {
+        Ok(untracked) => untracked,
+        Err(outcome) => return outcome,
+    };
     if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
@@ -95,21 +119,15 @@ fn egress(ctx: &TcContext) -> Stat {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> Stat {
-    let flow = match parse::ipv4_flow(ctx) {
-        Ok(flow) => flow,
-        Err(reason) => return reason,
+    let Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    } = match translate_tracked(ctx) {
+        Ok(untracked) => untracked,
+        Err(outcome) => return outcome,
     };
-    let Some(cfg) = maps::config() else {
-        return Stat::NoNat;
-    };
-    let now = now_ns();
-    if let Some(quoted) = &flow.quoted {
-        return icmp_error(ctx, &flow, quoted, now, cfg);
-    }
-    let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
-        return rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat));
-    }
     let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
     let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
         return unpublished(ctx, &flow);
