@@ -38,6 +38,9 @@ pub const DROP_EVENTS_BYTES: u32 = 256 * 1024;
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 /// TC program on the uplink's egress: SNAT (masquerade) and reverse DNAT.
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
+/// XDP program on the uplink (`--uplink-xdp`): drops what `uplink_ingress` would refuse
+/// before the kernel builds an skb for it.
+pub const UPLINK_XDP_PROG: &str = "uplink_xdp";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
 /// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
@@ -456,10 +459,13 @@ pub enum Stat {
     /// A new flow to a published port from a source its `--publish-allow` ranges don't
     /// cover: dropped.
     PublishDenied = 30,
+    /// A new flow from outside straight to a container of a masquerading network (not through
+    /// a published port): dropped, as Docker's FORWARD policy does.
+    Unsolicited = 31,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 32;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SnatNew,
         Stat::SnatHit,
@@ -492,6 +498,7 @@ impl Stat {
         Stat::FastPathIn,
         Stat::FastPathOut,
         Stat::PublishDenied,
+        Stat::Unsolicited,
     ];
 
     /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
@@ -532,6 +539,7 @@ impl Stat {
             Stat::FastPathIn => "fast_path_in",
             Stat::FastPathOut => "fast_path_out",
             Stat::PublishDenied => "publish_denied",
+            Stat::Unsolicited => "unsolicited",
         }
     }
 
@@ -548,6 +556,7 @@ impl Stat {
                 | Stat::IccDenied
                 | Stat::Internal
                 | Stat::PublishDenied
+                | Stat::Unsolicited
         )
     }
 }

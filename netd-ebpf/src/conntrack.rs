@@ -133,6 +133,12 @@ pub fn rewrite_for(key: &CtKey, now: u64, cfg: &Config) -> Option<Rewrite> {
     })
 }
 
+/// Whether `key` belongs to a live flow (of any kind), without counting a packet.
+#[inline(always)]
+pub fn is_live(key: &CtKey, now: u64, cfg: &Config) -> bool {
+    live_flow(key, now, &cfg.timeouts).is_some()
+}
+
 /// The entry matching `key` and its flow's original-direction entry, if the flow is live:
 /// not timed out, and (for a reply entry) still the flow that owns the tuple.
 #[inline(always)]

@@ -18,6 +18,7 @@ mod policy;
 mod sockets;
 mod stats;
 mod uplink;
+mod uplink_xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,7 +1,10 @@
-//! Bounds-checked header parsing. Every read goes through `TcContext::load`, which fails
-//! (instead of reading past the packet) when the frame is shorter than the header.
+//! Bounds-checked header parsing, for TC and XDP programs alike. Every read goes through
+//! [`Frame::read`], which fails (instead of reading past the packet) when the frame is shorter
+//! than the header.
 
-use aya_ebpf::programs::TcContext;
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
 use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -33,16 +36,69 @@ const IPV4_FRAG_MASK: u16 = 0x3fff;
 /// Offset of the TCP flags byte in the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
 
+/// A frame headers are read from.
+pub trait Frame {
+    /// The `T` at byte `off` of the frame, or `None` when the frame ends before it does.
+    fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// The frame's length in bytes.
+    fn len(&self) -> u32;
+    /// Whether the frame's VLAN tag was taken out of it into metadata.
+    fn vlan_offloaded(&self) -> bool;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        self.load(off).ok()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        // SAFETY: the context's skb pointer is valid for the whole program run.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+}
+
+/// XDP reads the buffer directly: the bounds check against `data_end` is what the verifier
+/// requires before any access.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        let start = self.data() + off;
+        if start + size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: `start..start + size_of::<T>()` was checked to lie within the frame.
+        Some(unsafe { (start as *const T).read_unaligned() })
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    /// An XDP buffer is the frame as received: a tag is still in it.
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        false
+    }
+}
+
 /// The IP protocol number carried by an Ethernet frame, or `None` for non-IP and truncated
 /// frames. For IPv6 this is the first next-header value (extension headers are not walked).
 #[inline(always)]
-pub fn ip_protocol(ctx: &TcContext) -> Option<u8> {
-    let eth: EthHdr = ctx.load(0).ok()?;
+pub fn ip_protocol(ctx: &impl Frame) -> Option<u8> {
+    let eth: EthHdr = ctx.read(0)?;
     if eth.ether_type == EtherType::Ipv4 as u16 {
-        let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
+        let ip: Ipv4Hdr = ctx.read(EthHdr::LEN)?;
         Some(ip.proto)
     } else if eth.ether_type == EtherType::Ipv6 as u16 {
-        let ip: Ipv6Hdr = ctx.load(EthHdr::LEN).ok()?;
+        let ip: Ipv6Hdr = ctx.read(EthHdr::LEN)?;
         Some(ip.next_hdr)
     } else {
         None
@@ -78,12 +134,11 @@ pub struct Quoted {
 /// Parses an Ethernet + IPv4 (IHL 5, unfragmented) + TCP/UDP/ICMP echo frame. Anything else is
 /// an `Err` with the reason it can't be translated; callers pass such packets on untouched.
 #[inline(always)]
-pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
+    if ctx.vlan_offloaded() {
         return Err(Stat::Vlan);
     }
-    let eth: EthHdr = ctx.load(0).map_err(|_| Stat::TruncatedL2)?;
+    let eth: EthHdr = ctx.read(0).ok_or(Stat::TruncatedL2)?;
     if eth.ether_type == EtherType::Ieee8021q as u16
         || eth.ether_type == EtherType::Ieee8021ad as u16
     {
@@ -92,7 +147,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Err(Stat::NotIpv4);
     }
-    let ip: Ipv4Hdr = ctx.load(L3_OFF).map_err(|_| Stat::TruncatedL3)?;
+    let ip: Ipv4Hdr = ctx.read(L3_OFF).ok_or(Stat::TruncatedL3)?;
     let l4_len = ipv4_payload_len(ctx, &ip)?;
     let mut flow = Flow {
         saddr: u32::from_ne_bytes(ip.src_addr),
@@ -108,18 +163,16 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
             if l4_len < TcpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let tcp: TcpHdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let tcp: TcpHdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
             flow.sport = u16::from_be_bytes(tcp.source);
             flow.dport = u16::from_be_bytes(tcp.dest);
-            flow.tcp_flags = ctx
-                .load(L4_OFF + TCP_FLAGS_OFF)
-                .map_err(|_| Stat::TruncatedL4)?;
+            flow.tcp_flags = ctx.read(L4_OFF + TCP_FLAGS_OFF).ok_or(Stat::TruncatedL4)?;
         }
         IPPROTO_UDP => {
             if l4_len < UdpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let udp: UdpHdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let udp: UdpHdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
             flow.sport = u16::from_be_bytes(udp.src);
             flow.dport = u16::from_be_bytes(udp.dst);
         }
@@ -127,7 +180,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
             if l4_len < Icmpv4Hdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let icmp: Icmpv4Hdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let icmp: Icmpv4Hdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
             let id = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             match (icmp.type_, icmp.code) {
                 (ICMP_ECHO_REQUEST, 0) => flow.sport = id,
@@ -146,11 +199,11 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
 /// Parses the packet quoted by an ICMP error, `len` bytes long in the frame. The same rules
 /// as for the outer packet apply: IHL 5, TCP, UDP or ICMP echo.
 #[inline(always)]
-fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
+fn quoted(ctx: &impl Frame, len: usize) -> Result<Quoted, Stat> {
     if len < Ipv4Hdr::LEN + QUOTED_L4_LEN {
         return Err(Stat::TruncatedL4);
     }
-    let ip: Ipv4Hdr = ctx.load(QUOTED_L3_OFF).map_err(|_| Stat::TruncatedL4)?;
+    let ip: Ipv4Hdr = ctx.read(QUOTED_L3_OFF).ok_or(Stat::TruncatedL4)?;
     if ip.vihl != IPV4_NO_OPTIONS {
         return Err(Stat::IpOptions);
     }
@@ -161,7 +214,7 @@ fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
         dport: 0,
         proto: ip.proto,
     };
-    let l4: [u8; QUOTED_L4_LEN] = ctx.load(QUOTED_L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+    let l4: [u8; QUOTED_L4_LEN] = ctx.read(QUOTED_L4_OFF).ok_or(Stat::TruncatedL4)?;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             q.sport = u16::from_be_bytes([l4[0], l4[1]]);
@@ -182,7 +235,7 @@ fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
 
 /// Checks the IPv4 header is one NAT may rewrite and returns the length of its payload.
 #[inline(always)]
-fn ipv4_payload_len(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<usize, Stat> {
+fn ipv4_payload_len(ctx: &impl Frame, ip: &Ipv4Hdr) -> Result<usize, Stat> {
     if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
         return Err(Stat::BadIpHeader);
     }

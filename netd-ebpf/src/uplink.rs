@@ -4,18 +4,18 @@
 //!   (masqueraded flows: source → host:port; published-port replies: source → host:published
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
-//!   masqueraded flows: destination → container); a new flow to a published port is DNATed to
-//!   the container (never to one of an `--internal` network, nor from a source outside the
-//!   port's `--publish-allow` ranges: dropped). A packet translated
-//!   to a container goes straight into its namespace (`fib`), else the host stack routes it
-//!   to the container's bridge.
+//!   masqueraded flows: destination → container); a new flow is decided by [`inbound`]: to a
+//!   published port it is DNATed to the container, straight to a container it is mostly
+//!   dropped. A packet translated to a container goes straight into its namespace (`fib`),
+//!   else the host stack routes it to the container's bridge. `uplink_xdp` (optional) makes
+//!   the same drops earlier.
 //!
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
 //!
 //! Everything else, and every packet that can't be fully parsed, passes untouched (counted
-//! with the reason in `STATS`). The only drops are new flows that can't be tracked and
-//! packets a helper failed to rewrite.
+//! with the reason in `STATS`). The only drops are refused new flows, new flows that can't be
+//! tracked and packets a helper failed to rewrite.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
+    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, PublishedTarget, Stat,
 };
 
 use crate::{
@@ -128,16 +128,15 @@ fn ingress(ctx: &TcContext) -> Stat {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
-    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
-    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
-        return unpublished(ctx, &flow);
+    let target = match inbound(&flow, cfg) {
+        Inbound::Published(target) => target,
+        Inbound::Refused(reason, container) => {
+            // SAFETY: the context's skb pointer is valid for the whole program run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            return refuse(&flow, reason, container, ifindex);
+        }
+        Inbound::Stack => return Stat::NoNat,
     };
-    if maps::is_internal(target.network_id) {
-        return refuse(ctx, &flow, Stat::Internal, target.addr[0]);
-    }
-    if !maps::publish_allows(&target, flow.proto, flow.saddr) {
-        return refuse(ctx, &flow, Stat::PublishDenied, target.addr[0]);
-    }
     if !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
@@ -150,25 +149,49 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
 }
 
-/// A new flow to no published port: the stack routes it, unless it is routed straight to a
-/// container of an internal network (nothing gets in there).
+/// What becomes of a new flow arriving from outside.
+pub enum Inbound {
+    /// To a published port: DNAT to this container.
+    Published(PublishedTarget),
+    /// Dropped for this reason, counted against the container at this address.
+    Refused(Stat, u32),
+    /// Not for a container: the stack decides.
+    Stack,
+}
+
+/// Decides a new flow from outside (one no tracked flow explains), the way Docker's nat
+/// PREROUTING and filter FORWARD chains do: a published port DNATs to its container (never to
+/// one of an `--internal` network, nor from a source outside the port's `--publish-allow`
+/// ranges); a flow routed straight to a container gets in only on a network that neither is
+/// internal nor masquerades (there, outbound flows are not tracked, so their replies look
+/// just like this).
 #[inline(always)]
-fn unpublished(ctx: &TcContext, flow: &Flow) -> Stat {
-    match maps::endpoint(flow.daddr) {
-        Some(ep) if maps::is_internal(ep.network_id) => {
-            refuse(ctx, flow, Stat::Internal, flow.daddr)
+pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
+    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
+    if let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) {
+        let container = target.addr[0];
+        if maps::is_internal(target.network_id) {
+            return Inbound::Refused(Stat::Internal, container);
         }
-        _ => Stat::NoNat,
+        if !maps::publish_allows(&target, flow.proto, flow.saddr) {
+            return Inbound::Refused(Stat::PublishDenied, container);
+        }
+        return Inbound::Published(target);
+    }
+    match maps::endpoint(flow.daddr).and_then(|ep| maps::network(ep.network_id)) {
+        Some(net) if net.flags & NET_INTERNAL != 0 => Inbound::Refused(Stat::Internal, flow.daddr),
+        Some(net) if net.flags & NET_MASQUERADE != 0 => {
+            Inbound::Refused(Stat::Unsolicited, flow.daddr)
+        }
+        _ => Inbound::Stack,
     }
 }
 
-/// Drops a new flow to the container at `target` for `reason`: counted against the container
-/// and reported as an event.
+/// Drops a new flow to the container at `container` for `reason`: counted against the
+/// container and reported as an event (`ifindex`: where it arrived).
 #[inline(always)]
-fn refuse(ctx: &TcContext, flow: &Flow, reason: Stat, target: u32) -> Stat {
-    stats::count_endpoint_drop(target, reason);
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+pub fn refuse(flow: &Flow, reason: Stat, container: u32, ifindex: u32) -> Stat {
+    stats::count_endpoint_drop(container, reason);
     events::report_drop(&Tuple::of(flow), reason, ifindex);
     reason
 }

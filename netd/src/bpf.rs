@@ -2,7 +2,8 @@
 //!
 //! Layout under the pin root (one root per netd instance, `--bpffs`):
 //! `maps/` holds every map pinned by name (shared by all programs and all netd processes),
-//! `links/` holds one TCX link per attached program, so programs stay attached after exit.
+//! `links/` holds one link per attached program (TCX, XDP, cgroup), so programs stay attached
+//! after exit.
 
 use std::{
     fs,
@@ -14,9 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
@@ -66,6 +68,11 @@ impl Pins {
     pub fn tc_link(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
         self.links_dir()
             .join(format!("{prog}@{iface}@{}", direction_name(dir)))
+    }
+
+    /// The pin of XDP program `prog`'s link on interface `iface`.
+    pub fn xdp_link(&self, prog: &str, iface: &str) -> PathBuf {
+        self.links_dir().join(format!("{prog}@{iface}@{XDP_HOOK}"))
     }
 
     /// Loads the eBPF object, reusing the maps already pinned here (or pinning new ones).
@@ -247,7 +254,17 @@ impl Pins {
 
     /// The interfaces program `prog` is attached to in direction `dir`, from the link pins.
     pub fn tc_attachments(&self, prog: &str, dir: TcAttachType) -> Result<Vec<String>> {
-        let suffix = format!("@{}", direction_name(dir));
+        self.attachments(prog, direction_name(dir))
+    }
+
+    /// The interfaces XDP program `prog` is attached to, from the link pins.
+    pub fn xdp_attachments(&self, prog: &str) -> Result<Vec<String>> {
+        self.attachments(prog, XDP_HOOK)
+    }
+
+    /// The interfaces with a link of `prog` pinned at `hook`.
+    fn attachments(&self, prog: &str, hook: &str) -> Result<Vec<String>> {
+        let suffix = format!("@{hook}");
         let prefix = format!("{prog}@");
         let dir_path = self.links_dir();
         let entries =
@@ -263,6 +280,41 @@ impl Pins {
             }
         }
         Ok(ifaces)
+    }
+
+    /// Attaches the XDP program `prog` of `ebpf` to `iface` (natively where the driver can,
+    /// else generic) and pins the link. Attaching twice is an error.
+    pub fn attach_xdp(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
+        let pin = self.xdp_link(prog, iface);
+        if pin.exists() {
+            bail!("{prog} is already attached to {iface} (xdp)");
+        }
+        let program = loaded_xdp_program(ebpf, prog)?;
+        let link_id = program
+            .attach(iface, XdpMode::Default)
+            .with_context(|| format!("attach {prog} to {iface} (xdp)"))?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .context("take the XDP link")?
+            .try_into()
+            .context("XDP link is not an fd link")?;
+        link.pin(&pin)
+            .with_context(|| format!("pin link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Atomically replaces the program behind the pinned XDP link of `prog` on `iface` with
+    /// `prog` from `ebpf` (see [`Pins::replace_tc`]).
+    pub fn replace_xdp(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
+        let pin = self.xdp_link(prog, iface);
+        let pinned =
+            PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+        loaded_xdp_program(ebpf, prog)?
+            .attach_to_link(link)
+            .with_context(|| format!("replace {prog} on {iface}"))?;
+        Ok(())
     }
 
     /// Removes every pin of this instance (links first, so programs detach).
@@ -285,6 +337,25 @@ fn loaded_tc_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Sched
     }
     Ok(program)
 }
+
+/// XDP program `prog` of `ebpf`, loaded into the kernel. (aya has no trait for `load`, so
+/// this mirrors [`loaded_tc_program`].)
+fn loaded_xdp_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("no program {prog} in the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{prog} is not an XDP program"))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("load program {prog}"))?;
+    }
+    Ok(program)
+}
+
+/// The hook name of XDP links in pin names (TC links use their direction).
+const XDP_HOOK: &str = "xdp";
 
 pub fn direction_name(dir: TcAttachType) -> &'static str {
     match dir {

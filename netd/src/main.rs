@@ -45,6 +45,11 @@ struct Cli {
     /// applied when a network is set up; netfilter's defaults otherwise.
     #[arg(long, global = true, value_name = "NAME=SECS")]
     conntrack_timeout: Vec<String>,
+    /// Also attach an XDP program to the uplink, which drops refused new flows (straight to a
+    /// container, to an internal network, from a source a published port doesn't allow)
+    /// before the kernel builds an skb for them; attached with the first network.
+    #[arg(long, global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    uplink_xdp: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -220,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
 async fn dispatch(cli: Cli) -> Result<()> {
     let mut tuning = netd::datapath::Tuning {
         conntrack_max: cli.conntrack_max,
+        uplink_xdp: cli.uplink_xdp,
         ..Default::default()
     };
     for spec in &cli.conntrack_timeout {

@@ -55,7 +55,7 @@ pub fn run_in<T: Send>(path: Option<&Path>, f: impl FnOnce() -> Result<T> + Send
 /// Creates the named network namespace `name` and returns its path. Fails if it exists.
 pub fn create(name: &str) -> Result<PathBuf> {
     validate_name(name)?;
-    fs::create_dir_all(NETNS_RUN_DIR).with_context(|| format!("create {NETNS_RUN_DIR}"))?;
+    share_run_dir()?;
     let path = path_of(name);
     OpenOptions::new()
         .write(true)
@@ -87,6 +87,38 @@ pub fn create(name: &str) -> Result<PathBuf> {
         return Err(e);
     }
     Ok(path)
+}
+
+/// Makes /run/netns a shared mount point, as `ip netns add` does before its first namespace:
+/// were it a plain directory, the first `ip netns add` after netd's would bind-mount it over
+/// itself, hiding netd's namespace mounts beneath (they could then never be removed by path).
+/// Shared, an unmount in one mount namespace also reaches the others.
+fn share_run_dir() -> Result<()> {
+    fs::create_dir_all(NETNS_RUN_DIR).with_context(|| format!("create {NETNS_RUN_DIR}"))?;
+    let share = || {
+        mount(
+            None::<&str>,
+            NETNS_RUN_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match share() {
+        Ok(()) => return Ok(()),
+        // Not a mount point yet: make it one.
+        Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e).with_context(|| format!("make {NETNS_RUN_DIR} shared")),
+    }
+    mount(
+        Some(NETNS_RUN_DIR),
+        NETNS_RUN_DIR,
+        Some("none"),
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mount {NETNS_RUN_DIR} on itself"))?;
+    share().with_context(|| format!("make {NETNS_RUN_DIR} shared"))
 }
 
 /// Removes the named network namespace `name`; a missing one is not an error. The namespace

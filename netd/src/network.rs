@@ -40,13 +40,13 @@ pub struct Request {
     #[arg(long)]
     pub mtu: Option<u32>,
     /// Let containers on the network talk to each other.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub icc: bool,
     /// No traffic in or out of the network beyond its containers and gateway.
     #[arg(long)]
     pub internal: bool,
     /// Masquerade traffic leaving the host.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub masquerade: bool,
     /// Default host address for published ports.
     #[arg(long)]

@@ -1,11 +1,14 @@
 //! The NAT programs run with BPF_PROG_TEST_RUN on crafted frames, with the maps filled by the
 //! real driver (`EbpfDatapath`) in a sandbox: every rewrite is checked byte for byte and by
 //! recomputing the checksums; frames the datapath can't fully parse come out untouched, with
-//! the verdict "pass" (TCX_NEXT) and the reason counted.
+//! the verdict "pass" (TCX_NEXT; XDP_PASS for the uplink's XDP program) and the reason counted.
 
 use std::net::Ipv4Addr;
 
-use aya::{Ebpf, TestRun as _, TestRunOptions, programs::SchedClassifier};
+use aya::{
+    Ebpf, TestRun, TestRunOptions,
+    programs::{SchedClassifier, Xdp},
+};
 use netd::{
     bpf::Pins,
     datapath::{
@@ -14,7 +17,7 @@ use netd::{
     },
 };
 use netd_common::datapath::{
-    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
 };
 use tests::{
     frames::*,
@@ -25,6 +28,11 @@ use tests::{
 
 /// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
 const PASS: u32 = u32::MAX;
+/// TC_ACT_SHOT.
+const DROP: u32 = 2;
+/// The XDP verdicts.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 const SERVER: Ipv4Addr = OUTSIDE_ADDR;
 const OTHER_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
 
@@ -79,22 +87,23 @@ impl Bench {
             let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
             p.load().unwrap();
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(UPLINK_XDP_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load().unwrap();
         Self { env, ebpf }
     }
 
     /// Runs `prog` on `frame`; returns its verdict and the frame it left.
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = p
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        let program = self.ebpf.program(prog).unwrap();
+        if prog == UPLINK_XDP_PROG {
+            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
+        } else {
+            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
+        }
     }
 
     /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
@@ -115,13 +124,17 @@ impl Bench {
         self.translate(UPLINK_INGRESS_PROG, frame)
     }
 
-    /// Runs the programs on `frame`: each must pass it on byte for byte.
+    /// Runs the programs on `frame`: each must pass it on byte for byte (the XDP program
+    /// leaves it to TC, counting nothing).
     fn assert_untouched(&self, frame: &[u8]) {
         for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
             let (verdict, out) = self.run(prog, frame);
             assert_eq!(verdict, PASS, "{prog} verdict");
             assert_eq!(out, frame, "{prog} changed a frame it must not translate");
         }
+        let (verdict, out) = self.run(UPLINK_XDP_PROG, frame);
+        assert_eq!(verdict, XDP_PASS, "{UPLINK_XDP_PROG} verdict");
+        assert_eq!(out, frame, "{UPLINK_XDP_PROG} changed a frame");
     }
 
     fn stat(&self, reason: &str) -> u64 {
@@ -133,6 +146,23 @@ impl Bench {
             .unwrap()
             .packets
     }
+}
+
+/// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
+fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
@@ -303,6 +333,38 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
     });
     b.assert_untouched(&tcp_frame(routed, 40000, SERVER, 80, SYN));
     assert!(b.stat("no_nat") >= 6);
+}
+
+#[test]
+fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 50);
+    let unsolicited = [
+        tcp_frame(client, 40000, C1, 22, SYN),
+        // Even to the port C1 has published: from outside, only through the host's address.
+        tcp_frame(client, 40000, C1, 80, SYN),
+        udp_frame(client, 40000, C2, 53, true),
+        icmp_frame(client, C1, true, 7),
+    ];
+    for frame in &unsolicited {
+        let before = b.stat("unsolicited");
+        assert_eq!(b.run(UPLINK_XDP_PROG, frame).0, XDP_DROP);
+        assert_eq!(b.run(UPLINK_INGRESS_PROG, frame).0, DROP);
+        assert_eq!(b.stat("unsolicited"), before + 2, "each program counts it");
+    }
+
+    // What TC translates, XDP passes on untouched: a new flow to a published port, and a reply
+    // of a masqueraded flow.
+    let published = tcp_frame(client, 40000, HOST_ADDR, 8080, SYN);
+    assert_eq!(
+        b.run(UPLINK_XDP_PROG, &published),
+        (XDP_PASS, published.clone())
+    );
+    assert_eq!(b.ingress(&published).dst, C1);
+    let out = b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN));
+    let reply = tcp_frame(SERVER, 80, HOST_ADDR, out.sport, SYN | ACK);
+    assert_eq!(b.run(UPLINK_XDP_PROG, &reply), (XDP_PASS, reply.clone()));
+    assert_eq!(b.ingress(&reply).dst, C1);
 }
 
 /// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit

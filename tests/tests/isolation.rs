@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Stdio, thread, time::Duration};
 
-use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
+use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK};
 
 /// A container made with `netd container create NAME ARGS`: its name, namespace and address.
 struct Container {
@@ -615,4 +615,68 @@ fn publish_allow_on(datapath: &str) {
     let again = create(&env, "again", &["--network", "pub", "-p", "8080:80"]);
     listen(&env, &again.ns, &[80]);
     assert!(connects_from(&env, second, 8080), "{datapath}");
+}
+
+#[test]
+fn new_flows_routed_straight_to_a_container_are_refused() {
+    for (datapath, xdp) in [("ebpf", "false"), ("ebpf", "true"), ("iptables", "false")] {
+        unsolicited_on(datapath, xdp);
+    }
+}
+
+/// From the outside, with a route to the network through the host: a container is reached only
+/// through its published port, and its own flows still get their replies. On the eBPF
+/// datapath the refusals are counted, and with `--uplink-xdp` made by the uplink's XDP hook.
+fn unsolicited_on(datapath: &str, xdp: &str) {
+    let env = TestEnv::new();
+    let what = format!("{datapath}, uplink xdp {xdp}");
+    env.netd_ok(&[
+        "--datapath",
+        datapath,
+        &format!("--uplink-xdp={xdp}"),
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.93.0.0/24",
+    ]);
+    let c = create(&env, "c", &["--network", "n", "-p", "8080:80"]);
+    listen(&env, &c.ns, &[80, 81]);
+    let route = env.run_in(
+        &env.outside_ns(),
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.93.0.0/24",
+            "via",
+            &HOST_ADDR.to_string(),
+        ],
+    );
+    assert!(route.status.success(), "{route:?}");
+
+    assert!(!connects(&env, &env.outside_ns(), c.ip, 81), "{what}");
+    let echoes = echo_requests_received(&env, &c.ns);
+    assert!(!pings(&env, &env.outside_ns(), c.ip, None), "{what}");
+    assert_eq!(echo_requests_received(&env, &c.ns), echoes, "{what}");
+    assert!(connects(&env, &env.outside_ns(), HOST_ADDR, 8080), "{what}");
+    assert!(
+        pings(&env, &c.ns, OUTSIDE_ADDR, None),
+        "{what}: replies get in"
+    );
+
+    let link = env.run_in(&env.host_ns(), "ip", &["link", "show", UPLINK]);
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert_eq!(link.contains("prog/xdp"), xdp == "true", "{what}: {link}");
+    if datapath == "ebpf" {
+        assert!(stat(&env, "unsolicited") >= 2, "{what}");
+        assert!(endpoint_drops_for(&env, c.ip, "unsolicited") >= 2, "{what}");
+    }
+    env.netd_ok(&["container", "rm", &c.name]);
+    env.netd_ok(&["network", "rm", "n"]);
+    let link = env.run_in(&env.host_ns(), "ip", &["link", "show", UPLINK]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "{what}: detached with the last network"
+    );
 }

@@ -60,7 +60,8 @@ fn run() -> Result<()> {
             eprintln!("setup: the toolchain, tools and bpffs are in place");
             Ok(())
         }
-        Task::Build => cargo(&["build", "--release", "--workspace"]),
+        // The default members: netd-ebpf only builds for the BPF target, through netd's build.rs.
+        Task::Build => cargo(&["build", "--release"]),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
         Task::Demo => demo(),

@@ -12,6 +12,7 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
     "iputils-ping",
+    "netcat-openbsd",
     "iptables",
     "nftables",
     "conntrack",

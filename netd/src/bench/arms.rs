@@ -1,5 +1,6 @@
 //! The benchmark's arms. Each is built fresh in its own sandbox for every round and removed
-//! after it: `ceiling` (a plain veth pair), netd with each datapath, and a real Docker.
+//! after it: `ceiling` (a plain veth pair), netd with each datapath (the eBPF one twice: TC
+//! only, and with the uplink's XDP program), and a real Docker.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -18,7 +19,23 @@ use crate::{
 };
 
 /// Every arm the benchmark knows, in the order it alternates them.
-pub const ARMS: &[&str] = &["ceiling", "ebpf", "iptables", "docker"];
+pub const ARMS: &[&str] = &["ceiling", "ebpf", "ebpf-xdp", "iptables", "docker"];
+
+/// The netd options an arm runs with (`None`: not a netd arm).
+fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
+    match arm {
+        "ebpf" => Some(&["--datapath", "ebpf"]),
+        "ebpf-xdp" => Some(&["--datapath", "ebpf", "--uplink-xdp"]),
+        "iptables" => Some(&["--datapath", "iptables"]),
+        _ => None,
+    }
+}
+
+/// Whether the arm's control plane differs from another arm's (ebpf-xdp's is ebpf's: only the
+/// uplink's programs differ), so scaling and container set-up are measured on it.
+pub fn has_own_control_plane(arm: &str) -> bool {
+    !matches!(arm, "ceiling" | "ebpf-xdp")
+}
 
 /// The subnet of netd's benchmark network and its two containers' addresses.
 const SUBNET: &str = "172.30.0.0/22";
@@ -61,15 +78,11 @@ impl Control {
             let dockerd = Dockerd::start(&inst.sandbox.host_path(), &workdir)?;
             return Ok(Self::Docker { dockerd, inst });
         }
-        inst.netd(&[
-            "--datapath",
-            arm,
-            "network",
-            "create",
-            "bench",
-            "--subnet",
-            SUBNET,
-        ])?;
+        let mut args = netd_options(arm)
+            .with_context(|| format!("unknown benchmark arm {arm:?}"))?
+            .to_vec();
+        args.extend(["network", "create", "bench", "--subnet", SUBNET]);
+        inst.netd(&args)?;
         Ok(Self::Netd(inst))
     }
 
@@ -175,6 +188,14 @@ impl World {
         let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
         let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
         let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
+        // The outside can route to the server container (for the unsolicited flood).
+        Netlink::in_ns(Some(&ctl.instance().sandbox.outside_path()))?
+            .add_route(
+                ipnet::IpNet::new(server.ip.into(), 32)?,
+                Some(HOST_ADDR.into()),
+                None,
+            )
+            .await?;
         Ok(Self::Managed {
             ctl,
             server,
@@ -221,6 +242,20 @@ impl World {
                 port_shift: 0,
             },
         }
+    }
+
+    /// The unsolicited flood's ends: from the outside straight to the server container's
+    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling.
+    pub fn unsolicited(&self) -> Option<Endpoint> {
+        let Self::Managed { ctl, server, .. } = self else {
+            return None;
+        };
+        Some(Endpoint {
+            client_ns: ctl.instance().sandbox.outside_path(),
+            server_ns: server.netns.clone(),
+            target: server.ip,
+            port_shift: 0,
+        })
     }
 
     /// The namespace whose datapath this arm exercises (the host, or the ceiling's server).
@@ -303,10 +338,9 @@ fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
     })
 }
 
-/// TCX programs attached to the interfaces of `ns`, both directions (Debian's bpftool is too
-/// old to list TCX, so the kernel is asked directly).
+/// eBPF programs attached to the interfaces of `ns`: TCX, both directions, and XDP.
 fn tcx_programs_in(ns: &std::path::Path) -> Result<usize> {
-    Ok(tcx_program_stats(ns)?.len())
+    Ok(program_stats(ns)?.len())
 }
 
 /// Run counters of one attached program (kept by the kernel while stats are enabled).
@@ -318,8 +352,16 @@ pub struct ProgStats {
     pub run_time_ns: u64,
 }
 
-/// Every TCX program attached in `ns` with its counters.
-pub fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+/// Every TCX and XDP program attached in `ns` with its counters.
+pub fn program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+    let mut stats = tcx_program_stats(ns)?;
+    stats.extend(xdp_program_stats(ns)?);
+    Ok(stats)
+}
+
+/// Every TCX program attached in `ns` with its counters (Debian's bpftool is too old to list
+/// TCX, so the kernel is asked directly).
+fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     netns::run_in(Some(ns), || {
         let mut out = Vec::new();
@@ -340,6 +382,39 @@ pub fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
         }
         Ok(out)
     })
+}
+
+/// Every XDP program attached in `ns` with its counters: `ip link` names the program's id on
+/// each interface that has one (`prog/xdp id N`), the kernel's program list has its counters.
+fn xdp_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+    let links = output_in(ns, "ip", &["-o", "link", "show"])?;
+    let mut attached = Vec::new();
+    for line in links.lines() {
+        let Some(iface) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.windows(2).position(|w| w == ["prog/xdp", "id"])
+            && let Some(id) = words.get(at + 2).and_then(|w| w.parse::<u32>().ok())
+        {
+            let iface = iface.split('@').next().unwrap_or(iface);
+            attached.push((id, iface.to_string()));
+        }
+    }
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+        for (id, iface) in &attached {
+            if info.id() == *id {
+                out.push(ProgStats {
+                    program: info.name_as_str().unwrap_or("?").to_string(),
+                    interface: iface.clone(),
+                    runs: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Interface names of the calling thread's namespace, from /proc/thread-self/net/dev.

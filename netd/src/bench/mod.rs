@@ -122,16 +122,27 @@ pub async fn run(mut opts: Options) -> Result<()> {
                     opts.runs,
                     path.name()
                 ));
-                let before = arms::tcx_program_stats(&world.datapath_ns())?;
+                let before = arms::program_stats(&world.datapath_ns())?;
                 measure_path(&world.endpoint(path), arm, path, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {}", path.name()))?;
-                let after = arms::tcx_program_stats(&world.datapath_ns())?;
-                add_profile(&mut profile, arm, path, &before, &after);
+                let after = arms::program_stats(&world.datapath_ns())?;
+                add_profile(&mut profile, arm, path.name(), &before, &after);
+            }
+            if let Some(ep) = world.unsolicited() {
+                progress(&format!(
+                    "round {round}/{}: {arm}: {UNSOLICITED}",
+                    opts.runs
+                ));
+                let before = arms::program_stats(&world.datapath_ns())?;
+                measure_unsolicited(&ep, arm, &plan, &mut samples)
+                    .with_context(|| format!("{arm}, {UNSOLICITED}"))?;
+                let after = arms::program_stats(&world.datapath_ns())?;
+                add_profile(&mut profile, arm, UNSOLICITED, &before, &after);
             }
             fairness.insert(arm.clone(), world.fairness()?);
         }
     }
-    for arm in opts.arms.iter().filter(|a| *a != "ceiling") {
+    for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
         for &n in plan.port_counts.iter().filter(|_| !opts.setup_only) {
             if arm == "docker" && n > DOCKER_MAX_PORTS {
                 skip(
@@ -187,7 +198,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
 fn add_profile(
     profile: &mut BTreeMap<(String, String, String), (u64, u64)>,
     arm: &str,
-    path: Path,
+    path: &str,
     before: &[arms::ProgStats],
     after: &[arms::ProgStats],
 ) {
@@ -198,11 +209,36 @@ fn add_profile(
         let runs = a.runs - b.map_or(0, |b| b.runs);
         let ns = a.run_time_ns - b.map_or(0, |b| b.run_time_ns);
         let entry = profile
-            .entry((arm.to_string(), path.name().to_string(), a.program.clone()))
+            .entry((arm.to_string(), path.to_string(), a.program.clone()))
             .or_default();
         entry.0 += runs;
         entry.1 += ns;
     }
+}
+
+/// The path name of the unsolicited flood: outside straight to a container, on a port
+/// nothing publishes.
+pub const UNSOLICITED: &str = "outside->container-unsolicited";
+
+/// Floods a container with unsolicited datagrams (`tools::flood`): records how many per
+/// second one sending core gets out (higher: the drop costs less), and what share of them
+/// got into the container (0 when the arm drops them all).
+fn measure_unsolicited(ep: &Endpoint, arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()> {
+    let before = tools::udp_no_ports(&ep.server_ns)?;
+    let target = SocketAddr::from((ep.target, tools::FLOOD_PORT));
+    let pps = tools::flood(&ep.client_ns, target, plan.secs)?;
+    let leaked = tools::udp_no_ports(&ep.server_ns)? - before;
+    record(samples, arm, UNSOLICITED, "flood_pps", 1, pps);
+    let sent = pps * f64::from(plan.secs);
+    record(
+        samples,
+        arm,
+        UNSOLICITED,
+        "leaked_pct",
+        1,
+        100.0 * leaked as f64 / sent,
+    );
+    Ok(())
 }
 
 /// The path name of the scaling measurements: outside to the last-published port.

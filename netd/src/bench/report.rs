@@ -47,6 +47,8 @@ fn unit_of(metric: &str) -> &'static str {
         "throughput" => "Gbit/s",
         "rr_p50" | "rr_p99" | "first_packet_us" => "us",
         "crr" => "conn/s",
+        "flood_pps" => "pkt/s",
+        "leaked_pct" => "%",
         _ => "ms",
     }
 }
@@ -164,6 +166,8 @@ impl Report {
             m.cpu
         );
         self.paths_table(&mut md);
+        self.unsolicited_table(&mut md);
+        self.xdp_table(&mut md);
         self.scaling_table(&mut md);
         self.control_table(&mut md);
         self.fairness_table(&mut md);
@@ -214,6 +218,73 @@ impl Report {
         let _ = writeln!(md);
     }
 
+    fn unsolicited_table(&self, md: &mut String) {
+        let path = super::UNSOLICITED;
+        if !self.records.iter().any(|r| r.path == path) {
+            return;
+        }
+        let _ = writeln!(md, "## Unsolicited traffic (median, min–max over runs)\n");
+        let _ = writeln!(
+            md,
+            "One core in the outside namespace floods the server container's address (routed \
+             through the host) with minimum-size UDP datagrams to a port nothing publishes. On \
+             veth the receiving side runs on the sending core, so more datagrams per second \
+             means a cheaper drop; \"got in\" is the share the container received.\n"
+        );
+        let _ = writeln!(md, "| arm | datagrams/s | got in (%) |");
+        let _ = writeln!(md, "|---|---|---|");
+        for arm in self.arms() {
+            let cell = |metric: &str| {
+                self.find(arm, path, metric, 1)
+                    .map(|r| format!("{:.0} ({:.0}–{:.0})", r.median, r.min, r.max))
+            };
+            if let (Some(pps), Some(leaked)) = (cell("flood_pps"), cell("leaked_pct")) {
+                let _ = writeln!(md, "| {arm} | {pps} | {leaked} |");
+            }
+        }
+        let _ = writeln!(md);
+    }
+
+    /// The uplink's XDP program against TC alone, for every path it is on.
+    fn xdp_table(&self, md: &mut String) {
+        let rows: Vec<(&str, &str, f64, f64)> = super::Path::ALL
+            .map(super::Path::name)
+            .into_iter()
+            .flat_map(|path| ["throughput", "rr_p50", "crr"].map(|metric| (path, metric)))
+            .chain([(super::UNSOLICITED, "flood_pps")])
+            .filter_map(|(path, metric)| {
+                let tc = self.find("ebpf", path, metric, 1)?.median;
+                let xdp = self.find("ebpf-xdp", path, metric, 1)?.median;
+                Some((path, metric, tc, xdp))
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## XDP on the uplink against TC alone (medians)\n");
+        let _ = writeln!(
+            md,
+            "| path | metric | ebpf (TC) | ebpf-xdp | xdp/tc | faster |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for (path, metric, tc, xdp) in rows {
+            // Latency is better lower, the rest higher.
+            let xdp_wins = if metric == "rr_p50" {
+                xdp < tc
+            } else {
+                xdp > tc
+            };
+            let _ = writeln!(
+                md,
+                "| {path} | {metric} ({}) | {tc:.2} | {xdp:.2} | {:.3} | {} |",
+                unit_of(metric),
+                xdp / tc,
+                if xdp_wins { "xdp" } else { "tc" }
+            );
+        }
+        let _ = writeln!(md);
+    }
+
     fn scaling_table(&self, md: &mut String) {
         let ns: Vec<u32> = {
             let mut ns: Vec<u32> = self
@@ -239,7 +310,11 @@ impl Report {
         );
         let _ = writeln!(md, "|---|---|---|---|---|");
         for &n in &ns {
-            for arm in self.arms().into_iter().filter(|a| *a != "ceiling") {
+            for arm in self
+                .arms()
+                .into_iter()
+                .filter(|a| super::arms::has_own_control_plane(a))
+            {
                 let get = |path: &str, metric: &str| {
                     self.find(arm, path, metric, n)
                         .map(|r| format!("{:.1}", r.median))
@@ -282,7 +357,11 @@ impl Report {
             "| arm | create p50 (ms) | create p99 (ms) | remove p50 (ms) | remove p99 (ms) |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|");
-        for arm in self.arms().into_iter().filter(|a| *a != "ceiling") {
+        for arm in self
+            .arms()
+            .into_iter()
+            .filter(|a| super::arms::has_own_control_plane(a))
+        {
             let pct = |metric: &str, p: f64| {
                 self.find(arm, "control", metric, 1)
                     .map(|r| {
@@ -317,7 +396,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| arm | netfilter rules | kernel conntrack entries | TCX programs attached |"
+            "| arm | netfilter rules | kernel conntrack entries | eBPF programs attached (TCX, XDP) |"
         );
         let _ = writeln!(md, "|---|---|---|---|");
         for (arm, f) in &self.fairness {
@@ -337,7 +416,7 @@ impl Report {
         let _ = writeln!(md, "## Where the eBPF datapath spends its time\n");
         let _ = writeln!(
             md,
-            "Kernel run-time statistics of every attached TCX program while the paths ran (all rounds):\n"
+            "Kernel run-time statistics of every attached TCX and XDP program while the paths ran (all rounds):\n"
         );
         let _ = writeln!(md, "| arm | path | program | runs | ns per run |");
         let _ = writeln!(md, "|---|---|---|---|---|");

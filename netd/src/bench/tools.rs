@@ -1,12 +1,13 @@
-//! The load generators: iperf3 (throughput), sockperf ping-pong (request/response latency) and
-//! a closed-loop connect/1-byte/close client of our own (new connections per second).
+//! The load generators: iperf3 (throughput), sockperf ping-pong (request/response latency), a
+//! closed-loop connect/1-byte/close client of our own (new connections per second), and a UDP
+//! flood of our own (unsolicited traffic the datapath must drop).
 //!
 //! Servers run in the endpoint's server namespace, clients in its client namespace; both are
 //! processes or threads this module starts and ends itself.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -25,6 +26,10 @@ pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const CRR_PORT: u16 = 7001;
 pub const PUBLISH_SHIFT: u16 = 10000;
+/// Where the unsolicited flood goes: a port nothing publishes and nothing listens on.
+pub const FLOOD_PORT: u16 = 9;
+/// UDP payload of a flood datagram: with its headers, a minimum-size (60-byte) frame.
+const FLOOD_PAYLOAD: usize = 18;
 
 /// Where one path's client and server run, and what the client connects to.
 #[derive(Clone, Debug)]
@@ -217,5 +222,52 @@ pub fn first_connect_us(client_ns: &Path, target: SocketAddr) -> Result<f64> {
         let us = started.elapsed().as_secs_f64() * 1e6;
         drop(conn);
         Ok(us)
+    })
+}
+
+/// Unsolicited traffic: one thread in `client_ns` sends minimum-size UDP datagrams to
+/// `target` as fast as it can for `secs`. On veth, the receiving side's work (the datapath's
+/// drop included) runs on the sending core, in the softirq each send raises, so the rate
+/// falls as dropping costs more. Returns datagrams sent per second.
+pub fn flood(client_ns: &Path, target: SocketAddr, secs: u32) -> Result<f64> {
+    netns::run_in(Some(client_ns), || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.connect(target)?;
+        let payload = [0u8; FLOOD_PAYLOAD];
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(u64::from(secs));
+        let mut sent = 0u64;
+        while Instant::now() < deadline {
+            for _ in 0..256 {
+                // A send can fail (an ICMP error came back when nothing drops): not counted.
+                if sock.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent as f64 / started.elapsed().as_secs_f64())
+    })
+}
+
+/// Datagrams the namespace at `ns` received for ports nothing listens on (`NoPorts` of
+/// /proc/net/snmp): flood datagrams that got past the datapath.
+pub fn udp_no_ports(ns: &Path) -> Result<u64> {
+    netns::run_in(Some(ns), || {
+        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let (names, values) = (udp.next(), udp.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            bail!("no Udp lines in /proc/net/snmp");
+        };
+        let column = names
+            .split_whitespace()
+            .position(|n| n == "NoPorts")
+            .context("no NoPorts in /proc/net/snmp")?;
+        values
+            .split_whitespace()
+            .nth(column)
+            .context("short Udp line in /proc/net/snmp")?
+            .parse()
+            .context("NoPorts is not a number")
     })
 }

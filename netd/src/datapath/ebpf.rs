@@ -3,7 +3,7 @@
 //!
 //! - the host's uplink (the default route's interface), ingress and egress: masquerade,
 //!   published ports, ICMP errors about both; attached with the first network, detached with
-//!   the last;
+//!   the last; with `--uplink-xdp`, also its XDP hook: refused new flows dropped early;
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
@@ -21,7 +21,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, ENDPOINT_INGRESS_PROG,
-    HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v4, v4_octets,
+    HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4,
+    v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -47,6 +48,7 @@ pub struct EbpfDatapath {
     conntrack_max: u32,
     timeouts: Timeouts,
     host_cgroup: Option<PathBuf>,
+    uplink_xdp: bool,
 }
 
 impl EbpfDatapath {
@@ -58,6 +60,7 @@ impl EbpfDatapath {
             // Every process by default: the program only acts in the host namespace, whatever
             // the cgroup holds.
             host_cgroup: host::cgroup2_root(),
+            uplink_xdp: false,
         }
     }
 
@@ -80,6 +83,12 @@ impl EbpfDatapath {
         self
     }
 
+    /// Whether setting up a network also attaches `uplink_xdp` to the uplink.
+    pub fn with_uplink_xdp(mut self, on: bool) -> Self {
+        self.uplink_xdp = on;
+        self
+    }
+
     pub fn pins(&self) -> &Pins {
         &self.pins
     }
@@ -96,6 +105,10 @@ impl EbpfDatapath {
                 self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
                 replaced += 1;
             }
+        }
+        for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
+            self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
+            replaced += 1;
         }
         Ok(replaced)
     }
@@ -148,6 +161,14 @@ impl EbpfDatapath {
         self.attach(&mut ebpf, iface, &ENDPOINT_PROGS)
     }
 
+    /// Attaches the uplink's XDP program when asked to and not attached yet.
+    fn attach_uplink_xdp(&self, ebpf: &mut Ebpf, uplink: &str) -> Result<()> {
+        if !self.uplink_xdp || self.pins.xdp_link(UPLINK_XDP_PROG, uplink).exists() {
+            return Ok(());
+        }
+        self.pins.attach_xdp(ebpf, UPLINK_XDP_PROG, uplink)
+    }
+
     /// Attaches the host socket programs to the host cgroup, when there is one, where they are
     /// not attached yet. On failure, detaches what this call attached.
     fn attach_host_sockets(&self, ebpf: &mut Ebpf) -> Result<()> {
@@ -170,12 +191,17 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Detaches the host-wide programs: the uplink's, wherever they are, and the cgroup one.
+    /// Detaches the host-wide programs: the uplink's (TC and XDP), wherever they are, and the
+    /// cgroup ones.
     fn detach_host(&self) -> Result<()> {
         for (prog, dir) in UPLINK_PROGS {
             for iface in self.pins.tc_attachments(prog, dir)? {
                 self.pins.detach_tc(prog, &iface, dir)?;
             }
+        }
+        for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
+            self.pins
+                .detach_pinned(&self.pins.xdp_link(UPLINK_XDP_PROG, &iface))?;
         }
         for prog in HOST_SOCK_PROGS {
             self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
@@ -282,6 +308,7 @@ impl Datapath for EbpfDatapath {
         let first = networks.keys().next().is_none();
         let attached = self
             .attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)
+            .and_then(|()| self.attach_uplink_xdp(&mut ebpf, &uplink.name))
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
             .and_then(|()| {

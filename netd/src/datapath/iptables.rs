@@ -198,6 +198,11 @@ fn network_rules(net: &NetworkSpec) -> Script {
         "-I {ISOLATION_1} -i {br} ! -o {br} -j {ISOLATION_2}"
     ));
     s.filter.push(format!("-I {ISOLATION_2} -o {br} -j DROP"));
+    if net.masquerade && !net.internal {
+        // What Docker's FORWARD policy DROP does to new flows routed straight to a container,
+        // without changing the host's policy; only where masquerading, as the eBPF datapath.
+        s.filter.push(format!("-A FORWARD -o {br} -j DROP"));
+    }
     s
 }
 

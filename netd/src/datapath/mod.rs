@@ -103,13 +103,15 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sizes and timeouts of the eBPF datapath's connection tracking (`--conntrack-max`,
-/// `--conntrack-timeout`); the table is sized when it is first created, timeouts are written
-/// whenever a network is set up.
+/// Options of the eBPF datapath: the size and timeouts of its connection tracking
+/// (`--conntrack-max`, `--conntrack-timeout`; the table is sized when it is first created,
+/// timeouts are written whenever a network is set up), and whether the uplink also gets the
+/// XDP program (`--uplink-xdp`, when the first network attaches the uplink's programs).
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
     pub conntrack_max: Option<u32>,
     pub timeouts: netd_common::datapath::Timeouts,
+    pub uplink_xdp: bool,
 }
 
 impl Tuning {
@@ -147,7 +149,9 @@ impl Tuning {
 pub fn open(name: &str, pins: &crate::bpf::Pins, tuning: &Tuning) -> Result<Box<dyn Datapath>> {
     match name {
         "ebpf" => {
-            let mut dp = ebpf::EbpfDatapath::new(pins.clone()).with_timeouts(tuning.timeouts);
+            let mut dp = ebpf::EbpfDatapath::new(pins.clone())
+                .with_timeouts(tuning.timeouts)
+                .with_uplink_xdp(tuning.uplink_xdp);
             if let Some(max) = tuning.conntrack_max {
                 dp = dp.with_conntrack_max(max);
             }
