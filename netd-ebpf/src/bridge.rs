@@ -3,7 +3,8 @@
 //! published port through a host address is DNATed to the published container and SNATed to
 //! the network's gateway, and the target's replies are translated back. Both directions are
 //! redirected straight to the destination container's veth: the host stack would drop them
-//! as martians (a local source address arriving from outside).
+//! as martians (a local source address arriving from outside). A published port's
+//! `--publish-allow` ranges apply to its containers as to the outside.
 //!
 //! Everything else passes untouched; outgoing traffic is masqueraded on the uplink.
 
@@ -15,12 +16,13 @@ use crate::{
     conntrack, maps, nat,
     parse::{self, Flow},
     stats,
-    uplink::{now_ns, verdict},
+    uplink::{dropped, now_ns, verdict},
 };
 
-/// Where a hairpin packet goes: `Forward` to a container's host-side veth, else `Done`.
+/// What became of a hairpin packet: translated and redirected to a container's host-side veth
+/// (with the TC action doing it), else `Done`.
 enum Outcome {
-    Forward(Stat, &'static EndpointInfo),
+    Redirected(Stat, i32),
     Done(Stat),
 }
 
@@ -28,13 +30,10 @@ enum Outcome {
 pub fn bridge_ingress(ctx: TcContext) -> i32 {
     match hairpin(&ctx) {
         Outcome::Done(stat) => verdict(stat),
-        Outcome::Forward(stat, ep) => match redirect_to(&ctx, ep) {
-            Ok(action) => {
-                stats::count(stat);
-                action
-            }
-            Err(reason) => verdict(reason),
-        },
+        Outcome::Redirected(stat, action) => {
+            stats::count(stat);
+            action
+        }
     }
 }
 
@@ -51,11 +50,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let now = now_ns();
     if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
-            stats::count_endpoint_drop(flow.saddr, Stat::NoEndpoint);
-            return Outcome::Done(Stat::NoEndpoint);
+            return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
         let Some(second) = hit.second else {
-            return Outcome::Done(Stat::RewriteFailed);
+            return Outcome::Done(dropped(ctx, &flow, Stat::RewriteFailed, flow.saddr));
         };
         return translate(ctx, &flow, &hit.rewrite, &second, Stat::HairpinHit, ep);
     }
@@ -76,8 +74,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     };
     // An internal network's published ports are out of reach from its neighbours too.
     if ep.network_id != src_net_id && maps::is_internal(ep.network_id) {
-        stats::count_endpoint_drop(target.addr[0], Stat::Internal);
-        return Outcome::Done(Stat::Internal);
+        return Outcome::Done(dropped(ctx, &flow, Stat::Internal, target.addr[0]));
+    }
+    if !maps::publish_allows(&target, flow.proto, flow.saddr) {
+        return Outcome::Done(dropped(ctx, &flow, Stat::PublishDenied, target.addr[0]));
     }
     if !conntrack::may_start_flow(&flow) {
         return Outcome::Done(Stat::NoNat);
@@ -95,10 +95,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     );
     match started {
         Ok((dst, src)) => translate(ctx, &flow, &dst, &src, Stat::HairpinNew, ep),
-        Err(reason) => {
-            stats::count_endpoint_drop(flow.saddr, reason);
-            Outcome::Done(reason)
-        }
+        Err(reason) => Outcome::Done(dropped(ctx, &flow, reason, flow.saddr)),
     }
 }
 
@@ -111,11 +108,13 @@ fn translate(
     done: Stat,
     ep: &'static EndpointInfo,
 ) -> Outcome {
-    if let Err(reason) = nat::apply(ctx, flow, dst).and_then(|()| nat::apply(ctx, flow, src)) {
-        stats::count_endpoint_drop(flow.saddr, reason);
-        return Outcome::Done(reason);
+    let redirected = nat::apply(ctx, flow, dst)
+        .and_then(|()| nat::apply(ctx, flow, src))
+        .and_then(|()| redirect_to(ctx, ep));
+    match redirected {
+        Ok(action) => Outcome::Redirected(done, action),
+        Err(reason) => Outcome::Done(dropped(ctx, flow, reason, flow.saddr)),
     }
-    Outcome::Forward(done, ep)
 }
 
 /// Sends the frame out of the container's host-side veth: from the bridge's MAC (the frame

@@ -1,10 +1,10 @@
-//! Drop events: every packet the policy drops is reported on the `DROP_EVENTS` ring buffer
+//! Drop events: every packet a program drops is reported on the `DROP_EVENTS` ring buffer
 //! (read by `netd monitor`), next to its count in `STATS` and `ENDPOINT_DROPS`.
 
 use aya_ebpf::{macros::map, maps::RingBuf};
 use netd_common::datapath::{AF_INET, DROP_EVENTS_BYTES, DropEvent, Stat};
 
-use crate::{conntrack::v4, parse::Flow};
+use crate::{conntrack::v4, parse::Flow, stats};
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::pinned(DROP_EVENTS_BYTES, 0);
@@ -32,10 +32,20 @@ impl Tuple {
     }
 }
 
+/// A packet of the container at `container` (wire byte order) dropped for `reason` on
+/// interface `ifindex`: counted against the container and reported. Returns `reason` (the
+/// caller's verdict counts it in `STATS`).
+#[inline(always)]
+pub fn dropped(tuple: &Tuple, reason: Stat, container: u32, ifindex: u32) -> Stat {
+    stats::count_endpoint_drop(container, reason);
+    report_drop(tuple, reason, ifindex);
+    reason
+}
+
 /// Reports a packet dropped for `reason`. A full ring buffer loses the event; the counters
 /// still have the drop.
 #[inline(always)]
-pub fn report_drop(tuple: &Tuple, reason: Stat, ifindex: u32) {
+fn report_drop(tuple: &Tuple, reason: Stat, ifindex: u32) {
     if let Some(mut entry) = DROP_EVENTS.reserve::<DropEvent>(0) {
         entry.write(DropEvent {
             saddr: v4(tuple.saddr),

@@ -98,6 +98,12 @@ fn redirect_to_container(ctx: &SockAddrContext) {
     let Some(target) = maps::published(daddr, port, proto, is_host) else {
         return;
     };
+    // A local connection's source is the address it goes to: that is what `--publish-allow`
+    // ranges are matched against (as the iptables datapath's DNAT with `-s RANGE` does).
+    // Outside them, the call goes on to the host's own port, unredirected.
+    if !maps::publish_allows(&target, proto, daddr) {
+        return;
+    }
     let key = redirect_key(ctx, target.addr[0], target.port);
     let origin = SockRedirectOrigin {
         addr: v4(daddr),

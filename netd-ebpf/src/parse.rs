@@ -44,6 +44,8 @@ pub trait Frame {
     fn len(&self) -> u32;
     /// Whether the frame's VLAN tag was taken out of it into metadata.
     fn vlan_offloaded(&self) -> bool;
+    /// The interface the program runs on.
+    fn ifindex(&self) -> u32;
 }
 
 impl Frame for TcContext {
@@ -61,6 +63,12 @@ impl Frame for TcContext {
     fn vlan_offloaded(&self) -> bool {
         // SAFETY: the context's skb pointer is valid for the whole program run.
         unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.skb.skb).ifindex }
     }
 }
 
@@ -86,6 +94,11 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn vlan_offloaded(&self) -> bool {
         false
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
     }
 }
 

@@ -29,7 +29,7 @@ use network_types::{
 use crate::{
     events::{self, Tuple},
     fib, maps,
-    parse::L3_OFF,
+    parse::{Frame as _, L3_OFF},
     stats,
 };
 
@@ -59,8 +59,7 @@ enum Verdict {
 
 #[classifier]
 pub fn endpoint_ingress(ctx: TcContext) -> i32 {
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = ctx.ifindex();
     let Some((addr, ep)) = maps::endpoint_behind(ifindex) else {
         // Not (or no longer) a netd container: the bridge decides.
         return TC_ACT_UNSPEC;
@@ -93,9 +92,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
             action
         }
         Verdict::Drop(reason, tuple) => {
-            stats::count(reason);
-            stats::count_endpoint_drop(from.addr, reason);
-            events::report_drop(&tuple, reason, from.ifindex);
+            stats::count(events::dropped(&tuple, reason, from.addr, from.ifindex));
             TC_ACT_SHOT
         }
     }

@@ -31,7 +31,7 @@ use crate::{
     conntrack::{self, v4},
     events::{self, Tuple},
     fib, maps, nat,
-    parse::{self, Flow, Quoted},
+    parse::{self, Flow, Frame, Quoted},
     stats,
 };
 
@@ -110,10 +110,7 @@ fn egress(ctx: &TcContext) -> Stat {
     }
     match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
-        Err(reason) => {
-            stats::count_endpoint_drop(flow.saddr, reason);
-            reason
-        }
+        Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }
 }
 
@@ -130,11 +127,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     };
     let target = match inbound(&flow, cfg) {
         Inbound::Published(target) => target,
-        Inbound::Refused(reason, container) => {
-            // SAFETY: the context's skb pointer is valid for the whole program run.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            return refuse(&flow, reason, container, ifindex);
-        }
+        Inbound::Refused(reason, container) => return dropped(ctx, &flow, reason, container),
         Inbound::Stack => return Stat::NoNat,
     };
     if !conntrack::may_start_flow(&flow) {
@@ -142,10 +135,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
     match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
-        Err(reason) => {
-            stats::count_endpoint_drop(target.addr[0], reason);
-            reason
-        }
+        Err(reason) => dropped(ctx, &flow, reason, target.addr[0]),
     }
 }
 
@@ -187,13 +177,11 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
     }
 }
 
-/// Drops a new flow to the container at `container` for `reason`: counted against the
-/// container and reported as an event (`ifindex`: where it arrived).
+/// Drops `flow`'s packet for `reason`, counted against the container at `container` and
+/// reported as an event.
 #[inline(always)]
-pub fn refuse(flow: &Flow, reason: Stat, container: u32, ifindex: u32) -> Stat {
-    stats::count_endpoint_drop(container, reason);
-    events::report_drop(&Tuple::of(flow), reason, ifindex);
-    reason
+pub fn dropped(ctx: &impl Frame, flow: &Flow, reason: Stat, container: u32) -> Stat {
+    events::dropped(&Tuple::of(flow), reason, container, ctx.ifindex())
 }
 
 /// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
@@ -224,10 +212,7 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
 fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
     match nat::apply(ctx, flow, rw) {
         Ok(()) => done,
-        Err(reason) => {
-            stats::count_endpoint_drop(if rw.src { flow.saddr } else { rw.addr }, reason);
-            reason
-        }
+        Err(reason) => dropped(ctx, flow, reason, if rw.src { flow.saddr } else { rw.addr }),
     }
 }
 

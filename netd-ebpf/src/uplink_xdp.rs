@@ -42,11 +42,6 @@ fn refused(ctx: &XdpContext) -> bool {
     if conntrack::is_live(&conntrack::key_of(&flow), uplink::now_ns(), cfg) {
         return false;
     }
-    stats::count(uplink::refuse(
-        &flow,
-        reason,
-        container,
-        ctx.ingress_ifindex() as u32,
-    ));
+    stats::count(uplink::dropped(ctx, &flow, reason, container));
     true
 }

@@ -48,7 +48,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     for expected in [
         "-A PREROUTING -m addrtype --dst-type LOCAL -j NETD",
         "-A POSTROUTING -s 172.17.0.0/16 ! -o netd0 -j MASQUERADE",
-        "-A NETD -d 198.18.0.2/32 ! -i netd0 -p udp -m udp --dport 5353 -j DNAT --to-destination 172.17.0.2:53",
+        "-A NETD -d 198.18.0.2/32 -p udp -m udp --dport 5353 -j DNAT --to-destination 172.17.0.2:53",
         "-A FORWARD -i netd0 -o netd0 -j DROP",
         "-A NETD-ISOLATION-STAGE-2 -o netd0 -j DROP",
     ] {

@@ -603,8 +603,23 @@ fn publish_allow_on(datapath: &str) {
         "{datapath}: open to all"
     );
     assert!(connects_from(&env, second, 8082), "{datapath}");
+    // The ranges hold for other containers (hairpin through the host's address) and host
+    // processes.
+    assert!(
+        !connects(&env, &open.ns, HOST_ADDR, 8080),
+        "{datapath}: hairpin from outside the range"
+    );
+    assert!(connects(&env, &one.ns, HOST_ADDR, 8082), "{datapath}");
+    assert!(
+        !connects(&env, &env.host_ns(), HOST_ADDR, 8080),
+        "{datapath}: a host process from outside the range"
+    );
+    assert!(
+        connects(&env, &env.host_ns(), HOST_ADDR, 8082),
+        "{datapath}"
+    );
     if datapath == "ebpf" {
-        assert!(stat(&env, "publish_denied") >= 2);
+        assert!(stat(&env, "publish_denied") >= 3);
         assert!(endpoint_drops(&env, one.ip) > 0);
         assert!(endpoint_drops(&env, range.ip) > 0);
         assert_eq!(endpoint_drops(&env, open.ip), 0);
@@ -655,7 +670,16 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
     );
     assert!(route.status.success(), "{route:?}");
 
-    assert!(!connects(&env, &env.outside_ns(), c.ip, 81), "{what}");
+    let refused = || assert!(!connects(&env, &env.outside_ns(), c.ip, 81), "{what}");
+    if datapath == "ebpf" {
+        let to = format!("{}:81", c.ip);
+        let line = monitor(&env, &[], refused, |l| {
+            l.starts_with("unsolicited tcp") && l.contains(&to)
+        });
+        assert!(line.contains(&OUTSIDE_ADDR.to_string()), "{what}: {line}");
+    } else {
+        refused();
+    }
     let echoes = echo_requests_received(&env, &c.ns);
     assert!(!pings(&env, &env.outside_ns(), c.ip, None), "{what}");
     assert_eq!(echo_requests_received(&env, &c.ns), echoes, "{what}");

@@ -7,6 +7,10 @@
 //! MASQUERADE and the ACCEPT in the DOCKER filter chain), with the chain names prefixed for netd:
 //! DOCKER → NETD, DOCKER-USER → NETD-USER, DOCKER-ISOLATION-STAGE-n → NETD-ISOLATION-STAGE-n.
 //!
+//! netd runs no docker-proxy, so this is the rule set of Docker's `--userland-proxy=false`
+//! (hairpin mode): DNAT rules match on the bridge too (no `! -i BRIDGE`, no `-i BRIDGE -j
+//! RETURN` skip), so a container reaches a published port through the host's address.
+//!
 //! Every change is one `iptables-restore --noflush` transaction: it applies whole or not at all.
 
 use std::{
@@ -175,7 +179,6 @@ fn network_rules(net: &NetworkSpec) -> Script {
             "-A POSTROUTING -s {subnet} ! -o {br} -j MASQUERADE"
         ));
     }
-    s.nat.push(format!("-I {CHAIN} -i {br} -j RETURN"));
 
     let icc = if net.icc { "ACCEPT" } else { "DROP" };
     s.filter
@@ -235,7 +238,7 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec) -> Script {
         .iter()
         .map(|src| {
             format!(
-                "-A {CHAIN} {src}{dst}! -i {br} -p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
+                "-A {CHAIN} {src}{dst}-p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
             )
         })
         .collect();
@@ -386,7 +389,7 @@ mod tests {
         assert_eq!(
             s.nat,
             [
-                "-A NETD ! -i netd0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80",
+                "-A NETD -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80",
                 "-A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE",
             ]
         );
