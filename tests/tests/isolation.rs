@@ -189,6 +189,17 @@ fn icc_false_on(datapath: &str) {
     // The gateway (the host) stays reachable.
     assert!(pings(&env, &stranger.ns, gateway_of(&env, "quiet"), None));
     if datapath != "ebpf" {
+        // The linked container goes first; the link's rules still go with the linking one.
+        env.netd_ok(&["container", "rm", &web.name]);
+        env.netd_ok(&["container", "rm", &client.name]);
+        let rules = env.run_in(&env.host_ns(), "iptables-save", &["-t", "filter"]);
+        let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+        for ip in [web.ip, client.ip] {
+            assert!(
+                !rules.contains(&format!("{ip}/32")),
+                "{ip} left in:\n{rules}"
+            );
+        }
         return;
     }
     let denied = stat(&env, "icc_denied");

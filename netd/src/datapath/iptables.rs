@@ -280,6 +280,20 @@ fn link_rules(net: &NetworkSpec, ep: &EndpointSpec) -> Script {
     }
 }
 
+/// The rules of `filter` (iptables-save output) that [`link_rules`] made on bridge `br` with
+/// `ip` on either side.
+fn link_rules_naming(filter: &str, br: &str, ip: std::net::Ipv4Addr) -> Vec<String> {
+    let chain = format!("-A {CHAIN} ");
+    let bridged = format!(" -i {br} -o {br} ");
+    let (src, dst) = (format!("-s {ip}/32 "), format!("-d {ip}/32 "));
+    filter
+        .lines()
+        .filter(|l| l.starts_with(&chain) && l.contains(&bridged) && l.ends_with("-j ACCEPT"))
+        .filter(|l| l.contains(&src) || l.contains(&dst))
+        .map(String::from)
+        .collect()
+}
+
 impl IptablesDatapath {
     fn ensure_base(&self) -> Result<()> {
         if !saved("filter")?.contains(&format!(":{ISOLATION_1} ")) {
@@ -329,11 +343,19 @@ impl Datapath for IptablesDatapath {
         restore(&link_rules(net, ep)).context("install iptables rules of links")
     }
 
+    /// Removes every link rule naming the endpoint's address, on either side: its own links
+    /// may be gone from `ep` already (the linked container was removed first), and other
+    /// containers' links to it must not pass on to the next container with its address.
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
-        if ep.links.is_empty() {
+        let stale = link_rules_naming(&saved("filter")?, &net.bridge, ep.ip);
+        if stale.is_empty() {
             return Ok(());
         }
-        restore(&link_rules(net, ep).deletions()).context("remove iptables rules of links")
+        let script = Script {
+            nat: vec![],
+            filter: stale.iter().map(|rule| delete_form(rule)).collect(),
+        };
+        restore(&script).context("remove iptables rules of links")
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
