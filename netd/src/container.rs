@@ -406,19 +406,27 @@ fn specs_of(c: &Container, ports: &[PortMapping], network_id: u32) -> Vec<PortSp
 /// Best-effort removal of everything a container may have: used by rm, by a failed create
 /// and by garbage collection, so each of them leaves the same nothing behind.
 async fn teardown(ctx: &Ctx, state: &State, c: &Container) {
-    if let Some(net) = c.network.as_deref().and_then(|n| state.networks.get(n))
-        && let Ok(dp) = ctx.datapath(&net.datapath)
-    {
+    let datapath = c
+        .network
+        .as_deref()
+        .and_then(|n| state.networks.get(n))
+        .and_then(|net| Some((net, ctx.datapath(&net.datapath).ok()?)));
+    let mut endpoint = None;
+    if let Some((net, dp)) = &datapath {
         let _ = dp.unpublish(&net.spec(), &port_specs(c, net.id));
-        if let Ok(ep) = endpoint_spec(state, c, net.id).await {
-            let _ = dp.remove_endpoint(&net.spec(), &ep);
-        }
+        // Read while the veth is still there (its index).
+        endpoint = endpoint_spec(state, c, net.id).await.ok();
     }
+    // The veth goes before the endpoint's programs are detached: on a device being deleted
+    // they detach without an RCU grace period of their own (about 10 ms each here).
     if let Ok(host) = Netlink::in_ns(None)
         && let Some(veth) = &c.host_veth
         && let Ok(Some(index)) = host.link_index(veth).await
     {
         let _ = host.del_link(index).await;
+    }
+    if let (Some((net, dp)), Some(ep)) = (&datapath, &endpoint) {
+        let _ = dp.remove_endpoint(&net.spec(), ep);
     }
     if let Ok(inside) = Netlink::in_ns(Some(&c.netns)) {
         for link in &c.peer_links {
