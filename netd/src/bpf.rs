@@ -3,7 +3,8 @@
 //! Layout under the pin root (one root per netd instance, `--bpffs`):
 //! `maps/` holds every map pinned by name (shared by all programs and all netd processes),
 //! `links/` holds one link per attached program (TCX, XDP, cgroup), so programs stay attached
-//! after exit.
+//! after exit; `progs/` the programs, by name. Per-container programs are legacy TC filters
+//! instead (see [`Pins::attach_pinned_filter`]), which live as long as their interface.
 
 use std::{
     fs,
@@ -17,7 +18,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
     },
 };
@@ -118,18 +119,81 @@ impl Pins {
         self.attach_and_pin_link(program, prog, iface, dir)
     }
 
-    /// Attaches the program pinned by an earlier [`Pins::attach_tc`] to `iface`, without
-    /// loading (and verifying) the object again: what makes per-container attaches cheap.
+    /// Pins TC program `prog` of `ebpf`, loading it first (the build attached next).
+    pub fn pin_tc_program(&self, ebpf: &mut Ebpf, prog: &str) -> Result<()> {
+        self.pin_program(loaded_tc_program(ebpf, prog)?, prog)
+    }
+
+    /// Attaches the pinned TC program `prog` to `iface`'s ingress as a cls_bpf filter under a
+    /// clsact qdisc (legacy TC, over netlink). For per-container programs: a TCX attach waits
+    /// out an RCU grace period (about 10 ms here, most of a container's creation), a filter
+    /// takes well under a millisecond. It lives as long as the interface, with no pin.
     /// Returns `false`, attaching nothing, when no such program is pinned yet.
-    pub fn attach_pinned_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+    pub fn attach_pinned_filter(&self, prog: &str, iface: &str) -> Result<bool> {
         let path = self.program(prog);
         if !path.exists() {
             return Ok(false);
         }
         let mut program = SchedClassifier::from_pin(&path)
             .with_context(|| format!("open pinned program {}", path.display()))?;
-        self.attach_and_pin_link(&mut program, prog, iface, dir)?;
+        match tc::qdisc_add_clsact(iface) {
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() != Some(libc::EEXIST) => {
+                return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
+            }
+            Err(e @ (TcError::IoError(_) | TcError::NulError(_))) => {
+                return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
+            }
+            _ => {}
+        }
+        let id = program
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(FILTER),
+            )
+            .with_context(|| format!("attach {prog} to {iface}"))?;
+        keep_attached(program.take_link(id).context("take the filter")?);
         Ok(true)
+    }
+
+    /// Replaces the program of the filter on `iface` with `prog` from `ebpf` (netlink's
+    /// replace, in place: packets see the old or the new program, never none).
+    pub fn replace_filter(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
+        let link = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Ingress,
+            FILTER.priority,
+            FILTER.handle,
+            None,
+        )
+        .with_context(|| format!("find {iface}"))?;
+        let program = loaded_tc_program(ebpf, prog)?;
+        let id = program
+            .attach_to_link(link)
+            .with_context(|| format!("replace {prog} on {iface}"))?;
+        keep_attached(program.take_link(id).context("take the filter")?);
+        Ok(())
+    }
+
+    /// Removes netd's filter from `iface`, if the interface and the filter are there.
+    pub fn detach_filter(&self, iface: &str) -> Result<()> {
+        let Ok(link) = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Ingress,
+            FILTER.priority,
+            FILTER.handle,
+            None,
+        ) else {
+            return Ok(());
+        };
+        match aya::programs::Link::detach(link) {
+            Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            other => other.with_context(|| format!("detach the filter from {iface}")),
+        }
     }
 
     /// The pin of loaded program `prog` (the build attached last).
@@ -321,6 +385,20 @@ impl Pins {
     pub fn remove_all(&self) -> Result<()> {
         fs::remove_dir_all(&self.root).with_context(|| format!("remove {}", self.root.display()))
     }
+}
+
+/// netd's cls_bpf filter on an interface (one each): a fixed priority and handle, so a reload
+/// can name it to replace it in place.
+const FILTER: NlOptions = NlOptions {
+    priority: 1,
+    handle: TcHandle::new(0, 1),
+    classid: None,
+};
+
+/// Leaves a netlink-attached filter in place: the link holds no kernel object, and dropping it
+/// would detach the filter, which must outlive this process.
+fn keep_attached(link: SchedClassifierLink) {
+    std::mem::forget(link);
 }
 
 /// TC program `prog` of `ebpf`, loaded into the kernel (verified once per object).

@@ -774,10 +774,19 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     let net = tests::netdata::network();
     let links = env.bpffs.join("links");
     let attached = || std::fs::read_dir(&links).unwrap().count();
-    assert_eq!(
-        attached(),
-        4,
-        "uplink ingress and egress, bridge ingress, the container's veth ingress"
+    assert_eq!(attached(), 3, "uplink ingress and egress, bridge ingress");
+    let veth_filter = || {
+        output_in(
+            &env,
+            &env.host_ns(),
+            "tc",
+            &["filter", "show", "dev", &c.host_if, "ingress"],
+        )
+    };
+    assert!(
+        veth_filter().contains("endpoint_ingres"),
+        "the container's veth ingress: {}",
+        veth_filter()
     );
     datapath_in(&env, |dp| {
         let err = dp.setup_network(&net).unwrap_err();
@@ -799,6 +808,7 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
         dp.teardown_network(&net).unwrap();
     });
     assert_eq!(attached(), 0, "the last network took the programs with it");
+    assert_eq!(veth_filter(), "", "and the container's filter");
     // Nothing masquerades any more: the outside can't answer the container.
     let out = env.run_in(
         &c.ns,

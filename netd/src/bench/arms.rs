@@ -338,7 +338,7 @@ fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
     })
 }
 
-/// eBPF programs attached to the interfaces of `ns`: TCX, both directions, and XDP.
+/// eBPF programs attached to the interfaces of `ns`.
 fn tcx_programs_in(ns: &std::path::Path) -> Result<usize> {
     Ok(program_stats(ns)?.len())
 }
@@ -352,10 +352,12 @@ pub struct ProgStats {
     pub run_time_ns: u64,
 }
 
-/// Every TCX and XDP program attached in `ns` with its counters.
+/// Every eBPF program attached in `ns` (TCX, XDP, legacy TC filters) with its counters.
 pub fn program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
     let mut stats = tcx_program_stats(ns)?;
-    stats.extend(xdp_program_stats(ns)?);
+    let mut by_id = xdp_program_ids(ns)?;
+    by_id.extend(filter_program_ids(ns)?);
+    stats.extend(stats_of(&by_id));
     Ok(stats)
 }
 
@@ -384,26 +386,50 @@ fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
     })
 }
 
-/// Every XDP program attached in `ns` with its counters: `ip link` names the program's id on
-/// each interface that has one (`prog/xdp id N`), the kernel's program list has its counters.
-fn xdp_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+/// The XDP programs attached in `ns`, by id, with their interfaces: `ip link` names the
+/// program on each interface that has one (`prog/xdp id N`).
+fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
     let links = output_in(ns, "ip", &["-o", "link", "show"])?;
     let mut attached = Vec::new();
     for line in links.lines() {
         let Some(iface) = line.split(": ").nth(1) else {
             continue;
         };
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let Some(at) = words.windows(2).position(|w| w == ["prog/xdp", "id"])
-            && let Some(id) = words.get(at + 2).and_then(|w| w.parse::<u32>().ok())
-        {
-            let iface = iface.split('@').next().unwrap_or(iface);
+        let iface = iface.split('@').next().unwrap_or(iface);
+        if let Some(id) = id_after(line, &["prog/xdp", "id"]) {
             attached.push((id, iface.to_string()));
         }
     }
+    Ok(attached)
+}
+
+/// The programs of the legacy TC filters on the ingress of `ns`'s interfaces, by id, with
+/// their interfaces (`tc filter show` names each: `... jited`, after `id N`).
+fn filter_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
+    let mut attached = Vec::new();
+    for iface in netns::run_in(Some(ns), interface_names)? {
+        let filters = output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
+        for line in filters.lines() {
+            if let Some(id) = id_after(line, &["not_in_hw", "id"]) {
+                attached.push((id, iface.clone()));
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// The number after the words `before` in `line`.
+fn id_after(line: &str, before: &[&str]) -> Option<u32> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.windows(before.len()).position(|w| w == before)?;
+    words.get(at + before.len())?.parse().ok()
+}
+
+/// The kernel's counters of the programs `attached` names by id.
+fn stats_of(attached: &[(u32, String)]) -> Vec<ProgStats> {
     let mut out = Vec::new();
     for info in aya::programs::loaded_programs().filter_map(Result::ok) {
-        for (id, iface) in &attached {
+        for (id, iface) in attached {
             if info.id() == *id {
                 out.push(ProgStats {
                     program: info.name_as_str().unwrap_or("?").to_string(),
@@ -414,7 +440,7 @@ fn xdp_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Interface names of the calling thread's namespace, from /proc/thread-self/net/dev.

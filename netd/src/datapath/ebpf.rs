@@ -7,8 +7,9 @@
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
-//!   container-to-container fast path; attached by `add_endpoint`, detached by
-//!   `remove_endpoint`;
+//!   container-to-container fast path; a legacy TC filter (no RCU grace period per container,
+//!   see `Pins::attach_pinned_filter`) attached by `add_endpoint`, detached by
+//!   `remove_endpoint` or with the veth;
 //! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
 //!   getpeername4: host processes to published ports, in the host namespace only.
 //!
@@ -39,9 +40,6 @@ const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
     (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
     (UPLINK_EGRESS_PROG, TcAttachType::Egress),
 ];
-
-/// The program on each container's host-side veth.
-const ENDPOINT_PROGS: [(&str, TcAttachType); 1] = [(ENDPOINT_INGRESS_PROG, TcAttachType::Ingress)];
 
 pub struct EbpfDatapath {
     pins: Pins,
@@ -93,14 +91,14 @@ impl EbpfDatapath {
         &self.pins
     }
 
-    /// Replaces every attached TC program with this binary's build of it, atomically (an
+    /// Replaces every attached program with this binary's build of it, atomically (an
     /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
-    /// how many programs were replaced.
+    /// how many attachments were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
-        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge).chain(&ENDPOINT_PROGS) {
+        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
                 self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
                 replaced += 1;
@@ -110,6 +108,17 @@ impl EbpfDatapath {
             self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
+        for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
+            let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
+                continue;
+            };
+            let iface = iface.to_string_lossy();
+            self.pins
+                .replace_filter(&mut ebpf, ENDPOINT_INGRESS_PROG, &iface)?;
+            replaced += 1;
+        }
+        // Containers made from now on get this build too.
+        self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
         Ok(replaced)
     }
 
@@ -137,28 +146,24 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Attaches the endpoint programs to a container's veth: from their pins when an earlier
-    /// container already loaded them (no object load, no verifier run), else from the object.
-    fn attach_endpoint_programs(&self, iface: &str) -> Result<()> {
-        let mut attached = Vec::new();
-        let mut from_pins = Ok(true);
-        for &(prog, dir) in &ENDPOINT_PROGS {
-            from_pins = self.pins.attach_pinned_tc(prog, iface, dir);
-            if !matches!(from_pins, Ok(true)) {
-                break;
-            }
-            attached.push((prog, dir));
-        }
-        if matches!(from_pins, Ok(true)) {
+    /// Attaches the endpoint program to a container's veth, from its pin (no object load, no
+    /// verifier run); the first container loads the object to pin it.
+    fn attach_endpoint_program(&self, iface: &str) -> Result<()> {
+        if self
+            .pins
+            .attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)?
+        {
             return Ok(());
         }
-        for (prog, dir) in attached {
-            let _ = self.pins.detach_tc(prog, iface, dir);
-        }
-        // Not pinned yet (the first container): load the object, which pins them.
-        from_pins?;
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-        self.attach(&mut ebpf, iface, &ENDPOINT_PROGS)
+        self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
+        if !self
+            .pins
+            .attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)?
+        {
+            bail!("{ENDPOINT_INGRESS_PROG} is not pinned after pinning it");
+        }
+        Ok(())
     }
 
     /// Attaches the uplink's XDP program when asked to and not attached yet.
@@ -251,10 +256,7 @@ impl EbpfDatapath {
         let Ok(ifname) = nix::net::if_::if_indextoname(ifindex) else {
             return Ok(());
         };
-        for (prog, dir) in ENDPOINT_PROGS {
-            self.pins.detach_tc(prog, &ifname.to_string_lossy(), dir)?;
-        }
-        Ok(())
+        self.pins.detach_filter(&ifname.to_string_lossy())
     }
 
     /// The source ranges `port` accepts new flows from (`--publish-allow`).
@@ -392,7 +394,7 @@ impl Datapath for EbpfDatapath {
             })?;
         let policed = self
             .add_policy(ep)
-            .and_then(|()| self.attach_endpoint_programs(&ep.host_ifname));
+            .and_then(|()| self.attach_endpoint_program(&ep.host_ifname));
         if let Err(e) = policed {
             self.remove_policy(ep);
             let _ = endpoints.remove(&key);
@@ -405,9 +407,7 @@ impl Datapath for EbpfDatapath {
         maps::endpoints(&self.pins)?
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        for (prog, dir) in ENDPOINT_PROGS {
-            self.pins.detach_tc(prog, &ep.host_ifname, dir)?;
-        }
+        self.pins.detach_filter(&ep.host_ifname)?;
         self.remove_policy(ep);
         // The address may go to another container: its flows and counts must not follow.
         stats::forget_endpoint(&self.pins, ep.ip)?;
