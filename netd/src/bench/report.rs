@@ -416,7 +416,7 @@ impl Report {
         let _ = writeln!(md, "## Where the eBPF datapath spends its time\n");
         let _ = writeln!(
             md,
-            "Kernel run-time statistics of every attached TCX and XDP program while the paths ran (all rounds):\n"
+            "Kernel run-time statistics of every attached program (TCX, XDP, TC filter) while the paths ran (all rounds):\n"
         );
         let _ = writeln!(md, "| arm | path | program | runs | ns per run |");
         let _ = writeln!(md, "|---|---|---|---|---|");
