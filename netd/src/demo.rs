@@ -14,9 +14,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
+    netlink::Netlink,
     netns,
     sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR},
 };
@@ -101,6 +102,27 @@ pub async fn run() -> Result<()> {
     );
     println!("  the outside saw the connection come from {HOST_ADDR} (masquerade)");
 
+    step(&format!(
+        "the outside routes to {web}'s own address, past the published port: refused"
+    ));
+    let outside = env.sandbox.outside_path();
+    Netlink::in_ns(Some(&outside))?
+        .add_route("10.88.0.0/24".parse()?, Some(HOST_ADDR.into()), None)
+        .await?;
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.netd(&["container", "inspect", &web])?)?;
+    let web_ip: IpAddr = inspect["ip"].as_str().context("no ip")?.parse()?;
+    let direct = SocketAddr::from((web_ip, 80));
+    let tried = netns::run_in(Some(&outside), || {
+        Ok(TcpStream::connect_timeout(&direct, Duration::from_secs(1)))
+    })?;
+    match tried {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => println!(
+            "  connect to {direct}: no answer (dropped on the uplink, as Docker's FORWARD policy DROP does)"
+        ),
+        other => bail!("a connection straight to {direct} was not dropped: {other:?}"),
+    }
+
     step("the eBPF datapath's connection table and counters (read from its pinned maps)");
     netd(&env, &["conntrack", "ls"])?;
     let stats: serde_json::Value = serde_json::from_str(&env.netd(&["stats", "--json"])?)?;
@@ -111,13 +133,13 @@ pub async fn run() -> Result<()> {
             .and_then(|c| c["packets"].as_u64())
             .unwrap_or(0)
     };
-    let (dnat, snat) = (count("dnat_new"), count("snat_new"));
+    let (dnat, snat, refused) = (count("dnat_new"), count("snat_new"), count("unsolicited"));
     ensure!(
-        dnat >= 3 && snat >= 1,
-        "the datapath counted {dnat} new DNAT and {snat} new SNAT flows"
+        dnat >= 3 && snat >= 1 && refused >= 1,
+        "the datapath counted {dnat} new DNAT, {snat} new SNAT and {refused} refused flows"
     );
     println!(
-        "  new flows translated by eBPF: {dnat} DNAT (published port), {snat} SNAT (masquerade)"
+        "  new flows translated by eBPF: {dnat} DNAT (published port), {snat} SNAT (masquerade); refused: {refused} (unsolicited)"
     );
     let rules = netfilter_rules(&env.sandbox.host_path())?;
     ensure!(
