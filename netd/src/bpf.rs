@@ -354,9 +354,19 @@ impl Pins {
             bail!("{prog} is already attached to {iface} (xdp)");
         }
         let program = loaded_xdp_program(ebpf, prog)?;
-        let link_id = program
-            .attach(iface, XdpMode::Default)
-            .with_context(|| format!("attach {prog} to {iface} (xdp)"))?;
+        let link_id = program.attach(iface, XdpMode::Default).map_err(|e| {
+            let hint = match &e {
+                // What veth says when a frame of its peer's MTU wouldn't fit XDP's page.
+                aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                    io_error,
+                    ..
+                }) if io_error.raw_os_error() == Some(libc::ERANGE) => {
+                    " (the MTU is too large for XDP on it)"
+                }
+                _ => "",
+            };
+            anyhow::Error::new(e).context(format!("attach {prog} to {iface} (xdp){hint}"))
+        })?;
         let link: FdLink = program
             .take_link(link_id)
             .context("take the XDP link")?

@@ -715,3 +715,22 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
         "{what}: detached with the last network"
     );
 }
+
+#[test]
+fn an_uplink_that_cannot_take_xdp_fails_the_network_in_one_line_leaving_nothing() {
+    let env = TestEnv::new();
+    // veth runs native XDP only for frames that fit a page: not with a 9000-byte peer.
+    let mtu = env.run_in(
+        &env.outside_ns(),
+        "ip",
+        &["link", "set", "out0", "mtu", "9000"],
+    );
+    assert!(mtu.status.success(), "{mtu:?}");
+    let err = env.netd_err(&["--uplink-xdp", "network", "create", "n"]);
+    assert!(err.contains("uplink_xdp") && err.contains("MTU"), "{err}");
+    assert!(env.netd_ok(&["network", "ls", "--json"]).trim() == "[]");
+    let links = std::fs::read_dir(env.bpffs.join("links")).unwrap().count();
+    assert_eq!(links, 0, "the uplink's TC programs were rolled back too");
+    // Without XDP the same uplink is fine.
+    env.netd_ok(&["network", "create", "n"]);
+}
