@@ -104,10 +104,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
     }
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();
-    // Per-program run counts and times while the paths run (what a missed target costs).
-    let _stats =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enable BPF run-time stats")?;
-    let mut profile: BTreeMap<(String, String, String), (u64, u64)> = BTreeMap::new();
+    let mut profile = Profile::new();
     let rounds = if opts.setup_only { 0 } else { opts.runs };
     for round in 1..=rounds {
         for arm in &opts.arms {
@@ -122,22 +119,24 @@ pub async fn run(mut opts: Options) -> Result<()> {
                     opts.runs,
                     path.name()
                 ));
-                let before = arms::program_stats(&world.datapath_ns())?;
-                measure_path(&world.endpoint(path), arm, path, &plan, &mut samples)
+                let ep = world.endpoint(path);
+                measure_path(&ep, arm, path, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {}", path.name()))?;
-                let after = arms::program_stats(&world.datapath_ns())?;
-                add_profile(&mut profile, arm, path.name(), &before, &after);
+                profile_while(&mut profile, &world, arm, path.name(), || {
+                    tools::rr_latency(&ep, plan.secs).map(drop)
+                })?;
             }
             if let Some(ep) = world.unsolicited() {
                 progress(&format!(
                     "round {round}/{}: {arm}: {UNSOLICITED}",
                     opts.runs
                 ));
-                let before = arms::program_stats(&world.datapath_ns())?;
                 measure_unsolicited(&ep, arm, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {UNSOLICITED}"))?;
-                let after = arms::program_stats(&world.datapath_ns())?;
-                add_profile(&mut profile, arm, UNSOLICITED, &before, &after);
+                profile_while(&mut profile, &world, arm, UNSOLICITED, || {
+                    let target = SocketAddr::from((ep.target, tools::FLOOD_PORT));
+                    tools::flood(&ep.client_ns, target, plan.secs).map(drop)
+                })?;
             }
             fairness.insert(arm.clone(), world.fairness()?);
         }
@@ -194,14 +193,29 @@ pub async fn run(mut opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Adds what each program ran between `before` and `after` to `profile`.
-fn add_profile(
-    profile: &mut BTreeMap<(String, String, String), (u64, u64)>,
+/// Run counts and times per (arm, path, program).
+type Profile = BTreeMap<(String, String, String), (u64, u64)>;
+
+/// Adds to `profile` what each program of `world` ran while `load` ran, with the kernel's
+/// run-time statistics on. They are on only here, in a pass of its own after the path's
+/// measurements: counting costs every program run two clock reads, which the measured
+/// latencies must not pay (the other arms run no program to pay them).
+fn profile_while(
+    profile: &mut Profile,
+    world: &World,
     arm: &str,
     path: &str,
-    before: &[arms::ProgStats],
-    after: &[arms::ProgStats],
-) {
+    load: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enable BPF run-time stats")?;
+    let before = arms::program_stats(&world.datapath_ns())?;
+    if before.is_empty() {
+        // No program to profile (the ceiling, iptables, Docker).
+        return Ok(());
+    }
+    load().with_context(|| format!("{arm}, {path}, profiled"))?;
+    let after = arms::program_stats(&world.datapath_ns())?;
     for a in after {
         let b = before
             .iter()
@@ -214,6 +228,7 @@ fn add_profile(
         entry.0 += runs;
         entry.1 += ns;
     }
+    Ok(())
 }
 
 /// The path name of the unsolicited flood: outside straight to a container, on a port

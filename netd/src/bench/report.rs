@@ -416,7 +416,7 @@ impl Report {
         let _ = writeln!(md, "## Where the eBPF datapath spends its time\n");
         let _ = writeln!(
             md,
-            "Kernel run-time statistics of every attached program (TCX, XDP, TC filter) while the paths ran (all rounds):\n"
+            "Kernel run-time statistics of every attached program (TCX, XDP, TC filter), taken in a pass of its own after each path's measurements (request/response; the flood for the unsolicited path), so counting doesn't slow what the tables above measured:\n"
         );
         let _ = writeln!(md, "| arm | path | program | runs | ns per run |");
         let _ = writeln!(md, "|---|---|---|---|---|");
