@@ -122,7 +122,7 @@ fn translate(
 /// was addressed to it) to the container's.
 #[inline(always)]
 fn redirect_to(ctx: &TcContext, ep: &EndpointInfo) -> Result<i32, Stat> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| Stat::RewriteFailed)?;
+    let eth: EthHdr = parse::load(ctx, 0).ok_or(Stat::RewriteFailed)?;
     ctx.store(6, &eth.dst_addr, 0)
         .map_err(|_| Stat::RewriteFailed)?;
     ctx.store(0, &ep.mac, 0).map_err(|_| Stat::RewriteFailed)?;

@@ -15,7 +15,11 @@ use aya_ebpf::{
 use netd_common::datapath::{EndpointInfo, Stat};
 use network_types::ip::Ipv4Hdr;
 
-use crate::{maps, nat::IP_CSUM_OFF, parse::L3_OFF};
+use crate::{
+    maps,
+    nat::IP_CSUM_OFF,
+    parse::{self, L3_OFF},
+};
 
 const AF_INET: u8 = 2;
 /// Offset of the IPv4 TTL (with the protocol after it, a 16-bit word of the checksum).
@@ -26,7 +30,7 @@ const TTL_OFF: usize = L3_OFF + 8;
 /// decremented as routing would have. `None`: the stack takes it.
 #[inline(always)]
 pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
-    let ip: Ipv4Hdr = ctx.load(L3_OFF).ok()?;
+    let ip: Ipv4Hdr = parse::load(ctx, L3_OFF)?;
     let ep: &EndpointInfo = maps::endpoint(u32::from_ne_bytes(ip.dst_addr))?;
     let (ret, fib) = lookup(ctx, &ip)?;
     // The route must lead to this container through a resolved neighbour: anything else is
@@ -47,7 +51,7 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
 /// goes out of the uplink; `None` otherwise (the stack takes it).
 #[inline(always)]
 pub fn forward_to_uplink(ctx: &TcContext, uplink_ifindex: u32) -> Option<(i32, Stat)> {
-    let ip: Ipv4Hdr = ctx.load(L3_OFF).ok()?;
+    let ip: Ipv4Hdr = parse::load(ctx, L3_OFF)?;
     let (ret, fib) = lookup(ctx, &ip)?;
     let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS as i64;
     if !resolved && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 || fib.ifindex != uplink_ifindex {

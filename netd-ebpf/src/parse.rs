@@ -1,5 +1,7 @@
-//! Bounds-checked header parsing. Every read goes through `TcContext::load`, which fails
-//! (instead of reading past the packet) when the frame is shorter than the header.
+//! Bounds-checked header parsing. Every read goes through [`load`], which fails (instead of
+//! reading past the packet) when the frame is shorter than the header.
+
+use core::{mem::size_of, ptr};
 
 use aya_ebpf::programs::TcContext;
 use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
@@ -33,16 +35,36 @@ const IPV4_FRAG_MASK: u16 = 0x3fff;
 /// Offset of the TCP flags byte in the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
 
+/// The `T` at `off` in the packet, or `None` when the packet is shorter. Read straight from
+/// the packet (a bounds check instead of a `bpf_skb_load_bytes` call, the cost that matters at
+/// a few headers per packet); bytes beyond the linear data (drivers may leave headers in page
+/// fragments) are pulled in first. Packet pointers don't survive helpers that change the
+/// packet, so each call derives them afresh.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let end = off + size_of::<T>();
+    if ctx.data() + end > ctx.data_end() {
+        ctx.pull_data(end as u32).ok()?;
+    }
+    let start = ctx.data() + off;
+    if start + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: `start..start + size_of::<T>()` lies within the packet, checked just above;
+    // headers are not aligned in the packet.
+    Some(unsafe { ptr::read_unaligned(start as *const T) })
+}
+
 /// The IP protocol number carried by an Ethernet frame, or `None` for non-IP and truncated
 /// frames. For IPv6 this is the first next-header value (extension headers are not walked).
 #[inline(always)]
 pub fn ip_protocol(ctx: &TcContext) -> Option<u8> {
-    let eth: EthHdr = ctx.load(0).ok()?;
+    let eth: EthHdr = load(ctx, 0)?;
     if eth.ether_type == EtherType::Ipv4 as u16 {
-        let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
+        let ip: Ipv4Hdr = load(ctx, EthHdr::LEN)?;
         Some(ip.proto)
     } else if eth.ether_type == EtherType::Ipv6 as u16 {
-        let ip: Ipv6Hdr = ctx.load(EthHdr::LEN).ok()?;
+        let ip: Ipv6Hdr = load(ctx, EthHdr::LEN)?;
         Some(ip.next_hdr)
     } else {
         None
@@ -83,7 +105,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Err(Stat::Vlan);
     }
-    let eth: EthHdr = ctx.load(0).map_err(|_| Stat::TruncatedL2)?;
+    let eth: EthHdr = load(ctx, 0).ok_or(Stat::TruncatedL2)?;
     if eth.ether_type == EtherType::Ieee8021q as u16
         || eth.ether_type == EtherType::Ieee8021ad as u16
     {
@@ -92,7 +114,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Err(Stat::NotIpv4);
     }
-    let ip: Ipv4Hdr = ctx.load(L3_OFF).map_err(|_| Stat::TruncatedL3)?;
+    let ip: Ipv4Hdr = load(ctx, L3_OFF).ok_or(Stat::TruncatedL3)?;
     let l4_len = ipv4_payload_len(ctx, &ip)?;
     let mut flow = Flow {
         saddr: u32::from_ne_bytes(ip.src_addr),
@@ -108,18 +130,16 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
             if l4_len < TcpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let tcp: TcpHdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let tcp: TcpHdr = load(ctx, L4_OFF).ok_or(Stat::TruncatedL4)?;
             flow.sport = u16::from_be_bytes(tcp.source);
             flow.dport = u16::from_be_bytes(tcp.dest);
-            flow.tcp_flags = ctx
-                .load(L4_OFF + TCP_FLAGS_OFF)
-                .map_err(|_| Stat::TruncatedL4)?;
+            flow.tcp_flags = load(ctx, L4_OFF + TCP_FLAGS_OFF).ok_or(Stat::TruncatedL4)?;
         }
         IPPROTO_UDP => {
             if l4_len < UdpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let udp: UdpHdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let udp: UdpHdr = load(ctx, L4_OFF).ok_or(Stat::TruncatedL4)?;
             flow.sport = u16::from_be_bytes(udp.src);
             flow.dport = u16::from_be_bytes(udp.dst);
         }
@@ -127,7 +147,7 @@ pub fn ipv4_flow(ctx: &TcContext) -> Result<Flow, Stat> {
             if l4_len < Icmpv4Hdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let icmp: Icmpv4Hdr = ctx.load(L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+            let icmp: Icmpv4Hdr = load(ctx, L4_OFF).ok_or(Stat::TruncatedL4)?;
             let id = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             match (icmp.type_, icmp.code) {
                 (ICMP_ECHO_REQUEST, 0) => flow.sport = id,
@@ -150,7 +170,7 @@ fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
     if len < Ipv4Hdr::LEN + QUOTED_L4_LEN {
         return Err(Stat::TruncatedL4);
     }
-    let ip: Ipv4Hdr = ctx.load(QUOTED_L3_OFF).map_err(|_| Stat::TruncatedL4)?;
+    let ip: Ipv4Hdr = load(ctx, QUOTED_L3_OFF).ok_or(Stat::TruncatedL4)?;
     if ip.vihl != IPV4_NO_OPTIONS {
         return Err(Stat::IpOptions);
     }
@@ -161,7 +181,7 @@ fn quoted(ctx: &TcContext, len: usize) -> Result<Quoted, Stat> {
         dport: 0,
         proto: ip.proto,
     };
-    let l4: [u8; QUOTED_L4_LEN] = ctx.load(QUOTED_L4_OFF).map_err(|_| Stat::TruncatedL4)?;
+    let l4: [u8; QUOTED_L4_LEN] = load(ctx, QUOTED_L4_OFF).ok_or(Stat::TruncatedL4)?;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             q.sport = u16::from_be_bytes([l4[0], l4[1]]);
