@@ -13,8 +13,8 @@ use netd_common::datapath::{EndpointInfo, Stat};
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack, maps, nat,
-    parse::{self, Flow},
+    conntrack, fib, maps, nat,
+    parse::{self, Flow, Frame as _},
     stats,
     uplink::{dropped, now_ns, verdict},
 };
@@ -121,10 +121,8 @@ fn translate(
 /// was addressed to it) to the container's.
 #[inline(always)]
 fn redirect_to(ctx: &TcContext, ep: &EndpointInfo) -> Result<i32, Stat> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(6, &eth.dst_addr, 0)
-        .map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(0, &ep.mac, 0).map_err(|_| Stat::RewriteFailed)?;
+    let eth: EthHdr = ctx.read(0).ok_or(Stat::RewriteFailed)?;
+    fib::set_macs(ctx, ep.mac, eth.dst_addr).map_err(|_| Stat::RewriteFailed)?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT for
     // invalid flags, which 0 is not).
     Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)

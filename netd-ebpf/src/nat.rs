@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
-use crate::parse::{Flow, L3_OFF, L4_OFF, QUOTED_L3_OFF, QUOTED_L4_OFF, Quoted};
+use crate::parse::{Flow, Frame as _, L3_OFF, L4_OFF, QUOTED_L3_OFF, QUOTED_L4_OFF, Quoted};
 
 pub const IP_CSUM_OFF: usize = L3_OFF + 10;
 const IP_SRC_OFF: usize = L3_OFF + 12;
@@ -136,10 +136,10 @@ pub fn apply_icmp_error(
 
 #[inline(always)]
 fn replace_quoted_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), Stat> {
-    let old_csum: u16 = ctx.load(QUOTED_CSUM_OFF).map_err(|_| Stat::RewriteFailed)?;
+    let old_csum: u16 = ctx.read(QUOTED_CSUM_OFF).ok_or(Stat::RewriteFailed)?;
     ctx.l3_csum_replace(QUOTED_CSUM_OFF, u64::from(old), u64::from(new), 4)
         .map_err(|_| Stat::RewriteFailed)?;
-    let new_csum: u16 = ctx.load(QUOTED_CSUM_OFF).map_err(|_| Stat::RewriteFailed)?;
+    let new_csum: u16 = ctx.read(QUOTED_CSUM_OFF).ok_or(Stat::RewriteFailed)?;
     // The ICMP checksum covers the quoted header: both its address and its checksum changed
     // (the two changes cancel out; spelled out so the sum is right by construction).
     ctx.l4_csum_replace(ICMP_CSUM_OFF, u64::from(old), u64::from(new), 4)

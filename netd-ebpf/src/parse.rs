@@ -48,10 +48,24 @@ pub trait Frame {
     fn ifindex(&self) -> u32;
 }
 
+/// TC reads the packet directly too: a bounds check instead of a `bpf_skb_load_bytes` call,
+/// the cost that matters at a few headers per packet. Bytes beyond the linear data (drivers
+/// may leave headers in page fragments) are pulled in first; packet pointers don't survive
+/// helpers that change the packet, so each read derives them afresh.
 impl Frame for TcContext {
     #[inline(always)]
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
-        self.load(off).ok()
+        let end = off + size_of::<T>();
+        if self.data() + end > self.data_end() {
+            self.pull_data(end as u32).ok()?;
+        }
+        let start = self.data() + off;
+        if start + size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: `start..start + size_of::<T>()` lies within the packet, checked just above;
+        // headers are not aligned in the packet.
+        Some(unsafe { (start as *const T).read_unaligned() })
     }
 
     #[inline(always)]

@@ -100,7 +100,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+    let Some(eth) = ctx.read::<EthHdr>(0) else {
         return not_ipv4(from);
     };
     if eth.src_addr != from.ep.mac {
@@ -114,7 +114,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     if eth.ether_type != EtherType::Ipv4 as u16 || vlan_tagged {
         return not_ipv4(from);
     }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(L3_OFF) else {
+    let Some(ip) = ctx.read::<Ipv4Hdr>(L3_OFF) else {
         return not_ipv4(from);
     };
     let tuple = tuple_of(ctx, &ip);
@@ -142,9 +142,9 @@ fn not_ipv4(from: &Sender) -> Verdict {
 /// An ARP packet must announce the container's own MAC and address (0.0.0.0 for a probe).
 #[inline(always)]
 fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
-    let (Ok(sha), Ok(spa)) = (
-        ctx.load::<[u8; 6]>(ARP_SHA_OFF),
-        ctx.load::<u32>(ARP_SPA_OFF),
+    let (Some(sha), Some(spa)) = (
+        ctx.read::<[u8; 6]>(ARP_SHA_OFF),
+        ctx.read::<u32>(ARP_SPA_OFF),
     ) else {
         return Verdict::Pass;
     };
@@ -246,7 +246,7 @@ fn tuple_of(ctx: &TcContext, ip: &Ipv4Hdr) -> Tuple {
     let later_fragment = u16::from_be_bytes(ip.frags) & IPV4_OFFSET_MASK != 0;
     if (t.proto == IPPROTO_TCP || t.proto == IPPROTO_UDP) && !later_fragment {
         let l4 = L3_OFF + usize::from(ip.vihl & 0x0f) * 4;
-        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
+        if let Some(ports) = ctx.read::<[u8; 4]>(l4) {
             t.sport = u16::from_be_bytes([ports[0], ports[1]]);
             t.dport = u16::from_be_bytes([ports[2], ports[3]]);
         }
