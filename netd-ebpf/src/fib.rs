@@ -134,7 +134,7 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
 /// memset.
 #[inline(always)]
 fn zero_words<T>(v: &mut MaybeUninit<T>) {
-    const { assert!(size_of::<T>() % size_of::<u32>() == 0 && align_of::<T>() >= 4) };
+    const { assert!(size_of::<T>().is_multiple_of(size_of::<u32>()) && align_of::<T>() >= 4) };
     let words = v.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / size_of::<u32>() {
         // SAFETY: within `v`, whose size and alignment are multiples of 4 (checked above).
