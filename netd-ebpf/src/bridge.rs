@@ -12,7 +12,7 @@ use netd_common::datapath::{EndpointInfo, Stat};
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack, maps, nat,
+    conntrack, fib, maps, nat,
     parse::{self, Flow},
     stats,
     uplink::{now_ns, verdict},
@@ -123,9 +123,7 @@ fn translate(
 #[inline(always)]
 fn redirect_to(ctx: &TcContext, ep: &EndpointInfo) -> Result<i32, Stat> {
     let eth: EthHdr = parse::load(ctx, 0).ok_or(Stat::RewriteFailed)?;
-    ctx.store(6, &eth.dst_addr, 0)
-        .map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(0, &ep.mac, 0).map_err(|_| Stat::RewriteFailed)?;
+    fib::set_macs(ctx, ep.mac, eth.dst_addr).map_err(|_| Stat::RewriteFailed)?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT for
     // invalid flags, which 0 is not).
     Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)

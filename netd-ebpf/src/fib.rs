@@ -3,12 +3,16 @@
 //! the FIB can't fully answer for (no route, a local destination, an unresolved neighbour,
 //! too big, TTL about to expire) is left to the stack, which does all of that itself.
 
-use core::mem::size_of;
+use core::{
+    mem::{MaybeUninit, align_of, size_of},
+    ptr,
+};
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
+    cty::c_long,
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
@@ -39,11 +43,24 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     decrement_ttl(ctx, &ip)?;
-    ctx.store(0, &fib.dmac, 0).ok()?;
-    ctx.store(6, &fib.smac, 0).ok()?;
+    set_macs(ctx, fib.dmac, fib.smac).ok()?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
     // interface is not a veth, which endpoints are).
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// The Ethernet header's addresses, in frame order.
+#[repr(C)]
+struct EthAddrs {
+    dst: [u8; 6],
+    src: [u8; 6],
+}
+
+/// Readdresses the frame from `src` to `dst`: one helper call for both (each
+/// `bpf_skb_store_bytes` call makes the skb writable and copies anew).
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), c_long> {
+    ctx.store(0, &EthAddrs { dst, src }, 0)
 }
 
 /// Sends a container's packet for the outside to the uplink's egress (where it is
@@ -79,8 +96,13 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
     if ip.ttl <= 1 {
         return None;
     }
-    // SAFETY: all zeros is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: zeroed just before, and all zeros is a valid bpf_fib_lookup (plain integers and
+    // unions of them).
+    let fib = unsafe {
+        zero_words(&mut fib);
+        fib.assume_init_mut()
+    };
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let skb = unsafe { &*ctx.skb.skb };
     fib.family = AF_INET;
@@ -98,12 +120,27 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
     let ret = unsafe {
         fib_lookup(
             ctx.skb.skb.cast(),
-            &mut fib,
+            fib,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    (ret >= 0).then_some((ret, fib))
+    (ret >= 0).then_some((ret, *fib))
+}
+
+/// Zeroes `v` a word at a time: `mem::zeroed()` would be a call to aya-ebpf's `memset`, a
+/// byte-at-a-time loop (bpf-linker keeps memsets out of line), some 300 instructions for a
+/// `bpf_fib_lookup` on every forwarded packet. In place: a copy would be folded back into a
+/// memset.
+#[inline(always)]
+fn zero_words<T>(v: &mut MaybeUninit<T>) {
+    const { assert!(size_of::<T>().is_multiple_of(size_of::<u32>()) && align_of::<T>() >= 4) };
+    let words = v.as_mut_ptr().cast::<u32>();
+    for i in 0..size_of::<T>() / size_of::<u32>() {
+        // SAFETY: within `v`, whose size and alignment are multiples of 4 (checked above).
+        // Volatile, or LLVM folds the stores back into a memset.
+        unsafe { ptr::write_volatile(words.add(i), 0) };
+    }
 }
 
 /// What forwarding does to the IPv4 header: TTL down by one, checksum updated.
