@@ -19,7 +19,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
@@ -226,8 +226,10 @@ fn masquerades(saddr: u32) -> bool {
         .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
 }
 
+/// CLOCK_MONOTONIC as of the last tick: flows time out after seconds, and the coarse clock
+/// reads a variable where `bpf_ktime_get_ns` reads the clocksource (TSC) and scales it.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
