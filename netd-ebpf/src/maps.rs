@@ -34,16 +34,22 @@ pub fn config() -> Option<&'static Config> {
     CONFIG.get(0).filter(|c| c.uplink_ifindex != 0)
 }
 
+/// The key of the container with address `addr` (wire byte order).
+#[inline(always)]
+pub fn endpoint_key(addr: u32) -> EndpointKey {
+    EndpointKey {
+        addr: v4(addr),
+        family: AF_INET,
+        // Spelled out: `[0; 3]` would be a call of aya-ebpf's byte-at-a-time memset.
+        _pad: [0, 0, 0],
+    }
+}
+
 /// The container with address `addr` (wire byte order).
 #[inline(always)]
 pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
-    let key = EndpointKey {
-        addr: v4(addr),
-        family: AF_INET,
-        _pad: [0; 3],
-    };
     // SAFETY: read-only use of a map value that userspace replaces whole.
-    unsafe { ENDPOINTS.get(&key) }
+    unsafe { ENDPOINTS.get(&endpoint_key(addr)) }
 }
 
 /// The container behind the host-side veth `ifindex`, with its address (wire byte order).

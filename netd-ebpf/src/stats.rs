@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
-use netd_common::datapath::{AF_INET, ENDPOINTS_MAX, EndpointDropKey, EndpointKey, Stat};
+use netd_common::datapath::{ENDPOINTS_MAX, EndpointDropKey, Stat};
 
-use crate::conntrack::v4;
+use crate::maps;
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
@@ -27,11 +27,7 @@ pub fn count(stat: Stat) {
 #[inline(always)]
 pub fn count_endpoint_drop(addr: u32, reason: Stat) {
     let key = EndpointDropKey {
-        endpoint: EndpointKey {
-            addr: v4(addr),
-            family: AF_INET,
-            _pad: [0; 3],
-        },
+        endpoint: maps::endpoint_key(addr),
         reason: reason as u32,
     };
     match ENDPOINT_DROPS.get_ptr_mut(&key) {
