@@ -26,6 +26,9 @@ pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const CRR_PORT: u16 = 7001;
 pub const PUBLISH_SHIFT: u16 = 10000;
+/// The CPUs the request/response client and server run on.
+const CLIENT_CPU: &str = "0";
+const SERVER_CPU: &str = "1";
 /// Where the unsolicited flood goes: a port nothing publishes and nothing listens on.
 pub const FLOOD_PORT: u16 = 9;
 /// UDP payload of a flood datagram: with its headers, a minimum-size (60-byte) frame.
@@ -109,17 +112,30 @@ pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-/// TCP request/response round-trip time percentiles (p50, p99) in microseconds.
+/// TCP request/response round-trip time percentiles (p50, p99) in microseconds. Client and
+/// server are pinned to CPUs of their own: left to the scheduler, they sometimes share one and
+/// the p50 jumps by a fifth, run to run.
 pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
     let port = SOCKPERF_PORT.to_string();
     let _server = start_server(
         &ep.server_ns,
         SOCKPERF_PORT,
-        "sockperf",
-        &["sr", "--tcp", "-i", "0.0.0.0", "-p", &port],
+        "taskset",
+        &[
+            "-c",
+            SERVER_CPU,
+            "sockperf",
+            "sr",
+            "--tcp",
+            "-i",
+            "0.0.0.0",
+            "-p",
+            &port,
+        ],
     )?;
     let target = ep.target(SOCKPERF_PORT);
-    let out = in_ns(&ep.client_ns, "sockperf")
+    let out = in_ns(&ep.client_ns, "taskset")
+        .args(["-c", CLIENT_CPU, "sockperf"])
         .args(["pp", "--tcp", "--full-rtt", "-i", &target.ip().to_string()])
         .args(["-p", &target.port().to_string(), "-t", &secs.to_string()])
         .output()
