@@ -122,15 +122,7 @@ pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
         SOCKPERF_PORT,
         "taskset",
         &[
-            "-c",
-            SERVER_CPU,
-            "sockperf",
-            "sr",
-            "--tcp",
-            "-i",
-            "0.0.0.0",
-            "-p",
-            &port,
+            "-c", SERVER_CPU, "sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", &port,
         ],
     )?;
     let target = ep.target(SOCKPERF_PORT);
