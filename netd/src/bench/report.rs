@@ -396,7 +396,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| arm | netfilter rules | kernel conntrack entries | eBPF programs attached (TCX, XDP) |"
+            "| arm | netfilter rules | kernel conntrack entries | eBPF programs attached |"
         );
         let _ = writeln!(md, "|---|---|---|---|");
         for (arm, f) in &self.fairness {
