@@ -59,13 +59,7 @@ impl Frame for TcContext {
         if self.data() + end > self.data_end() {
             self.pull_data(end as u32).ok()?;
         }
-        let start = self.data() + off;
-        if start + size_of::<T>() > self.data_end() {
-            return None;
-        }
-        // SAFETY: `start..start + size_of::<T>()` lies within the packet, checked just above;
-        // headers are not aligned in the packet.
-        Some(unsafe { (start as *const T).read_unaligned() })
+        read_within(self.data(), self.data_end(), off)
     }
 
     #[inline(always)]
@@ -91,12 +85,7 @@ impl Frame for TcContext {
 impl Frame for XdpContext {
     #[inline(always)]
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
-        let start = self.data() + off;
-        if start + size_of::<T>() > self.data_end() {
-            return None;
-        }
-        // SAFETY: `start..start + size_of::<T>()` was checked to lie within the frame.
-        Some(unsafe { (start as *const T).read_unaligned() })
+        read_within(self.data(), self.data_end(), off)
     }
 
     #[inline(always)]
@@ -114,6 +103,19 @@ impl Frame for XdpContext {
     fn ifindex(&self) -> u32 {
         self.ingress_ifindex() as u32
     }
+}
+
+/// The `T` at byte `off` of the packet data `data..data_end`, if it lies within: the bounds
+/// check the verifier requires before a direct read.
+#[inline(always)]
+fn read_within<T: Copy>(data: usize, data_end: usize, off: usize) -> Option<T> {
+    let start = data + off;
+    if start + size_of::<T>() > data_end {
+        return None;
+    }
+    // SAFETY: `start..start + size_of::<T>()` lies within the packet, checked just above;
+    // headers are not aligned in the packet.
+    Some(unsafe { (start as *const T).read_unaligned() })
 }
 
 /// The IP protocol number carried by an Ethernet frame, or `None` for non-IP and truncated

@@ -159,14 +159,7 @@ impl Pins {
     /// Replaces the program of the filter on `iface` with `prog` from `ebpf` (netlink's
     /// replace, in place: packets see the old or the new program, never none).
     pub fn replace_filter(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
-        let link = SchedClassifierLink::attached(
-            iface,
-            TcAttachType::Ingress,
-            FILTER.priority,
-            FILTER.handle,
-            None,
-        )
-        .with_context(|| format!("find {iface}"))?;
+        let link = filter_link(iface).with_context(|| format!("find {iface}"))?;
         let program = loaded_tc_program(ebpf, prog)?;
         let id = program
             .attach_to_link(link)
@@ -177,13 +170,7 @@ impl Pins {
 
     /// Removes netd's filter from `iface`, if the interface and the filter are there.
     pub fn detach_filter(&self, iface: &str) -> Result<()> {
-        let Ok(link) = SchedClassifierLink::attached(
-            iface,
-            TcAttachType::Ingress,
-            FILTER.priority,
-            FILTER.handle,
-            None,
-        ) else {
+        let Ok(link) = filter_link(iface) else {
             return Ok(());
         };
         match aya::programs::Link::detach(link) {
@@ -404,6 +391,18 @@ const FILTER: NlOptions = NlOptions {
     handle: TcHandle::new(0, 1),
     classid: None,
 };
+
+/// netd's filter on `iface`'s ingress, named for a replace or a detach (an error: no such
+/// interface).
+fn filter_link(iface: &str) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        FILTER.priority,
+        FILTER.handle,
+        None,
+    )
+}
 
 /// Leaves a netlink-attached filter in place: the link holds no kernel object, and dropping it
 /// would detach the filter, which must outlive this process.
