@@ -128,22 +128,14 @@ impl Pins {
     /// clsact qdisc (legacy TC, over netlink). For per-container programs: a TCX attach waits
     /// out an RCU grace period (about 10 ms here, most of a container's creation), a filter
     /// takes well under a millisecond. It lives as long as the interface, with no pin.
-    /// Returns `false`, attaching nothing, when no such program is pinned yet.
-    pub fn attach_pinned_filter(&self, prog: &str, iface: &str) -> Result<bool> {
+    pub fn attach_pinned_filter(&self, prog: &str, iface: &str) -> Result<()> {
         let path = self.program(prog);
-        if !path.exists() {
-            return Ok(false);
-        }
         let mut program = SchedClassifier::from_pin(&path)
             .with_context(|| format!("open pinned program {}", path.display()))?;
-        match tc::qdisc_add_clsact(iface) {
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() != Some(libc::EEXIST) => {
-                return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
-            }
-            Err(e @ (TcError::IoError(_) | TcError::NulError(_))) => {
-                return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
-            }
-            _ => {}
+        if let Err(e) = tc::qdisc_add_clsact(iface)
+            && !clsact_exists(&e)
+        {
+            return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
         }
         let id = program
             .attach_with_options(
@@ -153,7 +145,7 @@ impl Pins {
             )
             .with_context(|| format!("attach {prog} to {iface}"))?;
         keep_attached(program.take_link(id).context("take the filter")?);
-        Ok(true)
+        Ok(())
     }
 
     /// Replaces the program of the filter on `iface` with `prog` from `ebpf` (netlink's
@@ -402,6 +394,15 @@ fn filter_link(iface: &str) -> std::io::Result<SchedClassifierLink> {
         FILTER.handle,
         None,
     )
+}
+
+/// Whether adding a clsact qdisc failed only because the interface has one already.
+fn clsact_exists(e: &TcError) -> bool {
+    match e {
+        TcError::AlreadyAttached => true,
+        TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
 }
 
 /// Leaves a netlink-attached filter in place: the link holds no kernel object, and dropping it

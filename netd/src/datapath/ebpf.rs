@@ -149,21 +149,11 @@ impl EbpfDatapath {
     /// Attaches the endpoint program to a container's veth, from its pin (no object load, no
     /// verifier run); the first container loads the object to pin it.
     fn attach_endpoint_program(&self, iface: &str) -> Result<()> {
-        if self
-            .pins
-            .attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)?
-        {
-            return Ok(());
+        if !self.pins.program(ENDPOINT_INGRESS_PROG).exists() {
+            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+            self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
         }
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-        self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
-        if !self
-            .pins
-            .attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)?
-        {
-            bail!("{ENDPOINT_INGRESS_PROG} is not pinned after pinning it");
-        }
-        Ok(())
+        self.pins.attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)
     }
 
     /// Attaches the uplink's XDP program when asked to and not attached yet.
