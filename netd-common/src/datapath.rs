@@ -102,7 +102,10 @@ pub struct NetworkInfo {
     pub family: u8,
     /// `NET_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// The bridge's MAC, set when the network is made: the source of frames the host routes
+    /// to the network's containers.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 3],
 }
 
 #[repr(C)]

@@ -10,10 +10,11 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     cty::c_long,
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use netd_common::datapath::{EndpointInfo, Stat};
@@ -30,23 +31,35 @@ const AF_INET: u8 = 2;
 const TTL_OFF: usize = L3_OFF + 8;
 
 /// Delivers a packet the uplink's ingress translated to a container straight into its
-/// namespace: MACs as the bridge would have sent it (from the bridge to the container), TTL
-/// decremented as routing would have. `None`: the stack takes it.
+/// namespace, as routing it to the container's bridge would have: from the bridge's MAC to
+/// the container's, TTL decremented. No FIB lookup: netd made both ends, the container's
+/// address on its bridge's subnet with a MAC it knows, so the endpoint and network maps
+/// answer what the lookup would, for a fraction of its cost. `None`: the stack takes it (TTL
+/// about to expire, bigger than the container's MTU).
 #[inline(always)]
 pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
     let ip: Ipv4Hdr = ctx.read(L3_OFF)?;
     let ep: &EndpointInfo = maps::endpoint(u32::from_ne_bytes(ip.dst_addr))?;
-    let (ret, fib) = lookup(ctx, &ip)?;
-    // The route must lead to this container through a resolved neighbour: anything else is
-    // the stack's to sort out.
-    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.dmac != ep.mac {
+    let net = maps::network(ep.network_id)?;
+    if ip.ttl <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
     decrement_ttl(ctx, &ip)?;
-    set_macs(ctx, fib.dmac, fib.smac).ok()?;
+    set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
     // interface is not a veth, which endpoints are).
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// Whether the packet fits the MTU of interface `ifindex`, as forwarding checks it: a GSO
+/// packet always does (it is segmented to the device's size).
+#[inline(always)]
+fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
+    // 0: check the packet's own length.
+    let mut mtu_len = 0u32;
+    // SAFETY: `mtu_len` lives across the call.
+    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) };
+    ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
 /// The Ethernet header's addresses, in frame order.

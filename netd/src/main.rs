@@ -107,9 +107,10 @@ enum Command {
         /// Rounds (each arm measured once per round); default 5, or 1 with --quick.
         #[arg(long)]
         runs: Option<usize>,
-        /// Only the control plane: create and remove containers, per create and remove times.
+        /// Only this part: `setup` (container create and remove times) or `latency`
+        /// (request/response against the ceiling, paired).
         #[arg(long)]
-        setup_only: bool,
+        only: Option<bench::Part>,
     },
     /// The eBPF datapath's connection tracking table.
     #[command(subcommand)]
@@ -289,7 +290,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             out,
             arms,
             runs,
-            setup_only,
+            only,
         } => {
             let runs = runs.unwrap_or(if quick { 1 } else { 5 });
             bench::run(bench::Options {
@@ -297,7 +298,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 out,
                 arms,
                 runs,
-                setup_only,
+                only,
             })
             .await
         }

@@ -129,9 +129,9 @@ impl Netlink {
             .with_context(|| format!("create veth pair {name}/{peer} into {}", peer_ns.display()))
     }
 
-    /// Creates a bridge `name`, up.
-    pub async fn add_bridge(&self, name: &str, mtu: Option<u32>) -> Result<u32> {
-        let mut msg = LinkBridge::new(name).up();
+    /// Creates a bridge `name` with MAC `mac`, up.
+    pub async fn add_bridge(&self, name: &str, mtu: Option<u32>, mac: [u8; 6]) -> Result<u32> {
+        let mut msg = LinkBridge::new(name).up().address(mac.to_vec());
         if let Some(mtu) = mtu {
             msg = msg.mtu(mtu);
         }

@@ -126,14 +126,20 @@ pub fn icmp_echo(request: bool, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    tcp_frame_carrying(src, sport, dst, dport, flags, b"netd tcp")
+}
+
+pub fn tcp_frame_carrying(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     eth(
         ETHERTYPE_IPV4,
-        &ipv4(
-            src,
-            dst,
-            TCP,
-            &tcp(src, dst, sport, dport, flags, b"netd tcp"),
-        ),
+        &ipv4(src, dst, TCP, &tcp(src, dst, sport, dport, flags, payload)),
     )
 }
 

@@ -277,6 +277,44 @@ fn published_tcp_port_on_any_address_is_dnated_and_replies_leave_from_it() {
     b.assert_untouched(&tcp_frame(client, 5557, HOST_ADDR, 8081, SYN));
 }
 
+/// Offset of the IPv4 TTL in a frame.
+const TTL_OFF: usize = 14 + 8;
+
+#[test]
+fn published_flows_go_straight_into_the_container_as_the_bridge_would_send_them() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    // Run where the containers' veths are: the MTU check looks the veth up there.
+    let in_host = |frame: &[u8]| {
+        b.env
+            .in_ns(&b.env.host_ns(), || b.run(UPLINK_INGRESS_PROG, frame))
+    };
+    let syn = tcp_frame(client, 5555, HOST_ADDR, 8080, SYN);
+    let (verdict, out) = in_host(&syn);
+    assert_eq!(verdict, REDIRECT, "into the container's namespace");
+    assert_eq!(ends(&out), at(client, 5555, C1, 80));
+    assert_eq!(out[0..6], endpoint(C1, "", 0).mac, "destination MAC");
+    assert_eq!(
+        out[6..12],
+        netd::ipam::mac_for(GATEWAY),
+        "source MAC: the bridge's"
+    );
+    assert_eq!(
+        out[TTL_OFF],
+        syn[TTL_OFF] - 1,
+        "TTL, as routing decrements it"
+    );
+    assert_checksums(&out, false);
+
+    // Bigger than the container's MTU: translated, then left to the stack, which fragments
+    // it or answers "fragmentation needed".
+    let big = tcp_frame_carrying(client, 5555, HOST_ADDR, 8080, ACK, &[0; 1500]);
+    let (verdict, out) = in_host(&big);
+    assert_eq!(verdict, PASS);
+    assert_eq!(ends(&out), at(client, 5555, C1, 80));
+    assert_eq!(out[TTL_OFF], big[TTL_OFF], "the stack decrements it");
+}
+
 #[test]
 fn published_udp_port_bound_to_a_host_address() {
     let b = Bench::new();

@@ -37,7 +37,8 @@ enum Task {
     Demo,
     /// Benchmark: eBPF against iptables and the ceiling; report in target/bench/.
     Bench {
-        /// `setup`: only the control plane (create and remove 100 containers).
+        /// `setup`: only the control plane (create and remove 100 containers); `latency`: only
+        /// request/response against the ceiling, paired.
         what: Option<String>,
         /// A smoke run (under 3 minutes) with the same report shape.
         #[arg(long)]
@@ -151,10 +152,10 @@ fn bench(what: Option<&str>, quick: bool) -> Result<()> {
         .arg(workspace_root().join("target/bench"));
     match what {
         None => {}
-        Some("setup") => {
-            cmd.arg("--setup-only");
+        Some(part @ ("setup" | "latency")) => {
+            cmd.args(["--only", part]);
         }
-        Some(other) => bail!("unknown benchmark {other:?} (known: setup)"),
+        Some(other) => bail!("unknown benchmark {other:?} (known: setup, latency)"),
     }
     if quick {
         cmd.arg("--quick");

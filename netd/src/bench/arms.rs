@@ -1,6 +1,7 @@
 //! The benchmark's arms. Each is built fresh in its own sandbox for every round and removed
-//! after it: `ceiling` (a plain veth pair), netd with each datapath (the eBPF one twice: TC
-//! only, and with the uplink's XDP program), and a real Docker.
+//! after it: `ceiling` (a plain veth pair), `routed` (plain kernel routing through a host
+//! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
+//! one twice: TC only, and with the uplink's XDP program), and a real Docker.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -15,11 +16,13 @@ use crate::{
     datapath::Protocol,
     netlink::{Netlink, set_sysctl},
     netns,
-    sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR},
+    sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR, Sandbox},
 };
 
 /// Every arm the benchmark knows, in the order it alternates them.
-pub const ARMS: &[&str] = &["ceiling", "ebpf", "ebpf-xdp", "iptables", "docker"];
+pub const ARMS: &[&str] = &[
+    "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
+];
 
 /// The netd options an arm runs with (`None`: not a netd arm).
 fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
@@ -31,10 +34,11 @@ fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// Whether the arm's control plane differs from another arm's (ebpf-xdp's is ebpf's: only the
-/// uplink's programs differ), so scaling and container set-up are measured on it.
+/// Whether the arm has a control plane of its own (ebpf-xdp's is ebpf's: only the uplink's
+/// programs differ; the reference arms have none), so scaling and container set-up are
+/// measured on it.
 pub fn has_own_control_plane(arm: &str) -> bool {
-    !matches!(arm, "ceiling" | "ebpf-xdp")
+    !matches!(arm, "ceiling" | "routed" | "ebpf-xdp")
 }
 
 /// The subnet of netd's benchmark network and its two containers' addresses.
@@ -171,6 +175,7 @@ impl Control {
 /// A built arm with its two benchmark containers.
 pub enum World {
     Ceiling(Ceiling),
+    Routed(Routed),
     Managed {
         ctl: Box<Control>,
         server: Created,
@@ -180,8 +185,10 @@ pub enum World {
 
 impl World {
     pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
-        if arm == "ceiling" {
-            return Ok(Self::Ceiling(Ceiling::build(prefix).await?));
+        match arm {
+            "ceiling" => return Ok(Self::Ceiling(Ceiling::build(prefix).await?)),
+            "routed" => return Ok(Self::Routed(Routed::build(prefix).await?)),
+            _ => {}
         }
         let ctl = Box::new(Control::build(arm, prefix).await?);
         // The server container publishes the three servers' ports, shifted.
@@ -215,6 +222,7 @@ impl World {
                     port_shift: 0,
                 };
             }
+            Self::Routed(r) => return r.endpoint(path),
             Self::Managed {
                 ctl,
                 server,
@@ -262,6 +270,7 @@ impl World {
     pub fn datapath_ns(&self) -> PathBuf {
         match self {
             Self::Ceiling(c) => netns::path_of(&c.server),
+            Self::Routed(r) => r.sandbox.host_path(),
             Self::Managed { ctl, .. } => ctl.instance().sandbox.host_path(),
         }
     }
@@ -314,6 +323,107 @@ impl Drop for Ceiling {
     fn drop(&mut self) {
         let _ = netns::remove(&self.client);
         let _ = netns::remove(&self.server);
+    }
+}
+
+/// Plain kernel routing, the floor of the paths that cross the host: the sandbox (outside and
+/// host) and two container namespaces, each joined to the host by a veth pair of its own and
+/// routed by it: no bridge, no NAT, no netfilter rule, no eBPF. From the outside to a
+/// container or back, a packet crosses two veth pairs where the ceiling's crosses one.
+pub struct Routed {
+    sandbox: Sandbox,
+    server: String,
+    client: String,
+}
+
+/// The routed arm's containers: server and client, each on a /24 of its own with the host's
+/// end at .1.
+const ROUTED_SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
+
+impl Routed {
+    async fn build(prefix: &str) -> Result<Self> {
+        let this = Self {
+            sandbox: Sandbox::create(prefix).await?,
+            server: format!("{prefix}-srv"),
+            client: format!("{prefix}-cli"),
+        };
+        // Dropped on error: everything made so far goes.
+        let host = this.sandbox.host_path();
+        set_sysctl(Some(&host), "net.ipv4.ip_forward", "1")?;
+        for (name, addr) in [(&this.server, ROUTED_SERVER), (&this.client, ROUTED_CLIENT)] {
+            attach_routed(&host, name, addr).await?;
+        }
+        Netlink::in_ns(Some(&this.sandbox.outside_path()))?
+            .add_route("198.19.0.0/16".parse()?, Some(HOST_ADDR.into()), None)
+            .await?;
+        Ok(this)
+    }
+
+    fn endpoint(&self, path: Path) -> Endpoint {
+        let (client_ns, server_ns, target) = match path {
+            Path::Published => (
+                self.sandbox.outside_path(),
+                netns::path_of(&self.server),
+                ROUTED_SERVER,
+            ),
+            Path::Masquerade => (
+                netns::path_of(&self.client),
+                self.sandbox.outside_path(),
+                OUTSIDE_ADDR,
+            ),
+            Path::ContainerToContainer => (
+                netns::path_of(&self.client),
+                netns::path_of(&self.server),
+                ROUTED_SERVER,
+            ),
+        };
+        Endpoint {
+            client_ns,
+            server_ns,
+            target,
+            port_shift: 0,
+        }
+    }
+}
+
+/// Makes namespace `name` with the address `addr`/24, behind a veth pair to `host` whose host
+/// end has .1 of that /24 and is the namespace's default gateway.
+async fn attach_routed(host: &std::path::Path, name: &str, addr: Ipv4Addr) -> Result<()> {
+    let ns = netns::create(name)?;
+    set_sysctl(Some(&ns), "net.ipv6.conf.all.disable_ipv6", "1")?;
+    set_sysctl(Some(&ns), "net.ipv6.conf.default.disable_ipv6", "1")?;
+    let [a, b, c, _] = addr.octets();
+    let gateway = Ipv4Addr::new(a, b, c, 1);
+    let h = Netlink::in_ns(Some(host))?;
+    let inner = Netlink::in_ns(Some(&ns))?;
+    // Host-side names from the third octet: unique per container.
+    let host_end = format!("rt{c}");
+    h.add_veth(&host_end, "eth0", None).await?;
+    let peer = h.require_link("eth0").await?;
+    h.move_to_ns(peer, &ns).await?;
+    let host_index = h.require_link(&host_end).await?;
+    h.add_addr(host_index, ipnet::IpNet::new(gateway.into(), 24)?)
+        .await?;
+    h.set_up(host_index).await?;
+    let index = inner.require_link("eth0").await?;
+    inner
+        .add_addr(index, ipnet::IpNet::new(addr.into(), 24)?)
+        .await?;
+    inner.set_up(index).await?;
+    let lo = inner.require_link("lo").await?;
+    inner.set_up(lo).await?;
+    inner
+        .add_route("0.0.0.0/0".parse()?, Some(gateway.into()), None)
+        .await
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        for name in [&self.server, &self.client] {
+            let _ = netns::remove(name);
+        }
+        self.sandbox.remove();
     }
 }
 

@@ -27,8 +27,17 @@ pub struct Options {
     pub arms: Vec<String>,
     /// Rounds per arm (each arm measured once per round).
     pub runs: usize,
-    /// Only the control-plane measurement (container create and remove).
-    pub setup_only: bool,
+    /// One part of the benchmark instead of all of it.
+    pub only: Option<Part>,
+}
+
+/// The parts of the benchmark that can run on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The control plane: container create and remove.
+    Setup,
+    /// Request/response latency against the ceiling, paired (`measure_paired_latency`).
+    Latency,
 }
 
 /// The traffic paths every arm is measured on.
@@ -63,6 +72,8 @@ struct Plan {
     crr_threads: usize,
     port_counts: Vec<u32>,
     containers: usize,
+    /// Pairs of request/response runs per arm and path in the paired latency measurement.
+    latency_pairs: usize,
 }
 
 impl Plan {
@@ -73,6 +84,7 @@ impl Plan {
                 crr_threads: 2,
                 port_counts: vec![1, 100],
                 containers: 10,
+                latency_pairs: 3,
             }
         } else {
             Self {
@@ -80,6 +92,7 @@ impl Plan {
                 crr_threads: 2,
                 port_counts: vec![1, 100, 1_000, 10_000],
                 containers: 100,
+                latency_pairs: 15,
             }
         }
     }
@@ -105,7 +118,8 @@ pub async fn run(mut opts: Options) -> Result<()> {
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();
     let mut profile = Profile::new();
-    let rounds = if opts.setup_only { 0 } else { opts.runs };
+    let part = |p: Part| opts.only.is_none_or(|only| only == p);
+    let rounds = if opts.only.is_none() { opts.runs } else { 0 };
     for round in 1..=rounds {
         for arm in &opts.arms {
             progress(&format!(
@@ -141,8 +155,11 @@ pub async fn run(mut opts: Options) -> Result<()> {
             fairness.insert(arm.clone(), world.fairness()?);
         }
     }
+    if part(Part::Latency) {
+        measure_paired_latency(&opts.arms, &plan, &mut samples).await?;
+    }
     for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
-        for &n in plan.port_counts.iter().filter(|_| !opts.setup_only) {
+        for &n in plan.port_counts.iter().filter(|_| opts.only.is_none()) {
             if arm == "docker" && n > DOCKER_MAX_PORTS {
                 skip(
                     &mut skipped,
@@ -162,11 +179,13 @@ pub async fn run(mut opts: Options) -> Result<()> {
                     .with_context(|| format!("{arm}, {n} ports"))?;
             }
         }
-        progress(&format!(
-            "control plane: {arm}: {} containers",
-            plan.containers
-        ));
-        measure_setup(arm, plan.containers, &mut samples).await?;
+        if part(Part::Setup) {
+            progress(&format!(
+                "control plane: {arm}: {} containers",
+                plan.containers
+            ));
+            measure_setup(arm, plan.containers, &mut samples).await?;
+        }
     }
     let report = Report {
         date: report::now_utc(),
@@ -190,6 +209,53 @@ pub async fn run(mut opts: Options) -> Result<()> {
     report.write(&opts.out)?;
     progress(&format!("report written to {}", opts.out.display()));
     println!("{}", report.markdown());
+    Ok(())
+}
+
+/// The arms the paired latency measurement compares with the ceiling.
+const PAIRED_ARMS: [&str; 2] = ["routed", "ebpf"];
+
+/// Request/response p50 of each arm against the ceiling, paired: every arm's world is up at
+/// once, and short runs alternate between the ceiling and the arms (order rotating), so each
+/// ratio compares runs seconds apart. Latency on a shared VM drifts by a third over minutes;
+/// arms measured a round apart can't be held to a 5% target, pairs can. Records every
+/// arm's p50s (`rr_p50_paired`) and, per pair, its ratio to the ceiling's
+/// (`rr_p50_to_ceiling`).
+async fn measure_paired_latency(arms: &[String], plan: &Plan, samples: &mut Samples) -> Result<()> {
+    let compared: Vec<&str> = PAIRED_ARMS
+        .into_iter()
+        .filter(|a| arms.iter().any(|b| b == a))
+        .collect();
+    if compared.is_empty() || !arms.iter().any(|a| a == "ceiling") {
+        return Ok(());
+    }
+    let mut worlds = Vec::new();
+    for arm in std::iter::once("ceiling").chain(compared.iter().copied()) {
+        progress(&format!("paired latency: {arm}: building a fresh sandbox"));
+        worlds.push((arm, World::build(arm, &prefix(arm)).await?));
+    }
+    for path in Path::ALL {
+        for pair in 0..plan.latency_pairs {
+            progress(&format!(
+                "paired latency: {}: pair {}/{}",
+                path.name(),
+                pair + 1,
+                plan.latency_pairs
+            ));
+            let mut p50 = BTreeMap::new();
+            for i in 0..worlds.len() {
+                let (arm, world) = &worlds[(pair + i) % worlds.len()];
+                let (v, _) = tools::rr_latency(&world.endpoint(path), 1)
+                    .with_context(|| format!("{arm}, {}, paired", path.name()))?;
+                record(samples, arm, path.name(), "rr_p50_paired", 1, v);
+                p50.insert(*arm, v);
+            }
+            for arm in &compared {
+                let ratio = p50[arm] / p50["ceiling"];
+                record(samples, arm, path.name(), "rr_p50_to_ceiling", 1, ratio);
+            }
+        }
+    }
     Ok(())
 }
 

@@ -45,7 +45,8 @@ impl Record {
 fn unit_of(metric: &str) -> &'static str {
     match metric {
         "throughput" => "Gbit/s",
-        "rr_p50" | "rr_p99" | "first_packet_us" => "us",
+        "rr_p50" | "rr_p99" | "rr_p50_paired" | "first_packet_us" => "us",
+        "rr_p50_to_ceiling" => "ratio",
         "crr" => "conn/s",
         "flood_pps" => "pkt/s",
         "leaked_pct" => "%",
@@ -166,6 +167,7 @@ impl Report {
             m.cpu
         );
         self.paths_table(&mut md);
+        self.paired_latency_table(&mut md);
         self.unsolicited_table(&mut md);
         self.xdp_table(&mut md);
         self.scaling_table(&mut md);
@@ -206,12 +208,60 @@ impl Report {
                 let fmt =
                     |r: Option<f64>| r.map(|r| format!("{r:.3}")).unwrap_or_else(|| "–".into());
                 let to_ceiling = self.ratio("ceiling", path, metric, 1);
+                // Latency's target is judged on the paired measurement when there is one.
+                let target = match self.find("ebpf", path, "rr_p50_to_ceiling", 1) {
+                    Some(paired) if metric == "rr_p50" => {
+                        format!("{} (paired)", ceiling_target(metric, Some(paired.median)))
+                    }
+                    _ => ceiling_target(metric, to_ceiling).to_string(),
+                };
                 let _ = writeln!(
                     md,
-                    " {} | {} | {} |",
+                    " {} | {} | {target} |",
                     fmt(to_ceiling),
                     fmt(self.ratio("iptables", path, metric, 1)),
-                    ceiling_target(metric, to_ceiling)
+                );
+            }
+        }
+        let _ = writeln!(md);
+    }
+
+    fn paired_latency_table(&self, md: &mut String) {
+        if !self.records.iter().any(|r| r.metric == "rr_p50_to_ceiling") {
+            return;
+        }
+        let _ = writeln!(md, "## Request/response p50 against the ceiling, paired\n");
+        let _ = writeln!(
+            md,
+            "Every arm up at once, one-second runs alternating between the ceiling and the \
+             arms (order rotating); each ratio is an arm's p50 over the ceiling's from the same \
+             pair of runs (median, min–max over pairs). `routed` is plain kernel routing through \
+             a host namespace, no NAT, no rules: from the outside to a container or back, a packet \
+             crosses two veth pairs where the ceiling's crosses one; the floor of every datapath \
+             on veth for those paths.\n"
+        );
+        let _ = writeln!(md, "| path | arm | p50 (us) | to ceiling | target |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for path in super::Path::ALL.map(super::Path::name) {
+            for arm in self.arms() {
+                let Some(p50) = self.find(arm, path, "rr_p50_paired", 1) else {
+                    continue;
+                };
+                let (ratio, target) = match self.find(arm, path, "rr_p50_to_ceiling", 1) {
+                    Some(r) => (
+                        format!("{:.3} ({:.3}–{:.3})", r.median, r.min, r.max),
+                        if arm == "ebpf" {
+                            ceiling_target("rr_p50", Some(r.median))
+                        } else {
+                            ""
+                        },
+                    ),
+                    None => ("1".into(), ""),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {path} | {arm} | {:.2} ({:.2}–{:.2}) | {ratio} | {target} |",
+                    p50.median, p50.min, p50.max
                 );
             }
         }

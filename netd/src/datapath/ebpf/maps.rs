@@ -103,7 +103,8 @@ pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
         prefix_len: net.subnet.prefix_len(),
         family: AF_INET,
         flags,
-        _pad: 0,
+        bridge_mac: crate::ipam::mac_for(net.gateway),
+        _pad: [0; 3],
     }
 }
 
