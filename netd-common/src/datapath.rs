@@ -25,7 +25,7 @@ pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
 /// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
 pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
 pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
-/// `VETHS`: host-side veth ifindex (`u32`) → the [`EndpointKey`] of the container behind it.
+/// `VETHS`: host-side veth ifindex (`u32`) → the [`VethInfo`] of the container behind it.
 pub const VETHS_MAP: &str = "VETHS";
 /// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
 pub const LINKS_MAP: &str = "LINKS";
@@ -123,6 +123,19 @@ pub struct EndpointDropKey {
     pub endpoint: EndpointKey,
     /// The [`Stat`] the drop is counted under.
     pub reason: u32,
+}
+
+/// What the program on a container's host-side veth checks every frame against, in one
+/// lookup: the container's address, MAC and network, with the network's `NET_*` flags (fixed
+/// when the network is made).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VethInfo {
+    pub addr: Addr,
+    pub network_id: u32,
+    pub mac: [u8; 6],
+    pub net_flags: u8,
+    pub _pad: u8,
 }
 
 #[repr(C)]
@@ -571,6 +584,7 @@ crate::user_pod!(
     EndpointKey,
     EndpointDropKey,
     EndpointInfo,
+    VethInfo,
     PublishedKey,
     PublishedTarget,
     LinkKey,

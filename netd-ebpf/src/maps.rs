@@ -8,7 +8,7 @@ use aya_ebpf::{
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
     NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX,
-    PublishAllowKey, PublishedKey, PublishedTarget,
+    PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
 use crate::conntrack::v4;
@@ -24,7 +24,7 @@ static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLI
 #[map]
 static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
 #[map]
-static VETHS: HashMap<u32, EndpointKey> = HashMap::pinned(ENDPOINTS_MAX, 0);
+static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
 
@@ -52,13 +52,11 @@ pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&endpoint_key(addr)) }
 }
 
-/// The container behind the host-side veth `ifindex`, with its address (wire byte order).
+/// The container behind the host-side veth `ifindex`.
 #[inline(always)]
-pub fn endpoint_behind(ifindex: u32) -> Option<(u32, &'static EndpointInfo)> {
+pub fn veth(ifindex: u32) -> Option<&'static VethInfo> {
     // SAFETY: as above.
-    let key = unsafe { VETHS.get(&ifindex) }?;
-    let addr = key.addr[0];
-    endpoint(addr).map(|ep| (addr, ep))
+    unsafe { VETHS.get(&ifindex) }
 }
 
 /// Whether a `--link` lets `src` reach `dst` on `proto`/`port`.

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, NET_ICC, NET_INTERNAL, NetworkInfo, Stat,
+    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, NET_ICC, NET_INTERNAL, NetworkInfo, Stat, VethInfo,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -39,11 +39,11 @@ const ARP_SPA_OFF: usize = L3_OFF + 14;
 /// The fragment offset of an IPv4 header: non-zero for every fragment but the first.
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
-/// The container a frame comes from: its address (wire byte order), endpoint and network.
+/// The container a frame comes from (`veth`, one lookup: this runs on every frame a container
+/// sends), its address (wire byte order) and host-side veth.
 struct Sender {
+    veth: &'static VethInfo,
     addr: u32,
-    ep: &'static EndpointInfo,
-    net: &'static NetworkInfo,
     ifindex: u32,
 }
 
@@ -60,17 +60,13 @@ enum Verdict {
 #[classifier]
 pub fn endpoint_ingress(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
-    let Some((addr, ep)) = maps::endpoint_behind(ifindex) else {
+    let Some(veth) = maps::veth(ifindex) else {
         // Not (or no longer) a netd container: the bridge decides.
         return TC_ACT_UNSPEC;
     };
-    let Some(net) = maps::network(ep.network_id) else {
-        return TC_ACT_UNSPEC;
-    };
     let from = Sender {
-        addr,
-        ep,
-        net,
+        veth,
+        addr: veth.addr[0],
         ifindex,
     };
     match decide(&ctx, &from) {
@@ -103,7 +99,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     let Some(eth) = ctx.read::<EthHdr>(0) else {
         return not_ipv4(from);
     };
-    if eth.src_addr != from.ep.mac {
+    if eth.src_addr != from.veth.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
     }
     if eth.ether_type == EtherType::Arp as u16 {
@@ -132,7 +128,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
 /// IPv4 only); with ICC the bridge and the stack deal with it as with any frame.
 #[inline(always)]
 fn not_ipv4(from: &Sender) -> Verdict {
-    if from.net.flags & NET_ICC == 0 {
+    if from.veth.net_flags & NET_ICC == 0 {
         Verdict::Drop(Stat::IccDenied, Tuple::default())
     } else {
         Verdict::Pass
@@ -148,7 +144,7 @@ fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
     ) else {
         return Verdict::Pass;
     };
-    if sha != from.ep.mac {
+    if sha != from.veth.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
     }
     if spa != from.addr && spa != 0 {
@@ -166,10 +162,10 @@ fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
 /// addressed to it (it always is after the sender's ARP; anything else takes the bridge).
 #[inline(always)]
 fn to_container(from: &Sender, to: &EndpointInfo, tuple: Tuple, eth: &EthHdr) -> Verdict {
-    if to.network_id != from.ep.network_id {
+    if to.network_id != from.veth.network_id {
         return Verdict::Drop(Stat::OtherNetwork, tuple);
     }
-    if from.net.flags & NET_ICC == 0 && !link_allows(&tuple) {
+    if from.veth.net_flags & NET_ICC == 0 && !link_allows(&tuple) {
         return Verdict::Drop(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
@@ -183,7 +179,9 @@ fn to_container(from: &Sender, to: &EndpointInfo, tuple: Tuple, eth: &EthHdr) ->
 /// network reaches nothing outside its subnet.
 #[inline(always)]
 fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
-    let net = from.net;
+    let Some(net) = maps::network(from.veth.network_id) else {
+        return Verdict::Pass;
+    };
     if tuple.daddr == net.gateway[0] {
         return Verdict::Pass;
     }

@@ -206,9 +206,9 @@ impl EbpfDatapath {
 
     /// What the endpoint program needs to know of `ep`: the veth it sits behind, and the
     /// ports its links open.
-    fn add_policy(&self, ep: &EndpointSpec) -> Result<()> {
+    fn add_policy(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         maps::veths(&self.pins)?
-            .insert(ep.host_ifindex, maps::endpoint_key(ep.ip), 0)
+            .insert(ep.host_ifindex, maps::veth_info(net, ep), 0)
             .with_context(|| format!("add veth {} of {}", ep.host_ifname, ep.container))?;
         let mut links = maps::links(&self.pins)?;
         for link in &ep.links {
@@ -383,7 +383,7 @@ impl Datapath for EbpfDatapath {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
         let policed = self
-            .add_policy(ep)
+            .add_policy(net, ep)
             .and_then(|()| self.attach_endpoint_program(&ep.host_ifname));
         if let Err(e) = policed {
             self.remove_policy(ep);

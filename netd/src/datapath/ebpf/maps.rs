@@ -8,7 +8,7 @@ use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
     EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
     NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
-    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, addr_v4,
+    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -22,7 +22,7 @@ pub type ConfigMap = Array<MapData, Config>;
 pub type Stats = PerCpuArray<MapData, u64>;
 pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
 pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
-pub type Veths = HashMap<MapData, u32, EndpointKey>;
+pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
@@ -86,7 +86,8 @@ pub fn read_config(pins: &Pins) -> Result<Config> {
         .context("read the datapath configuration")
 }
 
-pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
+/// The network's `NET_*` flags.
+fn network_flags(net: &NetworkSpec) -> u8 {
     let mut flags = 0;
     for (on, flag) in [
         (net.masquerade, netd_common::datapath::NET_MASQUERADE),
@@ -97,6 +98,22 @@ pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
             flags |= flag;
         }
     }
+    flags
+}
+
+/// What the program on `ep`'s host-side veth knows of it.
+pub fn veth_info(net: &NetworkSpec, ep: &EndpointSpec) -> VethInfo {
+    VethInfo {
+        addr: addr_v4(ep.ip.octets()),
+        network_id: net.id,
+        mac: ep.mac,
+        net_flags: network_flags(net),
+        _pad: 0,
+    }
+}
+
+pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
+    let flags = network_flags(net);
     NetworkInfo {
         subnet: addr_v4(net.subnet.network().octets()),
         gateway: addr_v4(net.gateway.octets()),
