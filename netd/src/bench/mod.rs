@@ -7,9 +7,16 @@ pub mod docker;
 pub mod report;
 mod tools;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde::Serialize;
 
 use crate::sandbox::HOST_ADDR;
@@ -101,11 +108,38 @@ impl Plan {
 /// Samples keyed by (arm, path, metric, n_ports).
 type Samples = BTreeMap<(String, String, &'static str, u32), Vec<f64>>;
 
-fn progress(what: &str) {
+/// Set by SIGINT or SIGTERM: the benchmark stops at its next step and unwinds, which removes
+/// every sandbox, server and dockerd it made (killed outright, it would leave them behind).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_interrupts() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.context("catch SIGINT and SIGTERM")?;
+    }
+    Ok(())
+}
+
+/// Reports the next step, or stops the benchmark there if it was interrupted.
+fn progress(what: &str) -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted: removing what the benchmark made");
+    }
     eprintln!("bench: {what}");
+    Ok(())
 }
 
 pub async fn run(mut opts: Options) -> Result<()> {
+    catch_interrupts()?;
     let plan = Plan::new(opts.quick);
     let started = Instant::now();
     let mut skipped = Vec::new();
@@ -125,14 +159,14 @@ pub async fn run(mut opts: Options) -> Result<()> {
             progress(&format!(
                 "round {round}/{}: {arm}: building a fresh sandbox",
                 opts.runs
-            ));
+            ))?;
             let world = World::build(arm, &prefix(arm)).await?;
             for path in Path::ALL {
                 progress(&format!(
                     "round {round}/{}: {arm}: {}",
                     opts.runs,
                     path.name()
-                ));
+                ))?;
                 let ep = world.endpoint(path);
                 measure_path(&ep, arm, path, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {}", path.name()))?;
@@ -144,7 +178,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
                 progress(&format!(
                     "round {round}/{}: {arm}: {UNSOLICITED}",
                     opts.runs
-                ));
+                ))?;
                 measure_unsolicited(&ep, arm, &plan, &mut samples)
                     .with_context(|| format!("{arm}, {UNSOLICITED}"))?;
                 profile_while(&mut profile, &world, arm, UNSOLICITED, || {
@@ -173,7 +207,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
                 progress(&format!(
                     "scaling: {arm}: {n} published ports, round {round}/{}",
                     opts.runs
-                ));
+                ))?;
                 measure_scaling(arm, n, &plan, &mut samples)
                     .await
                     .with_context(|| format!("{arm}, {n} ports"))?;
@@ -183,7 +217,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
             progress(&format!(
                 "control plane: {arm}: {} containers",
                 plan.containers
-            ));
+            ))?;
             measure_setup(arm, plan.containers, &mut samples).await?;
         }
     }
@@ -207,7 +241,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
         records: samples.into_iter().map(Record::from_samples).collect(),
     };
     report.write(&opts.out)?;
-    progress(&format!("report written to {}", opts.out.display()));
+    eprintln!("bench: report written to {}", opts.out.display());
     println!("{}", report.markdown());
     Ok(())
 }
@@ -231,7 +265,7 @@ async fn measure_paired_latency(arms: &[String], plan: &Plan, samples: &mut Samp
     }
     let mut worlds = Vec::new();
     for arm in std::iter::once("ceiling").chain(compared.iter().copied()) {
-        progress(&format!("paired latency: {arm}: building a fresh sandbox"));
+        progress(&format!("paired latency: {arm}: building a fresh sandbox"))?;
         worlds.push((arm, World::build(arm, &prefix(arm)).await?));
     }
     for path in Path::ALL {
@@ -241,7 +275,7 @@ async fn measure_paired_latency(arms: &[String], plan: &Plan, samples: &mut Samp
                 path.name(),
                 pair + 1,
                 plan.latency_pairs
-            ));
+            ))?;
             let mut p50 = BTreeMap::new();
             for i in 0..worlds.len() {
                 let (arm, world) = &worlds[(pair + i) % worlds.len()];
@@ -329,7 +363,7 @@ pub const SCALING: &str = "outside->last-published";
 const DOCKER_MAX_PORTS: u32 = 100;
 
 fn skip(skipped: &mut Vec<String>, why: String) {
-    progress(&format!("skipped: {why}"));
+    eprintln!("bench: skipped: {why}");
     skipped.push(why);
 }
 
