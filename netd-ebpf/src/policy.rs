@@ -39,12 +39,19 @@ const ARP_SPA_OFF: usize = L3_OFF + 14;
 /// The fragment offset of an IPv4 header: non-zero for every fragment but the first.
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
-/// The container a frame comes from (`veth`, one lookup: this runs on every frame a container
-/// sends), its address (wire byte order) and host-side veth.
+/// The container a frame comes from (one lookup: this runs on every frame a container sends)
+/// and its host-side veth.
 struct Sender {
     veth: &'static VethInfo,
-    addr: u32,
     ifindex: u32,
+}
+
+impl Sender {
+    /// The container's address (wire byte order).
+    #[inline(always)]
+    fn addr(&self) -> u32 {
+        self.veth.addr[0]
+    }
 }
 
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
@@ -64,11 +71,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
         // Not (or no longer) a netd container: the bridge decides.
         return TC_ACT_UNSPEC;
     };
-    let from = Sender {
-        veth,
-        addr: veth.addr[0],
-        ifindex,
-    };
+    let from = Sender { veth, ifindex };
     match decide(&ctx, &from) {
         Verdict::Pass => {
             stats::count(Stat::PolicyPass);
@@ -88,7 +91,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
             action
         }
         Verdict::Drop(reason, tuple) => {
-            stats::count(events::dropped(&tuple, reason, from.addr, from.ifindex));
+            stats::count(events::dropped(&tuple, reason, from.addr(), from.ifindex));
             TC_ACT_SHOT
         }
     }
@@ -114,7 +117,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
         return not_ipv4(from);
     };
     let tuple = tuple_of(ctx, &ip);
-    if tuple.saddr != from.addr {
+    if tuple.saddr != from.addr() {
         return Verdict::Drop(Stat::SpoofedAddr, tuple);
     }
     match maps::endpoint(tuple.daddr) {
@@ -147,7 +150,7 @@ fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
     if sha != from.veth.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
     }
-    if spa != from.addr && spa != 0 {
+    if spa != from.addr() && spa != 0 {
         let tuple = Tuple {
             saddr: spa,
             ..Tuple::default()

@@ -160,11 +160,9 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
 }
 
 async fn realize(ctx: &Ctx, host: &Netlink, net: &Network) -> Result<()> {
-    // A MAC of its own, as Docker gives its bridges: left unset, a bridge takes its lowest
-    // port's, which changes as containers come and go (the eBPF datapath sends frames from
-    // it, `NetworkInfo::bridge_mac`).
-    let mac = crate::ipam::mac_for(net.gateway);
-    let index = host.add_bridge(&net.bridge, Some(net.mtu), mac).await?;
+    let index = host
+        .add_bridge(&net.bridge, Some(net.mtu), net.spec().bridge_mac())
+        .await?;
     host.add_addr(
         index,
         IpNet::new(net.gateway.into(), net.subnet.prefix_len())?,

@@ -31,6 +31,15 @@ pub struct NetworkSpec {
     pub masquerade: bool,
 }
 
+impl NetworkSpec {
+    /// The bridge's MAC: Docker's MAC for the gateway address. A MAC of its own, as Docker
+    /// gives its bridges: left unset, a bridge takes its lowest port's, which changes as
+    /// containers come and go (the eBPF datapath sends frames from it).
+    pub fn bridge_mac(&self) -> [u8; 6] {
+        crate::ipam::mac_for(self.gateway)
+    }
+}
+
 /// One container's interface on a network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointSpec {

@@ -120,7 +120,7 @@ pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
         prefix_len: net.subnet.prefix_len(),
         family: AF_INET,
         flags,
-        bridge_mac: crate::ipam::mac_for(net.gateway),
+        bridge_mac: net.bridge_mac(),
         _pad: [0; 3],
     }
 }
