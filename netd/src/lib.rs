@@ -1,12 +1,10 @@
 //! netd: container networking for Linux with an eBPF datapath.
-pub mod bench;
 pub mod bpf;
 pub mod container;
 pub mod controller;
 pub mod counter;
 pub mod daemon;
 pub mod datapath;
-pub mod demo;
 pub mod etcfiles;
 pub mod exec;
 pub mod ipam;
@@ -15,6 +13,5 @@ pub mod netns;
 pub mod network;
 pub mod output;
 pub mod ports;
-pub mod sandbox;
 pub mod state;
 pub mod views;
