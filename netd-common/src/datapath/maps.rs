@@ -64,6 +64,8 @@ pub struct VethInfo {
     pub mac: [u8; 6],
     pub net_flags: u8,
     pub _pad: u8,
+    /// The network's bridge: what its containers route through the gateway comes from there.
+    pub bridge_ifindex: u32,
 }
 
 #[repr(C)]
