@@ -6,165 +6,26 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    programs::{SchedClassifier, Xdp},
-};
 use netd::{
     bpf::Pins,
     datapath::{
-        Datapath as _, Protocol,
+        Datapath as _,
         ebpf::{EbpfDatapath, stats},
     },
 };
 use netd_common::datapath::{
-    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
+    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, MARK_ADMITTED, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
 };
 use tests::{
     frames::*,
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
-    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network, port},
-    topology::ip_in,
+    harness::{HOST_ADDR, OUTSIDE_ADDR},
+    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
+    progrun::{Bench, DROP, PASS, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
 
-/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
-const PASS: u32 = u32::MAX;
-/// TC_ACT_SHOT.
-const DROP: u32 = 2;
-/// The XDP verdicts.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const SERVER: Ipv4Addr = OUTSIDE_ADDR;
 const OTHER_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-
-struct Bench {
-    env: TestEnv,
-    ebpf: Ebpf,
-}
-
-impl Bench {
-    /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
-    /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
-    fn new() -> Self {
-        Self::with_timeouts(Timeouts::default())
-    }
-
-    fn with_timeouts(timeouts: Timeouts) -> Self {
-        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
-    }
-
-    fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
-        let env = TestEnv::new();
-        let pins = Pins::open(&env.bpffs).unwrap();
-        ip_in(
-            &env,
-            &env.host_ns(),
-            &["link", "add", BRIDGE, "type", "bridge"],
-        );
-        let veth1 = host_veth(&env, "veth1");
-        let veth2 = host_veth(&env, "veth2");
-        env.in_ns(&env.host_ns(), || {
-            let dp = EbpfDatapath::new(pins.clone())
-                .with_host_cgroup(None)
-                .with_timeouts(timeouts)
-                .with_conntrack_max(conntrack_max);
-            let net = network();
-            dp.setup_network(&net).unwrap();
-            dp.add_endpoint(&net, &endpoint(C1, "veth1", veth1))
-                .unwrap();
-            dp.add_endpoint(&net, &endpoint(C2, "veth2", veth2))
-                .unwrap();
-            dp.publish(
-                &net,
-                &[
-                    port(Protocol::Tcp, None, 8080, C1, 80),
-                    port(Protocol::Udp, Some(HOST_ADDR), 5353, C2, 53),
-                ],
-            )
-            .unwrap();
-        });
-        let mut ebpf = pins.load().unwrap();
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
-            p.load().unwrap();
-        }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(UPLINK_XDP_PROG)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        xdp.load().unwrap();
-        Self { env, ebpf }
-    }
-
-    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
-    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.ebpf.program(prog).unwrap();
-        if prog == UPLINK_XDP_PROG {
-            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
-        } else {
-            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
-        }
-    }
-
-    /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
-    /// fields changed; returns the new ends.
-    fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
-        let (verdict, out) = self.run(prog, frame);
-        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
-        assert_only_nat_fields_changed(frame, &out);
-        assert_checksums(&out, false);
-        ends(&out)
-    }
-
-    fn egress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_EGRESS_PROG, frame)
-    }
-
-    fn ingress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_INGRESS_PROG, frame)
-    }
-
-    /// Runs the programs on `frame`: each must pass it on byte for byte (the XDP program
-    /// leaves it to TC, counting nothing).
-    fn assert_untouched(&self, frame: &[u8]) {
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let (verdict, out) = self.run(prog, frame);
-            assert_eq!(verdict, PASS, "{prog} verdict");
-            assert_eq!(out, frame, "{prog} changed a frame it must not translate");
-        }
-        let (verdict, out) = self.run(UPLINK_XDP_PROG, frame);
-        assert_eq!(verdict, XDP_PASS, "{UPLINK_XDP_PROG} verdict");
-        assert_eq!(out, frame, "{UPLINK_XDP_PROG} changed a frame");
-    }
-
-    fn stat(&self, reason: &str) -> u64 {
-        let pins = Pins::open(&self.env.bpffs).unwrap();
-        stats::read(&pins)
-            .unwrap()
-            .into_iter()
-            .find(|c| c.reason == reason)
-            .unwrap()
-            .packets
-    }
-}
-
-/// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
-fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
-{
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
 
 fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
     Ends {
@@ -404,20 +265,6 @@ fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
     let reply = tcp_frame(SERVER, 80, HOST_ADDR, out.sport, SYN | ACK);
     assert_eq!(b.run(UPLINK_XDP_PROG, &reply), (XDP_PASS, reply.clone()));
     assert_eq!(b.ingress(&reply).dst, C1);
-}
-
-/// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit
-/// on; returns the ifindex of `name`.
-fn host_veth(env: &TestEnv, name: &str) -> u32 {
-    let peer = format!("{name}p");
-    ip_in(
-        env,
-        &env.host_ns(),
-        &["link", "add", name, "type", "veth", "peer", "name", &peer],
-    );
-    env.in_ns(&env.host_ns(), || {
-        nix::net::if_::if_nametoindex(name).unwrap()
-    })
 }
 
 /// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted
@@ -1021,4 +868,140 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
         b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
         C1
     );
+}
+
+/// An IPv6 frame from `src` to `dst` carrying 8 bytes of UDP.
+fn ipv6_frame(src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, UDP, 64];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(&[0x22, 0x22, 0x22, 0x22, 0, 8, 0, 0]);
+    eth(0x86dd, &ip)
+}
+
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const LLDP: u16 = 0x88cc;
+
+/// TC_ACT_REDIRECT: delivered straight into a container.
+const REDIRECTED: u32 = 7;
+
+#[test]
+fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
+    let b = Bench::new();
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let c2_mac = endpoint(C2, "", 0).mac;
+    let from_c1 = Skb {
+        ingress_ifindex: b.veths[0],
+        ifindex: b.veths[0],
+        ..Skb::default()
+    };
+    let run = |frame: Vec<u8>| {
+        b.run_skb(
+            ENDPOINT_INGRESS_PROG,
+            &with_macs(frame, c2_mac, c1_mac),
+            from_c1,
+        )
+        .0
+    };
+    let dropped = |frame: Vec<u8>, reason: &str| {
+        let before = b.stat(reason);
+        assert_eq!(run(frame), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    };
+    // Controls: to C2, with and without IP options, straight into its namespace.
+    assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECTED);
+    let options = with_ip_options(tcp_frame(C1, 40000, C2, 80, SYN), &record_route(9));
+    assert_eq!(run(options.clone()), REDIRECTED);
+    // IPv6 between link-local addresses goes on to the bridge (icc=true)...
+    assert_eq!(run(ipv6_frame(LINK_LOCAL, ALL_NODES)), PASS);
+    assert_eq!(run(ipv6_frame([0; 16], ALL_NODES)), PASS);
+    // ...nothing else of IPv6, no tags, no other protocols.
+    dropped(ipv6_frame(GLOBAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(LINK_LOCAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(GLOBAL, ALL_NODES), "ipv6");
+    let tag = |vid: u16| {
+        let mut f = tcp_frame(C1, 40000, C2, 80, SYN);
+        f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+        f
+    };
+    dropped(tag(0), "vlan");
+    dropped(tag(7), "vlan");
+    dropped(eth(LLDP, &[0u8; 46]), "not_ip");
+    // Options don't hide a spoofed source; a bad header is dropped as such.
+    dropped(
+        with_ip_options(tcp_frame(GATEWAY, 40000, C2, 80, SYN), &[1, 1, 1, 1]),
+        "spoofed_addr",
+    );
+    let mut bad = tcp_frame(C1, 40000, C2, 80, SYN);
+    bad[ETH_LEN] = 0x44;
+    dropped(bad, "bad_ip_header");
+}
+
+#[test]
+fn only_the_host_its_network_and_translated_packets_reach_a_container() {
+    let b = Bench::new();
+    let bridge = b.bridge_ifindex();
+    // An interface that is none of netd's: a second NIC, a VPN.
+    let elsewhere = 4242;
+    let to_c1 = |ingress_ifindex, mark| Skb {
+        mark,
+        ingress_ifindex,
+        ifindex: b.veths[0],
+    };
+    let run = |frame: &[u8], skb: Skb| b.run_skb(ENDPOINT_EGRESS_PROG, frame, skb).0;
+    let unsolicited = tcp_frame(SERVER, 40000, C1, 22, SYN);
+    // From the host itself, from C2 (its veth), routed through the gateway (the bridge), and
+    // translated by netd and marked: in.
+    for (from, mark) in [
+        (0, 0),
+        (b.veths[1], 0),
+        (bridge, 0),
+        (elsewhere, MARK_ADMITTED),
+    ] {
+        assert_eq!(
+            run(&unsolicited, to_c1(from, mark)),
+            PASS,
+            "from {from} mark {mark:#x}"
+        );
+    }
+    // From anywhere else: out, with the reason, whatever the frame carries.
+    let quoted = udp_frame(C1, 5000, SERVER, 53, true);
+    let stray_fragment = fragments(&udp_frame_carrying(SERVER, 53, C1, 6000, &[0; 64]), 32, 9).1;
+    let mut tagged = unsolicited.clone();
+    tagged.splice(12..12, [0x81, 0x00, 0, 0]);
+    for (frame, reason) in [
+        (unsolicited.clone(), "unsolicited"),
+        (
+            with_ip_options(unsolicited.clone(), &record_route(9)),
+            "unsolicited",
+        ),
+        (icmp_frame(SERVER, C1, true, 5), "unsolicited"),
+        (
+            eth(0x0800, &ipv4(SERVER, C1, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4])),
+            "unsolicited",
+        ),
+        (
+            icmp_error_frame(SERVER, C1, DEST_UNREACH, PORT_UNREACH, &quoted[ETH_LEN..]),
+            "icmp_no_flow",
+        ),
+        (
+            eth(
+                0x0800,
+                &ipv4(SERVER, C1, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
+            ),
+            "unsupported_proto",
+        ),
+        (stray_fragment, "fragment"),
+        (tagged, "vlan"),
+        (ipv6_frame(GLOBAL, GLOBAL), "ipv6"),
+        (eth(LLDP, &[0u8; 46]), "not_ip"),
+    ] {
+        let before = b.stat(reason);
+        assert_eq!(run(&frame, to_c1(elsewhere, 0)), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    }
+    // Address resolution from a bridge port netd doesn't own is harmless.
+    assert_eq!(run(&eth(0x0806, &[0u8; 28]), to_c1(elsewhere, 0)), PASS);
 }
