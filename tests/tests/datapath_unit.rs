@@ -736,6 +736,8 @@ fn dnat_refuses_martian_sources() {
         Ipv4Addr::new(224, 0, 0, 5),
         HOST_ADDR,
         C2,
+        GATEWAY,
+        Ipv4Addr::new(172, 17, 200, 9),
     ] {
         let before = b.stat("martian");
         let syn = tcp_frame(src, 40000, HOST_ADDR, 8080, SYN);

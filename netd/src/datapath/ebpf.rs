@@ -306,6 +306,13 @@ impl EbpfDatapath {
         }
     }
 
+    /// Removes `net`'s subnet from `SUBNETS` (best effort: what is not there needs no removing).
+    fn forget_subnet(&self, net: &NetworkSpec) {
+        if let Ok(mut subnets) = maps::subnets(&self.pins) {
+            let _ = subnets.remove(&maps::subnet_key(net));
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
@@ -341,6 +348,11 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
             .and_then(|()| {
+                maps::subnets(&self.pins)?
+                    .insert(&maps::subnet_key(net), net.id, 0)
+                    .with_context(|| format!("add the subnet of network {}", net.name))
+            })
+            .and_then(|()| {
                 networks
                     .insert(net.id, maps::network_info(net), 0)
                     .with_context(|| format!("add network {}", net.name))
@@ -354,6 +366,7 @@ impl Datapath for EbpfDatapath {
             });
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            self.forget_subnet(net);
             if first {
                 let _ = self.detach_host();
             }
@@ -367,6 +380,7 @@ impl Datapath for EbpfDatapath {
         networks
             .remove(&net.id)
             .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
+        self.forget_subnet(net);
         let mut endpoints = maps::endpoints(&self.pins)?;
         let stale: Vec<_> = endpoints
             .iter()
