@@ -16,7 +16,7 @@ use netd_common::datapath::{
 use network_types::eth::EthHdr;
 
 use crate::lib::{
-    conntrack,
+    conntrack::{self, Path},
     events::Tuple,
     fib, frag, maps, nat,
     parse::{self, Flow, Frame as _},
@@ -55,7 +55,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     };
     let key = conntrack::key_of(&flow);
     let now = now_ns();
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, Path::Hairpin) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
             return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
