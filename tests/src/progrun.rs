@@ -166,6 +166,12 @@ where
     (result.return_value, out)
 }
 
+impl Default for Bench {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What a test run of a TC program may set of its `struct __sk_buff`: the mark, the interface
 /// the packet arrived on, and the one the program runs on (an interface of the namespace the
 /// run is made in).
