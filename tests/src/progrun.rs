@@ -27,6 +27,8 @@ use crate::{
 pub const PASS: u32 = u32::MAX;
 /// TC_ACT_SHOT.
 pub const DROP: u32 = 2;
+/// TC_ACT_REDIRECT: sent straight to another interface (into a container, to the uplink).
+pub const REDIRECT: u32 = 7;
 /// The XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;

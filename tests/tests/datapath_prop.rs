@@ -28,12 +28,10 @@ use tests::{
     frames::*,
     harness::{HOST_ADDR, OUTSIDE_ADDR},
     netdata::{C1, C2, GATEWAY, endpoint},
-    progrun::{Bench, DROP, Skb},
+    progrun::{Bench, DROP, REDIRECT, Skb},
 };
 
 const DEFAULT_CASES: u32 = 2000;
-/// TC_ACT_REDIRECT: delivered straight into a container or to another interface.
-const REDIRECTED: u32 = 7;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -223,16 +221,8 @@ fn build(s: &Spec) -> Vec<u8> {
             let mut ip = vec![0x60, 0, 0, 0, 0, 8, UDP, 64];
             let link_local = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
             let global = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-            ip.extend_from_slice(if s.link_local.0 {
-                &link_local
-            } else {
-                &global
-            });
-            ip.extend_from_slice(if s.link_local.1 {
-                &link_local
-            } else {
-                &global
-            });
+            ip.extend_from_slice(if s.link_local.0 { &link_local } else { &global });
+            ip.extend_from_slice(if s.link_local.1 { &link_local } else { &global });
             ip.extend_from_slice(&[0; 8]);
             eth(ETHERTYPE_IPV6, &ip)
         }
@@ -420,7 +410,7 @@ fn check(b: &Bench, model: &RefCell<Model>, s: &Spec) -> Result<(), TestCaseErro
         if let Some((src, dst)) = ends {
             prop_assert!(src == C1, "spoofed source left C1: {s:?}");
             prop_assert!(
-                verdict != REDIRECTED || !is_container(dst) || dst == C2,
+                verdict != REDIRECT || !is_container(dst) || dst == C2,
                 "delivered to the wrong container: {s:?}"
             );
         }

@@ -23,11 +23,11 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
+    CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
 };
 
 use crate::lib::{
-    conntrack::{self, Path, v4},
+    conntrack::{self, Path},
     events::{self, Tuple},
     fib, frag,
     inbound::{Inbound, inbound},
@@ -154,8 +154,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
 }
 
-/// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
-/// entry for the reversed quoted tuple says how this packet travels.
+/// An ICMP error about a tracked flow, translated as the flow's packets in its direction.
 #[inline(always)]
 fn icmp_error(
     ctx: &TcContext,
@@ -165,19 +164,10 @@ fn icmp_error(
     cfg: &Config,
     path: Path,
 ) -> Stat {
-    let key = CtKey {
-        saddr: v4(q.daddr),
-        daddr: v4(q.saddr),
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        family: AF_INET,
-        _pad: [0; 2],
-    };
-    let Some(rw) = conntrack::rewrite_for(&key, now, cfg, path) else {
+    let Some(hit) = conntrack::rewrites_for_error(q, now, cfg, path) else {
         return untranslatable(ctx, Stat::IcmpNoFlow, path);
     };
-    match nat::apply_icmp_error(ctx, flow, q, &rw) {
+    match nat::apply_icmp_error(ctx, flow, q, &hit.rewrite) {
         Ok(()) => Stat::IcmpError,
         Err(reason) => reason,
     }
