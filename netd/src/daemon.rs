@@ -1,14 +1,19 @@
 //! `netd daemon`: the long-running part of netd. The datapath never needs it (programs, maps
 //! and links are pinned, so packets keep flowing with no netd process at all); the daemon
 //! sweeps timed-out conntrack entries so their slots free up before the LRU would evict, and
-//! removes what a command killed midway left. It can be killed and restarted at any time.
+//! removes what a command killed midway left, and moves the eBPF datapath's NAT to a new
+//! uplink or uplink address. It can be killed and restarted at any time.
 
 use std::time::Duration;
 
 use anyhow::Result;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{container, controller::Ctx, datapath::ebpf::conntrack};
+use crate::{
+    container,
+    controller::Ctx,
+    datapath::ebpf::{EbpfDatapath, conntrack},
+};
 
 /// Runs until SIGINT or SIGTERM, sweeping every `interval`.
 pub async fn run(open: impl Fn() -> Result<Ctx>, interval: Duration) -> Result<()> {
@@ -39,6 +44,12 @@ async fn sweep_once(open: &impl Fn() -> Result<Ctx>) {
         } else {
             0
         };
+        // A new default route or uplink address: the eBPF datapath's NAT moves along.
+        if ctx.pins.map(netd_common::datapath::CONFIG_MAP).exists()
+            && let Some(uplink) = EbpfDatapath::new(ctx.pins.clone()).follow_uplink()?
+        {
+            eprintln!("netd daemon: the uplink is now {uplink}");
+        }
         anyhow::Ok((removed, swept))
     };
     match round.await {

@@ -1111,3 +1111,56 @@ fn hairpin_applies_the_sources_isolation() {
         C1
     );
 }
+
+#[test]
+fn the_datapath_follows_a_new_default_route_and_uplink_address() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_uplink().unwrap()
+        })
+    };
+    assert_eq!(follow(), None, "nothing changed yet");
+    // A second uplink (a VPN, a new NIC) takes the default route.
+    let new_addr = Ipv4Addr::new(198, 18, 7, 2);
+    for args in [
+        &["link", "add", "up9", "type", "veth", "peer", "name", "up9p"][..],
+        &["addr", "add", "198.18.7.2/24", "dev", "up9"],
+        &["link", "set", "up9p", "up"],
+        &["link", "set", "up9", "up"],
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.18.7.1",
+            "dev",
+            "up9",
+        ],
+    ] {
+        tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
+    }
+    assert_eq!(follow().as_deref(), Some("up9"));
+    for (prog, dir) in [
+        (UPLINK_INGRESS_PROG, aya::programs::TcAttachType::Ingress),
+        (UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress),
+    ] {
+        let attached = b
+            .env
+            .in_ns(&b.env.host_ns(), || pins.tc_attachments(prog, dir).unwrap());
+        assert_eq!(attached, ["up9"], "{prog}");
+    }
+    // Masquerade and published ports go on from the new address.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN)).src,
+        new_addr
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 40000, new_addr, 8080, SYN))
+            .dst,
+        C1
+    );
+    assert_eq!(follow(), None, "followed once");
+}
