@@ -244,6 +244,21 @@ impl Datapaths {
         ebpf::conntrack::sweep(&self.pins()?)
     }
 
+    /// Moves the eBPF datapath's uplink programs and NAT address along when the default
+    /// route's interface or its address changed; the new uplink's name when something did.
+    pub fn follow_uplink(&self) -> Result<Option<String>> {
+        let Some(pins) = crate::bpf::Pins::existing(&self.bpffs)
+            .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
+        else {
+            return Ok(None);
+        };
+        let mut dp = ebpf::EbpfDatapath::new(pins);
+        if let Some(max) = self.tuning.conntrack_max {
+            dp = dp.with_conntrack_max(max);
+        }
+        dp.follow_uplink()
+    }
+
     /// Removes every flow.
     pub fn conntrack_flush(&self) -> Result<usize> {
         ebpf::conntrack::flush(&self.pins()?)
