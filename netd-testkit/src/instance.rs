@@ -1,12 +1,19 @@
 //! The one fixture for "netd in a sandbox", for the tests and the benchmark alike: a sandbox
-//! (a "host" namespace netd manages and an "outside" one for the internet), a state dir and a
-//! bpffs pin dir of its own, the `netd` binary (`NETD_BIN`) to drive, and a guard that removes
-//! all of it, and every process it started, on success, failure and panic.
+//! (a "host" namespace netd manages and an "outside" one for the internet), a state dir, a
+//! bpffs pin dir and a cgroup (v2) of its own, the `netd` binary (`NETD_BIN`) to drive, and a
+//! guard that removes all of it, and every process it started, on success, failure and panic.
+//!
+//! netd attaches its host socket programs (published ports reached through the host's
+//! addresses) to the instance's cgroup, never to the machine's root one; every command run
+//! through the instance ([`Instance::cmd_in`]) runs in that cgroup.
 //!
 //! Named namespaces are global, so every name made here comes from [`Instance::name`]:
 //! `PREFIX-BASE`, with a prefix unique to the instance, which [`Drop`] sweeps.
 
 use std::{
+    fs::File,
+    io::Write as _,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -19,7 +26,7 @@ use anyhow::{Context as _, Result, bail};
 use netd::netns;
 
 use crate::{
-    cleanup::{Cleanup, remove_tree},
+    cleanup::{Cleanup, remove_cgroup, remove_tree},
     sandbox::Sandbox,
 };
 
@@ -32,6 +39,8 @@ pub struct Instance {
     pub sandbox: Sandbox,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
+    /// The instance's cgroup: netd's host socket programs attach here.
+    pub cgroup: PathBuf,
     netd: PathBuf,
     children: Mutex<Vec<Child>>,
 }
@@ -58,10 +67,12 @@ impl Instance {
     pub async fn create(prefix: &str) -> Result<Self> {
         let netd = crate::netd_bin()?;
         crate::ensure_bpffs()?;
+        let cgroup = crate::cgroup2_root()?.join(format!("netd-{prefix}"));
         let inst = Self {
             sandbox: Sandbox::create(prefix).await?,
             state_dir: std::env::temp_dir().join(format!("netd-{prefix}")),
             bpffs: PathBuf::from(format!("/sys/fs/bpf/netd-{prefix}")),
+            cgroup,
             prefix: prefix.to_string(),
             netd,
             children: Mutex::new(Vec::new()),
@@ -69,6 +80,8 @@ impl Instance {
         // On failure `inst` drops, removing the sandbox.
         std::fs::create_dir_all(&inst.state_dir)
             .with_context(|| format!("create {}", inst.state_dir.display()))?;
+        std::fs::create_dir(&inst.cgroup)
+            .with_context(|| format!("create cgroup {}", inst.cgroup.display()))?;
         Ok(inst)
     }
 
@@ -94,6 +107,8 @@ impl Instance {
             .arg(&self.state_dir)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--host-cgroup")
+            .arg(&self.cgroup)
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -151,11 +166,27 @@ impl Instance {
             .unwrap_or_else(|e| panic!("netd {args:?}: bad JSON ({e}): {out}"))
     }
 
-    /// A command run inside the namespace at `ns` ([`crate::command_in`]).
+    /// A command run inside the namespace at `ns` ([`crate::command_in`]), in the instance's
+    /// cgroup.
     pub fn cmd_in(&self, ns: &Path, program: &str, args: &[&str]) -> Command {
         let mut cmd = crate::command_in(ns, program);
         cmd.args(args);
+        self.join_cgroup(&mut cmd);
         cmd
+    }
+
+    /// Makes `cmd`'s process move itself into the instance's cgroup before it execs.
+    fn join_cgroup(&self, cmd: &mut Command) {
+        let procs = self.cgroup.join("cgroup.procs");
+        let mut file = File::options()
+            .write(true)
+            .open(&procs)
+            .unwrap_or_else(|e| panic!("open {}: {e}", procs.display()));
+        // SAFETY: the closure only makes one write(2) (async-signal-safe) on a file opened
+        // before the fork; "0" moves the writing process.
+        unsafe {
+            cmd.pre_exec(move || file.write_all(b"0"));
+        }
     }
 
     /// Runs `program` in `ns` to completion.
@@ -229,6 +260,8 @@ impl Drop for Instance {
         cleanup.check(self.sandbox.remove());
         cleanup.check(remove_tree(&self.bpffs));
         cleanup.check(remove_tree(&self.state_dir));
+        // Last: empty once its processes are gone, and nothing is attached once the pins are.
+        cleanup.check(remove_cgroup(&self.cgroup));
         cleanup.finish();
     }
 }

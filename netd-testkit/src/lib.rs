@@ -39,6 +39,20 @@ pub fn command_in(ns: &Path, program: &str) -> Command {
     cmd
 }
 
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+/// hybrid system).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            let (point, fstype) = (fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(point))
+        })
+        .context("cgroup v2 is not mounted")
+}
+
 /// Mounts a bpffs at /sys/fs/bpf in this (the machine's) mount namespace when there is none,
 /// for the instances' pin dirs.
 fn ensure_bpffs() -> Result<()> {

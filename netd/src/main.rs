@@ -48,6 +48,11 @@ struct Cli {
     /// before the kernel builds an skb for them; attached with the first network.
     #[arg(long, global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     uplink_xdp: bool,
+    /// The cgroup (v2) whose processes reach published ports through the host's addresses and
+    /// loopback (eBPF datapath; default: the cgroup v2 root, every process); attached when the
+    /// first network is set up.
+    #[arg(long, global = true, value_name = "DIR")]
+    host_cgroup: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,6 +184,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
     let mut tuning = netd::datapath::Tuning {
         conntrack_max: cli.conntrack_max,
         uplink_xdp: cli.uplink_xdp,
+        host_cgroup: cli.host_cgroup.clone(),
         ..Default::default()
     };
     for spec in &cli.conntrack_timeout {
