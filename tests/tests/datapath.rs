@@ -3,6 +3,7 @@
 //! through published ports, with no netfilter rule and no kernel conntrack involved.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
@@ -702,43 +703,148 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     machine_server.join().unwrap();
 }
 
-/// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(env: &TestEnv, ns: &Path, port: u16) {
-    for _ in 0..100 {
-        let ss = output_in(env, ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        if !ss.trim().is_empty() {
-            return;
+/// The ID of the program behind each of this instance's pinned links whose pin name ends
+/// with `kind` (`ingress`/`egress`: TC, `cgroup`: the host's socket programs), by pin name,
+/// and of the endpoint filter on each of `veths` (classic TC filters, which have no link).
+fn attached_program_ids(env: &TestEnv, kind: &[&str], veths: &[String]) -> BTreeMap<String, u64> {
+    let mut ids = BTreeMap::new();
+    for link in std::fs::read_dir(env.bpffs.join("links")).unwrap() {
+        let link = link.unwrap().path();
+        if !kind
+            .iter()
+            .any(|k| link.to_string_lossy().ends_with(&format!("@{k}")))
+        {
+            continue;
         }
-        thread::sleep(Duration::from_millis(20));
+        let shown = output_in(
+            env,
+            &env.host_ns(),
+            "bpftool",
+            &["-j", "link", "show", "pinned", link.to_str().unwrap()],
+        );
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        let name = link.file_name().unwrap().to_string_lossy().into_owned();
+        ids.insert(name, shown["prog_id"].as_u64().unwrap());
     }
-    panic!("nothing listens on port {port}");
+    for veth in veths {
+        ids.insert(veth.clone(), endpoint_filter_id(env, veth));
+    }
+    ids
+}
+
+/// The program ID of the endpoint filter on `veth`'s ingress.
+fn endpoint_filter_id(env: &TestEnv, veth: &str) -> u64 {
+    let shown = output_in(
+        env,
+        &env.host_ns(),
+        "tc",
+        &["-j", "filter", "show", "dev", veth, "ingress"],
+    );
+    let filters: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|f| f["options"]["prog"]["id"].as_u64())
+        .unwrap_or_else(|| panic!("no BPF filter on {veth}: {shown}"))
+}
+
+/// Bytes both ways of the TCP flows through published ports, as `conntrack ls` counts them.
+fn published_tcp_bytes(env: &TestEnv) -> u64 {
+    tests::cli::flows(env)
+        .iter()
+        .filter(|f| f["proto"] == "tcp" && f["nat"] == "dnat")
+        .map(|f| f["original"]["bytes"].as_u64().unwrap() + f["reply"]["bytes"].as_u64().unwrap())
+        .sum()
+}
+
+const TC: &[&str] = &["ingress", "egress"];
+
+/// BUG, for the owners of netd/src/datapath/ebpf.rs: `reload_programs` replaces the TC and XDP
+/// programs but not the host's socket programs attached to the cgroup (`host_connect4` and
+/// the rest), so an upgrade leaves the old build redirecting host connections.
+#[test]
+#[ignore = "BUG: netd reload leaves the cgroup socket programs of the old build attached"]
+fn reload_replaces_the_host_socket_programs_too() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.78.0.0/24"]);
+    let before = attached_program_ids(&env, &["cgroup"], &[]);
+    assert!(!before.is_empty(), "no socket program attached");
+    env.netd_ok(&["reload"]);
+    let after = attached_program_ids(&env, &["cgroup"], &[]);
+    for (attachment, id) in &after {
+        assert_ne!(
+            *id, before[attachment],
+            "reload kept {attachment}'s program"
+        );
+    }
 }
 
 #[test]
-fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
+fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the_new_one() {
+    use tests::cli::{create, eventually, pings};
     let env = TestEnv::new();
-    let c = &containers(&env, 1)[0];
-    publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 5201)]);
-    env.spawn_in(&c.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
-    wait_listening(&env, &c.ns, 5201);
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.79.0.0/24"]);
+    let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
+    env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
+    netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
     let client = {
         let cmd = env.cmd_in(
             &env.outside_ns(),
             "iperf3",
-            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "3", "-J"],
+            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "4", "-J"],
         );
         thread::spawn(move || {
             let mut cmd = cmd;
             cmd.output().unwrap()
         })
     };
-    // An upgrade, three times over, while the flow runs: no netd process stays around either.
-    for _ in 0..3 {
-        thread::sleep(Duration::from_millis(600));
+    let veth_of = |name: &str| {
+        env.netd_json(&["container", "inspect", name])["host_veth"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let veths = [veth_of(&srv.name)];
+    assert!(
+        eventually(TIMEOUT, || published_tcp_bytes(&env) > 1 << 20),
+        "the flow never started"
+    );
+    let mut ids = attached_program_ids(&env, TC, &veths);
+    // Uplink ingress and egress, bridge ingress, the container's veth ingress.
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    // An upgrade, three times over, while the flow runs: every program is a new one each
+    // time, and the flow carries on through the new ones.
+    for round in 0..3 {
+        let before = published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
-        // Uplink ingress and egress, bridge ingress, the container's veth ingress.
         assert!(out.contains("4 programs replaced"), "{out}");
+        let now = attached_program_ids(&env, TC, &veths);
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            ids.keys().collect::<Vec<_>>()
+        );
+        for (attachment, id) in &now {
+            assert_ne!(
+                *id, ids[attachment],
+                "reload {round} kept {attachment}'s program"
+            );
+        }
+        assert!(
+            eventually(TIMEOUT, || published_tcp_bytes(&env) > before + (1 << 20)),
+            "the flow stalled after reload {round}"
+        );
+        ids = now;
     }
+    // A container made after the reload runs the reloaded endpoint program.
+    let late = create(&env, "late", &["--network", "n"]);
+    assert_eq!(
+        endpoint_filter_id(&env, &veth_of(&late.name)),
+        ids[&veths[0]],
+        "the new container got another build"
+    );
+    assert!(pings(&env, &late.ns, OUTSIDE_ADDR));
+
     let out = client.join().unwrap();
     assert!(
         out.status.success(),
@@ -746,23 +852,12 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
         String::from_utf8_lossy(&out.stdout)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let intervals = report["intervals"].as_array().unwrap();
-    assert!(intervals.len() >= 3, "{report}");
-    for interval in intervals {
+    for interval in report["intervals"].as_array().unwrap() {
         assert!(
             interval["sum"]["bytes"].as_u64().unwrap() > 0,
             "a stalled interval: {interval}"
         );
     }
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(received > 0);
-    eprintln!(
-        "iperf3 through a published port: {:.1} Gbit/s",
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e9
-    );
 }
 
 #[test]
