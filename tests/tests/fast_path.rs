@@ -2,10 +2,7 @@
 //! stack, which does what forwarding does (ICMP time exceeded, fragmentation needed,
 //! fragmenting), and the stats counters show which path each packet took.
 
-use std::{
-    net::{Ipv4Addr, UdpSocket},
-    time::Duration,
-};
+use std::net::{Ipv4Addr, UdpSocket};
 
 use tests::{
     cli::{TIMEOUT, create, output_in, ping_output, stat},
