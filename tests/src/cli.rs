@@ -122,10 +122,12 @@ pub fn flows(env: &TestEnv) -> Vec<serde_json::Value> {
 
 /// Entries of the pinned conntrack map, expired ones included (`conntrack ls` hides those).
 pub fn conntrack_entries(env: &TestEnv) -> usize {
-    let map = env
-        .bpffs
-        .join("maps")
-        .join(netd_common::datapath::CONNTRACK_MAP);
+    map_entries(env, netd_common::datapath::CONNTRACK_MAP)
+}
+
+/// Entries of this instance's pinned map `name`.
+pub fn map_entries(env: &TestEnv, name: &str) -> usize {
+    let map = env.bpffs.join("maps").join(name);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&map)

@@ -379,6 +379,166 @@ fn fifty_concurrent_creates_all_succeed_with_distinct_addresses() {
     assert_eq!(listed.as_array().unwrap().len(), 50);
 }
 
+/// Runs every `netd ARGS` of `commands` at once and asserts that each succeeded.
+fn all_at_once(env: &TestEnv, commands: &[Vec<String>]) {
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            env.netd_cmd(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, args) in children.into_iter().zip(commands) {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "netd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// The host ends of veths on `bridge`.
+fn bridge_ports(env: &TestEnv, bridge: &str) -> usize {
+    String::from_utf8(
+        env.run_in(
+            &env.host_ns(),
+            "ip",
+            &["-o", "link", "show", "master", bridge],
+        )
+        .stdout,
+    )
+    .unwrap()
+    .lines()
+    .count()
+}
+
+#[test]
+fn concurrent_removes_creates_and_publishes_leave_consistent_state_and_nothing_leaked() {
+    use netd_common::datapath::{ENDPOINTS_MAP, PUBLISHED_MAP, VETHS_MAP};
+    use tests::cli::map_entries;
+    const N: u16 = 8;
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.69.0.0/24",
+        "--bridge",
+        "brcc",
+    ]);
+    let old: Vec<String> = (0..2 * N).map(|i| env.name(&format!("o{i}"))).collect();
+    let new: Vec<String> = (0..N).map(|i| env.name(&format!("n{i}"))).collect();
+    all_at_once(
+        &env,
+        &(0..2 * N)
+            .map(|i| {
+                let port = format!("{}:80", 8100 + i);
+                strings(&[
+                    "container",
+                    "create",
+                    &old[usize::from(i)],
+                    "--network",
+                    "n",
+                    "-p",
+                    &port,
+                ])
+            })
+            .collect::<Vec<_>>(),
+    );
+    let per_container =
+        [ENDPOINTS_MAP, VETHS_MAP].map(|m| map_entries(&env, m) / usize::from(2 * N));
+    let per_port = map_entries(&env, PUBLISHED_MAP) / usize::from(2 * N);
+    assert!(
+        per_container.iter().all(|&e| e > 0) && per_port > 0,
+        "no map entries"
+    );
+
+    // At once: the first half removed, as many created, the second half publishing one more.
+    let (gone, kept) = old.split_at(usize::from(N));
+    let mut commands: Vec<Vec<String>> = gone
+        .iter()
+        .map(|c| strings(&["container", "rm", c]))
+        .collect();
+    for (i, c) in (0u16..).zip(&new) {
+        let port = format!("{}:80", 8200 + i);
+        commands.push(strings(&[
+            "container",
+            "create",
+            c,
+            "--network",
+            "n",
+            "-p",
+            &port,
+        ]));
+    }
+    for (i, c) in (0u16..).zip(kept) {
+        commands.push(strings(&["publish", c, "-p", &format!("{}:81", 8300 + i)]));
+    }
+    all_at_once(&env, &commands);
+
+    let listed: HashSet<String> = env
+        .netd_json(&["container", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = kept.iter().chain(&new).cloned().collect();
+    assert_eq!(listed, expected);
+    let ips: HashSet<String> = expected.iter().map(|c| ip_of(&env, c)).collect();
+    assert_eq!(ips.len(), expected.len(), "an address handed out twice");
+    for (i, c) in (0u16..).zip(kept) {
+        assert_eq!(
+            env.netd_ok(&["port", c]),
+            format!(
+                "80/tcp -> 0.0.0.0:{}\n81/tcp -> 0.0.0.0:{}\n",
+                8100 + N + i,
+                8300 + i
+            )
+        );
+    }
+    // Nothing of the removed ones is left: namespaces, veths, map entries, ports.
+    assert!(
+        gone.iter().all(|c| !netns::exists(c)),
+        "a removed namespace is left"
+    );
+    assert_eq!(bridge_ports(&env, "brcc"), expected.len());
+    assert_eq!(
+        [ENDPOINTS_MAP, VETHS_MAP].map(|m| map_entries(&env, m)),
+        per_container.map(|e| e * expected.len())
+    );
+    assert_eq!(
+        map_entries(&env, PUBLISHED_MAP),
+        per_port * usize::from(3 * N)
+    );
+    assert_eq!(
+        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8100))
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "a removed container's port still answers"
+    );
+    // And what was made works: a new container's port, a kept one's new port.
+    for (c, port, cport) in [(&new[0], 8200, 80), (&kept[0], 8300, 81)] {
+        let server = echo_server(&env, &ns(c), cport);
+        assert_eq!(
+            tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", port)).unwrap(),
+            "netd"
+        );
+        server.join().unwrap();
+    }
+}
+
 /// What a failed command must leave exactly as it was.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
