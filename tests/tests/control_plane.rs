@@ -74,9 +74,20 @@ fn a_none_container_is_isolated_and_keeps_loopback() {
         "netd"
     );
     server.join().unwrap();
-    // ...and the host, whose 127.0.0.1 is its own, can't reach it.
-    let _server = env.in_ns(&ns(&c), || TcpListener::bind("0.0.0.0:8001").unwrap());
-    assert!(tcp_echo(&env, &env.host_ns(), addr("127.0.0.1", 8001)).is_err());
+    // ...and the host, whose 127.0.0.1 is its own, can't reach it: its own stack refuses.
+    let server = echo_server(&env, &ns(&c), 8001);
+    assert_eq!(
+        tcp_echo(&env, &env.host_ns(), addr("127.0.0.1", 8001))
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // The control: the same listener answers inside.
+    assert_eq!(
+        tcp_echo(&env, &ns(&c), addr("127.0.0.1", 8001)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
 }
 
 #[test]
@@ -987,16 +998,91 @@ fn conntrack_size_and_timeouts_are_configurable() {
     let flows = env.netd_json(&["conntrack", "ls", "--json"]);
     assert_eq!(flows.as_array().unwrap().len(), 1, "{flows}");
     std::thread::sleep(Duration::from_millis(2100));
-    // Timed out after 1 s: ignored by the datapath, removed by a sweep.
-    env.netd_ok(&["conntrack", "sweep"]);
+    // Timed out after 1 s: hidden from listings at once, its two entries removed by a sweep.
+    assert_eq!(tests::cli::flows(&env), Vec::<serde_json::Value>::new());
+    assert_eq!(tests::cli::conntrack_entries(&env), 2);
     assert_eq!(
-        env.netd_json(&["conntrack", "ls", "--json"])
-            .as_array()
-            .unwrap()
-            .len(),
-        0
+        env.netd_ok(&["conntrack", "sweep"]),
+        "2 expired entries removed\n"
     );
+    assert_eq!(tests::cli::conntrack_entries(&env), 0);
 
     let err = env.netd_err(&["--conntrack-timeout", "tcp_forever=1", "network", "ls"]);
     assert!(err.contains("tcp_forever"), "{err}");
+}
+
+#[test]
+fn a_full_conntrack_table_makes_room_for_new_flows() {
+    use std::net::UdpSocket;
+    const FLOWS: usize = 100;
+    let env = TestEnv::new();
+    // 64 entries: 32 flows.
+    env.netd_ok(&[
+        "--conntrack-max",
+        "64",
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.68.0.0/24",
+    ]);
+    let c = env.name("many");
+    env.netd_ok(&["container", "create", &c, "--network", "n"]);
+    let server = env.in_ns(&env.outside_ns(), || {
+        UdpSocket::bind((OUTSIDE_ADDR, 5500)).unwrap()
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        for _ in 0..FLOWS {
+            let mut buf = [0u8; 8];
+            let (n, peer) = server.recv_from(&mut buf).unwrap();
+            server.send_to(&buf[..n], peer).unwrap();
+        }
+    });
+    // Each from a socket of its own (a new flow), each answered through its translation.
+    let ports: Vec<u16> = (0..FLOWS)
+        .map(|i| {
+            env.in_ns(&ns(&c), || {
+                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                sock.send_to(&i.to_be_bytes(), (OUTSIDE_ADDR, 5500))
+                    .unwrap();
+                let mut buf = [0u8; 8];
+                let (n, _) = sock
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("flow {i} got no answer: {e}"));
+                assert_eq!(buf[..n], i.to_be_bytes());
+                sock.local_addr().unwrap().port()
+            })
+        })
+        .collect();
+    echo.join().unwrap();
+    let stats = env.netd_json(&["stats", "--json"]);
+    let count = |reason: &str| {
+        stats["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .unwrap()["packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(count("snat_new"), FLOWS as u64);
+    assert_eq!(count("conntrack_full"), 0, "a new flow was refused");
+    // The oldest made room for the newest.
+    let live: Vec<u64> = tests::cli::flows(&env)
+        .iter()
+        .map(|f| f["original"]["sport"].as_u64().unwrap())
+        .collect();
+    assert!(
+        live.contains(&u64::from(ports[FLOWS - 1])),
+        "the newest flow is gone"
+    );
+    assert!(
+        !live.contains(&u64::from(ports[0])),
+        "the oldest flow was kept"
+    );
 }

@@ -269,7 +269,11 @@ fn published_ports_reach_containers_and_replies_leave_from_the_published_address
     let refused = env.in_ns(&env.outside_ns(), || {
         TcpStream::connect_timeout(&(HOST_ADDR, 8081).into(), TIMEOUT)
     });
-    assert!(refused.is_err());
+    assert_eq!(
+        refused.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the host's own stack answers for an unpublished port"
+    );
 }
 
 /// Output of `program args` in `ns`, which must succeed.
@@ -866,6 +870,7 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     let env = TestEnv::new();
     let c = &containers(&env, 1)[0];
     ping(&env, &c.ns, OUTSIDE_ADDR, 1);
+    assert_eq!(source_seen_outside(&env, &c.ns), HOST_ADDR, "masqueraded");
     let net = tests::netdata::network();
     let links = env.bpffs.join("links");
     let attached = || std::fs::read_dir(&links).unwrap().count();
@@ -887,7 +892,11 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
         let err = dp.setup_network(&net).unwrap_err();
         assert!(format!("{err:#}").contains("already set up"), "{err:#}");
         let ep = tests::netdata::endpoint(c.ip, &c.host_if, 1);
-        assert!(dp.add_endpoint(&net, &ep).is_err());
+        let err = dp.add_endpoint(&net, &ep).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("endpoint {} is already on a network", c.ip)),
+            "{err:#}"
+        );
         // A batch with a clash publishes nothing.
         dp.publish(&net, &[port(Protocol::Udp, None, 7000, c.ip, 7000)])
             .unwrap();
@@ -904,17 +913,25 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     });
     assert_eq!(attached(), 0, "the last network took the programs with it");
     assert_eq!(veth_filter(), "", "and the container's filter");
-    // Nothing masquerades any more: the outside can't answer the container.
-    let out = env.run_in(
-        &c.ns,
-        "ping",
-        &["-c", "1", "-W", "1", &OUTSIDE_ADDR.to_string()],
-    );
-    assert!(!out.status.success());
+    // Nothing masquerades any more: a datagram reaches the outside with the container's own
+    // address (it did with the host's while the programs were there).
+    assert_eq!(source_seen_outside(&env, &c.ns), c.ip, "still translated");
     assert_eq!(
         env.netd_json(&["conntrack", "ls", "--json"]),
         serde_json::json!([])
     );
+}
+
+/// The source address the outside sees on a datagram sent from `ns`.
+fn source_seen_outside(env: &TestEnv, ns: &Path) -> Ipv4Addr {
+    let server = udp_bound_in(env, &env.outside_ns(), (OUTSIDE_ADDR, 9001).into());
+    let client = udp_bound_in(env, ns, (Ipv4Addr::UNSPECIFIED, 0).into());
+    client.send_to(b"who?", (OUTSIDE_ADDR, 9001)).unwrap();
+    let (_, peer) = server.recv_from(&mut [0u8; 16]).unwrap();
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other}"),
+    }
 }
 
 /// The MAC address of `ifname` in `ns`.
