@@ -533,6 +533,11 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
     assert!(!pings(&env, &c1.ns, c2.ip, None));
     let out = env.netd_ok(&["monitor", "--count", "1"]);
     assert_eq!(out.lines().count(), 1, "{out}");
+    // The oldest unread drop: this ping's, or a retransmitted SYN of the refused connection.
+    assert!(
+        out.starts_with("icc_denied ") && out.contains(&format!("{}:", c1.ip)),
+        "{out}"
+    );
 }
 
 /// Whether a TCP connection from the outside, from source address `src`, to the host's
