@@ -161,7 +161,7 @@ fn the_daemon_sweeps_expired_flows_and_removes_half_made_containers() {
         eventually(Duration::from_secs(5), || !netd::netns::exists(&victim)),
         "the daemon did not remove the half-made container's namespace"
     );
-    assert_eq!(container_names(&env), [c.name.clone()]);
+    assert_eq!(container_names(&env), std::slice::from_ref(&c.name));
     // The live container is untouched and still reaches the outside.
     assert!(pings(&env, &c.ns, OUTSIDE_ADDR));
 
