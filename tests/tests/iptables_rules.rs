@@ -115,49 +115,26 @@ fn normalised_rules(env: &TestEnv, ns: &Path) -> BTreeMap<String, Vec<String>> {
     chains
 }
 
-#[test]
-fn the_iptables_datapath_writes_the_rules_dockerd_20_10_writes_for_the_same_ports() {
-    // Docker: its default bridge (172.17.0.0/16 on docker0), one container publishing a TCP
-    // and a UDP port, without the userland proxy (the rules netd mirrors).
-    let docker_env = TestEnv::new();
-    let dockerd = Dockerd::start_with_proxy(
-        &docker_env.host_ns(),
-        &docker_env.state_dir.join("docker"),
-        false,
-    )
-    .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));
-    let web = dockerd
-        .run(
-            "web",
-            &[(8080, 80, Protocol::Tcp), (5353, 53, Protocol::Udp)],
-        )
-        .unwrap();
-    let docker = normalised_rules(&docker_env, &docker_env.host_ns());
-    drop(dockerd);
-
-    // netd: its default network, the same container and ports, in a sandbox of its own.
+/// The rules a dockerd 20.10 without the userland proxy (the rules netd mirrors) writes for
+/// what `in_docker` makes, in a sandbox of its own; the dockerd is gone on return.
+fn docker_rules(in_docker: impl FnOnce(&Dockerd)) -> BTreeMap<String, Vec<String>> {
     let env = TestEnv::new();
-    let name = env.name("web");
-    env.netd_ok(&[
-        "--datapath",
-        "iptables",
-        "container",
-        "create",
-        &name,
-        "-p",
-        "8080:80",
-        "-p",
-        "5353:53/udp",
-    ]);
-    let ip = env.netd_json(&["container", "inspect", &name])["ip"].clone();
-    assert_eq!(
-        ip,
-        web.ip.to_string(),
-        "both gave the first container the same address"
-    );
-    let netd = normalised_rules(&env, &env.host_ns());
+    let dockerd = Dockerd::start_with_proxy(&env.host_ns(), &env.state_dir.join("docker"), false)
+        .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));
+    in_docker(&dockerd);
+    normalised_rules(&env, &env.host_ns())
+}
 
-    let netd = with_known_differences_undone(&docker, netd);
+/// The rules netd's iptables datapath writes for what `in_netd` makes, in a sandbox of its
+/// own.
+fn netd_rules(in_netd: impl FnOnce(&TestEnv)) -> BTreeMap<String, Vec<String>> {
+    let env = TestEnv::new();
+    in_netd(&env);
+    normalised_rules(&env, &env.host_ns())
+}
+
+/// Asserts that the two rule sets are the same, naming each chain that differs.
+fn assert_same_rules(docker: &BTreeMap<String, Vec<String>>, netd: &BTreeMap<String, Vec<String>>) {
     let chains: BTreeSet<&String> = docker.keys().chain(netd.keys()).collect();
     let differences: Vec<String> = chains
         .into_iter()
@@ -171,6 +148,123 @@ fn the_iptables_datapath_writes_the_rules_dockerd_20_10_writes_for_the_same_port
         })
         .collect();
     assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+/// The address of netd container `name`.
+fn netd_ip(env: &TestEnv, name: &str) -> String {
+    env.netd_json(&["container", "inspect", name])["ip"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn the_iptables_datapath_writes_the_rules_dockerd_20_10_writes_for_the_same_ports() {
+    // Docker's default bridge (172.17.0.0/16 on docker0), one container publishing a TCP and
+    // a UDP port; netd's default network with the same container and ports.
+    let mut docker_ip = None;
+    let docker = docker_rules(|d| {
+        let web = d
+            .run(
+                "web",
+                &[(8080, 80, Protocol::Tcp), (5353, 53, Protocol::Udp)],
+            )
+            .unwrap();
+        docker_ip = Some(web.ip.to_string());
+    });
+    let netd = netd_rules(|env| {
+        let name = env.name("web");
+        env.netd_ok(&[
+            "--datapath",
+            "iptables",
+            "container",
+            "create",
+            &name,
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:53/udp",
+        ]);
+        assert_eq!(
+            Some(netd_ip(env, &name)),
+            docker_ip,
+            "the first container's address"
+        );
+    });
+    assert_same_rules(&docker, &with_known_differences_undone(&docker, netd));
+}
+
+/// BUG, for the iptables datapath's owners (netd/src/datapath/iptables.rs), beyond the
+/// default bridge's [`KNOWN_DIFFERENCES`]: for an `--internal` network Docker writes only
+/// `-i BR -o BR -j ACCEPT` in FORWARD and the two isolation DROPs (`! -s SUBNET -o BR` first),
+/// no stage-2 jump or DROP, and no DNAT, ACCEPT or hairpin MASQUERADE for its published ports;
+/// netd writes all of those. For `--icc=false` Docker appends `-i BR -o BR -j DROP` at the
+/// end of FORWARD. Docker inserts each network's POSTROUTING rules above the older ones'.
+#[test]
+#[ignore = "BUG: the iptables datapath's rules for --internal and --icc=false networks differ from Docker's"]
+fn the_iptables_datapath_writes_dockerds_rules_for_networks_without_icc_and_internal_ones() {
+    // Two user-defined networks, one without ICC, one internal, with a container each
+    // publishing a port.
+    let networks: [(&str, &str, &str, &str); 2] = [
+        ("quiet", "10.50.0.0/24", "br-quiet", "--icc=false"),
+        ("inner", "10.51.0.0/24", "br-inner", "--internal"),
+    ];
+    let docker = docker_rules(|d| {
+        d.run("plain", &[]).unwrap();
+        for (i, (name, subnet, bridge, flag)) in networks.iter().enumerate() {
+            let bridge_opt = format!("com.docker.network.bridge.name={bridge}");
+            let mut args = vec!["network", "create", "--subnet", subnet, "-o", &bridge_opt];
+            match *flag {
+                "--icc=false" => args.extend(["-o", "com.docker.network.bridge.enable_icc=false"]),
+                _ => args.push("--internal"),
+            }
+            args.push(name);
+            d.docker(&args).unwrap();
+            let port = format!("{}:80", 9090 + i);
+            let c = format!("c-{name}");
+            d.docker(&[
+                "run",
+                "-d",
+                "--name",
+                &c,
+                "--network",
+                name,
+                "-p",
+                &port,
+                "busybox",
+                "sleep",
+                "1d",
+            ])
+            .unwrap();
+        }
+    });
+    let netd = netd_rules(|env| {
+        env.netd_ok(&[
+            "--datapath",
+            "iptables",
+            "container",
+            "create",
+            &env.name("plain"),
+        ]);
+        for (i, (name, subnet, bridge, flag)) in networks.iter().enumerate() {
+            env.netd_ok(&[
+                "--datapath",
+                "iptables",
+                "network",
+                "create",
+                name,
+                "--subnet",
+                subnet,
+                "--bridge",
+                bridge,
+                flag,
+            ]);
+            let c = env.name(&format!("c-{name}"));
+            let port = format!("{}:80", 9090 + i);
+            env.netd_ok(&["container", "create", &c, "--network", name, "-p", &port]);
+        }
+    });
+    assert_same_rules(&docker, &netd);
 }
 
 /// Where netd's rules differ from dockerd 20.10's (`--userland-proxy=false`) today, each a bug

@@ -265,7 +265,7 @@ impl Dockerd {
     }
 
     /// Runs the docker CLI and returns its trimmed stdout; errors carry its first stderr line.
-    fn docker(&self, args: &[&str]) -> Result<String> {
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
         let out = self
             .cli()
             .args(args)
