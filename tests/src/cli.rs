@@ -120,6 +120,15 @@ pub fn flows(env: &TestEnv) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Bytes both ways of the TCP flows through published ports, as `conntrack ls` counts them.
+pub fn published_tcp_bytes(env: &TestEnv) -> u64 {
+    flows(env)
+        .iter()
+        .filter(|f| f["proto"] == "tcp" && f["nat"] == "dnat")
+        .map(|f| f["original"]["bytes"].as_u64().unwrap() + f["reply"]["bytes"].as_u64().unwrap())
+        .sum()
+}
+
 /// Entries of the pinned conntrack map, expired ones included (`conntrack ls` hides those).
 pub fn conntrack_entries(env: &TestEnv) -> usize {
     map_entries(env, netd_common::datapath::CONNTRACK_MAP)

@@ -15,7 +15,7 @@ use nix::{
     unistd::Pid,
 };
 use tests::{
-    cli::{conntrack_entries, create, eventually, flows, pings},
+    cli::{conntrack_entries, create, eventually, flows, pings, published_tcp_bytes},
     harness::{OUTSIDE_ADDR, TestEnv},
 };
 
@@ -69,10 +69,21 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Killed once the flow carries data, and the flow carries more before the restart.
+    assert!(
+        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
+            > 1 << 20),
+        "the flow never started"
+    );
     signal(&first, Signal::SIGKILL);
     let killed = first.wait_with_output().unwrap();
     assert!(!killed.status.success());
+    let before = published_tcp_bytes(&env);
+    assert!(
+        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
+            > before + (1 << 20)),
+        "the flow stalled without a daemon"
+    );
     let second = start_daemon(&env);
 
     let out = client.wait_with_output().unwrap();

@@ -753,15 +753,6 @@ fn endpoint_filter_id(env: &TestEnv, veth: &str) -> u64 {
         .unwrap_or_else(|| panic!("no BPF filter on {veth}: {shown}"))
 }
 
-/// Bytes both ways of the TCP flows through published ports, as `conntrack ls` counts them.
-fn published_tcp_bytes(env: &TestEnv) -> u64 {
-    tests::cli::flows(env)
-        .iter()
-        .filter(|f| f["proto"] == "tcp" && f["nat"] == "dnat")
-        .map(|f| f["original"]["bytes"].as_u64().unwrap() + f["reply"]["bytes"].as_u64().unwrap())
-        .sum()
-}
-
 const TC: &[&str] = &["ingress", "egress"];
 
 /// BUG, for the owners of netd/src/datapath/ebpf.rs: `reload_programs` replaces the TC and XDP
@@ -811,7 +802,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     };
     let veths = [veth_of(&srv.name)];
     assert!(
-        eventually(TIMEOUT, || published_tcp_bytes(&env) > 1 << 20),
+        eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env) > 1 << 20),
         "the flow never started"
     );
     let mut ids = attached_program_ids(&env, TC, &veths);
@@ -820,7 +811,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     // An upgrade, three times over, while the flow runs: every program is a new one each
     // time, and the flow carries on through the new ones.
     for round in 0..3 {
-        let before = published_tcp_bytes(&env);
+        let before = tests::cli::published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
         assert!(out.contains("4 programs replaced"), "{out}");
         let now = attached_program_ids(&env, TC, &veths);
@@ -835,7 +826,8 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
             );
         }
         assert!(
-            eventually(TIMEOUT, || published_tcp_bytes(&env) > before + (1 << 20)),
+            eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env)
+                > before + (1 << 20)),
             "the flow stalled after reload {round}"
         );
         ids = now;
