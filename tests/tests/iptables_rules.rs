@@ -8,11 +8,11 @@ use std::{
 };
 
 use netd::{
-    bench::docker::Dockerd,
     bpf::Pins,
     datapath::{self, NetworkSpec, PortSpec, Protocol},
     netns,
 };
+use netd_bench::bench::docker::{self, Dockerd};
 use tests::harness::TestEnv;
 
 fn iptables_save(env: &TestEnv) -> String {
@@ -167,7 +167,10 @@ fn the_iptables_datapath_writes_the_rules_dockerd_20_10_writes_for_the_same_port
         let web = d
             .run(
                 "web",
-                &[(8080, 80, Protocol::Tcp), (5353, 53, Protocol::Udp)],
+                &[
+                    (8080, 80, docker::Protocol::Tcp),
+                    (5353, 53, docker::Protocol::Udp),
+                ],
             )
             .unwrap();
         docker_ip = Some(web.ip.to_string());
