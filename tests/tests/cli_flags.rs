@@ -293,13 +293,35 @@ fn udp_ask(env: &TestEnv, addr: SocketAddr) -> (String, SocketAddr) {
 }
 
 #[test]
-fn publish_all_a_host_ip_and_port_ranges_reach_the_container_through_the_cli() {
+fn publish_all_a_host_ip_and_port_ranges_reach_the_container_through_the_cli_ebpf() {
+    publish_all_a_host_ip_and_port_ranges("ebpf");
+}
+
+#[test]
+fn publish_all_a_host_ip_and_port_ranges_reach_the_container_through_the_cli_iptables() {
+    publish_all_a_host_ip_and_port_ranges("iptables");
+}
+
+/// `-P` with `--expose`d ports, `-p IP:HOST:CONTAINER` and port ranges for TCP and UDP, on a
+/// network of `datapath`: each published port carries traffic to its container port.
+fn publish_all_a_host_ip_and_port_ranges(datapath: &str) {
     let env = TestEnv::new();
     add_second_host_address(&env);
+    env.netd_ok(&[
+        "--datapath",
+        datapath,
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.67.0.0/24",
+    ]);
     let c: Ctr = create(
         &env,
         "web",
         &[
+            "--network",
+            "n",
             "--expose",
             "80",
             "--expose",
