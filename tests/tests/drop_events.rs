@@ -10,11 +10,10 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::Path,
-    time::Duration,
 };
 
 use tests::{
-    cli::{Ctr, drop_events, output_in, stat},
+    cli::{Ctr, TIMEOUT, drop_events, output_in, stat},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
 };
 
@@ -39,11 +38,10 @@ fn create_quiet(env: &TestEnv, base: &str, args: &[&str]) -> Ctr {
     Ctr { name, ns, ip }
 }
 
-/// A UDP socket bound to `addr` in `ns`, reading with a short time-out.
+/// A UDP socket bound to `addr` in `ns`, reading with a time-out.
 fn receiver(env: &TestEnv, ns: &Path, addr: SocketAddr) -> UdpSocket {
     let sock = env.in_ns(ns, || UdpSocket::bind(addr).unwrap());
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
     sock
 }
 
