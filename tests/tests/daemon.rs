@@ -60,7 +60,7 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
                 "-p",
                 "15201",
                 "-t",
-                "4",
+                "6",
                 "-i",
                 "0.5",
                 "-J",

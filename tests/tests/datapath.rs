@@ -783,11 +783,12 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
     env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
     netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
+    // Ten seconds: long enough to outlast three reloads on a busy machine.
     let client = {
         let cmd = env.cmd_in(
             &env.outside_ns(),
             "iperf3",
-            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "4", "-J"],
+            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "10", "-J"],
         );
         thread::spawn(move || {
             let mut cmd = cmd;
