@@ -111,7 +111,7 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
 fn half_made_container(env: &TestEnv, name: &str) {
     let mut child = env
         .netd_cmd(&["container", "create", name, "--network", "n"])
-        .env("NETD_TEST_PAUSE_AFTER", "veth")
+        .env("NETD_TEST_PAUSE_AFTER", "container-veth")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -119,7 +119,7 @@ fn half_made_container(env: &TestEnv, name: &str) {
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "paused after veth");
+    assert_eq!(line.trim(), "paused after container-veth");
     signal(&child, Signal::SIGKILL);
     child.wait().unwrap();
 }
