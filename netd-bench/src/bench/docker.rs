@@ -95,8 +95,14 @@ pub struct Dockerd {
 impl Dockerd {
     /// Starts dockerd inside the network namespace `host_ns` with its socket, pidfile, data and
     /// exec roots (and its containerd) under `workdir`, waits until it answers, and imports the
-    /// busybox image.
+    /// busybox image. The userland proxy is on, as in Docker's default.
     pub fn start(host_ns: &Path, workdir: &Path) -> Result<Self> {
+        Self::start_with_proxy(host_ns, workdir, true)
+    }
+
+    /// [`Dockerd::start`] with `--userland-proxy` as given (off: the rules netd's iptables
+    /// datapath mirrors).
+    pub fn start_with_proxy(host_ns: &Path, workdir: &Path, userland_proxy: bool) -> Result<Self> {
         check_installed()?;
         let socket = workdir.join("docker.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -114,7 +120,7 @@ impl Dockerd {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent)?;
+        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, userland_proxy)?;
         // From here on, Drop cleans up whatever fails.
         let mut dockerd = Self {
             daemon,
@@ -195,7 +201,7 @@ impl Dockerd {
     }
 
     /// Runs the docker CLI and returns its trimmed stdout; errors carry its first stderr line.
-    fn docker(&self, args: &[&str]) -> Result<String> {
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
         let out = self
             .cli()
             .args(args)
@@ -424,6 +430,7 @@ fn spawn_dockerd(
     workdir: &Path,
     socket: &Path,
     cgroup_parent: &str,
+    userland_proxy: bool,
 ) -> Result<Child> {
     let log = fs::File::create(workdir.join("dockerd.log")).context("create dockerd.log")?;
     Command::new("nsenter")
@@ -445,11 +452,8 @@ fn spawn_dockerd(
         // Explicit so that a missing overlayfs fails here instead of falling back to vfs,
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
-        .args([
-            "--iptables=true",
-            "--ip-forward=true",
-            "--userland-proxy=true",
-        ])
+        .args(["--iptables=true", "--ip-forward=true"])
+        .arg(format!("--userland-proxy={userland_proxy}"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)
