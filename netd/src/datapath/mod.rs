@@ -163,7 +163,7 @@ pub struct Tuning {
     pub uplink_xdp: bool,
     /// The cgroup whose processes reach published ports through host addresses (eBPF
     /// datapath); `None`: the cgroup v2 root, every process.
-    pub host_cgroup: Option<std::path::PathBuf>,
+    pub host_cgroup: Option<PathBuf>,
 }
 
 impl Tuning {
