@@ -7,15 +7,11 @@
 //! - [`store`]: the state, an SQLite database;
 //! - [`server`]: `netd daemon`'s API on a unix socket, one more front end of the core;
 //! - [`datapath`]: the NAT, forwarding and filtering drivers (eBPF, iptables).
-pub mod bench;
 pub mod cli;
 pub mod core;
-pub mod counter;
 pub mod datapath;
-pub mod demo;
 pub mod driver;
 pub mod fault;
-pub mod sandbox;
 pub mod server;
 pub mod store;
 

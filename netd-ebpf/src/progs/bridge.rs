@@ -1,0 +1,129 @@
+//! The program on each network bridge's ingress: what containers send to the host. Only
+//! hairpin traffic is handled here (Docker's hairpin MASQUERADE case): a container reaching a
+//! published port through a host address is DNATed to the published container and SNATed to
+//! the network's gateway, and the target's replies are translated back. Both directions are
+//! redirected straight to the destination container's veth: the host stack would drop them
+//! as martians (a local source address arriving from outside). A published port's
+//! `--publish-allow` ranges apply to its containers as to the outside.
+//!
+//! Everything else passes untouched; outgoing traffic is masqueraded on the uplink.
+
+use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
+use netd_common::datapath::{EndpointInfo, Stat};
+use network_types::eth::EthHdr;
+
+use crate::lib::{
+    conntrack, fib, maps, nat,
+    parse::{self, Flow, Frame as _},
+    stats,
+    verdict::{dropped, now_ns, verdict},
+};
+
+/// What became of a hairpin packet: translated and redirected to a container's host-side veth
+/// (with the TC action doing it), else `Done`.
+enum Outcome {
+    Redirected(Stat, i32),
+    Done(Stat),
+}
+
+#[classifier]
+pub fn bridge_ingress(ctx: TcContext) -> i32 {
+    match hairpin(&ctx) {
+        Outcome::Done(stat) => verdict(stat),
+        Outcome::Redirected(stat, action) => {
+            stats::count(stat);
+            action
+        }
+    }
+}
+
+#[inline(always)]
+fn hairpin(ctx: &TcContext) -> Outcome {
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(reason) => return Outcome::Done(reason),
+    };
+    let Some(cfg) = maps::config() else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let key = conntrack::key_of(&flow);
+    let now = now_ns();
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
+        let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
+            return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
+        };
+        let Some(second) = hit.second else {
+            return Outcome::Done(dropped(ctx, &flow, Stat::RewriteFailed, flow.saddr));
+        };
+        return translate(ctx, &flow, &hit.rewrite, &second, Stat::HairpinHit, ep);
+    }
+    // A new flow: from a container of a netd network to a port published on a host address.
+    let Some(src_net_id) = maps::endpoint(flow.saddr).map(|src| src.network_id) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let Some(net) = maps::network(src_net_id) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let gateway = net.gateway[0];
+    let daddr_is_host = flow.daddr == cfg.uplink_addr[0] || flow.daddr == gateway;
+    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let Some(ep) = maps::endpoint(target.addr[0]) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    // An internal network's published ports are out of reach from its neighbours too.
+    if ep.network_id != src_net_id && maps::is_internal(ep.network_id) {
+        return Outcome::Done(dropped(ctx, &flow, Stat::Internal, target.addr[0]));
+    }
+    if !maps::publish_allows(&target, flow.proto, flow.saddr) {
+        return Outcome::Done(dropped(ctx, &flow, Stat::PublishDenied, target.addr[0]));
+    }
+    if !conntrack::may_start_flow(&flow) {
+        return Outcome::Done(Stat::NoNat);
+    }
+    let started = conntrack::start_hairpin(
+        ctx,
+        &key,
+        &flow,
+        target.addr[0],
+        target.port,
+        gateway,
+        ctx.len(),
+        now,
+        cfg,
+    );
+    match started {
+        Ok((dst, src)) => translate(ctx, &flow, &dst, &src, Stat::HairpinNew, ep),
+        Err(reason) => Outcome::Done(dropped(ctx, &flow, reason, flow.saddr)),
+    }
+}
+
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    flow: &Flow,
+    dst: &nat::Rewrite,
+    src: &nat::Rewrite,
+    done: Stat,
+    ep: &'static EndpointInfo,
+) -> Outcome {
+    let redirected = nat::apply(ctx, flow, dst)
+        .and_then(|()| nat::apply(ctx, flow, src))
+        .and_then(|()| redirect_to(ctx, ep));
+    match redirected {
+        Ok(action) => Outcome::Redirected(done, action),
+        Err(reason) => Outcome::Done(dropped(ctx, flow, reason, flow.saddr)),
+    }
+}
+
+/// Sends the frame out of the container's host-side veth: from the bridge's MAC (the frame
+/// was addressed to it) to the container's.
+#[inline(always)]
+fn redirect_to(ctx: &TcContext, ep: &EndpointInfo) -> Result<i32, Stat> {
+    let eth: EthHdr = ctx.read(0).ok_or(Stat::RewriteFailed)?;
+    fib::set_macs(ctx, ep.mac, eth.dst_addr).map_err(|_| Stat::RewriteFailed)?;
+    // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT for
+    // invalid flags, which 0 is not).
+    Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+}

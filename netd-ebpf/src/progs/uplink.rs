@@ -1,0 +1,176 @@
+//! The two programs on the host's uplink. Each packet goes parse → conntrack → nat:
+//!
+//! - egress (leaving the host): a packet of a tracked flow gets its direction's rewrite
+//!   (masqueraded flows: source → host:port; published-port replies: source → host:published
+//!   port); a new flow from a container of a masquerading network is masqueraded.
+//! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
+//!   masqueraded flows: destination → container); a new flow is decided by `lib::inbound`: to a
+//!   published port it is DNATed to the container, straight to a container it is mostly
+//!   dropped. A packet translated to a container goes straight into its namespace (`fib`),
+//!   else the host stack routes it to the container's bridge. `uplink_xdp` (optional) makes
+//!   the same drops earlier.
+//!
+//! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
+//! with the packet they quote, in both directions.
+//!
+//! Everything else, and every packet that can't be fully parsed, passes untouched (counted
+//! with the reason in `STATS`). The only drops are refused new flows, new flows that can't be
+//! tracked and packets a helper failed to rewrite.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use netd_common::datapath::{
+    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
+};
+
+use crate::lib::{
+    conntrack::{self, v4},
+    fib,
+    inbound::{Inbound, inbound},
+    maps, nat,
+    parse::{self, Flow, Quoted},
+    stats,
+    verdict::{dropped, now_ns, verdict},
+};
+
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    verdict(egress(&ctx))
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    let outcome = ingress(&ctx);
+    if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit)
+        && let Some(action) = fib::deliver_to_container(&ctx)
+    {
+        stats::count(outcome);
+        stats::count(Stat::FastPathIn);
+        return action;
+    }
+    verdict(outcome)
+}
+
+/// A parsed packet that belongs to no tracked flow: the direction decides whether it starts one.
+struct Untracked {
+    flow: Flow,
+    cfg: &'static Config,
+    key: CtKey,
+    now: u64,
+}
+
+/// What both directions do first: parse the packet, then translate ICMP errors about tracked
+/// flows and packets of tracked flows. `Err` is the finished packet's outcome.
+#[inline(always)]
+fn translate_tracked(ctx: &TcContext) -> Result<Untracked, Stat> {
+    let flow = parse::ipv4_flow(ctx)?;
+    let cfg = maps::config().ok_or(Stat::NoNat)?;
+    let now = now_ns();
+    if let Some(quoted) = &flow.quoted {
+        return Err(icmp_error(ctx, &flow, quoted, now, cfg));
+    }
+    let key = conntrack::key_of(&flow);
+    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
+        return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
+    }
+    Ok(Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    })
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Stat {
+    let Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    } = match translate_tracked(ctx) {
+        Ok(untracked) => untracked,
+        Err(outcome) => return outcome,
+    };
+    if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
+        Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
+    }
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Stat {
+    let Untracked {
+        flow,
+        cfg,
+        key,
+        now,
+    } = match translate_tracked(ctx) {
+        Ok(untracked) => untracked,
+        Err(outcome) => return outcome,
+    };
+    let target = match inbound(&flow, cfg) {
+        Inbound::Published(target) => target,
+        Inbound::Refused(reason, container) => return dropped(ctx, &flow, reason, container),
+        Inbound::Stack => return Stat::NoNat,
+    };
+    if !conntrack::may_start_flow(&flow) {
+        return Stat::NoNat;
+    }
+    match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
+        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
+        Err(reason) => dropped(ctx, &flow, reason, target.addr[0]),
+    }
+}
+
+/// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
+/// entry for the reversed quoted tuple says how this packet travels.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Stat {
+    let key = CtKey {
+        saddr: v4(q.daddr),
+        daddr: v4(q.saddr),
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    let Some(rw) = conntrack::rewrite_for(&key, now, cfg) else {
+        return Stat::NoNat;
+    };
+    match nat::apply_icmp_error(ctx, flow, q, &rw) {
+        Ok(()) => Stat::IcmpError,
+        Err(reason) => reason,
+    }
+}
+
+/// Applies `rw`; a failure drops the packet and counts it against its container (the
+/// source of a rewritten source, the new destination of a rewritten destination).
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
+    match nat::apply(ctx, flow, rw) {
+        Ok(()) => done,
+        Err(reason) => dropped(ctx, flow, reason, if rw.src { flow.saddr } else { rw.addr }),
+    }
+}
+
+#[inline(always)]
+fn hit_stat(nat: u8) -> Stat {
+    if nat == CT_NAT_SNAT {
+        Stat::SnatHit
+    } else {
+        Stat::DnatHit
+    }
+}
+
+/// Whether `saddr` is a container on a network with masquerading on (never an internal one:
+/// its traffic stops at the container's veth, this makes sure nothing gets out anyway).
+#[inline(always)]
+fn masquerades(saddr: u32) -> bool {
+    maps::endpoint(saddr)
+        .and_then(|ep| maps::network(ep.network_id))
+        .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
+}
