@@ -170,6 +170,38 @@ impl TestEnv {
     pub fn in_ns<T: Send>(&self, ns: &Path, f: impl FnOnce() -> T + Send) -> T {
         netns::run_in(Some(ns), || Ok(f())).unwrap()
     }
+
+    /// The named namespaces this test made that exist, sorted.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The interfaces of the sandbox host namespace, sorted.
+    pub fn host_links(&self) -> Vec<String> {
+        let out = self.run_in(&self.host_ns(), "ip", &["-o", "link"]);
+        let mut links: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            .collect();
+        links.sort();
+        links
+    }
+
+    /// netd's networks and containers as `ls --json` lists them.
+    pub fn netd_state(&self) -> String {
+        format!(
+            "{}{}",
+            self.netd_ok(&["network", "ls", "--json"]),
+            self.netd_ok(&["container", "ls", "--json"])
+        )
+    }
 }
 
 impl Default for TestEnv {

@@ -388,28 +388,10 @@ struct Snapshot {
 }
 
 fn snapshot(env: &TestEnv) -> Snapshot {
-    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&env.prefix))
-        .collect();
-    namespaces.sort();
-    let links =
-        String::from_utf8(env.run_in(&env.host_ns(), "ip", &["-o", "link"]).stdout).unwrap();
-    let host_links = links
-        .lines()
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        .collect();
-    let state = format!(
-        "{}{}",
-        env.netd_ok(&["network", "ls", "--json"]),
-        env.netd_ok(&["container", "ls", "--json"])
-    );
     Snapshot {
-        namespaces,
-        host_links,
-        state,
+        namespaces: env.namespaces(),
+        host_links: env.host_links(),
+        state: env.netd_state(),
     }
 }
 

@@ -10,7 +10,6 @@
 
 use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
 
-use netd::netns;
 use netd_common::datapath::{
     ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP, VETHS_MAP,
 };
@@ -33,24 +32,9 @@ fn text(out: std::process::Output) -> String {
 }
 
 fn leftovers(env: &TestEnv) -> Leftovers {
-    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&env.prefix))
-        .collect();
-    namespaces.sort();
-    let links = text(env.run_in(&env.host_ns(), "ip", &["-o", "link"]));
-    let mut host_links: Vec<String> = links
-        .lines()
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        .collect();
-    host_links.sort();
-    let state = format!(
-        "{}{}",
-        env.netd_ok(&["network", "ls", "--json"]),
-        env.netd_ok(&["container", "ls", "--json"])
-    );
+    let namespaces = env.namespaces();
+    let host_links = env.host_links();
+    let state = env.netd_state();
     let maps = [
         NETWORKS_MAP,
         ENDPOINTS_MAP,
