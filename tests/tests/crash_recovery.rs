@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
 use netd_common::datapath::{
     ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP, VETHS_MAP,
 };
-use tests::harness::TestEnv;
+use tests::harness::{TestEnv, host_links, namespaces, netd_state};
 
 /// Everything netd may make, in a form two runs can compare.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,9 +32,9 @@ fn text(out: std::process::Output) -> String {
 }
 
 fn leftovers(env: &TestEnv) -> Leftovers {
-    let namespaces = env.namespaces();
-    let host_links = env.host_links();
-    let state = env.netd_state();
+    let namespaces = namespaces(env);
+    let host_links = host_links(env);
+    let state = netd_state(env);
     let maps = [
         NETWORKS_MAP,
         ENDPOINTS_MAP,

@@ -1,6 +1,6 @@
 //! `netd daemon`'s server: one [`Controller`] kept in memory (its database connection and
 //! prepared statements stay open), served as JSON over HTTP/1.1 on a unix socket, next to the
-//! periodic clean-up (conntrack sweep, `gc`). The CLI doesn't need it: every command works on
+//! periodic clean-up (conntrack sweep, `gc`, following the uplink). The CLI doesn't need it: every command works on
 //! the state directly, and the two can run side by side (changes take the same kernel lock).
 //!
 //! API (`/v1`; bodies and answers are JSON; an error is `{"error": "one line"}` with status
@@ -116,6 +116,10 @@ async fn sweep_once(shared: &Shared) {
     let round = async {
         let collected = ctl.gc().await?;
         let swept = ctl.datapaths().conntrack_sweep()?;
+        // A new default route or uplink address: the eBPF datapath's NAT moves along.
+        if let Some(uplink) = ctl.datapaths().follow_uplink()? {
+            eprintln!("netd daemon: the uplink is now {uplink}");
+        }
         anyhow::Ok((collected, swept))
     };
     match round.await {
