@@ -13,7 +13,7 @@ use std::{
 use netd::netns;
 use tests::{
     cli::connect_error,
-    harness::{OUTSIDE_ADDR, TestEnv},
+    harness::{OUTSIDE_ADDR, TestEnv, host_links, namespaces, netd_state},
     traffic::{echo_server, tcp_echo},
 };
 
@@ -516,28 +516,10 @@ struct Snapshot {
 }
 
 fn snapshot(env: &TestEnv) -> Snapshot {
-    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&env.prefix))
-        .collect();
-    namespaces.sort();
-    let links =
-        String::from_utf8(env.run_in(&env.host_ns(), "ip", &["-o", "link"]).stdout).unwrap();
-    let host_links = links
-        .lines()
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        .collect();
-    let state = format!(
-        "{}{}",
-        env.netd_ok(&["network", "ls", "--json"]),
-        env.netd_ok(&["container", "ls", "--json"])
-    );
     Snapshot {
-        namespaces,
-        host_links,
-        state,
+        namespaces: namespaces(env),
+        host_links: host_links(env),
+        state: netd_state(env),
     }
 }
 
