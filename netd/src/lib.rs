@@ -7,6 +7,7 @@ pub mod counter;
 pub mod daemon;
 pub mod datapath;
 pub mod demo;
+pub mod engines;
 pub mod etcfiles;
 pub mod exec;
 pub mod ipam;

@@ -1,3 +1,4 @@
+pub mod engines;
 pub mod frames;
 pub mod harness;
 pub mod netdata;

@@ -1,0 +1,138 @@
+//! What the container-engine tests share: calling netd-cni as a runtime does, and traffic
+//! that says which container answered.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::harness::{TestEnv, netd_bin};
+
+/// The netd-cni binary built next to netd.
+pub fn cni_bin() -> PathBuf {
+    netd_bin().with_file_name("netd-cni")
+}
+
+/// One plugin invocation's outcome: exit success and the JSON it printed (if any).
+pub struct CniOutcome {
+    pub ok: bool,
+    pub out: Value,
+}
+
+impl CniOutcome {
+    /// The spec's error code, asserting the call failed.
+    pub fn code(&self) -> u64 {
+        assert!(!self.ok, "expected an error, got {}", self.out);
+        self.out["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("error without a code: {}", self.out))
+    }
+
+    pub fn ok(self) -> Value {
+        assert!(self.ok, "netd-cni failed: {}", self.out);
+        self.out
+    }
+}
+
+/// Runs netd-cni like libcni: `CNI_*` variables set (those given), the config on stdin.
+pub fn cni(
+    command: Option<&str>,
+    container: Option<(&str, &str)>,
+    netns: Option<&Path>,
+    stdin: &str,
+) -> CniOutcome {
+    let mut cmd = Command::new(cni_bin());
+    cmd.env_remove("CNI_COMMAND")
+        .env("CNI_PATH", cni_bin().parent().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(c) = command {
+        cmd.env("CNI_COMMAND", c);
+    }
+    if let Some((id, ifname)) = container {
+        cmd.env("CNI_CONTAINERID", id).env("CNI_IFNAME", ifname);
+    }
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let mut child = cmd.spawn().expect("run netd-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "netd-cni printed no JSON ({e}): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    CniOutcome {
+        ok: out.status.success(),
+        out: json,
+    }
+}
+
+/// A TCP server in `ns` on `port` that answers every connection with `name` (until the
+/// test ends).
+pub fn tcp_name_server(env: &TestEnv, ns: &Path, port: u16, name: &str) {
+    let listener = env.in_ns(ns, || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(name.as_bytes());
+        }
+    });
+}
+
+/// Connects from `ns` to `addr` and returns what the server said.
+pub fn tcp_ask(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<String> {
+    env.in_ns(ns, || {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = String::new();
+        conn.read_to_string(&mut buf)?;
+        Ok(buf)
+    })
+}
+
+/// A UDP server in `ns` on `port` that answers every datagram with `name` (until the test
+/// ends).
+pub fn udp_name_server(env: &TestEnv, ns: &Path, port: u16, name: &str) {
+    let socket = env.in_ns(ns, || UdpSocket::bind(("0.0.0.0", port)).unwrap());
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(name.as_bytes(), peer);
+        }
+    });
+}
+
+/// Sends one datagram from `ns`, source port `sport`, to `addr`; the answer, if one comes
+/// within a second.
+pub fn udp_ask(env: &TestEnv, ns: &Path, sport: u16, addr: SocketAddr) -> Option<String> {
+    env.in_ns(ns, || {
+        let socket = UdpSocket::bind(("0.0.0.0", sport)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        socket.send_to(b"who", addr).unwrap();
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
