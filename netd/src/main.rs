@@ -87,6 +87,13 @@ enum Command {
         /// Seconds between sweeps.
         #[arg(long, default_value_t = 30.0)]
         sweep_interval: f64,
+        /// Also serve Docker's network and IPAM driver NAME (`docker network create -d NAME
+        /// --ipam-driver NAME`) on DIR/NAME.sock.
+        #[arg(long, value_name = "NAME")]
+        docker_plugin: Option<String>,
+        /// Where Docker looks for plugin sockets.
+        #[arg(long, default_value = netd::engines::docker::PLUGIN_DIR, value_name = "DIR")]
+        docker_plugin_dir: PathBuf,
     },
     /// The per-protocol packet counter (a TCX program with a pinned map).
     #[command(subcommand)]
@@ -263,10 +270,25 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!("linked {a} <-> {b}");
             Ok(())
         }
-        Command::Daemon { sweep_interval } => {
+        Command::Daemon {
+            sweep_interval,
+            docker_plugin,
+            docker_plugin_dir,
+        } => {
             if !sweep_interval.is_finite() || sweep_interval <= 0.0 {
                 anyhow::bail!("invalid --sweep-interval {sweep_interval}: must be above 0");
             }
+            let instance = netd::engines::core::Instance {
+                state_dir: cli.state_dir.clone(),
+                bpffs: cli.bpffs.clone(),
+                host_netns: cli.host_netns.clone(),
+            };
+            // Served until the daemon stops (dropped at the end of this arm).
+            let _plugin = docker_plugin
+                .map(|name| {
+                    netd::engines::docker::serve(instance, &cli.datapath, &name, &docker_plugin_dir)
+                })
+                .transpose()?;
             netd::daemon::run(ctx, std::time::Duration::from_secs_f64(sweep_interval)).await
         }
         Command::Gc => {

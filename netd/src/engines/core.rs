@@ -54,6 +54,7 @@ pub struct NetworkInfo {
     pub gateway: Ipv4Addr,
     pub ip_range: Ipv4Net,
     pub mtu: u32,
+    pub internal: bool,
 }
 
 /// One published port.
@@ -240,10 +241,15 @@ impl Core {
     /// Moves the container end of `a`'s veth out of its namespace into the host's, named
     /// `host_name` there (for an engine that moves it into its own sandbox itself).
     pub async fn hand_out_interface(&self, a: &Attachment, host_name: &str) -> Result<()> {
+        // This thread is in the host namespace (the process entered it before any thread).
+        let host = std::fs::File::open("/proc/thread-self/ns/net")
+            .context("open the host's network namespace")?;
         let inside = Netlink::in_ns(Some(&a.netns))?;
-        let index = inside.require_link(CONTAINER_IFNAME).await?;
-        let host = std::fs::File::open(&self.ctx.host_netns)
-            .with_context(|| format!("open {}", self.ctx.host_netns.display()))?;
+        let Some(index) = inside.link_index(CONTAINER_IFNAME).await? else {
+            // Handed out already (a second Join after a Leave moved it back).
+            Netlink::in_ns(None)?.require_link(host_name).await?;
+            return Ok(());
+        };
         inside
             .set_link(index, "move the container interface to the host", |m| {
                 m.setns_by_fd(host.as_raw_fd()).name(host_name.to_string())
@@ -259,6 +265,7 @@ fn info_of(n: &Network) -> NetworkInfo {
         gateway: n.gateway,
         ip_range: n.ip_range,
         mtu: n.mtu,
+        internal: n.internal,
     }
 }
 

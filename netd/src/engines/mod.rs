@@ -2,3 +2,4 @@
 //! IPAM driver. Both reach the controller only through [`core`].
 pub mod cni;
 pub mod core;
+pub mod docker;
