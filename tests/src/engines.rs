@@ -136,3 +136,54 @@ pub fn udp_ask(env: &TestEnv, ns: &Path, sport: u16, addr: SocketAddr) -> Option
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }
+
+/// A `netd daemon` of the test's instance; SIGTERM and wait on drop.
+pub struct NetdDaemon {
+    child: std::process::Child,
+}
+
+impl NetdDaemon {
+    /// Starts `netd daemon ARGS...` and waits until `ready` exists (its plugin socket).
+    pub fn start(env: &TestEnv, args: &[&str], ready: &Path) -> Self {
+        let child = env
+            .netd_cmd(&[&["daemon"], args].concat())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start netd daemon");
+        let mut daemon = Self { child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!("netd daemon exited ({status})");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "netd daemon made no {}",
+                ready.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for NetdDaemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}

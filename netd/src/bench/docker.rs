@@ -143,6 +143,29 @@ pub struct DockerContainer {
     pub netns: PathBuf,
 }
 
+/// How a [`Dockerd`] runs besides what is always its own.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Docker's own networking: docker0, its iptables rules and the userland proxy, as people
+    /// run Docker (the benchmark); off for a dockerd whose networks are another driver's.
+    pub docker_networking: bool,
+    /// Bind-mounted on /run/docker/plugins in dockerd's mount namespace: the plugin sockets
+    /// this dockerd (and no other) discovers.
+    pub plugin_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            docker_networking: true,
+            plugin_dir: None,
+        }
+    }
+}
+
+/// Where dockerd looks for plugin sockets.
+const PLUGIN_SOCKETS: &str = "/run/docker/plugins";
+
 /// A dockerd running inside a sandbox host namespace. Dropping it removes its containers, stops
 /// it (and its containerd) and deletes its workdir.
 pub struct Dockerd {
@@ -161,6 +184,11 @@ impl Dockerd {
     /// exec roots (and its containerd) under `workdir`, waits until it answers, and imports the
     /// busybox image.
     pub fn start(host_ns: &Path, workdir: &Path) -> Result<Self> {
+        Self::start_with(host_ns, workdir, &Options::default())
+    }
+
+    /// [`Dockerd::start`] with `options`.
+    pub fn start_with(host_ns: &Path, workdir: &Path, options: &Options) -> Result<Self> {
         check_installed()?;
         let socket = workdir.join("docker.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -178,7 +206,7 @@ impl Dockerd {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent)?;
+        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, options)?;
         // From here on, Drop cleans up whatever fails.
         let mut dockerd = Self {
             daemon,
@@ -259,7 +287,7 @@ impl Dockerd {
     }
 
     /// Runs the docker CLI and returns its trimmed stdout; errors carry its first stderr line.
-    fn docker(&self, args: &[&str]) -> Result<String> {
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
         let out = self
             .cli()
             .args(args)
@@ -486,18 +514,49 @@ fn check_installed() -> Result<()> {
 }
 
 /// `nsenter --net=HOST_NS unshare --mount --propagation private dockerd ...`. Both tools exec
-/// (neither forks), so the child's PID is dockerd's.
+/// (neither forks), and so does the shell that mounts a plugin dir, so the child's PID is
+/// dockerd's.
 fn spawn_dockerd(
     host_ns: &Path,
     workdir: &Path,
     socket: &Path,
     cgroup_parent: &str,
+    options: &Options,
 ) -> Result<Child> {
     let log = fs::File::create(workdir.join("dockerd.log")).context("create dockerd.log")?;
-    Command::new("nsenter")
-        .arg(format!("--net={}", host_ns.display()))
-        .args(["--", "unshare", "--mount", "--propagation", "private", "--"])
-        .arg(DOCKERD)
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", host_ns.display())).args([
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+    ]);
+    if let Some(dir) = &options.plugin_dir {
+        fs::create_dir_all(PLUGIN_SOCKETS).with_context(|| format!("create {PLUGIN_SOCKETS}"))?;
+        cmd.args([
+            "sh",
+            "-c",
+            &format!("mount --bind \"$0\" {PLUGIN_SOCKETS} && exec \"$@\""),
+        ])
+        .arg(dir);
+    }
+    let networking: &[&str] = if options.docker_networking {
+        &[
+            "--iptables=true",
+            "--ip-forward=true",
+            "--userland-proxy=true",
+        ]
+    } else {
+        &[
+            "--iptables=false",
+            "--ip-forward=false",
+            "--userland-proxy=false",
+            "--bridge=none",
+        ]
+    };
+    cmd.arg(DOCKERD)
         .arg(format!("--host=unix://{}", socket.display()))
         .arg(format!(
             "--config-file={}",
@@ -513,11 +572,7 @@ fn spawn_dockerd(
         // Explicit so that a missing overlayfs fails here instead of falling back to vfs,
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
-        .args([
-            "--iptables=true",
-            "--ip-forward=true",
-            "--userland-proxy=true",
-        ])
+        .args(networking)
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)

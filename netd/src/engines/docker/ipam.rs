@@ -69,7 +69,10 @@ impl Ipam {
             bail!("netd gives IPv4 addresses only: no IPv6 pool");
         }
         if !req.sub_pool.is_empty() {
-            bail!("netd's IPAM takes no --ip-range (sub-pool {})", req.sub_pool);
+            bail!(
+                "netd's IPAM takes no --ip-range (sub-pool {})",
+                req.sub_pool
+            );
         }
         let subnet = if req.pool.is_empty() {
             let pending: Vec<Ipv4Net> = self.pools.iter().copied().collect();
@@ -81,7 +84,11 @@ impl Ipam {
                 .into_iter()
                 .find(|n| n.subnet != subnet && ipam::overlaps(&n.subnet, &subnet));
             if let Some(n) = clash {
-                bail!("pool {subnet} overlaps netd network {:?} ({})", n.name, n.subnet);
+                bail!(
+                    "pool {subnet} overlaps netd network {:?} ({})",
+                    n.name,
+                    n.subnet
+                );
             }
             subnet
         };

@@ -197,7 +197,11 @@ fn reply(verb: &str, outcome: Result<Value, Failure>) -> Response<Full<Bytes>> {
 
 fn decode<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, Failure> {
     // Docker posts no body (or `null`) for the verbs without arguments.
-    let body = if body.is_empty() { b"null" as &[u8] } else { body };
+    let body = if body.is_empty() {
+        b"null" as &[u8]
+    } else {
+        body
+    };
     serde_json::from_slice(body).map_err(|e| Failure::BadRequest(format!("{verb}: {e}")))
 }
 
@@ -253,7 +257,11 @@ impl Plugin {
                 ipam.request_address(&core, decode(verb, body)?)?
             }
             "IpamDriver.ReleaseAddress" => ipam.release_address(decode(verb, body)?)?,
-            other => return Err(Failure::NotFound(format!("netd does not implement {other}"))),
+            other => {
+                return Err(Failure::NotFound(format!(
+                    "netd does not implement {other}"
+                )));
+            }
         })
     }
 }

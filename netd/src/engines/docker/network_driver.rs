@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::protocol::{
     CreateEndpoint, CreateEndpointResponse, CreateNetwork, EndpointInterface, EndpointRef,
-    ExternalConnectivity, GENERIC_OPTIONS, INTERNAL, InterfaceName, Join, JoinResponse,
-    NetworkRef, PORT_MAP, PortBinding,
+    ExternalConnectivity, GENERIC_OPTIONS, INTERNAL, InterfaceName, Join, JoinResponse, NetworkRef,
+    PORT_MAP, PortBinding,
 };
 use crate::{
     datapath::Protocol,
@@ -110,10 +110,10 @@ fn apply_options(opts: &mut NetworkOptions, generic: &Value) -> Result<()> {
                 )
             }
             "host_ip" | "com.docker.network.bridge.host_binding_ipv4" => {
-                opts.host_ip = Some(
-                    text.parse()
-                        .with_context(|| format!("option {key}={text}: expected an IPv4 address"))?,
-                )
+                opts.host_ip =
+                    Some(text.parse().with_context(|| {
+                        format!("option {key}={text}: expected an IPv4 address")
+                    })?)
             }
             "bridge" | "com.docker.network.bridge.name" => opts.bridge = Some(text),
             "datapath" => opts.datapath = Some(text),
@@ -175,7 +175,9 @@ pub async fn create_endpoint(core: &Core, req: CreateEndpoint) -> Result<Value> 
             String::new()
         },
     };
-    Ok(serde_json::to_value(CreateEndpointResponse { interface: filled })?)
+    Ok(serde_json::to_value(CreateEndpointResponse {
+        interface: filled,
+    })?)
 }
 
 pub async fn delete_endpoint(core: &Core, req: EndpointRef) -> Result<Value> {
@@ -196,9 +198,12 @@ pub fn endpoint_oper_info(core: &Core, req: EndpointRef) -> Result<Value> {
 
 pub async fn join(core: &Core, req: Join) -> Result<Value> {
     let name = netd_name(&req.endpoint_id)?;
-    let a = core
-        .attachment(&name)?
-        .with_context(|| format!("no endpoint {} (network {})", req.endpoint_id, req.network_id))?;
+    let a = core.attachment(&name)?.with_context(|| {
+        format!(
+            "no endpoint {} (network {})",
+            req.endpoint_id, req.network_id
+        )
+    })?;
     let handover = handover_name(&req.endpoint_id)?;
     core.hand_out_interface(&a, &handover).await?;
     // The gateway makes Docker add the default route (and no docker_gwbridge endpoint); an
@@ -224,7 +229,10 @@ pub fn leave(_req: EndpointRef) -> Value {
 }
 
 /// `-p`: Docker's port bindings become the netd container's published ports.
-pub async fn program_external_connectivity(core: &Core, req: ExternalConnectivity) -> Result<Value> {
+pub async fn program_external_connectivity(
+    core: &Core,
+    req: ExternalConnectivity,
+) -> Result<Value> {
     let name = netd_name(&req.endpoint_id)?;
     let a = core
         .attachment(&name)?
@@ -259,7 +267,11 @@ fn ports_of(b: &PortBinding) -> Result<Vec<Port>> {
         ),
     };
     if b.host_port == 0 {
-        bail!("port {}: netd needs a host port (give -p HOSTPORT:{})", b.port, b.port);
+        bail!(
+            "port {}: netd needs a host port (give -p HOSTPORT:{})",
+            b.port,
+            b.port
+        );
     }
     let end = b.host_port_end.max(b.host_port);
     Ok((b.host_port..=end)

@@ -66,7 +66,11 @@ pub struct CreateEndpoint {
 pub struct EndpointInterface {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
-    #[serde(rename = "AddressIPv6", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "AddressIPv6",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub address_ipv6: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mac_address: String,
