@@ -46,7 +46,19 @@ pub fn cni(
     netns: Option<&Path>,
     stdin: &str,
 ) -> CniOutcome {
+    cni_with_args(command, container, netns, stdin, "")
+}
+
+/// [`cni`] with `CNI_ARGS`.
+pub fn cni_with_args(
+    command: Option<&str>,
+    container: Option<(&str, &str)>,
+    netns: Option<&Path>,
+    stdin: &str,
+    args: &str,
+) -> CniOutcome {
     let mut cmd = Command::new(cni_bin());
+    cmd.env("CNI_ARGS", args);
     cmd.env_remove("CNI_COMMAND")
         .env("CNI_PATH", cni_bin().parent().unwrap())
         .stdin(Stdio::piped())
@@ -184,6 +196,112 @@ impl Drop for NetdDaemon {
             let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A podman (Debian's 4.3, CNI backend) of the test's own: storage, run dir and config under
+/// `workdir`, run in the sandbox host namespace, its networks the conflists written here.
+pub struct Podman {
+    host_ns: PathBuf,
+    workdir: PathBuf,
+}
+
+/// Podman raises a container's open-files and process limits by default, above what a
+/// sandboxed test machine may allow its processes.
+const ULIMITS: &str = "default_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]";
+
+/// The image the podman tests run, imported from busybox-static.
+pub const PODMAN_IMAGE: &str = "localhost/busybox";
+
+impl Podman {
+    /// Sets podman up with `conflists` (CNI network configurations) and the busybox image.
+    pub fn start(env: &TestEnv, conflists: &[&Value]) -> Self {
+        let workdir = env.state_dir.join("podman");
+        let cni_dir = workdir.join("cni");
+        std::fs::create_dir_all(&cni_dir).unwrap();
+        for list in conflists {
+            let name = list["name"].as_str().unwrap();
+            std::fs::write(cni_dir.join(format!("{name}.conflist")), list.to_string()).unwrap();
+        }
+        std::fs::write(
+            workdir.join("containers.conf"),
+            format!(
+                "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [{:?}]\nnetwork_config_dir = {:?}\n[engine]\nruntime = \"runc\"\n[containers]\n{ULIMITS}\n",
+                cni_bin().parent().unwrap(),
+                cni_dir
+            ),
+        )
+        .unwrap();
+        let podman = Self {
+            host_ns: env.host_ns(),
+            workdir,
+        };
+        podman.import_busybox();
+        podman
+    }
+
+    fn import_busybox(&self) {
+        let rootfs = self.workdir.join("rootfs");
+        netd::bench::docker::write_busybox_rootfs(&rootfs).unwrap();
+        let tarball = self.workdir.join("busybox.tar");
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(tar.success(), "tar of the busybox rootfs failed");
+        self.podman(&["import", tarball.to_str().unwrap(), PODMAN_IMAGE]);
+    }
+
+    /// A podman command of this instance.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let dir = |d: &str| self.workdir.join(d).display().to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.host_ns.display()))
+            .args(["--", "timeout", "60", "podman"])
+            .args(["--root", &dir("root"), "--runroot", &dir("run")])
+            .args(["--tmpdir", &dir("tmp"), "--storage-driver", "vfs"])
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
+            .args(args)
+            .env("CONTAINERS_CONF", self.workdir.join("containers.conf"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs podman, asserts success, returns its trimmed stdout.
+    pub fn podman(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().expect("run podman");
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The network namespace of a running container (through its init's PID).
+    pub fn netns_of(&self, container: &str) -> PathBuf {
+        let pid = self.podman(&["inspect", "-f", "{{.State.Pid}}", container]);
+        PathBuf::from(format!("/proc/{pid}/ns/net"))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        match self.cmd(&["rm", "-af", "-t", "0"]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "warning: podman rm -af: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("warning: podman rm -af: {e}"),
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
+            eprintln!("warning: remove {}: {e}", self.workdir.display());
         }
     }
 }

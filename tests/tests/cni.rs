@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde_json::{Value, json};
 use tests::{
-    engines::{CniOutcome, cni, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
+    engines::{CniOutcome, cni, cni_with_args, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
     harness::{HOST_ADDR, TestEnv},
 };
 
@@ -244,6 +244,11 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
             4,
         ),
         (
+            "unknown CNI_ARGS key",
+            cni_with_args(Some("ADD"), id, Some(&ns), &good.to_string(), "COLOUR=blue"),
+            2,
+        ),
+        (
             "missing namespace",
             cni(
                 Some("ADD"),
@@ -263,8 +268,17 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
         assert_eq!(outcome.out["cniVersion"].as_str().map(str::len), Some(5));
     }
     assert!(containers(&env).is_empty());
-    // The positive control: the same call with everything right succeeds.
-    call("ADD", "ctr", Some(&ns), &good).ok();
+    // The positive control: the same call with everything right succeeds (unknown CNI_ARGS
+    // keys are fine with IgnoreUnknown; IP= is the address asked for).
+    let result = cni_with_args(
+        Some("ADD"),
+        id,
+        Some(&ns),
+        &good.to_string(),
+        "IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.89.0.42",
+    )
+    .ok();
+    assert_eq!(result["ips"][0]["address"], "10.89.0.42/24");
     // And an existing network with another subnet is a config error.
     let other = with("subnet", json!("10.90.0.0/24"));
     assert_eq!(

@@ -343,15 +343,7 @@ impl Dockerd {
     /// Makes the [`IMAGE`] image from busybox-static: /bin/busybox and a symlink per applet.
     fn import_busybox(&self) -> Result<()> {
         let rootfs = self.workdir.join("busybox-rootfs");
-        let bin = rootfs.join("bin");
-        fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
-        fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| format!("copy {BUSYBOX}"))?;
-        for applet in busybox_applets()? {
-            if applet != "busybox" {
-                symlink("busybox", bin.join(&applet))
-                    .with_context(|| format!("link busybox applet {applet}"))?;
-            }
-        }
+        write_busybox_rootfs(&rootfs)?;
         let mut tar = Command::new("tar")
             .arg("-C")
             .arg(&rootfs)
@@ -578,6 +570,21 @@ fn spawn_dockerd(
         .stderr(log)
         .spawn()
         .context("start dockerd with nsenter and unshare")
+}
+
+/// A root filesystem of busybox-static: /bin/busybox and a symlink per applet (what every
+/// engine's test image is made of, offline).
+pub fn write_busybox_rootfs(rootfs: &Path) -> Result<()> {
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
+    fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| format!("copy {BUSYBOX}"))?;
+    for applet in busybox_applets()? {
+        if applet != "busybox" {
+            symlink("busybox", bin.join(&applet))
+                .with_context(|| format!("link busybox applet {applet}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn busybox_applets() -> Result<Vec<String>> {

@@ -19,6 +19,8 @@ pub struct Call {
     pub ifname: String,
     /// Optional for DEL.
     pub netns: Option<PathBuf>,
+    /// `CNI_ARGS` `IP=`: the address asked for.
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// Names netd's endpoint for an attachment: the spec's key is (network, container ID,
@@ -135,10 +137,11 @@ fn ports_of(config: &Config) -> Result<Vec<Port>, CniError> {
         .collect()
 }
 
-/// The `ips` capability: the address asked for, if any (netd gives one IPv4 address).
-fn requested_ip(config: &Config) -> Result<Option<Ipv4Addr>, CniError> {
+/// The address asked for, if any (netd gives one IPv4 address): the `ips` capability, or
+/// `CNI_ARGS` `IP=`.
+fn requested_ip(config: &Config, call: &Call) -> Result<Option<Ipv4Addr>, CniError> {
     match config.runtime_config.ips.as_slice() {
-        [] => Ok(None),
+        [] => Ok(call.ip),
         [one] => {
             let ip = one
                 .parse::<Ipv4Net>()
@@ -190,7 +193,7 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     require_eth0(call)?;
     let netns = require_netns(call)?;
     let ports = ports_of(config)?;
-    let ip = requested_ip(config)?;
+    let ip = requested_ip(config, call)?;
     let core = open(config)?;
     ensure_network(&core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);

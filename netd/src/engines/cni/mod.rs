@@ -119,11 +119,48 @@ fn env(name: &str) -> Result<String, CniError> {
         .ok_or_else(|| CniError::new(Code::InvalidEnvironment, format!("{name} is not set")))
 }
 
-/// The container the call is about, from `CNI_CONTAINERID`, `CNI_IFNAME` and `CNI_NETNS`.
+/// The container the call is about, from `CNI_CONTAINERID`, `CNI_IFNAME`, `CNI_NETNS` and
+/// `CNI_ARGS`.
 fn call() -> Result<Call, CniError> {
     Ok(Call {
         container_id: env("CNI_CONTAINERID")?,
         ifname: env("CNI_IFNAME")?,
         netns: env("CNI_NETNS").ok().map(PathBuf::from),
+        ip: args_ip(&std::env::var("CNI_ARGS").unwrap_or_default())?,
     })
+}
+
+/// `CNI_ARGS` (`KEY=VALUE;...`): `IP` asks for an address (podman's `--ip`); other keys
+/// are refused unless `IgnoreUnknown` is set, as libcni's argument loading does.
+fn args_ip(args: &str) -> Result<Option<std::net::Ipv4Addr>, CniError> {
+    let pairs: Vec<(&str, &str)> = args
+        .split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    let ignore_unknown = pairs
+        .iter()
+        .any(|(k, v)| *k == "IgnoreUnknown" && matches!(*v, "1" | "true"));
+    let mut ip = None;
+    for (key, value) in pairs {
+        match key {
+            "IP" => {
+                ip = Some(value.parse().map_err(|_| {
+                    CniError::new(
+                        Code::InvalidEnvironment,
+                        format!("CNI_ARGS IP={value}: not an IPv4 address"),
+                    )
+                })?)
+            }
+            "IgnoreUnknown" => {}
+            other if !ignore_unknown => {
+                return Err(CniError::new(
+                    Code::UnsupportedField,
+                    format!("CNI_ARGS {other}: netd-cni takes IP (or set IgnoreUnknown=1)"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(ip)
 }
