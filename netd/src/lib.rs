@@ -1,21 +1,23 @@
 //! netd: container networking for Linux with an eBPF datapath.
+//!
+//! Layers, one folder each (see ARCHITECTURE.md):
+//! - [`cli`]: the `netd` command line (clap), parsing into the core's typed specs;
+//! - [`core`]: the typed specs, the planner and the [`core::Controller`] every front end calls;
+//! - [`driver`]: the kernel plumbing (bridge, veths, namespaces, `netd link`'s veths);
+//! - [`store`]: the state, an SQLite database;
+//! - [`datapath`]: the NAT, forwarding and filtering drivers (eBPF, iptables).
 pub mod bench;
 pub mod bpf;
-pub mod container;
-pub mod controller;
+pub mod cli;
+pub mod core;
 pub mod counter;
-pub mod daemon;
 pub mod datapath;
 pub mod demo;
+pub mod driver;
 pub mod engines;
-pub mod etcfiles;
-pub mod exec;
-pub mod ipam;
-pub mod netlink;
-pub mod netns;
-pub mod network;
-pub mod output;
-pub mod ports;
+pub mod fault;
 pub mod sandbox;
-pub mod state;
-pub mod views;
+pub mod store;
+
+// The drivers' tools keep their short paths for the datapaths, the benchmark and the tests.
+pub use driver::{netlink, netns};

@@ -1,8 +1,10 @@
 //! The one place the engine front ends (Docker driver, CNI plugin) call netd's controller.
 //!
-//! Everything above this file speaks in the types below; everything below it is the
-//! controller the CLI uses (same networks, containers, datapaths and state), so the engines
-//! carry no second copy of the logic. When the controller's API changes, only this file does.
+//! The engines build the core's typed specs ([`NetworkSpec`], [`PortMapping`]) from their own
+//! input; this file turns an engine's endpoint into a [`ContainerSpec`] and a container back
+//! into what an engine reports, and adds the two kernel steps only engines need (checking an
+//! endpoint, handing its interface to an engine that moves it itself). Same networks,
+//! containers, datapaths and state as the CLI: no second copy of the logic.
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
 
@@ -10,62 +12,15 @@ use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
 
 use crate::{
-    container,
-    controller::Ctx,
-    datapath::{Protocol, Tuning},
-    ipam,
+    core::{
+        Config, Controller, ipam,
+        spec::{
+            Attachment as Bridge, ContainerSpec, Mode, Netns, NetworkSpec, PortMapping, Publish,
+        },
+    },
     netlink::Netlink,
-    network,
-    ports::proto_name,
-    state::{Container, Mode, Network},
+    store::{Container, Network, model},
 };
-
-/// Which netd instance: the same options as the CLI's globals.
-#[derive(Clone, Debug)]
-pub struct Instance {
-    pub state_dir: PathBuf,
-    pub bpffs: PathBuf,
-    /// The host namespace's path (the one the process runs in when `None`).
-    pub host_netns: Option<PathBuf>,
-}
-
-/// A network as an engine asks for it; `None` fields take the CLI's defaults.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NetworkOptions {
-    pub name: String,
-    pub subnet: Option<Ipv4Net>,
-    pub gateway: Option<Ipv4Addr>,
-    pub ip_range: Option<Ipv4Net>,
-    pub bridge: Option<String>,
-    pub mtu: Option<u32>,
-    pub icc: bool,
-    pub internal: bool,
-    pub masquerade: bool,
-    pub host_ip: Option<Ipv4Addr>,
-    /// `ebpf` or `iptables` (the CLI's default when `None`).
-    pub datapath: Option<String>,
-}
-
-/// What an engine needs to know of an existing network.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetworkInfo {
-    pub name: String,
-    pub subnet: Ipv4Net,
-    pub gateway: Ipv4Addr,
-    pub ip_range: Ipv4Net,
-    pub mtu: u32,
-    pub internal: bool,
-}
-
-/// One published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Port {
-    pub proto: Protocol,
-    /// Every host address when `None`.
-    pub host_ip: Option<Ipv4Addr>,
-    pub host_port: u16,
-    pub container_port: u16,
-}
 
 /// A container endpoint to make on a network.
 #[derive(Clone, Debug, Default)]
@@ -77,7 +32,7 @@ pub struct AttachRequest {
     pub netns: Option<PathBuf>,
     pub ip: Option<Ipv4Addr>,
     pub mac: Option<[u8; 6]>,
-    pub ports: Vec<Port>,
+    pub ports: Vec<PortMapping>,
 }
 
 /// A container endpoint as it exists.
@@ -91,221 +46,176 @@ pub struct Attachment {
     pub gateway: Ipv4Addr,
     pub mac: [u8; 6],
     pub host_veth: String,
-    pub ports: Vec<Port>,
+    pub ports: Vec<PortMapping>,
 }
 
 /// The interface name netd gives the container end of a veth.
 pub const CONTAINER_IFNAME: &str = "eth0";
 
-/// netd's controller, locked for as long as this lives (like one CLI command).
+/// netd's controller, as the engines use it.
 pub struct Core {
-    ctx: Ctx,
+    ctl: Controller,
 }
 
 impl Core {
-    /// Locks the instance's state; `datapath` is the one new networks get.
-    pub fn open(instance: &Instance, datapath: Option<&str>) -> Result<Self> {
-        let ctx = Ctx::open(
-            &instance.state_dir,
-            instance.host_netns.as_deref(),
-            &instance.bpffs,
-            datapath.unwrap_or("ebpf"),
-            Tuning::default(),
-        )?;
-        Ok(Self { ctx })
+    pub fn open(config: Config) -> Result<Self> {
+        Ok(Self {
+            ctl: Controller::open(config)?,
+        })
     }
 
-    pub fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
-        Ok(self.ctx.store.load()?.networks.get(name).map(info_of))
+    pub fn network(&mut self, name: &str) -> Result<Option<Network>> {
+        Ok(self.ctl.networks()?.into_iter().find(|n| n.name == name))
     }
 
-    pub fn networks(&self) -> Result<Vec<NetworkInfo>> {
-        Ok(self
-            .ctx
-            .store
-            .load()?
-            .networks
-            .values()
-            .map(info_of)
-            .collect())
+    pub fn networks(&mut self) -> Result<Vec<Network>> {
+        self.ctl.networks()
     }
 
-    /// Creates a network (the caller opened this `Core` with the datapath it wants).
-    pub async fn create_network(&self, opts: &NetworkOptions) -> Result<NetworkInfo> {
-        let mut state = self.ctx.store.load()?;
-        let req = network::Request {
-            name: opts.name.clone(),
-            subnet: opts.subnet.map(|s| s.to_string()),
-            gateway: opts.gateway,
-            ip_range: opts.ip_range.map(|r| r.to_string()),
-            bridge: opts.bridge.clone(),
-            mtu: opts.mtu,
-            icc: opts.icc,
-            internal: opts.internal,
-            masquerade: opts.masquerade,
-            host_ip: opts.host_ip,
-        };
-        let net = network::create(&self.ctx, &mut state, req).await?;
-        self.ctx.store.save(&state)?;
-        Ok(info_of(&net))
+    pub async fn create_network(&mut self, spec: NetworkSpec) -> Result<Network> {
+        self.ctl.create_network(spec).await
     }
 
-    pub async fn remove_network(&self, name: &str) -> Result<()> {
-        let mut state = self.ctx.store.load()?;
-        container::collect_garbage(&self.ctx, &mut state).await?;
-        network::remove(&self.ctx, &mut state, name).await?;
-        self.ctx.store.save(&state)
+    /// The network `spec` names: made if missing. Engines call this from processes that race
+    /// (a pod start storm): losing the race to create it is fine.
+    pub async fn ensure_network(&mut self, spec: NetworkSpec) -> Result<Network> {
+        if let Some(net) = self.network(&spec.name)? {
+            return Ok(net);
+        }
+        let name = spec.name.clone();
+        match self.ctl.create_network(spec).await {
+            Ok(net) => Ok(net),
+            Err(e) => self.network(&name)?.ok_or(e),
+        }
+    }
+
+    pub async fn remove_network(&mut self, name: &str) -> Result<()> {
+        self.ctl.remove_network(name).await
     }
 
     /// A private subnet overlapping nothing on the host, no netd network and none of `also`.
-    pub async fn free_subnet(&self, also: &[Ipv4Net]) -> Result<Ipv4Net> {
+    pub async fn free_subnet(&mut self, also: &[Ipv4Net]) -> Result<Ipv4Net> {
         let mut taken = Netlink::in_ns(None)?.ipv4_networks_in_use().await?;
-        taken.extend(self.networks()?.iter().map(|n| n.subnet));
+        taken.extend(self.ctl.networks()?.iter().map(|n| n.subnet));
         taken.extend_from_slice(also);
         ipam::free_subnet(&taken)
     }
 
     /// Makes a container endpoint: veth, address, routes, datapath entries, published ports.
-    pub async fn attach(&self, req: &AttachRequest) -> Result<Attachment> {
-        let publish = req.ports.iter().map(publish_spec).collect();
-        let c = container::create(
-            &self.ctx,
-            container::Request {
-                name: req.name.clone(),
-                network: req.network.clone(),
-                netns: req.netns.clone(),
-                ip: req.ip,
-                mac: req.mac.map(ipam::format_mac),
-                publish,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let state = self.ctx.store.load()?;
-        attachment_of(&state.networks, &c)
+    pub async fn attach(&mut self, req: &AttachRequest) -> Result<Attachment> {
+        let mut spec = ContainerSpec::named(&req.name);
+        spec.mode = Mode::Bridge(Bridge {
+            ip: req.ip,
+            mac: req.mac,
+            publish: req.ports.iter().map(publish_of).collect(),
+            ..Bridge::on(&req.network)
+        });
+        spec.netns = req.netns.clone().map_or(Netns::Own, Netns::Path);
+        let c = self.ctl.create_container(spec).await?;
+        self.attachment_of(&c)?
             .with_context(|| format!("container {:?} has no bridge endpoint", req.name))
     }
 
-    pub fn attachment(&self, name: &str) -> Result<Option<Attachment>> {
-        let state = self.ctx.store.load()?;
-        Ok(state
-            .containers
-            .get(name)
-            .and_then(|c| attachment_of(&state.networks, c)))
+    pub fn attachment(&mut self, name: &str) -> Result<Option<Attachment>> {
+        match self.ctl.containers()?.into_iter().find(|c| c.name == name) {
+            Some(c) => self.attachment_of(&c),
+            None => Ok(None),
+        }
     }
 
     /// Every endpoint on `network` whose name starts with `prefix`.
-    pub fn attachments_on(&self, network: &str, prefix: &str) -> Result<Vec<Attachment>> {
-        let state = self.ctx.store.load()?;
-        Ok(state
-            .containers_on(network)
-            .filter(|c| c.name.starts_with(prefix))
-            .filter_map(|c| attachment_of(&state.networks, c))
-            .collect())
+    pub fn attachments_on(&mut self, network: &str, prefix: &str) -> Result<Vec<Attachment>> {
+        let mut found = Vec::new();
+        for c in self.ctl.containers_on(network)? {
+            if c.name.starts_with(prefix)
+                && let Some(a) = self.attachment_of(&c)?
+            {
+                found.push(a);
+            }
+        }
+        Ok(found)
     }
 
     /// Removes an endpoint and everything it has; `false` if there was none.
-    pub async fn detach(&self, name: &str) -> Result<bool> {
-        if !self.ctx.store.load()?.containers.contains_key(name) {
+    pub async fn detach(&mut self, name: &str) -> Result<bool> {
+        if !self.ctl.containers()?.iter().any(|c| c.name == name) {
             return Ok(false);
         }
-        container::remove(&self.ctx, name).await?;
+        self.ctl.remove_container(name).await?;
         Ok(true)
     }
 
     /// Publishes more ports of an existing endpoint.
-    pub async fn publish(&self, name: &str, ports: &[Port]) -> Result<()> {
-        let specs: Vec<String> = ports.iter().map(publish_spec).collect();
-        container::publish(&self.ctx, name, &specs).await?;
+    pub async fn publish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
+        self.ctl.publish(name, &requests).await?;
         Ok(())
     }
 
-    /// Checks that an endpoint's kernel objects are there: the host end of its veth, and the
-    /// container end in its namespace, up, with its address.
-    pub async fn check_attachment(&self, a: &Attachment) -> Result<()> {
-        Netlink::in_ns(None)?
-            .require_link(&a.host_veth)
-            .await
-            .context("the host end of the veth is gone")?;
-        let inside = Netlink::in_ns(Some(&a.netns))?;
-        let index = inside
-            .require_link(CONTAINER_IFNAME)
-            .await
-            .with_context(|| format!("{CONTAINER_IFNAME} is gone from the container"))?;
-        if !inside.ipv4_addresses(index).await?.contains(&a.ip) {
-            anyhow::bail!("{CONTAINER_IFNAME} no longer has the address {}", a.ip);
-        }
-        Ok(())
-    }
-
-    /// Moves the container end of `a`'s veth out of its namespace into the host's, named
-    /// `host_name` there (for an engine that moves it into its own sandbox itself).
-    pub async fn hand_out_interface(&self, a: &Attachment, host_name: &str) -> Result<()> {
-        // This thread is in the host namespace (the process entered it before any thread).
-        let host = std::fs::File::open("/proc/thread-self/ns/net")
-            .context("open the host's network namespace")?;
-        let inside = Netlink::in_ns(Some(&a.netns))?;
-        let Some(index) = inside.link_index(CONTAINER_IFNAME).await? else {
-            // Handed out already (a second Join after a Leave moved it back).
-            Netlink::in_ns(None)?.require_link(host_name).await?;
-            return Ok(());
+    fn attachment_of(&mut self, c: &Container) -> Result<Option<Attachment>> {
+        let (model::Mode::Bridge, Some(network), Some(ip), Some(mac), Some(veth)) =
+            (&c.mode, &c.network, c.ip, &c.mac, &c.host_veth)
+        else {
+            return Ok(None);
         };
-        inside
-            .set_link(index, "move the container interface to the host", |m| {
-                m.setns_by_fd(host.as_raw_fd()).name(host_name.to_string())
-            })
-            .await
+        let net = self.ctl.network(network)?;
+        Ok(Some(Attachment {
+            name: c.name.clone(),
+            network: net.name.clone(),
+            netns: c.netns.clone(),
+            ip,
+            prefix_len: net.subnet.prefix_len(),
+            gateway: net.gateway,
+            mac: ipam::parse_mac(mac)?,
+            host_veth: veth.clone(),
+            ports: c.ports.clone(),
+        }))
     }
 }
 
-fn info_of(n: &Network) -> NetworkInfo {
-    NetworkInfo {
-        name: n.name.clone(),
-        subnet: n.subnet,
-        gateway: n.gateway,
-        ip_range: n.ip_range,
-        mtu: n.mtu,
-        internal: n.internal,
+/// Checks that an endpoint's kernel objects are there: the host end of its veth, and the
+/// container end in its namespace with its address.
+pub async fn check_attachment(a: &Attachment) -> Result<()> {
+    Netlink::in_ns(None)?
+        .require_link(&a.host_veth)
+        .await
+        .context("the host end of the veth is gone")?;
+    let inside = Netlink::in_ns(Some(&a.netns))?;
+    let index = inside
+        .require_link(CONTAINER_IFNAME)
+        .await
+        .with_context(|| format!("{CONTAINER_IFNAME} is gone from the container"))?;
+    if !inside.ipv4_addresses(index).await?.contains(&a.ip) {
+        anyhow::bail!("{CONTAINER_IFNAME} no longer has the address {}", a.ip);
     }
+    Ok(())
 }
 
-fn attachment_of(
-    networks: &std::collections::BTreeMap<String, Network>,
-    c: &Container,
-) -> Option<Attachment> {
-    if c.mode != Mode::Bridge {
-        return None;
-    }
-    let net = networks.get(c.network.as_deref()?)?;
-    Some(Attachment {
-        name: c.name.clone(),
-        network: net.name.clone(),
-        netns: c.netns.clone(),
-        ip: c.ip?,
-        prefix_len: net.subnet.prefix_len(),
-        gateway: net.gateway,
-        mac: ipam::parse_mac(c.mac.as_deref()?).ok()?,
-        host_veth: c.host_veth.clone()?,
-        ports: c
-            .ports
-            .iter()
-            .map(|p| Port {
-                proto: p.proto,
-                host_ip: p.host_ip,
-                host_port: p.host_port,
-                container_port: p.container_port,
-            })
-            .collect(),
-    })
+/// Moves the container end of `a`'s veth out of its namespace into the host's, named
+/// `host_name` there (for an engine that moves it into its own sandbox itself).
+pub async fn hand_out_interface(a: &Attachment, host_name: &str) -> Result<()> {
+    // This thread is in the host namespace (the process entered it before any thread).
+    let host = std::fs::File::open("/proc/thread-self/ns/net")
+        .context("open the host's network namespace")?;
+    let inside = Netlink::in_ns(Some(&a.netns))?;
+    let Some(index) = inside.link_index(CONTAINER_IFNAME).await? else {
+        // Handed out already (a second Join after a Leave moved it back).
+        Netlink::in_ns(None)?.require_link(host_name).await?;
+        return Ok(());
+    };
+    inside
+        .set_link(index, "move the container interface to the host", |m| {
+            m.setns_by_fd(host.as_raw_fd()).name(host_name.to_string())
+        })
+        .await
 }
 
-/// The CLI's `-p` text for one port (today's controller parses ports from it).
-fn publish_spec(p: &Port) -> String {
-    let ip = p.host_ip.map(|ip| format!("{ip}:")).unwrap_or_default();
-    format!(
-        "{ip}{}:{}/{}",
-        p.host_port,
-        p.container_port,
-        proto_name(p.proto)
-    )
+/// One port as a publish request (one host port to one container port).
+fn publish_of(p: &PortMapping) -> Publish {
+    Publish {
+        host_ip: p.host_ip,
+        host_ports: Some((p.host_port, p.host_port)),
+        container_ports: (p.container_port, p.container_port),
+        proto: p.proto,
+    }
 }

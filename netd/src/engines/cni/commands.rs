@@ -1,5 +1,5 @@
-//! The CNI verbs on netd's controller. Each call locks netd's state for its whole run, so a
-//! storm of ADDs (a pod start storm) is serialised like concurrent CLI commands are.
+//! The CNI verbs on netd's controller. Each call is one process with its own controller; the
+//! store makes concurrent calls safe (a pod start storm), as it does concurrent CLI commands.
 
 use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
@@ -8,8 +8,12 @@ use serde_json::Value;
 
 use super::types::{CniError, Code, Config, prev_result_addresses, result_json};
 use crate::{
-    datapath::Protocol,
-    engines::core::{AttachRequest, CONTAINER_IFNAME, Core, Instance, NetworkOptions, Port},
+    core::{
+        self,
+        spec::{NetworkSpec, PortMapping},
+    },
+    datapath::{DatapathKind, Protocol},
+    engines::core::{AttachRequest, CONTAINER_IFNAME, Core, check_attachment},
 };
 
 /// What the runtime says about the container (the `CNI_*` variables).
@@ -37,49 +41,43 @@ pub fn endpoint_name(network: &str, container_id: &str, ifname: &str) -> String 
 /// Every endpoint netd-cni makes is named with this prefix, so GC leaves the CLI's alone.
 const ENDPOINT_PREFIX: &str = "cni-";
 
-pub fn instance_of(config: &Config) -> Instance {
-    Instance {
-        state_dir: config
+/// The netd instance the config names (the CLI's defaults for what it doesn't).
+fn open(config: &Config) -> Result<Core, CniError> {
+    let mut c = core::Config::new(
+        config
             .state_dir
             .clone()
             .unwrap_or_else(|| "/var/lib/netd".into()),
-        bpffs: config
-            .bpffs
-            .clone()
-            .unwrap_or_else(|| "/sys/fs/bpf/netd".into()),
-        host_netns: config.host_netns.clone(),
+    );
+    if let Some(bpffs) = &config.bpffs {
+        c.bpffs = bpffs.clone();
     }
+    c.host_netns = config.host_netns.clone();
+    Ok(Core::open(c)?)
 }
 
-fn network_options(config: &Config) -> NetworkOptions {
-    NetworkOptions {
-        name: config.name.clone(),
-        subnet: config.subnet,
-        gateway: config.gateway,
-        ip_range: config.ip_range,
-        bridge: config.bridge.clone(),
-        mtu: config.mtu,
-        icc: config.icc.unwrap_or(true),
-        internal: config.internal.unwrap_or(false),
-        masquerade: config.masquerade.unwrap_or(true),
-        host_ip: None,
-        datapath: config.datapath.clone(),
+/// The netd network the config describes.
+fn network_spec(config: &Config) -> Result<NetworkSpec, CniError> {
+    let invalid = |e: anyhow::Error| CniError::new(Code::InvalidConfig, format!("{e:#}"));
+    let mut spec = NetworkSpec::named(&config.name);
+    spec.subnet = config.subnet;
+    spec.gateway = config.gateway;
+    spec.ip_range = config.ip_range;
+    spec.bridge = config.bridge.clone();
+    spec.mtu = config.mtu.unwrap_or(spec.mtu);
+    spec.icc = config.icc.unwrap_or(spec.icc);
+    spec.internal = config.internal.unwrap_or(spec.internal);
+    spec.masquerade = config.masquerade.unwrap_or(spec.masquerade);
+    if let Some(dp) = &config.datapath {
+        spec.datapath = dp.parse::<DatapathKind>().map_err(invalid)?;
     }
-}
-
-fn open(config: &Config) -> Result<Core, CniError> {
-    Ok(Core::open(
-        &instance_of(config),
-        config.datapath.as_deref(),
-    )?)
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
 }
 
 /// The network of the config, made on first use; an existing one must match the config.
-async fn ensure_network(core: &Core, config: &Config) -> Result<(), CniError> {
-    let Some(net) = core.network(&config.name)? else {
-        core.create_network(&network_options(config)).await?;
-        return Ok(());
-    };
+async fn ensure_network(core: &mut Core, config: &Config) -> Result<(), CniError> {
+    let net = core.ensure_network(network_spec(config)?).await?;
     let differs = |what: &str, want: String, have: String| {
         CniError::new(
             Code::InvalidConfig,
@@ -102,7 +100,7 @@ async fn ensure_network(core: &Core, config: &Config) -> Result<(), CniError> {
     Ok(())
 }
 
-fn ports_of(config: &Config) -> Result<Vec<Port>, CniError> {
+fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
     config
         .runtime_config
         .port_mappings
@@ -127,7 +125,7 @@ fn ports_of(config: &Config) -> Result<Vec<Port>, CniError> {
                     )
                 })?),
             };
-            Ok(Port {
+            Ok(PortMapping {
                 proto,
                 host_ip,
                 host_port: m.host_port,
@@ -194,8 +192,8 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     let netns = require_netns(call)?;
     let ports = ports_of(config)?;
     let ip = requested_ip(config, call)?;
-    let core = open(config)?;
-    ensure_network(&core, config).await?;
+    let mut core = open(config)?;
+    ensure_network(&mut core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     if core.attachment(&name)?.is_some() {
         return Err(CniError::new(
@@ -221,7 +219,7 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
 
 /// Removes the attachment if there is one: a second DEL, or a DEL after a failed ADD, is fine.
 pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
-    let core = open(config)?;
+    let mut core = open(config)?;
     core.detach(&endpoint_name(
         &config.name,
         &call.container_id,
@@ -233,7 +231,7 @@ pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
 
 pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
     let netns = require_netns(call)?;
-    let core = open(config)?;
+    let mut core = open(config)?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     let a = core.attachment(&name)?.ok_or_else(|| {
         CniError::new(
@@ -263,14 +261,14 @@ pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
             format!("prevResult does not list the container's address {address}"),
         ));
     }
-    core.check_attachment(&a).await?;
+    check_attachment(&a).await?;
     Ok(())
 }
 
 /// STATUS: ready when the netd instance can be opened (its state dir locked and read).
 pub fn status(config: &Config) -> Result<(), CniError> {
     open(config)
-        .and_then(|core| Ok(core.networks()?))
+        .and_then(|mut core| Ok(core.networks()?))
         .map(|_| ())
         .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
 }
@@ -283,7 +281,7 @@ pub async fn gc(config: &Config) -> Result<(), CniError> {
         .flatten()
         .map(|v| endpoint_name(&config.name, &v.container_id, &v.ifname))
         .collect();
-    let core = open(config)?;
+    let mut core = open(config)?;
     if core.network(&config.name)?.is_none() {
         return Ok(());
     }

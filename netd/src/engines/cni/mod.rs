@@ -107,7 +107,7 @@ fn parse_config(stdin: &str) -> Result<Config, CniError> {
             ),
         ));
     }
-    crate::network::validate_name("network", &config.name)
+    crate::core::spec::validate_name("network", &config.name)
         .map_err(|e| CniError::new(Code::InvalidConfig, format!("{e:#}")))?;
     Ok(config)
 }

@@ -132,7 +132,7 @@ pub fn result_json(version: &str, ifname: &str, a: &Attachment) -> Value {
         "cniVersion": version,
         "interfaces": [{
             "name": ifname,
-            "mac": crate::ipam::format_mac(a.mac),
+            "mac": crate::core::ipam::format_mac(a.mac),
             "sandbox": a.netns.display().to_string(),
         }],
         "ips": [ip],

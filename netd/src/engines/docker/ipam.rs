@@ -17,10 +17,7 @@ use super::protocol::{
     GATEWAY_REQUEST, PoolRef, REQUEST_ADDRESS_TYPE, ReleaseAddress, RequestAddress, RequestPool,
     RequestPoolResponse,
 };
-use crate::{
-    engines::core::{Core, NetworkInfo},
-    ipam,
-};
+use crate::{core::ipam, engines::core::Core, store::Network};
 
 /// The one address space netd has (Docker wants a local and a global name).
 pub const ADDRESS_SPACE: &str = "netd";
@@ -57,14 +54,14 @@ fn subnet_of(pool_id: &str) -> Result<Ipv4Net> {
 }
 
 /// The netd network on `subnet`, if it exists yet.
-fn network_on(core: &Core, subnet: Ipv4Net) -> Result<Option<NetworkInfo>> {
+fn network_on(core: &mut Core, subnet: Ipv4Net) -> Result<Option<Network>> {
     Ok(core.networks()?.into_iter().find(|n| n.subnet == subnet))
 }
 
 impl Ipam {
     /// A pool: the one asked for, or the first free private subnet (as `netd network create`
     /// picks). Asking for the same pool again gets the same answer.
-    pub async fn request_pool(&mut self, core: &Core, req: RequestPool) -> Result<Value> {
+    pub async fn request_pool(&mut self, core: &mut Core, req: RequestPool) -> Result<Value> {
         if req.v6 {
             bail!("netd gives IPv4 addresses only: no IPv6 pool");
         }
@@ -109,7 +106,7 @@ impl Ipam {
 
     /// The gateway (when asked for with Docker's gateway option), the address asked for, or
     /// the lowest free one.
-    pub fn request_address(&mut self, core: &Core, req: RequestAddress) -> Result<Value> {
+    pub fn request_address(&mut self, core: &mut Core, req: RequestAddress) -> Result<Value> {
         let subnet = subnet_of(&req.pool_id)?;
         let asked: Option<Ipv4Addr> = match req.address.as_str() {
             "" => None,

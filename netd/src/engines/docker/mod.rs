@@ -28,7 +28,7 @@ use tokio::{
     sync::{Mutex, oneshot},
 };
 
-use crate::engines::core::{Core, Instance};
+use crate::{core::Config, engines::core::Core};
 
 /// Where Docker looks for plugin sockets.
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
@@ -57,8 +57,8 @@ impl Drop for Served {
 
 /// Binds `dir/NAME.sock` and serves the plugin on it from a thread of its own (the
 /// controller's futures stay on one thread: its datapath handles aren't `Send`).
-pub fn serve(instance: Instance, datapath: &str, name: &str, dir: &Path) -> Result<Served> {
-    crate::network::validate_name("Docker plugin", name)?;
+pub fn serve(config: Config, name: &str, dir: &Path) -> Result<Served> {
+    crate::core::spec::validate_name("Docker plugin", name)?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let socket = dir.join(format!("{name}.sock"));
     // A socket file left by a daemon that was killed: nobody serves it any more.
@@ -71,7 +71,6 @@ pub fn serve(instance: Instance, datapath: &str, name: &str, dir: &Path) -> Resu
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .with_context(|| format!("listen on {}", socket.display()))?;
     listener.set_nonblocking(true)?;
-    let datapath = datapath.to_string();
     eprintln!(
         "netd daemon: Docker network and IPAM driver {name:?} on {}",
         socket.display()
@@ -82,8 +81,7 @@ pub fn serve(instance: Instance, datapath: &str, name: &str, dir: &Path) -> Resu
         .build()?;
     let thread = std::thread::spawn(move || {
         let plugin = Rc::new(Plugin {
-            instance,
-            datapath,
+            config,
             ipam: Mutex::new(ipam::Ipam::default()),
         });
         let local = tokio::task::LocalSet::new();
@@ -133,9 +131,8 @@ async fn accept_loop(
 }
 
 struct Plugin {
-    instance: Instance,
-    /// The datapath of networks whose options don't name one.
-    datapath: String,
+    /// The netd instance; its default datapath is that of networks whose options name none.
+    config: Config,
     /// Also serialises the requests: Docker sends them one at a time anyway, and each one
     /// holds netd's state lock while it runs.
     ipam: Mutex<ipam::Ipam>,
@@ -206,11 +203,11 @@ fn decode<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, Failure> {
 }
 
 impl Plugin {
-    /// netd's controller, locked for one request, off the async threads (the lock waits).
-    async fn core(&self, datapath: Option<&str>) -> Result<Core> {
-        let instance = self.instance.clone();
-        let datapath = datapath.unwrap_or(&self.datapath).to_string();
-        tokio::task::spawn_blocking(move || Core::open(&instance, Some(&datapath))).await?
+    /// netd's controller for one request, opened off the async thread (opening the store
+    /// may wait for another process's write).
+    async fn core(&self) -> Result<Core> {
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || Core::open(config)).await?
     }
 
     async fn dispatch(&self, verb: &str, body: &[u8]) -> Result<Value, Failure> {
@@ -220,27 +217,26 @@ impl Plugin {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
             "NetworkDriver.GetCapabilities" => nd::capabilities(),
             "NetworkDriver.CreateNetwork" => {
-                let opts = nd::network_options(decode(verb, body)?)?;
-                let core = self.core(opts.datapath.as_deref()).await?;
-                nd::create_network(&core, &opts).await?
+                let spec = nd::network_spec(decode(verb, body)?, self.config.default_datapath)?;
+                nd::create_network(&mut self.core().await?, spec).await?
             }
             "NetworkDriver.DeleteNetwork" => {
-                nd::delete_network(&self.core(None).await?, decode(verb, body)?).await?
+                nd::delete_network(&mut self.core().await?, decode(verb, body)?).await?
             }
             "NetworkDriver.CreateEndpoint" => {
-                nd::create_endpoint(&self.core(None).await?, decode(verb, body)?).await?
+                nd::create_endpoint(&mut self.core().await?, decode(verb, body)?).await?
             }
             "NetworkDriver.DeleteEndpoint" => {
-                nd::delete_endpoint(&self.core(None).await?, decode(verb, body)?).await?
+                nd::delete_endpoint(&mut self.core().await?, decode(verb, body)?).await?
             }
             "NetworkDriver.EndpointOperInfo" => {
-                nd::endpoint_oper_info(&self.core(None).await?, decode(verb, body)?)?
+                nd::endpoint_oper_info(&mut self.core().await?, decode(verb, body)?)?
             }
-            "NetworkDriver.Join" => nd::join(&self.core(None).await?, decode(verb, body)?).await?,
+            "NetworkDriver.Join" => nd::join(&mut self.core().await?, decode(verb, body)?).await?,
             "NetworkDriver.Leave" => nd::leave(decode(verb, body)?),
             "NetworkDriver.ProgramExternalConnectivity" => {
-                let core = self.core(None).await?;
-                nd::program_external_connectivity(&core, decode(verb, body)?).await?
+                let mut core = self.core().await?;
+                nd::program_external_connectivity(&mut core, decode(verb, body)?).await?
             }
             "NetworkDriver.RevokeExternalConnectivity" => {
                 nd::revoke_external_connectivity(decode(verb, body)?)
@@ -248,13 +244,13 @@ impl Plugin {
             "IpamDriver.GetCapabilities" => ipam::capabilities(),
             "IpamDriver.GetDefaultAddressSpaces" => ipam::default_address_spaces(),
             "IpamDriver.RequestPool" => {
-                let core = self.core(None).await?;
-                ipam.request_pool(&core, decode(verb, body)?).await?
+                let mut core = self.core().await?;
+                ipam.request_pool(&mut core, decode(verb, body)?).await?
             }
             "IpamDriver.ReleasePool" => ipam.release_pool(decode(verb, body)?)?,
             "IpamDriver.RequestAddress" => {
-                let core = self.core(None).await?;
-                ipam.request_address(&core, decode(verb, body)?)?
+                let mut core = self.core().await?;
+                ipam.request_address(&mut core, decode(verb, body)?)?
             }
             "IpamDriver.ReleaseAddress" => ipam.release_address(decode(verb, body)?)?,
             other => {

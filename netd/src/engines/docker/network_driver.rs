@@ -20,9 +20,12 @@ use super::protocol::{
     PORT_MAP, PortBinding,
 };
 use crate::{
-    datapath::Protocol,
-    engines::core::{AttachRequest, Core, NetworkOptions, Port},
-    ipam,
+    core::{
+        ipam,
+        spec::{NetworkSpec, PortMapping},
+    },
+    datapath::{DatapathKind, Protocol},
+    engines::core::{AttachRequest, Core, hand_out_interface},
 };
 
 /// How netd names what it makes for a Docker object (an ID is 64 hex characters).
@@ -44,8 +47,8 @@ pub fn capabilities() -> Value {
     json!({ "Scope": "local", "ConnectivityScope": "local" })
 }
 
-/// The netd network a CreateNetwork asks for (its `datapath` option says which `Core` makes it).
-pub fn network_options(req: CreateNetwork) -> Result<NetworkOptions> {
+/// The netd network a CreateNetwork asks for (on `datapath` unless its options name one).
+pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<NetworkSpec> {
     if req.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
         bail!("netd networks are IPv4 only: drop --ipv6");
     }
@@ -55,36 +58,33 @@ pub fn network_options(req: CreateNetwork) -> Result<NetworkOptions> {
             req.ipv4_data.len()
         );
     };
-    let mut opts = NetworkOptions {
-        name: netd_name(&req.network_id)?,
-        subnet: Some(ipam::parse_subnet(&ipv4.pool)?),
-        gateway: match ipv4.gateway.as_str() {
-            "" => None,
-            gw => Some(
-                gw.parse::<Ipv4Net>()
-                    .map(|n| n.addr())
-                    .with_context(|| format!("invalid gateway {gw:?}"))?,
-            ),
-        },
-        icc: true,
-        masquerade: true,
-        internal: req.options.get(INTERNAL).is_some_and(|v| v == &json!(true)),
-        ..Default::default()
+    let mut spec = NetworkSpec::named(&netd_name(&req.network_id)?);
+    spec.subnet = Some(ipam::parse_subnet(&ipv4.pool)?);
+    spec.gateway = match ipv4.gateway.as_str() {
+        "" => None,
+        gw => Some(
+            gw.parse::<Ipv4Net>()
+                .map(|n| n.addr())
+                .with_context(|| format!("invalid gateway {gw:?}"))?,
+        ),
     };
+    spec.internal = req.options.get(INTERNAL).is_some_and(|v| v == &json!(true));
+    spec.datapath = datapath;
     if let Some(generic) = req.options.get(GENERIC_OPTIONS) {
-        apply_options(&mut opts, generic)?;
+        apply_options(&mut spec, generic)?;
     }
-    Ok(opts)
+    spec.validate()?;
+    Ok(spec)
 }
 
-pub async fn create_network(core: &Core, opts: &NetworkOptions) -> Result<Value> {
-    core.create_network(opts).await?;
+pub async fn create_network(core: &mut Core, spec: NetworkSpec) -> Result<Value> {
+    core.create_network(spec).await?;
     Ok(json!({}))
 }
 
 /// `-o KEY=VALUE` of `docker network create`: netd's network options, under their netd names
 /// or the names Docker's bridge driver uses.
-fn apply_options(opts: &mut NetworkOptions, generic: &Value) -> Result<()> {
+fn apply_options(opts: &mut NetworkSpec, generic: &Value) -> Result<()> {
     let Some(map) = generic.as_object() else {
         return Ok(());
     };
@@ -104,10 +104,9 @@ fn apply_options(opts: &mut NetworkOptions, generic: &Value) -> Result<()> {
                 opts.masquerade = flag()?
             }
             "mtu" | "com.docker.network.driver.mtu" => {
-                opts.mtu = Some(
-                    text.parse()
-                        .with_context(|| format!("option {key}={text}: expected a number"))?,
-                )
+                opts.mtu = text
+                    .parse()
+                    .with_context(|| format!("option {key}={text}: expected a number"))?
             }
             "host_ip" | "com.docker.network.bridge.host_binding_ipv4" => {
                 opts.host_ip =
@@ -116,7 +115,7 @@ fn apply_options(opts: &mut NetworkOptions, generic: &Value) -> Result<()> {
                     })?)
             }
             "bridge" | "com.docker.network.bridge.name" => opts.bridge = Some(text),
-            "datapath" => opts.datapath = Some(text),
+            "datapath" => opts.datapath = text.parse()?,
             other => bail!(
                 "unknown option {other:?} (netd takes icc, internal, masquerade, mtu, host_ip, bridge, datapath)"
             ),
@@ -125,7 +124,7 @@ fn apply_options(opts: &mut NetworkOptions, generic: &Value) -> Result<()> {
     Ok(())
 }
 
-pub async fn delete_network(core: &Core, req: NetworkRef) -> Result<Value> {
+pub async fn delete_network(core: &mut Core, req: NetworkRef) -> Result<Value> {
     let name = netd_name(&req.network_id)?;
     if core.network(&name)?.is_some() {
         core.remove_network(&name).await?;
@@ -133,7 +132,7 @@ pub async fn delete_network(core: &Core, req: NetworkRef) -> Result<Value> {
     Ok(json!({}))
 }
 
-pub async fn create_endpoint(core: &Core, req: CreateEndpoint) -> Result<Value> {
+pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Value> {
     let given = req.interface.unwrap_or_default();
     if !given.address_ipv6.is_empty() {
         bail!("netd networks are IPv4 only: no IPv6 address");
@@ -180,12 +179,12 @@ pub async fn create_endpoint(core: &Core, req: CreateEndpoint) -> Result<Value> 
     })?)
 }
 
-pub async fn delete_endpoint(core: &Core, req: EndpointRef) -> Result<Value> {
+pub async fn delete_endpoint(core: &mut Core, req: EndpointRef) -> Result<Value> {
     core.detach(&netd_name(&req.endpoint_id)?).await?;
     Ok(json!({}))
 }
 
-pub fn endpoint_oper_info(core: &Core, req: EndpointRef) -> Result<Value> {
+pub fn endpoint_oper_info(core: &mut Core, req: EndpointRef) -> Result<Value> {
     let a = core
         .attachment(&netd_name(&req.endpoint_id)?)?
         .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
@@ -196,7 +195,7 @@ pub fn endpoint_oper_info(core: &Core, req: EndpointRef) -> Result<Value> {
     }}))
 }
 
-pub async fn join(core: &Core, req: Join) -> Result<Value> {
+pub async fn join(core: &mut Core, req: Join) -> Result<Value> {
     let name = netd_name(&req.endpoint_id)?;
     let a = core.attachment(&name)?.with_context(|| {
         format!(
@@ -205,7 +204,7 @@ pub async fn join(core: &Core, req: Join) -> Result<Value> {
         )
     })?;
     let handover = handover_name(&req.endpoint_id)?;
-    core.hand_out_interface(&a, &handover).await?;
+    hand_out_interface(&a, &handover).await?;
     // The gateway makes Docker add the default route (and no docker_gwbridge endpoint); an
     // internal network has no way out, so no default route.
     let internal = core.network(&a.network)?.is_some_and(|n| n.internal);
@@ -230,7 +229,7 @@ pub fn leave(_req: EndpointRef) -> Value {
 
 /// `-p`: Docker's port bindings become the netd container's published ports.
 pub async fn program_external_connectivity(
-    core: &Core,
+    core: &mut Core,
     req: ExternalConnectivity,
 ) -> Result<Value> {
     let name = netd_name(&req.endpoint_id)?;
@@ -253,7 +252,7 @@ pub async fn program_external_connectivity(
     Ok(json!({}))
 }
 
-fn ports_of(b: &PortBinding) -> Result<Vec<Port>> {
+fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
     let proto = match b.proto {
         6 => Protocol::Tcp,
         17 => Protocol::Udp,
@@ -275,7 +274,7 @@ fn ports_of(b: &PortBinding) -> Result<Vec<Port>> {
     }
     let end = b.host_port_end.max(b.host_port);
     Ok((b.host_port..=end)
-        .map(|host_port| Port {
+        .map(|host_port| PortMapping {
             proto,
             host_ip,
             host_port,
