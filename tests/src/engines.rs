@@ -155,7 +155,7 @@ pub struct NetdDaemon {
 }
 
 impl NetdDaemon {
-    /// Starts `netd daemon ARGS...` and waits until `ready` exists (its plugin socket).
+    /// Starts `netd daemon ARGS...` and waits until its plugin socket `ready` answers.
     pub fn start(env: &TestEnv, args: &[&str], ready: &Path) -> Self {
         let child = env
             .netd_cmd(&[&["daemon"], args].concat())
@@ -165,7 +165,7 @@ impl NetdDaemon {
             .expect("start netd daemon");
         let mut daemon = Self { child };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
+        while std::os::unix::net::UnixStream::connect(ready).is_err() {
             if let Some(status) = daemon.child.try_wait().unwrap() {
                 panic!("netd daemon exited ({status})");
             }

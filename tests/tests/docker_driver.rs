@@ -3,7 +3,12 @@
 //! networking off (no docker0, no iptables rules, no proxy), discovering the driver's socket
 //! in a plugin dir only it sees.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Stdio,
+    time::Duration,
+};
 
 use netd::bench::docker::{Dockerd, IMAGE, Options};
 use tests::{
@@ -24,29 +29,51 @@ impl World {
     fn new() -> Self {
         let env = TestEnv::new();
         let name = format!("netd{}", env.prefix);
-        let plugins: PathBuf = env.state_dir.join("plugins");
-        let socket = plugins.join(format!("{name}.sock"));
-        let dir = plugins.to_str().unwrap();
-        let daemon = NetdDaemon::start(
-            &env,
-            &["--docker-plugin", &name, "--docker-plugin-dir", dir],
-            &socket,
-        );
+        let mut world = Self {
+            env,
+            name,
+            dockerd: None,
+            daemon: None,
+        };
+        let args = world.daemon_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
         let dockerd = Dockerd::start_with(
-            &env.host_ns(),
-            &env.state_dir.join("docker"),
+            &world.env.host_ns(),
+            &world.env.state_dir.join("docker"),
             &Options {
                 docker_networking: false,
-                plugin_dir: Some(plugins),
+                plugin_dir: Some(world.env.state_dir.join("plugins")),
             },
         )
         .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));
-        Self {
-            env,
-            name,
-            dockerd: Some(dockerd),
-            daemon: Some(daemon),
-        }
+        world.dockerd = Some(dockerd);
+        world
+    }
+
+    /// `kill -9` the netd daemon and start it again (it rebuilds its view from netd's state).
+    fn restart_daemon(&mut self) {
+        let args = self.daemon_args();
+        self.daemon.take().unwrap().kill();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.daemon = Some(NetdDaemon::start(&self.env, &args, &self.socket()));
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.env
+            .state_dir
+            .join("plugins")
+            .join(format!("{}.sock", self.name))
+    }
+
+    fn daemon_args(&self) -> Vec<String> {
+        let dir = self.env.state_dir.join("plugins");
+        vec![
+            "--docker-plugin".into(),
+            self.name.clone(),
+            "--docker-plugin-dir".into(),
+            dir.display().to_string(),
+        ]
     }
 
     fn docker(&self, args: &[&str]) -> String {
@@ -78,6 +105,17 @@ impl World {
     fn netns_of(&self, container: &str) -> PathBuf {
         let pid = self.docker(&["inspect", "-f", "{{.State.Pid}}", container]);
         PathBuf::from(format!("/proc/{pid}/ns/net"))
+    }
+
+    fn ip_of(&self, container: &str) -> Ipv4Addr {
+        self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            container,
+        ])
+        .parse()
+        .unwrap()
     }
 
     fn host_links(&self) -> String {
@@ -214,5 +252,158 @@ fn ipam_picks_a_subnet_and_bad_options_are_refused() {
     assert!(err.contains("overlaps"), "{err}");
     assert_eq!(w.netd_names("network").len(), 1);
     w.docker(&["network", "rm", "auto"]);
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// What Docker's bridge does for user-defined networks: `-o icc=false` keeps a network's
+/// containers apart, `--internal` keeps them in, `--link` is a name (Docker's DNS).
+#[test]
+fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
+    let w = World::new();
+    let d = w.name.as_str();
+    for (name, extra) in [
+        ("open", ""),
+        ("closed", "icc=false"),
+        ("inside", "internal"),
+    ] {
+        let mut args = vec!["network", "create", "-d", d, "--ipam-driver", d];
+        match extra {
+            "icc=false" => args.extend(["-o", "icc=false"]),
+            "internal" => args.push("--internal"),
+            _ => {}
+        }
+        args.push(name);
+        w.docker(&args);
+    }
+    let run = |name: &str, net: &str, extra: &[&str]| {
+        let args = [
+            &["run", "-d", "--name", name, "--network", net][..],
+            extra,
+            &[IMAGE, "sleep", "1d"],
+        ]
+        .concat();
+        w.docker(&args);
+        (w.netns_of(name), w.ip_of(name))
+    };
+    let (a1, _) = run("a1", "open", &[]);
+    let (a2, a2_ip) = run("a2", "open", &[]);
+    let (c1, _) = run("c1", "closed", &[]);
+    let (c2, c2_ip) = run("c2", "closed", &[]);
+    let (i1, _) = run("i1", "inside", &[]);
+    run("l1", "open", &["--link", "a2:peer"]);
+    tcp_name_server(&w.env, &a2, 7000, "a2");
+    tcp_name_server(&w.env, &c2, 7000, "c2");
+    tcp_name_server(&w.env, &w.env.outside_ns(), 9000, "outside");
+    let outside = SocketAddr::from((tests::harness::OUTSIDE_ADDR, 9000));
+
+    assert_eq!(
+        tcp_ask(&w.env, &a1, SocketAddr::from((a2_ip, 7000))).unwrap(),
+        "a2"
+    );
+    assert!(
+        tcp_ask(&w.env, &c1, SocketAddr::from((c2_ip, 7000))).is_err(),
+        "icc=false let c1 reach c2"
+    );
+    assert_eq!(tcp_ask(&w.env, &a1, outside).unwrap(), "outside");
+    assert_eq!(tcp_ask(&w.env, &c1, outside).unwrap(), "outside");
+    assert!(
+        tcp_ask(&w.env, &i1, outside).is_err(),
+        "--internal let i1 out"
+    );
+    // The link's alias resolves to a2 (Docker's embedded DNS) and reaches it.
+    let ping = w.docker(&["exec", "l1", "ping", "-c", "1", "-W", "2", "peer"]);
+    assert!(ping.contains(&a2_ip.to_string()), "{ping}");
+
+    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "i1", "l1"]);
+    for net in ["open", "closed", "inside"] {
+        w.docker(&["network", "rm", net]);
+    }
+    assert!(w.netd_names("container").is_empty());
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// The datapath carries a flow while the netd daemon is killed and started again, and the new
+/// daemon serves Docker from netd's state: it removes the old container and runs a new one.
+#[test]
+fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_state() {
+    let mut w = World::new();
+    let d = w.name.clone();
+    w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "n1",
+        "-p",
+        "15201:5201",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let srv = w.netns_of("srv");
+    w.env.spawn_in(&srv, "iperf3", &["-s", "-p", "5201"]);
+    netd::netns::wait_tcp_listener(&srv, 5201, Duration::from_secs(5)).unwrap();
+    let client = w
+        .env
+        .cmd_in(
+            &w.env.outside_ns(),
+            "iperf3",
+            &[
+                "-c",
+                &HOST_ADDR.to_string(),
+                "-p",
+                "15201",
+                "-t",
+                "4",
+                "-i",
+                "0.5",
+                "-J",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    w.restart_daemon();
+    let out = client.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(
+        report["error"].is_null(),
+        "iperf3 failed: {}",
+        report["error"]
+    );
+    let intervals = report["intervals"].as_array().unwrap();
+    assert!(intervals.len() >= 7, "{} intervals", intervals.len());
+    for (i, interval) in intervals.iter().enumerate() {
+        let bytes = interval["sum"]["bytes"].as_u64().unwrap();
+        assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
+    }
+
+    // The restarted daemon knows the endpoint and the network from netd's state.
+    w.docker(&["rm", "-f", "srv"]);
+    assert!(w.netd_names("container").is_empty());
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "next",
+        "--network",
+        "n1",
+        "-p",
+        "8080:80",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    tcp_name_server(&w.env, &w.netns_of("next"), 80, "next");
+    let published = SocketAddr::from((HOST_ADDR, 8080));
+    assert_eq!(
+        tcp_ask(&w.env, &w.env.outside_ns(), published).unwrap(),
+        "next"
+    );
+    w.docker(&["rm", "-f", "next"]);
+    w.docker(&["network", "rm", "n1"]);
     assert!(w.netd_names("network").is_empty());
 }
