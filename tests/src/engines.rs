@@ -179,10 +179,6 @@ impl NetdDaemon {
         daemon
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// SIGKILL, as a crash.
     pub fn kill(mut self) {
         self.child.kill().unwrap();

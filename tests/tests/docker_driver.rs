@@ -27,6 +27,10 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        Self::with_live_restore(false)
+    }
+
+    fn with_live_restore(live_restore: bool) -> Self {
         let env = TestEnv::new();
         let name = format!("netd{}", env.prefix);
         let mut world = Self {
@@ -44,6 +48,7 @@ impl World {
             &Options {
                 docker_networking: false,
                 plugin_dir: Some(world.env.state_dir.join("plugins")),
+                live_restore,
             },
         )
         .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));
@@ -342,44 +347,10 @@ fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_s
         "sleep",
         "1d",
     ]);
-    let srv = w.netns_of("srv");
-    w.env.spawn_in(&srv, "iperf3", &["-s", "-p", "5201"]);
-    netd::netns::wait_tcp_listener(&srv, 5201, Duration::from_secs(5)).unwrap();
-    let client = w
-        .env
-        .cmd_in(
-            &w.env.outside_ns(),
-            "iperf3",
-            &[
-                "-c",
-                &HOST_ADDR.to_string(),
-                "-p",
-                "15201",
-                "-t",
-                "4",
-                "-i",
-                "0.5",
-                "-J",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let flow = Iperf::start(&w, "srv");
     std::thread::sleep(Duration::from_millis(1200));
     w.restart_daemon();
-    let out = client.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    assert!(
-        report["error"].is_null(),
-        "iperf3 failed: {}",
-        report["error"]
-    );
-    let intervals = report["intervals"].as_array().unwrap();
-    assert!(intervals.len() >= 7, "{} intervals", intervals.len());
-    for (i, interval) in intervals.iter().enumerate() {
-        let bytes = interval["sum"]["bytes"].as_u64().unwrap();
-        assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
-    }
+    flow.assert_never_stalled();
 
     // The restarted daemon knows the endpoint and the network from netd's state.
     w.docker(&["rm", "-f", "srv"]);
@@ -406,4 +377,98 @@ fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_s
     w.docker(&["rm", "-f", "next"]);
     w.docker(&["network", "rm", "n1"]);
     assert!(w.netd_names("network").is_empty());
+}
+
+/// dockerd restarted with `--live-restore`: the container runs on, its flow through netd's
+/// datapath never stalls, and the new dockerd still runs and removes containers through netd.
+#[test]
+fn a_flow_survives_a_dockerd_restart() {
+    let mut w = World::with_live_restore(true);
+    let d = w.name.clone();
+    w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "n1",
+        "-p",
+        "15201:5201",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let flow = Iperf::start(&w, "srv");
+    std::thread::sleep(Duration::from_millis(800));
+    w.dockerd.as_mut().unwrap().restart().unwrap();
+    flow.assert_never_stalled();
+
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "next",
+        "--network",
+        "n1",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    assert_eq!(w.netd_names("container").len(), 2);
+    w.docker(&["rm", "-f", "srv", "next"]);
+    w.docker(&["network", "rm", "n1"]);
+    assert!(w.netd_names("container").is_empty());
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// An iperf3 flow from the outside to a container's published port 15201 (container 5201).
+struct Iperf {
+    client: std::process::Child,
+}
+
+impl Iperf {
+    fn start(w: &World, container: &str) -> Self {
+        let ns = w.netns_of(container);
+        w.env.spawn_in(&ns, "iperf3", &["-s", "-p", "5201"]);
+        netd::netns::wait_tcp_listener(&ns, 5201, Duration::from_secs(5)).unwrap();
+        let client = w
+            .env
+            .cmd_in(
+                &w.env.outside_ns(),
+                "iperf3",
+                &[
+                    "-c",
+                    &HOST_ADDR.to_string(),
+                    "-p",
+                    "15201",
+                    "-t",
+                    "4",
+                    "-i",
+                    "0.5",
+                    "-J",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self { client }
+    }
+
+    /// Waits for the end of the flow: every half second of it carried data.
+    fn assert_never_stalled(self) {
+        let out = self.client.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        assert!(
+            report["error"].is_null(),
+            "iperf3 failed: {}",
+            report["error"]
+        );
+        let intervals = report["intervals"].as_array().unwrap();
+        assert!(intervals.len() >= 7, "{} intervals", intervals.len());
+        for (i, interval) in intervals.iter().enumerate() {
+            let bytes = interval["sum"]["bytes"].as_u64().unwrap();
+            assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
+        }
+    }
 }

@@ -152,6 +152,8 @@ pub struct Options {
     /// Bind-mounted on /run/docker/plugins in dockerd's mount namespace: the plugin sockets
     /// this dockerd (and no other) discovers.
     pub plugin_dir: Option<PathBuf>,
+    /// `--live-restore`: containers keep running while dockerd restarts.
+    pub live_restore: bool,
 }
 
 impl Default for Options {
@@ -159,6 +161,7 @@ impl Default for Options {
         Self {
             docker_networking: true,
             plugin_dir: None,
+            live_restore: false,
         }
     }
 }
@@ -170,6 +173,8 @@ const PLUGIN_SOCKETS: &str = "/run/docker/plugins";
 /// it (and its containerd) and deletes its workdir.
 pub struct Dockerd {
     daemon: Child,
+    host_ns: PathBuf,
+    options: Options,
     workdir: PathBuf,
     socket: PathBuf,
     /// Absolute cgroup (in every hierarchy) that holds this dockerd's containers.
@@ -206,10 +211,12 @@ impl Dockerd {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, options)?;
+        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, options, None)?;
         // From here on, Drop cleans up whatever fails.
         let mut dockerd = Self {
             daemon,
+            host_ns: host_ns.to_path_buf(),
+            options: options.clone(),
             workdir: workdir.to_path_buf(),
             socket,
             cgroup_parent,
@@ -219,6 +226,26 @@ impl Dockerd {
         dockerd.mount_ns = Some(dockerd.own_mount_ns()?);
         dockerd.import_busybox()?;
         Ok(dockerd)
+    }
+
+    /// Stops dockerd and starts it again in its mount namespace (kept alive by its containers'
+    /// shims); with `live_restore` the containers run on meanwhile.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon()?;
+        let ns = self.mount_ns.context("dockerd never answered")?;
+        let holder = pids_in_mount_ns(ns)
+            .into_iter()
+            .next()
+            .context("no process is left in dockerd's mount namespace")?;
+        self.daemon = spawn_dockerd(
+            &self.host_ns,
+            &self.workdir,
+            &self.socket,
+            &self.cgroup_parent,
+            &self.options,
+            Some(holder),
+        )?;
+        self.wait_until_ready()
     }
 
     /// dockerd's PID.
@@ -505,27 +532,30 @@ fn check_installed() -> Result<()> {
     Ok(())
 }
 
-/// `nsenter --net=HOST_NS unshare --mount --propagation private dockerd ...`. Both tools exec
-/// (neither forks), and so does the shell that mounts a plugin dir, so the child's PID is
-/// dockerd's.
+/// `nsenter --net=HOST_NS unshare --mount --propagation private dockerd ...`, or into the mount
+/// namespace of process `rejoin` (a restart). Both tools exec (neither forks), and so does the
+/// shell that mounts a plugin dir, so the child's PID is dockerd's.
 fn spawn_dockerd(
     host_ns: &Path,
     workdir: &Path,
     socket: &Path,
     cgroup_parent: &str,
     options: &Options,
+    rejoin: Option<u32>,
 ) -> Result<Child> {
-    let log = fs::File::create(workdir.join("dockerd.log")).context("create dockerd.log")?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(workdir.join("dockerd.log"))
+        .context("open dockerd.log")?;
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", host_ns.display())).args([
-        "--",
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-    ]);
-    if let Some(dir) = &options.plugin_dir {
+    cmd.arg(format!("--net={}", host_ns.display()));
+    if let Some(pid) = rejoin {
+        cmd.arg(format!("--mount=/proc/{pid}/ns/mnt")).arg("--");
+    } else {
+        cmd.args(["--", "unshare", "--mount", "--propagation", "private", "--"]);
+    }
+    if let Some(dir) = options.plugin_dir.as_ref().filter(|_| rejoin.is_none()) {
         fs::create_dir_all(PLUGIN_SOCKETS).with_context(|| format!("create {PLUGIN_SOCKETS}"))?;
         cmd.args([
             "sh",
@@ -565,6 +595,7 @@ fn spawn_dockerd(
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
         .args(networking)
+        .args(options.live_restore.then_some("--live-restore"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)
