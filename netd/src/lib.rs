@@ -7,7 +7,6 @@
 //! - [`store`]: the state, an SQLite database;
 //! - [`datapath`]: the NAT, forwarding and filtering drivers (eBPF, iptables).
 pub mod bench;
-pub mod bpf;
 pub mod cli;
 pub mod core;
 pub mod counter;
@@ -19,5 +18,6 @@ pub mod fault;
 pub mod sandbox;
 pub mod store;
 
-// The drivers' tools keep their short paths for the datapaths, the benchmark and the tests.
+// Short paths kept for the datapath drivers, the benchmark and the tests.
+pub use datapath::pins as bpf;
 pub use driver::{netlink, netns};

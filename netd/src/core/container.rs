@@ -65,24 +65,24 @@ impl Controller {
     /// once it is done.
     async fn realize(&mut self, c: &mut Container) -> Result<()> {
         let attached = self.attached(c)?;
-        let on = attached.as_ref().map(|(net, dp, links)| OnNetwork {
-            net,
-            dp: &**dp,
-            links: links.clone(),
-        });
+        let on = attached.as_ref().map(Attached::on);
         let store = &mut self.store;
         bridge::setup_container(c, on.as_ref(), |stage| {
             store.write(|tx| match stage {
-                Stage::Endpoint => {
+                Stage::Endpoint(ifindex) => {
                     let mut rec = tx.container_record(&c.name)?;
                     rec.endpoint_added = true;
+                    rec.host_ifindex = Some(ifindex);
                     tx.put_container(&rec)
                 }
                 Stage::Published => tx.set_ports_status(&c.name, &c.ports, Status::Running),
             })
         })
         .await?;
-        c.endpoint_added = attached.is_some();
+        // What the stages recorded.
+        let recorded = self.store.read(|tx| tx.container_record(&c.name))?;
+        c.endpoint_added = recorded.endpoint_added;
+        c.host_ifindex = recorded.host_ifindex;
         let linked = self.store.read(|tx| linked_addresses(tx, c))?;
         etcfiles::write(&self.store.container_dir(&c.name), c, &linked)?;
         fault::step("container-files");
@@ -91,10 +91,7 @@ impl Controller {
 
     /// For a bridge-mode container: its network, that network's datapath, and what its
     /// `--link`s open.
-    fn attached(
-        &mut self,
-        c: &Container,
-    ) -> Result<Option<(Network, Box<dyn Datapath>, Vec<LinkSpec>)>> {
+    fn attached(&mut self, c: &Container) -> Result<Option<Attached>> {
         let Some(network) = c.network.as_deref() else {
             return Ok(None);
         };
@@ -102,7 +99,7 @@ impl Controller {
             .store
             .read(|tx| Ok((tx.network_required(network)?, link_specs(tx, c)?)))?;
         let dp = self.datapaths.open(net.datapath)?;
-        Ok(Some((net, dp, links)))
+        Ok(Some(Attached { net, dp, links }))
     }
 
     /// Removes container `name`: everything it has, then its record. What can't be removed
@@ -140,11 +137,7 @@ impl Controller {
     /// goes if it is there).
     pub(super) async fn teardown(&mut self, c: &Container) -> Result<Failures> {
         let attached = self.attached(c)?;
-        let on = attached.as_ref().map(|(net, dp, links)| OnNetwork {
-            net,
-            dp: &**dp,
-            links: links.clone(),
-        });
+        let on = attached.as_ref().map(Attached::on);
         let rows = self.store.read(|tx| tx.port_rows(&c.name))?;
         let (sure, maybe): (Vec<_>, Vec<_>) = rows
             .into_iter()
@@ -213,6 +206,23 @@ impl Controller {
                 .with_context(|| format!("rewrite the files of {}", c.name))?;
         }
         Ok(())
+    }
+}
+
+/// A bridge-mode container's network, that network's datapath, and what its `--link`s open.
+struct Attached {
+    net: Network,
+    dp: Box<dyn Datapath>,
+    links: Vec<LinkSpec>,
+}
+
+impl Attached {
+    fn on(&self) -> OnNetwork<'_> {
+        OnNetwork {
+            net: &self.net,
+            dp: &*self.dp,
+            links: self.links.clone(),
+        }
     }
 }
 

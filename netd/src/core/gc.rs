@@ -92,8 +92,12 @@ impl Controller {
             }
             if let Some(net) = net {
                 let dp = self.datapaths.open(net.datapath)?;
-                let specs = bridge::port_specs(&c, std::slice::from_ref(&row.mapping), net.id);
-                let _ = dp.unpublish(&net.spec(), &specs);
+                let on = bridge::OnNetwork {
+                    net: &net,
+                    dp: &*dp,
+                    links: vec![],
+                };
+                bridge::unpublish_if_there(&on, &c, std::slice::from_ref(&row.mapping));
             }
             self.store
                 .write(|tx| tx.delete_ports(&row.container, std::slice::from_ref(&row.mapping)))?;

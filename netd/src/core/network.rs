@@ -50,6 +50,7 @@ impl Controller {
             return Err(self.settle_network(&net, failed, e).into());
         }
         net.status = Status::Running;
+        net.owner_pid = 0;
         self.store.write(|tx| tx.put_network(&net))?;
         Ok(net)
     }

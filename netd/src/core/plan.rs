@@ -106,6 +106,7 @@ pub fn container(view: &impl View, spec: &ContainerSpec, host: &Host) -> Result<
         ip: None,
         mac: None,
         host_veth: None,
+        host_ifindex: None,
         hostname: spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
         dns: spec.dns.clone(),
         dns_search: spec.dns_search.clone(),

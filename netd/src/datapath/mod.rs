@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod ebpf;
 pub mod iptables;
+pub mod pins;
 
 // What the datapath's tools report, named here so that nothing outside datapath/ names a
 // driver's module.
@@ -223,12 +224,11 @@ impl Datapaths {
         crate::bpf::Pins::open(&self.bpffs)
     }
 
-    /// Whether the eBPF datapath's connection tracking exists yet (a network was set up).
-    fn has_conntrack(&self) -> Result<bool> {
-        Ok(self
-            .pins()?
-            .map(netd_common::datapath::CONNTRACK_MAP)
-            .exists())
+    /// Whether the eBPF datapath's connection tracking exists yet (an eBPF network was set
+    /// up; without a bpffs, none was).
+    fn has_conntrack(&self) -> bool {
+        crate::bpf::Pins::existing(&self.bpffs)
+            .is_some_and(|p| p.map(netd_common::datapath::CONNTRACK_MAP).exists())
     }
 
     /// The eBPF connection tracking table's live flows.
@@ -238,7 +238,7 @@ impl Datapaths {
 
     /// Removes the entries of timed-out flows; 0 when no table exists yet.
     pub fn conntrack_sweep(&self) -> Result<usize> {
-        if !self.has_conntrack()? {
+        if !self.has_conntrack() {
             return Ok(0);
         }
         ebpf::conntrack::sweep(&self.pins()?)

@@ -73,6 +73,7 @@ pub async fn teardown_network(net: &Network, dp: &dyn Datapath, datapath_ready: 
     if datapath_ready {
         failed.note(&format!("the {} datapath", net.datapath), undone);
     }
+    fault::step("network-datapath-removed");
     failed.note(
         &format!("bridge {}", net.bridge),
         remove_link(None, &net.bridge).await,
@@ -127,7 +128,8 @@ pub struct OnNetwork<'a> {
 /// A datapath step of a container's setup, reported once done so the caller can record it
 /// (a removal then knows the object is there, and a failure to remove it is real).
 pub enum Stage {
-    Endpoint,
+    /// The datapath has the endpoint, on the veth of this index.
+    Endpoint(u32),
     Published,
 }
 
@@ -151,7 +153,7 @@ pub async fn setup_container(
         let ep = endpoint_spec(on, c).await?;
         on.dp.add_endpoint(&on.net.spec(), &ep)?;
         fault::step("container-endpoint");
-        done(Stage::Endpoint)?;
+        done(Stage::Endpoint(ep.host_ifindex))?;
         on.dp
             .publish(&on.net.spec(), &port_specs(c, &c.ports, on.net.id))?;
         fault::step("container-publish");
@@ -191,16 +193,19 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
     host.set_up(host_end).await
 }
 
-/// The datapath's view of container `c`'s endpoint (its veth's index is 0 once the veth is
-/// gone).
+/// The datapath's view of container `c`'s endpoint (its veth's index as recorded, else as
+/// the veth has it, else 0: no veth was made).
 async fn endpoint_spec(on: &OnNetwork<'_>, c: &Container) -> Result<EndpointSpec> {
     let (Some(host_ifname), Some(mac), Some(ip)) = (&c.host_veth, &c.mac, c.ip) else {
         bail!("container {:?} is not on a bridge network", c.name);
     };
-    let host_ifindex = Netlink::in_ns(None)?
-        .link_index(host_ifname)
-        .await?
-        .unwrap_or(0);
+    let host_ifindex = match c.host_ifindex {
+        Some(index) => index,
+        None => Netlink::in_ns(None)?
+            .link_index(host_ifname)
+            .await?
+            .unwrap_or(0),
+    };
     Ok(EndpointSpec {
         network_id: on.net.id,
         container: c.name.clone(),
@@ -238,6 +243,17 @@ pub struct Published<'a> {
     pub maybe: &'a [PortMapping],
 }
 
+/// Unpublishes `ports` of `c` that may or may not have been published (their publish was
+/// interrupted): the datapath removes those it has and reports the others as not published,
+/// which is no failure here, so its answer is not kept.
+pub fn unpublish_if_there(on: &OnNetwork<'_>, c: &Container, ports: &[PortMapping]) {
+    if !ports.is_empty() {
+        on.dp
+            .unpublish(&on.net.spec(), &port_specs(c, ports, on.net.id))
+            .ok();
+    }
+}
+
 /// Removes everything container `c` may have: its ports, endpoint, veth, `netd link` ends,
 /// namespace (when netd made it) and files. Used by rm, by a failed create and by gc, so each
 /// leaves the same nothing behind.
@@ -257,11 +273,8 @@ pub async fn teardown_container(
                 .unpublish(&spec, &port_specs(c, ports.sure, on.net.id));
             failed.note("unpublish", undone);
         }
-        if !ports.maybe.is_empty() {
-            let _ = on
-                .dp
-                .unpublish(&spec, &port_specs(c, ports.maybe, on.net.id));
-        }
+        unpublish_if_there(on, c, ports.maybe);
+        fault::step("container-unpublished");
         // Read while the veth is still there (its index).
         endpoint = Some(endpoint_spec(on, c).await);
     }
@@ -269,6 +282,7 @@ pub async fn teardown_container(
     // they detach without an RCU grace period of their own (about 10 ms each here).
     if let Some(veth) = &c.host_veth {
         failed.note(&format!("veth {veth}"), remove_link(None, veth).await);
+        fault::step("container-veth-removed");
     }
     if let (Some(on), Some(ep)) = (on, endpoint) {
         match ep {
@@ -289,6 +303,7 @@ pub async fn teardown_container(
     }
     if c.owns_netns && netns::exists(&c.name) {
         failed.note("the namespace", netns::remove(&c.name));
+        fault::step("container-netns-removed");
     }
     if files.exists() {
         let gone =

@@ -22,7 +22,7 @@ pub async fn setup(a: &End<'_>, b: &End<'_>) -> Result<()> {
     let host = Netlink::in_ns(None)?;
     host.add_veth(a.ifname, b.ifname, None).await?;
     fault::step("link-veth");
-    for (end, peer) in [(a, b), (b, a)] {
+    for (end, peer, step) in [(a, b, "link-end-a"), (b, a, "link-end-b")] {
         let index = host.require_link(end.ifname).await?;
         host.move_to_ns(index, end.netns).await?;
         let inside = Netlink::in_ns(Some(end.netns))?;
@@ -34,7 +34,7 @@ pub async fn setup(a: &End<'_>, b: &End<'_>) -> Result<()> {
         inside
             .add_route(IpNet::new(peer.ip.into(), 32)?, None, Some(index))
             .await?;
-        fault::step("link-end");
+        fault::step(step);
     }
     Ok(())
 }

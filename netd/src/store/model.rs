@@ -132,6 +132,10 @@ pub struct Container {
     pub mac: Option<String>,
     /// Host end of the veth pair.
     pub host_veth: Option<String>,
+    /// Its interface index, recorded with the endpoint: the datapath's entries are keyed by
+    /// it, and a removal interrupted after the veth went must still find them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ifindex: Option<u32>,
     pub hostname: String,
     pub dns: Vec<Ipv4Addr>,
     pub dns_search: Vec<String>,
