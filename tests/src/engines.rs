@@ -21,7 +21,10 @@ pub fn cni_bin() -> PathBuf {
 /// One plugin invocation's outcome: exit success and the JSON it printed (if any).
 pub struct CniOutcome {
     pub ok: bool,
+    /// Killed by this signal.
+    pub signal: Option<i32>,
     pub out: Value,
+    pub stderr: String,
 }
 
 impl CniOutcome {
@@ -46,19 +49,19 @@ pub fn cni(
     netns: Option<&Path>,
     stdin: &str,
 ) -> CniOutcome {
-    cni_with_args(command, container, netns, stdin, "")
+    cni_with_env(command, container, netns, stdin, &[])
 }
 
-/// [`cni`] with `CNI_ARGS`.
-pub fn cni_with_args(
+/// [`cni`] with more environment variables (`CNI_ARGS`, netd's fault injection).
+pub fn cni_with_env(
     command: Option<&str>,
     container: Option<(&str, &str)>,
     netns: Option<&Path>,
     stdin: &str,
-    args: &str,
+    env: &[(&str, &str)],
 ) -> CniOutcome {
     let mut cmd = Command::new(cni_bin());
-    cmd.env("CNI_ARGS", args);
+    cmd.envs(env.iter().copied());
     cmd.env_remove("CNI_COMMAND")
         .env("CNI_PATH", cni_bin().parent().unwrap())
         .stdin(Stdio::piped())
@@ -82,7 +85,7 @@ pub fn cni_with_args(
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let json = if text.trim().is_empty() {
+    let json = if text.trim().is_empty() || !text.trim_start().starts_with('{') {
         Value::Null
     } else {
         serde_json::from_str(&text).unwrap_or_else(|e| {
@@ -94,7 +97,9 @@ pub fn cni_with_args(
     };
     CniOutcome {
         ok: out.status.success(),
+        signal: std::os::unix::process::ExitStatusExt::signal(&out.status),
         out: json,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde_json::{Value, json};
 use tests::{
-    engines::{CniOutcome, cni, cni_with_args, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
+    engines::{CniOutcome, cni, cni_with_env, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
     harness::{HOST_ADDR, TestEnv},
 };
 
@@ -245,7 +245,13 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
         ),
         (
             "unknown CNI_ARGS key",
-            cni_with_args(Some("ADD"), id, Some(&ns), &good.to_string(), "COLOUR=blue"),
+            cni_with_env(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &good.to_string(),
+                &[("CNI_ARGS", "COLOUR=blue")],
+            ),
             2,
         ),
         (
@@ -270,12 +276,12 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
     assert!(containers(&env).is_empty());
     // The positive control: the same call with everything right succeeds (unknown CNI_ARGS
     // keys are fine with IgnoreUnknown; IP= is the address asked for).
-    let result = cni_with_args(
+    let result = cni_with_env(
         Some("ADD"),
         id,
         Some(&ns),
         &good.to_string(),
-        "IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.89.0.42",
+        &[("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.89.0.42")],
     )
     .ok();
     assert_eq!(result["ips"][0]["address"], "10.89.0.42/24");
@@ -347,4 +353,83 @@ fn a_stale_udp_flow_does_not_capture_the_next_containers_port() {
         Some("second")
     );
     call("DEL", "second", Some(&ns2), &second).ok();
+}
+
+/// An ADD killed at any step (the runtime's timeout, a crash): the DEL that follows removes
+/// what it made, and the same container can be added again.
+#[test]
+fn del_cleans_up_after_an_add_killed_at_any_step() {
+    let env = TestEnv::new();
+    let cfg = config(
+        &env,
+        "1.0.0",
+        json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }] }),
+    )
+    .to_string();
+    let ns = container_ns(&env, "k");
+    let id = Some(("killed", "eth0"));
+    // The network first, so the steps are the container's.
+    let plain = config(&env, "1.0.0", json!({})).to_string();
+    cni(
+        Some("ADD"),
+        Some(("first", "eth0")),
+        Some(&container_ns(&env, "f")),
+        &plain,
+    )
+    .ok();
+    let steps = fault_steps_of_an_add(&env, &cfg);
+    let links_before = host_links(&env);
+    for step in &steps {
+        let killed = cni_with_env(
+            Some("ADD"),
+            id,
+            Some(&ns),
+            &cfg,
+            &[("NETD_FAULT_KILL_AT", step)],
+        );
+        assert_eq!(killed.signal, Some(9), "ADD not killed at {step}");
+        cni(Some("DEL"), id, Some(&ns), &cfg).ok();
+        assert_eq!(
+            containers(&env).len(),
+            1,
+            "killed at {step}: DEL left a container"
+        );
+        assert_eq!(
+            host_links(&env),
+            links_before,
+            "killed at {step}: DEL left a link"
+        );
+        let eth0 = env.run_in(&ns, "ip", &["link", "show", "eth0"]);
+        assert!(!eth0.status.success(), "killed at {step}: DEL left eth0");
+        // The positive control: the port is free again.
+        cni(Some("ADD"), Some(("again", "eth0")), Some(&ns), &cfg).ok();
+        cni(Some("DEL"), Some(("again", "eth0")), Some(&ns), &cfg).ok();
+    }
+    cni(Some("DEL"), Some(("first", "eth0")), None, &plain).ok();
+}
+
+/// The fault-injection steps a container ADD passes (netd built with `fault-injection`, as
+/// `cargo xtask test` builds it).
+fn fault_steps_of_an_add(env: &TestEnv, cfg: &str) -> Vec<String> {
+    let ns = container_ns(env, "s");
+    let id = Some(("steps", "eth0"));
+    let listed = cni_with_env(Some("ADD"), id, Some(&ns), cfg, &[("NETD_FAULT_LIST", "1")]);
+    let steps: Vec<String> = listed
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("netd-step "))
+        .map(String::from)
+        .collect();
+    listed.ok();
+    assert!(
+        !steps.is_empty(),
+        "no steps: is netd-cni built with fault-injection?"
+    );
+    cni(Some("DEL"), id, Some(&ns), cfg).ok();
+    steps
+}
+
+fn host_links(env: &TestEnv) -> String {
+    let out = env.run_in(&env.host_ns(), "ip", &["-br", "link"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -136,8 +136,10 @@ impl Core {
         Ok(found)
     }
 
-    /// Removes an endpoint and everything it has; `false` if there was none.
+    /// Removes an endpoint and everything it has; `false` if there was none. One whose
+    /// creator was killed midway (an ADD killed by the runtime) goes with the garbage.
     pub async fn detach(&mut self, name: &str) -> Result<bool> {
+        self.ctl.gc().await?;
         if !self.ctl.containers()?.iter().any(|c| c.name == name) {
             return Ok(false);
         }
