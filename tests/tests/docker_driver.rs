@@ -472,3 +472,68 @@ impl Iperf {
         }
     }
 }
+
+/// The protocol as Docker's plugin client sees it: activation, 404 for what netd doesn't
+/// implement, 400 for a body it can't decode, and errors in the field each API reads.
+#[test]
+fn the_plugin_socket_speaks_dockers_protocol() {
+    let env = TestEnv::new();
+    let socket = env.state_dir.join("plugins/p.sock");
+    let dir = env.state_dir.join("plugins").display().to_string();
+    let _daemon = NetdDaemon::start(
+        &env,
+        &["--docker-plugin", "p", "--docker-plugin-dir", &dir],
+        &socket,
+    );
+    let post = |verb: &str, body: &str| -> (u16, serde_json::Value) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        write!(
+            s,
+            "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let status = reply[9..12].parse().unwrap();
+        let json = reply.split("\r\n\r\n").nth(1).unwrap();
+        (status, serde_json::from_str(json).unwrap())
+    };
+    let (status, body) = post("Plugin.Activate", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["Implements"],
+        serde_json::json!(["NetworkDriver", "IpamDriver"])
+    );
+    assert_eq!(
+        post("NetworkDriver.GetCapabilities", "").1["Scope"],
+        "local"
+    );
+    let (status, body) = post("NetworkDriver.AllocateNetwork", "{}");
+    assert_eq!(status, 404);
+    assert!(body["Err"].as_str().unwrap().contains("does not implement"));
+    assert_eq!(post("NetworkDriver.CreateNetwork", "{not json").0, 400);
+    // A failed operation: 200 with the API's error field.
+    let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.0.0.0/33"}"#);
+    assert_eq!(status, 200);
+    assert!(
+        body["Error"].as_str().unwrap().contains("10.0.0.0/33"),
+        "{body}"
+    );
+    let (status, body) = post(
+        "NetworkDriver.DeleteEndpoint",
+        r#"{"NetworkID":"x","EndpointID":"nothex"}"#,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        body["Err"].as_str().unwrap().contains("invalid Docker ID"),
+        "{body}"
+    );
+    // A well-formed request succeeds (the positive control).
+    let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.66.0.0/24"}"#);
+    assert_eq!(
+        (status, body["PoolID"].as_str()),
+        (200, Some("netd/10.66.0.0/24"))
+    );
+}

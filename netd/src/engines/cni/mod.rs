@@ -164,3 +164,50 @@ fn args_ip(args: &str) -> Result<Option<std::net::Ipv4Addr>, CniError> {
     }
     Ok(ip)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_give_the_address_and_refuse_unknown_keys_unless_told() {
+        assert_eq!(args_ip("").unwrap(), None);
+        assert_eq!(
+            args_ip("IgnoreUnknown=1;K8S_POD_NAME=web;IP=10.1.0.9").unwrap(),
+            Some("10.1.0.9".parse().unwrap())
+        );
+        assert_eq!(
+            args_ip("K8S_POD_NAME=web").unwrap_err().code,
+            Code::UnsupportedField
+        );
+        assert_eq!(
+            args_ip("IP=banana").unwrap_err().code,
+            Code::InvalidEnvironment
+        );
+    }
+
+    #[test]
+    fn config_errors_carry_the_spec_codes() {
+        assert_eq!(parse_config("{").unwrap_err().code, Code::Decode);
+        let bad_type = r#"{"cniVersion":"1.0.0","name":"n","mtu":"big"}"#;
+        assert_eq!(
+            parse_config(bad_type).unwrap_err().code,
+            Code::InvalidConfig
+        );
+        let old = r#"{"cniVersion":"0.3.1","name":"n"}"#;
+        assert_eq!(
+            parse_config(old).unwrap_err().code,
+            Code::IncompatibleVersion
+        );
+        assert!(parse_config(r#"{"cniVersion":"0.4.0","name":"n"}"#).is_ok());
+    }
+
+    #[test]
+    fn endpoint_names_are_stable_and_distinct() {
+        let a = commands::endpoint_name("n", "ctr", "eth0");
+        assert_eq!(a, commands::endpoint_name("n", "ctr", "eth0"));
+        assert_ne!(a, commands::endpoint_name("m", "ctr", "eth0"));
+        assert_ne!(a, commands::endpoint_name("n", "ctr", "eth1"));
+        assert!(a.starts_with("cni-") && a.len() == 20, "{a}");
+    }
+}

@@ -288,3 +288,45 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
 pub fn revoke_external_connectivity(_req: ExternalConnectivity) -> Value {
     json!({})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_ids_name_netd_objects() {
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(netd_name(&id).unwrap(), "docker-0123456789ab");
+        assert_eq!(handover_name(&id).unwrap(), "nde0123456789ab");
+        assert!(netd_name("short").is_err());
+        assert!(netd_name(&"Z".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn port_bindings_become_one_mapping_per_port() {
+        let b: PortBinding = serde_json::from_value(json!(
+            {"Proto": 17, "IP": "", "Port": 53, "HostIP": "127.0.0.1", "HostPort": 5353, "HostPortEnd": 5354}
+        ))
+        .unwrap();
+        let ports = ports_of(&b).unwrap();
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[1].host_port, 5354);
+        assert_eq!(ports[1].container_port, 54);
+        assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ports[0].proto, Protocol::Udp);
+        let sctp = PortBinding { proto: 132, ..b };
+        assert!(ports_of(&sctp).is_err());
+    }
+
+    #[test]
+    fn options_take_netd_and_docker_bridge_names() {
+        let mut spec = NetworkSpec::named("n");
+        let opts = json!({"icc": "false", "com.docker.network.driver.mtu": "1400", "datapath": "iptables"});
+        apply_options(&mut spec, &opts).unwrap();
+        assert!(!spec.icc);
+        assert_eq!(spec.mtu, 1400);
+        assert_eq!(spec.datapath, DatapathKind::Iptables);
+        let err = apply_options(&mut spec, &json!({"icc": "maybe"})).unwrap_err();
+        assert!(err.to_string().contains("icc=maybe"), "{err}");
+    }
+}
