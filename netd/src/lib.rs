@@ -6,16 +6,12 @@
 //! - [`driver`]: the kernel plumbing (bridge, veths, namespaces, `netd link`'s veths);
 //! - [`store`]: the state, an SQLite database;
 //! - [`datapath`]: the NAT, forwarding and filtering drivers (eBPF, iptables).
-pub mod bench;
 pub mod cli;
 pub mod core;
-pub mod counter;
 pub mod datapath;
-pub mod demo;
 pub mod driver;
 pub mod engines;
 pub mod fault;
-pub mod sandbox;
 pub mod store;
 
 // Short paths kept for the datapath drivers, the benchmark and the tests.

@@ -11,11 +11,30 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::{TestEnv, netd_bin};
+use crate::harness::TestEnv;
 
 /// The netd-cni binary built next to netd.
 pub fn cni_bin() -> PathBuf {
-    netd_bin().with_file_name("netd-cni")
+    netd_testkit::netd_bin()
+        .expect("the netd binary")
+        .with_file_name("netd-cni")
+}
+
+/// What a host process (in the instance's cgroup, where netd's socket programs are) gets from
+/// a TCP connection to `addr`: loopback and host addresses reach published ports that way.
+pub fn host_tcp_ask(env: &TestEnv, addr: SocketAddr) -> String {
+    let out = env.run_in(
+        &env.host_ns(),
+        "nc",
+        &[
+            "-N",
+            "-w",
+            "2",
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One plugin invocation's outcome: exit success and the JSON it printed (if any).
@@ -244,7 +263,7 @@ impl Podman {
 
     fn import_busybox(&self) {
         let rootfs = self.workdir.join("rootfs");
-        netd::bench::docker::write_busybox_rootfs(&rootfs).unwrap();
+        netd_bench::bench::docker::write_busybox_rootfs(&rootfs).unwrap();
         let tarball = self.workdir.join("busybox.tar");
         let tar = Command::new("tar")
             .arg("-C")

@@ -21,6 +21,7 @@ fn config(env: &TestEnv, version: &str, runtime: Value) -> Value {
         "stateDir": env.state_dir,
         "bpffs": env.bpffs,
         "hostNetns": env.host_ns(),
+        "hostCgroup": env.cgroup,
         "capabilities": { "portMappings": true, "ips": true },
         "runtimeConfig": runtime,
     })

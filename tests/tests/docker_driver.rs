@@ -10,9 +10,9 @@ use std::{
     time::Duration,
 };
 
-use netd::bench::docker::{Dockerd, IMAGE, Options};
+use netd_bench::bench::docker::{Dockerd, IMAGE, Options};
 use tests::{
-    engines::{NetdDaemon, tcp_ask, tcp_name_server},
+    engines::{NetdDaemon, host_tcp_ask, tcp_ask, tcp_name_server},
     harness::{HOST_ADDR, TestEnv},
 };
 
@@ -198,6 +198,14 @@ fn docker_runs_a_published_container_on_a_netd_network() {
         tcp_ask(&w.env, &w.env.outside_ns(), published).unwrap(),
         "web"
     );
+    assert_eq!(host_tcp_ask(&w.env, published), "web");
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080));
+    assert_eq!(host_tcp_ask(&w.env, loopback), "web");
+    // Hairpin: the container reaches its own published port through the host's address.
+    assert_eq!(tcp_ask(&w.env, &web_ns, published).unwrap(), "web");
+    let unpublished = SocketAddr::from((HOST_ADDR, 8081));
+    assert!(tcp_ask(&w.env, &w.env.outside_ns(), unpublished).is_err());
+    assert_eq!(host_tcp_ask(&w.env, unpublished), "");
     // Not Docker's doing: it wrote no NAT rule and runs no proxy.
     let nat = w
         .env

@@ -6,7 +6,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde_json::json;
 use tests::{
-    engines::{PODMAN_IMAGE, Podman, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
+    engines::{
+        PODMAN_IMAGE, Podman, host_tcp_ask, tcp_ask, tcp_name_server, udp_ask, udp_name_server,
+    },
     harness::{HOST_ADDR, TestEnv},
 };
 
@@ -20,6 +22,7 @@ fn podman_with_netd_network(env: &TestEnv) -> Podman {
             "stateDir": env.state_dir,
             "bpffs": env.bpffs,
             "hostNetns": env.host_ns(),
+            "hostCgroup": env.cgroup,
             "capabilities": { "portMappings": true, "ips": true },
         }],
     });
@@ -50,14 +53,8 @@ fn podman_publishes_a_port_through_netd() {
         tcp_ask(&env, &env.outside_ns(), via(HOST_ADDR)).unwrap(),
         "web"
     );
-    assert_eq!(
-        tcp_ask(&env, &env.host_ns(), via(HOST_ADDR)).unwrap(),
-        "web"
-    );
-    assert_eq!(
-        tcp_ask(&env, &env.host_ns(), via(Ipv4Addr::LOCALHOST)).unwrap(),
-        "web"
-    );
+    assert_eq!(host_tcp_ask(&env, via(HOST_ADDR)), "web");
+    assert_eq!(host_tcp_ask(&env, via(Ipv4Addr::LOCALHOST)), "web");
     // Hairpin: the container reaches its own published port through the host's address.
     assert_eq!(tcp_ask(&env, &web, via(HOST_ADDR)).unwrap(), "web");
     // The negative control: a port nobody published.

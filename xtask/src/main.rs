@@ -25,7 +25,7 @@ enum Task {
     Setup,
     /// Release build of the eBPF programs and the userspace.
     Build,
-    /// All unit and integration tests.
+    /// The lint, then all unit and integration tests.
     Test {
         /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,15 +55,20 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    setup::ensure()?;
+    let installed = setup::ensure()?;
+    if installed.is_empty() {
+        eprintln!("setup: nothing installed: the toolchain, tools and bpffs were in place");
+    } else {
+        eprintln!("setup: installed {}", installed.join(", "));
+    }
     match cli.command {
-        Task::Setup => {
-            eprintln!("setup: the toolchain, tools and bpffs are in place");
-            Ok(())
-        }
+        Task::Setup => Ok(()),
         // The default members: netd-ebpf only builds for the BPF target, through netd's build.rs.
         Task::Build => cargo(&["build", "--release"]),
-        Task::Test { args } => test(&args),
+        Task::Test { args } => {
+            lint()?;
+            test(&args)
+        }
         Task::Lint => lint(),
         Task::Demo => demo(),
         Task::Bench { what, quick } => bench(what.as_deref(), quick),
@@ -152,8 +157,7 @@ fn lint() -> Result<()> {
 }
 
 fn bench(what: Option<&str>, quick: bool) -> Result<()> {
-    cargo(&["build", "--release", "--package", "netd"])?;
-    let mut cmd = Command::new(workspace_root().join("target/release/netd"));
+    let mut cmd = netd_bench()?;
     cmd.arg("bench")
         .arg("--out")
         .arg(workspace_root().join("target/bench"));
@@ -171,6 +175,21 @@ fn bench(what: Option<&str>, quick: bool) -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    cargo(&["build", "--release", "--package", "netd"])?;
-    run_cmd(Command::new(workspace_root().join("target/release/netd")).arg("demo"))
+    run_cmd(netd_bench()?.arg("demo"))
+}
+
+/// `netd-bench` (release), driving the release `netd` it is given in `NETD_BIN`; both built.
+fn netd_bench() -> Result<Command> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "netd",
+        "--package",
+        "netd-bench",
+    ])?;
+    let release = workspace_root().join("target/release");
+    let mut cmd = Command::new(release.join("netd-bench"));
+    cmd.env("NETD_BIN", release.join("netd"));
+    Ok(cmd)
 }

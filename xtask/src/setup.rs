@@ -1,7 +1,12 @@
 //! Checks, and installs when missing, everything netd needs on a fresh Debian machine.
 //! Idempotent: a second run installs nothing and only prints what it found.
 
-use std::process::{Command, Stdio};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -29,18 +34,33 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
 ];
 
+/// The Docker arm's (see [`docker_packages`]).
+const DOCKER_PACKAGES: &[&str] = &["docker.io", "busybox-static"];
+
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn ensure() -> Result<()> {
-    nightly_components()?;
-    debian_packages()?;
-    bpf_linker()?;
-    bpffs()
+/// Installs what is missing; returns what it installed (nothing, the second time).
+pub fn ensure() -> Result<Vec<String>> {
+    let mut installed = Vec::new();
+    nightly_components(&mut installed)?;
+    debian_packages(&mut installed)?;
+    docker_packages(&mut installed)?;
+    bpf_linker(&mut installed)?;
+    bpffs(&mut installed)?;
+    Ok(installed)
 }
 
-fn installing(what: &str) {
+/// Installs `what` with `action`, saying so, and records it once done.
+fn install(
+    installed: &mut Vec<String>,
+    what: &str,
+    action: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     eprintln!("setup: installing {what}");
+    action()?;
+    installed.push(what.to_string());
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -63,19 +83,20 @@ fn status(cmd: &mut Command) -> Result<()> {
 }
 
 /// rust-src (aya-build uses `-Z build-std=core`) and clippy (the eBPF lint) for nightly.
-fn nightly_components() -> Result<()> {
+fn nightly_components(installed: &mut Vec<String>) -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        installing("the nightly toolchain");
-        status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        install(installed, "the nightly toolchain", || {
+            status(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))
+        })?;
     }
-    let installed = output(Command::new("rustup").args([
+    let components = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
@@ -83,30 +104,52 @@ fn nightly_components() -> Result<()> {
         "--installed",
     ]))?;
     for component in ["rust-src", "clippy"] {
-        if !installed.lines().any(|l| l.starts_with(component)) {
-            installing(&format!("{component} for nightly"));
-            status(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                "nightly",
-            ]))?;
+        if !components.lines().any(|l| l.starts_with(component)) {
+            install(installed, &format!("{component} for nightly"), || {
+                status(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    component,
+                    "--toolchain",
+                    "nightly",
+                ]))
+            })?;
         }
     }
     Ok(())
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+fn debian_packages(installed: &mut Vec<String>) -> Result<()> {
+    let missing = missing_packages(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
-    installing(&missing.join(" "));
+    install(installed, &missing.join(" "), || apt_install(&missing))
+}
+
+/// The Docker arm's packages: a real dockerd for the benchmark's `docker` arm and its test.
+/// Without them only that arm is skipped (saying why), so failing to install them warns.
+fn docker_packages(installed: &mut Vec<String>) -> Result<()> {
+    let missing = missing_packages(DOCKER_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let _no_service_starts = ServiceStartsDenied::new()?;
+    if let Err(e) = install(installed, &missing.join(" "), || apt_install(&missing)) {
+        eprintln!("setup: warning: {e:#}: the Docker arm and its test will be skipped");
+    }
+    Ok(())
+}
+
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect()
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     status(
         Command::new("apt-get")
             .arg("update")
@@ -116,10 +159,46 @@ fn debian_packages() -> Result<()> {
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
             .stdout(Stdio::null()),
     )
+}
+
+/// docker.io's postinst starts the docker service, which would run a dockerd in the machine's
+/// own namespace and rewrite its iptables. While this guard lives, a policy-rc.d denies every
+/// service start (when the machine has its own policy-rc.d, that one is left to decide).
+struct ServiceStartsDenied {
+    created: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl ServiceStartsDenied {
+    fn new() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# netd xtask setup: no service starts\nexit 101\n",
+        )
+        .with_context(|| format!("write {POLICY_RC_D}"))?;
+        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {POLICY_RC_D}"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for ServiceStartsDenied {
+    fn drop(&mut self) {
+        if self.created
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("setup: warning: remove {POLICY_RC_D}: {e} (it denies every service start)");
+        }
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {
@@ -131,33 +210,37 @@ fn dpkg_installed(package: &str) -> bool {
 
 /// bpf-linker built against the system's LLVM 22. Both variables are needed: llvm-sys reads
 /// the versioned one, bpf-linker's own build script reads `LLVM_PREFIX` to find libLLVM.
-fn bpf_linker() -> Result<()> {
+fn bpf_linker(installed: &mut Vec<String>) -> Result<()> {
     let current = Command::new("bpf-linker").arg("--version").output();
     if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    installing(&format!(
-        "bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"
-    ));
-    status(
-        Command::new(env!("CARGO"))
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", "llvm-22", "--force"])
-            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
-            .env("LLVM_PREFIX", LLVM_PREFIX),
+    install(
+        installed,
+        &format!("bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"),
+        || {
+            status(
+                Command::new(env!("CARGO"))
+                    .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                    .args(["--no-default-features", "--features", "llvm-22", "--force"])
+                    .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+                    .env("LLVM_PREFIX", LLVM_PREFIX),
+            )
+        },
     )
 }
 
 /// A bpf filesystem at /sys/fs/bpf in the machine's mount namespace, for netd's pins.
-fn bpffs() -> Result<()> {
+fn bpffs(installed: &mut Vec<String>) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
     let mounted = mounts.lines().any(|l| {
         l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
             && l.split_whitespace().nth(2) == Some("bpf")
     });
     if !mounted {
-        installing("a bpf filesystem on /sys/fs/bpf");
-        status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        install(installed, "a bpf filesystem on /sys/fs/bpf", || {
+            status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        })?;
     }
     Ok(())
 }

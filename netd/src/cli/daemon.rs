@@ -1,7 +1,8 @@
 //! `netd daemon`: the long-running part of netd. The datapath never needs it (programs, maps
 //! and links are pinned, so packets keep flowing with no netd process at all); the daemon
 //! sweeps timed-out conntrack entries so their slots free up before the LRU would evict, and
-//! finishes or undoes what a command killed midway left. It can be killed and restarted at
+//! finishes or undoes what a command killed midway left, and moves the eBPF datapath's NAT to a
+//! new uplink or uplink address. It can be killed and restarted at
 //! any time.
 
 use std::time::Duration;
@@ -62,6 +63,10 @@ async fn sweep_once(ctl: &mut Controller) {
         // The kernel lock is held only for the collection, so commands interleave.
         let collected = ctl.gc().await?;
         let swept = ctl.datapaths().conntrack_sweep()?;
+        // A new default route or uplink address: the eBPF datapath's NAT moves along.
+        if let Some(uplink) = ctl.datapaths().follow_uplink()? {
+            eprintln!("netd daemon: the uplink is now {uplink}");
+        }
         anyhow::Ok((collected, swept))
     };
     match round.await {

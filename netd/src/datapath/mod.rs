@@ -161,6 +161,9 @@ pub struct Tuning {
     pub conntrack_max: Option<u32>,
     pub timeouts: netd_common::datapath::Timeouts,
     pub uplink_xdp: bool,
+    /// The cgroup whose processes reach published ports through host addresses (eBPF
+    /// datapath); `None`: the cgroup v2 root, every process.
+    pub host_cgroup: Option<std::path::PathBuf>,
 }
 
 impl Tuning {
@@ -214,6 +217,9 @@ impl Datapaths {
                 if let Some(max) = self.tuning.conntrack_max {
                     dp = dp.with_conntrack_max(max);
                 }
+                if let Some(cgroup) = &self.tuning.host_cgroup {
+                    dp = dp.with_host_cgroup(Some(cgroup.clone()));
+                }
                 Ok(Box::new(dp))
             }
             DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath)),
@@ -242,6 +248,21 @@ impl Datapaths {
             return Ok(0);
         }
         ebpf::conntrack::sweep(&self.pins()?)
+    }
+
+    /// Moves the eBPF datapath's uplink programs and NAT address along when the default
+    /// route's interface or its address changed; the new uplink's name when something did.
+    pub fn follow_uplink(&self) -> Result<Option<String>> {
+        let Some(pins) = crate::bpf::Pins::existing(&self.bpffs)
+            .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
+        else {
+            return Ok(None);
+        };
+        let mut dp = ebpf::EbpfDatapath::new(pins);
+        if let Some(max) = self.tuning.conntrack_max {
+            dp = dp.with_conntrack_max(max);
+        }
+        dp.follow_uplink()
     }
 
     /// Removes every flow.

@@ -151,7 +151,10 @@ pub async fn setup_container(
         connect_veth(on.net, c, &inside).await?;
         fault::step("container-veth");
         let ep = endpoint_spec(on, c).await?;
+        // The datapath's programs go on the veth before it is up and on the bridge: a running
+        // container (`--netns`, `--pid`) must not send a frame past them.
         on.dp.add_endpoint(&on.net.spec(), &ep)?;
+        plug_veth(on.net, c).await?;
         fault::step("container-endpoint");
         done(Stage::Endpoint(ep.host_ifindex))?;
         on.dp
@@ -162,8 +165,8 @@ pub async fn setup_container(
     Ok(())
 }
 
-/// The veth pair: host end on the network's bridge, container end `eth0` with the address,
-/// MAC and MTU, and a default route via the gateway.
+/// The veth pair: container end `eth0` with the address, MAC and MTU, and a default route via
+/// the gateway; the host end stays down and off the bridge (see [`plug_veth`]).
 async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<()> {
     let (Some(host_name), Some(mac), Some(ip)) = (&c.host_veth, &c.mac, c.ip) else {
         bail!("container {:?} has no veth planned", c.name);
@@ -183,7 +186,15 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
             Some(IpAddr::V4(net.gateway)),
             Some(eth0),
         )
-        .await?;
+        .await
+}
+
+/// Puts the host end of container `c`'s veth on the network's bridge and up.
+async fn plug_veth(net: &Network, c: &Container) -> Result<()> {
+    let Some(host_name) = &c.host_veth else {
+        bail!("container {:?} has no veth planned", c.name);
+    };
+    let host = Netlink::in_ns(None)?;
     let bridge = host.require_link(&net.bridge).await?;
     let host_end = host.require_link(host_name).await?;
     host.set_link(host_end, "attach the veth to the bridge", |m| {

@@ -53,6 +53,7 @@ fn open(config: &Config) -> Result<Core, CniError> {
         c.bpffs = bpffs.clone();
     }
     c.host_netns = config.host_netns.clone();
+    c.tuning.host_cgroup = config.host_cgroup.clone();
     Ok(Core::open(c)?)
 }
 

@@ -76,6 +76,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
     pub host_netns: Option<PathBuf>,
+    /// The cgroup whose processes reach published ports through host addresses and loopback.
+    pub host_cgroup: Option<PathBuf>,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
     pub prev_result: Option<Value>,

@@ -1,0 +1,562 @@
+//! The benchmark's arms. Each is built fresh in its own sandbox for every round and removed
+//! after it: `ceiling` (a plain veth pair), `routed` (plain kernel routing through a host
+//! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
+//! one twice: TC only, and with the uplink's XDP program), and a real Docker.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    Path,
+    docker::{Dockerd, Protocol},
+    tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
+};
+use netd::{
+    netlink::{Netlink, set_sysctl},
+    netns,
+};
+use netd_testkit::{
+    HOST_ADDR, Instance, OUTSIDE_ADDR, cleanup::Cleanup, sandbox::Sandbox, traffic::try_output_in,
+};
+
+/// Every arm the benchmark knows, in the order it alternates them.
+pub const ARMS: &[&str] = &[
+    "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
+];
+
+/// The netd options an arm runs with (`None`: not a netd arm).
+fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
+    match arm {
+        "ebpf" => Some(&["--datapath", "ebpf"]),
+        "ebpf-xdp" => Some(&["--datapath", "ebpf", "--uplink-xdp"]),
+        "iptables" => Some(&["--datapath", "iptables"]),
+        _ => None,
+    }
+}
+
+/// Whether the arm has a control plane of its own (ebpf-xdp's is ebpf's: only the uplink's
+/// programs differ; the reference arms have none), so scaling and container set-up are
+/// measured on it.
+pub fn has_own_control_plane(arm: &str) -> bool {
+    !matches!(arm, "ceiling" | "routed" | "ebpf-xdp")
+}
+
+/// The subnet of netd's benchmark network and its two containers' addresses.
+const SUBNET: &str = "172.30.0.0/22";
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
+
+/// What the kernel shows for an arm: evidence that each arm uses only its own datapath.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Fairness {
+    pub netfilter_rules: usize,
+    pub kernel_conntrack: u64,
+    pub bpf_programs_attached: usize,
+}
+
+/// Ports a container publishes (TCP): `host:container` pairs, or a same-numbered range.
+pub enum Publish {
+    Pairs(Vec<(u16, u16)>),
+    Range { first: u16, count: u16 },
+}
+
+/// A container made by an arm: where to run things inside it, and its address.
+pub struct Created {
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+}
+
+/// An arm that manages containers: netd (with a datapath) or Docker, in a sandbox.
+pub enum Control {
+    Netd(Instance),
+    // Field order is drop order: dockerd stops before its sandbox goes.
+    Docker { dockerd: Dockerd, inst: Instance },
+}
+
+impl Control {
+    /// A sandbox with the arm ready to make containers (netd: a network `bench` exists).
+    pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
+        let inst = Instance::create(prefix).await?;
+        if arm == "docker" {
+            let workdir = inst.state_dir.join("docker");
+            let dockerd = Dockerd::start(&inst.sandbox.host_path(), &workdir)?;
+            return Ok(Self::Docker { dockerd, inst });
+        }
+        let mut args = netd_options(arm)
+            .with_context(|| format!("unknown benchmark arm {arm:?}"))?
+            .to_vec();
+        args.extend(["network", "create", "bench", "--subnet", SUBNET]);
+        inst.try_netd(&args)?;
+        Ok(Self::Netd(inst))
+    }
+
+    pub fn instance(&self) -> &Instance {
+        match self {
+            Self::Netd(inst) | Self::Docker { inst, .. } => inst,
+        }
+    }
+
+    /// Creates container `base` (netd: at `ip`) publishing `publish`.
+    pub fn create(&self, base: &str, ip: Option<Ipv4Addr>, publish: Publish) -> Result<Created> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => {
+                let mut args = vec!["container".to_string(), "create".into(), name.clone()];
+                args.extend(["--network".into(), "bench".into()]);
+                if let Some(ip) = ip {
+                    args.extend(["--ip".into(), ip.to_string()]);
+                }
+                match publish {
+                    Publish::Pairs(pairs) => {
+                        for (host, container) in pairs {
+                            args.extend(["-p".into(), format!("{host}:{container}")]);
+                        }
+                    }
+                    Publish::Range { first, count } => {
+                        let last = first + count - 1;
+                        args.extend(["-p".into(), format!("{first}-{last}:{first}-{last}")]);
+                    }
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                inst.try_netd(&args)?;
+                Ok(Created {
+                    netns: netns::path_of(&name),
+                    ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                })
+            }
+            Self::Docker { dockerd, .. } => {
+                let ports: Vec<(u16, u16, Protocol)> = match publish {
+                    Publish::Pairs(pairs) => pairs
+                        .into_iter()
+                        .map(|(h, c)| (h, c, Protocol::Tcp))
+                        .collect(),
+                    Publish::Range { first, count } => (first..first + count)
+                        .map(|p| (p, p, Protocol::Tcp))
+                        .collect(),
+                };
+                let c = dockerd.run(&name, &ports)?;
+                Ok(Created {
+                    netns: c.netns,
+                    ip: c.ip,
+                })
+            }
+        }
+    }
+
+    /// Publishes one more port of an existing container. Docker can't: its arm re-creates the
+    /// container with the port, which is what a Docker user would have to do. Returns the
+    /// container as it is afterwards.
+    pub fn publish(&self, base: &str, (host, container): (u16, u16)) -> Result<Created> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => {
+                inst.try_netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
+                Ok(Created {
+                    netns: netns::path_of(&name),
+                    ip: Ipv4Addr::UNSPECIFIED,
+                })
+            }
+            Self::Docker { .. } => {
+                self.remove(base)?;
+                self.create(base, None, Publish::Pairs(vec![(host, container)]))
+            }
+        }
+    }
+
+    pub fn remove(&self, base: &str) -> Result<()> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd(inst) => inst.try_netd(&["container", "rm", &name]).map(drop),
+            Self::Docker { dockerd, .. } => dockerd.remove(&name),
+        }
+    }
+}
+
+/// A built arm with its two benchmark containers.
+pub enum World {
+    Ceiling(Ceiling),
+    Routed(Routed),
+    Managed {
+        ctl: Box<Control>,
+        server: Created,
+        client: Created,
+    },
+}
+
+impl World {
+    pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
+        match arm {
+            "ceiling" => return Ok(Self::Ceiling(Ceiling::build(prefix).await?)),
+            "routed" => return Ok(Self::Routed(Routed::build(prefix).await?)),
+            _ => {}
+        }
+        let ctl = Box::new(Control::build(arm, prefix).await?);
+        // The server container publishes the three servers' ports, shifted.
+        let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+        let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
+        let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
+        // The outside can route to the server container (for the unsolicited flood).
+        Netlink::in_ns(Some(&ctl.instance().sandbox.outside_path()))?
+            .add_route(
+                ipnet::IpNet::new(server.ip.into(), 32)?,
+                Some(HOST_ADDR.into()),
+                None,
+            )
+            .await?;
+        Ok(Self::Managed {
+            ctl,
+            server,
+            client,
+        })
+    }
+
+    /// Where a path's client and server run in this arm.
+    pub fn endpoint(&self, path: Path) -> Endpoint {
+        let (ctl, server, client) = match self {
+            // One veth pair is the ceiling for every path.
+            Self::Ceiling(c) => {
+                return Endpoint {
+                    client_ns: netns::path_of(&c.client),
+                    server_ns: netns::path_of(&c.server),
+                    target: CEILING_SERVER,
+                    port_shift: 0,
+                };
+            }
+            Self::Routed(r) => return r.endpoint(path),
+            Self::Managed {
+                ctl,
+                server,
+                client,
+            } => (ctl, server, client),
+        };
+        let sandbox = &ctl.instance().sandbox;
+        match path {
+            Path::Published => Endpoint {
+                client_ns: sandbox.outside_path(),
+                server_ns: server.netns.clone(),
+                target: HOST_ADDR,
+                port_shift: PUBLISH_SHIFT,
+            },
+            Path::Masquerade => Endpoint {
+                client_ns: client.netns.clone(),
+                server_ns: sandbox.outside_path(),
+                target: OUTSIDE_ADDR,
+                port_shift: 0,
+            },
+            Path::ContainerToContainer => Endpoint {
+                client_ns: client.netns.clone(),
+                server_ns: server.netns.clone(),
+                target: server.ip,
+                port_shift: 0,
+            },
+        }
+    }
+
+    /// The unsolicited flood's ends: from the outside straight to the server container's
+    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling.
+    pub fn unsolicited(&self) -> Option<Endpoint> {
+        let Self::Managed { ctl, server, .. } = self else {
+            return None;
+        };
+        Some(Endpoint {
+            client_ns: ctl.instance().sandbox.outside_path(),
+            server_ns: server.netns.clone(),
+            target: server.ip,
+            port_shift: 0,
+        })
+    }
+
+    /// The namespace whose datapath this arm exercises (the host, or the ceiling's server).
+    pub fn datapath_ns(&self) -> PathBuf {
+        match self {
+            Self::Ceiling(c) => netns::path_of(&c.server),
+            Self::Routed(r) => r.sandbox.host_path(),
+            Self::Managed { ctl, .. } => ctl.instance().sandbox.host_path(),
+        }
+    }
+
+    pub fn fairness(&self) -> Result<Fairness> {
+        fairness_of(&self.datapath_ns())
+    }
+}
+
+const CEILING_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const CEILING_SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+
+/// Two namespaces joined by a veth pair: no bridge, no netfilter, no eBPF.
+pub struct Ceiling {
+    client: String,
+    server: String,
+}
+
+impl Ceiling {
+    async fn build(prefix: &str) -> Result<Self> {
+        let this = Self {
+            client: format!("{prefix}-a"),
+            server: format!("{prefix}-b"),
+        };
+        let client = netns::create(&this.client)?;
+        let server = netns::create(&this.server)?;
+        for ns in [&client, &server] {
+            // As in the netd sandboxes: no IPv6 autoconfiguration traffic.
+            set_sysctl(Some(ns), "net.ipv6.conf.all.disable_ipv6", "1")?;
+            set_sysctl(Some(ns), "net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
+        let c = Netlink::in_ns(Some(&client))?;
+        let s = Netlink::in_ns(Some(&server))?;
+        c.add_veth("ca", "cb", None).await?;
+        let peer = c.require_link("cb").await?;
+        c.move_to_ns(peer, &server).await?;
+        for (nl, link, addr) in [(&c, "ca", CEILING_CLIENT), (&s, "cb", CEILING_SERVER)] {
+            let index = nl.require_link(link).await?;
+            nl.add_addr(index, ipnet::IpNet::new(addr.into(), 24)?)
+                .await?;
+            nl.set_up(index).await?;
+            let lo = nl.require_link("lo").await?;
+            nl.set_up(lo).await?;
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        let mut cleanup = Cleanup::of(format!("the ceiling arm {}", self.client));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.finish();
+    }
+}
+
+/// Plain kernel routing, the floor of the paths that cross the host: the sandbox (outside and
+/// host) and two container namespaces, each joined to the host by a veth pair of its own and
+/// routed by it: no bridge, no NAT, no netfilter rule, no eBPF. From the outside to a
+/// container or back, a packet crosses two veth pairs where the ceiling's crosses one.
+pub struct Routed {
+    sandbox: Sandbox,
+    server: String,
+    client: String,
+}
+
+/// The routed arm's containers: server and client, each on a /24 of its own with the host's
+/// end at .1.
+const ROUTED_SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
+
+impl Routed {
+    async fn build(prefix: &str) -> Result<Self> {
+        let this = Self {
+            sandbox: Sandbox::create(prefix).await?,
+            server: format!("{prefix}-srv"),
+            client: format!("{prefix}-cli"),
+        };
+        // Dropped on error: everything made so far goes.
+        let host = this.sandbox.host_path();
+        set_sysctl(Some(&host), "net.ipv4.ip_forward", "1")?;
+        for (name, addr) in [(&this.server, ROUTED_SERVER), (&this.client, ROUTED_CLIENT)] {
+            attach_routed(&host, name, addr).await?;
+        }
+        Netlink::in_ns(Some(&this.sandbox.outside_path()))?
+            .add_route("198.19.0.0/16".parse()?, Some(HOST_ADDR.into()), None)
+            .await?;
+        Ok(this)
+    }
+
+    fn endpoint(&self, path: Path) -> Endpoint {
+        let (client_ns, server_ns, target) = match path {
+            Path::Published => (
+                self.sandbox.outside_path(),
+                netns::path_of(&self.server),
+                ROUTED_SERVER,
+            ),
+            Path::Masquerade => (
+                netns::path_of(&self.client),
+                self.sandbox.outside_path(),
+                OUTSIDE_ADDR,
+            ),
+            Path::ContainerToContainer => (
+                netns::path_of(&self.client),
+                netns::path_of(&self.server),
+                ROUTED_SERVER,
+            ),
+        };
+        Endpoint {
+            client_ns,
+            server_ns,
+            target,
+            port_shift: 0,
+        }
+    }
+}
+
+/// Makes namespace `name` with the address `addr`/24, behind a veth pair to `host` whose host
+/// end has .1 of that /24 and is the namespace's default gateway.
+async fn attach_routed(host: &std::path::Path, name: &str, addr: Ipv4Addr) -> Result<()> {
+    let ns = netns::create(name)?;
+    set_sysctl(Some(&ns), "net.ipv6.conf.all.disable_ipv6", "1")?;
+    set_sysctl(Some(&ns), "net.ipv6.conf.default.disable_ipv6", "1")?;
+    let [a, b, c, _] = addr.octets();
+    let gateway = Ipv4Addr::new(a, b, c, 1);
+    let h = Netlink::in_ns(Some(host))?;
+    let inner = Netlink::in_ns(Some(&ns))?;
+    // Host-side names from the third octet: unique per container.
+    let host_end = format!("rt{c}");
+    h.add_veth(&host_end, "eth0", None).await?;
+    let peer = h.require_link("eth0").await?;
+    h.move_to_ns(peer, &ns).await?;
+    let host_index = h.require_link(&host_end).await?;
+    h.add_addr(host_index, ipnet::IpNet::new(gateway.into(), 24)?)
+        .await?;
+    h.set_up(host_index).await?;
+    let index = inner.require_link("eth0").await?;
+    inner
+        .add_addr(index, ipnet::IpNet::new(addr.into(), 24)?)
+        .await?;
+    inner.set_up(index).await?;
+    let lo = inner.require_link("lo").await?;
+    inner.set_up(lo).await?;
+    inner
+        .add_route("0.0.0.0/0".parse()?, Some(gateway.into()), None)
+        .await
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        let mut cleanup = Cleanup::of(format!("the routed arm {}", self.sandbox.host));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(self.sandbox.remove());
+        cleanup.finish();
+    }
+}
+
+fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
+    let rules = try_output_in(ns, "iptables-save", &[])?;
+    let conntrack = try_output_in(ns, "conntrack", &["-C"])?;
+    Ok(Fairness {
+        netfilter_rules: rules.lines().filter(|l| l.starts_with("-A ")).count(),
+        kernel_conntrack: conntrack.trim().parse().unwrap_or(0),
+        bpf_programs_attached: tcx_programs_in(ns)?,
+    })
+}
+
+/// eBPF programs attached to the interfaces of `ns`.
+fn tcx_programs_in(ns: &std::path::Path) -> Result<usize> {
+    Ok(program_stats(ns)?.len())
+}
+
+/// Run counters of one attached program (kept by the kernel while stats are enabled).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgStats {
+    pub program: String,
+    pub interface: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+/// Every eBPF program attached in `ns` (TCX, XDP, legacy TC filters) with its counters.
+pub fn program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+    let mut stats = tcx_program_stats(ns)?;
+    let mut by_id = xdp_program_ids(ns)?;
+    by_id.extend(filter_program_ids(ns)?);
+    stats.extend(stats_of(&by_id));
+    Ok(stats)
+}
+
+/// Every TCX program attached in `ns` with its counters (Debian's bpftool is too old to list
+/// TCX, so the kernel is asked directly).
+fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    netns::run_in(Some(ns), || {
+        let mut out = Vec::new();
+        for name in interface_names()? {
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let Ok((_, progs)) = SchedClassifier::query_tcx(&name, dir) else {
+                    continue;
+                };
+                for p in progs {
+                    out.push(ProgStats {
+                        program: p.name_as_str().unwrap_or("?").to_string(),
+                        interface: name.clone(),
+                        runs: p.run_count(),
+                        run_time_ns: p.run_time().as_nanos() as u64,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The XDP programs attached in `ns`, by id, with their interfaces: `ip link` names the
+/// program on each interface that has one (`prog/xdp id N`).
+fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
+    let links = try_output_in(ns, "ip", &["-o", "link", "show"])?;
+    let mut attached = Vec::new();
+    for line in links.lines() {
+        let Some(iface) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let iface = iface.split('@').next().unwrap_or(iface);
+        if let Some(id) = id_after(line, &["prog/xdp", "id"]) {
+            attached.push((id, iface.to_string()));
+        }
+    }
+    Ok(attached)
+}
+
+/// The programs of the legacy TC filters on the ingress of `ns`'s interfaces, by id, with
+/// their interfaces (`tc filter show` names each: `... jited`, after `id N`). A program on
+/// several interfaces (every container's veth has the same one) is listed once, with the
+/// first: the kernel's counters are the program's, not an attachment's.
+fn filter_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
+    let mut attached: Vec<(u32, String)> = Vec::new();
+    for iface in netns::run_in(Some(ns), interface_names)? {
+        let filters = try_output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
+        for line in filters.lines() {
+            if let Some(id) = id_after(line, &["not_in_hw", "id"])
+                && !attached.iter().any(|(known, _)| *known == id)
+            {
+                attached.push((id, iface.clone()));
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// The number after the words `before` in `line`.
+fn id_after(line: &str, before: &[&str]) -> Option<u32> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.windows(before.len()).position(|w| w == before)?;
+    words.get(at + before.len())?.parse().ok()
+}
+
+/// The kernel's counters of the programs `attached` names by id.
+fn stats_of(attached: &[(u32, String)]) -> Vec<ProgStats> {
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+        for (id, iface) in attached {
+            if info.id() == *id {
+                out.push(ProgStats {
+                    program: info.name_as_str().unwrap_or("?").to_string(),
+                    interface: iface.clone(),
+                    runs: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Interface names of the calling thread's namespace, from /proc/thread-self/net/dev.
+fn interface_names() -> Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+    Ok(dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect())
+}

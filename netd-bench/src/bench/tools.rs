@@ -1,0 +1,258 @@
+//! The load generators: iperf3 (throughput), sockperf ping-pong (request/response latency), a
+//! closed-loop connect/1-byte/close client of our own (new connections per second), and a UDP
+//! flood of our own (unsolicited traffic the datapath must drop).
+//!
+//! Servers run in the endpoint's server namespace, clients in its client namespace; both are
+//! processes or threads this module starts and ends itself.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use netd::netns;
+use netd_testkit::{cleanup::Cleanup, command_in, traffic::snmp_counter};
+
+/// Container-side ports of the three servers; published paths add [`PUBLISH_SHIFT`].
+pub const IPERF_PORT: u16 = 5201;
+pub const SOCKPERF_PORT: u16 = 11111;
+pub const CRR_PORT: u16 = 7001;
+pub const PUBLISH_SHIFT: u16 = 10000;
+/// The CPUs the request/response client and server run on.
+const CLIENT_CPU: &str = "0";
+const SERVER_CPU: &str = "1";
+/// Where the unsolicited flood goes: a port nothing publishes and nothing listens on.
+pub const FLOOD_PORT: u16 = 9;
+/// UDP payload of a flood datagram: with its headers, a minimum-size (60-byte) frame.
+const FLOOD_PAYLOAD: usize = 18;
+
+/// Where one path's client and server run, and what the client connects to.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub client_ns: PathBuf,
+    pub server_ns: PathBuf,
+    pub target: Ipv4Addr,
+    /// Added to a server's port to get the port the client dials (published ports).
+    pub port_shift: u16,
+}
+
+impl Endpoint {
+    fn target(&self, server_port: u16) -> SocketAddr {
+        SocketAddr::from((self.target, server_port + self.port_shift))
+    }
+}
+
+/// A server process, ended (by its PID, which we started) when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let mut cleanup = Cleanup::of(format!("server process {}", self.0.id()));
+        cleanup.check(self.0.kill());
+        cleanup.check(self.0.wait().map(drop));
+        cleanup.finish();
+    }
+}
+
+/// Starts `program args` in `ns` and waits until it listens on TCP `port` there.
+fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
+    let child = command_in(ns, program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {program}"))?;
+    let server = Server(child);
+    netns::wait_tcp_listener(ns, port, Duration::from_secs(5))?;
+    Ok(server)
+}
+
+/// Bulk TCP throughput from client to server, in Gbit/s.
+pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
+    let _server = start_server(
+        &ep.server_ns,
+        IPERF_PORT,
+        "iperf3",
+        &["-s", "-p", &IPERF_PORT.to_string()],
+    )?;
+    let target = ep.target(IPERF_PORT);
+    let out = command_in(&ep.client_ns, "iperf3")
+        .args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &target.port().to_string(),
+        ])
+        .args(["-t", &secs.to_string(), "-J"])
+        .output()
+        .context("run iperf3")?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
+    if let Some(err) = report["error"].as_str() {
+        bail!("iperf3 to {target}: {err}");
+    }
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 report has no received rate")?;
+    Ok(bps / 1e9)
+}
+
+/// TCP request/response round-trip time percentiles (p50, p99) in microseconds. Client and
+/// server are pinned to CPUs of their own: left to the scheduler, they sometimes share one and
+/// the p50 jumps by a fifth, run to run.
+pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
+    let port = SOCKPERF_PORT.to_string();
+    let _server = start_server(
+        &ep.server_ns,
+        SOCKPERF_PORT,
+        "taskset",
+        &[
+            "-c", SERVER_CPU, "sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", &port,
+        ],
+    )?;
+    let target = ep.target(SOCKPERF_PORT);
+    let out = command_in(&ep.client_ns, "taskset")
+        .args(["-c", CLIENT_CPU, "sockperf"])
+        .args(["pp", "--tcp", "--full-rtt", "-i", &target.ip().to_string()])
+        .args(["-p", &target.port().to_string(), "-t", &secs.to_string()])
+        .output()
+        .context("run sockperf")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p50 = sockperf_percentile(&text, "50.000").context("sockperf printed no p50")?;
+    let p99 = sockperf_percentile(&text, "99.000").context("sockperf printed no p99")?;
+    Ok((p50, p99))
+}
+
+/// Reads `---> percentile P = X` from sockperf's summary.
+fn sockperf_percentile(text: &str, p: &str) -> Option<f64> {
+    let key = format!("percentile {p} =");
+    text.lines()
+        .find_map(|l| l.split_once(&key).map(|(_, v)| v.trim().parse().ok()))
+        .flatten()
+}
+
+/// New connections per second: `threads` closed-loop clients, each connecting, sending one
+/// byte, reading one back and closing, for `secs`.
+pub fn crr(ep: &Endpoint, secs: u32, threads: usize) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = netns::run_in(Some(&ep.server_ns), || {
+        Ok(TcpListener::bind(SocketAddrV4::new(
+            Ipv4Addr::UNSPECIFIED,
+            CRR_PORT,
+        ))?)
+    })?;
+    let server = spawn_echo_server(listener, stop.clone());
+    let target = ep.target(CRR_PORT);
+    let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
+    let started = Instant::now();
+    let counts: Vec<Result<u64>> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| netns::run_in(Some(&ep.client_ns), || crr_client(target, deadline)))
+            })
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("crr client panicked"))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    // Wake the accept loop so it sees `stop`.
+    let _ = netns::run_in(Some(&ep.client_ns), || {
+        Ok(TcpStream::connect_timeout(
+            &target,
+            Duration::from_millis(200),
+        ))
+    });
+    let _ = server.join();
+    let total: u64 = counts.into_iter().sum::<Result<u64>>()?;
+    Ok(total as f64 / elapsed)
+}
+
+fn spawn_echo_server(listener: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Ok(mut conn) = conn {
+                let mut byte = [0u8; 1];
+                if conn.read_exact(&mut byte).is_ok() {
+                    let _ = conn.write_all(&byte);
+                }
+            }
+        }
+    })
+}
+
+/// One closed-loop client; returns the connections it completed.
+fn crr_client(target: SocketAddr, deadline: Instant) -> Result<u64> {
+    let mut done = 0;
+    while Instant::now() < deadline {
+        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+            .with_context(|| format!("connect to {target}"))?;
+        // Reset on close: no TIME_WAIT, so the client's ports don't run out mid-run.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &linger)?;
+        conn.write_all(b"x")?;
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// Microseconds until a first TCP connection to `target` (from `client_ns`) is established.
+pub fn first_connect_us(client_ns: &Path, target: SocketAddr) -> Result<f64> {
+    netns::run_in(Some(client_ns), || {
+        let started = Instant::now();
+        let conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .with_context(|| format!("connect to {target}"))?;
+        let us = started.elapsed().as_secs_f64() * 1e6;
+        drop(conn);
+        Ok(us)
+    })
+}
+
+/// Unsolicited traffic: one thread in `client_ns` sends minimum-size UDP datagrams to
+/// `target` as fast as it can for `secs`. On veth, the receiving side's work (the datapath's
+/// drop included) runs on the sending core, in the softirq each send raises, so the rate
+/// falls as dropping costs more. Returns datagrams sent per second.
+pub fn flood(client_ns: &Path, target: SocketAddr, secs: u32) -> Result<f64> {
+    netns::run_in(Some(client_ns), || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.connect(target)?;
+        let payload = [0u8; FLOOD_PAYLOAD];
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(u64::from(secs));
+        let mut sent = 0u64;
+        while Instant::now() < deadline {
+            for _ in 0..256 {
+                // A send can fail (an ICMP error came back when nothing drops): not counted.
+                if sock.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent as f64 / started.elapsed().as_secs_f64())
+    })
+}
+
+/// Datagrams the namespace at `ns` received for ports nothing listens on (`NoPorts` of
+/// /proc/net/snmp): flood datagrams that got past the datapath.
+pub fn udp_no_ports(ns: &Path) -> Result<u64> {
+    snmp_counter(ns, "Udp", "NoPorts")
+}

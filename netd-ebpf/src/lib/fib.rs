@@ -1,0 +1,168 @@
+//! Forwarding without the host stack: the kernel's FIB says where a packet goes, and the
+//! redirects take it there, past the bridge, netfilter and a second routing pass. A packet
+//! the FIB can't fully answer for (no route, a local destination, an unresolved neighbour,
+//! too big, TTL about to expire) is left to the stack, which does all of that itself.
+
+use core::{
+    mem::{MaybeUninit, align_of, size_of},
+    ptr,
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    cty::c_long,
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use netd_common::datapath::{EndpointInfo, Stat};
+use network_types::ip::Ipv4Hdr;
+
+use super::{
+    csum::IP_CSUM_OFF,
+    maps,
+    parse::{Frame as _, L3_OFF},
+};
+
+const AF_INET: u8 = 2;
+/// Offset of the IPv4 TTL (with the protocol after it, a 16-bit word of the checksum).
+const TTL_OFF: usize = L3_OFF + 8;
+
+/// Delivers a packet the uplink's ingress translated to a container straight into its
+/// namespace, as routing it to the container's bridge would have: from the bridge's MAC to
+/// the container's, TTL decremented. No FIB lookup: netd made both ends, the container's
+/// address on its bridge's subnet with a MAC it knows, so the endpoint and network maps
+/// answer what the lookup would, for a fraction of its cost. `None`: the stack takes it (TTL
+/// about to expire, bigger than the container's MTU).
+#[inline(always)]
+pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
+    let ip: Ipv4Hdr = ctx.read(L3_OFF)?;
+    let ep: &EndpointInfo = maps::endpoint(u32::from_ne_bytes(ip.dst_addr))?;
+    let net = maps::network(ep.network_id)?;
+    if ip.ttl <= 1 || !fits_mtu(ctx, ep.ifindex) {
+        return None;
+    }
+    decrement_ttl(ctx, &ip)?;
+    set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
+    // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
+    // interface is not a veth, which endpoints are).
+    Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// Whether the packet fits the MTU of interface `ifindex`, as forwarding checks it: a GSO
+/// packet always does (it is segmented to the device's size).
+#[inline(always)]
+fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
+    // 0: check the packet's own length.
+    let mut mtu_len = 0u32;
+    // SAFETY: `mtu_len` lives across the call.
+    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) };
+    ret == i64::from(BPF_MTU_CHK_RET_SUCCESS)
+}
+
+/// The Ethernet header's addresses, in frame order.
+#[repr(C)]
+struct EthAddrs {
+    dst: [u8; 6],
+    src: [u8; 6],
+}
+
+/// Readdresses the frame from `src` to `dst`: one helper call for both (each
+/// `bpf_skb_store_bytes` call makes the skb writable and copies anew).
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), c_long> {
+    ctx.store(0, &EthAddrs { dst, src }, 0)
+}
+
+/// Sends a container's packet for the outside to the uplink's egress (where it is
+/// masqueraded), with `bpf_redirect_neigh` resolving the next hop's MAC. Only when the route
+/// goes out of the uplink; `None` otherwise (the stack takes it).
+#[inline(always)]
+pub fn forward_to_uplink(ctx: &TcContext, uplink_ifindex: u32) -> Option<(i32, Stat)> {
+    let ip: Ipv4Hdr = ctx.read(L3_OFF)?;
+    let (ret, fib) = lookup(ctx, &ip)?;
+    let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS as i64;
+    if !resolved && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 || fib.ifindex != uplink_ifindex {
+        return None;
+    }
+    decrement_ttl(ctx, &ip)?;
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
+            ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+        },
+    };
+    // SAFETY: `nh` lives across the call, its size is passed with it.
+    let action =
+        unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    Some((action as i32, Stat::FastPathOut))
+}
+
+/// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
+/// make it (MTU checked against the IP length, except for GSO packets that the stack
+/// segments to the device's size anyway). `None` if the helper failed outright.
+#[inline(always)]
+fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
+    if ip.ttl <= 1 {
+        return None;
+    }
+    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: zeroed just before, and all zeros is a valid bpf_fib_lookup (plain integers and
+    // unions of them).
+    let fib = unsafe {
+        zero_words(&mut fib);
+        fib.assume_init_mut()
+    };
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let skb = unsafe { &*ctx.skb.skb };
+    fib.family = AF_INET;
+    fib.l4_protocol = ip.proto;
+    fib.__bindgen_anon_1.tot_len = if skb.gso_segs > 1 {
+        0
+    } else {
+        u16::from_be_bytes(ip.tot_len)
+    };
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    fib.ifindex = skb.ifindex;
+    // SAFETY: `fib` lives across the call, its size is passed with it.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (ret >= 0).then_some((ret, *fib))
+}
+
+/// Zeroes `v` a word at a time: `mem::zeroed()` would be a call to aya-ebpf's `memset`, a
+/// byte-at-a-time loop (bpf-linker keeps memsets out of line), some 300 instructions for a
+/// `bpf_fib_lookup` on every forwarded packet. In place: a copy would be folded back into a
+/// memset.
+#[inline(always)]
+fn zero_words<T>(v: &mut MaybeUninit<T>) {
+    const { assert!(size_of::<T>().is_multiple_of(size_of::<u32>()) && align_of::<T>() >= 4) };
+    let words = v.as_mut_ptr().cast::<u32>();
+    for i in 0..size_of::<T>() / size_of::<u32>() {
+        // SAFETY: within `v`, whose size and alignment are multiples of 4 (checked above).
+        // Volatile, or LLVM folds the stores back into a memset.
+        unsafe { ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// What forwarding does to the IPv4 header: TTL down by one, checksum updated.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<()> {
+    // The checksum helper takes the 16-bit word as it is in the packet.
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
+    ctx.store(TTL_OFF, &(ip.ttl - 1), 0).ok()?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
+        .ok()
+}

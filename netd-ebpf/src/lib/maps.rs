@@ -1,0 +1,145 @@
+//! The maps userspace fills (configuration, networks, endpoints, published ports), and the
+//! lookups the programs make in them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+};
+use netd_common::datapath::{
+    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
+    NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
+    PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
+};
+
+use super::conntrack::v4;
+
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+#[map]
+static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+#[map]
+static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
+#[map]
+static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
+#[map]
+static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+#[map]
+static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
+
+/// The datapath configuration; `None` until userspace wrote it.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0).filter(|c| c.uplink_ifindex != 0)
+}
+
+/// The key of the container with address `addr` (wire byte order).
+#[inline(always)]
+pub fn endpoint_key(addr: u32) -> EndpointKey {
+    EndpointKey {
+        addr: v4(addr),
+        family: AF_INET,
+        // Spelled out: `[0; 3]` would be a call of aya-ebpf's byte-at-a-time memset.
+        _pad: [0, 0, 0],
+    }
+}
+
+/// The container with address `addr` (wire byte order).
+#[inline(always)]
+pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
+    // SAFETY: read-only use of a map value that userspace replaces whole.
+    unsafe { ENDPOINTS.get(&endpoint_key(addr)) }
+}
+
+/// The container behind the host-side veth `ifindex`.
+#[inline(always)]
+pub fn veth(ifindex: u32) -> Option<&'static VethInfo> {
+    // SAFETY: as above.
+    unsafe { VETHS.get(&ifindex) }
+}
+
+/// Whether a `--link` lets `src` reach `dst` on `proto`/`port`.
+#[inline(always)]
+pub fn linked(src: u32, dst: u32, proto: u8, port: u16) -> bool {
+    let key = LinkKey {
+        src: v4(src),
+        dst: v4(dst),
+        port,
+        proto,
+        family: AF_INET,
+    };
+    // SAFETY: as above.
+    unsafe { LINKS.get(&key) }.is_some()
+}
+
+#[inline(always)]
+pub fn network(id: u32) -> Option<&'static NetworkInfo> {
+    // SAFETY: as above.
+    unsafe { NETWORKS.get(&id) }
+}
+
+/// The container a new flow to `daddr:port` goes to: a port published on that address, else
+/// one published on any address when `daddr` is a host address (`daddr_is_host`).
+#[inline(always)]
+pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Option<PublishedTarget> {
+    let mut key = PublishedKey {
+        addr: v4(daddr),
+        port,
+        proto,
+        family: AF_INET,
+    };
+    // SAFETY: as above.
+    if let Some(target) = unsafe { PUBLISHED.get(&key) } {
+        return Some(*target);
+    }
+    if !daddr_is_host {
+        return None;
+    }
+    key.addr = [0; 4];
+    // SAFETY: as above.
+    unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// Whether `addr` is a container of a masquerading or internal network: nothing from beyond
+/// its network reaches it untranslated, nothing of it leaves with its own address.
+#[inline(always)]
+pub fn is_sealed(addr: u32) -> bool {
+    endpoint(addr)
+        .and_then(|ep| network(ep.network_id))
+        .is_some_and(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+}
+
+/// Whether `addr` (wire byte order) is in a netd network's subnet (a container, a gateway).
+#[inline(always)]
+pub fn in_container_subnet(addr: u32) -> bool {
+    SUBNETS.get(&Key::new(32, addr)).is_some()
+}
+
+/// Whether network `id` is `--internal`: nothing gets in from beyond it.
+#[inline(always)]
+pub fn is_internal(id: u32) -> bool {
+    network(id).is_some_and(|net| net.flags & NET_INTERNAL != 0)
+}
+
+/// Whether a new flow from `saddr` may reach `target` (on `proto`): always, unless the port
+/// was published with `--publish-allow` ranges and none covers `saddr`.
+#[inline(always)]
+pub fn publish_allows(target: &PublishedTarget, proto: u8, saddr: u32) -> bool {
+    if target.flags & PUBLISH_RESTRICTED == 0 {
+        return true;
+    }
+    let key = Key::new(
+        PublishAllowKey::TARGET_BITS + 32,
+        PublishAllowKey {
+            target: target.addr,
+            port: target.port,
+            proto,
+            family: AF_INET,
+            src: v4(saddr),
+        },
+    );
+    PUBLISH_ALLOW.get(&key).is_some()
+}
