@@ -5,6 +5,7 @@
 //! - [`core`]: the typed specs, the planner and the [`core::Controller`] every front end calls;
 //! - [`driver`]: the kernel plumbing (bridge, veths, namespaces, `netd link`'s veths);
 //! - [`store`]: the state, an SQLite database;
+//! - [`server`]: `netd daemon`'s API on a unix socket, one more front end of the core;
 //! - [`datapath`]: the NAT, forwarding and filtering drivers (eBPF, iptables).
 pub mod cli;
 pub mod core;
@@ -12,6 +13,7 @@ pub mod datapath;
 pub mod driver;
 pub mod engines;
 pub mod fault;
+pub mod server;
 pub mod store;
 
 // Short paths kept for the datapath drivers, the benchmark and the tests.

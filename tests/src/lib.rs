@@ -1,3 +1,4 @@
+pub mod cli;
 pub mod engines;
 pub mod frames;
 pub mod harness;

@@ -10,11 +10,10 @@
 
 use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
 
-use netd::netns;
 use netd_common::datapath::{
     ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP, VETHS_MAP,
 };
-use tests::harness::TestEnv;
+use tests::harness::{TestEnv, host_links, namespaces, netd_state};
 
 /// Everything netd may make, in a form two runs can compare.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,24 +32,9 @@ fn text(out: std::process::Output) -> String {
 }
 
 fn leftovers(env: &TestEnv) -> Leftovers {
-    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&env.prefix))
-        .collect();
-    namespaces.sort();
-    let links = text(env.run_in(&env.host_ns(), "ip", &["-o", "link"]));
-    let mut host_links: Vec<String> = links
-        .lines()
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        .collect();
-    host_links.sort();
-    let state = format!(
-        "{}{}",
-        env.netd_ok(&["network", "ls", "--json"]),
-        env.netd_ok(&["container", "ls", "--json"])
-    );
+    let namespaces = namespaces(env);
+    let host_links = host_links(env);
+    let state = netd_state(env);
     let maps = [
         NETWORKS_MAP,
         ENDPOINTS_MAP,

@@ -3,6 +3,7 @@
 //! through published ports, with no netfilter rule and no kernel conntrack involved.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
@@ -17,7 +18,7 @@ use tests::{
     topology::{
         TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
     },
-    traffic::{nstat, output_in, stat, wait_listening},
+    traffic::{nstat, output_in, stat},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -269,7 +270,11 @@ fn published_ports_reach_containers_and_replies_leave_from_the_published_address
     let refused = env.in_ns(&env.outside_ns(), || {
         TcpStream::connect_timeout(&(HOST_ADDR, 8081).into(), TIMEOUT)
     });
-    assert!(refused.is_err());
+    assert_eq!(
+        refused.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the host's own stack answers for an unpublished port"
+    );
 }
 
 fn kernel_conntrack_count(env: &TestEnv) -> u64 {
@@ -680,31 +685,139 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     machine_server.join().unwrap();
 }
 
+/// The ID of the program behind each of this instance's pinned links whose pin name ends
+/// with `kind` (`ingress`/`egress`: TC, `cgroup`: the host's socket programs), by pin name,
+/// and of the endpoint filter on each of `veths` (classic TC filters, which have no link).
+fn attached_program_ids(env: &TestEnv, kind: &[&str], veths: &[String]) -> BTreeMap<String, u64> {
+    let mut ids = BTreeMap::new();
+    for link in std::fs::read_dir(env.bpffs.join("links")).unwrap() {
+        let link = link.unwrap().path();
+        if !kind
+            .iter()
+            .any(|k| link.to_string_lossy().ends_with(&format!("@{k}")))
+        {
+            continue;
+        }
+        let shown = output_in(
+            &env.host_ns(),
+            "bpftool",
+            &["-j", "link", "show", "pinned", link.to_str().unwrap()],
+        );
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        let name = link.file_name().unwrap().to_string_lossy().into_owned();
+        ids.insert(name, shown["prog_id"].as_u64().unwrap());
+    }
+    for veth in veths {
+        ids.insert(veth.clone(), endpoint_filter_id(env, veth));
+    }
+    ids
+}
+
+/// The program ID of the endpoint filter on `veth`'s ingress.
+fn endpoint_filter_id(env: &TestEnv, veth: &str) -> u64 {
+    let shown = output_in(
+        &env.host_ns(),
+        "tc",
+        &["-j", "filter", "show", "dev", veth, "ingress"],
+    );
+    let filters: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|f| f["options"]["prog"]["id"].as_u64())
+        .unwrap_or_else(|| panic!("no BPF filter on {veth}: {shown}"))
+}
+
+const TC: &[&str] = &["ingress", "egress"];
+
+/// BUG, for the owners of netd/src/datapath/ebpf.rs: `reload_programs` replaces the TC and XDP
+/// programs but not the host's socket programs attached to the cgroup (`host_connect4` and
+/// the rest), so an upgrade leaves the old build redirecting host connections.
 #[test]
-fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
+#[ignore = "BUG: netd reload leaves the cgroup socket programs of the old build attached"]
+fn reload_replaces_the_host_socket_programs_too() {
     let env = TestEnv::new();
-    let c = &containers(&env, 1)[0];
-    publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 5201)]);
-    env.spawn_in(&c.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
-    wait_listening(&c.ns, 5201);
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.78.0.0/24"]);
+    let before = attached_program_ids(&env, &["cgroup"], &[]);
+    assert!(!before.is_empty(), "no socket program attached");
+    env.netd_ok(&["reload"]);
+    let after = attached_program_ids(&env, &["cgroup"], &[]);
+    for (attachment, id) in &after {
+        assert_ne!(
+            *id, before[attachment],
+            "reload kept {attachment}'s program"
+        );
+    }
+}
+
+#[test]
+fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the_new_one() {
+    use tests::cli::{create, eventually, pings};
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.79.0.0/24"]);
+    let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
+    env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
+    netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
+    // Ten seconds: long enough to outlast three reloads on a busy machine.
     let client = {
         let cmd = env.cmd_in(
             &env.outside_ns(),
             "iperf3",
-            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "3", "-J"],
+            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "10", "-J"],
         );
         thread::spawn(move || {
             let mut cmd = cmd;
             cmd.output().unwrap()
         })
     };
-    // An upgrade, three times over, while the flow runs: no netd process stays around either.
-    for _ in 0..3 {
-        thread::sleep(Duration::from_millis(600));
+    let veth_of = |name: &str| {
+        env.netd_json(&["container", "inspect", name])["host_veth"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let veths = [veth_of(&srv.name)];
+    assert!(
+        eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env) > 1 << 20),
+        "the flow never started"
+    );
+    let mut ids = attached_program_ids(&env, TC, &veths);
+    // Uplink ingress and egress, bridge ingress, the container's veth ingress.
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    // An upgrade, three times over, while the flow runs: every program is a new one each
+    // time, and the flow carries on through the new ones.
+    for round in 0..3 {
+        let before = tests::cli::published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
-        // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
-        assert!(out.contains("5 programs replaced"), "{out}");
+        assert!(out.contains("4 programs replaced"), "{out}");
+        let now = attached_program_ids(&env, TC, &veths);
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            ids.keys().collect::<Vec<_>>()
+        );
+        for (attachment, id) in &now {
+            assert_ne!(
+                *id, ids[attachment],
+                "reload {round} kept {attachment}'s program"
+            );
+        }
+        assert!(
+            eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env)
+                > before + (1 << 20)),
+            "the flow stalled after reload {round}"
+        );
+        ids = now;
     }
+    // A container made after the reload runs the reloaded endpoint program.
+    let late = create(&env, "late", &["--network", "n"]);
+    assert_eq!(
+        endpoint_filter_id(&env, &veth_of(&late.name)),
+        ids[&veths[0]],
+        "the new container got another build"
+    );
+    assert!(pings(&env, &late.ns, OUTSIDE_ADDR));
+
     let out = client.join().unwrap();
     assert!(
         out.status.success(),
@@ -712,23 +825,12 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
         String::from_utf8_lossy(&out.stdout)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let intervals = report["intervals"].as_array().unwrap();
-    assert!(intervals.len() >= 3, "{report}");
-    for interval in intervals {
+    for interval in report["intervals"].as_array().unwrap() {
         assert!(
             interval["sum"]["bytes"].as_u64().unwrap() > 0,
             "a stalled interval: {interval}"
         );
     }
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(received > 0);
-    eprintln!(
-        "iperf3 through a published port: {:.1} Gbit/s",
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e9
-    );
 }
 
 #[test]
@@ -737,6 +839,7 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     let env = TestEnv::new();
     let c = &containers(&env, 1)[0];
     ping(&env, &c.ns, OUTSIDE_ADDR, 1);
+    assert_eq!(source_seen_outside(&env, &c.ns), HOST_ADDR, "masqueraded");
     let net = tests::netdata::network();
     let links = env.bpffs.join("links");
     let attached = || std::fs::read_dir(&links).unwrap().count();
@@ -757,7 +860,11 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
         let err = dp.setup_network(&net).unwrap_err();
         assert!(format!("{err:#}").contains("already set up"), "{err:#}");
         let ep = tests::netdata::endpoint(c.ip, &c.host_if, 1);
-        assert!(dp.add_endpoint(&net, &ep).is_err());
+        let err = dp.add_endpoint(&net, &ep).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("endpoint {} is already on a network", c.ip)),
+            "{err:#}"
+        );
         // A batch with a clash publishes nothing.
         dp.publish(&net, &[port(Protocol::Udp, None, 7000, c.ip, 7000)])
             .unwrap();
@@ -774,17 +881,25 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     });
     assert_eq!(attached(), 0, "the last network took the programs with it");
     assert_eq!(veth_filter(), "", "and the container's filter");
-    // Nothing masquerades any more: the outside can't answer the container.
-    let out = env.run_in(
-        &c.ns,
-        "ping",
-        &["-c", "1", "-W", "1", &OUTSIDE_ADDR.to_string()],
-    );
-    assert!(!out.status.success());
+    // Nothing masquerades any more: a datagram reaches the outside with the container's own
+    // address (it did with the host's while the programs were there).
+    assert_eq!(source_seen_outside(&env, &c.ns), c.ip, "still translated");
     assert_eq!(
         env.netd_json(&["conntrack", "ls", "--json"]),
         serde_json::json!([])
     );
+}
+
+/// The source address the outside sees on a datagram sent from `ns`.
+fn source_seen_outside(env: &TestEnv, ns: &Path) -> Ipv4Addr {
+    let server = udp_bound_in(env, &env.outside_ns(), (OUTSIDE_ADDR, 9001).into());
+    let client = udp_bound_in(env, ns, (Ipv4Addr::UNSPECIFIED, 0).into());
+    client.send_to(b"who?", (OUTSIDE_ADDR, 9001)).unwrap();
+    let (_, peer) = server.recv_from(&mut [0u8; 16]).unwrap();
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other}"),
+    }
 }
 
 /// The MAC address of `ifname` in `ns`.

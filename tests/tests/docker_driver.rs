@@ -49,6 +49,7 @@ impl World {
                 docker_networking: false,
                 plugin_dir: Some(world.env.state_dir.join("plugins")),
                 live_restore,
+                ..Options::default()
             },
         )
         .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));

@@ -90,6 +90,8 @@ pub struct Options {
     pub plugin_dir: Option<PathBuf>,
     /// `--live-restore`: containers keep running while dockerd restarts.
     pub live_restore: bool,
+    /// With Docker's networking: `--userland-proxy` (Docker's default: on).
+    pub userland_proxy: bool,
 }
 
 impl Default for Options {
@@ -98,6 +100,7 @@ impl Default for Options {
             docker_networking: true,
             plugin_dir: None,
             live_restore: false,
+            userland_proxy: true,
         }
     }
 }
@@ -123,9 +126,19 @@ pub struct Dockerd {
 impl Dockerd {
     /// Starts dockerd inside the network namespace `host_ns` with its socket, pidfile, data and
     /// exec roots (and its containerd) under `workdir`, waits until it answers, and imports the
-    /// busybox image.
+    /// busybox image. The userland proxy is on, as in Docker's default.
     pub fn start(host_ns: &Path, workdir: &Path) -> Result<Self> {
         Self::start_with(host_ns, workdir, &Options::default())
+    }
+
+    /// [`Dockerd::start`] with `--userland-proxy` as given (off: the rules netd's iptables
+    /// datapath mirrors).
+    pub fn start_with_proxy(host_ns: &Path, workdir: &Path, userland_proxy: bool) -> Result<Self> {
+        let options = Options {
+            userland_proxy,
+            ..Options::default()
+        };
+        Self::start_with(host_ns, workdir, &options)
     }
 
     /// [`Dockerd::start`] with `options`.
@@ -497,11 +510,7 @@ fn spawn_dockerd(
         .arg(dir);
     }
     let networking: &[&str] = if options.docker_networking {
-        &[
-            "--iptables=true",
-            "--ip-forward=true",
-            "--userland-proxy=true",
-        ]
+        &["--iptables=true", "--ip-forward=true"]
     } else {
         &[
             "--iptables=false",
@@ -527,6 +536,11 @@ fn spawn_dockerd(
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
         .args(networking)
+        .args(
+            options
+                .docker_networking
+                .then(|| format!("--userland-proxy={}", options.userland_proxy)),
+        )
         .args(options.live_restore.then_some("--live-restore"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)

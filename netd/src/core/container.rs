@@ -52,6 +52,8 @@ impl Controller {
         })?;
         fault::step("container-record");
         if let Err(e) = self.realize(&mut c).await {
+            // As recorded: which datapath steps completed.
+            let c = self.store.read(|tx| tx.container_required(&c.name))?;
             let failed = self.teardown(&c).await?;
             return Err(self.settle_container(&c, failed, e).into());
         }

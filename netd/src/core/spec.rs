@@ -21,8 +21,9 @@ pub const DEFAULT_MTU: u32 = 1500;
 /// Linux's limit on interface names (IFNAMSIZ less the NUL).
 pub const MAX_IFNAME: usize = 15;
 
-/// A network to create.
+/// A network to create. In JSON, every field but `name` may be left out (Docker's defaults).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NetworkSpec {
     pub name: String,
     /// `None`: the first free private /16 or /20.
@@ -40,6 +41,12 @@ pub struct NetworkSpec {
     /// Default host address of published ports; every address when `None`.
     pub host_ip: Option<Ipv4Addr>,
     pub datapath: DatapathKind,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        Self::named("")
+    }
 }
 
 impl NetworkSpec {
@@ -104,6 +111,7 @@ pub enum Mode {
 
 /// A container's place on a bridge network.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Attachment {
     pub network: String,
     /// `None`: the pool's lowest free address.
@@ -133,8 +141,10 @@ pub struct Link {
     pub alias: String,
 }
 
-/// A container to create.
+/// A container to create. In JSON, every field but `name` may be left out (a namespace of
+/// its own on the default network).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ContainerSpec {
     pub name: String,
     pub mode: Mode,
@@ -147,6 +157,12 @@ pub struct ContainerSpec {
     pub links: Vec<Link>,
     /// `--expose`d ports: what `-P` publishes and a `--link` to the container opens.
     pub expose: Vec<Publish>,
+}
+
+impl Default for ContainerSpec {
+    fn default() -> Self {
+        Self::named("")
+    }
 }
 
 impl ContainerSpec {

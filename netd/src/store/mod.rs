@@ -326,18 +326,20 @@ impl Tx<'_> {
 
     /// `name`'s published ports with their status.
     pub fn port_rows(&self, name: &str) -> Result<Vec<(PortMapping, Status)>> {
-        self.ports_where("container = ?1", params![name])
+        // In the order they were published (the index on `container` keeps rowid order).
+        self.ports_where("container = ?1 ORDER BY rowid", params![name])
             .map(|rows| rows.into_iter().map(|r| (r.mapping, r.status)).collect())
     }
 
-    /// Published ports not `running` (being published).
+    /// Published ports not `running` (being published), found through the partial index
+    /// `ports_pending` (no ordering: an ORDER BY would make SQLite scan the whole table).
     pub fn pending_ports(&self) -> Result<Vec<PortRow>> {
         self.ports_where("status != 'running'", params![])
     }
 
     fn ports_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<PortRow>> {
         let mut stmt = self.0.prepare_cached(&format!(
-            "SELECT container, proto, host_ip, host_port, container_port, status, owner_pid FROM ports WHERE {filter} ORDER BY rowid"
+            "SELECT container, proto, host_ip, host_port, container_port, status, owner_pid FROM ports WHERE {filter}"
         ))?;
         let rows = stmt.query_map(args, |r| {
             Ok((
@@ -378,18 +380,19 @@ impl Tx<'_> {
 
     /// Container `name`'s record without its ports (what a change to one port needs).
     pub fn container_record(&self, name: &str) -> Result<Container> {
-        let doc: Option<String> = self
-            .0
-            .query_row(
-                "SELECT doc FROM containers WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match doc {
+        match self.doc("SELECT doc FROM containers WHERE name = ?1", name)? {
             Some(doc) => from_doc(&doc),
             None => bail!("no container named {name:?}"),
         }
+    }
+
+    /// The `doc` column of the row `sql` selects by `name`.
+    fn doc(&self, sql: &str, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .0
+            .prepare_cached(sql)?
+            .query_row(params![name], |r| r.get(0))
+            .optional()?)
     }
 
     /// Records that this process is making the `netd link` `link`.
@@ -579,15 +582,9 @@ impl Tx<'_> {
 
 impl View for Tx<'_> {
     fn network(&self, name: &str) -> Result<Option<Network>> {
-        let doc: Option<String> = self
-            .0
-            .query_row(
-                "SELECT doc FROM networks WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        doc.map(|d| from_doc(&d)).transpose()
+        self.doc("SELECT doc FROM networks WHERE name = ?1", name)?
+            .map(|d| from_doc(&d))
+            .transpose()
     }
 
     fn networks(&self) -> Result<Vec<Network>> {

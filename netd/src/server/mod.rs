@@ -1,0 +1,233 @@
+//! `netd daemon`'s server: one [`Controller`] kept in memory (its database connection and
+//! prepared statements stay open), served as JSON over HTTP/1.1 on a unix socket, next to the
+//! periodic clean-up (conntrack sweep, `gc`, following the uplink). The CLI doesn't need it: every command works on
+//! the state directly, and the two can run side by side (changes take the same kernel lock).
+//!
+//! API (`/v1`; bodies and answers are JSON; an error is `{"error": "one line"}` with status
+//! 400 for a refused request, 404 for an unknown path):
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `GET /v1/networks` | | `[Network]` |
+//! | `POST /v1/networks` | `NetworkSpec` | `Network` |
+//! | `GET /v1/networks/NAME` | | `Network` |
+//! | `DELETE /v1/networks/NAME` | | `{}` |
+//! | `GET /v1/containers` | | `[Container]` |
+//! | `POST /v1/containers` | `ContainerSpec` | `Container` |
+//! | `GET /v1/containers/NAME` | | `Container` |
+//! | `DELETE /v1/containers/NAME` | | `{}` |
+//! | `POST /v1/containers/NAME/ports` | `[Publish]` | `[PortMapping]` (the new ones) |
+//! | `POST /v1/links` | `{"a", "b", "addrs": LinkAddrs}` | `{}` |
+//! | `POST /v1/gc` | | `{"containers", "networks", "ports", "links"}` |
+//!
+//! Requests are served one at a time, in order (the core changes the kernel under one lock
+//! anyway); the socket is made mode 0600.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, rc::Rc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+    task::LocalSet,
+};
+
+use crate::core::{
+    Controller,
+    spec::{ContainerSpec, LinkAddrs, NetworkSpec, Publish},
+};
+
+/// `POST /v1/links`'s body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkRequest {
+    pub a: String,
+    pub b: String,
+    #[serde(default)]
+    pub addrs: LinkAddrs,
+}
+
+/// The controller, shared by the connections and the sweeper (all on one thread).
+type Shared = Rc<Mutex<Controller>>;
+
+/// Serves `socket` and sweeps every `interval` until SIGINT or SIGTERM.
+pub async fn run(ctl: Controller, socket: &Path, interval: Duration) -> Result<()> {
+    if socket.exists() {
+        std::fs::remove_file(socket).with_context(|| format!("remove {}", socket.display()))?;
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let shared: Shared = Rc::new(Mutex::new(ctl));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(interval);
+    eprintln!(
+        "netd daemon: serving {}, sweeping every {}s",
+        socket.display(),
+        interval.as_secs_f64()
+    );
+    // The core's futures hold the datapath driver (not `Send`): everything runs on this thread.
+    let local = LocalSet::new();
+    local
+        .run_until(async {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let shared = shared.clone();
+                            tokio::task::spawn_local(async move {
+                                let service = service_fn(move |req| handle(shared.clone(), req));
+                                if let Err(e) = http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                                {
+                                    eprintln!("netd daemon: connection: {e}");
+                                }
+                            });
+                        }
+                        Err(e) => eprintln!("netd daemon: accept: {e}"),
+                    },
+                    _ = tick.tick() => sweep_once(&shared).await,
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                }
+            }
+        })
+        .await;
+    std::fs::remove_file(socket).ok();
+    eprintln!("netd daemon: stopped");
+    Ok(())
+}
+
+/// One round of clean-up; a failure is reported and the daemon carries on.
+async fn sweep_once(shared: &Shared) {
+    let mut ctl = shared.lock().await;
+    let round = async {
+        let collected = ctl.gc().await?;
+        let swept = ctl.datapaths().conntrack_sweep()?;
+        // A new default route or uplink address: the eBPF datapath's NAT moves along.
+        if let Some(uplink) = ctl.datapaths().follow_uplink()? {
+            eprintln!("netd daemon: the uplink is now {uplink}");
+        }
+        anyhow::Ok((collected, swept))
+    };
+    match round.await {
+        Ok((collected, swept)) if !collected.is_empty() || swept > 0 => eprintln!(
+            "netd daemon: {swept} conntrack entries swept, {} half-made containers removed",
+            collected.containers.len()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("netd daemon: {e:#}"),
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Answer {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(
+    shared: Shared,
+    req: Request<Incoming>,
+) -> Result<Answer, std::convert::Infallible> {
+    let method = req.method().clone();
+    let path: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(String::from)
+        .collect();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Ok(answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.to_string()}),
+            ));
+        }
+    };
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    let mut ctl = shared.lock().await;
+    Ok(match route(&mut ctl, &method, &path, &body).await {
+        Some(Ok(value)) => answer(StatusCode::OK, value),
+        Some(Err(e)) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
+        None => answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no such endpoint: {method} /{}", path.join("/"))}),
+        ),
+    })
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).context("invalid request body")
+}
+
+fn to_json<T: Serialize>(value: T) -> Result<serde_json::Value> {
+    Ok(serde_json::to_value(value)?)
+}
+
+/// Calls the core for one request; `None` for a path the API doesn't have.
+async fn route(
+    ctl: &mut Controller,
+    method: &Method,
+    path: &[&str],
+    body: &[u8],
+) -> Option<Result<serde_json::Value>> {
+    let done = || Ok(json!({}));
+    Some(match (method, path) {
+        (&Method::GET, ["v1", "networks"]) => ctl.networks().and_then(to_json),
+        (&Method::POST, ["v1", "networks"]) => match parse::<NetworkSpec>(body) {
+            Ok(spec) => ctl.create_network(spec).await.and_then(to_json),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "networks", name]) => ctl.network(name).and_then(to_json),
+        (&Method::DELETE, ["v1", "networks", name]) => {
+            ctl.remove_network(name).await.and_then(|()| done())
+        }
+        (&Method::GET, ["v1", "containers"]) => ctl.containers().and_then(to_json),
+        (&Method::POST, ["v1", "containers"]) => match parse::<ContainerSpec>(body) {
+            Ok(spec) => ctl.create_container(spec).await.and_then(to_json),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "containers", name]) => ctl.container(name).and_then(to_json),
+        (&Method::DELETE, ["v1", "containers", name]) => {
+            ctl.remove_container(name).await.and_then(|()| done())
+        }
+        (&Method::POST, ["v1", "containers", name, "ports"]) => match parse::<Vec<Publish>>(body) {
+            Ok(requests) => ctl.publish(name, &requests).await.and_then(to_json),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "links"]) => match parse::<LinkRequest>(body) {
+            Ok(l) => ctl.link(&l.a, &l.b, l.addrs).await.and_then(|()| done()),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "gc"]) => ctl.gc().await.map(|c| {
+            json!({
+                "containers": c.containers,
+                "networks": c.networks,
+                "ports": c.ports,
+                "links": c.links,
+            })
+        }),
+        _ => return None,
+    })
+}
