@@ -11,6 +11,7 @@ pub mod cli;
 pub mod core;
 pub mod datapath;
 pub mod driver;
+pub mod engines;
 pub mod fault;
 pub mod server;
 pub mod store;

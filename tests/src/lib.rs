@@ -1,4 +1,5 @@
 pub mod cli;
+pub mod engines;
 pub mod frames;
 pub mod harness;
 pub mod netdata;

@@ -25,6 +25,13 @@ const PACKAGES: &[&str] = &[
     "sockperf",
     "tcpdump",
     "bpftool",
+    // The container engines the engine tests drive (netd as their network), and a static
+    // busybox to build their images offline.
+    "docker.io",
+    "podman",
+    "containernetworking-plugins",
+    "containerd",
+    "busybox-static",
 ];
 
 /// The Docker arm's (see [`docker_packages`]).

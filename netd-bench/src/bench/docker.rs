@@ -79,10 +79,41 @@ pub struct DockerContainer {
     pub netns: PathBuf,
 }
 
+/// How a [`Dockerd`] runs besides what is always its own.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Docker's own networking: docker0, its iptables rules and the userland proxy, as people
+    /// run Docker (the benchmark); off for a dockerd whose networks are another driver's.
+    pub docker_networking: bool,
+    /// Bind-mounted on /run/docker/plugins in dockerd's mount namespace: the plugin sockets
+    /// this dockerd (and no other) discovers.
+    pub plugin_dir: Option<PathBuf>,
+    /// `--live-restore`: containers keep running while dockerd restarts.
+    pub live_restore: bool,
+    /// With Docker's networking: `--userland-proxy` (Docker's default: on).
+    pub userland_proxy: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            docker_networking: true,
+            plugin_dir: None,
+            live_restore: false,
+            userland_proxy: true,
+        }
+    }
+}
+
+/// Where dockerd looks for plugin sockets.
+const PLUGIN_SOCKETS: &str = "/run/docker/plugins";
+
 /// A dockerd running inside a sandbox host namespace. Dropping it removes its containers, stops
 /// it (and its containerd) and deletes its workdir.
 pub struct Dockerd {
     daemon: Child,
+    host_ns: PathBuf,
+    options: Options,
     workdir: PathBuf,
     socket: PathBuf,
     /// Absolute cgroup (in every hierarchy) that holds this dockerd's containers.
@@ -97,12 +128,21 @@ impl Dockerd {
     /// exec roots (and its containerd) under `workdir`, waits until it answers, and imports the
     /// busybox image. The userland proxy is on, as in Docker's default.
     pub fn start(host_ns: &Path, workdir: &Path) -> Result<Self> {
-        Self::start_with_proxy(host_ns, workdir, true)
+        Self::start_with(host_ns, workdir, &Options::default())
     }
 
     /// [`Dockerd::start`] with `--userland-proxy` as given (off: the rules netd's iptables
     /// datapath mirrors).
     pub fn start_with_proxy(host_ns: &Path, workdir: &Path, userland_proxy: bool) -> Result<Self> {
+        let options = Options {
+            userland_proxy,
+            ..Options::default()
+        };
+        Self::start_with(host_ns, workdir, &options)
+    }
+
+    /// [`Dockerd::start`] with `options`.
+    pub fn start_with(host_ns: &Path, workdir: &Path, options: &Options) -> Result<Self> {
         check_installed()?;
         let socket = workdir.join("docker.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -120,10 +160,12 @@ impl Dockerd {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, userland_proxy)?;
+        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, options, None)?;
         // From here on, Drop cleans up whatever fails.
         let mut dockerd = Self {
             daemon,
+            host_ns: host_ns.to_path_buf(),
+            options: options.clone(),
             workdir: workdir.to_path_buf(),
             socket,
             cgroup_parent,
@@ -133,6 +175,26 @@ impl Dockerd {
         dockerd.mount_ns = Some(dockerd.own_mount_ns()?);
         dockerd.import_busybox()?;
         Ok(dockerd)
+    }
+
+    /// Stops dockerd and starts it again in its mount namespace (kept alive by its containers'
+    /// shims); with `live_restore` the containers run on meanwhile.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon()?;
+        let ns = self.mount_ns.context("dockerd never answered")?;
+        let holder = pids_in_mount_ns(ns)
+            .into_iter()
+            .next()
+            .context("no process is left in dockerd's mount namespace")?;
+        self.daemon = spawn_dockerd(
+            &self.host_ns,
+            &self.workdir,
+            &self.socket,
+            &self.cgroup_parent,
+            &self.options,
+            Some(holder),
+        )?;
+        self.wait_until_ready()
     }
 
     /// dockerd's PID.
@@ -257,15 +319,7 @@ impl Dockerd {
     /// Makes the [`IMAGE`] image from busybox-static: /bin/busybox and a symlink per applet.
     fn import_busybox(&self) -> Result<()> {
         let rootfs = self.workdir.join("busybox-rootfs");
-        let bin = rootfs.join("bin");
-        fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
-        fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| format!("copy {BUSYBOX}"))?;
-        for applet in busybox_applets()? {
-            if applet != "busybox" {
-                symlink("busybox", bin.join(&applet))
-                    .with_context(|| format!("link busybox applet {applet}"))?;
-            }
-        }
+        write_busybox_rootfs(&rootfs)?;
         let mut tar = Command::new("tar")
             .arg("-C")
             .arg(&rootfs)
@@ -423,20 +477,49 @@ pub fn check_installed() -> Result<()> {
     Ok(())
 }
 
-/// `nsenter --net=HOST_NS unshare --mount --propagation private dockerd ...`. Both tools exec
-/// (neither forks), so the child's PID is dockerd's.
+/// `nsenter --net=HOST_NS unshare --mount --propagation private dockerd ...`, or into the mount
+/// namespace of process `rejoin` (a restart). Both tools exec (neither forks), and so does the
+/// shell that mounts a plugin dir, so the child's PID is dockerd's.
 fn spawn_dockerd(
     host_ns: &Path,
     workdir: &Path,
     socket: &Path,
     cgroup_parent: &str,
-    userland_proxy: bool,
+    options: &Options,
+    rejoin: Option<u32>,
 ) -> Result<Child> {
-    let log = fs::File::create(workdir.join("dockerd.log")).context("create dockerd.log")?;
-    Command::new("nsenter")
-        .arg(format!("--net={}", host_ns.display()))
-        .args(["--", "unshare", "--mount", "--propagation", "private", "--"])
-        .arg(DOCKERD)
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(workdir.join("dockerd.log"))
+        .context("open dockerd.log")?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", host_ns.display()));
+    if let Some(pid) = rejoin {
+        cmd.arg(format!("--mount=/proc/{pid}/ns/mnt")).arg("--");
+    } else {
+        cmd.args(["--", "unshare", "--mount", "--propagation", "private", "--"]);
+    }
+    if let Some(dir) = options.plugin_dir.as_ref().filter(|_| rejoin.is_none()) {
+        fs::create_dir_all(PLUGIN_SOCKETS).with_context(|| format!("create {PLUGIN_SOCKETS}"))?;
+        cmd.args([
+            "sh",
+            "-c",
+            &format!("mount --bind \"$0\" {PLUGIN_SOCKETS} && exec \"$@\""),
+        ])
+        .arg(dir);
+    }
+    let networking: &[&str] = if options.docker_networking {
+        &["--iptables=true", "--ip-forward=true"]
+    } else {
+        &[
+            "--iptables=false",
+            "--ip-forward=false",
+            "--userland-proxy=false",
+            "--bridge=none",
+        ]
+    };
+    cmd.arg(DOCKERD)
         .arg(format!("--host=unix://{}", socket.display()))
         .arg(format!(
             "--config-file={}",
@@ -452,13 +535,33 @@ fn spawn_dockerd(
         // Explicit so that a missing overlayfs fails here instead of falling back to vfs,
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
-        .args(["--iptables=true", "--ip-forward=true"])
-        .arg(format!("--userland-proxy={userland_proxy}"))
+        .args(networking)
+        .args(
+            options
+                .docker_networking
+                .then(|| format!("--userland-proxy={}", options.userland_proxy)),
+        )
+        .args(options.live_restore.then_some("--live-restore"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)
         .spawn()
         .context("start dockerd with nsenter and unshare")
+}
+
+/// A root filesystem of busybox-static: /bin/busybox and a symlink per applet (what every
+/// engine's test image is made of, offline).
+pub fn write_busybox_rootfs(rootfs: &Path) -> Result<()> {
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
+    fs::copy(BUSYBOX, bin.join("busybox")).with_context(|| format!("copy {BUSYBOX}"))?;
+    for applet in busybox_applets()? {
+        if applet != "busybox" {
+            symlink("busybox", bin.join(&applet))
+                .with_context(|| format!("link busybox applet {applet}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn busybox_applets() -> Result<Vec<String>> {

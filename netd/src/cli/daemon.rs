@@ -20,6 +20,13 @@ pub struct Args {
     /// The unix socket of the API (default: netd.sock in the state dir).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Also serve Docker's network and IPAM driver NAME (`docker network create -d NAME
+    /// --ipam-driver NAME`) on DIR/NAME.sock.
+    #[arg(long, value_name = "NAME")]
+    docker_plugin: Option<String>,
+    /// Where Docker looks for plugin sockets.
+    #[arg(long, default_value = crate::engines::docker::PLUGIN_DIR, value_name = "DIR")]
+    docker_plugin_dir: PathBuf,
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<()> {
@@ -33,5 +40,10 @@ pub async fn run(global: &Global, args: Args) -> Result<()> {
         .socket
         .unwrap_or_else(|| global.state_dir.join("netd.sock"));
     let interval = Duration::from_secs_f64(args.sweep_interval);
+    // Served until the daemon stops (dropped when this returns).
+    let _plugin = args
+        .docker_plugin
+        .map(|name| crate::engines::docker::serve(global.config()?, &name, &args.docker_plugin_dir))
+        .transpose()?;
     server::run(global.controller()?, &socket, interval).await
 }

@@ -209,6 +209,26 @@ impl Netlink {
             .with_context(|| format!("add address {addr} to interface #{index}"))
     }
 
+    /// The IPv4 addresses on link `index`.
+    pub async fn ipv4_addresses(&self, index: u32) -> Result<Vec<std::net::Ipv4Addr>> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut found = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.context("list addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    found.push(*ip);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Every IPv4 network in use in this namespace: interface addresses and route destinations
     /// (the default route excluded). A new subnet must overlap none of them.
     pub async fn ipv4_networks_in_use(&self) -> Result<Vec<ipnet::Ipv4Net>> {

@@ -1,0 +1,304 @@
+//! The CNI verbs on netd's controller. Each call is one process with its own controller; the
+//! store makes concurrent calls safe (a pod start storm), as it does concurrent CLI commands.
+
+use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use super::types::{CniError, Code, Config, prev_result_addresses, result_json};
+use crate::{
+    core::{
+        self,
+        spec::{NetworkSpec, PortMapping},
+    },
+    datapath::{DatapathKind, Protocol},
+    engines::core::{AttachRequest, CONTAINER_IFNAME, Core, check_attachment},
+};
+
+/// What the runtime says about the container (the `CNI_*` variables).
+#[derive(Debug)]
+pub struct Call {
+    pub container_id: String,
+    pub ifname: String,
+    /// Optional for DEL.
+    pub netns: Option<PathBuf>,
+    /// `CNI_ARGS` `IP=`: the address asked for.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// Names netd's endpoint for an attachment: the spec's key is (network, container ID,
+/// interface), and netd's names must be short, so it's a stable hash of the three.
+pub fn endpoint_name(network: &str, container_id: &str, ifname: &str) -> String {
+    // FNV-1a, 64 bits: stable across processes and versions, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in [network, container_id, ifname].join("\0").bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{ENDPOINT_PREFIX}{h:016x}")
+}
+
+/// Every endpoint netd-cni makes is named with this prefix, so GC leaves the CLI's alone.
+const ENDPOINT_PREFIX: &str = "cni-";
+
+/// The netd instance the config names (the CLI's defaults for what it doesn't).
+fn open(config: &Config) -> Result<Core, CniError> {
+    let mut c = core::Config::new(
+        config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/netd".into()),
+    );
+    if let Some(bpffs) = &config.bpffs {
+        c.bpffs = bpffs.clone();
+    }
+    c.host_netns = config.host_netns.clone();
+    c.tuning.host_cgroup = config.host_cgroup.clone();
+    Ok(Core::open(c)?)
+}
+
+/// The netd network the config describes.
+fn network_spec(config: &Config) -> Result<NetworkSpec, CniError> {
+    let invalid = |e: anyhow::Error| CniError::new(Code::InvalidConfig, format!("{e:#}"));
+    let mut spec = NetworkSpec::named(&config.name);
+    spec.subnet = config.subnet;
+    spec.gateway = config.gateway;
+    spec.ip_range = config.ip_range;
+    spec.bridge = config.bridge.clone();
+    spec.mtu = config.mtu.unwrap_or(spec.mtu);
+    spec.icc = config.icc.unwrap_or(spec.icc);
+    spec.internal = config.internal.unwrap_or(spec.internal);
+    spec.masquerade = config.masquerade.unwrap_or(spec.masquerade);
+    if let Some(dp) = &config.datapath {
+        spec.datapath = dp.parse::<DatapathKind>().map_err(invalid)?;
+    }
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+/// The network of the config, made on first use; an existing one must match the config.
+async fn ensure_network(core: &mut Core, config: &Config) -> Result<(), CniError> {
+    let net = core.ensure_network(network_spec(config)?).await?;
+    let differs = |what: &str, want: String, have: String| {
+        CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "network {:?} exists with {what} {have}, the config asks for {want}",
+                config.name
+            ),
+        )
+    };
+    if let Some(subnet) = config.subnet.filter(|s| *s != net.subnet) {
+        return Err(differs(
+            "subnet",
+            subnet.to_string(),
+            net.subnet.to_string(),
+        ));
+    }
+    if let Some(gw) = config.gateway.filter(|g| *g != net.gateway) {
+        return Err(differs("gateway", gw.to_string(), net.gateway.to_string()));
+    }
+    Ok(())
+}
+
+fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
+    config
+        .runtime_config
+        .port_mappings
+        .iter()
+        .map(|m| {
+            let proto = match m.protocol.to_ascii_lowercase().as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => {
+                    return Err(CniError::new(
+                        Code::UnsupportedField,
+                        format!("portMappings protocol {other:?}: netd publishes tcp and udp"),
+                    ));
+                }
+            };
+            let host_ip = match m.host_ip.as_str() {
+                "" | "0.0.0.0" => None,
+                text => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+                    CniError::new(
+                        Code::InvalidConfig,
+                        format!("portMappings hostIP {text:?} is not an IPv4 address"),
+                    )
+                })?),
+            };
+            Ok(PortMapping {
+                proto,
+                host_ip,
+                host_port: m.host_port,
+                container_port: m.container_port,
+            })
+        })
+        .collect()
+}
+
+/// The address asked for, if any (netd gives one IPv4 address): the `ips` capability, or
+/// `CNI_ARGS` `IP=`.
+fn requested_ip(config: &Config, call: &Call) -> Result<Option<Ipv4Addr>, CniError> {
+    match config.runtime_config.ips.as_slice() {
+        [] => Ok(call.ip),
+        [one] => {
+            let ip = one
+                .parse::<Ipv4Net>()
+                .map(|n| n.addr())
+                .or_else(|_| one.parse::<Ipv4Addr>())
+                .map_err(|_| {
+                    CniError::new(
+                        Code::InvalidConfig,
+                        format!("ips {one:?} is not an IPv4 address"),
+                    )
+                })?;
+            Ok(Some(ip))
+        }
+        more => Err(CniError::new(
+            Code::InvalidConfig,
+            format!("ips {more:?}: netd gives a container one IPv4 address"),
+        )),
+    }
+}
+
+fn require_eth0(call: &Call) -> Result<(), CniError> {
+    if call.ifname != CONTAINER_IFNAME {
+        return Err(CniError::new(
+            Code::InvalidEnvironment,
+            format!(
+                "CNI_IFNAME {:?}: netd names the container interface {CONTAINER_IFNAME}",
+                call.ifname
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
+    let netns = call
+        .netns
+        .clone()
+        .ok_or_else(|| CniError::new(Code::InvalidEnvironment, "CNI_NETNS is not set"))?;
+    if !netns.exists() {
+        return Err(CniError::new(
+            Code::UnknownContainer,
+            format!("network namespace {} does not exist", netns.display()),
+        ));
+    }
+    Ok(netns)
+}
+
+pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
+    require_eth0(call)?;
+    let netns = require_netns(call)?;
+    let ports = ports_of(config)?;
+    let ip = requested_ip(config, call)?;
+    let mut core = open(config)?;
+    ensure_network(&mut core, config).await?;
+    let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
+    if core.attachment(&name)?.is_some() {
+        return Err(CniError::new(
+            Code::Netd,
+            format!(
+                "container {} already has {} on network {:?}: DEL it first",
+                call.container_id, call.ifname, config.name
+            ),
+        ));
+    }
+    let attachment = core
+        .attach(&AttachRequest {
+            name,
+            network: config.name.clone(),
+            netns: Some(netns),
+            ip,
+            mac: None,
+            ports,
+        })
+        .await?;
+    Ok(result_json(&config.cni_version, &call.ifname, &attachment))
+}
+
+/// Removes the attachment if there is one: a second DEL, or a DEL after a failed ADD, is fine.
+pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
+    let mut core = open(config)?;
+    core.detach(&endpoint_name(
+        &config.name,
+        &call.container_id,
+        &call.ifname,
+    ))
+    .await?;
+    Ok(())
+}
+
+pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
+    let netns = require_netns(call)?;
+    let mut core = open(config)?;
+    let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
+    let a = core.attachment(&name)?.ok_or_else(|| {
+        CniError::new(
+            Code::UnknownContainer,
+            format!(
+                "container {} has no {} on network {:?}",
+                call.container_id, call.ifname, config.name
+            ),
+        )
+    })?;
+    if a.netns != netns {
+        return Err(CniError::new(
+            Code::Netd,
+            format!(
+                "the attachment is in {}, not {}",
+                a.netns.display(),
+                netns.display()
+            ),
+        ));
+    }
+    let address = format!("{}/{}", a.ip, a.prefix_len);
+    if let Some(prev) = &config.prev_result
+        && !prev_result_addresses(prev).contains(&address)
+    {
+        return Err(CniError::new(
+            Code::Netd,
+            format!("prevResult does not list the container's address {address}"),
+        ));
+    }
+    check_attachment(&a).await?;
+    Ok(())
+}
+
+/// STATUS: ready when the netd instance can be opened (its state dir locked and read).
+pub fn status(config: &Config) -> Result<(), CniError> {
+    open(config)
+        .and_then(|mut core| Ok(core.networks()?))
+        .map(|_| ())
+        .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
+}
+
+/// GC: removes every attachment of this network the runtime no longer lists.
+pub async fn gc(config: &Config) -> Result<(), CniError> {
+    let valid: HashSet<String> = config
+        .valid_attachments
+        .iter()
+        .flatten()
+        .map(|v| endpoint_name(&config.name, &v.container_id, &v.ifname))
+        .collect();
+    let mut core = open(config)?;
+    if core.network(&config.name)?.is_none() {
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for a in core.attachments_on(&config.name, ENDPOINT_PREFIX)? {
+        if !valid.contains(&a.name)
+            && let Err(e) = core.detach(&a.name).await
+        {
+            failed.push(format!("{}: {e:#}", a.name));
+        }
+    }
+    if !failed.is_empty() {
+        return Err(CniError::new(
+            Code::Netd,
+            format!("could not remove {}", failed.join("; ")),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The one place the engine front ends (Docker driver, CNI plugin) call netd's controller.
+//!
+//! The engines build the core's typed specs ([`NetworkSpec`], [`PortMapping`]) from their own
+//! input; this file turns an engine's endpoint into a [`ContainerSpec`] and a container back
+//! into what an engine reports, and adds the two kernel steps only engines need (checking an
+//! endpoint, handing its interface to an engine that moves it itself). Same networks,
+//! containers, datapaths and state as the CLI: no second copy of the logic.
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
+
+use crate::{
+    core::{
+        Config, Controller, ipam,
+        spec::{
+            Attachment as Bridge, ContainerSpec, Mode, Netns, NetworkSpec, PortMapping, Publish,
+        },
+    },
+    netlink::Netlink,
+    store::{Container, Network, model},
+};
+
+/// A container endpoint to make on a network.
+#[derive(Clone, Debug, Default)]
+pub struct AttachRequest {
+    /// netd's name for it (unique per instance).
+    pub name: String,
+    pub network: String,
+    /// The namespace to configure; netd makes one of its own (named `name`) when `None`.
+    pub netns: Option<PathBuf>,
+    pub ip: Option<Ipv4Addr>,
+    pub mac: Option<[u8; 6]>,
+    pub ports: Vec<PortMapping>,
+}
+
+/// A container endpoint as it exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub name: String,
+    pub network: String,
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_veth: String,
+    pub ports: Vec<PortMapping>,
+}
+
+/// The interface name netd gives the container end of a veth.
+pub const CONTAINER_IFNAME: &str = "eth0";
+
+/// netd's controller, as the engines use it.
+pub struct Core {
+    ctl: Controller,
+}
+
+impl Core {
+    pub fn open(config: Config) -> Result<Self> {
+        Ok(Self {
+            ctl: Controller::open(config)?,
+        })
+    }
+
+    pub fn network(&mut self, name: &str) -> Result<Option<Network>> {
+        Ok(self.ctl.networks()?.into_iter().find(|n| n.name == name))
+    }
+
+    pub fn networks(&mut self) -> Result<Vec<Network>> {
+        self.ctl.networks()
+    }
+
+    pub async fn create_network(&mut self, spec: NetworkSpec) -> Result<Network> {
+        self.ctl.create_network(spec).await
+    }
+
+    /// The network `spec` names: made if missing. Engines call this from processes that race
+    /// (a pod start storm): losing the race to create it is fine.
+    pub async fn ensure_network(&mut self, spec: NetworkSpec) -> Result<Network> {
+        if let Some(net) = self.network(&spec.name)? {
+            return Ok(net);
+        }
+        let name = spec.name.clone();
+        match self.ctl.create_network(spec).await {
+            Ok(net) => Ok(net),
+            Err(e) => self.network(&name)?.ok_or(e),
+        }
+    }
+
+    pub async fn remove_network(&mut self, name: &str) -> Result<()> {
+        self.ctl.remove_network(name).await
+    }
+
+    /// A private subnet overlapping nothing on the host, no netd network and none of `also`.
+    pub async fn free_subnet(&mut self, also: &[Ipv4Net]) -> Result<Ipv4Net> {
+        let mut taken = Netlink::in_ns(None)?.ipv4_networks_in_use().await?;
+        taken.extend(self.ctl.networks()?.iter().map(|n| n.subnet));
+        taken.extend_from_slice(also);
+        ipam::free_subnet(&taken)
+    }
+
+    /// Makes a container endpoint: veth, address, routes, datapath entries, published ports.
+    pub async fn attach(&mut self, req: &AttachRequest) -> Result<Attachment> {
+        let mut spec = ContainerSpec::named(&req.name);
+        spec.mode = Mode::Bridge(Bridge {
+            ip: req.ip,
+            mac: req.mac,
+            publish: req.ports.iter().map(publish_of).collect(),
+            ..Bridge::on(&req.network)
+        });
+        spec.netns = req.netns.clone().map_or(Netns::Own, Netns::Path);
+        let c = self.ctl.create_container(spec).await?;
+        self.attachment_of(&c)?
+            .with_context(|| format!("container {:?} has no bridge endpoint", req.name))
+    }
+
+    pub fn attachment(&mut self, name: &str) -> Result<Option<Attachment>> {
+        match self.ctl.containers()?.into_iter().find(|c| c.name == name) {
+            Some(c) => self.attachment_of(&c),
+            None => Ok(None),
+        }
+    }
+
+    /// Every endpoint on `network` whose name starts with `prefix`.
+    pub fn attachments_on(&mut self, network: &str, prefix: &str) -> Result<Vec<Attachment>> {
+        let mut found = Vec::new();
+        for c in self.ctl.containers_on(network)? {
+            if c.name.starts_with(prefix)
+                && let Some(a) = self.attachment_of(&c)?
+            {
+                found.push(a);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes an endpoint and everything it has; `false` if there was none. One whose
+    /// creator was killed midway (an ADD killed by the runtime) goes with the garbage.
+    pub async fn detach(&mut self, name: &str) -> Result<bool> {
+        self.ctl.gc().await?;
+        if !self.ctl.containers()?.iter().any(|c| c.name == name) {
+            return Ok(false);
+        }
+        self.ctl.remove_container(name).await?;
+        Ok(true)
+    }
+
+    /// Publishes more ports of an existing endpoint.
+    pub async fn publish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
+        self.ctl.publish(name, &requests).await?;
+        Ok(())
+    }
+
+    fn attachment_of(&mut self, c: &Container) -> Result<Option<Attachment>> {
+        let (model::Mode::Bridge, Some(network), Some(ip), Some(mac), Some(veth)) =
+            (&c.mode, &c.network, c.ip, &c.mac, &c.host_veth)
+        else {
+            return Ok(None);
+        };
+        let net = self.ctl.network(network)?;
+        Ok(Some(Attachment {
+            name: c.name.clone(),
+            network: net.name.clone(),
+            netns: c.netns.clone(),
+            ip,
+            prefix_len: net.subnet.prefix_len(),
+            gateway: net.gateway,
+            mac: ipam::parse_mac(mac)?,
+            host_veth: veth.clone(),
+            ports: c.ports.clone(),
+        }))
+    }
+}
+
+/// Checks that an endpoint's kernel objects are there: the host end of its veth, and the
+/// container end in its namespace with its address.
+pub async fn check_attachment(a: &Attachment) -> Result<()> {
+    Netlink::in_ns(None)?
+        .require_link(&a.host_veth)
+        .await
+        .context("the host end of the veth is gone")?;
+    let inside = Netlink::in_ns(Some(&a.netns))?;
+    let index = inside
+        .require_link(CONTAINER_IFNAME)
+        .await
+        .with_context(|| format!("{CONTAINER_IFNAME} is gone from the container"))?;
+    if !inside.ipv4_addresses(index).await?.contains(&a.ip) {
+        anyhow::bail!("{CONTAINER_IFNAME} no longer has the address {}", a.ip);
+    }
+    Ok(())
+}
+
+/// Moves the container end of `a`'s veth out of its namespace into the host's, named
+/// `host_name` there (for an engine that moves it into its own sandbox itself).
+pub async fn hand_out_interface(a: &Attachment, host_name: &str) -> Result<()> {
+    // This thread is in the host namespace (the process entered it before any thread).
+    let host = std::fs::File::open("/proc/thread-self/ns/net")
+        .context("open the host's network namespace")?;
+    let inside = Netlink::in_ns(Some(&a.netns))?;
+    let Some(index) = inside.link_index(CONTAINER_IFNAME).await? else {
+        // Handed out already (a second Join after a Leave moved it back).
+        Netlink::in_ns(None)?.require_link(host_name).await?;
+        return Ok(());
+    };
+    inside
+        .set_link(index, "move the container interface to the host", |m| {
+            m.setns_by_fd(host.as_raw_fd()).name(host_name.to_string())
+        })
+        .await
+}
+
+/// One port as a publish request (one host port to one container port).
+fn publish_of(p: &PortMapping) -> Publish {
+    Publish {
+        host_ip: p.host_ip,
+        host_ports: Some((p.host_port, p.host_port)),
+        container_ports: (p.container_port, p.container_port),
+        proto: p.proto,
+    }
+}

@@ -1,0 +1,332 @@
+//! Docker's network driver verbs on netd's networks and containers.
+//!
+//! A Docker network `ID` is the netd network `docker-ID[..12]`; an endpoint `ID` is the netd
+//! container `docker-ID[..12]`, made at CreateEndpoint in a namespace of netd's own (so it is
+//! in netd's state from then on, and a restarted daemon knows it), then handed to Docker at
+//! Join: the container end of the veth moves to the host namespace, and Docker moves it into
+//! the sandbox, names it `eth0`, gives it the address and MAC of the endpoint and a default
+//! route via the gateway Join answers. DeleteEndpoint removes the netd container (veth, ports,
+//! datapath entries).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, bail};
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+
+use super::protocol::{
+    CreateEndpoint, CreateEndpointResponse, CreateNetwork, EndpointInterface, EndpointRef,
+    ExternalConnectivity, GENERIC_OPTIONS, INTERNAL, InterfaceName, Join, JoinResponse, NetworkRef,
+    PORT_MAP, PortBinding,
+};
+use crate::{
+    core::{
+        ipam,
+        spec::{NetworkSpec, PortMapping},
+    },
+    datapath::{DatapathKind, Protocol},
+    engines::core::{AttachRequest, Core, hand_out_interface},
+};
+
+/// How netd names what it makes for a Docker object (an ID is 64 hex characters).
+pub fn netd_name(docker_id: &str) -> Result<String> {
+    let short = docker_id.get(..12).filter(|s| {
+        s.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    });
+    let short = short.with_context(|| format!("invalid Docker ID {docker_id:?}"))?;
+    Ok(format!("docker-{short}"))
+}
+
+/// The host-side name of an endpoint's container interface between Join and Docker's move.
+fn handover_name(endpoint_id: &str) -> Result<String> {
+    Ok(format!("nde{}", &netd_name(endpoint_id)?[7..]))
+}
+
+pub fn capabilities() -> Value {
+    json!({ "Scope": "local", "ConnectivityScope": "local" })
+}
+
+/// The netd network a CreateNetwork asks for (on `datapath` unless its options name one).
+pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<NetworkSpec> {
+    if req.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
+        bail!("netd networks are IPv4 only: drop --ipv6");
+    }
+    let [ipv4] = req.ipv4_data.as_slice() else {
+        bail!(
+            "netd takes exactly one IPv4 pool per network, Docker gave {}",
+            req.ipv4_data.len()
+        );
+    };
+    let mut spec = NetworkSpec::named(&netd_name(&req.network_id)?);
+    spec.subnet = Some(ipam::parse_subnet(&ipv4.pool)?);
+    spec.gateway = match ipv4.gateway.as_str() {
+        "" => None,
+        gw => Some(
+            gw.parse::<Ipv4Net>()
+                .map(|n| n.addr())
+                .with_context(|| format!("invalid gateway {gw:?}"))?,
+        ),
+    };
+    spec.internal = req.options.get(INTERNAL).is_some_and(|v| v == &json!(true));
+    spec.datapath = datapath;
+    if let Some(generic) = req.options.get(GENERIC_OPTIONS) {
+        apply_options(&mut spec, generic)?;
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+pub async fn create_network(core: &mut Core, spec: NetworkSpec) -> Result<Value> {
+    core.create_network(spec).await?;
+    Ok(json!({}))
+}
+
+/// `-o KEY=VALUE` of `docker network create`: netd's network options, under their netd names
+/// or the names Docker's bridge driver uses.
+fn apply_options(opts: &mut NetworkSpec, generic: &Value) -> Result<()> {
+    let Some(map) = generic.as_object() else {
+        return Ok(());
+    };
+    for (key, value) in map {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let flag = || -> Result<bool> {
+            text.parse()
+                .with_context(|| format!("option {key}={text}: expected true or false"))
+        };
+        match key.as_str() {
+            "icc" | "com.docker.network.bridge.enable_icc" => opts.icc = flag()?,
+            "internal" => opts.internal = flag()?,
+            "masquerade" | "com.docker.network.bridge.enable_ip_masquerade" => {
+                opts.masquerade = flag()?
+            }
+            "mtu" | "com.docker.network.driver.mtu" => {
+                opts.mtu = text
+                    .parse()
+                    .with_context(|| format!("option {key}={text}: expected a number"))?
+            }
+            "host_ip" | "com.docker.network.bridge.host_binding_ipv4" => {
+                opts.host_ip =
+                    Some(text.parse().with_context(|| {
+                        format!("option {key}={text}: expected an IPv4 address")
+                    })?)
+            }
+            "bridge" | "com.docker.network.bridge.name" => opts.bridge = Some(text),
+            "datapath" => opts.datapath = text.parse()?,
+            other => bail!(
+                "unknown option {other:?} (netd takes icc, internal, masquerade, mtu, host_ip, bridge, datapath)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub async fn delete_network(core: &mut Core, req: NetworkRef) -> Result<Value> {
+    let name = netd_name(&req.network_id)?;
+    if core.network(&name)?.is_some() {
+        core.remove_network(&name).await?;
+    }
+    Ok(json!({}))
+}
+
+pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Value> {
+    let given = req.interface.unwrap_or_default();
+    if !given.address_ipv6.is_empty() {
+        bail!("netd networks are IPv4 only: no IPv6 address");
+    }
+    let ip = match given.address.as_str() {
+        "" => None,
+        text => Some(
+            text.parse::<Ipv4Net>()
+                .with_context(|| format!("invalid address {text:?}"))?
+                .addr(),
+        ),
+    };
+    let mac = match given.mac_address.as_str() {
+        "" => None,
+        text => Some(ipam::parse_mac(text)?),
+    };
+    let name = netd_name(&req.endpoint_id)?;
+    let a = core
+        .attach(&AttachRequest {
+            name,
+            network: netd_name(&req.network_id)?,
+            netns: None,
+            ip,
+            mac,
+            ports: vec![],
+        })
+        .await?;
+    // Fill only what Docker left empty: it refuses an answer that changes what it gave.
+    let filled = EndpointInterface {
+        address: if ip.is_none() {
+            format!("{}/{}", a.ip, a.prefix_len)
+        } else {
+            String::new()
+        },
+        address_ipv6: String::new(),
+        mac_address: if mac.is_none() {
+            ipam::format_mac(a.mac)
+        } else {
+            String::new()
+        },
+    };
+    Ok(serde_json::to_value(CreateEndpointResponse {
+        interface: filled,
+    })?)
+}
+
+pub async fn delete_endpoint(core: &mut Core, req: EndpointRef) -> Result<Value> {
+    core.detach(&netd_name(&req.endpoint_id)?).await?;
+    Ok(json!({}))
+}
+
+pub fn endpoint_oper_info(core: &mut Core, req: EndpointRef) -> Result<Value> {
+    let a = core
+        .attachment(&netd_name(&req.endpoint_id)?)?
+        .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
+    Ok(json!({ "Value": {
+        "ip": a.ip.to_string(),
+        "mac": ipam::format_mac(a.mac),
+        "host_veth": a.host_veth,
+    }}))
+}
+
+pub async fn join(core: &mut Core, req: Join) -> Result<Value> {
+    let name = netd_name(&req.endpoint_id)?;
+    let a = core.attachment(&name)?.with_context(|| {
+        format!(
+            "no endpoint {} (network {})",
+            req.endpoint_id, req.network_id
+        )
+    })?;
+    let handover = handover_name(&req.endpoint_id)?;
+    hand_out_interface(&a, &handover).await?;
+    // The gateway makes Docker add the default route (and no docker_gwbridge endpoint); an
+    // internal network has no way out, so no default route.
+    let internal = core.network(&a.network)?.is_some_and(|n| n.internal);
+    Ok(serde_json::to_value(JoinResponse {
+        interface_name: InterfaceName {
+            src_name: handover,
+            dst_prefix: "eth".into(),
+        },
+        gateway: if internal {
+            String::new()
+        } else {
+            a.gateway.to_string()
+        },
+    })?)
+}
+
+/// Leave: Docker moves the interface back out of the sandbox itself; it goes with the
+/// endpoint at DeleteEndpoint.
+pub fn leave(_req: EndpointRef) -> Value {
+    json!({})
+}
+
+/// `-p`: Docker's port bindings become the netd container's published ports.
+pub async fn program_external_connectivity(
+    core: &mut Core,
+    req: ExternalConnectivity,
+) -> Result<Value> {
+    let name = netd_name(&req.endpoint_id)?;
+    let a = core
+        .attachment(&name)?
+        .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
+    let bindings: Vec<PortBinding> = match req.options.get(PORT_MAP) {
+        Some(Value::Null) | None => vec![],
+        Some(v) => serde_json::from_value(v.clone()).context("invalid port map")?,
+    };
+    let mut ports = Vec::new();
+    for b in &bindings {
+        ports.extend(ports_of(b)?);
+    }
+    // Docker programs again after a daemon restart: what is published stays.
+    ports.retain(|p| !a.ports.contains(p));
+    if !ports.is_empty() {
+        core.publish(&name, &ports).await?;
+    }
+    Ok(json!({}))
+}
+
+fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
+    let proto = match b.proto {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        other => bail!("netd publishes TCP and UDP ports, not IP protocol {other}"),
+    };
+    let host_ip = match b.host_ip.as_deref().unwrap_or("") {
+        "" | "0.0.0.0" => None,
+        text => Some(
+            text.parse::<Ipv4Addr>()
+                .with_context(|| format!("invalid host IP {text:?}"))?,
+        ),
+    };
+    if b.host_port == 0 {
+        bail!(
+            "port {}: netd needs a host port (give -p HOSTPORT:{})",
+            b.port,
+            b.port
+        );
+    }
+    let end = b.host_port_end.max(b.host_port);
+    Ok((b.host_port..=end)
+        .map(|host_port| PortMapping {
+            proto,
+            host_ip,
+            host_port,
+            container_port: b.port + (host_port - b.host_port),
+        })
+        .collect())
+}
+
+/// Revoke: the ports go with the endpoint at DeleteEndpoint (Docker revokes only on the way
+/// to removing it).
+pub fn revoke_external_connectivity(_req: ExternalConnectivity) -> Value {
+    json!({})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_ids_name_netd_objects() {
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(netd_name(&id).unwrap(), "docker-0123456789ab");
+        assert_eq!(handover_name(&id).unwrap(), "nde0123456789ab");
+        assert!(netd_name("short").is_err());
+        assert!(netd_name(&"Z".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn port_bindings_become_one_mapping_per_port() {
+        let b: PortBinding = serde_json::from_value(json!(
+            {"Proto": 17, "IP": "", "Port": 53, "HostIP": "127.0.0.1", "HostPort": 5353, "HostPortEnd": 5354}
+        ))
+        .unwrap();
+        let ports = ports_of(&b).unwrap();
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[1].host_port, 5354);
+        assert_eq!(ports[1].container_port, 54);
+        assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ports[0].proto, Protocol::Udp);
+        let sctp = PortBinding { proto: 132, ..b };
+        assert!(ports_of(&sctp).is_err());
+    }
+
+    #[test]
+    fn options_take_netd_and_docker_bridge_names() {
+        let mut spec = NetworkSpec::named("n");
+        let opts = json!({"icc": "false", "com.docker.network.driver.mtu": "1400", "datapath": "iptables"});
+        apply_options(&mut spec, &opts).unwrap();
+        assert!(!spec.icc);
+        assert_eq!(spec.mtu, 1400);
+        assert_eq!(spec.datapath, DatapathKind::Iptables);
+        let err = apply_options(&mut spec, &json!({"icc": "maybe"})).unwrap_err();
+        assert!(err.to_string().contains("icc=maybe"), "{err}");
+    }
+}

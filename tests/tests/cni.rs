@@ -1,0 +1,436 @@
+//! CNI conformance of `netd-cni`, driving the plugin binary as libcni does (the `CNI_*`
+//! variables and the config on stdin): every verb at every version, bad config, missing
+//! namespace, DEL twice, GC, concurrent ADDs, and published ports with real traffic.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde_json::{Value, json};
+use tests::{
+    engines::{CniOutcome, cni, cni_with_env, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
+    harness::{HOST_ADDR, TestEnv},
+};
+
+const SUBNET: &str = "10.89.0.0/24";
+
+fn config(env: &TestEnv, version: &str, runtime: Value) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "cninet",
+        "type": "netd-cni",
+        "subnet": SUBNET,
+        "stateDir": env.state_dir,
+        "bpffs": env.bpffs,
+        "hostNetns": env.host_ns(),
+        "hostCgroup": env.cgroup,
+        "capabilities": { "portMappings": true, "ips": true },
+        "runtimeConfig": runtime,
+    })
+}
+
+/// A container's namespace, as a runtime makes it before calling the plugin.
+fn container_ns(env: &TestEnv, base: &str) -> PathBuf {
+    netd::netns::create(&env.name(base)).unwrap()
+}
+
+fn call(command: &str, id: &str, netns: Option<&PathBuf>, config: &Value) -> CniOutcome {
+    cni(
+        Some(command),
+        Some((id, "eth0")),
+        netns.map(PathBuf::as_path),
+        &config.to_string(),
+    )
+}
+
+fn host(port: u16) -> SocketAddr {
+    SocketAddr::from((HOST_ADDR, port))
+}
+
+fn containers(env: &TestEnv) -> Vec<Value> {
+    env.netd_json(&["container", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn version_lists_the_three_versions() {
+    for asked in ["0.4.0", "1.0.0", "1.1.0"] {
+        let out = cni(
+            Some("VERSION"),
+            None,
+            None,
+            &json!({ "cniVersion": asked }).to_string(),
+        )
+        .ok();
+        assert_eq!(out["cniVersion"], asked);
+        assert_eq!(out["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    }
+}
+
+#[test]
+fn add_check_del_at_every_version_with_a_published_port() {
+    let env = TestEnv::new();
+    for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].into_iter().enumerate() {
+        let port = 8080 + i as u16;
+        let cfg = config(
+            &env,
+            version,
+            json!({ "portMappings": [{ "hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "" }] }),
+        );
+        let ns = container_ns(&env, &format!("c{i}"));
+        let id = format!("ctr{i}");
+        let result = call("ADD", &id, Some(&ns), &cfg).ok();
+
+        assert_eq!(result["cniVersion"], version);
+        let iface = &result["interfaces"][0];
+        assert_eq!(iface["name"], "eth0");
+        assert_eq!(iface["sandbox"], ns.display().to_string());
+        let ip = &result["ips"][0];
+        assert_eq!(ip["interface"], 0);
+        assert_eq!(ip["gateway"], "10.89.0.1");
+        let address = ip["address"].as_str().unwrap();
+        assert!(address.starts_with("10.89.0.") && address.ends_with("/24"));
+        assert_eq!(ip["version"].is_string(), version == "0.4.0", "{result}");
+        assert_eq!(result["routes"][0]["dst"], "0.0.0.0/0");
+        // The MAC in the result is the interface's.
+        let link = env.run_in(&ns, "ip", &["-br", "link", "show", "eth0"]);
+        let link = String::from_utf8_lossy(&link.stdout);
+        assert!(
+            link.contains(iface["mac"].as_str().unwrap()),
+            "{link} vs {iface}"
+        );
+
+        // The published port works from outside, through netd's datapath.
+        tcp_name_server(&env, &ns, 80, &id);
+        assert_eq!(tcp_ask(&env, &env.outside_ns(), host(port)).unwrap(), id);
+
+        let mut check = cfg.clone();
+        check["prevResult"] = result.clone();
+        call("CHECK", &id, Some(&ns), &check).ok();
+        let mut wrong = check.clone();
+        wrong["prevResult"]["ips"][0]["address"] = json!("10.89.0.250/24");
+        assert_eq!(call("CHECK", &id, Some(&ns), &wrong).code(), 100);
+
+        call("DEL", &id, Some(&ns), &cfg).ok();
+        assert!(
+            tcp_ask(&env, &env.outside_ns(), host(port)).is_err(),
+            "port {port} still answers after DEL"
+        );
+        // DEL is idempotent, and the namespace is optional for it.
+        call("DEL", &id, Some(&ns), &cfg).ok();
+        call("DEL", &id, None, &cfg).ok();
+        assert_eq!(call("CHECK", &id, Some(&ns), &check).code(), 3);
+    }
+    assert!(containers(&env).is_empty());
+}
+
+#[test]
+fn status_and_gc_need_1_1_0() {
+    let env = TestEnv::new();
+    cni(
+        Some("STATUS"),
+        None,
+        None,
+        &config(&env, "1.1.0", json!({})).to_string(),
+    )
+    .ok();
+    for verb in ["STATUS", "GC"] {
+        let old = config(&env, "1.0.0", json!({})).to_string();
+        assert_eq!(cni(Some(verb), None, None, &old).code(), 1, "{verb}");
+    }
+    // STATUS fails with code 50 when the instance can't be opened.
+    let mut broken = config(&env, "1.1.0", json!({}));
+    broken["stateDir"] = json!("/proc/netd-no-such-dir");
+    assert_eq!(
+        cni(Some("STATUS"), None, None, &broken.to_string()).code(),
+        50
+    );
+}
+
+#[test]
+fn gc_removes_the_attachments_the_runtime_no_longer_lists() {
+    let env = TestEnv::new();
+    let cfg = config(&env, "1.1.0", json!({}));
+    let (ns_a, ns_b) = (container_ns(&env, "a"), container_ns(&env, "b"));
+    let a = call("ADD", "keep", Some(&ns_a), &cfg).ok();
+    call("ADD", "gone", Some(&ns_b), &cfg).ok();
+    // A container of the CLI's on the same network is not the runtime's: GC leaves it.
+    let cli = env.name("cli");
+    env.netd_ok(&["container", "create", &cli, "--network", "cninet"]);
+    assert_eq!(containers(&env).len(), 3);
+
+    let mut gc = cfg.clone();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": "keep", "ifname": "eth0" }]);
+    cni(Some("GC"), None, None, &gc.to_string()).ok();
+
+    let left: Vec<String> = containers(&env)
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&cli));
+    let mut check = cfg.clone();
+    check["prevResult"] = a;
+    call("CHECK", "keep", Some(&ns_a), &check).ok();
+    assert_eq!(call("CHECK", "gone", Some(&ns_b), &cfg).code(), 3);
+    let eth0 = env.run_in(&ns_b, "ip", &["link", "show", "eth0"]);
+    assert!(!eth0.status.success(), "GC left eth0 in the namespace");
+    call("DEL", "keep", Some(&ns_a), &cfg).ok();
+    env.netd_ok(&["container", "rm", &cli]);
+}
+
+#[test]
+fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
+    let env = TestEnv::new();
+    let ns = container_ns(&env, "c");
+    let good = config(&env, "1.0.0", json!({}));
+    let with = |key: &str, value: Value| {
+        let mut c = good.clone();
+        c[key] = value;
+        c.to_string()
+    };
+    let id = Some(("ctr", "eth0"));
+    let cases: Vec<(&str, CniOutcome, u64)> = vec![
+        (
+            "not JSON",
+            cni(Some("ADD"), id, Some(&ns), "{cniVersion"),
+            6,
+        ),
+        (
+            "unknown version",
+            cni(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &with("cniVersion", json!("0.2.0")),
+            ),
+            1,
+        ),
+        (
+            "bad subnet",
+            cni(Some("ADD"), id, Some(&ns), &with("subnet", json!("banana"))),
+            7,
+        ),
+        (
+            "bad network name",
+            cni(Some("ADD"), id, Some(&ns), &with("name", json!("no/slash"))),
+            7,
+        ),
+        (
+            "sctp port",
+            cni(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &with(
+                    "runtimeConfig",
+                    json!({ "portMappings": [{ "hostPort": 1, "containerPort": 1, "protocol": "sctp" }] }),
+                ),
+            ),
+            2,
+        ),
+        (
+            "no CNI_COMMAND",
+            cni(None, id, Some(&ns), &good.to_string()),
+            4,
+        ),
+        (
+            "no CNI_NETNS",
+            cni(Some("ADD"), id, None, &good.to_string()),
+            4,
+        ),
+        (
+            "no CNI_CONTAINERID",
+            cni(Some("ADD"), None, Some(&ns), &good.to_string()),
+            4,
+        ),
+        (
+            "unknown CNI_ARGS key",
+            cni_with_env(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &good.to_string(),
+                &[("CNI_ARGS", "COLOUR=blue")],
+            ),
+            2,
+        ),
+        (
+            "missing namespace",
+            cni(
+                Some("ADD"),
+                id,
+                Some(&PathBuf::from("/run/netns/netd-no-such-ns")),
+                &good.to_string(),
+            ),
+            3,
+        ),
+    ];
+    for (what, outcome, code) in cases {
+        assert_eq!(outcome.code(), code, "{what}: {}", outcome.out);
+        assert!(
+            outcome.out["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+        assert_eq!(outcome.out["cniVersion"].as_str().map(str::len), Some(5));
+    }
+    assert!(containers(&env).is_empty());
+    // The positive control: the same call with everything right succeeds (unknown CNI_ARGS
+    // keys are fine with IgnoreUnknown; IP= is the address asked for).
+    let result = cni_with_env(
+        Some("ADD"),
+        id,
+        Some(&ns),
+        &good.to_string(),
+        &[("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.89.0.42")],
+    )
+    .ok();
+    assert_eq!(result["ips"][0]["address"], "10.89.0.42/24");
+    // And an existing network with another subnet is a config error.
+    let other = with("subnet", json!("10.90.0.0/24"));
+    assert_eq!(
+        cni(Some("ADD"), Some(("ctr2", "eth0")), Some(&ns), &other).code(),
+        7
+    );
+    call("DEL", "ctr", Some(&ns), &good).ok();
+}
+
+#[test]
+fn concurrent_adds_get_distinct_addresses() {
+    let env = TestEnv::new();
+    let cfg = config(&env, "1.0.0", json!({}));
+    let namespaces: Vec<PathBuf> = (0..8)
+        .map(|i| container_ns(&env, &format!("p{i}")))
+        .collect();
+    let addresses: Vec<String> = std::thread::scope(|s| {
+        let calls: Vec<_> = namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let cfg = &cfg;
+                s.spawn(move || call("ADD", &format!("pod{i}"), Some(ns), cfg).ok())
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().unwrap()["ips"][0]["address"].to_string())
+            .collect()
+    });
+    let distinct: std::collections::HashSet<_> = addresses.iter().collect();
+    assert_eq!(distinct.len(), 8, "{addresses:?}");
+    for (i, ns) in namespaces.iter().enumerate() {
+        call("DEL", &format!("pod{i}"), Some(ns), &cfg).ok();
+    }
+    assert!(containers(&env).is_empty());
+}
+
+/// The reference portmap plugin's check: a UDP flow to a published port, its container
+/// removed, a second container publishing the same port: the same flow reaches the second.
+#[test]
+fn a_stale_udp_flow_does_not_capture_the_next_containers_port() {
+    let env = TestEnv::new();
+    let port =
+        json!({ "portMappings": [{ "hostPort": 5353, "containerPort": 53, "protocol": "udp" }] });
+    let first = config(&env, "1.0.0", port.clone());
+    let (ns1, ns2) = (container_ns(&env, "u1"), container_ns(&env, "u2"));
+    call("ADD", "first", Some(&ns1), &first).ok();
+    udp_name_server(&env, &ns1, 53, "first");
+    let outside = env.outside_ns();
+    assert_eq!(
+        udp_ask(&env, &outside, 40000, host(5353)).as_deref(),
+        Some("first")
+    );
+    call("DEL", "first", Some(&ns1), &first).ok();
+
+    // Another address than the first's, so only a correct translation reaches it.
+    let mut runtime = port;
+    runtime["ips"] = json!(["10.89.0.77/24"]);
+    let second = config(&env, "1.0.0", runtime);
+    let result = call("ADD", "second", Some(&ns2), &second).ok();
+    assert_eq!(result["ips"][0]["address"], "10.89.0.77/24");
+    udp_name_server(&env, &ns2, 53, "second");
+    assert_eq!(
+        udp_ask(&env, &outside, 40000, host(5353)).as_deref(),
+        Some("second")
+    );
+    call("DEL", "second", Some(&ns2), &second).ok();
+}
+
+/// An ADD killed at any step (the runtime's timeout, a crash): the DEL that follows removes
+/// what it made, and the same container can be added again.
+#[test]
+fn del_cleans_up_after_an_add_killed_at_any_step() {
+    let env = TestEnv::new();
+    let cfg = config(
+        &env,
+        "1.0.0",
+        json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }] }),
+    )
+    .to_string();
+    let ns = container_ns(&env, "k");
+    let id = Some(("killed", "eth0"));
+    // The network first, so the steps are the container's.
+    let plain = config(&env, "1.0.0", json!({})).to_string();
+    cni(
+        Some("ADD"),
+        Some(("first", "eth0")),
+        Some(&container_ns(&env, "f")),
+        &plain,
+    )
+    .ok();
+    let steps = fault_steps_of_an_add(&env, &cfg);
+    let links_before = host_links(&env);
+    for step in &steps {
+        let killed = cni_with_env(
+            Some("ADD"),
+            id,
+            Some(&ns),
+            &cfg,
+            &[("NETD_FAULT_KILL_AT", step)],
+        );
+        assert_eq!(killed.signal, Some(9), "ADD not killed at {step}");
+        cni(Some("DEL"), id, Some(&ns), &cfg).ok();
+        assert_eq!(
+            containers(&env).len(),
+            1,
+            "killed at {step}: DEL left a container"
+        );
+        assert_eq!(
+            host_links(&env),
+            links_before,
+            "killed at {step}: DEL left a link"
+        );
+        let eth0 = env.run_in(&ns, "ip", &["link", "show", "eth0"]);
+        assert!(!eth0.status.success(), "killed at {step}: DEL left eth0");
+        // The positive control: the port is free again.
+        cni(Some("ADD"), Some(("again", "eth0")), Some(&ns), &cfg).ok();
+        cni(Some("DEL"), Some(("again", "eth0")), Some(&ns), &cfg).ok();
+    }
+    cni(Some("DEL"), Some(("first", "eth0")), None, &plain).ok();
+}
+
+/// The fault-injection steps a container ADD passes (netd built with `fault-injection`, as
+/// `cargo xtask test` builds it).
+fn fault_steps_of_an_add(env: &TestEnv, cfg: &str) -> Vec<String> {
+    let ns = container_ns(env, "s");
+    let id = Some(("steps", "eth0"));
+    let listed = cni_with_env(Some("ADD"), id, Some(&ns), cfg, &[("NETD_FAULT_LIST", "1")]);
+    let steps: Vec<String> = listed
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("netd-step "))
+        .map(String::from)
+        .collect();
+    listed.ok();
+    assert!(
+        !steps.is_empty(),
+        "no steps: is netd-cni built with fault-injection?"
+    );
+    cni(Some("DEL"), id, Some(&ns), cfg).ok();
+    steps
+}
+
+fn host_links(env: &TestEnv) -> String {
+    let out = env.run_in(&env.host_ns(), "ip", &["-br", "link"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

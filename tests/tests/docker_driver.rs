@@ -1,0 +1,548 @@
+//! Docker 20.10 (Debian's docker.io) runs containers on netd networks through netd's network
+//! and IPAM driver: a dockerd of its own in the sandbox host namespace, with Docker's own
+//! networking off (no docker0, no iptables rules, no proxy), discovering the driver's socket
+//! in a plugin dir only it sees.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Stdio,
+    time::Duration,
+};
+
+use netd_bench::bench::docker::{Dockerd, IMAGE, Options};
+use tests::{
+    engines::{NetdDaemon, host_tcp_ask, tcp_ask, tcp_name_server},
+    harness::{HOST_ADDR, TestEnv},
+};
+
+/// A dockerd and a netd daemon serving the driver `name` to it.
+struct World {
+    env: TestEnv,
+    name: String,
+    // Dropped first: the containers and networks go while netd still answers.
+    dockerd: Option<Dockerd>,
+    daemon: Option<NetdDaemon>,
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with_live_restore(false)
+    }
+
+    fn with_live_restore(live_restore: bool) -> Self {
+        let env = TestEnv::new();
+        let name = format!("netd{}", env.prefix);
+        let mut world = Self {
+            env,
+            name,
+            dockerd: None,
+            daemon: None,
+        };
+        let args = world.daemon_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
+        let dockerd = Dockerd::start_with(
+            &world.env.host_ns(),
+            &world.env.state_dir.join("docker"),
+            &Options {
+                docker_networking: false,
+                plugin_dir: Some(world.env.state_dir.join("plugins")),
+                live_restore,
+                ..Options::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("dockerd cannot run here: {e:#}"));
+        world.dockerd = Some(dockerd);
+        world
+    }
+
+    /// `kill -9` the netd daemon and start it again (it rebuilds its view from netd's state).
+    fn restart_daemon(&mut self) {
+        let args = self.daemon_args();
+        self.daemon.take().unwrap().kill();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.daemon = Some(NetdDaemon::start(&self.env, &args, &self.socket()));
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.env
+            .state_dir
+            .join("plugins")
+            .join(format!("{}.sock", self.name))
+    }
+
+    fn daemon_args(&self) -> Vec<String> {
+        let dir = self.env.state_dir.join("plugins");
+        vec![
+            "--docker-plugin".into(),
+            self.name.clone(),
+            "--docker-plugin-dir".into(),
+            dir.display().to_string(),
+        ]
+    }
+
+    fn docker(&self, args: &[&str]) -> String {
+        self.dockerd
+            .as_ref()
+            .unwrap()
+            .docker(args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    fn docker_err(&self, args: &[&str]) -> String {
+        match self.dockerd.as_ref().unwrap().docker(args) {
+            Ok(out) => panic!("docker {args:?} should have failed: {out}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn netd_names(&self, what: &str) -> Vec<String> {
+        self.env
+            .netd_json(&[what, "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The network namespace of a running container (through its init's PID).
+    fn netns_of(&self, container: &str) -> PathBuf {
+        let pid = self.docker(&["inspect", "-f", "{{.State.Pid}}", container]);
+        PathBuf::from(format!("/proc/{pid}/ns/net"))
+    }
+
+    fn ip_of(&self, container: &str) -> Ipv4Addr {
+        self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            container,
+        ])
+        .parse()
+        .unwrap()
+    }
+
+    fn host_links(&self) -> String {
+        let out = self.env.run_in(&self.env.host_ns(), "ip", &["-br", "link"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        drop(self.dockerd.take());
+        drop(self.daemon.take());
+    }
+}
+
+#[test]
+fn docker_runs_a_published_container_on_a_netd_network() {
+    let w = World::new();
+    let links_before = w.host_links();
+    let d = w.name.as_str();
+    w.docker(&[
+        "network",
+        "create",
+        "-d",
+        d,
+        "--ipam-driver",
+        d,
+        "--subnet",
+        "10.77.0.0/24",
+        "n1",
+    ]);
+    let nets = w.env.netd_json(&["network", "ls", "--json"]);
+    let net = &nets[0];
+    assert_eq!(net["subnet"], "10.77.0.0/24", "{nets}");
+    assert!(net["name"].as_str().unwrap().starts_with("docker-"));
+
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "n1",
+        "-p",
+        "8080:80",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let web_ns = w.netns_of("web");
+    let ip = w.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}/{{.IPPrefixLen}} {{.Gateway}} {{.MacAddress}}{{end}}",
+        "web",
+    ]);
+    let containers = w.env.netd_json(&["container", "ls", "--json"]);
+    let ours = &containers[0];
+    assert_eq!(
+        ip,
+        format!(
+            "{}/24 10.77.0.1 {}",
+            ours["ip"].as_str().unwrap(),
+            ours["mac"].as_str().unwrap()
+        ),
+        "docker and netd disagree: {containers}"
+    );
+    // Docker named the interface and routed through netd's gateway.
+    let route = w.env.run_in(&web_ns, "ip", &["route", "show", "default"]);
+    assert!(String::from_utf8_lossy(&route.stdout).contains("via 10.77.0.1 dev eth0"));
+
+    tcp_name_server(&w.env, &web_ns, 80, "web");
+    let published = SocketAddr::from((HOST_ADDR, 8080));
+    assert_eq!(
+        tcp_ask(&w.env, &w.env.outside_ns(), published).unwrap(),
+        "web"
+    );
+    assert_eq!(host_tcp_ask(&w.env, published), "web");
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080));
+    assert_eq!(host_tcp_ask(&w.env, loopback), "web");
+    // Hairpin: the container reaches its own published port through the host's address.
+    assert_eq!(tcp_ask(&w.env, &web_ns, published).unwrap(), "web");
+    let unpublished = SocketAddr::from((HOST_ADDR, 8081));
+    assert!(tcp_ask(&w.env, &w.env.outside_ns(), unpublished).is_err());
+    assert_eq!(host_tcp_ask(&w.env, unpublished), "");
+    // Not Docker's doing: it wrote no NAT rule and runs no proxy.
+    let nat = w
+        .env
+        .run_in(&w.env.host_ns(), "iptables-save", &["-t", "nat"]);
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        !nat.contains("-A "),
+        "rules in the sandbox's nat table:\n{nat}"
+    );
+
+    w.docker(&["rm", "-f", "web"]);
+    assert!(w.netd_names("container").is_empty());
+    assert!(tcp_ask(&w.env, &w.env.outside_ns(), published).is_err());
+    w.docker(&["network", "rm", "n1"]);
+    assert!(w.netd_names("network").is_empty());
+    assert_eq!(w.host_links(), links_before, "links left on the host");
+}
+
+#[test]
+fn ipam_picks_a_subnet_and_bad_options_are_refused() {
+    let w = World::new();
+    let d = w.name.as_str();
+    w.docker(&["network", "create", "-d", d, "--ipam-driver", d, "auto"]);
+    let subnet = w.docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        "auto",
+    ]);
+    let nets = w.env.netd_json(&["network", "ls", "--json"]);
+    assert_eq!(nets[0]["subnet"], subnet.as_str(), "{nets}");
+
+    let err = w.docker_err(&[
+        "network",
+        "create",
+        "-d",
+        d,
+        "--ipam-driver",
+        d,
+        "-o",
+        "colour=blue",
+        "bad",
+    ]);
+    assert!(err.contains("unknown option \"colour\""), "{err}");
+    let err = w.docker_err(&[
+        "network",
+        "create",
+        "-d",
+        d,
+        "--ipam-driver",
+        d,
+        "--subnet",
+        subnet.as_str(),
+        "clash",
+    ]);
+    assert!(err.contains("overlaps"), "{err}");
+    assert_eq!(w.netd_names("network").len(), 1);
+    w.docker(&["network", "rm", "auto"]);
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// What Docker's bridge does for user-defined networks: `-o icc=false` keeps a network's
+/// containers apart, `--internal` keeps them in, `--link` is a name (Docker's DNS).
+#[test]
+fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
+    let w = World::new();
+    let d = w.name.as_str();
+    for (name, extra) in [
+        ("open", ""),
+        ("closed", "icc=false"),
+        ("inside", "internal"),
+    ] {
+        let mut args = vec!["network", "create", "-d", d, "--ipam-driver", d];
+        match extra {
+            "icc=false" => args.extend(["-o", "icc=false"]),
+            "internal" => args.push("--internal"),
+            _ => {}
+        }
+        args.push(name);
+        w.docker(&args);
+    }
+    let run = |name: &str, net: &str, extra: &[&str]| {
+        let args = [
+            &["run", "-d", "--name", name, "--network", net][..],
+            extra,
+            &[IMAGE, "sleep", "1d"],
+        ]
+        .concat();
+        w.docker(&args);
+        (w.netns_of(name), w.ip_of(name))
+    };
+    let (a1, _) = run("a1", "open", &[]);
+    let (a2, a2_ip) = run("a2", "open", &[]);
+    let (c1, _) = run("c1", "closed", &[]);
+    let (c2, c2_ip) = run("c2", "closed", &[]);
+    let (i1, _) = run("i1", "inside", &[]);
+    run("l1", "open", &["--link", "a2:peer"]);
+    tcp_name_server(&w.env, &a2, 7000, "a2");
+    tcp_name_server(&w.env, &c2, 7000, "c2");
+    tcp_name_server(&w.env, &w.env.outside_ns(), 9000, "outside");
+    let outside = SocketAddr::from((tests::harness::OUTSIDE_ADDR, 9000));
+
+    assert_eq!(
+        tcp_ask(&w.env, &a1, SocketAddr::from((a2_ip, 7000))).unwrap(),
+        "a2"
+    );
+    assert!(
+        tcp_ask(&w.env, &c1, SocketAddr::from((c2_ip, 7000))).is_err(),
+        "icc=false let c1 reach c2"
+    );
+    assert_eq!(tcp_ask(&w.env, &a1, outside).unwrap(), "outside");
+    assert_eq!(tcp_ask(&w.env, &c1, outside).unwrap(), "outside");
+    assert!(
+        tcp_ask(&w.env, &i1, outside).is_err(),
+        "--internal let i1 out"
+    );
+    // The link's alias resolves to a2 (Docker's embedded DNS) and reaches it.
+    let ping = w.docker(&["exec", "l1", "ping", "-c", "1", "-W", "2", "peer"]);
+    assert!(ping.contains(&a2_ip.to_string()), "{ping}");
+
+    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "i1", "l1"]);
+    for net in ["open", "closed", "inside"] {
+        w.docker(&["network", "rm", net]);
+    }
+    assert!(w.netd_names("container").is_empty());
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// The datapath carries a flow while the netd daemon is killed and started again, and the new
+/// daemon serves Docker from netd's state: it removes the old container and runs a new one.
+#[test]
+fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_state() {
+    let mut w = World::new();
+    let d = w.name.clone();
+    w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "n1",
+        "-p",
+        "15201:5201",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let flow = Iperf::start(&w, "srv");
+    std::thread::sleep(Duration::from_millis(1200));
+    w.restart_daemon();
+    flow.assert_never_stalled();
+
+    // The restarted daemon knows the endpoint and the network from netd's state.
+    w.docker(&["rm", "-f", "srv"]);
+    assert!(w.netd_names("container").is_empty());
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "next",
+        "--network",
+        "n1",
+        "-p",
+        "8080:80",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    tcp_name_server(&w.env, &w.netns_of("next"), 80, "next");
+    let published = SocketAddr::from((HOST_ADDR, 8080));
+    assert_eq!(
+        tcp_ask(&w.env, &w.env.outside_ns(), published).unwrap(),
+        "next"
+    );
+    w.docker(&["rm", "-f", "next"]);
+    w.docker(&["network", "rm", "n1"]);
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// dockerd restarted with `--live-restore`: the container runs on, its flow through netd's
+/// datapath never stalls, and the new dockerd still runs and removes containers through netd.
+#[test]
+fn a_flow_survives_a_dockerd_restart() {
+    let mut w = World::with_live_restore(true);
+    let d = w.name.clone();
+    w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "n1",
+        "-p",
+        "15201:5201",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let flow = Iperf::start(&w, "srv");
+    std::thread::sleep(Duration::from_millis(800));
+    w.dockerd.as_mut().unwrap().restart().unwrap();
+    flow.assert_never_stalled();
+
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "next",
+        "--network",
+        "n1",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    assert_eq!(w.netd_names("container").len(), 2);
+    w.docker(&["rm", "-f", "srv", "next"]);
+    w.docker(&["network", "rm", "n1"]);
+    assert!(w.netd_names("container").is_empty());
+    assert!(w.netd_names("network").is_empty());
+}
+
+/// An iperf3 flow from the outside to a container's published port 15201 (container 5201).
+struct Iperf {
+    client: std::process::Child,
+}
+
+impl Iperf {
+    fn start(w: &World, container: &str) -> Self {
+        let ns = w.netns_of(container);
+        w.env.spawn_in(&ns, "iperf3", &["-s", "-p", "5201"]);
+        netd::netns::wait_tcp_listener(&ns, 5201, Duration::from_secs(5)).unwrap();
+        let client = w
+            .env
+            .cmd_in(
+                &w.env.outside_ns(),
+                "iperf3",
+                &[
+                    "-c",
+                    &HOST_ADDR.to_string(),
+                    "-p",
+                    "15201",
+                    "-t",
+                    "4",
+                    "-i",
+                    "0.5",
+                    "-J",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self { client }
+    }
+
+    /// Waits for the end of the flow: every half second of it carried data.
+    fn assert_never_stalled(self) {
+        let out = self.client.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        assert!(
+            report["error"].is_null(),
+            "iperf3 failed: {}",
+            report["error"]
+        );
+        let intervals = report["intervals"].as_array().unwrap();
+        assert!(intervals.len() >= 7, "{} intervals", intervals.len());
+        for (i, interval) in intervals.iter().enumerate() {
+            let bytes = interval["sum"]["bytes"].as_u64().unwrap();
+            assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
+        }
+    }
+}
+
+/// The protocol as Docker's plugin client sees it: activation, 404 for what netd doesn't
+/// implement, 400 for a body it can't decode, and errors in the field each API reads.
+#[test]
+fn the_plugin_socket_speaks_dockers_protocol() {
+    let env = TestEnv::new();
+    let socket = env.state_dir.join("plugins/p.sock");
+    let dir = env.state_dir.join("plugins").display().to_string();
+    let _daemon = NetdDaemon::start(
+        &env,
+        &["--docker-plugin", "p", "--docker-plugin-dir", &dir],
+        &socket,
+    );
+    let post = |verb: &str, body: &str| -> (u16, serde_json::Value) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        write!(
+            s,
+            "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let status = reply[9..12].parse().unwrap();
+        let json = reply.split("\r\n\r\n").nth(1).unwrap();
+        (status, serde_json::from_str(json).unwrap())
+    };
+    let (status, body) = post("Plugin.Activate", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["Implements"],
+        serde_json::json!(["NetworkDriver", "IpamDriver"])
+    );
+    assert_eq!(
+        post("NetworkDriver.GetCapabilities", "").1["Scope"],
+        "local"
+    );
+    let (status, body) = post("NetworkDriver.AllocateNetwork", "{}");
+    assert_eq!(status, 404);
+    assert!(body["Err"].as_str().unwrap().contains("does not implement"));
+    assert_eq!(post("NetworkDriver.CreateNetwork", "{not json").0, 400);
+    // A failed operation: 200 with the API's error field.
+    let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.0.0.0/33"}"#);
+    assert_eq!(status, 200);
+    assert!(
+        body["Error"].as_str().unwrap().contains("10.0.0.0/33"),
+        "{body}"
+    );
+    let (status, body) = post(
+        "NetworkDriver.DeleteEndpoint",
+        r#"{"NetworkID":"x","EndpointID":"nothex"}"#,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        body["Err"].as_str().unwrap().contains("invalid Docker ID"),
+        "{body}"
+    );
+    // A well-formed request succeeds (the positive control).
+    let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.66.0.0/24"}"#);
+    assert_eq!(
+        (status, body["PoolID"].as_str()),
+        (200, Some("netd/10.66.0.0/24"))
+    );
+}
