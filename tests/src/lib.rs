@@ -1,3 +1,4 @@
+pub mod counters;
 pub mod frames;
 pub mod harness;
 pub mod netdata;

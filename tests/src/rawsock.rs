@@ -2,7 +2,7 @@
 //! from inside a namespace (raw IP sockets, so the sender's kernel routes them and resolves
 //! the next hop; AF_PACKET for frames the stack would never build, such as VLAN tags or a
 //! forged source MAC), and what a namespace received, counted at the receiver: a tap on its
-//! interface that counts the frames carrying a test's marker, and the kernel's SNMP counters.
+//! interface that counts the frames carrying a test's marker.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -358,24 +358,4 @@ pub fn ipv4_destination(frame: &[u8]) -> Option<Ipv4Addr> {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     (ethertype == ETHERTYPE_IPV4 && frame.len() >= 34)
         .then(|| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]))
-}
-
-/// A counter of /proc/net/snmp (`Ip`, `Icmp`, `Tcp`, `Udp`: `group`; `InEchos`: `name`) in the
-/// namespace at `ns`.
-pub fn snmp(env: &TestEnv, ns: &Path, group: &str, name: &str) -> u64 {
-    let out = env.run_in(ns, "cat", &["/proc/net/snmp"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let prefix = format!("{group}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|n| n == name)
-        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/snmp"));
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
 }

@@ -20,6 +20,7 @@ use std::{
 };
 
 use tests::{
+    counters,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
     rawsock::{
         self, ESP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, GRE, ICMP, Ipv4, SCTP, TCP, Tap, UDP, marked,
@@ -177,9 +178,9 @@ impl World {
                 chain,
                 input,
                 output,
-            } => self.rule_drops(chain, input, output),
+            } => counters::iptables_drops(&self.env, chain, input, output),
             Reason::HeldForReassembly => {
-                rawsock::snmp(&self.env, &self.env.host_ns(), "Ip", "ReasmReqds")
+                counters::snmp(&self.env, &self.env.host_ns(), "Ip", "ReasmReqds")
             }
             Reason::NoVlanDevice => 0,
         }
@@ -190,38 +191,8 @@ impl World {
         if dp == Dp::Ebpf { self.stat(reason) } else { 0 }
     }
 
-    /// Packets counted under `reason` by `netd stats`.
     fn stat(&self, reason: &str) -> u64 {
-        let stats = self.env.netd_json(&["stats", "--json"]);
-        stats["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["reason"] == reason)
-            .unwrap_or_else(|| panic!("no counter {reason}: {stats}"))["packets"]
-            .as_u64()
-            .unwrap()
-    }
-
-    /// Packets dropped by the DROP rules of `chain` with these in/out interfaces.
-    fn rule_drops(&self, chain: &str, input: &str, output: &str) -> u64 {
-        let out = self
-            .env
-            .run_in(&self.env.host_ns(), "iptables", &["-w", "-nvxL", chain]);
-        assert!(out.status.success(), "{out:?}");
-        let text = String::from_utf8(out.stdout).unwrap();
-        let rules: Vec<Vec<&str>> = text
-            .lines()
-            .skip(2)
-            .map(|l| l.split_whitespace().collect())
-            .filter(|f: &Vec<&str>| f.len() >= 9 && f[2] == "DROP")
-            .filter(|f| f[5] == input && f[6] == output)
-            .collect();
-        assert!(
-            !rules.is_empty(),
-            "no DROP rule -i {input} -o {output} in {chain}:\n{text}"
-        );
-        rules.iter().map(|f| f[0].parse::<u64>().unwrap()).sum()
+        counters::netd_stat(&self.env, reason)
     }
 
     /// Sends with `send(to, marker)` to `control` and then to `victim`: the control must
@@ -976,7 +947,7 @@ impl Published {
         );
         for dst in addresses {
             let (segments, counted) = (
-                rawsock::snmp(env, &server.ns, "Tcp", "InSegs"),
+                counters::snmp(env, &server.ns, "Tcp", "InSegs"),
                 self.w.counted(&reason),
             );
             assert!(
@@ -985,7 +956,7 @@ impl Published {
                 self.w.dp
             );
             assert_eq!(
-                rawsock::snmp(env, &server.ns, "Tcp", "InSegs"),
+                counters::snmp(env, &server.ns, "Tcp", "InSegs"),
                 segments,
                 "{:?}: through {dst}, reached the server",
                 self.w.dp
@@ -1081,12 +1052,12 @@ fn fragments_to_published_port(dp: Dp) {
     let p = published(dp);
     let env = &p.w.env;
     let udp_in = || {
-        rawsock::snmp(env, &p.p1.ns, "Udp", "InDatagrams")
-            + rawsock::snmp(env, &p.p1.ns, "Udp", "NoPorts")
+        counters::snmp(env, &p.p1.ns, "Udp", "InDatagrams")
+            + counters::snmp(env, &p.p1.ns, "Udp", "NoPorts")
     };
     let (before, csum_errors) = (
         udp_in(),
-        rawsock::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
+        counters::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
     );
     let header = Ipv4::new(OUTSIDE_ADDR, HOST_ADDR, UDP);
     let datagram = rawsock::udp(&header, 4000, 8081, &marked(&marker(), 2000));
@@ -1098,7 +1069,7 @@ fn fragments_to_published_port(dp: Dp) {
         "{dp:?}: the datagram didn't arrive whole"
     );
     assert_eq!(
-        rawsock::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
+        counters::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
         csum_errors,
         "{dp:?}: bad checksum after translation"
     );
