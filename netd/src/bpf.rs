@@ -124,11 +124,11 @@ impl Pins {
         self.pin_program(loaded_tc_program(ebpf, prog)?, prog)
     }
 
-    /// Attaches the pinned TC program `prog` to `iface`'s ingress as a cls_bpf filter under a
+    /// Attaches the pinned TC program `prog` to `iface`'s `dir` as a cls_bpf filter under a
     /// clsact qdisc (legacy TC, over netlink). For per-container programs: a TCX attach waits
     /// out an RCU grace period (about 10 ms here, most of a container's creation), a filter
     /// takes well under a millisecond. It lives as long as the interface, with no pin.
-    pub fn attach_pinned_filter(&self, prog: &str, iface: &str) -> Result<()> {
+    pub fn attach_pinned_filter(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
         let path = self.program(prog);
         let mut program = SchedClassifier::from_pin(&path)
             .with_context(|| format!("open pinned program {}", path.display()))?;
@@ -138,20 +138,22 @@ impl Pins {
             return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
         }
         let id = program
-            .attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(FILTER),
-            )
+            .attach_with_options(iface, dir, TcAttachOptions::Netlink(FILTER))
             .with_context(|| format!("attach {prog} to {iface}"))?;
         keep_attached(program.take_link(id).context("take the filter")?);
         Ok(())
     }
 
-    /// Replaces the program of the filter on `iface` with `prog` from `ebpf` (netlink's
+    /// Replaces the program of the filter on `iface`'s `dir` with `prog` from `ebpf` (netlink's
     /// replace, in place: packets see the old or the new program, never none).
-    pub fn replace_filter(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
-        let link = filter_link(iface).with_context(|| format!("find {iface}"))?;
+    pub fn replace_filter(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
+        let link = filter_link(iface, dir).with_context(|| format!("find {iface}"))?;
         let program = loaded_tc_program(ebpf, prog)?;
         let id = program
             .attach_to_link(link)
@@ -160,9 +162,9 @@ impl Pins {
         Ok(())
     }
 
-    /// Removes netd's filter from `iface`, if the interface and the filter are there.
-    pub fn detach_filter(&self, iface: &str) -> Result<()> {
-        let Ok(link) = filter_link(iface) else {
+    /// Removes netd's filter from `iface`'s `dir`, if the interface and the filter are there.
+    pub fn detach_filter(&self, iface: &str, dir: TcAttachType) -> Result<()> {
+        let Ok(link) = filter_link(iface, dir) else {
             return Ok(());
         };
         match aya::programs::Link::detach(link) {
@@ -384,16 +386,10 @@ const FILTER: NlOptions = NlOptions {
     classid: None,
 };
 
-/// netd's filter on `iface`'s ingress, named for a replace or a detach (an error: no such
+/// netd's filter on `iface`'s `dir`, named for a replace or a detach (an error: no such
 /// interface).
-fn filter_link(iface: &str) -> std::io::Result<SchedClassifierLink> {
-    SchedClassifierLink::attached(
-        iface,
-        TcAttachType::Ingress,
-        FILTER.priority,
-        FILTER.handle,
-        None,
-    )
+fn filter_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(iface, dir, FILTER.priority, FILTER.handle, None)
 }
 
 /// Whether adding a clsact qdisc failed only because the interface has one already.

@@ -101,14 +101,16 @@ fn network_flags(net: &NetworkSpec) -> u8 {
     flags
 }
 
-/// What the program on `ep`'s host-side veth knows of it.
-pub fn veth_info(net: &NetworkSpec, ep: &EndpointSpec) -> VethInfo {
+/// What the programs on `ep`'s host-side veth know of it (`bridge`: the network's bridge's
+/// ifindex).
+pub fn veth_info(net: &NetworkSpec, ep: &EndpointSpec, bridge: u32) -> VethInfo {
     VethInfo {
         addr: addr_v4(ep.ip.octets()),
         network_id: net.id,
         mac: ep.mac,
         net_flags: network_flags(net),
         _pad: 0,
+        bridge_ifindex: bridge,
     }
 }
 

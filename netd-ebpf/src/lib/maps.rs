@@ -7,11 +7,11 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
-    NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX,
-    PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
+    NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
+    PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
-use crate::conntrack::v4;
+use super::conntrack::v4;
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -99,6 +99,15 @@ pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Optio
     key.addr = [0; 4];
     // SAFETY: as above.
     unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// Whether `addr` is a container of a masquerading or internal network: nothing from beyond
+/// its network reaches it untranslated, nothing of it leaves with its own address.
+#[inline(always)]
+pub fn is_sealed(addr: u32) -> bool {
+    endpoint(addr)
+        .and_then(|ep| network(ep.network_id))
+        .is_some_and(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
 }
 
 /// Whether network `id` is `--internal`: nothing gets in from beyond it.

@@ -9,13 +9,15 @@ use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 use network_types::{
     eth::{EthHdr, EtherType},
     icmp::Icmpv4Hdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
+    ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
 };
 
 /// Where the IPv4 header starts (no VLAN tag: tagged frames are never translated).
 pub const L3_OFF: usize = EthHdr::LEN;
+/// The length of an 802.1Q tag (TPID and TCI) in a frame.
+const VLAN_TAG_LEN: usize = 4;
 /// Where the L4 header starts: only IPv4 without options (IHL 5) is translated.
 pub const L4_OFF: usize = L3_OFF + Ipv4Hdr::LEN;
 
@@ -118,20 +120,31 @@ fn read_within<T: Copy>(data: usize, data_end: usize, off: usize) -> Option<T> {
     Some(unsafe { (start as *const T).read_unaligned() })
 }
 
-/// The IP protocol number carried by an Ethernet frame, or `None` for non-IP and truncated
-/// frames. For IPv6 this is the first next-header value (extension headers are not walked).
+/// Whether an EtherType is a VLAN tag's (802.1Q, or an 802.1ad service tag).
 #[inline(always)]
-pub fn ip_protocol(ctx: &impl Frame) -> Option<u8> {
+pub fn is_vlan_tag(ether_type: u16) -> bool {
+    ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16
+}
+
+/// The source and destination (wire byte order) of an IPv4 packet that [`ipv4_flow`] could
+/// not parse, as far as its header can be read: behind one VLAN tag too (the stack would
+/// untag a priority tag and route what it carries). `None` for anything else.
+#[inline(always)]
+pub fn ipv4_ends(ctx: &impl Frame) -> Option<(u32, u32)> {
     let eth: EthHdr = ctx.read(0)?;
-    if eth.ether_type == EtherType::Ipv4 as u16 {
-        let ip: Ipv4Hdr = ctx.read(EthHdr::LEN)?;
-        Some(ip.proto)
-    } else if eth.ether_type == EtherType::Ipv6 as u16 {
-        let ip: Ipv6Hdr = ctx.read(EthHdr::LEN)?;
-        Some(ip.next_hdr)
+    let l3 = if eth.ether_type == EtherType::Ipv4 as u16 {
+        L3_OFF
+    } else if is_vlan_tag(eth.ether_type) && ctx.read::<u16>(L3_OFF + 2)? == EtherType::Ipv4 as u16
+    {
+        L3_OFF + VLAN_TAG_LEN
     } else {
-        None
-    }
+        return None;
+    };
+    let ip: Ipv4Hdr = ctx.read(l3)?;
+    Some((
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+    ))
 }
 
 /// What NAT needs from a translatable packet. For ICMP echo the identifier is `sport` of a
@@ -161,16 +174,15 @@ pub struct Quoted {
 }
 
 /// Parses an Ethernet + IPv4 (IHL 5, unfragmented) + TCP/UDP/ICMP echo frame. Anything else is
-/// an `Err` with the reason it can't be translated; callers pass such packets on untouched.
+/// an `Err` with the reason it can't be translated: callers drop it when it is to or from a
+/// container that needs translation, and leave it to the stack otherwise.
 #[inline(always)]
 pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
     if ctx.vlan_offloaded() {
         return Err(Stat::Vlan);
     }
     let eth: EthHdr = ctx.read(0).ok_or(Stat::TruncatedL2)?;
-    if eth.ether_type == EtherType::Ieee8021q as u16
-        || eth.ether_type == EtherType::Ieee8021ad as u16
-    {
+    if is_vlan_tag(eth.ether_type) {
         return Err(Stat::Vlan);
     }
     if eth.ether_type != EtherType::Ipv4 as u16 {
