@@ -81,8 +81,10 @@ fn echo_requests_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
     counters::snmp(env, ns, "Icmp", "InEchos")
 }
 
-/// TCP segments the namespace at `ns` received (`InSegs` of /proc/net/snmp).
+/// TCP segments the namespace at `ns` received (`InSegs` of /proc/net/snmp), after letting
+/// those of a connection just closed (its last ACK) arrive.
 fn tcp_segments_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
+    thread::sleep(Duration::from_millis(200));
     counters::snmp(env, ns, "Tcp", "InSegs")
 }
 

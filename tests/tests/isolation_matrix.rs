@@ -195,31 +195,32 @@ impl World {
         counters::netd_stat(&self.env, reason)
     }
 
-    /// Sends with `send(to, marker)` to `control` and then to `victim`: the control must
-    /// receive it, and then the victim must get what `expect` says.
+    /// Sends with `send(to, marker, attack)` to `control` (`attack` false) and then to
+    /// `victim` (`attack` true): the control must receive it, and then the victim must get
+    /// what `expect` says.
     fn check(
         &self,
         victim: &Receiver,
         control: &Receiver,
         expect: Expect,
-        send: impl Fn(&Receiver, &[u8]),
+        send: impl Fn(&Receiver, &[u8], bool),
     ) {
         let dp = self.dp;
-        let received = |to: &Receiver| {
+        let received = |to: &Receiver, attack: bool| {
             let tap = Tap::open(&self.env, &to.ns, to.ifname);
             let mark = marker();
-            send(to, &mark);
+            send(to, &mark, attack);
             tap.count(&mark)
         };
         assert!(
-            received(control) > 0,
+            received(control, false) > 0,
             "{dp:?}: the control didn't reach {}",
             control.ip
         );
         match expect {
             Expect::Refused(reason) => {
                 let before = self.counted(&reason);
-                assert_eq!(received(victim), 0, "{dp:?}: reached {}", victim.ip);
+                assert_eq!(received(victim, true), 0, "{dp:?}: reached {}", victim.ip);
                 if !matches!(reason, Reason::NoVlanDevice) {
                     assert!(
                         self.counted(&reason) > before,
@@ -228,7 +229,7 @@ impl World {
                 }
             }
             Expect::DeliveredAsDocker => assert!(
-                received(victim) > 0,
+                received(victim, true) > 0,
                 "{dp:?}: Docker's rules deliver this to {}",
                 victim.ip
             ),
@@ -286,8 +287,17 @@ fn inbound(dp: Dp, internal: bool) -> Inbound {
 }
 
 impl Inbound {
+    /// On the eBPF datapath, the packet is refused before any policy, for what the uplink
+    /// can't translate: `reason`.
+    fn untranslatable(mut self, reason: &'static str) -> Self {
+        if self.w.dp == Dp::Ebpf {
+            self.reason = Reason::Stat(reason);
+        }
+        self
+    }
+
     /// IPv4 packets from the outside, made by `craft(header, marker)` for each destination.
-    fn refuses_ipv4(self, proto: u8, craft: impl Fn(&Ipv4, &[u8]) -> Vec<Vec<u8>>) {
+    fn refuses_ipv4(self, proto: u8, craft: impl Fn(&Ipv4, &[u8], bool) -> Vec<Vec<u8>>) {
         self.refuses_ipv4_with(proto, vec![], craft);
     }
 
@@ -295,31 +305,31 @@ impl Inbound {
         self,
         proto: u8,
         options: Vec<u8>,
-        craft: impl Fn(&Ipv4, &[u8]) -> Vec<Vec<u8>>,
+        craft: impl Fn(&Ipv4, &[u8], bool) -> Vec<Vec<u8>>,
     ) {
         let reason = self.reason.clone();
-        self.refuses(reason, |w, to, mark| {
+        self.refuses(reason, |w, to, mark, attack| {
             let header = Ipv4::new(OUTSIDE_ADDR, to.ip, proto).with_options(options.clone());
-            rawsock::send_ipv4(&w.env, &w.env.outside_ns(), &craft(&header, mark));
+            rawsock::send_ipv4(&w.env, &w.env.outside_ns(), &craft(&header, mark, attack));
         });
     }
 
-    fn refuses(&self, reason: Reason, send: impl Fn(&World, &Receiver, &[u8])) {
+    fn refuses(&self, reason: Reason, send: impl Fn(&World, &Receiver, &[u8], bool)) {
         self.w.check(
             &self.victim,
             &self.control,
             Expect::Refused(reason),
-            |to, mark| send(&self.w, to, mark),
+            |to, mark, attack| send(&self.w, to, mark, attack),
         );
     }
 
     /// Frames from the outside to the host's uplink, tagged with `vlan`.
     fn refuses_tagged(self, vlan: u16, reason: Reason) {
         let (up, out) = (self.w.host_mac(UPLINK), self.w.outside().mac);
-        self.refuses(reason, |w, to, mark| {
+        self.refuses(reason, |w, to, mark, attack| {
             let header = Ipv4::new(OUTSIDE_ADDR, to.ip, UDP);
             let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
-            let tag = (to.ip != self.control.ip || vlan == 0).then_some(vlan);
+            let tag = (attack || vlan == 0).then_some(vlan);
             let frame = rawsock::ether(up, out, tag, ETHERTYPE_IPV4, &packet);
             rawsock::send_frames(&w.env, &w.env.outside_ns(), OUTSIDE_LINK, &[frame]);
         });
@@ -332,30 +342,38 @@ fn one(packet: Vec<u8>) -> Vec<Vec<u8>> {
 
 /// An echo request with record-route, as `ping -R` sends it.
 fn record_route(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4_with(ICMP, rawsock::record_route(), |h, m| {
-        one(h.packet(&rawsock::echo_request(m)))
-    });
+    inbound(dp, internal)
+        .untranslatable("ip_options")
+        .refuses_ipv4_with(ICMP, rawsock::record_route(), |h, m, _| {
+            one(h.packet(&rawsock::echo_request(m)))
+        });
 }
 
 /// An echo request with a timestamp option, as `ping -T tsonly` sends it.
 fn timestamp_option(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4_with(ICMP, rawsock::timestamp(), |h, m| {
-        one(h.packet(&rawsock::echo_request(m)))
-    });
+    inbound(dp, internal)
+        .untranslatable("ip_options")
+        .refuses_ipv4_with(ICMP, rawsock::timestamp(), |h, m, _| {
+            one(h.packet(&rawsock::echo_request(m)))
+        });
 }
 
 /// A TCP connect (SYN) with IP options.
 fn tcp_syn_with_options(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4_with(TCP, rawsock::record_route(), |h, m| {
-        one(h.packet(&rawsock::syn(h, 40000, 80, m)))
-    });
+    inbound(dp, internal)
+        .untranslatable("ip_options")
+        .refuses_ipv4_with(TCP, rawsock::record_route(), |h, m, _| {
+            one(h.packet(&rawsock::syn(h, 40000, 80, m)))
+        });
 }
 
 /// `ping -s 3000`: an echo request in three fragments.
 fn fragmented_echo(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(ICMP, |h, m| {
-        h.fragments(&rawsock::echo_request(&marked(m, 3000)), 1480)
-    });
+    inbound(dp, internal)
+        .untranslatable("fragment")
+        .refuses_ipv4(ICMP, |h, m, _| {
+            h.fragments(&rawsock::echo_request(&marked(m, 3000)), 1480)
+        });
 }
 
 /// The fragments of a 2000-byte UDP datagram, 1000 bytes each.
@@ -367,18 +385,13 @@ fn udp_fragments(h: &Ipv4, m: &[u8]) -> Vec<Vec<u8>> {
 /// datagram: a lone fragment reaches no one where the host reassembles (netfilter's
 /// conntrack does, on the iptables datapath).
 fn lone_fragment(dp: Dp, internal: bool, n: usize) {
-    let mut world = inbound(dp, internal);
+    let mut world = inbound(dp, internal).untranslatable("fragment");
     if dp == Dp::Iptables {
         world.reason = Reason::HeldForReassembly;
     }
-    let control = world.control.ip;
-    world.refuses_ipv4(UDP, |h, m| {
+    world.refuses_ipv4(UDP, |h, m, attack| {
         let frags = udp_fragments(h, m);
-        if h.dst == control {
-            frags
-        } else {
-            one(frags[n].clone())
-        }
+        if attack { one(frags[n].clone()) } else { frags }
     });
 }
 
@@ -394,47 +407,57 @@ fn later_fragment(dp: Dp, internal: bool) {
 
 /// An ICMP timestamp request (type 13): ICMP other than echo.
 fn icmp_timestamp_request(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(ICMP, |h, m| {
-        let mut body = vec![0; 12];
-        body.extend_from_slice(m);
-        one(h.packet(&rawsock::icmp(13, 0, [0x12, 0x34, 0, 1], &body)))
-    });
+    inbound(dp, internal)
+        .untranslatable("unsupported_proto")
+        .refuses_ipv4(ICMP, |h, m, _| {
+            let mut body = vec![0; 12];
+            body.extend_from_slice(m);
+            one(h.packet(&rawsock::icmp(13, 0, [0x12, 0x34, 0, 1], &body)))
+        });
 }
 
 /// A port unreachable quoting a UDP datagram the container never sent (no flow matches).
 fn icmp_error_matching_no_flow(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(ICMP, |h, m| {
-        let quoted_header = Ipv4::new(h.dst, OUTSIDE_ADDR, UDP);
-        let quoted = quoted_header.packet(&rawsock::udp(&quoted_header, 5353, 53, m));
-        one(h.packet(&rawsock::icmp(3, 3, [0; 4], &quoted)))
-    });
+    inbound(dp, internal)
+        .untranslatable("icmp_no_flow")
+        .refuses_ipv4(ICMP, |h, m, _| {
+            let quoted_header = Ipv4::new(h.dst, OUTSIDE_ADDR, UDP);
+            let quoted = quoted_header.packet(&rawsock::udp(&quoted_header, 5353, 53, m));
+            one(h.packet(&rawsock::icmp(3, 3, [0; 4], &quoted)))
+        });
 }
 
 /// SCTP (132): a common header (ports, tag, checksum unchecked on the way) and a marked chunk.
 fn sctp(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(SCTP, |h, m| {
-        let mut msg = vec![0x0f, 0xa0, 0x13, 0x88, 0, 0, 0, 0, 0, 0, 0, 0];
-        msg.extend_from_slice(m);
-        one(h.packet(&msg))
-    });
+    inbound(dp, internal)
+        .untranslatable("unsupported_proto")
+        .refuses_ipv4(SCTP, |h, m, _| {
+            let mut msg = vec![0x0f, 0xa0, 0x13, 0x88, 0, 0, 0, 0, 0, 0, 0, 0];
+            msg.extend_from_slice(m);
+            one(h.packet(&msg))
+        });
 }
 
 /// GRE (47) carrying a marked payload.
 fn gre(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(GRE, |h, m| {
-        let mut msg = vec![0, 0, 0x08, 0x00];
-        msg.extend_from_slice(m);
-        one(h.packet(&msg))
-    });
+    inbound(dp, internal)
+        .untranslatable("unsupported_proto")
+        .refuses_ipv4(GRE, |h, m, _| {
+            let mut msg = vec![0, 0, 0x08, 0x00];
+            msg.extend_from_slice(m);
+            one(h.packet(&msg))
+        });
 }
 
 /// ESP (50): an SPI, a sequence number and marked "ciphertext".
 fn esp(dp: Dp, internal: bool) {
-    inbound(dp, internal).refuses_ipv4(ESP, |h, m| {
-        let mut msg = vec![0, 0, 0x10, 0x01, 0, 0, 0, 1];
-        msg.extend_from_slice(m);
-        one(h.packet(&msg))
-    });
+    inbound(dp, internal)
+        .untranslatable("unsupported_proto")
+        .refuses_ipv4(ESP, |h, m, _| {
+            let mut msg = vec![0, 0, 0x10, 0x01, 0, 0, 0, 1];
+            msg.extend_from_slice(m);
+            one(h.packet(&msg))
+        });
 }
 
 /// A frame tagged with VLAN 5: the host has no such VLAN, nothing may forward it. The
@@ -450,7 +473,7 @@ fn vlan_tagged(dp: Dp, internal: bool) {
 
 /// A priority-tagged frame (VLAN 0): the stack takes it as untagged and routes it.
 fn priority_tagged(dp: Dp, internal: bool) {
-    let world = inbound(dp, internal);
+    let world = inbound(dp, internal).untranslatable("vlan");
     let reason = world.reason.clone();
     world.refuses_tagged(0, reason);
 }
@@ -486,7 +509,7 @@ fn via_second_nic(dp: Dp, internal: bool) {
             .ip(&lan, &["route", "add", subnet, "via", "198.19.1.2"]);
     }
     let reason = world.reason.clone();
-    world.refuses(reason, |w, to, mark| {
+    world.refuses(reason, |w, to, mark, _| {
         let header = Ipv4::new(Ipv4Addr::new(198, 19, 1, 1), to.ip, UDP);
         let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
         rawsock::send_ipv4(&w.env, &lan, &[packet]);
@@ -496,8 +519,9 @@ fn via_second_nic(dp: Dp, internal: bool) {
 // ---------------------------------------------------------------------------------------------
 // From a container.
 
-/// Network `a` (10.73.0.0/24: `a1`, `a2`), another network `b` (`b1`) and an `--internal`
-/// one `i` (`i1`), each masquerading but `i`.
+/// Network `a` (10.73.0.0/24: `a1`, `a2`), another network `b` (`b1`), an `--internal` one
+/// `i` (`i1`), each masquerading but `i`, and a routed one `r` (`r1`: what it sends out
+/// needs no translation, the control for what `i1` may not send).
 struct Outbound {
     w: World,
     a: Net,
@@ -507,6 +531,7 @@ struct Outbound {
     a2: Receiver,
     b1: Receiver,
     i1: Receiver,
+    r1: Receiver,
 }
 
 fn outbound(dp: Dp) -> Outbound {
@@ -514,10 +539,17 @@ fn outbound(dp: Dp) -> Outbound {
     let a = w.network("a", "10.73.0.0/24", &[]);
     let b = w.network("b", "10.74.0.0/24", &[]);
     let i = w.network("i", "10.75.0.0/24", &["--internal"]);
+    w.network("r", ROUTED_SUBNET, &["--masquerade=false"]);
     let a1 = w.container("a1", "a", &[]);
     let a2 = w.container("a2", "a", &[]);
     let b1 = w.container("b1", "b", &[]);
     let i1 = w.container("i1", "i", &[]);
+    let r1 = w.container("r1", "r", &[]);
+    // i1 reaches nothing outside its network: it may still route a packet at its gateway.
+    w.ip(
+        &i1.ns,
+        &["route", "replace", "default", "via", &i.gateway.to_string()],
+    );
     Outbound {
         w,
         a,
@@ -527,138 +559,114 @@ fn outbound(dp: Dp) -> Outbound {
         a2,
         b1,
         i1,
+        r1,
+    }
+}
+
+/// A UDP frame as a container may forge it: from `from`'s eth0, IPv4 source `src` and
+/// source MAC `mac`, to `to`'s address at L2 destination `l2_dst`, tagged with `vlan`.
+struct Forged<'a> {
+    from: &'a Receiver,
+    src: Ipv4Addr,
+    mac: [u8; 6],
+    l2_dst: [u8; 6],
+    vlan: Option<u16>,
+}
+
+impl<'a> Forged<'a> {
+    /// What `from` sends honestly to `l2_dst`.
+    fn honest(from: &'a Receiver, l2_dst: [u8; 6]) -> Self {
+        Self {
+            from,
+            src: from.ip,
+            mac: from.mac,
+            l2_dst,
+            vlan: None,
+        }
+    }
+
+    fn send(&self, w: &World, to: &Receiver, mark: &[u8]) {
+        let header = Ipv4::new(self.src, to.ip, UDP);
+        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
+        let frame = rawsock::ether(self.l2_dst, self.mac, self.vlan, ETHERTYPE_IPV4, &packet);
+        rawsock::send_frames(&w.env, &self.from.ns, "eth0", &[frame]);
     }
 }
 
 impl Outbound {
-    /// A UDP frame from `from` (IPv4 source `src`, source MAC `mac`) to `to`'s address,
-    /// addressed at L2 to `l2_dst`, tagged with `vlan`, sent out of `from`'s eth0.
-    #[allow(clippy::too_many_arguments)]
-    fn udp_frame(
-        &self,
-        from: &Receiver,
-        src: Ipv4Addr,
-        mac: [u8; 6],
-        l2_dst: [u8; 6],
-        vlan: Option<u16>,
-        to: &Receiver,
-        mark: &[u8],
-    ) {
-        let header = Ipv4::new(src, to.ip, UDP);
-        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
-        let frame = rawsock::ether(l2_dst, mac, vlan, ETHERTYPE_IPV4, &packet);
-        rawsock::send_frames(&self.w.env, &from.ns, "eth0", &[frame]);
-    }
-
     fn gateway_mac(&self, net: &Net) -> [u8; 6] {
         self.w.host_mac(&net.bridge)
     }
 
-    /// `i1` reaches nothing outside its network: it may still route a packet at its gateway.
-    fn internal_default_route(&self) {
-        self.w.ip(
-            &self.i1.ns,
-            &[
-                "route",
-                "replace",
-                "default",
-                "via",
-                &self.i.gateway.to_string(),
-            ],
-        );
+    /// `a1` to `a2` (same network, ICC on): the control is the honest frame, the attack the
+    /// one `forge` makes of it; on the iptables datapath the attack is delivered, as Docker's
+    /// rules (which have no anti-spoofing) deliver it.
+    fn forged_to_neighbour(&self, ebpf_reason: &'static str, forge: impl Fn(&mut Forged)) {
+        let expect = match self.w.dp {
+            Dp::Ebpf => Expect::Refused(Reason::Stat(ebpf_reason)),
+            Dp::Iptables => Expect::DeliveredAsDocker,
+        };
+        self.w
+            .check(&self.a2, &self.a2, expect, |to, mark, attack| {
+                let mut frame = Forged::honest(&self.a1, to.mac);
+                if attack {
+                    forge(&mut frame);
+                }
+                frame.send(&self.w, to, mark);
+            });
+    }
+
+    fn to_other_network(&self) -> Expect {
+        Expect::Refused(match self.w.dp {
+            Dp::Ebpf => Reason::Stat("other_network"),
+            Dp::Iptables => rule("NETD-ISOLATION-STAGE-2", "*", &self.b.bridge),
+        })
+    }
+
+    fn from_internal(&self) -> Expect {
+        Expect::Refused(match self.w.dp {
+            Dp::Ebpf => Reason::Stat("internal"),
+            Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &self.i.bridge, "*"),
+        })
+    }
+
+    /// IPv4 packets made by `craft(header, marker, attack)`, sent (routed by the sender's own
+    /// stack) from `attacker` to `victim` and from `sender` to `control`.
+    #[allow(clippy::too_many_arguments)]
+    fn routed(
+        &self,
+        (sender, control): (&Receiver, &Receiver),
+        (attacker, victim): (&Receiver, &Receiver),
+        expect: Expect,
+        proto: u8,
+        options: Vec<u8>,
+        craft: impl Fn(&Ipv4, &[u8], bool) -> Vec<Vec<u8>>,
+    ) {
+        self.w.check(victim, control, expect, |to, mark, attack| {
+            let from = if attack { attacker } else { sender };
+            let header = Ipv4::new(from.ip, to.ip, proto).with_options(options.clone());
+            rawsock::send_ipv4(&self.w.env, &from.ns, &craft(&header, mark, attack));
+        });
     }
 }
 
 /// A spoofed IPv4 source (an unused address of the network) to a container of the same
-/// network (ICC on): the control is the same frame with the sender's own address.
+/// network.
 fn spoofed_source(dp: Dp) {
-    let o = outbound(dp);
-    let spoofed = Ipv4Addr::new(10, 73, 0, 200);
-    let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("spoofed_addr")),
-        Dp::Iptables => Expect::DeliveredAsDocker,
-    };
-    // The victim and the control are the same container: only the source differs.
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&o.a2, &o.a2, expect, |to, mark| {
-        let src = if sent_to_control.replace(true) {
-            spoofed
-        } else {
-            o.a1.ip
-        };
-        o.udp_frame(&o.a1, src, o.a1.mac, to.mac, None, to, mark);
-    });
+    outbound(dp).forged_to_neighbour("spoofed_addr", |f| f.src = Ipv4Addr::new(10, 73, 0, 200));
 }
 
-/// A forged source MAC to a container of the same network; the control uses the sender's own.
+/// A forged source MAC to a container of the same network.
 fn spoofed_mac(dp: Dp) {
-    let o = outbound(dp);
-    let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("spoofed_mac")),
-        Dp::Iptables => Expect::DeliveredAsDocker,
-    };
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&o.a2, &o.a2, expect, |to, mark| {
-        let mac = if sent_to_control.replace(true) {
-            [0x02, 0x42, 10, 73, 0, 0x99]
-        } else {
-            o.a1.mac
-        };
-        o.udp_frame(&o.a1, o.a1.ip, mac, to.mac, None, to, mark);
-    });
+    outbound(dp).forged_to_neighbour("spoofed_mac", |f| f.mac = [0x02, 0x42, 10, 73, 0, 0x99]);
 }
 
-/// A VLAN-tagged (5) frame with a spoofed source to a container of the same network; the
-/// control is the same frame untagged with the sender's own source.
+/// A VLAN-tagged (5) frame with a spoofed source to a container of the same network: the tag
+/// must not hide the spoofing (the eBPF datapath drops every tagged frame a container sends).
 fn vlan_tagged_spoofed_source(dp: Dp) {
-    let o = outbound(dp);
-    let spoofed = Ipv4Addr::new(10, 73, 0, 200);
-    let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("spoofed_addr")),
-        Dp::Iptables => Expect::DeliveredAsDocker,
-    };
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&o.a2, &o.a2, expect, |to, mark| {
-        let (src, vlan) = if sent_to_control.replace(true) {
-            (spoofed, Some(5))
-        } else {
-            (o.a1.ip, None)
-        };
-        o.udp_frame(&o.a1, src, o.a1.mac, to.mac, vlan, to, mark);
-    });
-}
-
-/// A priority-tagged frame to another network's container, through the gateway; the control
-/// is the same frame to the outside.
-fn priority_tagged_to_other_network(dp: Dp) {
-    let o = outbound(dp);
-    let expect = Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("other_network"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-2", "*", &o.b.bridge),
-    });
-    let gw = o.gateway_mac(&o.a);
-    o.w.check(&o.b1, &o.w.outside(), expect, |to, mark| {
-        o.udp_frame(&o.a1, o.a1.ip, o.a1.mac, gw, Some(0), to, mark);
-    });
-}
-
-/// A priority-tagged frame from an `--internal` container to the outside; the control is the
-/// same frame from a container of a network that isn't internal.
-fn priority_tagged_from_internal(dp: Dp) {
-    let o = outbound(dp);
-    let expect = Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("internal"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &o.i.bridge, "*"),
-    });
-    let outside = o.w.outside();
-    let (gw_a, gw_i) = (o.gateway_mac(&o.a), o.gateway_mac(&o.i));
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&outside, &outside, expect, |to, mark| {
-        if sent_to_control.replace(true) {
-            o.udp_frame(&o.i1, o.i1.ip, o.i1.mac, gw_i, Some(0), to, mark);
-        } else {
-            o.udp_frame(&o.a1, o.a1.ip, o.a1.mac, gw_a, Some(0), to, mark);
-        }
+    outbound(dp).forged_to_neighbour("vlan", |f| {
+        f.src = Ipv4Addr::new(10, 73, 0, 200);
+        f.vlan = Some(5);
     });
 }
 
@@ -667,16 +675,12 @@ fn priority_tagged_from_internal(dp: Dp) {
 fn ipv6_not_link_local(dp: Dp) {
     let o = outbound(dp);
     let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("not_ipv4")),
+        Dp::Ebpf => Expect::Refused(Reason::Stat("ipv6")),
+        // Docker 20.10 without --ip6tables writes no IPv6 rule.
         Dp::Iptables => Expect::DeliveredAsDocker,
     };
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&o.a2, &o.a2, expect, |to, mark| {
-        let prefix: u16 = if sent_to_control.replace(true) {
-            0xfd00
-        } else {
-            0xfe80
-        };
+    o.w.check(&o.a2, &o.a2, expect, |to, mark, attack| {
+        let prefix: u16 = if attack { 0xfd00 } else { 0xfe80 };
         let packet = rawsock::ipv6(
             Ipv6Addr::new(prefix, 0, 0, 0, 0, 0, 0, 2),
             Ipv6Addr::new(prefix, 0, 0, 0, 0, 0, 0, 3),
@@ -687,112 +691,137 @@ fn ipv6_not_link_local(dp: Dp) {
     });
 }
 
-/// IPv4 packets crafted by `craft` from `from` (routed by its own stack), to `victim` and
-/// `control`.
-fn from_container(
-    o: &Outbound,
-    from: &Receiver,
-    victim: &Receiver,
-    control: &Receiver,
-    expect: Expect,
-    proto: u8,
-    craft: impl Fn(&Ipv4, &[u8]) -> Vec<Vec<u8>>,
-) {
-    o.w.check(victim, control, expect, |to, mark| {
-        let header = Ipv4::new(from.ip, to.ip, proto);
-        rawsock::send_ipv4(&o.w.env, &from.ns, &craft(&header, mark));
+/// A priority-tagged frame (VLAN 0: the host's stack untags and routes it) to another
+/// network's container, through the gateway; the control is the frame untagged to the
+/// outside.
+fn priority_tagged_to_other_network(dp: Dp) {
+    let o = outbound(dp);
+    let expect = match dp {
+        Dp::Ebpf => Expect::Refused(Reason::Stat("vlan")),
+        Dp::Iptables => o.to_other_network(),
+    };
+    let gateway = o.gateway_mac(&o.a);
+    o.w.check(&o.b1, &o.w.outside(), expect, |to, mark, attack| {
+        let mut frame = Forged::honest(&o.a1, gateway);
+        frame.vlan = attack.then_some(0);
+        frame.send(&o.w, to, mark);
     });
 }
 
-fn to_other_network(o: &Outbound, dp: Dp) -> Expect {
-    Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("other_network"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-2", "*", &o.b.bridge),
-    })
+/// A priority-tagged frame from an `--internal` container to the outside; the control is the
+/// frame untagged from a routed network's container.
+fn priority_tagged_from_internal(dp: Dp) {
+    let o = outbound(dp);
+    let expect = match dp {
+        Dp::Ebpf => Expect::Refused(Reason::Stat("vlan")),
+        Dp::Iptables => o.from_internal(),
+    };
+    let outside = o.w.outside();
+    let (gw_r, gw_i) = (o.w.host_mac(&routed_bridge(&o.w)), o.gateway_mac(&o.i));
+    o.w.check(&outside, &outside, expect, |to, mark, attack| {
+        let mut frame = if attack {
+            Forged::honest(&o.i1, gw_i)
+        } else {
+            Forged::honest(&o.r1, gw_r)
+        };
+        frame.vlan = attack.then_some(0);
+        frame.send(&o.w, to, mark);
+    });
 }
 
-fn from_internal(o: &Outbound, dp: Dp) -> Expect {
-    Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("internal"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &o.i.bridge, "*"),
-    })
+fn routed_bridge(w: &World) -> String {
+    w.env.netd_json(&["network", "inspect", "r"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn all_fragments(h: &Ipv4, m: &[u8], _attack: bool) -> Vec<Vec<u8>> {
+    udp_fragments(h, m)
+}
+
+fn echo_request(h: &Ipv4, m: &[u8], _attack: bool) -> Vec<Vec<u8>> {
+    one(h.packet(&rawsock::echo_request(m)))
 }
 
 /// A fragmented datagram to another network's container; the control goes to the sender's
 /// own network.
 fn fragments_to_other_network(dp: Dp) {
     let o = outbound(dp);
-    let expect = to_other_network(&o, dp);
-    from_container(&o, &o.a1, &o.b1, &o.a2, expect, UDP, udp_fragments);
+    let (a1, a2, b1) = (&o.a1, &o.a2, &o.b1);
+    o.routed(
+        (a1, a2),
+        (a1, b1),
+        o.to_other_network(),
+        UDP,
+        vec![],
+        all_fragments,
+    );
 }
 
 /// Only a later fragment (no ports) to another network's container; the control is the
 /// whole datagram to the sender's own network (a lone fragment reaches no one where the host
-/// reassembles).
+/// reassembles: netfilter's conntrack, on the iptables datapath, holds it).
 fn later_fragment_to_other_network(dp: Dp) {
     let o = outbound(dp);
     let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("other_network")),
+        Dp::Ebpf => o.to_other_network(),
         Dp::Iptables => Expect::Refused(Reason::HeldForReassembly),
     };
-    let control = o.a2.ip;
-    from_container(&o, &o.a1, &o.b1, &o.a2, expect, UDP, |h, m| {
+    let (a1, a2, b1) = (&o.a1, &o.a2, &o.b1);
+    o.routed((a1, a2), (a1, b1), expect, UDP, vec![], |h, m, attack| {
         let frags = udp_fragments(h, m);
-        if h.dst == control {
-            frags
-        } else {
-            one(frags[1].clone())
-        }
+        if attack { one(frags[1].clone()) } else { frags }
     });
 }
 
-/// An echo request with record-route to another network's container.
+/// An echo request with record-route to another network's container; the control goes to the
+/// sender's own network.
 fn options_to_other_network(dp: Dp) {
     let o = outbound(dp);
-    let expect = to_other_network(&o, dp);
-    o.w.check(&o.b1, &o.a2, expect, |to, mark| {
-        let header = Ipv4::new(o.a1.ip, to.ip, ICMP).with_options(rawsock::record_route());
-        let packet = header.packet(&rawsock::echo_request(mark));
-        rawsock::send_ipv4(&o.w.env, &o.a1.ns, &[packet]);
-    });
+    let (a1, a2, b1) = (&o.a1, &o.a2, &o.b1);
+    let options = rawsock::record_route();
+    o.routed(
+        (a1, a2),
+        (a1, b1),
+        o.to_other_network(),
+        ICMP,
+        options,
+        echo_request,
+    );
 }
 
 /// A fragmented datagram from an `--internal` container to the outside; the control is the
-/// same from a container of a network that isn't internal.
+/// same from a routed network's container.
 fn fragments_from_internal(dp: Dp) {
     let o = outbound(dp);
-    o.internal_default_route();
-    let expect = from_internal(&o, dp);
     let outside = o.w.outside();
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&outside, &outside, expect, |to, mark| {
-        let from = if sent_to_control.replace(true) {
-            &o.i1
-        } else {
-            &o.a1
-        };
-        let header = Ipv4::new(from.ip, to.ip, UDP);
-        rawsock::send_ipv4(&o.w.env, &from.ns, &udp_fragments(&header, mark));
-    });
+    let (r1, i1) = (&o.r1, &o.i1);
+    o.routed(
+        (r1, &outside),
+        (i1, &outside),
+        o.from_internal(),
+        UDP,
+        vec![],
+        all_fragments,
+    );
 }
 
-/// An echo request with record-route from an `--internal` container to the outside.
+/// An echo request with record-route from an `--internal` container to the outside; the
+/// control is the same from a routed network's container.
 fn options_from_internal(dp: Dp) {
     let o = outbound(dp);
-    o.internal_default_route();
-    let expect = from_internal(&o, dp);
     let outside = o.w.outside();
-    let sent_to_control = std::cell::Cell::new(false);
-    o.w.check(&outside, &outside, expect, |to, mark| {
-        let from = if sent_to_control.replace(true) {
-            &o.i1
-        } else {
-            &o.a1
-        };
-        let header = Ipv4::new(from.ip, to.ip, ICMP).with_options(rawsock::record_route());
-        let packet = header.packet(&rawsock::echo_request(mark));
-        rawsock::send_ipv4(&o.w.env, &from.ns, &[packet]);
-    });
+    let (r1, i1) = (&o.r1, &o.i1);
+    let options = rawsock::record_route();
+    o.routed(
+        (r1, &outside),
+        (i1, &outside),
+        o.from_internal(),
+        ICMP,
+        options,
+        echo_request,
+    );
 }
 
 /// A gratuitous ARP from `a1` claiming `a2`'s address must not take over the host's entry for
@@ -929,8 +958,8 @@ fn connects(env: &TestEnv, ns: &Path, dst: Ipv4Addr, port: u16) -> bool {
 
 impl Published {
     /// From `client`, `port` through each of `addresses` must not reach `server` (counted at
-    /// the server: no TCP segment arrives), for `reason`; the control, `a2` to `p1`'s 8080
-    /// through the host's address, connects.
+    /// the server: no TCP segment arrives), for `reason`; then the control, `a2` to `p1`'s
+    /// 8080 through the host's address, connects.
     fn hairpin_refused(
         &self,
         client: &Receiver,
@@ -939,12 +968,7 @@ impl Published {
         addresses: &[Ipv4Addr],
         reason: Reason,
     ) {
-        let env = &self.w.env;
-        assert!(
-            connects(env, &self.a2.ns, HOST_ADDR, 8080),
-            "{:?}: the control",
-            self.w.dp
-        );
+        let (env, dp) = (&self.w.env, self.w.dp);
         for dst in addresses {
             let (segments, counted) = (
                 counters::snmp(env, &server.ns, "Tcp", "InSegs"),
@@ -952,21 +976,22 @@ impl Published {
             );
             assert!(
                 !connects(env, &client.ns, *dst, port),
-                "{:?}: through {dst}",
-                self.w.dp
+                "{dp:?}: through {dst}"
             );
             assert_eq!(
                 counters::snmp(env, &server.ns, "Tcp", "InSegs"),
                 segments,
-                "{:?}: through {dst}, reached the server",
-                self.w.dp
+                "{dp:?}: through {dst}, reached the server"
             );
             assert!(
                 self.w.counted(&reason) > counted,
-                "{:?}: not counted as {reason:?}",
-                self.w.dp
+                "{dp:?}: not counted as {reason:?}"
             );
         }
+        assert!(
+            connects(env, &self.a2.ns, HOST_ADDR, 8080),
+            "{dp:?}: the control"
+        );
     }
 }
 
@@ -1110,11 +1135,11 @@ fn record_route_ping_out_is_masqueraded(dp: Dp) {
 // Matrix.
 
 macro_rules! matrix {
-    (inbound: $($in:ident),* ; outbound: $($out:ident),* $(,)?) => {
-        matrix!(@mod ebpf, Dp::Ebpf; $($in),*; $($out),*);
-        matrix!(@mod iptables, Dp::Iptables; $($in),*; $($out),*);
+    (inbound: $($in:ident),* ; outbound: $($out:ident),* ; published: $($pub:ident),* $(,)?) => {
+        matrix!(@mod ebpf, Dp::Ebpf; $($in),*; $($out),*; $($pub),*);
+        matrix!(@mod iptables, Dp::Iptables; $($in),*; $($out),*; $($pub),*);
     };
-    (@mod $m:ident, $dp:expr; $($in:ident),*; $($out:ident),*) => {
+    (@mod $m:ident, $dp:expr; $($in:ident),*; $($out:ident),*; $($pub:ident),*) => {
         mod $m {
             use super::*;
             mod to_masqueraded {
@@ -1128,6 +1153,10 @@ macro_rules! matrix {
             mod from_container {
                 use super::*;
                 $( #[test] fn $out() { super::super::$out($dp) } )*
+            }
+            mod published {
+                use super::*;
+                $( #[test] fn $pub() { super::super::$pub($dp) } )*
             }
         }
     };
@@ -1152,20 +1181,21 @@ matrix! {
     outbound:
         spoofed_source,
         spoofed_mac,
+        arp_spoofing,
         vlan_tagged_spoofed_source,
+        ipv6_not_link_local,
         priority_tagged_to_other_network,
         priority_tagged_from_internal,
-        ipv6_not_link_local,
         fragments_to_other_network,
         later_fragment_to_other_network,
         options_to_other_network,
         fragments_from_internal,
         options_from_internal,
-        arp_spoofing,
+        fragmented_ping_out_is_masqueraded,
+        record_route_ping_out_is_masqueraded;
+    published:
         hairpin_from_internal,
         hairpin_without_icc,
         syn_with_options_to_published_port,
         fragments_to_published_port,
-        fragmented_ping_out_is_masqueraded,
-        record_route_ping_out_is_masqueraded,
 }
