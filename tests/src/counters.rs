@@ -57,3 +57,15 @@ pub fn snmp(env: &TestEnv, ns: &Path, group: &str, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A counter of /proc/net/snmp6 (`Ip6OutForwDatagrams`: `name`) in the namespace at `ns`.
+pub fn snmp6(env: &TestEnv, ns: &Path, name: &str) -> u64 {
+    let out = env.run_in(ns, "cat", &["/proc/net/snmp6"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp6"))[1]
+        .parse()
+        .unwrap()
+}

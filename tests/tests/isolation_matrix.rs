@@ -254,6 +254,8 @@ fn rule(chain: &'static str, input: &str, output: &str) -> Reason {
 /// both routed through the host from the outside.
 struct Inbound {
     w: World,
+    /// The victim's network's bridge.
+    bridge: String,
     victim: Receiver,
     control: Receiver,
     reason: Reason,
@@ -280,6 +282,7 @@ fn inbound(dp: Dp, internal: bool) -> Inbound {
     };
     Inbound {
         w,
+        bridge: net.bridge,
         victim,
         control,
         reason,
@@ -476,6 +479,80 @@ fn priority_tagged(dp: Dp, internal: bool) {
     let world = inbound(dp, internal).untranslatable("vlan");
     let reason = world.reason.clone();
     world.refuses_tagged(0, reason);
+}
+
+/// IPv6 from the outside to a container, on a host that routes IPv6 to the container's
+/// bridge (an address on it, forwarding on): Docker 20.10 without `--ip6tables` writes no rule
+/// for it; netd's eBPF datapath gives containers IPv4 only and lets no IPv6 from beyond their
+/// network in. The control: the host forwarded it (`Ip6OutForwDatagrams`), to a neighbour it
+/// knows (a permanent entry: no NDP to lose on the way).
+fn ipv6(dp: Dp, internal: bool) {
+    let world = inbound(dp, internal);
+    let (w, victim) = (&world.w, &world.victim);
+    let host = w.env.host_ns();
+    for conf in ["all", "default", UPLINK, &world.bridge] {
+        let key = format!("net.ipv6.conf.{conf}.disable_ipv6");
+        netd::netlink::set_sysctl(Some(&host), &key, "0").unwrap();
+    }
+    netd::netlink::set_sysctl(Some(&host), "net.ipv6.conf.all.forwarding", "1").unwrap();
+    w.ip(
+        &host,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "fd00:71::1/64",
+            "dev",
+            &world.bridge,
+            "nodad",
+        ],
+    );
+    w.ip(
+        &victim.ns,
+        &["-6", "addr", "add", "fd00:71::2/64", "dev", "eth0", "nodad"],
+    );
+    let mac = netd::ipam::format_mac(victim.mac);
+    w.ip(
+        &host,
+        &[
+            "-6",
+            "neigh",
+            "replace",
+            "fd00:71::2",
+            "lladdr",
+            &mac,
+            "dev",
+            &world.bridge,
+            "nud",
+            "permanent",
+        ],
+    );
+    let forwarded = || counters::snmp6(&w.env, &host, "Ip6OutForwDatagrams");
+    let (before, dropped) = (forwarded(), w.stat_if(dp, "ipv6"));
+    let tap = Tap::open(&w.env, &victim.ns, "eth0");
+    let mark = marker();
+    let packet = rawsock::ipv6(
+        "fd00:99::1".parse().unwrap(),
+        "fd00:71::2".parse().unwrap(),
+        &mark,
+    );
+    let frame = rawsock::ether(
+        w.host_mac(UPLINK),
+        w.outside().mac,
+        None,
+        ETHERTYPE_IPV6,
+        &packet,
+    );
+    rawsock::send_frames(&w.env, &w.env.outside_ns(), OUTSIDE_LINK, &[frame]);
+    let received = tap.count(&mark);
+    assert!(forwarded() > before, "{dp:?}: the host didn't forward it");
+    match dp {
+        Dp::Ebpf => {
+            assert_eq!(received, 0, "{dp:?}: reached {}", victim.ip);
+            assert!(w.stat("ipv6") > dropped, "{dp:?}: not counted as ipv6");
+        }
+        Dp::Iptables => assert!(received > 0, "{dp:?}: Docker's rules deliver it"),
+    }
 }
 
 /// Traffic routed in through a second NIC of the host (not the uplink), from a neighbour on
@@ -1177,6 +1254,7 @@ matrix! {
         esp,
         vlan_tagged,
         priority_tagged,
+        ipv6,
         via_second_nic;
     outbound:
         spoofed_source,
