@@ -771,6 +771,32 @@ fn ipv6_not_link_local(dp: Dp) {
     });
 }
 
+/// A priority-tagged frame (VLAN 0: the receiving stack takes it as untagged) between two
+/// containers of an `--icc=false` network, through the bridge: netfilter must see it as the
+/// IPv4 it carries (Docker's `-i BRIDGE -o BRIDGE -j DROP`). The control is the frame
+/// untagged between two containers of a network with ICC.
+fn priority_tagged_without_icc(dp: Dp) {
+    let o = outbound(dp);
+    o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
+    let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
+    let expect = Expect::Refused(match dp {
+        Dp::Ebpf => Reason::Stat("vlan"),
+        Dp::Iptables => {
+            let bridge = bridge_of(&o.w, "q");
+            rule("FORWARD", &bridge, &bridge)
+        }
+    });
+    o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
+        let mut frame = if attack {
+            Forged::honest(&q2, to.mac)
+        } else {
+            Forged::honest(&o.a1, to.mac)
+        };
+        frame.vlan = attack.then_some(0);
+        frame.send(&o.w, to, mark);
+    });
+}
+
 /// A priority-tagged frame (VLAN 0: the host's stack untags and routes it) to another
 /// network's container, through the gateway; the control is the frame untagged to the
 /// outside.
@@ -797,7 +823,7 @@ fn priority_tagged_from_internal(dp: Dp) {
         Dp::Iptables => o.from_internal(),
     };
     let outside = o.w.outside();
-    let (gw_r, gw_i) = (o.w.host_mac(&routed_bridge(&o.w)), o.gateway_mac(&o.i));
+    let (gw_r, gw_i) = (o.w.host_mac(&bridge_of(&o.w, "r")), o.gateway_mac(&o.i));
     o.w.check(&outside, &outside, expect, |to, mark, attack| {
         let mut frame = if attack {
             Forged::honest(&o.i1, gw_i)
@@ -809,8 +835,8 @@ fn priority_tagged_from_internal(dp: Dp) {
     });
 }
 
-fn routed_bridge(w: &World) -> String {
-    w.env.netd_json(&["network", "inspect", "r"])["network"]["bridge"]
+fn bridge_of(w: &World, network: &str) -> String {
+    w.env.netd_json(&["network", "inspect", network])["network"]["bridge"]
         .as_str()
         .unwrap()
         .to_string()
@@ -1297,6 +1323,7 @@ matrix! {
         arp_spoofing,
         vlan_tagged_spoofed_source,
         ipv6_not_link_local,
+        priority_tagged_without_icc,
         priority_tagged_to_other_network,
         priority_tagged_from_internal,
         fragments_to_other_network,
