@@ -21,7 +21,7 @@ use netd_common::datapath::{
     AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_CLOSE, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED,
     CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW,
     CT_REWRITE_BOTH, CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT,
-    CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_TCP, Stat, Timeouts,
+    CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Timeouts,
 };
 
 use super::{nat::Rewrite, parse::Flow, sockets};
@@ -354,6 +354,12 @@ pub fn start_hairpin(
     ))
 }
 
+/// Whether `proto` has ports (ICMP: echo identifiers) NAT can choose.
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP)
+}
+
 /// The per-CPU scratch entry, filled with a new flow's common fields.
 #[inline(always)]
 fn scratch_flow(
@@ -394,7 +400,14 @@ fn claim_reply_tuple(
     now: u64,
     timeouts: &Timeouts,
 ) -> Result<u16, Stat> {
-    for attempt in 0..PORT_TRIES {
+    // Without ports (other protocols than TCP, UDP and ICMP: translated by address), the
+    // tuple is the only one there is.
+    let tries = if has_ports(e.original.proto) {
+        PORT_TRIES
+    } else {
+        1
+    };
+    for attempt in 0..tries {
         if attempt > 0 {
             // SAFETY: a helper without preconditions.
             let random = unsafe { bpf_get_prandom_u32() };

@@ -18,7 +18,7 @@ use network_types::eth::EthHdr;
 use crate::lib::{
     conntrack,
     events::Tuple,
-    fib, maps, nat,
+    fib, frag, maps, nat,
     parse::{self, Flow, Frame as _},
     policy::link_allows,
     stats,
@@ -147,7 +147,10 @@ fn translate(
         .and_then(|()| nat::apply(ctx, flow, src))
         .and_then(|()| redirect_to(ctx, ep));
     match redirected {
-        Ok(action) => Outcome::Redirected(done, action),
+        Ok(action) => {
+            frag::remember(flow);
+            Outcome::Redirected(done, action)
+        }
         Err(reason) => Outcome::Done(dropped(ctx, flow, reason, flow.saddr)),
     }
 }

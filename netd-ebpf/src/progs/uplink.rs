@@ -29,7 +29,7 @@ use netd_common::datapath::{
 use crate::lib::{
     conntrack::{self, v4},
     events::{self, Tuple},
-    fib,
+    fib, frag,
     inbound::{Inbound, inbound},
     maps, nat,
     parse::{self, Flow, Frame as _, Quoted},
@@ -188,7 +188,10 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config, 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
     match nat::apply(ctx, flow, rw) {
-        Ok(()) => done,
+        Ok(()) => {
+            frag::remember(flow);
+            done
+        }
         Err(reason) => dropped(ctx, flow, reason, if rw.src { flow.saddr } else { rw.addr }),
     }
 }
