@@ -348,29 +348,23 @@ fn one(packet: Vec<u8>) -> Vec<Vec<u8>> {
 
 /// An echo request with record-route, as `ping -R` sends it.
 fn record_route(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("ip_options")
-        .refuses_ipv4_with(ICMP, rawsock::record_route(), |h, m, _| {
-            one(h.packet(&rawsock::echo_request(m)))
-        });
+    inbound(dp, internal).refuses_ipv4_with(ICMP, rawsock::record_route(), |h, m, _| {
+        one(h.packet(&rawsock::echo_request(m)))
+    });
 }
 
 /// An echo request with a timestamp option, as `ping -T tsonly` sends it.
 fn timestamp_option(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("ip_options")
-        .refuses_ipv4_with(ICMP, rawsock::timestamp(), |h, m, _| {
-            one(h.packet(&rawsock::echo_request(m)))
-        });
+    inbound(dp, internal).refuses_ipv4_with(ICMP, rawsock::timestamp(), |h, m, _| {
+        one(h.packet(&rawsock::echo_request(m)))
+    });
 }
 
 /// A TCP connect (SYN) with IP options.
 fn tcp_syn_with_options(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("ip_options")
-        .refuses_ipv4_with(TCP, rawsock::record_route(), |h, m, _| {
-            one(h.packet(&rawsock::syn(h, 40000, 80, m)))
-        });
+    inbound(dp, internal).refuses_ipv4_with(TCP, rawsock::record_route(), |h, m, _| {
+        one(h.packet(&rawsock::syn(h, 40000, 80, m)))
+    });
 }
 
 /// `ping -s 3000`: an echo request in three fragments.
@@ -390,9 +384,8 @@ fn udp_fragments(h: &Ipv4, m: &[u8]) -> Vec<Vec<u8>> {
 /// Only fragment `n` of a UDP datagram, the others never sent. The control gets the whole
 /// datagram: a lone fragment reaches no one where the host reassembles (netfilter's
 /// conntrack does, on the iptables datapath).
-fn lone_fragment(dp: Dp, internal: bool, n: usize) {
-    let mut world = inbound(dp, internal).untranslatable("fragment");
-    if dp == Dp::Iptables {
+fn lone_fragment(mut world: Inbound, n: usize) {
+    if world.w.dp == Dp::Iptables {
         world.reason = Reason::HeldForReassembly;
     }
     world.refuses_ipv4(UDP, |h, m, attack| {
@@ -401,14 +394,14 @@ fn lone_fragment(dp: Dp, internal: bool, n: usize) {
     });
 }
 
-/// Only the first fragment (its header, its ports).
+/// Only the first fragment (its header, its ports: refused as a whole packet would be).
 fn first_fragment(dp: Dp, internal: bool) {
-    lone_fragment(dp, internal, 0);
+    lone_fragment(inbound(dp, internal), 0);
 }
 
-/// Only a later fragment (no ports to check).
+/// Only a later fragment (no ports to check, no first fragment to take them from).
 fn later_fragment(dp: Dp, internal: bool) {
-    lone_fragment(dp, internal, 1);
+    lone_fragment(inbound(dp, internal).untranslatable("fragment"), 1);
 }
 
 /// An ICMP timestamp request (type 13): ICMP other than echo.
@@ -435,35 +428,29 @@ fn icmp_error_matching_no_flow(dp: Dp, internal: bool) {
 
 /// SCTP (132): a common header (ports, tag, checksum unchecked on the way) and a marked chunk.
 fn sctp(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("unsupported_proto")
-        .refuses_ipv4(SCTP, |h, m, _| {
-            let mut msg = vec![0x0f, 0xa0, 0x13, 0x88, 0, 0, 0, 0, 0, 0, 0, 0];
-            msg.extend_from_slice(m);
-            one(h.packet(&msg))
-        });
+    inbound(dp, internal).refuses_ipv4(SCTP, |h, m, _| {
+        let mut msg = vec![0x0f, 0xa0, 0x13, 0x88, 0, 0, 0, 0, 0, 0, 0, 0];
+        msg.extend_from_slice(m);
+        one(h.packet(&msg))
+    });
 }
 
 /// GRE (47) carrying a marked payload.
 fn gre(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("unsupported_proto")
-        .refuses_ipv4(GRE, |h, m, _| {
-            let mut msg = vec![0, 0, 0x08, 0x00];
-            msg.extend_from_slice(m);
-            one(h.packet(&msg))
-        });
+    inbound(dp, internal).refuses_ipv4(GRE, |h, m, _| {
+        let mut msg = vec![0, 0, 0x08, 0x00];
+        msg.extend_from_slice(m);
+        one(h.packet(&msg))
+    });
 }
 
 /// ESP (50): an SPI, a sequence number and marked "ciphertext".
 fn esp(dp: Dp, internal: bool) {
-    inbound(dp, internal)
-        .untranslatable("unsupported_proto")
-        .refuses_ipv4(ESP, |h, m, _| {
-            let mut msg = vec![0, 0, 0x10, 0x01, 0, 0, 0, 1];
-            msg.extend_from_slice(m);
-            one(h.packet(&msg))
-        });
+    inbound(dp, internal).refuses_ipv4(ESP, |h, m, _| {
+        let mut msg = vec![0, 0, 0x10, 0x01, 0, 0, 0, 1];
+        msg.extend_from_slice(m);
+        one(h.packet(&msg))
+    });
 }
 
 /// A frame tagged with VLAN 5: the host has no such VLAN, nothing may forward it. The
