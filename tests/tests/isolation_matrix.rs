@@ -1225,6 +1225,69 @@ fn container_source_to_published_port(dp: Dp) {
     martian_to_published_port(&p, a2, Expect::DeliveredAsDocker);
 }
 
+/// A UDP datagram carrying `mark` from `from`'s namespace to `dst:port`.
+fn send_udp(env: &TestEnv, from: &Receiver, dst: Ipv4Addr, port: u16, mark: &[u8]) {
+    env.in_ns(&from.ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(mark, (dst, port)).unwrap();
+    });
+}
+
+/// The ICMP errors among `frames` (a tap's, on `to`'s eth0) addressed to `to` and quoting a
+/// packet from `to` to `quoted_dst`: what `to` sent, translated back.
+fn icmp_errors_back(frames: &[Vec<u8>], to: Ipv4Addr, quoted_dst: Ipv4Addr) -> usize {
+    frames
+        .iter()
+        .filter(|f| {
+            let inner = 14 + 20 + 8;
+            f.len() >= inner + 20
+                && f[23] == ICMP
+                && f[34] == 3
+                && rawsock::ipv4_destination(f) == Some(to)
+                && f[inner + 12..inner + 16] == to.octets()
+                && f[inner + 16..inner + 20] == quoted_dst.octets()
+        })
+        .count()
+}
+
+/// A port unreachable about a masqueraded flow (the outside has nothing on the port) comes
+/// back to the container translated: to its address, quoting what it sent.
+fn icmp_error_of_a_masqueraded_flow(dp: Dp) {
+    let p = published(dp);
+    let tap = Tap::open(&p.w.env, &p.a2.ns, "eth0");
+    let mark = marker();
+    send_udp(&p.w.env, &p.a2, OUTSIDE_ADDR, 9, &mark);
+    let frames = tap.received(&mark, |_| true);
+    assert_eq!(
+        icmp_errors_back(&frames, p.a2.ip, OUTSIDE_ADDR),
+        1,
+        "{dp:?}: {frames:02x?}"
+    );
+}
+
+/// A port unreachable from a published port's container (nothing listens on 81/udp) to a
+/// neighbour that reached it through the host's address comes back translated (hairpin): to
+/// the neighbour, quoting what it sent to the host's address.
+fn icmp_error_of_a_hairpin_flow(dp: Dp) {
+    let p = published(dp);
+    let env = &p.w.env;
+    let no_port = || counters::snmp(env, &p.p1.ns, "Udp", "NoPorts");
+    let (tap, refused) = (Tap::open(env, &p.a2.ns, "eth0"), no_port());
+    let mark = marker();
+    send_udp(env, &p.a2, HOST_ADDR, 8081, &mark);
+    let frames = tap.received(&mark, |_| true);
+    assert_eq!(
+        no_port(),
+        refused + 1,
+        "{dp:?}: the datagram didn't reach p1"
+    );
+    assert_eq!(
+        icmp_errors_back(&frames, p.a2.ip, HOST_ADDR),
+        1,
+        "{dp:?}: {frames:02x?}"
+    );
+}
+
 /// `ping ARGS` from a container to the outside works, and nothing reaches the outside with the
 /// container's private source (every packet, fragments and options included, masqueraded).
 fn masqueraded_ping(dp: Dp, args: &[&str]) {
@@ -1327,4 +1390,6 @@ matrix! {
         fragments_to_published_port,
         host_source_to_published_port,
         container_source_to_published_port,
+        icmp_error_of_a_masqueraded_flow,
+        icmp_error_of_a_hairpin_flow,
 }
