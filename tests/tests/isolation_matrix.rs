@@ -690,7 +690,7 @@ impl Outbound {
         })
     }
 
-    fn from_internal(&self) -> Expect {
+    fn leaving_internal(&self) -> Expect {
         Expect::Refused(match self.w.dp {
             Dp::Ebpf => Reason::Stat("internal"),
             Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &self.i.bridge, "*"),
@@ -807,7 +807,7 @@ fn priority_tagged_from_internal(dp: Dp) {
     let o = outbound(dp);
     let expect = match dp {
         Dp::Ebpf => Expect::Refused(Reason::Stat("vlan")),
-        Dp::Iptables => o.from_internal(),
+        Dp::Iptables => o.leaving_internal(),
     };
     let outside = o.w.outside();
     let (gw_r, gw_i) = (o.w.host_mac(&bridge_of(&o.w, "r")), o.gateway_mac(&o.i));
@@ -893,7 +893,7 @@ fn fragments_from_internal(dp: Dp) {
     o.routed(
         (r1, &outside),
         (i1, &outside),
-        o.from_internal(),
+        o.leaving_internal(),
         UDP,
         vec![],
         all_fragments,
@@ -910,7 +910,7 @@ fn options_from_internal(dp: Dp) {
     o.routed(
         (r1, &outside),
         (i1, &outside),
-        o.from_internal(),
+        o.leaving_internal(),
         ICMP,
         options,
         echo_request,
