@@ -6,8 +6,11 @@
 //! attack, reaches its receiver through the same path) and names the specific reason: a
 //! `netd stats` counter on the eBPF datapath, the packet counter of the Docker rule that drops
 //! it on the iptables one. Where Docker 20.10's rules don't drop a case (anti-spoofing, ARP,
-//! IPv6: Docker has no such rules), the iptables datapath must do exactly what Docker does,
-//! and its test says so.
+//! IPv6, a container's address as the source of a published port's flow: Docker has no such
+//! rules), the iptables datapath must do exactly what Docker does, and its test says so.
+//!
+//! Beside the refusals, what must be translated is: options and fragments to published ports
+//! and out of masquerading networks, ICMP errors of masqueraded and hairpin flows.
 //!
 //! One test per case per datapath: `matrix!` makes a `mod ebpf` and a `mod iptables` test of
 //! each case function.
@@ -19,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     counters,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
@@ -27,8 +31,6 @@ use tests::{
         marker,
     },
 };
-
-const OUTSIDE_LINK: &str = "out0";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dp {
@@ -549,38 +551,51 @@ fn ipv6(dp: Dp, internal: bool) {
 /// that NIC's link that routes the container subnets through the host.
 fn via_second_nic(dp: Dp, internal: bool) {
     let world = inbound(dp, internal);
-    let env = &world.w.env;
-    let lan = netd::netns::create(&env.name("lan")).unwrap();
-    let host = env.host_ns();
-    world.w.ip(
-        &host,
-        &[
-            "link", "add", "nic1", "type", "veth", "peer", "name", "lan0",
-        ],
-    );
-    world.w.ip(
-        &host,
-        &["link", "set", "lan0", "netns", lan.to_str().unwrap()],
-    );
-    world
-        .w
-        .ip(&host, &["addr", "add", "198.19.1.2/24", "dev", "nic1"]);
-    world.w.ip(&host, &["link", "set", "nic1", "up"]);
-    world
-        .w
-        .ip(&lan, &["addr", "add", "198.19.1.1/24", "dev", "lan0"]);
-    world.w.ip(&lan, &["link", "set", "lan0", "up"]);
+    let lan = world.w.second_nic();
     for subnet in [VICTIM_SUBNET, ROUTED_SUBNET] {
-        world
-            .w
-            .ip(&lan, &["route", "add", subnet, "via", "198.19.1.2"]);
+        world.w.ip(
+            &lan,
+            &["route", "add", subnet, "via", &NIC1_ADDR.to_string()],
+        );
     }
     let reason = world.reason.clone();
     world.refuses(reason, |w, to, mark, _| {
-        let header = Ipv4::new(Ipv4Addr::new(198, 19, 1, 1), to.ip, UDP);
+        let header = Ipv4::new(LAN_ADDR, to.ip, UDP);
         let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
         rawsock::send_ipv4(&w.env, &lan, &[packet]);
     });
+}
+
+/// The host's address on its second NIC, and its neighbour's there.
+const NIC1_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+
+impl World {
+    /// A second NIC of the host (`nic1`, not the uplink netd was given) on a link to a
+    /// neighbour's namespace (`lan0`), which this returns.
+    fn second_nic(&self) -> PathBuf {
+        let lan = netd::netns::create(&self.env.name("lan")).unwrap();
+        let host = self.env.host_ns();
+        let link = [
+            "link", "add", "nic1", "type", "veth", "peer", "name", "lan0",
+        ];
+        self.ip(&host, &link);
+        self.ip(
+            &host,
+            &["link", "set", "lan0", "netns", lan.to_str().unwrap()],
+        );
+        self.ip(
+            &host,
+            &["addr", "add", &format!("{NIC1_ADDR}/24"), "dev", "nic1"],
+        );
+        self.ip(&host, &["link", "set", "nic1", "up"]);
+        self.ip(
+            &lan,
+            &["addr", "add", &format!("{LAN_ADDR}/24"), "dev", "lan0"],
+        );
+        self.ip(&lan, &["link", "set", "lan0", "up"]);
+        lan
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1288,6 +1303,24 @@ fn icmp_error_of_a_hairpin_flow(dp: Dp) {
     );
 }
 
+/// What a masquerading network's container sends out of another interface than the uplink
+/// (here to the neighbour on the host's second NIC) is masqueraded too (Docker's MASQUERADE
+/// is `! -o BRIDGE`): nothing reaches the neighbour with the container's private source.
+fn out_through_second_nic_is_masqueraded(dp: Dp) {
+    let p = published(dp);
+    let env = &p.w.env;
+    let lan = p.w.second_nic();
+    let tap = Tap::open(env, &lan, "lan0");
+    let mark = marker();
+    send_udp(env, &p.a2, LAN_ADDR, 5000, &mark);
+    let sources: Vec<_> = tap
+        .received(&mark, |_| true)
+        .iter()
+        .map(|f| rawsock::ipv4_source(f))
+        .collect();
+    assert_eq!(sources, [Some(NIC1_ADDR)], "{dp:?}");
+}
+
 /// `ping ARGS` from a container to the outside works, and nothing reaches the outside with the
 /// container's private source (every packet, fragments and options included, masqueraded).
 fn masqueraded_ping(dp: Dp, args: &[&str]) {
@@ -1392,4 +1425,5 @@ matrix! {
         container_source_to_published_port,
         icmp_error_of_a_masqueraded_flow,
         icmp_error_of_a_hairpin_flow,
+        out_through_second_nic_is_masqueraded,
 }
