@@ -6,165 +6,26 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    programs::{SchedClassifier, Xdp},
-};
 use netd::{
     bpf::Pins,
     datapath::{
-        Datapath as _, Protocol,
+        Datapath as _,
         ebpf::{EbpfDatapath, stats},
     },
 };
 use netd_common::datapath::{
-    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
+    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, MARK_ADMITTED, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
 };
 use tests::{
     frames::*,
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
-    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network, port},
-    topology::ip_in,
+    harness::{HOST_ADDR, OUTSIDE_ADDR},
+    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
+    progrun::{Bench, DROP, PASS, REDIRECT, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
 
-/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
-const PASS: u32 = u32::MAX;
-/// TC_ACT_SHOT.
-const DROP: u32 = 2;
-/// The XDP verdicts.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const SERVER: Ipv4Addr = OUTSIDE_ADDR;
 const OTHER_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-
-struct Bench {
-    env: TestEnv,
-    ebpf: Ebpf,
-}
-
-impl Bench {
-    /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
-    /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
-    fn new() -> Self {
-        Self::with_timeouts(Timeouts::default())
-    }
-
-    fn with_timeouts(timeouts: Timeouts) -> Self {
-        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
-    }
-
-    fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
-        let env = TestEnv::new();
-        let pins = Pins::open(&env.bpffs).unwrap();
-        ip_in(
-            &env,
-            &env.host_ns(),
-            &["link", "add", BRIDGE, "type", "bridge"],
-        );
-        let veth1 = host_veth(&env, "veth1");
-        let veth2 = host_veth(&env, "veth2");
-        env.in_ns(&env.host_ns(), || {
-            let dp = EbpfDatapath::new(pins.clone())
-                .with_host_cgroup(None)
-                .with_timeouts(timeouts)
-                .with_conntrack_max(conntrack_max);
-            let net = network();
-            dp.setup_network(&net).unwrap();
-            dp.add_endpoint(&net, &endpoint(C1, "veth1", veth1))
-                .unwrap();
-            dp.add_endpoint(&net, &endpoint(C2, "veth2", veth2))
-                .unwrap();
-            dp.publish(
-                &net,
-                &[
-                    port(Protocol::Tcp, None, 8080, C1, 80),
-                    port(Protocol::Udp, Some(HOST_ADDR), 5353, C2, 53),
-                ],
-            )
-            .unwrap();
-        });
-        let mut ebpf = pins.load().unwrap();
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
-            p.load().unwrap();
-        }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(UPLINK_XDP_PROG)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        xdp.load().unwrap();
-        Self { env, ebpf }
-    }
-
-    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
-    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.ebpf.program(prog).unwrap();
-        if prog == UPLINK_XDP_PROG {
-            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
-        } else {
-            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
-        }
-    }
-
-    /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
-    /// fields changed; returns the new ends.
-    fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
-        let (verdict, out) = self.run(prog, frame);
-        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
-        assert_only_nat_fields_changed(frame, &out);
-        assert_checksums(&out, false);
-        ends(&out)
-    }
-
-    fn egress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_EGRESS_PROG, frame)
-    }
-
-    fn ingress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_INGRESS_PROG, frame)
-    }
-
-    /// Runs the programs on `frame`: each must pass it on byte for byte (the XDP program
-    /// leaves it to TC, counting nothing).
-    fn assert_untouched(&self, frame: &[u8]) {
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let (verdict, out) = self.run(prog, frame);
-            assert_eq!(verdict, PASS, "{prog} verdict");
-            assert_eq!(out, frame, "{prog} changed a frame it must not translate");
-        }
-        let (verdict, out) = self.run(UPLINK_XDP_PROG, frame);
-        assert_eq!(verdict, XDP_PASS, "{UPLINK_XDP_PROG} verdict");
-        assert_eq!(out, frame, "{UPLINK_XDP_PROG} changed a frame");
-    }
-
-    fn stat(&self, reason: &str) -> u64 {
-        let pins = Pins::open(&self.env.bpffs).unwrap();
-        stats::read(&pins)
-            .unwrap()
-            .into_iter()
-            .find(|c| c.reason == reason)
-            .unwrap()
-            .packets
-    }
-}
-
-/// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
-fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
-{
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
 
 fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
     Ends {
@@ -297,7 +158,7 @@ fn published_flows_go_straight_into_the_container_as_the_bridge_would_send_them(
     assert_eq!(out[0..6], endpoint(C1, "", 0).mac, "destination MAC");
     assert_eq!(
         out[6..12],
-        netd::ipam::mac_for(GATEWAY),
+        netd::core::ipam::mac_for(GATEWAY),
         "source MAC: the bridge's"
     );
     assert_eq!(
@@ -406,20 +267,6 @@ fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
     assert_eq!(b.ingress(&reply).dst, C1);
 }
 
-/// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit
-/// on; returns the ifindex of `name`.
-fn host_veth(env: &TestEnv, name: &str) -> u32 {
-    let peer = format!("{name}p");
-    ip_in(
-        env,
-        &env.host_ns(),
-        &["link", "add", name, "type", "veth", "peer", "name", &peer],
-    );
-    env.in_ns(&env.host_ns(), || {
-        nix::net::if_::if_nametoindex(name).unwrap()
-    })
-}
-
 /// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted
 /// packet's ends and every checksum right, and no other byte changed. Returns the outer and
 /// quoted ends.
@@ -519,9 +366,6 @@ fn icmp_errors_from_a_container_about_a_published_port_flow_leave_from_the_host(
     assert_eq!((outer.src, outer.dst), (HOST_ADDR, client));
     assert_eq!(quoted, at(client, 6000, HOST_ADDR, 5353));
 }
-
-/// TC_ACT_REDIRECT.
-const REDIRECT: u32 = 7;
 
 /// Runs the bridge program on `frame`: it must redirect it with its ends and checksums right
 /// and its MACs set from the bridge's (the frame's destination) to `to_mac`.
@@ -889,6 +733,8 @@ fn dnat_refuses_martian_sources() {
         Ipv4Addr::new(224, 0, 0, 5),
         HOST_ADDR,
         C2,
+        GATEWAY,
+        Ipv4Addr::new(172, 17, 200, 9),
     ] {
         let before = b.stat("martian");
         let syn = tcp_frame(src, 40000, HOST_ADDR, 8080, SYN);
@@ -1021,4 +867,300 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
         b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
         C1
     );
+}
+
+/// An IPv6 frame from `src` to `dst` carrying 8 bytes of UDP.
+fn ipv6_frame(src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, UDP, 64];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(&[0x22, 0x22, 0x22, 0x22, 0, 8, 0, 0]);
+    eth(0x86dd, &ip)
+}
+
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const LLDP: u16 = 0x88cc;
+
+#[test]
+fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
+    let b = Bench::new();
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let c2_mac = endpoint(C2, "", 0).mac;
+    let from_c1 = Skb {
+        ingress_ifindex: b.veths[0],
+        ifindex: b.veths[0],
+        ..Skb::default()
+    };
+    let run = |frame: Vec<u8>| {
+        b.run_skb(
+            ENDPOINT_INGRESS_PROG,
+            &with_macs(frame, c2_mac, c1_mac),
+            from_c1,
+        )
+        .0
+    };
+    let dropped = |frame: Vec<u8>, reason: &str| {
+        let before = b.stat(reason);
+        assert_eq!(run(frame), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    };
+    // Controls: to C2, with and without IP options, straight into its namespace.
+    assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECT);
+    let options = with_ip_options(tcp_frame(C1, 40000, C2, 80, SYN), &record_route(9));
+    assert_eq!(run(options.clone()), REDIRECT);
+    // IPv6 between link-local addresses goes on to the bridge (icc=true)...
+    assert_eq!(run(ipv6_frame(LINK_LOCAL, ALL_NODES)), PASS);
+    assert_eq!(run(ipv6_frame([0; 16], ALL_NODES)), PASS);
+    // ...nothing else of IPv6, no tags, no other protocols.
+    dropped(ipv6_frame(GLOBAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(LINK_LOCAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(GLOBAL, ALL_NODES), "ipv6");
+    let tag = |vid: u16| {
+        let mut f = tcp_frame(C1, 40000, C2, 80, SYN);
+        f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+        f
+    };
+    dropped(tag(0), "vlan");
+    dropped(tag(7), "vlan");
+    dropped(eth(LLDP, &[0u8; 46]), "not_ip");
+    // Options don't hide a spoofed source; a bad header is dropped as such.
+    dropped(
+        with_ip_options(tcp_frame(GATEWAY, 40000, C2, 80, SYN), &[1, 1, 1, 1]),
+        "spoofed_addr",
+    );
+    let mut bad = tcp_frame(C1, 40000, C2, 80, SYN);
+    bad[ETH_LEN] = 0x44;
+    dropped(bad, "bad_ip_header");
+}
+
+#[test]
+fn only_the_host_its_network_and_translated_packets_reach_a_container() {
+    let b = Bench::new();
+    let bridge = b.bridge_ifindex();
+    // An interface that is none of netd's: a second NIC, a VPN.
+    let elsewhere = 4242;
+    let to_c1 = |ingress_ifindex, mark| Skb {
+        mark,
+        ingress_ifindex,
+        ifindex: b.veths[0],
+    };
+    let run = |frame: &[u8], skb: Skb| b.run_skb(ENDPOINT_EGRESS_PROG, frame, skb).0;
+    let unsolicited = tcp_frame(SERVER, 40000, C1, 22, SYN);
+    // From the host itself, from C2 (its veth), routed through the gateway (the bridge), and
+    // translated by netd and marked: in.
+    for (from, mark) in [
+        (0, 0),
+        (b.veths[1], 0),
+        (bridge, 0),
+        (elsewhere, MARK_ADMITTED),
+    ] {
+        assert_eq!(
+            run(&unsolicited, to_c1(from, mark)),
+            PASS,
+            "from {from} mark {mark:#x}"
+        );
+    }
+    // From anywhere else: out, with the reason, whatever the frame carries.
+    let quoted = udp_frame(C1, 5000, SERVER, 53, true);
+    let stray_fragment = fragments(&udp_frame_carrying(SERVER, 53, C1, 6000, &[0; 64]), 32, 9).1;
+    let mut tagged = unsolicited.clone();
+    tagged.splice(12..12, [0x81, 0x00, 0, 0]);
+    for (frame, reason) in [
+        (unsolicited.clone(), "unsolicited"),
+        (
+            with_ip_options(unsolicited.clone(), &record_route(9)),
+            "unsolicited",
+        ),
+        (icmp_frame(SERVER, C1, true, 5), "unsolicited"),
+        (
+            eth(0x0800, &ipv4(SERVER, C1, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4])),
+            "unsolicited",
+        ),
+        (
+            icmp_error_frame(SERVER, C1, DEST_UNREACH, PORT_UNREACH, &quoted[ETH_LEN..]),
+            "icmp_no_flow",
+        ),
+        (
+            eth(
+                0x0800,
+                &ipv4(SERVER, C1, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
+            ),
+            "unsupported_proto",
+        ),
+        (stray_fragment, "fragment"),
+        (tagged, "vlan"),
+        (ipv6_frame(GLOBAL, GLOBAL), "ipv6"),
+        (eth(LLDP, &[0u8; 46]), "not_ip"),
+    ] {
+        let before = b.stat(reason);
+        assert_eq!(run(&frame, to_c1(elsewhere, 0)), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    }
+    // Address resolution from a bridge port netd doesn't own is harmless.
+    assert_eq!(run(&eth(0x0806, &[0u8; 28]), to_c1(elsewhere, 0)), PASS);
+}
+
+#[test]
+fn icmp_errors_about_hairpin_flows_are_translated_both_ways_with_the_quoted_packet() {
+    let b = Bench::new();
+    let c2_mac = endpoint(C2, "", 0).mac;
+    // C2 → host:8080, which reaches C1:80 from the gateway; C1 answers with a port
+    // unreachable about the packet it got.
+    let syn = hairpin(
+        &b,
+        &tcp_frame(C2, 40001, HOST_ADDR, 8080, SYN),
+        endpoint(C1, "", 0).mac,
+    );
+    let got = tcp_frame(syn.src, syn.sport, C1, 80, SYN);
+    let error = icmp_error_frame(C1, GATEWAY, DEST_UNREACH, PORT_UNREACH, &got[ETH_LEN..]);
+    let (verdict, out) = b.run(BRIDGE_INGRESS_PROG, &error);
+    assert_eq!(verdict, REDIRECT, "to C2's veth");
+    assert_eq!(out[0..6], c2_mac);
+    assert_checksums(&out, false);
+    assert_quoted_ip_checksum(&out);
+    // C2 sees an error from the host's address about what it sent: C2:40001 → host:8080.
+    let outer = ends(&out);
+    assert_eq!((outer.src, outer.dst), (HOST_ADDR, C2));
+    assert_eq!(quoted_ends(&out), at(C2, 40001, HOST_ADDR, 8080));
+    // About no flow, an error is the host's.
+    let stray = icmp_error_frame(
+        C1,
+        GATEWAY,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        &tcp_frame(GATEWAY, 9, C1, 80, SYN)[ETH_LEN..],
+    );
+    assert_eq!(b.run(BRIDGE_INGRESS_PROG, &stray), (PASS, stray.clone()));
+}
+
+#[test]
+fn hairpin_applies_the_sources_isolation() {
+    let b = Bench::new();
+    // A second network, without ICC, with C3; C2 links to C3's port 80.
+    let quiet = netd::datapath::NetworkSpec {
+        id: 2,
+        name: "quiet".into(),
+        bridge: BRIDGE.into(),
+        subnet: "10.2.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 2, 0, 1),
+        icc: false,
+        ..network()
+    };
+    let (c3, c4) = (Ipv4Addr::new(10, 2, 0, 3), Ipv4Addr::new(10, 2, 0, 4));
+    let veth3 = host_veth(&b.env, "veth3");
+    let veth4 = host_veth(&b.env, "veth4");
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        dp.setup_network(&quiet).unwrap();
+        for (ip, veth, ifindex, links) in [
+            (c3, "veth3", veth3, vec![]),
+            (
+                c4,
+                "veth4",
+                veth4,
+                vec![netd::datapath::LinkSpec {
+                    peer: c3,
+                    proto: netd::datapath::Protocol::Tcp,
+                    port: 80,
+                }],
+            ),
+        ] {
+            let ep = netd::datapath::EndpointSpec {
+                network_id: 2,
+                links,
+                ..endpoint(ip, veth, ifindex)
+            };
+            dp.add_endpoint(&quiet, &ep).unwrap();
+        }
+        dp.publish(
+            &quiet,
+            &[netd::datapath::PortSpec {
+                network_id: 2,
+                ..tests::netdata::port(netd::datapath::Protocol::Tcp, None, 9090, c3, 80)
+            }],
+        )
+        .unwrap();
+    });
+    let refused = |frame: Vec<u8>, reason: &str| {
+        let before = b.stat(reason);
+        assert_eq!(b.run(BRIDGE_INGRESS_PROG, &frame).0, DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason}");
+    };
+    // Another network's published port, through the host: the isolation chains drop it.
+    refused(tcp_frame(C2, 40000, HOST_ADDR, 9090, SYN), "other_network");
+    refused(tcp_frame(c3, 40000, HOST_ADDR, 8080, SYN), "other_network");
+    // Without ICC, a neighbour's published port only along a link.
+    refused(tcp_frame(c3, 40000, HOST_ADDR, 9090, SYN), "icc_denied");
+    let linked = hairpin(
+        &b,
+        &tcp_frame(c4, 40000, HOST_ADDR, 9090, SYN),
+        endpoint(c3, "", 0).mac,
+    );
+    assert_eq!((linked.dst, linked.dport), (c3, 80));
+    // With ICC, C2 reaches C1's.
+    assert_eq!(
+        hairpin(
+            &b,
+            &tcp_frame(C2, 40000, HOST_ADDR, 8080, SYN),
+            endpoint(C1, "", 0).mac
+        )
+        .dst,
+        C1
+    );
+}
+
+#[test]
+fn the_datapath_follows_a_new_default_route_and_uplink_address() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_uplink().unwrap()
+        })
+    };
+    assert_eq!(follow(), None, "nothing changed yet");
+    // A second uplink (a VPN, a new NIC) takes the default route.
+    let new_addr = Ipv4Addr::new(198, 18, 7, 2);
+    for args in [
+        &["link", "add", "up9", "type", "veth", "peer", "name", "up9p"][..],
+        &["addr", "add", "198.18.7.2/24", "dev", "up9"],
+        &["link", "set", "up9p", "up"],
+        &["link", "set", "up9", "up"],
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.18.7.1",
+            "dev",
+            "up9",
+        ],
+    ] {
+        tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
+    }
+    assert_eq!(follow().as_deref(), Some("up9"));
+    for (prog, dir) in [
+        (UPLINK_INGRESS_PROG, aya::programs::TcAttachType::Ingress),
+        (UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress),
+    ] {
+        let attached = b
+            .env
+            .in_ns(&b.env.host_ns(), || pins.tc_attachments(prog, dir).unwrap());
+        assert_eq!(attached, ["up9"], "{prog}");
+    }
+    // Masquerade and published ports go on from the new address.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN)).src,
+        new_addr
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 40000, new_addr, 8080, SYN))
+            .dst,
+        C1
+    );
+    assert_eq!(follow(), None, "followed once");
 }

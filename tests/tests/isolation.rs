@@ -489,7 +489,7 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
         "the control again"
     );
 
-    let own_mac = netd::ipam::format_mac(netd::ipam::mac_for(c1.ip));
+    let own_mac = netd::core::ipam::format_mac(netd::core::ipam::mac_for(c1.ip));
     let (counted, drops) = (
         stat(&env, "spoofed_mac"),
         endpoint_drops_for(&env, c1.ip, "spoofed_mac"),
@@ -532,8 +532,8 @@ fn a_container_cannot_take_over_the_gateway_with_gratuitous_arp() {
     let c1 = create(&env, "c1", &[]);
     let c2 = create(&env, "c2", &[]);
     let gateway = gateway_of(&env, "bridge");
-    let gateway_mac = netd::ipam::format_mac(netd::ipam::mac_for(gateway));
-    let c1_mac = netd::ipam::mac_for(c1.ip);
+    let gateway_mac = netd::core::ipam::format_mac(netd::core::ipam::mac_for(gateway));
+    let c1_mac = netd::core::ipam::mac_for(c1.ip);
     // c2 knows the gateway, and (for the control) a wrong MAC for c1.
     assert!(pings(&env, &c2.ns, gateway, None));
     assert_eq!(neighbour(&env, &c2.ns, gateway), Some(gateway_mac.clone()));
@@ -562,7 +562,7 @@ fn a_container_cannot_take_over_the_gateway_with_gratuitous_arp() {
     announce(c1.ip);
     assert_eq!(
         neighbour(&env, &c2.ns, c1.ip),
-        Some(netd::ipam::format_mac(c1_mac))
+        Some(netd::core::ipam::format_mac(c1_mac))
     );
 
     let (counted, drops) = (

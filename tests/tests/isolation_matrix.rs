@@ -135,7 +135,7 @@ impl World {
             ns: netd::netns::path_of(&name),
             ifname: "eth0",
             ip,
-            mac: netd::ipam::mac_for(ip),
+            mac: netd::core::ipam::mac_for(ip),
         }
     }
 
@@ -503,7 +503,7 @@ fn ipv6(dp: Dp, internal: bool) {
         &victim.ns,
         &["-6", "addr", "add", "fd00:71::2/64", "dev", "eth0", "nodad"],
     );
-    let mac = netd::ipam::format_mac(victim.mac);
+    let mac = netd::core::ipam::format_mac(victim.mac);
     w.ip(
         &host,
         &[
@@ -945,7 +945,7 @@ fn arp_spoofing(dp: Dp) {
         words.find(|w| *w == "lladdr");
         words.next().map(str::to_string)
     };
-    let mac = netd::ipam::format_mac;
+    let mac = netd::core::ipam::format_mac;
     // The host learns a2 from a2's own ARP.
     let ping = env.run_in(&o.a2.ns, "ping", &["-c1", "-W1", &o.a.gateway.to_string()]);
     assert!(ping.status.success(), "{ping:?}");

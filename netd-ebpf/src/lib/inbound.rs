@@ -51,9 +51,9 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
 
 /// Whether `saddr` can't be the source of a packet from outside: "this" network (0/8),
 /// loopback, multicast and beyond (224/3, the limited broadcast included), the host's uplink
-/// address, or a container. Translated to a container, such a packet would make it answer
-/// the host or another container; the stack drops these as martians (rp_filter), DNAT must
-/// too.
+/// address, or an address of a container subnet (a container, a gateway). Translated to a
+/// container, such a packet would make it answer the host or another container; the stack
+/// drops these as martians (rp_filter), DNAT must too.
 #[inline(always)]
 fn martian(saddr: u32, cfg: &Config) -> bool {
     let first = saddr.to_ne_bytes()[0];
@@ -61,5 +61,5 @@ fn martian(saddr: u32, cfg: &Config) -> bool {
         || first == LOOPBACK_FIRST_OCTET
         || first >= MULTICAST_FIRST_OCTET
         || saddr == cfg.uplink_addr[0]
-        || maps::endpoint(saddr).is_some()
+        || maps::in_container_subnet(saddr)
 }

@@ -24,6 +24,8 @@ static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLI
 #[map]
 static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
 #[map]
+static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
+#[map]
 static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
@@ -108,6 +110,12 @@ pub fn is_sealed(addr: u32) -> bool {
     endpoint(addr)
         .and_then(|ep| network(ep.network_id))
         .is_some_and(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+}
+
+/// Whether `addr` (wire byte order) is in a netd network's subnet (a container, a gateway).
+#[inline(always)]
+pub fn in_container_subnet(addr: u32) -> bool {
+    SUBNETS.get(&Key::new(32, addr)).is_some()
 }
 
 /// Whether network `id` is `--internal`: nothing gets in from beyond it.

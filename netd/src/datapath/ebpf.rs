@@ -220,6 +220,15 @@ impl EbpfDatapath {
     /// Detaches the host-wide programs: the uplink's (TC and XDP), wherever they are, and the
     /// cgroup ones.
     fn detach_host(&self) -> Result<()> {
+        self.detach_uplink()?;
+        for prog in HOST_SOCK_PROGS {
+            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the uplink's programs (TC and XDP), wherever they are.
+    fn detach_uplink(&self) -> Result<()> {
         for (prog, dir) in UPLINK_PROGS {
             for iface in self.pins.tc_attachments(prog, dir)? {
                 self.pins.detach_tc(prog, &iface, dir)?;
@@ -229,10 +238,45 @@ impl EbpfDatapath {
             self.pins
                 .detach_pinned(&self.pins.xdp_link(UPLINK_XDP_PROG, &iface))?;
         }
-        for prog in HOST_SOCK_PROGS {
-            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
-        }
         Ok(())
+    }
+
+    /// Follows the uplink: when the default route's interface or its address changed since
+    /// the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
+    /// the new interface and its address into the configuration, so masquerading and published
+    /// ports go on from there (flows masqueraded to the old address die with it). Returns the
+    /// new uplink's name when something changed; nothing to do without a network.
+    pub fn follow_uplink(&self) -> Result<Option<String>> {
+        if maps::networks(&self.pins)?.keys().next().is_none() {
+            return Ok(None);
+        }
+        let current = maps::config(&self.pins)?
+            .get(&0, 0)
+            .context("read the datapath configuration")?;
+        let uplink = host::find_uplink()?;
+        let same_addr = v4_octets(&current.uplink_addr) == uplink.addr.octets();
+        if current.uplink_ifindex == uplink.index && same_addr {
+            return Ok(None);
+        }
+        if current.uplink_ifindex != uplink.index {
+            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+            let xdp = !self.pins.xdp_attachments(UPLINK_XDP_PROG)?.is_empty();
+            self.detach_uplink()?;
+            self.attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)?;
+            if xdp {
+                self.pins
+                    .attach_xdp(&mut ebpf, UPLINK_XDP_PROG, &uplink.name)?;
+            }
+        }
+        let config = Config {
+            uplink_addr: addr_v4(uplink.addr.octets()),
+            uplink_ifindex: uplink.index,
+            ..current
+        };
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")?;
+        Ok(Some(uplink.name))
     }
 
     /// What the endpoint programs need to know of `ep`: the veth it sits behind, and the
@@ -306,6 +350,13 @@ impl EbpfDatapath {
         }
     }
 
+    /// Removes `net`'s subnet from `SUBNETS` (best effort: what is not there needs no removing).
+    fn forget_subnet(&self, net: &NetworkSpec) {
+        if let Ok(mut subnets) = maps::subnets(&self.pins) {
+            let _ = subnets.remove(&maps::subnet_key(net));
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
@@ -341,6 +392,11 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
             .and_then(|()| {
+                maps::subnets(&self.pins)?
+                    .insert(&maps::subnet_key(net), net.id, 0)
+                    .with_context(|| format!("add the subnet of network {}", net.name))
+            })
+            .and_then(|()| {
                 networks
                     .insert(net.id, maps::network_info(net), 0)
                     .with_context(|| format!("add network {}", net.name))
@@ -354,6 +410,7 @@ impl Datapath for EbpfDatapath {
             });
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            self.forget_subnet(net);
             if first {
                 let _ = self.detach_host();
             }
@@ -367,6 +424,7 @@ impl Datapath for EbpfDatapath {
         networks
             .remove(&net.id)
             .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
+        self.forget_subnet(net);
         let mut endpoints = maps::endpoints(&self.pins)?;
         let stale: Vec<_> = endpoints
             .iter()

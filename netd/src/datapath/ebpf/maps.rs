@@ -8,7 +8,8 @@ use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
     EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
     NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
-    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, VETHS_MAP, VethInfo, addr_v4,
+    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo,
+    addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -23,6 +24,7 @@ pub type Stats = PerCpuArray<MapData, u64>;
 pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
 pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, VethInfo>;
+pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
@@ -69,6 +71,20 @@ pub fn publish_allow(pins: &Pins) -> Result<PublishAllow> {
     Ok(LpmTrie::try_from(Map::LpmTrie(
         pins.open_map(PUBLISH_ALLOW_MAP)?,
     ))?)
+}
+
+pub fn subnets(pins: &Pins) -> Result<Subnets> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(
+        pins.open_map(SUBNETS_MAP)?,
+    ))?)
+}
+
+/// The `SUBNETS` key of a network's subnet.
+pub fn subnet_key(net: &NetworkSpec) -> Key<u32> {
+    Key::new(
+        u32::from(net.subnet.prefix_len()),
+        u32::from_ne_bytes(net.subnet.network().octets()),
+    )
 }
 
 pub fn veths(pins: &Pins) -> Result<Veths> {
