@@ -1164,3 +1164,62 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
     );
     assert_eq!(follow(), None, "followed once");
 }
+
+#[test]
+fn an_internal_containers_hairpin_stays_within_its_network() {
+    let b = Bench::new();
+    let internal = netd::datapath::NetworkSpec {
+        id: 2,
+        name: "inside".into(),
+        bridge: BRIDGE.into(),
+        subnet: "10.3.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 3, 0, 1),
+        internal: true,
+        ..network()
+    };
+    let (c5, c6) = (Ipv4Addr::new(10, 3, 0, 5), Ipv4Addr::new(10, 3, 0, 6));
+    let veth5 = host_veth(&b.env, "veth5");
+    let veth6 = host_veth(&b.env, "veth6");
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        dp.setup_network(&internal).unwrap();
+        for (ip, veth, ifindex) in [(c5, "veth5", veth5), (c6, "veth6", veth6)] {
+            let ep = netd::datapath::EndpointSpec {
+                network_id: 2,
+                ..endpoint(ip, veth, ifindex)
+            };
+            dp.add_endpoint(&internal, &ep).unwrap();
+        }
+        dp.publish(
+            &internal,
+            &[netd::datapath::PortSpec {
+                network_id: 2,
+                ..tests::netdata::port(netd::datapath::Protocol::Tcp, None, 7070, c6, 80)
+            }],
+        )
+        .unwrap();
+    });
+    let from_c5 = Skb {
+        ingress_ifindex: veth5,
+        ifindex: veth5,
+        ..Skb::default()
+    };
+    let sent = |frame: Vec<u8>| {
+        let frame = with_macs(frame, [2, 0, 0, 0, 0, 1], endpoint(c5, "", 0).mac);
+        b.run_skb(ENDPOINT_INGRESS_PROG, &frame, from_c5).0
+    };
+    // To its neighbour's port published on the host's address: on to the bridge (hairpin).
+    assert_eq!(sent(tcp_frame(c5, 40000, HOST_ADDR, 7070, SYN)), PASS);
+    let there = hairpin(
+        &b,
+        &tcp_frame(c5, 40000, HOST_ADDR, 7070, SYN),
+        endpoint(c6, "", 0).mac,
+    );
+    assert_eq!((there.dst, there.dport), (c6, 80));
+    // Anything else beyond the network stays out: another network's port, the outside.
+    let before = b.stat("internal");
+    assert_eq!(sent(tcp_frame(c5, 40000, HOST_ADDR, 8080, SYN)), DROP);
+    assert_eq!(sent(tcp_frame(c5, 40000, SERVER, 80, SYN)), DROP);
+    assert_eq!(b.stat("internal"), before + 2);
+}

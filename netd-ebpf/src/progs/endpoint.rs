@@ -245,9 +245,26 @@ fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
         return Verdict::Pass;
     }
     if net.flags & NET_INTERNAL != 0 {
+        if hairpin_within(from, &tuple) {
+            return Verdict::Pass;
+        }
         return Verdict::Drop(Stat::Internal, tuple);
     }
     Verdict::Leave
+}
+
+/// Whether a packet from an `--internal` network's container goes to a port published on the
+/// host's address for a container of the same network: hairpin (the bridge's program
+/// translates it), which stays within the network, as on the iptables datapath (DNAT first,
+/// then the isolation rules see a packet between two of the network's containers).
+#[inline(always)]
+fn hairpin_within(from: &Sender, t: &Tuple) -> bool {
+    let Some(cfg) = maps::config() else {
+        return false;
+    };
+    let is_host = t.daddr == cfg.uplink_addr[0];
+    maps::published(t.daddr, t.dport, t.proto, is_host)
+        .is_some_and(|target| target.network_id == from.veth.network_id)
 }
 
 /// The addresses and, for TCP and UDP (not a later fragment), the ports of an IPv4 packet.
