@@ -10,7 +10,7 @@ use std::{
     path::Path,
     sync::atomic::{AtomicU32, Ordering},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{frames, harness::TestEnv};
@@ -33,6 +33,8 @@ const DONT_FRAGMENT: u16 = 0x4000;
 
 /// How long a tap waits for frames in flight before it counts.
 const SETTLE: Duration = Duration::from_millis(400);
+/// How long a tap waits for a frame that must come.
+const ARRIVAL: Duration = Duration::from_secs(3);
 
 static NEXT_MARKER: AtomicU32 = AtomicU32::new(0);
 
@@ -306,6 +308,31 @@ impl Tap {
     /// carry `marker` (any, when empty) and that `accept` takes.
     pub fn received(&self, marker: &[u8], accept: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         thread::sleep(SETTLE);
+        self.drain(marker, &accept)
+    }
+
+    /// How many received frames carry `marker`.
+    pub fn count(&self, marker: &[u8]) -> usize {
+        self.received(marker, |_| true).len()
+    }
+
+    /// Whether a frame carrying `marker` arrives within [`ARRIVAL`] (on a loaded machine the
+    /// first packet of a path waits for ARP on every hop).
+    pub fn arrived(&self, marker: &[u8]) -> bool {
+        let deadline = Instant::now() + ARRIVAL;
+        loop {
+            if !self.drain(marker, &|_| true).is_empty() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The frames queued on the tap, taken off it, that carry `marker` and `accept` takes.
+    fn drain(&self, marker: &[u8], accept: &dyn Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
@@ -324,7 +351,7 @@ impl Tap {
                 (len, addr)
             };
             if len < 0 {
-                break;
+                return frames;
             }
             let frame = &buf[..len as usize];
             if addr.sll_pkttype != libc::PACKET_OUTGOING && contains(frame, marker) && accept(frame)
@@ -332,12 +359,6 @@ impl Tap {
                 frames.push(frame.to_vec());
             }
         }
-        frames
-    }
-
-    /// How many received frames carry `marker`.
-    pub fn count(&self, marker: &[u8]) -> usize {
-        self.received(marker, |_| true).len()
     }
 }
 

@@ -197,9 +197,9 @@ impl World {
         counters::netd_stat(&self.env, reason)
     }
 
-    /// Sends with `send(to, marker, attack)` to `control` (`attack` false) and then to
-    /// `victim` (`attack` true): the control must receive it, and then the victim must get
-    /// what `expect` says.
+    /// Sends with `send(to, marker, attack)` to `victim` (`attack` true) and then to
+    /// `control` (`attack` false): the control must arrive, and by then the victim must have
+    /// got what `expect` says (what was sent first, had it been let through, would be there).
     fn check(
         &self,
         victim: &Receiver,
@@ -208,33 +208,38 @@ impl World {
         send: impl Fn(&Receiver, &[u8], bool),
     ) {
         let dp = self.dp;
-        let received = |to: &Receiver, attack: bool| {
-            let tap = Tap::open(&self.env, &to.ns, to.ifname);
-            let mark = marker();
-            send(to, &mark, attack);
-            tap.count(&mark)
+        let (at_victim, at_control) = (
+            Tap::open(&self.env, &victim.ns, victim.ifname),
+            Tap::open(&self.env, &control.ns, control.ifname),
+        );
+        let (attack, honest) = (marker(), marker());
+        let refused = match &expect {
+            Expect::Refused(reason) => Some((reason, self.counted(reason))),
+            Expect::DeliveredAsDocker => None,
         };
+        send(victim, &attack, true);
+        send(control, &honest, false);
         assert!(
-            received(control, false) > 0,
+            at_control.arrived(&honest),
             "{dp:?}: the control didn't reach {}",
             control.ip
         );
-        match expect {
-            Expect::Refused(reason) => {
-                let before = self.counted(&reason);
-                assert_eq!(received(victim, true), 0, "{dp:?}: reached {}", victim.ip);
+        let received = at_victim.count(&attack);
+        match refused {
+            Some((reason, before)) => {
+                assert_eq!(received, 0, "{dp:?}: reached {}", victim.ip);
                 match reason {
                     // Nothing counts what the stack drops for `why`: that it didn't arrive is
                     // all there is to see.
                     Reason::Stack(why) => eprintln!("{dp:?}: dropped by the stack: {why}"),
                     _ => assert!(
-                        self.counted(&reason) > before,
+                        self.counted(reason) > before,
                         "{dp:?}: not counted as {reason:?}"
                     ),
                 }
             }
-            Expect::DeliveredAsDocker => assert!(
-                received(victim, true) > 0,
+            None => assert!(
+                received > 0,
                 "{dp:?}: Docker's rules deliver this to {}",
                 victim.ip
             ),
