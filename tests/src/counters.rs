@@ -1,22 +1,9 @@
-//! What a datapath and a receiver counted: `netd stats` reasons (eBPF datapath), the packet
-//! counters of iptables rules (iptables datapath) and a namespace's /proc/net/snmp.
+//! What the iptables datapath and a namespace's IPv6 stack counted (`netd stats` and
+//! /proc/net/snmp are in [`crate::traffic`]).
 
 use std::path::Path;
 
 use crate::harness::TestEnv;
-
-/// Packets counted under `reason` by `netd stats`.
-pub fn netd_stat(env: &TestEnv, reason: &str) -> u64 {
-    let stats = env.netd_json(&["stats", "--json"]);
-    stats["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["reason"] == reason)
-        .unwrap_or_else(|| panic!("no counter {reason}: {stats}"))["packets"]
-        .as_u64()
-        .unwrap()
-}
 
 /// Packets dropped by the DROP rules of `chain` (host namespace, filter table) with exactly
 /// these in/out interfaces (`*`: any). Panics when there is no such rule.
@@ -36,26 +23,6 @@ pub fn iptables_drops(env: &TestEnv, chain: &str, input: &str, output: &str) -> 
         "no DROP rule -i {input} -o {output} in {chain}:\n{text}"
     );
     rules.iter().map(|f| f[0].parse::<u64>().unwrap()).sum()
-}
-
-/// A counter of /proc/net/snmp (`Ip`, `Icmp`, `Tcp`, `Udp`: `group`; `InEchos`: `name`) in the
-/// namespace at `ns`.
-pub fn snmp(env: &TestEnv, ns: &Path, group: &str, name: &str) -> u64 {
-    let out = env.run_in(ns, "cat", &["/proc/net/snmp"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let prefix = format!("{group}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|n| n == name)
-        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/snmp"));
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// A counter of /proc/net/snmp6 (`Ip6OutForwDatagrams`: `name`) in the namespace at `ns`.

@@ -1,3 +1,4 @@
+pub mod cli;
 pub mod counters;
 pub mod frames;
 pub mod harness;
@@ -5,3 +6,6 @@ pub mod netdata;
 pub mod progrun;
 pub mod rawsock;
 pub mod topology;
+
+/// Echo servers, waits and packet counters, shared with the benchmark.
+pub use netd_testkit::traffic;

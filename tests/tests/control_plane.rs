@@ -3,15 +3,19 @@
 
 use std::{
     collections::HashSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
 
 use netd::netns;
-use tests::harness::{OUTSIDE_ADDR, TestEnv};
+use tests::{
+    cli::connect_error,
+    harness::{OUTSIDE_ADDR, TestEnv},
+    traffic::{echo_server, tcp_echo},
+};
 
 fn ip_of(env: &TestEnv, name: &str) -> String {
     let c = env.netd_json(&["container", "inspect", name]);
@@ -31,31 +35,6 @@ fn pings(env: &TestEnv, from: &Path, to: &str) -> bool {
         .success()
 }
 
-/// Starts a one-shot TCP echo server in `ns` on `port`; returns its thread, which yields the
-/// peer address it saw.
-fn echo_server(env: &TestEnv, ns: &Path, port: u16) -> std::thread::JoinHandle<SocketAddr> {
-    let listener = env.in_ns(ns, || TcpListener::bind(("0.0.0.0", port)).unwrap());
-    std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).unwrap();
-        conn.write_all(&buf[..n]).unwrap();
-        peer
-    })
-}
-
-/// Connects from `ns` to `addr`, sends a line and returns what came back.
-fn tcp_echo(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<String> {
-    env.in_ns(ns, || {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.write_all(b"netd")?;
-        let mut buf = [0u8; 16];
-        let n = conn.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-}
-
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().unwrap()
 }
@@ -68,15 +47,18 @@ fn a_none_container_is_isolated_and_keeps_loopback() {
     let links = String::from_utf8(env.run_in(&ns(&c), "ip", &["-o", "link"]).stdout).unwrap();
     assert_eq!(links.lines().count(), 1, "only lo: {links}");
     // A server inside answers on its own loopback...
-    let server = echo_server(&env, &ns(&c), 8000);
-    assert_eq!(
-        tcp_echo(&env, &ns(&c), addr("127.0.0.1", 8000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&c), 8000);
+    assert_eq!(tcp_echo(&ns(&c), addr("127.0.0.1", 8000)).unwrap(), "netd");
     server.join().unwrap();
-    // ...and the host, whose 127.0.0.1 is its own, can't reach it.
-    let _server = env.in_ns(&ns(&c), || TcpListener::bind("0.0.0.0:8001").unwrap());
-    assert!(tcp_echo(&env, &env.host_ns(), addr("127.0.0.1", 8001)).is_err());
+    // ...and the host, whose 127.0.0.1 is its own, can't reach it: its own stack refuses.
+    let server = echo_server(&ns(&c), 8001);
+    assert_eq!(
+        connect_error(&env, &env.host_ns(), addr("127.0.0.1", 8001)),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // The control: the same listener answers inside.
+    assert_eq!(tcp_echo(&ns(&c), addr("127.0.0.1", 8001)).unwrap(), "netd");
+    server.join().unwrap();
 }
 
 #[test]
@@ -91,17 +73,11 @@ fn host_and_container_reach_each_other_by_ping_and_tcp() {
         .to_string();
     assert!(pings(&env, &env.host_ns(), &ip));
     assert!(pings(&env, &ns(&c), &gateway));
-    let server = echo_server(&env, &ns(&c), 8000);
-    assert_eq!(
-        tcp_echo(&env, &env.host_ns(), addr(&ip, 8000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&c), 8000);
+    assert_eq!(tcp_echo(&env.host_ns(), addr(&ip, 8000)).unwrap(), "netd");
     server.join().unwrap();
-    let server = echo_server(&env, &env.host_ns(), 8001);
-    assert_eq!(
-        tcp_echo(&env, &ns(&c), addr(&gateway, 8001)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&env.host_ns(), 8001);
+    assert_eq!(tcp_echo(&ns(&c), addr(&gateway, 8001)).unwrap(), "netd");
     assert_eq!(server.join().unwrap().ip().to_string(), ip);
 }
 
@@ -122,11 +98,8 @@ fn containers_reach_each_other_over_the_bridge() {
     ]);
     assert_eq!(ip_of(&env, &a), "10.91.0.2");
     assert!(pings(&env, &ns(&a), "10.91.0.50"));
-    let server = echo_server(&env, &ns(&b), 9000);
-    assert_eq!(
-        tcp_echo(&env, &ns(&a), addr("10.91.0.50", 9000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&b), 9000);
+    assert_eq!(tcp_echo(&ns(&a), addr("10.91.0.50", 9000)).unwrap(), "netd");
     assert_eq!(server.join().unwrap().ip().to_string(), "10.91.0.2");
     // MAC derived from the address, MTU from the network, eth0 inside.
     let link = String::from_utf8(
@@ -170,10 +143,10 @@ fn masquerade_and_published_port(datapath: &str) {
         "80/tcp -> 0.0.0.0:8080\n53/udp -> 0.0.0.0:5353\n"
     );
 
-    let server = echo_server(&env, &env.outside_ns(), 7000);
+    let server = echo_server(&env.outside_ns(), 7000);
     assert!(pings(&env, &ns(&c), &OUTSIDE_ADDR.to_string()));
     assert_eq!(
-        tcp_echo(&env, &ns(&c), addr(&OUTSIDE_ADDR.to_string(), 7000)).unwrap(),
+        tcp_echo(&ns(&c), addr(&OUTSIDE_ADDR.to_string(), 7000)).unwrap(),
         "netd"
     );
     assert_eq!(
@@ -182,9 +155,9 @@ fn masquerade_and_published_port(datapath: &str) {
         "masqueraded to the uplink address"
     );
 
-    let server = echo_server(&env, &ns(&c), 80);
+    let server = echo_server(&ns(&c), 80);
     assert_eq!(
-        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8080)).unwrap(),
+        tcp_echo(&env.outside_ns(), addr("198.18.0.2", 8080)).unwrap(),
         "netd"
     );
     assert_eq!(
@@ -257,11 +230,8 @@ fn netd_link_joins_two_containers_point_to_point() {
     )
     .unwrap();
     assert!(route.contains("dev p2p"), "to b over the p2p link: {route}");
-    let server = echo_server(&env, &ns(&b), 9100);
-    assert_eq!(
-        tcp_echo(&env, &ns(&a), addr("10.94.0.2", 9100)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&b), 9100);
+    assert_eq!(tcp_echo(&ns(&a), addr("10.94.0.2", 9100)).unwrap(), "netd");
     assert_eq!(
         server.join().unwrap().ip().to_string(),
         "10.93.0.2",
@@ -377,6 +347,164 @@ fn fifty_concurrent_creates_all_succeed_with_distinct_addresses() {
     assert_eq!(ips.len(), 50);
     let listed = env.netd_json(&["container", "ls", "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 50);
+}
+
+/// Runs every `netd ARGS` of `commands` at once and asserts that each succeeded.
+fn all_at_once(env: &TestEnv, commands: &[Vec<String>]) {
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            env.netd_cmd(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, args) in children.into_iter().zip(commands) {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "netd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// The host ends of veths on `bridge`.
+fn bridge_ports(env: &TestEnv, bridge: &str) -> usize {
+    String::from_utf8(
+        env.run_in(
+            &env.host_ns(),
+            "ip",
+            &["-o", "link", "show", "master", bridge],
+        )
+        .stdout,
+    )
+    .unwrap()
+    .lines()
+    .count()
+}
+
+#[test]
+fn concurrent_removes_creates_and_publishes_leave_consistent_state_and_nothing_leaked() {
+    use netd_common::datapath::{ENDPOINTS_MAP, PUBLISHED_MAP, VETHS_MAP};
+    use tests::cli::map_entries;
+    const N: u16 = 8;
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.69.0.0/24",
+        "--bridge",
+        "brcc",
+    ]);
+    let old: Vec<String> = (0..2 * N).map(|i| env.name(&format!("o{i}"))).collect();
+    let new: Vec<String> = (0..N).map(|i| env.name(&format!("n{i}"))).collect();
+    all_at_once(
+        &env,
+        &(0..2 * N)
+            .map(|i| {
+                let port = format!("{}:80", 8100 + i);
+                strings(&[
+                    "container",
+                    "create",
+                    &old[usize::from(i)],
+                    "--network",
+                    "n",
+                    "-p",
+                    &port,
+                ])
+            })
+            .collect::<Vec<_>>(),
+    );
+    let per_container =
+        [ENDPOINTS_MAP, VETHS_MAP].map(|m| map_entries(&env, m) / usize::from(2 * N));
+    let per_port = map_entries(&env, PUBLISHED_MAP) / usize::from(2 * N);
+    assert!(
+        per_container.iter().all(|&e| e > 0) && per_port > 0,
+        "no map entries"
+    );
+
+    // At once: the first half removed, as many created, the second half publishing one more.
+    let (gone, kept) = old.split_at(usize::from(N));
+    let mut commands: Vec<Vec<String>> = gone
+        .iter()
+        .map(|c| strings(&["container", "rm", c]))
+        .collect();
+    for (i, c) in (0u16..).zip(&new) {
+        let port = format!("{}:80", 8200 + i);
+        commands.push(strings(&[
+            "container",
+            "create",
+            c,
+            "--network",
+            "n",
+            "-p",
+            &port,
+        ]));
+    }
+    for (i, c) in (0u16..).zip(kept) {
+        commands.push(strings(&["publish", c, "-p", &format!("{}:81", 8300 + i)]));
+    }
+    all_at_once(&env, &commands);
+
+    let listed: HashSet<String> = env
+        .netd_json(&["container", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = kept.iter().chain(&new).cloned().collect();
+    assert_eq!(listed, expected);
+    let ips: HashSet<String> = expected.iter().map(|c| ip_of(&env, c)).collect();
+    assert_eq!(ips.len(), expected.len(), "an address handed out twice");
+    for (i, c) in (0u16..).zip(kept) {
+        assert_eq!(
+            env.netd_ok(&["port", c]),
+            format!(
+                "80/tcp -> 0.0.0.0:{}\n81/tcp -> 0.0.0.0:{}\n",
+                8100 + N + i,
+                8300 + i
+            )
+        );
+    }
+    // Nothing of the removed ones is left: namespaces, veths, map entries, ports.
+    assert!(
+        gone.iter().all(|c| !netns::exists(c)),
+        "a removed namespace is left"
+    );
+    assert_eq!(bridge_ports(&env, "brcc"), expected.len());
+    assert_eq!(
+        [ENDPOINTS_MAP, VETHS_MAP].map(|m| map_entries(&env, m)),
+        per_container.map(|e| e * expected.len())
+    );
+    assert_eq!(
+        map_entries(&env, PUBLISHED_MAP),
+        per_port * usize::from(3 * N)
+    );
+    assert_eq!(
+        connect_error(&env, &env.outside_ns(), addr("198.18.0.2", 8100)),
+        std::io::ErrorKind::ConnectionRefused,
+        "a removed container's port still answers"
+    );
+    // And what was made works: a new container's port, a kept one's new port.
+    for (c, port, cport) in [(&new[0], 8200, 80), (&kept[0], 8300, 81)] {
+        let server = echo_server(&ns(c), cport);
+        assert_eq!(
+            tcp_echo(&env.outside_ns(), addr("198.18.0.2", port)).unwrap(),
+            "netd"
+        );
+        server.join().unwrap();
+    }
 }
 
 /// What a failed command must leave exactly as it was.
@@ -713,9 +841,9 @@ fn publish_adds_ports_to_a_running_container() {
         env.netd_ok(&["publish", &c, "-p", "8081:81"]),
         "81/tcp -> 0.0.0.0:8081\n"
     );
-    let server = echo_server(&env, &ns(&c), 81);
+    let server = echo_server(&ns(&c), 81);
     assert_eq!(
-        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8081)).unwrap(),
+        tcp_echo(&env.outside_ns(), addr("198.18.0.2", 8081)).unwrap(),
         "netd"
     );
     server.join().unwrap();
@@ -831,16 +959,86 @@ fn conntrack_size_and_timeouts_are_configurable() {
     let flows = env.netd_json(&["conntrack", "ls", "--json"]);
     assert_eq!(flows.as_array().unwrap().len(), 1, "{flows}");
     std::thread::sleep(Duration::from_millis(2100));
-    // Timed out after 1 s: ignored by the datapath, removed by a sweep.
-    env.netd_ok(&["conntrack", "sweep"]);
+    // Timed out after 1 s: hidden from listings at once, its two entries removed by a sweep.
+    assert_eq!(tests::cli::flows(&env), Vec::<serde_json::Value>::new());
+    assert_eq!(tests::cli::conntrack_entries(&env), 2);
     assert_eq!(
-        env.netd_json(&["conntrack", "ls", "--json"])
-            .as_array()
-            .unwrap()
-            .len(),
-        0
+        env.netd_ok(&["conntrack", "sweep"]),
+        "2 expired entries removed\n"
     );
+    assert_eq!(tests::cli::conntrack_entries(&env), 0);
 
     let err = env.netd_err(&["--conntrack-timeout", "tcp_forever=1", "network", "ls"]);
     assert!(err.contains("tcp_forever"), "{err}");
+}
+
+#[test]
+fn a_full_conntrack_table_makes_room_for_new_flows() {
+    use std::net::UdpSocket;
+    const FLOWS: usize = 100;
+    let env = TestEnv::new();
+    // 64 entries: 32 flows.
+    env.netd_ok(&[
+        "--conntrack-max",
+        "64",
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.68.0.0/24",
+    ]);
+    let c = env.name("many");
+    env.netd_ok(&["container", "create", &c, "--network", "n"]);
+    let server = env.in_ns(&env.outside_ns(), || {
+        UdpSocket::bind((OUTSIDE_ADDR, 5500)).unwrap()
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        for _ in 0..FLOWS {
+            let mut buf = [0u8; 8];
+            let (n, peer) = server.recv_from(&mut buf).unwrap();
+            server.send_to(&buf[..n], peer).unwrap();
+        }
+    });
+    // Each from a socket of its own (a new flow), each answered through its translation.
+    // The sockets stay open, so no flow's source port is taken again by a later one.
+    let sockets: Vec<UdpSocket> = (0..FLOWS)
+        .map(|i| {
+            env.in_ns(&ns(&c), || {
+                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                sock.send_to(&i.to_be_bytes(), (OUTSIDE_ADDR, 5500))
+                    .unwrap();
+                let mut buf = [0u8; 8];
+                let (n, _) = sock
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("flow {i} got no answer: {e}"));
+                assert_eq!(buf[..n], i.to_be_bytes());
+                sock
+            })
+        })
+        .collect();
+    let newest = sockets[FLOWS - 1].local_addr().unwrap().port();
+    echo.join().unwrap();
+    let stats = env.netd_json(&["stats", "--json"]);
+    let count = |reason: &str| {
+        stats["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .unwrap()["packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(count("snat_new"), FLOWS as u64);
+    assert_eq!(count("conntrack_full"), 0, "a new flow was refused");
+    // Older flows made room for the newest (which ones the kernel's LRU picks is its own).
+    let live: Vec<u64> = tests::cli::flows(&env)
+        .iter()
+        .map(|f| f["original"]["sport"].as_u64().unwrap())
+        .collect();
+    assert!(live.contains(&u64::from(newest)), "the newest flow is gone");
 }

@@ -1,7 +1,11 @@
-//! `netd daemon` is not on the packet path: a flow through a published port keeps going while
-//! the daemon is killed with SIGKILL and started again, and SIGTERM stops it cleanly.
+//! `netd daemon`: it sweeps expired flows and removes half-made containers, which nothing else
+//! does without a command; and it is not on the packet path: a flow through a published port
+//! keeps going while the daemon is killed with SIGKILL and started again, and SIGTERM stops it
+//! cleanly.
 
 use std::{
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -10,7 +14,10 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use tests::harness::TestEnv;
+use tests::{
+    cli::{conntrack_entries, create, eventually, flows, pings, published_tcp_bytes},
+    harness::{OUTSIDE_ADDR, TestEnv},
+};
 
 fn start_daemon(env: &TestEnv) -> Child {
     env.netd_cmd(&["daemon", "--sweep-interval", "0.5"])
@@ -53,7 +60,7 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
                 "-p",
                 "15201",
                 "-t",
-                "4",
+                "6",
                 "-i",
                 "0.5",
                 "-J",
@@ -62,10 +69,21 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Killed once the flow carries data, and the flow carries more before the restart.
+    assert!(
+        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
+            > 1 << 20),
+        "the flow never started"
+    );
     signal(&first, Signal::SIGKILL);
     let killed = first.wait_with_output().unwrap();
     assert!(!killed.status.success());
+    let before = published_tcp_bytes(&env);
+    assert!(
+        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
+            > before + (1 << 20)),
+        "the flow stalled without a daemon"
+    );
     let second = start_daemon(&env);
 
     let out = client.wait_with_output().unwrap();
@@ -86,4 +104,79 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
     let stopped = second.wait_with_output().unwrap();
     assert!(stopped.status.success(), "{stopped:?}");
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("netd daemon: stopped"));
+}
+
+/// Starts `netd container create NAME --network n` paused after its veth step and kills it
+/// there: a half-made container (state `creating`, a namespace, a veth) whose creator is dead.
+fn half_made_container(env: &TestEnv, name: &str) {
+    let mut child = env
+        .netd_cmd(&["container", "create", name, "--network", "n"])
+        .env("NETD_TEST_PAUSE_AFTER", "container-veth")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "paused after container-veth");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+}
+
+fn container_names(env: &TestEnv) -> Vec<String> {
+    env.netd_json(&["container", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_daemon_sweeps_expired_flows_and_removes_half_made_containers() {
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "--conntrack-timeout",
+        "udp=1",
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.88.0.0/24",
+    ]);
+    let c = create(&env, "live", &["--network", "n"]);
+    env.in_ns(&c.ns, || {
+        UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .send_to(b"x", (OUTSIDE_ADDR, 5400))
+            .unwrap()
+    });
+    let victim = env.name("victim");
+    half_made_container(&env, &victim);
+
+    // Without a daemon, nothing goes away by itself: the flow's two entries outlive its
+    // timeout, the dead creator's namespace stays.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert!(flows(&env).is_empty(), "expired: hidden from listings");
+    assert_eq!(conntrack_entries(&env), 2, "but still in the table");
+    assert!(netd::netns::exists(&victim));
+    assert!(container_names(&env).contains(&victim));
+
+    let daemon = start_daemon(&env);
+    assert!(
+        eventually(Duration::from_secs(5), || conntrack_entries(&env) == 0),
+        "the daemon did not sweep the expired flow"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !netd::netns::exists(&victim)),
+        "the daemon did not remove the half-made container's namespace"
+    );
+    assert_eq!(container_names(&env), std::slice::from_ref(&c.name));
+    // The live container is untouched and still reaches the outside.
+    assert!(pings(&env, &c.ns, OUTSIDE_ADDR));
+
+    signal(&daemon, Signal::SIGTERM);
+    let stopped = daemon.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
 }

@@ -3,6 +3,7 @@
 //! through published ports, with no netfilter rule and no kernel conntrack involved.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
@@ -17,6 +18,7 @@ use tests::{
     topology::{
         TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
     },
+    traffic::{nstat, output_in, stat},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -268,30 +270,23 @@ fn published_ports_reach_containers_and_replies_leave_from_the_published_address
     let refused = env.in_ns(&env.outside_ns(), || {
         TcpStream::connect_timeout(&(HOST_ADDR, 8081).into(), TIMEOUT)
     });
-    assert!(refused.is_err());
-}
-
-/// Output of `program args` in `ns`, which must succeed.
-fn output_in(env: &TestEnv, ns: &Path, program: &str, args: &[&str]) -> String {
-    let out = env.run_in(ns, program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        refused.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the host's own stack answers for an unpublished port"
     );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn kernel_conntrack_count(env: &TestEnv) -> u64 {
-    output_in(env, &env.host_ns(), "conntrack", &["-C"])
+    output_in(&env.host_ns(), "conntrack", &["-C"])
         .trim()
         .parse()
         .unwrap()
 }
 
 /// The checksum error counters of `nstat` in `ns` that are not zero.
-fn checksum_errors(env: &TestEnv, ns: &Path) -> Vec<String> {
-    output_in(env, ns, "nstat", &["-azs"])
+fn checksum_errors(ns: &Path) -> Vec<String> {
+    output_in(ns, "nstat", &["-azs"])
         .lines()
         .filter(|l| l.contains("CsumErr"))
         .filter(|l| l.split_whitespace().nth(1) != Some("0"))
@@ -350,17 +345,17 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
     ping(&env, &cs[0].ns, OUTSIDE_ADDR, 2);
 
     let host = env.host_ns();
-    let iptables = output_in(&env, &host, "iptables-save", &[]);
+    let iptables = output_in(&host, "iptables-save", &[]);
     assert!(
         !iptables.lines().any(|l| l.starts_with("-A")),
         "iptables rules in the host namespace:\n{iptables}"
     );
-    let ip6tables = output_in(&env, &host, "ip6tables-save", &[]);
+    let ip6tables = output_in(&host, "ip6tables-save", &[]);
     assert!(
         !ip6tables.lines().any(|l| l.starts_with("-A")),
         "ip6tables rules:\n{ip6tables}"
     );
-    let nft = output_in(&env, &host, "nft", &["list", "ruleset"]);
+    let nft = output_in(&host, "nft", &["list", "ruleset"]);
     assert!(
         nft.trim().is_empty(),
         "nftables ruleset in the host namespace:\n{nft}"
@@ -377,7 +372,7 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
         cs[1].ns.clone(),
     ] {
         assert_eq!(
-            checksum_errors(&env, &ns),
+            checksum_errors(&ns),
             Vec::<String>::new(),
             "in {}",
             ns.display()
@@ -438,25 +433,13 @@ fn icmp_errors_about_masqueraded_flows_reach_the_container() {
         "{text}"
     );
     // Path MTU discovery worked: the container's kernel now knows the path's MTU.
-    let route = output_in(&env, &c.ns, "ip", &["route", "get", far]);
+    let route = output_in(&c.ns, "ip", &["route", "get", far]);
     assert!(route.contains("mtu 1000"), "{route}");
     assert_eq!(
         stat(&env, "icmp_error"),
         3,
         "each error went through the datapath's translation"
     );
-}
-
-fn stat(env: &TestEnv, reason: &str) -> u64 {
-    let stats = env.netd_json(&["stats", "--json"]);
-    let counter = stats["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["reason"] == reason);
-    counter.unwrap_or_else(|| panic!("no {reason} in {stats}"))["packets"]
-        .as_u64()
-        .unwrap()
 }
 
 #[test]
@@ -702,43 +685,139 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     machine_server.join().unwrap();
 }
 
-/// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(env: &TestEnv, ns: &Path, port: u16) {
-    for _ in 0..100 {
-        let ss = output_in(env, ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        if !ss.trim().is_empty() {
-            return;
+/// The ID of the program behind each of this instance's pinned links whose pin name ends
+/// with `kind` (`ingress`/`egress`: TC, `cgroup`: the host's socket programs), by pin name,
+/// and of the endpoint filter on each of `veths` (classic TC filters, which have no link).
+fn attached_program_ids(env: &TestEnv, kind: &[&str], veths: &[String]) -> BTreeMap<String, u64> {
+    let mut ids = BTreeMap::new();
+    for link in std::fs::read_dir(env.bpffs.join("links")).unwrap() {
+        let link = link.unwrap().path();
+        if !kind
+            .iter()
+            .any(|k| link.to_string_lossy().ends_with(&format!("@{k}")))
+        {
+            continue;
         }
-        thread::sleep(Duration::from_millis(20));
+        let shown = output_in(
+            &env.host_ns(),
+            "bpftool",
+            &["-j", "link", "show", "pinned", link.to_str().unwrap()],
+        );
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        let name = link.file_name().unwrap().to_string_lossy().into_owned();
+        ids.insert(name, shown["prog_id"].as_u64().unwrap());
     }
-    panic!("nothing listens on port {port}");
+    for veth in veths {
+        ids.insert(veth.clone(), endpoint_filter_id(env, veth));
+    }
+    ids
+}
+
+/// The program ID of the endpoint filter on `veth`'s ingress.
+fn endpoint_filter_id(env: &TestEnv, veth: &str) -> u64 {
+    let shown = output_in(
+        &env.host_ns(),
+        "tc",
+        &["-j", "filter", "show", "dev", veth, "ingress"],
+    );
+    let filters: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|f| f["options"]["prog"]["id"].as_u64())
+        .unwrap_or_else(|| panic!("no BPF filter on {veth}: {shown}"))
+}
+
+const TC: &[&str] = &["ingress", "egress"];
+
+/// BUG, for the owners of netd/src/datapath/ebpf.rs: `reload_programs` replaces the TC and XDP
+/// programs but not the host's socket programs attached to the cgroup (`host_connect4` and
+/// the rest), so an upgrade leaves the old build redirecting host connections.
+#[test]
+#[ignore = "BUG: netd reload leaves the cgroup socket programs of the old build attached"]
+fn reload_replaces_the_host_socket_programs_too() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.78.0.0/24"]);
+    let before = attached_program_ids(&env, &["cgroup"], &[]);
+    assert!(!before.is_empty(), "no socket program attached");
+    env.netd_ok(&["reload"]);
+    let after = attached_program_ids(&env, &["cgroup"], &[]);
+    for (attachment, id) in &after {
+        assert_ne!(
+            *id, before[attachment],
+            "reload kept {attachment}'s program"
+        );
+    }
 }
 
 #[test]
-fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
+fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the_new_one() {
+    use tests::cli::{create, eventually, pings};
     let env = TestEnv::new();
-    let c = &containers(&env, 1)[0];
-    publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 5201)]);
-    env.spawn_in(&c.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
-    wait_listening(&env, &c.ns, 5201);
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.79.0.0/24"]);
+    let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
+    env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
+    netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
+    // Ten seconds: long enough to outlast three reloads on a busy machine.
     let client = {
         let cmd = env.cmd_in(
             &env.outside_ns(),
             "iperf3",
-            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "3", "-J"],
+            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "10", "-J"],
         );
         thread::spawn(move || {
             let mut cmd = cmd;
             cmd.output().unwrap()
         })
     };
-    // An upgrade, three times over, while the flow runs: no netd process stays around either.
-    for _ in 0..3 {
-        thread::sleep(Duration::from_millis(600));
+    let veth_of = |name: &str| {
+        env.netd_json(&["container", "inspect", name])["host_veth"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let veths = [veth_of(&srv.name)];
+    assert!(
+        eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env) > 1 << 20),
+        "the flow never started"
+    );
+    let mut ids = attached_program_ids(&env, TC, &veths);
+    // Uplink ingress and egress, bridge ingress, the container's veth ingress.
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    // An upgrade, three times over, while the flow runs: every program is a new one each
+    // time, and the flow carries on through the new ones.
+    for round in 0..3 {
+        let before = tests::cli::published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
-        // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
-        assert!(out.contains("5 programs replaced"), "{out}");
+        assert!(out.contains("4 programs replaced"), "{out}");
+        let now = attached_program_ids(&env, TC, &veths);
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            ids.keys().collect::<Vec<_>>()
+        );
+        for (attachment, id) in &now {
+            assert_ne!(
+                *id, ids[attachment],
+                "reload {round} kept {attachment}'s program"
+            );
+        }
+        assert!(
+            eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env)
+                > before + (1 << 20)),
+            "the flow stalled after reload {round}"
+        );
+        ids = now;
     }
+    // A container made after the reload runs the reloaded endpoint program.
+    let late = create(&env, "late", &["--network", "n"]);
+    assert_eq!(
+        endpoint_filter_id(&env, &veth_of(&late.name)),
+        ids[&veths[0]],
+        "the new container got another build"
+    );
+    assert!(pings(&env, &late.ns, OUTSIDE_ADDR));
+
     let out = client.join().unwrap();
     assert!(
         out.status.success(),
@@ -746,23 +825,12 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
         String::from_utf8_lossy(&out.stdout)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let intervals = report["intervals"].as_array().unwrap();
-    assert!(intervals.len() >= 3, "{report}");
-    for interval in intervals {
+    for interval in report["intervals"].as_array().unwrap() {
         assert!(
             interval["sum"]["bytes"].as_u64().unwrap() > 0,
             "a stalled interval: {interval}"
         );
     }
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(received > 0);
-    eprintln!(
-        "iperf3 through a published port: {:.1} Gbit/s",
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e9
-    );
 }
 
 #[test]
@@ -771,13 +839,13 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     let env = TestEnv::new();
     let c = &containers(&env, 1)[0];
     ping(&env, &c.ns, OUTSIDE_ADDR, 1);
+    assert_eq!(source_seen_outside(&env, &c.ns), HOST_ADDR, "masqueraded");
     let net = tests::netdata::network();
     let links = env.bpffs.join("links");
     let attached = || std::fs::read_dir(&links).unwrap().count();
     assert_eq!(attached(), 3, "uplink ingress and egress, bridge ingress");
     let veth_filter = || {
         output_in(
-            &env,
             &env.host_ns(),
             "tc",
             &["filter", "show", "dev", &c.host_if, "ingress"],
@@ -792,7 +860,11 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
         let err = dp.setup_network(&net).unwrap_err();
         assert!(format!("{err:#}").contains("already set up"), "{err:#}");
         let ep = tests::netdata::endpoint(c.ip, &c.host_if, 1);
-        assert!(dp.add_endpoint(&net, &ep).is_err());
+        let err = dp.add_endpoint(&net, &ep).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("endpoint {} is already on a network", c.ip)),
+            "{err:#}"
+        );
         // A batch with a clash publishes nothing.
         dp.publish(&net, &[port(Protocol::Udp, None, 7000, c.ip, 7000)])
             .unwrap();
@@ -809,40 +881,37 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     });
     assert_eq!(attached(), 0, "the last network took the programs with it");
     assert_eq!(veth_filter(), "", "and the container's filter");
-    // Nothing masquerades any more: the outside can't answer the container.
-    let out = env.run_in(
-        &c.ns,
-        "ping",
-        &["-c", "1", "-W", "1", &OUTSIDE_ADDR.to_string()],
-    );
-    assert!(!out.status.success());
+    // Nothing masquerades any more: a datagram reaches the outside with the container's own
+    // address (it did with the host's while the programs were there).
+    assert_eq!(source_seen_outside(&env, &c.ns), c.ip, "still translated");
     assert_eq!(
         env.netd_json(&["conntrack", "ls", "--json"]),
         serde_json::json!([])
     );
 }
 
+/// The source address the outside sees on a datagram sent from `ns`.
+fn source_seen_outside(env: &TestEnv, ns: &Path) -> Ipv4Addr {
+    let server = udp_bound_in(env, &env.outside_ns(), (OUTSIDE_ADDR, 9001).into());
+    let client = udp_bound_in(env, ns, (Ipv4Addr::UNSPECIFIED, 0).into());
+    client.send_to(b"who?", (OUTSIDE_ADDR, 9001)).unwrap();
+    let (_, peer) = server.recv_from(&mut [0u8; 16]).unwrap();
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other}"),
+    }
+}
+
 /// The MAC address of `ifname` in `ns`.
-fn mac_of(env: &TestEnv, ns: &Path, ifname: &str) -> [u8; 6] {
+fn mac_of(ns: &Path, ifname: &str) -> [u8; 6] {
     let json: serde_json::Value =
-        serde_json::from_str(&output_in(env, ns, "ip", &["-j", "link", "show", ifname])).unwrap();
+        serde_json::from_str(&output_in(ns, "ip", &["-j", "link", "show", ifname])).unwrap();
     let text = json[0]["address"].as_str().unwrap();
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
     bytes.try_into().unwrap()
-}
-
-/// A counter of `nstat -az` in `ns`.
-fn nstat(env: &TestEnv, ns: &Path, counter: &str) -> u64 {
-    let out = output_in(env, ns, "nstat", &["-azs", counter]);
-    out.lines()
-        .find_map(|l| {
-            let mut fields = l.split_whitespace();
-            (fields.next() == Some(counter)).then(|| fields.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no {counter} in {out}"))
 }
 
 #[test]
@@ -859,11 +928,9 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     );
     let out = env.outside_ns();
     let host = env.host_ns();
-    let (uplink_mac, outside_mac) = (mac_of(&env, &host, "up0"), mac_of(&env, &out, "out0"));
-    let (bridge_mac, container_mac) = (
-        mac_of(&env, &host, tests::netdata::BRIDGE),
-        mac_of(&env, &c.ns, "eth0"),
-    );
+    let (uplink_mac, outside_mac) = (mac_of(&host, "up0"), mac_of(&out, "out0"));
+    let (bridge_mac, container_mac) =
+        (mac_of(&host, tests::netdata::BRIDGE), mac_of(&c.ns, "eth0"));
 
     // Outside → published UDP port, with a full checksum and with none: DNAT on packets
     // without offload state, checked in full by the container's UDP stack.
@@ -902,7 +969,7 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     let _listener = env.in_ns(&c.ns, || {
         TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
     });
-    let sent_before = nstat(&env, &c.ns, "TcpOutSegs");
+    let sent_before = nstat(&c.ns, "TcpOutSegs");
     let frame = with_macs(
         tcp_frame(OUTSIDE_ADDR, 6001, HOST_ADDR, 8080, SYN),
         uplink_mac,
@@ -910,18 +977,18 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     );
     env.in_ns(&out, || send_raw("out0", &frame));
     for _ in 0..100 {
-        if nstat(&env, &c.ns, "TcpOutSegs") > sent_before {
+        if nstat(&c.ns, "TcpOutSegs") > sent_before {
             break;
         }
         thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        nstat(&env, &c.ns, "TcpOutSegs") > sent_before,
+        nstat(&c.ns, "TcpOutSegs") > sent_before,
         "the container never answered the SYN"
     );
     for ns in [host, out, c.ns.clone()] {
         assert_eq!(
-            checksum_errors(&env, &ns),
+            checksum_errors(&ns),
             Vec::<String>::new(),
             "in {}",
             ns.display()

@@ -5,9 +5,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::Stdio, thread, time::Duration};
 
 use tests::{
-    counters::{self, netd_stat as stat},
+    counters,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
     rawsock,
+    traffic::{echo_requests_received, snmp_counter, stat, wait_listening},
 };
 
 /// A container made with `netd container create NAME ARGS`: its name, namespace and address.
@@ -59,33 +60,15 @@ fn listen(env: &TestEnv, ns: &std::path::Path, ports: &[u16]) {
         env.spawn_in(ns, "nc", &["-lk", &port.to_string()]);
     }
     for port in ports {
-        listen_wait(env, ns, *port);
+        wait_listening(ns, *port);
     }
-}
-
-/// Waits until something listens on TCP `port` in `ns`.
-fn listen_wait(env: &TestEnv, ns: &std::path::Path, port: u16) {
-    let listening = (0..100).any(|_| {
-        let ss = env.run_in(ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        let up = !ss.stdout.is_empty();
-        if !up {
-            thread::sleep(Duration::from_millis(20));
-        }
-        up
-    });
-    assert!(listening, "nothing listens on port {port}");
-}
-
-/// ICMP echo requests the namespace at `ns` received (`InEchos` of /proc/net/snmp).
-fn echo_requests_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
-    counters::snmp(env, ns, "Icmp", "InEchos")
 }
 
 /// TCP segments the namespace at `ns` received (`InSegs` of /proc/net/snmp), after letting
 /// those of a connection just closed (its last ACK) arrive.
-fn tcp_segments_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
+fn tcp_segments_received(ns: &std::path::Path) -> u64 {
     thread::sleep(Duration::from_millis(200));
-    counters::snmp(env, ns, "Tcp", "InSegs")
+    snmp_counter(ns, "Tcp", "InSegs").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
@@ -175,11 +158,11 @@ fn icc_false_on(datapath: &str) {
     let refused = |from: &Container, to: &Container, port: u16, what: &str| {
         let (denied, segments) = (
             icc_refusals(&env, datapath, "quiet"),
-            tcp_segments_received(&env, &to.ns),
+            tcp_segments_received(&to.ns),
         );
         assert!(!connects(&env, &from.ns, to.ip, port), "{datapath}: {what}");
         assert_eq!(
-            tcp_segments_received(&env, &to.ns),
+            tcp_segments_received(&to.ns),
             segments,
             "{datapath}: {what}: reached {}",
             to.ip
@@ -195,13 +178,13 @@ fn icc_false_on(datapath: &str) {
     // ICMP isn't linked; the host's echo to the same container is answered.
     let (denied, echoes) = (
         icc_refusals(&env, datapath, "quiet"),
-        echo_requests_received(&env, &web.ns),
+        echo_requests_received(&web.ns),
     );
     assert!(
         !pings(&env, &client.ns, web.ip, None),
         "{datapath}: ICMP isn't linked"
     );
-    assert_eq!(echo_requests_received(&env, &web.ns), echoes, "{datapath}");
+    assert_eq!(echo_requests_received(&web.ns), echoes, "{datapath}");
     assert!(icc_refusals(&env, datapath, "quiet") > denied, "{datapath}");
     assert!(pings(&env, &env.host_ns(), web.ip, None), "{datapath}");
     // The gateway (the host) stays reachable.
@@ -261,7 +244,7 @@ fn count_forwarded(env: &TestEnv, src: Ipv4Addr, dst: Ipv4Addr) {
 /// iperf3 from `client` to `server` for a second; Gbit/s.
 fn throughput(env: &TestEnv, client: &Container, server: &Container) -> f64 {
     env.spawn_in(&server.ns, "iperf3", &["-s", "-1"]);
-    listen_wait(env, &server.ns, 5201);
+    wait_listening(&server.ns, 5201);
     let out = env.run_in(
         &client.ns,
         "iperf3",
@@ -398,15 +381,11 @@ fn an_internal_network_reaches_only_its_containers_and_gateway() {
     }
     let refused = |what: &str,
                    receiver: &std::path::Path,
-                   count: fn(&TestEnv, &std::path::Path) -> u64,
+                   count: fn(&std::path::Path) -> u64,
                    attempt: &dyn Fn() -> bool| {
-        let (internal, received) = (stat(&env, "internal"), count(&env, receiver));
+        let (internal, received) = (stat(&env, "internal"), count(receiver));
         assert!(!attempt(), "{what}");
-        assert_eq!(
-            count(&env, receiver),
-            received,
-            "{what}: reached the receiver"
-        );
+        assert_eq!(count(receiver), received, "{what}: reached the receiver");
         assert!(stat(&env, "internal") > internal, "{what}: not counted");
     };
 
@@ -452,9 +431,9 @@ fn subnet_of(env: &TestEnv, network: &str) -> String {
 
 /// Pings from `c1` to `c2` (from `src` when given) that `c2` received, as `c2` counts them.
 fn echoes_delivered(env: &TestEnv, c1: &Container, c2: &Container, src: Option<Ipv4Addr>) -> u64 {
-    let before = echo_requests_received(env, &c2.ns);
+    let before = echo_requests_received(&c2.ns);
     let _ = pings(env, &c1.ns, c2.ip, src);
-    echo_requests_received(env, &c2.ns) - before
+    echo_requests_received(&c2.ns) - before
 }
 
 #[test]
@@ -595,17 +574,13 @@ fn containers_of_another_network_are_out_of_reach() {
     assert!(connects(&env, &r2.ns, r.ip, 80));
     let (counted, echoes, segments) = (
         stat(&env, "other_network"),
-        echo_requests_received(&env, &r.ns),
-        tcp_segments_received(&env, &r.ns),
+        echo_requests_received(&r.ns),
+        tcp_segments_received(&r.ns),
     );
     assert!(!pings(&env, &b.ns, r.ip, None));
-    assert_eq!(
-        echo_requests_received(&env, &r.ns),
-        echoes,
-        "an echo got in"
-    );
+    assert_eq!(echo_requests_received(&r.ns), echoes, "an echo got in");
     assert!(!connects(&env, &b.ns, r.ip, 80));
-    assert_eq!(tcp_segments_received(&env, &r.ns), segments, "a SYN got in");
+    assert_eq!(tcp_segments_received(&r.ns), segments, "a SYN got in");
     assert!(stat(&env, "other_network") >= counted + 2);
     assert!(endpoint_drops_for(&env, b.ip, "other_network") >= 2);
     // Both still reach the outside.
@@ -861,7 +836,7 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
     } else {
         0
     };
-    let segments = tcp_segments_received(&env, &c.ns);
+    let segments = tcp_segments_received(&c.ns);
     let refused = || assert!(!connects(&env, &env.outside_ns(), c.ip, 81), "{what}");
     if datapath == "ebpf" {
         let to = format!("{}:81", c.ip);
@@ -873,13 +848,13 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
         refused();
     }
     assert_eq!(
-        tcp_segments_received(&env, &c.ns),
+        tcp_segments_received(&c.ns),
         segments,
         "{what}: a SYN got in"
     );
-    let echoes = echo_requests_received(&env, &c.ns);
+    let echoes = echo_requests_received(&c.ns);
     assert!(!pings(&env, &env.outside_ns(), c.ip, None), "{what}");
-    assert_eq!(echo_requests_received(&env, &c.ns), echoes, "{what}");
+    assert_eq!(echo_requests_received(&c.ns), echoes, "{what}");
     if datapath == "iptables" {
         assert!(
             policy_drops() >= dropped + 2,

@@ -30,6 +30,7 @@ use tests::{
         self, ESP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, GRE, ICMP, Ipv4, SCTP, TCP, Tap, UDP, marked,
         marker,
     },
+    traffic::{self, snmp_counter},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -181,9 +182,7 @@ impl World {
                 input,
                 output,
             } => counters::iptables_drops(&self.env, chain, input, output),
-            Reason::HeldForReassembly => {
-                counters::snmp(&self.env, &self.env.host_ns(), "Ip", "ReasmReqds")
-            }
+            Reason::HeldForReassembly => snmp(&self.env.host_ns(), "Ip", "ReasmReqds"),
             Reason::Stack(_) => 0,
         }
     }
@@ -194,7 +193,7 @@ impl World {
     }
 
     fn stat(&self, reason: &str) -> u64 {
-        counters::netd_stat(&self.env, reason)
+        traffic::stat(&self.env, reason)
     }
 
     /// Sends with `send(to, marker, attack)` to `victim` (`attack` true) and then to
@@ -254,6 +253,11 @@ fn rule(chain: &'static str, input: &str, output: &str) -> Reason {
         input: input.to_string(),
         output: output.to_string(),
     }
+}
+
+/// Counter `name` of `group` in /proc/net/snmp of `ns`.
+fn snmp(ns: &Path, group: &str, name: &str) -> u64 {
+    snmp_counter(ns, group, name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,7 +1037,7 @@ fn published(dp: Dp) -> Published {
     let q2 = w.container("q2", "q", &[]);
     for c in [&p1, &q1] {
         w.env.spawn_in(&c.ns, "nc", &["-lk", "80"]);
-        listen_wait(&w.env, &c.ns, 80);
+        traffic::wait_listening(&c.ns, 80);
     }
     Published {
         w,
@@ -1046,19 +1050,6 @@ fn published(dp: Dp) -> Published {
         q1,
         q2,
     }
-}
-
-/// Waits until something listens on TCP `port` in `ns`.
-fn listen_wait(env: &TestEnv, ns: &Path, port: u16) {
-    let listening = (0..100).any(|_| {
-        let ss = env.run_in(ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        let up = !ss.stdout.is_empty();
-        if !up {
-            thread::sleep(Duration::from_millis(20));
-        }
-        up
-    });
-    assert!(listening, "nothing listens on port {port}");
 }
 
 /// Whether a TCP connection from `ns` to `dst:port` is accepted.
@@ -1083,16 +1074,13 @@ impl Published {
     ) {
         let (env, dp) = (&self.w.env, self.w.dp);
         for dst in addresses {
-            let (segments, counted) = (
-                counters::snmp(env, &server.ns, "Tcp", "InSegs"),
-                self.w.counted(&reason),
-            );
+            let (segments, counted) = (snmp(&server.ns, "Tcp", "InSegs"), self.w.counted(&reason));
             assert!(
                 !connects(env, &client.ns, *dst, port),
                 "{dp:?}: through {dst}"
             );
             assert_eq!(
-                counters::snmp(env, &server.ns, "Tcp", "InSegs"),
+                snmp(&server.ns, "Tcp", "InSegs"),
                 segments,
                 "{dp:?}: through {dst}, reached the server"
             );
@@ -1189,14 +1177,8 @@ fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
 fn fragments_to_published_port(dp: Dp) {
     let p = published(dp);
     let env = &p.w.env;
-    let udp_in = || {
-        counters::snmp(env, &p.p1.ns, "Udp", "InDatagrams")
-            + counters::snmp(env, &p.p1.ns, "Udp", "NoPorts")
-    };
-    let (before, csum_errors) = (
-        udp_in(),
-        counters::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
-    );
+    let udp_in = || snmp(&p.p1.ns, "Udp", "InDatagrams") + snmp(&p.p1.ns, "Udp", "NoPorts");
+    let (before, csum_errors) = (udp_in(), snmp(&p.p1.ns, "Udp", "InCsumErrors"));
     let header = Ipv4::new(OUTSIDE_ADDR, HOST_ADDR, UDP);
     let datagram = rawsock::udp(&header, 4000, 8081, &marked(&marker(), 2000));
     rawsock::send_ipv4(env, &env.outside_ns(), &header.fragments(&datagram, 1000));
@@ -1207,7 +1189,7 @@ fn fragments_to_published_port(dp: Dp) {
         "{dp:?}: the datagram didn't arrive whole"
     );
     assert_eq!(
-        counters::snmp(env, &p.p1.ns, "Udp", "InCsumErrors"),
+        snmp(&p.p1.ns, "Udp", "InCsumErrors"),
         csum_errors,
         "{dp:?}: bad checksum after translation"
     );
@@ -1291,7 +1273,7 @@ fn icmp_error_of_a_masqueraded_flow(dp: Dp) {
 fn icmp_error_of_a_hairpin_flow(dp: Dp) {
     let p = published(dp);
     let env = &p.w.env;
-    let no_port = || counters::snmp(env, &p.p1.ns, "Udp", "NoPorts");
+    let no_port = || snmp(&p.p1.ns, "Udp", "NoPorts");
     let (tap, refused) = (Tap::open(env, &p.a2.ns, "eth0"), no_port());
     let mark = marker();
     send_udp(env, &p.a2, HOST_ADDR, 8081, &mark);

@@ -11,8 +11,9 @@ use std::{
 
 use netd::netns;
 use netd_common::datapath::ENDPOINTS_MAP;
+use netd_testkit::netd_bin;
 use nix::{sys::signal::Signal, unistd::Pid};
-use tests::harness::{TestEnv, netd_bin};
+use tests::harness::TestEnv;
 
 /// Runs netd `args` and waits at most `limit` for it; panics naming it if it takes longer.
 fn finishes_within(env: &TestEnv, args: &[&str], limit: Duration) -> String {
@@ -88,7 +89,7 @@ fn the_iptables_datapath_and_listings_need_no_bpf_filesystem() {
     // A directory on the state dir's filesystem, which is not a bpffs.
     let not_bpffs = env.state_dir.join("not-bpffs");
     let netd = |args: &[&str]| {
-        std::process::Command::new(netd_bin())
+        std::process::Command::new(netd_bin().expect("the netd binary"))
             .arg("--host-netns")
             .arg(env.host_ns())
             .arg("--state-dir")

@@ -31,6 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use netd_testkit::cleanup::{Cleanup, remove_cgroup, remove_tree};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -94,8 +95,14 @@ pub struct Dockerd {
 impl Dockerd {
     /// Starts dockerd inside the network namespace `host_ns` with its socket, pidfile, data and
     /// exec roots (and its containerd) under `workdir`, waits until it answers, and imports the
-    /// busybox image.
+    /// busybox image. The userland proxy is on, as in Docker's default.
     pub fn start(host_ns: &Path, workdir: &Path) -> Result<Self> {
+        Self::start_with_proxy(host_ns, workdir, true)
+    }
+
+    /// [`Dockerd::start`] with `--userland-proxy` as given (off: the rules netd's iptables
+    /// datapath mirrors).
+    pub fn start_with_proxy(host_ns: &Path, workdir: &Path, userland_proxy: bool) -> Result<Self> {
         check_installed()?;
         let socket = workdir.join("docker.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -113,7 +120,7 @@ impl Dockerd {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent)?;
+        let daemon = spawn_dockerd(host_ns, workdir, &socket, &cgroup_parent, userland_proxy)?;
         // From here on, Drop cleans up whatever fails.
         let mut dockerd = Self {
             daemon,
@@ -194,7 +201,7 @@ impl Dockerd {
     }
 
     /// Runs the docker CLI and returns its trimmed stdout; errors carry its first stderr line.
-    fn docker(&self, args: &[&str]) -> Result<String> {
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
         let out = self
             .cli()
             .args(args)
@@ -330,7 +337,7 @@ impl Dockerd {
     /// Kills what a clean stop leaves when dockerd hung or died: processes in dockerd's mount
     /// namespace (containerd, shims, docker-proxy) and in its containers' cgroups, then waits
     /// until they are gone so the mount namespace, and with it every mount, goes too.
-    fn kill_leftovers(&self) {
+    fn kill_leftovers(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = self.cgroup_pids();
@@ -338,11 +345,10 @@ impl Dockerd {
                 left.extend(pids_in_mount_ns(ns));
             }
             if left.is_empty() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                eprintln!("warning: dockerd leftovers still running: {left:?}");
-                return;
+                bail!("dockerd leftovers still running: {left:?}");
             }
             for pid in left {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -380,12 +386,10 @@ impl Dockerd {
     }
 
     /// Removes the (by now empty) container cgroups and the parent, deepest first.
-    fn remove_cgroups(&self) {
+    fn remove_cgroups(&self, cleanup: &mut Cleanup) {
         for dir in self.cgroup_dirs() {
             for d in subtree(&dir).into_iter().rev() {
-                if let Err(e) = fs::remove_dir(&d) {
-                    eprintln!("warning: remove cgroup {}: {e}", d.display());
-                }
+                cleanup.check(remove_cgroup(&d));
             }
         }
     }
@@ -393,20 +397,19 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        let mut cleanup = Cleanup::of(format!("dockerd {}", self.pid()));
         // Only a dockerd that answered can be asked (a hung one would stall every call).
-        if self.mount_ns.is_some()
-            && let Err(e) = self.remove_all_containers()
-        {
-            eprintln!("warning: remove dockerd's containers: {e:#}");
+        if self.mount_ns.is_some() {
+            cleanup.check(
+                self.remove_all_containers()
+                    .context("remove dockerd's containers"),
+            );
         }
-        if let Err(e) = self.stop_daemon() {
-            eprintln!("warning: stop dockerd {}: {e:#}", self.pid());
-        }
-        self.kill_leftovers();
-        self.remove_cgroups();
-        if let Err(e) = fs::remove_dir_all(&self.workdir) {
-            eprintln!("warning: remove {}: {e}", self.workdir.display());
-        }
+        cleanup.check(self.stop_daemon());
+        cleanup.check(self.kill_leftovers());
+        self.remove_cgroups(&mut cleanup);
+        cleanup.check(remove_tree(&self.workdir));
+        cleanup.finish();
     }
 }
 
@@ -427,6 +430,7 @@ fn spawn_dockerd(
     workdir: &Path,
     socket: &Path,
     cgroup_parent: &str,
+    userland_proxy: bool,
 ) -> Result<Child> {
     let log = fs::File::create(workdir.join("dockerd.log")).context("create dockerd.log")?;
     Command::new("nsenter")
@@ -448,11 +452,8 @@ fn spawn_dockerd(
         // Explicit so that a missing overlayfs fails here instead of falling back to vfs,
         // whose full copies per container would distort `run` timings.
         .arg("--storage-driver=overlay2")
-        .args([
-            "--iptables=true",
-            "--ip-forward=true",
-            "--userland-proxy=true",
-        ])
+        .args(["--iptables=true", "--ip-forward=true"])
+        .arg(format!("--userland-proxy={userland_proxy}"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)

@@ -60,6 +60,11 @@ pub struct Global {
     /// before the kernel builds an skb for them; attached with the first network.
     #[arg(long, global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub uplink_xdp: bool,
+    /// The cgroup (v2) whose processes reach published ports through the host's addresses and
+    /// loopback (eBPF datapath; default: the cgroup v2 root, every process); attached when the
+    /// first network is set up.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub host_cgroup: Option<PathBuf>,
 }
 
 impl Global {
@@ -68,6 +73,7 @@ impl Global {
         let mut tuning = Tuning {
             conntrack_max: self.conntrack_max,
             uplink_xdp: self.uplink_xdp,
+            host_cgroup: self.host_cgroup.clone(),
             ..Default::default()
         };
         for spec in &self.conntrack_timeout {

@@ -161,6 +161,9 @@ pub struct Tuning {
     pub conntrack_max: Option<u32>,
     pub timeouts: netd_common::datapath::Timeouts,
     pub uplink_xdp: bool,
+    /// The cgroup whose processes reach published ports through host addresses (eBPF
+    /// datapath); `None`: the cgroup v2 root, every process.
+    pub host_cgroup: Option<std::path::PathBuf>,
 }
 
 impl Tuning {
@@ -213,6 +216,9 @@ impl Datapaths {
                     .with_uplink_xdp(self.tuning.uplink_xdp);
                 if let Some(max) = self.tuning.conntrack_max {
                     dp = dp.with_conntrack_max(max);
+                }
+                if let Some(cgroup) = &self.tuning.host_cgroup {
+                    dp = dp.with_host_cgroup(Some(cgroup.clone()));
                 }
                 Ok(Box::new(dp))
             }
