@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use super::{
     Path,
     docker::{Dockerd, Protocol},
+    keepalive::KEEPALIVE_PORT,
     tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
 };
 use netd::{
@@ -51,6 +52,14 @@ pub struct Fairness {
     pub netfilter_rules: usize,
     pub kernel_conntrack: u64,
     pub bpf_programs_attached: usize,
+    /// Netfilter tables (nf_tables and x_tables) in the host namespace: with none, no packet
+    /// there pays for netfilter or conntrack (see `netfilter_tables_in`).
+    pub nf_tables_host: usize,
+    /// The same in the server container's namespace.
+    pub nf_tables_container: usize,
+    /// `net.bridge.bridge-nf-call-iptables` in the host namespace (bridged frames through
+    /// iptables; only matters where a frame crosses a bridge).
+    pub bridge_nf_call_iptables: String,
 }
 
 /// Ports a container publishes (TCP): `host:container` pairs, or a same-numbered range.
@@ -191,7 +200,8 @@ impl World {
         }
         let ctl = Box::new(Control::build(arm, prefix).await?);
         // The server container publishes the three servers' ports, shifted.
-        let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+        let published =
+            [IPERF_PORT, SOCKPERF_PORT, CRR_PORT, KEEPALIVE_PORT].map(|p| (p + PUBLISH_SHIFT, p));
         let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
         let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
         // The outside can route to the server container (for the unsolicited flood).
@@ -275,7 +285,8 @@ impl World {
     }
 
     pub fn fairness(&self) -> Result<Fairness> {
-        fairness_of(&self.datapath_ns())
+        let container = self.endpoint(Path::Published).server_ns;
+        fairness_of(&self.datapath_ns(), &container)
     }
 }
 
@@ -437,14 +448,35 @@ fn output_in(ns: &std::path::Path, program: &str, args: &[&str]) -> Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
+fn fairness_of(ns: &std::path::Path, container: &std::path::Path) -> Result<Fairness> {
     let rules = output_in(ns, "iptables-save", &[])?;
     let conntrack = output_in(ns, "conntrack", &["-C"])?;
+    let bridge_nf = netns::run_in(Some(ns), || {
+        Ok(
+            std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+                .map_or_else(|_| "absent".to_string(), |v| v.trim().to_string()),
+        )
+    })?;
     Ok(Fairness {
         netfilter_rules: rules.lines().filter(|l| l.starts_with("-A ")).count(),
         kernel_conntrack: conntrack.trim().parse().unwrap_or(0),
         bpf_programs_attached: tcx_programs_in(ns)?,
+        nf_tables_host: netfilter_tables_in(ns)?,
+        nf_tables_container: netfilter_tables_in(container)?,
+        bridge_nf_call_iptables: bridge_nf,
     })
+}
+
+/// Netfilter tables in `ns`, nf_tables (`nft list ruleset`: iptables-nft's and nft's) and
+/// x_tables (`iptables-legacy-save`). The kernel registers a namespace's netfilter hooks, and
+/// conntrack's, only for tables and the rules that need them, so with none there no packet in
+/// `ns` pays for netfilter or conntrack, whatever the kernel has built in. (`nft list hooks`
+/// would list the hooks themselves; this kernel doesn't answer it.)
+fn netfilter_tables_in(ns: &std::path::Path) -> Result<usize> {
+    let nft = output_in(ns, "nft", &["list", "ruleset"])?;
+    let legacy = output_in(ns, "iptables-legacy-save", &[])?;
+    Ok(nft.lines().filter(|l| l.starts_with("table ")).count()
+        + legacy.lines().filter(|l| l.starts_with('*')).count())
 }
 
 /// eBPF programs attached to the interfaces of `ns`.

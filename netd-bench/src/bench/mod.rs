@@ -5,6 +5,7 @@
 
 mod arms;
 pub mod docker;
+mod keepalive;
 pub mod report;
 mod tools;
 
@@ -393,6 +394,8 @@ fn measure_path(
     record(samples, arm, path.name(), "rr_p99", 1, p99);
     let cps = tools::crr(ep, plan.secs, plan.crr_threads).context("connections per second")?;
     record(samples, arm, path.name(), "crr", 1, cps);
+    let rps = keepalive::request_rate(ep, plan.secs).context("keep-alive requests per second")?;
+    record(samples, arm, path.name(), "keepalive_rps", 1, rps);
     Ok(())
 }
 
