@@ -51,7 +51,7 @@ impl Endpoint {
 }
 
 /// A server process, ended (by its PID, which we started) when dropped.
-struct Server(Child);
+pub(super) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -60,7 +60,7 @@ impl Drop for Server {
     }
 }
 
-fn in_ns(ns: &Path, program: &str) -> Command {
+pub(super) fn in_ns(ns: &Path, program: &str) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", ns.display()))
         .arg("--")
@@ -70,7 +70,7 @@ fn in_ns(ns: &Path, program: &str) -> Command {
 }
 
 /// Starts `program args` in `ns` and waits until it listens on TCP `port` there.
-fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
+pub(super) fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
     let child = in_ns(ns, program)
         .args(args)
         .stdout(Stdio::null())
