@@ -2,7 +2,6 @@
 pub mod bpf;
 pub mod container;
 pub mod controller;
-pub mod counter;
 pub mod daemon;
 pub mod datapath;
 pub mod etcfiles;

@@ -6,7 +6,6 @@ use netd::{
     bpf::Pins,
     container,
     controller::Ctx,
-    counter,
     datapath::ebpf::{EbpfDatapath, conntrack, events, stats},
     exec, netns, network, output, views,
 };
@@ -49,6 +48,11 @@ struct Cli {
     /// before the kernel builds an skb for them; attached with the first network.
     #[arg(long, global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     uplink_xdp: bool,
+    /// The cgroup (v2) whose processes reach published ports through the host's addresses and
+    /// loopback (eBPF datapath; default: the cgroup v2 root, every process); attached when the
+    /// first network is set up.
+    #[arg(long, global = true, value_name = "DIR")]
+    host_cgroup: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,9 +91,6 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         sweep_interval: f64,
     },
-    /// The per-protocol packet counter (a TCX program with a pinned map).
-    #[command(subcommand)]
-    Counter(CounterCommand),
     /// The eBPF datapath's connection tracking table.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
@@ -157,28 +158,6 @@ enum ConntrackCommand {
     Sweep,
 }
 
-#[derive(Subcommand)]
-enum CounterCommand {
-    /// Attach the counter to an interface of the host namespace.
-    Attach {
-        iface: String,
-        /// Count outgoing packets instead of incoming ones.
-        #[arg(long)]
-        egress: bool,
-    },
-    /// Detach the counter from an interface.
-    Detach {
-        iface: String,
-        #[arg(long)]
-        egress: bool,
-    },
-    /// Show the counts, summed over every interface the counter is attached to.
-    Show {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 fn main() {
     // Like other Unix tools: a closed pipe (`netd ... | head`) ends netd quietly.
     // SAFETY: set before any thread exists; SIG_DFL is a valid disposition.
@@ -205,6 +184,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
     let mut tuning = netd::datapath::Tuning {
         conntrack_max: cli.conntrack_max,
         uplink_xdp: cli.uplink_xdp,
+        host_cgroup: cli.host_cgroup.clone(),
         ..Default::default()
     };
     for spec in &cli.conntrack_timeout {
@@ -261,7 +241,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),
         Command::Monitor { json, count } => {
@@ -410,38 +389,4 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
         ContainerCommand::Ls { json } => views::container_ls(&ctx.store.load()?, json),
         ContainerCommand::Inspect { name } => views::container_inspect(&ctx.store.load()?, &name),
     }
-}
-
-fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {
-    match cmd {
-        CounterCommand::Attach { iface, egress } => {
-            counter::attach(pins, &iface, counter::direction(egress))?;
-            println!("counter attached to {iface}");
-        }
-        CounterCommand::Detach { iface, egress } => {
-            if !counter::detach(pins, &iface, counter::direction(egress))? {
-                anyhow::bail!("the counter is not attached to {iface}");
-            }
-            println!("counter detached from {iface}");
-        }
-        CounterCommand::Show { json } => {
-            let counts = counter::read(pins)?;
-            if json {
-                output::json(&counts)?;
-            } else {
-                let rows: Vec<Vec<String>> = counts
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.proto.to_string(),
-                            c.packets.to_string(),
-                            c.bytes.to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(&["PROTO", "PACKETS", "BYTES"], &rows);
-            }
-        }
-    }
-    Ok(())
 }

@@ -2,3 +2,6 @@ pub mod frames;
 pub mod harness;
 pub mod netdata;
 pub mod topology;
+
+/// Echo servers, waits and packet counters, shared with the benchmark.
+pub use netd_testkit::traffic;

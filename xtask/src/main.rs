@@ -25,7 +25,7 @@ enum Task {
     Setup,
     /// Release build of the eBPF programs and the userspace.
     Build,
-    /// All unit and integration tests.
+    /// The lint, then all unit and integration tests.
     Test {
         /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -59,15 +59,20 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    setup::ensure()?;
+    let installed = setup::ensure()?;
+    if installed.is_empty() {
+        eprintln!("setup: nothing installed: the toolchain, tools and bpffs were in place");
+    } else {
+        eprintln!("setup: installed {}", installed.join(", "));
+    }
     match cli.command {
-        Task::Setup => {
-            eprintln!("setup: the toolchain, tools and bpffs are in place");
-            Ok(())
-        }
+        Task::Setup => Ok(()),
         // The default members: netd-ebpf only builds for the BPF target, through netd's build.rs.
         Task::Build => cargo(&["build", "--release"]),
-        Task::Test { args } => test(&args),
+        Task::Test { args } => {
+            lint()?;
+            test(&args)
+        }
         Task::Lint => lint(),
         Task::Demo => demo(),
         Task::Bench {

@@ -3,7 +3,7 @@
 //! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
 //! one twice: TC only, and with the uplink's XDP program), and a real Docker.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 
@@ -17,7 +17,9 @@ use netd::{
     netlink::{Netlink, set_sysctl},
     netns,
 };
-use netd_testkit::sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR, Sandbox};
+use netd_testkit::{
+    HOST_ADDR, Instance, OUTSIDE_ADDR, cleanup::Cleanup, sandbox::Sandbox, traffic::try_output_in,
+};
 
 /// Every arm the benchmark knows, in the order it alternates them.
 pub const ARMS: &[&str] = &[
@@ -157,7 +159,7 @@ impl Control {
         let Self::Netd { inst, path } = self else {
             anyhow::bail!("netd {}: not a netd arm", args.join(" "));
         };
-        let mut cmd = inst.command(args)?;
+        let mut cmd = inst.netd_cmd(args);
         if let Some(path) = path {
             cmd.env("PATH", path);
         }
@@ -407,8 +409,10 @@ impl Ceiling {
 
 impl Drop for Ceiling {
     fn drop(&mut self) {
-        let _ = netns::remove(&self.client);
-        let _ = netns::remove(&self.server);
+        let mut cleanup = Cleanup::of(format!("the ceiling arm {}", self.client));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.finish();
     }
 }
 
@@ -506,27 +510,17 @@ async fn attach_routed(host: &std::path::Path, name: &str, addr: Ipv4Addr) -> Re
 
 impl Drop for Routed {
     fn drop(&mut self) {
-        for name in [&self.server, &self.client] {
-            let _ = netns::remove(name);
-        }
-        self.sandbox.remove();
+        let mut cleanup = Cleanup::of(format!("the routed arm {}", self.sandbox.host));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(self.sandbox.remove());
+        cleanup.finish();
     }
 }
 
-fn output_in(ns: &std::path::Path, program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn fairness_of(ns: &std::path::Path, container: &std::path::Path) -> Result<Fairness> {
-    let rules = output_in(ns, "iptables-save", &[])?;
-    let conntrack = output_in(ns, "conntrack", &["-C"])?;
+    let rules = try_output_in(ns, "iptables-save", &[])?;
+    let conntrack = try_output_in(ns, "conntrack", &["-C"])?;
     let bridge_nf = netns::run_in(Some(ns), || {
         Ok(
             std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
@@ -549,8 +543,8 @@ fn fairness_of(ns: &std::path::Path, container: &std::path::Path) -> Result<Fair
 /// `ns` pays for netfilter or conntrack, whatever the kernel has built in. (`nft list hooks`
 /// would list the hooks themselves; this kernel doesn't answer it.)
 fn netfilter_tables_in(ns: &std::path::Path) -> Result<usize> {
-    let nft = output_in(ns, "nft", &["list", "ruleset"])?;
-    let legacy = output_in(ns, "iptables-legacy-save", &[])?;
+    let nft = try_output_in(ns, "nft", &["list", "ruleset"])?;
+    let legacy = try_output_in(ns, "iptables-legacy-save", &[])?;
     Ok(nft.lines().filter(|l| l.starts_with("table ")).count()
         + legacy.lines().filter(|l| l.starts_with('*')).count())
 }
@@ -606,7 +600,7 @@ fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
 /// The XDP programs attached in `ns`, by id, with their interfaces: `ip link` names the
 /// program on each interface that has one (`prog/xdp id N`).
 fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
-    let links = output_in(ns, "ip", &["-o", "link", "show"])?;
+    let links = try_output_in(ns, "ip", &["-o", "link", "show"])?;
     let mut attached = Vec::new();
     for line in links.lines() {
         let Some(iface) = line.split(": ").nth(1) else {
@@ -627,7 +621,7 @@ fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
 fn filter_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
     let mut attached: Vec<(u32, String)> = Vec::new();
     for iface in netns::run_in(Some(ns), interface_names)? {
-        let filters = output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
+        let filters = try_output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
         for line in filters.lines() {
             if let Some(id) = id_after(line, &["not_in_hw", "id"])
                 && !attached.iter().any(|(known, _)| *known == id)

@@ -7,6 +7,7 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
+use netd_testkit::traffic::try_output_in;
 
 /// One pinned map's kernel memory, and how many of its entries are in use.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -78,21 +79,9 @@ fn meminfo_kb(key: &str) -> Result<u64> {
 /// The size of the netfilter rule set in `ns`, in bytes of its text: `iptables-legacy-save`
 /// (x_tables) plus `nft list ruleset` (nf_tables, where iptables-nft's rules live).
 pub fn ruleset_bytes(ns: &Path) -> Result<u64> {
-    let mut total = 0;
-    for (program, args) in [
-        ("iptables-legacy-save", &[][..]),
-        ("nft", &["list", "ruleset"][..]),
-    ] {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", ns.display()))
-            .arg("--")
-            .arg(program)
-            .args(args)
-            .output()
-            .with_context(|| format!("run {program}"))?;
-        total += out.stdout.len() as u64;
-    }
-    Ok(total)
+    let legacy = try_output_in(ns, "iptables-legacy-save", &[])?;
+    let nft = try_output_in(ns, "nft", &["list", "ruleset"])?;
+    Ok((legacy.len() + nft.len()) as u64)
 }
 
 /// The resident set of process `pid`, in bytes.

@@ -187,7 +187,7 @@ impl Daemon {
         let sweep = sweep_secs.to_string();
         let child = ctl
             .instance()
-            .command(&["daemon", "--sweep-interval", &sweep])?
+            .netd_cmd(&["daemon", "--sweep-interval", &sweep])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -207,7 +207,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
             ),
         ),
     ];
-    let iperf = tools::in_ns(&outside, "iperf3")
+    let iperf = netd_testkit::command_in(&outside, "iperf3")
         .args(["-c", &HOST_ADDR.to_string()])
         .args(["-p", &(IPERF_PORT + PUBLISH_SHIFT).to_string()])
         .args(["-b", IPERF_BITRATE, "-J"])

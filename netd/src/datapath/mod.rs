@@ -121,6 +121,9 @@ pub struct Tuning {
     pub conntrack_max: Option<u32>,
     pub timeouts: netd_common::datapath::Timeouts,
     pub uplink_xdp: bool,
+    /// The cgroup whose processes reach published ports through host addresses (eBPF
+    /// datapath); `None`: the cgroup v2 root, every process.
+    pub host_cgroup: Option<std::path::PathBuf>,
 }
 
 impl Tuning {
@@ -163,6 +166,9 @@ pub fn open(name: &str, pins: &crate::bpf::Pins, tuning: &Tuning) -> Result<Box<
                 .with_uplink_xdp(tuning.uplink_xdp);
             if let Some(max) = tuning.conntrack_max {
                 dp = dp.with_conntrack_max(max);
+            }
+            if let Some(cgroup) = &tuning.host_cgroup {
+                dp = dp.with_host_cgroup(Some(cgroup.clone()));
             }
             Ok(Box::new(dp))
         }
