@@ -17,14 +17,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use netd::netns;
 use netd_common::datapath::CONNTRACK_MAP;
-use netd_testkit::sandbox::HOST_ADDR;
+use netd_testkit::{sandbox::HOST_ADDR, traffic::try_output_in};
 
 use super::{
     Plan, Samples,
     arms::{Control, Publish},
     memory, prefix, record,
     scale::Daemon,
-    tools::{self, CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT},
+    tools::{self, CRR_PORT, Endpoint, Failures, IPERF_PORT, PUBLISH_SHIFT},
 };
 
 /// The path name of these measurements.
@@ -40,7 +40,7 @@ const FLOOD_RATE: u64 = 20_000;
 pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()> {
     let max = plan.conntrack_max.to_string();
     let ctl = Control::build_with(arm, &prefix(arm), &["--conntrack-max", &max]).await?;
-    let published = [IPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+    let published = [IPERF_PORT, CRR_PORT, FILL_PORT].map(|p| (p + PUBLISH_SHIFT, p));
     let server = ctl.create("srv", None, Publish::Pairs(published.to_vec()))?;
     let ep = Endpoint {
         client_ns: ctl.instance().sandbox.outside_path(),
@@ -48,17 +48,17 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         target: HOST_ADDR,
         port_shift: PUBLISH_SHIFT,
     };
-    let daemon = Daemon::start(&ctl, 1.0)?;
     let n = plan.conntrack_max;
-    let crr = tools::crr(&ep, plan.secs, plan.crr_threads)?;
-    record(samples, arm, CONNTRACK, "crr", n, crr);
+    crr_counting_failures(&ep, plan, (arm, n, "crr", "crr_failed"), samples)
+        .context("crr, table empty")?;
+    let daemon = Daemon::start(&ctl, 1.0)?;
 
     let table = ctl.instance().bpffs.join("maps").join(CONNTRACK_MAP);
-    let target = SocketAddrV4::new(HOST_ADDR, CRR_PORT + PUBLISH_SHIFT);
-    let entries = fill(&ep.client_ns, target, &table, plan.conntrack_max * 9 / 10)?;
+    let target = SocketAddrV4::new(HOST_ADDR, FILL_PORT + PUBLISH_SHIFT);
+    let entries = fill(&ep.server_ns, &ep.client_ns, target, &table, n * 9 / 10)?;
     record(samples, arm, CONNTRACK, "ct_entries", n, entries as f64);
-    let crr_full = tools::crr(&ep, plan.secs, plan.crr_threads)?;
-    record(samples, arm, CONNTRACK, "crr_ct90", n, crr_full);
+    crr_counting_failures(&ep, plan, (arm, n, "crr_ct90", "crr_ct90_failed"), samples)
+        .context("crr, table 90% full")?;
     record(
         samples,
         arm,
@@ -82,6 +82,20 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         per_entry * 100_000.0 / 1024.0,
     );
     measure_flooded_throughput(&ep, arm, plan, samples)
+}
+
+/// Connections per second and connections that failed (a table at capacity evicts live
+/// entries), recorded as the two `metrics` under N = `n`.
+fn crr_counting_failures(
+    ep: &Endpoint,
+    plan: &Plan,
+    (arm, n, rate, failed): (&str, u32, &'static str, &'static str),
+    samples: &mut Samples,
+) -> Result<()> {
+    let (cps, failures) = tools::crr_with(ep, plan.secs, plan.crr_threads, Failures::Count)?;
+    record(samples, arm, CONNTRACK, rate, n, cps);
+    record(samples, arm, CONNTRACK, failed, n, failures as f64);
+    Ok(())
 }
 
 /// For an arm whose conntrack is the kernel's (iptables): throughput under the SYN flood,
@@ -149,10 +163,31 @@ pub fn measure_flooded_throughput(
     Ok(())
 }
 
+/// The container port the table is filled through: published, nothing listens on it.
+const FILL_PORT: u16 = 7002;
+/// Where the filling SYNs come from.
+const RANDOM_SOURCES: &str = "198.19.128.0/17";
+
 /// Fills the conntrack table pinned at `table` to about `goal` entries with SYNs from random
-/// sources; returns the entries it holds then.
-fn fill(client_ns: &Path, target: SocketAddrV4, table: &Path, goal: u32) -> Result<u64> {
-    let goal = u64::from(goal);
+/// sources to `target` (a published port of the container at `server_ns` where nothing
+/// listens); returns the entries it holds then. While it fills, the container's routes
+/// blackhole the random sources, so its resets never reach the datapath to close the flows:
+/// each stays in the table as a flood's would (the sources of a flood don't answer).
+fn fill(
+    server_ns: &Path,
+    client_ns: &Path,
+    target: SocketAddrV4,
+    table: &Path,
+    goal: u32,
+) -> Result<u64> {
+    let route = ["route", "add", "blackhole", RANDOM_SOURCES];
+    try_output_in(server_ns, "ip", &route)?;
+    let filled = send_until_full(client_ns, target, table, u64::from(goal));
+    try_output_in(server_ns, "ip", &["route", "del", "blackhole", RANDOM_SOURCES])?;
+    filled
+}
+
+fn send_until_full(client_ns: &Path, target: SocketAddrV4, table: &Path, goal: u64) -> Result<u64> {
     let mut entries = memory::map_entries(table)?;
     let sock = netns::run_in(Some(client_ns), raw_socket)?;
     let mut rng = Rng::seeded();

@@ -50,6 +50,8 @@ pub enum Part {
     Setup,
     /// Request/response latency against the ceiling, paired (`measure_paired_latency`).
     Latency,
+    /// Conntrack under pressure: the table 90% full, a SYN flood beside a flow.
+    Conntrack,
 }
 
 /// The traffic paths every arm is measured on.
@@ -113,7 +115,7 @@ impl Plan {
                 ports_per_address: 600,
                 container_counts: vec![10],
                 storm: 10,
-                conntrack_max: 20_000,
+                conntrack_max: 262_144,
                 latency_pairs: 3,
             }
         } else {
@@ -125,7 +127,7 @@ impl Plan {
                 ports_per_address: 25_000,
                 container_counts: vec![100, 1_000],
                 storm: 100,
-                conntrack_max: 200_000,
+                conntrack_max: 524_288,
                 latency_pairs: 15,
             }
         };
@@ -363,7 +365,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
         if part(Part::Setup) {
             measure_control_plane(arm, &plan, &mut samples, &mut skipped).await?;
         }
-        if opts.only.is_none() {
+        if part(Part::Conntrack) {
             for round in 1..=opts.runs {
                 measure_conntrack(arm, &plan, round, &mut samples).await?;
             }

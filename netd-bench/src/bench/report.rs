@@ -50,7 +50,7 @@ fn unit_of(metric: &str) -> &'static str {
         "crr" | "crr_ct90" => "conn/s",
         "throughput_synflood" => "Gbit/s",
         "synflood_held" => "ratio",
-        "synflood_sent" | "ct_entries" => "count",
+        "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" => "count",
         "daemon_rss_mib" => "MiB",
         m if m.contains("_kib_") => "KiB",
         "keepalive_rps" => "req/s",
@@ -192,7 +192,12 @@ impl Report {
     }
 
     fn paths_table(&self, md: &mut String) {
-        if !self.records.iter().any(|r| r.metric == "throughput") {
+        let paths = super::Path::ALL.map(super::Path::name);
+        if !self
+            .records
+            .iter()
+            .any(|r| r.metric == "throughput" && paths.contains(&r.path.as_str()))
+        {
             return;
         }
         let arms = self.arms();
@@ -579,9 +584,9 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| arm | table size | crr empty (conn/s) | entries when full | crr 90% full (conn/s) | daemon RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent |"
+            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for arm in self.arms() {
             let Some(held) = self.find(arm, path, "synflood_held", 1) else {
                 continue;
@@ -596,11 +601,13 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} |",
+                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} |",
                 size.map_or("–".into(), |n| n.to_string()),
                 at("crr", 0),
+                at("crr_failed", 0),
                 at("ct_entries", 0),
                 at("crr_ct90", 0),
+                at("crr_ct90_failed", 0),
                 at("daemon_rss_mib", 1),
                 self.cell(arm, path, "throughput", 1, 2),
                 self.cell(arm, path, "throughput_synflood", 1, 2),
