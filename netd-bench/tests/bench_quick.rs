@@ -29,7 +29,10 @@ const CONNTRACK: &str = "outside->published-conntrack";
 /// Published-port scaling: iptables with both backends, ebpf past one host address too.
 fn expect_scaling(want: &mut BTreeSet<Key>, arm: &str) {
     let (arms, counts): (Vec<&str>, Vec<u32>) = match arm {
-        "iptables" => (vec!["iptables-legacy", "iptables-nft"], PORT_COUNTS.to_vec()),
+        "iptables" => (
+            vec!["iptables-legacy", "iptables-nft"],
+            PORT_COUNTS.to_vec(),
+        ),
         "ebpf" => (vec![arm], [&PORT_COUNTS[..], &[EBPF_PORT_COUNT]].concat()),
         _ => (vec![arm], PORT_COUNTS.to_vec()),
     };
@@ -81,7 +84,12 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
     want.insert(key("ebpf", "memory", "maps_kib_per_container", CONTAINERS));
     want.insert(key("ebpf", "memory", "maps_kib_per_10k_ports", 100));
     want.insert(key("ebpf", "memory", "maps_kib_per_100k_ct", 1));
-    want.insert(key("iptables-nft", "memory", "ruleset_kib_per_10k_ports", 100));
+    want.insert(key(
+        "iptables-nft",
+        "memory",
+        "ruleset_kib_per_10k_ports",
+        100,
+    ));
     want.insert(key("iptables", "memory", "slab_kib_per_100k_ct", 1));
     for path in PATHS {
         want.insert(key("ceiling", path, "rr_p50_paired", 1));
@@ -194,6 +202,10 @@ fn a_short_soak_loses_no_flow_and_leaves_nothing_behind() {
     // The churn ran: containers were made and removed, and the flows carried requests.
     let last = samples.last().unwrap();
     assert!(last["containers_removed"].as_u64().unwrap() > 0, "{last}");
-    assert!(samples.iter().all(|s| s["rr_requests"].as_u64().unwrap() > 0));
+    assert!(
+        samples
+            .iter()
+            .all(|s| s["rr_requests"].as_u64().unwrap() > 0)
+    );
     assert!(svg.contains("<svg"), "soak.svg is no SVG");
 }

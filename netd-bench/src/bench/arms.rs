@@ -52,7 +52,10 @@ pub fn iptables_backend(arm: &str) -> Option<&'static str> {
 fn backend_bin_dir(dir: &std::path::Path, backend: &str) -> Result<std::ffi::OsString> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     for tool in ["iptables", "iptables-save", "iptables-restore"] {
-        let real = format!("/usr/sbin/{}", tool.replacen("iptables", &format!("iptables-{backend}"), 1));
+        let real = format!(
+            "/usr/sbin/{}",
+            tool.replacen("iptables", &format!("iptables-{backend}"), 1)
+        );
         let link = dir.join(tool);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&real, &link)
@@ -117,7 +120,10 @@ pub enum Control {
         path: Option<std::ffi::OsString>,
     },
     // Field order is drop order: dockerd stops before its sandbox goes.
-    Docker { dockerd: Dockerd, inst: Instance },
+    Docker {
+        dockerd: Dockerd,
+        inst: Instance,
+    },
 }
 
 impl Control {
@@ -209,9 +215,9 @@ impl Control {
                         .into_iter()
                         .map(|(h, c)| (h, c, Protocol::Tcp))
                         .collect(),
-                    Publish::Range {
-                        ip: Some(ip), ..
-                    } => anyhow::bail!("the Docker arm publishes on every address, not on {ip}"),
+                    Publish::Range { ip: Some(ip), .. } => {
+                        anyhow::bail!("the Docker arm publishes on every address, not on {ip}")
+                    }
                     Publish::Range {
                         ip: None,
                         first,

@@ -151,14 +151,7 @@ pub fn measure_flooded_throughput(
     let flooded = flooded?;
     record(samples, arm, CONNTRACK, "throughput", 1, alone);
     record(samples, arm, CONNTRACK, "throughput_synflood", 1, flooded);
-    record(
-        samples,
-        arm,
-        CONNTRACK,
-        "synflood_held",
-        1,
-        flooded / alone,
-    );
+    record(samples, arm, CONNTRACK, "synflood_held", 1, flooded / alone);
     record(samples, arm, CONNTRACK, "synflood_sent", 1, sent as f64);
     Ok(())
 }
@@ -183,7 +176,11 @@ fn fill(
     let route = ["route", "add", "blackhole", RANDOM_SOURCES];
     try_output_in(server_ns, "ip", &route)?;
     let filled = send_until_full(client_ns, target, table, u64::from(goal));
-    try_output_in(server_ns, "ip", &["route", "del", "blackhole", RANDOM_SOURCES])?;
+    try_output_in(
+        server_ns,
+        "ip",
+        &["route", "del", "blackhole", RANDOM_SOURCES],
+    )?;
     filled
 }
 

@@ -76,7 +76,10 @@ impl Drop for Server {
         self.stop.store(true, Ordering::Relaxed);
         let wake = self.wake;
         let _ = netns::run_in(Some(&self.wake_ns), || {
-            Ok(TcpStream::connect_timeout(&wake, Duration::from_millis(200)))
+            Ok(TcpStream::connect_timeout(
+                &wake,
+                Duration::from_millis(200),
+            ))
         });
         if let Some(t) = self.accept.take() {
             let _ = t.join();

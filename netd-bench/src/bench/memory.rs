@@ -59,7 +59,10 @@ pub fn pinned_maps(bpffs: &Path) -> Result<Vec<MapMemory>> {
 /// Kernel memory the entries in use of every map pinned under `bpffs` occupy, in bytes (see
 /// [`MapMemory::occupied_bytes`]).
 pub fn map_bytes(bpffs: &Path) -> Result<u64> {
-    Ok(pinned_maps(bpffs)?.iter().map(MapMemory::occupied_bytes).sum())
+    Ok(pinned_maps(bpffs)?
+        .iter()
+        .map(MapMemory::occupied_bytes)
+        .sum())
 }
 
 /// The machine's slab memory (/proc/meminfo `Slab`), in bytes.
@@ -144,12 +147,18 @@ impl Snapshot {
         let metrics: [(&'static str, f64); 3] = match per {
             Per::Container => [
                 ("maps_kib_per_container", grew(self.maps, before.maps)),
-                ("ruleset_kib_per_container", grew(self.ruleset, before.ruleset)),
+                (
+                    "ruleset_kib_per_container",
+                    grew(self.ruleset, before.ruleset),
+                ),
                 ("slab_kib_per_container", grew(self.slab, before.slab)),
             ],
             _ => [
                 ("maps_kib_per_10k_ports", grew(self.maps, before.maps)),
-                ("ruleset_kib_per_10k_ports", grew(self.ruleset, before.ruleset)),
+                (
+                    "ruleset_kib_per_10k_ports",
+                    grew(self.ruleset, before.ruleset),
+                ),
                 ("slab_kib_per_10k_ports", grew(self.slab, before.slab)),
             ],
         };
@@ -183,8 +192,8 @@ pub fn map_entries(pin: &Path) -> Result<u64> {
         next_key: u64,
         _flags: u64,
     }
-    let map = aya::maps::MapData::from_pin(pin)
-        .with_context(|| format!("open map {}", pin.display()))?;
+    let map =
+        aya::maps::MapData::from_pin(pin).with_context(|| format!("open map {}", pin.display()))?;
     let key_size = map.info()?.key_size() as usize;
     let fd = map.fd().as_fd().as_raw_fd();
     let mut key = vec![0u8; key_size.max(1)];

@@ -244,7 +244,10 @@ async fn measure_control_plane(
             .with_context(|| format!("{arm}, {count} containers"))?;
     }
     if arm != "docker" {
-        progress(&format!("control plane: {arm}: start storm of {}", plan.storm))?;
+        progress(&format!(
+            "control plane: {arm}: start storm of {}",
+            plan.storm
+        ))?;
         scale::measure_storm(arm, plan.storm, samples)
             .await
             .with_context(|| format!("{arm}, start storm"))?;
@@ -255,7 +258,12 @@ async fn measure_control_plane(
 /// Conntrack under pressure (`conntrack`): on ebpf, its table 90% full and a SYN flood; on
 /// iptables, the SYN flood and the kernel conntrack's memory (its table is machine-wide, so
 /// it is not filled). Not on Docker (the iptables arm's rules, plus a proxy).
-async fn measure_conntrack(arm: &str, plan: &Plan, round: usize, samples: &mut Samples) -> Result<()> {
+async fn measure_conntrack(
+    arm: &str,
+    plan: &Plan,
+    round: usize,
+    samples: &mut Samples,
+) -> Result<()> {
     if arm == "docker" {
         return Ok(());
     }
@@ -358,8 +366,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
     for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
         if opts.only.is_none() {
             for scaled in scaled_arms(arm) {
-                measure_port_scaling(&scaled, &plan, opts.runs, &mut samples, &mut skipped)
-                    .await?;
+                measure_port_scaling(&scaled, &plan, opts.runs, &mut samples, &mut skipped).await?;
             }
         }
         if part(Part::Setup) {

@@ -206,10 +206,7 @@ impl Report {
         for a in &arms {
             let _ = write!(md, " {a} |");
         }
-        let _ = writeln!(
-            md,
-            " ebpf/ceiling | ebpf/routed | ebpf/iptables | target |"
-        );
+        let _ = writeln!(md, " ebpf/ceiling | ebpf/routed | ebpf/iptables | target |");
         let _ = writeln!(md, "|{}", "---|".repeat(arms.len() + 6));
         for path in super::Path::ALL.map(super::Path::name) {
             for metric in PATH_METRICS {
@@ -386,15 +383,7 @@ impl Report {
     /// "median (min–max)" of a record, or "–".
     fn cell(&self, arm: &str, path: &str, metric: &str, n: u32, digits: usize) -> String {
         self.find(arm, path, metric, n)
-            .map(|r| {
-                format!(
-                    "{:.d$} ({:.d$}–{:.d$})",
-                    r.median,
-                    r.min,
-                    r.max,
-                    d = digits
-                )
-            })
+            .map(|r| format!("{:.d$} ({:.d$}–{:.d$})", r.median, r.min, r.max, d = digits))
             .unwrap_or_else(|| "–".into())
     }
 
@@ -449,17 +438,21 @@ impl Report {
             .filter(|&n| self.find("ebpf", super::SCALING, "crr", n).is_some())
             .collect();
         if let (Some(&first), Some(&last)) = (ebpf.first(), ebpf.last()) {
-            let crr = |n| self.find("ebpf", super::SCALING, "crr", n).map(|r| r.median);
-            let flat = crr(first)
-                .zip(crr(last))
-                .map(|(a, b)| b / a - 1.0)
-                .map_or("–".into(), |d| {
-                    format!(
-                        "{:+.1}% ({})",
-                        d * 100.0,
-                        if d.abs() <= 0.05 { "met" } else { "MISSED" }
-                    )
-                });
+            let crr = |n| {
+                self.find("ebpf", super::SCALING, "crr", n)
+                    .map(|r| r.median)
+            };
+            let flat =
+                crr(first)
+                    .zip(crr(last))
+                    .map(|(a, b)| b / a - 1.0)
+                    .map_or("–".into(), |d| {
+                        format!(
+                            "{:+.1}% ({})",
+                            d * 100.0,
+                            if d.abs() <= 0.05 { "met" } else { "MISSED" }
+                        )
+                    });
             let _ = writeln!(
                 md,
                 "\nebpf new connections/s from N={first} to N={last}: {flat} (target within ±5%)."
@@ -468,8 +461,8 @@ impl Report {
         for backend in ["iptables-nft", "iptables-legacy"] {
             let Some(&last) = ns
                 .iter()
-                .filter(|&&n| self.find(backend, super::SCALING, "crr", n).is_some())
-                .last()
+                .rev()
+                .find(|&&n| self.find(backend, super::SCALING, "crr", n).is_some())
             else {
                 continue;
             };
@@ -542,8 +535,7 @@ impl Report {
                     let Some(total) = self.find(arm, "control", "storm_total_ms", n) else {
                         continue;
                     };
-                    let pct =
-                        |p: f64| self.percentile_of(arm, "control", "storm_create_ms", n, p);
+                    let pct = |p: f64| self.percentile_of(arm, "control", "storm_create_ms", n, p);
                     let _ = writeln!(
                         md,
                         "| {n} | {arm} | {:.0} | {} | {} |",
@@ -573,7 +565,10 @@ impl Report {
         if !self.records.iter().any(|r| r.path == path) {
             return;
         }
-        let _ = writeln!(md, "## Conntrack under pressure (median, min–max over runs)\n");
+        let _ = writeln!(
+            md,
+            "## Conntrack under pressure (median, min–max over runs)\n"
+        );
         let _ = writeln!(
             md,
             "New connections per second to a published port with netd's conntrack table empty and \

@@ -195,7 +195,12 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
     let flows = [
         (
             "outside->published request/response",
-            rr_flow(outside.clone(), published_rr, stop.clone(), latencies.clone()),
+            rr_flow(
+                outside.clone(),
+                published_rr,
+                stop.clone(),
+                latencies.clone(),
+            ),
         ),
         (
             "container->container request/response",
@@ -269,7 +274,9 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
     }
     let iperf = iperf.wait_with_output().context("wait for iperf3")?;
     if let Err(e) = iperf_verdict(&iperf) {
-        outcome.lost.push(format!("iperf3 outside->published: {e:#}"));
+        outcome
+            .lost
+            .push(format!("iperf3 outside->published: {e:#}"));
     }
     outcome.flows_lost = outcome.lost.len() as u64;
     while let Some(name) = live.pop_front() {
@@ -379,7 +386,12 @@ impl SoakReport {
             o.flows_lost,
             verdict(o.flows_lost as i64)
         );
-        let _ = writeln!(md, "| churn errors | {} | {} |", o.errors, verdict(o.errors as i64));
+        let _ = writeln!(
+            md,
+            "| churn errors | {} | {} |",
+            o.errors,
+            verdict(o.errors as i64)
+        );
         for (what, v) in [
             ("leaked links", o.leaked_links),
             ("leaked pins", o.leaked_pins),
