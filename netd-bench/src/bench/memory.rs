@@ -179,7 +179,9 @@ pub enum Per {
 pub const MEMORY: &str = "memory";
 
 /// Entries in the map pinned at `pin` (every key, walked with `BPF_MAP_GET_NEXT_KEY`; a map
-/// that can't be walked, such as a ring buffer, counts 0).
+/// that can't be walked, such as a ring buffer, counts 0). A walk whose current key is
+/// deleted under it (the daemon sweeping, LRU eviction) starts over from the first key, so
+/// keys are counted once each, and the walk gives up after twice the map's size.
 pub fn map_entries(pin: &Path) -> Result<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
@@ -192,18 +194,19 @@ pub fn map_entries(pin: &Path) -> Result<u64> {
         next_key: u64,
         _flags: u64,
     }
-    let map =
-        aya::maps::MapData::from_pin(pin).with_context(|| format!("open map {}", pin.display()))?;
-    let key_size = map.info()?.key_size() as usize;
+    let map = aya::maps::MapData::from_pin(pin)
+        .with_context(|| format!("open map {}", pin.display()))?;
+    let info = map.info()?;
+    let key_size = (info.key_size() as usize).max(1);
     let fd = map.fd().as_fd().as_raw_fd();
-    let mut key = vec![0u8; key_size.max(1)];
-    let mut next = vec![0u8; key_size.max(1)];
-    let mut count = 0;
-    loop {
+    let mut seen = std::collections::HashSet::new();
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    for step in 0..2 * u64::from(info.max_entries()) {
         let attr = NextKey {
             map_fd: fd as u32,
             _pad: 0,
-            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            key: if step == 0 { 0 } else { key.as_ptr() as u64 },
             next_key: next.as_mut_ptr() as u64,
             _flags: 0,
         };
@@ -217,9 +220,10 @@ pub fn map_entries(pin: &Path) -> Result<u64> {
             )
         };
         if ret < 0 {
-            return Ok(count);
+            break;
         }
-        count += 1;
+        seen.insert(next.clone());
         std::mem::swap(&mut key, &mut next);
     }
+    Ok(seen.len() as u64)
 }

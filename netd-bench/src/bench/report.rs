@@ -200,7 +200,12 @@ impl Report {
         {
             return;
         }
-        let arms = self.arms();
+        // The arms measured on the paths (not those of the scaling alone).
+        let arms: Vec<&str> = self
+            .arms()
+            .into_iter()
+            .filter(|a| paths.iter().any(|p| self.find(a, p, "throughput", 1).is_some()))
+            .collect();
         let _ = writeln!(md, "## Paths (median, min–max over runs)\n");
         let _ = write!(md, "| path | metric |");
         for a in &arms {
