@@ -364,7 +364,11 @@ fn snapshot(env: &TestEnv) -> Snapshot {
         .lines()
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .collect();
-    let state = std::fs::read_to_string(env.state_dir.join("state.json")).unwrap_or_default();
+    let state = format!(
+        "{}{}",
+        env.netd_ok(&["network", "ls", "--json"]),
+        env.netd_ok(&["container", "ls", "--json"])
+    );
     Snapshot {
         namespaces,
         host_links,
@@ -606,7 +610,7 @@ fn a_create_killed_midway_is_cleaned_up_by_the_next_command() {
             "--ip",
             "10.99.0.7",
         ])
-        .env("NETD_TEST_PAUSE_AFTER", "veth")
+        .env("NETD_TEST_PAUSE_AFTER", "container-veth")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -614,7 +618,7 @@ fn a_create_killed_midway_is_cleaned_up_by_the_next_command() {
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "paused after veth");
+    assert_eq!(line.trim(), "paused after container-veth");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGKILL,

@@ -296,7 +296,7 @@ fn published_flows_go_straight_into_the_container_as_the_bridge_would_send_them(
     assert_eq!(out[0..6], endpoint(C1, "", 0).mac, "destination MAC");
     assert_eq!(
         out[6..12],
-        netd::ipam::mac_for(GATEWAY),
+        netd::core::ipam::mac_for(GATEWAY),
         "source MAC: the bridge's"
     );
     assert_eq!(

@@ -107,8 +107,15 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
-    // The integration tests drive the netd binary, so build it first and tell them where it is.
-    cargo(&["build", "--package", "netd"])?;
+    // The integration tests drive the netd binary, so build it first and tell them where it is
+    // (with the step hook the crash-recovery tests kill it at).
+    cargo(&[
+        "build",
+        "--package",
+        "netd",
+        "--features",
+        "fault-injection",
+    ])?;
     let netd_bin = workspace_root().join("target/debug/netd");
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["test", "--workspace", "--exclude", "netd-ebpf"])

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use netd::netns;
-use netd_testkit::{command_in, traffic::snmp_counter};
+use netd_testkit::{cleanup::Cleanup, command_in, traffic::snmp_counter};
 
 /// Container-side ports of the three servers; published paths add [`PUBLISH_SHIFT`].
 pub const IPERF_PORT: u16 = 5201;
@@ -56,8 +56,10 @@ pub(super) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let mut cleanup = Cleanup::of(format!("server process {}", self.0.id()));
+        cleanup.check(self.0.kill());
+        cleanup.check(self.0.wait().map(drop));
+        cleanup.finish();
     }
 }
 
