@@ -194,8 +194,8 @@ pub fn map_entries(pin: &Path) -> Result<u64> {
         next_key: u64,
         _flags: u64,
     }
-    let map = aya::maps::MapData::from_pin(pin)
-        .with_context(|| format!("open map {}", pin.display()))?;
+    let map =
+        aya::maps::MapData::from_pin(pin).with_context(|| format!("open map {}", pin.display()))?;
     let info = map.info()?;
     let key_size = (info.key_size() as usize).max(1);
     let fd = map.fd().as_fd().as_raw_fd();

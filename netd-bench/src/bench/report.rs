@@ -204,7 +204,11 @@ impl Report {
         let arms: Vec<&str> = self
             .arms()
             .into_iter()
-            .filter(|a| paths.iter().any(|p| self.find(a, p, "throughput", 1).is_some()))
+            .filter(|a| {
+                paths
+                    .iter()
+                    .any(|p| self.find(a, p, "throughput", 1).is_some())
+            })
             .collect();
         let _ = writeln!(md, "## Paths (median, min–max over runs)\n");
         let _ = write!(md, "| path | metric |");
