@@ -132,7 +132,7 @@ impl EbpfDatapath {
     ) -> Result<()> {
         let mut attached = Vec::new();
         for &(prog, dir) in progs {
-            if self.pins.tc_link(prog, iface, dir).exists() {
+            if self.pins.tc_attached(prog, iface, dir) {
                 continue;
             }
             if let Err(e) = self.pins.attach_tc(ebpf, prog, iface, dir) {
