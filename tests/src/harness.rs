@@ -6,6 +6,7 @@
 //! is unique to the test (pid + counter) and is remembered for cleanup.
 
 use std::{
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -205,6 +206,28 @@ impl Drop for TestEnv {
         let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// A TCP connection from the fixed local address `local` (SO_REUSEADDR so tests can repeat).
+pub fn bound_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => SockaddrIn::from(a),
+        SocketAddr::V6(_) => unreachable!("IPv4 only"),
+    };
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(local)).unwrap();
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(server)).unwrap();
+    TcpStream::from(fd)
 }
 
 /// Mounts bpffs at /sys/fs/bpf in this (the machine's) mount namespace when it isn't.

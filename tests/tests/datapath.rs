@@ -12,7 +12,7 @@ use std::{
 
 use netd::datapath::Protocol;
 use tests::{
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK, bound_connect},
     netdata::{port, port as port_spec},
     topology::{
         TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
@@ -55,28 +55,6 @@ fn tcp_round_trip(server: SocketAddr, bind: Option<SocketAddr>, data: &[u8]) -> 
     let mut back = Vec::new();
     stream.read_to_end(&mut back).unwrap();
     back
-}
-
-/// A TCP connection from the fixed local address `local` (SO_REUSEADDR so tests can repeat).
-fn bound_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-    let v4 = |a: SocketAddr| match a {
-        SocketAddr::V4(a) => SockaddrIn::from(a),
-        SocketAddr::V6(_) => unreachable!("IPv4 only"),
-    };
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(local)).unwrap();
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(server)).unwrap();
-    TcpStream::from(fd)
 }
 
 /// Some bytes that aren't all alike, so a mangled segment shows.
