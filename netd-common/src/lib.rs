@@ -3,7 +3,6 @@
 //! Every type is `#[repr(C)]` with explicit padding so both sides agree byte for byte.
 #![no_std]
 
-pub mod counter;
 pub mod datapath;
 
 /// Implements aya's `Pod` for map types on the userspace side.

@@ -1,24 +1,17 @@
-//! netd's eBPF programs: one program per attach point, shared logic in modules.
+//! netd's eBPF programs, laid out like Cilium's `bpf/`: one file per attach point in `progs`,
+//! the logic they share in `lib`. A program file imports only from `lib`, never from another
+//! program file.
 #![no_std]
 #![no_main]
 // Map keys and values go to the helpers by reference: by value they would be copied onto the
 // 512-byte BPF stack first (a CtEntry is 152 bytes), and map-value pointers would be lost.
 #![allow(clippy::needless_borrows_for_generic_args)]
+// The library folder, as in Cilium's `bpf/lib`: the crate's library target is `anchor.rs`, so
+// `lib` here is an ordinary module (the lint expects a `lib.rs` crate root).
+#![allow(special_module_name)]
 
-mod bridge;
-mod conntrack;
-mod counter;
-mod events;
-mod fib;
-mod host;
-mod maps;
-mod nat;
-mod parse;
-mod policy;
-mod sockets;
-mod stats;
-mod uplink;
-mod uplink_xdp;
+mod lib;
+mod progs;
 
 #[cfg(not(test))]
 #[panic_handler]

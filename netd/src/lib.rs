@@ -3,7 +3,6 @@ pub mod bench;
 pub mod bpf;
 pub mod container;
 pub mod controller;
-pub mod counter;
 pub mod daemon;
 pub mod datapath;
 pub mod demo;

@@ -7,7 +7,6 @@ use netd::{
     bpf::Pins,
     container,
     controller::Ctx,
-    counter,
     datapath::ebpf::{EbpfDatapath, conntrack, events, stats},
     demo, exec, netns, network, output, views,
 };
@@ -88,9 +87,6 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         sweep_interval: f64,
     },
-    /// The per-protocol packet counter (a TCX program with a pinned map).
-    #[command(subcommand)]
-    Counter(CounterCommand),
     /// Build a sandbox, run netd in it, show traffic through the datapath, remove it all.
     Demo,
     /// Benchmark the eBPF datapath against iptables and a plain veth pair (the ceiling).
@@ -179,28 +175,6 @@ enum ConntrackCommand {
     Sweep,
 }
 
-#[derive(Subcommand)]
-enum CounterCommand {
-    /// Attach the counter to an interface of the host namespace.
-    Attach {
-        iface: String,
-        /// Count outgoing packets instead of incoming ones.
-        #[arg(long)]
-        egress: bool,
-    },
-    /// Detach the counter from an interface.
-    Detach {
-        iface: String,
-        #[arg(long)]
-        egress: bool,
-    },
-    /// Show the counts, summed over every interface the counter is attached to.
-    Show {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 fn main() {
     // Like other Unix tools: a closed pipe (`netd ... | head`) ends netd quietly.
     // SAFETY: set before any thread exists; SIG_DFL is a valid disposition.
@@ -283,7 +257,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Counter(cmd) => counter_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Demo => demo::run().await,
         Command::Bench {
             quick,
@@ -450,38 +423,4 @@ async fn container_command(ctx: &Ctx, cmd: ContainerCommand) -> Result<()> {
         ContainerCommand::Ls { json } => views::container_ls(&ctx.store.load()?, json),
         ContainerCommand::Inspect { name } => views::container_inspect(&ctx.store.load()?, &name),
     }
-}
-
-fn counter_command(pins: &Pins, cmd: CounterCommand) -> Result<()> {
-    match cmd {
-        CounterCommand::Attach { iface, egress } => {
-            counter::attach(pins, &iface, counter::direction(egress))?;
-            println!("counter attached to {iface}");
-        }
-        CounterCommand::Detach { iface, egress } => {
-            if !counter::detach(pins, &iface, counter::direction(egress))? {
-                anyhow::bail!("the counter is not attached to {iface}");
-            }
-            println!("counter detached from {iface}");
-        }
-        CounterCommand::Show { json } => {
-            let counts = counter::read(pins)?;
-            if json {
-                output::json(&counts)?;
-            } else {
-                let rows: Vec<Vec<String>> = counts
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.proto.to_string(),
-                            c.packets.to_string(),
-                            c.bytes.to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(&["PROTO", "PACKETS", "BYTES"], &rows);
-            }
-        }
-    }
-    Ok(())
 }

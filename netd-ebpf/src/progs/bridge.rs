@@ -12,11 +12,11 @@ use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
 use netd_common::datapath::{EndpointInfo, Stat};
 use network_types::eth::EthHdr;
 
-use crate::{
+use crate::lib::{
     conntrack, fib, maps, nat,
     parse::{self, Flow, Frame as _},
     stats,
-    uplink::{dropped, now_ns, verdict},
+    verdict::{dropped, now_ns, verdict},
 };
 
 /// What became of a hairpin packet: translated and redirected to a container's host-side veth

@@ -17,7 +17,7 @@ use netd_common::datapath::{
     AF_INET, IPPROTO_TCP, IPPROTO_UDP, SOCK_REDIRECTS_MAX, SockRedirectKey, SockRedirectOrigin,
 };
 
-use crate::{conntrack::v4, maps};
+use crate::lib::{conntrack::v4, maps};
 
 /// What a sock_addr program returns to let the call go on.
 const ALLOW: i32 = 1;

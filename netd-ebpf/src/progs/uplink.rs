@@ -4,7 +4,7 @@
 //!   (masqueraded flows: source → host:port; published-port replies: source → host:published
 //!   port); a new flow from a container of a masquerading network is masqueraded.
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
-//!   masqueraded flows: destination → container); a new flow is decided by [`inbound`]: to a
+//!   masqueraded flows: destination → container); a new flow is decided by `lib::inbound`: to a
 //!   published port it is DNATed to the container, straight to a container it is mostly
 //!   dropped. A packet translated to a container goes straight into its namespace (`fib`),
 //!   else the host stack routes it to the container's bridge. `uplink_xdp` (optional) makes
@@ -17,27 +17,20 @@
 //! with the reason in `STATS`). The only drops are refused new flows, new flows that can't be
 //! tracked and packets a helper failed to rewrite.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_coarse_ns,
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, PublishedTarget, Stat,
+    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
 };
 
-use crate::{
+use crate::lib::{
     conntrack::{self, v4},
-    events::{self, Tuple},
-    fib, maps, nat,
-    parse::{self, Flow, Frame, Quoted},
+    fib,
+    inbound::{Inbound, inbound},
+    maps, nat,
+    parse::{self, Flow, Quoted},
     stats,
+    verdict::{dropped, now_ns, verdict},
 };
-
-/// TCX_NEXT: the next program, or the stack, decides.
-const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
@@ -55,13 +48,6 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
         return action;
     }
     verdict(outcome)
-}
-
-/// Counts what happened to the packet and turns it into a TC action.
-#[inline(always)]
-pub fn verdict(outcome: Stat) -> i32 {
-    stats::count(outcome);
-    if outcome.drops() { DROP } else { PASS }
 }
 
 /// A parsed packet that belongs to no tracked flow: the direction decides whether it starts one.
@@ -139,51 +125,6 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
 }
 
-/// What becomes of a new flow arriving from outside.
-pub enum Inbound {
-    /// To a published port: DNAT to this container.
-    Published(PublishedTarget),
-    /// Dropped for this reason, counted against the container at this address.
-    Refused(Stat, u32),
-    /// Not for a container: the stack decides.
-    Stack,
-}
-
-/// Decides a new flow from outside (one no tracked flow explains), the way Docker's nat
-/// PREROUTING and filter FORWARD chains do: a published port DNATs to its container (never to
-/// one of an `--internal` network, nor from a source outside the port's `--publish-allow`
-/// ranges); a flow routed straight to a container gets in only on a network that neither is
-/// internal nor masquerades (there, outbound flows are not tracked, so their replies look
-/// just like this).
-#[inline(always)]
-pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
-    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
-    if let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) {
-        let container = target.addr[0];
-        if maps::is_internal(target.network_id) {
-            return Inbound::Refused(Stat::Internal, container);
-        }
-        if !maps::publish_allows(&target, flow.proto, flow.saddr) {
-            return Inbound::Refused(Stat::PublishDenied, container);
-        }
-        return Inbound::Published(target);
-    }
-    match maps::endpoint(flow.daddr).and_then(|ep| maps::network(ep.network_id)) {
-        Some(net) if net.flags & NET_INTERNAL != 0 => Inbound::Refused(Stat::Internal, flow.daddr),
-        Some(net) if net.flags & NET_MASQUERADE != 0 => {
-            Inbound::Refused(Stat::Unsolicited, flow.daddr)
-        }
-        _ => Inbound::Stack,
-    }
-}
-
-/// Drops `flow`'s packet for `reason`, counted against the container at `container` and
-/// reported as an event.
-#[inline(always)]
-pub fn dropped(ctx: &impl Frame, flow: &Flow, reason: Stat, container: u32) -> Stat {
-    events::dropped(&Tuple::of(flow), reason, container, ctx.ifindex())
-}
-
 /// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
 /// entry for the reversed quoted tuple says how this packet travels.
 #[inline(always)]
@@ -232,12 +173,4 @@ fn masquerades(saddr: u32) -> bool {
     maps::endpoint(saddr)
         .and_then(|ep| maps::network(ep.network_id))
         .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
-}
-
-/// CLOCK_MONOTONIC as of the last tick: flows time out after seconds, and the coarse clock
-/// reads a variable where `bpf_ktime_get_ns` reads the clocksource (TSC) and scales it.
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: a helper without preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }

@@ -9,7 +9,7 @@ use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 use network_types::{
     eth::{EthHdr, EtherType},
     icmp::Icmpv4Hdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
+    ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
 };
@@ -116,22 +116,6 @@ fn read_within<T: Copy>(data: usize, data_end: usize, off: usize) -> Option<T> {
     // SAFETY: `start..start + size_of::<T>()` lies within the packet, checked just above;
     // headers are not aligned in the packet.
     Some(unsafe { (start as *const T).read_unaligned() })
-}
-
-/// The IP protocol number carried by an Ethernet frame, or `None` for non-IP and truncated
-/// frames. For IPv6 this is the first next-header value (extension headers are not walked).
-#[inline(always)]
-pub fn ip_protocol(ctx: &impl Frame) -> Option<u8> {
-    let eth: EthHdr = ctx.read(0)?;
-    if eth.ether_type == EtherType::Ipv4 as u16 {
-        let ip: Ipv4Hdr = ctx.read(EthHdr::LEN)?;
-        Some(ip.proto)
-    } else if eth.ether_type == EtherType::Ipv6 as u16 {
-        let ip: Ipv6Hdr = ctx.read(EthHdr::LEN)?;
-        Some(ip.next_hdr)
-    } else {
-        None
-    }
 }
 
 /// What NAT needs from a translatable packet. For ICMP echo the identifier is `sport` of a

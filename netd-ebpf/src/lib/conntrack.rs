@@ -24,7 +24,7 @@ use netd_common::datapath::{
     CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_TCP, Stat, Timeouts,
 };
 
-use crate::{nat::Rewrite, parse::Flow, sockets};
+use super::{nat::Rewrite, parse::Flow, sockets};
 
 /// Sized by the loader (`map_max_entries`); this is the default.
 #[map]

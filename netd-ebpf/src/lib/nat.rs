@@ -3,20 +3,16 @@
 //! checksum state: for CHECKSUM_PARTIAL they fix the pseudo-header seed instead of the full
 //! sum, for CHECKSUM_COMPLETE they keep `skb->csum` right.
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use netd_common::datapath::{IPPROTO_ICMP, Stat};
+
+use super::{
+    csum::{ICMP_CSUM_OFF, IP_CSUM_OFF, l4_csum},
+    parse::{Flow, Frame as _, L3_OFF, L4_OFF, QUOTED_L3_OFF, QUOTED_L4_OFF, Quoted},
 };
-use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
-use crate::parse::{Flow, Frame as _, L3_OFF, L4_OFF, QUOTED_L3_OFF, QUOTED_L4_OFF, Quoted};
-
-pub const IP_CSUM_OFF: usize = L3_OFF + 10;
 const IP_SRC_OFF: usize = L3_OFF + 12;
 const IP_DST_OFF: usize = L3_OFF + 16;
-const TCP_CSUM_OFF: usize = L4_OFF + 16;
-const UDP_CSUM_OFF: usize = L4_OFF + 6;
-const ICMP_CSUM_OFF: usize = L4_OFF + 2;
 const L4_SPORT_OFF: usize = L4_OFF;
 const L4_DPORT_OFF: usize = L4_OFF + 2;
 const ICMP_ID_OFF: usize = L4_OFF + 4;
@@ -53,17 +49,6 @@ pub fn apply(ctx: &TcContext, flow: &Flow, rw: &Rewrite) -> Result<(), Stat> {
         replace_port(ctx, flow.proto, rw.src, old_port, rw.port)?;
     }
     Ok(())
-}
-
-/// Where the L4 checksum is, and the helper flags for it. UDP's checksum is optional: with
-/// BPF_F_MARK_MANGLED_0 a zero one stays zero and a computed zero becomes 0xffff.
-#[inline(always)]
-fn l4_csum(proto: u8) -> (usize, u64) {
-    match proto {
-        IPPROTO_TCP => (TCP_CSUM_OFF, 0),
-        IPPROTO_UDP => (UDP_CSUM_OFF, u64::from(BPF_F_MARK_MANGLED_0)),
-        _ => (ICMP_CSUM_OFF, 0),
-    }
 }
 
 #[inline(always)]

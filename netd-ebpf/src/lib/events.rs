@@ -4,7 +4,7 @@
 use aya_ebpf::{macros::map, maps::RingBuf};
 use netd_common::datapath::{AF_INET, DROP_EVENTS_BYTES, DropEvent, Stat};
 
-use crate::{conntrack::v4, parse::Flow, stats};
+use super::{conntrack::v4, parse::Flow, stats};
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::pinned(DROP_EVENTS_BYTES, 0);

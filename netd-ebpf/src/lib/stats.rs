@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{ENDPOINTS_MAX, EndpointDropKey, Stat};
 
-use crate::maps;
+use super::maps;
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -20,9 +20,9 @@ use aya_ebpf::{
 use netd_common::datapath::{EndpointInfo, Stat};
 use network_types::ip::Ipv4Hdr;
 
-use crate::{
+use super::{
+    csum::IP_CSUM_OFF,
     maps,
-    nat::IP_CSUM_OFF,
     parse::{Frame as _, L3_OFF},
 };
 

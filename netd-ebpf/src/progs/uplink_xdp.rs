@@ -12,9 +12,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::{
-    conntrack, maps, parse, stats,
-    uplink::{self, Inbound},
+use crate::lib::{
+    conntrack,
+    inbound::{Inbound, inbound},
+    maps, parse, stats,
+    verdict::{dropped, now_ns},
 };
 
 #[xdp]
@@ -35,13 +37,13 @@ fn refused(ctx: &XdpContext) -> bool {
     if flow.quoted.is_some() {
         return false;
     }
-    let Inbound::Refused(reason, container) = uplink::inbound(&flow, cfg) else {
+    let Inbound::Refused(reason, container) = inbound(&flow, cfg) else {
         return false;
     };
     // Refusals are rare and this lookup costly: only now ask whether a flow explains it.
-    if conntrack::is_live(&conntrack::key_of(&flow), uplink::now_ns(), cfg) {
+    if conntrack::is_live(&conntrack::key_of(&flow), now_ns(), cfg) {
         return false;
     }
-    stats::count(uplink::dropped(ctx, &flow, reason, container));
+    stats::count(dropped(ctx, &flow, reason, container));
     true
 }

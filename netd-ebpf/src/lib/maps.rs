@@ -11,7 +11,7 @@ use netd_common::datapath::{
     PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
-use crate::conntrack::v4;
+use super::conntrack::v4;
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -19,17 +19,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, NET_ICC, NET_INTERNAL, NetworkInfo, Stat, VethInfo,
+    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, NET_ICC, NET_INTERNAL, Stat, VethInfo,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
-use crate::{
+use crate::lib::{
     events::{self, Tuple},
     fib, maps,
     parse::{Frame as _, L3_OFF},
+    policy::{floods, in_subnet, link_allows},
     stats,
 };
 
@@ -200,38 +201,6 @@ fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
         return Verdict::Drop(Stat::Internal, tuple);
     }
     Verdict::Leave
-}
-
-/// Docker's ACCEPT rules for a link: to the linked container's port, or a reply from it.
-/// Packets without ports (ICMP, later fragments) are never linked.
-#[inline(always)]
-fn link_allows(t: &Tuple) -> bool {
-    if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP || t.sport == 0 && t.dport == 0 {
-        return false;
-    }
-    maps::linked(t.saddr, t.daddr, t.proto, t.dport)
-        || maps::linked(t.daddr, t.saddr, t.proto, t.sport)
-}
-
-/// The limited broadcast address and multicast groups (224.0.0.0/4).
-#[inline(always)]
-fn floods(addr: u32) -> bool {
-    addr == u32::MAX || u32::from_be(addr) >> 28 == 0xe
-}
-
-#[inline(always)]
-fn in_subnet(addr: u32, net: &NetworkInfo) -> bool {
-    let mask = prefix_mask(net.prefix_len);
-    u32::from_be(addr) & mask == u32::from_be(net.subnet[0]) & mask
-}
-
-#[inline(always)]
-fn prefix_mask(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len.min(32)))
-    }
 }
 
 /// The addresses and, for TCP and UDP (not a later fragment), the ports of an IPv4 packet.

@@ -1,0 +1,180 @@
+//! The maps userspace fills and the programs read: configuration, networks, endpoints,
+//! published ports, the isolation policy, and the host sockets redirected to containers.
+
+use super::{Addr, Timeouts};
+
+/// `NETWORKS`: network id (`u32`) → [`NetworkInfo`].
+pub const NETWORKS_MAP: &str = "NETWORKS";
+/// `ENDPOINTS`: [`EndpointKey`] → [`EndpointInfo`], the controller's IPAM mirror.
+pub const ENDPOINTS_MAP: &str = "ENDPOINTS";
+/// `PUBLISHED`: [`PublishedKey`] → [`PublishedTarget`].
+pub const PUBLISHED_MAP: &str = "PUBLISHED";
+/// `CONFIG`: a one-slot array holding [`Config`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// `PUBLISH_ALLOW`: LPM trie of [`PublishAllowKey`] → `u8` (1): the sources a published port
+/// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
+pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
+pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
+/// `VETHS`: host-side veth ifindex (`u32`) → the [`VethInfo`] of the container behind it.
+pub const VETHS_MAP: &str = "VETHS";
+/// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
+pub const LINKS_MAP: &str = "LINKS";
+
+pub const ENDPOINTS_MAX: u32 = 65_536;
+pub const NETWORKS_MAX: u32 = 1_024;
+pub const PUBLISHED_MAX: u32 = 65_536;
+pub const LINKS_MAX: u32 = 65_536;
+
+/// Network flags.
+pub const NET_MASQUERADE: u8 = 1;
+pub const NET_ICC: u8 = 2;
+pub const NET_INTERNAL: u8 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NetworkInfo {
+    pub subnet: Addr,
+    pub gateway: Addr,
+    pub prefix_len: u8,
+    pub family: u8,
+    /// `NET_*` bits.
+    pub flags: u8,
+    /// The bridge's MAC, set when the network is made: the source of frames the host routes
+    /// to the network's containers.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EndpointKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the program on a container's host-side veth checks every frame against, in one
+/// lookup: the container's address, MAC and network, with the network's `NET_*` flags (fixed
+/// when the network is made).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VethInfo {
+    pub addr: Addr,
+    pub network_id: u32,
+    pub mac: [u8; 6],
+    pub net_flags: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EndpointInfo {
+    /// The host end of the container's veth.
+    pub ifindex: u32,
+    pub network_id: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// One port `--link` opens: `src` may reach `dst` on `proto`/`port`, and `dst` may answer from
+/// it (Docker's pair of ACCEPT rules per exposed port of a linked container).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinkKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// A published port: `addr` is the host address it is bound to, all zero for any.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PublishedKey {
+    pub addr: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PublishedTarget {
+    pub addr: Addr,
+    pub port: u16,
+    /// `PUBLISH_*` bits.
+    pub flags: u16,
+    pub network_id: u32,
+}
+
+/// `PublishedTarget::flags`: new flows only from the sources in `PUBLISH_ALLOW`
+/// (`--publish-allow`).
+pub const PUBLISH_RESTRICTED: u16 = 1;
+
+/// A source range a published port accepts, as the data of an LPM trie key: the published
+/// target (container address, port, protocol) is matched whole, then `src` by prefix. The
+/// key's prefix length is therefore [`PublishAllowKey::TARGET_BITS`] + the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PublishAllowKey {
+    pub target: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub src: Addr,
+}
+
+impl PublishAllowKey {
+    /// The bits before `src`.
+    pub const TARGET_BITS: u32 = (16 + 2 + 1 + 1) * 8;
+}
+
+/// A host socket (by cookie) redirected to a container address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRedirectKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The address and port the socket's process asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRedirectOrigin {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// The uplink the NAT programs are attached to, and the conntrack timeouts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Config {
+    /// The uplink's address: the masquerade source, and the address "any" published ports
+    /// answer on.
+    pub uplink_addr: Addr,
+    pub uplink_ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub timeouts: Timeouts,
+    /// The cookie of the host network namespace: the cgroup program acts only there.
+    pub netns_cookie: u64,
+}
+
+crate::user_pod!(
+    SockRedirectKey,
+    SockRedirectOrigin,
+    NetworkInfo,
+    EndpointKey,
+    EndpointInfo,
+    VethInfo,
+    PublishedKey,
+    PublishedTarget,
+    LinkKey,
+    PublishAllowKey,
+    Config
+);

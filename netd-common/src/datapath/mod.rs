@@ -1,0 +1,62 @@
+//! The eBPF datapath's maps: networks, endpoints, published ports (and their allowed sources),
+//! connection tracking, the uplink configuration, the isolation policy (veths, links), the
+//! per-reason packet counters and the drop events, split by concern and re-exported here.
+//!
+//! Addresses are 16 bytes ([`Addr`]) with a family byte next to them, so IPv6 is an addition to
+//! these layouts, not a rewrite. IPv4 addresses sit in word 0 in network byte order (the bytes
+//! as they are on the wire), the other words zero. Ports are in host byte order.
+
+mod conntrack;
+mod maps;
+mod stats;
+
+pub use conntrack::*;
+pub use maps::*;
+pub use stats::*;
+
+/// TC program on the uplink's ingress: reverse SNAT and DNAT of published ports.
+pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
+/// TC program on the uplink's egress: SNAT (masquerade) and reverse DNAT.
+pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
+/// XDP program on the uplink (`--uplink-xdp`): drops what `uplink_ingress` would refuse
+/// before the kernel builds an skb for it.
+pub const UPLINK_XDP_PROG: &str = "uplink_xdp";
+/// TC program on each network bridge's ingress: hairpin to published ports.
+pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
+/// other networks, `--icc`, `--link`, `--internal`) and the container-to-container fast path.
+pub const ENDPOINT_INGRESS_PROG: &str = "endpoint_ingress";
+/// cgroup connect4 program: host processes connecting to published ports go to the container.
+pub const HOST_CONNECT4_PROG: &str = "host_connect4";
+/// cgroup sendmsg4 program: the same for unconnected UDP sends.
+pub const HOST_SENDMSG4_PROG: &str = "host_sendmsg4";
+/// cgroup recvmsg4 and getpeername4 programs: the process sees the address it asked for.
+pub const HOST_RECVMSG4_PROG: &str = "host_recvmsg4";
+pub const HOST_GETPEERNAME4_PROG: &str = "host_getpeername4";
+/// Every cgroup program of the host redirection.
+pub const HOST_SOCK_PROGS: [&str; 4] = [
+    HOST_CONNECT4_PROG,
+    HOST_SENDMSG4_PROG,
+    HOST_RECVMSG4_PROG,
+    HOST_GETPEERNAME4_PROG,
+];
+/// Redirected sockets remembered for `recvmsg4`/`getpeername4` (LRU).
+pub const SOCK_REDIRECTS_MAX: u32 = 65_536;
+
+pub const AF_INET: u8 = 2;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// An IPv4 or IPv6 address: IPv4 in word 0 (wire byte order), words 1..3 zero.
+pub type Addr = [u32; 4];
+
+/// The map form of the IPv4 address whose wire bytes are `octets`.
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// The wire bytes of the IPv4 address in `addr`.
+pub const fn v4_octets(addr: &Addr) -> [u8; 4] {
+    addr[0].to_ne_bytes()
+}

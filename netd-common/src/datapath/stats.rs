@@ -1,0 +1,157 @@
+//! What the programs count (`STATS`, per reason; `ENDPOINT_DROPS`, per container) and
+//! report (`DROP_EVENTS`).
+
+use super::{Addr, EndpointKey};
+
+/// `STATS`: per-CPU array of `u64` indexed by [`Stat`].
+pub const STATS_MAP: &str = "STATS";
+/// `ENDPOINT_DROPS`: per-CPU hash [`EndpointDropKey`] → packets of that container dropped
+/// for that reason.
+pub const ENDPOINT_DROPS_MAP: &str = "ENDPOINT_DROPS";
+/// `DROP_EVENTS`: ring buffer of [`DropEvent`], read by `netd monitor`.
+pub const DROP_EVENTS_MAP: &str = "DROP_EVENTS";
+/// Size of `DROP_EVENTS` in bytes (a power of two, a multiple of the page size).
+pub const DROP_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// A container's drops for one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EndpointDropKey {
+    pub endpoint: EndpointKey,
+    /// The [`Stat`] the drop is counted under.
+    pub reason: u32,
+}
+
+/// A packet the policy dropped, as `netd monitor` shows it. Ports are 0 when the packet has
+/// none (or was not parsed that far); addresses are zero for non-IP frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DropEvent {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// A [`Stat`] that drops.
+    pub reason: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
+}
+
+crate::user_pod!(EndpointDropKey, DropEvent);
+
+/// Defines [`Stat`] from one list: each reason's doc, name as `netd stats` shows it, and
+/// whether its packets are dropped (`drop`) or go on (`pass`). A counter's index in `STATS`
+/// is its place in the list.
+macro_rules! stats {
+    ($($(#[doc = $doc:literal])* $variant:ident $name:literal $verdict:ident,)*) => {
+        /// Counters in `STATS`: what the programs did with each packet, and why they dropped
+        /// one.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Stat {
+            pub const COUNT: u32 = [$(stringify!($variant)),*].len() as u32;
+            pub const ALL: [Stat; Self::COUNT as usize] = [$(Stat::$variant),*];
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+
+            /// Whether packets counted here are dropped (the others go on).
+            pub const fn drops(self) -> bool {
+                match self {
+                    $(Stat::$variant => stats!(@drops $verdict),)*
+                }
+            }
+        }
+    };
+    (@drops drop) => { true };
+    (@drops pass) => { false };
+}
+
+stats! {
+    /// A new masqueraded flow.
+    SnatNew "snat_new" pass,
+    /// A packet of a masqueraded flow, either direction.
+    SnatHit "snat_hit" pass,
+    /// A new flow to a published port.
+    DnatNew "dnat_new" pass,
+    /// A packet of a published-port flow, either direction.
+    DnatHit "dnat_hit" pass,
+    /// IPv4 that needs no translation (not from a masqueraded network, no flow, no port).
+    NoNat "no_nat" pass,
+    /// Not IPv4 (passed untouched).
+    NotIpv4 "not_ipv4" pass,
+    /// VLAN-tagged, in the frame or in the skb (passed untouched).
+    Vlan "vlan" pass,
+    /// Shorter than an Ethernet header.
+    TruncatedL2 "truncated_l2" pass,
+    /// Shorter than its IPv4 header or its total length.
+    TruncatedL3 "truncated_l3" pass,
+    /// Shorter than its TCP/UDP/ICMP header.
+    TruncatedL4 "truncated_l4" pass,
+    /// IPv4 with a version or header length that is not valid.
+    BadIpHeader "bad_ip_header" pass,
+    /// IPv4 with options (never translated).
+    IpOptions "ip_options" pass,
+    /// An IPv4 fragment (never translated: later fragments carry no ports).
+    Fragment "fragment" pass,
+    /// An L4 protocol the NAT doesn't translate (ICMP other than echo included).
+    UnsupportedProto "unsupported_proto" pass,
+    /// No free source port or echo id towards that destination: dropped.
+    PortExhausted "port_exhausted" drop,
+    /// The conntrack table refused an insert: dropped.
+    ConntrackFull "conntrack_full" drop,
+    /// A helper failed while rewriting: dropped, the packet may be half written.
+    RewriteFailed "rewrite_failed" drop,
+    /// An ICMP error about a tracked flow, translated with the packet it quotes.
+    IcmpError "icmp_error" pass,
+    /// A new hairpin flow (a container to a published port through a host address).
+    HairpinNew "hairpin_new" pass,
+    /// A packet of a hairpin flow, either direction.
+    HairpinHit "hairpin_hit" pass,
+    /// A hairpin packet whose container is gone: dropped.
+    NoEndpoint "no_endpoint" pass,
+    /// From a container, with a source MAC (or ARP sender) that isn't the container's: dropped.
+    SpoofedMac "spoofed_mac" drop,
+    /// From a container, with a source address (or ARP sender address) that isn't its own:
+    /// dropped.
+    SpoofedAddr "spoofed_addr" drop,
+    /// From a container to another network's container: dropped.
+    OtherNetwork "other_network" drop,
+    /// Between containers of an `--icc=false` network, not along a `--link`: dropped.
+    IccDenied "icc_denied" drop,
+    /// Leaving an `--internal` network, or arriving at one from outside: dropped.
+    Internal "internal" drop,
+    /// From a container, allowed by the policy, on to the bridge.
+    PolicyPass "policy_pass" pass,
+    /// From a container to a container of the same network, delivered straight into its
+    /// namespace (no bridge, no netfilter).
+    FastPathLocal "fast_path_local" pass,
+    /// Translated on the uplink's ingress and delivered straight into the container's
+    /// namespace.
+    FastPathIn "fast_path_in" pass,
+    /// From a container to the outside, sent straight to the uplink's egress.
+    FastPathOut "fast_path_out" pass,
+    /// A new flow to a published port from a source its `--publish-allow` ranges don't
+    /// cover: dropped.
+    PublishDenied "publish_denied" drop,
+    /// A new flow from outside straight to a container of a masquerading network (not through
+    /// a published port): dropped, as Docker's FORWARD policy does.
+    Unsolicited "unsolicited" drop,
+}
+
+impl Stat {
+    /// The counter at index `n` of `STATS` (what a [`DropEvent`] names as its reason).
+    pub fn from_index(n: u32) -> Option<Stat> {
+        Self::ALL.get(n as usize).copied()
+    }
+}

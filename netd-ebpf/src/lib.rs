@@ -1,2 +1,0 @@
-#![no_std]
-// Exists so that netd's build.rs can depend on this crate; the programs are in the binary.

@@ -1,0 +1,14 @@
+//! What the programs share, one module per concern.
+
+pub mod conntrack;
+pub mod csum;
+pub mod events;
+pub mod fib;
+pub mod inbound;
+pub mod maps;
+pub mod nat;
+pub mod parse;
+pub mod policy;
+pub mod sockets;
+pub mod stats;
+pub mod verdict;
