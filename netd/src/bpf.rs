@@ -28,7 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -87,14 +87,16 @@ impl Pins {
         self.load_sized(CONNTRACK_DEFAULT_MAX)
     }
 
-    /// Like [`Pins::load`], with a conntrack table of `conntrack_max` entries when it is not
-    /// pinned yet (a pinned table keeps its size).
+    /// Like [`Pins::load`], with conntrack tables (assured and unassured flows) of
+    /// `conntrack_max` entries each when they are not pinned yet (a pinned table keeps its
+    /// size).
     pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
-        EbpfLoader::new()
-            .default_map_pin_directory(self.maps_dir())
-            .map_max_entries(CONNTRACK_MAP, conntrack_max)
-            .load(OBJECT)
-            .context("load the eBPF object")
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(self.maps_dir());
+        for table in CONNTRACK_MAPS {
+            loader.map_max_entries(table, conntrack_max);
+        }
+        loader.load(OBJECT).context("load the eBPF object")
     }
 
     /// Opens the map pinned as `name` (it exists once any program using it was loaded).

@@ -147,6 +147,11 @@ stats! {
     /// A new flow from outside straight to a container of a masquerading network (not through
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
+    /// A new flow of a container or network at its `--conntrack-limit`: dropped.
+    ConntrackLimit "conntrack_limit" drop,
+    /// A TCP RST whose sequence number is outside the receiver's window (RFC 5961): passed
+    /// on, the flow's state unchanged.
+    RstOutOfWindow "rst_out_of_window" pass,
 }
 
 impl Stat {

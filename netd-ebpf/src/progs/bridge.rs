@@ -48,7 +48,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     };
     let key = conntrack::key_of(&flow);
     let now = now_ns();
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, true) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, true) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
             return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
@@ -89,7 +89,6 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         target.addr[0],
         target.port,
         gateway,
-        ctx.len(),
         now,
         cfg,
     );

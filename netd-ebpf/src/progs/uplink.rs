@@ -69,7 +69,7 @@ fn translate_tracked(ctx: &TcContext) -> Result<Untracked, Stat> {
         return Err(icmp_error(ctx, &flow, quoted, now, cfg));
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, false) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, false) {
         return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
     }
     Ok(Untracked {
@@ -94,7 +94,7 @@ fn egress(ctx: &TcContext) -> Stat {
     if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
-    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }
@@ -119,7 +119,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     if !conntrack::may_start_flow(&flow) {
         return Stat::NoNat;
     }
-    match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
+    match conntrack::start_dnat(ctx, &key, &flow, target.addr[0], target.port, now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
         Err(reason) => dropped(ctx, &flow, reason, target.addr[0]),
     }

@@ -270,6 +270,7 @@ impl EbpfDatapath {
     }
 
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
+        let (nat_port_min, nat_port_max) = host::nat_port_range()?;
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
             uplink_ifindex: uplink.index,
@@ -277,6 +278,9 @@ impl EbpfDatapath {
             _pad: [0; 3],
             timeouts: self.timeouts,
             netns_cookie: host::netns_cookie()?,
+            nat_port_min,
+            nat_port_max,
+            _pad2: 0,
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
