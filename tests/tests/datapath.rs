@@ -183,7 +183,8 @@ fn two_containers_with_the_same_source_port_to_the_same_server_both_work() {
         let back = env.in_ns(&c.ns, || {
             tcp_round_trip(
                 (OUTSIDE_ADDR, 9000).into(),
-                Some((c.ip, 40000).into()),
+                // In the NAT range (below the ephemeral ports), so it may be kept.
+                Some((c.ip, 20000).into()),
                 msg.as_bytes(),
             )
         });
@@ -197,7 +198,7 @@ fn two_containers_with_the_same_source_port_to_the_same_server_both_work() {
         "two flows shared a translated port: {peers:?}"
     );
     assert!(
-        peers.iter().any(|p| p.port() == 40000),
+        peers.iter().any(|p| p.port() == 20000),
         "the first flow keeps its port: {peers:?}"
     );
 }
@@ -927,13 +928,14 @@ fn masquerade_never_takes_the_tuple_of_a_host_connection() {
             })
             .collect::<Vec<_>>()
     });
-    // A process of the host holds HOST_ADDR:40000 → server; a container then uses source port
-    // 40000 towards the same server. Both must work: the flow gets another port.
+    // A process of the host holds HOST_ADDR:20000 → server; a container then uses source port
+    // 20000 (in the NAT range) towards the same server. Both must work: the flow gets
+    // another port.
     let mut host_conn = env.in_ns(&env.host_ns(), || {
-        bound_connect((HOST_ADDR, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+        bound_connect((HOST_ADDR, 20000).into(), (OUTSIDE_ADDR, 9000).into())
     });
     let mut container_conn = env.in_ns(&c.ns, || {
-        bound_connect((c.ip, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+        bound_connect((c.ip, 20000).into(), (OUTSIDE_ADDR, 9000).into())
     });
     for (conn, tag) in [(&mut host_conn, b"host"), (&mut container_conn, b"ctnr")] {
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();

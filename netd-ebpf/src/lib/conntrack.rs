@@ -574,9 +574,9 @@ fn nat_ports(cfg: &Config) -> (u16, u32) {
 }
 
 /// Inserts the reply entry `e` into the unassured table, changing its destination port
-/// (the translated source port) until the tuple is free: in the NAT range, not a published
-/// port, held by no host socket and no flow. Tries `tries` ports (the first the original
-/// one, when in range). Returns the port.
+/// (the translated source port) until the tuple is free: in the NAT range (any echo
+/// identifier is), not a published port, held by no host socket and no flow. Tries `tries`
+/// ports (the first the original one, when in range). Returns the port.
 #[inline(always)]
 fn claim_reply_tuple(
     ctx: &TcContext,
@@ -587,9 +587,11 @@ fn claim_reply_tuple(
 ) -> Result<u16, Stat> {
     let (min, span) = nat_ports(cfg);
     let translated = tries > 1;
+    // Echo identifiers are not ports: no host socket takes one from the ephemeral range.
+    let any_id = e.reply.proto == IPPROTO_ICMP;
     for attempt in 0..tries {
         let port = e.reply.dport;
-        let in_range = u32::from(port.wrapping_sub(min)) < span;
+        let in_range = any_id || u32::from(port.wrapping_sub(min)) < span;
         if translated && (attempt > 0 || !in_range) {
             // SAFETY: a helper without preconditions.
             let random = unsafe { bpf_get_prandom_u32() };
