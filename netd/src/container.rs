@@ -66,6 +66,10 @@ pub struct Request {
     /// PORT[-END][/tcp|/udp]
     #[arg(long)]
     pub expose: Vec<String>,
+    /// The most connections (tracked flows) the container may have; new ones over it are
+    /// dropped (eBPF datapath).
+    #[arg(long, value_name = "FLOWS")]
+    pub conntrack_limit: Option<u32>,
 }
 
 fn parse_mode(network: &str) -> Mode {
@@ -145,6 +149,7 @@ async fn plan(ctx: &Ctx, state: &mut State, req: Request) -> Result<Container> {
         ports: vec![],
         exposed: exposed_ports(&req.expose)?,
         publish_allow: req.publish_allow.clone(),
+        conntrack_limit: req.conntrack_limit,
     };
     let wants_ports = !req.publish.is_empty() || req.publish_all;
     if mode != Mode::Bridge {
@@ -348,6 +353,7 @@ async fn endpoint_spec(state: &State, c: &Container, network_id: u32) -> Result<
         host_ifname,
         host_ifindex,
         links: link_specs(state, c),
+        conntrack_limit: c.conntrack_limit,
     })
 }
 

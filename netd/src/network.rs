@@ -51,6 +51,10 @@ pub struct Request {
     /// Default host address for published ports.
     #[arg(long)]
     pub host_ip: Option<Ipv4Addr>,
+    /// The most connections (tracked flows) the network's containers may have together;
+    /// new ones over it are dropped (eBPF datapath).
+    #[arg(long, value_name = "FLOWS")]
+    pub conntrack_limit: Option<u32>,
 }
 
 /// Checks a name for a network or container: what Docker accepts, and short enough for a
@@ -149,6 +153,7 @@ pub async fn create(ctx: &Ctx, state: &mut State, req: Request) -> Result<Networ
         masquerade: req.masquerade,
         host_ip: req.host_ip,
         datapath: ctx.datapath.clone(),
+        conntrack_limit: req.conntrack_limit,
     };
     if let Err(e) = realize(ctx, &host, &net).await {
         undo(ctx, &host, &net).await;

@@ -38,6 +38,9 @@ pub struct Network {
     /// Default host address for published ports (`--host-ip`); all addresses when `None`.
     pub host_ip: Option<Ipv4Addr>,
     pub datapath: String,
+    /// `--conntrack-limit`: the most flows its containers may have together.
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl Network {
@@ -51,6 +54,7 @@ impl Network {
             icc: self.icc,
             internal: self.internal,
             masquerade: self.masquerade,
+            conntrack_limit: self.conntrack_limit,
         }
     }
 }
@@ -131,6 +135,9 @@ pub struct Container {
     /// `--publish-allow`: the source ranges its published ports accept (any when empty).
     #[serde(default)]
     pub publish_allow: Vec<Ipv4Net>,
+    /// `--conntrack-limit`: the most flows it may have.
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl Container {

@@ -54,9 +54,14 @@ fn network(env: &TestEnv) {
     ]);
 }
 
+/// A container on network `n`, made with `args`.
 fn container(env: &TestEnv, base: &str, args: &[&str]) -> Container {
+    container_on(env, "n", base, args)
+}
+
+fn container_on(env: &TestEnv, network: &str, base: &str, args: &[&str]) -> Container {
     let name = env.name(base);
-    let mut create = vec!["container", "create", &name, "--network", "n"];
+    let mut create = vec!["container", "create", &name, "--network", network];
     create.extend_from_slice(args);
     env.netd_ok(&create);
     let ip = env.netd_json(&["container", "inspect", &name])["ip"]
@@ -412,6 +417,50 @@ fn a_container_limit_caps_its_flows_and_no_one_else_s() {
     thread::sleep(Duration::from_millis(2500));
     env.netd_ok(&["conntrack", "sweep"]);
     assert!(udp_reaches_outside(&env, &noisy, 7003));
+}
+
+#[test]
+fn a_network_limit_caps_its_containers_together() {
+    const LIMIT: u32 = 50;
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.96.0.0/24",
+        "--conntrack-limit",
+        &LIMIT.to_string(),
+    ]);
+    let a = container(&env, "a", &[]);
+    let b = container(&env, "b", &[]);
+    let limited_before = stat(&env, "conntrack_limit");
+    udp_storm(&env, &a, 20_000, 100);
+    udp_storm(&env, &b, 20_000, 100);
+    let live = flows_from(&env, a.ip) + flows_from(&env, b.ip);
+    assert!(live <= LIMIT as usize && live > 0, "{live} flows live");
+    assert!(stat(&env, "conntrack_limit") - limited_before >= u64::from(200 - LIMIT));
+    // A network without a limit is not held to this one's.
+    env.netd_ok(&["network", "create", "free", "--subnet", "10.97.0.0/24"]);
+    let free = container_on(&env, "free", "free", &[]);
+    assert!(udp_reaches_outside(&env, &free, 7004));
+    assert!(!udp_reaches_outside(&env, &a, 7005));
+    // The iptables datapath has no such cap: asking for one is an error, not a no-op.
+    let err = env.netd_err(&[
+        "--datapath",
+        "iptables",
+        "network",
+        "create",
+        "ipt",
+        "--subnet",
+        "10.98.0.0/24",
+        "--conntrack-limit",
+        "5",
+    ]);
+    assert!(
+        err.contains("--conntrack-limit needs the ebpf datapath"),
+        "{err}"
+    );
 }
 
 /// The sequence number of the next byte the outside sends on `conn`: captured on the

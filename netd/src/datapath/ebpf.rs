@@ -21,9 +21,9 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, ENDPOINT_INGRESS_PROG,
-    HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4,
-    v4_octets,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
+    ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -269,6 +269,27 @@ impl EbpfDatapath {
         }
     }
 
+    /// Caps the flows counted under `key` at `limit` (`--conntrack-limit`); no cap for `None`.
+    fn set_limit(&self, key: CtLimitKey, limit: Option<u32>) -> Result<()> {
+        let Some(max) = limit else {
+            return Ok(());
+        };
+        let limit = CtLimit {
+            max: u64::from(max),
+            count: 0,
+        };
+        maps::ct_limits(&self.pins)?
+            .insert(key, limit, 0)
+            .context("set the conntrack limit")
+    }
+
+    /// Undoes `set_limit` (best effort: what is not there needs no removing).
+    fn forget_limit(&self, key: &CtLimitKey) {
+        if let Ok(mut limits) = maps::ct_limits(&self.pins) {
+            let _ = limits.remove(key);
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let (nat_port_min, nat_port_max) = host::nat_port_range()?;
         let config = Config {
@@ -307,6 +328,7 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.attach_uplink_xdp(&mut ebpf, &uplink.name))
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
+            .and_then(|()| self.set_limit(maps::network_limit_key(net.id), net.conntrack_limit))
             .and_then(|()| {
                 networks
                     .insert(net.id, maps::network_info(net), 0)
@@ -321,6 +343,7 @@ impl Datapath for EbpfDatapath {
             });
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            self.forget_limit(&maps::network_limit_key(net.id));
             if first {
                 let _ = self.detach_host();
             }
@@ -343,6 +366,9 @@ impl Datapath for EbpfDatapath {
         for (key, ep) in stale {
             endpoints.remove(&key)?;
             self.detach_endpoint(ep.ifindex)?;
+            self.forget_limit(&maps::container_limit_key(Ipv4Addr::from(v4_octets(
+                &key.addr,
+            ))));
         }
         let mut published = maps::published(&self.pins)?;
         let stale: Vec<_> = published
@@ -367,6 +393,7 @@ impl Datapath for EbpfDatapath {
             allow.remove(&key)?;
         }
         conntrack::flush_network(&self.pins, net.subnet)?;
+        self.forget_limit(&maps::network_limit_key(net.id));
         self.pins
             .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
         if networks.keys().next().is_none() {
@@ -386,10 +413,13 @@ impl Datapath for EbpfDatapath {
             .with_context(|| {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
+        let limit_key = maps::container_limit_key(ep.ip);
         let policed = self
-            .add_policy(net, ep)
+            .set_limit(limit_key, ep.conntrack_limit)
+            .and_then(|()| self.add_policy(net, ep))
             .and_then(|()| self.attach_endpoint_program(&ep.host_ifname));
         if let Err(e) = policed {
+            self.forget_limit(&limit_key);
             self.remove_policy(ep);
             let _ = endpoints.remove(&key);
             return Err(e);
@@ -403,6 +433,7 @@ impl Datapath for EbpfDatapath {
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
         self.pins.detach_filter(&ep.host_ifname)?;
         self.remove_policy(ep);
+        self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.
         stats::forget_endpoint(&self.pins, ep.ip)?;
         conntrack::flush_address(&self.pins, ep.ip).map(drop)
