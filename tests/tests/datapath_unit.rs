@@ -831,3 +831,110 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
         C1
     );
 }
+
+/// The monotonic clock the datapath stamps flows with, in ns.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn an_entry_whose_partner_was_evicted_or_taken_never_delivers_to_another_container() {
+    use netd_common::datapath::{AF_INET, CtKey, addr_v4};
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // C1's flow holds HOST_ADDR:20000 towards SERVER:80.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport,
+        20000
+    );
+    let reply = CtKey {
+        saddr: addr_v4(SERVER.octets()),
+        daddr: addr_v4(HOST_ADDR.octets()),
+        sport: 80,
+        dport: 20000,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    // The LRU evicts its reply entry; C2 then gets the tuple for a flow of its own.
+    let [_, mut unassured] = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    unassured.remove(&reply).unwrap();
+    assert_eq!(
+        b.egress(&tcp_frame(C2, 20000, SERVER, 80, SYN)).sport,
+        20000
+    );
+    // C1's original entry no longer has its reply entry pointing back: it is not trusted.
+    // C1's next packet starts a flow on another port, and replies on 20000 reach C2 only.
+    let moved = b.egress(&tcp_frame(C1, 20000, SERVER, 80, ACK)).sport;
+    assert_ne!(moved, 20000);
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20000, SYN | ACK))
+            .dst,
+        C2
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, moved, SYN | ACK))
+            .dst,
+        C1
+    );
+}
+
+#[test]
+fn a_tuple_another_cpu_is_claiming_is_not_taken_a_stale_one_is() {
+    use netd_common::datapath::{
+        AF_INET, CT_DIR_REPLY, CT_NAT_SNAT, CT_REWRITE_DST, CT_SYN_SENT, CtEntry, CtKey, addr_v4,
+    };
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let key = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| CtKey {
+        saddr: addr_v4(src.octets()),
+        daddr: addr_v4(dst.octets()),
+        sport,
+        dport,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    // A reply entry of C2's flow to SERVER:80 from HOST_ADDR:`port`, its original entry not
+    // inserted yet (another CPU between the two inserts), made `age_ns` ago.
+    let claimed = |port: u16, age_ns: u64| {
+        let original = key(C2, port, SERVER, 80);
+        let reply = key(SERVER, 80, HOST_ADDR, port);
+        let at = monotonic_ns() - age_ns;
+        let entry = CtEntry {
+            original,
+            reply,
+            nat_addr: addr_v4(C2.octets()),
+            nat_port: port,
+            dir: CT_DIR_REPLY,
+            rewrite: CT_REWRITE_DST,
+            nat: CT_NAT_SNAT,
+            state: CT_SYN_SENT,
+            created_ns: at,
+            last_seen_ns: at,
+            ..Default::default()
+        };
+        let [_, mut unassured] = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+        unassured.insert(reply, entry, 0).unwrap();
+    };
+    claimed(20000, 0);
+    let port = b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport;
+    assert_ne!(port, 20000, "took a tuple being claimed");
+    // Left half-made for longer than any creation takes: the tuple is free again.
+    claimed(20001, 5_000_000_000);
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 20001, SERVER, 80, SYN)).sport,
+        20001
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20001, SYN | ACK))
+            .dst,
+        C1
+    );
+}
