@@ -149,15 +149,15 @@ impl Pins {
         self.pin_program(loaded_tc_program(ebpf, prog)?, prog)
     }
 
-    /// Attaches the pinned TC program `prog` to `iface`'s ingress as a cls_bpf filter under a
+    /// Attaches the pinned TC program `prog` to `iface`'s `dir` as a cls_bpf filter under a
     /// clsact qdisc (legacy TC, over netlink). For per-container programs: a TCX attach waits
     /// out an RCU grace period (about 10 ms here, most of a container's creation), a filter
     /// takes well under a millisecond. It lives as long as the interface, with no pin.
-    pub fn attach_pinned_filter(&self, prog: &str, iface: &str) -> Result<()> {
+    pub fn attach_pinned_filter(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
         let path = self.program(prog);
         let mut program = SchedClassifier::from_pin(&path)
             .with_context(|| format!("open pinned program {}", path.display()))?;
-        add_filter(&mut program, prog, iface, TcAttachType::Ingress)
+        add_filter(&mut program, prog, iface, dir)
     }
 
     /// Attaches `program` to `iface` as a clsact filter and pins it as the record of that.
@@ -177,15 +177,21 @@ impl Pins {
         Ok(())
     }
 
-    /// Replaces the program of the filter on `iface`'s ingress with `prog` from `ebpf`
+    /// Replaces the program of the filter on `iface`'s `dir` with `prog` from `ebpf`
     /// (netlink's replace, in place: packets see the old or the new program, never none).
-    pub fn replace_filter(&self, ebpf: &mut Ebpf, prog: &str, iface: &str) -> Result<()> {
-        replace_filter_on(ebpf, prog, iface, TcAttachType::Ingress)
+    pub fn replace_filter(
+        &self,
+        ebpf: &mut Ebpf,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
+        replace_filter_on(ebpf, prog, iface, dir)
     }
 
-    /// Removes netd's filter from `iface`, if the interface and the filter are there.
-    pub fn detach_filter(&self, iface: &str) -> Result<()> {
-        detach_filter_from(iface, TcAttachType::Ingress)
+    /// Removes netd's filter from `iface`'s `dir`, if the interface and the filter are there.
+    pub fn detach_filter(&self, iface: &str, dir: TcAttachType) -> Result<()> {
+        detach_filter_from(iface, dir)
     }
 
     /// The pin of loaded program `prog` (the build attached last).

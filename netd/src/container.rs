@@ -304,14 +304,17 @@ async fn realize(ctx: &Ctx, state: &State, c: &Container) -> Result<()> {
         pause_after("veth");
         let net = state.network(c.network.as_deref().expect("bridge mode"))?;
         let dp = ctx.datapath(&net.datapath)?;
+        // The datapath's programs go on the veth before it is up and on the bridge: a running
+        // container (`--netns`, `--pid`) must not send a frame past them.
         dp.add_endpoint(&net.spec(), &endpoint_spec(state, c, net.id).await?)?;
+        plug_veth(state, c).await?;
         dp.publish(&net.spec(), &port_specs(c, net.id))?;
     }
     etcfiles::write(&ctx.store.container_dir(&c.name), c, state)
 }
 
-/// The veth pair: host end on the network's bridge, container end `eth0` with the address,
-/// MAC and MTU, and a default route via the gateway.
+/// The veth pair: container end `eth0` with the address, MAC and MTU, and a default route via
+/// the gateway; the host end stays down and off the bridge (see [`plug_veth`]).
 async fn connect_veth(state: &State, c: &Container, inside: &Netlink) -> Result<()> {
     let net = state.network(c.network.as_deref().expect("bridge mode"))?;
     let host_name = c.host_veth.as_deref().expect("bridge mode");
@@ -331,10 +334,17 @@ async fn connect_veth(state: &State, c: &Container, inside: &Netlink) -> Result<
             Some(IpAddr::V4(net.gateway)),
             Some(eth0),
         )
-        .await?;
+        .await
+}
 
+/// Puts the host end of the container's veth on the network's bridge and up.
+async fn plug_veth(state: &State, c: &Container) -> Result<()> {
+    let net = state.network(c.network.as_deref().expect("bridge mode"))?;
+    let host = Netlink::in_ns(None)?;
     let bridge = host.require_link(&net.bridge).await?;
-    let host_end = host.require_link(host_name).await?;
+    let host_end = host
+        .require_link(c.host_veth.as_deref().expect("bridge mode"))
+        .await?;
     host.set_link(host_end, "attach the veth to the bridge", |m| {
         m.controller(bridge)
     })

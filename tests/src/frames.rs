@@ -168,6 +168,20 @@ pub fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, with_csum
     )
 }
 
+/// A UDP datagram with a checksum, carrying `payload`.
+pub fn udp_frame_carrying(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    eth(
+        ETHERTYPE_IPV4,
+        &ipv4(src, dst, UDP, &udp(src, dst, sport, dport, payload, true)),
+    )
+}
+
 pub fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, request: bool, id: u16) -> Vec<u8> {
     eth(
         ETHERTYPE_IPV4,
@@ -189,10 +203,11 @@ pub fn ends(frame: &[u8]) -> Ends {
     let addr =
         |off: usize| Ipv4Addr::new(frame[off], frame[off + 1], frame[off + 2], frame[off + 3]);
     let word = |off: usize| u16::from_be_bytes([frame[off], frame[off + 1]]);
-    let (sport, dport) = if frame[ETH_LEN + 9] == ICMP {
-        (word(L4 + 4), word(L4 + 4))
-    } else {
-        (word(L4), word(L4 + 2))
+    let l4 = l4_off(frame);
+    let (sport, dport) = match frame[ETH_LEN + 9] {
+        ICMP => (word(l4 + 4), word(l4 + 4)),
+        TCP | UDP => (word(l4), word(l4 + 2)),
+        _ => (0, 0),
     };
     Ends {
         src: addr(IP_SRC),
@@ -205,14 +220,10 @@ pub fn ends(frame: &[u8]) -> Ends {
 /// Panics unless the IPv4 header checksum and the L4 checksum of `frame` are right, computed
 /// from scratch. A UDP checksum of 0 means "none" and passes only when `udp_zero_ok`.
 pub fn assert_checksums(frame: &[u8], udp_zero_ok: bool) {
-    let ip = &frame[ETH_LEN..ETH_LEN + IP_LEN];
-    assert_eq!(
-        sum16(ip, 0),
-        0xffff,
-        "IPv4 header checksum wrong: {ip:02x?}"
-    );
+    assert_ip_checksum(frame);
+    let ip = &frame[ETH_LEN..l4_off(frame)];
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let l4 = &frame[L4..ETH_LEN + total];
+    let l4 = &frame[l4_off(frame)..ETH_LEN + total];
     let src: [u8; 4] = ip[12..16].try_into().unwrap();
     let dst: [u8; 4] = ip[16..20].try_into().unwrap();
     match ip[9] {
@@ -228,8 +239,85 @@ pub fn assert_checksums(frame: &[u8], udp_zero_ok: bool) {
             "UDP checksum wrong"
         ),
         ICMP => assert_eq!(sum16(l4, 0), 0xffff, "ICMP checksum wrong"),
-        other => panic!("unexpected protocol {other}"),
+        // Other protocols' checksums (if any) don't cover the IP header: NAT leaves them be.
+        _ => {}
     }
+}
+
+/// Panics unless the IPv4 header checksum of `frame` (options included) is right.
+pub fn assert_ip_checksum(frame: &[u8]) {
+    let ip = &frame[ETH_LEN..l4_off(frame)];
+    assert_eq!(
+        sum16(ip, 0),
+        0xffff,
+        "IPv4 header checksum wrong: {ip:02x?}"
+    );
+}
+
+/// Where the L4 header of an IPv4 frame starts (after its options).
+pub fn l4_off(frame: &[u8]) -> usize {
+    ETH_LEN + usize::from(frame[ETH_LEN] & 0x0f) * 4
+}
+
+/// Recomputes the IPv4 header checksum of `frame` after an edit.
+pub fn fix_ip_csum(frame: &mut [u8]) {
+    let ihl = (usize::from(frame[ETH_LEN] & 0x0f) * 4).max(IP_LEN);
+    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&[0, 0]);
+    let csum = !sum16(&frame[ETH_LEN..ETH_LEN + ihl], 0);
+    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// `frame` (IPv4, no options) with the IPv4 options `options` (a multiple of 4 bytes long),
+/// its lengths and header checksum fixed.
+pub fn with_ip_options(mut frame: Vec<u8>, options: &[u8]) -> Vec<u8> {
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
+    frame.splice(L4..L4, options.iter().copied());
+    frame[ETH_LEN] = 0x45 + (options.len() / 4) as u8;
+    let total = u16::from_be_bytes([frame[ETH_LEN + 2], frame[ETH_LEN + 3]]) + options.len() as u16;
+    frame[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ip_csum(&mut frame);
+    frame
+}
+
+/// Record route (RFC 791) with room for `slots` addresses, then end-of-options padding.
+pub fn record_route(slots: usize) -> Vec<u8> {
+    let len = 3 + 4 * slots;
+    let mut opt = vec![7, len as u8, 4];
+    opt.resize(len, 0);
+    opt.resize(len.next_multiple_of(4), 0);
+    opt
+}
+
+/// Splits the IPv4 datagram of `frame` (no options) into two fragments at `at` bytes of its
+/// payload (a multiple of 8), both with identification `id`.
+pub fn fragments(frame: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    assert!(at.is_multiple_of(8));
+    let payload = &frame[L4..];
+    let part = |bytes: &[u8], frags: u16| {
+        let mut f = frame[..L4].to_vec();
+        f.extend_from_slice(bytes);
+        f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&((IP_LEN + bytes.len()) as u16).to_be_bytes());
+        f[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+        f[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&frags.to_be_bytes());
+        fix_ip_csum(&mut f);
+        f
+    };
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    (
+        part(&payload[..at], MORE_FRAGMENTS),
+        part(&payload[at..], (at / 8) as u16),
+    )
+}
+
+/// The datagram two fragments (as [`fragments`] makes them) carry, as one frame.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let mut f = first.to_vec();
+    f.extend_from_slice(&later[L4..]);
+    let total = (f.len() - ETH_LEN) as u16;
+    f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    f[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0, 0]);
+    fix_ip_csum(&mut f);
+    f
 }
 
 /// Panics unless `after` equals `before` outside the bytes a NAT of the IPv4 addresses, the
@@ -237,11 +325,13 @@ pub fn assert_checksums(frame: &[u8], udp_zero_ok: bool) {
 pub fn assert_only_nat_fields_changed(before: &[u8], after: &[u8]) {
     assert_eq!(before.len(), after.len(), "frame length changed");
     let proto = before[ETH_LEN + 9];
+    let l4 = l4_off(before);
     let mut mutable: Vec<usize> = (IP_CSUM..IP_CSUM + 2).chain(IP_SRC..IP_DST + 4).collect();
     match proto {
-        TCP => mutable.extend((L4..L4 + 4).chain(L4 + 16..L4 + 18)),
-        UDP => mutable.extend((L4..L4 + 4).chain(L4 + 6..L4 + 8)),
-        _ => mutable.extend(L4 + 2..L4 + 6),
+        TCP => mutable.extend((l4..l4 + 4).chain(l4 + 16..l4 + 18)),
+        UDP => mutable.extend((l4..l4 + 4).chain(l4 + 6..l4 + 8)),
+        ICMP => mutable.extend(l4 + 2..l4 + 6),
+        _ => {}
     }
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
         if !mutable.contains(&i) {

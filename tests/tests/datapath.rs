@@ -715,8 +715,8 @@ fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
     for _ in 0..3 {
         thread::sleep(Duration::from_millis(600));
         let out = env.netd_ok(&["reload"]);
-        // Uplink ingress and egress, bridge ingress, the container's veth ingress.
-        assert!(out.contains("4 programs replaced"), "{out}");
+        // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
+        assert!(out.contains("5 programs replaced"), "{out}");
     }
     let out = client.join().unwrap();
     assert!(

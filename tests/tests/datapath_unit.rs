@@ -1,169 +1,31 @@
 //! The NAT programs run with BPF_PROG_TEST_RUN on crafted frames, with the maps filled by the
 //! real driver (`EbpfDatapath`) in a sandbox: every rewrite is checked byte for byte and by
-//! recomputing the checksums; frames the datapath can't fully parse come out untouched, with
-//! the verdict "pass" (TCX_NEXT; XDP_PASS for the uplink's XDP program) and the reason counted.
+//! recomputing the checksums (IP options and fragments included); frames the datapath can't
+//! translate are dropped with their reason when they go to or come from a container, and left
+//! to the host untouched otherwise.
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    programs::{SchedClassifier, Xdp},
-};
 use netd::{
     bpf::Pins,
     datapath::{
-        Datapath as _, Protocol,
+        Datapath as _,
         ebpf::{EbpfDatapath, stats},
     },
 };
 use netd_common::datapath::{
-    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
+    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, MARK_ADMITTED, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
 };
 use tests::{
     frames::*,
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
-    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network, port},
-    topology::ip_in,
+    harness::{HOST_ADDR, OUTSIDE_ADDR},
+    netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
+    progrun::{Bench, DROP, PASS, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
 
-/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
-const PASS: u32 = u32::MAX;
-/// TC_ACT_SHOT.
-const DROP: u32 = 2;
-/// The XDP verdicts.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const SERVER: Ipv4Addr = OUTSIDE_ADDR;
 const OTHER_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-
-struct Bench {
-    env: TestEnv,
-    ebpf: Ebpf,
-}
-
-impl Bench {
-    /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
-    /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
-    fn new() -> Self {
-        Self::with_timeouts(Timeouts::default())
-    }
-
-    fn with_timeouts(timeouts: Timeouts) -> Self {
-        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
-    }
-
-    fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
-        let env = TestEnv::new();
-        let pins = Pins::open(&env.bpffs).unwrap();
-        ip_in(
-            &env,
-            &env.host_ns(),
-            &["link", "add", BRIDGE, "type", "bridge"],
-        );
-        let veth1 = host_veth(&env, "veth1");
-        let veth2 = host_veth(&env, "veth2");
-        env.in_ns(&env.host_ns(), || {
-            let dp = EbpfDatapath::new(pins.clone())
-                .with_host_cgroup(None)
-                .with_timeouts(timeouts)
-                .with_conntrack_max(conntrack_max);
-            let net = network();
-            dp.setup_network(&net).unwrap();
-            dp.add_endpoint(&net, &endpoint(C1, "veth1", veth1))
-                .unwrap();
-            dp.add_endpoint(&net, &endpoint(C2, "veth2", veth2))
-                .unwrap();
-            dp.publish(
-                &net,
-                &[
-                    port(Protocol::Tcp, None, 8080, C1, 80),
-                    port(Protocol::Udp, Some(HOST_ADDR), 5353, C2, 53),
-                ],
-            )
-            .unwrap();
-        });
-        let mut ebpf = pins.load().unwrap();
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
-            p.load().unwrap();
-        }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(UPLINK_XDP_PROG)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        xdp.load().unwrap();
-        Self { env, ebpf }
-    }
-
-    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
-    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.ebpf.program(prog).unwrap();
-        if prog == UPLINK_XDP_PROG {
-            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
-        } else {
-            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
-        }
-    }
-
-    /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
-    /// fields changed; returns the new ends.
-    fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
-        let (verdict, out) = self.run(prog, frame);
-        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
-        assert_only_nat_fields_changed(frame, &out);
-        assert_checksums(&out, false);
-        ends(&out)
-    }
-
-    fn egress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_EGRESS_PROG, frame)
-    }
-
-    fn ingress(&self, frame: &[u8]) -> Ends {
-        self.translate(UPLINK_INGRESS_PROG, frame)
-    }
-
-    /// Runs the programs on `frame`: each must pass it on byte for byte (the XDP program
-    /// leaves it to TC, counting nothing).
-    fn assert_untouched(&self, frame: &[u8]) {
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let (verdict, out) = self.run(prog, frame);
-            assert_eq!(verdict, PASS, "{prog} verdict");
-            assert_eq!(out, frame, "{prog} changed a frame it must not translate");
-        }
-        let (verdict, out) = self.run(UPLINK_XDP_PROG, frame);
-        assert_eq!(verdict, XDP_PASS, "{UPLINK_XDP_PROG} verdict");
-        assert_eq!(out, frame, "{UPLINK_XDP_PROG} changed a frame");
-    }
-
-    fn stat(&self, reason: &str) -> u64 {
-        let pins = Pins::open(&self.env.bpffs).unwrap();
-        stats::read(&pins)
-            .unwrap()
-            .into_iter()
-            .find(|c| c.reason == reason)
-            .unwrap()
-            .packets
-    }
-}
-
-/// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
-fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
-{
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
 
 fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
     Ends {
@@ -405,20 +267,6 @@ fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
     assert_eq!(b.ingress(&reply).dst, C1);
 }
 
-/// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit
-/// on; returns the ifindex of `name`.
-fn host_veth(env: &TestEnv, name: &str) -> u32 {
-    let peer = format!("{name}p");
-    ip_in(
-        env,
-        &env.host_ns(),
-        &["link", "add", name, "type", "veth", "peer", "name", &peer],
-    );
-    env.in_ns(&env.host_ns(), || {
-        nix::net::if_::if_nametoindex(name).unwrap()
-    })
-}
-
 /// Runs `prog` on the ICMP error `frame`: it must pass with the outer addresses, the quoted
 /// packet's ends and every checksum right, and no other byte changed. Returns the outer and
 /// quoted ends.
@@ -612,102 +460,295 @@ fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
 }
 
 /// A masqueradable TCP SYN from C1, mangled by `edit`.
-fn mangled(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+fn mangled(edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
     let mut frame = tcp_frame(C1, 41000, SERVER, 80, SYN);
     edit(&mut frame);
     frame
 }
 
-/// Fixes the IPv4 header checksum after an edit, so only the edit makes the frame invalid.
-fn fix_ip_csum(frame: &mut [u8]) {
-    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
-    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&[0, 0]);
-    let csum = !sum16(&frame[ETH_LEN..ETH_LEN + ihl.max(IP_LEN)], 0);
-    frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&csum.to_be_bytes());
+/// The same mangling of a frame from the outside to C1, and of one to the host.
+fn mangled_in(to: Ipv4Addr, edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut frame = tcp_frame(SERVER, 80, to, 41000, SYN | ACK);
+    edit(&mut frame);
+    frame
 }
 
-fn check_malformed(b: &Bench, frame: &[u8], reason: &str) {
+/// What a firewall does with a frame NAT can't translate: `from_c1` (from C1 to the outside)
+/// is dropped on the uplink's egress, `to_c1` (from outside to C1) on its ingress, each
+/// counted under `reason` (and the egress one under `out_reason` where that differs); the
+/// bridge and the XDP program leave them to the rest, untouched. `to_host`, the same defect
+/// between the outside and the host, is the host's business: it passes untouched.
+fn check_dropped(b: &Bench, from_c1: &[u8], to_c1: &[u8], to_host: &[u8], reason: &str) {
     let before = b.stat(reason);
-    b.assert_untouched(frame);
-    assert_eq!(b.stat(reason), before + 3, "every program counts {reason}");
+    assert_eq!(
+        b.run(UPLINK_EGRESS_PROG, from_c1).0,
+        DROP,
+        "egress: {reason}"
+    );
+    assert_eq!(
+        b.run(UPLINK_INGRESS_PROG, to_c1).0,
+        DROP,
+        "ingress: {reason}"
+    );
+    assert_eq!(b.stat(reason), before + 2, "both drops counted as {reason}");
+    let (verdict, out) = b.run(BRIDGE_INGRESS_PROG, from_c1);
+    assert_eq!(
+        (verdict, out.as_slice()),
+        (PASS, from_c1),
+        "bridge: {reason}"
+    );
+    let (verdict, out) = b.run(UPLINK_XDP_PROG, to_c1);
+    assert_eq!(
+        (verdict, out.as_slice()),
+        (XDP_PASS, to_c1),
+        "xdp: {reason}"
+    );
+    let (verdict, out) = b.run(UPLINK_INGRESS_PROG, to_host);
+    assert_eq!(
+        (verdict, out.as_slice()),
+        (PASS, to_host),
+        "to the host: {reason}"
+    );
+}
+
+/// An 802.1Q tag with VLAN id `vid` in front of the frame's EtherType.
+fn tagged(vid: u16) -> impl Fn(&mut Vec<u8>) {
+    move |f| drop(f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]))
 }
 
 #[test]
-fn malformed_frames_pass_untouched_with_their_reason_counted() {
+fn frames_nat_cannot_translate_are_dropped_to_and_from_containers_with_their_reason() {
     let b = Bench::new();
-    // Sanity: unmangled, the frame is translated.
+    // Sanity: unmangled, the frames are translated.
     assert_eq!(b.egress(&mangled(|_| {})).src, HOST_ADDR);
 
+    let check = |edit: &dyn Fn(&mut Vec<u8>), reason: &str| {
+        check_dropped(
+            &b,
+            &mangled(edit),
+            &mangled_in(C1, edit),
+            &mangled_in(HOST_ADDR, edit),
+            reason,
+        );
+    };
     // Frames shorter than an Ethernet header, or than an IPv4 header when the EtherType says
     // IPv4, never reach a program: BPF_PROG_TEST_RUN refuses them (EINVAL), as the stack never
     // builds such skbs. Truncation is tested from there on.
     // Truncated L3: the IPv4 header is whole, the datagram is 4 bytes shorter than it says.
-    check_malformed(&b, &mangled(|f| f.truncate(f.len() - 4)), "truncated_l3");
+    check(&|f| f.truncate(f.len() - 4), "truncated_l3");
     // Truncated L4: the datagram ends 4 bytes into the TCP header.
-    check_malformed(
-        &b,
-        &mangled(|f| {
+    check(
+        &|f| {
             f.truncate(L4 + 4);
             f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&((IP_LEN + 4) as u16).to_be_bytes());
             fix_ip_csum(f);
-        }),
+        },
         "truncated_l4",
     );
     // Bad IHL (4 words, shorter than a header) and a bad version.
-    check_malformed(&b, &mangled(|f| f[ETH_LEN] = 0x44), "bad_ip_header");
-    check_malformed(&b, &mangled(|f| f[ETH_LEN] = 0x65), "bad_ip_header");
-    // IP options: IHL 6 with a 4-byte NOP option in front of the TCP header.
-    check_malformed(
-        &b,
-        &mangled(|f| {
-            f.splice(L4..L4, [1, 1, 1, 1]);
-            f[ETH_LEN] = 0x46;
-            let total = u16::from_be_bytes([f[ETH_LEN + 2], f[ETH_LEN + 3]]) + 4;
-            f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
-            fix_ip_csum(f);
-        }),
-        "ip_options",
-    );
-    // Fragments: a first fragment (MF) and a later one (offset 8 bytes).
-    check_malformed(
-        &b,
-        &mangled(|f| {
-            f[ETH_LEN + 6] = 0x20;
-            fix_ip_csum(f)
-        }),
-        "fragment",
-    );
-    check_malformed(
-        &b,
-        &mangled(|f| {
+    check(&|f| f[ETH_LEN] = 0x44, "bad_ip_header");
+    check(&|f| f[ETH_LEN] = 0x65, "bad_ip_header");
+    // A later fragment whose first fragment was never seen: nothing says what its ports are.
+    check(
+        &|f| {
             f[ETH_LEN + 6] = 0x00;
             f[ETH_LEN + 7] = 1;
             fix_ip_csum(f)
-        }),
+        },
         "fragment",
     );
-    // Non-IP: ARP.
-    check_malformed(&b, &eth(0x0806, &[0u8; 28]), "not_ipv4");
-    // VLAN: an 802.1Q tag in front of a translatable IPv4 packet.
-    check_malformed(
-        &b,
-        &mangled(|f| drop(f.splice(12..12, [0x81, 0x00, 0x00, 0x05]))),
-        "vlan",
-    );
-    // ICMP other than echo (here: a timestamp request).
-    check_malformed(
-        &b,
-        &eth(
+    // VLAN: an 802.1Q tag, and a priority tag (VLAN 0, which the stack strips and routes).
+    check(&tagged(5), "vlan");
+    check(&tagged(0), "vlan");
+    // ICMP other than echo and errors (here: a timestamp request).
+    let timestamp = |src, dst| {
+        eth(
             0x0800,
-            &ipv4(C1, SERVER, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
-        ),
+            &ipv4(src, dst, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
+        )
+    };
+    check_dropped(
+        &b,
+        &timestamp(C1, SERVER),
+        &timestamp(SERVER, C1),
+        &timestamp(SERVER, HOST_ADDR),
         "unsupported_proto",
     );
+    // An ICMP error about no flow: to a container it is dropped; from one it would leave with
+    // its private address.
+    let quoted = udp_frame(HOST_ADDR, 5555, SERVER, 53, true);
+    let about_nothing = icmp_error_frame(
+        SERVER,
+        C1,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        &quoted[L4 - IP_LEN..],
+    );
+    let before = b.stat("icmp_no_flow");
+    assert_eq!(b.run(UPLINK_INGRESS_PROG, &about_nothing).0, DROP);
+    assert_eq!(b.stat("icmp_no_flow"), before + 1);
+    let quoted = udp_frame(SERVER, 53, C1, 5555, true);
+    let from_c1 = icmp_error_frame(
+        C1,
+        SERVER,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        &quoted[L4 - IP_LEN..],
+    );
+    let before = b.stat("unmasqueraded");
+    assert_eq!(b.run(UPLINK_EGRESS_PROG, &from_c1).0, DROP);
+    assert_eq!(b.stat("unmasqueraded"), before + 1);
+    // A TCP RST from C1 that belongs to no flow: nothing to masquerade it for, and it must
+    // not leave as it is.
+    let before = b.stat("unmasqueraded");
+    assert_eq!(
+        b.run(UPLINK_EGRESS_PROG, &tcp_frame(C1, 41001, SERVER, 80, 0x04))
+            .0,
+        DROP
+    );
+    assert_eq!(b.stat("unmasqueraded"), before + 1);
+    // Non-IP (ARP) is the host's: it passes untouched.
+    check_untouched(&b, &eth(0x0806, &[0u8; 28]), "not_ipv4");
     // Nothing above created a flow.
     let pins = Pins::open(&b.env.bpffs).unwrap();
     assert_eq!(
         netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
         1
+    );
+}
+
+/// `frame` passes every program untouched, the uplink's counting it under `reason`.
+fn check_untouched(b: &Bench, frame: &[u8], reason: &str) {
+    let before = b.stat(reason);
+    b.assert_untouched(frame);
+    assert_eq!(
+        b.stat(reason),
+        before + 2,
+        "both uplink programs count {reason}"
+    );
+}
+
+#[test]
+fn ip_options_are_translated_with_the_header_checksum_covering_them() {
+    let b = Bench::new();
+    // Masquerade with a record-route option (ping -R), both ways.
+    let out = with_ip_options(tcp_frame(C1, 41000, SERVER, 80, SYN), &record_route(9));
+    let there = b.egress(&out);
+    assert_eq!((there.src, there.dst, there.dport), (HOST_ADDR, SERVER, 80));
+    let reply = with_ip_options(
+        tcp_frame(SERVER, 80, HOST_ADDR, there.sport, SYN | ACK),
+        &record_route(2),
+    );
+    assert_eq!(b.ingress(&reply), at(SERVER, 80, C1, 41000));
+    // A published port, with NOP options; the reply leaves from the published port.
+    let syn = with_ip_options(
+        tcp_frame(SERVER, 40000, HOST_ADDR, 8080, SYN),
+        &[1, 1, 1, 1],
+    );
+    assert_eq!(b.ingress(&syn), at(SERVER, 40000, C1, 80));
+    let back = with_ip_options(tcp_frame(C1, 80, SERVER, 40000, SYN | ACK), &[1, 1, 1, 1]);
+    assert_eq!(b.egress(&back), at(HOST_ADDR, 8080, SERVER, 40000));
+    // An echo request with options, and a UDP datagram.
+    let ping = with_ip_options(icmp_frame(C1, SERVER, true, 77), &record_route(9));
+    assert_eq!(b.egress(&ping).src, HOST_ADDR);
+    let dns = with_ip_options(udp_frame(C1, 5353, SERVER, 53, true), &[1, 1, 1, 0]);
+    assert_eq!(b.egress(&dns).src, HOST_ADDR);
+}
+
+#[test]
+fn fragments_are_translated_by_their_first_fragments_ports() {
+    let b = Bench::new();
+    // A 200-byte UDP datagram from C1, in two fragments: the first carries the UDP header.
+    let datagram = udp_frame_carrying(C1, 6000, SERVER, 53, &[0x5a; 192]);
+    let (first, later) = fragments(&datagram, 96, 0x4242);
+    let (verdict, first_out) = b.run(UPLINK_EGRESS_PROG, &first);
+    assert_eq!(verdict, PASS);
+    let (verdict, later_out) = b.run(UPLINK_EGRESS_PROG, &later);
+    assert_eq!(verdict, PASS, "the later fragment follows its first");
+    assert_ip_checksum(&first_out);
+    assert_ip_checksum(&later_out);
+    assert_eq!(
+        &later_out[L4..],
+        &later[L4..],
+        "a later fragment's payload is not touched"
+    );
+    let whole = reassemble(&first_out, &later_out);
+    assert_checksums(&whole, false);
+    let there = ends(&whole);
+    assert_eq!((there.src, there.dst, there.dport), (HOST_ADDR, SERVER, 53));
+    // The reply, fragmented too, goes back to C1.
+    let reply = udp_frame_carrying(SERVER, 53, HOST_ADDR, there.sport, &[0xa5; 192]);
+    let (first, later) = fragments(&reply, 64, 0x1717);
+    let (v1, first_in) = b.run(UPLINK_INGRESS_PROG, &first);
+    let (v2, later_in) = b.run(UPLINK_INGRESS_PROG, &later);
+    assert_eq!((v1, v2), (PASS, PASS));
+    let whole = reassemble(&first_in, &later_in);
+    assert_checksums(&whole, false);
+    assert_eq!(ends(&whole), at(SERVER, 53, C1, 6000));
+    // A later fragment of another datagram (its first never seen) is dropped on its way to
+    // a container, and left to the host on its way to the host (the stack reassembles it).
+    let stray_to = |dst| {
+        fragments(
+            &udp_frame_carrying(SERVER, 53, dst, 6000, &[0; 192]),
+            64,
+            0x1718,
+        )
+        .1
+    };
+    let before = b.stat("fragment");
+    assert_eq!(b.run(UPLINK_INGRESS_PROG, &stray_to(C1)).0, DROP);
+    assert_eq!(b.stat("fragment"), before + 1);
+    let to_host = stray_to(HOST_ADDR);
+    assert_eq!(
+        b.run(UPLINK_INGRESS_PROG, &to_host),
+        (PASS, to_host.clone())
+    );
+}
+
+const GRE: u8 = 47;
+
+#[test]
+fn other_ip_protocols_are_masqueraded_by_address() {
+    let b = Bench::new();
+    let gre = |src, dst| eth(0x0800, &ipv4(src, dst, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4]));
+    let out = gre(C1, SERVER);
+    let there = b.egress(&out);
+    assert_eq!((there.src, there.dst), (HOST_ADDR, SERVER));
+    let back = b.ingress(&gre(SERVER, HOST_ADDR));
+    assert_eq!((back.src, back.dst), (SERVER, C1));
+    // One tuple per destination: a second container's GRE to the same server can't have it.
+    assert_eq!(b.run(UPLINK_EGRESS_PROG, &gre(C2, SERVER)).0, DROP);
+    // Unsolicited, straight to a container: refused as any new flow.
+    let before = b.stat("unsolicited");
+    assert_eq!(
+        b.run(UPLINK_INGRESS_PROG, &gre(OTHER_HOST_ADDR, C2)).0,
+        DROP
+    );
+    assert_eq!(b.stat("unsolicited"), before + 1);
+}
+
+#[test]
+fn dnat_refuses_martian_sources() {
+    let b = Bench::new();
+    for src in [
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::new(224, 0, 0, 5),
+        HOST_ADDR,
+        C2,
+        GATEWAY,
+        Ipv4Addr::new(172, 17, 200, 9),
+    ] {
+        let before = b.stat("martian");
+        let syn = tcp_frame(src, 40000, HOST_ADDR, 8080, SYN);
+        assert_eq!(b.run(UPLINK_INGRESS_PROG, &syn).0, DROP, "from {src}");
+        assert_eq!(b.stat("martian"), before + 1, "from {src}");
+    }
+    // Control: from the outside, the same SYN is DNATed.
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 40000, HOST_ADDR, 8080, SYN))
+            .dst,
+        C1
     );
 }
 
@@ -937,4 +978,140 @@ fn a_tuple_another_cpu_is_claiming_is_not_taken_a_stale_one_is() {
             .dst,
         C1
     );
+}
+
+/// An IPv6 frame from `src` to `dst` carrying 8 bytes of UDP.
+fn ipv6_frame(src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, UDP, 64];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(&[0x22, 0x22, 0x22, 0x22, 0, 8, 0, 0]);
+    eth(0x86dd, &ip)
+}
+
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const LLDP: u16 = 0x88cc;
+
+/// TC_ACT_REDIRECT: delivered straight into a container.
+const REDIRECTED: u32 = 7;
+
+#[test]
+fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
+    let b = Bench::new();
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let c2_mac = endpoint(C2, "", 0).mac;
+    let from_c1 = Skb {
+        ingress_ifindex: b.veths[0],
+        ifindex: b.veths[0],
+        ..Skb::default()
+    };
+    let run = |frame: Vec<u8>| {
+        b.run_skb(
+            ENDPOINT_INGRESS_PROG,
+            &with_macs(frame, c2_mac, c1_mac),
+            from_c1,
+        )
+        .0
+    };
+    let dropped = |frame: Vec<u8>, reason: &str| {
+        let before = b.stat(reason);
+        assert_eq!(run(frame), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    };
+    // Controls: to C2, with and without IP options, straight into its namespace.
+    assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECTED);
+    let options = with_ip_options(tcp_frame(C1, 40000, C2, 80, SYN), &record_route(9));
+    assert_eq!(run(options.clone()), REDIRECTED);
+    // IPv6 between link-local addresses goes on to the bridge (icc=true)...
+    assert_eq!(run(ipv6_frame(LINK_LOCAL, ALL_NODES)), PASS);
+    assert_eq!(run(ipv6_frame([0; 16], ALL_NODES)), PASS);
+    // ...nothing else of IPv6, no tags, no other protocols.
+    dropped(ipv6_frame(GLOBAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(LINK_LOCAL, GLOBAL), "ipv6");
+    dropped(ipv6_frame(GLOBAL, ALL_NODES), "ipv6");
+    let tag = |vid: u16| {
+        let mut f = tcp_frame(C1, 40000, C2, 80, SYN);
+        f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+        f
+    };
+    dropped(tag(0), "vlan");
+    dropped(tag(7), "vlan");
+    dropped(eth(LLDP, &[0u8; 46]), "not_ip");
+    // Options don't hide a spoofed source; a bad header is dropped as such.
+    dropped(
+        with_ip_options(tcp_frame(GATEWAY, 40000, C2, 80, SYN), &[1, 1, 1, 1]),
+        "spoofed_addr",
+    );
+    let mut bad = tcp_frame(C1, 40000, C2, 80, SYN);
+    bad[ETH_LEN] = 0x44;
+    dropped(bad, "bad_ip_header");
+}
+
+#[test]
+fn only_the_host_its_network_and_translated_packets_reach_a_container() {
+    let b = Bench::new();
+    let bridge = b.bridge_ifindex();
+    // An interface that is none of netd's: a second NIC, a VPN.
+    let elsewhere = 4242;
+    let to_c1 = |ingress_ifindex, mark| Skb {
+        mark,
+        ingress_ifindex,
+        ifindex: b.veths[0],
+    };
+    let run = |frame: &[u8], skb: Skb| b.run_skb(ENDPOINT_EGRESS_PROG, frame, skb).0;
+    let unsolicited = tcp_frame(SERVER, 40000, C1, 22, SYN);
+    // From the host itself, from C2 (its veth), routed through the gateway (the bridge), and
+    // translated by netd and marked: in.
+    for (from, mark) in [
+        (0, 0),
+        (b.veths[1], 0),
+        (bridge, 0),
+        (elsewhere, MARK_ADMITTED),
+    ] {
+        assert_eq!(
+            run(&unsolicited, to_c1(from, mark)),
+            PASS,
+            "from {from} mark {mark:#x}"
+        );
+    }
+    // From anywhere else: out, with the reason, whatever the frame carries.
+    let quoted = udp_frame(C1, 5000, SERVER, 53, true);
+    let stray_fragment = fragments(&udp_frame_carrying(SERVER, 53, C1, 6000, &[0; 64]), 32, 9).1;
+    let mut tagged = unsolicited.clone();
+    tagged.splice(12..12, [0x81, 0x00, 0, 0]);
+    for (frame, reason) in [
+        (unsolicited.clone(), "unsolicited"),
+        (
+            with_ip_options(unsolicited.clone(), &record_route(9)),
+            "unsolicited",
+        ),
+        (icmp_frame(SERVER, C1, true, 5), "unsolicited"),
+        (
+            eth(0x0800, &ipv4(SERVER, C1, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4])),
+            "unsolicited",
+        ),
+        (
+            icmp_error_frame(SERVER, C1, DEST_UNREACH, PORT_UNREACH, &quoted[ETH_LEN..]),
+            "icmp_no_flow",
+        ),
+        (
+            eth(
+                0x0800,
+                &ipv4(SERVER, C1, ICMP, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0]),
+            ),
+            "unsupported_proto",
+        ),
+        (stray_fragment, "fragment"),
+        (tagged, "vlan"),
+        (ipv6_frame(GLOBAL, GLOBAL), "ipv6"),
+        (eth(LLDP, &[0u8; 46]), "not_ip"),
+    ] {
+        let before = b.stat(reason);
+        assert_eq!(run(&frame, to_c1(elsewhere, 0)), DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason} counted");
+    }
+    // Address resolution from a bridge port netd doesn't own is harmless.
+    assert_eq!(run(&eth(0x0806, &[0u8; 28]), to_c1(elsewhere, 0)), PASS);
 }

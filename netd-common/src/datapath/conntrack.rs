@@ -217,3 +217,28 @@ impl Default for Timeouts {
 }
 
 crate::user_pod!(CtKey, CtEntry, Timeouts, TcpWindow, CtLimitKey, CtLimit);
+
+/// Size of `FRAGS`, the LRU hash [`FragKey`] → [`FragPorts`]: the ports of fragmented
+/// datagrams whose first fragment was translated.
+pub const FRAGS_MAX: u32 = 16_384;
+
+/// What the fragments of one IPv4 datagram share (addresses in wire byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The ports (echo identifier) a datagram's first fragment carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+crate::user_pod!(FragKey, FragPorts);

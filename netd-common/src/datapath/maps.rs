@@ -15,6 +15,9 @@ pub const CONFIG_MAP: &str = "CONFIG";
 /// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
 pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
 pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
+/// `SUBNETS`: LPM trie of IPv4 subnets (the key's data: the address in wire byte order) →
+/// network id: every netd network's subnet, gateway included.
+pub const SUBNETS_MAP: &str = "SUBNETS";
 /// `VETHS`: host-side veth ifindex (`u32`) → the [`VethInfo`] of the container behind it.
 pub const VETHS_MAP: &str = "VETHS";
 /// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
@@ -64,6 +67,8 @@ pub struct VethInfo {
     pub mac: [u8; 6],
     pub net_flags: u8,
     pub _pad: u8,
+    /// The network's bridge: what its containers route through the gateway comes from there.
+    pub bridge_ifindex: u32,
 }
 
 #[repr(C)]

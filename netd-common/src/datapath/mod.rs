@@ -23,6 +23,13 @@ pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
 pub const UPLINK_XDP_PROG: &str = "uplink_xdp";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// TC program on each container's host-side veth, egress (towards the container): lets in
+/// only what comes from the host, from the container's own network, or was translated by netd
+/// (the destination side of the isolation, whatever interface a packet was routed in through).
+pub const ENDPOINT_EGRESS_PROG: &str = "endpoint_egress";
+/// The `skb->mark` bit the NAT programs set on a packet they translated to a container and
+/// left to the stack to deliver: `endpoint_egress` lets such packets in.
+pub const MARK_ADMITTED: u32 = 0x0200_0000;
 /// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
 /// other networks, `--icc`, `--link`, `--internal`) and the container-to-container fast path.
 pub const ENDPOINT_INGRESS_PROG: &str = "endpoint_ingress";

@@ -90,22 +90,27 @@ stats! {
     NoNat "no_nat" pass,
     /// Not IPv4 (passed untouched).
     NotIpv4 "not_ipv4" pass,
-    /// VLAN-tagged, in the frame or in the skb (passed untouched).
-    Vlan "vlan" pass,
-    /// Shorter than an Ethernet header.
-    TruncatedL2 "truncated_l2" pass,
-    /// Shorter than its IPv4 header or its total length.
-    TruncatedL3 "truncated_l3" pass,
-    /// Shorter than its TCP/UDP/ICMP header.
-    TruncatedL4 "truncated_l4" pass,
-    /// IPv4 with a version or header length that is not valid.
-    BadIpHeader "bad_ip_header" pass,
-    /// IPv4 with options (never translated).
-    IpOptions "ip_options" pass,
-    /// An IPv4 fragment (never translated: later fragments carry no ports).
-    Fragment "fragment" pass,
-    /// An L4 protocol the NAT doesn't translate (ICMP other than echo included).
-    UnsupportedProto "unsupported_proto" pass,
+    /// VLAN- or priority-tagged (in the frame or in the skb), to or from a container:
+    /// dropped (the stack would untag a priority tag and route what it carries).
+    Vlan "vlan" drop,
+    /// Shorter than an Ethernet header, to or from a container: dropped.
+    TruncatedL2 "truncated_l2" drop,
+    /// Shorter than its IPv4 header or its total length, to or from a container: dropped.
+    TruncatedL3 "truncated_l3" drop,
+    /// Shorter than its TCP/UDP/ICMP header, to or from a container: dropped.
+    TruncatedL4 "truncated_l4" drop,
+    /// IPv4 with a version or header length that is not valid, to or from a container:
+    /// dropped.
+    BadIpHeader "bad_ip_header" drop,
+    /// IPv4 with options that NAT would have to translate (to a container, or from one of a
+    /// masquerading network): dropped.
+    IpOptions "ip_options" drop,
+    /// An IPv4 fragment that NAT would have to translate (later fragments carry no ports):
+    /// dropped.
+    Fragment "fragment" drop,
+    /// An L4 protocol the NAT doesn't translate (ICMP other than echo included), to a
+    /// container or from one of a masquerading network: dropped.
+    UnsupportedProto "unsupported_proto" drop,
     /// No free source port or echo id towards that destination: dropped.
     PortExhausted "port_exhausted" drop,
     /// The conntrack table refused an insert: dropped.
@@ -119,7 +124,7 @@ stats! {
     /// A packet of a hairpin flow, either direction.
     HairpinHit "hairpin_hit" pass,
     /// A hairpin packet whose container is gone: dropped.
-    NoEndpoint "no_endpoint" pass,
+    NoEndpoint "no_endpoint" drop,
     /// From a container, with a source MAC (or ARP sender) that isn't the container's: dropped.
     SpoofedMac "spoofed_mac" drop,
     /// From a container, with a source address (or ARP sender address) that isn't its own:
@@ -147,6 +152,22 @@ stats! {
     /// A new flow from outside straight to a container of a masquerading network (not through
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
+    /// IPv6 to a container from beyond its network, or from a container to anything but a
+    /// link-local address: dropped (netd gives containers IPv4 only).
+    Ipv6 "ipv6" drop,
+    /// From a container, neither IPv4, IPv6 nor ARP: dropped.
+    NotIp "not_ip" drop,
+    /// An ICMP error to a container that quotes no tracked flow of it: dropped.
+    IcmpNoFlow "icmp_no_flow" drop,
+    /// A new flow to a published port from a source that can't be outside (a host address,
+    /// loopback, a container, multicast or broadcast): dropped, as rp_filter would.
+    Martian "martian" drop,
+    /// Leaving the uplink with the source of a container of a masquerading or internal
+    /// network, not masqueraded: dropped.
+    Unmasqueraded "unmasqueraded" drop,
+    /// Arriving at a container (on its host-side veth), let in: from the host, from its own
+    /// network, or translated by netd.
+    ToContainer "to_container" pass,
     /// A new flow of a container or network at its `--conntrack-limit`: dropped.
     ConntrackLimit "conntrack_limit" drop,
     /// A TCP RST whose sequence number is outside the receiver's window (RFC 5961): passed

@@ -30,7 +30,8 @@ use netd_common::datapath::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT,
     CT_LIMITS_MAX, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW, CT_REWRITE_BOTH,
     CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config,
-    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_TCP, Stat, TcpWindow, Timeouts,
+    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, TcpWindow,
+    Timeouts,
 };
 
 use super::{
@@ -141,7 +142,7 @@ pub fn track(
     };
     let dir = entry.dir;
     if flow.proto == IPPROTO_TCP {
-        let Some(seg) = tcp_window::segment(ctx, flow.tcp_flags) else {
+        let Some(seg) = tcp_window::segment(ctx, flow) else {
             return Some(hit);
         };
         if !advance_tcp(state, dir, flow.tcp_flags, &seg) {
@@ -376,7 +377,7 @@ pub fn start_snat(
     e.rewrite = CT_REWRITE_DST;
     e.nat_addr = key.saddr;
     e.nat_port = key.sport;
-    let port = claim_reply_tuple(ctx, e, PORT_TRIES, now, cfg)?;
+    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: from the container, rewritten to host:port.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_SRC;
@@ -418,7 +419,7 @@ pub fn start_dnat(
     e.nat_addr = key.daddr;
     e.nat_port = key.dport;
     // The client picked its port: the tuple is free or the flow is refused.
-    claim_reply_tuple(ctx, e, 1, now, cfg)?;
+    claim_reply_tuple(ctx, e, false, now, cfg)?;
     // The original entry: from the client, rewritten to the container.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_DST;
@@ -466,7 +467,7 @@ pub fn start_hairpin(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple(ctx, e, PORT_TRIES, now, cfg)?;
+    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
     e.nat_addr = v4(target);
@@ -554,7 +555,7 @@ fn scratch_flow(
     e.bytes = [u64::from(ctx.len()), 0];
     e.tcp = [TcpWindow::default(); 2];
     if flow.proto == IPPROTO_TCP
-        && let Some(seg) = tcp_window::segment(ctx, flow.tcp_flags)
+        && let Some(seg) = tcp_window::segment(ctx, flow)
     {
         tcp_window::update(&mut e.tcp, CT_DIR_ORIGINAL, &seg);
     }
@@ -573,20 +574,32 @@ fn nat_ports(cfg: &Config) -> (u16, u32) {
     (min, u32::from(max - min) + 1)
 }
 
-/// Inserts the reply entry `e` into the unassured table, changing its destination port
-/// (the translated source port) until the tuple is free: in the NAT range (any echo
-/// identifier is), not a published port, held by no host socket and no flow. Tries `tries`
-/// ports (the first the original one, when in range). Returns the port.
+/// Whether `proto` has ports (ICMP: echo identifiers) NAT can choose.
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP)
+}
+
+/// Inserts the reply entry `e` into the unassured table. With `choose_port`, changes its
+/// destination port (the translated source port) until the tuple is free: in the NAT range
+/// (any echo identifier is), not a published port, held by no host socket and no flow,
+/// trying `PORT_TRIES` ports (the first the original one, when in range). Without, the tuple
+/// is the only one there is (a client's port; a protocol translated by address). Returns
+/// the port.
 #[inline(always)]
 fn claim_reply_tuple(
     ctx: &TcContext,
     e: &mut CtEntry,
-    tries: u32,
+    choose_port: bool,
     now: u64,
     cfg: &Config,
 ) -> Result<u16, Stat> {
     let (min, span) = nat_ports(cfg);
-    let translated = tries > 1;
+    let (translated, tries) = if choose_port {
+        (true, PORT_TRIES)
+    } else {
+        (false, 1)
+    };
     // Echo identifiers are not ports: no host socket takes one from the ephemeral range.
     let any_id = e.reply.proto == IPPROTO_ICMP;
     for attempt in 0..tries {

@@ -5,6 +5,9 @@ use netd_common::datapath::{Config, NET_INTERNAL, NET_MASQUERADE, PublishedTarge
 
 use super::{maps, parse::Flow};
 
+const LOOPBACK_FIRST_OCTET: u8 = 127;
+const MULTICAST_FIRST_OCTET: u8 = 224;
+
 /// What becomes of a new flow arriving from outside.
 pub enum Inbound {
     /// To a published port: DNAT to this container.
@@ -32,6 +35,9 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
         if !maps::publish_allows(&target, flow.proto, flow.saddr) {
             return Inbound::Refused(Stat::PublishDenied, container);
         }
+        if martian(flow.saddr, cfg) {
+            return Inbound::Refused(Stat::Martian, container);
+        }
         return Inbound::Published(target);
     }
     match maps::endpoint(flow.daddr).and_then(|ep| maps::network(ep.network_id)) {
@@ -41,4 +47,19 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
         }
         _ => Inbound::Stack,
     }
+}
+
+/// Whether `saddr` can't be the source of a packet from outside: "this" network (0/8),
+/// loopback, multicast and beyond (224/3, the limited broadcast included), the host's uplink
+/// address, or an address of a container subnet (a container, a gateway). Translated to a
+/// container, such a packet would make it answer the host or another container; the stack
+/// drops these as martians (rp_filter), DNAT must too.
+#[inline(always)]
+fn martian(saddr: u32, cfg: &Config) -> bool {
+    let first = saddr.to_ne_bytes()[0];
+    first == 0
+        || first == LOOPBACK_FIRST_OCTET
+        || first >= MULTICAST_FIRST_OCTET
+        || saddr == cfg.uplink_addr[0]
+        || maps::in_container_subnet(saddr)
 }

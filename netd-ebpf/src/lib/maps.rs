@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
-    NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX,
-    PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
+    NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
+    PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
 use super::conntrack::v4;
@@ -23,6 +23,8 @@ static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS
 static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
 #[map]
 static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
+#[map]
+static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
 #[map]
 static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
@@ -99,6 +101,21 @@ pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Optio
     key.addr = [0; 4];
     // SAFETY: as above.
     unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// Whether `addr` is a container of a masquerading or internal network: nothing from beyond
+/// its network reaches it untranslated, nothing of it leaves with its own address.
+#[inline(always)]
+pub fn is_sealed(addr: u32) -> bool {
+    endpoint(addr)
+        .and_then(|ep| network(ep.network_id))
+        .is_some_and(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+}
+
+/// Whether `addr` (wire byte order) is in a netd network's subnet (a container, a gateway).
+#[inline(always)]
+pub fn in_container_subnet(addr: u32) -> bool {
+    SUBNETS.get(&Key::new(32, addr)).is_some()
 }
 
 /// Whether network `id` is `--internal`: nothing gets in from beyond it.

@@ -4,6 +4,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod events;
 pub mod fib;
+pub mod frag;
 pub mod inbound;
 pub mod maps;
 pub mod nat;

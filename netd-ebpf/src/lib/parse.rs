@@ -6,6 +6,8 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use netd_common::datapath::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
+
+use super::frag;
 use network_types::{
     eth::{EthHdr, EtherType},
     icmp::Icmpv4Hdr,
@@ -16,12 +18,8 @@ use network_types::{
 
 /// Where the IPv4 header starts (no VLAN tag: tagged frames are never translated).
 pub const L3_OFF: usize = EthHdr::LEN;
-/// Where the L4 header starts: only IPv4 without options (IHL 5) is translated.
-pub const L4_OFF: usize = L3_OFF + Ipv4Hdr::LEN;
-
-/// Where the header of the packet an ICMP error quotes starts, and its L4 header.
-pub const QUOTED_L3_OFF: usize = L4_OFF + Icmpv4Hdr::LEN;
-pub const QUOTED_L4_OFF: usize = QUOTED_L3_OFF + Ipv4Hdr::LEN;
+/// The length of an 802.1Q tag (TPID and TCI) in a frame.
+const VLAN_TAG_LEN: usize = 4;
 /// An ICMP error quotes the offending IP header and at least 8 bytes of its payload.
 const QUOTED_L4_LEN: usize = 8;
 
@@ -29,10 +27,9 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
-/// `vihl` of an IPv4 header without options.
-const IPV4_NO_OPTIONS: u8 = 0x45;
-/// The "more fragments" flag and the fragment offset.
-const IPV4_FRAG_MASK: u16 = 0x3fff;
+/// The "more fragments" flag and the fragment offset (in 8-byte units).
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 /// Offset of the TCP flags byte in the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
 
@@ -118,8 +115,36 @@ fn read_within<T: Copy>(data: usize, data_end: usize, off: usize) -> Option<T> {
     Some(unsafe { (start as *const T).read_unaligned() })
 }
 
+/// Whether an EtherType is a VLAN tag's (802.1Q, or an 802.1ad service tag).
+#[inline(always)]
+pub fn is_vlan_tag(ether_type: u16) -> bool {
+    ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16
+}
+
+/// The source and destination (wire byte order) of an IPv4 packet that [`ipv4_flow`] could
+/// not parse, as far as its header can be read: behind one VLAN tag too (the stack would
+/// untag a priority tag and route what it carries). `None` for anything else.
+#[inline(always)]
+pub fn ipv4_ends(ctx: &impl Frame) -> Option<(u32, u32)> {
+    let eth: EthHdr = ctx.read(0)?;
+    let l3 = if eth.ether_type == EtherType::Ipv4 as u16 {
+        L3_OFF
+    } else if is_vlan_tag(eth.ether_type) && ctx.read::<u16>(L3_OFF + 2)? == EtherType::Ipv4 as u16
+    {
+        L3_OFF + VLAN_TAG_LEN
+    } else {
+        return None;
+    };
+    let ip: Ipv4Hdr = ctx.read(l3)?;
+    Some((
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+    ))
+}
+
 /// What NAT needs from a translatable packet. For ICMP echo the identifier is `sport` of a
-/// request and `dport` of a reply, the other one 0 (see `CtKey`).
+/// request and `dport` of a reply, the other one 0 (see `CtKey`); other protocols than TCP,
+/// UDP and ICMP have no ports (0: translated by address, as netfilter's generic tracker).
 pub struct Flow {
     /// Addresses as on the wire (network byte order in memory).
     pub saddr: u32,
@@ -128,40 +153,66 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// TCP flags byte; 0 for UDP and ICMP.
+    /// TCP flags byte; 0 for UDP and ICMP, and for a later fragment.
     pub tcp_flags: u8,
+    /// Where the L4 header starts (after the IPv4 options, which are translated along).
+    pub l4_off: usize,
+    /// `FRAG_*`: whether the packet is a fragment, and which.
+    pub frag: u8,
+    /// The IPv4 identification (what a datagram's fragments share).
+    pub ip_id: u16,
     /// For an ICMP error (destination unreachable, time exceeded): the packet it quotes.
     pub quoted: Option<Quoted>,
 }
 
+/// A whole datagram.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment: it carries the L4 header, and its ports are remembered
+/// ([`frag::remember`]) for the datagram's later fragments.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no L4 header; its ports are its first fragment's.
+pub const FRAG_LATER: u8 = 2;
+
+impl Flow {
+    /// Whether the packet carries an L4 header that NAT rewrites with the addresses.
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        self.frag != FRAG_LATER
+    }
+}
+
 /// The ends of the packet an ICMP error quotes, as they were when it was sent (ports and echo
-/// identifier as in [`Flow`]).
+/// identifier as in [`Flow`]), and where its headers are in the frame.
 pub struct Quoted {
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    pub l3_off: usize,
+    pub l4_off: usize,
 }
 
-/// Parses an Ethernet + IPv4 (IHL 5, unfragmented) + TCP/UDP/ICMP echo frame. Anything else is
-/// an `Err` with the reason it can't be translated; callers pass such packets on untouched.
+/// Parses an Ethernet + IPv4 frame (options and fragments included) + TCP, UDP, ICMP echo or
+/// error, or another IP protocol (by address). Anything else is an `Err` with the reason it
+/// can't be translated: callers drop it when it is to or from a container that needs
+/// translation, and leave it to the stack otherwise. A later fragment whose first fragment
+/// was not translated is a `Fragment` error.
 #[inline(always)]
 pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
     if ctx.vlan_offloaded() {
         return Err(Stat::Vlan);
     }
     let eth: EthHdr = ctx.read(0).ok_or(Stat::TruncatedL2)?;
-    if eth.ether_type == EtherType::Ieee8021q as u16
-        || eth.ether_type == EtherType::Ieee8021ad as u16
-    {
+    if is_vlan_tag(eth.ether_type) {
         return Err(Stat::Vlan);
     }
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Err(Stat::NotIpv4);
     }
     let ip: Ipv4Hdr = ctx.read(L3_OFF).ok_or(Stat::TruncatedL3)?;
-    let l4_len = ipv4_payload_len(ctx, &ip)?;
+    let (l4_off, l4_len) = ipv4_payload(ctx, &ip)?;
+    let frags = u16::from_be_bytes(ip.frags);
     let mut flow = Flow {
         saddr: u32::from_ne_bytes(ip.src_addr),
         daddr: u32::from_ne_bytes(ip.dst_addr),
@@ -169,23 +220,40 @@ pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
         dport: 0,
         proto: ip.proto,
         tcp_flags: 0,
+        l4_off,
+        frag: if frags & IPV4_OFFSET_MASK != 0 {
+            FRAG_LATER
+        } else if frags & IPV4_MORE_FRAGMENTS != 0 {
+            FRAG_FIRST
+        } else {
+            FRAG_NONE
+        },
+        ip_id: u16::from_be_bytes(ip.id),
         quoted: None,
     };
+    if flow.frag == FRAG_LATER {
+        let (sport, dport) = frag::ports(&flow).ok_or(Stat::Fragment)?;
+        flow.sport = sport;
+        flow.dport = dport;
+        return Ok(flow);
+    }
     match ip.proto {
         IPPROTO_TCP => {
             if l4_len < TcpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let tcp: TcpHdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
-            flow.sport = u16::from_be_bytes(tcp.source);
-            flow.dport = u16::from_be_bytes(tcp.dest);
-            flow.tcp_flags = ctx.read(L4_OFF + TCP_FLAGS_OFF).ok_or(Stat::TruncatedL4)?;
+            // Ports and flags in one read: one bounds check the verifier follows (two
+            // reads at a variable offset get merged into one check it can't).
+            let tcp: [u8; TCP_FLAGS_OFF + 1] = ctx.read(l4_off).ok_or(Stat::TruncatedL4)?;
+            flow.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+            flow.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+            flow.tcp_flags = tcp[TCP_FLAGS_OFF];
         }
         IPPROTO_UDP => {
             if l4_len < UdpHdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let udp: UdpHdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
+            let udp: UdpHdr = ctx.read(l4_off).ok_or(Stat::TruncatedL4)?;
             flow.sport = u16::from_be_bytes(udp.src);
             flow.dport = u16::from_be_bytes(udp.dst);
         }
@@ -193,32 +261,36 @@ pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
             if l4_len < Icmpv4Hdr::LEN {
                 return Err(Stat::TruncatedL4);
             }
-            let icmp: Icmpv4Hdr = ctx.read(L4_OFF).ok_or(Stat::TruncatedL4)?;
+            let icmp: Icmpv4Hdr = ctx.read(l4_off).ok_or(Stat::TruncatedL4)?;
             let id = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             match (icmp.type_, icmp.code) {
                 (ICMP_ECHO_REQUEST, 0) => flow.sport = id,
                 (ICMP_ECHO_REPLY, 0) => flow.dport = id,
-                (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED, _) => {
-                    flow.quoted = Some(quoted(ctx, l4_len - Icmpv4Hdr::LEN)?);
+                // A fragmented error is nothing a router or host sends.
+                (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED, _) if flow.frag == FRAG_NONE => {
+                    let quoted_off = l4_off + Icmpv4Hdr::LEN;
+                    flow.quoted = Some(quoted(ctx, quoted_off, l4_len - Icmpv4Hdr::LEN)?);
                 }
                 _ => return Err(Stat::UnsupportedProto),
             }
         }
-        _ => return Err(Stat::UnsupportedProto),
+        // Other protocols are translated by address.
+        _ => {}
     }
     Ok(flow)
 }
 
-/// Parses the packet quoted by an ICMP error, `len` bytes long in the frame. The same rules
-/// as for the outer packet apply: IHL 5, TCP, UDP or ICMP echo.
+/// Parses the packet quoted by an ICMP error, at `l3_off` and `len` bytes long in the frame.
+/// The same rules as for the outer packet apply.
 #[inline(always)]
-fn quoted(ctx: &impl Frame, len: usize) -> Result<Quoted, Stat> {
-    if len < Ipv4Hdr::LEN + QUOTED_L4_LEN {
-        return Err(Stat::TruncatedL4);
+fn quoted(ctx: &impl Frame, l3_off: usize, len: usize) -> Result<Quoted, Stat> {
+    let ip: Ipv4Hdr = ctx.read(l3_off).ok_or(Stat::TruncatedL4)?;
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Err(Stat::BadIpHeader);
     }
-    let ip: Ipv4Hdr = ctx.read(QUOTED_L3_OFF).ok_or(Stat::TruncatedL4)?;
-    if ip.vihl != IPV4_NO_OPTIONS {
-        return Err(Stat::IpOptions);
+    let header_len = header_len(&ip);
+    if len < header_len + QUOTED_L4_LEN {
+        return Err(Stat::TruncatedL4);
     }
     let mut q = Quoted {
         saddr: u32::from_ne_bytes(ip.src_addr),
@@ -226,8 +298,10 @@ fn quoted(ctx: &impl Frame, len: usize) -> Result<Quoted, Stat> {
         sport: 0,
         dport: 0,
         proto: ip.proto,
+        l3_off,
+        l4_off: l3_off + header_len,
     };
-    let l4: [u8; QUOTED_L4_LEN] = ctx.read(QUOTED_L4_OFF).ok_or(Stat::TruncatedL4)?;
+    let l4: [u8; QUOTED_L4_LEN] = ctx.read(q.l4_off).ok_or(Stat::TruncatedL4)?;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             q.sport = u16::from_be_bytes([l4[0], l4[1]]);
@@ -241,30 +315,32 @@ fn quoted(ctx: &impl Frame, len: usize) -> Result<Quoted, Stat> {
                 _ => return Err(Stat::UnsupportedProto),
             }
         }
-        _ => return Err(Stat::UnsupportedProto),
+        _ => {}
     }
     Ok(q)
 }
 
-/// Checks the IPv4 header is one NAT may rewrite and returns the length of its payload.
+/// The IPv4 header's length in bytes (at most 60: the verifier sees the bound).
 #[inline(always)]
-fn ipv4_payload_len(ctx: &impl Frame, ip: &Ipv4Hdr) -> Result<usize, Stat> {
+fn header_len(ip: &Ipv4Hdr) -> usize {
+    usize::from(ip.vihl & 0x0f) * 4
+}
+
+/// Checks the IPv4 header is one NAT may rewrite and returns where its payload starts and how
+/// long it is.
+#[inline(always)]
+fn ipv4_payload(ctx: &impl Frame, ip: &Ipv4Hdr) -> Result<(usize, usize), Stat> {
     if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
         return Err(Stat::BadIpHeader);
     }
-    if ip.vihl != IPV4_NO_OPTIONS {
-        return Err(Stat::IpOptions);
-    }
+    let header_len = header_len(ip);
     let total = usize::from(u16::from_be_bytes(ip.tot_len));
-    if total < Ipv4Hdr::LEN {
+    if total < header_len {
         return Err(Stat::BadIpHeader);
     }
     // Frames may carry padding after the datagram, never less than it claims.
     if (ctx.len() as usize) < L3_OFF + total {
         return Err(Stat::TruncatedL3);
     }
-    if u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
-        return Err(Stat::Fragment);
-    }
-    Ok(total - Ipv4Hdr::LEN)
+    Ok((L3_OFF + header_len, total - header_len))
 }

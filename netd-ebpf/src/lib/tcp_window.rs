@@ -10,7 +10,7 @@
 
 use netd_common::datapath::{CT_DIR_ORIGINAL, TCP_WINDOW_SEEN, TcpWindow};
 
-use super::parse::{Frame, L3_OFF, L4_OFF};
+use super::parse::{FRAG_NONE, Flow, Frame, L3_OFF};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -26,15 +26,19 @@ pub struct Segment {
     pub window: u16,
 }
 
-/// Reads the segment of a parsed TCP packet (IPv4 header of `L4_OFF - L3_OFF` bytes, as
-/// `parse` admits), its flags `flags`.
+/// Reads the segment of a parsed TCP packet; `None` for a fragment (a later one has no TCP
+/// header, a first one not all of its payload).
 #[inline(always)]
-pub fn segment(ctx: &impl Frame, flags: u8) -> Option<Segment> {
+pub fn segment(ctx: &impl Frame, flow: &Flow) -> Option<Segment> {
+    if flow.frag != FRAG_NONE {
+        return None;
+    }
     let tot_len: [u8; 2] = ctx.read(L3_OFF + 2)?;
-    let header: [u8; 16] = ctx.read(L4_OFF)?;
+    let header: [u8; 16] = ctx.read(flow.l4_off)?;
     let doff = usize::from(header[12] >> 4) * 4;
     let ip_len = usize::from(u16::from_be_bytes(tot_len));
-    let payload = ip_len.checked_sub(L4_OFF - L3_OFF + doff)? as u32;
+    let payload = ip_len.checked_sub(flow.l4_off - L3_OFF + doff)? as u32;
+    let flags = flow.tcp_flags;
     let flag_seqs = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
     Some(Segment {
         seq: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),

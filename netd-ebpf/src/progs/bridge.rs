@@ -4,17 +4,23 @@
 //! the network's gateway, and the target's replies are translated back. Both directions are
 //! redirected straight to the destination container's veth: the host stack would drop them
 //! as martians (a local source address arriving from outside). A published port's
-//! `--publish-allow` ranges apply to its containers as to the outside.
+//! `--publish-allow` ranges apply to its containers as to the outside, and the source's
+//! isolation as on the iptables datapath (no other network, `--icc=false` only along a link).
 //!
 //! Everything else passes untouched; outgoing traffic is masqueraded on the uplink.
 
 use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
-use netd_common::datapath::{EndpointInfo, Stat};
+use netd_common::datapath::{
+    EndpointInfo, NET_ICC, NET_INTERNAL, NetworkInfo, PublishedTarget, Stat,
+};
 use network_types::eth::EthHdr;
 
 use crate::lib::{
-    conntrack, fib, maps, nat,
+    conntrack,
+    events::Tuple,
+    fib, frag, maps, nat,
     parse::{self, Flow, Frame as _},
+    policy::link_allows,
     stats,
     verdict::{dropped, now_ns, verdict},
 };
@@ -39,9 +45,10 @@ pub fn bridge_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn hairpin(ctx: &TcContext) -> Outcome {
-    let flow = match parse::ipv4_flow(ctx) {
-        Ok(flow) => flow,
-        Err(reason) => return Outcome::Done(reason),
+    // What can't be parsed is no hairpin flow: it goes on to the host, where the endpoint
+    // program has checked it already and the uplink translates it or drops it.
+    let Ok(flow) = parse::ipv4_flow(ctx) else {
+        return Outcome::Done(Stat::NoNat);
     };
     let Some(cfg) = maps::config() else {
         return Outcome::Done(Stat::NoNat);
@@ -72,9 +79,8 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let Some(ep) = maps::endpoint(target.addr[0]) else {
         return Outcome::Done(Stat::NoNat);
     };
-    // An internal network's published ports are out of reach from its neighbours too.
-    if ep.network_id != src_net_id && maps::is_internal(ep.network_id) {
-        return Outcome::Done(dropped(ctx, &flow, Stat::Internal, target.addr[0]));
+    if let Some(reason) = source_isolation(&flow, net, src_net_id, ep, &target) {
+        return Outcome::Done(dropped(ctx, &flow, reason, flow.saddr));
     }
     if !maps::publish_allows(&target, flow.proto, flow.saddr) {
         return Outcome::Done(dropped(ctx, &flow, Stat::PublishDenied, target.addr[0]));
@@ -98,6 +104,35 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     }
 }
 
+/// The source's isolation, as the iptables datapath applies it to a hairpin flow once DNAT
+/// made it a flow between two containers: another network's container is out of reach (the
+/// isolation chains; for an `--internal` source, anything beyond its subnet), and on an
+/// `--icc=false` network only a `--link` reaches the target's port.
+#[inline(always)]
+fn source_isolation(
+    flow: &Flow,
+    net: &NetworkInfo,
+    src_net_id: u32,
+    ep: &EndpointInfo,
+    target: &PublishedTarget,
+) -> Option<Stat> {
+    if ep.network_id != src_net_id {
+        return Some(if net.flags & NET_INTERNAL != 0 {
+            Stat::Internal
+        } else {
+            Stat::OtherNetwork
+        });
+    }
+    let to_target = Tuple {
+        saddr: flow.saddr,
+        daddr: target.addr[0],
+        sport: flow.sport,
+        dport: target.port,
+        proto: flow.proto,
+    };
+    (net.flags & NET_ICC == 0 && !link_allows(&to_target)).then_some(Stat::IccDenied)
+}
+
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
@@ -111,7 +146,10 @@ fn translate(
         .and_then(|()| nat::apply(ctx, flow, src))
         .and_then(|()| redirect_to(ctx, ep));
     match redirected {
-        Ok(action) => Outcome::Redirected(done, action),
+        Ok(action) => {
+            frag::remember(flow);
+            Outcome::Redirected(done, action)
+        }
         Err(reason) => Outcome::Done(dropped(ctx, flow, reason, flow.saddr)),
     }
 }

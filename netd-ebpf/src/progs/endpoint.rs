@@ -1,5 +1,8 @@
-//! The program on each container's host-side veth, ingress: it sees every frame the container
-//! sends, before the bridge. The checks run in the order Docker's FORWARD chain makes them:
+//! The programs on each container's host-side veth.
+//!
+//! `endpoint_ingress` sees every frame the container sends, before the bridge. Tagged frames,
+//! protocols other than IPv4 and ARP (and IPv6 beyond link-local addresses) are dropped; the
+//! checks then run in the order Docker's FORWARD chain makes them:
 //!
 //! 1. anti-spoofing: the source MAC, an ARP sender and an IPv4 source are the container's own;
 //! 2. another network's containers are out of reach;
@@ -10,7 +13,12 @@
 //! A packet to a container of the same network that passes is delivered straight into that
 //! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink is sent
 //! straight to it (`fib`): the fast path, skipping the bridge and netfilter. Everything else
-//! that passes goes on to the bridge (ARP, broadcast, the host). Every drop is counted (per reason and per container) and reported as an event.
+//! that passes goes on to the bridge (ARP, broadcast, the host).
+//!
+//! `endpoint_egress` is the destination side: what reaches the container other than by the
+//! fast paths (see [`endpoint_egress`]).
+//!
+//! Every drop is counted (per reason and per container) and reported as an event.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -19,24 +27,32 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, NET_ICC, NET_INTERNAL, Stat, VethInfo,
+    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, MARK_ADMITTED, NET_ICC, NET_INTERNAL, NET_MASQUERADE,
+    Stat, VethInfo,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
 use crate::lib::{
     events::{self, Tuple},
     fib, maps,
-    parse::{Frame as _, L3_OFF},
+    parse::{self, Frame as _, L3_OFF, is_vlan_tag},
     policy::{floods, in_subnet, link_allows},
     stats,
 };
 
-/// Offsets in an ARP packet for Ethernet/IPv4 of the sender's hardware and protocol address.
+/// Offset in an ARP packet for Ethernet/IPv4 of the sender's hardware address, followed by
+/// its protocol address.
 const ARP_SHA_OFF: usize = L3_OFF + 8;
-const ARP_SPA_OFF: usize = L3_OFF + 14;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct ArpSender {
+    mac: [u8; 6],
+    addr: [u8; 4],
+}
 /// The fragment offset of an IPv4 header: non-zero for every fragment but the first.
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
@@ -101,22 +117,28 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     let Some(eth) = ctx.read::<EthHdr>(0) else {
-        return not_ipv4(from);
+        return Verdict::Drop(Stat::TruncatedL2, Tuple::default());
     };
     if eth.src_addr != from.veth.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
     }
+    // Tagged frames are nothing a container needs, and the stack would untag a priority tag
+    // (VLAN 0) and route what it carries: dropped whatever the tag.
+    if ctx.vlan_offloaded() || is_vlan_tag(eth.ether_type) {
+        return Verdict::Drop(Stat::Vlan, Tuple::default());
+    }
     if eth.ether_type == EtherType::Arp as u16 {
         return check_arp(ctx, from);
     }
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    let vlan_tagged = unsafe { (*ctx.skb.skb).vlan_present } != 0;
-    if eth.ether_type != EtherType::Ipv4 as u16 || vlan_tagged {
-        return not_ipv4(from);
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return not_ipv4(ctx, from, eth.ether_type);
     }
     let Some(ip) = ctx.read::<Ipv4Hdr>(L3_OFF) else {
-        return not_ipv4(from);
+        return Verdict::Drop(Stat::TruncatedL3, Tuple::default());
     };
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Verdict::Drop(Stat::BadIpHeader, Tuple::default());
+    }
     let tuple = tuple_of(ctx, &ip);
     if tuple.saddr != from.addr() {
         return Verdict::Drop(Stat::SpoofedAddr, tuple);
@@ -127,27 +149,52 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     }
 }
 
-/// A frame that is not (parsable, untagged) IPv4 or ARP: without ICC the bridge must not
-/// carry it between containers (IPv6 link-local, raw Ethernet, VLANs: netd gives containers
-/// IPv4 only); with ICC the bridge and the stack deal with it as with any frame.
+/// A frame that is neither IPv4 nor ARP. Without ICC the bridge must not carry it between
+/// containers at all; with ICC only IPv6 between link-local addresses (neighbour discovery,
+/// link-local multicast) goes on to the bridge: netd gives containers IPv4 only, so nothing
+/// else of theirs may be routed, and other protocols have no business on the network.
 #[inline(always)]
-fn not_ipv4(from: &Sender) -> Verdict {
+fn not_ipv4(ctx: &TcContext, from: &Sender, ether_type: u16) -> Verdict {
     if from.veth.net_flags & NET_ICC == 0 {
-        Verdict::Drop(Stat::IccDenied, Tuple::default())
-    } else {
-        Verdict::Pass
+        return Verdict::Drop(Stat::IccDenied, Tuple::default());
     }
+    if ether_type != EtherType::Ipv6 as u16 {
+        return Verdict::Drop(Stat::NotIp, Tuple::default());
+    }
+    match ctx.read::<Ipv6Hdr>(L3_OFF) {
+        Some(ip) if ipv6_link_local_source(&ip.src_addr) && ipv6_on_link(&ip.dst_addr) => {
+            Verdict::Pass
+        }
+        Some(_) => Verdict::Drop(Stat::Ipv6, Tuple::default()),
+        None => Verdict::Drop(Stat::TruncatedL3, Tuple::default()),
+    }
+}
+
+/// fe80::/10, or the unspecified address (duplicate address detection).
+#[inline(always)]
+fn ipv6_link_local_source(addr: &[u8; 16]) -> bool {
+    is_ipv6_link_local(addr) || u128::from_be_bytes(*addr) == 0
+}
+
+/// fe80::/10, or a multicast group of link-local scope (ff02::/16).
+#[inline(always)]
+fn ipv6_on_link(addr: &[u8; 16]) -> bool {
+    is_ipv6_link_local(addr) || addr[0] == 0xff && addr[1] & 0x0f == 2
+}
+
+#[inline(always)]
+fn is_ipv6_link_local(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
 /// An ARP packet must announce the container's own MAC and address (0.0.0.0 for a probe).
 #[inline(always)]
 fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
-    let (Some(sha), Some(spa)) = (
-        ctx.read::<[u8; 6]>(ARP_SHA_OFF),
-        ctx.read::<u32>(ARP_SPA_OFF),
-    ) else {
-        return Verdict::Pass;
+    // The sender's hardware and protocol address, in one read (one bounds check).
+    let Some(sender) = ctx.read::<ArpSender>(ARP_SHA_OFF) else {
+        return Verdict::Drop(Stat::TruncatedL3, Tuple::default());
     };
+    let (sha, spa) = (sender.mac, u32::from_ne_bytes(sender.addr));
     if sha != from.veth.mac {
         return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
     }
@@ -222,4 +269,86 @@ fn tuple_of(ctx: &TcContext, ip: &Ipv4Hdr) -> Tuple {
         }
     }
     t
+}
+
+/// The destination side, on the veth's egress: every frame towards the container that the
+/// fast paths didn't deliver straight into it. From the host itself, from the container's own
+/// network (its veths, whose program checked the sender, or its bridge, routed through the
+/// gateway) and translated by netd (`MARK_ADMITTED`), a frame gets in; from anywhere else
+/// (the uplink without a translation, a second NIC, a VPN, another bridge), only on a routed
+/// network (neither masquerading nor internal), and only IPv4 there. So the rules hold
+/// whatever interface a packet was routed in through.
+#[classifier]
+pub fn endpoint_egress(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    let Some(veth) = maps::veth(ifindex) else {
+        return TC_ACT_UNSPEC;
+    };
+    match admit(&ctx, veth) {
+        Ok(()) => {
+            stats::count(Stat::ToContainer);
+            TC_ACT_UNSPEC
+        }
+        Err((reason, tuple)) => {
+            stats::count(events::dropped(&tuple, reason, veth.addr[0], ifindex));
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn admit(ctx: &TcContext, to: &VethInfo) -> Result<(), (Stat, Tuple)> {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let (mark, from_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
+    // 0: sent by the host itself.
+    if mark & MARK_ADMITTED != 0 || from_ifindex == 0 || from_ifindex == to.bridge_ifindex {
+        return Ok(());
+    }
+    if maps::veth(from_ifindex).is_some_and(|from| from.network_id == to.network_id) {
+        return Ok(());
+    }
+    from_beyond(ctx, to)
+}
+
+/// A frame from beyond the container's network that netd didn't translate.
+#[inline(always)]
+fn from_beyond(ctx: &TcContext, to: &VethInfo) -> Result<(), (Stat, Tuple)> {
+    let Some(eth) = ctx.read::<EthHdr>(0) else {
+        return Err((Stat::TruncatedL2, Tuple::default()));
+    };
+    if ctx.vlan_offloaded() || is_vlan_tag(eth.ether_type) {
+        return Err((Stat::Vlan, Tuple::default()));
+    }
+    if eth.ether_type == EtherType::Arp as u16 {
+        // A bridge port netd doesn't own: address resolution only, nothing is routed by it.
+        return Ok(());
+    }
+    if eth.ether_type == EtherType::Ipv6 as u16 {
+        return Err((Stat::Ipv6, Tuple::default()));
+    }
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return Err((Stat::NotIp, Tuple::default()));
+    }
+    if to.net_flags & NET_INTERNAL != 0 {
+        return Err((Stat::Internal, ends_of(ctx)));
+    }
+    if to.net_flags & NET_MASQUERADE == 0 {
+        return Ok(());
+    }
+    match parse::ipv4_flow(ctx) {
+        Ok(flow) if flow.quoted.is_some() => Err((Stat::IcmpNoFlow, Tuple::of(&flow))),
+        Ok(flow) => Err((Stat::Unsolicited, Tuple::of(&flow))),
+        Err(reason) => Err((reason, ends_of(ctx))),
+    }
+}
+
+/// The addresses of an IPv4 frame, for a drop event (zero where unreadable).
+#[inline(always)]
+fn ends_of(ctx: &TcContext) -> Tuple {
+    let (saddr, daddr) = parse::ipv4_ends(ctx).unwrap_or_default();
+    Tuple {
+        saddr,
+        daddr,
+        ..Tuple::default()
+    }
 }

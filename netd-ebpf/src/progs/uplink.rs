@@ -13,21 +13,26 @@
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
 //!
-//! Everything else, and every packet that can't be fully parsed, passes untouched (counted
-//! with the reason in `STATS`). The only drops are refused new flows, new flows that can't be
-//! tracked and packets a helper failed to rewrite.
+//! Fail closed: a packet to a container of a masquerading or internal network that is not
+//! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
+//! is dropped with the reason, and so is one leaving with the source of such a container: no
+//! packet leaves the uplink with a masqueraded container's private address. Everything else
+//! (the host's own traffic, routed networks) passes untouched. A packet translated to a
+//! container that the fast path can't deliver is marked (`MARK_ADMITTED`) for the program on
+//! the container's veth, which lets nothing else in from beyond its network.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, NET_INTERNAL, NET_MASQUERADE, Stat,
+    AF_INET, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
 };
 
 use crate::lib::{
     conntrack::{self, v4},
-    fib,
+    events::{self, Tuple},
+    fib, frag,
     inbound::{Inbound, inbound},
     maps, nat,
-    parse::{self, Flow, Quoted},
+    parse::{self, Flow, Frame as _, Quoted},
     stats,
     verdict::{dropped, now_ns, verdict},
 };
@@ -40,14 +45,33 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     let outcome = ingress(&ctx);
-    if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit)
-        && let Some(action) = fib::deliver_to_container(&ctx)
-    {
-        stats::count(outcome);
-        stats::count(Stat::FastPathIn);
-        return action;
+    if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit) {
+        if let Some(action) = fib::deliver_to_container(&ctx) {
+            stats::count(outcome);
+            stats::count(Stat::FastPathIn);
+            return action;
+        }
+        admit(&ctx);
+    } else if outcome == Stat::IcmpError {
+        admit(&ctx);
     }
     verdict(outcome)
+}
+
+/// Marks a packet translated towards a container, for the program on its veth: the stack
+/// delivers it (the mark goes no further: crossing into the container's namespace clears it).
+#[inline(always)]
+fn admit(ctx: &TcContext) {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | MARK_ADMITTED);
+}
+
+/// Which way a packet crosses the uplink.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    In,
+    Out,
 }
 
 /// A parsed packet that belongs to no tracked flow: the direction decides whether it starts one.
@@ -61,12 +85,12 @@ struct Untracked {
 /// What both directions do first: parse the packet, then translate ICMP errors about tracked
 /// flows and packets of tracked flows. `Err` is the finished packet's outcome.
 #[inline(always)]
-fn translate_tracked(ctx: &TcContext) -> Result<Untracked, Stat> {
-    let flow = parse::ipv4_flow(ctx)?;
+fn translate_tracked(ctx: &TcContext, dir: Dir) -> Result<Untracked, Stat> {
+    let flow = parse::ipv4_flow(ctx).map_err(|reason| untranslatable(ctx, reason, dir))?;
     let cfg = maps::config().ok_or(Stat::NoNat)?;
     let now = now_ns();
     if let Some(quoted) = &flow.quoted {
-        return Err(icmp_error(ctx, &flow, quoted, now, cfg));
+        return Err(icmp_error(ctx, &flow, quoted, now, cfg, dir));
     }
     let key = conntrack::key_of(&flow);
     if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, false) {
@@ -87,12 +111,24 @@ fn egress(ctx: &TcContext) -> Stat {
         cfg,
         key,
         now,
-    } = match translate_tracked(ctx) {
+    } = match translate_tracked(ctx, Dir::Out) {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
-    if !masquerades(flow.saddr) || !conntrack::may_start_flow(&flow) {
+    let Some(flags) = maps::endpoint(flow.saddr)
+        .and_then(|ep| maps::network(ep.network_id))
+        .map(|net| net.flags)
+    else {
         return Stat::NoNat;
+    };
+    if flags & NET_INTERNAL != 0 {
+        return dropped(ctx, &flow, Stat::Internal, flow.saddr);
+    }
+    if flags & NET_MASQUERADE == 0 {
+        return Stat::NoNat;
+    }
+    if !conntrack::may_start_flow(&flow) {
+        return dropped(ctx, &flow, Stat::Unmasqueraded, flow.saddr);
     }
     match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
@@ -107,7 +143,7 @@ fn ingress(ctx: &TcContext) -> Stat {
         cfg,
         key,
         now,
-    } = match translate_tracked(ctx) {
+    } = match translate_tracked(ctx, Dir::In) {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
@@ -117,7 +153,7 @@ fn ingress(ctx: &TcContext) -> Stat {
         Inbound::Stack => return Stat::NoNat,
     };
     if !conntrack::may_start_flow(&flow) {
-        return Stat::NoNat;
+        return dropped(ctx, &flow, Stat::Unsolicited, target.addr[0]);
     }
     match conntrack::start_dnat(ctx, &key, &flow, target.addr[0], target.port, now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
@@ -128,7 +164,7 @@ fn ingress(ctx: &TcContext) -> Stat {
 /// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
 /// entry for the reversed quoted tuple says how this packet travels.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Stat {
+fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config, dir: Dir) -> Stat {
     let key = CtKey {
         saddr: v4(q.daddr),
         daddr: v4(q.saddr),
@@ -139,7 +175,7 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
         _pad: [0; 2],
     };
     let Some(rw) = conntrack::rewrite_for(&key, now, cfg) else {
-        return Stat::NoNat;
+        return untranslatable(ctx, Stat::IcmpNoFlow, dir);
     };
     match nat::apply_icmp_error(ctx, flow, q, &rw) {
         Ok(()) => Stat::IcmpError,
@@ -152,7 +188,10 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, rw: &nat::Rewrite, done: Stat) -> Stat {
     match nat::apply(ctx, flow, rw) {
-        Ok(()) => done,
+        Ok(()) => {
+            frag::remember(flow);
+            done
+        }
         Err(reason) => dropped(ctx, flow, reason, if rw.src { flow.saddr } else { rw.addr }),
     }
 }
@@ -166,11 +205,31 @@ fn hit_stat(nat: u8) -> Stat {
     }
 }
 
-/// Whether `saddr` is a container on a network with masquerading on (never an internal one:
-/// its traffic stops at the container's veth, this makes sure nothing gets out anyway).
+/// A packet NAT can't translate, for `reason`: dropped when it goes to a container of a
+/// masquerading or internal network (coming in) or comes from one (going out), where passing
+/// it would reach the container unchecked or leak its private address; else the stack's.
 #[inline(always)]
-fn masquerades(saddr: u32) -> bool {
-    maps::endpoint(saddr)
-        .and_then(|ep| maps::network(ep.network_id))
-        .is_some_and(|net| net.flags & NET_MASQUERADE != 0 && net.flags & NET_INTERNAL == 0)
+fn untranslatable(ctx: &TcContext, reason: Stat, dir: Dir) -> Stat {
+    let Some((saddr, daddr)) = parse::ipv4_ends(ctx) else {
+        return if reason == Stat::NotIpv4 {
+            reason
+        } else {
+            Stat::NoNat
+        };
+    };
+    let container = if dir == Dir::In { daddr } else { saddr };
+    if !maps::is_sealed(container) {
+        return Stat::NoNat;
+    }
+    let reason = if dir == Dir::Out && reason == Stat::IcmpNoFlow {
+        Stat::Unmasqueraded
+    } else {
+        reason
+    };
+    let tuple = Tuple {
+        saddr,
+        daddr,
+        ..Tuple::default()
+    };
+    events::dropped(&tuple, reason, container, ctx.ifindex())
 }

@@ -7,9 +7,11 @@
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
-//!   container-to-container fast path; a legacy TC filter (no RCU grace period per container,
-//!   see `Pins::attach_pinned_filter`) attached by `add_endpoint`, detached by
-//!   `remove_endpoint` or with the veth;
+//!   container-to-container fast path; egress: the destination side (only the host, the
+//!   container's own network and what netd translated get in, whatever interface a packet
+//!   came through); legacy TC filters (no RCU grace period per container, see
+//!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
+//!   the bridge), detached by `remove_endpoint` or with the veth;
 //! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
 //!   getpeername4: host processes to published ports, in the host namespace only.
 //!
@@ -22,8 +24,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
-    ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
-    UPLINK_XDP_PROG, addr_v4, v4_octets,
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG,
+    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -39,6 +41,12 @@ pub mod stats;
 const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
     (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
     (UPLINK_EGRESS_PROG, TcAttachType::Egress),
+];
+
+/// The programs on each container's host-side veth, with their attach directions.
+const ENDPOINT_PROGS: [(&str, TcAttachType); 2] = [
+    (ENDPOINT_INGRESS_PROG, TcAttachType::Ingress),
+    (ENDPOINT_EGRESS_PROG, TcAttachType::Egress),
 ];
 
 pub struct EbpfDatapath {
@@ -113,12 +121,15 @@ impl EbpfDatapath {
                 continue;
             };
             let iface = iface.to_string_lossy();
-            self.pins
-                .replace_filter(&mut ebpf, ENDPOINT_INGRESS_PROG, &iface)?;
-            replaced += 1;
+            for (prog, dir) in ENDPOINT_PROGS {
+                self.pins.replace_filter(&mut ebpf, prog, &iface, dir)?;
+                replaced += 1;
+            }
         }
         // Containers made from now on get this build too.
-        self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
+        for (prog, _) in ENDPOINT_PROGS {
+            self.pins.pin_tc_program(&mut ebpf, prog)?;
+        }
         Ok(replaced)
     }
 
@@ -146,14 +157,34 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Attaches the endpoint program to a container's veth, from its pin (no object load, no
-    /// verifier run); the first container loads the object to pin it.
-    fn attach_endpoint_program(&self, iface: &str) -> Result<()> {
-        if !self.pins.program(ENDPOINT_INGRESS_PROG).exists() {
+    /// Attaches the endpoint programs to a container's veth, from their pins (no object load,
+    /// no verifier run); the first container loads the object to pin them. On failure,
+    /// detaches what this call attached.
+    fn attach_endpoint_programs(&self, iface: &str) -> Result<()> {
+        if ENDPOINT_PROGS
+            .iter()
+            .any(|(prog, _)| !self.pins.program(prog).exists())
+        {
             let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-            self.pins.pin_tc_program(&mut ebpf, ENDPOINT_INGRESS_PROG)?;
+            for (prog, _) in ENDPOINT_PROGS {
+                self.pins.pin_tc_program(&mut ebpf, prog)?;
+            }
         }
-        self.pins.attach_pinned_filter(ENDPOINT_INGRESS_PROG, iface)
+        for (done, (prog, dir)) in ENDPOINT_PROGS.iter().enumerate() {
+            if let Err(e) = self.pins.attach_pinned_filter(prog, iface, *dir) {
+                self.detach_endpoint_programs(iface, &ENDPOINT_PROGS[..done]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches `progs` from a container's veth (best effort: a veth that is gone has nothing
+    /// attached any more).
+    fn detach_endpoint_programs(&self, iface: &str, progs: &[(&str, TcAttachType)]) {
+        for (_, dir) in progs {
+            let _ = self.pins.detach_filter(iface, *dir);
+        }
     }
 
     /// Attaches the uplink's XDP program when asked to and not attached yet.
@@ -204,11 +235,13 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// What the endpoint program needs to know of `ep`: the veth it sits behind, and the
+    /// What the endpoint programs need to know of `ep`: the veth it sits behind, and the
     /// ports its links open.
     fn add_policy(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        let bridge = nix::net::if_::if_nametoindex(net.bridge.as_str())
+            .with_context(|| format!("find bridge {}", net.bridge))?;
         maps::veths(&self.pins)?
-            .insert(ep.host_ifindex, maps::veth_info(net, ep), 0)
+            .insert(ep.host_ifindex, maps::veth_info(net, ep, bridge), 0)
             .with_context(|| format!("add veth {} of {}", ep.host_ifname, ep.container))?;
         let mut links = maps::links(&self.pins)?;
         for link in &ep.links {
@@ -246,7 +279,11 @@ impl EbpfDatapath {
         let Ok(ifname) = nix::net::if_::if_indextoname(ifindex) else {
             return Ok(());
         };
-        self.pins.detach_filter(&ifname.to_string_lossy())
+        let ifname = ifname.to_string_lossy();
+        for (_, dir) in ENDPOINT_PROGS {
+            self.pins.detach_filter(&ifname, dir)?;
+        }
+        Ok(())
     }
 
     /// The source ranges `port` accepts new flows from (`--publish-allow`).
@@ -290,6 +327,13 @@ impl EbpfDatapath {
         }
     }
 
+    /// Removes `net`'s subnet from `SUBNETS` (best effort: what is not there needs no removing).
+    fn forget_subnet(&self, net: &NetworkSpec) {
+        if let Ok(mut subnets) = maps::subnets(&self.pins) {
+            let _ = subnets.remove(&maps::subnet_key(net));
+        }
+    }
+
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
         let (nat_port_min, nat_port_max) = host::nat_port_range()?;
         let config = Config {
@@ -330,6 +374,11 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.write_config(&uplink))
             .and_then(|()| self.set_limit(maps::network_limit_key(net.id), net.conntrack_limit))
             .and_then(|()| {
+                maps::subnets(&self.pins)?
+                    .insert(&maps::subnet_key(net), net.id, 0)
+                    .with_context(|| format!("add the subnet of network {}", net.name))
+            })
+            .and_then(|()| {
                 networks
                     .insert(net.id, maps::network_info(net), 0)
                     .with_context(|| format!("add network {}", net.name))
@@ -344,6 +393,7 @@ impl Datapath for EbpfDatapath {
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
             self.forget_limit(&maps::network_limit_key(net.id));
+            self.forget_subnet(net);
             if first {
                 let _ = self.detach_host();
             }
@@ -357,6 +407,7 @@ impl Datapath for EbpfDatapath {
         networks
             .remove(&net.id)
             .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
+        self.forget_subnet(net);
         let mut endpoints = maps::endpoints(&self.pins)?;
         let stale: Vec<_> = endpoints
             .iter()
@@ -417,7 +468,7 @@ impl Datapath for EbpfDatapath {
         let policed = self
             .set_limit(limit_key, ep.conntrack_limit)
             .and_then(|()| self.add_policy(net, ep))
-            .and_then(|()| self.attach_endpoint_program(&ep.host_ifname));
+            .and_then(|()| self.attach_endpoint_programs(&ep.host_ifname));
         if let Err(e) = policed {
             self.forget_limit(&limit_key);
             self.remove_policy(ep);
@@ -431,7 +482,9 @@ impl Datapath for EbpfDatapath {
         maps::endpoints(&self.pins)?
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        self.pins.detach_filter(&ep.host_ifname)?;
+        for (_, dir) in ENDPOINT_PROGS {
+            self.pins.detach_filter(&ep.host_ifname, dir)?;
+        }
         self.remove_policy(ep);
         self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.

@@ -9,7 +9,7 @@ use netd_common::datapath::{
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
     IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP,
     PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP,
-    VETHS_MAP, VethInfo, addr_v4,
+    SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -25,6 +25,7 @@ pub type Stats = PerCpuArray<MapData, u64>;
 pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
 pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, VethInfo>;
+pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
@@ -101,6 +102,20 @@ pub fn publish_allow(pins: &Pins) -> Result<PublishAllow> {
     ))?)
 }
 
+pub fn subnets(pins: &Pins) -> Result<Subnets> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(
+        pins.open_map(SUBNETS_MAP)?,
+    ))?)
+}
+
+/// The `SUBNETS` key of a network's subnet.
+pub fn subnet_key(net: &NetworkSpec) -> Key<u32> {
+    Key::new(
+        u32::from(net.subnet.prefix_len()),
+        u32::from_ne_bytes(net.subnet.network().octets()),
+    )
+}
+
 pub fn veths(pins: &Pins) -> Result<Veths> {
     Ok(HashMap::try_from(Map::HashMap(pins.open_map(VETHS_MAP)?))?)
 }
@@ -131,14 +146,16 @@ fn network_flags(net: &NetworkSpec) -> u8 {
     flags
 }
 
-/// What the program on `ep`'s host-side veth knows of it.
-pub fn veth_info(net: &NetworkSpec, ep: &EndpointSpec) -> VethInfo {
+/// What the programs on `ep`'s host-side veth know of it (`bridge`: the network's bridge's
+/// ifindex).
+pub fn veth_info(net: &NetworkSpec, ep: &EndpointSpec, bridge: u32) -> VethInfo {
     VethInfo {
         addr: addr_v4(ep.ip.octets()),
         network_id: net.id,
         mac: ep.mac,
         net_flags: network_flags(net),
         _pad: 0,
+        bridge_ifindex: bridge,
     }
 }
 

@@ -1,0 +1,233 @@
+//! The datapath's programs under BPF_PROG_TEST_RUN: a sandbox whose maps the real driver
+//! (`EbpfDatapath`) filled, and crafted frames run through the programs.
+
+use aya::{
+    Ebpf, TestRun, TestRunOptions,
+    programs::{SchedClassifier, Xdp},
+};
+use netd::{
+    bpf::Pins,
+    datapath::{
+        Datapath as _, Protocol,
+        ebpf::{EbpfDatapath, stats},
+    },
+};
+use netd_common::datapath::{
+    BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
+};
+
+use crate::{
+    frames::*,
+    harness::{HOST_ADDR, TestEnv},
+    netdata::{BRIDGE, C1, C2, endpoint, network, port},
+    topology::ip_in,
+};
+
+/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
+pub const PASS: u32 = u32::MAX;
+/// TC_ACT_SHOT.
+pub const DROP: u32 = 2;
+/// The XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub struct Bench {
+    pub env: TestEnv,
+    ebpf: Ebpf,
+    /// The host-side veths of C1 and C2.
+    pub veths: [u32; 2],
+}
+
+impl Bench {
+    /// A sandbox whose datapath has C1 and C2 on a masquerading network, tcp *:8080 → C1:80
+    /// and udp HOST_ADDR:5353 → C2:53 published, and the programs loaded for test runs.
+    pub fn new() -> Self {
+        Self::with_timeouts(Timeouts::default())
+    }
+
+    pub fn with_timeouts(timeouts: Timeouts) -> Self {
+        Self::with(timeouts, netd_common::datapath::CONNTRACK_DEFAULT_MAX)
+    }
+
+    pub fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
+        let env = TestEnv::new();
+        let pins = Pins::open(&env.bpffs).unwrap();
+        ip_in(
+            &env,
+            &env.host_ns(),
+            &["link", "add", BRIDGE, "type", "bridge"],
+        );
+        let veth1 = host_veth(&env, "veth1");
+        let veth2 = host_veth(&env, "veth2");
+        env.in_ns(&env.host_ns(), || {
+            let dp = EbpfDatapath::new(pins.clone())
+                .with_host_cgroup(None)
+                .with_timeouts(timeouts)
+                .with_conntrack_max(conntrack_max);
+            let net = network();
+            dp.setup_network(&net).unwrap();
+            dp.add_endpoint(&net, &endpoint(C1, "veth1", veth1))
+                .unwrap();
+            dp.add_endpoint(&net, &endpoint(C2, "veth2", veth2))
+                .unwrap();
+            dp.publish(
+                &net,
+                &[
+                    port(Protocol::Tcp, None, 8080, C1, 80),
+                    port(Protocol::Udp, Some(HOST_ADDR), 5353, C2, 53),
+                ],
+            )
+            .unwrap();
+        });
+        let mut ebpf = pins.load().unwrap();
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
+            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
+            p.load().unwrap();
+        }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(UPLINK_XDP_PROG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load().unwrap();
+        Self {
+            env,
+            ebpf,
+            veths: [veth1, veth2],
+        }
+    }
+
+    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
+    pub fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self.ebpf.program(prog).unwrap();
+        if prog == UPLINK_XDP_PROG {
+            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
+        } else {
+            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
+        }
+    }
+
+    /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
+    /// fields changed; returns the new ends.
+    pub fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
+        let (verdict, out) = self.run(prog, frame);
+        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
+        assert_only_nat_fields_changed(frame, &out);
+        assert_checksums(&out, false);
+        ends(&out)
+    }
+
+    pub fn egress(&self, frame: &[u8]) -> Ends {
+        self.translate(UPLINK_EGRESS_PROG, frame)
+    }
+
+    pub fn ingress(&self, frame: &[u8]) -> Ends {
+        self.translate(UPLINK_INGRESS_PROG, frame)
+    }
+
+    /// Runs the programs on `frame`: each must pass it on byte for byte (the XDP program
+    /// leaves it to TC, counting nothing).
+    pub fn assert_untouched(&self, frame: &[u8]) {
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
+            let (verdict, out) = self.run(prog, frame);
+            assert_eq!(verdict, PASS, "{prog} verdict");
+            assert_eq!(out, frame, "{prog} changed a frame it must not translate");
+        }
+        let (verdict, out) = self.run(UPLINK_XDP_PROG, frame);
+        assert_eq!(verdict, XDP_PASS, "{UPLINK_XDP_PROG} verdict");
+        assert_eq!(out, frame, "{UPLINK_XDP_PROG} changed a frame");
+    }
+
+    pub fn stat(&self, reason: &str) -> u64 {
+        let pins = Pins::open(&self.env.bpffs).unwrap();
+        stats::read(&pins)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.reason == reason)
+            .unwrap()
+            .packets
+    }
+}
+
+/// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
+pub fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// What a test run of a TC program may set of its `struct __sk_buff`: the mark, the interface
+/// the packet arrived on, and the one the program runs on (an interface of the namespace the
+/// run is made in).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Skb {
+    pub mark: u32,
+    pub ingress_ifindex: u32,
+    pub ifindex: u32,
+}
+
+impl Skb {
+    /// The context's bytes, up to `ifindex` (the rest is zero).
+    fn bytes(&self) -> [u8; 44] {
+        let mut ctx = [0u8; 44];
+        ctx[8..12].copy_from_slice(&self.mark.to_ne_bytes());
+        ctx[36..40].copy_from_slice(&self.ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx
+    }
+}
+
+impl Bench {
+    /// Runs the pinned TC program `prog` (the endpoint programs are pinned when the first
+    /// container is added) on `frame` with the context `skb`, in the sandbox host namespace
+    /// (where `skb`'s interfaces are); returns its verdict and the frame it left.
+    pub fn run_skb(&self, prog: &str, frame: &[u8], skb: Skb) -> (u32, Vec<u8>) {
+        let path = Pins::open(&self.env.bpffs).unwrap().program(prog);
+        self.env.in_ns(&self.env.host_ns(), || {
+            let program = SchedClassifier::from_pin(&path).unwrap();
+            let ctx = skb.bytes();
+            let mut out = vec![0u8; frame.len() + 256];
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+                .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
+            out.truncate(result.data_size_out as usize);
+            (result.return_value, out)
+        })
+    }
+
+    /// The ifindex of the sandbox's bridge.
+    pub fn bridge_ifindex(&self) -> u32 {
+        self.env.in_ns(&self.env.host_ns(), || {
+            nix::net::if_::if_nametoindex(BRIDGE).unwrap()
+        })
+    }
+}
+
+/// A veth pair `name`/`name`p in the sandbox host namespace, for an endpoint's program to sit
+/// on; returns the ifindex of `name`.
+pub fn host_veth(env: &TestEnv, name: &str) -> u32 {
+    let peer = format!("{name}p");
+    ip_in(
+        env,
+        &env.host_ns(),
+        &["link", "add", name, "type", "veth", "peer", "name", &peer],
+    );
+    env.in_ns(&env.host_ns(), || {
+        nix::net::if_::if_nametoindex(name).unwrap()
+    })
+}
