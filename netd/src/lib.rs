@@ -1,11 +1,9 @@
 //! netd: container networking for Linux with an eBPF datapath.
-pub mod bench;
 pub mod bpf;
 pub mod container;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
-pub mod demo;
 pub mod etcfiles;
 pub mod exec;
 pub mod ipam;
@@ -14,6 +12,5 @@ pub mod netns;
 pub mod network;
 pub mod output;
 pub mod ports;
-pub mod sandbox;
 pub mod state;
 pub mod views;

@@ -3,12 +3,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use netd::{
-    bench,
     bpf::Pins,
     container,
     controller::Ctx,
     datapath::ebpf::{EbpfDatapath, conntrack, events, stats},
-    demo, exec, netns, network, output, views,
+    exec, netns, network, output, views,
 };
 
 /// Container networking with an eBPF datapath.
@@ -86,27 +85,6 @@ enum Command {
         /// Seconds between sweeps.
         #[arg(long, default_value_t = 30.0)]
         sweep_interval: f64,
-    },
-    /// Build a sandbox, run netd in it, show traffic through the datapath, remove it all.
-    Demo,
-    /// Benchmark the eBPF datapath against iptables and a plain veth pair (the ceiling).
-    Bench {
-        /// A smoke run: short measurements, one round, fewer ports and containers.
-        #[arg(long)]
-        quick: bool,
-        /// Where to write latest.json, report.md and ratios.svg.
-        #[arg(long, default_value = "target/bench")]
-        out: PathBuf,
-        /// Arms to run, in the order they alternate.
-        #[arg(long, value_delimiter = ',', default_values_t = netd::bench::ARMS.iter().map(|a| a.to_string()))]
-        arms: Vec<String>,
-        /// Rounds (each arm measured once per round); default 5, or 1 with --quick.
-        #[arg(long)]
-        runs: Option<usize>,
-        /// Only this part: `setup` (container create and remove times) or `latency`
-        /// (request/response against the ceiling, paired).
-        #[arg(long)]
-        only: Option<bench::Part>,
     },
     /// The eBPF datapath's connection tracking table.
     #[command(subcommand)]
@@ -256,24 +234,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 }
             );
             Ok(())
-        }
-        Command::Demo => demo::run().await,
-        Command::Bench {
-            quick,
-            out,
-            arms,
-            runs,
-            only,
-        } => {
-            let runs = runs.unwrap_or(if quick { 1 } else { 5 });
-            bench::run(bench::Options {
-                quick,
-                out,
-                arms,
-                runs,
-                only,
-            })
-            .await
         }
         Command::Conntrack(cmd) => conntrack_command(&Pins::open(&cli.bpffs)?, cmd),
         Command::Stats { json } => stats_command(&Pins::open(&cli.bpffs)?, json),

@@ -15,31 +15,17 @@ use std::{
     },
 };
 
-use netd::{netns, sandbox::Sandbox};
+use netd::netns;
+use netd_testkit::sandbox::Sandbox;
 
-pub use netd::sandbox::{HOST_ADDR, OUTSIDE_ADDR, UPLINK};
+pub use netd_testkit::sandbox::{HOST_ADDR, OUTSIDE_ADDR, UPLINK};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static MOUNT_BPFFS: Once = Once::new();
 
-/// The netd binary under test: `NETD_BIN`, or the one next to this test's target directory.
+/// The netd binary under test (`NETD_BIN`); panics, naming the fix, when it isn't set.
 pub fn netd_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NETD_BIN") {
-        return bin.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/netd
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("netd");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo xtask test`",
-        bin.display()
-    );
-    bin
+    netd_testkit::netd_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// One test's world. Dropping it removes everything it made.

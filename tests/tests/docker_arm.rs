@@ -12,19 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netd::{
-    bench::docker::{self, DockerContainer, Dockerd},
-    datapath::Protocol,
-    netns,
-};
+use netd::netns;
+use netd_bench::bench::docker::{self, DockerContainer, Dockerd, Protocol};
 use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
 
 const MESSAGE: &[u8] = b"through docker's DNAT and back";
 
 #[test]
 fn docker_publishes_a_container_port_inside_the_sandbox() {
-    // Installs docker.io and busybox-static on a machine that lacks them (CI's fresh ones).
-    docker::ensure_installed().unwrap_or_else(|e| panic!("install the Docker arm: {e:#}"));
+    // `cargo xtask setup` installs docker.io and busybox-static; where it could not, say why.
+    if let Err(e) = docker::check_installed() {
+        eprintln!("skipped: the Docker arm cannot run here: {e:#}");
+        return;
+    }
     let env = TestEnv::new();
     let workdir = env.state_dir.join("docker");
     let machine_nat = machine_nat_rules();

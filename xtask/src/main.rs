@@ -162,8 +162,7 @@ fn lint() -> Result<()> {
 }
 
 fn bench(what: Option<&str>, quick: bool) -> Result<()> {
-    cargo(&["build", "--release", "--package", "netd"])?;
-    let mut cmd = Command::new(workspace_root().join("target/release/netd"));
+    let mut cmd = netd_bench()?;
     cmd.arg("bench")
         .arg("--out")
         .arg(workspace_root().join("target/bench"));
@@ -181,6 +180,21 @@ fn bench(what: Option<&str>, quick: bool) -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    cargo(&["build", "--release", "--package", "netd"])?;
-    run_cmd(Command::new(workspace_root().join("target/release/netd")).arg("demo"))
+    run_cmd(netd_bench()?.arg("demo"))
+}
+
+/// `netd-bench` (release), driving the release `netd` it is given in `NETD_BIN`; both built.
+fn netd_bench() -> Result<Command> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "netd",
+        "--package",
+        "netd-bench",
+    ])?;
+    let release = workspace_root().join("target/release");
+    let mut cmd = Command::new(release.join("netd-bench"));
+    cmd.env("NETD_BIN", release.join("netd"));
+    Ok(cmd)
 }

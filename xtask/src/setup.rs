@@ -1,7 +1,12 @@
 //! Checks, and installs when missing, everything netd needs on a fresh Debian machine.
 //! Idempotent: a second run installs nothing and only prints what it found.
 
-use std::process::{Command, Stdio};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -22,12 +27,16 @@ const PACKAGES: &[&str] = &[
     "bpftool",
 ];
 
+/// The Docker arm's (see [`docker_packages`]).
+const DOCKER_PACKAGES: &[&str] = &["docker.io", "busybox-static"];
+
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
     nightly_components()?;
     debian_packages()?;
+    docker_packages()?;
     bpf_linker()?;
     bpffs()
 }
@@ -91,15 +100,38 @@ fn nightly_components() -> Result<()> {
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing = missing_packages(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
     installing(&missing.join(" "));
+    apt_install(&missing)
+}
+
+/// The Docker arm's packages: a real dockerd for the benchmark's `docker` arm and its test.
+/// Without them only that arm is skipped (saying why), so failing to install them warns.
+fn docker_packages() -> Result<()> {
+    let missing = missing_packages(DOCKER_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    installing(&missing.join(" "));
+    let _no_service_starts = ServiceStartsDenied::new()?;
+    if let Err(e) = apt_install(&missing) {
+        eprintln!("setup: warning: {e:#}: the Docker arm and its test will be skipped");
+    }
+    Ok(())
+}
+
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect()
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     status(
         Command::new("apt-get")
             .arg("update")
@@ -109,10 +141,46 @@ fn debian_packages() -> Result<()> {
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
             .stdout(Stdio::null()),
     )
+}
+
+/// docker.io's postinst starts the docker service, which would run a dockerd in the machine's
+/// own namespace and rewrite its iptables. While this guard lives, a policy-rc.d denies every
+/// service start (when the machine has its own policy-rc.d, that one is left to decide).
+struct ServiceStartsDenied {
+    created: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl ServiceStartsDenied {
+    fn new() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# netd xtask setup: no service starts\nexit 101\n",
+        )
+        .with_context(|| format!("write {POLICY_RC_D}"))?;
+        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {POLICY_RC_D}"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for ServiceStartsDenied {
+    fn drop(&mut self) {
+        if self.created
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("setup: warning: remove {POLICY_RC_D}: {e} (it denies every service start)");
+        }
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {

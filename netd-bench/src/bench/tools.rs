@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::netns;
+use netd::netns;
 
 /// Container-side ports of the three servers; published paths add [`PUBLISH_SHIFT`].
 pub const IPERF_PORT: u16 = 5201;

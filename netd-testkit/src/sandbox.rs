@@ -15,7 +15,7 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 
-use crate::{
+use netd::{
     netlink::{Netlink, set_sysctl},
     netns,
 };
@@ -137,7 +137,7 @@ impl Instance {
 
     /// `netd GLOBALS ARGS` for this instance.
     pub fn command(&self, args: &[&str]) -> Result<std::process::Command> {
-        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        let mut cmd = std::process::Command::new(crate::netd_bin()?);
         cmd.arg("--host-netns")
             .arg(self.sandbox.host_path())
             .arg("--state-dir")

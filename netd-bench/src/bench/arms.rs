@@ -9,15 +9,14 @@ use anyhow::{Context as _, Result};
 
 use super::{
     Path,
-    docker::Dockerd,
+    docker::{Dockerd, Protocol},
     tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
 };
-use crate::{
-    datapath::Protocol,
+use netd::{
     netlink::{Netlink, set_sysctl},
     netns,
-    sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR, Sandbox},
 };
+use netd_testkit::sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR, Sandbox};
 
 /// Every arm the benchmark knows, in the order it alternates them.
 pub const ARMS: &[&str] = &[

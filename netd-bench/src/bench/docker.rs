@@ -36,7 +36,12 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::datapath::Protocol;
+/// The transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
 
 /// The CLI that comes with docker.io. Called by path: a newer `docker` earlier in PATH (e.g.
 /// /usr/local/bin) would talk a newer API version than this dockerd.
@@ -46,7 +51,8 @@ const BUSYBOX: &str = "/bin/busybox";
 /// The image every container runs: a busybox rootfs imported at start (there is no registry).
 pub const IMAGE: &str = "busybox";
 
-/// Debian packages the Docker arm needs, each with a file that shows it is installed.
+/// Debian packages the Docker arm needs (`cargo xtask setup` installs them), each with a file
+/// that shows it is installed.
 const PACKAGES: [(&str, &str); 2] = [("docker.io", DOCKERD), ("busybox-static", BUSYBOX)];
 
 /// How long dockerd gets to answer on its socket after it starts.
@@ -59,77 +65,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_SOCKET_PATH: usize = 107;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
-
-/// Installs docker.io and busybox-static with apt-get when they are missing.
-pub fn ensure_installed() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(package, _)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("bench: installing {}", missing.join(" "));
-    let _no_service_start = ServiceStartsDenied::new()?;
-    apt_get(&["update", "-q"])?;
-    apt_get(
-        &["install", "-y", "-q", "--no-install-recommends"]
-            .into_iter()
-            .chain(missing)
-            .collect::<Vec<_>>(),
-    )
-}
-
-fn apt_get(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .context("run apt-get")?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-/// docker.io's postinst starts the docker service, which would run a dockerd in the machine's
-/// own namespace and rewrite its iptables. While this guard lives, a policy-rc.d denies every
-/// service start (when the machine has its own policy-rc.d, that one is left to decide).
-struct ServiceStartsDenied {
-    created: bool,
-}
-
-const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
-
-impl ServiceStartsDenied {
-    fn new() -> Result<Self> {
-        if Path::new(POLICY_RC_D).exists() {
-            return Ok(Self { created: false });
-        }
-        fs::write(
-            POLICY_RC_D,
-            "#!/bin/sh\n# netd bench: no service starts\nexit 101\n",
-        )
-        .with_context(|| format!("write {POLICY_RC_D}"))?;
-        fs::set_permissions(
-            POLICY_RC_D,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .with_context(|| format!("chmod {POLICY_RC_D}"))?;
-        Ok(Self { created: true })
-    }
-}
-
-impl Drop for ServiceStartsDenied {
-    fn drop(&mut self) {
-        if self.created {
-            let _ = fs::remove_file(POLICY_RC_D);
-        }
-    }
-}
 
 /// A container started by [`Dockerd::run`].
 #[derive(Clone, Debug)]
@@ -475,11 +410,11 @@ impl Drop for Dockerd {
     }
 }
 
-/// A one-line error that names which package is missing.
-fn check_installed() -> Result<()> {
+/// Whether the Docker arm can run: a one-line error that names the missing package.
+pub fn check_installed() -> Result<()> {
     for (package, file) in PACKAGES {
         if !Path::new(file).exists() {
-            bail!("{package} is not installed (no {file}): install it or run `cargo xtask bench`");
+            bail!("{package} is not installed (no {file}): `cargo xtask setup` installs it");
         }
     }
     Ok(())

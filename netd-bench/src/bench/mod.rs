@@ -1,6 +1,7 @@
-//! `netd bench`: the eBPF datapath against iptables and the ceiling (a plain veth pair), each
-//! arm in a fresh sandbox per round, rounds alternating the arms (A B A B ...), medians and
-//! every run reported. `cargo xtask bench` runs it; the report lands in `target/bench/`.
+//! The benchmark (`cargo xtask bench`): the eBPF datapath against iptables and the ceiling (a
+//! plain veth pair), each arm in a fresh sandbox per round, rounds alternating the arms
+//! (A B A B ...), medians and every run reported; the report lands in `target/bench/`. netd
+//! is driven through its binary (`NETD_BIN`), as a user would.
 
 mod arms;
 pub mod docker;
@@ -19,8 +20,8 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde::Serialize;
 
-use crate::sandbox::HOST_ADDR;
 use arms::{Control, Publish, World};
+use netd_testkit::sandbox::HOST_ADDR;
 use report::{Machine, Record, Report};
 use tools::Endpoint;
 
@@ -144,7 +145,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
     let started = Instant::now();
     let mut skipped = Vec::new();
     if opts.arms.iter().any(|a| a == "docker")
-        && let Err(e) = docker::ensure_installed()
+        && let Err(e) = docker::check_installed()
     {
         skip(&mut skipped, format!("docker: {e:#}"));
         opts.arms.retain(|a| a != "docker");
@@ -439,7 +440,7 @@ async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) 
 }
 
 fn first_packet(ep: &Endpoint) -> Result<f64> {
-    let _listener = crate::netns::run_in(Some(&ep.server_ns), || {
+    let _listener = netd::netns::run_in(Some(&ep.server_ns), || {
         Ok(std::net::TcpListener::bind(("0.0.0.0", tools::CRR_PORT))?)
     })?;
     tools::first_connect_us(

@@ -1,4 +1,4 @@
-//! `netd demo`: netd's main job end to end, in a sandbox it builds and removes again.
+//! The demo (`cargo xtask demo`): netd's main job end to end, in a sandbox it builds and removes again.
 //!
 //! Every step is a real `netd` command run against the sandbox's host namespace, printed as a
 //! user would type it, followed by its output. Nothing is reported that didn't happen: each
@@ -16,11 +16,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{
-    netlink::Netlink,
-    netns,
-    sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR},
-};
+use netd::{netlink::Netlink, netns};
+use netd_testkit::sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR};
 
 /// Runs `netd ARGS` in the demo's instance, echoing the command and its output.
 fn netd(inst: &Instance, args: &[&str]) -> Result<String> {
