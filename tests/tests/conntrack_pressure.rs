@@ -16,7 +16,8 @@ use std::{
     time::Duration,
 };
 
-use netd::{netns, sandbox::OUTSIDE_LINK};
+use netd::netns;
+use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     frames::{SYN, TCP, UDP, ipv4, send_ipv4, tcp_at, udp},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, bound_connect},
