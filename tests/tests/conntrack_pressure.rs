@@ -658,3 +658,65 @@ fn nat_ports_stay_out_of_the_host_ephemeral_range_and_off_published_ports() {
     let kept = echo_via(&env, &c.ns, Some((c.ip, 20_000).into()), &listener);
     assert_eq!(kept.port(), 20_000);
 }
+
+/// The kernel's run time of the pinned uplink program `prog` on `frame`, in ns: the median of
+/// `runs` single runs (each on a fresh copy: a run rewrites the frame it is given).
+fn run_time_ns(env: &TestEnv, prog: &str, frame: &[u8], runs: usize) -> u64 {
+    use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+    let program = SchedClassifier::from_pin(env.bpffs.join("progs").join(prog)).unwrap();
+    let mut times: Vec<u64> = (0..runs)
+        .map(|_| {
+            let mut out = vec![0u8; frame.len() + 256];
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })
+                .unwrap();
+            result.duration.as_nanos() as u64
+        })
+        .collect();
+    times.sort_unstable();
+    times[runs / 2]
+}
+
+/// What conntrack costs per packet on the uplink (BPF_PROG_TEST_RUN): a packet of an
+/// established masqueraded flow each way, and one no flow explains. A measurement to compare
+/// builds (`NETD_BIN` picks the build), not a check:
+/// `cargo test -p tests --test conntrack_pressure -- --ignored --nocapture per_packet`.
+#[test]
+#[ignore]
+fn conntrack_cost_per_packet() {
+    use tests::frames::{ACK, tcp_frame};
+    const RUNS: usize = 20_000;
+    let env = TestEnv::new();
+    network(&env);
+    let c = container(&env, "c", &[]);
+    let conn = Conn::masqueraded(&env, &c, SERVER_PORT);
+    let local = conn.inside.local_addr().unwrap().port();
+    let nat_port = conn.outside.peer_addr().unwrap().port();
+    let cases = [
+        (
+            "uplink_egress",
+            "established, original direction",
+            tcp_frame(c.ip, local, OUTSIDE_ADDR, SERVER_PORT, ACK),
+        ),
+        (
+            "uplink_ingress",
+            "established, reply direction",
+            tcp_frame(OUTSIDE_ADDR, SERVER_PORT, HOST_ADDR, nat_port, ACK),
+        ),
+        (
+            "uplink_egress",
+            "no flow (a host packet)",
+            tcp_frame(HOST_ADDR, 20_000, OUTSIDE_ADDR, SERVER_PORT, ACK),
+        ),
+    ];
+    for (prog, case, frame) in cases {
+        eprintln!(
+            "{prog}: {case}: {} ns",
+            run_time_ns(&env, prog, &frame, RUNS)
+        );
+    }
+}
