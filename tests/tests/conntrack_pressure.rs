@@ -262,6 +262,12 @@ fn a_syn_flood_ten_times_the_table_evicts_no_established_flow() {
     thread::sleep(Duration::from_millis(300));
     // Data flowed during the flood, and every byte arrived.
     assert!(stream.received() > received_before, "the stream stalled");
+    // The established flows are assured (out of the flood's reach), the flood's are not.
+    let flows = env.netd_json(&["conntrack", "ls", "--json"]);
+    let assured = |f: &&serde_json::Value| f["assured"] == true;
+    let (kept, flood): (Vec<_>, Vec<_>) = flows.as_array().unwrap().iter().partition(assured);
+    assert_eq!(kept.len(), 3, "the three connections: {kept:?}");
+    assert!(flood.iter().all(|f| f["original"]["dport"] == 8080));
     // The idle connections survived it, in the direction a lost entry would break.
     masqueraded.assert_alive("after the flood");
     published.assert_alive_inside_first("after the flood");

@@ -7,9 +7,9 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use anyhow::Result;
 use ipnet::Ipv4Net;
 use netd_common::datapath::{
-    Addr, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_DNAT, CT_NAT_SNAT, CT_NEW,
-    CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, CtEntry, CtKey, CtLimit, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, v4_octets,
+    Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_DNAT,
+    CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, CtEntry, CtKey,
+    CtLimit, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, v4_octets,
 };
 use serde::Serialize;
 
@@ -35,6 +35,8 @@ pub struct Flow {
     pub state: &'static str,
     /// `snat` (masquerade) or `dnat` (published port).
     pub nat: &'static str,
+    /// In the assured table: a flood of new flows can't evict it.
+    pub assured: bool,
     pub original: Tuple,
     pub reply: Tuple,
     pub age_secs: u64,
@@ -87,6 +89,7 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
             proto: proto_name(e.original.proto),
             state: state_name(&e),
             nat: if e.nat == CT_NAT_SNAT { "snat" } else { "dnat" },
+            assured: e.flags & CT_ASSURED != 0,
             original: tuple(&e.original, e.packets[0], e.bytes[0]),
             reply: tuple(&e.reply, e.packets[1], e.bytes[1]),
             age_secs: now.saturating_sub(e.created_ns) / 1_000_000_000,
@@ -257,8 +260,10 @@ fn proto_name(proto: u8) -> &'static str {
 
 fn state_name(e: &CtEntry) -> &'static str {
     if e.original.proto != IPPROTO_TCP {
-        return if e.flags & CT_SEEN_REPLY != 0 {
+        return if e.flags & CT_ASSURED != 0 {
             "ASSURED"
+        } else if e.flags & CT_SEEN_REPLY != 0 {
+            "REPLIED"
         } else {
             "UNREPLIED"
         };
