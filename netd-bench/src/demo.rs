@@ -6,23 +6,23 @@
 //! the netfilter tables) before it is printed.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::Path,
-    process::Command,
-    thread::JoinHandle,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 use netd::{netlink::Netlink, netns};
-use netd_testkit::sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR};
+use netd_testkit::{
+    HOST_ADDR, Instance, OUTSIDE_ADDR,
+    traffic::{echo_peers, serve_echo, tcp_request, try_output_in},
+};
 
 /// Runs `netd ARGS` in the demo's instance, echoing the command and its output.
 fn netd(inst: &Instance, args: &[&str]) -> Result<String> {
     println!("$ netd {}", args.join(" "));
-    let stdout = inst.netd(args)?;
+    let stdout = inst.try_netd(args)?;
     for line in stdout.lines() {
         println!("  {line}");
     }
@@ -64,18 +64,18 @@ pub async fn run() -> Result<()> {
     step(&format!(
         "a server in {web} on port 80; the outside connects to {HOST_ADDR}:8080 three times"
     ));
-    let server = serve(&netns::path_of(&web), 80, 3)?;
+    let server = serve_echo(&netns::path_of(&web), 80, 3)?;
     for i in 1..=3 {
-        let reply = request(
+        echo_through(
             &env.sandbox.outside_path(),
+            "the outside",
             SocketAddr::from((HOST_ADDR, 8080)),
             &format!("hello {i}"),
         )?;
-        println!("  outside got: {reply}");
     }
-    let peers = join(server)?;
+    let peers = echo_peers(server)?;
     ensure!(
-        peers.iter().all(|p| *p == IpAddr::V4(OUTSIDE_ADDR)),
+        peers.iter().all(|p| p.ip() == IpAddr::V4(OUTSIDE_ADDR)),
         "the server saw {peers:?}, expected the outside's address"
     );
     println!(
@@ -85,16 +85,16 @@ pub async fn run() -> Result<()> {
     step(&format!(
         "{client} connects to a server on the outside; the outside sees the host's address"
     ));
-    let server = serve(&env.sandbox.outside_path(), 7000, 1)?;
-    let reply = request(
+    let server = serve_echo(&env.sandbox.outside_path(), 7000, 1)?;
+    echo_through(
         &netns::path_of(&client),
+        &client,
         SocketAddr::from((OUTSIDE_ADDR, 7000)),
         "hello from a container",
     )?;
-    println!("  {client} got: {reply}");
-    let peers = join(server)?;
+    let peers = echo_peers(server)?;
     ensure!(
-        peers == [IpAddr::V4(HOST_ADDR)],
+        peers.len() == 1 && peers[0].ip() == IpAddr::V4(HOST_ADDR),
         "the outside saw {peers:?}, expected {HOST_ADDR}"
     );
     println!("  the outside saw the connection come from {HOST_ADDR} (masquerade)");
@@ -107,7 +107,7 @@ pub async fn run() -> Result<()> {
         .add_route("10.88.0.0/24".parse()?, Some(HOST_ADDR.into()), None)
         .await?;
     let inspect: serde_json::Value =
-        serde_json::from_str(&env.netd(&["container", "inspect", &web])?)?;
+        serde_json::from_str(&env.try_netd(&["container", "inspect", &web])?)?;
     let web_ip: IpAddr = inspect["ip"].as_str().context("no ip")?.parse()?;
     let direct = SocketAddr::from((web_ip, 80));
     let tried = netns::run_in(Some(&outside), || {
@@ -122,7 +122,7 @@ pub async fn run() -> Result<()> {
 
     step("the eBPF datapath's connection table and counters (read from its pinned maps)");
     netd(&env, &["conntrack", "ls"])?;
-    let stats: serde_json::Value = serde_json::from_str(&env.netd(&["stats", "--json"])?)?;
+    let stats: serde_json::Value = serde_json::from_str(&env.try_netd(&["stats", "--json"])?)?;
     let count = |reason: &str| {
         stats["reasons"]
             .as_array()
@@ -155,48 +155,19 @@ pub async fn run() -> Result<()> {
     Ok(())
 }
 
-/// A TCP server in `ns` answering `count` connections with "echo: <request>"; yields the peers.
-fn serve(ns: &Path, port: u16, count: usize) -> Result<JoinHandle<Result<Vec<IpAddr>>>> {
-    let listener = netns::run_in(Some(ns), || Ok(TcpListener::bind(("0.0.0.0", port))?))?;
-    Ok(std::thread::spawn(move || {
-        let mut peers = Vec::new();
-        for _ in 0..count {
-            let (mut conn, peer) = listener.accept()?;
-            let mut buf = [0u8; 128];
-            let n = conn.read(&mut buf)?;
-            conn.write_all(format!("echo: {}", String::from_utf8_lossy(&buf[..n])).as_bytes())?;
-            peers.push(peer.ip());
-        }
-        Ok(peers)
-    }))
-}
-
-fn join(server: JoinHandle<Result<Vec<IpAddr>>>) -> Result<Vec<IpAddr>> {
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))?
-}
-
-/// Sends `text` from `ns` to `to` over TCP and returns the reply.
-fn request(ns: &Path, to: SocketAddr, text: &str) -> Result<String> {
-    netns::run_in(Some(ns), || {
-        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            .with_context(|| format!("connect to {to}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.write_all(text.as_bytes())?;
-        let mut reply = String::new();
-        conn.read_to_string(&mut reply)?;
-        Ok(reply)
-    })
+/// Sends `text` from `from` to the echo server at `to`; the reply must be `text` again.
+fn echo_through(from: &Path, who: &str, to: SocketAddr, text: &str) -> Result<()> {
+    let reply = tcp_request(from, to, text)?;
+    ensure!(
+        reply == text,
+        "{who} sent {text:?} to {to}, got back {reply:?}"
+    );
+    println!("  {who} sent {text:?} to {to} and got it echoed back");
+    Ok(())
 }
 
 fn netfilter_rules(ns: &Path) -> Result<usize> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.display()))
-        .args(["--", "iptables-save"])
-        .output()
-        .context("run iptables-save")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(try_output_in(ns, "iptables-save", &[])?
         .lines()
         .filter(|l| l.starts_with("-A "))
         .count())

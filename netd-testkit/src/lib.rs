@@ -1,11 +1,22 @@
-//! What the integration tests and the benchmark share: a sandbox to run netd in, driven
-//! through the `netd` binary named by `NETD_BIN`.
+//! What the integration tests and the benchmark share: one fixture for netd in a sandbox
+//! ([`Instance`]), driven through the `netd` binary named by `NETD_BIN`; guards that fail
+//! loudly when they can't clean up ([`cleanup`]); and the traffic helpers that show what
+//! went through it ([`traffic`]).
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result};
 
+pub mod cleanup;
+mod instance;
 pub mod sandbox;
+pub mod traffic;
+
+pub use instance::Instance;
+pub use sandbox::{HOST_ADDR, OUTSIDE_ADDR, UPLINK};
 
 /// The netd binary under test: `NETD_BIN`, which `cargo xtask test|bench|demo` set after
 /// building it. There is no fallback: a binary found some other way may be a stale build.
@@ -15,4 +26,56 @@ pub fn netd_bin() -> Result<PathBuf> {
     )?);
     anyhow::ensure!(bin.is_file(), "NETD_BIN={}: no such file", bin.display());
     Ok(bin)
+}
+
+/// `program` run inside the network namespace at `ns` (`ip netns exec` semantics, without the
+/// /sys remount: nsenter setns'es before exec), with stdin closed.
+pub fn command_in(ns: &Path, program: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.display()))
+        .arg("--")
+        .arg(program)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+/// hybrid system).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            let (point, fstype) = (fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(point))
+        })
+        .context("cgroup v2 is not mounted")
+}
+
+/// Mounts a bpffs at /sys/fs/bpf in this (the machine's) mount namespace when there is none,
+/// for the instances' pin dirs.
+fn ensure_bpffs() -> Result<()> {
+    static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut mounted = MOUNTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *mounted {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
+    let present = mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    });
+    if !present {
+        nix::mount::mount(
+            Some("bpf"),
+            "/sys/fs/bpf",
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mount a bpffs on /sys/fs/bpf")?;
+    }
+    *mounted = true;
+    Ok(())
 }

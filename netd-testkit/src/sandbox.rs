@@ -30,8 +30,8 @@ pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const PREFIX_LEN: u8 = 24;
 
-/// Names of a sandbox's two namespaces. Removing is explicit ([`Sandbox::remove`]) so that a
-/// caller can keep one alive across processes; the test harness wraps it in a Drop guard.
+/// Names of a sandbox's two namespaces. Removing is explicit ([`Sandbox::remove`]): the
+/// [`Instance`](crate::Instance) guard removes it and reports what it could not remove.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     pub host: String,
@@ -58,11 +58,13 @@ impl Sandbox {
     /// Creates both namespaces and the uplink between them. On failure nothing is left.
     pub async fn create(prefix: &str) -> Result<Self> {
         let sandbox = Self::named(prefix);
-        let made = sandbox.build().await;
-        if made.is_err() {
-            sandbox.remove();
+        if let Err(e) = sandbox.build().await {
+            return Err(match sandbox.remove() {
+                Ok(()) => e,
+                Err(left) => e.context(format!("and removing it failed: {left:#}")),
+            });
         }
-        made.map(|()| sandbox)
+        Ok(sandbox)
     }
 
     async fn build(&self) -> Result<()> {
@@ -99,86 +101,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Removes both namespaces (and with them the uplink). Best effort: used on error paths.
-    pub fn remove(&self) {
-        for name in [&self.host, &self.outside] {
-            if let Err(e) = netns::remove(name) {
-                eprintln!("warning: {e:#}");
-            }
-        }
-    }
-}
-
-/// A netd instance confined to a sandbox: its host namespace, state dir and pin dir, driven
-/// through the `netd` binary like a user would. Dropping it removes the sandbox, every
-/// namespace whose name starts with its prefix (containers), its pins and its state.
-pub struct Instance {
-    pub prefix: String,
-    pub sandbox: Sandbox,
-    pub state_dir: PathBuf,
-    pub bpffs: PathBuf,
-}
-
-impl Instance {
-    pub async fn create(prefix: &str) -> Result<Self> {
-        let sandbox = Sandbox::create(prefix).await?;
-        Ok(Self {
-            prefix: prefix.to_string(),
-            state_dir: std::env::temp_dir().join(prefix),
-            bpffs: PathBuf::from("/sys/fs/bpf").join(prefix),
-            sandbox,
-        })
-    }
-
-    /// A name for a container (and so its namespace) that [`Drop`] will clean up.
-    pub fn name(&self, base: &str) -> String {
-        format!("{}-{base}", self.prefix)
-    }
-
-    /// `netd GLOBALS ARGS` for this instance.
-    pub fn command(&self, args: &[&str]) -> Result<std::process::Command> {
-        let mut cmd = std::process::Command::new(crate::netd_bin()?);
-        cmd.arg("--host-netns")
-            .arg(self.sandbox.host_path())
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .args(args)
-            .stdin(std::process::Stdio::null());
-        Ok(cmd)
-    }
-
-    /// Runs `netd ARGS` and returns its stdout; fails with netd's error line.
-    pub fn netd(&self, args: &[&str]) -> Result<String> {
-        let out = self.command(args)?.output()?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "netd {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(netns::NETNS_RUN_DIR) {
-            let ours = format!("{}-", self.prefix);
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&ours)
-                    && name != self.sandbox.host
-                    && name != self.sandbox.outside
-                {
-                    let _ = netns::remove(&name);
-                }
-            }
-        }
-        self.sandbox.remove();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+    /// Removes both namespaces (and with them the uplink), both tried whatever the first did.
+    pub fn remove(&self) -> Result<()> {
+        let host = netns::remove(&self.host);
+        let outside = netns::remove(&self.outside);
+        host.and(outside)
     }
 }

@@ -261,7 +261,9 @@ pub fn l4_off(frame: &[u8]) -> usize {
 
 /// Recomputes the IPv4 header checksum of `frame` after an edit.
 pub fn fix_ip_csum(frame: &mut [u8]) {
-    let ihl = (usize::from(frame[ETH_LEN] & 0x0f) * 4).max(IP_LEN);
+    let ihl = (usize::from(frame[ETH_LEN] & 0x0f) * 4)
+        .max(IP_LEN)
+        .min(frame.len() - ETH_LEN);
     frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&[0, 0]);
     let csum = !sum16(&frame[ETH_LEN..ETH_LEN + ihl], 0);
     frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&csum.to_be_bytes());

@@ -3,3 +3,6 @@ pub mod harness;
 pub mod netdata;
 pub mod progrun;
 pub mod topology;
+
+/// Echo servers, waits and packet counters, shared with the benchmark.
+pub use netd_testkit::traffic;

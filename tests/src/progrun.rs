@@ -27,6 +27,8 @@ use crate::{
 pub const PASS: u32 = u32::MAX;
 /// TC_ACT_SHOT.
 pub const DROP: u32 = 2;
+/// TC_ACT_REDIRECT: sent straight to another interface (into a container, to the uplink).
+pub const REDIRECT: u32 = 7;
 /// The XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -164,6 +166,12 @@ where
         .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+impl Default for Bench {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// What a test run of a TC program may set of its `struct __sk_buff`: the mark, the interface

@@ -123,17 +123,17 @@ fn datapath_with<T: Send>(
     env.in_ns(&env.host_ns(), || f(&dp))
 }
 
-/// A cgroup v2 of one test, removed on drop. Processes run in it through [`TestCgroup::run`].
+/// The cgroup v2 of one test (its instance's, which removes it). Processes run in it through
+/// [`TestCgroup::run`].
 pub struct TestCgroup {
     pub path: PathBuf,
 }
 
 impl TestCgroup {
     pub fn new(env: &TestEnv) -> Self {
-        let root = netd::datapath::ebpf::host::cgroup2_root().expect("cgroup v2 is not mounted");
-        let path = root.join(format!("netd-{}", env.prefix));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        Self { path }
+        Self {
+            path: env.cgroup.clone(),
+        }
     }
 
     /// Runs `program args` in this cgroup, in the namespace at `ns` (the machine's when `None`).
@@ -158,13 +158,6 @@ impl TestCgroup {
         }
         cmd.output()
             .unwrap_or_else(|e| panic!("run {program}: {e}"))
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Empty by now: every process run in it has exited.
-        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

@@ -3,15 +3,18 @@
 
 use std::{
     collections::HashSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
 
 use netd::netns;
-use tests::harness::{OUTSIDE_ADDR, TestEnv};
+use tests::{
+    harness::{OUTSIDE_ADDR, TestEnv},
+    traffic::{echo_server, tcp_echo},
+};
 
 fn ip_of(env: &TestEnv, name: &str) -> String {
     let c = env.netd_json(&["container", "inspect", name]);
@@ -31,31 +34,6 @@ fn pings(env: &TestEnv, from: &Path, to: &str) -> bool {
         .success()
 }
 
-/// Starts a one-shot TCP echo server in `ns` on `port`; returns its thread, which yields the
-/// peer address it saw.
-fn echo_server(env: &TestEnv, ns: &Path, port: u16) -> std::thread::JoinHandle<SocketAddr> {
-    let listener = env.in_ns(ns, || TcpListener::bind(("0.0.0.0", port)).unwrap());
-    std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).unwrap();
-        conn.write_all(&buf[..n]).unwrap();
-        peer
-    })
-}
-
-/// Connects from `ns` to `addr`, sends a line and returns what came back.
-fn tcp_echo(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<String> {
-    env.in_ns(ns, || {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.write_all(b"netd")?;
-        let mut buf = [0u8; 16];
-        let n = conn.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-}
-
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().unwrap()
 }
@@ -68,15 +46,12 @@ fn a_none_container_is_isolated_and_keeps_loopback() {
     let links = String::from_utf8(env.run_in(&ns(&c), "ip", &["-o", "link"]).stdout).unwrap();
     assert_eq!(links.lines().count(), 1, "only lo: {links}");
     // A server inside answers on its own loopback...
-    let server = echo_server(&env, &ns(&c), 8000);
-    assert_eq!(
-        tcp_echo(&env, &ns(&c), addr("127.0.0.1", 8000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&c), 8000);
+    assert_eq!(tcp_echo(&ns(&c), addr("127.0.0.1", 8000)).unwrap(), "netd");
     server.join().unwrap();
     // ...and the host, whose 127.0.0.1 is its own, can't reach it.
     let _server = env.in_ns(&ns(&c), || TcpListener::bind("0.0.0.0:8001").unwrap());
-    assert!(tcp_echo(&env, &env.host_ns(), addr("127.0.0.1", 8001)).is_err());
+    assert!(tcp_echo(&env.host_ns(), addr("127.0.0.1", 8001)).is_err());
 }
 
 #[test]
@@ -91,17 +66,11 @@ fn host_and_container_reach_each_other_by_ping_and_tcp() {
         .to_string();
     assert!(pings(&env, &env.host_ns(), &ip));
     assert!(pings(&env, &ns(&c), &gateway));
-    let server = echo_server(&env, &ns(&c), 8000);
-    assert_eq!(
-        tcp_echo(&env, &env.host_ns(), addr(&ip, 8000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&c), 8000);
+    assert_eq!(tcp_echo(&env.host_ns(), addr(&ip, 8000)).unwrap(), "netd");
     server.join().unwrap();
-    let server = echo_server(&env, &env.host_ns(), 8001);
-    assert_eq!(
-        tcp_echo(&env, &ns(&c), addr(&gateway, 8001)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&env.host_ns(), 8001);
+    assert_eq!(tcp_echo(&ns(&c), addr(&gateway, 8001)).unwrap(), "netd");
     assert_eq!(server.join().unwrap().ip().to_string(), ip);
 }
 
@@ -122,11 +91,8 @@ fn containers_reach_each_other_over_the_bridge() {
     ]);
     assert_eq!(ip_of(&env, &a), "10.91.0.2");
     assert!(pings(&env, &ns(&a), "10.91.0.50"));
-    let server = echo_server(&env, &ns(&b), 9000);
-    assert_eq!(
-        tcp_echo(&env, &ns(&a), addr("10.91.0.50", 9000)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&b), 9000);
+    assert_eq!(tcp_echo(&ns(&a), addr("10.91.0.50", 9000)).unwrap(), "netd");
     assert_eq!(server.join().unwrap().ip().to_string(), "10.91.0.2");
     // MAC derived from the address, MTU from the network, eth0 inside.
     let link = String::from_utf8(
@@ -170,10 +136,10 @@ fn masquerade_and_published_port(datapath: &str) {
         "80/tcp -> 0.0.0.0:8080\n53/udp -> 0.0.0.0:5353\n"
     );
 
-    let server = echo_server(&env, &env.outside_ns(), 7000);
+    let server = echo_server(&env.outside_ns(), 7000);
     assert!(pings(&env, &ns(&c), &OUTSIDE_ADDR.to_string()));
     assert_eq!(
-        tcp_echo(&env, &ns(&c), addr(&OUTSIDE_ADDR.to_string(), 7000)).unwrap(),
+        tcp_echo(&ns(&c), addr(&OUTSIDE_ADDR.to_string(), 7000)).unwrap(),
         "netd"
     );
     assert_eq!(
@@ -182,9 +148,9 @@ fn masquerade_and_published_port(datapath: &str) {
         "masqueraded to the uplink address"
     );
 
-    let server = echo_server(&env, &ns(&c), 80);
+    let server = echo_server(&ns(&c), 80);
     assert_eq!(
-        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8080)).unwrap(),
+        tcp_echo(&env.outside_ns(), addr("198.18.0.2", 8080)).unwrap(),
         "netd"
     );
     assert_eq!(
@@ -257,11 +223,8 @@ fn netd_link_joins_two_containers_point_to_point() {
     )
     .unwrap();
     assert!(route.contains("dev p2p"), "to b over the p2p link: {route}");
-    let server = echo_server(&env, &ns(&b), 9100);
-    assert_eq!(
-        tcp_echo(&env, &ns(&a), addr("10.94.0.2", 9100)).unwrap(),
-        "netd"
-    );
+    let server = echo_server(&ns(&b), 9100);
+    assert_eq!(tcp_echo(&ns(&a), addr("10.94.0.2", 9100)).unwrap(), "netd");
     assert_eq!(
         server.join().unwrap().ip().to_string(),
         "10.93.0.2",
@@ -401,7 +364,11 @@ fn snapshot(env: &TestEnv) -> Snapshot {
         .lines()
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .collect();
-    let state = std::fs::read_to_string(env.state_dir.join("state.json")).unwrap_or_default();
+    let state = format!(
+        "{}{}",
+        env.netd_ok(&["network", "ls", "--json"]),
+        env.netd_ok(&["container", "ls", "--json"])
+    );
     Snapshot {
         namespaces,
         host_links,
@@ -643,7 +610,7 @@ fn a_create_killed_midway_is_cleaned_up_by_the_next_command() {
             "--ip",
             "10.99.0.7",
         ])
-        .env("NETD_TEST_PAUSE_AFTER", "veth")
+        .env("NETD_TEST_PAUSE_AFTER", "container-veth")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -651,7 +618,7 @@ fn a_create_killed_midway_is_cleaned_up_by_the_next_command() {
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "paused after veth");
+    assert_eq!(line.trim(), "paused after container-veth");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -709,9 +676,9 @@ fn publish_adds_ports_to_a_running_container() {
         env.netd_ok(&["publish", &c, "-p", "8081:81"]),
         "81/tcp -> 0.0.0.0:8081\n"
     );
-    let server = echo_server(&env, &ns(&c), 81);
+    let server = echo_server(&ns(&c), 81);
     assert_eq!(
-        tcp_echo(&env, &env.outside_ns(), addr("198.18.0.2", 8081)).unwrap(),
+        tcp_echo(&env.outside_ns(), addr("198.18.0.2", 8081)).unwrap(),
         "netd"
     );
     server.join().unwrap();

@@ -17,6 +17,7 @@ use tests::{
     topology::{
         TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
     },
+    traffic::{nstat, output_in, stat, wait_listening},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -250,27 +251,16 @@ fn published_ports_reach_containers_and_replies_leave_from_the_published_address
     assert!(refused.is_err());
 }
 
-/// Output of `program args` in `ns`, which must succeed.
-fn output_in(env: &TestEnv, ns: &Path, program: &str, args: &[&str]) -> String {
-    let out = env.run_in(ns, program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn kernel_conntrack_count(env: &TestEnv) -> u64 {
-    output_in(env, &env.host_ns(), "conntrack", &["-C"])
+    output_in(&env.host_ns(), "conntrack", &["-C"])
         .trim()
         .parse()
         .unwrap()
 }
 
 /// The checksum error counters of `nstat` in `ns` that are not zero.
-fn checksum_errors(env: &TestEnv, ns: &Path) -> Vec<String> {
-    output_in(env, ns, "nstat", &["-azs"])
+fn checksum_errors(ns: &Path) -> Vec<String> {
+    output_in(ns, "nstat", &["-azs"])
         .lines()
         .filter(|l| l.contains("CsumErr"))
         .filter(|l| l.split_whitespace().nth(1) != Some("0"))
@@ -329,17 +319,17 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
     ping(&env, &cs[0].ns, OUTSIDE_ADDR, 2);
 
     let host = env.host_ns();
-    let iptables = output_in(&env, &host, "iptables-save", &[]);
+    let iptables = output_in(&host, "iptables-save", &[]);
     assert!(
         !iptables.lines().any(|l| l.starts_with("-A")),
         "iptables rules in the host namespace:\n{iptables}"
     );
-    let ip6tables = output_in(&env, &host, "ip6tables-save", &[]);
+    let ip6tables = output_in(&host, "ip6tables-save", &[]);
     assert!(
         !ip6tables.lines().any(|l| l.starts_with("-A")),
         "ip6tables rules:\n{ip6tables}"
     );
-    let nft = output_in(&env, &host, "nft", &["list", "ruleset"]);
+    let nft = output_in(&host, "nft", &["list", "ruleset"]);
     assert!(
         nft.trim().is_empty(),
         "nftables ruleset in the host namespace:\n{nft}"
@@ -356,7 +346,7 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
         cs[1].ns.clone(),
     ] {
         assert_eq!(
-            checksum_errors(&env, &ns),
+            checksum_errors(&ns),
             Vec::<String>::new(),
             "in {}",
             ns.display()
@@ -417,25 +407,13 @@ fn icmp_errors_about_masqueraded_flows_reach_the_container() {
         "{text}"
     );
     // Path MTU discovery worked: the container's kernel now knows the path's MTU.
-    let route = output_in(&env, &c.ns, "ip", &["route", "get", far]);
+    let route = output_in(&c.ns, "ip", &["route", "get", far]);
     assert!(route.contains("mtu 1000"), "{route}");
     assert_eq!(
         stat(&env, "icmp_error"),
         3,
         "each error went through the datapath's translation"
     );
-}
-
-fn stat(env: &TestEnv, reason: &str) -> u64 {
-    let stats = env.netd_json(&["stats", "--json"]);
-    let counter = stats["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["reason"] == reason);
-    counter.unwrap_or_else(|| panic!("no {reason} in {stats}"))["packets"]
-        .as_u64()
-        .unwrap()
 }
 
 #[test]
@@ -681,25 +659,13 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     machine_server.join().unwrap();
 }
 
-/// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(env: &TestEnv, ns: &Path, port: u16) {
-    for _ in 0..100 {
-        let ss = output_in(env, ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        if !ss.trim().is_empty() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on port {port}");
-}
-
 #[test]
 fn an_iperf3_flow_through_a_published_port_survives_program_reloads() {
     let env = TestEnv::new();
     let c = &containers(&env, 1)[0];
     publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 5201)]);
     env.spawn_in(&c.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
-    wait_listening(&env, &c.ns, 5201);
+    wait_listening(&c.ns, 5201);
     let client = {
         let cmd = env.cmd_in(
             &env.outside_ns(),
@@ -756,7 +722,6 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
     assert_eq!(attached(), 3, "uplink ingress and egress, bridge ingress");
     let veth_filter = || {
         output_in(
-            &env,
             &env.host_ns(),
             "tc",
             &["filter", "show", "dev", &c.host_if, "ingress"],
@@ -802,26 +767,15 @@ fn the_driver_refuses_duplicates_rolls_back_and_detaches_with_the_last_network()
 }
 
 /// The MAC address of `ifname` in `ns`.
-fn mac_of(env: &TestEnv, ns: &Path, ifname: &str) -> [u8; 6] {
+fn mac_of(ns: &Path, ifname: &str) -> [u8; 6] {
     let json: serde_json::Value =
-        serde_json::from_str(&output_in(env, ns, "ip", &["-j", "link", "show", ifname])).unwrap();
+        serde_json::from_str(&output_in(ns, "ip", &["-j", "link", "show", ifname])).unwrap();
     let text = json[0]["address"].as_str().unwrap();
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
     bytes.try_into().unwrap()
-}
-
-/// A counter of `nstat -az` in `ns`.
-fn nstat(env: &TestEnv, ns: &Path, counter: &str) -> u64 {
-    let out = output_in(env, ns, "nstat", &["-azs", counter]);
-    out.lines()
-        .find_map(|l| {
-            let mut fields = l.split_whitespace();
-            (fields.next() == Some(counter)).then(|| fields.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no {counter} in {out}"))
 }
 
 #[test]
@@ -838,11 +792,9 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     );
     let out = env.outside_ns();
     let host = env.host_ns();
-    let (uplink_mac, outside_mac) = (mac_of(&env, &host, "up0"), mac_of(&env, &out, "out0"));
-    let (bridge_mac, container_mac) = (
-        mac_of(&env, &host, tests::netdata::BRIDGE),
-        mac_of(&env, &c.ns, "eth0"),
-    );
+    let (uplink_mac, outside_mac) = (mac_of(&host, "up0"), mac_of(&out, "out0"));
+    let (bridge_mac, container_mac) =
+        (mac_of(&host, tests::netdata::BRIDGE), mac_of(&c.ns, "eth0"));
 
     // Outside → published UDP port, with a full checksum and with none: DNAT on packets
     // without offload state, checked in full by the container's UDP stack.
@@ -881,7 +833,7 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     let _listener = env.in_ns(&c.ns, || {
         TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
     });
-    let sent_before = nstat(&env, &c.ns, "TcpOutSegs");
+    let sent_before = nstat(&c.ns, "TcpOutSegs");
     let frame = with_macs(
         tcp_frame(OUTSIDE_ADDR, 6001, HOST_ADDR, 8080, SYN),
         uplink_mac,
@@ -889,18 +841,18 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     );
     env.in_ns(&out, || send_raw("out0", &frame));
     for _ in 0..100 {
-        if nstat(&env, &c.ns, "TcpOutSegs") > sent_before {
+        if nstat(&c.ns, "TcpOutSegs") > sent_before {
             break;
         }
         thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        nstat(&env, &c.ns, "TcpOutSegs") > sent_before,
+        nstat(&c.ns, "TcpOutSegs") > sent_before,
         "the container never answered the SYN"
     );
     for ns in [host, out, c.ns.clone()] {
         assert_eq!(
-            checksum_errors(&env, &ns),
+            checksum_errors(&ns),
             Vec::<String>::new(),
             "in {}",
             ns.display()

@@ -21,7 +21,7 @@ use tests::{
     frames::*,
     harness::{HOST_ADDR, OUTSIDE_ADDR},
     netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
-    progrun::{Bench, DROP, PASS, Skb, XDP_DROP, XDP_PASS, host_veth},
+    progrun::{Bench, DROP, PASS, REDIRECT, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
 
 const SERVER: Ipv4Addr = OUTSIDE_ADDR;
@@ -158,7 +158,7 @@ fn published_flows_go_straight_into_the_container_as_the_bridge_would_send_them(
     assert_eq!(out[0..6], endpoint(C1, "", 0).mac, "destination MAC");
     assert_eq!(
         out[6..12],
-        netd::ipam::mac_for(GATEWAY),
+        netd::core::ipam::mac_for(GATEWAY),
         "source MAC: the bridge's"
     );
     assert_eq!(
@@ -366,9 +366,6 @@ fn icmp_errors_from_a_container_about_a_published_port_flow_leave_from_the_host(
     assert_eq!((outer.src, outer.dst), (HOST_ADDR, client));
     assert_eq!(quoted, at(client, 6000, HOST_ADDR, 5353));
 }
-
-/// TC_ACT_REDIRECT.
-const REDIRECT: u32 = 7;
 
 /// Runs the bridge program on `frame`: it must redirect it with its ends and checksums right
 /// and its MACs set from the bridge's (the frame's destination) to `to_mac`.
@@ -994,9 +991,6 @@ const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const LLDP: u16 = 0x88cc;
 
-/// TC_ACT_REDIRECT: delivered straight into a container.
-const REDIRECTED: u32 = 7;
-
 #[test]
 fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
     let b = Bench::new();
@@ -1021,9 +1015,9 @@ fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
         assert_eq!(b.stat(reason), before + 1, "{reason} counted");
     };
     // Controls: to C2, with and without IP options, straight into its namespace.
-    assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECTED);
+    assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECT);
     let options = with_ip_options(tcp_frame(C1, 40000, C2, 80, SYN), &record_route(9));
-    assert_eq!(run(options.clone()), REDIRECTED);
+    assert_eq!(run(options.clone()), REDIRECT);
     // IPv6 between link-local addresses goes on to the bridge (icc=true)...
     assert_eq!(run(ipv6_frame(LINK_LOCAL, ALL_NODES)), PASS);
     assert_eq!(run(ipv6_frame([0; 16], ALL_NODES)), PASS);
@@ -1114,4 +1108,167 @@ fn only_the_host_its_network_and_translated_packets_reach_a_container() {
     }
     // Address resolution from a bridge port netd doesn't own is harmless.
     assert_eq!(run(&eth(0x0806, &[0u8; 28]), to_c1(elsewhere, 0)), PASS);
+}
+
+#[test]
+fn icmp_errors_about_hairpin_flows_are_translated_both_ways_with_the_quoted_packet() {
+    let b = Bench::new();
+    let c2_mac = endpoint(C2, "", 0).mac;
+    // C2 → host:8080, which reaches C1:80 from the gateway; C1 answers with a port
+    // unreachable about the packet it got.
+    let syn = hairpin(
+        &b,
+        &tcp_frame(C2, 40001, HOST_ADDR, 8080, SYN),
+        endpoint(C1, "", 0).mac,
+    );
+    let got = tcp_frame(syn.src, syn.sport, C1, 80, SYN);
+    let error = icmp_error_frame(C1, GATEWAY, DEST_UNREACH, PORT_UNREACH, &got[ETH_LEN..]);
+    let (verdict, out) = b.run(BRIDGE_INGRESS_PROG, &error);
+    assert_eq!(verdict, REDIRECT, "to C2's veth");
+    assert_eq!(out[0..6], c2_mac);
+    assert_checksums(&out, false);
+    assert_quoted_ip_checksum(&out);
+    // C2 sees an error from the host's address about what it sent: C2:40001 → host:8080.
+    let outer = ends(&out);
+    assert_eq!((outer.src, outer.dst), (HOST_ADDR, C2));
+    assert_eq!(quoted_ends(&out), at(C2, 40001, HOST_ADDR, 8080));
+    // About no flow, an error is the host's.
+    let stray = icmp_error_frame(
+        C1,
+        GATEWAY,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        &tcp_frame(GATEWAY, 9, C1, 80, SYN)[ETH_LEN..],
+    );
+    assert_eq!(b.run(BRIDGE_INGRESS_PROG, &stray), (PASS, stray.clone()));
+}
+
+#[test]
+fn hairpin_applies_the_sources_isolation() {
+    let b = Bench::new();
+    // A second network, without ICC, with C3; C2 links to C3's port 80.
+    let quiet = netd::datapath::NetworkSpec {
+        id: 2,
+        name: "quiet".into(),
+        bridge: BRIDGE.into(),
+        subnet: "10.2.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 2, 0, 1),
+        icc: false,
+        ..network()
+    };
+    let (c3, c4) = (Ipv4Addr::new(10, 2, 0, 3), Ipv4Addr::new(10, 2, 0, 4));
+    let veth3 = host_veth(&b.env, "veth3");
+    let veth4 = host_veth(&b.env, "veth4");
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        dp.setup_network(&quiet).unwrap();
+        for (ip, veth, ifindex, links) in [
+            (c3, "veth3", veth3, vec![]),
+            (
+                c4,
+                "veth4",
+                veth4,
+                vec![netd::datapath::LinkSpec {
+                    peer: c3,
+                    proto: netd::datapath::Protocol::Tcp,
+                    port: 80,
+                }],
+            ),
+        ] {
+            let ep = netd::datapath::EndpointSpec {
+                network_id: 2,
+                links,
+                ..endpoint(ip, veth, ifindex)
+            };
+            dp.add_endpoint(&quiet, &ep).unwrap();
+        }
+        dp.publish(
+            &quiet,
+            &[netd::datapath::PortSpec {
+                network_id: 2,
+                ..tests::netdata::port(netd::datapath::Protocol::Tcp, None, 9090, c3, 80)
+            }],
+        )
+        .unwrap();
+    });
+    let refused = |frame: Vec<u8>, reason: &str| {
+        let before = b.stat(reason);
+        assert_eq!(b.run(BRIDGE_INGRESS_PROG, &frame).0, DROP, "{reason}");
+        assert_eq!(b.stat(reason), before + 1, "{reason}");
+    };
+    // Another network's published port, through the host: the isolation chains drop it.
+    refused(tcp_frame(C2, 40000, HOST_ADDR, 9090, SYN), "other_network");
+    refused(tcp_frame(c3, 40000, HOST_ADDR, 8080, SYN), "other_network");
+    // Without ICC, a neighbour's published port only along a link.
+    refused(tcp_frame(c3, 40000, HOST_ADDR, 9090, SYN), "icc_denied");
+    let linked = hairpin(
+        &b,
+        &tcp_frame(c4, 40000, HOST_ADDR, 9090, SYN),
+        endpoint(c3, "", 0).mac,
+    );
+    assert_eq!((linked.dst, linked.dport), (c3, 80));
+    // With ICC, C2 reaches C1's.
+    assert_eq!(
+        hairpin(
+            &b,
+            &tcp_frame(C2, 40000, HOST_ADDR, 8080, SYN),
+            endpoint(C1, "", 0).mac
+        )
+        .dst,
+        C1
+    );
+}
+
+#[test]
+fn the_datapath_follows_a_new_default_route_and_uplink_address() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_uplink().unwrap()
+        })
+    };
+    assert_eq!(follow(), None, "nothing changed yet");
+    // A second uplink (a VPN, a new NIC) takes the default route.
+    let new_addr = Ipv4Addr::new(198, 18, 7, 2);
+    for args in [
+        &["link", "add", "up9", "type", "veth", "peer", "name", "up9p"][..],
+        &["addr", "add", "198.18.7.2/24", "dev", "up9"],
+        &["link", "set", "up9p", "up"],
+        &["link", "set", "up9", "up"],
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.18.7.1",
+            "dev",
+            "up9",
+        ],
+    ] {
+        tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
+    }
+    assert_eq!(follow().as_deref(), Some("up9"));
+    for (prog, dir) in [
+        (UPLINK_INGRESS_PROG, aya::programs::TcAttachType::Ingress),
+        (UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress),
+    ] {
+        let attached = b
+            .env
+            .in_ns(&b.env.host_ns(), || pins.tc_attachments(prog, dir).unwrap());
+        assert_eq!(attached, ["up9"], "{prog}");
+    }
+    // Masquerade and published ports go on from the new address.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN)).src,
+        new_addr
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 40000, new_addr, 8080, SYN))
+            .dst,
+        C1
+    );
+    assert_eq!(follow(), None, "followed once");
 }

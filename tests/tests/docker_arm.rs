@@ -4,19 +4,20 @@
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::Path,
     process::Command,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use netd::netns;
-use netd_bench::bench::docker::{self, DockerContainer, Dockerd, Protocol};
-use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
+use netd_bench::bench::docker::{self, Dockerd, Protocol};
+use tests::{
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    traffic::{echo_server, tcp_request},
+};
 
-const MESSAGE: &[u8] = b"through docker's DNAT and back";
+const MESSAGE: &str = "through docker's DNAT and back";
 
 #[test]
 fn docker_publishes_a_container_port_inside_the_sandbox() {
@@ -42,12 +43,15 @@ fn docker_publishes_a_container_port_inside_the_sandbox() {
         .unwrap();
     eprintln!("Dockerd::run (2 published ports): {:?}", t.elapsed());
 
-    let server = echo_once(&web);
-    let echoed = env.in_ns(&env.outside_ns(), || {
-        echo_through(SocketAddr::new(HOST_ADDR.into(), 8080))
-    });
+    let server = echo_server(&web.netns, 80);
+    let echoed = tcp_request(
+        &env.outside_ns(),
+        SocketAddr::new(HOST_ADDR.into(), 8080),
+        MESSAGE,
+    )
+    .unwrap();
     assert_eq!(echoed, MESSAGE);
-    let peer = server.join().unwrap();
+    let peer = server.join().unwrap().ip();
     // The client's own address: DNAT carried it, not docker-proxy (which would show the bridge
     // gateway).
     assert_eq!(peer, IpAddr::from(OUTSIDE_ADDR), "server saw {peer}");
@@ -114,34 +118,6 @@ fn docker_publishes_a_container_port_inside_the_sandbox() {
             .any(|name| name == sandbox.host || name == sandbox.outside),
         "namespaces left:\n{netns_list}"
     );
-}
-
-/// Starts a TCP echo server on port 80 inside the container (the socket is bound in its network
-/// namespace, then served from an ordinary thread); it returns the one client's address.
-fn echo_once(container: &DockerContainer) -> std::thread::JoinHandle<IpAddr> {
-    let listener = netns::run_in(Some(&container.netns), || {
-        Ok(TcpListener::bind("0.0.0.0:80")?)
-    })
-    .unwrap();
-    std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut buf = Vec::new();
-        conn.read_to_end(&mut buf).unwrap();
-        conn.write_all(&buf).unwrap();
-        peer.ip()
-    })
-}
-
-/// Sends [`MESSAGE`] to `addr`, closes the sending side and returns what comes back.
-fn echo_through(addr: SocketAddr) -> Vec<u8> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    conn.write_all(MESSAGE).unwrap();
-    conn.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    conn.read_to_end(&mut back).unwrap();
-    back
 }
 
 /// Times `run` for containers without published ports, and checks that `remove` ends each.

@@ -2,7 +2,6 @@
 //! removes every rule and chain again. (Traffic through it is tested with the controller.)
 
 use netd::{
-    bpf::Pins,
     datapath::{self, NetworkSpec, PortSpec, Protocol},
     netns,
 };
@@ -37,9 +36,13 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         container_port: 53,
         allow: vec![],
     };
-    let pins = Pins::open(&env.bpffs).unwrap();
+    // The iptables datapath needs no bpffs: this directory is never opened.
+    let datapaths = datapath::Datapaths {
+        bpffs: env.bpffs.clone(),
+        tuning: Default::default(),
+    };
     netns::run_in(Some(&env.host_ns()), || {
-        let dp = datapath::open("iptables", &pins, &Default::default())?;
+        let dp = datapaths.open(datapath::DatapathKind::Iptables)?;
         dp.setup_network(&net)?;
         dp.publish(&net, std::slice::from_ref(&port))
     })
@@ -70,7 +73,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     );
 
     netns::run_in(Some(&env.host_ns()), || {
-        let dp = datapath::open("iptables", &pins, &Default::default())?;
+        let dp = datapaths.open(datapath::DatapathKind::Iptables)?;
         dp.unpublish(&net, std::slice::from_ref(&port))?;
         dp.teardown_network(&net)
     })

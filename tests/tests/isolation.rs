@@ -4,7 +4,10 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, process::Stdio, thread, time::Duration};
 
-use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK};
+use tests::{
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    traffic::{echo_requests_received, stat, wait_listening},
+};
 
 /// A container made with `netd container create NAME ARGS`: its name, namespace and address.
 struct Container {
@@ -55,39 +58,8 @@ fn listen(env: &TestEnv, ns: &std::path::Path, ports: &[u16]) {
         env.spawn_in(ns, "nc", &["-lk", &port.to_string()]);
     }
     for port in ports {
-        listen_wait(env, ns, *port);
+        wait_listening(ns, *port);
     }
-}
-
-/// Waits until something listens on TCP `port` in `ns`.
-fn listen_wait(env: &TestEnv, ns: &std::path::Path, port: u16) {
-    let listening = (0..100).any(|_| {
-        let ss = env.run_in(ns, "ss", &["-Hltn", &format!("sport = :{port}")]);
-        let up = !ss.stdout.is_empty();
-        if !up {
-            thread::sleep(Duration::from_millis(20));
-        }
-        up
-    });
-    assert!(listening, "nothing listens on port {port}");
-}
-
-/// ICMP echo requests the namespace at `ns` received (`InEchos` of /proc/net/snmp).
-fn echo_requests_received(env: &TestEnv, ns: &std::path::Path) -> u64 {
-    let out = env.run_in(ns, "cat", &["/proc/net/snmp"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut icmp = text.lines().filter(|l| l.starts_with("Icmp:"));
-    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|n| n == "InEchos")
-        .unwrap();
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
@@ -95,19 +67,6 @@ fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
         .as_str()
         .unwrap()
         .parse()
-        .unwrap()
-}
-
-/// Packets counted under `reason` by `netd stats`.
-fn stat(env: &TestEnv, reason: &str) -> u64 {
-    let stats = env.netd_json(&["stats", "--json"]);
-    stats["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["reason"] == reason)
-        .unwrap_or_else(|| panic!("no counter {reason}: {stats}"))["packets"]
-        .as_u64()
         .unwrap()
 }
 
@@ -246,7 +205,7 @@ fn count_forwarded(env: &TestEnv, src: Ipv4Addr, dst: Ipv4Addr) {
 /// iperf3 from `client` to `server` for a second; Gbit/s.
 fn throughput(env: &TestEnv, client: &Container, server: &Container) -> f64 {
     env.spawn_in(&server.ns, "iperf3", &["-s", "-1"]);
-    listen_wait(env, &server.ns, 5201);
+    wait_listening(&server.ns, 5201);
     let out = env.run_in(
         &client.ns,
         "iperf3",
@@ -387,13 +346,13 @@ fn an_internal_network_reaches_only_its_containers_and_gateway() {
         &["route", "add", &subnet, "via", &HOST_ADDR.to_string()],
     );
     assert!(route.status.success(), "{route:?}");
-    let echoes = echo_requests_received(&env, &c1.ns);
+    let echoes = echo_requests_received(&c1.ns);
     assert!(
         !pings(&env, &env.outside_ns(), c1.ip, None),
         "nothing routed in"
     );
     assert_eq!(
-        echo_requests_received(&env, &c1.ns),
+        echo_requests_received(&c1.ns),
         echoes,
         "stopped before the container"
     );
@@ -691,9 +650,9 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
     } else {
         refused();
     }
-    let echoes = echo_requests_received(&env, &c.ns);
+    let echoes = echo_requests_received(&c.ns);
     assert!(!pings(&env, &env.outside_ns(), c.ip, None), "{what}");
-    assert_eq!(echo_requests_received(&env, &c.ns), echoes, "{what}");
+    assert_eq!(echo_requests_received(&c.ns), echoes, "{what}");
     assert!(connects(&env, &env.outside_ns(), HOST_ADDR, 8080), "{what}");
     assert!(
         pings(&env, &c.ns, OUTSIDE_ADDR, None),

@@ -25,7 +25,7 @@ enum Task {
     Setup,
     /// Release build of the eBPF programs and the userspace.
     Build,
-    /// All unit and integration tests.
+    /// The lint, then all unit and integration tests.
     Test {
         /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,15 +55,20 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    setup::ensure()?;
+    let installed = setup::ensure()?;
+    if installed.is_empty() {
+        eprintln!("setup: nothing installed: the toolchain, tools and bpffs were in place");
+    } else {
+        eprintln!("setup: installed {}", installed.join(", "));
+    }
     match cli.command {
-        Task::Setup => {
-            eprintln!("setup: the toolchain, tools and bpffs are in place");
-            Ok(())
-        }
+        Task::Setup => Ok(()),
         // The default members: netd-ebpf only builds for the BPF target, through netd's build.rs.
         Task::Build => cargo(&["build", "--release"]),
-        Task::Test { args } => test(&args),
+        Task::Test { args } => {
+            lint()?;
+            test(&args)
+        }
         Task::Lint => lint(),
         Task::Demo => demo(),
         Task::Bench { what, quick } => bench(what.as_deref(), quick),
@@ -98,8 +103,15 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 const DATAPATH_TESTS: &[&str] = &["datapath", "isolation", "conntrack_pressure"];
 
 fn test(args: &[String]) -> Result<()> {
-    // The integration tests drive the netd binary, so build it first and tell them where it is.
-    cargo(&["build", "--package", "netd"])?;
+    // The integration tests drive the netd binary, so build it first and tell them where it is
+    // (with the step hook the crash-recovery tests kill it at).
+    cargo(&[
+        "build",
+        "--package",
+        "netd",
+        "--features",
+        "fault-injection",
+    ])?;
     let netd_bin = workspace_root().join("target/debug/netd");
     let run = |targets: &[&str], attach: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO"));

@@ -33,16 +33,27 @@ const DOCKER_PACKAGES: &[&str] = &["docker.io", "busybox-static"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn ensure() -> Result<()> {
-    nightly_components()?;
-    debian_packages()?;
-    docker_packages()?;
-    bpf_linker()?;
-    bpffs()
+/// Installs what is missing; returns what it installed (nothing, the second time).
+pub fn ensure() -> Result<Vec<String>> {
+    let mut installed = Vec::new();
+    nightly_components(&mut installed)?;
+    debian_packages(&mut installed)?;
+    docker_packages(&mut installed)?;
+    bpf_linker(&mut installed)?;
+    bpffs(&mut installed)?;
+    Ok(installed)
 }
 
-fn installing(what: &str) {
+/// Installs `what` with `action`, saying so, and records it once done.
+fn install(
+    installed: &mut Vec<String>,
+    what: &str,
+    action: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     eprintln!("setup: installing {what}");
+    action()?;
+    installed.push(what.to_string());
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -65,19 +76,20 @@ fn status(cmd: &mut Command) -> Result<()> {
 }
 
 /// rust-src (aya-build uses `-Z build-std=core`) and clippy (the eBPF lint) for nightly.
-fn nightly_components() -> Result<()> {
+fn nightly_components(installed: &mut Vec<String>) -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        installing("the nightly toolchain");
-        status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        install(installed, "the nightly toolchain", || {
+            status(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))
+        })?;
     }
-    let installed = output(Command::new("rustup").args([
+    let components = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
@@ -85,39 +97,38 @@ fn nightly_components() -> Result<()> {
         "--installed",
     ]))?;
     for component in ["rust-src", "clippy"] {
-        if !installed.lines().any(|l| l.starts_with(component)) {
-            installing(&format!("{component} for nightly"));
-            status(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                "nightly",
-            ]))?;
+        if !components.lines().any(|l| l.starts_with(component)) {
+            install(installed, &format!("{component} for nightly"), || {
+                status(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    component,
+                    "--toolchain",
+                    "nightly",
+                ]))
+            })?;
         }
     }
     Ok(())
 }
 
-fn debian_packages() -> Result<()> {
+fn debian_packages(installed: &mut Vec<String>) -> Result<()> {
     let missing = missing_packages(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
-    installing(&missing.join(" "));
-    apt_install(&missing)
+    install(installed, &missing.join(" "), || apt_install(&missing))
 }
 
 /// The Docker arm's packages: a real dockerd for the benchmark's `docker` arm and its test.
 /// Without them only that arm is skipped (saying why), so failing to install them warns.
-fn docker_packages() -> Result<()> {
+fn docker_packages(installed: &mut Vec<String>) -> Result<()> {
     let missing = missing_packages(DOCKER_PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
-    installing(&missing.join(" "));
     let _no_service_starts = ServiceStartsDenied::new()?;
-    if let Err(e) = apt_install(&missing) {
+    if let Err(e) = install(installed, &missing.join(" "), || apt_install(&missing)) {
         eprintln!("setup: warning: {e:#}: the Docker arm and its test will be skipped");
     }
     Ok(())
@@ -192,33 +203,37 @@ fn dpkg_installed(package: &str) -> bool {
 
 /// bpf-linker built against the system's LLVM 22. Both variables are needed: llvm-sys reads
 /// the versioned one, bpf-linker's own build script reads `LLVM_PREFIX` to find libLLVM.
-fn bpf_linker() -> Result<()> {
+fn bpf_linker(installed: &mut Vec<String>) -> Result<()> {
     let current = Command::new("bpf-linker").arg("--version").output();
     if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    installing(&format!(
-        "bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"
-    ));
-    status(
-        Command::new(env!("CARGO"))
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", "llvm-22", "--force"])
-            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
-            .env("LLVM_PREFIX", LLVM_PREFIX),
+    install(
+        installed,
+        &format!("bpf-linker {BPF_LINKER_VERSION} (builds against LLVM 22, about a minute)"),
+        || {
+            status(
+                Command::new(env!("CARGO"))
+                    .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                    .args(["--no-default-features", "--features", "llvm-22", "--force"])
+                    .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+                    .env("LLVM_PREFIX", LLVM_PREFIX),
+            )
+        },
     )
 }
 
 /// A bpf filesystem at /sys/fs/bpf in the machine's mount namespace, for netd's pins.
-fn bpffs() -> Result<()> {
+fn bpffs(installed: &mut Vec<String>) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
     let mounted = mounts.lines().any(|l| {
         l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
             && l.split_whitespace().nth(2) == Some("bpf")
     });
     if !mounted {
-        installing("a bpf filesystem on /sys/fs/bpf");
-        status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        install(installed, "a bpf filesystem on /sys/fs/bpf", || {
+            status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        })?;
     }
     Ok(())
 }

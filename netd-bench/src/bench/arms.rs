@@ -3,7 +3,7 @@
 //! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
 //! one twice: TC only, and with the uplink's XDP program), and a real Docker.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 
@@ -16,7 +16,9 @@ use netd::{
     netlink::{Netlink, set_sysctl},
     netns,
 };
-use netd_testkit::sandbox::{HOST_ADDR, Instance, OUTSIDE_ADDR, Sandbox};
+use netd_testkit::{
+    HOST_ADDR, Instance, OUTSIDE_ADDR, cleanup::Cleanup, sandbox::Sandbox, traffic::try_output_in,
+};
 
 /// Every arm the benchmark knows, in the order it alternates them.
 pub const ARMS: &[&str] = &[
@@ -85,7 +87,7 @@ impl Control {
             .with_context(|| format!("unknown benchmark arm {arm:?}"))?
             .to_vec();
         args.extend(["network", "create", "bench", "--subnet", SUBNET]);
-        inst.netd(&args)?;
+        inst.try_netd(&args)?;
         Ok(Self::Netd(inst))
     }
 
@@ -117,7 +119,7 @@ impl Control {
                     }
                 }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                inst.netd(&args)?;
+                inst.try_netd(&args)?;
                 Ok(Created {
                     netns: netns::path_of(&name),
                     ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -149,7 +151,7 @@ impl Control {
         let name = self.instance().name(base);
         match self {
             Self::Netd(inst) => {
-                inst.netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
+                inst.try_netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
                 Ok(Created {
                     netns: netns::path_of(&name),
                     ip: Ipv4Addr::UNSPECIFIED,
@@ -165,7 +167,7 @@ impl Control {
     pub fn remove(&self, base: &str) -> Result<()> {
         let name = self.instance().name(base);
         match self {
-            Self::Netd(inst) => inst.netd(&["container", "rm", &name]).map(drop),
+            Self::Netd(inst) => inst.try_netd(&["container", "rm", &name]).map(drop),
             Self::Docker { dockerd, .. } => dockerd.remove(&name),
         }
     }
@@ -320,8 +322,10 @@ impl Ceiling {
 
 impl Drop for Ceiling {
     fn drop(&mut self) {
-        let _ = netns::remove(&self.client);
-        let _ = netns::remove(&self.server);
+        let mut cleanup = Cleanup::of(format!("the ceiling arm {}", self.client));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.finish();
     }
 }
 
@@ -419,27 +423,17 @@ async fn attach_routed(host: &std::path::Path, name: &str, addr: Ipv4Addr) -> Re
 
 impl Drop for Routed {
     fn drop(&mut self) {
-        for name in [&self.server, &self.client] {
-            let _ = netns::remove(name);
-        }
-        self.sandbox.remove();
+        let mut cleanup = Cleanup::of(format!("the routed arm {}", self.sandbox.host));
+        cleanup.check(netns::remove(&self.server));
+        cleanup.check(netns::remove(&self.client));
+        cleanup.check(self.sandbox.remove());
+        cleanup.finish();
     }
 }
 
-fn output_in(ns: &std::path::Path, program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
-    let rules = output_in(ns, "iptables-save", &[])?;
-    let conntrack = output_in(ns, "conntrack", &["-C"])?;
+    let rules = try_output_in(ns, "iptables-save", &[])?;
+    let conntrack = try_output_in(ns, "conntrack", &["-C"])?;
     Ok(Fairness {
         netfilter_rules: rules.lines().filter(|l| l.starts_with("-A ")).count(),
         kernel_conntrack: conntrack.trim().parse().unwrap_or(0),
@@ -498,7 +492,7 @@ fn tcx_program_stats(ns: &std::path::Path) -> Result<Vec<ProgStats>> {
 /// The XDP programs attached in `ns`, by id, with their interfaces: `ip link` names the
 /// program on each interface that has one (`prog/xdp id N`).
 fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
-    let links = output_in(ns, "ip", &["-o", "link", "show"])?;
+    let links = try_output_in(ns, "ip", &["-o", "link", "show"])?;
     let mut attached = Vec::new();
     for line in links.lines() {
         let Some(iface) = line.split(": ").nth(1) else {
@@ -519,7 +513,7 @@ fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
 fn filter_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
     let mut attached: Vec<(u32, String)> = Vec::new();
     for iface in netns::run_in(Some(ns), interface_names)? {
-        let filters = output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
+        let filters = try_output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
         for line in filters.lines() {
             if let Some(id) = id_after(line, &["not_in_hw", "id"])
                 && !attached.iter().any(|(known, _)| *known == id)

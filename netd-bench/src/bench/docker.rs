@@ -31,6 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use netd_testkit::cleanup::{Cleanup, remove_cgroup, remove_tree};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -330,7 +331,7 @@ impl Dockerd {
     /// Kills what a clean stop leaves when dockerd hung or died: processes in dockerd's mount
     /// namespace (containerd, shims, docker-proxy) and in its containers' cgroups, then waits
     /// until they are gone so the mount namespace, and with it every mount, goes too.
-    fn kill_leftovers(&self) {
+    fn kill_leftovers(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = self.cgroup_pids();
@@ -338,11 +339,10 @@ impl Dockerd {
                 left.extend(pids_in_mount_ns(ns));
             }
             if left.is_empty() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                eprintln!("warning: dockerd leftovers still running: {left:?}");
-                return;
+                bail!("dockerd leftovers still running: {left:?}");
             }
             for pid in left {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -380,12 +380,10 @@ impl Dockerd {
     }
 
     /// Removes the (by now empty) container cgroups and the parent, deepest first.
-    fn remove_cgroups(&self) {
+    fn remove_cgroups(&self, cleanup: &mut Cleanup) {
         for dir in self.cgroup_dirs() {
             for d in subtree(&dir).into_iter().rev() {
-                if let Err(e) = fs::remove_dir(&d) {
-                    eprintln!("warning: remove cgroup {}: {e}", d.display());
-                }
+                cleanup.check(remove_cgroup(&d));
             }
         }
     }
@@ -393,20 +391,19 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        let mut cleanup = Cleanup::of(format!("dockerd {}", self.pid()));
         // Only a dockerd that answered can be asked (a hung one would stall every call).
-        if self.mount_ns.is_some()
-            && let Err(e) = self.remove_all_containers()
-        {
-            eprintln!("warning: remove dockerd's containers: {e:#}");
+        if self.mount_ns.is_some() {
+            cleanup.check(
+                self.remove_all_containers()
+                    .context("remove dockerd's containers"),
+            );
         }
-        if let Err(e) = self.stop_daemon() {
-            eprintln!("warning: stop dockerd {}: {e:#}", self.pid());
-        }
-        self.kill_leftovers();
-        self.remove_cgroups();
-        if let Err(e) = fs::remove_dir_all(&self.workdir) {
-            eprintln!("warning: remove {}: {e}", self.workdir.display());
-        }
+        cleanup.check(self.stop_daemon());
+        cleanup.check(self.kill_leftovers());
+        self.remove_cgroups(&mut cleanup);
+        cleanup.check(remove_tree(&self.workdir));
+        cleanup.finish();
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use netd::netns;
+use netd_testkit::{cleanup::Cleanup, command_in, traffic::snmp_counter};
 
 /// Container-side ports of the three servers; published paths add [`PUBLISH_SHIFT`].
 pub const IPERF_PORT: u16 = 5201;
@@ -55,23 +56,16 @@ struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let mut cleanup = Cleanup::of(format!("server process {}", self.0.id()));
+        cleanup.check(self.0.kill());
+        cleanup.check(self.0.wait().map(drop));
+        cleanup.finish();
     }
-}
-
-fn in_ns(ns: &Path, program: &str) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.display()))
-        .arg("--")
-        .arg(program);
-    cmd.stdin(Stdio::null());
-    cmd
 }
 
 /// Starts `program args` in `ns` and waits until it listens on TCP `port` there.
 fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
-    let child = in_ns(ns, program)
+    let child = command_in(ns, program)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -91,7 +85,7 @@ pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
         &["-s", "-p", &IPERF_PORT.to_string()],
     )?;
     let target = ep.target(IPERF_PORT);
-    let out = in_ns(&ep.client_ns, "iperf3")
+    let out = command_in(&ep.client_ns, "iperf3")
         .args([
             "-c",
             &target.ip().to_string(),
@@ -126,7 +120,7 @@ pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
         ],
     )?;
     let target = ep.target(SOCKPERF_PORT);
-    let out = in_ns(&ep.client_ns, "taskset")
+    let out = command_in(&ep.client_ns, "taskset")
         .args(["-c", CLIENT_CPU, "sockperf"])
         .args(["pp", "--tcp", "--full-rtt", "-i", &target.ip().to_string()])
         .args(["-p", &target.port().to_string(), "-t", &secs.to_string()])
@@ -260,22 +254,5 @@ pub fn flood(client_ns: &Path, target: SocketAddr, secs: u32) -> Result<f64> {
 /// Datagrams the namespace at `ns` received for ports nothing listens on (`NoPorts` of
 /// /proc/net/snmp): flood datagrams that got past the datapath.
 pub fn udp_no_ports(ns: &Path) -> Result<u64> {
-    netns::run_in(Some(ns), || {
-        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
-        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let (names, values) = (udp.next(), udp.next());
-        let (Some(names), Some(values)) = (names, values) else {
-            bail!("no Udp lines in /proc/net/snmp");
-        };
-        let column = names
-            .split_whitespace()
-            .position(|n| n == "NoPorts")
-            .context("no NoPorts in /proc/net/snmp")?;
-        values
-            .split_whitespace()
-            .nth(column)
-            .context("short Udp line in /proc/net/snmp")?
-            .parse()
-            .context("NoPorts is not a number")
-    })
+    snmp_counter(ns, "Udp", "NoPorts")
 }

@@ -86,9 +86,12 @@ stats! {
     DnatNew "dnat_new" pass,
     /// A packet of a published-port flow, either direction.
     DnatHit "dnat_hit" pass,
-    /// IPv4 that needs no translation (not from a masqueraded network, no flow, no port).
+    /// IPv4 that needs no translation (not from a masqueraded network, no flow, no port), or
+    /// that NAT can't translate but is no container's business (the host's own traffic, a
+    /// routed network's): passed untouched.
     NoNat "no_nat" pass,
-    /// Not IPv4 (passed untouched).
+    /// Not IPv4, on the uplink (the host's: passed untouched; a container's veth program holds
+    /// it to its own rules).
     NotIpv4 "not_ipv4" pass,
     /// VLAN- or priority-tagged (in the frame or in the skb), to or from a container:
     /// dropped (the stack would untag a priority tag and route what it carries).
@@ -102,9 +105,6 @@ stats! {
     /// IPv4 with a version or header length that is not valid, to or from a container:
     /// dropped.
     BadIpHeader "bad_ip_header" drop,
-    /// IPv4 with options that NAT would have to translate (to a container, or from one of a
-    /// masquerading network): dropped.
-    IpOptions "ip_options" drop,
     /// An IPv4 fragment that NAT would have to translate (later fragments carry no ports):
     /// dropped.
     Fragment "fragment" drop,

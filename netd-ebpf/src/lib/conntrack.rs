@@ -37,7 +37,7 @@ use netd_common::datapath::{
 use super::{
     maps,
     nat::Rewrite,
-    parse::Flow,
+    parse::{Flow, Quoted},
     sockets, stats,
     tcp_window::{self, Segment},
 };
@@ -107,9 +107,33 @@ pub struct Hit {
     pub nat: u8,
 }
 
-/// Looks `key` up among hairpin flows (`hairpin`) or the others: each attach point sees one
-/// kind. For a packet of a live flow, advances the flow's state (a TCP RST only when in the
-/// window), counts the packet and returns the rewrite its direction needs.
+/// Where a packet is looked up: each attach point translates its own kind of entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Arriving on the uplink: replies of masqueraded flows, originals of published ones.
+    In,
+    /// Leaving on the uplink: originals of masqueraded flows, replies of published ones.
+    Out,
+    /// On a bridge: hairpin flows, both ways.
+    Hairpin,
+}
+
+/// Whether `entry` is one packets on `path` are translated by: a packet matching an entry of
+/// the other direction (a spoofed copy of a flow's own packets, sent back at the host) is no
+/// packet of the flow.
+#[inline(always)]
+fn on_path(entry: &CtEntry, path: Path) -> bool {
+    let arrives = (entry.nat == CT_NAT_SNAT) == (entry.dir == CT_DIR_REPLY);
+    match path {
+        Path::Hairpin => entry.nat == CT_NAT_HAIRPIN,
+        Path::In => entry.nat != CT_NAT_HAIRPIN && arrives,
+        Path::Out => entry.nat != CT_NAT_HAIRPIN && !arrives,
+    }
+}
+
+/// Looks `key` up among the entries of `path`. For a packet of a live flow, advances the
+/// flow's state (a TCP RST only when in the window), counts the packet and returns the
+/// rewrite its direction needs.
 #[inline(always)]
 pub fn track(
     ctx: &TcContext,
@@ -117,29 +141,16 @@ pub fn track(
     flow: &Flow,
     now: u64,
     cfg: &Config,
-    hairpin: bool,
+    path: Path,
 ) -> Option<Hit> {
     let live = live_flow(key, now, &cfg.timeouts)?;
     // SAFETY: pointers into map values; concurrent updates race only on counters and
     // state, which tolerate a lost update.
     let (entry, state) = unsafe { (&*live.entry, &mut *live.state) };
-    if (entry.nat == CT_NAT_HAIRPIN) != hairpin {
+    if !on_path(entry, path) {
         return None;
     }
-    let second = (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite {
-        src: true,
-        addr: entry.nat2_addr[0],
-        port: entry.nat2_port,
-    });
-    let hit = Hit {
-        rewrite: Rewrite {
-            src: entry.rewrite == CT_REWRITE_SRC,
-            addr: entry.nat_addr[0],
-            port: entry.nat_port,
-        },
-        second,
-        nat: entry.nat,
-    };
+    let hit = hit_of(entry);
     let dir = entry.dir;
     if flow.proto == IPPROTO_TCP {
         let Some(seg) = tcp_window::segment(ctx, flow) else {
@@ -162,21 +173,43 @@ pub fn track(
     Some(hit)
 }
 
-/// The rewrite for packets matching `key`, if it belongs to a live flow translated on the
-/// uplink, without counting a packet (for ICMP errors about the flow).
+/// The rewrites of packets matching `entry`.
 #[inline(always)]
-pub fn rewrite_for(key: &CtKey, now: u64, cfg: &Config) -> Option<Rewrite> {
-    let live = live_flow(key, now, &cfg.timeouts)?;
+fn hit_of(entry: &CtEntry) -> Hit {
+    let second = (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite {
+        src: true,
+        addr: entry.nat2_addr[0],
+        port: entry.nat2_port,
+    });
+    Hit {
+        rewrite: Rewrite {
+            src: entry.rewrite == CT_REWRITE_SRC,
+            addr: entry.nat_addr[0],
+            port: entry.nat_port,
+        },
+        second,
+        nat: entry.nat,
+    }
+}
+
+/// The rewrites of an ICMP error about a live flow translated on `path`, without counting a
+/// packet: the quoted packet went the other way, so the flow's entry for the reversed quoted
+/// tuple says how the error travels.
+#[inline(always)]
+pub fn rewrites_for_error(q: &Quoted, now: u64, cfg: &Config, path: Path) -> Option<Hit> {
+    let key = CtKey {
+        saddr: v4(q.daddr),
+        daddr: v4(q.saddr),
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    let live = live_flow(&key, now, &cfg.timeouts)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let entry = unsafe { &*live.entry };
-    if entry.nat == CT_NAT_HAIRPIN {
-        return None;
-    }
-    Some(Rewrite {
-        src: entry.rewrite == CT_REWRITE_SRC,
-        addr: entry.nat_addr[0],
-        port: entry.nat_port,
-    })
+    on_path(entry, path).then(|| hit_of(entry))
 }
 
 /// Whether `key` belongs to a live flow (of any kind), without counting a packet.

@@ -11,15 +11,15 @@
 
 use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
 use netd_common::datapath::{
-    EndpointInfo, NET_ICC, NET_INTERNAL, NetworkInfo, PublishedTarget, Stat,
+    Config, EndpointInfo, NET_ICC, NET_INTERNAL, NetworkInfo, PublishedTarget, Stat,
 };
 use network_types::eth::EthHdr;
 
 use crate::lib::{
-    conntrack,
+    conntrack::{self, Path},
     events::Tuple,
     fib, frag, maps, nat,
-    parse::{self, Flow, Frame as _},
+    parse::{self, Flow, Frame as _, Quoted},
     policy::link_allows,
     stats,
     verdict::{dropped, now_ns, verdict},
@@ -53,9 +53,12 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     let Some(cfg) = maps::config() else {
         return Outcome::Done(Stat::NoNat);
     };
-    let key = conntrack::key_of(&flow);
     let now = now_ns();
-    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, true) {
+    if let Some(q) = &flow.quoted {
+        return icmp_error(ctx, &flow, q, now, cfg);
+    }
+    let key = conntrack::key_of(&flow);
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, Path::Hairpin) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
             return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
@@ -101,6 +104,26 @@ fn hairpin(ctx: &TcContext) -> Outcome {
     match started {
         Ok((dst, src)) => translate(ctx, &flow, &dst, &src, Stat::HairpinNew, ep),
         Err(reason) => Outcome::Done(dropped(ctx, &flow, reason, flow.saddr)),
+    }
+}
+
+/// An ICMP error about a hairpin flow (from its target to the gateway, or from its client to
+/// the host address): translated both ways like the flow's packets, the packet it quotes
+/// with it, and redirected to the container it is for. About anything else: the host's.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Outcome {
+    let Some(hit) = conntrack::rewrites_for_error(q, now, cfg, Path::Hairpin) else {
+        return Outcome::Done(Stat::NoNat);
+    };
+    let (Some(ep), Some(second)) = (maps::endpoint(hit.rewrite.addr), hit.second) else {
+        return Outcome::Done(dropped(ctx, flow, Stat::NoEndpoint, flow.saddr));
+    };
+    let redirected = nat::apply_icmp_error(ctx, flow, q, &hit.rewrite)
+        .and_then(|()| nat::apply_icmp_error(ctx, flow, q, &second))
+        .and_then(|()| redirect_to(ctx, ep));
+    match redirected {
+        Ok(action) => Outcome::Redirected(Stat::IcmpError, action),
+        Err(reason) => Outcome::Done(dropped(ctx, flow, reason, flow.saddr)),
     }
 }
 

@@ -23,11 +23,11 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use netd_common::datapath::{
-    AF_INET, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
+    CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
 };
 
 use crate::lib::{
-    conntrack::{self, v4},
+    conntrack::{self, Path},
     events::{self, Tuple},
     fib, frag,
     inbound::{Inbound, inbound},
@@ -67,13 +67,6 @@ fn admit(ctx: &TcContext) {
     ctx.set_mark(mark | MARK_ADMITTED);
 }
 
-/// Which way a packet crosses the uplink.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    In,
-    Out,
-}
-
 /// A parsed packet that belongs to no tracked flow: the direction decides whether it starts one.
 struct Untracked {
     flow: Flow,
@@ -85,15 +78,15 @@ struct Untracked {
 /// What both directions do first: parse the packet, then translate ICMP errors about tracked
 /// flows and packets of tracked flows. `Err` is the finished packet's outcome.
 #[inline(always)]
-fn translate_tracked(ctx: &TcContext, dir: Dir) -> Result<Untracked, Stat> {
-    let flow = parse::ipv4_flow(ctx).map_err(|reason| untranslatable(ctx, reason, dir))?;
+fn translate_tracked(ctx: &TcContext, path: Path) -> Result<Untracked, Stat> {
+    let flow = parse::ipv4_flow(ctx).map_err(|reason| untranslatable(ctx, reason, path))?;
     let cfg = maps::config().ok_or(Stat::NoNat)?;
     let now = now_ns();
     if let Some(quoted) = &flow.quoted {
-        return Err(icmp_error(ctx, &flow, quoted, now, cfg, dir));
+        return Err(icmp_error(ctx, &flow, quoted, now, cfg, path));
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, false) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, path) {
         return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
     }
     Ok(Untracked {
@@ -111,7 +104,7 @@ fn egress(ctx: &TcContext) -> Stat {
         cfg,
         key,
         now,
-    } = match translate_tracked(ctx, Dir::Out) {
+    } = match translate_tracked(ctx, Path::Out) {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
@@ -143,7 +136,7 @@ fn ingress(ctx: &TcContext) -> Stat {
         cfg,
         key,
         now,
-    } = match translate_tracked(ctx, Dir::In) {
+    } = match translate_tracked(ctx, Path::In) {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
@@ -161,23 +154,20 @@ fn ingress(ctx: &TcContext) -> Stat {
     }
 }
 
-/// An ICMP error about a tracked flow: the quoted packet went the other way, so the flow's
-/// entry for the reversed quoted tuple says how this packet travels.
+/// An ICMP error about a tracked flow, translated as the flow's packets in its direction.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config, dir: Dir) -> Stat {
-    let key = CtKey {
-        saddr: v4(q.daddr),
-        daddr: v4(q.saddr),
-        sport: q.dport,
-        dport: q.sport,
-        proto: q.proto,
-        family: AF_INET,
-        _pad: [0; 2],
+fn icmp_error(
+    ctx: &TcContext,
+    flow: &Flow,
+    q: &Quoted,
+    now: u64,
+    cfg: &Config,
+    path: Path,
+) -> Stat {
+    let Some(hit) = conntrack::rewrites_for_error(q, now, cfg, path) else {
+        return untranslatable(ctx, Stat::IcmpNoFlow, path);
     };
-    let Some(rw) = conntrack::rewrite_for(&key, now, cfg) else {
-        return untranslatable(ctx, Stat::IcmpNoFlow, dir);
-    };
-    match nat::apply_icmp_error(ctx, flow, q, &rw) {
+    match nat::apply_icmp_error(ctx, flow, q, &hit.rewrite) {
         Ok(()) => Stat::IcmpError,
         Err(reason) => reason,
     }
@@ -209,7 +199,7 @@ fn hit_stat(nat: u8) -> Stat {
 /// masquerading or internal network (coming in) or comes from one (going out), where passing
 /// it would reach the container unchecked or leak its private address; else the stack's.
 #[inline(always)]
-fn untranslatable(ctx: &TcContext, reason: Stat, dir: Dir) -> Stat {
+fn untranslatable(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
     let Some((saddr, daddr)) = parse::ipv4_ends(ctx) else {
         return if reason == Stat::NotIpv4 {
             reason
@@ -217,11 +207,11 @@ fn untranslatable(ctx: &TcContext, reason: Stat, dir: Dir) -> Stat {
             Stat::NoNat
         };
     };
-    let container = if dir == Dir::In { daddr } else { saddr };
+    let container = if path == Path::In { daddr } else { saddr };
     if !maps::is_sealed(container) {
         return Stat::NoNat;
     }
-    let reason = if dir == Dir::Out && reason == Stat::IcmpNoFlow {
+    let reason = if path == Path::Out && reason == Stat::IcmpNoFlow {
         Stat::Unmasqueraded
     } else {
         reason

@@ -220,6 +220,15 @@ impl EbpfDatapath {
     /// Detaches the host-wide programs: the uplink's (TC and XDP), wherever they are, and the
     /// cgroup ones.
     fn detach_host(&self) -> Result<()> {
+        self.detach_uplink()?;
+        for prog in HOST_SOCK_PROGS {
+            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the uplink's programs (TC and XDP), wherever they are.
+    fn detach_uplink(&self) -> Result<()> {
         for (prog, dir) in UPLINK_PROGS {
             for iface in self.pins.tc_attachments(prog, dir)? {
                 self.pins.detach_tc(prog, &iface, dir)?;
@@ -229,10 +238,45 @@ impl EbpfDatapath {
             self.pins
                 .detach_pinned(&self.pins.xdp_link(UPLINK_XDP_PROG, &iface))?;
         }
-        for prog in HOST_SOCK_PROGS {
-            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
-        }
         Ok(())
+    }
+
+    /// Follows the uplink: when the default route's interface or its address changed since
+    /// the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
+    /// the new interface and its address into the configuration, so masquerading and published
+    /// ports go on from there (flows masqueraded to the old address die with it). Returns the
+    /// new uplink's name when something changed; nothing to do without a network.
+    pub fn follow_uplink(&self) -> Result<Option<String>> {
+        if maps::networks(&self.pins)?.keys().next().is_none() {
+            return Ok(None);
+        }
+        let current = maps::config(&self.pins)?
+            .get(&0, 0)
+            .context("read the datapath configuration")?;
+        let uplink = host::find_uplink()?;
+        let same_addr = v4_octets(&current.uplink_addr) == uplink.addr.octets();
+        if current.uplink_ifindex == uplink.index && same_addr {
+            return Ok(None);
+        }
+        if current.uplink_ifindex != uplink.index {
+            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+            let xdp = !self.pins.xdp_attachments(UPLINK_XDP_PROG)?.is_empty();
+            self.detach_uplink()?;
+            self.attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)?;
+            if xdp {
+                self.pins
+                    .attach_xdp(&mut ebpf, UPLINK_XDP_PROG, &uplink.name)?;
+            }
+        }
+        let config = Config {
+            uplink_addr: addr_v4(uplink.addr.octets()),
+            uplink_ifindex: uplink.index,
+            ..current
+        };
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")?;
+        Ok(Some(uplink.name))
     }
 
     /// What the endpoint programs need to know of `ep`: the veth it sits behind, and the

@@ -4,7 +4,7 @@
 //! `FirewallDriver`). The controller describes networks, endpoints and published ports with the
 //! plain types below and never reaches into a driver.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
@@ -12,6 +12,15 @@ use serde::{Deserialize, Serialize};
 
 pub mod ebpf;
 pub mod iptables;
+pub mod pins;
+
+// What the datapath's tools report, named here so that nothing outside datapath/ names a
+// driver's module.
+pub use ebpf::{
+    conntrack::Flow,
+    events::Drop,
+    stats::{Counter, EndpointDrops},
+};
 
 /// A network as the datapath needs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +47,7 @@ impl NetworkSpec {
     /// gives its bridges: left unset, a bridge takes its lowest port's, which changes as
     /// containers come and go (the eBPF datapath sends frames from it).
     pub fn bridge_mac(&self) -> [u8; 6] {
-        crate::ipam::mac_for(self.gateway)
+        crate::core::ipam::mac_for(self.gateway)
     }
 }
 
@@ -105,15 +114,46 @@ pub trait Datapath {
     fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
 }
 
-/// The drivers `--datapath` can name.
-pub const DRIVERS: &[&str] = &["ebpf", "iptables"];
+/// The datapath drivers: what `--datapath` names, and what each network records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    /// TC/XDP eBPF programs with pinned maps (the default).
+    #[default]
+    Ebpf,
+    /// Docker 20.10's iptables rules, the baseline.
+    Iptables,
+}
 
-/// Checks that `name` is a driver `--datapath` can name.
-pub fn check_name(name: &str) -> Result<()> {
-    if !DRIVERS.contains(&name) {
-        anyhow::bail!("unknown datapath {name:?} (known: {})", DRIVERS.join(", "));
+impl DatapathKind {
+    pub const ALL: [DatapathKind; 2] = [DatapathKind::Ebpf, DatapathKind::Iptables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DatapathKind::Ebpf => "ebpf",
+            DatapathKind::Iptables => "iptables",
+        }
     }
-    Ok(())
+}
+
+impl std::fmt::Display for DatapathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DatapathKind {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                anyhow::anyhow!("unknown datapath {name:?} (known: {})", known.join(", "))
+            })
+    }
 }
 
 /// Options of the eBPF datapath: the size and timeouts of its connection tracking
@@ -125,6 +165,9 @@ pub struct Tuning {
     pub conntrack_max: Option<u32>,
     pub timeouts: netd_common::datapath::Timeouts,
     pub uplink_xdp: bool,
+    /// The cgroup whose processes reach published ports through host addresses (eBPF
+    /// datapath); `None`: the cgroup v2 root, every process.
+    pub host_cgroup: Option<std::path::PathBuf>,
 }
 
 impl Tuning {
@@ -158,19 +201,99 @@ impl Tuning {
     }
 }
 
-/// Opens the driver called `name` for the instance pinned at `pins`.
-pub fn open(name: &str, pins: &crate::bpf::Pins, tuning: &Tuning) -> Result<Box<dyn Datapath>> {
-    match name {
-        "ebpf" => {
-            let mut dp = ebpf::EbpfDatapath::new(pins.clone())
-                .with_timeouts(tuning.timeouts)
-                .with_uplink_xdp(tuning.uplink_xdp);
-            if let Some(max) = tuning.conntrack_max {
-                dp = dp.with_conntrack_max(max);
+/// Where this netd instance's datapaths keep their kernel state, and how they are tuned. The
+/// bpf filesystem is opened only when the eBPF datapath is used, so the iptables datapath and
+/// the listings work without one.
+#[derive(Clone, Debug)]
+pub struct Datapaths {
+    pub bpffs: PathBuf,
+    pub tuning: Tuning,
+}
+
+impl Datapaths {
+    /// Opens the driver `kind`.
+    pub fn open(&self, kind: DatapathKind) -> Result<Box<dyn Datapath>> {
+        match kind {
+            DatapathKind::Ebpf => {
+                let mut dp = ebpf::EbpfDatapath::new(self.pins()?)
+                    .with_timeouts(self.tuning.timeouts)
+                    .with_uplink_xdp(self.tuning.uplink_xdp);
+                if let Some(max) = self.tuning.conntrack_max {
+                    dp = dp.with_conntrack_max(max);
+                }
+                if let Some(cgroup) = &self.tuning.host_cgroup {
+                    dp = dp.with_host_cgroup(Some(cgroup.clone()));
+                }
+                Ok(Box::new(dp))
             }
-            Ok(Box::new(dp))
+            DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath)),
         }
-        "iptables" => Ok(Box::new(iptables::IptablesDatapath)),
-        other => check_name(other).map(|()| unreachable!("every driver is matched above")),
+    }
+
+    fn pins(&self) -> Result<crate::bpf::Pins> {
+        crate::bpf::Pins::open(&self.bpffs)
+    }
+
+    /// Whether the eBPF datapath's connection tracking exists yet (an eBPF network was set
+    /// up; without a bpffs, none was).
+    fn has_conntrack(&self) -> bool {
+        crate::bpf::Pins::existing(&self.bpffs)
+            .is_some_and(|p| p.map(netd_common::datapath::CONNTRACK_MAP).exists())
+    }
+
+    /// The eBPF connection tracking table's live flows.
+    pub fn conntrack_list(&self) -> Result<Vec<Flow>> {
+        ebpf::conntrack::list(&self.pins()?)
+    }
+
+    /// Removes the entries of timed-out flows; 0 when no table exists yet.
+    pub fn conntrack_sweep(&self) -> Result<usize> {
+        if !self.has_conntrack() {
+            return Ok(0);
+        }
+        ebpf::conntrack::sweep(&self.pins()?)
+    }
+
+    /// Moves the eBPF datapath's uplink programs and NAT address along when the default
+    /// route's interface or its address changed; the new uplink's name when something did.
+    pub fn follow_uplink(&self) -> Result<Option<String>> {
+        let Some(pins) = crate::bpf::Pins::existing(&self.bpffs)
+            .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
+        else {
+            return Ok(None);
+        };
+        let mut dp = ebpf::EbpfDatapath::new(pins);
+        if let Some(max) = self.tuning.conntrack_max {
+            dp = dp.with_conntrack_max(max);
+        }
+        dp.follow_uplink()
+    }
+
+    /// Removes every flow.
+    pub fn conntrack_flush(&self) -> Result<usize> {
+        ebpf::conntrack::flush(&self.pins()?)
+    }
+
+    /// The eBPF datapath's counters per reason, and drops per container.
+    pub fn stats(&self) -> Result<(Vec<Counter>, Vec<EndpointDrops>)> {
+        let pins = self.pins()?;
+        Ok((
+            ebpf::stats::read(&pins)?,
+            ebpf::stats::read_endpoint_drops(&pins)?,
+        ))
+    }
+
+    /// Calls `each` for every packet the eBPF datapath drops, `count` times or forever.
+    pub async fn follow_drops(
+        &self,
+        count: Option<usize>,
+        each: impl FnMut(Drop) -> Result<()>,
+    ) -> Result<()> {
+        ebpf::events::follow(&self.pins()?, count, each).await
+    }
+
+    /// Replaces the attached eBPF programs with this binary's; returns how many.
+    pub fn reload(&self) -> Result<usize> {
+        ebpf::EbpfDatapath::new(self.pins()?).reload_programs()
     }
 }

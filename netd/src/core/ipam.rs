@@ -30,19 +30,31 @@ pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
     let net: Ipv4Net = text.parse().map_err(|_| {
         anyhow::anyhow!("invalid subnet {text:?}: expected an IPv4 CIDR like 10.1.0.0/24")
     })?;
+    check_subnet(net)?;
+    Ok(net)
+}
+
+/// Checks a subnet: no host bits, room for a gateway and a container.
+pub fn check_subnet(net: Ipv4Net) -> Result<()> {
     if net.trunc() != net {
         bail!(
-            "invalid subnet {text:?}: host bits set (did you mean {}?)",
+            "invalid subnet \"{net}\": host bits set (did you mean {}?)",
             net.trunc()
         );
     }
     if net.prefix_len() > 30 {
         bail!(
-            "invalid subnet {text:?}: a /{} has no room for a gateway and containers",
+            "invalid subnet \"{net}\": a /{} has no room for a gateway and containers",
             net.prefix_len()
         );
     }
-    Ok(net)
+    Ok(())
+}
+
+/// Parses an `--ip-range`.
+pub fn parse_range(text: &str) -> Result<Ipv4Net> {
+    text.parse()
+        .map_err(|_| anyhow::anyhow!("invalid ip-range {text:?}: expected an IPv4 CIDR"))
 }
 
 /// Checks `--gateway` and `--ip-range` against the subnet and fills in their defaults (the
@@ -50,7 +62,7 @@ pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
 pub fn gateway_and_range(
     subnet: Ipv4Net,
     gateway: Option<Ipv4Addr>,
-    ip_range: Option<&str>,
+    ip_range: Option<Ipv4Net>,
 ) -> Result<(Ipv4Addr, Ipv4Net)> {
     let gateway = gateway.unwrap_or_else(|| first_host(subnet));
     if !is_host_of(subnet, gateway) {
@@ -58,10 +70,7 @@ pub fn gateway_and_range(
     }
     let range = match ip_range {
         None => subnet,
-        Some(text) => {
-            let range: Ipv4Net = text
-                .parse()
-                .map_err(|_| anyhow::anyhow!("invalid ip-range {text:?}: expected an IPv4 CIDR"))?;
+        Some(range) => {
             if !subnet.contains(&range) {
                 bail!("ip-range {range} is not inside subnet {subnet}");
             }
@@ -194,8 +203,8 @@ mod tests {
         );
         assert!(gateway_and_range(s, Some("10.2.0.1".parse().unwrap()), None).is_err());
         assert!(gateway_and_range(s, Some("10.1.0.255".parse().unwrap()), None).is_err());
-        assert!(gateway_and_range(s, None, Some("10.1.1.0/25")).is_err());
-        let (_, r) = gateway_and_range(s, None, Some("10.1.0.128/25")).unwrap();
+        assert!(gateway_and_range(s, None, Some(net("10.1.1.0/25"))).is_err());
+        let (_, r) = gateway_and_range(s, None, Some(net("10.1.0.128/25"))).unwrap();
         assert_eq!(r, net("10.1.0.128/25"));
     }
 

@@ -55,6 +55,13 @@ impl Pins {
         Ok(pins)
     }
 
+    /// The pin root `root` if it is already there on a bpffs (nothing is created).
+    pub fn existing(root: &Path) -> Option<Self> {
+        (root.exists() && check_bpffs(root).is_ok()).then(|| Self {
+            root: root.to_path_buf(),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

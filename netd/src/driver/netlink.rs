@@ -37,6 +37,14 @@ impl Netlink {
         Ok(self.link(name).await?.map(|m| m.header.index))
     }
 
+    /// Deletes the link called `name` if there is one.
+    pub async fn remove_link(&self, name: &str) -> Result<()> {
+        if let Some(index) = self.link_index(name).await? {
+            self.del_link(index).await?;
+        }
+        Ok(())
+    }
+
     /// The index of the link called `name`, or an error naming it.
     pub async fn require_link(&self, name: &str) -> Result<u32> {
         self.link_index(name)

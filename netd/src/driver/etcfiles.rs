@@ -1,24 +1,27 @@
 //! A container's /etc/hosts, /etc/resolv.conf and /etc/hostname, kept under
 //! STATE/containers/NAME/ and mounted over /etc by `netd exec`.
 
-use std::{fs, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use crate::state::{Container, State};
+use crate::store::Container;
+
+/// The current addresses of the containers a container links to, by name.
+pub type Linked = BTreeMap<String, Ipv4Addr>;
 
 /// Docker's fallback when the host has no usable nameserver.
 const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
 
 /// The hosts file: localhost, the container's own address and hostname, its links (at the
 /// linked containers' current addresses) and `--add-host` entries.
-pub fn hosts(c: &Container, state: &State) -> String {
+pub fn hosts(c: &Container, linked: &Linked) -> String {
     let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(ip) = c.ip {
         out.push_str(&format!("{ip}\t{}\n", c.hostname));
     }
     for link in &c.links {
-        if let Some(ip) = state.containers.get(&link.container).and_then(|l| l.ip) {
+        if let Some(ip) = linked.get(&link.container) {
             let names = if link.alias == link.container {
                 link.alias.clone()
             } else {
@@ -73,10 +76,10 @@ fn is_loopback(ns: &str) -> bool {
 }
 
 /// Writes the three files of `c` into `dir`.
-pub fn write(dir: &Path, c: &Container, state: &State) -> Result<()> {
+pub fn write(dir: &Path, c: &Container, linked: &Linked) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    fs::write(dir.join("hosts"), hosts(c, state))?;
+    fs::write(dir.join("hosts"), hosts(c, linked))?;
     fs::write(dir.join("resolv.conf"), resolv_conf(c, &host_resolv))?;
     fs::write(dir.join("hostname"), format!("{}\n", c.hostname))?;
     Ok(())
@@ -85,13 +88,17 @@ pub fn write(dir: &Path, c: &Container, state: &State) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Link, Mode, Status};
+    use crate::store::{
+        Status,
+        model::{Link, Mode},
+    };
 
     fn container(name: &str, ip: &str) -> Container {
         Container {
             name: name.into(),
             status: Status::Running,
             creator_pid: 0,
+            endpoint_added: false,
             mode: Mode::Bridge,
             netns: "/run/netns/x".into(),
             owns_netns: true,
@@ -99,6 +106,7 @@ mod tests {
             ip: Some(ip.parse().unwrap()),
             mac: None,
             host_veth: None,
+            host_ifindex: None,
             hostname: name.into(),
             dns: vec![],
             dns_search: vec![],
@@ -114,10 +122,7 @@ mod tests {
 
     #[test]
     fn hosts_has_self_links_and_extra_hosts() {
-        let mut state = State::default();
-        state
-            .containers
-            .insert("db".into(), container("db", "172.17.0.3"));
+        let linked = Linked::from([("db".into(), "172.17.0.3".parse().unwrap())]);
         let mut web = container("web", "172.17.0.2");
         web.links.push(Link {
             container: "db".into(),
@@ -125,7 +130,7 @@ mod tests {
         });
         web.add_hosts
             .push(("registry".into(), "10.0.0.9".parse().unwrap()));
-        let hosts = hosts(&web, &state);
+        let hosts = hosts(&web, &linked);
         assert!(hosts.contains("127.0.0.1\tlocalhost\n"));
         assert!(hosts.contains("172.17.0.2\tweb\n"));
         assert!(hosts.contains("172.17.0.3\tdatabase db\n"));

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::state::Container;
+use crate::store::Container;
 
 /// The files mounted over /etc, as (source, target) C strings prepared before the fork.
 fn bind_mounts(dir: &Path) -> Result<Vec<(CString, CString)>> {

@@ -4,13 +4,15 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{datapath::Protocol, state::PortMapping};
+use serde::{Deserialize, Serialize};
+
+use crate::{core::spec::PortMapping, datapath::Protocol};
 
 /// Host ports `-P` and `-p CPORT` take from (Docker's ephemeral range).
 pub const RANDOM_PORTS: std::ops::RangeInclusive<u16> = 49153..=65535;
 
 /// One `-p [IP:][HOSTPORT[-END]:]CPORT[-END][/PROTO]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publish {
     pub host_ip: Option<Ipv4Addr>,
     /// `None`: pick free host ports.
@@ -102,21 +104,28 @@ pub fn parse_expose(spec: &str) -> Result<Publish> {
 }
 
 /// Whether two mappings would take the same host address, port and protocol.
-fn clash(a: &PortMapping, b: &PortMapping) -> bool {
+pub fn clash(a: &PortMapping, b: &PortMapping) -> bool {
     a.proto == b.proto
         && a.host_port == b.host_port
         && (a.host_ip.is_none() || b.host_ip.is_none() || a.host_ip == b.host_ip)
 }
 
 /// Turns publish requests into one mapping per port, choosing free random host ports where
-/// none was given and refusing any clash with `taken` (every other container's mappings) or
-/// among themselves. `default_ip` is the network's `--host-ip`.
+/// none was given and refusing any clash with what `taken` finds (the mapping already
+/// published that takes the same host port) or among themselves. `default_ip` is the
+/// network's `--host-ip`.
 pub fn assign(
     requests: &[Publish],
     default_ip: Option<Ipv4Addr>,
-    taken: &[PortMapping],
+    taken: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<Vec<PortMapping>> {
     let mut out: Vec<PortMapping> = Vec::new();
+    let clashing = |m: &PortMapping, out: &[PortMapping]| -> Result<Option<PortMapping>> {
+        match out.iter().find(|t| clash(t, m)) {
+            Some(t) => Ok(Some(t.clone())),
+            None => taken(m),
+        }
+    };
     for req in requests {
         let host_ip = req.host_ip.or(default_ip);
         for offset in 0..len(req.container_ports) {
@@ -130,7 +139,7 @@ pub fn assign(
                         host_port: lo + offset,
                         container_port,
                     };
-                    if let Some(other) = taken.iter().chain(&out).find(|t| clash(t, &m)) {
+                    if let Some(other) = clashing(&m, &out)? {
                         bail!(
                             "host port {}/{} is already published{}",
                             m.host_port,
@@ -143,20 +152,35 @@ pub fn assign(
                     }
                     m
                 }
-                None => RANDOM_PORTS
-                    .map(|host_port| PortMapping {
-                        proto: req.proto,
-                        host_ip,
-                        host_port,
-                        container_port,
-                    })
-                    .find(|m| !taken.iter().chain(&out).any(|t| clash(t, m)))
-                    .context("no free host port left in 49153-65535")?,
+                None => {
+                    free_random_port(req.proto, host_ip, container_port, |m| clashing(m, &out))?
+                }
             };
             out.push(mapping);
         }
     }
     Ok(out)
+}
+
+/// The lowest port of [`RANDOM_PORTS`] no mapping takes yet.
+fn free_random_port(
+    proto: Protocol,
+    host_ip: Option<Ipv4Addr>,
+    container_port: u16,
+    clashing: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
+) -> Result<PortMapping> {
+    for host_port in RANDOM_PORTS {
+        let m = PortMapping {
+            proto,
+            host_ip,
+            host_port,
+            container_port,
+        };
+        if clashing(&m)?.is_none() {
+            return Ok(m);
+        }
+    }
+    bail!("no free host port left in 49153-65535")
 }
 
 pub fn proto_name(p: Protocol) -> &'static str {
@@ -207,6 +231,11 @@ mod tests {
         }
     }
 
+    /// What the store answers, over a list.
+    fn in_list(taken: &[PortMapping]) -> impl Fn(&PortMapping) -> Result<Option<PortMapping>> + '_ {
+        |m| Ok(taken.iter().find(|t| clash(t, m)).cloned())
+    }
+
     #[test]
     fn assigns_random_ports_and_refuses_clashes() {
         let taken = vec![PortMapping {
@@ -218,28 +247,42 @@ mod tests {
         let got = assign(
             &[parse_publish("80").unwrap(), parse_expose("81-82").unwrap()],
             None,
-            &taken,
+            in_list(&taken),
         )
         .unwrap();
         assert_eq!(
             got.iter().map(|m| m.host_port).collect::<Vec<_>>(),
             [49154, 49155, 49156]
         );
-        let err = assign(&[parse_publish("49153:80").unwrap()], None, &taken).unwrap_err();
+        let err = assign(&[parse_publish("49153:80").unwrap()], None, in_list(&taken)).unwrap_err();
         assert!(
             err.to_string().contains("49153/tcp is already published"),
             "{err}"
         );
         // Another protocol, or a different specific address against a specific one, is free.
-        assert!(assign(&[parse_publish("49153:80/udp").unwrap()], None, &taken).is_ok());
+        assert!(
+            assign(
+                &[parse_publish("49153:80/udp").unwrap()],
+                None,
+                in_list(&taken)
+            )
+            .is_ok()
+        );
         let on_a = vec![PortMapping {
             proto: Protocol::Tcp,
             host_ip: Some("10.0.0.1".parse().unwrap()),
             host_port: 80,
             container_port: 80,
         }];
-        assert!(assign(&[parse_publish("10.0.0.2:80:80").unwrap()], None, &on_a).is_ok());
-        assert!(assign(&[parse_publish("80:80").unwrap()], None, &on_a).is_err());
+        assert!(
+            assign(
+                &[parse_publish("10.0.0.2:80:80").unwrap()],
+                None,
+                in_list(&on_a)
+            )
+            .is_ok()
+        );
+        assert!(assign(&[parse_publish("80:80").unwrap()], None, in_list(&on_a)).is_err());
         assert!(
             assign(
                 &[
@@ -247,7 +290,7 @@ mod tests {
                     parse_publish("90:81").unwrap()
                 ],
                 None,
-                &[]
+                in_list(&[])
             )
             .is_err()
         );

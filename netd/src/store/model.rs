@@ -1,26 +1,20 @@
-//! netd's state: one JSON document under `--state-dir`, read and written under an exclusive
-//! lock held for the whole of each command, replaced atomically (write a temp file, fsync,
-//! rename) so a crash leaves either the old or the new document, never a torn one.
-//!
-//! A container is recorded as `creating` before any kernel object is made for it; a command
-//! that finds such a record from a process that died (`kill -9` mid-create) removes what it
-//! names (see `container::collect_garbage`). Address allocations are not stored separately:
-//! they are the addresses of the recorded containers, so they can't leak.
+//! The records netd keeps: what each network and container is, and how far its kernel
+//! objects got. They are stored one row each (see `store`), and `State` holds them all in
+//! memory: the JSON document of netd before the database, which the migration reads, and the
+//! fixture of the planner's unit tests.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::{self, File, OpenOptions},
-    io::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use ipnet::Ipv4Net;
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{NetworkSpec, Protocol};
+pub use crate::core::spec::{Link, PortMapping};
+use crate::datapath::{self, DatapathKind, Protocol};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Network {
@@ -37,15 +31,22 @@ pub struct Network {
     pub masquerade: bool,
     /// Default host address for published ports (`--host-ip`); all addresses when `None`.
     pub host_ip: Option<Ipv4Addr>,
-    pub datapath: String,
+    pub datapath: DatapathKind,
+    /// Whether the network is being made, is there, or is being removed.
+    #[serde(default)]
+    pub status: Status,
+    /// The process making or removing it: if it's gone, `gc` finishes the job.
+    #[serde(default)]
+    pub owner_pid: u32,
     /// `--conntrack-limit`: the most flows its containers may have together.
     #[serde(default)]
     pub conntrack_limit: Option<u32>,
 }
 
 impl Network {
-    pub fn spec(&self) -> NetworkSpec {
-        NetworkSpec {
+    /// The network as the datapath drivers see it.
+    pub fn spec(&self) -> datapath::NetworkSpec {
+        datapath::NetworkSpec {
             id: self.id,
             name: self.name.clone(),
             bridge: self.bridge.clone(),
@@ -59,7 +60,7 @@ impl Network {
     }
 }
 
-/// How a container gets its network.
+/// How a container gets its network (the record's side of `core::spec::Mode`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "of")]
 pub enum Mode {
@@ -73,44 +74,58 @@ pub enum Mode {
     Container(String),
 }
 
-/// One published port (a `-p` range is one entry per port).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortMapping {
-    pub proto: Protocol,
-    /// `None`: every host address.
-    pub host_ip: Option<Ipv4Addr>,
-    pub host_port: u16,
-    pub container_port: u16,
-}
-
-/// A `--link OTHER[:ALIAS]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Link {
-    pub container: String,
-    pub alias: String,
-}
-
 /// A point-to-point veth made by `netd link A B`, as seen from one of the two containers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerLink {
     pub peer: String,
     pub ifname: String,
+    /// This end's address, when the container has none of its own (`--network none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// The peer end's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ip: Option<Ipv4Addr>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    /// Being created; if its creator is gone, the next command removes it.
+    /// Being created; if its owner is gone, the next command removes it.
     Creating,
+    #[default]
     Running,
+    /// Being removed, or what a removal couldn't remove: if its owner is gone, the next
+    /// command tries again.
+    Removing,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Running => "running",
+            Status::Removing => "removing",
+        }
+    }
+
+    pub fn from_name(name: &str) -> anyhow::Result<Self> {
+        [Status::Creating, Status::Running, Status::Removing]
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("unknown status {name:?} in the state"))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Container {
     pub name: String,
     pub status: Status,
-    /// The process that recorded a `creating` container: if it's gone, the record is garbage.
+    /// The process creating or removing the container: if it's gone, `gc` finishes the job.
     pub creator_pid: u32,
+    /// Whether the datapath has the container's endpoint (set once `add_endpoint` returned),
+    /// so a removal knows a failure to remove it is real.
+    #[serde(default)]
+    pub endpoint_added: bool,
     pub mode: Mode,
     /// The network namespace the container uses.
     pub netns: PathBuf,
@@ -121,6 +136,10 @@ pub struct Container {
     pub mac: Option<String>,
     /// Host end of the veth pair.
     pub host_veth: Option<String>,
+    /// Its interface index, recorded with the endpoint: the datapath's entries are keyed by
+    /// it, and a removal interrupted after the veth went must still find them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ifindex: Option<u32>,
     pub hostname: String,
     pub dns: Vec<Ipv4Addr>,
     pub dns_search: Vec<String>,
@@ -184,63 +203,5 @@ impl State {
         self.containers
             .values()
             .filter(move |c| c.network.as_deref() == Some(name))
-    }
-}
-
-/// The state dir, locked: only one netd command changes (or reads) state at a time.
-pub struct Store {
-    dir: PathBuf,
-    _lock: Flock<File>,
-}
-
-impl Store {
-    /// Takes the lock, waiting for any other netd command to finish.
-    pub fn lock(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("create state dir {}", dir.display()))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))
-            .with_context(|| format!("open {}/lock", dir.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .context("lock the state dir")?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-
-    pub fn load(&self) -> Result<State> {
-        match fs::read(self.path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("read {}", self.path().display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e).with_context(|| format!("read {}", self.path().display())),
-        }
-    }
-
-    /// Replaces the stored state atomically: a process killed at any point leaves the old or
-    /// the new document. No fsync: what the state describes (namespaces, links, programs)
-    /// doesn't survive a power loss either, and the rename is what crash safety needs.
-    pub fn save(&self, state: &State) -> Result<()> {
-        let tmp = self.dir.join("state.json.tmp");
-        let mut file = File::create(&tmp).with_context(|| format!("write {}", tmp.display()))?;
-        file.write_all(&serde_json::to_vec_pretty(state)?)?;
-        fs::rename(&tmp, self.path()).with_context(|| format!("replace {}", self.path().display()))
-    }
-
-    /// Where a container's hosts, resolv.conf and hostname files live.
-    pub fn container_dir(&self, name: &str) -> PathBuf {
-        self.dir.join("containers").join(name)
     }
 }

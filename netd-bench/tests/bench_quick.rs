@@ -1,0 +1,124 @@
+//! `cargo xtask bench --quick` writes a complete report: every arm × path × metric the README
+//! lists has its record, with measured values, and the Markdown report and chart exist.
+
+use std::{collections::BTreeSet, process::Command};
+
+/// Every arm, and those with a control plane of their own (scaling, container set-up).
+const ARMS: [&str; 6] = [
+    "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
+];
+const MANAGED: [&str; 3] = ["ebpf", "iptables", "docker"];
+const PATHS: [&str; 3] = [
+    "outside->published",
+    "container->outside",
+    "container->container",
+];
+/// `--quick`'s numbers of published ports.
+const PORT_COUNTS: [u32; 2] = [1, 100];
+
+type Key = (String, String, String, u32);
+
+fn key(arm: &str, path: &str, metric: &str, n: u32) -> Key {
+    (arm.into(), path.into(), metric.into(), n)
+}
+
+/// What the README promises, for the arms that ran.
+fn expected(ran: &[&str]) -> BTreeSet<Key> {
+    let mut want = BTreeSet::new();
+    for arm in ran {
+        for path in PATHS {
+            for metric in ["throughput", "rr_p50", "rr_p99", "crr"] {
+                want.insert(key(arm, path, metric, 1));
+            }
+        }
+        // Unsolicited floods: the arms that refuse new flows to a container (not the
+        // reference arms, which have no NAT to refuse them).
+        if !["ceiling", "routed"].contains(arm) {
+            for metric in ["flood_pps", "leaked_pct"] {
+                want.insert(key(arm, "outside->container-unsolicited", metric, 1));
+            }
+        }
+        if MANAGED.contains(arm) {
+            for n in PORT_COUNTS {
+                want.insert(key(arm, "outside->last-published", "crr", n));
+                want.insert(key(arm, "outside->last-published", "first_packet_us", n));
+                want.insert(key(arm, "publish", "publish_ms", n));
+            }
+            want.insert(key(arm, "control", "create_ms", 1));
+            want.insert(key(arm, "control", "remove_ms", 1));
+        }
+    }
+    for path in PATHS {
+        want.insert(key("ceiling", path, "rr_p50_paired", 1));
+        for arm in ["routed", "ebpf"] {
+            want.insert(key(arm, path, "rr_p50_paired", 1));
+            want.insert(key(arm, path, "rr_p50_to_ceiling", 1));
+        }
+    }
+    want
+}
+
+#[test]
+fn a_quick_run_writes_a_record_for_every_arm_path_and_metric() {
+    let out = std::env::temp_dir().join(format!("netd-bench-quick-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_netd-bench"))
+        .args(["bench", "--quick", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "the benchmark failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("latest.json")).unwrap()).unwrap();
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let svg = std::fs::read_to_string(out.join("ratios.svg")).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // Only the Docker arm may be skipped (saying why), where docker.io isn't installed.
+    let skipped = report["skipped"].as_array().unwrap();
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s.as_str().unwrap().starts_with("docker")),
+        "{skipped:?}"
+    );
+    let ran: Vec<&str> = ARMS
+        .into_iter()
+        .filter(|a| *a != "docker" || skipped.is_empty())
+        .collect();
+
+    let mut got = BTreeSet::new();
+    for r in report["records"].as_array().unwrap() {
+        let (arm, path, metric) = (
+            r["arm"].as_str().unwrap(),
+            r["path"].as_str().unwrap(),
+            r["metric"].as_str().unwrap(),
+        );
+        let runs = r["runs"].as_array().unwrap();
+        assert!(!runs.is_empty(), "{r}");
+        let median = r["median"].as_f64().unwrap();
+        // A share of leaked datagrams is 0 where the arm drops them all; all else is measured.
+        if metric != "leaked_pct" {
+            assert!(median > 0.0, "{r}");
+        }
+        assert!(r["unit"].as_str().is_some_and(|u| !u.is_empty()), "{r}");
+        got.insert(key(
+            arm,
+            path,
+            metric,
+            r["n_ports"].as_u64().unwrap() as u32,
+        ));
+    }
+    let want = expected(&ran);
+    let missing: Vec<&Key> = want.difference(&got).collect();
+    assert!(missing.is_empty(), "records missing: {missing:?}");
+    for arm in &ran {
+        assert!(report["fairness"][arm].is_object(), "no fairness for {arm}");
+    }
+    assert!(report["quick"].as_bool().unwrap());
+    assert!(markdown.starts_with("# netd benchmark"), "{markdown}");
+    assert!(svg.contains("<svg"), "ratios.svg is no SVG");
+}

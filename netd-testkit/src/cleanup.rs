@@ -1,0 +1,112 @@
+//! Clean-up that fails loudly: a guard that can't remove what it made says so and fails, so a
+//! leak shows as a red test (or a failed benchmark) instead of a namespace left on the machine.
+
+use std::{fmt::Display, path::Path};
+
+/// Clean-up failures a guard collects while it removes what it made.
+pub struct Cleanup {
+    what: String,
+    failures: Vec<String>,
+}
+
+impl Cleanup {
+    /// Clean-up of `what` (named in the failure message).
+    pub fn of(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// Records `result`'s failure, if any, and goes on.
+    pub fn check<E: Display>(&mut self, result: Result<(), E>) {
+        if let Err(e) = result {
+            self.failures.push(format!("{e:#}"));
+        }
+    }
+
+    /// Panics naming every failure; when the thread is already panicking (a failed test
+    /// unwinding), prints them instead: a second panic would abort and hide the first.
+    pub fn finish(self) {
+        if self.failures.is_empty() {
+            return;
+        }
+        let message = format!(
+            "clean-up of {} failed: {}",
+            self.what,
+            self.failures.join("; ")
+        );
+        if std::thread::panicking() {
+            eprintln!("{message}");
+        } else {
+            panic!("{message}");
+        }
+    }
+}
+
+/// Removes the directory tree at `path`; one that isn't there is fine.
+pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
+    gone(std::fs::remove_dir_all(path), "remove", path)
+}
+
+/// Removes the (empty) cgroup directory at `path`; one that isn't there is fine.
+pub fn remove_cgroup(path: &Path) -> anyhow::Result<()> {
+    gone(std::fs::remove_dir(path), "remove cgroup", path)
+}
+
+/// `removed`, with "it was not there" counted as done.
+fn gone(removed: std::io::Result<()>, what: &str, path: &Path) -> anyhow::Result<()> {
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e).context(format!("{what} {}", path.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failing() -> Cleanup {
+        let mut cleanup = Cleanup::of("a thing");
+        cleanup.check(Ok::<(), String>(()));
+        cleanup.check(Err("it stuck"));
+        cleanup
+    }
+
+    #[test]
+    fn a_failure_panics_naming_it() {
+        let panic = std::panic::catch_unwind(|| failing().finish()).unwrap_err();
+        assert_eq!(
+            panic.downcast_ref::<String>().unwrap(),
+            "clean-up of a thing failed: it stuck"
+        );
+    }
+
+    #[test]
+    fn while_unwinding_a_failure_is_printed_and_the_first_panic_stays() {
+        struct Guard;
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                failing().finish();
+            }
+        }
+        let panic = std::panic::catch_unwind(|| {
+            let _guard = Guard;
+            panic!("the test's own failure");
+        })
+        .unwrap_err();
+        assert_eq!(
+            *panic.downcast_ref::<&str>().unwrap(),
+            "the test's own failure"
+        );
+    }
+
+    #[test]
+    fn nothing_to_report_is_quiet() {
+        let mut cleanup = Cleanup::of("a thing");
+        cleanup.check(remove_tree(Path::new("/nonexistent/netd-testkit")));
+        cleanup.finish();
+    }
+}

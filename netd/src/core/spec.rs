@@ -1,0 +1,272 @@
+//! What a front end asks the core for, typed and validated: every string a user typed has been
+//! parsed by the time one of these exists (the CLI, the daemon's API and the engine plugins
+//! each parse their own input into them), and `validate` checks what parsing alone can't.
+//! Nothing here touches the kernel or the store.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Result, bail};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use crate::{
+    core::ports::Publish,
+    datapath::{DatapathKind, Protocol},
+};
+
+/// Docker's default network: created on first use.
+pub const DEFAULT_NETWORK: &str = "bridge";
+pub const DEFAULT_BRIDGE: &str = "netd0";
+pub const DEFAULT_MTU: u32 = 1500;
+/// Linux's limit on interface names (IFNAMSIZ less the NUL).
+pub const MAX_IFNAME: usize = 15;
+
+/// A network to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// `None`: the first free private /16 or /20.
+    pub subnet: Option<Ipv4Net>,
+    /// `None`: the subnet's first host.
+    pub gateway: Option<Ipv4Addr>,
+    /// Where container addresses come from; `None`: the whole subnet.
+    pub ip_range: Option<Ipv4Net>,
+    /// `None`: netd0 for `bridge`, netd-brN otherwise.
+    pub bridge: Option<String>,
+    pub mtu: u32,
+    pub icc: bool,
+    pub internal: bool,
+    pub masquerade: bool,
+    /// Default host address of published ports; every address when `None`.
+    pub host_ip: Option<Ipv4Addr>,
+    /// The most flows its containers may have together (`--conntrack-limit`).
+    pub conntrack_limit: Option<u32>,
+    pub datapath: DatapathKind,
+}
+
+impl NetworkSpec {
+    /// A network with Docker's defaults.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            subnet: None,
+            gateway: None,
+            ip_range: None,
+            bridge: None,
+            mtu: DEFAULT_MTU,
+            icc: true,
+            internal: false,
+            masquerade: true,
+            host_ip: None,
+            conntrack_limit: None,
+            datapath: DatapathKind::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_name("network", &self.name)?;
+        if let Some(bridge) = &self.bridge {
+            validate_ifname(bridge)?;
+        }
+        if let Some(subnet) = self.subnet {
+            crate::core::ipam::check_subnet(subnet)?;
+        }
+        if !(68..=65535).contains(&self.mtu) {
+            bail!("invalid MTU {}: must be 68-65535", self.mtu);
+        }
+        Ok(())
+    }
+}
+
+/// Where a container's network namespace comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Netns {
+    /// netd makes one named after the container (and removes it with the container).
+    #[default]
+    Own,
+    /// An existing namespace file.
+    Path(PathBuf),
+    /// The namespace of a running process.
+    Pid(u32),
+}
+
+/// How a container gets its network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Its own namespace with a veth on a netd network.
+    Bridge(Attachment),
+    /// The host's namespace.
+    Host,
+    /// Its own namespace, loopback only.
+    None,
+    /// Another container's namespace.
+    Container(String),
+}
+
+/// A container's place on a bridge network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: String,
+    /// `None`: the pool's lowest free address.
+    pub ip: Option<Ipv4Addr>,
+    /// `None`: Docker's MAC for the address.
+    pub mac: Option<[u8; 6]>,
+    pub publish: Vec<Publish>,
+    /// `-P`: publish every exposed port on a free host port.
+    pub publish_all: bool,
+    /// Published ports accept new flows only from these ranges (any when empty).
+    pub publish_allow: Vec<Ipv4Net>,
+    /// The most flows the container may have (`--conntrack-limit`).
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
+}
+
+impl Attachment {
+    pub fn on(network: &str) -> Self {
+        Self {
+            network: network.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A `--link OTHER[:ALIAS]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub container: String,
+    pub alias: String,
+}
+
+/// A container to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub netns: Netns,
+    /// `None`: the container's name.
+    pub hostname: Option<String>,
+    pub dns: Vec<Ipv4Addr>,
+    pub dns_search: Vec<String>,
+    pub add_hosts: Vec<(String, Ipv4Addr)>,
+    pub links: Vec<Link>,
+    /// `--expose`d ports: what `-P` publishes and a `--link` to the container opens.
+    pub expose: Vec<Publish>,
+}
+
+impl ContainerSpec {
+    /// A container on the default network, in a namespace of its own.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            mode: Mode::Bridge(Attachment::on(DEFAULT_NETWORK)),
+            netns: Netns::Own,
+            hostname: None,
+            dns: vec![],
+            dns_search: vec![],
+            add_hosts: vec![],
+            links: vec![],
+            expose: vec![],
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_name("container", &self.name)?;
+        match (&self.mode, &self.netns) {
+            (Mode::Host | Mode::Container(_), Netns::Path(_) | Netns::Pid(_)) => {
+                bail!(
+                    "--netns and --pid need their own namespace, not --network host or container:"
+                )
+            }
+            (Mode::Container(other), _) if other == &self.name => {
+                bail!("container {:?} can't share its own namespace", self.name)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One published port (a `-p` range is one entry per port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub proto: Protocol,
+    /// `None`: every host address.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// Addresses for the two ends of `netd link A B`: each end gets its container's own address
+/// when it has one; these are for containers without one (`--network none`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkAddrs {
+    pub a: Option<Ipv4Addr>,
+    pub b: Option<Ipv4Addr>,
+}
+
+/// Checks a name for a network or container: what Docker accepts, and short enough for a
+/// namespace file name.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !ok {
+        bail!(
+            "invalid {kind} name {name:?}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
+pub fn validate_ifname(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ', ':']) {
+        bail!(
+            "invalid interface name {name:?}: must be 1-{MAX_IFNAME} bytes without '/', ':' or spaces"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_interfaces() {
+        assert!(validate_name("network", "web-1.a_b").is_ok());
+        for bad in ["", "-x", "a/b", &"x".repeat(65)] {
+            assert!(validate_name("network", bad).is_err(), "{bad}");
+        }
+        assert!(validate_ifname("netd-br1").is_ok());
+        assert!(validate_ifname("sixteen-letters!").is_err());
+    }
+
+    #[test]
+    fn network_spec_checks_mtu_and_subnet() {
+        let mut spec = NetworkSpec::named("n");
+        assert!(spec.validate().is_ok());
+        spec.mtu = 67;
+        assert!(spec.validate().unwrap_err().to_string().contains("MTU 67"));
+        spec.mtu = 1500;
+        spec.subnet = Some("10.0.0.0/31".parse().unwrap());
+        assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn container_spec_refuses_a_foreign_namespace_in_host_mode() {
+        let mut spec = ContainerSpec::named("c");
+        spec.mode = Mode::Host;
+        spec.netns = Netns::Pid(1);
+        assert!(spec.validate().is_err());
+        spec.mode = Mode::Container("c".into());
+        spec.netns = Netns::Own;
+        assert!(spec.validate().is_err());
+    }
+}

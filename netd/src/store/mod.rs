@@ -1,0 +1,800 @@
+//! netd's state: an SQLite database, `STATE_DIR/state.db`, one row per network, container,
+//! published port and `--link`, so every change writes the rows it changes and nothing else
+//! (publishing one more port is one insert, whatever the number of mappings).
+//!
+//! - Atomic and crash-safe: each change is one transaction in write-ahead-log mode; a process
+//!   killed at any point leaves the old or the new state.
+//! - Readers are never blocked: listings, `inspect`, `port` and `exec` read a snapshot with no
+//!   lock, whatever a writer (or a `netd exec ... sleep 600`) is doing.
+//! - Commands that change the kernel take [`Store::lock`] (a flock on `STATE_DIR/lock`) for
+//!   their kernel work only, so they don't interleave half-made bridges and programs.
+//! - Everything is recorded before its kernel objects exist (status `creating`, with the pid
+//!   of the process making it) and stays recorded until they are gone (`removing`), so `gc`
+//!   finishes or undoes what a killed command left.
+//!
+//! Schema (version [`SCHEMA_VERSION`], in `PRAGMA user_version`):
+//!
+//! | table | key | what |
+//! | --- | --- | --- |
+//! | `networks` | `name`; `id`, `bridge` unique | status, owner pid, the record as JSON |
+//! | `containers` | `name`; (`network`, `ip`) unique | status, owner pid, namespace owner (`shares`), the record as JSON (ports apart) |
+//! | `ports` | (`proto`, `host_port`) indexed; `container` indexed | one published port, its status and owner pid |
+//! | `links` | `target` indexed | a `--link`: `container` links to `target` |
+//! | `pending_links` | (`a`, `b`) | a `netd link` being made: its two interface names and owner pid |
+//! | `link_addresses` | `ip` | a `netd link` end's address from the link pool, by container |
+//! | `meta` | `key` | `next_network_id` |
+//!
+//! A `state.json` left by an older netd is imported on first open (then renamed
+//! `state.json.migrated`).
+
+use std::{
+    collections::HashSet,
+    fs::{self, File, OpenOptions},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
+
+pub mod model;
+
+use crate::datapath::Protocol;
+use model::PortMapping;
+pub use model::{Container, Network, State, Status};
+
+/// The schema this netd writes; an older database is migrated on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE networks (
+    name TEXT PRIMARY KEY,
+    id INTEGER NOT NULL UNIQUE,
+    bridge TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE containers (
+    name TEXT PRIMARY KEY,
+    network TEXT,
+    ip TEXT,
+    shares TEXT,
+    status TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE UNIQUE INDEX containers_address ON containers(network, ip) WHERE ip IS NOT NULL;
+CREATE INDEX containers_shares ON containers(shares) WHERE shares IS NOT NULL;
+CREATE INDEX containers_pending ON containers(status) WHERE status != 'running';
+CREATE TABLE ports (
+    container TEXT NOT NULL,
+    proto TEXT NOT NULL,
+    host_ip TEXT,
+    host_port INTEGER NOT NULL,
+    container_port INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL
+);
+CREATE INDEX ports_host ON ports(proto, host_port);
+CREATE INDEX ports_container ON ports(container);
+CREATE INDEX ports_pending ON ports(status) WHERE status != 'running';
+CREATE TABLE links (container TEXT NOT NULL, target TEXT NOT NULL);
+CREATE INDEX links_target ON links(target);
+CREATE INDEX links_container ON links(container);
+CREATE TABLE pending_links (
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    end_a TEXT NOT NULL,
+    end_b TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+);
+CREATE TABLE link_addresses (ip TEXT PRIMARY KEY, container TEXT NOT NULL);
+CREATE INDEX link_addresses_container ON link_addresses(container);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// What the planner reads: the few rows a change depends on, never the whole state.
+pub trait View {
+    fn network(&self, name: &str) -> Result<Option<Network>>;
+    fn networks(&self) -> Result<Vec<Network>>;
+    fn container(&self, name: &str) -> Result<Option<Container>>;
+    /// The addresses taken on network `name`.
+    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>>;
+    /// A published port that takes the host address, port and protocol `m` would.
+    fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>>;
+    fn next_network_id(&self) -> Result<u32>;
+}
+
+/// The state dir: the database and the containers' /etc files.
+pub struct Store {
+    dir: PathBuf,
+    db: Connection,
+}
+
+/// Held by a command while it changes kernel objects.
+pub struct KernelLock(#[allow(dead_code)] Flock<File>);
+
+impl Store {
+    /// Opens (creating or migrating) the state under `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("create state dir {}", dir.display()))?;
+        let path = dir.join("state.db");
+        let db = Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
+        // Writers wait for each other; readers never wait (WAL).
+        db.busy_timeout(Duration::from_secs(60))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut store = Self {
+            dir: dir.to_path_buf(),
+            db,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where a container's hosts, resolv.conf and hostname files live.
+    pub fn container_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("containers").join(name)
+    }
+
+    /// Takes the kernel lock, waiting for any other netd command changing the kernel.
+    pub fn lock(&self) -> Result<KernelLock> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))
+            .with_context(|| format!("open {}/lock", self.dir.display()))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .context("lock the state dir")?;
+        Ok(KernelLock(lock))
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`], importing a `state.json` into a new database.
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .db
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            bail!(
+                "the state in {} has schema version {version}, newer than this netd's {SCHEMA_VERSION}",
+                self.dir.display()
+            );
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let json = self.dir.join("state.json");
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have migrated while this one waited for the write lock.
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        tx.execute_batch(SCHEMA)?;
+        if json.exists() {
+            import_json(&tx, &json)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        if json.exists() {
+            fs::rename(&json, self.dir.join("state.json.migrated"))
+                .with_context(|| format!("rename {}", json.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `change` in one transaction, taken for writing up front (so what it read is
+    /// still true when it writes).
+    pub fn write<T>(&mut self, change: impl FnOnce(&Tx) -> Result<T>) -> Result<T> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = change(&Tx(&tx))?;
+        tx.commit().context("commit the state")?;
+        Ok(out)
+    }
+
+    /// A consistent snapshot for reading.
+    pub fn read<T>(&mut self, query: impl FnOnce(&Tx) -> Result<T>) -> Result<T> {
+        let tx = self.db.transaction()?;
+        query(&Tx(&tx))
+    }
+}
+
+/// One row of `ports`.
+#[derive(Clone, Debug)]
+pub struct PortRow {
+    pub container: String,
+    pub mapping: PortMapping,
+    pub status: Status,
+    pub owner_pid: u32,
+}
+
+/// A `netd link` being made: recorded before its veth exists.
+#[derive(Clone, Debug)]
+pub struct PendingLink {
+    pub a: String,
+    pub b: String,
+    pub end_a: String,
+    pub end_b: String,
+    pub owner_pid: u32,
+}
+
+/// Reads and writes within one transaction.
+pub struct Tx<'a>(&'a Transaction<'a>);
+
+fn ip_text(ip: Option<Ipv4Addr>) -> Option<String> {
+    ip.map(|ip| ip.to_string())
+}
+
+fn proto_text(p: Protocol) -> &'static str {
+    crate::core::ports::proto_name(p)
+}
+
+fn parse_proto(text: &str) -> Result<Protocol> {
+    match text {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        other => bail!("unknown protocol {other:?} in the state"),
+    }
+}
+
+fn from_doc<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T> {
+    serde_json::from_str(doc).context("a record in the state")
+}
+
+impl Tx<'_> {
+    pub fn container_required(&self, name: &str) -> Result<Container> {
+        self.container(name)?
+            .ok_or_else(|| anyhow::anyhow!("no container named {name:?}"))
+    }
+
+    pub fn network_required(&self, name: &str) -> Result<Network> {
+        self.network(name)?
+            .ok_or_else(|| anyhow::anyhow!("no network named {name:?}"))
+    }
+
+    pub fn containers(&self) -> Result<Vec<Container>> {
+        self.containers_where("1", params![])
+    }
+
+    pub fn containers_on(&self, network: &str) -> Result<Vec<Container>> {
+        self.containers_where("network = ?1", params![network])
+    }
+
+    /// Containers whose status is not `running`.
+    pub fn pending_containers(&self) -> Result<Vec<Container>> {
+        self.containers_where("status != 'running'", params![])
+    }
+
+    /// Containers that use `name`'s namespace (`--network container:NAME`).
+    pub fn sharers_of(&self, name: &str) -> Result<Vec<String>> {
+        self.names("SELECT name FROM containers WHERE shares = ?1", name)
+    }
+
+    /// Containers with a `--link` to `name`.
+    pub fn linkers_of(&self, name: &str) -> Result<Vec<Container>> {
+        let names = self.names("SELECT container FROM links WHERE target = ?1", name)?;
+        names
+            .iter()
+            .filter_map(|n| self.container(n).transpose())
+            .collect()
+    }
+
+    fn names(&self, sql: &str, arg: &str) -> Result<Vec<String>> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![arg], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn containers_where(
+        &self,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<Container>> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT doc FROM containers WHERE {filter} ORDER BY name"
+        ))?;
+        let docs: Vec<String> = stmt
+            .query_map(args, |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        docs.iter()
+            .map(|doc| {
+                let mut c: Container = from_doc(doc)?;
+                c.ports = self.ports_of(&c.name)?;
+                Ok(c)
+            })
+            .collect()
+    }
+
+    /// `name`'s published ports, in the order they were published.
+    pub fn ports_of(&self, name: &str) -> Result<Vec<PortMapping>> {
+        Ok(self.port_rows(name)?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// `name`'s published ports with their status.
+    pub fn port_rows(&self, name: &str) -> Result<Vec<(PortMapping, Status)>> {
+        self.ports_where("container = ?1", params![name])
+            .map(|rows| rows.into_iter().map(|r| (r.mapping, r.status)).collect())
+    }
+
+    /// Published ports not `running` (being published).
+    pub fn pending_ports(&self) -> Result<Vec<PortRow>> {
+        self.ports_where("status != 'running'", params![])
+    }
+
+    fn ports_where(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<PortRow>> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT container, proto, host_ip, host_port, container_port, status, owner_pid FROM ports WHERE {filter} ORDER BY rowid"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, u16>(3)?,
+                r.get::<_, u16>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, u32>(6)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (container, proto, host_ip, host_port, container_port, status, owner_pid) = row?;
+            Ok(PortRow {
+                container,
+                mapping: PortMapping {
+                    proto: parse_proto(&proto)?,
+                    host_ip: host_ip.map(|ip| ip.parse()).transpose()?,
+                    host_port,
+                    container_port,
+                },
+                status: Status::from_name(&status)?,
+                owner_pid,
+            })
+        })
+        .collect()
+    }
+
+    /// Networks whose status is not `running`.
+    pub fn pending_networks(&self) -> Result<Vec<Network>> {
+        Ok(self
+            .networks()?
+            .into_iter()
+            .filter(|n| n.status != Status::Running)
+            .collect())
+    }
+
+    /// Container `name`'s record without its ports (what a change to one port needs).
+    pub fn container_record(&self, name: &str) -> Result<Container> {
+        let doc: Option<String> = self
+            .0
+            .query_row(
+                "SELECT doc FROM containers WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match doc {
+            Some(doc) => from_doc(&doc),
+            None => bail!("no container named {name:?}"),
+        }
+    }
+
+    /// Records that this process is making the `netd link` `link`.
+    pub fn add_pending_link(&self, link: &PendingLink) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO pending_links (a, b, end_a, end_b, owner_pid) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![link.a, link.b, link.end_a, link.end_b, link.owner_pid],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_pending_link(&self, a: &str, b: &str) -> Result<()> {
+        self.0.execute(
+            "DELETE FROM pending_links WHERE a = ?1 AND b = ?2",
+            params![a, b],
+        )?;
+        Ok(())
+    }
+
+    pub fn pending_links(&self) -> Result<Vec<PendingLink>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT a, b, end_a, end_b, owner_pid FROM pending_links")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PendingLink {
+                a: r.get(0)?,
+                b: r.get(1)?,
+                end_a: r.get(2)?,
+                end_b: r.get(3)?,
+                owner_pid: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records (or replaces) network `net`.
+    pub fn put_network(&self, net: &Network) -> Result<()> {
+        self.0.execute(
+            "INSERT OR REPLACE INTO networks (name, id, bridge, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                net.name,
+                net.id,
+                net.bridge,
+                net.status.name(),
+                net.owner_pid,
+                serde_json::to_string(net)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_network(&self, name: &str) -> Result<()> {
+        self.0
+            .execute("DELETE FROM networks WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    pub fn set_next_network_id(&self, id: u32) -> Result<()> {
+        self.0.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_network_id', ?1)",
+            params![id],
+        )?;
+        Ok(())
+    }
+
+    /// Records (or replaces) container `c`: its row and its `--link`s. Its ports are rows of
+    /// their own (see [`Tx::add_ports`]).
+    pub fn put_container(&self, c: &Container) -> Result<()> {
+        let shares = match &c.mode {
+            model::Mode::Container(other) => Some(other.as_str()),
+            _ => None,
+        };
+        let doc = Container {
+            ports: vec![],
+            ..c.clone()
+        };
+        self.0.execute(
+            "INSERT OR REPLACE INTO containers (name, network, ip, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                c.name,
+                c.network,
+                ip_text(c.ip),
+                shares,
+                c.status.name(),
+                c.creator_pid,
+                serde_json::to_string(&doc)?
+            ],
+        )?;
+        self.0
+            .execute("DELETE FROM links WHERE container = ?1", params![c.name])?;
+        for link in &c.links {
+            self.0.execute(
+                "INSERT INTO links (container, target) VALUES (?1, ?2)",
+                params![c.name, link.container],
+            )?;
+        }
+        self.0.execute(
+            "DELETE FROM link_addresses WHERE container = ?1",
+            params![c.name],
+        )?;
+        for ip in c.peer_links.iter().filter_map(|l| l.ip) {
+            self.0.execute(
+                "INSERT INTO link_addresses (ip, container) VALUES (?1, ?2)",
+                params![ip.to_string(), c.name],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The addresses `netd link` ends took from the link pool.
+    pub fn link_pool_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
+        let mut stmt = self.0.prepare_cached("SELECT ip FROM link_addresses")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|ip| Ok(ip?.parse()?)).collect()
+    }
+
+    /// Removes container `name` with its ports and links.
+    pub fn delete_container(&self, name: &str) -> Result<()> {
+        for sql in [
+            "DELETE FROM containers WHERE name = ?1",
+            "DELETE FROM ports WHERE container = ?1",
+            "DELETE FROM links WHERE container = ?1",
+            "DELETE FROM link_addresses WHERE container = ?1",
+        ] {
+            self.0.execute(sql, params![name])?;
+        }
+        Ok(())
+    }
+
+    /// Records published ports of container `name`.
+    pub fn add_ports(&self, name: &str, ports: &[PortMapping], status: Status) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "INSERT INTO ports (container, proto, host_ip, host_port, container_port, status, owner_pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for p in ports {
+            stmt.execute(params![
+                name,
+                proto_text(p.proto),
+                ip_text(p.host_ip),
+                p.host_port,
+                p.container_port,
+                status.name(),
+                std::process::id()
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Sets the status (and owner, this process) of container `name`'s ports `ports`.
+    pub fn set_ports_status(
+        &self,
+        name: &str,
+        ports: &[PortMapping],
+        status: Status,
+    ) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "UPDATE ports SET status = ?1, owner_pid = ?2 WHERE container = ?3 AND proto = ?4 AND host_port = ?5 AND host_ip IS ?6",
+        )?;
+        for p in ports {
+            stmt.execute(params![
+                status.name(),
+                std::process::id(),
+                name,
+                proto_text(p.proto),
+                p.host_port,
+                ip_text(p.host_ip)
+            ])?;
+        }
+        Ok(())
+    }
+
+    pub fn delete_ports(&self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "DELETE FROM ports WHERE container = ?1 AND proto = ?2 AND host_port = ?3 AND host_ip IS ?4",
+        )?;
+        for p in ports {
+            stmt.execute(params![
+                name,
+                proto_text(p.proto),
+                p.host_port,
+                ip_text(p.host_ip)
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+impl View for Tx<'_> {
+    fn network(&self, name: &str) -> Result<Option<Network>> {
+        let doc: Option<String> = self
+            .0
+            .query_row(
+                "SELECT doc FROM networks WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        doc.map(|d| from_doc(&d)).transpose()
+    }
+
+    fn networks(&self) -> Result<Vec<Network>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT doc FROM networks ORDER BY name")?;
+        let docs: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        docs.iter().map(|d| from_doc(d)).collect()
+    }
+
+    fn container(&self, name: &str) -> Result<Option<Container>> {
+        Ok(self
+            .containers_where("name = ?1", params![name])?
+            .into_iter()
+            .next())
+    }
+
+    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT ip FROM containers WHERE network = ?1 AND ip IS NOT NULL")?;
+        let rows = stmt.query_map(params![network], |r| r.get::<_, String>(0))?;
+        rows.map(|ip| Ok(ip?.parse()?)).collect()
+    }
+
+    fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT host_ip FROM ports WHERE proto = ?1 AND host_port = ?2 AND (?3 IS NULL OR host_ip IS NULL OR host_ip = ?3) LIMIT 1",
+        )?;
+        let hit: Option<Option<String>> = stmt
+            .query_row(
+                params![proto_text(m.proto), m.host_port, ip_text(m.host_ip)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        hit.map(|host_ip| {
+            Ok(PortMapping {
+                host_ip: host_ip.map(|ip| ip.parse()).transpose()?,
+                ..m.clone()
+            })
+        })
+        .transpose()
+    }
+
+    fn next_network_id(&self) -> Result<u32> {
+        let id: Option<u32> = self
+            .0
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_network_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(id.unwrap_or(1).max(1))
+    }
+}
+
+/// The in-memory state answers the planner too (its unit tests, the migration).
+impl View for State {
+    fn network(&self, name: &str) -> Result<Option<Network>> {
+        Ok(self.networks.get(name).cloned())
+    }
+
+    fn networks(&self) -> Result<Vec<Network>> {
+        Ok(self.networks.values().cloned().collect())
+    }
+
+    fn container(&self, name: &str) -> Result<Option<Container>> {
+        Ok(self.containers.get(name).cloned())
+    }
+
+    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>> {
+        Ok(self.containers_on(network).filter_map(|c| c.ip).collect())
+    }
+
+    fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {
+        Ok(self
+            .containers
+            .values()
+            .flat_map(|c| &c.ports)
+            .find(|p| crate::core::ports::clash(p, m))
+            .cloned())
+    }
+
+    fn next_network_id(&self) -> Result<u32> {
+        Ok(self.next_network_id.max(1))
+    }
+}
+
+/// Imports the JSON document of netd before the database.
+fn import_json(tx: &Transaction, path: &Path) -> Result<()> {
+    let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let state: State =
+        serde_json::from_slice(&bytes).with_context(|| format!("read {}", path.display()))?;
+    let tx = Tx(tx);
+    for net in state.networks.values() {
+        tx.put_network(net)?;
+    }
+    for c in state.containers.values() {
+        tx.put_container(c)?;
+        tx.add_ports(&c.name, &c.ports, Status::Running)?;
+    }
+    tx.set_next_network_id(state.next_network_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state.json as netd wrote it before the database (one network, two containers, one
+    /// with published ports and a link).
+    const OLD_STATE: &str = r#"{
+  "networks": {"n": {"id": 3, "name": "n", "bridge": "netd-br3", "subnet": "10.9.0.0/24",
+    "gateway": "10.9.0.1", "ip_range": "10.9.0.0/24", "mtu": 1500, "icc": true,
+    "internal": false, "masquerade": true, "host_ip": null, "datapath": "iptables"}},
+  "containers": {
+    "db": {"name": "db", "status": "running", "creator_pid": 1, "mode": {"kind": "bridge"},
+      "netns": "/run/netns/db", "owns_netns": true, "network": "n", "ip": "10.9.0.2",
+      "mac": "02:42:0a:09:00:02", "host_veth": "veth0000001", "hostname": "db", "dns": [],
+      "dns_search": [], "add_hosts": [], "links": [], "peer_links": [],
+      "ports": [{"proto": "tcp", "host_ip": null, "host_port": 8080, "container_port": 80},
+                {"proto": "udp", "host_ip": "198.18.0.2", "host_port": 53, "container_port": 53}]},
+    "web": {"name": "web", "status": "running", "creator_pid": 1, "mode": {"kind": "bridge"},
+      "netns": "/run/netns/web", "owns_netns": true, "network": "n", "ip": "10.9.0.3",
+      "mac": "02:42:0a:09:00:03", "host_veth": "veth0000002", "hostname": "web", "dns": [],
+      "dns_search": [], "add_hosts": [], "links": [{"container": "db", "alias": "d"}],
+      "peer_links": [], "ports": []}
+  },
+  "next_network_id": 4
+}"#;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("netd-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn migrates_the_json_document() {
+        let dir = temp_dir("migrate");
+        fs::write(dir.join("state.json"), OLD_STATE).unwrap();
+        let mut store = Store::open(&dir).unwrap();
+        assert!(!dir.join("state.json").exists());
+        assert!(dir.join("state.json.migrated").exists());
+        store
+            .read(|tx| {
+                let net = tx.network_required("n")?;
+                assert_eq!((net.id, net.status), (3, Status::Running));
+                assert_eq!(net.datapath, crate::datapath::DatapathKind::Iptables);
+                assert_eq!(tx.next_network_id()?, 4);
+                let db = tx.container_required("db")?;
+                assert_eq!(db.ports.len(), 2);
+                assert_eq!(db.ports[1].host_ip, Some("198.18.0.2".parse()?));
+                assert_eq!(tx.addresses_on("n")?.len(), 2);
+                let linkers = tx.linkers_of("db")?;
+                assert_eq!(linkers.len(), 1);
+                assert_eq!(linkers[0].name, "web");
+                let clash = PortMapping {
+                    proto: Protocol::Tcp,
+                    host_ip: Some("198.18.0.9".parse()?),
+                    host_port: 8080,
+                    container_port: 1,
+                };
+                assert!(tx.port_clash(&clash)?.is_some());
+                let free = PortMapping {
+                    proto: Protocol::Udp,
+                    host_ip: Some("198.18.0.9".parse()?),
+                    host_port: 53,
+                    container_port: 1,
+                };
+                assert!(tx.port_clash(&free)?.is_none());
+                Ok(())
+            })
+            .unwrap();
+        // Opened again: already migrated, nothing imported twice.
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        let n = store.read(|tx| Ok(tx.ports_of("db")?.len())).unwrap();
+        assert_eq!(n, 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = temp_dir("newer");
+        let db = Connection::open(dir.join("state.db")).unwrap();
+        db.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(db);
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("newer"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_change_leaves_nothing() {
+        let dir = temp_dir("atomic");
+        let mut store = Store::open(&dir).unwrap();
+        let err: Result<()> = store.write(|tx| {
+            tx.set_next_network_id(9)?;
+            anyhow::bail!("no")
+        });
+        assert!(err.is_err());
+        assert_eq!(store.read(|tx| tx.next_network_id()).unwrap(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,338 @@
+//! Crash recovery: netd is killed (SIGKILL, by the `fault-injection` step hook) at every step
+//! of `network create/rm`, `container create/rm`, `publish` and `link`. Afterwards nothing is
+//! left that shouldn't be (namespaces, interfaces, pins, tc filters, map entries, iptables
+//! rules, state) and everything still works, whether the clean-up is `netd gc`'s or the
+//! implicit one of the next command.
+//!
+//! The steps are not listed here: each scenario first runs its command with
+//! `NETD_FAULT_LIST=1`, which prints every step it passes, so a new step is covered as soon as
+//! it exists.
+
+use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
+
+use netd::netns;
+use netd_common::datapath::{
+    ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP, VETHS_MAP,
+};
+use tests::harness::TestEnv;
+
+/// Everything netd may make, in a form two runs can compare.
+#[derive(Debug, PartialEq, Eq)]
+struct Leftovers {
+    namespaces: Vec<String>,
+    host_links: Vec<String>,
+    state: String,
+    maps: BTreeMap<&'static str, Vec<String>>,
+    pins: Vec<String>,
+    tc_filters: String,
+    iptables: String,
+}
+
+fn text(out: std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn leftovers(env: &TestEnv) -> Leftovers {
+    let mut namespaces: Vec<String> = std::fs::read_dir(netns::NETNS_RUN_DIR)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&env.prefix))
+        .collect();
+    namespaces.sort();
+    let links = text(env.run_in(&env.host_ns(), "ip", &["-o", "link"]));
+    let mut host_links: Vec<String> = links
+        .lines()
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .collect();
+    host_links.sort();
+    let state = format!(
+        "{}{}",
+        env.netd_ok(&["network", "ls", "--json"]),
+        env.netd_ok(&["container", "ls", "--json"])
+    );
+    let maps = [
+        NETWORKS_MAP,
+        ENDPOINTS_MAP,
+        PUBLISHED_MAP,
+        VETHS_MAP,
+        LINKS_MAP,
+        PUBLISH_ALLOW_MAP,
+    ]
+    .into_iter()
+    .map(|m| (m, map_entries(env, m)))
+    .collect();
+    // Attachments only: a loaded program stays pinned under progs/ for the next user.
+    let mut pins: Vec<String> = std::fs::read_dir(env.bpffs.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    pins.sort();
+    let tc_filters = host_links
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split('@').next().unwrap())
+        .flat_map(|l| {
+            ["ingress", "egress"].map(|dir| {
+                let out = env.run_in(&env.host_ns(), "tc", &["filter", "show", "dev", l, dir]);
+                format!("{l} {dir}: {}", text(out))
+            })
+        })
+        .collect();
+    let iptables = ["filter", "nat"]
+        .map(|t| text(env.run_in(&env.host_ns(), "iptables", &["-t", t, "-S"])))
+        .concat();
+    Leftovers {
+        namespaces,
+        host_links,
+        state,
+        maps,
+        pins,
+        tc_filters,
+        iptables,
+    }
+}
+
+/// The entries of pinned map `name`, sorted (absent: no entries).
+fn map_entries(env: &TestEnv, name: &str) -> Vec<String> {
+    let pin = env.bpffs.join("maps").join(name);
+    if !pin.exists() {
+        return vec![];
+    }
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map dump {name}: {out:?}");
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+    entries.sort();
+    entries
+}
+
+/// A command to kill at each of its steps, and how to get around it.
+struct Scenario {
+    /// Run before the "nothing left" snapshot.
+    base: Vec<Vec<String>>,
+    /// Run after the snapshot, before the command (what a removal removes).
+    before: Vec<Vec<String>>,
+    command: Vec<String>,
+    /// Must succeed after the crash (its first command's implicit clean-up, or after `gc`).
+    redo: Vec<Vec<String>>,
+    /// Brings the state back to the snapshot's.
+    after: Vec<Vec<String>>,
+}
+
+fn args(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn run_all(env: &TestEnv, commands: &[Vec<String>]) {
+    for c in commands {
+        let c: Vec<&str> = c.iter().map(String::as_str).collect();
+        env.netd_ok(&c);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Recovery {
+    Gc,
+    NextCommand,
+}
+
+/// The steps `scenario`'s command passes.
+fn steps(datapath: &str, scenario: &dyn Fn(&TestEnv) -> Scenario) -> Vec<String> {
+    let env = TestEnv::new();
+    let s = scenario(&env);
+    run_all(&env, &s.base);
+    run_all(&env, &s.before);
+    let cmd: Vec<&str> = s.command.iter().map(String::as_str).collect();
+    let out = env
+        .netd_cmd(&[&["--datapath", datapath][..], &cmd].concat())
+        .env("NETD_FAULT_LIST", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let steps: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.strip_prefix("netd-step "))
+        .map(String::from)
+        .collect();
+    assert!(
+        !steps.is_empty(),
+        "no steps: is netd built with fault-injection?"
+    );
+    steps
+}
+
+fn kill_at_every_step(datapath: &str, scenario: impl Fn(&TestEnv) -> Scenario) {
+    for step in steps(datapath, &scenario) {
+        for recovery in [Recovery::Gc, Recovery::NextCommand] {
+            let env = TestEnv::new();
+            let with_dp = |c: &[Vec<String>]| -> Vec<Vec<String>> {
+                c.iter()
+                    .map(|c| [vec!["--datapath".into(), datapath.into()], c.clone()].concat())
+                    .collect()
+            };
+            let s = scenario(&env);
+            run_all(&env, &with_dp(&s.base));
+            let clean = leftovers(&env);
+            run_all(&env, &with_dp(&s.before));
+            let cmd: Vec<&str> = s.command.iter().map(String::as_str).collect();
+            let status = env
+                .netd_cmd(&[&["--datapath", datapath][..], &cmd].concat())
+                .env("NETD_FAULT_KILL_AT", &step)
+                .status()
+                .unwrap();
+            assert_eq!(status.signal(), Some(9), "{cmd:?} not killed at {step}");
+            if let Recovery::Gc = recovery {
+                env.netd_ok(&["gc"]);
+            }
+            run_all(&env, &with_dp(&s.redo));
+            run_all(&env, &with_dp(&s.after));
+            assert_eq!(
+                leftovers(&env),
+                clean,
+                "{cmd:?} killed at {step}, then {recovery:?}: something was left"
+            );
+        }
+    }
+}
+
+fn network_create(_: &TestEnv) -> Scenario {
+    Scenario {
+        base: vec![],
+        before: vec![],
+        command: args("network create n --subnet 10.77.0.0/24"),
+        redo: vec![args("network create n --subnet 10.77.0.0/24")],
+        after: vec![args("network rm n")],
+    }
+}
+
+fn network_rm(_: &TestEnv) -> Scenario {
+    Scenario {
+        base: vec![],
+        before: vec![args("network create n --subnet 10.77.0.0/24")],
+        command: args("network rm n"),
+        redo: vec![args("network create n --subnet 10.77.0.0/24")],
+        after: vec![args("network rm n")],
+    }
+}
+
+fn container_create(env: &TestEnv) -> Scenario {
+    let (db, c) = (env.name("db"), env.name("c"));
+    let create = format!(
+        "container create {c} --network n -p 18080:80 --expose 90 --link {db} --publish-allow 198.18.0.0/15"
+    );
+    Scenario {
+        base: vec![
+            args("network create n --subnet 10.77.0.0/24 --icc=false"),
+            args(&format!("container create {db} --network n --expose 5432")),
+        ],
+        before: vec![],
+        command: args(&create),
+        redo: vec![args(&create)],
+        after: vec![args(&format!("container rm {c}"))],
+    }
+}
+
+fn container_rm(env: &TestEnv) -> Scenario {
+    let c = env.name("c");
+    let create = format!("container create {c} --network n -p 18080:80");
+    Scenario {
+        base: vec![args("network create n --subnet 10.77.0.0/24")],
+        before: vec![args(&create)],
+        command: args(&format!("container rm {c}")),
+        redo: vec![args(&create)],
+        after: vec![args(&format!("container rm {c}"))],
+    }
+}
+
+fn publish(env: &TestEnv) -> Scenario {
+    let c = env.name("c");
+    let publish = format!("publish {c} -p 18081:81 -p 18082:82/udp");
+    Scenario {
+        base: vec![args("network create n --subnet 10.77.0.0/24")],
+        before: vec![args(&format!(
+            "container create {c} --network n -p 18080:80"
+        ))],
+        command: args(&publish),
+        redo: vec![args(&publish)],
+        after: vec![args(&format!("container rm {c}"))],
+    }
+}
+
+fn link(env: &TestEnv) -> Scenario {
+    let (a, b) = (env.name("a"), env.name("b"));
+    Scenario {
+        base: vec![args("network create n --subnet 10.77.0.0/24")],
+        before: vec![
+            args(&format!("container create {a} --network n")),
+            args(&format!("container create {b} --network none")),
+        ],
+        command: args(&format!("link {a} {b}")),
+        redo: vec![args(&format!("link {a} {b}"))],
+        after: vec![
+            args(&format!("container rm {a}")),
+            args(&format!("container rm {b}")),
+        ],
+    }
+}
+
+#[test]
+fn network_create_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", network_create);
+}
+
+#[test]
+fn network_create_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", network_create);
+}
+
+#[test]
+fn network_rm_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", network_rm);
+}
+
+#[test]
+fn network_rm_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", network_rm);
+}
+
+#[test]
+fn container_create_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", container_create);
+}
+
+#[test]
+fn container_create_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", container_create);
+}
+
+#[test]
+fn container_rm_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", container_rm);
+}
+
+#[test]
+fn container_rm_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", container_rm);
+}
+
+#[test]
+fn publish_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", publish);
+}
+
+#[test]
+fn publish_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", publish);
+}
+
+#[test]
+fn link_killed_at_every_step() {
+    kill_at_every_step("ebpf", link);
+}
