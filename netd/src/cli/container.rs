@@ -113,9 +113,15 @@ impl CreateArgs {
                     self.network
                 );
             }
-            if self.ip.is_some() || self.mac.is_some() || self.conntrack_limit.is_some() {
+            if self.ip.is_some() || self.mac.is_some() {
                 bail!(
-                    "--ip, --mac and --conntrack-limit need a bridge network, not --network {}",
+                    "--ip and --mac need a bridge network, not --network {}",
+                    self.network
+                );
+            }
+            if self.conntrack_limit.is_some() {
+                bail!(
+                    "--conntrack-limit needs a bridge network, not --network {}",
                     self.network
                 );
             }
@@ -239,6 +245,10 @@ mod tests {
             (
                 &["c", "--network", "host", "--ip", "10.0.0.1"],
                 "--ip and --mac",
+            ),
+            (
+                &["c", "--network", "none", "--conntrack-limit", "5"],
+                "--conntrack-limit needs a bridge network",
             ),
             (&["c", "--netns", "/x", "--pid", "1"], "alternatives"),
             (&["c", "--add-host", "nocolon"], "HOST:IP"),
