@@ -667,13 +667,21 @@ fn published(reply: &CtKey) -> bool {
         && maps::published(reply.daddr[0], reply.dport, reply.proto, true).is_some()
 }
 
-/// Whether a new flow may take the tuple `key`: no live flow holds it, and no other CPU is
-/// creating one with it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't
+/// Whether a new flow may take the tuple `key`: no live flow holds it (a closed TCP flow
+/// gives it up), and no other CPU is creating one with it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't
 /// complete yet). A stale assured entry is removed, so it can't shadow the new flow.
 #[inline(always)]
 fn tuple_free(key: &CtKey, now: u64, cfg: &Config) -> bool {
-    if live_flow(key, now, &cfg.timeouts).is_some() {
-        return false;
+    if let Some(live) = live_flow(key, now, &cfg.timeouts) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let state = unsafe { (*live.state).state };
+        // A closed TCP flow's tuple may start a new connection, as netfilter lets a SYN
+        // reopen a TIME_WAIT entry: else a busy client's closed flows would hold every port
+        // for the TIME_WAIT timeout. Its other entry stops pointing back: never used again.
+        let closed = key.proto == IPPROTO_TCP && matches!(state, CT_TIME_WAIT | CT_CLOSE);
+        if !closed {
+            return false;
+        }
     }
     if let Some(e) = CONNTRACK_NEW.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
