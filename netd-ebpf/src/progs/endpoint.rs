@@ -120,7 +120,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
         return Verdict::Drop(Stat::TruncatedL2, Tuple::default());
     };
     if eth.src_addr != from.veth.mac {
-        return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
+        return Verdict::Drop(Stat::SpoofedMac, ipv4_tuple(ctx, &eth));
     }
     // Tagged frames are nothing a container needs, and the stack would untag a priority tag
     // (VLAN 0) and route what it carries: dropped whatever the tag.
@@ -265,6 +265,18 @@ fn hairpin_within(from: &Sender, t: &Tuple) -> bool {
     let is_host = t.daddr == cfg.uplink_addr[0];
     maps::published(t.daddr, t.dport, t.proto, is_host)
         .is_some_and(|target| target.network_id == from.veth.network_id)
+}
+
+/// The 5-tuple of an untagged IPv4 frame for a drop event (zero for anything else).
+#[inline(always)]
+fn ipv4_tuple(ctx: &TcContext, eth: &EthHdr) -> Tuple {
+    if eth.ether_type != EtherType::Ipv4 as u16 || ctx.vlan_offloaded() {
+        return Tuple::default();
+    }
+    match ctx.read::<Ipv4Hdr>(L3_OFF) {
+        Some(ip) if ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5 => tuple_of(ctx, &ip),
+        _ => Tuple::default(),
+    }
 }
 
 /// The addresses and, for TCP and UDP (not a later fragment), the ports of an IPv4 packet.
