@@ -262,8 +262,7 @@ fn hairpin_within(from: &Sender, t: &Tuple) -> bool {
     let Some(cfg) = maps::config() else {
         return false;
     };
-    let is_host = t.daddr == cfg.uplink_addr[0];
-    maps::published(t.daddr, t.dport, t.proto, is_host)
+    maps::published(t.daddr, t.dport, t.proto, cfg, false)
         .is_some_and(|target| target.network_id == from.veth.network_id)
 }
 

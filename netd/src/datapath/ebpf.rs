@@ -18,7 +18,7 @@
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
@@ -104,6 +104,8 @@ impl EbpfDatapath {
     /// how many attachments were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        // A build older than `HOST_ADDRS` left it to be created empty.
+        self.sync_host_addrs()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
@@ -241,8 +243,8 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Follows the uplink: when the default route's interface or its address changed since
-    /// the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
+    /// Follows the host's addresses (`HOST_ADDRS`), and the uplink: when the default route's
+    /// interface or its address changed since the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
     /// the new interface and its address into the configuration, so masquerading and published
     /// ports go on from there (flows masqueraded to the old address die with it). Returns the
     /// new uplink's name when something changed; nothing to do without a network.
@@ -250,6 +252,7 @@ impl EbpfDatapath {
         if maps::networks(&self.pins)?.keys().next().is_none() {
             return Ok(None);
         }
+        self.sync_host_addrs()?;
         let current = maps::config(&self.pins)?
             .get(&0, 0)
             .context("read the datapath configuration")?;
@@ -368,7 +371,28 @@ impl EbpfDatapath {
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
-            .context("write the datapath configuration")
+            .context("write the datapath configuration")?;
+        self.sync_host_addrs()
+    }
+
+    /// Mirrors the host's addresses into `HOST_ADDRS` (where wildcard published ports are
+    /// reached): adds the new ones, removes those gone.
+    fn sync_host_addrs(&self) -> Result<()> {
+        let current: HashSet<u32> = host::host_addrs()?
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let mut map = maps::host_addrs(&self.pins)?;
+        let mirrored: HashSet<u32> = map.keys().filter_map(Result::ok).collect();
+        for gone in mirrored.difference(&current) {
+            let _ = map.remove(gone);
+        }
+        for new in current.difference(&mirrored) {
+            map.insert(new, 1, 0).with_context(|| {
+                format!("add host address {}", Ipv4Addr::from(new.to_ne_bytes()))
+            })?;
+        }
+        Ok(())
     }
 }
 

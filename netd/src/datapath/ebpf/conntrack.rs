@@ -238,6 +238,9 @@ mod tests {
         let (e, timeouts, timeout_ns) = udp_flow();
         assert_eq!(remaining_ns(&e, &timeouts, timeout_ns + 1), None);
         // Whole seconds called this idle time equal to the timeout, and the flow live.
-        assert_eq!(remaining_ns(&e, &timeouts, timeout_ns + NS_PER_SEC - 1), None);
+        assert_eq!(
+            remaining_ns(&e, &timeouts, timeout_ns + NS_PER_SEC - 1),
+            None
+        );
     }
 }

@@ -6,10 +6,10 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
 use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
-    EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
-    NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
-    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo,
-    addr_v4,
+    EndpointDropKey, EndpointInfo, EndpointKey, HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP,
+    LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED,
+    PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP,
+    VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -26,6 +26,7 @@ pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
+pub type HostAddrs = HashMap<MapData, u32, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
@@ -93,6 +94,12 @@ pub fn veths(pins: &Pins) -> Result<Veths> {
 
 pub fn links(pins: &Pins) -> Result<Links> {
     Ok(HashMap::try_from(Map::HashMap(pins.open_map(LINKS_MAP)?))?)
+}
+
+pub fn host_addrs(pins: &Pins) -> Result<HostAddrs> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(HOST_ADDRS_MAP)?,
+    ))?)
 }
 
 /// The datapath's configuration, as the last `setup_network` wrote it.
