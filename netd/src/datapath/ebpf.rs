@@ -118,6 +118,12 @@ impl EbpfDatapath {
             self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
+        for prog in HOST_SOCK_PROGS {
+            if self.pins.cgroup_link(prog).exists() {
+                self.pins.replace_cgroup(&mut ebpf, prog)?;
+                replaced += 1;
+            }
+        }
         for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
             let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
                 continue;
