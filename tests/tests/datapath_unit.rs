@@ -1035,10 +1035,16 @@ fn icmp_errors_about_hairpin_flows_are_translated_both_ways_with_the_quoted_pack
     assert_eq!(b.run(BRIDGE_INGRESS_PROG, &stray), (PASS, stray.clone()));
 }
 
-#[test]
-fn hairpin_applies_the_sources_isolation() {
-    let b = Bench::new();
-    // A second network, without ICC, with C3; C2 links to C3's port 80.
+/// A second network, without ICC ("quiet", 10.2.0.0/24), with C3 and C4 on veth3 and veth4;
+/// C4 links to C3's `link` port.
+struct Quiet {
+    net: netd::datapath::NetworkSpec,
+    c3: Ipv4Addr,
+    c4: Ipv4Addr,
+    veth4: u32,
+}
+
+fn quiet_network(b: &Bench, link: (netd::datapath::Protocol, u16)) -> Quiet {
     let quiet = netd::datapath::NetworkSpec {
         id: 2,
         name: "quiet".into(),
@@ -1063,8 +1069,8 @@ fn hairpin_applies_the_sources_isolation() {
                 veth4,
                 vec![netd::datapath::LinkSpec {
                     peer: c3,
-                    proto: netd::datapath::Protocol::Tcp,
-                    port: 80,
+                    proto: link.0,
+                    port: link.1,
                 }],
             ),
         ] {
@@ -1075,6 +1081,24 @@ fn hairpin_applies_the_sources_isolation() {
             };
             dp.add_endpoint(&quiet, &ep).unwrap();
         }
+    });
+    Quiet {
+        net: quiet,
+        c3,
+        c4,
+        veth4,
+    }
+}
+
+#[test]
+fn hairpin_applies_the_sources_isolation() {
+    let b = Bench::new();
+    let Quiet {
+        net: quiet, c3, c4, ..
+    } = quiet_network(&b, (netd::datapath::Protocol::Tcp, 80));
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
         dp.publish(
             &quiet,
             &[netd::datapath::PortSpec {
@@ -1110,6 +1134,52 @@ fn hairpin_applies_the_sources_isolation() {
         .dst,
         C1
     );
+}
+
+#[test]
+fn later_fragments_along_a_link_follow_their_first_fragments_verdict() {
+    let b = Bench::new();
+    let q = quiet_network(&b, (netd::datapath::Protocol::Udp, 53));
+    let (c3_mac, c4_mac) = (endpoint(q.c3, "", 0).mac, endpoint(q.c4, "", 0).mac);
+    let from_c4 = Skb {
+        ingress_ifindex: q.veth4,
+        ifindex: q.veth4,
+        ..Skb::default()
+    };
+    let run = |frame: &[u8]| {
+        b.run_skb(
+            ENDPOINT_INGRESS_PROG,
+            &with_macs(frame.to_vec(), c3_mac, c4_mac),
+            from_c4,
+        )
+        .0
+    };
+    let datagram_to = |dport, id| {
+        fragments(
+            &udp_frame_carrying(q.c4, 6000, q.c3, dport, &[0x5a; 192]),
+            96,
+            id,
+        )
+    };
+    let dropped = |frame: &[u8], what: &str| {
+        let before = b.stat("icc_denied");
+        assert_eq!(run(frame), DROP, "{what}");
+        assert_eq!(b.stat("icc_denied"), before + 1, "{what}: icc_denied");
+    };
+    // Along the link: both fragments go straight into C3.
+    let (first, later) = datagram_to(53, 0x4343);
+    assert_eq!(run(&first), REDIRECT, "the first fragment, along the link");
+    assert_eq!(
+        run(&later),
+        REDIRECT,
+        "the later fragment follows its first"
+    );
+    // Off the link: both are dropped.
+    let (first, later) = datagram_to(54, 0x4344);
+    dropped(&first, "the first fragment, off the link");
+    dropped(&later, "the later fragment of a datagram off the link");
+    // A later fragment whose first fragment was never seen: nothing says it is linked.
+    dropped(&datagram_to(53, 0x4345).1, "a stray later fragment");
 }
 
 #[test]
