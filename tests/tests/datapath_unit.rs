@@ -19,7 +19,7 @@ use netd_common::datapath::{
 };
 use tests::{
     frames::*,
-    harness::{HOST_ADDR, OUTSIDE_ADDR},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, UPLINK},
     netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
     progrun::{Bench, DROP, PASS, REDIRECT, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
@@ -137,6 +137,41 @@ fn published_tcp_port_on_any_address_is_dnated_and_replies_leave_from_it() {
     b.assert_untouched(&tcp_frame(client, 5556, OTHER_HOST_ADDR, 8080, SYN));
     // An unpublished port is left to the host.
     b.assert_untouched(&tcp_frame(client, 5557, HOST_ADDR, 8081, SYN));
+}
+
+#[test]
+fn a_host_address_added_later_reaches_wildcard_ports_once_the_daemon_follows_it() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // What the daemon does on each round.
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_uplink().unwrap()
+        })
+    };
+    let addr = |op: &str| {
+        let cidr = format!("{OTHER_HOST_ADDR}/24");
+        tests::topology::ip_in(
+            &b.env,
+            &b.env.host_ns(),
+            &["addr", op, &cidr, "dev", UPLINK],
+        );
+    };
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    let syn = |sport| tcp_frame(client, sport, OTHER_HOST_ADDR, 8080, SYN);
+    addr("add");
+    b.assert_untouched(&syn(5556));
+    assert_eq!(follow(), None, "the uplink is the same");
+    assert_eq!(b.ingress(&syn(5557)), at(client, 5557, C1, 80));
+    // Masquerade stays on the uplink's own address.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, client, 80, SYN)).src,
+        HOST_ADDR
+    );
+    addr("del");
+    follow();
+    b.assert_untouched(&syn(5558));
 }
 
 /// Offset of the IPv4 TTL in a frame.
