@@ -1,9 +1,11 @@
 pub mod cli;
+pub mod counters;
 pub mod engines;
 pub mod frames;
 pub mod harness;
 pub mod netdata;
 pub mod progrun;
+pub mod rawsock;
 pub mod topology;
 
 /// Echo servers, waits and packet counters, shared with the benchmark.

@@ -708,17 +708,20 @@ fn attached_program_ids(env: &TestEnv, kind: &[&str], veths: &[String]) -> BTree
         ids.insert(name, shown["prog_id"].as_u64().unwrap());
     }
     for veth in veths {
-        ids.insert(veth.clone(), endpoint_filter_id(env, veth));
+        for dir in TC {
+            ids.insert(format!("{veth}@{dir}"), endpoint_filter_id(env, veth, dir));
+        }
     }
     ids
 }
 
-/// The program ID of the endpoint filter on `veth`'s ingress.
-fn endpoint_filter_id(env: &TestEnv, veth: &str) -> u64 {
+/// The program ID of the endpoint filter on `veth`'s `dir` (ingress: what the container sends,
+/// egress: what reaches it).
+fn endpoint_filter_id(env: &TestEnv, veth: &str, dir: &str) -> u64 {
     let shown = output_in(
         &env.host_ns(),
         "tc",
-        &["-j", "filter", "show", "dev", veth, "ingress"],
+        &["-j", "filter", "show", "dev", veth, dir],
     );
     let filters: serde_json::Value = serde_json::from_str(&shown).unwrap();
     filters
@@ -781,8 +784,8 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
         "the flow never started"
     );
     let mut ids = attached_program_ids(&env, TC, &veths);
-    // Uplink ingress and egress, bridge ingress, the container's veth ingress.
-    assert_eq!(ids.len(), 4, "{ids:?}");
+    // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
+    assert_eq!(ids.len(), 5, "{ids:?}");
     // An upgrade, three times over, while the flow runs: every program is a new one each
     // time, and the flow carries on through the new ones.
     for round in 0..3 {
@@ -811,11 +814,13 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     }
     // A container made after the reload runs the reloaded endpoint program.
     let late = create(&env, "late", &["--network", "n"]);
-    assert_eq!(
-        endpoint_filter_id(&env, &veth_of(&late.name)),
-        ids[&veths[0]],
-        "the new container got another build"
-    );
+    for dir in TC {
+        assert_eq!(
+            endpoint_filter_id(&env, &veth_of(&late.name), dir),
+            ids[&format!("{}@{dir}", veths[0])],
+            "the new container got another build on its veth's {dir}"
+        );
+    }
     assert!(pings(&env, &late.ns, OUTSIDE_ADDR));
 
     let out = client.join().unwrap();

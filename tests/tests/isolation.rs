@@ -5,8 +5,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::Stdio, thread, time::Duration};
 
 use tests::{
+    counters,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
-    traffic::{echo_requests_received, stat, wait_listening},
+    rawsock,
+    traffic::{echo_requests_received, snmp_counter, stat, wait_listening},
 };
 
 /// A container made with `netd container create NAME ARGS`: its name, namespace and address.
@@ -62,6 +64,13 @@ fn listen(env: &TestEnv, ns: &std::path::Path, ports: &[u16]) {
     }
 }
 
+/// TCP segments the namespace at `ns` received (`InSegs` of /proc/net/snmp), after letting
+/// those of a connection just closed (its last ACK) arrive.
+fn tcp_segments_received(ns: &std::path::Path) -> u64 {
+    thread::sleep(Duration::from_millis(200));
+    snmp_counter(ns, "Tcp", "InSegs").unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 fn gateway_of(env: &TestEnv, network: &str) -> Ipv4Addr {
     env.netd_json(&["network", "inspect", network])["network"]["gateway"]
         .as_str()
@@ -109,8 +118,22 @@ fn without_icc_only_links_to_exposed_ports_and_their_replies_pass_iptables() {
     icc_false_on("iptables");
 }
 
-/// `--icc=false` and `--link` on a network of `datapath`; the eBPF one also counts the
-/// refusals and stops what the bridge would flood.
+/// What refused traffic between containers of network `net` counted: `icc_denied` on the
+/// eBPF datapath, Docker's `-i BRIDGE -o BRIDGE -j DROP` on the iptables one.
+fn icc_refusals(env: &TestEnv, datapath: &str, net: &str) -> u64 {
+    if datapath == "ebpf" {
+        return stat(env, "icc_denied");
+    }
+    let bridge = env.netd_json(&["network", "inspect", net])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    counters::iptables_drops(env, "FORWARD", &bridge, &bridge)
+}
+
+/// `--icc=false` and `--link` on a network of `datapath`: each refusal is counted as such
+/// and reaches nothing at the receiver, next to what the link lets through to the same
+/// listener; the eBPF datapath also stops what the bridge would flood.
 fn icc_false_on(datapath: &str) {
     let env = TestEnv::new();
     env.netd_ok(&[
@@ -132,22 +155,38 @@ fn icc_false_on(datapath: &str) {
         connects(&env, &client.ns, web.ip, 80),
         "{datapath}: along the link"
     );
-    assert!(
-        !connects(&env, &client.ns, web.ip, 81),
-        "{datapath}: not exposed"
-    );
-    assert!(
-        !connects(&env, &stranger.ns, web.ip, 80),
-        "{datapath}: not linked"
-    );
-    assert!(
-        !connects(&env, &web.ns, client.ip, 80),
-        "{datapath}: against the link"
+    let refused = |from: &Container, to: &Container, port: u16, what: &str| {
+        let (denied, segments) = (
+            icc_refusals(&env, datapath, "quiet"),
+            tcp_segments_received(&to.ns),
+        );
+        assert!(!connects(&env, &from.ns, to.ip, port), "{datapath}: {what}");
+        assert_eq!(
+            tcp_segments_received(&to.ns),
+            segments,
+            "{datapath}: {what}: reached {}",
+            to.ip
+        );
+        assert!(
+            icc_refusals(&env, datapath, "quiet") > denied,
+            "{datapath}: {what}: not counted"
+        );
+    };
+    refused(&client, &web, 81, "not exposed");
+    refused(&stranger, &web, 80, "not linked");
+    refused(&web, &client, 80, "against the link");
+    // ICMP isn't linked; the host's echo to the same container is answered.
+    let (denied, echoes) = (
+        icc_refusals(&env, datapath, "quiet"),
+        echo_requests_received(&web.ns),
     );
     assert!(
         !pings(&env, &client.ns, web.ip, None),
         "{datapath}: ICMP isn't linked"
     );
+    assert_eq!(echo_requests_received(&web.ns), echoes, "{datapath}");
+    assert!(icc_refusals(&env, datapath, "quiet") > denied, "{datapath}");
+    assert!(pings(&env, &env.host_ns(), web.ip, None), "{datapath}");
     // The gateway (the host) stays reachable.
     assert!(pings(&env, &stranger.ns, gateway_of(&env, "quiet"), None));
     if datapath != "ebpf" {
@@ -164,9 +203,6 @@ fn icc_false_on(datapath: &str) {
         }
         return;
     }
-    let denied = stat(&env, "icc_denied");
-    assert!(!connects(&env, &stranger.ns, web.ip, 80));
-    assert!(stat(&env, "icc_denied") > denied);
     assert!(endpoint_drops_for(&env, stranger.ip, "icc_denied") > 0);
     // Nothing the bridge would flood to the others: broadcast, multicast, IPv6.
     for args in [
@@ -324,47 +360,80 @@ fn an_internal_network_reaches_only_its_containers_and_gateway() {
     env.netd_ok(&["network", "create", "vault", "--internal"]);
     let c1 = create(&env, "c1", &["--network", "vault", "-p", "8080:80"]);
     let c2 = create(&env, "c2", &["--network", "vault"]);
+    // The controls: the same traffic from and to containers of networks that aren't
+    // internal (a masquerading one, and a routed one the outside has a route to).
+    env.netd_ok(&["network", "create", "open", "--masquerade=false"]);
+    let free = create(&env, "free", &["-p", "8081:80"]);
+    let routed = create(&env, "routed", &["--network", "open"]);
     listen(&env, &c1.ns, &[80]);
+    listen(&env, &free.ns, &[80]);
     let gateway = gateway_of(&env, "vault");
     assert!(pings(&env, &c2.ns, c1.ip, None));
     assert!(connects(&env, &c2.ns, c1.ip, 80));
     assert!(pings(&env, &c2.ns, gateway, None));
-    assert!(!pings(&env, &c2.ns, OUTSIDE_ADDR, None), "nothing out");
-    assert!(
-        !pings(&env, &c2.ns, HOST_ADDR, None),
-        "not even the host's uplink"
+    for subnet in ["vault", "open"].map(|n| subnet_of(&env, n)) {
+        let route = env.run_in(
+            &env.outside_ns(),
+            "ip",
+            &["route", "add", &subnet, "via", &HOST_ADDR.to_string()],
+        );
+        assert!(route.status.success(), "{route:?}");
+    }
+    let refused = |what: &str,
+                   receiver: &std::path::Path,
+                   count: fn(&std::path::Path) -> u64,
+                   attempt: &dyn Fn() -> bool| {
+        let (internal, received) = (stat(&env, "internal"), count(receiver));
+        assert!(!attempt(), "{what}");
+        assert_eq!(count(receiver), received, "{what}: reached the receiver");
+        assert!(stat(&env, "internal") > internal, "{what}: not counted");
+    };
+
+    assert!(pings(&env, &free.ns, OUTSIDE_ADDR, None));
+    refused(
+        "nothing out",
+        &env.outside_ns(),
+        echo_requests_received,
+        &|| pings(&env, &c2.ns, OUTSIDE_ADDR, None),
     );
-    assert!(
-        !connects(&env, &env.outside_ns(), HOST_ADDR, 8080),
-        "nothing in through a published port"
+    assert!(pings(&env, &free.ns, HOST_ADDR, None));
+    refused(
+        "not even the host's uplink",
+        &env.host_ns(),
+        echo_requests_received,
+        &|| pings(&env, &c2.ns, HOST_ADDR, None),
+    );
+    assert!(connects(&env, &env.outside_ns(), HOST_ADDR, 8081));
+    refused(
+        "nothing in through a published port",
+        &c1.ns,
+        tcp_segments_received,
+        &|| connects(&env, &env.outside_ns(), HOST_ADDR, 8080),
     );
     // Nor routed straight to a container through the host.
-    let subnet = env.netd_json(&["network", "inspect", "vault"])["network"]["subnet"]
+    assert!(pings(&env, &env.outside_ns(), routed.ip, None));
+    refused("nothing routed in", &c1.ns, echo_requests_received, &|| {
+        pings(&env, &env.outside_ns(), c1.ip, None)
+    });
+    assert!(
+        endpoint_drops_for(&env, c1.ip, "internal") >= 2,
+        "the refused published port and route"
+    );
+    assert!(endpoint_drops_for(&env, c2.ip, "internal") >= 2);
+}
+
+fn subnet_of(env: &TestEnv, network: &str) -> String {
+    env.netd_json(&["network", "inspect", network])["network"]["subnet"]
         .as_str()
         .unwrap()
-        .to_string();
-    let route = env.run_in(
-        &env.outside_ns(),
-        "ip",
-        &["route", "add", &subnet, "via", &HOST_ADDR.to_string()],
-    );
-    assert!(route.status.success(), "{route:?}");
-    let echoes = echo_requests_received(&c1.ns);
-    assert!(
-        !pings(&env, &env.outside_ns(), c1.ip, None),
-        "nothing routed in"
-    );
-    assert_eq!(
-        echo_requests_received(&c1.ns),
-        echoes,
-        "stopped before the container"
-    );
-    assert!(stat(&env, "internal") >= 4);
-    assert!(
-        endpoint_drops(&env, c1.ip) > 0,
-        "the refused published port"
-    );
-    assert!(endpoint_drops(&env, c2.ip) >= 2);
+        .to_string()
+}
+
+/// Pings from `c1` to `c2` (from `src` when given) that `c2` received, as `c2` counts them.
+fn echoes_delivered(env: &TestEnv, c1: &Container, c2: &Container, src: Option<Ipv4Addr>) -> u64 {
+    let before = echo_requests_received(&c2.ns);
+    let _ = pings(env, &c1.ns, c2.ip, src);
+    echo_requests_received(&c2.ns) - before
 }
 
 #[test]
@@ -372,25 +441,52 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
     let env = TestEnv::new();
     let c1 = create(&env, "c1", &[]);
     let c2 = create(&env, "c2", &[]);
-    assert!(pings(&env, &c1.ns, c2.ip, None));
+    // The control: c1's own echo reaches c2 (and c1 knows c2's MAC from here on).
+    assert_eq!(echoes_delivered(&env, &c1, &c2, None), 1);
 
     let spoofed = Ipv4Addr::new(172, 17, 0, 200);
     let ip = |args: &[&str]| assert!(env.run_in(&c1.ns, "ip", args).status.success());
     ip(&["addr", "add", &format!("{spoofed}/16"), "dev", "eth0"]);
-    assert!(!pings(&env, &c1.ns, c2.ip, Some(spoofed)));
-    assert!(stat(&env, "spoofed_addr") > 0);
+    let (counted, drops) = (
+        stat(&env, "spoofed_addr"),
+        endpoint_drops_for(&env, c1.ip, "spoofed_addr"),
+    );
+    assert_eq!(
+        echoes_delivered(&env, &c1, &c2, Some(spoofed)),
+        0,
+        "an echo from a spoofed address reached c2"
+    );
+    assert!(stat(&env, "spoofed_addr") > counted);
     assert!(
-        endpoint_drops_for(&env, c1.ip, "spoofed_addr") > 0,
+        endpoint_drops_for(&env, c1.ip, "spoofed_addr") > drops,
         "counted against the sender"
     );
-    let drops = endpoint_drops(&env, c1.ip);
-
     ip(&["addr", "del", &format!("{spoofed}/16"), "dev", "eth0"]);
+    assert_eq!(
+        echoes_delivered(&env, &c1, &c2, None),
+        1,
+        "the control again"
+    );
+
+    let own_mac = netd::core::ipam::format_mac(netd::core::ipam::mac_for(c1.ip));
+    let (counted, drops) = (
+        stat(&env, "spoofed_mac"),
+        endpoint_drops_for(&env, c1.ip, "spoofed_mac"),
+    );
     ip(&["link", "set", "eth0", "address", "02:42:ac:11:99:99"]);
-    assert!(!pings(&env, &c1.ns, c2.ip, None));
-    assert!(stat(&env, "spoofed_mac") > 0);
-    assert!(endpoint_drops_for(&env, c1.ip, "spoofed_mac") > 0);
-    assert!(endpoint_drops(&env, c1.ip) > drops);
+    assert_eq!(
+        echoes_delivered(&env, &c1, &c2, None),
+        0,
+        "an echo from a spoofed MAC reached c2"
+    );
+    assert!(stat(&env, "spoofed_mac") > counted);
+    assert!(endpoint_drops_for(&env, c1.ip, "spoofed_mac") > drops);
+    ip(&["link", "set", "eth0", "address", &own_mac]);
+    assert_eq!(
+        echoes_delivered(&env, &c1, &c2, None),
+        1,
+        "the control again"
+    );
     let text = env.netd_ok(&["stats"]);
     assert!(
         text.lines().any(|l| l.starts_with(&c1.ip.to_string())
@@ -400,6 +496,70 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
     );
 }
 
+/// The MAC `ns` has for `ip` on its eth0, if any.
+fn neighbour(env: &TestEnv, ns: &std::path::Path, ip: Ipv4Addr) -> Option<String> {
+    let out = env.run_in(ns, "ip", &["neigh", "show", &ip.to_string(), "dev", "eth0"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "lladdr");
+    words.next().map(str::to_string)
+}
+
+#[test]
+fn a_container_cannot_take_over_the_gateway_with_gratuitous_arp() {
+    let env = TestEnv::new();
+    let c1 = create(&env, "c1", &[]);
+    let c2 = create(&env, "c2", &[]);
+    let gateway = gateway_of(&env, "bridge");
+    let gateway_mac = netd::core::ipam::format_mac(netd::core::ipam::mac_for(gateway));
+    let c1_mac = netd::core::ipam::mac_for(c1.ip);
+    // c2 knows the gateway, and (for the control) a wrong MAC for c1.
+    assert!(pings(&env, &c2.ns, gateway, None));
+    assert_eq!(neighbour(&env, &c2.ns, gateway), Some(gateway_mac.clone()));
+    let wrong = env.run_in(
+        &c2.ns,
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &c1.ip.to_string(),
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ],
+    );
+    assert!(wrong.status.success(), "{wrong:?}");
+    let announce = |ip: Ipv4Addr| {
+        let frame = rawsock::gratuitous_arp(c1_mac, ip);
+        rawsock::send_frames(&env, &c1.ns, "eth0", &[frame]);
+        thread::sleep(Duration::from_millis(300));
+    };
+    // The control: c1 announcing its own address corrects c2's entry.
+    announce(c1.ip);
+    assert_eq!(
+        neighbour(&env, &c2.ns, c1.ip),
+        Some(netd::core::ipam::format_mac(c1_mac))
+    );
+
+    let (counted, drops) = (
+        stat(&env, "spoofed_addr"),
+        endpoint_drops_for(&env, c1.ip, "spoofed_addr"),
+    );
+    announce(gateway);
+    assert_eq!(
+        neighbour(&env, &c2.ns, gateway),
+        Some(gateway_mac),
+        "c1 took the gateway over"
+    );
+    assert!(stat(&env, "spoofed_addr") > counted);
+    assert!(endpoint_drops_for(&env, c1.ip, "spoofed_addr") > drops);
+    // And c2's traffic still leaves through the gateway.
+    assert!(pings(&env, &c2.ns, OUTSIDE_ADDR, None));
+}
+
 #[test]
 fn containers_of_another_network_are_out_of_reach() {
     let env = TestEnv::new();
@@ -407,11 +567,22 @@ fn containers_of_another_network_are_out_of_reach() {
     env.netd_ok(&["network", "create", "red"]);
     let b = create(&env, "b", &["--network", "blue"]);
     let r = create(&env, "r", &["--network", "red"]);
+    let r2 = create(&env, "r2", &["--network", "red"]);
     listen(&env, &r.ns, &[80]);
+    // The controls: r's own network reaches it.
+    assert!(pings(&env, &r2.ns, r.ip, None));
+    assert!(connects(&env, &r2.ns, r.ip, 80));
+    let (counted, echoes, segments) = (
+        stat(&env, "other_network"),
+        echo_requests_received(&r.ns),
+        tcp_segments_received(&r.ns),
+    );
     assert!(!pings(&env, &b.ns, r.ip, None));
+    assert_eq!(echo_requests_received(&r.ns), echoes, "an echo got in");
     assert!(!connects(&env, &b.ns, r.ip, 80));
-    assert!(stat(&env, "other_network") >= 2);
-    assert!(endpoint_drops(&env, b.ip) >= 2);
+    assert_eq!(tcp_segments_received(&r.ns), segments, "a SYN got in");
+    assert!(stat(&env, "other_network") >= counted + 2);
+    assert!(endpoint_drops_for(&env, b.ip, "other_network") >= 2);
     // Both still reach the outside.
     assert!(pings(&env, &b.ns, OUTSIDE_ADDR, None));
     assert!(pings(&env, &r.ns, OUTSIDE_ADDR, None));
@@ -492,11 +663,6 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
     assert!(!pings(&env, &c1.ns, c2.ip, None));
     let out = env.netd_ok(&["monitor", "--count", "1"]);
     assert_eq!(out.lines().count(), 1, "{out}");
-    // The oldest unread drop: this ping's, or a retransmitted SYN of the refused connection.
-    assert!(
-        out.starts_with("icc_denied ") && out.contains(&format!("{}:", c1.ip)),
-        "{out}"
-    );
 }
 
 /// Whether a TCP connection from the outside, from source address `src`, to the host's
@@ -659,6 +825,18 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
     );
     assert!(route.status.success(), "{route:?}");
 
+    let bridge = env.netd_json(&["network", "inspect", "n"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Docker's FORWARD policy DROP, as netd's iptables datapath writes it.
+    let policy_drops = || counters::iptables_drops(&env, "FORWARD", "*", &bridge);
+    let dropped = if datapath == "iptables" {
+        policy_drops()
+    } else {
+        0
+    };
+    let segments = tcp_segments_received(&c.ns);
     let refused = || assert!(!connects(&env, &env.outside_ns(), c.ip, 81), "{what}");
     if datapath == "ebpf" {
         let to = format!("{}:81", c.ip);
@@ -669,9 +847,20 @@ fn unsolicited_on(datapath: &str, xdp: &str) {
     } else {
         refused();
     }
+    assert_eq!(
+        tcp_segments_received(&c.ns),
+        segments,
+        "{what}: a SYN got in"
+    );
     let echoes = echo_requests_received(&c.ns);
     assert!(!pings(&env, &env.outside_ns(), c.ip, None), "{what}");
     assert_eq!(echo_requests_received(&c.ns), echoes, "{what}");
+    if datapath == "iptables" {
+        assert!(
+            policy_drops() >= dropped + 2,
+            "{what}: the SYN and the echo"
+        );
+    }
     assert!(connects(&env, &env.outside_ns(), HOST_ADDR, 8080), "{what}");
     assert!(
         pings(&env, &c.ns, OUTSIDE_ADDR, None),

@@ -321,6 +321,10 @@ impl Datapath for IptablesDatapath {
         // Container to container on one bridge only crosses iptables with br_netfilter on;
         // --icc=false depends on it. Kernels without br_netfilter have no such sysctl.
         let _ = set_sysctl(None, "net.bridge.bridge-nf-call-iptables", "1");
+        // And only untagged frames do, unless told otherwise: a container's VLAN-tagged frame
+        // to its neighbour would be bridged past the --icc=false DROP, and a priority-tagged
+        // one (VLAN 0) is taken by the receiving stack as the untagged IPv4 it carries.
+        let _ = set_sysctl(None, "net.bridge.bridge-nf-filter-vlan-tagged", "1");
         let mut script = network_rules(net);
         script.filter.extend(forward_jumps_first());
         restore(&script).with_context(|| format!("install iptables rules for network {}", net.name))
