@@ -71,6 +71,8 @@ const PORT_MAX: u16 = 65535;
 /// A reply entry younger than this whose original entry isn't there yet is a flow another
 /// CPU is creating: its tuple is not free.
 const CLAIM_GRACE_NS: u64 = 1_000_000_000;
+/// How long a closed TCP flow holds its tuple before a new connection may take it over.
+const TUPLE_REUSE_NS: u64 = 1_000_000_000;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -646,7 +648,10 @@ fn claim_reply_tuple(
         if translated && published(&e.reply, cfg) {
             continue;
         }
-        if sockets::host_socket_owns(ctx, &e.reply) || !tuple_free(&e.reply, now, cfg) {
+        // Only the last try may take over a closed flow's tuple: a free one is better.
+        let reuse_closed = attempt + 1 == tries;
+        if sockets::host_socket_owns(ctx, &e.reply) || !tuple_free(&e.reply, now, cfg, reuse_closed)
+        {
             continue;
         }
         if CONNTRACK_NEW
@@ -667,19 +672,21 @@ fn published(reply: &CtKey, cfg: &Config) -> bool {
         && maps::published(reply.daddr[0], reply.dport, reply.proto, cfg, true).is_some()
 }
 
-/// Whether a new flow may take the tuple `key`: no live flow holds it (a closed TCP flow
-/// gives it up), and no other CPU is creating one with it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't
-/// complete yet). A stale assured entry is removed, so it can't shadow the new flow.
+/// Whether a new flow may take the tuple `key`: no live flow holds it (with `reuse_closed`,
+/// a TCP flow closed for `TUPLE_REUSE_NS` gives it up), and no other CPU is creating one with
+/// it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't complete yet). A stale assured entry is removed, so it can't shadow the new flow.
 #[inline(always)]
-fn tuple_free(key: &CtKey, now: u64, cfg: &Config) -> bool {
+fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
     if let Some(live) = live_flow(key, now, &cfg.timeouts) {
         // SAFETY: a pointer into the map value, valid for this program run.
-        let state = unsafe { (*live.state).state };
-        // A closed TCP flow's tuple may start a new connection, as netfilter lets a SYN
-        // reopen a TIME_WAIT entry: else a busy client's closed flows would hold every port
-        // for the TIME_WAIT timeout. Its other entry stops pointing back: never used again.
+        let (state, last_seen) = unsafe { ((*live.state).state, (*live.state).last_seen_ns) };
+        // A TCP flow closed and quiet for a while gives its tuple to a new connection, as
+        // Linux's tcp_tw_reuse does after a second: else a busy client's closed flows would
+        // hold every NAT port for the TIME_WAIT timeout. Not sooner: a late segment of the
+        // old connection must not reach the new flow's container. Its other entry stops
+        // pointing back: never used again.
         let closed = key.proto == IPPROTO_TCP && matches!(state, CT_TIME_WAIT | CT_CLOSE);
-        if !closed {
+        if !reuse_closed || !closed || now.saturating_sub(last_seen) < TUPLE_REUSE_NS {
             return false;
         }
     }
