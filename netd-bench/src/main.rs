@@ -36,6 +36,15 @@ enum Command {
         #[arg(long)]
         only: Option<bench::Part>,
     },
+    /// Churn (containers and ports) beside long-lived flows, for `--minutes`: flows lost,
+    /// errors, map sizes, the daemon's RSS and latency over time, leaks at the end.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Where to write soak.json, soak.md and soak.svg.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() {
@@ -53,6 +62,7 @@ fn run(cli: Cli) -> Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Demo => demo::run().await,
+            Command::Soak { minutes, out } => bench::soak(minutes, &out).await,
             Command::Bench {
                 quick,
                 out,

@@ -422,11 +422,7 @@ fn a_wildcard_port_is_reached_on_every_host_address_iptables() {
     a_wildcard_port_is_reached_on_every_host_address("iptables");
 }
 
-/// BUG, for the eBPF datapath's owners: `uplink::inbound` (netd-ebpf/src/uplink.rs) matches a
-/// wildcard published port only on `cfg.uplink_addr[0]`, so the host's second address refuses
-/// it (ConnectionRefused from the host stack) where Docker and the iptables datapath DNAT.
 #[test]
-#[ignore = "BUG: the eBPF datapath publishes wildcard ports on the uplink's first address only"]
 fn a_wildcard_port_is_reached_on_every_host_address_ebpf() {
     a_wildcard_port_is_reached_on_every_host_address("ebpf");
 }

@@ -713,11 +713,9 @@ fn endpoint_filter_id(env: &TestEnv, veth: &str, dir: &str) -> u64 {
 
 const TC: &[&str] = &["ingress", "egress"];
 
-/// BUG, for the owners of netd/src/datapath/ebpf.rs: `reload_programs` replaces the TC and XDP
-/// programs but not the host's socket programs attached to the cgroup (`host_connect4` and
-/// the rest), so an upgrade leaves the old build redirecting host connections.
+/// `reload` replaces the host's socket programs on the cgroup (`host_connect4` and the rest)
+/// too: an upgrade leaves no old build redirecting host connections.
 #[test]
-#[ignore = "BUG: netd reload leaves the cgroup socket programs of the old build attached"]
 fn reload_replaces_the_host_socket_programs_too() {
     let env = TestEnv::new();
     env.netd_ok(&["network", "create", "n", "--subnet", "10.78.0.0/24"]);
@@ -772,7 +770,9 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     for round in 0..3 {
         let before = tests::cli::published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
-        assert!(out.contains("5 programs replaced"), "{out}");
+        // Uplink ingress and egress, bridge ingress, the veth's ingress and egress, and the
+        // host's four socket programs.
+        assert!(out.contains("9 programs replaced"), "{out}");
         let now = attached_program_ids(&env, TC, &veths);
         assert_eq!(
             now.keys().collect::<Vec<_>>(),

@@ -19,7 +19,7 @@ use netd_common::datapath::{
 };
 use tests::{
     frames::*,
-    harness::{HOST_ADDR, OUTSIDE_ADDR},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, UPLINK},
     netdata::{BRIDGE, C1, C2, GATEWAY, endpoint, network},
     progrun::{Bench, DROP, PASS, REDIRECT, Skb, XDP_DROP, XDP_PASS, host_veth},
 };
@@ -137,6 +137,41 @@ fn published_tcp_port_on_any_address_is_dnated_and_replies_leave_from_it() {
     b.assert_untouched(&tcp_frame(client, 5556, OTHER_HOST_ADDR, 8080, SYN));
     // An unpublished port is left to the host.
     b.assert_untouched(&tcp_frame(client, 5557, HOST_ADDR, 8081, SYN));
+}
+
+#[test]
+fn a_host_address_added_later_reaches_wildcard_ports_once_the_daemon_follows_it() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // What the daemon does on each round.
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_uplink().unwrap()
+        })
+    };
+    let addr = |op: &str| {
+        let cidr = format!("{OTHER_HOST_ADDR}/24");
+        tests::topology::ip_in(
+            &b.env,
+            &b.env.host_ns(),
+            &["addr", op, &cidr, "dev", UPLINK],
+        );
+    };
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    let syn = |sport| tcp_frame(client, sport, OTHER_HOST_ADDR, 8080, SYN);
+    addr("add");
+    b.assert_untouched(&syn(5556));
+    assert_eq!(follow(), None, "the uplink is the same");
+    assert_eq!(b.ingress(&syn(5557)), at(client, 5557, C1, 80));
+    // Masquerade stays on the uplink's own address.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 40000, client, 80, SYN)).src,
+        HOST_ADDR
+    );
+    addr("del");
+    follow();
+    b.assert_untouched(&syn(5558));
 }
 
 /// Offset of the IPv4 TTL in a frame.
@@ -1143,10 +1178,16 @@ fn icmp_errors_about_hairpin_flows_are_translated_both_ways_with_the_quoted_pack
     assert_eq!(b.run(BRIDGE_INGRESS_PROG, &stray), (PASS, stray.clone()));
 }
 
-#[test]
-fn hairpin_applies_the_sources_isolation() {
-    let b = Bench::new();
-    // A second network, without ICC, with C3; C2 links to C3's port 80.
+/// A second network, without ICC ("quiet", 10.2.0.0/24), with C3 and C4 on veth3 and veth4;
+/// C4 links to C3's `link` port.
+struct Quiet {
+    net: netd::datapath::NetworkSpec,
+    c3: Ipv4Addr,
+    c4: Ipv4Addr,
+    veth4: u32,
+}
+
+fn quiet_network(b: &Bench, link: (netd::datapath::Protocol, u16)) -> Quiet {
     let quiet = netd::datapath::NetworkSpec {
         id: 2,
         name: "quiet".into(),
@@ -1171,8 +1212,8 @@ fn hairpin_applies_the_sources_isolation() {
                 veth4,
                 vec![netd::datapath::LinkSpec {
                     peer: c3,
-                    proto: netd::datapath::Protocol::Tcp,
-                    port: 80,
+                    proto: link.0,
+                    port: link.1,
                 }],
             ),
         ] {
@@ -1183,6 +1224,24 @@ fn hairpin_applies_the_sources_isolation() {
             };
             dp.add_endpoint(&quiet, &ep).unwrap();
         }
+    });
+    Quiet {
+        net: quiet,
+        c3,
+        c4,
+        veth4,
+    }
+}
+
+#[test]
+fn hairpin_applies_the_sources_isolation() {
+    let b = Bench::new();
+    let Quiet {
+        net: quiet, c3, c4, ..
+    } = quiet_network(&b, (netd::datapath::Protocol::Tcp, 80));
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
         dp.publish(
             &quiet,
             &[netd::datapath::PortSpec {
@@ -1218,6 +1277,52 @@ fn hairpin_applies_the_sources_isolation() {
         .dst,
         C1
     );
+}
+
+#[test]
+fn later_fragments_along_a_link_follow_their_first_fragments_verdict() {
+    let b = Bench::new();
+    let q = quiet_network(&b, (netd::datapath::Protocol::Udp, 53));
+    let (c3_mac, c4_mac) = (endpoint(q.c3, "", 0).mac, endpoint(q.c4, "", 0).mac);
+    let from_c4 = Skb {
+        ingress_ifindex: q.veth4,
+        ifindex: q.veth4,
+        ..Skb::default()
+    };
+    let run = |frame: &[u8]| {
+        b.run_skb(
+            ENDPOINT_INGRESS_PROG,
+            &with_macs(frame.to_vec(), c3_mac, c4_mac),
+            from_c4,
+        )
+        .0
+    };
+    let datagram_to = |dport, id| {
+        fragments(
+            &udp_frame_carrying(q.c4, 6000, q.c3, dport, &[0x5a; 192]),
+            96,
+            id,
+        )
+    };
+    let dropped = |frame: &[u8], what: &str| {
+        let before = b.stat("icc_denied");
+        assert_eq!(run(frame), DROP, "{what}");
+        assert_eq!(b.stat("icc_denied"), before + 1, "{what}: icc_denied");
+    };
+    // Along the link: both fragments go straight into C3.
+    let (first, later) = datagram_to(53, 0x4343);
+    assert_eq!(run(&first), REDIRECT, "the first fragment, along the link");
+    assert_eq!(
+        run(&later),
+        REDIRECT,
+        "the later fragment follows its first"
+    );
+    // Off the link: both are dropped.
+    let (first, later) = datagram_to(54, 0x4344);
+    dropped(&first, "the first fragment, off the link");
+    dropped(&later, "the later fragment of a datagram off the link");
+    // A later fragment whose first fragment was never seen: nothing says it is linked.
+    dropped(&datagram_to(53, 0x4345).1, "a stray later fragment");
 }
 
 #[test]

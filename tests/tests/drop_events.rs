@@ -283,11 +283,9 @@ fn spoofed_mac_for_a_source_mac_not_the_containers_own() {
     assert_eq!(received(&rx).as_deref(), Some("netd udp!"));
 }
 
-/// BUG, for the eBPF datapath's owners: the endpoint program reports a spoofed-MAC drop
-/// before it reads the IPv4 header, so `netd monitor` shows `- 0.0.0.0:0 -> 0.0.0.0:0` for
-/// an IPv4 datagram whose 5-tuple it could name.
+/// A spoofed-MAC drop of an IPv4 datagram names its 5-tuple, though the MAC check comes
+/// before the IPv4 header's.
 #[test]
-#[ignore = "BUG: spoofed_mac drop events carry no 5-tuple"]
 fn spoofed_mac_events_name_the_datagrams_five_tuple() {
     let env = TestEnv::new();
     env.netd_ok(&["network", "create", "n", "--subnet", "10.70.0.0/24"]);

@@ -37,12 +37,16 @@ enum Task {
     Demo,
     /// Benchmark: eBPF against iptables and the ceiling; report in target/bench/.
     Bench {
-        /// `setup`: only the control plane (create and remove 100 containers); `latency`: only
-        /// request/response against the ceiling, paired.
+        /// `setup`: only the control plane (create and remove containers); `latency`: only
+        /// request/response against the ceiling, paired; `soak`: churn beside long-lived
+        /// flows for `--minutes`.
         what: Option<String>,
-        /// A smoke run (under 3 minutes) with the same report shape.
+        /// A smoke run (a few minutes) with the same report shape.
         #[arg(long)]
         quick: bool,
+        /// Minutes the soak runs (30 for the report, 2 in CI).
+        #[arg(long)]
+        minutes: Option<f64>,
     },
 }
 
@@ -71,7 +75,11 @@ fn run() -> Result<()> {
         }
         Task::Lint => lint(),
         Task::Demo => demo(),
-        Task::Bench { what, quick } => bench(what.as_deref(), quick),
+        Task::Bench {
+            what,
+            quick,
+            minutes,
+        } => bench(what.as_deref(), quick, minutes),
     }
 }
 
@@ -173,17 +181,26 @@ fn lint() -> Result<()> {
     )
 }
 
-fn bench(what: Option<&str>, quick: bool) -> Result<()> {
+fn bench(what: Option<&str>, quick: bool, minutes: Option<f64>) -> Result<()> {
+    if minutes.is_some() && what != Some("soak") {
+        bail!("--minutes is for `cargo xtask bench soak`");
+    }
     let mut cmd = netd_bench()?;
-    cmd.arg("bench")
-        .arg("--out")
-        .arg(workspace_root().join("target/bench"));
+    let out = workspace_root().join("target/bench");
+    if what == Some("soak") {
+        cmd.arg("soak").arg("--out").arg(out);
+        if let Some(minutes) = minutes {
+            cmd.arg("--minutes").arg(minutes.to_string());
+        }
+        return run_cmd(&mut cmd);
+    }
+    cmd.arg("bench").arg("--out").arg(out);
     match what {
         None => {}
         Some(part @ ("setup" | "latency")) => {
             cmd.args(["--only", part]);
         }
-        Some(other) => bail!("unknown benchmark {other:?} (known: setup, latency)"),
+        Some(other) => bail!("unknown benchmark {other:?} (known: setup, latency, soak)"),
     }
     if quick {
         cmd.arg("--quick");

@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use super::{
     Path,
     docker::{Dockerd, Protocol},
+    keepalive::KEEPALIVE_PORT,
     tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
 };
 use netd::{
@@ -25,14 +26,45 @@ pub const ARMS: &[&str] = &[
     "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
 ];
 
-/// The netd options an arm runs with (`None`: not a netd arm).
+/// The netd options an arm runs with (`None`: not a netd arm). `iptables-legacy` and
+/// `iptables-nft` are the iptables arm with one backend named (`iptables` takes the
+/// machine's default, nft on Debian); the scaling measurement runs both.
 fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
     match arm {
         "ebpf" => Some(&["--datapath", "ebpf"]),
         "ebpf-xdp" => Some(&["--datapath", "ebpf", "--uplink-xdp"]),
-        "iptables" => Some(&["--datapath", "iptables"]),
+        "iptables" | "iptables-legacy" | "iptables-nft" => Some(&["--datapath", "iptables"]),
         _ => None,
     }
+}
+
+/// The iptables backend an arm names: `legacy` (x_tables) or `nft` (nf_tables).
+pub fn iptables_backend(arm: &str) -> Option<&'static str> {
+    arm.strip_prefix("iptables-").and_then(|b| match b {
+        "legacy" => Some("legacy"),
+        "nft" => Some("nft"),
+        _ => None,
+    })
+}
+
+/// A directory to put first on netd's PATH, where `iptables`, `iptables-save` and
+/// `iptables-restore` are `backend`'s (what update-alternatives would switch machine-wide).
+fn backend_bin_dir(dir: &std::path::Path, backend: &str) -> Result<std::ffi::OsString> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for tool in ["iptables", "iptables-save", "iptables-restore"] {
+        let real = format!(
+            "/usr/sbin/{}",
+            tool.replacen("iptables", &format!("iptables-{backend}"), 1)
+        );
+        let link = dir.join(tool);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link)
+            .with_context(|| format!("link {} to {real}", link.display()))?;
+    }
+    let mut path = dir.as_os_str().to_owned();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    Ok(path)
 }
 
 /// Whether the arm has a control plane of its own (ebpf-xdp's is ebpf's: only the uplink's
@@ -44,8 +76,8 @@ pub fn has_own_control_plane(arm: &str) -> bool {
 
 /// The subnet of netd's benchmark network and its two containers' addresses.
 const SUBNET: &str = "172.30.0.0/22";
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
 
 /// What the kernel shows for an arm: evidence that each arm uses only its own datapath.
 #[derive(Debug, Default, serde::Serialize)]
@@ -53,12 +85,25 @@ pub struct Fairness {
     pub netfilter_rules: usize,
     pub kernel_conntrack: u64,
     pub bpf_programs_attached: usize,
+    /// Netfilter tables (nf_tables and x_tables) in the host namespace: with none, no packet
+    /// there pays for netfilter or conntrack (see `netfilter_tables_in`).
+    pub nf_tables_host: usize,
+    /// The same in the server container's namespace.
+    pub nf_tables_container: usize,
+    /// `net.bridge.bridge-nf-call-iptables` in the host namespace (bridged frames through
+    /// iptables; only matters where a frame crosses a bridge).
+    pub bridge_nf_call_iptables: String,
 }
 
-/// Ports a container publishes (TCP): `host:container` pairs, or a same-numbered range.
+/// Ports a container publishes (TCP): `host:container` pairs, or a same-numbered range (on
+/// one host address, or all of them).
 pub enum Publish {
     Pairs(Vec<(u16, u16)>),
-    Range { first: u16, count: u16 },
+    Range {
+        ip: Option<Ipv4Addr>,
+        first: u16,
+        count: u16,
+    },
 }
 
 /// A container made by an arm: where to run things inside it, and its address.
@@ -69,14 +114,26 @@ pub struct Created {
 
 /// An arm that manages containers: netd (with a datapath) or Docker, in a sandbox.
 pub enum Control {
-    Netd(Instance),
+    /// netd, with the PATH its iptables backend needs (`None`: the machine's).
+    Netd {
+        inst: Instance,
+        path: Option<std::ffi::OsString>,
+    },
     // Field order is drop order: dockerd stops before its sandbox goes.
-    Docker { dockerd: Dockerd, inst: Instance },
+    Docker {
+        dockerd: Dockerd,
+        inst: Instance,
+    },
 }
 
 impl Control {
     /// A sandbox with the arm ready to make containers (netd: a network `bench` exists).
     pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
+        Self::build_with(arm, prefix, &[]).await
+    }
+
+    /// [`Control::build`], with more global options for netd (`--conntrack-max N`, ...).
+    pub async fn build_with(arm: &str, prefix: &str, options: &[&str]) -> Result<Self> {
         let inst = Instance::create(prefix).await?;
         if arm == "docker" {
             let workdir = inst.state_dir.join("docker");
@@ -86,22 +143,48 @@ impl Control {
         let mut args = netd_options(arm)
             .with_context(|| format!("unknown benchmark arm {arm:?}"))?
             .to_vec();
+        args.extend(options);
         args.extend(["network", "create", "bench", "--subnet", SUBNET]);
-        inst.try_netd(&args)?;
-        Ok(Self::Netd(inst))
+        let path = iptables_backend(arm)
+            .map(|b| backend_bin_dir(&inst.state_dir.join("xtables"), b))
+            .transpose()?;
+        let ctl = Self::Netd { inst, path };
+        ctl.netd(&args)?;
+        Ok(ctl)
     }
 
     pub fn instance(&self) -> &Instance {
         match self {
-            Self::Netd(inst) | Self::Docker { inst, .. } => inst,
+            Self::Netd { inst, .. } | Self::Docker { inst, .. } => inst,
         }
+    }
+
+    /// Runs `netd ARGS` for a netd arm (with its iptables backend); fails with netd's error
+    /// line.
+    pub fn netd(&self, args: &[&str]) -> Result<String> {
+        let Self::Netd { inst, path } = self else {
+            anyhow::bail!("netd {}: not a netd arm", args.join(" "));
+        };
+        let mut cmd = inst.netd_cmd(args);
+        if let Some(path) = path {
+            cmd.env("PATH", path);
+        }
+        let out = cmd.output().context("run netd")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "netd {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Creates container `base` (netd: at `ip`) publishing `publish`.
     pub fn create(&self, base: &str, ip: Option<Ipv4Addr>, publish: Publish) -> Result<Created> {
         let name = self.instance().name(base);
         match self {
-            Self::Netd(inst) => {
+            Self::Netd { .. } => {
                 let mut args = vec!["container".to_string(), "create".into(), name.clone()];
                 args.extend(["--network".into(), "bench".into()]);
                 if let Some(ip) = ip {
@@ -113,13 +196,14 @@ impl Control {
                             args.extend(["-p".into(), format!("{host}:{container}")]);
                         }
                     }
-                    Publish::Range { first, count } => {
+                    Publish::Range { ip, first, count } => {
                         let last = first + count - 1;
-                        args.extend(["-p".into(), format!("{first}-{last}:{first}-{last}")]);
+                        let ip = ip.map(|ip| format!("{ip}:")).unwrap_or_default();
+                        args.extend(["-p".into(), format!("{ip}{first}-{last}:{first}-{last}")]);
                     }
                 }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                inst.try_netd(&args)?;
+                self.netd(&args)?;
                 Ok(Created {
                     netns: netns::path_of(&name),
                     ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -131,7 +215,14 @@ impl Control {
                         .into_iter()
                         .map(|(h, c)| (h, c, Protocol::Tcp))
                         .collect(),
-                    Publish::Range { first, count } => (first..first + count)
+                    Publish::Range { ip: Some(ip), .. } => {
+                        anyhow::bail!("the Docker arm publishes on every address, not on {ip}")
+                    }
+                    Publish::Range {
+                        ip: None,
+                        first,
+                        count,
+                    } => (first..first + count)
                         .map(|p| (p, p, Protocol::Tcp))
                         .collect(),
                 };
@@ -150,8 +241,8 @@ impl Control {
     pub fn publish(&self, base: &str, (host, container): (u16, u16)) -> Result<Created> {
         let name = self.instance().name(base);
         match self {
-            Self::Netd(inst) => {
-                inst.try_netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
+            Self::Netd { .. } => {
+                self.netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
                 Ok(Created {
                     netns: netns::path_of(&name),
                     ip: Ipv4Addr::UNSPECIFIED,
@@ -167,7 +258,7 @@ impl Control {
     pub fn remove(&self, base: &str) -> Result<()> {
         let name = self.instance().name(base);
         match self {
-            Self::Netd(inst) => inst.try_netd(&["container", "rm", &name]).map(drop),
+            Self::Netd { .. } => self.netd(&["container", "rm", &name]).map(drop),
             Self::Docker { dockerd, .. } => dockerd.remove(&name),
         }
     }
@@ -193,7 +284,8 @@ impl World {
         }
         let ctl = Box::new(Control::build(arm, prefix).await?);
         // The server container publishes the three servers' ports, shifted.
-        let published = [IPERF_PORT, SOCKPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+        let published =
+            [IPERF_PORT, SOCKPERF_PORT, CRR_PORT, KEEPALIVE_PORT].map(|p| (p + PUBLISH_SHIFT, p));
         let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
         let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
         // The outside can route to the server container (for the unsolicited flood).
@@ -277,7 +369,8 @@ impl World {
     }
 
     pub fn fairness(&self) -> Result<Fairness> {
-        fairness_of(&self.datapath_ns())
+        let container = self.endpoint(Path::Published).server_ns;
+        fairness_of(&self.datapath_ns(), &container)
     }
 }
 
@@ -431,14 +524,35 @@ impl Drop for Routed {
     }
 }
 
-fn fairness_of(ns: &std::path::Path) -> Result<Fairness> {
+fn fairness_of(ns: &std::path::Path, container: &std::path::Path) -> Result<Fairness> {
     let rules = try_output_in(ns, "iptables-save", &[])?;
     let conntrack = try_output_in(ns, "conntrack", &["-C"])?;
+    let bridge_nf = netns::run_in(Some(ns), || {
+        Ok(
+            std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+                .map_or_else(|_| "absent".to_string(), |v| v.trim().to_string()),
+        )
+    })?;
     Ok(Fairness {
         netfilter_rules: rules.lines().filter(|l| l.starts_with("-A ")).count(),
         kernel_conntrack: conntrack.trim().parse().unwrap_or(0),
         bpf_programs_attached: tcx_programs_in(ns)?,
+        nf_tables_host: netfilter_tables_in(ns)?,
+        nf_tables_container: netfilter_tables_in(container)?,
+        bridge_nf_call_iptables: bridge_nf,
     })
+}
+
+/// Netfilter tables in `ns`, nf_tables (`nft list ruleset`: iptables-nft's and nft's) and
+/// x_tables (`iptables-legacy-save`). The kernel registers a namespace's netfilter hooks, and
+/// conntrack's, only for tables and the rules that need them, so with none there no packet in
+/// `ns` pays for netfilter or conntrack, whatever the kernel has built in. (`nft list hooks`
+/// would list the hooks themselves; this kernel doesn't answer it.)
+fn netfilter_tables_in(ns: &std::path::Path) -> Result<usize> {
+    let nft = try_output_in(ns, "nft", &["list", "ruleset"])?;
+    let legacy = try_output_in(ns, "iptables-legacy-save", &[])?;
+    Ok(nft.lines().filter(|l| l.starts_with("table ")).count()
+        + legacy.lines().filter(|l| l.starts_with('*')).count())
 }
 
 /// eBPF programs attached to the interfaces of `ns`.
@@ -551,7 +665,7 @@ fn stats_of(attached: &[(u32, String)]) -> Vec<ProgStats> {
 }
 
 /// Interface names of the calling thread's namespace, from /proc/thread-self/net/dev.
-fn interface_names() -> Result<Vec<String>> {
+pub fn interface_names() -> Result<Vec<String>> {
     let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
     Ok(dev
         .lines()

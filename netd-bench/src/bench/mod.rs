@@ -4,8 +4,13 @@
 //! is driven through its binary (`NETD_BIN`), as a user would.
 
 mod arms;
+mod conntrack;
 pub mod docker;
+mod keepalive;
+mod memory;
 pub mod report;
+mod scale;
+mod soak;
 mod tools;
 
 use std::{
@@ -20,8 +25,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use serde::Serialize;
 
-use arms::{Control, Publish, World};
-use netd_testkit::sandbox::HOST_ADDR;
+use arms::World;
 use report::{Machine, Record, Report};
 use tools::Endpoint;
 
@@ -46,6 +50,8 @@ pub enum Part {
     Setup,
     /// Request/response latency against the ceiling, paired (`measure_paired_latency`).
     Latency,
+    /// Conntrack under pressure: the table 90% full, a SYN flood beside a flow.
+    Conntrack,
 }
 
 /// The traffic paths every arm is measured on.
@@ -78,36 +84,200 @@ impl Path {
 struct Plan {
     secs: u32,
     crr_threads: usize,
+    /// Published port counts every arm with a control plane is scaled to.
     port_counts: Vec<u32>,
-    containers: usize,
+    /// Further port counts for ebpf alone (past what one host address holds).
+    ebpf_port_counts: Vec<u32>,
+    /// Ports published on one host address; past that, on the next.
+    ports_per_address: u32,
+    /// Container counts created and removed one by one.
+    container_counts: Vec<usize>,
+    /// Containers created at once in the start storm.
+    storm: usize,
+    /// Entries of netd's conntrack table in the conntrack measurement (filled to 90%).
+    conntrack_max: u32,
     /// Pairs of request/response runs per arm and path in the paired latency measurement.
     latency_pairs: usize,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
-        if quick {
+    /// The plan for a full or quick run; `NETD_BENCH_PORTS`, `NETD_BENCH_EBPF_PORTS`,
+    /// `NETD_BENCH_CONTAINERS` (comma-separated counts) and `NETD_BENCH_STORM` scale it down
+    /// (or up) without touching the rest.
+    fn new(quick: bool) -> Result<Self> {
+        let mut plan = if quick {
             Self {
                 secs: 1,
                 crr_threads: 2,
                 port_counts: vec![1, 100],
-                containers: 10,
+                // Two host addresses: the several-address path, at smoke size.
+                ebpf_port_counts: vec![1_000],
+                ports_per_address: 600,
+                container_counts: vec![10],
+                storm: 10,
+                conntrack_max: 262_144,
                 latency_pairs: 3,
             }
         } else {
             Self {
                 secs: 3,
                 crr_threads: 2,
-                port_counts: vec![1, 100, 1_000, 10_000],
-                containers: 100,
+                port_counts: vec![1, 100, 1_000, 10_000, 30_000],
+                ebpf_port_counts: vec![60_000, 100_000],
+                ports_per_address: 25_000,
+                container_counts: vec![100, 1_000],
+                storm: 100,
+                conntrack_max: 524_288,
                 latency_pairs: 15,
             }
+        };
+        if let Some(v) = env_counts("NETD_BENCH_PORTS")? {
+            plan.port_counts = v;
         }
+        if let Some(v) = env_counts("NETD_BENCH_EBPF_PORTS")? {
+            plan.ebpf_port_counts = v;
+        }
+        if let Some(v) = env_counts("NETD_BENCH_CONTAINERS")? {
+            plan.container_counts = v;
+        }
+        if let Some(v) = env_counts("NETD_BENCH_STORM")? {
+            plan.storm = v.first().copied().unwrap_or(plan.storm);
+        }
+        Ok(plan)
+    }
+
+    /// The port counts `arm` is scaled to.
+    fn port_counts_of(&self, arm: &str) -> Vec<u32> {
+        let mut counts = self.port_counts.clone();
+        if arm == "ebpf" {
+            counts.extend(&self.ebpf_port_counts);
+        }
+        counts
+    }
+}
+
+/// Comma-separated counts from the environment variable `var`, if set.
+fn env_counts<T: std::str::FromStr>(var: &str) -> Result<Option<Vec<T>>> {
+    let Ok(text) = std::env::var(var) else {
+        return Ok(None);
+    };
+    text.split(',')
+        .map(|n| {
+            n.trim()
+                .replace('_', "")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{var}={text}: {n:?} is not a count"))
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// The arms the scaling and control-plane measurements run for `arm`: iptables with both
+/// backends (legacy and nft), the others as they are.
+fn scaled_arms(arm: &str) -> Vec<String> {
+    if arm == "iptables" {
+        vec!["iptables-legacy".into(), "iptables-nft".into()]
+    } else {
+        vec![arm.to_string()]
     }
 }
 
 /// Samples keyed by (arm, path, metric, n_ports).
 type Samples = BTreeMap<(String, String, &'static str, u32), Vec<f64>>;
+
+/// Published-port scaling of one arm, every count of the plan, `runs` rounds each.
+async fn measure_port_scaling(
+    arm: &str,
+    plan: &Plan,
+    runs: usize,
+    samples: &mut Samples,
+    skipped: &mut Vec<String>,
+) -> Result<()> {
+    for n in plan.port_counts_of(arm) {
+        if arm == "docker" && n > DOCKER_MAX_PORTS {
+            skip(
+                skipped,
+                format!(
+                    "docker at {n} ports: Docker starts one docker-proxy process per published port"
+                ),
+            );
+            continue;
+        }
+        for round in 1..=runs {
+            progress(&format!(
+                "scaling: {arm}: {n} published ports, round {round}/{runs}"
+            ))?;
+            let measured = scale::measure_ports(arm, n, plan, samples)
+                .await
+                .with_context(|| format!("{arm} at {n} ports"));
+            match measured {
+                // Past one address's worth, a failure is a limit of netd's, reported.
+                Err(e) if plan.ebpf_port_counts.contains(&n) => {
+                    skip(skipped, format!("{e:#}"));
+                    break;
+                }
+                other => other?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Containers created and removed one by one at each count of the plan, and the start storm.
+async fn measure_control_plane(
+    arm: &str,
+    plan: &Plan,
+    samples: &mut Samples,
+    skipped: &mut Vec<String>,
+) -> Result<()> {
+    for &count in &plan.container_counts {
+        if arm == "docker" && count > DOCKER_MAX_CONTAINERS {
+            skip(
+                skipped,
+                format!("docker at {count} containers: about a second each, create and remove"),
+            );
+            continue;
+        }
+        progress(&format!("control plane: {arm}: {count} containers"))?;
+        scale::measure_containers(arm, count, samples)
+            .await
+            .with_context(|| format!("{arm}, {count} containers"))?;
+    }
+    if arm != "docker" {
+        progress(&format!(
+            "control plane: {arm}: start storm of {}",
+            plan.storm
+        ))?;
+        scale::measure_storm(arm, plan.storm, samples)
+            .await
+            .with_context(|| format!("{arm}, start storm"))?;
+    }
+    Ok(())
+}
+
+/// Conntrack under pressure (`conntrack`): on ebpf, its table 90% full and a SYN flood; on
+/// iptables, the SYN flood and the kernel conntrack's memory (its table is machine-wide, so
+/// it is not filled). Not on Docker (the iptables arm's rules, plus a proxy).
+async fn measure_conntrack(
+    arm: &str,
+    plan: &Plan,
+    round: usize,
+    samples: &mut Samples,
+) -> Result<()> {
+    if arm == "docker" {
+        return Ok(());
+    }
+    progress(&format!("conntrack: {arm}, round {round}"))?;
+    let done = if arm == "ebpf" {
+        conntrack::measure(arm, plan, samples).await
+    } else {
+        conntrack::measure_flood_only(arm, plan, samples).await
+    };
+    done.with_context(|| format!("{arm}, conntrack"))
+}
+
+/// Docker takes about half a second per container; past this many the arm is not measured.
+const DOCKER_MAX_CONTAINERS: usize = 100;
 
 /// Set by SIGINT or SIGTERM: the benchmark stops at its next step and unwinds, which removes
 /// every sandbox, server and dockerd it made (killed outright, it would leave them behind).
@@ -141,7 +311,7 @@ fn progress(what: &str) -> Result<()> {
 
 pub async fn run(mut opts: Options) -> Result<()> {
     catch_interrupts()?;
-    let plan = Plan::new(opts.quick);
+    let plan = Plan::new(opts.quick)?;
     let started = Instant::now();
     let mut skipped = Vec::new();
     if opts.arms.iter().any(|a| a == "docker")
@@ -194,32 +364,18 @@ pub async fn run(mut opts: Options) -> Result<()> {
         measure_paired_latency(&opts.arms, &plan, &mut samples).await?;
     }
     for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
-        for &n in plan.port_counts.iter().filter(|_| opts.only.is_none()) {
-            if arm == "docker" && n > DOCKER_MAX_PORTS {
-                skip(
-                    &mut skipped,
-                    format!(
-                        "docker at {n} ports: Docker starts one docker-proxy process per published port"
-                    ),
-                );
-                continue;
-            }
-            for round in 1..=opts.runs {
-                progress(&format!(
-                    "scaling: {arm}: {n} published ports, round {round}/{}",
-                    opts.runs
-                ))?;
-                measure_scaling(arm, n, &plan, &mut samples)
-                    .await
-                    .with_context(|| format!("{arm}, {n} ports"))?;
+        if opts.only.is_none() {
+            for scaled in scaled_arms(arm) {
+                measure_port_scaling(&scaled, &plan, opts.runs, &mut samples, &mut skipped).await?;
             }
         }
         if part(Part::Setup) {
-            progress(&format!(
-                "control plane: {arm}: {} containers",
-                plan.containers
-            ))?;
-            measure_setup(arm, plan.containers, &mut samples).await?;
+            measure_control_plane(arm, &plan, &mut samples, &mut skipped).await?;
+        }
+        if part(Part::Conntrack) {
+            for round in 1..=opts.runs {
+                measure_conntrack(arm, &plan, round, &mut samples).await?;
+            }
         }
     }
     let report = Report {
@@ -245,6 +401,12 @@ pub async fn run(mut opts: Options) -> Result<()> {
     eprintln!("bench: report written to {}", opts.out.display());
     println!("{}", report.markdown());
     Ok(())
+}
+
+/// The soak (`soak` module): `minutes` of churn beside long-lived flows; report in `out`.
+pub async fn soak(minutes: f64, out: &std::path::Path) -> Result<()> {
+    catch_interrupts()?;
+    soak::run(minutes, out).await
 }
 
 /// The arms the paired latency measurement compares with the ceiling.
@@ -393,89 +555,7 @@ fn measure_path(
     record(samples, arm, path.name(), "rr_p99", 1, p99);
     let cps = tools::crr(ep, plan.secs, plan.crr_threads).context("connections per second")?;
     record(samples, arm, path.name(), "crr", 1, cps);
-    Ok(())
-}
-
-/// With `n - 1` ports already published, publishes port `n` (a container with one `-p`) and
-/// measures the time that took, the first connection's latency and connections per second
-/// through it.
-async fn measure_scaling(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) -> Result<()> {
-    const FIRST: u16 = 20_000;
-    const LAST_HOST_PORT: u16 = 45_000;
-    let ctl = Control::build(arm, &prefix(arm)).await?;
-    if n > 1 {
-        let count = u16::try_from(n - 1).context("too many ports")?;
-        ctl.create(
-            "many",
-            None,
-            Publish::Range {
-                first: FIRST,
-                count,
-            },
-        )?;
-    }
-    ctl.create("last", None, Publish::Pairs(vec![]))?;
-    let started = Instant::now();
-    let last = ctl.publish("last", (LAST_HOST_PORT, tools::CRR_PORT))?;
-    record(
-        samples,
-        arm,
-        "publish",
-        "publish_ms",
-        n,
-        started.elapsed().as_secs_f64() * 1e3,
-    );
-
-    let ep = Endpoint {
-        client_ns: ctl.instance().sandbox.outside_path(),
-        server_ns: last.netns,
-        target: HOST_ADDR,
-        port_shift: LAST_HOST_PORT - tools::CRR_PORT,
-    };
-    let first = first_packet(&ep)?;
-    record(samples, arm, SCALING, "first_packet_us", n, first);
-    let cps = tools::crr(&ep, plan.secs, plan.crr_threads)?;
-    record(samples, arm, SCALING, "crr", n, cps);
-    Ok(())
-}
-
-fn first_packet(ep: &Endpoint) -> Result<f64> {
-    let _listener = netd::netns::run_in(Some(&ep.server_ns), || {
-        Ok(std::net::TcpListener::bind(("0.0.0.0", tools::CRR_PORT))?)
-    })?;
-    tools::first_connect_us(
-        &ep.client_ns,
-        SocketAddr::from((ep.target, tools::CRR_PORT + ep.port_shift)),
-    )
-}
-
-/// Creates then removes `count` containers one by one, timing each command.
-async fn measure_setup(arm: &str, count: usize, samples: &mut Samples) -> Result<()> {
-    let ctl = Control::build(arm, &prefix(arm)).await?;
-    let names: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
-    for name in &names {
-        let started = Instant::now();
-        ctl.create(name, None, Publish::Pairs(vec![]))?;
-        record(
-            samples,
-            arm,
-            "control",
-            "create_ms",
-            1,
-            started.elapsed().as_secs_f64() * 1e3,
-        );
-    }
-    for name in &names {
-        let started = Instant::now();
-        ctl.remove(name)?;
-        record(
-            samples,
-            arm,
-            "control",
-            "remove_ms",
-            1,
-            started.elapsed().as_secs_f64() * 1e3,
-        );
-    }
+    let rps = keepalive::request_rate(ep, plan.secs).context("keep-alive requests per second")?;
+    record(samples, arm, path.name(), "keepalive_rps", 1, rps);
     Ok(())
 }

@@ -52,7 +52,7 @@ impl Endpoint {
 }
 
 /// A server process, ended (by its PID, which we started) when dropped.
-struct Server(Child);
+pub(super) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -64,7 +64,7 @@ impl Drop for Server {
 }
 
 /// Starts `program args` in `ns` and waits until it listens on TCP `port` there.
-fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
+pub(super) fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -> Result<Server> {
     let child = command_in(ns, program)
         .args(args)
         .stdout(Stdio::null())
@@ -143,6 +143,25 @@ fn sockperf_percentile(text: &str, p: &str) -> Option<f64> {
 /// New connections per second: `threads` closed-loop clients, each connecting, sending one
 /// byte, reading one back and closing, for `secs`.
 pub fn crr(ep: &Endpoint, secs: u32, threads: usize) -> Result<f64> {
+    crr_with(ep, secs, threads, Failures::Abort).map(|(rate, _)| rate)
+}
+
+/// What a closed-loop client does when a connection fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Failures {
+    /// Stop and fail the measurement with the connection's error.
+    Abort,
+    /// Count it and go on (a measurement of a datapath under pressure).
+    Count,
+}
+
+/// [`crr`], returning the connections per second and the connections that failed.
+pub fn crr_with(
+    ep: &Endpoint,
+    secs: u32,
+    threads: usize,
+    failures: Failures,
+) -> Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let listener = netns::run_in(Some(&ep.server_ns), || {
         Ok(TcpListener::bind(SocketAddrV4::new(
@@ -154,10 +173,14 @@ pub fn crr(ep: &Endpoint, secs: u32, threads: usize) -> Result<f64> {
     let target = ep.target(CRR_PORT);
     let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
     let started = Instant::now();
-    let counts: Vec<Result<u64>> = std::thread::scope(|s| {
+    let counts: Vec<Result<(u64, u64)>> = std::thread::scope(|s| {
         let clients: Vec<_> = (0..threads)
             .map(|_| {
-                s.spawn(|| netns::run_in(Some(&ep.client_ns), || crr_client(target, deadline)))
+                s.spawn(|| {
+                    netns::run_in(Some(&ep.client_ns), || {
+                        crr_client(target, deadline, failures)
+                    })
+                })
             })
             .collect();
         clients
@@ -175,8 +198,13 @@ pub fn crr(ep: &Endpoint, secs: u32, threads: usize) -> Result<f64> {
         ))
     });
     let _ = server.join();
-    let total: u64 = counts.into_iter().sum::<Result<u64>>()?;
-    Ok(total as f64 / elapsed)
+    let (mut done, mut failed) = (0, 0);
+    for count in counts {
+        let (d, f) = count?;
+        done += d;
+        failed += f;
+    }
+    Ok((done as f64 / elapsed, failed))
 }
 
 fn spawn_echo_server(listener: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
@@ -195,24 +223,34 @@ fn spawn_echo_server(listener: TcpListener, stop: Arc<AtomicBool>) -> std::threa
     })
 }
 
-/// One closed-loop client; returns the connections it completed.
-fn crr_client(target: SocketAddr, deadline: Instant) -> Result<u64> {
-    let mut done = 0;
+/// One closed-loop client; returns the connections it completed and those that failed.
+fn crr_client(target: SocketAddr, deadline: Instant, failures: Failures) -> Result<(u64, u64)> {
+    let (mut done, mut failed) = (0, 0);
     while Instant::now() < deadline {
-        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-            .with_context(|| format!("connect to {target}"))?;
-        // Reset on close: no TIME_WAIT, so the client's ports don't run out mid-run.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &linger)?;
-        conn.write_all(b"x")?;
-        let mut byte = [0u8; 1];
-        conn.read_exact(&mut byte)?;
-        done += 1;
+        match crr_once(target) {
+            Ok(()) => done += 1,
+            Err(_) if failures == Failures::Count => failed += 1,
+            Err(e) => return Err(e),
+        }
     }
-    Ok(done)
+    Ok((done, failed))
+}
+
+/// One connection: connect, one byte each way, reset.
+fn crr_once(target: SocketAddr) -> Result<()> {
+    let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+        .with_context(|| format!("connect to {target}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    // Reset on close: no TIME_WAIT, so the client's ports don't run out mid-run.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &linger)?;
+    conn.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte)?;
+    Ok(())
 }
 
 /// Microseconds until a first TCP connection to `target` (from `client_ns`) is established.

@@ -22,6 +22,10 @@ pub const SUBNETS_MAP: &str = "SUBNETS";
 pub const VETHS_MAP: &str = "VETHS";
 /// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.
 pub const LINKS_MAP: &str = "LINKS";
+/// `HOST_ADDRS`: IPv4 address (`u32`, wire byte order) → `u8` (1): the host namespace's
+/// addresses (loopback aside), where a port published without an address is reached.
+pub const HOST_ADDRS_MAP: &str = "HOST_ADDRS";
+pub const HOST_ADDRS_MAX: u32 = 4_096;
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;

@@ -643,7 +643,7 @@ fn claim_reply_tuple(
             let random = unsafe { bpf_get_prandom_u32() };
             e.reply.dport = min + (random % span) as u16;
         }
-        if translated && published(&e.reply) {
+        if translated && published(&e.reply, cfg) {
             continue;
         }
         if sockets::host_socket_owns(ctx, &e.reply) || !tuple_free(&e.reply, now, cfg) {
@@ -662,9 +662,9 @@ fn claim_reply_tuple(
 /// Whether the reply tuple `reply` is a published port of its destination (a host
 /// address): a translated flow must not take it.
 #[inline(always)]
-fn published(reply: &CtKey) -> bool {
+fn published(reply: &CtKey, cfg: &Config) -> bool {
     reply.proto != IPPROTO_ICMP
-        && maps::published(reply.daddr[0], reply.dport, reply.proto, true).is_some()
+        && maps::published(reply.daddr[0], reply.dport, reply.proto, cfg, true).is_some()
 }
 
 /// Whether a new flow may take the tuple `key`: no live flow holds it (a closed TCP flow

@@ -2,32 +2,69 @@
 //! translates it by are remembered here, keyed by what all its fragments share (addresses,
 //! protocol, identification), for the later fragments (as Cilium's fragment map). A later
 //! fragment that arrives before its first one, or whose first one wasn't translated, matches
-//! nothing and is dropped (`fragment`).
+//! nothing and is dropped (`fragment`). The endpoint programs remember the ports of a first
+//! fragment a `--link` let through the same way, so its later fragments follow its verdict.
 
 use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
 use netd_common::datapath::{FRAGS_MAX, FragKey, FragPorts};
 
-use super::parse::{FRAG_FIRST, Flow};
+use super::{
+    events::Tuple,
+    parse::{FRAG_FIRST, Flow},
+};
 
 #[map]
 static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX, 0);
 
 #[inline(always)]
 fn key_of(flow: &Flow) -> FragKey {
+    datagram_key(flow.saddr, flow.daddr, flow.proto, flow.ip_id)
+}
+
+#[inline(always)]
+fn datagram_key(saddr: u32, daddr: u32, proto: u8, id: u16) -> FragKey {
     FragKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        id: flow.ip_id,
-        proto: flow.proto,
+        saddr,
+        daddr,
+        id,
+        proto,
         _pad: 0,
     }
+}
+
+/// The ports of datagram `id` of `t` (whose own ports are unknown: a later fragment), as
+/// [`remember_ports`] recorded them from its first fragment.
+#[inline(always)]
+pub fn ports_of(t: &Tuple, id: u16) -> Option<(u16, u16)> {
+    lookup(&datagram_key(t.saddr, t.daddr, t.proto, id))
+}
+
+/// Remembers the ports of `t`, the first fragment of datagram `id`, for its later fragments.
+/// A full map loses the oldest datagrams.
+#[inline(always)]
+pub fn remember_ports(t: &Tuple, id: u16) {
+    insert(
+        &datagram_key(t.saddr, t.daddr, t.proto, id),
+        t.sport,
+        t.dport,
+    );
+}
+
+#[inline(always)]
+fn insert(key: &FragKey, sport: u16, dport: u16) {
+    let _ = FRAGS.insert(key, &FragPorts { sport, dport }, u64::from(BPF_ANY));
 }
 
 /// The ports of the datagram a later fragment belongs to, as its first fragment carried them.
 #[inline(always)]
 pub fn ports(flow: &Flow) -> Option<(u16, u16)> {
+    lookup(&key_of(flow))
+}
+
+#[inline(always)]
+fn lookup(key: &FragKey) -> Option<(u16, u16)> {
     // SAFETY: read-only use of a map value written whole.
-    let ports = unsafe { FRAGS.get(&key_of(flow)) }?;
+    let ports = unsafe { FRAGS.get(key) }?;
     Some((ports.sport, ports.dport))
 }
 
@@ -38,9 +75,5 @@ pub fn remember(flow: &Flow) {
     if flow.frag != FRAG_FIRST {
         return;
     }
-    let ports = FragPorts {
-        sport: flow.sport,
-        dport: flow.dport,
-    };
-    let _ = FRAGS.insert(&key_of(flow), &ports, u64::from(BPF_ANY));
+    insert(&key_of(flow), flow.sport, flow.dport);
 }

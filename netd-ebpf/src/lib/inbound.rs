@@ -26,8 +26,7 @@ pub enum Inbound {
 /// just like this).
 #[inline(always)]
 pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
-    let daddr_is_host = flow.daddr == cfg.uplink_addr[0];
-    if let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) {
+    if let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, cfg, false) {
         let container = target.addr[0];
         if maps::is_internal(target.network_id) {
             return Inbound::Refused(Stat::Internal, container);
@@ -50,8 +49,8 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
 }
 
 /// Whether `saddr` can't be the source of a packet from outside: "this" network (0/8),
-/// loopback, multicast and beyond (224/3, the limited broadcast included), the host's uplink
-/// address, or an address of a container subnet (a container, a gateway). Translated to a
+/// loopback, multicast and beyond (224/3, the limited broadcast included), an address of the
+/// host's, or an address of a container subnet (a container, a gateway). Translated to a
 /// container, such a packet would make it answer the host or another container; the stack
 /// drops these as martians (rp_filter), DNAT must too.
 #[inline(always)]
@@ -60,6 +59,6 @@ fn martian(saddr: u32, cfg: &Config) -> bool {
     first == 0
         || first == LOOPBACK_FIRST_OCTET
         || first >= MULTICAST_FIRST_OCTET
-        || saddr == cfg.uplink_addr[0]
+        || maps::is_host_addr(saddr, cfg)
         || maps::in_container_subnet(saddr)
 }

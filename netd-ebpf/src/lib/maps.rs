@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use netd_common::datapath::{
-    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, LINKS_MAX, LinkKey, NET_INTERNAL,
-    NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
+    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX, LINKS_MAX, LinkKey,
+    NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
     PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
@@ -29,6 +29,8 @@ static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
 static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
+#[map]
+static HOST_ADDRS: HashMap<u32, u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
 
 /// The datapath configuration; `None` until userspace wrote it.
 #[inline(always)]
@@ -88,9 +90,17 @@ pub fn network(id: u32) -> Option<&'static NetworkInfo> {
 }
 
 /// The container a new flow to `daddr:port` goes to: a port published on that address, else
-/// one published on any address when `daddr` is a host address (`daddr_is_host`).
+/// one published on any address when `daddr` is one of the host's ([`is_host_addr`], or
+/// `also_host`: an address the caller knows to be the host's, such as a gateway). The host's
+/// addresses are looked up last, only for a published wildcard port.
 #[inline(always)]
-pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Option<PublishedTarget> {
+pub fn published(
+    daddr: u32,
+    port: u16,
+    proto: u8,
+    cfg: &Config,
+    also_host: bool,
+) -> Option<PublishedTarget> {
     let mut key = PublishedKey {
         addr: v4(daddr),
         port,
@@ -101,12 +111,18 @@ pub fn published(daddr: u32, port: u16, proto: u8, daddr_is_host: bool) -> Optio
     if let Some(target) = unsafe { PUBLISHED.get(&key) } {
         return Some(*target);
     }
-    if !daddr_is_host {
-        return None;
-    }
     key.addr = [0; 4];
     // SAFETY: as above.
-    unsafe { PUBLISHED.get(&key) }.copied()
+    let target = unsafe { PUBLISHED.get(&key) }.copied()?;
+    (also_host || is_host_addr(daddr, cfg)).then_some(target)
+}
+
+/// Whether `addr` (wire byte order) is one of the host namespace's addresses: the uplink's,
+/// or another the controller mirrored into `HOST_ADDRS` (a second address, another NIC's).
+#[inline(always)]
+pub fn is_host_addr(addr: u32, cfg: &Config) -> bool {
+    // SAFETY: as above.
+    addr == cfg.uplink_addr[0] || unsafe { HOST_ADDRS.get(&addr) }.is_some()
 }
 
 /// Whether `addr` is a container of a masquerading or internal network: nothing from beyond

@@ -173,6 +173,19 @@ pub const FRAG_FIRST: u8 = 1;
 /// A later fragment: no L4 header; its ports are its first fragment's.
 pub const FRAG_LATER: u8 = 2;
 
+/// `FRAG_*`: where an IPv4 packet sits in its datagram.
+#[inline(always)]
+pub fn frag_kind(ip: &Ipv4Hdr) -> u8 {
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IPV4_OFFSET_MASK != 0 {
+        FRAG_LATER
+    } else if frags & IPV4_MORE_FRAGMENTS != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
+}
+
 impl Flow {
     /// Whether the packet carries an L4 header that NAT rewrites with the addresses.
     #[inline(always)]
@@ -212,7 +225,6 @@ pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
     }
     let ip: Ipv4Hdr = ctx.read(L3_OFF).ok_or(Stat::TruncatedL3)?;
     let (l4_off, l4_len) = ipv4_payload(ctx, &ip)?;
-    let frags = u16::from_be_bytes(ip.frags);
     let mut flow = Flow {
         saddr: u32::from_ne_bytes(ip.src_addr),
         daddr: u32::from_ne_bytes(ip.dst_addr),
@@ -221,13 +233,7 @@ pub fn ipv4_flow(ctx: &impl Frame) -> Result<Flow, Stat> {
         proto: ip.proto,
         tcp_flags: 0,
         l4_off,
-        frag: if frags & IPV4_OFFSET_MASK != 0 {
-            FRAG_LATER
-        } else if frags & IPV4_MORE_FRAGMENTS != 0 {
-            FRAG_FIRST
-        } else {
-            FRAG_NONE
-        },
+        frag: frag_kind(&ip),
         ip_id: u16::from_be_bytes(ip.id),
         quoted: None,
     };

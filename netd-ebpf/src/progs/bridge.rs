@@ -75,8 +75,8 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return Outcome::Done(Stat::NoNat);
     };
     let gateway = net.gateway[0];
-    let daddr_is_host = flow.daddr == cfg.uplink_addr[0] || flow.daddr == gateway;
-    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, daddr_is_host) else {
+    let to_gateway = flow.daddr == gateway;
+    let Some(target) = maps::published(flow.daddr, flow.dport, flow.proto, cfg, to_gateway) else {
         return Outcome::Done(Stat::NoNat);
     };
     let Some(ep) = maps::endpoint(target.addr[0]) else {

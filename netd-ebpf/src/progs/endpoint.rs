@@ -40,8 +40,8 @@ use network_types::{
 use crate::lib::{
     events::{self, Tuple},
     fib::{self, Route},
-    maps,
-    parse::{self, Frame as _, L3_OFF, is_vlan_tag},
+    frag, maps,
+    parse::{self, FRAG_FIRST, FRAG_LATER, Frame as _, L3_OFF, is_vlan_tag},
     policy::{floods, in_subnet, link_allows},
     stats,
 };
@@ -56,8 +56,13 @@ struct ArpSender {
     mac: [u8; 6],
     addr: [u8; 4],
 }
-/// The fragment offset of an IPv4 header: non-zero for every fragment but the first.
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
+
+/// Which part of its datagram an IPv4 packet is (`parse::FRAG_*`), and the datagram's
+/// identification.
+struct Datagram {
+    frag: u8,
+    id: u16,
+}
 
 /// The container a frame comes from (one lookup: this runs on every frame a container sends)
 /// and its host-side veth.
@@ -143,7 +148,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
         return Verdict::Drop(Stat::TruncatedL2, Tuple::default());
     };
     if eth.src_addr != from.veth.mac {
-        return Verdict::Drop(Stat::SpoofedMac, Tuple::default());
+        return Verdict::Drop(Stat::SpoofedMac, ipv4_tuple(ctx, &eth));
     }
     // Tagged frames are nothing a container needs, and the stack would untag a priority tag
     // (VLAN 0) and route what it carries: dropped whatever the tag.
@@ -166,8 +171,12 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     if tuple.saddr != from.addr() {
         return Verdict::Drop(Stat::SpoofedAddr, tuple);
     }
+    let datagram = Datagram {
+        frag: parse::frag_kind(&ip),
+        id: u16::from_be_bytes(ip.id),
+    };
     match maps::endpoint(tuple.daddr) {
-        Some(to) => to_container(from, to, tuple, &eth),
+        Some(to) => to_container(from, to, tuple, &datagram, &eth),
         None => to_elsewhere(from, tuple),
     }
 }
@@ -235,11 +244,17 @@ fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
 /// link opens the port, then delivered straight into the container when the frame is already
 /// addressed to it (it always is after the sender's ARP; anything else takes the bridge).
 #[inline(always)]
-fn to_container(from: &Sender, to: &EndpointInfo, tuple: Tuple, eth: &EthHdr) -> Verdict {
+fn to_container(
+    from: &Sender,
+    to: &EndpointInfo,
+    tuple: Tuple,
+    datagram: &Datagram,
+    eth: &EthHdr,
+) -> Verdict {
     if to.network_id != from.veth.network_id {
         return Verdict::Drop(Stat::OtherNetwork, tuple);
     }
-    if from.veth.net_flags & NET_ICC == 0 && !link_allows(&tuple) {
+    if from.veth.net_flags & NET_ICC == 0 && !linked(&tuple, datagram) {
         return Verdict::Drop(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
@@ -247,6 +262,22 @@ fn to_container(from: &Sender, to: &EndpointInfo, tuple: Tuple, eth: &EthHdr) ->
     } else {
         Verdict::Pass
     }
+}
+
+/// Whether a `--link` lets the packet through: by its ports; a later fragment (no ports) by
+/// its first fragment's, remembered when that one was let through, so the whole datagram gets
+/// the first fragment's verdict.
+#[inline(always)]
+fn linked(t: &Tuple, datagram: &Datagram) -> bool {
+    if datagram.frag == FRAG_LATER {
+        return frag::ports_of(t, datagram.id)
+            .is_some_and(|(sport, dport)| link_allows(&Tuple { sport, dport, ..*t }));
+    }
+    let allowed = link_allows(t);
+    if allowed && datagram.frag == FRAG_FIRST {
+        frag::remember_ports(t, datagram.id);
+    }
+    allowed
 }
 
 /// A packet to anything but a container: the gateway is always reachable; an internal
@@ -293,9 +324,20 @@ fn hairpin_within(from: &Sender, t: &Tuple) -> bool {
     let Some(cfg) = maps::config() else {
         return false;
     };
-    let is_host = t.daddr == cfg.uplink_addr[0];
-    maps::published(t.daddr, t.dport, t.proto, is_host)
+    maps::published(t.daddr, t.dport, t.proto, cfg, false)
         .is_some_and(|target| target.network_id == from.veth.network_id)
+}
+
+/// The 5-tuple of an untagged IPv4 frame for a drop event (zero for anything else).
+#[inline(always)]
+fn ipv4_tuple(ctx: &TcContext, eth: &EthHdr) -> Tuple {
+    if eth.ether_type != EtherType::Ipv4 as u16 || ctx.vlan_offloaded() {
+        return Tuple::default();
+    }
+    match ctx.read::<Ipv4Hdr>(L3_OFF) {
+        Some(ip) if ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5 => tuple_of(ctx, &ip),
+        _ => Tuple::default(),
+    }
 }
 
 /// The addresses and, for TCP and UDP (not a later fragment), the ports of an IPv4 packet.
@@ -308,7 +350,7 @@ fn tuple_of(ctx: &TcContext, ip: &Ipv4Hdr) -> Tuple {
         proto: ip.proto,
         ..Tuple::default()
     };
-    let later_fragment = u16::from_be_bytes(ip.frags) & IPV4_OFFSET_MASK != 0;
+    let later_fragment = parse::frag_kind(ip) == FRAG_LATER;
     if (t.proto == IPPROTO_TCP || t.proto == IPPROTO_UDP) && !later_fragment {
         let l4 = L3_OFF + usize::from(ip.vihl & 0x0f) * 4;
         if let Some(ports) = ctx.read::<[u8; 4]>(l4) {

@@ -94,8 +94,8 @@ fn redirect_to_container(ctx: &SockAddrContext) {
     let daddr = sa.user_ip4;
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
-    let is_host = daddr == cfg.uplink_addr[0] || daddr.to_ne_bytes()[0] == LOOPBACK_FIRST_OCTET;
-    let Some(target) = maps::published(daddr, port, proto, is_host) else {
+    let loopback = daddr.to_ne_bytes()[0] == LOOPBACK_FIRST_OCTET;
+    let Some(target) = maps::published(daddr, port, proto, cfg, loopback) else {
         return;
     };
     // A local connection's source is the address it goes to: that is what `--publish-allow`

@@ -18,7 +18,7 @@
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
@@ -104,6 +104,8 @@ impl EbpfDatapath {
     /// how many attachments were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        // A build older than `HOST_ADDRS` left it to be created empty.
+        self.sync_host_addrs()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
@@ -115,6 +117,12 @@ impl EbpfDatapath {
         for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
             self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
+        }
+        for prog in HOST_SOCK_PROGS {
+            if self.pins.cgroup_link(prog).exists() {
+                self.pins.replace_cgroup(&mut ebpf, prog)?;
+                replaced += 1;
+            }
         }
         for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
             let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
@@ -241,8 +249,8 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Follows the uplink: when the default route's interface or its address changed since
-    /// the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
+    /// Follows the host's addresses (`HOST_ADDRS`), and the uplink: when the default route's
+    /// interface or its address changed since the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
     /// the new interface and its address into the configuration, so masquerading and published
     /// ports go on from there (flows masqueraded to the old address die with it). Returns the
     /// new uplink's name when something changed; nothing to do without a network.
@@ -250,6 +258,7 @@ impl EbpfDatapath {
         if maps::networks(&self.pins)?.keys().next().is_none() {
             return Ok(None);
         }
+        self.sync_host_addrs()?;
         let current = maps::config(&self.pins)?
             .get(&0, 0)
             .context("read the datapath configuration")?;
@@ -393,7 +402,28 @@ impl EbpfDatapath {
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
-            .context("write the datapath configuration")
+            .context("write the datapath configuration")?;
+        self.sync_host_addrs()
+    }
+
+    /// Mirrors the host's addresses into `HOST_ADDRS` (where wildcard published ports are
+    /// reached): adds the new ones, removes those gone.
+    fn sync_host_addrs(&self) -> Result<()> {
+        let current: HashSet<u32> = host::host_addrs()?
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let mut map = maps::host_addrs(&self.pins)?;
+        let mirrored: HashSet<u32> = map.keys().filter_map(Result::ok).collect();
+        for gone in mirrored.difference(&current) {
+            let _ = map.remove(gone);
+        }
+        for new in current.difference(&mirrored) {
+            map.insert(new, 1, 0).with_context(|| {
+                format!("add host address {}", Ipv4Addr::from(new.to_ne_bytes()))
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod ebpf;
 pub mod iptables;
+mod link_update;
 pub mod pins;
 
 // What the datapath's tools report, named here so that nothing outside datapath/ names a

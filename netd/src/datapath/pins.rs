@@ -287,16 +287,7 @@ impl Pins {
         if pin.exists() {
             bail!("{prog} is already attached to a cgroup");
         }
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("no program {prog} in the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("{prog} is not a cgroup sock_addr program"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("load program {prog}"))?;
-        }
+        let program = loaded_cgroup_program(ebpf, prog)?;
         let dir =
             fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         // A bpf_link (aya uses one on Linux >= 5.7) always coexists with other programs on the
@@ -312,6 +303,16 @@ impl Pins {
         link.pin(&pin)
             .with_context(|| format!("pin link at {}", pin.display()))?;
         Ok(())
+    }
+
+    /// Atomically replaces the program behind the pinned cgroup link of `prog` with `prog`
+    /// from `ebpf` (see [`Pins::replace_tc`]).
+    pub fn replace_cgroup(&self, ebpf: &mut Ebpf, prog: &str) -> Result<()> {
+        let pin = self.cgroup_link(prog);
+        let program = loaded_cgroup_program(ebpf, prog)?;
+        let fd = program.fd().with_context(|| format!("fd of {prog}"))?;
+        super::link_update::update_pinned_link(&pin, fd.as_fd())
+            .with_context(|| format!("replace {prog} behind {}", pin.display()))
     }
 
     /// Detaches the link pinned at `pin`. Returns whether anything was attached.
@@ -592,6 +593,22 @@ fn loaded_tc_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Sched
         .with_context(|| format!("no program {prog} in the eBPF object"))?
         .try_into()
         .with_context(|| format!("{prog} is not a TC program"))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("load program {prog}"))?;
+    }
+    Ok(program)
+}
+
+/// Cgroup sock_addr program `prog` of `ebpf`, loaded into the kernel (as
+/// [`loaded_tc_program`]).
+fn loaded_cgroup_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut CgroupSockAddr> {
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("no program {prog} in the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{prog} is not a cgroup sock_addr program"))?;
     if program.fd().is_err() {
         program
             .load()

@@ -9,7 +9,7 @@ use ipnet::Ipv4Net;
 use netd_common::datapath::{
     Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_DNAT,
     CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, CtEntry, CtKey,
-    CtLimit, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, v4_octets,
+    CtLimit, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Timeouts, v4_octets,
 };
 use serde::Serialize;
 
@@ -67,11 +67,10 @@ fn live_flows(pins: &Pins) -> Result<Vec<CtEntry>> {
         .into_iter()
         .filter(|(_, e)| e.dir == CT_DIR_ORIGINAL)
         .filter(|(_, e)| {
-            let idle = now.saturating_sub(e.last_seen_ns) / 1_000_000_000;
             let paired = replies
                 .get(&e.reply)
                 .is_some_and(|r| r.original == e.original);
-            paired && idle <= u64::from(e.timeout_secs(&timeouts))
+            paired && remaining_ns(e, &timeouts, now).is_some()
         })
         .map(|(_, e)| e)
         .collect())
@@ -83,8 +82,9 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
     let now = monotonic_ns();
     let mut flows = Vec::new();
     for e in live_flows(pins)? {
-        let idle = now.saturating_sub(e.last_seen_ns) / 1_000_000_000;
-        let timeout = u64::from(e.timeout_secs(&timeouts));
+        let Some(left_ns) = remaining_ns(&e, &timeouts, now) else {
+            continue;
+        };
         flows.push(Flow {
             proto: proto_name(e.original.proto),
             state: state_name(&e),
@@ -92,8 +92,8 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
             assured: e.flags & CT_ASSURED != 0,
             original: tuple(&e.original, e.packets[0], e.bytes[0]),
             reply: tuple(&e.reply, e.packets[1], e.bytes[1]),
-            age_secs: now.saturating_sub(e.created_ns) / 1_000_000_000,
-            expires_secs: timeout - idle,
+            age_secs: now.saturating_sub(e.created_ns) / NS_PER_SEC,
+            expires_secs: left_ns / NS_PER_SEC,
         });
     }
     flows.sort_by_key(|f| std::cmp::Reverse(f.age_secs));
@@ -119,8 +119,7 @@ pub fn sweep(pins: &Pins) -> Result<usize> {
         };
         // A reply entry left behind by an older flow of the same original tuple.
         let superseded = e.dir != CT_DIR_ORIGINAL && flow.reply != *key;
-        let idle = now.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
-        superseded || idle > u64::from(flow.timeout_secs(&timeouts))
+        superseded || remaining_ns(flow, &timeouts, now).is_none()
     };
     let doomed: Vec<CtKey> = entries
         .iter()
@@ -280,6 +279,17 @@ fn state_name(e: &CtEntry) -> &'static str {
     }
 }
 
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// How long the flow of original entry `e` may still stay idle at `now`; `None` once it timed
+/// out. In nanoseconds, as the datapath compares: whole seconds would keep a flow listed up to
+/// a second after the datapath stopped matching it.
+fn remaining_ns(e: &CtEntry, timeouts: &Timeouts, now: u64) -> Option<u64> {
+    let idle = now.saturating_sub(e.last_seen_ns);
+    let timeout = u64::from(e.timeout_secs(timeouts)) * NS_PER_SEC;
+    timeout.checked_sub(idle)
+}
+
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -288,5 +298,37 @@ fn monotonic_ns() -> u64 {
     };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP flow last seen at 0 (timeout: `Timeouts::default().udp` seconds).
+    fn udp_flow() -> (CtEntry, Timeouts, u64) {
+        let mut e = CtEntry::default();
+        e.original.proto = IPPROTO_UDP;
+        let timeouts = Timeouts::default();
+        let timeout_ns = u64::from(timeouts.udp) * NS_PER_SEC;
+        (e, timeouts, timeout_ns)
+    }
+
+    #[test]
+    fn a_flow_lives_until_its_timeout_to_the_nanosecond() {
+        let (e, timeouts, timeout_ns) = udp_flow();
+        assert_eq!(remaining_ns(&e, &timeouts, timeout_ns - 1), Some(1));
+        assert_eq!(remaining_ns(&e, &timeouts, timeout_ns), Some(0));
+    }
+
+    #[test]
+    fn a_flow_is_gone_a_nanosecond_after_its_timeout() {
+        let (e, timeouts, timeout_ns) = udp_flow();
+        assert_eq!(remaining_ns(&e, &timeouts, timeout_ns + 1), None);
+        // Whole seconds called this idle time equal to the timeout, and the flow live.
+        assert_eq!(
+            remaining_ns(&e, &timeouts, timeout_ns + NS_PER_SEC - 1),
+            None
+        );
+    }
 }

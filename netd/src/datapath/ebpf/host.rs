@@ -78,6 +78,20 @@ fn outside_range(low: u16, high: u16) -> (u16, u16) {
     }
 }
 
+/// Every IPv4 address of the calling thread's namespace but loopback ones (a port published
+/// without an address is not reached on 127.0.0.0/8 from outside, unlike Docker's
+/// `--dst-type LOCAL`, which let a neighbour reach it there).
+pub fn host_addrs() -> Result<Vec<Ipv4Addr>> {
+    Ok(getifaddrs()
+        .context("list addresses")?
+        .filter_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect())
+}
+
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14).
 pub fn netns_cookie() -> Result<u64> {
     // Not in the libc crate's constants for every target yet.

@@ -7,9 +7,9 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMa
 use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
-    IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP,
-    PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP,
-    SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
+    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo,
+    PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey,
+    PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -27,6 +27,7 @@ pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
+pub type HostAddrs = HashMap<MapData, u32, u8>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
@@ -122,6 +123,12 @@ pub fn veths(pins: &Pins) -> Result<Veths> {
 
 pub fn links(pins: &Pins) -> Result<Links> {
     Ok(HashMap::try_from(Map::HashMap(pins.open_map(LINKS_MAP)?))?)
+}
+
+pub fn host_addrs(pins: &Pins) -> Result<HostAddrs> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(HOST_ADDRS_MAP)?,
+    ))?)
 }
 
 /// The datapath's configuration, as the last `setup_network` wrote it.

@@ -1,0 +1,343 @@
+//! Conntrack under pressure: new connections per second with netd's conntrack table 90% full,
+//! and an established flow's throughput while a SYN flood from random sources hits a
+//! published port. The table is filled, and the flood made, by SYNs from random addresses of
+//! 198.19.128.0/17 (the sandbox's benchmarking range, routed nowhere else) sent from the
+//! outside namespace with a raw socket.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use netd::netns;
+use netd_common::datapath::CONNTRACK_MAP;
+use netd_testkit::{sandbox::HOST_ADDR, traffic::try_output_in};
+
+use super::{
+    Plan, Samples,
+    arms::{Control, Publish},
+    memory, prefix, record,
+    scale::Daemon,
+    tools::{self, CRR_PORT, Endpoint, Failures, IPERF_PORT, PUBLISH_SHIFT},
+};
+
+/// The path name of these measurements.
+pub const CONNTRACK: &str = "outside->published-conntrack";
+
+/// SYNs per second of the flood beside the established flow: a fixed rate, the same for every
+/// arm, so the flow's loss compares the datapaths and not how fast one core can send.
+const FLOOD_RATE: u64 = 20_000;
+
+/// Measures, on the ebpf arm with a conntrack table of `plan.conntrack_max` entries: new
+/// connections per second with the table empty and 90% full, the daemon's RSS and the table's
+/// memory per 100,000 entries; then throughput with and without a SYN flood.
+pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()> {
+    let max = plan.conntrack_max.to_string();
+    let ctl = Control::build_with(arm, &prefix(arm), &["--conntrack-max", &max]).await?;
+    let published = [IPERF_PORT, CRR_PORT, FILL_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+    let server = ctl.create("srv", None, Publish::Pairs(published.to_vec()))?;
+    let ep = Endpoint {
+        client_ns: ctl.instance().sandbox.outside_path(),
+        server_ns: server.netns,
+        target: HOST_ADDR,
+        port_shift: PUBLISH_SHIFT,
+    };
+    let n = plan.conntrack_max;
+    crr_counting_failures(&ep, plan, (arm, n, "crr", "crr_failed"), samples)
+        .context("crr, table empty")?;
+    let daemon = Daemon::start(&ctl, 1.0)?;
+
+    let table = ctl.instance().bpffs.join("maps").join(CONNTRACK_MAP);
+    let target = SocketAddrV4::new(HOST_ADDR, FILL_PORT + PUBLISH_SHIFT);
+    let entries = fill(&ep.server_ns, &ep.client_ns, target, &table, n * 9 / 10)?;
+    record(samples, arm, CONNTRACK, "ct_entries", n, entries as f64);
+    crr_counting_failures(&ep, plan, (arm, n, "crr_ct90", "crr_ct90_failed"), samples)
+        .context("crr, table 90% full")?;
+    record(
+        samples,
+        arm,
+        CONNTRACK,
+        "daemon_rss_mib",
+        n,
+        daemon.rss_bytes()? as f64 / (1 << 20) as f64,
+    );
+    drop(daemon);
+    let table_memory = memory::pinned_maps(&ctl.instance().bpffs)?
+        .into_iter()
+        .find(|m| m.name == CONNTRACK_MAP)
+        .context("no conntrack map pinned")?;
+    let per_entry = table_memory.bytes_memlock as f64 / table_memory.max_entries as f64;
+    record(
+        samples,
+        arm,
+        memory::MEMORY,
+        "maps_kib_per_100k_ct",
+        1,
+        per_entry * 100_000.0 / 1024.0,
+    );
+    measure_flooded_throughput(&ep, arm, plan, samples)
+}
+
+/// Connections per second and connections that failed (a table at capacity evicts live
+/// entries), recorded as the two `metrics` under N = `n`.
+fn crr_counting_failures(
+    ep: &Endpoint,
+    plan: &Plan,
+    (arm, n, rate, failed): (&str, u32, &'static str, &'static str),
+    samples: &mut Samples,
+) -> Result<()> {
+    let (cps, failures) = tools::crr_with(ep, plan.secs, plan.crr_threads, Failures::Count)?;
+    record(samples, arm, CONNTRACK, rate, n, cps);
+    record(samples, arm, CONNTRACK, failed, n, failures as f64);
+    Ok(())
+}
+
+/// For an arm whose conntrack is the kernel's (iptables): throughput under the SYN flood,
+/// and the kernel conntrack's memory per 100,000 entries.
+pub async fn measure_flood_only(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()> {
+    let ctl = Control::build(arm, &prefix(arm)).await?;
+    let published = [IPERF_PORT, CRR_PORT].map(|p| (p + PUBLISH_SHIFT, p));
+    let server = ctl.create("srv", None, Publish::Pairs(published.to_vec()))?;
+    let ep = Endpoint {
+        client_ns: ctl.instance().sandbox.outside_path(),
+        server_ns: server.netns,
+        target: HOST_ADDR,
+        port_shift: PUBLISH_SHIFT,
+    };
+    measure_flooded_throughput(&ep, arm, plan, samples)?;
+    record_kernel_conntrack_memory(arm, samples)
+}
+
+/// The kernel's conntrack (the iptables arm's) per 100,000 entries: the slab object size of
+/// `nf_conntrack` times 100,000 (the kernel's table is machine-wide, shared with every other
+/// process here, so it is not filled to measure it).
+fn record_kernel_conntrack_memory(arm: &str, samples: &mut Samples) -> Result<()> {
+    let object = memory::slab_object_bytes("nf_conntrack")?;
+    record(
+        samples,
+        arm,
+        memory::MEMORY,
+        "slab_kib_per_100k_ct",
+        1,
+        object as f64 * 100_000.0 / 1024.0,
+    );
+    Ok(())
+}
+
+/// Throughput of one established flow to the published port, alone and then with a SYN flood
+/// from random sources at `FLOOD_RATE` hitting the same port; records both and their ratio.
+pub fn measure_flooded_throughput(
+    ep: &Endpoint,
+    arm: &str,
+    plan: &Plan,
+    samples: &mut Samples,
+) -> Result<()> {
+    let alone = tools::throughput(ep, plan.secs)?;
+    let target = SocketAddrV4::new(ep.target, CRR_PORT + ep.port_shift);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (ns, stop) = (ep.client_ns.clone(), stop.clone());
+        std::thread::spawn(move || syn_flood(&ns, target, FLOOD_RATE, &stop))
+    };
+    let flooded = tools::throughput(ep, plan.secs);
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().expect("SYN flood panicked")?;
+    let flooded = flooded?;
+    record(samples, arm, CONNTRACK, "throughput", 1, alone);
+    record(samples, arm, CONNTRACK, "throughput_synflood", 1, flooded);
+    record(samples, arm, CONNTRACK, "synflood_held", 1, flooded / alone);
+    record(samples, arm, CONNTRACK, "synflood_sent", 1, sent as f64);
+    Ok(())
+}
+
+/// The container port the table is filled through: published, nothing listens on it.
+const FILL_PORT: u16 = 7002;
+/// Where the filling SYNs come from.
+const RANDOM_SOURCES: &str = "198.19.128.0/17";
+
+/// Fills the conntrack table pinned at `table` to about `goal` entries with SYNs from random
+/// sources to `target` (a published port of the container at `server_ns` where nothing
+/// listens); returns the entries it holds then. While it fills, the container's routes
+/// blackhole the random sources, so its resets never reach the datapath to close the flows:
+/// each stays in the table as a flood's would (the sources of a flood don't answer).
+fn fill(
+    server_ns: &Path,
+    client_ns: &Path,
+    target: SocketAddrV4,
+    table: &Path,
+    goal: u32,
+) -> Result<u64> {
+    let route = ["route", "add", "blackhole", RANDOM_SOURCES];
+    try_output_in(server_ns, "ip", &route)?;
+    let filled = send_until_full(client_ns, target, table, u64::from(goal));
+    try_output_in(
+        server_ns,
+        "ip",
+        &["route", "del", "blackhole", RANDOM_SOURCES],
+    )?;
+    filled
+}
+
+fn send_until_full(client_ns: &Path, target: SocketAddrV4, table: &Path, goal: u64) -> Result<u64> {
+    let mut entries = memory::map_entries(table)?;
+    let sock = netns::run_in(Some(client_ns), raw_socket)?;
+    let mut rng = Rng::seeded();
+    for _ in 0..64 {
+        if entries >= goal {
+            break;
+        }
+        // Each SYN makes at most two entries (the flow, and its reply's).
+        for _ in 0..(goal - entries).div_ceil(2) {
+            send_syn(&sock, &mut rng, target)?;
+        }
+        // The datapath runs in the sender's softirq: the entries are there when send returns.
+        entries = memory::map_entries(table)?;
+    }
+    Ok(entries)
+}
+
+/// Sends SYNs from random sources to `target` at about `rate` per second until `stop`;
+/// returns how many it sent.
+fn syn_flood(client_ns: &Path, target: SocketAddrV4, rate: u64, stop: &AtomicBool) -> Result<u64> {
+    let sock = netns::run_in(Some(client_ns), raw_socket)?;
+    let mut rng = Rng::seeded();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        for _ in sent..due {
+            send_syn(&sock, &mut rng, target)?;
+        }
+        sent = due;
+    }
+    Ok(sent)
+}
+
+/// A raw IPv4 socket that sends whole packets (`IPPROTO_RAW` implies `IP_HDRINCL`), in the
+/// calling thread's namespace.
+fn raw_socket() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a plain socket(2) call; the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("open a raw socket");
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one TCP SYN to `target` from a random address of 198.19.128.0/17 and a random port.
+fn send_syn(sock: &std::os::fd::OwnedFd, rng: &mut Rng, target: SocketAddrV4) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let r = rng.next();
+    let src = Ipv4Addr::new(198, 19, 128 | (r >> 8) as u8 & 0x7f, r as u8);
+    let sport = (r >> 16) as u16 | 1024;
+    let packet = syn_packet(src, sport, *target.ip(), target.port(), r as u32);
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*target.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `packet` and `addr` are valid for the call's duration.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error()).context("send a SYN");
+    }
+    Ok(())
+}
+
+/// An IPv4 + TCP SYN packet (the kernel fills in the IP checksum and length of a raw send).
+fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, seq: u32) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64; // TTL
+    p[9] = libc::IPPROTO_TCP as u8;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let tcp = &mut p[20..];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 20 bytes
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let sum = tcp_checksum(src, dst, &p[20..]);
+    p[36..38].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// The TCP checksum over the IPv4 pseudo-header and `segment` (its checksum field zero).
+fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).copied().map_or(0, u32::from);
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, libc::IPPROTO_TCP as u8]);
+    add(&(segment.len() as u16).to_be_bytes());
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// xorshift64: random enough for source addresses and ports, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Self(nanos | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syn_packet_checksums_to_zero_with_its_pseudo_header() {
+        let (src, dst) = (Ipv4Addr::new(198, 19, 200, 7), HOST_ADDR);
+        let p = syn_packet(src, 40000, dst, 17001, 12345);
+        assert_eq!(tcp_checksum(src, dst, &p[20..]), 0);
+        assert_eq!(p[33], 0x02);
+    }
+}
