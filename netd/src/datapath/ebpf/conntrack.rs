@@ -82,9 +82,8 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
     let now = monotonic_ns();
     let mut flows = Vec::new();
     for e in live_flows(pins)? {
-        let Some(left_ns) = remaining_ns(&e, &timeouts, now) else {
-            continue;
-        };
+        // 0: it timed out since `live_flows` looked.
+        let left_ns = remaining_ns(&e, &timeouts, now).unwrap_or(0);
         flows.push(Flow {
             proto: proto_name(e.original.proto),
             state: state_name(&e),

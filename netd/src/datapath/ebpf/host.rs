@@ -49,6 +49,20 @@ fn first_ipv4(iface: &str) -> Result<Ipv4Addr> {
         .ok_or_else(|| anyhow!("uplink {iface} has no IPv4 address"))
 }
 
+/// Every IPv4 address of the calling thread's namespace but loopback ones (a port published
+/// without an address is not reached on 127.0.0.0/8 from outside, unlike Docker's
+/// `--dst-type LOCAL`, which let a neighbour reach it there).
+pub fn host_addrs() -> Result<Vec<Ipv4Addr>> {
+    Ok(getifaddrs()
+        .context("list addresses")?
+        .filter_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect())
+}
+
 /// The lowest port a translated source takes (below are the well-known ports).
 const NAT_PORT_FLOOR: u16 = 1024;
 
@@ -76,20 +90,6 @@ fn outside_range(low: u16, high: u16) -> (u16, u16) {
     } else {
         above
     }
-}
-
-/// Every IPv4 address of the calling thread's namespace but loopback ones (a port published
-/// without an address is not reached on 127.0.0.0/8 from outside, unlike Docker's
-/// `--dst-type LOCAL`, which let a neighbour reach it there).
-pub fn host_addrs() -> Result<Vec<Ipv4Addr>> {
-    Ok(getifaddrs()
-        .context("list addresses")?
-        .filter_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect())
 }
 
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14).
