@@ -1291,21 +1291,35 @@ fn icmp_error_of_a_hairpin_flow(dp: Dp) {
 }
 
 /// What a masquerading network's container sends out of another interface than the uplink
-/// (here to the neighbour on the host's second NIC) is masqueraded too (Docker's MASQUERADE
-/// is `! -o BRIDGE`): nothing reaches the neighbour with the container's private source.
-fn out_through_second_nic_is_masqueraded(dp: Dp) {
+/// (here to the neighbour on the host's second NIC) never leaves with the container's private
+/// source. Docker's MASQUERADE is `! -o BRIDGE`: iptables masquerades it there. The eBPF
+/// datapath masquerades only on the uplink (yet: issue 12 asks for NAT on every interface that
+/// routes out), so there it is dropped and counted (`unmasqueraded`) instead; the control, the
+/// same datagram to the outside through the uplink, arrives masqueraded.
+fn out_through_second_nic_never_leaves_private(dp: Dp) {
     let p = published(dp);
     let env = &p.w.env;
     let lan = p.w.second_nic();
-    let tap = Tap::open(env, &lan, "lan0");
-    let mark = marker();
-    send_udp(env, &p.a2, LAN_ADDR, 5000, &mark);
-    let sources: Vec<_> = tap
-        .received(&mark, |_| true)
-        .iter()
-        .map(|f| rawsock::ipv4_source(f))
-        .collect();
-    assert_eq!(sources, [Some(NIC1_ADDR)], "{dp:?}");
+    let sources_at = |ns: &Path, link: &str, dst: Ipv4Addr| {
+        let tap = Tap::open(env, ns, link);
+        let mark = marker();
+        send_udp(env, &p.a2, dst, 5000, &mark);
+        tap.received(&mark, |_| true)
+            .iter()
+            .map(|f| rawsock::ipv4_source(f))
+            .collect::<Vec<_>>()
+    };
+    let outside = sources_at(&env.outside_ns(), OUTSIDE_LINK, OUTSIDE_ADDR);
+    assert_eq!(outside, [Some(HOST_ADDR)], "{dp:?}: the control");
+    let before = p.w.stat_if(dp, "unmasqueraded");
+    let lan_sources = sources_at(&lan, "lan0", LAN_ADDR);
+    match dp {
+        Dp::Iptables => assert_eq!(lan_sources, [Some(NIC1_ADDR)], "{dp:?}"),
+        Dp::Ebpf => {
+            assert_eq!(lan_sources, [], "{dp:?}: left through nic1");
+            assert!(p.w.stat("unmasqueraded") > before, "{dp:?}: not counted");
+        }
+    }
 }
 
 /// `ping ARGS` from a container to the outside works, and nothing reaches the outside with the
@@ -1412,5 +1426,5 @@ matrix! {
         container_source_to_published_port,
         icmp_error_of_a_masqueraded_flow,
         icmp_error_of_a_hairpin_flow,
-        out_through_second_nic_is_masqueraded,
+        out_through_second_nic_never_leaves_private,
 }

@@ -163,7 +163,8 @@ stats! {
     /// loopback, a container, multicast or broadcast): dropped, as rp_filter would.
     Martian "martian" drop,
     /// Leaving the uplink with the source of a container of a masquerading or internal
-    /// network, not masqueraded: dropped.
+    /// network, not masqueraded, or routed by a container of a masquerading network out of an
+    /// interface netd doesn't masquerade on: dropped.
     Unmasqueraded "unmasqueraded" drop,
     /// Arriving at a container (on its host-side veth), let in: from the host, from its own
     /// network, or translated by netd.

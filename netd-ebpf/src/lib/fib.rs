@@ -10,14 +10,16 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     cty::c_long,
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use netd_common::datapath::{EndpointInfo, Stat};
+use netd_common::datapath::EndpointInfo;
 use network_types::ip::Ipv4Hdr;
 
 use super::{
@@ -76,39 +78,85 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), c_lon
     ctx.store(0, &EthAddrs { dst, src }, 0)
 }
 
-/// Sends a container's packet for the outside to the uplink's egress (where it is
-/// masqueraded), with `bpf_redirect_neigh` resolving the next hop's MAC. Only when the route
-/// goes out of the uplink; `None` otherwise (the stack takes it).
+/// Where the FIB routes a packet a container sends beyond its network.
+pub enum Route {
+    /// Forwarded out of an interface.
+    Out(Hop),
+    /// Not forwarded: the stack delivers it to the host (a local destination), or drops it
+    /// (no route, blackhole, forwarding off, TTL about to expire: it answers the sender).
+    Stack,
+    /// Forwarded somewhere the lookup can't say (a tunnel route), or the helper failed.
+    Unknown,
+}
+
+/// The interface a packet is routed out of, and what the fast path needs to send it there.
+pub struct Hop {
+    pub ifindex: u32,
+    /// The next hop's address (wire byte order).
+    next_hop: u32,
+    /// Whether the fast path may take it: not when it is too big (the stack fragments it or
+    /// answers "fragmentation needed").
+    fast: bool,
+    ip: Ipv4Hdr,
+}
+
+/// The route the stack's forwarding would take for a container's packet.
 #[inline(always)]
-pub fn forward_to_uplink(ctx: &TcContext, uplink_ifindex: u32) -> Option<(i32, Stat)> {
-    let ip: Ipv4Hdr = ctx.read(L3_OFF)?;
-    let (ret, fib) = lookup(ctx, &ip)?;
-    let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS as i64;
-    if !resolved && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 || fib.ifindex != uplink_ifindex {
+pub fn route(ctx: &TcContext) -> Route {
+    let Some(ip) = ctx.read::<Ipv4Hdr>(L3_OFF) else {
+        return Route::Unknown;
+    };
+    if ip.ttl <= 1 {
+        return Route::Stack;
+    }
+    let Some((ret, fib)) = lookup(ctx, &ip) else {
+        return Route::Unknown;
+    };
+    let fast = match ret {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => true,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => false,
+        BPF_FIB_LKUP_RET_BLACKHOLE
+        | BPF_FIB_LKUP_RET_UNREACHABLE
+        | BPF_FIB_LKUP_RET_PROHIBIT
+        | BPF_FIB_LKUP_RET_NOT_FWDED
+        | BPF_FIB_LKUP_RET_FWD_DISABLED => return Route::Stack,
+        _ => return Route::Unknown,
+    };
+    Route::Out(Hop {
+        ifindex: fib.ifindex,
+        // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
+        next_hop: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+        fast,
+        ip,
+    })
+}
+
+/// Sends a container's packet straight to the egress of `hop`'s interface (where it is
+/// masqueraded), with `bpf_redirect_neigh` resolving the next hop's MAC. `None`: the stack
+/// takes it.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
+    if !hop.fast {
         return None;
     }
-    decrement_ttl(ctx, &ip)?;
+    decrement_ttl(ctx, &hop.ip)?;
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-            // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
-            ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+            ipv4_nh: hop.next_hop,
         },
     };
     // SAFETY: `nh` lives across the call, its size is passed with it.
     let action =
-        unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
-    Some((action as i32, Stat::FastPathOut))
+        unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    Some(action as i32)
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
 /// make it (MTU checked against the IP length, except for GSO packets that the stack
 /// segments to the device's size anyway). `None` if the helper failed outright.
 #[inline(always)]
-fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
-    if ip.ttl <= 1 {
-        return None;
-    }
+fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(u32, bpf_fib_lookup)> {
     let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: zeroed just before, and all zeros is a valid bpf_fib_lookup (plain integers and
     // unions of them).
@@ -138,7 +186,7 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(i64, bpf_fib_lookup)> {
             0,
         )
     };
-    (ret >= 0).then_some((ret, *fib))
+    Some((u32::try_from(ret).ok()?, *fib))
 }
 
 /// Zeroes `v` a word at a time: `mem::zeroed()` would be a call to aya-ebpf's `memset`, a

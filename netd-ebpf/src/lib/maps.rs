@@ -38,6 +38,12 @@ pub fn config() -> Option<&'static Config> {
     CONFIG.get(0).filter(|c| c.uplink_ifindex != 0)
 }
 
+/// Whether the egress of interface `ifindex` masquerades a container's packets: the uplink's.
+#[inline(always)]
+pub fn masquerades_on(ifindex: u32) -> bool {
+    config().is_some_and(|cfg| cfg.uplink_ifindex == ifindex)
+}
+
 /// The key of the container with address `addr` (wire byte order).
 #[inline(always)]
 pub fn endpoint_key(addr: u32) -> EndpointKey {

@@ -13,7 +13,9 @@
 //! A packet to a container of the same network that passes is delivered straight into that
 //! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink is sent
 //! straight to it (`fib`): the fast path, skipping the bridge and netfilter. Everything else
-//! that passes goes on to the bridge (ARP, broadcast, the host).
+//! that passes goes on to the bridge (ARP, broadcast, the host). A masquerading network's
+//! packet that the FIB routes out of an interface netd doesn't masquerade on is dropped
+//! (`unmasqueraded`): it would leave with the container's private source.
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -37,7 +39,8 @@ use network_types::{
 
 use crate::lib::{
     events::{self, Tuple},
-    fib, frag, maps,
+    fib::{self, Route},
+    frag, maps,
     parse::{self, FRAG_FIRST, FRAG_LATER, Frame as _, L3_OFF, is_vlan_tag},
     policy::{floods, in_subnet, link_allows},
     stats,
@@ -78,11 +81,12 @@ impl Sender {
 
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
 /// the container behind host-side veth `ifindex`, or leaves the network (straight to the
-/// uplink when that is where it is routed), or is dropped.
+/// uplink when that is where it is routed; `masquerade`: only through an interface netd
+/// masquerades on), or is dropped.
 enum Verdict {
     Pass,
     Deliver(u32),
-    Leave,
+    Leave { tuple: Tuple, masquerade: bool },
     Drop(Stat, Tuple),
 }
 
@@ -105,18 +109,37 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
             // TC_ACT_SHOT when `peer` is not a veth (endpoints are).
             unsafe { bpf_redirect_peer(peer, 0) as i32 }
         }
-        Verdict::Leave => {
-            let forwarded =
-                maps::config().and_then(|cfg| fib::forward_to_uplink(&ctx, cfg.uplink_ifindex));
-            let (action, stat) = forwarded.unwrap_or((TC_ACT_UNSPEC, Stat::PolicyPass));
-            stats::count(stat);
-            action
-        }
-        Verdict::Drop(reason, tuple) => {
-            stats::count(events::dropped(&tuple, reason, from.addr(), from.ifindex));
-            TC_ACT_SHOT
-        }
+        Verdict::Leave { tuple, masquerade } => leave(&ctx, &from, tuple, masquerade),
+        Verdict::Drop(reason, tuple) => drop_counted(&from, reason, tuple),
     }
+}
+
+/// A packet routed beyond the network: straight to the uplink when the FIB routes it there
+/// (the fast path), else on to the stack. A masquerading network's packet leaves only through
+/// an interface whose egress masquerades it: routed anywhere else, or where the lookup can't
+/// say, the stack would send it out with the container's private source, so it is dropped.
+#[inline(always)]
+fn leave(ctx: &TcContext, from: &Sender, tuple: Tuple, masquerade: bool) -> i32 {
+    match fib::route(ctx) {
+        Route::Out(hop) if maps::masquerades_on(hop.ifindex) => {
+            if let Some(action) = fib::forward(ctx, &hop) {
+                stats::count(Stat::FastPathOut);
+                return action;
+            }
+        }
+        Route::Out(_) | Route::Unknown if masquerade => {
+            return drop_counted(from, Stat::Unmasqueraded, tuple);
+        }
+        Route::Out(_) | Route::Unknown | Route::Stack => {}
+    }
+    stats::count(Stat::PolicyPass);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn drop_counted(from: &Sender, reason: Stat, tuple: Tuple) -> i32 {
+    stats::count(events::dropped(&tuple, reason, from.addr(), from.ifindex));
+    TC_ACT_SHOT
 }
 
 #[inline(always)]
@@ -281,7 +304,15 @@ fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
         }
         return Verdict::Drop(Stat::Internal, tuple);
     }
-    Verdict::Leave
+    // The stack doesn't route a broadcast or a multicast group: the bridge floods it to the
+    // network (the FIB would answer with the default route).
+    if floods(tuple.daddr) {
+        return Verdict::Pass;
+    }
+    Verdict::Leave {
+        tuple,
+        masquerade: net.flags & NET_MASQUERADE != 0,
+    }
 }
 
 /// Whether a packet from an `--internal` network's container goes to a port published on the
