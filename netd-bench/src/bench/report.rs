@@ -409,16 +409,18 @@ impl Report {
             md,
             "N - 1 ports published first (past one host address's worth, on several addresses \
              of the uplink), then one more: `publish_ms` is that `netd publish`, a whole CLI \
-             process (Docker has to re-create the container). iptables with both backends: \
+             process (Docker has to re-create the container); `publish_daemon_ms` is one more \
+             port through `netd daemon`'s API, a request on its unix socket, connect to answer \
+             (median of five, each a fresh port). iptables with both backends: \
              legacy (x_tables) and nft (nf_tables, Debian's default). Memory: what the N - 1 \
              ports took, per 10,000 (maps: the share of netd's preallocated maps their entries \
              occupy; rule set: iptables-legacy-save plus nft list ruleset text).\n"
         );
         let _ = writeln!(
             md,
-            "| N | arm | crr (conn/s) | first packet (us) | publish (ms) | maps (KiB/10k ports) | rule set (KiB/10k ports) |"
+            "| N | arm | crr (conn/s) | first packet (us) | publish, CLI (ms) | publish, daemon (ms) | maps (KiB/10k ports) | rule set (KiB/10k ports) |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         for &n in &ns {
             for arm in self
                 .arms()
@@ -431,10 +433,11 @@ impl Report {
                 let mem = super::memory::MEMORY;
                 let _ = writeln!(
                     md,
-                    "| {n} | {arm} | {} | {} | {} | {} | {} |",
+                    "| {n} | {arm} | {} | {} | {} | {} | {} | {} |",
                     self.cell(arm, super::SCALING, "crr", n, 0),
                     self.cell(arm, super::SCALING, "first_packet_us", n, 0),
                     self.cell(arm, "publish", "publish_ms", n, 1),
+                    self.cell(arm, "publish", "publish_daemon_ms", n, 2),
                     self.cell(arm, mem, "maps_kib_per_10k_ports", n, 1),
                     self.cell(arm, mem, "ruleset_kib_per_10k_ports", n, 0),
                 );
