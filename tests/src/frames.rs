@@ -71,10 +71,23 @@ pub fn tcp(
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_at(src, dst, sport, dport, flags, 0x0102_0304, payload)
+}
+
+/// [`tcp`] with sequence number `seq`.
+pub fn tcp_at(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut seg = Vec::new();
     seg.extend_from_slice(&sport.to_be_bytes());
     seg.extend_from_slice(&dport.to_be_bytes());
-    seg.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    seg.extend_from_slice(&seq.to_be_bytes());
     seg.extend_from_slice(&0u32.to_be_bytes());
     seg.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     seg.extend_from_slice(payload);
@@ -416,4 +429,34 @@ pub fn with_macs(mut frame: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     frame[..6].copy_from_slice(&dst);
     frame[6..12].copy_from_slice(&src);
     frame
+}
+
+/// Sends each IPv4 packet of `packets` (header included, any source address) from the calling
+/// thread's namespace, routed as the stack routes its destination (a raw IPPROTO_RAW socket).
+/// Returns how many were sent.
+pub fn send_ipv4(packets: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    // SAFETY: plain socket calls on a fresh fd with fully initialised addresses.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut sent = 0;
+        for packet in packets {
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_addr.s_addr = u32::from_ne_bytes(packet[16..20].try_into().unwrap());
+            let n = libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            assert_eq!(n, packet.len() as isize, "raw send: {err}");
+            sent += 1;
+        }
+        libc::close(fd);
+        sent
+    }
 }

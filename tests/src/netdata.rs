@@ -20,6 +20,7 @@ pub fn network() -> NetworkSpec {
         icc: true,
         internal: false,
         masquerade: true,
+        conntrack_limit: None,
     }
 }
 
@@ -32,6 +33,7 @@ pub fn endpoint(ip: Ipv4Addr, host_ifname: &str, host_ifindex: u32) -> EndpointS
         host_ifname: host_ifname.into(),
         host_ifindex,
         links: vec![],
+        conntrack_limit: None,
     }
 }
 

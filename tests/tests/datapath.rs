@@ -13,7 +13,7 @@ use std::{
 
 use netd::datapath::Protocol;
 use tests::{
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK, bound_connect},
     netdata::{port, port as port_spec},
     topology::{
         TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
@@ -57,28 +57,6 @@ fn tcp_round_trip(server: SocketAddr, bind: Option<SocketAddr>, data: &[u8]) -> 
     let mut back = Vec::new();
     stream.read_to_end(&mut back).unwrap();
     back
-}
-
-/// A TCP connection from the fixed local address `local` (SO_REUSEADDR so tests can repeat).
-fn bound_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-    let v4 = |a: SocketAddr| match a {
-        SocketAddr::V4(a) => SockaddrIn::from(a),
-        SocketAddr::V6(_) => unreachable!("IPv4 only"),
-    };
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(local)).unwrap();
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(server)).unwrap();
-    TcpStream::from(fd)
 }
 
 /// Some bytes that aren't all alike, so a mangled segment shows.
@@ -207,7 +185,8 @@ fn two_containers_with_the_same_source_port_to_the_same_server_both_work() {
         let back = env.in_ns(&c.ns, || {
             tcp_round_trip(
                 (OUTSIDE_ADDR, 9000).into(),
-                Some((c.ip, 40000).into()),
+                // In the NAT range (below the ephemeral ports), so it may be kept.
+                Some((c.ip, 20000).into()),
                 msg.as_bytes(),
             )
         });
@@ -221,7 +200,7 @@ fn two_containers_with_the_same_source_port_to_the_same_server_both_work() {
         "two flows shared a translated port: {peers:?}"
     );
     assert!(
-        peers.iter().any(|p| p.port() == 40000),
+        peers.iter().any(|p| p.port() == 20000),
         "the first flow keeps its port: {peers:?}"
     );
 }
@@ -1021,13 +1000,14 @@ fn masquerade_never_takes_the_tuple_of_a_host_connection() {
             })
             .collect::<Vec<_>>()
     });
-    // A process of the host holds HOST_ADDR:40000 → server; a container then uses source port
-    // 40000 towards the same server. Both must work: the flow gets another port.
+    // A process of the host holds HOST_ADDR:20000 → server; a container then uses source port
+    // 20000 (in the NAT range) towards the same server. Both must work: the flow gets
+    // another port.
     let mut host_conn = env.in_ns(&env.host_ns(), || {
-        bound_connect((HOST_ADDR, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+        bound_connect((HOST_ADDR, 20000).into(), (OUTSIDE_ADDR, 9000).into())
     });
     let mut container_conn = env.in_ns(&c.ns, || {
-        bound_connect((c.ip, 40000).into(), (OUTSIDE_ADDR, 9000).into())
+        bound_connect((c.ip, 20000).into(), (OUTSIDE_ADDR, 9000).into())
     });
     for (conn, tag) in [(&mut host_conn, b"host"), (&mut container_conn, b"ctnr")] {
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();

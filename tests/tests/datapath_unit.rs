@@ -39,13 +39,13 @@ fn at(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ends {
 #[test]
 fn masquerade_tcp_rewrites_source_and_reverses_replies() {
     let b = Bench::new();
-    let syn = tcp_frame(C1, 40000, SERVER, 80, SYN);
+    let syn = tcp_frame(C1, 20000, SERVER, 80, SYN);
     // The source port is free towards this server: it is kept.
-    assert_eq!(b.egress(&syn), at(HOST_ADDR, 40000, SERVER, 80));
-    let syn_ack = tcp_frame(SERVER, 80, HOST_ADDR, 40000, SYN | ACK);
-    assert_eq!(b.ingress(&syn_ack), at(SERVER, 80, C1, 40000));
-    let ack = tcp_frame(C1, 40000, SERVER, 80, ACK);
-    assert_eq!(b.egress(&ack), at(HOST_ADDR, 40000, SERVER, 80));
+    assert_eq!(b.egress(&syn), at(HOST_ADDR, 20000, SERVER, 80));
+    let syn_ack = tcp_frame(SERVER, 80, HOST_ADDR, 20000, SYN | ACK);
+    assert_eq!(b.ingress(&syn_ack), at(SERVER, 80, C1, 20000));
+    let ack = tcp_frame(C1, 20000, SERVER, 80, ACK);
+    assert_eq!(b.egress(&ack), at(HOST_ADDR, 20000, SERVER, 80));
     assert_eq!(b.stat("snat_new"), 1);
     assert_eq!(b.stat("snat_hit"), 2);
 }
@@ -54,27 +54,27 @@ fn masquerade_tcp_rewrites_source_and_reverses_replies() {
 fn masquerade_gives_a_clashing_source_port_another_port() {
     let b = Bench::new();
     assert_eq!(
-        b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN)).sport,
-        40000
+        b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport,
+        20000
     );
-    let second = b.egress(&tcp_frame(C2, 40000, SERVER, 80, SYN));
+    let second = b.egress(&tcp_frame(C2, 20000, SERVER, 80, SYN));
     assert_eq!(second.src, HOST_ADDR);
     assert_ne!(
-        second.sport, 40000,
+        second.sport, 20000,
         "a port in use towards the same destination was reused"
     );
     // Replies to each translated port reach their own container.
     assert_eq!(
-        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, SYN | ACK))
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20000, SYN | ACK))
             .dst,
         C1
     );
     let back = b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, second.sport, SYN | ACK));
-    assert_eq!(back, at(SERVER, 80, C2, 40000));
+    assert_eq!(back, at(SERVER, 80, C2, 20000));
     // Towards another destination the original port is free again.
     assert_eq!(
-        b.egress(&tcp_frame(C2, 40000, SERVER, 443, SYN)).sport,
-        40000
+        b.egress(&tcp_frame(C2, 20000, SERVER, 443, SYN)).sport,
+        20000
     );
 }
 
@@ -196,10 +196,10 @@ fn published_udp_port_bound_to_a_host_address() {
 #[test]
 fn traffic_from_outside_netd_networks_is_not_translated() {
     let b = Bench::new();
-    b.assert_untouched(&tcp_frame(HOST_ADDR, 40000, SERVER, 80, SYN));
+    b.assert_untouched(&tcp_frame(HOST_ADDR, 20000, SERVER, 80, SYN));
     b.assert_untouched(&tcp_frame(
         Ipv4Addr::new(10, 0, 0, 5),
-        40000,
+        20000,
         SERVER,
         80,
         SYN,
@@ -231,7 +231,7 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
         )
         .unwrap();
     });
-    b.assert_untouched(&tcp_frame(routed, 40000, SERVER, 80, SYN));
+    b.assert_untouched(&tcp_frame(routed, 20000, SERVER, 80, SYN));
     assert!(b.stat("no_nat") >= 6);
 }
 
@@ -240,10 +240,10 @@ fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
     let b = Bench::new();
     let client = Ipv4Addr::new(198, 18, 0, 50);
     let unsolicited = [
-        tcp_frame(client, 40000, C1, 22, SYN),
+        tcp_frame(client, 20000, C1, 22, SYN),
         // Even to the port C1 has published: from outside, only through the host's address.
-        tcp_frame(client, 40000, C1, 80, SYN),
-        udp_frame(client, 40000, C2, 53, true),
+        tcp_frame(client, 20000, C1, 80, SYN),
+        udp_frame(client, 20000, C2, 53, true),
         icmp_frame(client, C1, true, 7),
     ];
     for frame in &unsolicited {
@@ -255,7 +255,7 @@ fn new_flows_straight_to_a_container_are_refused_by_tc_and_xdp_alike() {
 
     // What TC translates, XDP passes on untouched: a new flow to a published port, and a reply
     // of a masqueraded flow.
-    let published = tcp_frame(client, 40000, HOST_ADDR, 8080, SYN);
+    let published = tcp_frame(client, 20000, HOST_ADDR, 8080, SYN);
     assert_eq!(
         b.run(UPLINK_XDP_PROG, &published),
         (XDP_PASS, published.clone())
@@ -311,9 +311,9 @@ fn icmp_errors_about_masqueraded_flows_are_translated_back_with_the_quoted_packe
 
     // TCP from C2 on a port C1 holds towards the server: translated to another port; a router
     // on the way says "fragmentation needed" about it.
-    b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN));
-    let port = b.egress(&tcp_frame(C2, 40000, SERVER, 80, SYN)).sport;
-    assert_ne!(port, 40000);
+    b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN));
+    let port = b.egress(&tcp_frame(C2, 20000, SERVER, 80, SYN)).sport;
+    assert_ne!(port, 20000);
     let sent = &tcp_frame(HOST_ADDR, port, SERVER, 80, SYN)[ETH_LEN..];
     let (outer, quoted) = translate_icmp_error(
         &b,
@@ -321,7 +321,7 @@ fn icmp_errors_about_masqueraded_flows_are_translated_back_with_the_quoted_packe
         &icmp_error_frame(router, HOST_ADDR, DEST_UNREACH, FRAG_NEEDED, sent),
     );
     assert_eq!((outer.src, outer.dst), (router, C2));
-    assert_eq!(quoted, at(C2, 40000, SERVER, 80));
+    assert_eq!(quoted, at(C2, 20000, SERVER, 80));
 
     // A ping from C2 whose identifier was translated; "TTL exceeded" on the way.
     b.egress(&icmp_frame(C1, SERVER, true, 99));
@@ -390,22 +390,22 @@ fn hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
     let c1_mac = endpoint(C1, "", 0).mac;
     let c2_mac = endpoint(C2, "", 0).mac;
     // C2 → host:8080 (published → C1:80): to C1 from the gateway.
-    let there = hairpin(&b, &tcp_frame(C2, 40000, HOST_ADDR, 8080, SYN), c1_mac);
-    assert_eq!(there, at(GATEWAY, 40000, C1, 80));
-    let back = hairpin(&b, &tcp_frame(C1, 80, GATEWAY, 40000, SYN | ACK), c2_mac);
-    assert_eq!(back, at(HOST_ADDR, 8080, C2, 40000));
+    let there = hairpin(&b, &tcp_frame(C2, 20000, HOST_ADDR, 8080, SYN), c1_mac);
+    assert_eq!(there, at(GATEWAY, 20000, C1, 80));
+    let back = hairpin(&b, &tcp_frame(C1, 80, GATEWAY, 20000, SYN | ACK), c2_mac);
+    assert_eq!(back, at(HOST_ADDR, 8080, C2, 20000));
     // C1 to its own published port, through the gateway address, from the same port: another
-    // gateway port, since 40000 is taken towards C1:80.
-    let own = hairpin(&b, &tcp_frame(C1, 40000, GATEWAY, 8080, SYN), c1_mac);
+    // gateway port, since 20000 is taken towards C1:80.
+    let own = hairpin(&b, &tcp_frame(C1, 20000, GATEWAY, 8080, SYN), c1_mac);
     assert_eq!((own.src, own.dst, own.dport), (GATEWAY, C1, 80));
-    assert_ne!(own.sport, 40000);
+    assert_ne!(own.sport, 20000);
     assert_eq!(
         hairpin(
             &b,
             &tcp_frame(C1, 80, GATEWAY, own.sport, SYN | ACK),
             c1_mac
         ),
-        at(GATEWAY, 8080, C1, 40000)
+        at(GATEWAY, 8080, C1, 20000)
     );
     assert_eq!((b.stat("hairpin_new"), b.stat("hairpin_hit")), (2, 2));
 
@@ -767,7 +767,7 @@ fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken(
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    let mut table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    let [mut table, _] = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
     let tuple = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| CtKey {
         saddr: addr_v4(src.octets()),
         daddr: addr_v4(dst.octets()),
@@ -810,7 +810,7 @@ fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken(
             )
             .unwrap();
     }
-    let (verdict, _) = b.run(UPLINK_EGRESS_PROG, &tcp_frame(C1, 40000, SERVER, 80, SYN));
+    let (verdict, _) = b.run(UPLINK_EGRESS_PROG, &tcp_frame(C1, 20000, SERVER, 80, SYN));
     assert_eq!(verdict, 2, "TC_ACT_SHOT: no port to translate to");
     assert_eq!(b.stat("port_exhausted"), 1);
     let drops = stats::read_endpoint_drops(&pins).unwrap();
@@ -818,8 +818,8 @@ fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken(
     assert_eq!((drops[0].endpoint, drops[0].dropped), (C1, 1));
     // Towards another destination port, the host's ports are free.
     assert_eq!(
-        b.egress(&tcp_frame(C1, 40000, SERVER, 443, SYN)).sport,
-        40000
+        b.egress(&tcp_frame(C1, 20000, SERVER, 443, SYN)).sport,
+        20000
     );
 }
 
@@ -829,8 +829,8 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
     let b = Bench::with(Timeouts::default(), ENTRIES);
     let pins = Pins::open(&b.env.bpffs).unwrap();
     assert_eq!(
-        b.egress(&tcp_frame(C1, 40000, SERVER, 80, SYN)).sport,
-        40000
+        b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport,
+        20000
     );
     // Three times as many new flows as the table holds, the first flow active throughout.
     for i in 0..3 * ENTRIES / 2 {
@@ -841,15 +841,16 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
         );
         if i % 64 == 0 {
             assert_eq!(
-                b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+                b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20000, ACK)).dst,
                 C1,
                 "after {i} new flows"
             );
         }
     }
-    let table = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
-    let count = table.keys().count();
-    assert!(count <= ENTRIES as usize, "{count} entries");
+    for table in netd::datapath::ebpf::maps::conntrack(&pins).unwrap() {
+        let count = table.keys().count();
+        assert!(count <= ENTRIES as usize, "{count} entries");
+    }
     assert_eq!(b.stat("conntrack_full"), 0, "new flows are admitted");
     // The latest flow is tracked; the active one too.
     assert_eq!(
@@ -864,7 +865,114 @@ fn a_full_conntrack_table_evicts_idle_flows_and_keeps_active_ones() {
         C2
     );
     assert_eq!(
-        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 40000, ACK)).dst,
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20000, ACK)).dst,
+        C1
+    );
+}
+
+/// The monotonic clock the datapath stamps flows with, in ns.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn an_entry_whose_partner_was_evicted_or_taken_never_delivers_to_another_container() {
+    use netd_common::datapath::{AF_INET, CtKey, addr_v4};
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    // C1's flow holds HOST_ADDR:20000 towards SERVER:80.
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport,
+        20000
+    );
+    let reply = CtKey {
+        saddr: addr_v4(SERVER.octets()),
+        daddr: addr_v4(HOST_ADDR.octets()),
+        sport: 80,
+        dport: 20000,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    // The LRU evicts its reply entry; C2 then gets the tuple for a flow of its own.
+    let [_, mut unassured] = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+    unassured.remove(&reply).unwrap();
+    assert_eq!(
+        b.egress(&tcp_frame(C2, 20000, SERVER, 80, SYN)).sport,
+        20000
+    );
+    // C1's original entry no longer has its reply entry pointing back: it is not trusted.
+    // C1's next packet starts a flow on another port, and replies on 20000 reach C2 only.
+    let moved = b.egress(&tcp_frame(C1, 20000, SERVER, 80, ACK)).sport;
+    assert_ne!(moved, 20000);
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20000, SYN | ACK))
+            .dst,
+        C2
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, moved, SYN | ACK))
+            .dst,
+        C1
+    );
+}
+
+#[test]
+fn a_tuple_another_cpu_is_claiming_is_not_taken_a_stale_one_is() {
+    use netd_common::datapath::{
+        AF_INET, CT_DIR_REPLY, CT_NAT_SNAT, CT_REWRITE_DST, CT_SYN_SENT, CtEntry, CtKey, addr_v4,
+    };
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let key = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| CtKey {
+        saddr: addr_v4(src.octets()),
+        daddr: addr_v4(dst.octets()),
+        sport,
+        dport,
+        proto: TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    // A reply entry of C2's flow to SERVER:80 from HOST_ADDR:`port`, its original entry not
+    // inserted yet (another CPU between the two inserts), made `age_ns` ago.
+    let claimed = |port: u16, age_ns: u64| {
+        let original = key(C2, port, SERVER, 80);
+        let reply = key(SERVER, 80, HOST_ADDR, port);
+        let at = monotonic_ns() - age_ns;
+        let entry = CtEntry {
+            original,
+            reply,
+            nat_addr: addr_v4(C2.octets()),
+            nat_port: port,
+            dir: CT_DIR_REPLY,
+            rewrite: CT_REWRITE_DST,
+            nat: CT_NAT_SNAT,
+            state: CT_SYN_SENT,
+            created_ns: at,
+            last_seen_ns: at,
+            ..Default::default()
+        };
+        let [_, mut unassured] = netd::datapath::ebpf::maps::conntrack(&pins).unwrap();
+        unassured.insert(reply, entry, 0).unwrap();
+    };
+    claimed(20000, 0);
+    let port = b.egress(&tcp_frame(C1, 20000, SERVER, 80, SYN)).sport;
+    assert_ne!(port, 20000, "took a tuple being claimed");
+    // Left half-made for longer than any creation takes: the tuple is free again.
+    claimed(20001, 5_000_000_000);
+    assert_eq!(
+        b.egress(&tcp_frame(C1, 20001, SERVER, 80, SYN)).sport,
+        20001
+    );
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, 20001, SYN | ACK))
+            .dst,
         C1
     );
 }

@@ -32,6 +32,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         icc: false,
         internal: false,
         masquerade: true,
+        conntrack_limit: None,
     };
     let port = PortSpec {
         network_id: 1,

@@ -106,6 +106,10 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The test binaries that send packets through the eBPF datapath's host-wide programs: run a
+/// second time with them attached as clsact filters (what kernels without TCX get).
+const DATAPATH_TESTS: &[&str] = &["datapath", "isolation", "conntrack_pressure"];
+
 fn test(args: &[String]) -> Result<()> {
     // The integration tests drive the netd binary, so build it first and tell them where it is
     // (with the step hook the crash-recovery tests kill it at).
@@ -117,13 +121,26 @@ fn test(args: &[String]) -> Result<()> {
         "fault-injection",
     ])?;
     let netd_bin = workspace_root().join("target/debug/netd");
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["test", "--workspace", "--exclude", "netd-ebpf"])
-        .env("NETD_BIN", &netd_bin);
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
+    let run = |targets: &[&str], attach: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.arg("test").args(targets).env("NETD_BIN", &netd_bin);
+        match attach {
+            Some(mode) => cmd.env("NETD_ATTACH", mode),
+            None => cmd.env_remove("NETD_ATTACH"),
+        };
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        run_cmd(&mut cmd)
+    };
+    // Every test, with the attach mode the kernel's probe picks (TCX on Linux >= 6.6).
+    run(&["--workspace", "--exclude", "netd-ebpf"], None)?;
+    let mut clsact = vec!["--package", "tests"];
+    for name in DATAPATH_TESTS {
+        clsact.extend(["--test", name]);
     }
-    run_cmd(&mut cmd)
+    eprintln!("test: the datapath tests again with NETD_ATTACH=clsact");
+    run(&clsact, Some("clsact"))
 }
 
 fn lint() -> Result<()> {

@@ -2,10 +2,48 @@
 
 use super::{Addr, IPPROTO_TCP, IPPROTO_UDP};
 
-/// `CONNTRACK`: LRU hash [`CtKey`] → [`CtEntry`], one entry per direction of each flow.
+/// `CONNTRACK`: LRU hash [`CtKey`] → [`CtEntry`], one entry per direction of each assured
+/// flow (a TCP handshake completed, or a UDP/ICMP flow answered and still going after
+/// [`CT_ASSURE_AFTER_NS`]).
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
-/// Default size of the conntrack table (entries; each flow takes two).
+/// `CONNTRACK_NEW`: the same for flows not assured yet. A flood of new flows only churns
+/// this table (netfilter's early drop takes unassured flows first for the same reason); a
+/// flow moves to `CONNTRACK` when it is assured.
+pub const CONNTRACK_NEW_MAP: &str = "CONNTRACK_NEW";
+/// The conntrack tables, assured first (the order lookups go in).
+pub const CONNTRACK_MAPS: [&str; 2] = [CONNTRACK_MAP, CONNTRACK_NEW_MAP];
+/// Default size of each conntrack table (entries; each flow takes two).
 pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
+/// A UDP or ICMP flow is assured when a packet comes at least this long after it started,
+/// once it has been answered (netfilter's UDP stream rule): one-shot request and response
+/// flows (DNS) stay unassured.
+pub const CT_ASSURE_AFTER_NS: u64 = 2_000_000_000;
+
+/// `CT_LIMITS`: [`CtLimitKey`] → [`CtLimit`]: the most flows a container or a network may
+/// have (`--conntrack-limit`), and how many it has. The programs count new flows up; the
+/// sweep (`netd conntrack sweep`, the daemon) sets counts to the live flows.
+pub const CT_LIMITS_MAP: &str = "CT_LIMITS";
+pub const CT_LIMITS_MAX: u32 = 65_536;
+
+/// Whose flows a [`CtLimit`] counts: a container (`addr`, `network_id` 0) or a network
+/// (`network_id`, `addr` zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtLimitKey {
+    pub addr: Addr,
+    pub network_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtLimit {
+    /// Flows allowed.
+    pub max: u64,
+    /// Flows counted.
+    pub count: u64,
+}
 
 /// One direction of a flow as seen on the wire at the uplink. For ICMP echo, the identifier
 /// is `sport` of a request and `dport` of a reply (the other port is 0), so a reply's tuple
@@ -67,6 +105,25 @@ pub const CT_CLOSE: u8 = 6;
 pub const CT_SEEN_REPLY: u8 = 1;
 pub const CT_FIN_ORIGINAL: u8 = 2;
 pub const CT_FIN_REPLY: u8 = 4;
+/// The flow lives in `CONNTRACK` (else in `CONNTRACK_NEW`).
+pub const CT_ASSURED: u8 = 8;
+
+/// What a flow's TCP tracking knows of one direction's sender (netfilter's `ip_ct_tcp_state`,
+/// reduced to what the RST check needs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TcpWindow {
+    /// The sequence number after the last byte (SYN and FIN count one) sent so far.
+    pub end: u32,
+    /// The largest window this side advertised (unscaled).
+    pub max_win: u16,
+    /// `TCP_WINDOW_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// `TcpWindow::flags`: the side has sent a segment (`end` and `max_win` are set).
+pub const TCP_WINDOW_SEEN: u8 = 1;
 
 /// A conntrack entry. Both entries of a flow carry the flow's two tuples and their own
 /// rewrite; state, timestamps and counters live in the original-direction entry only, so a
@@ -89,7 +146,7 @@ pub struct CtEntry {
     pub nat: u8,
     /// `CT_*` state (original entry only).
     pub state: u8,
-    /// `CT_SEEN_REPLY` | `CT_FIN_*` (original entry only).
+    /// `CT_SEEN_REPLY` | `CT_FIN_*` (original entry only) | `CT_ASSURED` (both).
     pub flags: u8,
     pub _pad: u8,
     /// The source rewrite of a `CT_REWRITE_BOTH` entry.
@@ -102,6 +159,8 @@ pub struct CtEntry {
     /// Per direction (`CT_DIR_*` index).
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
+    /// TCP: each direction's sender (`CT_DIR_*` index; original entry only).
+    pub tcp: [TcpWindow; 2],
 }
 
 impl CtEntry {
@@ -157,7 +216,7 @@ impl Default for Timeouts {
     }
 }
 
-crate::user_pod!(CtKey, CtEntry, Timeouts);
+crate::user_pod!(CtKey, CtEntry, Timeouts, TcpWindow, CtLimitKey, CtLimit);
 
 /// Size of `FRAGS`, the LRU hash [`FragKey`] → [`FragPorts`]: the ports of fragmented
 /// datagrams whose first fragment was translated.

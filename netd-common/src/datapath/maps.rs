@@ -168,6 +168,11 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// The cookie of the host network namespace: the cgroup program acts only there.
     pub netns_cookie: u64,
+    /// The ports masquerade translates to: outside the host's ephemeral range
+    /// (`ip_local_port_range`), so a host socket made later never gets a flow's tuple.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad2: u32,
 }
 
 crate::user_pod!(

@@ -168,6 +168,11 @@ stats! {
     /// Arriving at a container (on its host-side veth), let in: from the host, from its own
     /// network, or translated by netd.
     ToContainer "to_container" pass,
+    /// A new flow of a container or network at its `--conntrack-limit`: dropped.
+    ConntrackLimit "conntrack_limit" drop,
+    /// A TCP RST whose sequence number is outside the receiver's window (RFC 5961): passed
+    /// on, the flow's state unchanged.
+    RstOutOfWindow "rst_out_of_window" pass,
 }
 
 impl Stat {

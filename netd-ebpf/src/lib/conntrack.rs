@@ -1,40 +1,58 @@
 //! Connection tracking: one LRU entry per direction of each flow, keyed by the tuple as it is
-//! seen where the flow is translated (the uplink; the bridge for hairpin flows). The original-direction entry holds the flow's state, timestamps and
-//! counters; the reply-direction entry points back to it. An entry whose flow has timed out
-//! (netfilter's timeouts, from `Config`) is treated as absent, and overwritten when its tuple
-//! is needed again.
+//! seen where the flow is translated (the uplink; the bridge for hairpin flows). The
+//! original-direction entry holds the flow's state, timestamps and counters; the reply-direction
+//! entry points back to it. An entry whose flow has timed out (netfilter's timeouts, from
+//! `Config`) is treated as absent, and overwritten when its tuple is needed again.
 //!
-//! A full table: every new flow is admitted, the LRU map makes room by evicting the least
-//! recently used entries, so idle flows go first and active ones (refreshed by each packet)
-//! stay. A packet of an evicted flow starts a new flow when it leaves, and passes to the host
-//! untranslated when it arrives. An insert that fails anyway is dropped and counted
-//! (`conntrack_full`).
+//! Under pressure: a flow starts in `CONNTRACK_NEW` and moves to `CONNTRACK` once assured (a
+//! TCP handshake completed and answered; a UDP or ICMP flow answered and still going after
+//! `CT_ASSURE_AFTER_NS`), so a flood of new flows (spoofed SYNs, a container's UDP storm) only
+//! evicts other unassured flows, as netfilter's early drop does. A container or a network may
+//! be capped (`CT_LIMITS`): its new flows over the cap are dropped (`conntrack_limit`).
+//!
+//! No wrong delivery: an entry is trusted only while its flow's other entry points back at it
+//! (checked on every hit), so an entry whose partner was evicted, or whose tuple another flow
+//! took since, is never used; a tuple is taken for a new flow only when no live flow holds it
+//! and no other CPU is creating one with it. Translated ports stay in `Config`'s NAT range
+//! (outside the host's ephemeral ports) and off published ports.
+//!
+//! An insert that fails anyway is dropped and counted (`conntrack_full`).
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_ANY,
     helpers::bpf_get_prandom_u32,
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_CLOSE, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED,
-    CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW,
-    CT_REWRITE_BOTH, CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT,
-    CT_TIME_WAIT, Config, CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Timeouts,
+    AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_ASSURE_AFTER_NS, CT_ASSURED, CT_CLOSE,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT,
+    CT_LIMITS_MAX, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW, CT_REWRITE_BOTH,
+    CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config,
+    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, TcpWindow,
+    Timeouts,
 };
 
 use super::{
+    maps,
     nat::Rewrite,
     parse::{Flow, Quoted},
-    sockets,
+    sockets, stats,
+    tcp_window::{self, Segment},
 };
 
-/// Sized by the loader (`map_max_entries`); this is the default.
+/// Assured flows. Sized by the loader (`map_max_entries`); this is the default.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_DEFAULT_MAX, 0);
+/// Flows not assured yet, sized like `CONNTRACK`.
+#[map]
+static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_DEFAULT_MAX, 0);
+/// Flow caps of containers and networks, and their counts.
+#[map]
+static CT_LIMITS: HashMap<CtLimitKey, CtLimit> = HashMap::pinned(CT_LIMITS_MAX, 0);
 
-/// Where new entries are built: a `CtEntry` (176 bytes) next to the keys and the parsed
+/// Where new entries are built: a `CtEntry` (192 bytes) next to the keys and the parsed
 /// packet would not fit in the 512-byte BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
@@ -47,9 +65,12 @@ const TCP_ACK: u8 = 0x10;
 /// How many source ports (echo ids) masquerade tries before dropping a new flow: the
 /// original one, then random ones.
 const PORT_TRIES: u32 = 8;
-/// Translated ports come from 1024..=65535 when the original one is taken.
-const PORT_MIN: u32 = 1024;
-const PORT_SPAN: u32 = 65536 - PORT_MIN;
+/// The NAT range when `Config` has none (a datapath configured by an older netd).
+const PORT_MIN: u16 = 1024;
+const PORT_MAX: u16 = 65535;
+/// A reply entry younger than this whose original entry isn't there yet is a flow another
+/// CPU is creating: its tuple is not free.
+const CLAIM_GRACE_NS: u64 = 1_000_000_000;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -70,6 +91,12 @@ pub fn key_of(flow: &Flow) -> CtKey {
 #[inline(always)]
 pub fn v4(addr: u32) -> Addr {
     [addr, 0, 0, 0]
+}
+
+/// The table of assured flows, or of the others.
+#[inline(always)]
+fn table(assured: bool) -> &'static LruHashMap<CtKey, CtEntry> {
+    if assured { &CONNTRACK } else { &CONNTRACK_NEW }
 }
 
 /// What a tracked packet gets: its entry's rewrite (for hairpin flows: of the destination,
@@ -105,29 +132,45 @@ fn on_path(entry: &CtEntry, path: Path) -> bool {
 }
 
 /// Looks `key` up among the entries of `path`. For a packet of a live flow, advances the
-/// flow's state, counts the packet and returns the rewrite its direction needs.
+/// flow's state (a TCP RST only when in the window), counts the packet and returns the
+/// rewrite its direction needs.
 #[inline(always)]
 pub fn track(
+    ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
-    len: u32,
     now: u64,
     cfg: &Config,
     path: Path,
 ) -> Option<Hit> {
-    let (entry, state) = live_flow(key, now, &cfg.timeouts)?;
-    // SAFETY: both point into map values; concurrent updates race only on counters and
+    let live = live_flow(key, now, &cfg.timeouts)?;
+    // SAFETY: pointers into map values; concurrent updates race only on counters and
     // state, which tolerate a lost update.
-    let (entry, state) = unsafe { (&*entry, &mut *state) };
+    let (entry, state) = unsafe { (&*live.entry, &mut *live.state) };
     if !on_path(entry, path) {
         return None;
     }
-    advance(state, entry.dir, flow.tcp_flags);
+    let hit = hit_of(entry);
+    let dir = entry.dir;
+    if flow.proto == IPPROTO_TCP {
+        let Some(seg) = tcp_window::segment(ctx, flow) else {
+            return Some(hit);
+        };
+        if !advance_tcp(state, dir, flow.tcp_flags, &seg) {
+            stats::count(Stat::RstOutOfWindow);
+            return Some(hit);
+        }
+    } else {
+        advance_other(state, dir);
+    }
     state.last_seen_ns = now;
-    let dir = usize::from(entry.dir & 1);
-    state.packets[dir] += 1;
-    state.bytes[dir] += u64::from(len);
-    Some(hit_of(entry))
+    let i = usize::from(dir & 1);
+    state.packets[i] += 1;
+    state.bytes[i] += u64::from(ctx.len());
+    if state.flags & CT_ASSURED == 0 && assured(state, now) {
+        promote(live.state, live.partner);
+    }
+    Some(hit)
 }
 
 /// The rewrites of packets matching `entry`.
@@ -163,9 +206,9 @@ pub fn rewrites_for_error(q: &Quoted, now: u64, cfg: &Config, path: Path) -> Opt
         family: AF_INET,
         _pad: [0; 2],
     };
-    let (entry, _) = live_flow(&key, now, &cfg.timeouts)?;
+    let live = live_flow(&key, now, &cfg.timeouts)?;
     // SAFETY: a pointer into the map value, valid for this program run.
-    let entry = unsafe { &*entry };
+    let entry = unsafe { &*live.entry };
     on_path(entry, path).then(|| hit_of(entry))
 }
 
@@ -175,22 +218,51 @@ pub fn is_live(key: &CtKey, now: u64, cfg: &Config) -> bool {
     live_flow(key, now, &cfg.timeouts).is_some()
 }
 
-/// The entry matching `key` and its flow's original-direction entry, if the flow is live:
-/// not timed out, and (for a reply entry) still the flow that owns the tuple.
+/// A live flow's entries: the one a packet matched, the original-direction one (the
+/// flow's state) and the other direction's.
+struct Live {
+    entry: *mut CtEntry,
+    state: *mut CtEntry,
+    partner: *mut CtEntry,
+}
+
+/// The entries of the live flow `key` belongs to: not timed out, and both entries pointing
+/// at each other. The assured table is asked first; a stale entry there doesn't hide a
+/// newer flow with the same tuple among the unassured ones.
 #[inline(always)]
-fn live_flow(key: &CtKey, now: u64, timeouts: &Timeouts) -> Option<(*mut CtEntry, *mut CtEntry)> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+fn live_flow(key: &CtKey, now: u64, timeouts: &Timeouts) -> Option<Live> {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        && let Some(live) = consistent(entry, now, timeouts)
+    {
+        return Some(live);
+    }
+    let entry = CONNTRACK_NEW.get_ptr_mut(key)?;
+    consistent(entry, now, timeouts)
+}
+
+/// `entry` as part of a live flow, if its partner points back at it and
+/// the flow has not timed out.
+#[inline(always)]
+fn consistent(entry: *mut CtEntry, now: u64, timeouts: &Timeouts) -> Option<Live> {
     // SAFETY: a pointer into the map value, valid for this program run.
     let e = unsafe { &*entry };
+    let other_key = if e.dir == CT_DIR_ORIGINAL {
+        &e.reply
+    } else {
+        &e.original
+    };
+    let partner = partner_of(other_key, e.flags & CT_ASSURED != 0)?;
+    // SAFETY: as above.
+    let p = unsafe { &*partner };
+    // The two entries are of one flow (each is keyed by its own tuple, so this is both
+    // pointing at the other) and of opposite directions.
+    if p.dir == e.dir || p.original != e.original || p.reply != e.reply {
+        return None;
+    }
     let state = if e.dir == CT_DIR_ORIGINAL {
         entry
     } else {
-        let state = CONNTRACK.get_ptr_mut(&e.original)?;
-        // SAFETY: as above.
-        if unsafe { (*state).reply } != *key {
-            return None;
-        }
-        state
+        partner
     };
     // SAFETY: as above.
     let s = unsafe { &*state };
@@ -198,25 +270,81 @@ fn live_flow(key: &CtKey, now: u64, timeouts: &Timeouts) -> Option<(*mut CtEntry
     if age > u64::from(s.timeout_secs(timeouts)) * NS_PER_SEC {
         return None;
     }
-    Some((entry, state))
+    Some(Live {
+        entry,
+        state,
+        partner,
+    })
 }
 
-/// Moves the flow's state on for a packet in direction `dir` (a simplified netfilter TCP
-/// machine: handshake, FIN from each side, RST).
+/// The flow's other entry, in the table the entry says, or (while a promotion is half done
+/// on another CPU) in the other one.
 #[inline(always)]
-fn advance(s: &mut CtEntry, dir: u8, tcp: u8) {
+fn partner_of(key: &CtKey, assured: bool) -> Option<*mut CtEntry> {
+    table(assured)
+        .get_ptr_mut(key)
+        .or_else(|| table(!assured).get_ptr_mut(key))
+}
+
+/// Whether the flow of original entry `s` is assured: TCP established and answered; UDP and
+/// ICMP answered and still going after `CT_ASSURE_AFTER_NS`.
+#[inline(always)]
+fn assured(s: &CtEntry, now: u64) -> bool {
+    if s.flags & CT_SEEN_REPLY == 0 {
+        return false;
+    }
+    if s.original.proto == IPPROTO_TCP {
+        return s.state == CT_ESTABLISHED;
+    }
+    now.saturating_sub(s.created_ns) >= CT_ASSURE_AFTER_NS
+}
+
+/// Moves the flow of original entry `state` and its `partner` to the assured table (the
+/// original first: a packet finding one there finds its partner in either table).
+#[inline(always)]
+fn promote(state: *mut CtEntry, partner: *mut CtEntry) {
+    // SAFETY: pointers into map values, valid for this program run.
+    let (s, p) = unsafe { (&mut *state, &mut *partner) };
+    s.flags |= CT_ASSURED;
+    p.flags |= CT_ASSURED;
+    let (original, reply) = (s.original, s.reply);
+    let moved = CONNTRACK.insert(&original, &*s, u64::from(BPF_ANY)).is_ok()
+        && CONNTRACK.insert(&reply, &*p, u64::from(BPF_ANY)).is_ok();
+    if !moved {
+        // Stays unassured; the next packet tries again.
+        let _ = CONNTRACK.remove(&original);
+        s.flags &= !CT_ASSURED;
+        p.flags &= !CT_ASSURED;
+        return;
+    }
+    let _ = CONNTRACK_NEW.remove(&original);
+    let _ = CONNTRACK_NEW.remove(&reply);
+}
+
+/// Moves a UDP or ICMP flow's state on for a packet in direction `dir`.
+#[inline(always)]
+fn advance_other(s: &mut CtEntry, dir: u8) {
     if dir == CT_DIR_REPLY {
         s.flags |= CT_SEEN_REPLY;
+        s.state = CT_ESTABLISHED;
     }
-    if s.original.proto != IPPROTO_TCP {
-        if s.flags & CT_SEEN_REPLY != 0 {
-            s.state = CT_ESTABLISHED;
-        }
-        return;
-    }
+}
+
+/// Moves a TCP flow's state on for segment `seg` in direction `dir` (a simplified netfilter
+/// TCP machine: handshake, FIN from each side, RST within the window). Returns false, with
+/// nothing changed, for a RST outside the window (RFC 5961).
+#[inline(always)]
+fn advance_tcp(s: &mut CtEntry, dir: u8, tcp: u8, seg: &Segment) -> bool {
     if tcp & TCP_RST != 0 {
+        if !tcp_window::rst_in_window(&mut s.tcp, dir, seg.seq) {
+            return false;
+        }
         s.state = CT_CLOSE;
-        return;
+        return true;
+    }
+    tcp_window::update(&mut s.tcp, dir, seg);
+    if dir == CT_DIR_REPLY {
+        s.flags |= CT_SEEN_REPLY;
     }
     if tcp & TCP_FIN != 0 {
         s.flags |= if dir == CT_DIR_REPLY {
@@ -230,19 +358,22 @@ fn advance(s: &mut CtEntry, dir: u8, tcp: u8) {
         } else {
             CT_FIN_WAIT
         };
-        return;
+        return true;
     }
     let syn_ack = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     s.state = match (s.state, dir) {
         (CT_SYN_SENT, CT_DIR_REPLY) if syn_ack => CT_SYN_RECV,
         (CT_SYN_RECV, CT_DIR_ORIGINAL) if tcp & TCP_ACK != 0 => CT_ESTABLISHED,
-        // A new connection reusing the tuple of a closed one.
+        // A new connection reusing the tuple of a closed one: its sequence space is new.
         (CT_CLOSE | CT_TIME_WAIT, CT_DIR_ORIGINAL) if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-            s.flags = 0;
+            s.flags &= CT_ASSURED;
+            s.tcp = [TcpWindow::default(); 2];
+            tcp_window::update(&mut s.tcp, dir, seg);
             CT_SYN_SENT
         }
         (state, _) => state,
     };
+    true
 }
 
 /// Whether a packet that matches no flow may start one: not a TCP RST (nothing to answer).
@@ -252,19 +383,20 @@ pub fn may_start_flow(flow: &Flow) -> bool {
 }
 
 /// Starts a masqueraded flow for the packet `key`/`flow` leaving from `host`: keeps the
-/// source port (echo id) when no live flow and no host socket uses it on `host` towards the
-/// same destination, else takes a random free one. Returns the rewrite for this packet.
+/// source port (echo id) when it is in the NAT range, not published, and no live flow and no
+/// host socket uses it on `host` towards the same destination, else takes a random free one
+/// from the range. Returns the rewrite for this packet.
 #[inline(always)]
 pub fn start_snat(
     ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
     host: u32,
-    len: u32,
     now: u64,
     cfg: &Config,
 ) -> Result<Rewrite, Stat> {
-    let e = scratch_flow(key, flow, len, now)?;
+    charge(flow.saddr)?;
+    let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_SNAT;
     // The reply entry: from the destination back to host:port, rewritten to the container.
     e.reply = CtKey {
@@ -278,7 +410,7 @@ pub fn start_snat(
     e.rewrite = CT_REWRITE_DST;
     e.nat_addr = key.saddr;
     e.nat_port = key.sport;
-    let port = claim_reply_tuple(ctx, e, now, &cfg.timeouts)?;
+    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: from the container, rewritten to host:port.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_SRC;
@@ -296,14 +428,16 @@ pub fn start_snat(
 /// `target_port`. Returns the rewrite for this packet.
 #[inline(always)]
 pub fn start_dnat(
+    ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
     target: u32,
     target_port: u16,
-    len: u32,
     now: u64,
+    cfg: &Config,
 ) -> Result<Rewrite, Stat> {
-    let e = scratch_flow(key, flow, len, now)?;
+    charge(target)?;
+    let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_DNAT;
     // The reply entry: from the container back to the client, rewritten to host:port.
     e.reply = CtKey {
@@ -317,10 +451,8 @@ pub fn start_dnat(
     e.rewrite = CT_REWRITE_SRC;
     e.nat_addr = key.daddr;
     e.nat_port = key.dport;
-    // The client picked its port, nothing to choose: a stale owner of the tuple is replaced.
-    CONNTRACK
-        .insert(&e.reply, &*e, u64::from(BPF_ANY))
-        .map_err(|_| Stat::ConntrackFull)?;
+    // The client picked its port: the tuple is free or the flow is refused.
+    claim_reply_tuple(ctx, e, false, now, cfg)?;
     // The original entry: from the client, rewritten to the container.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_DST;
@@ -348,11 +480,11 @@ pub fn start_hairpin(
     target: u32,
     target_port: u16,
     gateway: u32,
-    len: u32,
     now: u64,
     cfg: &Config,
 ) -> Result<(Rewrite, Rewrite), Stat> {
-    let e = scratch_flow(key, flow, len, now)?;
+    charge(flow.saddr)?;
+    let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_HAIRPIN;
     e.rewrite = CT_REWRITE_BOTH;
     // The reply entry: from the target to gateway:port, back to host:port → container.
@@ -368,7 +500,7 @@ pub fn start_hairpin(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple(ctx, e, now, &cfg.timeouts)?;
+    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
     e.nat_addr = v4(target);
@@ -390,18 +522,48 @@ pub fn start_hairpin(
     ))
 }
 
-/// Whether `proto` has ports (ICMP: echo identifiers) NAT can choose.
+/// Counts a new flow of the container at `addr` against its cap and its network's; a flow
+/// over either is refused.
 #[inline(always)]
-fn has_ports(proto: u8) -> bool {
-    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP)
+fn charge(addr: u32) -> Result<(), Stat> {
+    let container = CtLimitKey {
+        addr: v4(addr),
+        network_id: 0,
+        family: AF_INET,
+        _pad: [0; 3],
+    };
+    let network = CtLimitKey {
+        addr: [0; 4],
+        network_id: maps::endpoint(addr).map_or(0, |ep| ep.network_id),
+        family: AF_INET,
+        _pad: [0; 3],
+    };
+    let limits = [
+        CT_LIMITS.get_ptr_mut(&container),
+        CT_LIMITS.get_ptr_mut(&network),
+    ];
+    for limit in limits.iter().flatten() {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let l = unsafe { &**limit };
+        if l.count >= l.max {
+            return Err(Stat::ConntrackLimit);
+        }
+    }
+    for limit in limits.iter().flatten() {
+        // SAFETY: as above. Not atomic (the BPF target has no atomic add in `core`): CPUs
+        // racing here may lose a count, letting a flow or two past the cap until the sweep
+        // recounts.
+        unsafe { (**limit).count += 1 };
+    }
+    Ok(())
 }
 
 /// The per-CPU scratch entry, filled with a new flow's common fields.
 #[inline(always)]
 fn scratch_flow(
+    ctx: &TcContext,
     key: &CtKey,
     flow: &Flow,
-    len: u32,
     now: u64,
 ) -> Result<&'static mut CtEntry, Stat> {
     let ptr = SCRATCH.get_ptr_mut(0).ok_or(Stat::ConntrackFull)?;
@@ -423,43 +585,73 @@ fn scratch_flow(
     e.created_ns = now;
     e.last_seen_ns = now;
     e.packets = [1, 0];
-    e.bytes = [u64::from(len), 0];
+    e.bytes = [u64::from(ctx.len()), 0];
+    e.tcp = [TcpWindow::default(); 2];
+    if flow.proto == IPPROTO_TCP
+        && let Some(seg) = tcp_window::segment(ctx, flow)
+    {
+        tcp_window::update(&mut e.tcp, CT_DIR_ORIGINAL, &seg);
+    }
     Ok(e)
 }
 
-/// Inserts the reply entry `e`, changing its destination port (the translated source port)
-/// until the tuple is free (no host socket, no live flow holds it). Returns the port.
+/// The ports a translated source may take, from `Config` (outside the host's ephemeral
+/// range): the first and how many.
+#[inline(always)]
+fn nat_ports(cfg: &Config) -> (u16, u32) {
+    let (min, max) = if cfg.nat_port_min == 0 || cfg.nat_port_max < cfg.nat_port_min {
+        (PORT_MIN, PORT_MAX)
+    } else {
+        (cfg.nat_port_min, cfg.nat_port_max)
+    };
+    (min, u32::from(max - min) + 1)
+}
+
+/// Whether `proto` has ports (ICMP: echo identifiers) NAT can choose.
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP)
+}
+
+/// Inserts the reply entry `e` into the unassured table. With `choose_port`, changes its
+/// destination port (the translated source port) until the tuple is free: in the NAT range
+/// (any echo identifier is), not a published port, held by no host socket and no flow,
+/// trying `PORT_TRIES` ports (the first the original one, when in range). Without, the tuple
+/// is the only one there is (a client's port; a protocol translated by address). Returns
+/// the port.
 #[inline(always)]
 fn claim_reply_tuple(
     ctx: &TcContext,
     e: &mut CtEntry,
+    choose_port: bool,
     now: u64,
-    timeouts: &Timeouts,
+    cfg: &Config,
 ) -> Result<u16, Stat> {
-    // Without ports (other protocols than TCP, UDP and ICMP: translated by address), the
-    // tuple is the only one there is.
-    let tries = if has_ports(e.original.proto) {
-        PORT_TRIES
+    let (min, span) = nat_ports(cfg);
+    let (translated, tries) = if choose_port {
+        (true, PORT_TRIES)
     } else {
-        1
+        (false, 1)
     };
+    // Echo identifiers are not ports: no host socket takes one from the ephemeral range.
+    let any_id = e.reply.proto == IPPROTO_ICMP;
     for attempt in 0..tries {
-        if attempt > 0 {
+        let port = e.reply.dport;
+        let in_range = any_id || u32::from(port.wrapping_sub(min)) < span;
+        if translated && (attempt > 0 || !in_range) {
             // SAFETY: a helper without preconditions.
             let random = unsafe { bpf_get_prandom_u32() };
-            e.reply.dport = (PORT_MIN + random % PORT_SPAN) as u16;
+            e.reply.dport = min + (random % span) as u16;
         }
-        if sockets::host_socket_owns(ctx, &e.reply) {
+        if translated && published(&e.reply) {
             continue;
         }
-        if CONNTRACK
-            .insert(&e.reply, &*e, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Ok(e.reply.dport);
+        if sockets::host_socket_owns(ctx, &e.reply) || !tuple_free(&e.reply, now, cfg) {
+            continue;
         }
-        if live_flow(&e.reply, now, timeouts).is_none()
-            && CONNTRACK.insert(&e.reply, &*e, u64::from(BPF_ANY)).is_ok()
+        if CONNTRACK_NEW
+            .insert(&e.reply, &*e, u64::from(BPF_ANY))
+            .is_ok()
         {
             return Ok(e.reply.dport);
         }
@@ -467,12 +659,47 @@ fn claim_reply_tuple(
     Err(Stat::PortExhausted)
 }
 
+/// Whether the reply tuple `reply` is a published port of its destination (a host
+/// address): a translated flow must not take it.
+#[inline(always)]
+fn published(reply: &CtKey) -> bool {
+    reply.proto != IPPROTO_ICMP
+        && maps::published(reply.daddr[0], reply.dport, reply.proto, true).is_some()
+}
+
+/// Whether a new flow may take the tuple `key`: no live flow holds it (a closed TCP flow
+/// gives it up), and no other CPU is creating one with it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't
+/// complete yet). A stale assured entry is removed, so it can't shadow the new flow.
+#[inline(always)]
+fn tuple_free(key: &CtKey, now: u64, cfg: &Config) -> bool {
+    if let Some(live) = live_flow(key, now, &cfg.timeouts) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let state = unsafe { (*live.state).state };
+        // A closed TCP flow's tuple may start a new connection, as netfilter lets a SYN
+        // reopen a TIME_WAIT entry: else a busy client's closed flows would hold every port
+        // for the TIME_WAIT timeout. Its other entry stops pointing back: never used again.
+        let closed = key.proto == IPPROTO_TCP && matches!(state, CT_TIME_WAIT | CT_CLOSE);
+        if !closed {
+            return false;
+        }
+    }
+    if let Some(e) = CONNTRACK_NEW.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        if now.saturating_sub(unsafe { (*e).created_ns }) < CLAIM_GRACE_NS {
+            return false;
+        }
+    }
+    let _ = CONNTRACK.remove(key);
+    true
+}
+
 /// Inserts the original entry of a flow whose reply entry is in place (removed again on
-/// failure, so no half flow stays).
+/// failure, so no half flow stays). A stale assured entry with the same tuple goes.
 #[inline(always)]
 fn insert_original(key: &CtKey, e: &CtEntry) -> Result<(), Stat> {
-    if CONNTRACK.insert(key, e, u64::from(BPF_ANY)).is_err() {
-        let _ = CONNTRACK.remove(&e.reply);
+    let _ = CONNTRACK.remove(key);
+    if CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_err() {
+        let _ = CONNTRACK_NEW.remove(&e.reply);
         return Err(Stat::ConntrackFull);
     }
     Ok(())

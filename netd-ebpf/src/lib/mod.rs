@@ -12,4 +12,5 @@ pub mod parse;
 pub mod policy;
 pub mod sockets;
 pub mod stats;
+pub mod tcp_window;
 pub mod verdict;

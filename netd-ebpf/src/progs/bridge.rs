@@ -58,7 +58,7 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return icmp_error(ctx, &flow, q, now, cfg);
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, Path::Hairpin) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, Path::Hairpin) {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
             return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
@@ -98,7 +98,6 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         target.addr[0],
         target.port,
         gateway,
-        ctx.len(),
         now,
         cfg,
     );

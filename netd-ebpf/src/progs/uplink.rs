@@ -86,7 +86,7 @@ fn translate_tracked(ctx: &TcContext, path: Path) -> Result<Untracked, Stat> {
         return Err(icmp_error(ctx, &flow, quoted, now, cfg, path));
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(&key, &flow, ctx.len(), now, cfg, path) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, path) {
         return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
     }
     Ok(Untracked {
@@ -123,7 +123,7 @@ fn egress(ctx: &TcContext) -> Stat {
     if !conntrack::may_start_flow(&flow) {
         return dropped(ctx, &flow, Stat::Unmasqueraded, flow.saddr);
     }
-    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], ctx.len(), now, cfg) {
+    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }
@@ -148,7 +148,7 @@ fn ingress(ctx: &TcContext) -> Stat {
     if !conntrack::may_start_flow(&flow) {
         return dropped(ctx, &flow, Stat::Unsolicited, target.addr[0]);
     }
-    match conntrack::start_dnat(&key, &flow, target.addr[0], target.port, ctx.len(), now) {
+    match conntrack::start_dnat(ctx, &key, &flow, target.addr[0], target.port, now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
         Err(reason) => dropped(ctx, &flow, reason, target.addr[0]),
     }

@@ -71,6 +71,10 @@ pub struct CreateArgs {
     /// PORT[-END][/tcp|/udp]
     #[arg(long)]
     pub expose: Vec<String>,
+    /// The most connections (tracked flows) the container may have; new ones over it are
+    /// dropped (eBPF datapath).
+    #[arg(long, value_name = "FLOWS")]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl CreateArgs {
@@ -98,6 +102,7 @@ impl CreateArgs {
                         .collect::<Result<_>>()?,
                     publish_all: self.publish_all,
                     publish_allow: self.publish_allow,
+                    conntrack_limit: self.conntrack_limit,
                 }),
             },
         };
@@ -111,6 +116,12 @@ impl CreateArgs {
             if self.ip.is_some() || self.mac.is_some() {
                 bail!(
                     "--ip and --mac need a bridge network, not --network {}",
+                    self.network
+                );
+            }
+            if self.conntrack_limit.is_some() {
+                bail!(
+                    "--conntrack-limit needs a bridge network, not --network {}",
                     self.network
                 );
             }
@@ -234,6 +245,10 @@ mod tests {
             (
                 &["c", "--network", "host", "--ip", "10.0.0.1"],
                 "--ip and --mac",
+            ),
+            (
+                &["c", "--network", "none", "--conntrack-limit", "5"],
+                "--conntrack-limit needs a bridge network",
             ),
             (&["c", "--netns", "/x", "--pid", "1"], "alternatives"),
             (&["c", "--add-host", "nocolon"], "HOST:IP"),

@@ -56,6 +56,10 @@ pub struct CreateArgs {
     /// Default host address for published ports.
     #[arg(long)]
     pub host_ip: Option<Ipv4Addr>,
+    /// The most connections (tracked flows) the network's containers may have together;
+    /// new ones over it are dropped (eBPF datapath).
+    #[arg(long, value_name = "FLOWS")]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl CreateArgs {
@@ -75,6 +79,7 @@ impl CreateArgs {
             internal: self.internal,
             masquerade: self.masquerade,
             host_ip: self.host_ip,
+            conntrack_limit: self.conntrack_limit,
             datapath: global.datapath_kind()?,
             name: self.name,
         };

@@ -76,6 +76,7 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[Ipv4Net]) -> Resu
         datapath: spec.datapath,
         status: Status::Creating,
         owner_pid: std::process::id(),
+        conntrack_limit: spec.conntrack_limit,
     })
 }
 
@@ -120,6 +121,7 @@ pub fn container(view: &impl View, spec: &ContainerSpec, host: &Host) -> Result<
         ports: vec![],
         exposed: exposed_ports(&spec.expose),
         publish_allow: vec![],
+        conntrack_limit: None,
     };
     if let Mode::Bridge(at) = &spec.mode {
         attach(view, &mut c, at, &spec.expose, host)?;
@@ -163,6 +165,7 @@ fn attach(
     ));
     c.host_veth = Some(host.free_veth.clone());
     c.publish_allow = at.publish_allow.clone();
+    c.conntrack_limit = at.conntrack_limit;
     c.ports = ports::assign(&requests, net.host_ip, |m| view.port_clash(m))?;
     Ok(())
 }

@@ -40,6 +40,8 @@ pub struct NetworkSpec {
     pub masquerade: bool,
     /// Default host address of published ports; every address when `None`.
     pub host_ip: Option<Ipv4Addr>,
+    /// The most flows its containers may have together (`--conntrack-limit`).
+    pub conntrack_limit: Option<u32>,
     pub datapath: DatapathKind,
 }
 
@@ -63,6 +65,7 @@ impl NetworkSpec {
             internal: false,
             masquerade: true,
             host_ip: None,
+            conntrack_limit: None,
             datapath: DatapathKind::default(),
         }
     }
@@ -123,6 +126,9 @@ pub struct Attachment {
     pub publish_all: bool,
     /// Published ports accept new flows only from these ranges (any when empty).
     pub publish_allow: Vec<Ipv4Net>,
+    /// The most flows the container may have (`--conntrack-limit`).
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl Attachment {

@@ -23,9 +23,9 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, ENDPOINT_EGRESS_PROG,
-    ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
-    UPLINK_XDP_PROG, addr_v4, v4_octets,
+    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG,
+    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -143,7 +143,7 @@ impl EbpfDatapath {
     ) -> Result<()> {
         let mut attached = Vec::new();
         for &(prog, dir) in progs {
-            if self.pins.tc_link(prog, iface, dir).exists() {
+            if self.pins.tc_attached(prog, iface, dir) {
                 continue;
             }
             if let Err(e) = self.pins.attach_tc(ebpf, prog, iface, dir) {
@@ -350,6 +350,27 @@ impl EbpfDatapath {
         }
     }
 
+    /// Caps the flows counted under `key` at `limit` (`--conntrack-limit`); no cap for `None`.
+    fn set_limit(&self, key: CtLimitKey, limit: Option<u32>) -> Result<()> {
+        let Some(max) = limit else {
+            return Ok(());
+        };
+        let limit = CtLimit {
+            max: u64::from(max),
+            count: 0,
+        };
+        maps::ct_limits(&self.pins)?
+            .insert(key, limit, 0)
+            .context("set the conntrack limit")
+    }
+
+    /// Undoes `set_limit` (best effort: what is not there needs no removing).
+    fn forget_limit(&self, key: &CtLimitKey) {
+        if let Ok(mut limits) = maps::ct_limits(&self.pins) {
+            let _ = limits.remove(key);
+        }
+    }
+
     /// Removes `net`'s subnet from `SUBNETS` (best effort: what is not there needs no removing).
     fn forget_subnet(&self, net: &NetworkSpec) {
         if let Ok(mut subnets) = maps::subnets(&self.pins) {
@@ -358,6 +379,7 @@ impl EbpfDatapath {
     }
 
     fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
+        let (nat_port_min, nat_port_max) = host::nat_port_range()?;
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
             uplink_ifindex: uplink.index,
@@ -365,6 +387,9 @@ impl EbpfDatapath {
             _pad: [0; 3],
             timeouts: self.timeouts,
             netns_cookie: host::netns_cookie()?,
+            nat_port_min,
+            nat_port_max,
+            _pad2: 0,
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
@@ -391,6 +416,7 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.attach_uplink_xdp(&mut ebpf, &uplink.name))
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
+            .and_then(|()| self.set_limit(maps::network_limit_key(net.id), net.conntrack_limit))
             .and_then(|()| {
                 maps::subnets(&self.pins)?
                     .insert(&maps::subnet_key(net), net.id, 0)
@@ -410,6 +436,7 @@ impl Datapath for EbpfDatapath {
             });
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            self.forget_limit(&maps::network_limit_key(net.id));
             self.forget_subnet(net);
             if first {
                 let _ = self.detach_host();
@@ -434,6 +461,9 @@ impl Datapath for EbpfDatapath {
         for (key, ep) in stale {
             endpoints.remove(&key)?;
             self.detach_endpoint(ep.ifindex)?;
+            self.forget_limit(&maps::container_limit_key(Ipv4Addr::from(v4_octets(
+                &key.addr,
+            ))));
         }
         let mut published = maps::published(&self.pins)?;
         let stale: Vec<_> = published
@@ -458,6 +488,7 @@ impl Datapath for EbpfDatapath {
             allow.remove(&key)?;
         }
         conntrack::flush_network(&self.pins, net.subnet)?;
+        self.forget_limit(&maps::network_limit_key(net.id));
         self.pins
             .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
         if networks.keys().next().is_none() {
@@ -477,10 +508,13 @@ impl Datapath for EbpfDatapath {
             .with_context(|| {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
+        let limit_key = maps::container_limit_key(ep.ip);
         let policed = self
-            .add_policy(net, ep)
+            .set_limit(limit_key, ep.conntrack_limit)
+            .and_then(|()| self.add_policy(net, ep))
             .and_then(|()| self.attach_endpoint_programs(&ep.host_ifname));
         if let Err(e) = policed {
+            self.forget_limit(&limit_key);
             self.remove_policy(ep);
             let _ = endpoints.remove(&key);
             return Err(e);
@@ -496,6 +530,7 @@ impl Datapath for EbpfDatapath {
             self.pins.detach_filter(&ep.host_ifname, dir)?;
         }
         self.remove_policy(ep);
+        self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.
         stats::forget_endpoint(&self.pins, ep.ip)?;
         conntrack::flush_address(&self.pins, ep.ip).map(drop)

@@ -317,6 +317,7 @@ impl Datapath for IptablesDatapath {
     }
 
     fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
+        refuse_conntrack_limit(net.conntrack_limit)?;
         self.ensure_base()?;
         // Container to container on one bridge only crosses iptables with br_netfilter on;
         // --icc=false depends on it. Kernels without br_netfilter have no such sysctl.
@@ -341,6 +342,7 @@ impl Datapath for IptablesDatapath {
 
     // Docker writes no rule per container (links aside); the bridge carries them.
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
+        refuse_conntrack_limit(ep.conntrack_limit)?;
         if ep.links.is_empty() {
             return Ok(());
         }
@@ -383,6 +385,15 @@ impl Datapath for IptablesDatapath {
     }
 }
 
+/// Docker's rules have no per-container or per-network flow cap: asking for one here is an
+/// error rather than a cap silently not enforced.
+fn refuse_conntrack_limit(limit: Option<u32>) -> Result<()> {
+    if limit.is_some() {
+        anyhow::bail!("--conntrack-limit needs the ebpf datapath");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +408,7 @@ mod tests {
             icc: true,
             internal: false,
             masquerade: true,
+            conntrack_limit: None,
         }
     }
 
@@ -439,6 +451,7 @@ mod tests {
                 proto: Protocol::Tcp,
                 port: 80,
             }],
+            conntrack_limit: None,
         };
         assert_eq!(
             link_rules(&net(), &ep).filter,

@@ -38,6 +38,8 @@ pub struct NetworkSpec {
     pub internal: bool,
     /// Masquerade traffic leaving the host (`--masquerade`, on by default).
     pub masquerade: bool,
+    /// The most flows its containers may have together (`--conntrack-limit`).
+    pub conntrack_limit: Option<u32>,
 }
 
 impl NetworkSpec {
@@ -61,6 +63,8 @@ pub struct EndpointSpec {
     pub host_ifindex: u32,
     /// What `--link` opens for this container on a network with `--icc=false`.
     pub links: Vec<LinkSpec>,
+    /// The most flows it may have (`--conntrack-limit`).
+    pub conntrack_limit: Option<u32>,
 }
 
 /// One port a `--link` opens: the container may reach `peer` on `proto`/`port` (an exposed

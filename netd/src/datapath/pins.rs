@@ -5,13 +5,19 @@
 //! `links/` holds one link per attached program (TCX, XDP, cgroup), so programs stay attached
 //! after exit; `progs/` the programs, by name. Per-container programs are legacy TC filters
 //! instead (see [`Pins::attach_pinned_filter`]), which live as long as their interface.
+//!
+//! Host-wide TC programs attach with TCX (Linux 6.6) where the kernel has it, else as
+//! classic clsact filters ([`AttachMode`]); a filter has no link to pin, so its attachment is
+//! recorded by pinning its program under `links/` with a `-filter` suffix.
 
 use std::{
     fs,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
@@ -22,7 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAP};
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -88,14 +94,16 @@ impl Pins {
         self.load_sized(CONNTRACK_DEFAULT_MAX)
     }
 
-    /// Like [`Pins::load`], with a conntrack table of `conntrack_max` entries when it is not
-    /// pinned yet (a pinned table keeps its size).
+    /// Like [`Pins::load`], with conntrack tables (assured and unassured flows) of
+    /// `conntrack_max` entries each when they are not pinned yet (a pinned table keeps its
+    /// size).
     pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
-        EbpfLoader::new()
-            .default_map_pin_directory(self.maps_dir())
-            .map_max_entries(CONNTRACK_MAP, conntrack_max)
-            .load(OBJECT)
-            .context("load the eBPF object")
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(self.maps_dir());
+        for table in CONNTRACK_MAPS {
+            loader.map_max_entries(table, conntrack_max);
+        }
+        loader.load(OBJECT).context("load the eBPF object")
     }
 
     /// Opens the map pinned as `name` (it exists once any program using it was loaded).
@@ -105,8 +113,23 @@ impl Pins {
             .with_context(|| format!("open {} (is the datapath set up?)", path.display()))
     }
 
-    /// Attaches the TC program `prog` of `ebpf` to `iface` with TCX and pins the link, so it
-    /// stays attached when this process exits. Attaching twice is an error.
+    /// The pin recording that `prog` is attached to `iface` in direction `dir` as a clsact
+    /// filter (the program itself: a filter has no link).
+    pub fn tc_filter(&self, prog: &str, iface: &str, dir: TcAttachType) -> PathBuf {
+        self.links_dir().join(format!(
+            "{prog}@{iface}@{}{FILTER_SUFFIX}",
+            direction_name(dir)
+        ))
+    }
+
+    /// Whether `prog` is attached to `iface` in direction `dir`, either way.
+    pub fn tc_attached(&self, prog: &str, iface: &str, dir: TcAttachType) -> bool {
+        self.tc_link(prog, iface, dir).exists() || self.tc_filter(prog, iface, dir).exists()
+    }
+
+    /// Attaches the TC program `prog` of `ebpf` to `iface` (with TCX or as a clsact filter,
+    /// see [`AttachMode::select`]) and pins what records it, so it stays attached when this
+    /// process exits. Attaching twice is an error.
     pub fn attach_tc(
         &self,
         ebpf: &mut Ebpf,
@@ -114,8 +137,7 @@ impl Pins {
         iface: &str,
         dir: TcAttachType,
     ) -> Result<()> {
-        let pin = self.tc_link(prog, iface, dir);
-        if pin.exists() {
+        if self.tc_attached(prog, iface, dir) {
             bail!(
                 "{prog} is already attached to {iface} ({})",
                 direction_name(dir)
@@ -123,7 +145,10 @@ impl Pins {
         }
         let program = loaded_tc_program(ebpf, prog)?;
         self.pin_program(program, prog)?;
-        self.attach_and_pin_link(program, prog, iface, dir)
+        match AttachMode::select(program.fd()?.as_fd())? {
+            AttachMode::Tcx => self.attach_and_pin_link(program, prog, iface, dir),
+            AttachMode::Clsact => self.attach_and_pin_filter(program, prog, iface, dir),
+        }
     }
 
     /// Pins TC program `prog` of `ebpf`, loading it first (the build attached next).
@@ -139,20 +164,28 @@ impl Pins {
         let path = self.program(prog);
         let mut program = SchedClassifier::from_pin(&path)
             .with_context(|| format!("open pinned program {}", path.display()))?;
-        if let Err(e) = tc::qdisc_add_clsact(iface)
-            && !clsact_exists(&e)
-        {
-            return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
+        add_filter(&mut program, prog, iface, dir)
+    }
+
+    /// Attaches `program` to `iface` as a clsact filter and pins it as the record of that.
+    fn attach_and_pin_filter(
+        &self,
+        program: &mut SchedClassifier,
+        prog: &str,
+        iface: &str,
+        dir: TcAttachType,
+    ) -> Result<()> {
+        add_filter(program, prog, iface, dir)?;
+        let pin = self.tc_filter(prog, iface, dir);
+        if let Err(e) = program.pin(&pin) {
+            let _ = detach_filter_from(iface, dir);
+            return Err(e).with_context(|| format!("pin program at {}", pin.display()));
         }
-        let id = program
-            .attach_with_options(iface, dir, TcAttachOptions::Netlink(FILTER))
-            .with_context(|| format!("attach {prog} to {iface}"))?;
-        keep_attached(program.take_link(id).context("take the filter")?);
         Ok(())
     }
 
-    /// Replaces the program of the filter on `iface`'s `dir` with `prog` from `ebpf` (netlink's
-    /// replace, in place: packets see the old or the new program, never none).
+    /// Replaces the program of the filter on `iface`'s `dir` with `prog` from `ebpf`
+    /// (netlink's replace, in place: packets see the old or the new program, never none).
     pub fn replace_filter(
         &self,
         ebpf: &mut Ebpf,
@@ -160,28 +193,12 @@ impl Pins {
         iface: &str,
         dir: TcAttachType,
     ) -> Result<()> {
-        let link = filter_link(iface, dir).with_context(|| format!("find {iface}"))?;
-        let program = loaded_tc_program(ebpf, prog)?;
-        let id = program
-            .attach_to_link(link)
-            .with_context(|| format!("replace {prog} on {iface}"))?;
-        keep_attached(program.take_link(id).context("take the filter")?);
-        Ok(())
+        replace_filter_on(ebpf, prog, iface, dir)
     }
 
     /// Removes netd's filter from `iface`'s `dir`, if the interface and the filter are there.
     pub fn detach_filter(&self, iface: &str, dir: TcAttachType) -> Result<()> {
-        let Ok(link) = filter_link(iface, dir) else {
-            return Ok(());
-        };
-        match aya::programs::Link::detach(link) {
-            Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
-                if e.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            other => other.with_context(|| format!("detach the filter from {iface}")),
-        }
+        detach_filter_from(iface, dir)
     }
 
     /// The pin of loaded program `prog` (the build attached last).
@@ -220,8 +237,9 @@ impl Pins {
         Ok(())
     }
 
-    /// Atomically replaces the program behind the pinned TCX link of `prog` on `iface` with
-    /// `prog` from `ebpf` (a newer build): packets see the old or the new program, never none.
+    /// Atomically replaces the program attached as `prog` to `iface` (a TCX link or a clsact
+    /// filter) with `prog` from `ebpf` (a newer build): packets see the old or the new
+    /// program, never none.
     pub fn replace_tc(
         &self,
         ebpf: &mut Ebpf,
@@ -229,6 +247,16 @@ impl Pins {
         iface: &str,
         dir: TcAttachType,
     ) -> Result<()> {
+        let filter = self.tc_filter(prog, iface, dir);
+        if filter.exists() {
+            replace_filter_on(ebpf, prog, iface, dir)?;
+            let _ = fs::remove_file(&filter);
+            let program = loaded_tc_program(ebpf, prog)?;
+            program
+                .pin(&filter)
+                .with_context(|| format!("pin program at {}", filter.display()))?;
+            return self.pin_program(program, prog);
+        }
         let pin = self.tc_link(prog, iface, dir);
         let pinned =
             PinnedLink::from_pin(&pin).with_context(|| format!("open {}", pin.display()))?;
@@ -301,12 +329,21 @@ impl Pins {
 
     /// Detaches what [`Pins::attach_tc`] attached. Returns whether anything was attached.
     pub fn detach_tc(&self, prog: &str, iface: &str, dir: TcAttachType) -> Result<bool> {
+        let filter = self.tc_filter(prog, iface, dir);
+        if filter.exists() {
+            detach_filter_from(iface, dir)?;
+            fs::remove_file(&filter).with_context(|| format!("unpin {}", filter.display()))?;
+            return Ok(true);
+        }
         self.detach_pinned(&self.tc_link(prog, iface, dir))
     }
 
-    /// The interfaces program `prog` is attached to in direction `dir`, from the link pins.
+    /// The interfaces program `prog` is attached to in direction `dir` (either way), from
+    /// the pins.
     pub fn tc_attachments(&self, prog: &str, dir: TcAttachType) -> Result<Vec<String>> {
-        self.attachments(prog, direction_name(dir))
+        let mut ifaces = self.attachments(prog, direction_name(dir))?;
+        ifaces.extend(self.attachments(prog, &format!("{}{FILTER_SUFFIX}", direction_name(dir)))?);
+        Ok(ifaces)
     }
 
     /// The interfaces XDP program `prog` is attached to, from the link pins.
@@ -393,10 +430,144 @@ const FILTER: NlOptions = NlOptions {
     classid: None,
 };
 
-/// netd's filter on `iface`'s `dir`, named for a replace or a detach (an error: no such
-/// interface).
+/// The suffix of the pins recording clsact filters (after the direction).
+const FILTER_SUFFIX: &str = "-filter";
+
+/// netd's filter on `iface` in direction `dir`, named for a replace or a detach (an error: no
+/// such interface).
 fn filter_link(iface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
     SchedClassifierLink::attached(iface, dir, FILTER.priority, FILTER.handle, None)
+}
+
+/// Attaches `program` (named `prog`) to `iface` in direction `dir` as netd's cls_bpf filter
+/// under a clsact qdisc (added when missing). It lives as long as the interface, with no pin.
+fn add_filter(
+    program: &mut SchedClassifier,
+    prog: &str,
+    iface: &str,
+    dir: TcAttachType,
+) -> Result<()> {
+    if let Err(e) = tc::qdisc_add_clsact(iface)
+        && !clsact_exists(&e)
+    {
+        return Err(e).with_context(|| format!("add a clsact qdisc to {iface}"));
+    }
+    let id = program
+        .attach_with_options(iface, dir, TcAttachOptions::Netlink(FILTER))
+        .with_context(|| format!("attach {prog} to {iface} ({})", direction_name(dir)))?;
+    keep_attached(program.take_link(id).context("take the filter")?);
+    Ok(())
+}
+
+/// Replaces the program of netd's filter on `iface` in direction `dir` with `prog` from
+/// `ebpf` (netlink's replace, in place).
+fn replace_filter_on(ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+    let link = filter_link(iface, dir).with_context(|| format!("find {iface}"))?;
+    let program = loaded_tc_program(ebpf, prog)?;
+    let id = program
+        .attach_to_link(link)
+        .with_context(|| format!("replace {prog} on {iface}"))?;
+    keep_attached(program.take_link(id).context("take the filter")?);
+    Ok(())
+}
+
+/// Removes netd's filter from `iface` in direction `dir`, if the interface and the filter
+/// are there.
+fn detach_filter_from(iface: &str, dir: TcAttachType) -> Result<()> {
+    let Ok(link) = filter_link(iface, dir) else {
+        return Ok(());
+    };
+    match aya::programs::Link::detach(link) {
+        Err(aya::programs::ProgramError::TcError(TcError::NetlinkError(e)))
+            if e.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other.with_context(|| format!("detach the filter from {iface}")),
+    }
+}
+
+/// How host-wide TC programs attach to their interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A TCX link (Linux 6.6), pinned: attaching needs no qdisc, replacing is a link update.
+    Tcx,
+    /// A cls_bpf filter under a clsact qdisc, for kernels without TCX (Debian 12's 6.1,
+    /// Ubuntu 22.04's 5.15).
+    Clsact,
+}
+
+/// The environment variable that overrides the probe: `tcx` or `clsact` (the tests run the
+/// datapath in both modes on one kernel).
+pub const ATTACH_ENV: &str = "NETD_ATTACH";
+
+impl AttachMode {
+    /// [`ATTACH_ENV`] when it is set, else TCX where the kernel has it (probed with `program`,
+    /// a loaded TC program), else clsact.
+    pub fn select(program: BorrowedFd<'_>) -> Result<Self> {
+        match Self::from_env()? {
+            Some(mode) => Ok(mode),
+            None if kernel_has_tcx(program) => Ok(Self::Tcx),
+            None => Ok(Self::Clsact),
+        }
+    }
+
+    /// The mode [`ATTACH_ENV`] asks for, if it is set.
+    pub fn from_env() -> Result<Option<Self>> {
+        let Some(value) = std::env::var_os(ATTACH_ENV) else {
+            return Ok(None);
+        };
+        match value.to_str() {
+            Some("tcx") => Ok(Some(Self::Tcx)),
+            Some("clsact") => Ok(Some(Self::Clsact)),
+            Some("" | "auto") => Ok(None),
+            _ => Err(anyhow!(
+                "invalid {ATTACH_ENV}={value:?}: expected tcx, clsact or auto"
+            )),
+        }
+    }
+}
+
+/// Whether the kernel has TCX, asked once per process: a TCX link of `program` on ifindex 0
+/// fails with ENODEV where TCX exists (the kernel looked for the device) and EINVAL where
+/// it doesn't (no such attach type for a TC program). Creates nothing either way.
+fn kernel_has_tcx(program: BorrowedFd<'_>) -> bool {
+    static HAS_TCX: OnceLock<bool> = OnceLock::new();
+    *HAS_TCX.get_or_init(|| {
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_TCX_INGRESS: u32 = 46;
+        /// `union bpf_attr` as BPF_LINK_CREATE reads it, with room for the fields after.
+        #[repr(C)]
+        struct LinkCreate {
+            prog_fd: u32,
+            target_ifindex: u32,
+            attach_type: u32,
+            flags: u32,
+            rest: [u64; 6],
+        }
+        let attr = LinkCreate {
+            prog_fd: program.as_raw_fd() as u32,
+            target_ifindex: 0,
+            attach_type: BPF_TCX_INGRESS,
+            flags: 0,
+            rest: [0; 6],
+        };
+        // SAFETY: the kernel reads `size_of::<LinkCreate>()` bytes of `attr`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_CREATE,
+                &raw const attr,
+                std::mem::size_of::<LinkCreate>(),
+            )
+        };
+        if rc >= 0 {
+            // SAFETY: a link fd this call created and nothing else holds.
+            unsafe { libc::close(rc as libc::c_int) };
+            return true;
+        }
+        std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)
+    })
 }
 
 /// Whether adding a clsact qdisc failed only because the interface has one already.

@@ -225,6 +225,7 @@ async fn endpoint_spec(on: &OnNetwork<'_>, c: &Container) -> Result<EndpointSpec
         host_ifname: host_ifname.clone(),
         host_ifindex,
         links: on.links.clone(),
+        conntrack_limit: c.conntrack_limit,
     })
 }
 

@@ -116,6 +116,7 @@ mod tests {
             exposed: vec![],
             publish_allow: vec![],
             ports: vec![],
+            conntrack_limit: None,
         }
     }
 

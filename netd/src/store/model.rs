@@ -38,6 +38,9 @@ pub struct Network {
     /// The process making or removing it: if it's gone, `gc` finishes the job.
     #[serde(default)]
     pub owner_pid: u32,
+    /// `--conntrack-limit`: the most flows its containers may have together.
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl Network {
@@ -52,6 +55,7 @@ impl Network {
             icc: self.icc,
             internal: self.internal,
             masquerade: self.masquerade,
+            conntrack_limit: self.conntrack_limit,
         }
     }
 }
@@ -150,6 +154,9 @@ pub struct Container {
     /// `--publish-allow`: the source ranges its published ports accept (any when empty).
     #[serde(default)]
     pub publish_allow: Vec<Ipv4Net>,
+    /// `--conntrack-limit`: the most flows it may have.
+    #[serde(default)]
+    pub conntrack_limit: Option<u32>,
 }
 
 impl Container {

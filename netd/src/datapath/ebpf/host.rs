@@ -1,6 +1,7 @@
 //! What the datapath learns about the host (the calling thread's network namespace): the
 //! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
-//! the namespace's cookie, and where cgroup v2 is mounted.
+//! the ports masquerade may translate to, the namespace's cookie, and where cgroup v2 is
+//! mounted.
 
 use std::{fs, net::Ipv4Addr, path::PathBuf};
 
@@ -48,6 +49,35 @@ fn first_ipv4(iface: &str) -> Result<Ipv4Addr> {
         .ok_or_else(|| anyhow!("uplink {iface} has no IPv4 address"))
 }
 
+/// The lowest port a translated source takes (below are the well-known ports).
+const NAT_PORT_FLOOR: u16 = 1024;
+
+/// The ports masquerade translates sources to: the larger of the two ranges on either side
+/// of the namespace's ephemeral ports (`ip_local_port_range`) above 1023, so a socket the
+/// host makes later never picks a port a translated flow holds.
+pub fn nat_port_range() -> Result<(u16, u16)> {
+    // /proc/sys/net answers for the namespace of the thread that opens it.
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("read net.ipv4.ip_local_port_range")?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Ok(outside_range(low, high)),
+        _ => Err(anyhow!("unexpected net.ipv4.ip_local_port_range {text:?}")),
+    }
+}
+
+/// The larger of `NAT_PORT_FLOOR..low` and `high+1..=65535`.
+fn outside_range(low: u16, high: u16) -> (u16, u16) {
+    let below = (NAT_PORT_FLOOR, low.saturating_sub(1));
+    let above = (high.saturating_add(1).max(NAT_PORT_FLOOR), u16::MAX);
+    let size = |(a, b): (u16, u16)| if b >= a { u32::from(b - a) + 1 } else { 0 };
+    if size(below) >= size(above) {
+        below
+    } else {
+        above
+    }
+}
+
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14).
 pub fn netns_cookie() -> Result<u64> {
     // Not in the libc crate's constants for every target yet.
@@ -90,6 +120,16 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nat_ports_are_the_larger_side_of_the_ephemeral_range() {
+        // Linux's default range: 1024..=32767 is the larger side.
+        assert_eq!(outside_range(32768, 60999), (1024, 32767));
+        assert_eq!(outside_range(40000, 40000), (1024, 39999));
+        assert_eq!(outside_range(1024, 20000), (20001, 65535));
+        // An ephemeral range reaching 65535 leaves the ports below it.
+        assert_eq!(outside_range(50000, 65535), (1024, 49999));
+    }
 
     #[test]
     fn default_route_is_found_in_proc_net_route_text() {

@@ -5,11 +5,11 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
 use netd_common::datapath::{
-    AF_INET, CONFIG_MAP, CONNTRACK_MAP, Config, CtEntry, CtKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP,
-    EndpointDropKey, EndpointInfo, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
-    NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
-    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo,
-    addr_v4,
+    AF_INET, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
+    CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
+    IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo, PUBLISH_ALLOW_MAP,
+    PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP,
+    SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -19,6 +19,7 @@ pub type Networks = HashMap<MapData, u32, NetworkInfo>;
 pub type Endpoints = HashMap<MapData, EndpointKey, EndpointInfo>;
 pub type Published = HashMap<MapData, PublishedKey, PublishedTarget>;
 pub type Conntrack = HashMap<MapData, CtKey, CtEntry>;
+pub type CtLimits = HashMap<MapData, CtLimitKey, CtLimit>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type Stats = PerCpuArray<MapData, u64>;
 pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
@@ -45,10 +46,38 @@ pub fn published(pins: &Pins) -> Result<Published> {
     ))?)
 }
 
-pub fn conntrack(pins: &Pins) -> Result<Conntrack> {
-    Ok(HashMap::try_from(Map::LruHashMap(
-        pins.open_map(CONNTRACK_MAP)?,
+/// The conntrack tables: assured flows, then the others (a flow's two entries are in one).
+pub fn conntrack(pins: &Pins) -> Result<[Conntrack; 2]> {
+    let open = |name| -> Result<Conntrack> {
+        Ok(HashMap::try_from(Map::LruHashMap(pins.open_map(name)?))?)
+    };
+    Ok([open(CONNTRACK_MAPS[0])?, open(CONNTRACK_MAPS[1])?])
+}
+
+pub fn ct_limits(pins: &Pins) -> Result<CtLimits> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(CT_LIMITS_MAP)?,
     ))?)
+}
+
+/// The `CT_LIMITS` key of the container at `ip`.
+pub fn container_limit_key(ip: Ipv4Addr) -> CtLimitKey {
+    CtLimitKey {
+        addr: addr_v4(ip.octets()),
+        network_id: 0,
+        family: AF_INET,
+        _pad: [0; 3],
+    }
+}
+
+/// The `CT_LIMITS` key of network `id`.
+pub fn network_limit_key(id: u32) -> CtLimitKey {
+    CtLimitKey {
+        addr: [0; 4],
+        network_id: id,
+        family: AF_INET,
+        _pad: [0; 3],
+    }
 }
 
 pub fn config(pins: &Pins) -> Result<ConfigMap> {
