@@ -159,9 +159,8 @@ impl Control {
         }
     }
 
-    /// Runs `netd ARGS` for a netd arm (with its iptables backend); fails with netd's error
-    /// line.
-    pub fn netd(&self, args: &[&str]) -> Result<String> {
+    /// The command `netd ARGS` for a netd arm, in its sandbox with its iptables backend.
+    pub fn netd_cmd(&self, args: &[&str]) -> Result<std::process::Command> {
         let Self::Netd { inst, path } = self else {
             anyhow::bail!("netd {}: not a netd arm", args.join(" "));
         };
@@ -169,7 +168,13 @@ impl Control {
         if let Some(path) = path {
             cmd.env("PATH", path);
         }
-        let out = cmd.output().context("run netd")?;
+        Ok(cmd)
+    }
+
+    /// Runs `netd ARGS` for a netd arm (with its iptables backend); fails with netd's error
+    /// line.
+    pub fn netd(&self, args: &[&str]) -> Result<String> {
+        let out = self.netd_cmd(args)?.output().context("run netd")?;
         if !out.status.success() {
             anyhow::bail!(
                 "netd {} failed: {}",

@@ -22,8 +22,8 @@ use netd_testkit::{sandbox::HOST_ADDR, traffic::try_output_in};
 use super::{
     Plan, Samples,
     arms::{Control, Publish},
+    daemon::Daemon,
     memory, prefix, record,
-    scale::Daemon,
     tools::{self, CRR_PORT, Endpoint, Failures, IPERF_PORT, PUBLISH_SHIFT},
 };
 
@@ -67,7 +67,7 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         n,
         daemon.rss_bytes()? as f64 / (1 << 20) as f64,
     );
-    drop(daemon);
+    daemon.stop()?;
     let table_memory = memory::pinned_maps(&ctl.instance().bpffs)?
         .into_iter()
         .find(|m| m.name == CONNTRACK_MAP)

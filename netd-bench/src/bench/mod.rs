@@ -5,6 +5,7 @@
 
 mod arms;
 mod conntrack;
+mod daemon;
 pub mod docker;
 mod keepalive;
 mod memory;

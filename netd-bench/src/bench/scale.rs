@@ -4,7 +4,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    process::Stdio,
     time::Instant,
 };
 
@@ -15,7 +14,8 @@ use netd_testkit::sandbox::{HOST_ADDR, UPLINK};
 use super::{
     Plan, SCALING, Samples,
     arms::{Control, Publish},
-    memory::{self, Per, Snapshot},
+    daemon::Daemon,
+    memory::{Per, Snapshot},
     prefix, record,
     tools::{self, Endpoint},
 };
@@ -24,6 +24,9 @@ use super::{
 const FIRST: u16 = 10_000;
 /// The last-added port: above every range (`FIRST` + at most 30,000 per address).
 const LAST_HOST_PORT: u16 = 45_000;
+/// Ports published one by one through the daemon after the CLI's, each a fresh one above
+/// `LAST_HOST_PORT` (the report takes their median).
+const DAEMON_PUBLISHES: u16 = 5;
 
 /// The host address of the `i`th range: the uplink's own, then extra addresses of the
 /// sandbox's /24 added to the uplink.
@@ -38,7 +41,8 @@ fn range_address(i: usize) -> Ipv4Addr {
 /// With `n - 1` ports already published (in ranges of at most `plan.ports_per_address`, one
 /// host address each), publishes port `n` (a container with one `-p`) and measures the time
 /// that took (the whole CLI process), the first connection's latency and connections per
-/// second through it. For netd arms, also what the `n - 1` ports took in memory.
+/// second through it. For netd arms, also what the `n - 1` ports took in memory, and the time
+/// of publishing one more port through `netd daemon`'s API (a request on its socket).
 pub async fn measure_ports(arm: &str, n: u32, plan: &Plan, samples: &mut Samples) -> Result<()> {
     let ctl = Control::build(arm, &prefix(arm)).await?;
     let host_ns = ctl.instance().sandbox.host_path();
@@ -90,7 +94,38 @@ pub async fn measure_ports(arm: &str, n: u32, plan: &Plan, samples: &mut Samples
     record(samples, arm, SCALING, "first_packet_us", n, first);
     let cps = tools::crr(&ep, plan.secs, plan.crr_threads)?;
     record(samples, arm, SCALING, "crr", n, cps);
+    if matches!(ctl, Control::Netd { .. }) {
+        publish_through_daemon(&ctl, (arm, n), samples)?;
+    }
     Ok(())
+}
+
+/// Starts `netd daemon` on the arm's state and publishes [`DAEMON_PUBLISHES`] more ports of
+/// the last container through its API, one request each, recording each request's time
+/// (connect to answer) as `publish_daemon_ms`; then stops the daemon.
+fn publish_through_daemon(
+    ctl: &Control,
+    (arm, n): (&str, u32),
+    samples: &mut Samples,
+) -> Result<()> {
+    // No sweep during the measurement but the one at start, which the first request may wait on.
+    let daemon = Daemon::start(ctl, 3600.0)?;
+    let path = format!("/v1/containers/{}/ports", ctl.instance().name("last"));
+    for port in (LAST_HOST_PORT + 1..).take(usize::from(DAEMON_PUBLISHES)) {
+        let body = serde_json::json!([{
+            "host_ip": null,
+            "host_ports": [port, port],
+            "container_ports": [port, port],
+            "proto": "tcp",
+        }]);
+        let started = Instant::now();
+        let made = daemon.post(&path, &body)?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let made = made.as_array().map_or(0, Vec::len);
+        anyhow::ensure!(made == 1, "POST {path}: {made} mappings made, not 1");
+        record(samples, arm, "publish", "publish_daemon_ms", n, ms);
+    }
+    daemon.stop()
 }
 
 async fn add_uplink_address(host_ns: &std::path::Path, ip: Ipv4Addr) -> Result<()> {
@@ -177,33 +212,4 @@ pub async fn measure_storm(arm: &str, count: usize, samples: &mut Samples) -> Re
         "start storm: {made} containers listed after {count} creates"
     );
     Ok(())
-}
-
-/// `netd daemon` for `ctl`'s instance, stopped (SIGTERM, by its PID) when dropped.
-pub struct Daemon(std::process::Child);
-
-impl Daemon {
-    pub fn start(ctl: &Control, sweep_secs: f64) -> Result<Self> {
-        let sweep = sweep_secs.to_string();
-        let child = ctl
-            .instance()
-            .netd_cmd(&["daemon", "--sweep-interval", &sweep])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start netd daemon")?;
-        Ok(Self(child))
-    }
-
-    pub fn rss_bytes(&self) -> Result<u64> {
-        memory::rss_bytes(self.0.id())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.0.wait();
-    }
 }

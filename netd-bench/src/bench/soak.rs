@@ -31,10 +31,10 @@ use serde::Serialize;
 
 use super::{
     arms::{self, CLIENT_IP, Control, Publish, SERVER_IP},
+    daemon::Daemon,
     keepalive::{self, KEEPALIVE_PORT},
     memory, progress,
     report::{Machine, now_utc, percentile},
-    scale::Daemon,
     tools::{self, IPERF_PORT, PUBLISH_SHIFT},
 };
 
@@ -284,7 +284,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
             churn.failed(e);
         }
     }
-    drop(daemon);
+    daemon.stop()?;
     let after = Footprint::take(&ctl)?;
     outcome.errors = churn.errors;
     outcome.error_messages = churn.messages;
