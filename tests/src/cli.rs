@@ -129,9 +129,13 @@ pub fn published_tcp_bytes(env: &TestEnv) -> u64 {
         .sum()
 }
 
-/// Entries of the pinned conntrack map, expired ones included (`conntrack ls` hides those).
+/// Entries of the pinned conntrack tables, expired ones included (`conntrack ls` hides those).
 pub fn conntrack_entries(env: &TestEnv) -> usize {
-    map_entries(env, netd_common::datapath::CONNTRACK_MAP)
+    // A flow lives in the unassured table until it is assured, then in the main one.
+    netd_common::datapath::CONNTRACK_MAPS
+        .iter()
+        .map(|map| map_entries(env, map))
+        .sum()
 }
 
 /// Entries of this instance's pinned map `name`.
