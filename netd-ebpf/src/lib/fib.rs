@@ -109,19 +109,27 @@ pub fn route(ctx: &TcContext) -> Route {
     if ip.ttl <= 1 {
         return Route::Stack;
     }
-    let Some((ret, fib)) = lookup(ctx, &ip) else {
+    let Some((mut ret, mut fib)) = lookup(ctx, &ip, true) else {
         return Route::Unknown;
     };
-    let fast = match ret {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => true,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => false,
+    let mut fast = true;
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // Too big for the route: the stack answers or fragments. The lookup stopped at the
+        // MTU check, before naming the egress interface, which the policy still needs.
+        let Some(unchecked) = lookup(ctx, &ip, false) else {
+            return Route::Unknown;
+        };
+        (ret, fib, fast) = (unchecked.0, unchecked.1, false);
+    }
+    match ret {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
         BPF_FIB_LKUP_RET_BLACKHOLE
         | BPF_FIB_LKUP_RET_UNREACHABLE
         | BPF_FIB_LKUP_RET_PROHIBIT
         | BPF_FIB_LKUP_RET_NOT_FWDED
         | BPF_FIB_LKUP_RET_FWD_DISABLED => return Route::Stack,
         _ => return Route::Unknown,
-    };
+    }
     Route::Out(Hop {
         ifindex: fib.ifindex,
         // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
@@ -153,10 +161,10 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
-/// make it (MTU checked against the IP length, except for GSO packets that the stack
-/// segments to the device's size anyway). `None` if the helper failed outright.
+/// make it (with `check_mtu`, MTU checked against the IP length, except for GSO packets that
+/// the stack segments to the device's size anyway). `None` if the helper failed outright.
 #[inline(always)]
-fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(u32, bpf_fib_lookup)> {
+fn lookup(ctx: &TcContext, ip: &Ipv4Hdr, check_mtu: bool) -> Option<(u32, bpf_fib_lookup)> {
     let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: zeroed just before, and all zeros is a valid bpf_fib_lookup (plain integers and
     // unions of them).
@@ -168,7 +176,7 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<(u32, bpf_fib_lookup)> {
     let skb = unsafe { &*ctx.skb.skb };
     fib.family = AF_INET;
     fib.l4_protocol = ip.proto;
-    fib.__bindgen_anon_1.tot_len = if skb.gso_segs > 1 {
+    fib.__bindgen_anon_1.tot_len = if !check_mtu || skb.gso_segs > 1 {
         0
     } else {
         u16::from_be_bytes(ip.tot_len)
