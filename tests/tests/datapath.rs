@@ -713,6 +713,26 @@ fn endpoint_filter_id(env: &TestEnv, veth: &str, dir: &str) -> u64 {
 
 const TC: &[&str] = &["ingress", "egress"];
 
+/// The bridge of the reload test's network.
+const RELOAD_BRIDGE: &str = "brreload";
+
+/// Every TC program of the reload test's instance, by attachment: the host-wide ones from
+/// their link pins (TCX), or as classic filters (`NETD_ATTACH=clsact`, which have no link),
+/// and the endpoint filters on `veths`.
+fn tc_program_ids(env: &TestEnv, veths: &[String]) -> BTreeMap<String, u64> {
+    let mut ids = attached_program_ids(env, TC, veths);
+    if std::env::var("NETD_ATTACH").as_deref() == Ok("clsact") {
+        for (dev, dir) in [
+            (UPLINK, "ingress"),
+            (UPLINK, "egress"),
+            (RELOAD_BRIDGE, "ingress"),
+        ] {
+            ids.insert(format!("{dev}@{dir}"), endpoint_filter_id(env, dev, dir));
+        }
+    }
+    ids
+}
+
 /// `reload` replaces the host's socket programs on the cgroup (`host_connect4` and the rest)
 /// too: an upgrade leaves no old build redirecting host connections.
 #[test]
@@ -735,7 +755,15 @@ fn reload_replaces_the_host_socket_programs_too() {
 fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the_new_one() {
     use tests::cli::{create, eventually, pings};
     let env = TestEnv::new();
-    env.netd_ok(&["network", "create", "n", "--subnet", "10.79.0.0/24"]);
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.79.0.0/24",
+        "--bridge",
+        RELOAD_BRIDGE,
+    ]);
     let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
     env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
     netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
@@ -762,7 +790,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
         eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env) > 1 << 20),
         "the flow never started"
     );
-    let mut ids = attached_program_ids(&env, TC, &veths);
+    let mut ids = tc_program_ids(&env, &veths);
     // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
     assert_eq!(ids.len(), 5, "{ids:?}");
     // An upgrade, three times over, while the flow runs: every program is a new one each
@@ -773,7 +801,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
         // Uplink ingress and egress, bridge ingress, the veth's ingress and egress, and the
         // host's four socket programs.
         assert!(out.contains("9 programs replaced"), "{out}");
-        let now = attached_program_ids(&env, TC, &veths);
+        let now = tc_program_ids(&env, &veths);
         assert_eq!(
             now.keys().collect::<Vec<_>>(),
             ids.keys().collect::<Vec<_>>()
