@@ -586,52 +586,33 @@ fn keep_attached(link: SchedClassifierLink) {
     std::mem::forget(link);
 }
 
-/// TC program `prog` of `ebpf`, loaded into the kernel (verified once per object).
-fn loaded_tc_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut SchedClassifier> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("no program {prog} in the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("{prog} is not a TC program"))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .with_context(|| format!("load program {prog}"))?;
-    }
-    Ok(program)
+/// Defines `$name(ebpf, prog)`: program `prog` of `ebpf` as a `$ty`, loaded into the kernel
+/// unless it already is. (aya has no trait for `load`, so one macro serves each kind.)
+macro_rules! loaded_program {
+    ($name:ident, $ty:ty, $kind:literal) => {
+        fn $name<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut $ty> {
+            let program: &mut $ty = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("no program {prog} in the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("{prog} is not {}", $kind))?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .with_context(|| format!("load program {prog}"))?;
+            }
+            Ok(program)
+        }
+    };
 }
 
-/// Cgroup sock_addr program `prog` of `ebpf`, loaded into the kernel (as
-/// [`loaded_tc_program`]).
-fn loaded_cgroup_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut CgroupSockAddr> {
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("no program {prog} in the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("{prog} is not a cgroup sock_addr program"))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .with_context(|| format!("load program {prog}"))?;
-    }
-    Ok(program)
-}
-
-/// XDP program `prog` of `ebpf`, loaded into the kernel. (aya has no trait for `load`, so
-/// this mirrors [`loaded_tc_program`].)
-fn loaded_xdp_program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Xdp> {
-    let program: &mut Xdp = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("no program {prog} in the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("{prog} is not an XDP program"))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .with_context(|| format!("load program {prog}"))?;
-    }
-    Ok(program)
-}
+loaded_program!(loaded_tc_program, SchedClassifier, "a TC program");
+loaded_program!(
+    loaded_cgroup_program,
+    CgroupSockAddr,
+    "a cgroup sock_addr program"
+);
+loaded_program!(loaded_xdp_program, Xdp, "an XDP program");
 
 /// The hook name of XDP links in pin names (TC links use their direction).
 const XDP_HOOK: &str = "xdp";
