@@ -13,7 +13,7 @@ use crate::{
         spec::{NetworkSpec, PortMapping},
     },
     datapath::{DatapathKind, Protocol},
-    engines::core::{AttachRequest, CONTAINER_IFNAME, Core, check_attachment},
+    engines::core::{AttachRequest, Core, check_attachment},
 };
 
 /// What the runtime says about the container (the `CNI_*` variables).
@@ -161,19 +161,6 @@ fn requested_ip(config: &Config, call: &Call) -> Result<Option<Ipv4Addr>, CniErr
     }
 }
 
-fn require_eth0(call: &Call) -> Result<(), CniError> {
-    if call.ifname != CONTAINER_IFNAME {
-        return Err(CniError::new(
-            Code::InvalidEnvironment,
-            format!(
-                "CNI_IFNAME {:?}: netd names the container interface {CONTAINER_IFNAME}",
-                call.ifname
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
     let netns = call
         .netns
@@ -189,7 +176,6 @@ fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
 }
 
 pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
-    require_eth0(call)?;
     let netns = require_netns(call)?;
     let ports = ports_of(config)?;
     let ip = requested_ip(config, call)?;
@@ -205,16 +191,15 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
             ),
         ));
     }
-    let attachment = core
-        .attach(&AttachRequest {
-            name,
-            network: config.name.clone(),
-            netns: Some(netns),
-            ip,
-            mac: None,
-            ports,
-        })
-        .await?;
+    let request = AttachRequest {
+        name,
+        network: config.name.clone(),
+        netns: Some(netns),
+        ip,
+        mac: None,
+        ports,
+    };
+    let attachment = core.attach_as(&request, Some(&call.ifname)).await?;
     Ok(result_json(&config.cni_version, &call.ifname, &attachment))
 }
 
