@@ -138,21 +138,8 @@ impl Containerd {
     /// `ctr run --cni IMAGE ID COMMAND...` in the foreground (as a shell runs it: ctr DELs the
     /// network when the task exits), once its task runs; its task's PID.
     pub fn run_cni(&mut self, id: &str, command: &[&str]) -> u32 {
-        let run = [
-            &[
-                "run",
-                "--cni",
-                "--snapshotter",
-                "native",
-                "--null-io",
-                CTR_IMAGE,
-                id,
-            ][..],
-            command,
-        ]
-        .concat();
         let child = self
-            .cmd(&run)
+            .cmd(&run_args(&[], id, command))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -172,6 +159,14 @@ impl Containerd {
             assert!(Instant::now() < deadline, "task {id} never ran");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `ctr run --cni --rm IMAGE ID COMMAND...` to its end (the README's example): how the
+    /// command exited.
+    pub fn run_cni_to_end(&self, id: &str, command: &[&str]) -> ExitStatus {
+        self.cmd(&run_args(&["--rm"], id, command))
+            .status()
+            .expect("run ctr run")
     }
 
     /// The PID of task `id` if it is running.
@@ -340,6 +335,12 @@ impl Drop for Containerd {
         cleanup.check(remove_tree(&self.workdir));
         cleanup.finish();
     }
+}
+
+/// `ctr run --cni [FLAGS] IMAGE ID COMMAND...` on the native snapshotter, output discarded.
+fn run_args<'a>(flags: &[&'a str], id: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    let run = ["run", "--cni", "--snapshotter", "native", "--null-io"];
+    [&run[..], flags, &[CTR_IMAGE, id], command].concat()
 }
 
 /// Waits up to 30 s for `child` to exit; kills it (and `None`) when it doesn't.

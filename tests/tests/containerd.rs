@@ -100,3 +100,28 @@ fn ctr_run_cni_gets_a_netd_address_and_leaves_nothing() {
     assert_eq!(netd_containers(&env), Vec::<Value>::new());
     assert!(tcp_ask(&env, &env.host_ns(), web).is_err());
 }
+
+/// The README's example: a foreground `ctr run --cni --rm` whose command exits by itself. The
+/// command succeeds only with a netd address on eth0; ctr DELs the network and removes the
+/// container on the way out.
+#[test]
+fn ctr_run_cni_rm_to_the_end_leaves_nothing() {
+    let env = TestEnv::new();
+    let Some(ctrd) = containerd_with_netd_network(&env) else {
+        return;
+    };
+    let has_address = "ip -4 addr show eth0 | grep -q 'inet 10.88.9.' && ip route | grep -q 'default via 10.88.9.1'";
+    let status = ctrd.run_cni_to_end("once", &["sh", "-c", has_address]);
+    assert!(
+        status.success(),
+        "the container had no netd address ({status})"
+    );
+    assert_eq!(ctrd.ctr(&["container", "ls", "-q"]), "");
+    assert_eq!(netd_containers(&env), Vec::<Value>::new());
+    // The negative control: the same check against another subnet fails.
+    let other = ctrd.run_cni_to_end(
+        "other",
+        &["sh", "-c", "ip -4 addr show eth0 | grep -q 'inet 10.99.'"],
+    );
+    assert_eq!(other.code(), Some(1));
+}
