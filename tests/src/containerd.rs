@@ -4,9 +4,10 @@
 //!
 //! ctr reads CNI configurations from /etc/cni/net.d and plugins from /opt/cni/bin, with no flag
 //! to point elsewhere (containerd 1.6's `ctr run` calls go-cni with its defaults). So every ctr
-//! runs in a private mount namespace with the test's directories bound over those two: nothing
-//! on the machine changes. containerd itself gets a private mount namespace too, so its
-//! snapshot and rootfs mounts stay out of the machine's table.
+//! runs in a private mount namespace with the test's directories bound over those two (and an
+//! empty /var/lib, where libcni caches results): nothing on the machine changes. containerd
+//! gets a private mount namespace too, with a /run of its own (its shims' sockets and runc's
+//! state are at fixed paths there), so its mounts and files stay off the machine.
 
 use std::{
     fs,
@@ -85,8 +86,12 @@ impl Containerd {
         )
         .unwrap();
         let log = fs::File::create(workdir.join("containerd.log")).unwrap();
+        // A /run of its own: the shims' sockets (/run/containerd/s) and runc's state are at
+        // fixed paths there.
         let daemon = netd_testkit::command_in(&env.host_ns(), "unshare")
-            .args(["--mount", "--propagation", "private", "--", CONTAINERD])
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t tmpfs -o mode=0755 netd-test-run /run && exec \"$0\" \"$@\"")
+            .arg(CONTAINERD)
             .arg("--config")
             .arg(workdir.join("config.toml"))
             .stdout(log.try_clone().unwrap())
@@ -107,12 +112,13 @@ impl Containerd {
     }
 
     /// A ctr command of this instance, in a private mount namespace where /opt and
-    /// /etc/cni/net.d are the test's.
+    /// /etc/cni/net.d are the test's, and /var/lib (libcni's result cache) is empty.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = netd_testkit::command_in(&self.host_ns, "unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(format!(
-                "mount --bind \"$0\" /opt && mount --bind \"$1\" {CNI_CONF_DIR} && shift && exec \"$@\""
+                "mount --bind \"$0\" /opt && mount --bind \"$1\" {CNI_CONF_DIR} && \
+                 mount -t tmpfs netd-test-lib /var/lib && shift && exec \"$@\""
             ))
             .arg(self.workdir.join("opt"))
             .arg(self.workdir.join("net.d"))
