@@ -153,7 +153,7 @@ impl Containerd {
         self.runs.push((id.to_string(), child));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(pid) = self.running_pid(id) {
+            if let Some(pid) = self.task_pid(id, "RUNNING") {
                 return pid;
             }
             let (_, child) = self.runs.last_mut().unwrap();
@@ -175,12 +175,32 @@ impl Containerd {
             .expect("run ctr run")
     }
 
-    /// The PID of task `id` if it is running.
-    fn running_pid(&self, id: &str) -> Option<u32> {
+    /// `ctr run --cni -d IMAGE ID COMMAND...` (ctr returns once the task runs, and never DELs
+    /// its network); its task's PID.
+    pub fn run_cni_detached(&self, id: &str, command: &[&str]) -> u32 {
+        let status = self.cmd(&run_args(&["-d"], id, command)).status().unwrap();
+        assert!(status.success(), "ctr run -d {id} failed ({status})");
+        self.wait_task(id, "RUNNING")
+    }
+
+    /// Waits until task `id` has `status` (RUNNING, STOPPED); its PID.
+    pub fn wait_task(&self, id: &str, status: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(pid) = self.task_pid(id, status) {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "task {id} never got {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The PID of task `id` if it has `status`.
+    fn task_pid(&self, id: &str, status: &str) -> Option<u32> {
         self.ctr(&["task", "ls"]).lines().find_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
             match fields[..] {
-                [task, pid, "RUNNING"] if task == id => pid.parse().ok(),
+                [task, pid, now] if task == id && now == status => pid.parse().ok(),
                 _ => None,
             }
         })

@@ -56,6 +56,11 @@ fn call_if(
     )
 }
 
+/// The runtime config publishing TCP `host_port` to `container_port`.
+fn tcp_port(host_port: u16, container_port: u16) -> Value {
+    json!({ "portMappings": [{ "hostPort": host_port, "containerPort": container_port, "protocol": "tcp" }] })
+}
+
 fn host(port: u16) -> SocketAddr {
     SocketAddr::from((HOST_ADDR, port))
 }
@@ -336,9 +341,8 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
 #[test]
 fn two_interfaces_on_two_networks_in_one_namespace() {
     let env = TestEnv::new();
-    let port = |host: u16, container: u16| json!({ "portMappings": [{ "hostPort": host, "containerPort": container, "protocol": "tcp" }] });
-    let net_a = config(&env, "1.0.0", port(8090, 80));
-    let net_b = network_config(&env, "cninet2", "10.89.1.0/24", "1.0.0", port(8091, 81));
+    let net_a = config(&env, "1.0.0", tcp_port(8090, 80));
+    let net_b = network_config(&env, "cninet2", "10.89.1.0/24", "1.0.0", tcp_port(8091, 81));
     let ns = container_ns(&env, "multi");
     let a = call_if("ADD", "pod", "eth0", Some(&ns), &net_a).ok();
     let b = call_if("ADD", "pod", "eth1", Some(&ns), &net_b).ok();
@@ -398,6 +402,58 @@ fn two_interfaces_on_two_networks_in_one_namespace() {
     call_if("DEL", "pod", "eth1", Some(&ns), &net_b).ok();
     assert!(tcp_ask(&env, &outside, host(8091)).is_err());
     assert!(containers(&env).is_empty());
+}
+
+/// A container whose namespace went without a DEL (a runtime that never sends one, as
+/// `ctr run -d`): the next ADD on its network removes its endpoint, so its address and
+/// published port are free again.
+#[test]
+fn an_add_removes_the_endpoints_whose_namespace_is_gone() {
+    let env = TestEnv::new();
+    let cfg = config(&env, "1.0.0", tcp_port(8092, 80));
+    let (gone_name, kept) = (env.name("gone"), container_ns(&env, "kept"));
+    let gone = netd::netns::create(&gone_name).unwrap();
+    let first = call("ADD", "gone", Some(&gone), &cfg).ok();
+    let plain = config(&env, "1.0.0", json!({}));
+    call("ADD", "kept", Some(&kept), &plain).ok();
+    let veth = containers(&env)
+        .iter()
+        .find(|c| c["netns"] == gone.display().to_string())
+        .map(|c| c["host_veth"].as_str().unwrap().to_string())
+        .unwrap();
+    netd::netns::remove(&gone_name).unwrap();
+    // The kernel removes the veth with the namespace, asynchronously.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while host_links(&env).contains(&format!("{veth}@")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{veth} outlived its namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(containers(&env).len(), 2, "no DEL came: netd still has it");
+
+    // The same port and address for the next container: only free if the orphan went.
+    let next = container_ns(&env, "next");
+    let mut runtime = tcp_port(8092, 80);
+    runtime["ips"] = json!([first["ips"][0]["address"]]);
+    let second = config(&env, "1.0.0", runtime);
+    call("ADD", "next", Some(&next), &second).ok();
+    tcp_name_server(&env, &next, 80, "next");
+    assert_eq!(
+        tcp_ask(&env, &env.outside_ns(), host(8092)).unwrap(),
+        "next"
+    );
+    // The endpoint whose namespace lives on is untouched.
+    let left: Vec<String> = containers(&env)
+        .iter()
+        .map(|c| c["netns"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&kept.display().to_string()));
+    call("CHECK", "kept", Some(&kept), &plain).ok();
+    call("DEL", "next", Some(&next), &second).ok();
+    call("DEL", "kept", Some(&kept), &plain).ok();
 }
 
 #[test]
@@ -466,12 +522,7 @@ fn a_stale_udp_flow_does_not_capture_the_next_containers_port() {
 #[test]
 fn del_cleans_up_after_an_add_killed_at_any_step() {
     let env = TestEnv::new();
-    let cfg = config(
-        &env,
-        "1.0.0",
-        json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }] }),
-    )
-    .to_string();
+    let cfg = config(&env, "1.0.0", tcp_port(8080, 80)).to_string();
     let ns = container_ns(&env, "k");
     let id = Some(("killed", "eth0"));
     // The network first, so the steps are the container's.

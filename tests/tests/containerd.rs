@@ -125,3 +125,47 @@ fn ctr_run_cni_rm_to_the_end_leaves_nothing() {
     );
     assert_eq!(other.code(), Some(1));
 }
+
+/// `ctr run -d` never DELs the network (ctr's limitation): the endpoint outlives the container,
+/// and the next ADD on the network removes it, its namespace gone.
+#[test]
+fn the_next_add_removes_what_a_detached_ctr_run_left() {
+    let env = TestEnv::new();
+    let Some(ctrd) = containerd_with_netd_network(&env) else {
+        return;
+    };
+    ctrd.run_cni_detached("bg", &["sleep", "1d"]);
+    let listed = netd_containers(&env);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (ip, veth) = (
+        listed[0]["ip"].as_str().unwrap(),
+        listed[0]["host_veth"].as_str().unwrap(),
+    );
+    ctrd.ctr(&["task", "kill", "-s", "SIGKILL", "bg"]);
+    ctrd.wait_task("bg", "STOPPED");
+    ctrd.ctr(&["task", "rm", "bg"]);
+    ctrd.ctr(&["container", "rm", "bg"]);
+    assert_eq!(netd_containers(&env).len(), 1, "ctr sent a DEL after all");
+    // The kernel removes the veth with the namespace, asynchronously.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while env
+        .run_in(&env.host_ns(), "ip", &["link", "show", veth])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{veth} outlived its namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // The next container gets the address the orphan held: it went first.
+    let same_address = format!("ip -4 addr show eth0 | grep -q 'inet {ip}/'");
+    let status = ctrd.run_cni_to_end("next", &["sh", "-c", &same_address]);
+    assert!(
+        status.success(),
+        "the next container did not get {ip} ({status})"
+    );
+    assert_eq!(netd_containers(&env), Vec::<Value>::new());
+}

@@ -172,6 +172,9 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
         bail!("container {:?} has no veth planned", c.name);
     };
     let mac = ipam::parse_mac(mac)?;
+    if inside.link_index(c.ifname()).await?.is_some() {
+        bail!("the namespace has an interface {} already", c.ifname());
+    }
     let host = Netlink::in_ns(None)?;
     host.add_veth_into(host_name, net.mtu, c.ifname(), &c.netns, mac)
         .await?;

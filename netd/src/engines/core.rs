@@ -156,6 +156,23 @@ impl Core {
         Ok(true)
     }
 
+    /// Removes the endpoints on `network` named with `prefix` whose namespace is gone: its
+    /// file, and the veth the kernel removed with it. A runtime that never DELs (`ctr run -d`)
+    /// leaves them, holding their addresses and ports. What it couldn't remove.
+    pub async fn remove_orphans(&mut self, network: &str, prefix: &str) -> Result<Vec<String>> {
+        let host = Netlink::in_ns(None)?;
+        let mut failed = Vec::new();
+        for a in self.attachments_on(network, prefix)? {
+            if a.netns.exists() || host.link_index(&a.host_veth).await?.is_some() {
+                continue;
+            }
+            if let Err(e) = self.detach(&a.name).await {
+                failed.push(format!("{}: {e:#}", a.name));
+            }
+        }
+        Ok(failed)
+    }
+
     /// Publishes more ports of an existing endpoint.
     pub async fn publish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
         let requests: Vec<Publish> = ports.iter().map(publish_of).collect();

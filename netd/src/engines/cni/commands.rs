@@ -181,6 +181,7 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     let ip = requested_ip(config, call)?;
     let mut core = open(config)?;
     ensure_network(&mut core, config).await?;
+    remove_orphans(&mut core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     if core.attachment(&name)?.is_some() {
         return Err(CniError::new(
@@ -201,6 +202,15 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     };
     let attachment = core.attach_as(&request, Some(&call.ifname)).await?;
     Ok(result_json(&config.cni_version, &call.ifname, &attachment))
+}
+
+/// Removes the attachments of the network whose namespace is gone (their runtime never
+/// DELed them): a removal that fails is only warned about, as it must not block new ADDs.
+async fn remove_orphans(core: &mut Core, config: &Config) -> Result<(), CniError> {
+    for failure in core.remove_orphans(&config.name, ENDPOINT_PREFIX).await? {
+        eprintln!("netd-cni: warning: could not remove the orphan {failure}");
+    }
+    Ok(())
 }
 
 /// Removes the attachment if there is one: a second DEL, or a DEL after a failed ADD, is fine.
