@@ -125,14 +125,15 @@ impl Containerd {
             .arg("ctr")
             .arg("--address")
             .arg(self.workdir.join("c.sock"))
-            .args(["--namespace", &self.namespace])
+            .args(["--namespace", &self.namespace, "--connect-timeout", "10s"])
             .args(args);
         cmd
     }
 
     /// Runs ctr, asserts success, returns its trimmed stdout.
     pub fn ctr(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("run ctr");
+        let bounded = [&["--timeout", "60s"][..], args].concat();
+        let out = self.cmd(&bounded).output().expect("run ctr");
         assert!(
             out.status.success(),
             "ctr {args:?} failed: {}",
