@@ -195,6 +195,20 @@ mod tests {
     }
 
     #[test]
+    fn any_interface_name_the_kernel_takes_and_no_other() {
+        for good in ["eth0", "eth1", "net1", "a"] {
+            assert_eq!(ifname(good.into()).unwrap(), good);
+        }
+        for bad in ["", ".", "..", "eth/1", "eth:1", "eth 1", "a-sixteen-letter"] {
+            assert_eq!(
+                ifname(bad.into()).unwrap_err().code,
+                Code::InvalidEnvironment,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn config_errors_carry_the_spec_codes() {
         assert_eq!(parse_config("{").unwrap_err().code, Code::Decode);
         let bad_type = r#"{"cniVersion":"1.0.0","name":"n","mtu":"big"}"#;
