@@ -17,6 +17,7 @@
 //! | `GET /v1/containers/NAME` | | `Container` |
 //! | `DELETE /v1/containers/NAME` | | `{}` |
 //! | `POST /v1/containers/NAME/ports` | `[Publish]` | `[PortMapping]` (the new ones) |
+//! | `DELETE /v1/containers/NAME/ports` | `[Publish]` | `[PortMapping]` (the ones unpublished) |
 //! | `POST /v1/links` | `{"a", "b", "addrs": LinkAddrs}` | `{}` |
 //! | `POST /v1/gc` | | `{"containers", "networks", "ports", "links"}` |
 //!
@@ -216,6 +217,12 @@ async fn route(
             Ok(requests) => ctl.publish(name, &requests).await.and_then(to_json),
             Err(e) => Err(e),
         },
+        (&Method::DELETE, ["v1", "containers", name, "ports"]) => {
+            match parse::<Vec<Publish>>(body) {
+                Ok(requests) => ctl.unpublish(name, &requests).await.and_then(to_json),
+                Err(e) => Err(e),
+            }
+        }
         (&Method::POST, ["v1", "links"]) => match parse::<LinkRequest>(body) {
             Ok(l) => ctl.link(&l.a, &l.b, l.addrs).await.and_then(|()| done()),
             Err(e) => Err(e),

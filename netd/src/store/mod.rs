@@ -331,7 +331,7 @@ impl Tx<'_> {
             .map(|rows| rows.into_iter().map(|r| (r.mapping, r.status)).collect())
     }
 
-    /// Published ports not `running` (being published), found through the partial index
+    /// Published ports not `running` (being published or unpublished), found through the partial index
     /// `ports_pending` (no ordering: an ORDER BY would make SQLite scan the whole table).
     pub fn pending_ports(&self) -> Result<Vec<PortRow>> {
         self.ports_where("status != 'running'", params![])
@@ -555,6 +555,23 @@ impl Tx<'_> {
             stmt.execute(params![
                 status.name(),
                 std::process::id(),
+                name,
+                proto_text(p.proto),
+                p.host_port,
+                ip_text(p.host_ip)
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Leaves container `name`'s ports `ports` with no owner (a removal that failed), for
+    /// `gc` to finish.
+    pub fn disown_ports(&self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "UPDATE ports SET owner_pid = 0 WHERE container = ?1 AND proto = ?2 AND host_port = ?3 AND host_ip IS ?4",
+        )?;
+        for p in ports {
+            stmt.execute(params![
                 name,
                 proto_text(p.proto),
                 p.host_port,
