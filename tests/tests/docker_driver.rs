@@ -431,6 +431,114 @@ fn a_flow_survives_a_dockerd_restart() {
     assert!(w.netd_names("network").is_empty());
 }
 
+/// ProgramExternalConnectivity publishes Docker's port map and records its exposed ports
+/// (twice is the same as once); RevokeExternalConnectivity unpublishes them (twice too). Docker
+/// moves a container's way out when it joins a network that sorts first: the published port
+/// follows it there and back, which takes both (the port can't be on two endpoints at once).
+#[test]
+fn published_ports_follow_program_and_revoke_external_connectivity() {
+    let w = World::new();
+    let d = w.name.as_str();
+    for net in ["n2", "n1"] {
+        w.docker(&["network", "create", "-d", d, "--ipam-driver", d, net]);
+    }
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "n2",
+        "-p",
+        "8080:80",
+        "--expose",
+        "7000/udp",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    tcp_name_server(&w.env, &w.netns_of("web"), 80, "web");
+    let published = SocketAddr::from((HOST_ADDR, 8080));
+    let ask = || tcp_ask(&w.env, &w.env.outside_ns(), published);
+    assert_eq!(ask().unwrap(), "web");
+    let on = |net: &str, what: &str| {
+        let format = format!("{{{{(index .NetworkSettings.Networks \"{net}\").{what}}}}}");
+        w.docker(&["inspect", "-f", &format, "web"])
+    };
+    // netd's container for web's endpoint on `net`, by its address.
+    let netd_endpoint = |net: &str| {
+        let ip = on(net, "IPAddress");
+        let all = w.env.netd_json(&["container", "ls", "--json"]);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["ip"] == ip.as_str())
+            .unwrap_or_else(|| panic!("no netd container at {ip}: {all}"))
+            .clone()
+    };
+    let host_ports = |c: &serde_json::Value| -> Vec<u64> {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["host_port"].as_u64().unwrap())
+            .collect()
+    };
+    let ep = netd_endpoint("n2");
+    assert_eq!(host_ports(&ep), [8080]);
+    assert_eq!(
+        ep["exposed"],
+        serde_json::json!([{"proto": "tcp", "port": 80}, {"proto": "udp", "port": 7000}])
+    );
+
+    // Docker's own requests again (as after a restart of dockerd): nothing changes.
+    let request = serde_json::json!({
+        "NetworkID": on("n2", "NetworkID"),
+        "EndpointID": on("n2", "EndpointID"),
+        "Options": {
+            "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}, {"Proto": 17, "Port": 7000}],
+            "com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}],
+        },
+    })
+    .to_string();
+    let post = |verb: &str| {
+        let (status, body) = plugin_post(&w.socket(), verb, &request);
+        assert_eq!((status, &body), (200, &serde_json::json!({})), "{verb}");
+    };
+    post("NetworkDriver.ProgramExternalConnectivity");
+    assert_eq!(host_ports(&netd_endpoint("n2")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+    // Revoked (twice): new connections are refused; programmed again, they get in.
+    post("NetworkDriver.RevokeExternalConnectivity");
+    post("NetworkDriver.RevokeExternalConnectivity");
+    let ep = netd_endpoint("n2");
+    assert!(
+        host_ports(&ep).is_empty() && ep["exposed"] == serde_json::json!([]),
+        "{ep}"
+    );
+    assert_eq!(
+        ask().unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    post("NetworkDriver.ProgramExternalConnectivity");
+    assert_eq!(ask().unwrap(), "web");
+
+    // n1 sorts first: Docker revokes on n2's endpoint and programs n1's.
+    w.docker(&["network", "connect", "n1", "web"]);
+    assert!(host_ports(&netd_endpoint("n2")).is_empty());
+    assert_eq!(host_ports(&netd_endpoint("n1")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+    w.docker(&["network", "disconnect", "n1", "web"]);
+    assert_eq!(host_ports(&netd_endpoint("n2")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+
+    w.docker(&["rm", "-f", "web"]);
+    for net in ["n1", "n2"] {
+        w.docker(&["network", "rm", net]);
+    }
+    assert!(w.netd_names("container").is_empty());
+}
+
 /// An iperf3 flow from the outside to a container's published port 15201 (container 5201).
 struct Iperf {
     client: std::process::Child,
@@ -482,6 +590,23 @@ impl Iperf {
     }
 }
 
+/// One request to the plugin on `socket`, as Docker posts it: the status and the JSON answer.
+fn plugin_post(socket: &std::path::Path, verb: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let json = reply.split("\r\n\r\n").nth(1).unwrap();
+    (status, serde_json::from_str(json).unwrap())
+}
+
 /// The protocol as Docker's plugin client sees it: activation, 404 for what netd doesn't
 /// implement, 400 for a body it can't decode, and errors in the field each API reads.
 #[test]
@@ -494,21 +619,7 @@ fn the_plugin_socket_speaks_dockers_protocol() {
         &["--docker-plugin", "p", "--docker-plugin-dir", &dir],
         &socket,
     );
-    let post = |verb: &str, body: &str| -> (u16, serde_json::Value) {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        write!(
-            s,
-            "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let status = reply[9..12].parse().unwrap();
-        let json = reply.split("\r\n\r\n").nth(1).unwrap();
-        (status, serde_json::from_str(json).unwrap())
-    };
+    let post = |verb: &str, body: &str| plugin_post(&socket, verb, body);
     let (status, body) = post("Plugin.Activate", "");
     assert_eq!(status, 200);
     assert_eq!(

@@ -98,12 +98,18 @@ fn unpublish_closes_a_port_to_new_connections_only(datapath: &str) {
         std::io::ErrorKind::ConnectionRefused
     );
     assert_eq!(echo(&mut established, "after"), "after");
-    assert_eq!(echo(&mut connect(&env, &outside, on_8081), "other"), "other");
+    assert_eq!(
+        echo(&mut connect(&env, &outside, on_8081), "other"),
+        "other"
+    );
 
     // Bad input: one line, nothing changed.
     let err = env.netd_err(&["unpublish", &c.name, "8080:80"]);
     assert!(
-        err.contains(&format!("container {:?} does not publish 8080:80/tcp", c.name)),
+        err.contains(&format!(
+            "container {:?} does not publish 8080:80/tcp",
+            c.name
+        )),
         "{err}"
     );
     let err = env.netd_err(&["unpublish", &c.name, "8081:81", "8082:82"]);
@@ -118,7 +124,10 @@ fn unpublish_closes_a_port_to_new_connections_only(datapath: &str) {
     // The port is free again: published anew, it takes new connections.
     netd(&["publish", &c.name, "-p", "8080:80"]);
     assert_eq!(datapath_ports(&env, datapath), published);
-    assert_eq!(echo(&mut connect(&env, &outside, on_8080), "again"), "again");
+    assert_eq!(
+        echo(&mut connect(&env, &outside, on_8080), "again"),
+        "again"
+    );
     // Without a host port: every mapping of the container port.
     assert_eq!(
         netd(&["unpublish", &c.name, "81", "80"]),

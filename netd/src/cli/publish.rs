@@ -38,7 +38,11 @@ pub async fn run(global: &Global, args: Args) -> Result<()> {
 /// Prints each mapping unpublished.
 pub async fn unpublish(global: &Global, args: UnpublishArgs) -> Result<()> {
     let requests = parse_all(&args.ports)?;
-    for p in global.controller()?.unpublish(&args.name, &requests).await? {
+    for p in global
+        .controller()?
+        .unpublish(&args.name, &requests)
+        .await?
+    {
         println!("{}", views::port_line(&p));
     }
     Ok(())

@@ -10,7 +10,7 @@ use crate::{
     fault,
     store::{
         Container, Network, Status, Tx, View as _,
-        model::{Mode, PortMapping},
+        model::{Exposed, Mode, PortMapping},
     },
 };
 
@@ -67,6 +67,15 @@ impl Controller {
         fault::step("unpublish-datapath");
         self.store.write(|tx| tx.delete_ports(name, &gone))?;
         Ok(gone)
+    }
+
+    /// Sets container `name`'s exposed ports: what a `--link` to it opens from then on (for
+    /// an engine that tells them after making the container, as Docker does).
+    pub fn set_exposed(&mut self, name: &str, exposed: Vec<Exposed>) -> Result<()> {
+        self.store.write(|tx| {
+            let c = tx.container_record(name)?;
+            tx.put_container(&Container { exposed, ..c })
+        })
     }
 }
 

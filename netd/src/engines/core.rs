@@ -154,6 +154,18 @@ impl Core {
         Ok(())
     }
 
+    /// Unpublishes ports of an existing endpoint (each must be published).
+    pub async fn unpublish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
+        self.ctl.unpublish(name, &requests).await?;
+        Ok(())
+    }
+
+    /// Sets an endpoint's exposed ports (what a `--link` to it opens).
+    pub fn set_exposed(&mut self, name: &str, exposed: Vec<model::Exposed>) -> Result<()> {
+        self.ctl.set_exposed(name, exposed)
+    }
+
     fn attachment_of(&mut self, c: &Container) -> Result<Option<Attachment>> {
         let (model::Mode::Bridge, Some(network), Some(ip), Some(mac), Some(veth)) =
             (&c.mode, &c.network, c.ip, &c.mac, &c.host_veth)

@@ -239,7 +239,8 @@ impl Plugin {
                 nd::program_external_connectivity(&mut core, decode(verb, body)?).await?
             }
             "NetworkDriver.RevokeExternalConnectivity" => {
-                nd::revoke_external_connectivity(decode(verb, body)?)
+                let mut core = self.core().await?;
+                nd::revoke_external_connectivity(&mut core, decode(verb, body)?).await?
             }
             "IpamDriver.GetCapabilities" => ipam::capabilities(),
             "IpamDriver.GetDefaultAddressSpaces" => ipam::default_address_spaces(),
