@@ -607,6 +607,51 @@ fn plugin_post(socket: &std::path::Path, verb: &str, body: &str) -> (u16, serde_
     (status, serde_json::from_str(json).unwrap())
 }
 
+/// What IPAM hands out lives in netd's state: a daemon killed between Docker's RequestPool and
+/// its CreateNetwork (or a RequestAddress and its CreateEndpoint) hands none of it out again
+/// once restarted; ReleasePool gives the pool back.
+#[test]
+fn ipam_pools_and_addresses_survive_kill_9_of_the_daemon() {
+    let env = TestEnv::new();
+    let socket = env.state_dir.join("plugins/p.sock");
+    let dir = env.state_dir.join("plugins").display().to_string();
+    let args = ["--docker-plugin", "p", "--docker-plugin-dir", &dir];
+    let daemon = NetdDaemon::start(&env, &args, &socket);
+    let ok = |verb: &str, body: serde_json::Value| {
+        let (status, answer) = plugin_post(&socket, verb, &body.to_string());
+        assert!(
+            status == 200 && answer.get("Error").is_none(),
+            "{verb}: {answer}"
+        );
+        answer
+    };
+    let auto = serde_json::json!({"AddressSpace": "netd", "Pool": "", "SubPool": "", "Options": {}, "V6": false});
+    let address =
+        |pool_id: &str| serde_json::json!({"PoolID": pool_id, "Address": "", "Options": {}});
+    let first = ok("IpamDriver.RequestPool", auto.clone());
+    let pool_id = first["PoolID"].as_str().unwrap().to_string();
+    let gateway = serde_json::json!({"PoolID": pool_id, "Address": "",
+        "Options": {"RequestAddressType": "com.docker.network.gateway"}});
+    ok("IpamDriver.RequestAddress", gateway);
+    let handed_out = ok("IpamDriver.RequestAddress", address(&pool_id));
+
+    daemon.kill();
+    let _daemon = NetdDaemon::start(&env, &args, &socket);
+    // Still handed out: the next automatic pool is another one, and so is the next address.
+    let second = ok("IpamDriver.RequestPool", auto.clone());
+    assert_ne!(second["Pool"], first["Pool"]);
+    let next = ok("IpamDriver.RequestAddress", address(&pool_id));
+    assert_ne!(next["Address"], handed_out["Address"]);
+    // Released, the first pool is the first free one again (the pick is deterministic).
+    for pool in [&second, &first] {
+        ok(
+            "IpamDriver.ReleasePool",
+            serde_json::json!({"PoolID": pool["PoolID"]}),
+        );
+    }
+    assert_eq!(ok("IpamDriver.RequestPool", auto)["Pool"], first["Pool"]);
+}
+
 /// The protocol as Docker's plugin client sees it: activation, 404 for what netd doesn't
 /// implement, 400 for a body it can't decode, and errors in the field each API reads.
 #[test]

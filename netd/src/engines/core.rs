@@ -6,7 +6,7 @@
 //! endpoint, handing its interface to an engine that moves it itself). Same networks,
 //! containers, datapaths and state as the CLI: no second copy of the logic.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
@@ -164,6 +164,31 @@ impl Core {
     /// Sets an endpoint's exposed ports (what a `--link` to it opens).
     pub fn set_exposed(&mut self, name: &str, exposed: Vec<model::Exposed>) -> Result<()> {
         self.ctl.set_exposed(name, exposed)
+    }
+
+    /// The pools an engine's IPAM handed out and not released (see `core::reservations`).
+    pub fn reserved_pools(&mut self) -> Result<Vec<Ipv4Net>> {
+        self.ctl.reserved_pools()
+    }
+
+    pub fn reserve_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+        self.ctl.reserve_pool(subnet)
+    }
+
+    pub fn release_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+        self.ctl.release_pool(subnet)
+    }
+
+    pub fn reserved_addresses(&mut self, subnet: Ipv4Net) -> Result<HashSet<Ipv4Addr>> {
+        self.ctl.reserved_addresses(subnet)
+    }
+
+    pub fn reserve_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.ctl.reserve_address(subnet, ip)
+    }
+
+    pub fn release_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.ctl.release_address(subnet, ip)
     }
 
     fn attachment_of(&mut self, c: &Container) -> Result<Option<Attachment>> {

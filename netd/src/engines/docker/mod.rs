@@ -82,7 +82,7 @@ pub fn serve(config: Config, name: &str, dir: &Path) -> Result<Served> {
     let thread = std::thread::spawn(move || {
         let plugin = Rc::new(Plugin {
             config,
-            ipam: Mutex::new(ipam::Ipam::default()),
+            serial: Mutex::new(()),
         });
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, accept_loop(listener, plugin, stopped));
@@ -133,9 +133,9 @@ async fn accept_loop(
 struct Plugin {
     /// The netd instance; its default datapath is that of networks whose options name none.
     config: Config,
-    /// Also serialises the requests: Docker sends them one at a time anyway, and each one
-    /// holds netd's state lock while it runs.
-    ipam: Mutex<ipam::Ipam>,
+    /// Serialises the requests (IPAM's answers depend on what was handed out before): Docker
+    /// sends them one at a time anyway, and each one holds netd's state lock while it runs.
+    serial: Mutex<()>,
 }
 
 /// What went wrong with a request: Docker shows the message.
@@ -212,7 +212,7 @@ impl Plugin {
 
     async fn dispatch(&self, verb: &str, body: &[u8]) -> Result<Value, Failure> {
         use network_driver as nd;
-        let mut ipam = self.ipam.lock().await;
+        let _serial = self.serial.lock().await;
         Ok(match verb {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
             "NetworkDriver.GetCapabilities" => nd::capabilities(),
@@ -245,15 +245,17 @@ impl Plugin {
             "IpamDriver.GetCapabilities" => ipam::capabilities(),
             "IpamDriver.GetDefaultAddressSpaces" => ipam::default_address_spaces(),
             "IpamDriver.RequestPool" => {
-                let mut core = self.core().await?;
-                ipam.request_pool(&mut core, decode(verb, body)?).await?
+                ipam::request_pool(&mut self.core().await?, decode(verb, body)?).await?
             }
-            "IpamDriver.ReleasePool" => ipam.release_pool(decode(verb, body)?)?,
+            "IpamDriver.ReleasePool" => {
+                ipam::release_pool(&mut self.core().await?, decode(verb, body)?)?
+            }
             "IpamDriver.RequestAddress" => {
-                let mut core = self.core().await?;
-                ipam.request_address(&mut core, decode(verb, body)?)?
+                ipam::request_address(&mut self.core().await?, decode(verb, body)?)?
             }
-            "IpamDriver.ReleaseAddress" => ipam.release_address(decode(verb, body)?)?,
+            "IpamDriver.ReleaseAddress" => {
+                ipam::release_address(&mut self.core().await?, decode(verb, body)?)?
+            }
             other => {
                 return Err(Failure::NotFound(format!(
                     "netd does not implement {other}"
