@@ -31,6 +31,16 @@ impl World {
     }
 
     fn with_live_restore(live_restore: bool) -> Self {
+        Self::start(live_restore, true)
+    }
+
+    /// A dockerd with Docker's own networking (bridge driver, iptables rules) and no netd:
+    /// the reference netd's driver is held to.
+    fn docker_bridge() -> Self {
+        Self::start(false, false)
+    }
+
+    fn start(live_restore: bool, with_netd: bool) -> Self {
         let env = TestEnv::new();
         let name = format!("netd{}", env.prefix);
         let mut world = Self {
@@ -39,15 +49,17 @@ impl World {
             dockerd: None,
             daemon: None,
         };
-        let args = world.daemon_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
+        if with_netd {
+            let args = world.daemon_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
+        }
         let dockerd = Dockerd::start_with(
             &world.env.host_ns(),
             &world.env.state_dir.join("docker"),
             &Options {
-                docker_networking: false,
-                plugin_dir: Some(world.env.state_dir.join("plugins")),
+                docker_networking: !with_netd,
+                plugin_dir: with_netd.then(|| world.env.state_dir.join("plugins")),
                 live_restore,
                 ..Options::default()
             },
@@ -302,7 +314,8 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
     let (a1, _) = run("a1", "open", &[]);
     let (a2, a2_ip) = run("a2", "open", &[]);
     let (c1, _) = run("c1", "closed", &[]);
-    let (c2, c2_ip) = run("c2", "closed", &[]);
+    let (c2, c2_ip) = run("c2", "closed", &["--expose", "7000"]);
+    let (c3, _) = run("c3", "closed", &["--link", "c2:peer"]);
     let (i1, _) = run("i1", "inside", &[]);
     run("l1", "open", &["--link", "a2:peer"]);
     tcp_name_server(&w.env, &a2, 7000, "a2");
@@ -318,6 +331,12 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
         tcp_ask(&w.env, &c1, SocketAddr::from((c2_ip, 7000))).is_err(),
         "icc=false let c1 reach c2"
     );
+    // Docker tells a network driver nothing of a --link on a user-defined network, and its
+    // own bridge opens nothing for one there (`link_opens_nothing_on_dockers_own_bridge`).
+    assert!(
+        tcp_ask(&w.env, &c3, SocketAddr::from((c2_ip, 7000))).is_err(),
+        "icc=false let c3 reach c2 through --link, which Docker's bridge doesn't"
+    );
     assert_eq!(tcp_ask(&w.env, &a1, outside).unwrap(), "outside");
     assert_eq!(tcp_ask(&w.env, &c1, outside).unwrap(), "outside");
     assert!(
@@ -328,12 +347,69 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
     let ping = w.docker(&["exec", "l1", "ping", "-c", "1", "-W", "2", "peer"]);
     assert!(ping.contains(&a2_ip.to_string()), "{ping}");
 
-    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "i1", "l1"]);
+    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "c3", "i1", "l1"]);
     for net in ["open", "closed", "inside"] {
         w.docker(&["network", "rm", net]);
     }
     assert!(w.netd_names("container").is_empty());
     assert!(w.netd_names("network").is_empty());
+}
+
+/// The reference for the above: Docker's own bridge driver on a user-defined network with
+/// icc=false. Docker hands link information (its `ParentEndpoints`/`ChildEndpoints`) to a
+/// driver only for the default `bridge` network, so even its own driver opens nothing for a
+/// `--link` here, exposed port or not; the same containers on an icc=true network connect.
+#[test]
+fn link_opens_nothing_on_dockers_own_bridge() {
+    let w = World::docker_bridge();
+    for (net, subnet, icc) in [
+        ("closed", "10.78.0.0/24", "false"),
+        ("open", "10.79.0.0/24", "true"),
+    ] {
+        let icc = format!("com.docker.network.bridge.enable_icc={icc}");
+        w.docker(&["network", "create", "--subnet", subnet, "-o", &icc, net]);
+        let db = format!("db-{net}");
+        let client = format!("client-{net}");
+        let link = format!("{db}:peer");
+        w.docker(&[
+            "run",
+            "-d",
+            "--name",
+            &db,
+            "--network",
+            net,
+            "--expose",
+            "7000",
+            IMAGE,
+            "sleep",
+            "1d",
+        ]);
+        w.docker(&[
+            "run",
+            "-d",
+            "--name",
+            &client,
+            "--network",
+            net,
+            "--link",
+            &link,
+            IMAGE,
+            "sleep",
+            "1d",
+        ]);
+        tcp_name_server(&w.env, &w.netns_of(&db), 7000, "db");
+        let got = tcp_ask(
+            &w.env,
+            &w.netns_of(&client),
+            SocketAddr::from((w.ip_of(&db), 7000)),
+        );
+        match net {
+            "open" => assert_eq!(got.unwrap(), "db"),
+            _ => assert!(got.is_err(), "Docker's bridge opened a --link: {got:?}"),
+        }
+        w.docker(&["rm", "-f", &db, &client]);
+        w.docker(&["network", "rm", net]);
+    }
 }
 
 /// The datapath carries a flow while the netd daemon is killed and started again, and the new
