@@ -6,10 +6,11 @@
 //! endpoint, handing its interface to an engine that moves it itself). Same networks,
 //! containers, datapaths and state as the CLI: no second copy of the logic.
 
-use std::{collections::HashSet, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
     core::{
@@ -52,16 +53,32 @@ pub struct Attachment {
 /// The interface name netd gives the container end of a veth.
 pub const CONTAINER_IFNAME: &str = "eth0";
 
-/// netd's controller, as the engines use it.
+/// A controller shared by the tasks and threads of one process (`netd daemon`'s API server
+/// and its Docker plugin): one at a time holds it.
+pub type SharedController = Arc<Mutex<Controller>>;
+
+/// netd's controller, as the engines use it: one of their own, or held from a process's
+/// shared one for as long as the `Core` lives.
 pub struct Core {
-    ctl: Controller,
+    ctl: OwnedMutexGuard<Controller>,
 }
 
 impl Core {
+    /// A controller of its own, on the state `config` names.
     pub fn open(config: Config) -> Result<Self> {
+        let ctl = Arc::new(Mutex::new(Controller::open(config)?));
         Ok(Self {
-            ctl: Controller::open(config)?,
+            ctl: ctl
+                .try_lock_owned()
+                .expect("nobody else has a new controller"),
         })
+    }
+
+    /// The shared controller, once nobody else holds it.
+    pub async fn lock(shared: SharedController) -> Self {
+        Self {
+            ctl: shared.lock_owned().await,
+        }
     }
 
     pub fn network(&mut self, name: &str) -> Result<Option<Network>> {
