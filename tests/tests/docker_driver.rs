@@ -718,6 +718,14 @@ fn ipam_pools_and_addresses_survive_kill_9_of_the_daemon() {
     assert_ne!(second["Pool"], first["Pool"]);
     let next = ok("IpamDriver.RequestAddress", address(&pool_id));
     assert_ne!(next["Address"], handed_out["Address"]);
+    // Nor does `netd network create` pick them.
+    env.netd_ok(&["network", "create", "cli"]);
+    let cli = &env.netd_json(&["network", "inspect", "cli"])["network"];
+    assert!(cli["subnet"].is_string(), "{cli}");
+    for pool in [&first, &second] {
+        assert_ne!(cli["subnet"], pool["Pool"], "{cli}");
+    }
+    env.netd_ok(&["network", "rm", "cli"]);
     // Released, the first pool is the first free one again (the pick is deterministic).
     for pool in [&second, &first] {
         ok(
