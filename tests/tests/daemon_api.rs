@@ -1,6 +1,6 @@
 //! `netd daemon` as a server: the core's API as JSON over HTTP on a unix socket, next to the
 //! CLI (which keeps working on the same state). At 30,000 published mappings, one more port
-//! published through the daemon carries traffic from the outside.
+//! published through the daemon carries traffic from the outside, and unpublished, refuses it.
 
 use std::{
     io::{Read as _, Write as _},
@@ -134,6 +134,30 @@ fn the_daemon_serves_the_core_and_publishes_one_more_port_at_30000_mappings() {
     assert_eq!(ports.lines().count(), 30_001);
     assert!(ports.contains("80/tcp -> 0.0.0.0:18080"), "{ports}");
     assert_eq!(env.netd_json(&["container", "inspect", &c])["ip"], ip);
+
+    // Unpublished through the daemon: new connections are refused, the other ports stay.
+    let unpublish = json!([publish("tcp", (18080, 18080), (80, 80))]);
+    let (status, removed) = call(&socket, "DELETE", &path, Some(unpublish.clone()));
+    assert_eq!(status, 200, "{removed}");
+    assert_eq!(removed[0]["host_port"], 18080);
+    let refused = env.in_ns(&env.outside_ns(), || {
+        let to: SocketAddr = (HOST_ADDR, 18080).into();
+        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map(drop)
+    });
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    assert_eq!(env.netd_ok(&["port", &c]).lines().count(), 30_000);
+    let (status, err) = call(&socket, "DELETE", &path, Some(unpublish));
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not publish 18080:80/tcp"),
+        "{err}"
+    );
 
     let (status, _) = call(&socket, "GET", "/v1/nosuch", None);
     assert_eq!(status, 404);
