@@ -100,27 +100,43 @@ impl EbpfDatapath {
     }
 
     /// Replaces every attached program with this binary's build of it, atomically (an
-    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
-    /// how many attachments were replaced.
+    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay, or are
+    /// copied into bigger ones, see [`Pins::load_upgrading`]). Returns how many attachments
+    /// were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let (mut ebpf, upgrade) = self.pins.load_upgrading(self.conntrack_max)?;
+        // Every program through the verifier before any pin moves: until the swap, a failure
+        // leaves the old pins, and the old programs never stopped running.
+        if let Err(e) = crate::bpf::load_programs(&mut ebpf).and_then(|()| upgrade.swap()) {
+            upgrade.abort();
+            return Err(e);
+        }
+        let replaced = self.replace_programs(&mut ebpf);
+        // Even when a replacement failed: the programs replaced so far run on the new maps,
+        // and a `netd reload` again replaces the rest.
+        upgrade.finish()?;
+        replaced
+    }
+
+    /// Replaces every attached program with its build in `ebpf`; returns how many.
+    fn replace_programs(&self, ebpf: &mut Ebpf) -> Result<usize> {
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
-                self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
+                self.pins.replace_tc(ebpf, prog, &iface, *dir)?;
                 replaced += 1;
             }
         }
         for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
-            self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
+            self.pins.replace_xdp(ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
         for prog in HOST_SOCK_PROGS {
             if self.pins.cgroup_link(prog).exists() {
-                self.pins.replace_cgroup(&mut ebpf, prog)?;
+                self.pins.replace_cgroup(ebpf, prog)?;
                 replaced += 1;
             }
         }
@@ -130,13 +146,13 @@ impl EbpfDatapath {
             };
             let iface = iface.to_string_lossy();
             for (prog, dir) in ENDPOINT_PROGS {
-                self.pins.replace_filter(&mut ebpf, prog, &iface, dir)?;
+                self.pins.replace_filter(ebpf, prog, &iface, dir)?;
                 replaced += 1;
             }
         }
         // Containers made from now on get this build too.
         for (prog, _) in ENDPOINT_PROGS {
-            self.pins.pin_tc_program(&mut ebpf, prog)?;
+            self.pins.pin_tc_program(ebpf, prog)?;
         }
         Ok(replaced)
     }

@@ -60,7 +60,7 @@ fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is the leading part of `union bpf_attr` for `cmd`, valid for its size
     // (the kernel zero-fills the rest); what it points to (a path) outlives the call.
     let ret = unsafe {
@@ -79,6 +79,6 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 }
 
 /// An fd as bpf_attr carries it (valid fds are non-negative).
-fn fd_u32(fd: i32) -> u32 {
+pub(super) fn fd_u32(fd: i32) -> u32 {
     fd.unsigned_abs()
 }

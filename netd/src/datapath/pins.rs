@@ -22,13 +22,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, Program, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
     },
 };
 use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
+
+use super::pinned_maps::{self, Resize, Upgrade};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -97,13 +99,50 @@ impl Pins {
     /// Like [`Pins::load`], with conntrack tables (assured and unassured flows) of
     /// `conntrack_max` entries each when they are not pinned yet (a pinned table keeps its
     /// size).
+    /// Refuses pinned maps this build defines otherwise (see [`pinned_maps`]): one whose
+    /// layout changed, and one to resize, which only `netd reload` does.
     pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(self.maps_dir());
-        for table in CONNTRACK_MAPS {
-            loader.map_max_entries(table, conntrack_max);
+        if let Some(resize) = self.check_maps()?.first() {
+            bail!(
+                "{resize}: the datapath runs on an older netd's maps; `netd reload` moves it to this netd's"
+            );
         }
-        loader.load(OBJECT).context("load the eBPF object")
+        loader(&self.maps_dir(), conntrack_max)
+            .load(OBJECT)
+            .context("load the eBPF object")
+    }
+
+    /// Like [`Pins::load_sized`] for a reload: pinned maps whose number of entries changed
+    /// are made again with this build's, their entries copied; the returned [`Upgrade`] then
+    /// swaps their pins ([`Upgrade::swap`], [`Upgrade::finish`]) or puts everything back
+    /// ([`Upgrade::abort`]). Maps whose layout changed are refused before anything is made.
+    pub fn load_upgrading(&self, conntrack_max: u32) -> Result<(Ebpf, Upgrade)> {
+        let upgrade = Upgrade::prepare(&self.maps_dir(), self.check_maps()?)?;
+        let staged: Vec<(String, PathBuf)> = upgrade
+            .resizes
+            .iter()
+            .map(|r| (r.name.clone(), upgrade.staged(&r.name)))
+            .collect();
+        let mut loader = loader(&self.maps_dir(), conntrack_max);
+        for (name, path) in &staged {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let loaded = loader
+            .load(OBJECT)
+            .context("load the eBPF object")
+            .and_then(|ebpf| upgrade.copy_entries().map(|()| ebpf));
+        match loaded {
+            Ok(ebpf) => Ok((ebpf, upgrade)),
+            Err(e) => {
+                upgrade.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// The pinned maps to resize for this build; fails when a layout changed.
+    fn check_maps(&self) -> Result<Vec<Resize>> {
+        pinned_maps::check(&self.maps_dir(), OBJECT, &CONNTRACK_MAPS)
     }
 
     /// Opens the map pinned as `name` (it exists once any program using it was loaded).
@@ -421,6 +460,32 @@ impl Pins {
     pub fn remove_all(&self) -> Result<()> {
         fs::remove_dir_all(&self.root).with_context(|| format!("remove {}", self.root.display()))
     }
+}
+
+/// A loader of the object that reuses the maps pinned in `maps_dir` (or pins new ones there),
+/// with conntrack tables of `conntrack_max` entries when they are made.
+fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(maps_dir);
+    for table in CONNTRACK_MAPS {
+        loader.map_max_entries(table, conntrack_max);
+    }
+    loader
+}
+
+/// Loads every program of `ebpf` into the kernel (the verifier), so that a reload fails, if it
+/// does, before it changes anything.
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, program) in ebpf.programs_mut() {
+        let loaded = match program {
+            Program::SchedClassifier(p) if p.fd().is_err() => p.load(),
+            Program::Xdp(p) if p.fd().is_err() => p.load(),
+            Program::CgroupSockAddr(p) if p.fd().is_err() => p.load(),
+            _ => Ok(()),
+        };
+        loaded.with_context(|| format!("load program {name}"))?;
+    }
+    Ok(())
 }
 
 /// netd's cls_bpf filter on an interface (one each): a fixed priority and handle, so a reload
