@@ -24,7 +24,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
-    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG,
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
+    Timeouts, UPLINK_EGRESS_PROG,
     UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
@@ -593,6 +594,7 @@ impl Datapath for EbpfDatapath {
                 self.allow_sources(port).and_then(|()| {
                     published
                         .insert(key, maps::published_target(port), 0)
+                        .map_err(|e| map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports"))
                         .with_context(|| format!("publish {} on {}", describe(port), net.name))
                 })
             };
@@ -621,6 +623,18 @@ impl Datapath for EbpfDatapath {
             bail!("not published on {}: {}", net.name, missing.join(", "));
         }
         Ok(())
+    }
+}
+
+/// `e`, or when it says map `name` has no room left: that, naming its limit of `max` `what`.
+fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyhow::Error {
+    match &e {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::E2BIG) =>
+        {
+            anyhow::anyhow!("the eBPF datapath's {name} map is full ({max} {what})")
+        }
+        _ => e.into(),
     }
 }
 
