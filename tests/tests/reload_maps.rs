@@ -36,15 +36,26 @@ fn map_pin(env: &TestEnv, name: &str) -> PathBuf {
 
 /// `bpftool map show` of the map pinned at `pin`.
 fn map_info(pin: &Path) -> Value {
-    serde_json::from_str(&bpftool(&["-j", "map", "show", "pinned", pin.to_str().unwrap()]))
-        .unwrap()
+    serde_json::from_str(&bpftool(&[
+        "-j",
+        "map",
+        "show",
+        "pinned",
+        pin.to_str().unwrap(),
+    ]))
+    .unwrap()
 }
 
 /// Every entry of the map pinned at `pin`, as bytes.
 fn map_dump(pin: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let dump: Value =
-        serde_json::from_str(&bpftool(&["-j", "map", "dump", "pinned", pin.to_str().unwrap()]))
-            .unwrap();
+    let dump: Value = serde_json::from_str(&bpftool(&[
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        pin.to_str().unwrap(),
+    ]))
+    .unwrap();
     let bytes = |v: &Value| -> Vec<u8> {
         v.as_array()
             .unwrap()
@@ -162,12 +173,23 @@ fn reload_moves_an_older_netds_published_map_to_the_new_size_keeping_its_ports()
     let info = map_info(&pin);
     assert_eq!(info["max_entries"], PUBLISHED_MAX);
     assert_eq!(info["flags"], PUBLISHED_FLAGS);
-    assert_eq!(map_entries(&env, PUBLISHED_MAP), 1, "the published port was lost");
-    assert_ne!(pinned_program_ids(&env), programs, "the programs were not replaced");
+    assert_eq!(
+        map_entries(&env, PUBLISHED_MAP),
+        1,
+        "the published port was lost"
+    );
+    assert_ne!(
+        pinned_program_ids(&env),
+        programs,
+        "the programs were not replaced"
+    );
     assert!(echoes(&env, &srv, 8080), "no traffic after the reload");
     // What the CLI publishes now goes into the map the programs read.
     env.netd_ok(&["publish", &srv.name, "-p", "8081:80"]);
-    assert!(echoes(&env, &srv, 8081), "a port published after the reload");
+    assert!(
+        echoes(&env, &srv, 8081),
+        "a port published after the reload"
+    );
     for leftover in ["maps-next", "maps-old"] {
         assert!(!env.bpffs.join(leftover).exists(), "{leftover} left behind");
     }
@@ -192,8 +214,15 @@ fn reload_refuses_a_map_whose_value_changed_and_the_old_programs_keep_working() 
         "{err}"
     );
     assert_eq!(pinned_program_ids(&env), programs, "a program was replaced");
-    assert_eq!(map_info(&pin)["bytes_value"], 28, "the pinned map was touched");
-    assert!(echoes(&env, &srv, 8080), "no traffic after the refused reload");
+    assert_eq!(
+        map_info(&pin)["bytes_value"],
+        28,
+        "the pinned map was touched"
+    );
+    assert!(
+        echoes(&env, &srv, 8080),
+        "no traffic after the refused reload"
+    );
     // Setting up more of the datapath is refused the same way.
     let err = env.netd_err(&["network", "create", "m", "--subnet", "10.87.0.0/24"]);
     assert!(err.contains("map PUBLISHED: value 28 → 24 bytes"), "{err}");

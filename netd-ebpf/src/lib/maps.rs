@@ -20,7 +20,8 @@ static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
 #[map]
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
-static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, PUBLISHED_FLAGS);
+static PUBLISHED: HashMap<PublishedKey, PublishedTarget> =
+    HashMap::pinned(PUBLISHED_MAX, PUBLISHED_FLAGS);
 #[map]
 static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
 #[map]

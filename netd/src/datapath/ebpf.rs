@@ -25,8 +25,7 @@ use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
     ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
-    Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
+    Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -594,7 +593,9 @@ impl Datapath for EbpfDatapath {
                 self.allow_sources(port).and_then(|()| {
                     published
                         .insert(key, maps::published_target(port), 0)
-                        .map_err(|e| map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports"))
+                        .map_err(|e| {
+                            map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports")
+                        })
                         .with_context(|| format!("publish {} on {}", describe(port), net.name))
                 })
             };

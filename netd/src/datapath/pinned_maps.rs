@@ -187,10 +187,7 @@ fn layout_change(pinned: &Shape, wanted: &Shape) -> Option<String> {
         ));
     }
     if (pinned.flags ^ wanted.flags) & !NO_PREALLOC != 0 {
-        changes.push(format!(
-            "flags {:#x} → {:#x}",
-            pinned.flags, wanted.flags
-        ));
+        changes.push(format!("flags {:#x} → {:#x}", pinned.flags, wanted.flags));
     }
     if changes.is_empty() && pinned != wanted && !wanted.copyable() && wanted.kind != RINGBUF {
         changes.push(format!(
@@ -416,7 +413,9 @@ fn copy_entries(from: BorrowedFd<'_>, to: BorrowedFd<'_>, resize: &Resize) -> Re
             // Removed since it was listed.
             continue;
         }
-        let index = shape.array().then(|| u32::from_ne_bytes(key[..4].try_into().unwrap()));
+        let index = shape
+            .array()
+            .then(|| u32::from_ne_bytes(key[..4].try_into().unwrap()));
         if index.is_some_and(|i| i >= resize.wanted.max_entries) {
             if value.iter().any(|b| *b != 0) {
                 bail!("{resize}: slot {} is in use", index.unwrap_or_default());

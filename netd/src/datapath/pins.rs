@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, Program, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
