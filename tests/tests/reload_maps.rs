@@ -13,7 +13,9 @@ use std::{
     process::Command,
 };
 
-use netd_common::datapath::{PUBLISHED_FLAGS, PUBLISHED_MAP, PUBLISHED_MAX};
+use netd_common::datapath::{
+    HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS, PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, Stat,
+};
 use serde_json::Value;
 use tests::{
     cli::{Ctr, create, echo_server, map_entries, tcp_echo},
@@ -74,42 +76,87 @@ fn hex(bytes: &[u8]) -> Vec<String> {
     bytes.iter().map(|b| format!("0x{b:02x}")).collect()
 }
 
+/// A map made with bpftool at `DIR/older-NAME` (bpffs takes no '.' in names), as an older
+/// netd would have pinned it.
+fn create_map(
+    env: &TestEnv,
+    name: &str,
+    kind: &str,
+    sizes: (u32, usize),
+    max: u32,
+    flags: u32,
+) -> PathBuf {
+    let older = env.bpffs.join(format!("older-{name}"));
+    bpftool(&[
+        "map",
+        "create",
+        older.to_str().unwrap(),
+        "type",
+        kind,
+        "key",
+        &sizes.0.to_string(),
+        "value",
+        &sizes.1.to_string(),
+        "entries",
+        &max.to_string(),
+        "name",
+        name,
+        "flags",
+        &flags.to_string(),
+    ]);
+    older
+}
+
+/// Adds `entries` to the map pinned at `pin`, in one bpftool process.
+fn fill(pin: &Path, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
+    let mut batch = String::new();
+    for (key, value) in entries {
+        batch += &format!(
+            "map update pinned {} key {} value {}\n",
+            pin.display(),
+            hex(&key).join(" "),
+            hex(&value).join(" ")
+        );
+    }
+    // Named after the instance's bpffs dir and the map: unique among parallel tests.
+    let instance = pin.parent().unwrap().file_name().unwrap().to_string_lossy();
+    let map = pin.file_name().unwrap().to_string_lossy();
+    let file = std::env::temp_dir().join(format!("{instance}-{map}.batch"));
+    std::fs::write(&file, batch).unwrap();
+    bpftool(&["batch", "file", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// Puts the map pinned at `older` under map `name`'s pin.
+fn put_in_place(env: &TestEnv, name: &str, older: &Path) {
+    let pin = map_pin(env, name);
+    std::fs::remove_file(&pin).unwrap();
+    std::fs::rename(older, &pin).unwrap();
+}
+
 /// Puts under map `name`'s pin a map of the same type and key as the pinned one, with
 /// `max_entries`, `value_size` and `flags`, holding the pinned one's entries (values cut or
 /// padded with zeros): what an older netd would have pinned.
 fn pin_older_map(env: &TestEnv, name: &str, max_entries: u32, value_size: usize, flags: u32) {
     let pin = map_pin(env, name);
     let info = map_info(&pin);
-    let older = env.bpffs.join(format!("older-{name}"));
-    let older_path = older.to_str().unwrap();
-    bpftool(&[
-        "map",
-        "create",
-        older_path,
-        "type",
-        info["type"].as_str().unwrap(),
-        "key",
-        &info["bytes_key"].to_string(),
-        "value",
-        &value_size.to_string(),
-        "entries",
-        &max_entries.to_string(),
-        "name",
+    let key_size = info["bytes_key"].as_u64().unwrap() as u32;
+    let older = create_map(
+        env,
         name,
-        "flags",
-        &flags.to_string(),
-    ]);
-    for (key, mut value) in map_dump(&pin) {
-        value.resize(value_size, 0);
-        let mut args = vec!["map", "update", "pinned", older_path, "key"];
-        let (key, value) = (hex(&key), hex(&value));
-        args.extend(key.iter().map(String::as_str));
-        args.push("value");
-        args.extend(value.iter().map(String::as_str));
-        bpftool(&args);
-    }
-    std::fs::remove_file(&pin).unwrap();
-    std::fs::rename(&older, &pin).unwrap();
+        info["type"].as_str().unwrap(),
+        (key_size, value_size),
+        max_entries,
+        flags,
+    );
+    fill(
+        &older,
+        map_dump(&pin).into_iter().map(|(key, mut value)| {
+            value.resize(value_size, 0);
+            (key, value)
+        }),
+    );
+    put_in_place(env, name, &older);
 }
 
 /// A network and a container with an echo server published on host port 8080.
@@ -226,4 +273,73 @@ fn reload_refuses_a_map_whose_value_changed_and_the_old_programs_keep_working() 
     // Setting up more of the datapath is refused the same way.
     let err = env.netd_err(&["network", "create", "m", "--subnet", "10.87.0.0/24"]);
     assert!(err.contains("map PUBLISHED: value 28 → 24 bytes"), "{err}");
+}
+
+/// An older netd's STATS with one counter fewer (the reasons grew): `netd stats` fails on it
+/// ("index 37 but max_entries is 37"); a reload makes it with this build's number of
+/// counters, keeping the counts, and `netd stats` reads them all.
+#[test]
+fn reload_grows_an_older_netds_stats_array_keeping_its_counts() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.89.0.0/24"]);
+    let older = create_map(&env, STATS_MAP, "percpu_array", (4, 8), Stat::COUNT - 1, 0);
+    // bpftool sets a per-CPU value on every CPU.
+    fill(
+        &older,
+        [(
+            0u32.to_ne_bytes().to_vec(),
+            1_000_000u64.to_ne_bytes().to_vec(),
+        )],
+    );
+    put_in_place(&env, STATS_MAP, &older);
+    env.netd_err(&["stats", "--json"]);
+
+    env.netd_ok(&["reload"]);
+    assert_eq!(
+        map_info(&map_pin(&env, STATS_MAP))["max_entries"],
+        Stat::COUNT
+    );
+    let stats = env.netd_json(&["stats", "--json"]);
+    let reasons = stats["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), Stat::COUNT as usize, "{stats}");
+    let first = reasons[0]["packets"].as_u64().unwrap();
+    assert!(
+        first >= 1_000_000,
+        "the first counter was not carried over: {stats}"
+    );
+}
+
+/// A resize whose entries don't fit the new size fails in one line naming the map, and
+/// leaves everything as it was: the pinned map, the programs, no staging directory.
+#[test]
+fn a_reload_whose_entries_dont_fit_changes_nothing() {
+    let env = TestEnv::new();
+    let srv = published_echo(&env, "10.90.0.0/24");
+    let older = create_map(&env, HOST_ADDRS_MAP, "hash", (4, 1), HOST_ADDRS_MAX * 2, 0);
+    fill(
+        &older,
+        (1..=HOST_ADDRS_MAX + 1).map(|addr| (addr.to_ne_bytes().to_vec(), vec![1])),
+    );
+    put_in_place(&env, HOST_ADDRS_MAP, &older);
+    let programs = pinned_program_ids(&env);
+
+    let err = env.netd_err(&["reload"]);
+    assert!(
+        err.contains("map HOST_ADDRS: 8192 → 4096 entries: the entries in use don't fit in 4096"),
+        "{err}"
+    );
+    let pin = map_pin(&env, HOST_ADDRS_MAP);
+    assert_eq!(map_info(&pin)["max_entries"], HOST_ADDRS_MAX * 2);
+    assert_eq!(
+        map_entries(&env, HOST_ADDRS_MAP),
+        HOST_ADDRS_MAX as usize + 1
+    );
+    assert_eq!(pinned_program_ids(&env), programs, "a program was replaced");
+    for leftover in ["maps-next", "maps-old"] {
+        assert!(!env.bpffs.join(leftover).exists(), "{leftover} left behind");
+    }
+    assert!(
+        echoes(&env, &srv, 8080),
+        "no traffic after the failed reload"
+    );
 }
