@@ -8,6 +8,7 @@
 //! with; the CLI and the reloaded programs use the pin).
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -15,10 +16,11 @@ use std::{
 
 use netd_common::datapath::{
     HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS, PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, Stat,
+    VETHS_MAP,
 };
 use serde_json::Value;
 use tests::{
-    cli::{Ctr, create, echo_server, map_entries, tcp_echo},
+    cli::{Ctr, create, echo_server, map_entries, output_in, tcp_echo},
     harness::{HOST_ADDR, TestEnv},
 };
 
@@ -342,4 +344,111 @@ fn a_reload_whose_entries_dont_fit_changes_nothing() {
         echoes(&env, &srv, 8080),
         "no traffic after the failed reload"
     );
+}
+
+/// The program of every attachment and program pin of the instance, by pin name, and of the
+/// endpoint filters on `veth`.
+fn attached_ids(env: &TestEnv, veth: &str) -> BTreeMap<String, u64> {
+    let mut ids = BTreeMap::new();
+    for dir in ["links", "progs"] {
+        for entry in std::fs::read_dir(env.bpffs.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let (kind, field) = if dir == "links" && !name.ends_with("-filter") {
+                ("link", "prog_id")
+            } else {
+                ("prog", "id")
+            };
+            let shown: Value = serde_json::from_str(&bpftool(&[
+                "-j",
+                kind,
+                "show",
+                "pinned",
+                path.to_str().unwrap(),
+            ]))
+            .unwrap();
+            ids.insert(format!("{dir}/{name}"), shown[field].as_u64().unwrap());
+        }
+    }
+    for dir in ["ingress", "egress"] {
+        let shown = output_in(
+            env,
+            &env.host_ns(),
+            "tc",
+            &["-j", "filter", "show", "dev", veth, dir],
+        );
+        let filters: Value = serde_json::from_str(&shown).unwrap();
+        let id = filters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|f| f["options"]["prog"]["id"].as_u64())
+            .unwrap();
+        ids.insert(format!("{veth}@{dir}"), id);
+    }
+    ids
+}
+
+/// A replacement failing midway (an interface in VETHS with no netd filter and no clsact
+/// qdisc: a bare bridge) puts every program back, then the older netd's pins: the map being resized
+/// keeps its size, and traffic goes on.
+#[test]
+fn a_reload_failing_midway_puts_the_old_programs_and_pins_back() {
+    let env = TestEnv::new();
+    let srv = published_echo(&env, "10.91.0.0/24");
+    let veth = env.netd_json(&["container", "inspect", &srv.name])["host_veth"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pin_older_map(&env, PUBLISHED_MAP, 65_536, 24, 0);
+    output_in(
+        &env,
+        &env.host_ns(),
+        "ip",
+        &["link", "add", "brrcfail", "type", "bridge"],
+    );
+    let shown = output_in(
+        &env,
+        &env.host_ns(),
+        "ip",
+        &["-j", "link", "show", "brrcfail"],
+    );
+    let ifindex = serde_json::from_str::<Value>(&shown).unwrap()[0]["ifindex"]
+        .as_u64()
+        .unwrap() as u32;
+    let veths = map_pin(&env, VETHS_MAP);
+    let value_size = map_info(&veths)["bytes_value"].as_u64().unwrap() as usize;
+    fill(
+        &veths,
+        [(ifindex.to_ne_bytes().to_vec(), vec![0; value_size])],
+    );
+    let before = attached_ids(&env, &veth);
+
+    let err = env.netd_err(&["reload"]);
+    assert!(err.contains("brrcfail"), "{err}");
+    assert_eq!(
+        attached_ids(&env, &veth),
+        before,
+        "a program was left replaced"
+    );
+    assert_eq!(
+        map_info(&map_pin(&env, PUBLISHED_MAP))["max_entries"],
+        65_536
+    );
+    for leftover in ["maps-next", "maps-old"] {
+        assert!(!env.bpffs.join(leftover).exists(), "{leftover} left behind");
+    }
+    assert!(
+        echoes(&env, &srv, 8080),
+        "no traffic after the failed reload"
+    );
+
+    // Without the interface in the way, the reload goes through.
+    output_in(&env, &env.host_ns(), "ip", &["link", "del", "brrcfail"]);
+    env.netd_ok(&["reload"]);
+    assert_eq!(
+        map_info(&map_pin(&env, PUBLISHED_MAP))["max_entries"],
+        PUBLISHED_MAX
+    );
+    assert!(echoes(&env, &srv, 8080), "no traffic after the reload");
 }

@@ -107,19 +107,55 @@ impl EbpfDatapath {
         let (mut ebpf, upgrade) = self.pins.load_upgrading(self.conntrack_max)?;
         // Every program through the verifier before any pin moves: until the swap, a failure
         // leaves the old pins, and the old programs never stopped running.
-        if let Err(e) = crate::bpf::load_programs(&mut ebpf).and_then(|()| upgrade.swap()) {
-            upgrade.abort();
-            return Err(e);
-        }
-        let replaced = self.replace_programs(&mut ebpf);
-        // Even when a replacement failed: the programs replaced so far run on the new maps,
-        // and a `netd reload` again replaces the rest.
+        let before = crate::bpf::load_programs(&mut ebpf)
+            .and_then(|()| self.pins.attached())
+            .and_then(|before| upgrade.swap().map(|()| before));
+        let mut before = match before {
+            Ok(before) => before,
+            Err(e) => {
+                upgrade.abort();
+                return Err(e);
+            }
+        };
+        let mut endpoints = Vec::new();
+        let replaced = match self.replace_programs(&mut ebpf, &mut endpoints) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                // The old programs back everywhere, then the old pins: as before the reload.
+                if let Err(back) = self.pins.put_back(&mut before, &endpoints) {
+                    // Some run this build on the new maps: a `netd reload` again finishes.
+                    upgrade.finish()?;
+                    return Err(e.context(format!(
+                        "putting the old programs back failed too ({back:#}); run `netd reload` again"
+                    )));
+                }
+                upgrade.abort();
+                return Err(e);
+            }
+        };
         upgrade.finish()?;
-        replaced
+        Ok(replaced)
     }
 
-    /// Replaces every attached program with its build in `ebpf`; returns how many.
-    fn replace_programs(&self, ebpf: &mut Ebpf) -> Result<usize> {
+    /// The host-side veths of the containers, by name (those still there).
+    fn veth_names(&self) -> Result<Vec<String>> {
+        Ok(maps::veths(&self.pins)?
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+            .map(|name| name.to_string_lossy().into_owned())
+            // nix gives an empty name for an index no interface has.
+            .filter(|name| !name.is_empty())
+            .collect())
+    }
+
+    /// Replaces every attached program with its build in `ebpf`; returns how many. The
+    /// endpoint filters replaced are added to `endpoints` (program, veth, direction).
+    fn replace_programs(
+        &self,
+        ebpf: &mut Ebpf,
+        endpoints: &mut Vec<(&'static str, String, TcAttachType)>,
+    ) -> Result<usize> {
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
         let mut replaced = 0;
@@ -140,13 +176,10 @@ impl EbpfDatapath {
                 replaced += 1;
             }
         }
-        for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
-            let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
-                continue;
-            };
-            let iface = iface.to_string_lossy();
+        for iface in self.veth_names()? {
             for (prog, dir) in ENDPOINT_PROGS {
                 self.pins.replace_filter(ebpf, prog, &iface, dir)?;
+                endpoints.push((prog, iface.clone(), dir));
                 replaced += 1;
             }
         }

@@ -12,7 +12,7 @@
 
 use std::{
     fs,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::OnceLock,
 };
@@ -528,13 +528,116 @@ fn add_filter(
 /// Replaces the program of netd's filter on `iface` in direction `dir` with `prog` from
 /// `ebpf` (netlink's replace, in place).
 fn replace_filter_on(ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+    replace_filter_with(loaded_tc_program(ebpf, prog)?, prog, iface, dir)
+}
+
+/// Replaces the program of netd's filter on `iface` in direction `dir` with `program` (named
+/// `prog`).
+fn replace_filter_with(
+    program: &mut SchedClassifier,
+    prog: &str,
+    iface: &str,
+    dir: TcAttachType,
+) -> Result<()> {
     let link = filter_link(iface, dir).with_context(|| format!("find {iface}"))?;
-    let program = loaded_tc_program(ebpf, prog)?;
     let id = program
         .attach_to_link(link)
         .with_context(|| format!("replace {prog} on {iface}"))?;
     keep_attached(program.take_link(id).context("take the filter")?);
     Ok(())
+}
+
+/// The programs attached before a reload, held so that a reload failing midway puts them back
+/// ([`Pins::put_back`]).
+pub struct Attached {
+    /// Each pinned link (TCX, XDP, cgroup) and the program it ran.
+    links: Vec<(PathBuf, OwnedFd)>,
+    /// Each pinned TC program: under `progs/`, and the clsact filters' records under `links/`.
+    programs: Vec<(PathBuf, SchedClassifier)>,
+}
+
+impl Pins {
+    /// What is attached now, from the pins.
+    pub fn attached(&self) -> Result<Attached> {
+        let mut attached = Attached {
+            links: Vec::new(),
+            programs: Vec::new(),
+        };
+        for dir in [self.links_dir(), self.root.join("progs")] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry?.path();
+                let name = path.to_string_lossy();
+                if dir == self.links_dir() && !name.ends_with(FILTER_SUFFIX) {
+                    let program = super::link_update::pinned_link_program(&path)
+                        .with_context(|| format!("the program of {}", path.display()))?;
+                    attached.links.push((path, program));
+                } else {
+                    let program = SchedClassifier::from_pin(&path)
+                        .with_context(|| format!("open pinned program {}", path.display()))?;
+                    attached.programs.push((path, program));
+                }
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Puts back every program `attached` holds: behind each link, on each clsact filter
+    /// (the host-wide ones from their records; the endpoint filters `endpoints`, as program,
+    /// interface and direction), and under each program pin. Goes on past a failure; returns
+    /// the first.
+    pub fn put_back(
+        &self,
+        attached: &mut Attached,
+        endpoints: &[(&str, String, TcAttachType)],
+    ) -> Result<()> {
+        let mut first = Ok(());
+        let mut keep = |result: Result<()>| {
+            if first.is_ok() {
+                first = result;
+            }
+        };
+        for (pin, program) in &attached.links {
+            keep(
+                super::link_update::update_pinned_link(pin, program.as_fd())
+                    .with_context(|| format!("put back the program behind {}", pin.display())),
+            );
+        }
+        for (pin, program) in &mut attached.programs {
+            let name = pin
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if let Some((prog, iface, dir)) = parse_filter_record(&name) {
+                keep(replace_filter_with(program, prog, iface, dir));
+            }
+            for (prog, veth, dir) in endpoints {
+                if *pin == self.program(prog) {
+                    keep(replace_filter_with(program, prog, veth, *dir));
+                }
+            }
+            let _ = fs::remove_file(&*pin);
+            keep(
+                program
+                    .pin(&*pin)
+                    .with_context(|| format!("pin program at {}", pin.display())),
+            );
+        }
+        first
+    }
+}
+
+/// The program, interface and direction of a filter's record pin, `PROG@IFACE@DIR-filter`.
+fn parse_filter_record(name: &str) -> Option<(&str, &str, TcAttachType)> {
+    let (prog, rest) = name.split_once('@')?;
+    let (iface, dir) = rest.strip_suffix(FILTER_SUFFIX)?.rsplit_once('@')?;
+    let dir = [TcAttachType::Ingress, TcAttachType::Egress]
+        .into_iter()
+        .find(|d| direction_name(*d) == dir)?;
+    Some((prog, iface, dir))
 }
 
 /// Removes netd's filter from `iface` in direction `dir`, if the interface and the filter
