@@ -99,6 +99,7 @@ impl Pins {
     /// Like [`Pins::load`], with conntrack tables (assured and unassured flows) of
     /// `conntrack_max` entries each when they are not pinned yet (a pinned table keeps its
     /// size).
+    ///
     /// Refuses pinned maps this build defines otherwise (see [`pinned_maps`]): one whose
     /// layout changed, and one to resize, which only `netd reload` does.
     pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
