@@ -120,10 +120,9 @@ fn fill(pin: &Path, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
             hex(&value).join(" ")
         );
     }
-    // Named after the instance's bpffs dir and the map: unique among parallel tests.
-    let instance = pin.parent().unwrap().file_name().unwrap().to_string_lossy();
-    let map = pin.file_name().unwrap().to_string_lossy();
-    let file = std::env::temp_dir().join(format!("{instance}-{map}.batch"));
+    // Named after the pin (under the instance's bpffs dir): unique among parallel tests.
+    let name = pin.to_string_lossy().replace('/', "_");
+    let file = std::env::temp_dir().join(format!("{name}.batch"));
     std::fs::write(&file, batch).unwrap();
     bpftool(&["batch", "file", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
@@ -161,9 +160,10 @@ fn pin_older_map(env: &TestEnv, name: &str, max_entries: u32, value_size: usize,
     put_in_place(env, name, &older);
 }
 
-/// A network and a container with an echo server published on host port 8080.
-fn published_echo(env: &TestEnv, subnet: &str) -> Ctr {
-    env.netd_ok(&["network", "create", "n", "--subnet", subnet]);
+/// A network (made with the global options `global`) and a container with an echo server
+/// published on host port 8080.
+fn published_echo(env: &TestEnv, global: &[&str], subnet: &str) -> Ctr {
+    env.netd_ok(&[global, &["network", "create", "n", "--subnet", subnet]].concat());
     create(env, "srv", &["--network", "n", "-p", "8080:80"])
 }
 
@@ -204,7 +204,7 @@ fn pinned_program_ids(env: &TestEnv) -> Vec<u64> {
 #[test]
 fn reload_moves_an_older_netds_published_map_to_the_new_size_keeping_its_ports() {
     let env = TestEnv::new();
-    let srv = published_echo(&env, "10.84.0.0/24");
+    let srv = published_echo(&env, &[], "10.84.0.0/24");
     assert!(echoes(&env, &srv, 8080), "no traffic before the swap");
     let pin = map_pin(&env, PUBLISHED_MAP);
     pin_older_map(&env, PUBLISHED_MAP, 65_536, 24, 0);
@@ -252,7 +252,7 @@ fn reload_moves_an_older_netds_published_map_to_the_new_size_keeping_its_ports()
 #[test]
 fn reload_refuses_a_map_whose_value_changed_and_the_old_programs_keep_working() {
     let env = TestEnv::new();
-    let srv = published_echo(&env, "10.86.0.0/24");
+    let srv = published_echo(&env, &[], "10.86.0.0/24");
     let pin = map_pin(&env, PUBLISHED_MAP);
     pin_older_map(&env, PUBLISHED_MAP, PUBLISHED_MAX, 28, PUBLISHED_FLAGS);
     let programs = pinned_program_ids(&env);
@@ -316,7 +316,7 @@ fn reload_grows_an_older_netds_stats_array_keeping_its_counts() {
 #[test]
 fn a_reload_whose_entries_dont_fit_changes_nothing() {
     let env = TestEnv::new();
-    let srv = published_echo(&env, "10.90.0.0/24");
+    let srv = published_echo(&env, &[], "10.90.0.0/24");
     let older = create_map(&env, HOST_ADDRS_MAP, "hash", (4, 1), HOST_ADDRS_MAX * 2, 0);
     fill(
         &older,
@@ -390,12 +390,22 @@ fn attached_ids(env: &TestEnv, veth: &str) -> BTreeMap<String, u64> {
 }
 
 /// A replacement failing midway (an interface in VETHS with no netd filter and no clsact
-/// qdisc: a bare bridge) puts every program back, then the older netd's pins: the map being resized
-/// keeps its size, and traffic goes on.
+/// qdisc: a bare bridge) puts every program back, then the older netd's pins: the map being
+/// resized keeps its size, and traffic goes on.
 #[test]
 fn a_reload_failing_midway_puts_the_old_programs_and_pins_back() {
+    failing_midway(&[], "10.91.0.0/24");
+}
+
+/// The same with the uplink's XDP program attached (an XDP link to put back too).
+#[test]
+fn a_reload_failing_midway_puts_the_uplink_xdp_program_back_too() {
+    failing_midway(&["--uplink-xdp"], "10.92.0.0/24");
+}
+
+fn failing_midway(global: &[&str], subnet: &str) {
     let env = TestEnv::new();
-    let srv = published_echo(&env, "10.91.0.0/24");
+    let srv = published_echo(&env, global, subnet);
     let veth = env.netd_json(&["container", "inspect", &srv.name])["host_veth"]
         .as_str()
         .unwrap()
