@@ -1,6 +1,6 @@
 //! Published ports: `-p`/`--expose` parsing, `-P` and random host ports, conflict checks.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -119,9 +119,9 @@ pub fn assign(
     default_ip: Option<Ipv4Addr>,
     taken: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<Vec<PortMapping>> {
-    let mut out: Vec<PortMapping> = Vec::new();
-    let clashing = |m: &PortMapping, out: &[PortMapping]| -> Result<Option<PortMapping>> {
-        match out.iter().find(|t| clash(t, m)) {
+    let mut out = Planned::default();
+    let clashing = |m: &PortMapping, out: &Planned| -> Result<Option<PortMapping>> {
+        match out.clash(m) {
             Some(t) => Ok(Some(t.clone())),
             None => taken(m),
         }
@@ -159,7 +159,34 @@ pub fn assign(
             out.push(mapping);
         }
     }
-    Ok(out)
+    Ok(out.all)
+}
+
+/// The mappings planned so far for one set of requests, found by protocol and host port (a
+/// request may hold 100,000 of them).
+#[derive(Default)]
+struct Planned {
+    all: Vec<PortMapping>,
+    by_port: HashMap<(Protocol, u16), Vec<usize>>,
+}
+
+impl Planned {
+    /// The planned mapping `m` would clash with, if any.
+    fn clash(&self, m: &PortMapping) -> Option<&PortMapping> {
+        self.by_port
+            .get(&(m.proto, m.host_port))?
+            .iter()
+            .map(|&i| &self.all[i])
+            .find(|t| clash(t, m))
+    }
+
+    fn push(&mut self, m: PortMapping) {
+        self.by_port
+            .entry((m.proto, m.host_port))
+            .or_default()
+            .push(self.all.len());
+        self.all.push(m);
+    }
 }
 
 /// The mappings of `published` (container `name`'s) that unpublish `requests` name: one with

@@ -24,8 +24,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
-    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
+    Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -100,43 +100,92 @@ impl EbpfDatapath {
     }
 
     /// Replaces every attached program with this binary's build of it, atomically (an
-    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
-    /// how many attachments were replaced.
+    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay, or are
+    /// copied into bigger ones, see [`Pins::load_upgrading`]). Returns how many attachments
+    /// were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let (mut ebpf, upgrade) = self.pins.load_upgrading(self.conntrack_max)?;
+        // Every program through the verifier before any pin moves: until the swap, a failure
+        // leaves the old pins, and the old programs never stopped running.
+        let before = crate::bpf::load_programs(&mut ebpf)
+            .and_then(|()| self.pins.attached())
+            .and_then(|before| upgrade.swap().map(|()| before));
+        let mut before = match before {
+            Ok(before) => before,
+            Err(e) => {
+                upgrade.abort();
+                return Err(e);
+            }
+        };
+        let mut endpoints = Vec::new();
+        let replaced = match self.replace_programs(&mut ebpf, &mut endpoints) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                // The old programs back everywhere, then the old pins: as before the reload.
+                if let Err(back) = self.pins.put_back(&mut before, &endpoints) {
+                    // Some run this build on the new maps: a `netd reload` again finishes.
+                    upgrade.finish()?;
+                    return Err(e.context(format!(
+                        "putting the old programs back failed too ({back:#}); run `netd reload` again"
+                    )));
+                }
+                upgrade.abort();
+                return Err(e);
+            }
+        };
+        upgrade.finish()?;
+        Ok(replaced)
+    }
+
+    /// The host-side veths of the containers, by name (those still there).
+    fn veth_names(&self) -> Result<Vec<String>> {
+        Ok(maps::veths(&self.pins)?
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+            .map(|name| name.to_string_lossy().into_owned())
+            // nix gives an empty name for an index no interface has.
+            .filter(|name| !name.is_empty())
+            .collect())
+    }
+
+    /// Replaces every attached program with its build in `ebpf`; returns how many. The
+    /// endpoint filters replaced are added to `endpoints` (program, veth, direction).
+    fn replace_programs(
+        &self,
+        ebpf: &mut Ebpf,
+        endpoints: &mut Vec<(&'static str, String, TcAttachType)>,
+    ) -> Result<usize> {
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
-                self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
+                self.pins.replace_tc(ebpf, prog, &iface, *dir)?;
                 replaced += 1;
             }
         }
         for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
-            self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
+            self.pins.replace_xdp(ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
         for prog in HOST_SOCK_PROGS {
             if self.pins.cgroup_link(prog).exists() {
-                self.pins.replace_cgroup(&mut ebpf, prog)?;
+                self.pins.replace_cgroup(ebpf, prog)?;
                 replaced += 1;
             }
         }
-        for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
-            let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
-                continue;
-            };
-            let iface = iface.to_string_lossy();
+        for iface in self.veth_names()? {
             for (prog, dir) in ENDPOINT_PROGS {
-                self.pins.replace_filter(&mut ebpf, prog, &iface, dir)?;
+                self.pins.replace_filter(ebpf, prog, &iface, dir)?;
+                endpoints.push((prog, iface.clone(), dir));
                 replaced += 1;
             }
         }
         // Containers made from now on get this build too.
         for (prog, _) in ENDPOINT_PROGS {
-            self.pins.pin_tc_program(&mut ebpf, prog)?;
+            self.pins.pin_tc_program(ebpf, prog)?;
         }
         Ok(replaced)
     }
@@ -577,6 +626,9 @@ impl Datapath for EbpfDatapath {
                 self.allow_sources(port).and_then(|()| {
                     published
                         .insert(key, maps::published_target(port), 0)
+                        .map_err(|e| {
+                            map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports")
+                        })
                         .with_context(|| format!("publish {} on {}", describe(port), net.name))
                 })
             };
@@ -605,6 +657,18 @@ impl Datapath for EbpfDatapath {
             bail!("not published on {}: {}", net.name, missing.join(", "));
         }
         Ok(())
+    }
+}
+
+/// `e`, or when it says map `name` has no room left: that, naming its limit of `max` `what`.
+fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyhow::Error {
+    match &e {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::E2BIG) =>
+        {
+            anyhow::anyhow!("the eBPF datapath's {name} map is full ({max} {what})")
+        }
+        _ => e.into(),
     }
 }
 
