@@ -785,17 +785,17 @@ const SWEPT_TABLE: u32 = 65_536;
 /// the table, it peaked at 49 MiB (debug build); walking it in place, at 14 MiB.
 const SWEEP_PEAK_KIB: u64 = 24 * 1024;
 
-/// `count` one-datagram UDP flows to HOST_ADDR:`port`, each from its own source in
-/// 198.19.0.0/16 (the sandbox's benchmarking range).
+/// `count` one-datagram UDP flows to HOST_ADDR:`port`, each from its own source address and
+/// port in 198.19.0.0/16 (the sandbox's benchmarking range).
 fn spoofed_datagrams(count: u32, port: u16) -> impl Iterator<Item = Vec<u8>> {
-    assert!(count <= 1 << 16, "one source each in a /16");
     (0..count).map(move |i| {
         let src = Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8);
+        let sport = 40_000 + (i >> 16) as u16;
         ipv4(
             src,
             HOST_ADDR,
             UDP,
-            &udp(src, HOST_ADDR, 40_000, port, b"fill", true),
+            &udp(src, HOST_ADDR, sport, port, b"fill", true),
         )
     })
 }
