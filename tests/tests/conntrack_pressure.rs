@@ -785,6 +785,9 @@ const SWEPT_TABLE: u32 = 65_536;
 /// the table, it peaked at 49 MiB (debug build); walking it in place, at 14 MiB.
 const SWEEP_PEAK_KIB: u64 = 24 * 1024;
 
+/// The UDP timeout of the sweep test: the flows that fill the table live this long.
+const FILL_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// `count` one-datagram UDP flows to HOST_ADDR:`port`, each from its own source address and
 /// port in 198.19.0.0/16 (the sandbox's benchmarking range).
 fn spoofed_datagrams(count: u32, port: u16) -> impl Iterator<Item = Vec<u8>> {
@@ -866,7 +869,7 @@ fn the_daemon_sweeps_a_90_percent_full_table_in_place_keeping_live_flows() {
         "--conntrack-max",
         &SWEPT_TABLE.to_string(),
         "--conntrack-timeout",
-        "udp=2",
+        &format!("udp={}", FILL_TIMEOUT.as_secs()),
         "network",
         "create",
         "n",
@@ -882,17 +885,26 @@ fn the_daemon_sweeps_a_90_percent_full_table_in_place_keeping_live_flows() {
 
     // Two entries per flow: 90% of the unassured table.
     let flows = SWEPT_TABLE * 9 / 10 / 2;
+    let filling = std::time::Instant::now();
     let sent = env.in_ns(&env.outside_ns(), || {
         send_ipv4(spoofed_datagrams(flows, 5300))
     });
     assert_eq!(sent, flows as usize);
+    // Listed as they are read: every one of them, and the established flow.
+    let listed = tests::cli::flows(&env).len();
+    assert!(
+        filling.elapsed() < FILL_TIMEOUT,
+        "filled and listed too slowly to check the listing"
+    );
+    // Expired entries stay until swept: counted after they expire, they are the same.
     let filled = tests::cli::conntrack_entries(&env);
+    assert_eq!(listed, filled / 2, "`conntrack ls` lists every live flow");
     assert!(
         filled >= live + SWEPT_TABLE as usize * 85 / 100,
         "the table holds only {filled} of {SWEPT_TABLE} entries"
     );
-    // The datagrams' flows time out (udp=2); the established one doesn't.
-    thread::sleep(Duration::from_millis(2500));
+    // The datagrams' flows time out; the established one doesn't.
+    thread::sleep((FILL_TIMEOUT + Duration::from_millis(500)).saturating_sub(filling.elapsed()));
 
     let (daemon, swept) = Daemon::sweeping_once(&env);
     assert_eq!(
@@ -901,6 +913,7 @@ fn the_daemon_sweeps_a_90_percent_full_table_in_place_keeping_live_flows() {
         "the sweep removed every expired entry"
     );
     assert_eq!(tests::cli::conntrack_entries(&env), live, "and only those");
+    assert_eq!(tests::cli::flows(&env).len(), 1, "the established flow");
     published.assert_alive_inside_first("after the sweep");
     let peak = daemon.peak_rss_kib();
     eprintln!("daemon peak RSS after sweeping {filled} entries: {peak} KiB");

@@ -243,9 +243,9 @@ impl Datapaths {
             .is_some_and(|p| p.map(netd_common::datapath::CONNTRACK_MAP).exists())
     }
 
-    /// The eBPF connection tracking table's live flows.
-    pub fn conntrack_list(&self) -> Result<Vec<Flow>> {
-        ebpf::conntrack::list(&self.pins()?)
+    /// Calls `visit` with each live flow of the eBPF connection tracking table.
+    pub fn conntrack_for_each_flow(&self, visit: impl FnMut(Flow) -> Result<()>) -> Result<()> {
+        ebpf::conntrack::for_each_flow(&self.pins()?, visit)
     }
 
     /// Removes the entries of timed-out flows; 0 when no table exists yet.

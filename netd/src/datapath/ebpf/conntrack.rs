@@ -71,7 +71,7 @@ fn lookup(tables: &[Conntrack; 2], key: &CtKey) -> Option<CtEntry> {
 
 /// Calls `visit` with the original entry of each live flow: not timed out, and with a reply
 /// entry pointing back.
-fn for_each_live_flow(pins: &Pins, mut visit: impl FnMut(&CtEntry)) -> Result<()> {
+fn for_each_live_flow(pins: &Pins, mut visit: impl FnMut(&CtEntry) -> Result<()>) -> Result<()> {
     let timeouts = maps::read_config(pins)?.timeouts;
     let now = monotonic_ns();
     let tables = maps::conntrack(pins)?;
@@ -80,7 +80,7 @@ fn for_each_live_flow(pins: &Pins, mut visit: impl FnMut(&CtEntry)) -> Result<()
             let paired = lookup(&tables, &e.reply)
                 .is_some_and(|r| r.dir != CT_DIR_ORIGINAL && r.original == e.original);
             if paired && remaining_ns(&e, &timeouts, now).is_some() {
-                visit(&e);
+                visit(&e)?;
             }
         }
     }
@@ -115,27 +115,25 @@ fn remove_where(
     Ok(removed)
 }
 
-/// Every live flow.
-pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
+/// Calls `visit` with each live flow, in the tables' order (assured flows first), as it reads
+/// them: a full table has half a million.
+pub fn for_each_flow(pins: &Pins, mut visit: impl FnMut(Flow) -> Result<()>) -> Result<()> {
     let timeouts = maps::read_config(pins)?.timeouts;
     let now = monotonic_ns();
-    let mut flows = Vec::new();
     for_each_live_flow(pins, |e| {
         // 0: it timed out since `for_each_live_flow` looked.
-        let left_ns = remaining_ns(&e, &timeouts, now).unwrap_or(0);
-        flows.push(Flow {
+        let left_ns = remaining_ns(e, &timeouts, now).unwrap_or(0);
+        visit(Flow {
             proto: proto_name(e.original.proto),
-            state: state_name(&e),
+            state: state_name(e),
             nat: if e.nat == CT_NAT_SNAT { "snat" } else { "dnat" },
             assured: e.flags & CT_ASSURED != 0,
             original: tuple(&e.original, e.packets[0], e.bytes[0]),
             reply: tuple(&e.reply, e.packets[1], e.bytes[1]),
             age_secs: now.saturating_sub(e.created_ns) / NS_PER_SEC,
             expires_secs: left_ns / NS_PER_SEC,
-        });
-    })?;
-    flows.sort_by_key(|f| std::cmp::Reverse(f.age_secs));
-    Ok(flows)
+        })
+    })
 }
 
 /// Removes the entries of timed-out flows (the datapath already ignores them; this frees
@@ -186,6 +184,7 @@ fn recount_limits(pins: &Pins) -> Result<()> {
         if let Ok(ep) = endpoints.get(&key, 0) {
             *per_network.entry(ep.network_id).or_default() += 1;
         }
+        Ok(())
     })?;
     for (key, limit) in capped {
         let count = if key.network_id == 0 {
