@@ -147,7 +147,7 @@ fn a_host_address_added_later_reaches_wildcard_ports_once_the_daemon_follows_it(
     let follow = || {
         let pins = pins.clone();
         b.env.in_ns(&b.env.host_ns(), move || {
-            EbpfDatapath::new(pins).follow_uplink().unwrap()
+            EbpfDatapath::new(pins).follow_host().unwrap().uplink
         })
     };
     let addr = |op: &str| {
@@ -1332,7 +1332,7 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
     let follow = || {
         let pins = pins.clone();
         b.env.in_ns(&b.env.host_ns(), move || {
-            EbpfDatapath::new(pins).follow_uplink().unwrap()
+            EbpfDatapath::new(pins).follow_host().unwrap().uplink
         })
     };
     assert_eq!(follow(), None, "nothing changed yet");
@@ -1360,15 +1360,23 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
         (UPLINK_INGRESS_PROG, aya::programs::TcAttachType::Ingress),
         (UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress),
     ] {
-        let attached = b
+        let mut attached = b
             .env
             .in_ns(&b.env.host_ns(), || pins.tc_attachments(prog, dir).unwrap());
-        assert_eq!(attached, ["up9"], "{prog}");
+        attached.sort();
+        // The old uplink still has its address: masquerade goes on through it too.
+        assert_eq!(attached, [UPLINK, "up9"], "{prog}");
     }
     // Masquerade and published ports go on from the new address.
     assert_eq!(
-        b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN)).src,
+        b.egress_on(&tcp_frame(C1, 41000, SERVER, 80, SYN), "up9")
+            .src,
         new_addr
+    );
+    assert_eq!(
+        b.egress_on(&tcp_frame(C1, 41001, SERVER, 80, SYN), UPLINK)
+            .src,
+        HOST_ADDR
     );
     assert_eq!(
         b.ingress(&tcp_frame(SERVER, 40000, new_addr, 8080, SYN))
@@ -1376,6 +1384,60 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
         C1
     );
     assert_eq!(follow(), None, "followed once");
+}
+
+#[test]
+fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_address() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_host().unwrap()
+        })
+    };
+    let ip = |args: &[&str]| tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
+    // A second NIC, and an interface without an address.
+    ip(&["link", "add", "nic1", "type", "veth", "peer", "name", "nic1p"]);
+    ip(&["link", "add", "bare1", "type", "veth", "peer", "name", "bare1p"]);
+    ip(&["addr", "add", "198.19.1.2/24", "dev", "nic1"]);
+    let nic_addr = Ipv4Addr::new(198, 19, 1, 2);
+    let syn = |sport| tcp_frame(C1, sport, SERVER, 80, SYN);
+    let unmasqueraded = |sport, iface| {
+        let before = b.stat("unmasqueraded");
+        let (verdict, _) = b.run_on(UPLINK_EGRESS_PROG, &syn(sport), iface);
+        verdict == DROP && b.stat("unmasqueraded") == before + 1
+    };
+    // Until netd follows it, nothing is masqueraded through it: dropped, never private.
+    assert!(unmasqueraded(42000, "nic1"), "before following");
+    let followed = follow();
+    assert_eq!(followed.added, ["nic1"], "{followed:?}");
+    assert_eq!(b.egress_on(&syn(42001), "nic1").src, nic_addr);
+    // The uplink keeps its own address; the interface without one masquerades nothing.
+    assert_eq!(b.egress(&syn(42002)).src, HOST_ADDR);
+    assert!(unmasqueraded(42003, "bare1"), "an interface without an address");
+    // Replies through the second NIC come back to the container.
+    assert_eq!(
+        b.ingress(&tcp_frame(SERVER, 80, nic_addr, b.egress_on(&syn(42004), "nic1").sport, SYN | ACK))
+            .dst,
+        C1
+    );
+    // Its address changes: masquerade follows; it loses it: the programs go.
+    ip(&["addr", "flush", "dev", "nic1"]);
+    ip(&["addr", "add", "198.19.2.2/24", "dev", "nic1"]);
+    assert_eq!(follow(), Default::default(), "the same interface");
+    assert_eq!(
+        b.egress_on(&syn(42005), "nic1").src,
+        Ipv4Addr::new(198, 19, 2, 2)
+    );
+    ip(&["addr", "flush", "dev", "nic1"]);
+    assert_eq!(follow().removed, ["nic1"]);
+    assert!(unmasqueraded(42006, "nic1"), "after its address went");
+    let attached = b.env.in_ns(&b.env.host_ns(), || {
+        pins.tc_attachments(UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress)
+            .unwrap()
+    });
+    assert_eq!(attached, [UPLINK]);
 }
 
 #[test]
