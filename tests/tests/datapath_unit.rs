@@ -1438,6 +1438,41 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
             .unwrap()
     });
     assert_eq!(attached, [UPLINK]);
+    assert_eq!(tc_programs_on(&b, "nic1"), 0, "left on nic1");
+    // Teardown takes the programs off every interface they are on.
+    ip(&["addr", "add", "198.19.3.2/24", "dev", "nic1"]);
+    assert_eq!(follow().added, ["nic1"]);
+    assert_eq!(tc_programs_on(&b, "nic1"), 2);
+    b.env.in_ns(&b.env.host_ns(), || {
+        EbpfDatapath::new(pins.clone())
+            .with_host_cgroup(None)
+            .teardown_network(&network())
+            .unwrap()
+    });
+    for iface in ["nic1", UPLINK] {
+        assert_eq!(tc_programs_on(&b, iface), 0, "left on {iface}");
+    }
+}
+
+/// How many TC programs the kernel runs on `iface` of the sandbox host: TCX links (none on a
+/// kernel without TCX) and classic filters.
+fn tc_programs_on(b: &Bench, iface: &str) -> usize {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let tcx = b.env.in_ns(&b.env.host_ns(), || {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .filter_map(|dir| SchedClassifier::query_tcx(iface, dir).ok())
+            .map(|(_, programs)| programs.len())
+            .sum::<usize>()
+    });
+    let shown = tests::cli::output_in(
+        &b.env,
+        &b.env.host_ns(),
+        "bpftool",
+        &["-j", "net", "show", "dev", iface],
+    );
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    tcx + shown[0]["tc"].as_array().map_or(0, Vec::len)
 }
 
 #[test]
