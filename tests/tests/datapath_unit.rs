@@ -759,6 +759,26 @@ fn other_ip_protocols_are_masqueraded_by_address() {
     assert_eq!(b.stat("unsolicited"), before + 1);
 }
 
+/// Other IP protocols time out on the generic timeout (`nf_conntrack_generic_timeout`: 600 s),
+/// not ICMP's: an idle GRE tunnel outlives the ICMP timeout, and dies after its own.
+#[test]
+fn other_ip_protocols_time_out_on_the_generic_timeout() {
+    let b = Bench::with_timeouts(Timeouts {
+        icmp: 1,
+        generic: 3,
+        ..Timeouts::default()
+    });
+    let gre = |src, dst| eth(0x0800, &ipv4(src, dst, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4]));
+    assert_eq!(b.egress(&gre(C1, SERVER)).src, HOST_ADDR);
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // Past ICMP's timeout: still the flow's.
+    assert_eq!(b.ingress(&gre(SERVER, HOST_ADDR)).dst, C1);
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    // Past its own, idle since the reply: gone, a late packet is no longer translated.
+    b.assert_untouched(&gre(SERVER, HOST_ADDR));
+    assert_eq!(Timeouts::default().generic, 600);
+}
+
 #[test]
 fn dnat_refuses_martian_sources() {
     let b = Bench::new();

@@ -1,6 +1,6 @@
 //! Connection tracking: a flow's two tuples, its state and its translation.
 
-use super::{Addr, IPPROTO_TCP, IPPROTO_UDP};
+use super::{Addr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// `CONNTRACK`: LRU hash [`CtKey`] → [`CtEntry`], one entry per direction of each assured
 /// flow (a TCP handshake completed, or a UDP/ICMP flow answered and still going after
@@ -178,7 +178,8 @@ impl CtEntry {
             },
             IPPROTO_UDP if self.flags & CT_SEEN_REPLY != 0 => t.udp_stream,
             IPPROTO_UDP => t.udp,
-            _ => t.icmp,
+            IPPROTO_ICMP => t.icmp,
+            _ => t.generic,
         }
     }
 }
@@ -196,7 +197,9 @@ pub struct Timeouts {
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
-    pub _pad: u32,
+    /// Every other IP protocol (GRE, ESP, SCTP...), tracked by address
+    /// (`nf_conntrack_generic_timeout`).
+    pub generic: u32,
 }
 
 impl Default for Timeouts {
@@ -211,7 +214,7 @@ impl Default for Timeouts {
             udp: 30,
             udp_stream: 120,
             icmp: 30,
-            _pad: 0,
+            generic: 600,
         }
     }
 }

@@ -136,6 +136,7 @@ impl EbpfDatapath {
         let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
+        self.fill_generic_timeout()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
@@ -172,6 +173,19 @@ impl EbpfDatapath {
             self.follow(&mut Object { ebpf: Some(ebpf) })?;
         }
         Ok(replaced)
+    }
+
+    /// Gives the configuration the generic timeout where a build older than it left a 0
+    /// (flows of other IP protocols would die at once).
+    fn fill_generic_timeout(&self) -> Result<()> {
+        let mut config = maps::read_config(&self.pins)?;
+        if config.uplink_ifindex == 0 || config.timeouts.generic != 0 {
+            return Ok(());
+        }
+        config.timeouts.generic = self.timeouts.generic;
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")
     }
 
     /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what

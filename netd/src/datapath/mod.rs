@@ -193,8 +193,9 @@ impl Tuning {
             "udp" => &mut t.udp,
             "udp_stream" => &mut t.udp_stream,
             "icmp" => &mut t.icmp,
+            "generic" => &mut t.generic,
             other => anyhow::bail!(
-                "unknown conntrack timeout {other:?} (known: tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_time_wait, tcp_close, udp, udp_stream, icmp)"
+                "unknown conntrack timeout {other:?} (known: tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_time_wait, tcp_close, udp, udp_stream, icmp, generic)"
             ),
         };
         *slot = secs;
