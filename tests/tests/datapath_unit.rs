@@ -759,6 +759,73 @@ fn other_ip_protocols_are_masqueraded_by_address() {
     assert_eq!(b.stat("unsolicited"), before + 1);
 }
 
+/// A RST is checked against the receiver's window scaled by the shift its SYN announced, when
+/// both SYNs announced one (RFC 7323): a RST half a MiB past the server's data closes a flow
+/// whose client advertised a 1 MiB window (1000 << 10), and not one whose client didn't
+/// scale (64 KiB at least), nor one where only the client announced a scale.
+#[test]
+fn a_rst_is_checked_against_the_scaled_window() {
+    let b = Bench::new();
+    // MSS, then NOP, window scale 10.
+    let client_scale = vec![2, 4, 5, 0xb4, 1, 3, 3, 10];
+    // NOP, window scale 2 (after a SACK-permitted: the walk goes past other options).
+    let server_scale = vec![4, 2, 1, 1, 1, 3, 3, 2];
+    let frame = |src, dst, header: TcpHeader| {
+        eth(
+            0x0800,
+            &ipv4(src, dst, TCP, &tcp_segment(src, dst, &header, b"")),
+        )
+    };
+    let closed_by_far_rst = |sport: u16, client_options: Vec<u8>, server_options: Vec<u8>| {
+        let from_client = |flags, seq, options| {
+            frame(
+                C1,
+                SERVER,
+                TcpHeader {
+                    sport,
+                    dport: 80,
+                    flags,
+                    seq,
+                    window: 1000,
+                    options,
+                },
+            )
+        };
+        let nat_port = b.egress(&from_client(SYN, 1000, client_options)).sport;
+        let from_server = |flags, seq, options| {
+            frame(
+                SERVER,
+                HOST_ADDR,
+                TcpHeader {
+                    sport: 80,
+                    dport: nat_port,
+                    flags,
+                    seq,
+                    window: 1000,
+                    options,
+                },
+            )
+        };
+        assert_eq!(
+            b.ingress(&from_server(SYN | ACK, 5000, server_options)).dst,
+            C1
+        );
+        assert_eq!(b.egress(&from_client(ACK, 1001, vec![])).sport, nat_port);
+        let refused = b.stat("rst_out_of_window");
+        b.ingress(&from_server(RST, 5001 + 500_000, vec![]));
+        b.stat("rst_out_of_window") == refused
+    };
+    assert!(
+        closed_by_far_rst(43000, client_scale.clone(), server_scale.clone()),
+        "both scale"
+    );
+    assert!(!closed_by_far_rst(43001, vec![], vec![]), "neither scales");
+    assert!(
+        !closed_by_far_rst(43002, client_scale, vec![]),
+        "only the client announced one"
+    );
+}
+
 /// Other IP protocols time out on the generic timeout (`nf_conntrack_generic_timeout`: 600 s),
 /// not ICMP's: an idle GRE tunnel outlives the ICMP timeout, and dies after its own.
 #[test]
@@ -1418,8 +1485,12 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
     };
     let ip = |args: &[&str]| tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
     // A second NIC, and an interface without an address.
-    ip(&["link", "add", "nic1", "type", "veth", "peer", "name", "nic1p"]);
-    ip(&["link", "add", "bare1", "type", "veth", "peer", "name", "bare1p"]);
+    ip(&[
+        "link", "add", "nic1", "type", "veth", "peer", "name", "nic1p",
+    ]);
+    ip(&[
+        "link", "add", "bare1", "type", "veth", "peer", "name", "bare1p",
+    ]);
     ip(&["addr", "add", "198.19.1.2/24", "dev", "nic1"]);
     let nic_addr = Ipv4Addr::new(198, 19, 1, 2);
     let syn = |sport| tcp_frame(C1, sport, SERVER, 80, SYN);
@@ -1435,11 +1506,20 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
     assert_eq!(b.egress_on(&syn(42001), "nic1").src, nic_addr);
     // The uplink keeps its own address; the interface without one masquerades nothing.
     assert_eq!(b.egress(&syn(42002)).src, HOST_ADDR);
-    assert!(unmasqueraded(42003, "bare1"), "an interface without an address");
+    assert!(
+        unmasqueraded(42003, "bare1"),
+        "an interface without an address"
+    );
     // Replies through the second NIC come back to the container.
     assert_eq!(
-        b.ingress(&tcp_frame(SERVER, 80, nic_addr, b.egress_on(&syn(42004), "nic1").sport, SYN | ACK))
-            .dst,
+        b.ingress(&tcp_frame(
+            SERVER,
+            80,
+            nic_addr,
+            b.egress_on(&syn(42004), "nic1").sport,
+            SYN | ACK
+        ))
+        .dst,
         C1
     );
     // Its address changes: masquerade follows; it loses it: the programs go.

@@ -1332,11 +1332,19 @@ fn out_through_second_nic_never_leaves_private(dp: Dp) {
     }
     container.send_to(b"question", (LAN_ADDR, 5001)).unwrap();
     let mut buf = [0u8; 64];
-    let (len, seen) = neighbour.recv_from(&mut buf).expect("the neighbour got nothing");
-    assert_eq!((&buf[..len], seen.ip()), (&b"question"[..], NIC1_ADDR.into()));
+    let (len, seen) = neighbour
+        .recv_from(&mut buf)
+        .expect("the neighbour got nothing");
+    assert_eq!(
+        (&buf[..len], seen.ip()),
+        (&b"question"[..], NIC1_ADDR.into())
+    );
     neighbour.send_to(b"answer", seen).unwrap();
     let (len, from) = container.recv_from(&mut buf).expect("no answer came back");
-    assert_eq!((&buf[..len], from), (&b"answer"[..], (LAN_ADDR, 5001).into()));
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"answer"[..], (LAN_ADDR, 5001).into())
+    );
 }
 
 /// TCP through the second NIC: a container's connection to the neighbour there is masqueraded
@@ -1349,7 +1357,13 @@ fn tcp_through_second_nic(dp: Dp) {
     let lan = p.w.second_nic();
     p.w.ip(
         &lan,
-        &["route", "add", "10.73.0.0/24", "via", &NIC1_ADDR.to_string()],
+        &[
+            "route",
+            "add",
+            "10.73.0.0/24",
+            "via",
+            &NIC1_ADDR.to_string(),
+        ],
     );
     let listener = env.in_ns(&lan, || TcpListener::bind((LAN_ADDR, 5002)).unwrap());
     let mut client = env.in_ns(&p.a2.ns, || {

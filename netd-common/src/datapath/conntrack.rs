@@ -115,15 +115,20 @@ pub const CT_ASSURED: u8 = 8;
 pub struct TcpWindow {
     /// The sequence number after the last byte (SYN and FIN count one) sent so far.
     pub end: u32,
-    /// The largest window this side advertised (unscaled).
+    /// The largest window field this side advertised (as sent: scale it by `wscale`).
     pub max_win: u16,
     /// `TCP_WINDOW_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// The window scale (a shift, at most 14) this side's SYN announced, with
+    /// `TCP_WINDOW_SCALED`.
+    pub wscale: u8,
 }
 
 /// `TcpWindow::flags`: the side has sent a segment (`end` and `max_win` are set).
 pub const TCP_WINDOW_SEEN: u8 = 1;
+/// `TcpWindow::flags`: the side's SYN announced a window scale (`wscale`). Windows are scaled
+/// only when both sides' did (RFC 7323).
+pub const TCP_WINDOW_SCALED: u8 = 2;
 
 /// A conntrack entry. Both entries of a flow carry the flow's two tuples and their own
 /// rewrite; state, timestamps and counters live in the original-direction entry only, so a

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX, LINKS_MAX, LinkKey,
-    NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
-    PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
+    NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface, NetworkInfo,
+    PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX, PublishAllowKey, PublishedKey,
+    PublishedTarget, VethInfo,
 };
 
 use super::conntrack::v4;

@@ -126,8 +126,8 @@ fn egress(ctx: &TcContext) -> Stat {
     }
     // A flow starts only where netd knows the interface's address: anywhere else it would
     // leave with the container's private source.
-    let Some(nat_addr) = maps::masquerade_addr(ctx.ifindex(), cfg)
-        .filter(|_| conntrack::may_start_flow(&flow))
+    let Some(nat_addr) =
+        maps::masquerade_addr(ctx.ifindex(), cfg).filter(|_| conntrack::may_start_flow(&flow))
     else {
         return dropped(ctx, &flow, Stat::Unmasqueraded, flow.saddr);
     };

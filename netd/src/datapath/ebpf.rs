@@ -452,8 +452,7 @@ impl EbpfDatapath {
             .filter(|iface| iface.index != uplink.index)
             .filter(|iface| {
                 let addr = u32::from_ne_bytes(iface.addr.octets());
-                subnets.get(&Key::new(32, addr), 0).is_err()
-                    && veths.get(&iface.index, 0).is_err()
+                subnets.get(&Key::new(32, addr), 0).is_err() && veths.get(&iface.index, 0).is_err()
             })
             .collect())
     }
@@ -655,10 +654,7 @@ impl Datapath for EbpfDatapath {
                     &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
                 )
             })
-            .and_then(|()| {
-                self.follow(&mut Object { ebpf: Some(ebpf) })
-                    .map(drop)
-            });
+            .and_then(|()| self.follow(&mut Object { ebpf: Some(ebpf) }).map(drop));
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
             self.forget_limit(&maps::network_limit_key(net.id));

@@ -8,9 +8,8 @@ use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
     HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NETWORKS_MAP,
-    NatIface, NetworkInfo,
-    PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey,
-    PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
+    NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey,
+    PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
