@@ -7,9 +7,8 @@
 //! Windows are scaled by the shift each side's SYN announced (the window-scale option, found
 //! by a bounded walk of the SYN's options) when both sides announced one, as RFC 7323 has
 //! it, and never taken below 64 KiB: a blind RST has one chance in 32,768 per guess at
-//! most, as against an endpoint that doesn't scale. (The largest window field a side sent
-//! is scaled whole, its SYN's unscaled one too: the window checked is never smaller than
-//! the real one.)
+//! most, as against an endpoint that doesn't scale. A SYN's window is never scaled, and
+//! never more than those 64 KiB: only the other segments' windows count.
 
 use aya_ebpf::programs::TcContext;
 use netd_common::datapath::{CT_DIR_ORIGINAL, TCP_WINDOW_SCALED, TCP_WINDOW_SEEN, TcpWindow};
@@ -39,6 +38,7 @@ pub struct Segment {
     pub len: u32,
     /// The window field as sent (unscaled).
     pub window: u16,
+    pub syn: bool,
     /// A SYN's window scale option (the shift), if it has one.
     pub wscale: Option<u8>,
 }
@@ -58,12 +58,14 @@ pub fn segment(ctx: &TcContext, flow: &Flow) -> Option<Segment> {
     let flags = flow.tcp_flags;
     let flag_seqs = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
     let options = flow.l4_off + TCP_HEADER_LEN;
+    let syn = flags & TCP_SYN != 0;
     Some(Segment {
         seq: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
         len: payload + flag_seqs,
         window: u16::from_be_bytes([header[14], header[15]]),
+        syn,
         // Only a SYN's counts (RFC 7323).
-        wscale: if flags & TCP_SYN != 0 {
+        wscale: if syn {
             window_scale(ctx, options, flow.l4_off + doff)
         } else {
             None
@@ -109,7 +111,9 @@ pub fn update(windows: &mut [TcpWindow; 2], dir: u8, seg: &Segment) {
     if sender.flags & TCP_WINDOW_SEEN == 0 || after(end, sender.end) {
         sender.end = end;
     }
-    sender.max_win = sender.max_win.max(seg.window);
+    if !seg.syn {
+        sender.max_win = sender.max_win.max(seg.window);
+    }
     sender.flags |= TCP_WINDOW_SEEN;
     if let Some(shift) = seg.wscale {
         sender.wscale = shift;
