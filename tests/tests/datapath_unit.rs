@@ -1492,6 +1492,11 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
         "link", "add", "bare1", "type", "veth", "peer", "name", "bare1p",
     ]);
     ip(&["addr", "add", "198.19.1.2/24", "dev", "nic1"]);
+    // A bridge of another netd network (the iptables datapath's, not in this one's maps):
+    // netd's by its MAC, derived from its address. Never masqueraded through.
+    ip(&["link", "add", "brother", "type", "bridge"]);
+    ip(&["link", "set", "brother", "address", "02:42:0a:63:00:01"]);
+    ip(&["addr", "add", "10.99.0.1/24", "dev", "brother"]);
     let nic_addr = Ipv4Addr::new(198, 19, 1, 2);
     let syn = |sport| tcp_frame(C1, sport, SERVER, 80, SYN);
     let unmasqueraded = |sport, iface| {
@@ -1510,6 +1515,7 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
         unmasqueraded(42003, "bare1"),
         "an interface without an address"
     );
+    assert!(unmasqueraded(42007, "brother"), "another network's bridge");
     // Replies through the second NIC come back to the container.
     assert_eq!(
         b.ingress(&tcp_frame(

@@ -442,14 +442,16 @@ impl EbpfDatapath {
     }
 
     /// The interfaces besides the uplink that masquerade goes through: every one with an IPv4
-    /// address (loopback aside) but netd's own (a bridge, whose address is in a network's
-    /// subnet, or a container's veth).
+    /// address (loopback aside) but netd's own: a container's veth, or a bridge (its address
+    /// in a network's subnet, or its MAC netd's for its address: an iptables network's too,
+    /// whose isolation the fast path would otherwise skip).
     fn nat_candidates(&self, uplink: &host::Iface) -> Result<Vec<host::Iface>> {
         let subnets = maps::subnets(&self.pins)?;
         let veths = maps::veths(&self.pins)?;
+        let bridges = host::netd_bridges()?;
         Ok(host::ipv4_interfaces()?
             .into_iter()
-            .filter(|iface| iface.index != uplink.index)
+            .filter(|iface| iface.index != uplink.index && !bridges.contains(&iface.name))
             .filter(|iface| {
                 let addr = u32::from_ne_bytes(iface.addr.octets());
                 subnets.get(&Key::new(32, addr), 0).is_err() && veths.get(&iface.index, 0).is_err()

@@ -4,7 +4,12 @@
 //! the ports masquerade may translate to, the namespace's cookie, and where cgroup v2 is
 //! mounted.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use nix::{
@@ -83,6 +88,29 @@ pub fn ipv4_interfaces() -> Result<Vec<Iface>> {
     }
     ifaces.sort_by_key(|i| i.index);
     Ok(ifaces)
+}
+
+/// The interfaces of the calling thread's namespace that are netd's bridges, of either
+/// datapath: netd gives a bridge the MAC it derives from the bridge's address (the gateway's,
+/// [`crate::core::ipam::mac_for`]).
+pub fn netd_bridges() -> Result<HashSet<String>> {
+    let mut macs = HashMap::new();
+    let mut addrs: Vec<(String, Ipv4Addr)> = Vec::new();
+    for a in getifaddrs().context("list addresses")? {
+        let Some(address) = a.address else {
+            continue;
+        };
+        if let Some(link) = address.as_link_addr().and_then(|l| l.addr()) {
+            macs.insert(a.interface_name, link);
+        } else if let Some(sin) = address.as_sockaddr_in() {
+            addrs.push((a.interface_name, sin.ip()));
+        }
+    }
+    Ok(addrs
+        .into_iter()
+        .filter(|(name, addr)| macs.get(name) == Some(&crate::core::ipam::mac_for(*addr)))
+        .map(|(name, _)| name)
+        .collect())
 }
 
 /// Every IPv4 address of the calling thread's namespace but loopback ones (a port published
