@@ -109,7 +109,7 @@ pub struct TcpHeader {
 
 /// A TCP segment from `src` to `dst` with `header` and a correct checksum.
 pub fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, header: &TcpHeader, payload: &[u8]) -> Vec<u8> {
-    assert!(header.options.len() % 4 == 0 && header.options.len() <= 40);
+    assert!(header.options.len().is_multiple_of(4) && header.options.len() <= 40);
     let doff = (20 + header.options.len() as u8) / 4;
     let mut seg = Vec::new();
     seg.extend_from_slice(&header.sport.to_be_bytes());
