@@ -220,6 +220,24 @@ impl Drop for NetdDaemon {
     }
 }
 
+/// A tarball of a busybox-static root filesystem, made under `workdir` (what `podman import`
+/// takes, and the layer of the containerd tests' image).
+pub fn busybox_tar(workdir: &Path) -> PathBuf {
+    let rootfs = workdir.join("rootfs");
+    netd_bench::bench::docker::write_busybox_rootfs(&rootfs).unwrap();
+    let tarball = workdir.join("busybox.tar");
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tar.success(), "tar of the busybox rootfs failed");
+    tarball
+}
+
 /// A podman (Debian's 4.3, CNI backend) of the test's own: storage, run dir and config under
 /// `workdir`, run in the sandbox host namespace, its networks the conflists written here.
 pub struct Podman {
@@ -262,18 +280,7 @@ impl Podman {
     }
 
     fn import_busybox(&self) {
-        let rootfs = self.workdir.join("rootfs");
-        netd_bench::bench::docker::write_busybox_rootfs(&rootfs).unwrap();
-        let tarball = self.workdir.join("busybox.tar");
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(tar.success(), "tar of the busybox rootfs failed");
+        let tarball = busybox_tar(&self.workdir);
         self.podman(&["import", tarball.to_str().unwrap(), PODMAN_IMAGE]);
     }
 

@@ -1,4 +1,5 @@
 pub mod cli;
+pub mod containerd;
 pub mod counters;
 pub mod engines;
 pub mod frames;

@@ -13,11 +13,15 @@ use tests::{
 const SUBNET: &str = "10.89.0.0/24";
 
 fn config(env: &TestEnv, version: &str, runtime: Value) -> Value {
+    network_config(env, "cninet", SUBNET, version, runtime)
+}
+
+fn network_config(env: &TestEnv, name: &str, subnet: &str, version: &str, runtime: Value) -> Value {
     json!({
         "cniVersion": version,
-        "name": "cninet",
+        "name": name,
         "type": "netd-cni",
-        "subnet": SUBNET,
+        "subnet": subnet,
         "stateDir": env.state_dir,
         "bpffs": env.bpffs,
         "hostNetns": env.host_ns(),
@@ -33,12 +37,28 @@ fn container_ns(env: &TestEnv, base: &str) -> PathBuf {
 }
 
 fn call(command: &str, id: &str, netns: Option<&PathBuf>, config: &Value) -> CniOutcome {
+    call_if(command, id, "eth0", netns, config)
+}
+
+/// [`call`] for the container's interface `ifname`.
+fn call_if(
+    command: &str,
+    id: &str,
+    ifname: &str,
+    netns: Option<&PathBuf>,
+    config: &Value,
+) -> CniOutcome {
     cni(
         Some(command),
-        Some((id, "eth0")),
+        Some((id, ifname)),
         netns.map(PathBuf::as_path),
         &config.to_string(),
     )
+}
+
+/// The runtime config publishing TCP `host_port` to `container_port`.
+fn tcp_port(host_port: u16, container_port: u16) -> Value {
+    json!({ "portMappings": [{ "hostPort": host_port, "containerPort": container_port, "protocol": "tcp" }] })
 }
 
 fn host(port: u16) -> SocketAddr {
@@ -256,6 +276,26 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
             2,
         ),
         (
+            "CNI_IFNAME too long",
+            cni(
+                Some("ADD"),
+                Some(("ctr", "a-sixteen-letter")),
+                Some(&ns),
+                &good.to_string(),
+            ),
+            4,
+        ),
+        (
+            "CNI_IFNAME with a slash",
+            cni(
+                Some("ADD"),
+                Some(("ctr", "eth/1")),
+                Some(&ns),
+                &good.to_string(),
+            ),
+            4,
+        ),
+        (
             "missing namespace",
             cni(
                 Some("ADD"),
@@ -293,6 +333,127 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
         7
     );
     call("DEL", "ctr", Some(&ns), &good).ok();
+}
+
+/// One namespace on two netd networks (a runtime's `eth0` and `eth1`): each ifname is an
+/// endpoint of its own, with its own address, published port and default route (the first
+/// network's in use); DEL of one leaves the other working, and it takes the default route over.
+#[test]
+fn two_interfaces_on_two_networks_in_one_namespace() {
+    let env = TestEnv::new();
+    let net_a = config(&env, "1.0.0", tcp_port(8090, 80));
+    let net_b = network_config(&env, "cninet2", "10.89.1.0/24", "1.0.0", tcp_port(8091, 81));
+    let ns = container_ns(&env, "multi");
+    let a = call_if("ADD", "pod", "eth0", Some(&ns), &net_a).ok();
+    let b = call_if("ADD", "pod", "eth1", Some(&ns), &net_b).ok();
+    assert_eq!(a["interfaces"][0]["name"], "eth0");
+    assert_eq!(b["interfaces"][0]["name"], "eth1");
+    assert_eq!(b["ips"][0]["gateway"], "10.89.1.1");
+    let b_ip: std::net::Ipv4Addr = b["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let addr = env.run_in(&ns, "ip", &["-4", "-br", "addr"]);
+    let addr = String::from_utf8_lossy(&addr.stdout);
+    assert!(
+        addr.contains(&format!("{b_ip}/24")) && addr.contains("10.89.0."),
+        "{addr}"
+    );
+    assert_eq!(containers(&env).len(), 2);
+    tcp_name_server(&env, &ns, 80, "on-a");
+    tcp_name_server(&env, &ns, 81, "on-b");
+
+    let outside = env.outside_ns();
+    assert_eq!(tcp_ask(&env, &outside, host(8090)).unwrap(), "on-a");
+    // Network b's gateway side (the host) reaches the container through eth1.
+    let b_addr = SocketAddr::from((b_ip, 81));
+    assert_eq!(tcp_ask(&env, &env.host_ns(), b_addr).unwrap(), "on-b");
+    let checked = |result: &Value, net: &Value| {
+        let mut check = net.clone();
+        check["prevResult"] = result.clone();
+        check
+    };
+    call_if("CHECK", "pod", "eth0", Some(&ns), &checked(&a, &net_a)).ok();
+    call_if("CHECK", "pod", "eth1", Some(&ns), &checked(&b, &net_b)).ok();
+    // CHECK looks at the interface named: eth1 doesn't have eth0's address.
+    let crossed = call_if("CHECK", "pod", "eth1", Some(&ns), &checked(&a, &net_b));
+    assert_eq!(crossed.code(), 100);
+    // An ifname the namespace has already, on another network: refused, nothing changes.
+    let again = call_if("ADD", "pod2", "eth1", Some(&ns), &net_a);
+    assert_eq!(again.code(), 100, "{}", again.out);
+    assert_eq!(containers(&env).len(), 2);
+    call_if("CHECK", "pod", "eth1", Some(&ns), &checked(&b, &net_b)).ok();
+
+    call_if("DEL", "pod", "eth0", Some(&ns), &net_a).ok();
+    let eth0 = env.run_in(&ns, "ip", &["link", "show", "eth0"]);
+    assert!(!eth0.status.success(), "DEL of eth0 left it");
+    assert_eq!(containers(&env).len(), 1);
+    assert_eq!(call_if("CHECK", "pod", "eth0", Some(&ns), &net_a).code(), 3);
+    call_if("CHECK", "pod", "eth1", Some(&ns), &checked(&b, &net_b)).ok();
+    assert_eq!(tcp_ask(&env, &env.host_ns(), b_addr).unwrap(), "on-b");
+    // eth1's own default route is the one left: its published port answers the outside.
+    assert!(tcp_ask(&env, &outside, host(8090)).is_err());
+    assert_eq!(tcp_ask(&env, &outside, host(8091)).unwrap(), "on-b");
+
+    call_if("DEL", "pod", "eth1", Some(&ns), &net_b).ok();
+    assert!(tcp_ask(&env, &outside, host(8091)).is_err());
+    assert!(containers(&env).is_empty());
+}
+
+/// A container whose namespace went without a DEL (a runtime that never sends one, as
+/// `ctr run -d`): the next ADD on its network removes its endpoint, so its address and
+/// published port are free again.
+#[test]
+fn an_add_removes_the_endpoints_whose_namespace_is_gone() {
+    let env = TestEnv::new();
+    let cfg = config(&env, "1.0.0", tcp_port(8092, 80));
+    let (gone_name, kept) = (env.name("gone"), container_ns(&env, "kept"));
+    let gone = netd::netns::create(&gone_name).unwrap();
+    let first = call("ADD", "gone", Some(&gone), &cfg).ok();
+    let plain = config(&env, "1.0.0", json!({}));
+    call("ADD", "kept", Some(&kept), &plain).ok();
+    let veth = containers(&env)
+        .iter()
+        .find(|c| c["netns"] == gone.display().to_string())
+        .map(|c| c["host_veth"].as_str().unwrap().to_string())
+        .unwrap();
+    netd::netns::remove(&gone_name).unwrap();
+    // The kernel removes the veth with the namespace, asynchronously.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while host_links(&env).contains(&format!("{veth}@")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{veth} outlived its namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(containers(&env).len(), 2, "no DEL came: netd still has it");
+
+    // The same port and address for the next container: only free if the orphan went.
+    let next = container_ns(&env, "next");
+    let mut runtime = tcp_port(8092, 80);
+    runtime["ips"] = json!([first["ips"][0]["address"]]);
+    let second = config(&env, "1.0.0", runtime);
+    call("ADD", "next", Some(&next), &second).ok();
+    tcp_name_server(&env, &next, 80, "next");
+    assert_eq!(
+        tcp_ask(&env, &env.outside_ns(), host(8092)).unwrap(),
+        "next"
+    );
+    // The endpoint whose namespace lives on is untouched.
+    let left: Vec<String> = containers(&env)
+        .iter()
+        .map(|c| c["netns"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&kept.display().to_string()));
+    call("CHECK", "kept", Some(&kept), &plain).ok();
+    call("DEL", "next", Some(&next), &second).ok();
+    call("DEL", "kept", Some(&kept), &plain).ok();
 }
 
 #[test]
@@ -361,12 +522,7 @@ fn a_stale_udp_flow_does_not_capture_the_next_containers_port() {
 #[test]
 fn del_cleans_up_after_an_add_killed_at_any_step() {
     let env = TestEnv::new();
-    let cfg = config(
-        &env,
-        "1.0.0",
-        json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }] }),
-    )
-    .to_string();
+    let cfg = config(&env, "1.0.0", tcp_port(8080, 80)).to_string();
     let ns = container_ns(&env, "k");
     let id = Some(("killed", "eth0"));
     // The network first, so the steps are the container's.

@@ -596,12 +596,12 @@ fn failure(status: ExitStatus, stderr: &str) -> String {
         .map_or_else(|| format!("failed ({status})"), |l| l.trim().to_string())
 }
 
-fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
+pub fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
     fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino())
 }
 
 /// Every process whose mount namespace is `ns`.
-fn pids_in_mount_ns(ns: u64) -> Vec<u32> {
+pub fn pids_in_mount_ns(ns: u64) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -612,7 +612,7 @@ fn pids_in_mount_ns(ns: u64) -> Vec<u32> {
 }
 
 /// Mount points of the cgroup (v1) and cgroup2 hierarchies.
-fn cgroup_mounts() -> Vec<PathBuf> {
+pub fn cgroup_mounts() -> Vec<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()
@@ -625,7 +625,7 @@ fn cgroup_mounts() -> Vec<PathBuf> {
 }
 
 /// `dir` and every directory below it, parents before children.
-fn subtree(dir: &Path) -> Vec<PathBuf> {
+pub fn subtree(dir: &Path) -> Vec<PathBuf> {
     let mut dirs = vec![dir.to_path_buf()];
     let mut i = 0;
     while i < dirs.len() {

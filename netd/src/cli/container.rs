@@ -95,6 +95,7 @@ impl CreateArgs {
                     network: other.to_string(),
                     ip: self.ip,
                     mac: self.mac.as_deref().map(ipam::parse_mac).transpose()?,
+                    ifname: None,
                     publish: self
                         .publish
                         .iter()

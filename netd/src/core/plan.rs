@@ -11,7 +11,8 @@ use super::{
     ipam,
     ports::{self, Publish},
     spec::{
-        Attachment, ContainerSpec, DEFAULT_BRIDGE, DEFAULT_NETWORK, Link, Mode, Netns, NetworkSpec,
+        Attachment, ContainerSpec, DEFAULT_BRIDGE, DEFAULT_IFNAME, DEFAULT_NETWORK, Link, Mode,
+        Netns, NetworkSpec,
     },
 };
 use crate::{
@@ -107,6 +108,7 @@ pub fn container(view: &impl View, spec: &ContainerSpec, host: &Host) -> Result<
         ip: None,
         mac: None,
         host_veth: None,
+        ifname: None,
         host_ifindex: None,
         hostname: spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
         dns: spec.dns.clone(),
@@ -164,6 +166,7 @@ fn attach(
         at.mac.unwrap_or_else(|| ipam::mac_for(ip)),
     ));
     c.host_veth = Some(host.free_veth.clone());
+    c.ifname = at.ifname.clone().filter(|n| n != DEFAULT_IFNAME);
     c.publish_allow = at.publish_allow.clone();
     c.conntrack_limit = at.conntrack_limit;
     c.ports = ports::assign(&requests, net.host_ip, |m| view.port_clash(m))?;

@@ -18,6 +18,8 @@ pub use crate::{
 pub const DEFAULT_NETWORK: &str = "bridge";
 pub const DEFAULT_BRIDGE: &str = "netd0";
 pub const DEFAULT_MTU: u32 = 1500;
+/// The name of a container's end of its veth unless asked otherwise (Docker's, the runtimes').
+pub const DEFAULT_IFNAME: &str = "eth0";
 /// Linux's limit on interface names (IFNAMSIZ less the NUL).
 pub const MAX_IFNAME: usize = 15;
 
@@ -121,6 +123,9 @@ pub struct Attachment {
     pub ip: Option<Ipv4Addr>,
     /// `None`: Docker's MAC for the address.
     pub mac: Option<[u8; 6]>,
+    /// The container end's name in its namespace; `None`: [`DEFAULT_IFNAME`]. A namespace
+    /// on several networks (a CNI runtime's `eth1`, ...) has one endpoint per name.
+    pub ifname: Option<String>,
     pub publish: Vec<Publish>,
     /// `-P`: publish every exposed port on a free host port.
     pub publish_all: bool,
@@ -198,6 +203,12 @@ impl ContainerSpec {
             (Mode::Container(other), _) if other == &self.name => {
                 bail!("container {:?} can't share its own namespace", self.name)
             }
+            (
+                Mode::Bridge(Attachment {
+                    ifname: Some(name), ..
+                }),
+                _,
+            ) => validate_ifname(name),
             _ => Ok(()),
         }
     }
@@ -241,10 +252,16 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks an interface name as the kernel does (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ', ':']) {
+    if name.is_empty()
+        || name.len() > MAX_IFNAME
+        || name == "."
+        || name == ".."
+        || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
         bail!(
-            "invalid interface name {name:?}: must be 1-{MAX_IFNAME} bytes without '/', ':' or spaces"
+            "invalid interface name {name:?}: must be 1-{MAX_IFNAME} bytes, not . or .., without '/', ':' or whitespace"
         );
     }
     Ok(())
@@ -261,7 +278,9 @@ mod tests {
             assert!(validate_name("network", bad).is_err(), "{bad}");
         }
         assert!(validate_ifname("netd-br1").is_ok());
-        assert!(validate_ifname("sixteen-letters!").is_err());
+        for bad in ["sixteen-letters!", "", ".", "..", "a/b", "a:b", "a\tb"] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 use std::{
     hash::{BuildHasher as _, Hasher as _},
-    net::IpAddr,
     path::Path,
 };
 
@@ -165,28 +164,26 @@ pub async fn setup_container(
     Ok(())
 }
 
-/// The veth pair: container end `eth0` with the address, MAC and MTU, and a default route via
-/// the gateway; the host end stays down and off the bridge (see [`plug_veth`]).
+/// The veth pair: the container end (`eth0` unless named otherwise) with the address, MAC and
+/// MTU, and a default route via the gateway; the host end stays down and off the bridge (see
+/// [`plug_veth`]).
 async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<()> {
     let (Some(host_name), Some(mac), Some(ip)) = (&c.host_veth, &c.mac, c.ip) else {
         bail!("container {:?} has no veth planned", c.name);
     };
     let mac = ipam::parse_mac(mac)?;
+    if inside.link_index(c.ifname()).await?.is_some() {
+        bail!("the namespace has an interface {} already", c.ifname());
+    }
     let host = Netlink::in_ns(None)?;
-    host.add_veth_into(host_name, net.mtu, "eth0", &c.netns, mac)
+    host.add_veth_into(host_name, net.mtu, c.ifname(), &c.netns, mac)
         .await?;
-    let eth0 = inside.require_link("eth0").await?;
-    inside.set_up(eth0).await?;
+    let inner = inside.require_link(c.ifname()).await?;
+    inside.set_up(inner).await?;
     inside
-        .add_addr(eth0, IpNet::new(ip.into(), net.subnet.prefix_len())?)
+        .add_addr(inner, IpNet::new(ip.into(), net.subnet.prefix_len())?)
         .await?;
-    inside
-        .add_route(
-            "0.0.0.0/0".parse()?,
-            Some(IpAddr::V4(net.gateway)),
-            Some(eth0),
-        )
-        .await
+    inside.add_default_route(net.gateway, inner).await
 }
 
 /// Puts the host end of container `c`'s veth on the network's bridge and up.

@@ -106,6 +106,7 @@ mod tests {
             ip: Some(ip.parse().unwrap()),
             mac: None,
             host_veth: None,
+            ifname: None,
             host_ifindex: None,
             hostname: name.into(),
             dns: vec![],

@@ -270,26 +270,68 @@ impl Netlink {
         gateway: Option<IpAddr>,
         dev: Option<u32>,
     ) -> Result<()> {
-        let mut builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst.addr(), dst.prefix_len())
-            .map_err(|e| anyhow!("route to {dst}: {e}"))?;
-        if let Some(gw) = gateway {
-            builder = builder
-                .gateway(gw)
-                .map_err(|e| anyhow!("route via {gw}: {e}"))?;
-        }
-        if let Some(dev) = dev {
-            builder = builder.output_interface(dev);
-        }
         self.handle
             .route()
-            .add(builder.build())
+            .add(route_message(dst, gateway, dev, 0)?)
             .execute()
             .await
-            .with_context(|| match gateway {
-                Some(gw) => format!("add route {dst} via {gw}"),
-                None => format!("add route {dst}"),
-            })
+            .with_context(|| route_text(dst, gateway))
+    }
+
+    /// Adds the default route via `gateway` on `dev`: at metric 0, or behind the one the
+    /// namespace has already (it is on another network too) at metric `dev`, which no other
+    /// interface's default route has: each network keeps its own, and the first one's is used.
+    pub async fn add_default_route(&self, gateway: std::net::Ipv4Addr, dev: u32) -> Result<()> {
+        let (dst, gateway) = (IpNet::from(ipnet::Ipv4Net::default()), IpAddr::V4(gateway));
+        let add = |metric| async move {
+            self.handle
+                .route()
+                .add(route_message(dst, Some(gateway), Some(dev), metric)?)
+                .execute()
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let first = add(0).await;
+        let taken = first
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<rtnetlink::Error>());
+        match taken {
+            Some(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+                add(dev).await
+            }
+            _ => first,
+        }
+        .with_context(|| route_text(dst, Some(gateway)))
+    }
+}
+
+/// A route to `dst` (via `gateway`, on `dev`) at `metric`.
+fn route_message(
+    dst: IpNet,
+    gateway: Option<IpAddr>,
+    dev: Option<u32>,
+    metric: u32,
+) -> Result<netlink_packet_route::route::RouteMessage> {
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .map_err(|e| anyhow!("route to {dst}: {e}"))?
+        .priority(metric);
+    if let Some(gw) = gateway {
+        builder = builder
+            .gateway(gw)
+            .map_err(|e| anyhow!("route via {gw}: {e}"))?;
+    }
+    if let Some(dev) = dev {
+        builder = builder.output_interface(dev);
+    }
+    Ok(builder.build())
+}
+
+fn route_text(dst: IpNet, gateway: Option<IpAddr>) -> String {
+    match gateway {
+        Some(gw) => format!("add route {dst} via {gw}"),
+        None => format!("add route {dst}"),
     }
 }
 

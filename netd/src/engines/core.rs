@@ -45,12 +45,11 @@ pub struct Attachment {
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
     pub mac: [u8; 6],
+    /// The container end's name in its namespace.
+    pub ifname: String,
     pub host_veth: String,
     pub ports: Vec<PortMapping>,
 }
-
-/// The interface name netd gives the container end of a veth.
-pub const CONTAINER_IFNAME: &str = "eth0";
 
 /// netd's controller, as the engines use it.
 pub struct Core {
@@ -103,10 +102,20 @@ impl Core {
 
     /// Makes a container endpoint: veth, address, routes, datapath entries, published ports.
     pub async fn attach(&mut self, req: &AttachRequest) -> Result<Attachment> {
+        self.attach_as(req, None).await
+    }
+
+    /// [`Core::attach`] with the container end named `ifname` (`eth0` when `None`).
+    pub async fn attach_as(
+        &mut self,
+        req: &AttachRequest,
+        ifname: Option<&str>,
+    ) -> Result<Attachment> {
         let mut spec = ContainerSpec::named(&req.name);
         spec.mode = Mode::Bridge(Bridge {
             ip: req.ip,
             mac: req.mac,
+            ifname: ifname.map(str::to_string),
             publish: req.ports.iter().map(publish_of).collect(),
             ..Bridge::on(&req.network)
         });
@@ -147,6 +156,23 @@ impl Core {
         Ok(true)
     }
 
+    /// Removes the endpoints on `network` named with `prefix` whose namespace is gone: its
+    /// file, and the veth the kernel removed with it. A runtime that never DELs (`ctr run -d`)
+    /// leaves them, holding their addresses and ports. What it couldn't remove.
+    pub async fn remove_orphans(&mut self, network: &str, prefix: &str) -> Result<Vec<String>> {
+        let host = Netlink::in_ns(None)?;
+        let mut failed = Vec::new();
+        for a in self.attachments_on(network, prefix)? {
+            if a.netns.exists() || host.link_index(&a.host_veth).await?.is_some() {
+                continue;
+            }
+            if let Err(e) = self.detach(&a.name).await {
+                failed.push(format!("{}: {e:#}", a.name));
+            }
+        }
+        Ok(failed)
+    }
+
     /// Publishes more ports of an existing endpoint.
     pub async fn publish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
         let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
@@ -169,6 +195,7 @@ impl Core {
             prefix_len: net.subnet.prefix_len(),
             gateway: net.gateway,
             mac: ipam::parse_mac(mac)?,
+            ifname: c.ifname().to_string(),
             host_veth: veth.clone(),
             ports: c.ports.clone(),
         }))
@@ -184,11 +211,11 @@ pub async fn check_attachment(a: &Attachment) -> Result<()> {
         .context("the host end of the veth is gone")?;
     let inside = Netlink::in_ns(Some(&a.netns))?;
     let index = inside
-        .require_link(CONTAINER_IFNAME)
+        .require_link(&a.ifname)
         .await
-        .with_context(|| format!("{CONTAINER_IFNAME} is gone from the container"))?;
+        .with_context(|| format!("{} is gone from the container", a.ifname))?;
     if !inside.ipv4_addresses(index).await?.contains(&a.ip) {
-        anyhow::bail!("{CONTAINER_IFNAME} no longer has the address {}", a.ip);
+        anyhow::bail!("{} no longer has the address {}", a.ifname, a.ip);
     }
     Ok(())
 }
@@ -200,7 +227,7 @@ pub async fn hand_out_interface(a: &Attachment, host_name: &str) -> Result<()> {
     let host = std::fs::File::open("/proc/thread-self/ns/net")
         .context("open the host's network namespace")?;
     let inside = Netlink::in_ns(Some(&a.netns))?;
-    let Some(index) = inside.link_index(CONTAINER_IFNAME).await? else {
+    let Some(index) = inside.link_index(&a.ifname).await? else {
         // Handed out already (a second Join after a Leave moved it back).
         Netlink::in_ns(None)?.require_link(host_name).await?;
         return Ok(());

@@ -13,6 +13,7 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::core::spec::DEFAULT_IFNAME;
 pub use crate::core::spec::{Link, PortMapping};
 use crate::datapath::{self, DatapathKind, Protocol};
 
@@ -136,6 +137,9 @@ pub struct Container {
     pub mac: Option<String>,
     /// Host end of the veth pair.
     pub host_veth: Option<String>,
+    /// The container end's name when it isn't [`DEFAULT_IFNAME`] (see [`Container::ifname`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
     /// Its interface index, recorded with the endpoint: the datapath's entries are keyed by
     /// it, and a removal interrupted after the veth went must still find them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +164,11 @@ pub struct Container {
 }
 
 impl Container {
+    /// The name of the container end of its veth, in its namespace.
+    pub fn ifname(&self) -> &str {
+        self.ifname.as_deref().unwrap_or(DEFAULT_IFNAME)
+    }
+
     /// The ports a `--link` to this container opens: exposed and published ones (Docker's
     /// link rules cover both).
     pub fn link_ports(&self) -> BTreeSet<(Protocol, u16)> {

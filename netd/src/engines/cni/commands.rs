@@ -13,7 +13,7 @@ use crate::{
         spec::{NetworkSpec, PortMapping},
     },
     datapath::{DatapathKind, Protocol},
-    engines::core::{AttachRequest, CONTAINER_IFNAME, Core, check_attachment},
+    engines::core::{AttachRequest, Core, check_attachment},
 };
 
 /// What the runtime says about the container (the `CNI_*` variables).
@@ -161,19 +161,6 @@ fn requested_ip(config: &Config, call: &Call) -> Result<Option<Ipv4Addr>, CniErr
     }
 }
 
-fn require_eth0(call: &Call) -> Result<(), CniError> {
-    if call.ifname != CONTAINER_IFNAME {
-        return Err(CniError::new(
-            Code::InvalidEnvironment,
-            format!(
-                "CNI_IFNAME {:?}: netd names the container interface {CONTAINER_IFNAME}",
-                call.ifname
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
     let netns = call
         .netns
@@ -189,12 +176,12 @@ fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
 }
 
 pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
-    require_eth0(call)?;
     let netns = require_netns(call)?;
     let ports = ports_of(config)?;
     let ip = requested_ip(config, call)?;
     let mut core = open(config)?;
     ensure_network(&mut core, config).await?;
+    remove_orphans(&mut core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     if core.attachment(&name)?.is_some() {
         return Err(CniError::new(
@@ -205,17 +192,25 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
             ),
         ));
     }
-    let attachment = core
-        .attach(&AttachRequest {
-            name,
-            network: config.name.clone(),
-            netns: Some(netns),
-            ip,
-            mac: None,
-            ports,
-        })
-        .await?;
+    let request = AttachRequest {
+        name,
+        network: config.name.clone(),
+        netns: Some(netns),
+        ip,
+        mac: None,
+        ports,
+    };
+    let attachment = core.attach_as(&request, Some(&call.ifname)).await?;
     Ok(result_json(&config.cni_version, &call.ifname, &attachment))
+}
+
+/// Removes the attachments of the network whose namespace is gone (their runtime never
+/// DELed them): a removal that fails is only warned about, as it must not block new ADDs.
+async fn remove_orphans(core: &mut Core, config: &Config) -> Result<(), CniError> {
+    for failure in core.remove_orphans(&config.name, ENDPOINT_PREFIX).await? {
+        eprintln!("netd-cni: warning: could not remove the orphan {failure}");
+    }
+    Ok(())
 }
 
 /// Removes the attachment if there is one: a second DEL, or a DEL after a failed ADD, is fine.

@@ -124,10 +124,18 @@ fn env(name: &str) -> Result<String, CniError> {
 fn call() -> Result<Call, CniError> {
     Ok(Call {
         container_id: env("CNI_CONTAINERID")?,
-        ifname: env("CNI_IFNAME")?,
+        ifname: ifname(env("CNI_IFNAME")?)?,
         netns: env("CNI_NETNS").ok().map(PathBuf::from),
         ip: args_ip(&std::env::var("CNI_ARGS").unwrap_or_default())?,
     })
+}
+
+/// `CNI_IFNAME`, any name the spec (and the kernel) allow: each is an endpoint of its own, so
+/// a namespace can be on several networks (podman's `eth1`, ...).
+fn ifname(name: String) -> Result<String, CniError> {
+    crate::core::spec::validate_ifname(&name)
+        .map_err(|e| CniError::new(Code::InvalidEnvironment, format!("CNI_IFNAME: {e:#}")))?;
+    Ok(name)
 }
 
 /// `CNI_ARGS` (`KEY=VALUE;...`): `IP` asks for an address (podman's `--ip`); other keys
@@ -184,6 +192,20 @@ mod tests {
             args_ip("IP=banana").unwrap_err().code,
             Code::InvalidEnvironment
         );
+    }
+
+    #[test]
+    fn any_interface_name_the_kernel_takes_and_no_other() {
+        for good in ["eth0", "eth1", "net1", "a"] {
+            assert_eq!(ifname(good.into()).unwrap(), good);
+        }
+        for bad in ["", ".", "..", "eth/1", "eth:1", "eth 1", "a-sixteen-letter"] {
+            assert_eq!(
+                ifname(bad.into()).unwrap_err().code,
+                Code::InvalidEnvironment,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
