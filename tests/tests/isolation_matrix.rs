@@ -31,6 +31,7 @@ use tests::{
         self, ESP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, GRE, ICMP, Ipv4, SCTP, TCP, Tap, UDP, marked,
         marker,
     },
+    topology::{self, LAN_ADDR, NIC1_ADDR},
     traffic::{self, snmp_counter},
 };
 
@@ -576,35 +577,11 @@ fn via_second_nic(dp: Dp, internal: bool) {
     });
 }
 
-/// The host's address on its second NIC, and its neighbour's there.
-const NIC1_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
-const LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
-
 impl World {
-    /// A second NIC of the host (`nic1`, not the uplink netd was given) on a link to a
-    /// neighbour's namespace (`lan0`), which this returns. Made after the networks: on the eBPF
-    /// datapath, `netd reload` follows it (the NAT programs go on it), as the daemon would.
+    /// [`topology::second_nic`]. Made after the networks: on the eBPF datapath, `netd reload`
+    /// follows it (the NAT programs go on it), as the daemon would.
     fn second_nic(&self) -> PathBuf {
-        let lan = netd::netns::create(&self.env.name("lan")).unwrap();
-        let host = self.env.host_ns();
-        let link = [
-            "link", "add", "nic1", "type", "veth", "peer", "name", "lan0",
-        ];
-        self.ip(&host, &link);
-        self.ip(
-            &host,
-            &["link", "set", "lan0", "netns", lan.to_str().unwrap()],
-        );
-        self.ip(
-            &host,
-            &["addr", "add", &format!("{NIC1_ADDR}/24"), "dev", "nic1"],
-        );
-        self.ip(&host, &["link", "set", "nic1", "up"]);
-        self.ip(
-            &lan,
-            &["addr", "add", &format!("{LAN_ADDR}/24"), "dev", "lan0"],
-        );
-        self.ip(&lan, &["link", "set", "lan0", "up"]);
+        let lan = topology::second_nic(&self.env);
         if self.dp == Dp::Ebpf {
             self.env.netd_ok(&["reload"]);
         }
