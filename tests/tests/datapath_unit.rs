@@ -1545,6 +1545,22 @@ fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_addre
     });
     assert_eq!(attached, [UPLINK]);
     assert_eq!(tc_programs_on(&b, "nic1"), 0, "left on nic1");
+    // An interface deleted while nothing follows (its programs went with it, their pins
+    // stayed): `reload` drops it and replaces the live ones.
+    ip(&[
+        "link", "add", "nic2", "type", "veth", "peer", "name", "nic2p",
+    ]);
+    ip(&["addr", "add", "198.19.4.2/24", "dev", "nic2"]);
+    assert_eq!(follow().added, ["nic2"]);
+    ip(&["link", "del", "nic2"]);
+    let replaced = b.env.in_ns(&b.env.host_ns(), || {
+        EbpfDatapath::new(pins.clone())
+            .with_host_cgroup(None)
+            .reload_programs()
+            .unwrap()
+    });
+    // The uplink's two, the bridge's, and both programs of each container.
+    assert_eq!(replaced, 3 + 2 * 2);
     // Teardown takes the programs off every interface they are on.
     ip(&["addr", "add", "198.19.3.2/24", "dev", "nic1"]);
     assert_eq!(follow().added, ["nic1"]);

@@ -133,25 +133,34 @@ impl EbpfDatapath {
     /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
     /// how many attachments were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
-        let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+        let mut object = Object {
+            ebpf: Some(self.pins.load_sized(self.conntrack_max)?),
+        };
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
         self.fill_generic_timeout()?;
+        // First, so the NAT programs are replaced only where they are live (an interface gone
+        // since took its programs along, their pins left behind) and the new interfaces
+        // get them.
+        if maps::networks(&self.pins)?.keys().next().is_some() {
+            self.follow(&mut object)?;
+        }
+        let ebpf = object.get(self)?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
-                self.pins.replace_tc(&mut ebpf, prog, &iface, *dir)?;
+                self.pins.replace_tc(ebpf, prog, &iface, *dir)?;
                 replaced += 1;
             }
         }
         for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
-            self.pins.replace_xdp(&mut ebpf, UPLINK_XDP_PROG, &iface)?;
+            self.pins.replace_xdp(ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
         for prog in HOST_SOCK_PROGS {
             if self.pins.cgroup_link(prog).exists() {
-                self.pins.replace_cgroup(&mut ebpf, prog)?;
+                self.pins.replace_cgroup(ebpf, prog)?;
                 replaced += 1;
             }
         }
@@ -161,16 +170,13 @@ impl EbpfDatapath {
             };
             let iface = iface.to_string_lossy();
             for (prog, dir) in ENDPOINT_PROGS {
-                self.pins.replace_filter(&mut ebpf, prog, &iface, dir)?;
+                self.pins.replace_filter(ebpf, prog, &iface, dir)?;
                 replaced += 1;
             }
         }
         // Containers made from now on get this build too.
         for (prog, _) in ENDPOINT_PROGS {
-            self.pins.pin_tc_program(&mut ebpf, prog)?;
-        }
-        if maps::networks(&self.pins)?.keys().next().is_some() {
-            self.follow(&mut Object { ebpf: Some(ebpf) })?;
+            self.pins.pin_tc_program(ebpf, prog)?;
         }
         Ok(replaced)
     }
