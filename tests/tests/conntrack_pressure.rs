@@ -665,6 +665,57 @@ fn nat_ports_stay_out_of_the_host_ephemeral_range_and_off_published_ports() {
     assert_eq!(kept.port(), 20_000);
 }
 
+/// A busy client's reset connections give their NAT ports back at once, as netfilter's NAT
+/// takes over a CLOSE entry: with 16 NAT ports, 200 connections in a row, each reset when
+/// done (as the benchmark's connection-rate client does), all connect at once. (Holding a
+/// closed tuple for a second ran the benchmark's client out of ports.)
+#[test]
+fn reset_connections_give_their_nat_ports_back_at_once() {
+    const CONNECTIONS: usize = 200;
+    let env = TestEnv::new();
+    // Ephemeral ports 1040-65535: the NAT range is what is left above 1023, 1024-1039.
+    set_local_port_range(&env, "1040 65535");
+    network(&env);
+    let c = container(&env, "c", &[]);
+    let listener = env.in_ns(&env.outside_ns(), || {
+        TcpListener::bind((OUTSIDE_ADDR, SERVER_PORT)).unwrap()
+    });
+    let server = thread::spawn(move || {
+        let mut ports = std::collections::BTreeSet::new();
+        for _ in 0..CONNECTIONS {
+            let (mut conn, peer) = listener.accept().unwrap();
+            ports.insert(peer.port());
+            let mut byte = [0u8; 1];
+            conn.read_exact(&mut byte).unwrap();
+            conn.write_all(&byte).unwrap();
+        }
+        ports
+    });
+    let server_addr = (OUTSIDE_ADDR, SERVER_PORT).into();
+    env.in_ns(&c.ns, || {
+        let reset_on_close = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        for i in 0..CONNECTIONS {
+            let mut conn = TcpStream::connect_timeout(&server_addr, Duration::from_millis(500))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &reset_on_close)
+                .unwrap();
+            conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+            conn.write_all(b"x").unwrap();
+            let mut byte = [0u8; 1];
+            conn.read_exact(&mut byte).unwrap();
+        }
+    });
+    let ports = server.join().unwrap();
+    assert!(
+        ports.iter().all(|p| (1024..=1039).contains(p)),
+        "NAT ports outside the range: {ports:?}"
+    );
+    assert_eq!(stat(&env, "port_exhausted"), 0);
+}
+
 /// The kernel's run time of the pinned uplink program `prog` on `frame`, in ns: the median of
 /// `runs` single runs (each on a fresh copy: a run rewrites the frame it is given).
 fn run_time_ns(env: &TestEnv, prog: &str, frame: &[u8], runs: usize) -> u64 {

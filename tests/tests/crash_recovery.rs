@@ -1,5 +1,5 @@
 //! Crash recovery: netd is killed (SIGKILL, by the `fault-injection` step hook) at every step
-//! of `network create/rm`, `container create/rm`, `publish` and `link`. Afterwards nothing is
+//! of `network create/rm`, `container create/rm`, `publish`, `unpublish` and `link`. Afterwards nothing is
 //! left that shouldn't be (namespaces, interfaces, pins, tc filters, map entries, iptables
 //! rules, state) and everything still works, whether the clean-up is `netd gc`'s or the
 //! implicit one of the next command.
@@ -249,6 +249,20 @@ fn publish(env: &TestEnv) -> Scenario {
     }
 }
 
+fn unpublish(env: &TestEnv) -> Scenario {
+    let c = env.name("c");
+    Scenario {
+        base: vec![args("network create n --subnet 10.77.0.0/24")],
+        before: vec![args(&format!(
+            "container create {c} --network n -p 18080:80 -p 18081:81 -p 18082:82/udp"
+        ))],
+        command: args(&format!("unpublish {c} 18081:81 18082:82/udp")),
+        // Unpublished whatever the step: the ports are free to publish again.
+        redo: vec![args(&format!("publish {c} -p 18081:81 -p 18082:82/udp"))],
+        after: vec![args(&format!("container rm {c}"))],
+    }
+}
+
 fn link(env: &TestEnv) -> Scenario {
     let (a, b) = (env.name("a"), env.name("b"));
     Scenario {
@@ -314,6 +328,16 @@ fn publish_killed_at_every_step_ebpf() {
 #[test]
 fn publish_killed_at_every_step_iptables() {
     kill_at_every_step("iptables", publish);
+}
+
+#[test]
+fn unpublish_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", unpublish);
+}
+
+#[test]
+fn unpublish_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", unpublish);
 }
 
 #[test]

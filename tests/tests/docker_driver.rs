@@ -31,6 +31,16 @@ impl World {
     }
 
     fn with_live_restore(live_restore: bool) -> Self {
+        Self::start(live_restore, true)
+    }
+
+    /// A dockerd with Docker's own networking (bridge driver, iptables rules) and no netd:
+    /// the reference netd's driver is held to.
+    fn docker_bridge() -> Self {
+        Self::start(false, false)
+    }
+
+    fn start(live_restore: bool, with_netd: bool) -> Self {
         let env = TestEnv::new();
         let name = format!("netd{}", env.prefix);
         let mut world = Self {
@@ -39,15 +49,17 @@ impl World {
             dockerd: None,
             daemon: None,
         };
-        let args = world.daemon_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
+        if with_netd {
+            let args = world.daemon_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            world.daemon = Some(NetdDaemon::start(&world.env, &args, &world.socket()));
+        }
         let dockerd = Dockerd::start_with(
             &world.env.host_ns(),
             &world.env.state_dir.join("docker"),
             &Options {
-                docker_networking: false,
-                plugin_dir: Some(world.env.state_dir.join("plugins")),
+                docker_networking: !with_netd,
+                plugin_dir: with_netd.then(|| world.env.state_dir.join("plugins")),
                 live_restore,
                 ..Options::default()
             },
@@ -302,7 +314,8 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
     let (a1, _) = run("a1", "open", &[]);
     let (a2, a2_ip) = run("a2", "open", &[]);
     let (c1, _) = run("c1", "closed", &[]);
-    let (c2, c2_ip) = run("c2", "closed", &[]);
+    let (c2, c2_ip) = run("c2", "closed", &["--expose", "7000"]);
+    let (c3, _) = run("c3", "closed", &["--link", "c2:peer"]);
     let (i1, _) = run("i1", "inside", &[]);
     run("l1", "open", &["--link", "a2:peer"]);
     tcp_name_server(&w.env, &a2, 7000, "a2");
@@ -318,6 +331,12 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
         tcp_ask(&w.env, &c1, SocketAddr::from((c2_ip, 7000))).is_err(),
         "icc=false let c1 reach c2"
     );
+    // Docker tells a network driver nothing of a --link on a user-defined network, and its
+    // own bridge opens nothing for one there (`link_opens_nothing_on_dockers_own_bridge`).
+    assert!(
+        tcp_ask(&w.env, &c3, SocketAddr::from((c2_ip, 7000))).is_err(),
+        "icc=false let c3 reach c2 through --link, which Docker's bridge doesn't"
+    );
     assert_eq!(tcp_ask(&w.env, &a1, outside).unwrap(), "outside");
     assert_eq!(tcp_ask(&w.env, &c1, outside).unwrap(), "outside");
     assert!(
@@ -328,12 +347,69 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
     let ping = w.docker(&["exec", "l1", "ping", "-c", "1", "-W", "2", "peer"]);
     assert!(ping.contains(&a2_ip.to_string()), "{ping}");
 
-    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "i1", "l1"]);
+    w.docker(&["rm", "-f", "a1", "a2", "c1", "c2", "c3", "i1", "l1"]);
     for net in ["open", "closed", "inside"] {
         w.docker(&["network", "rm", net]);
     }
     assert!(w.netd_names("container").is_empty());
     assert!(w.netd_names("network").is_empty());
+}
+
+/// The reference for the above: Docker's own bridge driver on a user-defined network with
+/// icc=false. Docker hands link information (its `ParentEndpoints`/`ChildEndpoints`) to a
+/// driver only for the default `bridge` network, so even its own driver opens nothing for a
+/// `--link` here, exposed port or not; the same containers on an icc=true network connect.
+#[test]
+fn link_opens_nothing_on_dockers_own_bridge() {
+    let w = World::docker_bridge();
+    for (net, subnet, icc) in [
+        ("closed", "10.78.0.0/24", "false"),
+        ("open", "10.79.0.0/24", "true"),
+    ] {
+        let icc = format!("com.docker.network.bridge.enable_icc={icc}");
+        w.docker(&["network", "create", "--subnet", subnet, "-o", &icc, net]);
+        let db = format!("db-{net}");
+        let client = format!("client-{net}");
+        let link = format!("{db}:peer");
+        w.docker(&[
+            "run",
+            "-d",
+            "--name",
+            &db,
+            "--network",
+            net,
+            "--expose",
+            "7000",
+            IMAGE,
+            "sleep",
+            "1d",
+        ]);
+        w.docker(&[
+            "run",
+            "-d",
+            "--name",
+            &client,
+            "--network",
+            net,
+            "--link",
+            &link,
+            IMAGE,
+            "sleep",
+            "1d",
+        ]);
+        tcp_name_server(&w.env, &w.netns_of(&db), 7000, "db");
+        let got = tcp_ask(
+            &w.env,
+            &w.netns_of(&client),
+            SocketAddr::from((w.ip_of(&db), 7000)),
+        );
+        match net {
+            "open" => assert_eq!(got.unwrap(), "db"),
+            _ => assert!(got.is_err(), "Docker's bridge opened a --link: {got:?}"),
+        }
+        w.docker(&["rm", "-f", &db, &client]);
+        w.docker(&["network", "rm", net]);
+    }
 }
 
 /// The datapath carries a flow while the netd daemon is killed and started again, and the new
@@ -431,6 +507,114 @@ fn a_flow_survives_a_dockerd_restart() {
     assert!(w.netd_names("network").is_empty());
 }
 
+/// ProgramExternalConnectivity publishes Docker's port map and records its exposed ports
+/// (twice is the same as once); RevokeExternalConnectivity unpublishes them (twice too). Docker
+/// moves a container's way out when it joins a network that sorts first: the published port
+/// follows it there and back, which takes both (the port can't be on two endpoints at once).
+#[test]
+fn published_ports_follow_program_and_revoke_external_connectivity() {
+    let w = World::new();
+    let d = w.name.as_str();
+    for net in ["n2", "n1"] {
+        w.docker(&["network", "create", "-d", d, "--ipam-driver", d, net]);
+    }
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "n2",
+        "-p",
+        "8080:80",
+        "--expose",
+        "7000/udp",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    tcp_name_server(&w.env, &w.netns_of("web"), 80, "web");
+    let published = SocketAddr::from((HOST_ADDR, 8080));
+    let ask = || tcp_ask(&w.env, &w.env.outside_ns(), published);
+    assert_eq!(ask().unwrap(), "web");
+    let on = |net: &str, what: &str| {
+        let format = format!("{{{{(index .NetworkSettings.Networks \"{net}\").{what}}}}}");
+        w.docker(&["inspect", "-f", &format, "web"])
+    };
+    // netd's container for web's endpoint on `net`, by its address.
+    let netd_endpoint = |net: &str| {
+        let ip = on(net, "IPAddress");
+        let all = w.env.netd_json(&["container", "ls", "--json"]);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["ip"] == ip.as_str())
+            .unwrap_or_else(|| panic!("no netd container at {ip}: {all}"))
+            .clone()
+    };
+    let host_ports = |c: &serde_json::Value| -> Vec<u64> {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["host_port"].as_u64().unwrap())
+            .collect()
+    };
+    let ep = netd_endpoint("n2");
+    assert_eq!(host_ports(&ep), [8080]);
+    assert_eq!(
+        ep["exposed"],
+        serde_json::json!([{"proto": "tcp", "port": 80}, {"proto": "udp", "port": 7000}])
+    );
+
+    // Docker's own requests again (as after a restart of dockerd): nothing changes.
+    let request = serde_json::json!({
+        "NetworkID": on("n2", "NetworkID"),
+        "EndpointID": on("n2", "EndpointID"),
+        "Options": {
+            "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}, {"Proto": 17, "Port": 7000}],
+            "com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, "HostPortEnd": 8080}],
+        },
+    })
+    .to_string();
+    let post = |verb: &str| {
+        let (status, body) = plugin_post(&w.socket(), verb, &request);
+        assert_eq!((status, &body), (200, &serde_json::json!({})), "{verb}");
+    };
+    post("NetworkDriver.ProgramExternalConnectivity");
+    assert_eq!(host_ports(&netd_endpoint("n2")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+    // Revoked (twice): new connections are refused; programmed again, they get in.
+    post("NetworkDriver.RevokeExternalConnectivity");
+    post("NetworkDriver.RevokeExternalConnectivity");
+    let ep = netd_endpoint("n2");
+    assert!(
+        host_ports(&ep).is_empty() && ep["exposed"] == serde_json::json!([]),
+        "{ep}"
+    );
+    assert_eq!(
+        ask().unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    post("NetworkDriver.ProgramExternalConnectivity");
+    assert_eq!(ask().unwrap(), "web");
+
+    // n1 sorts first: Docker revokes on n2's endpoint and programs n1's.
+    w.docker(&["network", "connect", "n1", "web"]);
+    assert!(host_ports(&netd_endpoint("n2")).is_empty());
+    assert_eq!(host_ports(&netd_endpoint("n1")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+    w.docker(&["network", "disconnect", "n1", "web"]);
+    assert_eq!(host_ports(&netd_endpoint("n2")), [8080]);
+    assert_eq!(ask().unwrap(), "web");
+
+    w.docker(&["rm", "-f", "web"]);
+    for net in ["n1", "n2"] {
+        w.docker(&["network", "rm", net]);
+    }
+    assert!(w.netd_names("container").is_empty());
+}
+
 /// An iperf3 flow from the outside to a container's published port 15201 (container 5201).
 struct Iperf {
     client: std::process::Child,
@@ -482,6 +666,76 @@ impl Iperf {
     }
 }
 
+/// One request to the plugin on `socket`, as Docker posts it: the status and the JSON answer.
+fn plugin_post(socket: &std::path::Path, verb: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let json = reply.split("\r\n\r\n").nth(1).unwrap();
+    (status, serde_json::from_str(json).unwrap())
+}
+
+/// What IPAM hands out lives in netd's state: a daemon killed between Docker's RequestPool and
+/// its CreateNetwork (or a RequestAddress and its CreateEndpoint) hands none of it out again
+/// once restarted; ReleasePool gives the pool back.
+#[test]
+fn ipam_pools_and_addresses_survive_kill_9_of_the_daemon() {
+    let env = TestEnv::new();
+    let socket = env.state_dir.join("plugins/p.sock");
+    let dir = env.state_dir.join("plugins").display().to_string();
+    let args = ["--docker-plugin", "p", "--docker-plugin-dir", &dir];
+    let daemon = NetdDaemon::start(&env, &args, &socket);
+    let ok = |verb: &str, body: serde_json::Value| {
+        let (status, answer) = plugin_post(&socket, verb, &body.to_string());
+        assert!(
+            status == 200 && answer.get("Error").is_none(),
+            "{verb}: {answer}"
+        );
+        answer
+    };
+    let auto = serde_json::json!({"AddressSpace": "netd", "Pool": "", "SubPool": "", "Options": {}, "V6": false});
+    let address =
+        |pool_id: &str| serde_json::json!({"PoolID": pool_id, "Address": "", "Options": {}});
+    let first = ok("IpamDriver.RequestPool", auto.clone());
+    let pool_id = first["PoolID"].as_str().unwrap().to_string();
+    let gateway = serde_json::json!({"PoolID": pool_id, "Address": "",
+        "Options": {"RequestAddressType": "com.docker.network.gateway"}});
+    ok("IpamDriver.RequestAddress", gateway);
+    let handed_out = ok("IpamDriver.RequestAddress", address(&pool_id));
+
+    daemon.kill();
+    let _daemon = NetdDaemon::start(&env, &args, &socket);
+    // Still handed out: the next automatic pool is another one, and so is the next address.
+    let second = ok("IpamDriver.RequestPool", auto.clone());
+    assert_ne!(second["Pool"], first["Pool"]);
+    let next = ok("IpamDriver.RequestAddress", address(&pool_id));
+    assert_ne!(next["Address"], handed_out["Address"]);
+    // Nor does `netd network create` pick them.
+    env.netd_ok(&["network", "create", "cli"]);
+    let cli = &env.netd_json(&["network", "inspect", "cli"])["network"];
+    assert!(cli["subnet"].is_string(), "{cli}");
+    for pool in [&first, &second] {
+        assert_ne!(cli["subnet"], pool["Pool"], "{cli}");
+    }
+    env.netd_ok(&["network", "rm", "cli"]);
+    // Released, the first pool is the first free one again (the pick is deterministic).
+    for pool in [&second, &first] {
+        ok(
+            "IpamDriver.ReleasePool",
+            serde_json::json!({"PoolID": pool["PoolID"]}),
+        );
+    }
+    assert_eq!(ok("IpamDriver.RequestPool", auto)["Pool"], first["Pool"]);
+}
+
 /// The protocol as Docker's plugin client sees it: activation, 404 for what netd doesn't
 /// implement, 400 for a body it can't decode, and errors in the field each API reads.
 #[test]
@@ -494,21 +748,7 @@ fn the_plugin_socket_speaks_dockers_protocol() {
         &["--docker-plugin", "p", "--docker-plugin-dir", &dir],
         &socket,
     );
-    let post = |verb: &str, body: &str| -> (u16, serde_json::Value) {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        write!(
-            s,
-            "POST /{verb} HTTP/1.1\r\nHost: plugin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let status = reply[9..12].parse().unwrap();
-        let json = reply.split("\r\n\r\n").nth(1).unwrap();
-        (status, serde_json::from_str(json).unwrap())
-    };
+    let post = |verb: &str, body: &str| plugin_post(&socket, verb, body);
     let (status, body) = post("Plugin.Activate", "");
     assert_eq!(status, 200);
     assert_eq!(

@@ -260,6 +260,17 @@ impl Control {
         }
     }
 
+    /// Unpublishes one port of a container (netd only: a Docker user re-creates the container).
+    pub fn unpublish(&self, base: &str, (host, container): (u16, u16)) -> Result<()> {
+        let name = self.instance().name(base);
+        match self {
+            Self::Netd { .. } => self
+                .netd(&["unpublish", &name, &format!("{host}:{container}")])
+                .map(drop),
+            Self::Docker { .. } => anyhow::bail!("the Docker arm can't unpublish a port"),
+        }
+    }
+
     pub fn remove(&self, base: &str) -> Result<()> {
         let name = self.instance().name(base);
         match self {

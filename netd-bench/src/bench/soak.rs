@@ -2,8 +2,8 @@
 //! running, two containers that stay (a server publishing ports, a client) carrying
 //! long-lived flows (iperf3 from the outside to a published port, bitrate-capped; paced
 //! keep-alive request/response from the outside through a published port and from the client
-//! container), while containers are created and removed and ports published (and unpublished,
-//! by removing the container that holds them: netd has no `unpublish`) at a steady rate.
+//! container), while containers are created and removed and ports published and unpublished
+//! at a steady rate.
 //!
 //! Every `sample` it records the conntrack and endpoint map sizes, the daemon's RSS and the
 //! request/response p99 over the interval; at the end, the flows of staying containers lost
@@ -59,6 +59,7 @@ struct Sample {
     containers_created: u64,
     containers_removed: u64,
     ports_published: u64,
+    ports_unpublished: u64,
     errors: u64,
 }
 
@@ -89,6 +90,7 @@ struct Churn {
     created: u64,
     removed: u64,
     published: u64,
+    unpublished: u64,
     errors: u64,
     messages: Vec<String>,
 }
@@ -246,6 +248,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
                 containers_created: churn.created,
                 containers_removed: churn.removed,
                 ports_published: churn.published,
+                ports_unpublished: churn.unpublished,
                 errors: churn.errors,
             };
             eprintln!(
@@ -312,8 +315,9 @@ fn progress_quiet() -> Result<()> {
 }
 
 /// One second of churn, step `k`: create a container publishing a port; every other step,
-/// publish one more port of the newest; past `CHURN_LIVE` containers, remove the oldest (and
-/// with it its ports). A failure is counted, not fatal.
+/// publish one more port of the newest, and on the steps between unpublish it again; past
+/// `CHURN_LIVE` containers, remove the oldest (and with it its ports). A failure is counted,
+/// not fatal.
 fn churn_step(
     ctl: &Control,
     k: u64,
@@ -335,6 +339,15 @@ fn churn_step(
     {
         match ctl.publish(newest, (port + 1, 81)) {
             Ok(_) => churn.published += 1,
+            Err(e) => churn.failed(e),
+        }
+    }
+    // The port the previous step published on its container, if that one is still there.
+    let previous = format!("ch{}", k.wrapping_sub(1));
+    if k.is_multiple_of(2) && k > 0 && live.contains(&previous) {
+        let port = CHURN_PORT + ((k - 1) % 5000) as u16 * 2;
+        match ctl.unpublish(&previous, (port + 1, 81)) {
+            Ok(()) => churn.unpublished += 1,
             Err(e) => churn.failed(e),
         }
     }
@@ -374,7 +387,7 @@ impl SoakReport {
         let _ = writeln!(md, "# netd soak\n");
         let _ = writeln!(
             md,
-            "{} minutes from {}, on Linux {} with {} cores ({}): ebpf arm with `netd daemon`; a container created (one published port) every second, one more port published every other second, the oldest removed past {CHURN_LIVE}; iperf3 (capped at {IPERF_BITRATE}bit/s) and two paced request/response flows to containers that stay.\n",
+            "{} minutes from {}, on Linux {} with {} cores ({}): ebpf arm with `netd daemon`; a container created (one published port) every second, one more port published every other second and unpublished the second after, the oldest removed past {CHURN_LIVE}; iperf3 (capped at {IPERF_BITRATE}bit/s) and two paced request/response flows to containers that stay.\n",
             self.minutes, self.date, m.kernel, m.cores, m.cpu
         );
         let _ = writeln!(md, "| what | value | target |");
@@ -405,13 +418,13 @@ impl SoakReport {
         }
         let _ = writeln!(
             md,
-            "\n| t (s) | conntrack entries | endpoint entries | daemon RSS (MiB) | rr p99 (us) | requests | created | removed | ports published | errors |"
+            "\n| t (s) | conntrack entries | endpoint entries | daemon RSS (MiB) | rr p99 (us) | requests | created | removed | ports published | unpublished | errors |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
         for s in &self.samples {
             let _ = writeln!(
                 md,
-                "| {:.0} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {:.0} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} | {} | {} |",
                 s.t_s,
                 s.conntrack_entries,
                 s.endpoint_entries,
@@ -421,6 +434,7 @@ impl SoakReport {
                 s.containers_created,
                 s.containers_removed,
                 s.ports_published,
+                s.ports_unpublished,
                 s.errors
             );
         }

@@ -14,7 +14,8 @@ pub const CONFIG_MAP: &str = "CONFIG";
 /// `PUBLISH_ALLOW`: LPM trie of [`PublishAllowKey`] → `u8` (1): the sources a published port
 /// flagged [`PUBLISH_RESTRICTED`] accepts new flows from.
 pub const PUBLISH_ALLOW_MAP: &str = "PUBLISH_ALLOW";
-pub const PUBLISH_ALLOW_MAX: u32 = 65_536;
+/// As many as published ports: one range each, at least.
+pub const PUBLISH_ALLOW_MAX: u32 = PUBLISHED_MAX;
 /// `SUBNETS`: LPM trie of IPv4 subnets (the key's data: the address in wire byte order) →
 /// network id: every netd network's subnet, gateway included.
 pub const SUBNETS_MAP: &str = "SUBNETS";
@@ -35,7 +36,13 @@ pub const NAT_IFACES_MAX: u32 = 1_024;
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;
-pub const PUBLISHED_MAX: u32 = 65_536;
+/// Published ports (all host addresses, both protocols): 100,000 over several addresses fit.
+pub const PUBLISHED_MAX: u32 = 131_072;
+/// `PUBLISHED`'s map flags: `BPF_F_NO_PREALLOC`. Preallocated, 131,072 entries take 14 MiB of
+/// kernel memory whether one port is published or none; allocated per entry, 2 MiB of buckets
+/// plus 104 bytes a published port (12.5 MB at 100,000; `bytes_memlock`, Linux 6.18). Only
+/// userspace adds entries (a publish: one allocation), and a lookup costs the same.
+pub const PUBLISHED_FLAGS: u32 = 1;
 pub const LINKS_MAX: u32 = 65_536;
 
 /// Network flags.

@@ -71,8 +71,9 @@ const PORT_MAX: u16 = 65535;
 /// A reply entry younger than this whose original entry isn't there yet is a flow another
 /// CPU is creating: its tuple is not free.
 const CLAIM_GRACE_NS: u64 = 1_000_000_000;
-/// How long a closed TCP flow holds its tuple before a new connection may take it over.
-const TUPLE_REUSE_NS: u64 = 1_000_000_000;
+/// How long a TCP flow closed by FINs (TIME_WAIT) holds its tuple before a new connection
+/// may take it over. A flow closed by a RST gives it up at once.
+const TIME_WAIT_REUSE_NS: u64 = 1_000_000_000;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -673,20 +674,28 @@ fn published(reply: &CtKey, cfg: &Config) -> bool {
 }
 
 /// Whether a new flow may take the tuple `key`: no live flow holds it (with `reuse_closed`,
-/// a TCP flow closed for `TUPLE_REUSE_NS` gives it up), and no other CPU is creating one with
+/// a reset TCP flow gives it up, a FIN-closed one after `TIME_WAIT_REUSE_NS`), and no other CPU is creating one with
 /// it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't complete yet). A stale assured entry is removed, so it can't shadow the new flow.
 #[inline(always)]
 fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
     if let Some(live) = live_flow(key, now, &cfg.timeouts) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let (state, last_seen) = unsafe { ((*live.state).state, (*live.state).last_seen_ns) };
-        // A TCP flow closed and quiet for a while gives its tuple to a new connection, as
-        // Linux's tcp_tw_reuse does after a second: else a busy client's closed flows would
-        // hold every NAT port for the TIME_WAIT timeout. Not sooner: a late segment of the
-        // old connection must not reach the new flow's container. Its other entry stops
-        // pointing back: never used again.
-        let closed = key.proto == IPPROTO_TCP && matches!(state, CT_TIME_WAIT | CT_CLOSE);
-        if !reuse_closed || !closed || now.saturating_sub(last_seen) < TUPLE_REUSE_NS {
+        // A closed TCP flow gives its tuple to a new connection (its other entry stops
+        // pointing back: never used again), else a busy client's closed flows would hold
+        // every NAT port for the TIME_WAIT timeout. A reset flow at once, as netfilter's NAT
+        // takes over a CLOSE entry: both ends dropped it, a late segment meets a new sequence
+        // space. A FIN-closed one after a second of quiet, as Linux's tcp_tw_reuse: its
+        // last ACK may still be in flight.
+        if !reuse_closed || key.proto != IPPROTO_TCP {
+            return false;
+        }
+        let reusable = match state {
+            CT_CLOSE => true,
+            CT_TIME_WAIT => now.saturating_sub(last_seen) >= TIME_WAIT_REUSE_NS,
+            _ => false,
+        };
+        if !reusable {
             return false;
         }
     }

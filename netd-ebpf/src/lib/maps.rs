@@ -8,8 +8,8 @@ use aya_ebpf::{
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX, LINKS_MAX, LinkKey,
     NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface, NetworkInfo,
-    PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_MAX, PublishAllowKey, PublishedKey,
-    PublishedTarget, VethInfo,
+    PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_FLAGS, PUBLISHED_MAX, PublishAllowKey,
+    PublishedKey, PublishedTarget, VethInfo,
 };
 
 use super::conntrack::v4;
@@ -21,7 +21,8 @@ static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
 #[map]
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
-static PUBLISHED: HashMap<PublishedKey, PublishedTarget> = HashMap::pinned(PUBLISHED_MAX, 0);
+static PUBLISHED: HashMap<PublishedKey, PublishedTarget> =
+    HashMap::pinned(PUBLISHED_MAX, PUBLISHED_FLAGS);
 #[map]
 static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALLOW_MAX, 0);
 #[map]

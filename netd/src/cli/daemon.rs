@@ -5,9 +5,10 @@
 //! left, and moves the eBPF datapath's NAT to a new uplink or uplink address. It can be
 //! killed and restarted at any time.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Result, bail};
+use tokio::sync::Mutex;
 
 use super::Global;
 use crate::server;
@@ -40,10 +41,15 @@ pub async fn run(global: &Global, args: Args) -> Result<()> {
         .socket
         .unwrap_or_else(|| global.state_dir.join("netd.sock"));
     let interval = Duration::from_secs_f64(args.sweep_interval);
+    // One controller for the API and the Docker plugin.
+    let shared = Arc::new(Mutex::new(global.controller()?));
     // Served until the daemon stops (dropped when this returns).
     let _plugin = args
         .docker_plugin
-        .map(|name| crate::engines::docker::serve(global.config()?, &name, &args.docker_plugin_dir))
+        .map(|name| {
+            let datapath = global.datapath_kind()?;
+            crate::engines::docker::serve(shared.clone(), datapath, &name, &args.docker_plugin_dir)
+        })
         .transpose()?;
-    server::run(global.controller()?, &socket, interval).await
+    server::run(shared, &socket, interval).await
 }

@@ -1,5 +1,5 @@
 //! The datapath's own commands: `netd conntrack`, `stats`, `monitor`, `reload`. They need no
-//! state, only the datapath's kernel objects.
+//! state, only the datapath's kernel objects (`reload` takes the state's kernel lock).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -78,6 +78,9 @@ pub async fn monitor(global: &Global, args: MonitorArgs) -> Result<()> {
 }
 
 pub fn reload(global: &Global) -> Result<()> {
+    // No other netd changes the maps meanwhile: a map being resized misses no entry.
+    let store = crate::store::Store::open(&global.state_dir)?;
+    let _lock = store.lock()?;
     let replaced = datapaths(global)?.reload()?;
     println!("{replaced} programs replaced");
     Ok(())

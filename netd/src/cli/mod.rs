@@ -113,6 +113,9 @@ pub enum Command {
     Port(publish::PortArgs),
     /// Publish more ports of an existing container.
     Publish(publish::Args),
+    /// Unpublish ports of a container: new connections to them are refused, established ones
+    /// carry on.
+    Unpublish(publish::UnpublishArgs),
     /// A point-to-point veth between two containers, with /32 routes to each other.
     Link(link::Args),
     /// Remove what a netd command that died midway left behind.
@@ -140,6 +143,7 @@ pub async fn run(global: &Global, command: Command) -> Result<()> {
         Command::Exec(args) => exec::run(global, args),
         Command::Port(args) => publish::port(global, args),
         Command::Publish(args) => publish::run(global, args).await,
+        Command::Unpublish(args) => publish::unpublish(global, args).await,
         Command::Link(args) => link::run(global, args).await,
         Command::Gc => gc::run(global).await,
         Command::Daemon(args) => daemon::run(global, args).await,

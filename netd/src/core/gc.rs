@@ -16,7 +16,7 @@ use crate::{
 pub struct Collected {
     pub containers: Vec<String>,
     pub networks: Vec<String>,
-    /// Published ports whose publish didn't finish.
+    /// Published ports whose publish or unpublish didn't finish.
     pub ports: usize,
     /// `netd link`s whose making didn't finish.
     pub links: usize,
@@ -72,7 +72,8 @@ impl Controller {
         Ok(out)
     }
 
-    /// Unpublishes ports whose publish didn't finish (the datapath may or may not have them).
+    /// Unpublishes ports whose publish or unpublish didn't finish (the datapath may or may
+    /// not have them).
     async fn collect_ports(&mut self, out: &mut Collected) -> Result<()> {
         let rows = self.store.read(|tx| tx.pending_ports())?;
         for row in rows.into_iter().filter(|r| orphaned(r.owner_pid)) {

@@ -51,6 +51,7 @@ pub mod network;
 pub mod plan;
 pub mod ports;
 pub mod publish;
+pub mod reservations;
 pub mod spec;
 
 use crate::{

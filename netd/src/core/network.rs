@@ -33,7 +33,11 @@ impl Controller {
     }
 
     async fn create_network_locked(&mut self, spec: NetworkSpec) -> Result<Network> {
-        let in_use = bridge::host_subnets().await?;
+        let mut in_use = bridge::host_subnets().await?;
+        if spec.subnet.is_none() {
+            // Not a pool promised to Docker for a network it is about to create.
+            in_use.extend(self.store.read(|tx| tx.ipam_pools())?);
+        }
         let planned = self.store.read(|tx| plan::network(tx, &spec, &in_use))?;
         bridge::check_network(&planned).await?;
         let dp = self.datapaths.open(planned.datapath)?;

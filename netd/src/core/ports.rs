@@ -1,6 +1,6 @@
 //! Published ports: `-p`/`--expose` parsing, `-P` and random host ports, conflict checks.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -119,9 +119,9 @@ pub fn assign(
     default_ip: Option<Ipv4Addr>,
     taken: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<Vec<PortMapping>> {
-    let mut out: Vec<PortMapping> = Vec::new();
-    let clashing = |m: &PortMapping, out: &[PortMapping]| -> Result<Option<PortMapping>> {
-        match out.iter().find(|t| clash(t, m)) {
+    let mut out = Planned::default();
+    let clashing = |m: &PortMapping, out: &Planned| -> Result<Option<PortMapping>> {
+        match out.clash(m) {
             Some(t) => Ok(Some(t.clone())),
             None => taken(m),
         }
@@ -159,7 +159,98 @@ pub fn assign(
             out.push(mapping);
         }
     }
+    Ok(out.all)
+}
+
+/// The mappings planned so far for one set of requests, found by protocol and host port (a
+/// request may hold 100,000 of them).
+#[derive(Default)]
+struct Planned {
+    all: Vec<PortMapping>,
+    by_port: HashMap<(Protocol, u16), Vec<usize>>,
+}
+
+impl Planned {
+    /// The planned mapping `m` would clash with, if any.
+    fn clash(&self, m: &PortMapping) -> Option<&PortMapping> {
+        self.by_port
+            .get(&(m.proto, m.host_port))?
+            .iter()
+            .map(|&i| &self.all[i])
+            .find(|t| clash(t, m))
+    }
+
+    fn push(&mut self, m: PortMapping) {
+        self.by_port
+            .entry((m.proto, m.host_port))
+            .or_default()
+            .push(self.all.len());
+        self.all.push(m);
+    }
+}
+
+/// The mappings of `published` (container `name`'s) that unpublish `requests` name: one with
+/// host ports names exactly the mappings publishing it would make (on its address, else the
+/// network's `--host-ip` `default_ip`); one without names every mapping of its container
+/// ports (on its address, if it gives one). Fails naming the first port not published.
+pub fn select_published(
+    name: &str,
+    requests: &[Publish],
+    default_ip: Option<Ipv4Addr>,
+    published: &[PortMapping],
+) -> Result<Vec<PortMapping>> {
+    let mut out: Vec<PortMapping> = Vec::new();
+    for req in requests {
+        for offset in 0..len(req.container_ports) {
+            let offset = offset as u16;
+            let container_port = req.container_ports.0 + offset;
+            let named: Vec<&PortMapping> = match req.host_ports {
+                Some((lo, _)) => {
+                    let m = PortMapping {
+                        proto: req.proto,
+                        host_ip: req.host_ip.or(default_ip),
+                        host_port: lo + offset,
+                        container_port,
+                    };
+                    published.iter().filter(|p| **p == m).collect()
+                }
+                None => published
+                    .iter()
+                    .filter(|p| {
+                        p.proto == req.proto
+                            && p.container_port == container_port
+                            && (req.host_ip.is_none() || p.host_ip == req.host_ip)
+                    })
+                    .collect(),
+            };
+            if named.is_empty() {
+                bail!(
+                    "container {name:?} does not publish {}",
+                    describe_request(req, offset)
+                );
+            }
+            for p in named {
+                if !out.contains(p) {
+                    out.push(p.clone());
+                }
+            }
+        }
+    }
     Ok(out)
+}
+
+/// One port of a request as `-p` writes it: `[IP:][HOSTPORT:]CPORT/PROTO`.
+fn describe_request(req: &Publish, offset: u16) -> String {
+    let ip = req.host_ip.map(|ip| format!("{ip}:")).unwrap_or_default();
+    let host = req
+        .host_ports
+        .map(|(lo, _)| format!("{}:", lo + offset))
+        .unwrap_or_default();
+    format!(
+        "{ip}{host}{}/{}",
+        req.container_ports.0 + offset,
+        proto_name(req.proto)
+    )
 }
 
 /// The lowest port of [`RANDOM_PORTS`] no mapping takes yet.
@@ -293,6 +384,59 @@ mod tests {
                 in_list(&[])
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn selects_what_unpublish_names() {
+        let m = |host_ip: Option<&str>, host_port, container_port| PortMapping {
+            proto: Protocol::Tcp,
+            host_ip: host_ip.map(|ip| ip.parse().unwrap()),
+            host_port,
+            container_port,
+        };
+        let published = [
+            m(None, 8080, 80),
+            m(None, 49153, 80),
+            m(Some("127.0.0.1"), 8443, 443),
+            m(None, 9000, 90),
+            m(None, 9001, 91),
+        ];
+        let select = |specs: &[&str]| {
+            let requests: Vec<Publish> = specs.iter().map(|s| parse_publish(s).unwrap()).collect();
+            select_published("web", &requests, None, &published)
+        };
+        assert_eq!(select(&["8080:80"]).unwrap(), [m(None, 8080, 80)]);
+        // Without a host port: every mapping of the container port, once.
+        assert_eq!(
+            select(&["80", "8080:80"]).unwrap(),
+            [m(None, 8080, 80), m(None, 49153, 80)]
+        );
+        assert_eq!(
+            select(&["9000-9001:90-91"]).unwrap(),
+            [m(None, 9000, 90), m(None, 9001, 91)]
+        );
+        assert_eq!(
+            select(&["127.0.0.1:8443:443"]).unwrap(),
+            [m(Some("127.0.0.1"), 8443, 443)]
+        );
+        for (spec, named) in [
+            ("8443:443", "8443:443/tcp"),
+            ("8080:80/udp", "8080:80/udp"),
+            ("8081:80", "8081:80/tcp"),
+            ("9000-9002:90-92", "9002:92/tcp"),
+            ("10.0.0.1::80", "10.0.0.1:80/tcp"),
+        ] {
+            let err = select(&[spec]).unwrap_err().to_string();
+            assert_eq!(err, format!("container \"web\" does not publish {named}"));
+        }
+        // The network's --host-ip is where a port without an address was published.
+        let on_host_ip = [m(Some("198.18.0.2"), 8080, 80)];
+        let requests = [parse_publish("8080:80").unwrap()];
+        let host_ip = Some("198.18.0.2".parse().unwrap());
+        assert_eq!(
+            select_published("web", &requests, host_ip, &on_host_ip).unwrap(),
+            on_host_ip
         );
     }
 }

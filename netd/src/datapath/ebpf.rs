@@ -27,8 +27,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
-    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
+    Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -64,17 +64,19 @@ pub struct Followed {
     pub removed: Vec<String>,
 }
 
-/// The eBPF object, loaded the first time a program must be attached (loading creates the
-/// maps not pinned yet, attaching loads the programs into the kernel).
-struct Object {
-    ebpf: Option<Ebpf>,
+/// The eBPF object: the caller's, or loaded the first time a program must be attached
+/// (loading creates the maps not pinned yet, attaching loads the programs into the kernel).
+enum Object<'a> {
+    Given(&'a mut Ebpf),
+    Lazy(Option<Ebpf>),
 }
 
-impl Object {
+impl Object<'_> {
     fn get(&mut self, dp: &EbpfDatapath) -> Result<&mut Ebpf> {
-        match &mut self.ebpf {
-            Some(ebpf) => Ok(ebpf),
-            none => Ok(none.insert(dp.pins.load_sized(dp.conntrack_max)?)),
+        match self {
+            Object::Given(ebpf) => Ok(ebpf),
+            Object::Lazy(Some(ebpf)) => Ok(ebpf),
+            Object::Lazy(none) => Ok(none.insert(dp.pins.load_sized(dp.conntrack_max)?)),
         }
     }
 }
@@ -130,22 +132,72 @@ impl EbpfDatapath {
     }
 
     /// Replaces every attached program with this binary's build of it, atomically (an
-    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay). Returns
-    /// how many attachments were replaced.
+    /// upgrade: no packet goes untranslated, no flow is lost since the maps stay, or are
+    /// copied into bigger ones, see [`Pins::load_upgrading`]). Returns how many attachments
+    /// were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
-        let mut object = Object {
-            ebpf: Some(self.pins.load_sized(self.conntrack_max)?),
+        // Interfaces gone since took their NAT programs along, their pins left behind:
+        // nothing to replace (or put back) there.
+        self.detach_nat_programs(|name| nix::net::if_::if_nametoindex(name).is_err())?;
+        let (mut ebpf, upgrade) = self.pins.load_upgrading(self.conntrack_max)?;
+        // Every program through the verifier before any pin moves: until the swap, a failure
+        // leaves the old pins, and the old programs never stopped running.
+        let before = crate::bpf::load_programs(&mut ebpf)
+            .and_then(|()| self.pins.attached())
+            .and_then(|before| upgrade.swap().map(|()| before));
+        let mut before = match before {
+            Ok(before) => before,
+            Err(e) => {
+                upgrade.abort();
+                return Err(e);
+            }
         };
+        let mut endpoints = Vec::new();
+        let replaced = match self.replace_programs(&mut ebpf, &mut endpoints) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                // The old programs back everywhere, then the old pins: as before the reload.
+                if let Err(back) = self.pins.put_back(&mut before, &endpoints) {
+                    // Some run this build on the new maps: a `netd reload` again finishes.
+                    upgrade.finish()?;
+                    return Err(e.context(format!(
+                        "putting the old programs back failed too ({back:#}); run `netd reload` again"
+                    )));
+                }
+                upgrade.abort();
+                return Err(e);
+            }
+        };
+        upgrade.finish()?;
+        // The host as it is now: interfaces that appeared get this build's NAT programs.
+        if maps::networks(&self.pins)?.keys().next().is_some() {
+            self.follow(&mut Object::Given(&mut ebpf))?;
+        }
+        Ok(replaced)
+    }
+
+    /// The host-side veths of the containers, by name (those still there).
+    fn veth_names(&self) -> Result<Vec<String>> {
+        Ok(maps::veths(&self.pins)?
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+            .map(|name| name.to_string_lossy().into_owned())
+            // nix gives an empty name for an index no interface has.
+            .filter(|name| !name.is_empty())
+            .collect())
+    }
+
+    /// Replaces every attached program with its build in `ebpf`; returns how many. The
+    /// endpoint filters replaced are added to `endpoints` (program, veth, direction).
+    fn replace_programs(
+        &self,
+        ebpf: &mut Ebpf,
+        endpoints: &mut Vec<(&'static str, String, TcAttachType)>,
+    ) -> Result<usize> {
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
         self.fill_generic_timeout()?;
-        // First, so the NAT programs are replaced only where they are live (an interface gone
-        // since took its programs along, their pins left behind) and the new interfaces
-        // get them.
-        if maps::networks(&self.pins)?.keys().next().is_some() {
-            self.follow(&mut object)?;
-        }
-        let ebpf = object.get(self)?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
@@ -164,13 +216,10 @@ impl EbpfDatapath {
                 replaced += 1;
             }
         }
-        for ifindex in maps::veths(&self.pins)?.keys().filter_map(Result::ok) {
-            let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
-                continue;
-            };
-            let iface = iface.to_string_lossy();
+        for iface in self.veth_names()? {
             for (prog, dir) in ENDPOINT_PROGS {
                 self.pins.replace_filter(ebpf, prog, &iface, dir)?;
+                endpoints.push((prog, iface.clone(), dir));
                 replaced += 1;
             }
         }
@@ -342,10 +391,10 @@ impl EbpfDatapath {
         if maps::networks(&self.pins)?.keys().next().is_none() {
             return Ok(Followed::default());
         }
-        self.follow(&mut Object { ebpf: None })
+        self.follow(&mut Object::Lazy(None))
     }
 
-    fn follow(&self, object: &mut Object) -> Result<Followed> {
+    fn follow(&self, object: &mut Object<'_>) -> Result<Followed> {
         self.sync_host_addrs()?;
         let current = maps::read_config(&self.pins)?;
         let uplink = host::find_uplink()?;
@@ -370,7 +419,7 @@ impl EbpfDatapath {
     /// address, while it has one.
     fn move_uplink(
         &self,
-        object: &mut Object,
+        object: &mut Object<'_>,
         current: &Config,
         uplink: &host::Iface,
         known: &HashSet<u32>,
@@ -405,7 +454,7 @@ impl EbpfDatapath {
     /// routed there is dropped (`unmasqueraded`). Returns the interfaces added and removed.
     fn follow_nat_ifaces(
         &self,
-        object: &mut Object,
+        object: &mut Object<'_>,
         uplink: &host::Iface,
         known: &HashSet<u32>,
     ) -> Result<(Vec<String>, Vec<String>)> {
@@ -471,7 +520,7 @@ impl EbpfDatapath {
     /// whether it attached them.
     fn ensure_nat_programs(
         &self,
-        object: &mut Object,
+        object: &mut Object<'_>,
         iface: &host::Iface,
         known: &HashSet<u32>,
     ) -> Result<bool> {
@@ -662,7 +711,7 @@ impl Datapath for EbpfDatapath {
                     &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
                 )
             })
-            .and_then(|()| self.follow(&mut Object { ebpf: Some(ebpf) }).map(drop));
+            .and_then(|()| self.follow(&mut Object::Given(&mut ebpf)).map(drop));
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
             self.forget_limit(&maps::network_limit_key(net.id));
@@ -776,6 +825,9 @@ impl Datapath for EbpfDatapath {
                 self.allow_sources(port).and_then(|()| {
                     published
                         .insert(key, maps::published_target(port), 0)
+                        .map_err(|e| {
+                            map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports")
+                        })
                         .with_context(|| format!("publish {} on {}", describe(port), net.name))
                 })
             };
@@ -804,6 +856,18 @@ impl Datapath for EbpfDatapath {
             bail!("not published on {}: {}", net.name, missing.join(", "));
         }
         Ok(())
+    }
+}
+
+/// `e`, or when it says map `name` has no room left: that, naming its limit of `max` `what`.
+fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyhow::Error {
+    match &e {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::E2BIG) =>
+        {
+            anyhow::anyhow!("the eBPF datapath's {name} map is full ({max} {what})")
+        }
+        _ => e.into(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `BPF_LINK_UPDATE` on a pinned link: the atomic program swap aya 0.14 offers for TCX and
-//! XDP links (`attach_to_link`) but not for cgroup ones.
+//! XDP links (`attach_to_link`) but not for cgroup ones; and the program a pinned link runs,
+//! which aya 0.14 doesn't tell.
 
 use std::{
     ffi::CString,
@@ -13,6 +14,8 @@ use std::{
 
 /// bpf(2) commands (include/uapi/linux/bpf.h).
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `union bpf_attr` for `BPF_OBJ_GET`.
@@ -45,6 +48,49 @@ pub fn update_pinned_link(pin: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoByFd {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` (the kernel writes no more than `info_len` bytes).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoHead {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+}
+
+/// `union bpf_attr` for `BPF_PROG_GET_FD_BY_ID`.
+#[repr(C)]
+struct GetFdById {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// An fd of the program the link pinned at `pin` runs.
+pub fn pinned_link_program(pin: &Path) -> io::Result<OwnedFd> {
+    let link = open_pinned(pin)?;
+    let mut head = LinkInfoHead::default();
+    let mut attr = InfoByFd {
+        bpf_fd: fd_u32(link.as_raw_fd()),
+        info_len: std::mem::size_of::<LinkInfoHead>() as u32,
+        info: std::ptr::from_mut(&mut head) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut attr = GetFdById {
+        id: head.prog_id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    owned_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?)
+}
+
 /// A new fd for the object pinned at `pin`.
 fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())?;
@@ -53,14 +99,17 @@ fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    let fd =
-        i32::try_from(fd).map_err(|_| io::Error::other("bpf(BPF_OBJ_GET): fd out of range"))?;
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    owned_fd(bpf(BPF_OBJ_GET, &mut attr)?)
+}
+
+/// The new fd a bpf(2) command returned.
+fn owned_fd(ret: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = i32::try_from(ret).map_err(|_| io::Error::other("bpf(2): fd out of range"))?;
+    // SAFETY: the command returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is the leading part of `union bpf_attr` for `cmd`, valid for its size
     // (the kernel zero-fills the rest); what it points to (a path) outlives the call.
     let ret = unsafe {
@@ -79,6 +128,6 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 }
 
 /// An fd as bpf_attr carries it (valid fds are non-negative).
-fn fd_u32(fd: i32) -> u32 {
+pub(super) fn fd_u32(fd: i32) -> u32 {
     fd.unsigned_abs()
 }

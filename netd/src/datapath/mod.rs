@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub mod ebpf;
 pub mod iptables;
 mod link_update;
+pub mod pinned_maps;
 pub mod pins;
 
 // What the datapath's tools report, named here so that nothing outside datapath/ names a

@@ -12,7 +12,7 @@
 
 use std::{
     fs,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::OnceLock,
 };
@@ -22,13 +22,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
     },
 };
 use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
+
+use super::pinned_maps::{self, Resize, Upgrade};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -97,13 +99,51 @@ impl Pins {
     /// Like [`Pins::load`], with conntrack tables (assured and unassured flows) of
     /// `conntrack_max` entries each when they are not pinned yet (a pinned table keeps its
     /// size).
+    ///
+    /// Refuses pinned maps this build defines otherwise (see [`pinned_maps`]): one whose
+    /// layout changed, and one to resize, which only `netd reload` does.
     pub fn load_sized(&self, conntrack_max: u32) -> Result<Ebpf> {
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(self.maps_dir());
-        for table in CONNTRACK_MAPS {
-            loader.map_max_entries(table, conntrack_max);
+        if let Some(resize) = self.check_maps()?.first() {
+            bail!(
+                "{resize}: the datapath runs on an older netd's maps; `netd reload` moves it to this netd's"
+            );
         }
-        loader.load(OBJECT).context("load the eBPF object")
+        loader(&self.maps_dir(), conntrack_max)
+            .load(OBJECT)
+            .context("load the eBPF object")
+    }
+
+    /// Like [`Pins::load_sized`] for a reload: pinned maps whose number of entries changed
+    /// are made again with this build's, their entries copied; the returned [`Upgrade`] then
+    /// swaps their pins ([`Upgrade::swap`], [`Upgrade::finish`]) or puts everything back
+    /// ([`Upgrade::abort`]). Maps whose layout changed are refused before anything is made.
+    pub fn load_upgrading(&self, conntrack_max: u32) -> Result<(Ebpf, Upgrade)> {
+        let upgrade = Upgrade::prepare(&self.maps_dir(), self.check_maps()?)?;
+        let staged: Vec<(String, PathBuf)> = upgrade
+            .resizes
+            .iter()
+            .map(|r| (r.name.clone(), upgrade.staged(&r.name)))
+            .collect();
+        let mut loader = loader(&self.maps_dir(), conntrack_max);
+        for (name, path) in &staged {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let loaded = loader
+            .load(OBJECT)
+            .context("load the eBPF object")
+            .and_then(|ebpf| upgrade.copy_entries().map(|()| ebpf));
+        match loaded {
+            Ok(ebpf) => Ok((ebpf, upgrade)),
+            Err(e) => {
+                upgrade.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// The pinned maps to resize for this build; fails when a layout changed.
+    fn check_maps(&self) -> Result<Vec<Resize>> {
+        pinned_maps::check(&self.maps_dir(), OBJECT, &CONNTRACK_MAPS)
     }
 
     /// Opens the map pinned as `name` (it exists once any program using it was loaded).
@@ -423,6 +463,32 @@ impl Pins {
     }
 }
 
+/// A loader of the object that reuses the maps pinned in `maps_dir` (or pins new ones there),
+/// with conntrack tables of `conntrack_max` entries when they are made.
+fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(maps_dir);
+    for table in CONNTRACK_MAPS {
+        loader.map_max_entries(table, conntrack_max);
+    }
+    loader
+}
+
+/// Loads every program of `ebpf` into the kernel (the verifier), so that a reload fails, if it
+/// does, before it changes anything.
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, program) in ebpf.programs_mut() {
+        let loaded = match program {
+            Program::SchedClassifier(p) if p.fd().is_err() => p.load(),
+            Program::Xdp(p) if p.fd().is_err() => p.load(),
+            Program::CgroupSockAddr(p) if p.fd().is_err() => p.load(),
+            _ => Ok(()),
+        };
+        loaded.with_context(|| format!("load program {name}"))?;
+    }
+    Ok(())
+}
+
 /// netd's cls_bpf filter on an interface (one each): a fixed priority and handle, so a reload
 /// can name it to replace it in place.
 const FILTER: NlOptions = NlOptions {
@@ -463,13 +529,116 @@ fn add_filter(
 /// Replaces the program of netd's filter on `iface` in direction `dir` with `prog` from
 /// `ebpf` (netlink's replace, in place).
 fn replace_filter_on(ebpf: &mut Ebpf, prog: &str, iface: &str, dir: TcAttachType) -> Result<()> {
+    replace_filter_with(loaded_tc_program(ebpf, prog)?, prog, iface, dir)
+}
+
+/// Replaces the program of netd's filter on `iface` in direction `dir` with `program` (named
+/// `prog`).
+fn replace_filter_with(
+    program: &mut SchedClassifier,
+    prog: &str,
+    iface: &str,
+    dir: TcAttachType,
+) -> Result<()> {
     let link = filter_link(iface, dir).with_context(|| format!("find {iface}"))?;
-    let program = loaded_tc_program(ebpf, prog)?;
     let id = program
         .attach_to_link(link)
         .with_context(|| format!("replace {prog} on {iface}"))?;
     keep_attached(program.take_link(id).context("take the filter")?);
     Ok(())
+}
+
+/// The programs attached before a reload, held so that a reload failing midway puts them back
+/// ([`Pins::put_back`]).
+pub struct Attached {
+    /// Each pinned link (TCX, XDP, cgroup) and the program it ran.
+    links: Vec<(PathBuf, OwnedFd)>,
+    /// Each pinned TC program: under `progs/`, and the clsact filters' records under `links/`.
+    programs: Vec<(PathBuf, SchedClassifier)>,
+}
+
+impl Pins {
+    /// What is attached now, from the pins.
+    pub fn attached(&self) -> Result<Attached> {
+        let mut attached = Attached {
+            links: Vec::new(),
+            programs: Vec::new(),
+        };
+        for dir in [self.links_dir(), self.root.join("progs")] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry?.path();
+                let name = path.to_string_lossy();
+                if dir == self.links_dir() && !name.ends_with(FILTER_SUFFIX) {
+                    let program = super::link_update::pinned_link_program(&path)
+                        .with_context(|| format!("the program of {}", path.display()))?;
+                    attached.links.push((path, program));
+                } else {
+                    let program = SchedClassifier::from_pin(&path)
+                        .with_context(|| format!("open pinned program {}", path.display()))?;
+                    attached.programs.push((path, program));
+                }
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Puts back every program `attached` holds: behind each link, on each clsact filter
+    /// (the host-wide ones from their records; the endpoint filters `endpoints`, as program,
+    /// interface and direction), and under each program pin. Goes on past a failure; returns
+    /// the first.
+    pub fn put_back(
+        &self,
+        attached: &mut Attached,
+        endpoints: &[(&str, String, TcAttachType)],
+    ) -> Result<()> {
+        let mut first = Ok(());
+        let mut keep = |result: Result<()>| {
+            if first.is_ok() {
+                first = result;
+            }
+        };
+        for (pin, program) in &attached.links {
+            keep(
+                super::link_update::update_pinned_link(pin, program.as_fd())
+                    .with_context(|| format!("put back the program behind {}", pin.display())),
+            );
+        }
+        for (pin, program) in &mut attached.programs {
+            let name = pin
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if let Some((prog, iface, dir)) = parse_filter_record(&name) {
+                keep(replace_filter_with(program, prog, iface, dir));
+            }
+            for (prog, veth, dir) in endpoints {
+                if *pin == self.program(prog) {
+                    keep(replace_filter_with(program, prog, veth, *dir));
+                }
+            }
+            let _ = fs::remove_file(&*pin);
+            keep(
+                program
+                    .pin(&*pin)
+                    .with_context(|| format!("pin program at {}", pin.display())),
+            );
+        }
+        first
+    }
+}
+
+/// The program, interface and direction of a filter's record pin, `PROG@IFACE@DIR-filter`.
+fn parse_filter_record(name: &str) -> Option<(&str, &str, TcAttachType)> {
+    let (prog, rest) = name.split_once('@')?;
+    let (iface, dir) = rest.strip_suffix(FILTER_SUFFIX)?.rsplit_once('@')?;
+    let dir = [TcAttachType::Ingress, TcAttachType::Egress]
+        .into_iter()
+        .find(|d| direction_name(*d) == dir)?;
+    Some((prog, iface, dir))
 }
 
 /// Removes netd's filter from `iface` in direction `dir`, if the interface and the filter

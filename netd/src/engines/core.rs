@@ -6,10 +6,11 @@
 //! endpoint, handing its interface to an engine that moves it itself). Same networks,
 //! containers, datapaths and state as the CLI: no second copy of the logic.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
     core::{
@@ -51,16 +52,32 @@ pub struct Attachment {
     pub ports: Vec<PortMapping>,
 }
 
-/// netd's controller, as the engines use it.
+/// A controller shared by the tasks and threads of one process (`netd daemon`'s API server
+/// and its Docker plugin): one at a time holds it.
+pub type SharedController = Arc<Mutex<Controller>>;
+
+/// netd's controller, as the engines use it: one of their own, or held from a process's
+/// shared one for as long as the `Core` lives.
 pub struct Core {
-    ctl: Controller,
+    ctl: OwnedMutexGuard<Controller>,
 }
 
 impl Core {
+    /// A controller of its own, on the state `config` names.
     pub fn open(config: Config) -> Result<Self> {
+        let ctl = Arc::new(Mutex::new(Controller::open(config)?));
         Ok(Self {
-            ctl: Controller::open(config)?,
+            ctl: ctl
+                .try_lock_owned()
+                .expect("nobody else has a new controller"),
         })
+    }
+
+    /// The shared controller, once nobody else holds it.
+    pub async fn lock(shared: SharedController) -> Self {
+        Self {
+            ctl: shared.lock_owned().await,
+        }
     }
 
     pub fn network(&mut self, name: &str) -> Result<Option<Network>> {
@@ -178,6 +195,43 @@ impl Core {
         let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
         self.ctl.publish(name, &requests).await?;
         Ok(())
+    }
+
+    /// Unpublishes ports of an existing endpoint (each must be published).
+    pub async fn unpublish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
+        self.ctl.unpublish(name, &requests).await?;
+        Ok(())
+    }
+
+    /// Sets an endpoint's exposed ports (what a `--link` to it opens).
+    pub fn set_exposed(&mut self, name: &str, exposed: Vec<model::Exposed>) -> Result<()> {
+        self.ctl.set_exposed(name, exposed)
+    }
+
+    /// The pools an engine's IPAM handed out and not released (see `core::reservations`).
+    pub fn reserved_pools(&mut self) -> Result<Vec<Ipv4Net>> {
+        self.ctl.reserved_pools()
+    }
+
+    pub fn reserve_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+        self.ctl.reserve_pool(subnet)
+    }
+
+    pub fn release_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+        self.ctl.release_pool(subnet)
+    }
+
+    pub fn reserved_addresses(&mut self, subnet: Ipv4Net) -> Result<HashSet<Ipv4Addr>> {
+        self.ctl.reserved_addresses(subnet)
+    }
+
+    pub fn reserve_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.ctl.reserve_address(subnet, ip)
+    }
+
+    pub fn release_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.ctl.release_address(subnet, ip)
     }
 
     fn attachment_of(&mut self, c: &Container) -> Result<Option<Attachment>> {

@@ -1,5 +1,5 @@
 //! `netd daemon`'s server: one [`Controller`] kept in memory (its database connection and
-//! prepared statements stay open), served as JSON over HTTP/1.1 on a unix socket, next to the
+//! prepared statements stay open), shared with the daemon's Docker plugin, served as JSON over HTTP/1.1 on a unix socket, next to the
 //! periodic clean-up (conntrack sweep, `gc`, following the uplink). The CLI doesn't need it: every command works on
 //! the state directly, and the two can run side by side (changes take the same kernel lock).
 //!
@@ -17,13 +17,14 @@
 //! | `GET /v1/containers/NAME` | | `Container` |
 //! | `DELETE /v1/containers/NAME` | | `{}` |
 //! | `POST /v1/containers/NAME/ports` | `[Publish]` | `[PortMapping]` (the new ones) |
+//! | `DELETE /v1/containers/NAME/ports` | `[Publish]` | `[PortMapping]` (the ones unpublished) |
 //! | `POST /v1/links` | `{"a", "b", "addrs": LinkAddrs}` | `{}` |
 //! | `POST /v1/gc` | | `{"containers", "networks", "ports", "links"}` |
 //!
 //! Requests are served one at a time, in order (the core changes the kernel under one lock
 //! anyway); the socket is made mode 0600.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, rc::Rc, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use http_body_util::{BodyExt as _, Full};
@@ -39,13 +40,15 @@ use serde_json::json;
 use tokio::{
     net::UnixListener,
     signal::unix::{SignalKind, signal},
-    sync::Mutex,
     task::LocalSet,
 };
 
-use crate::core::{
-    Controller,
-    spec::{ContainerSpec, LinkAddrs, NetworkSpec, Publish},
+use crate::{
+    core::{
+        Controller,
+        spec::{ContainerSpec, LinkAddrs, NetworkSpec, Publish},
+    },
+    engines::core::SharedController,
 };
 
 /// `POST /v1/links`'s body.
@@ -57,18 +60,18 @@ pub struct LinkRequest {
     pub addrs: LinkAddrs,
 }
 
-/// The controller, shared by the connections and the sweeper (all on one thread).
-type Shared = Rc<Mutex<Controller>>;
+/// The controller, shared by the connections and the sweeper (on this thread) and the Docker
+/// plugin (on a thread of its own).
+type Shared = SharedController;
 
 /// Serves `socket` and sweeps every `interval` until SIGINT or SIGTERM.
-pub async fn run(ctl: Controller, socket: &Path, interval: Duration) -> Result<()> {
+pub async fn run(shared: Shared, socket: &Path, interval: Duration) -> Result<()> {
     if socket.exists() {
         std::fs::remove_file(socket).with_context(|| format!("remove {}", socket.display()))?;
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let shared: Shared = Rc::new(Mutex::new(ctl));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(interval);
@@ -223,6 +226,12 @@ async fn route(
             Ok(requests) => ctl.publish(name, &requests).await.and_then(to_json),
             Err(e) => Err(e),
         },
+        (&Method::DELETE, ["v1", "containers", name, "ports"]) => {
+            match parse::<Vec<Publish>>(body) {
+                Ok(requests) => ctl.unpublish(name, &requests).await.and_then(to_json),
+                Err(e) => Err(e),
+            }
+        }
         (&Method::POST, ["v1", "links"]) => match parse::<LinkRequest>(body) {
             Ok(l) => ctl.link(&l.a, &l.b, l.addrs).await.and_then(|()| done()),
             Err(e) => Err(e),

@@ -23,6 +23,8 @@
 //! | `pending_links` | (`a`, `b`) | a `netd link` being made: its two interface names and owner pid |
 //! | `link_addresses` | `ip` | a `netd link` end's address from the link pool, by container |
 //! | `meta` | `key` | `next_network_id` |
+//! | `ipam_pools` | `subnet` | a pool an engine's IPAM (Docker's) handed out, until released |
+//! | `ipam_addresses` | (`subnet`, `ip`) | an address it handed out from a pool, until released |
 //!
 //! A `state.json` left by an older netd is imported on first open (then renamed
 //! `state.json.migrated`).
@@ -36,6 +38,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
 
@@ -46,7 +49,7 @@ use model::PortMapping;
 pub use model::{Container, Network, State, Status};
 
 /// The schema this netd writes; an older database is migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE networks (
@@ -96,6 +99,14 @@ CREATE TABLE link_addresses (ip TEXT PRIMARY KEY, container TEXT NOT NULL);
 CREATE INDEX link_addresses_container ON link_addresses(container);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
+
+/// What brings a database of version `i + 1` (the first is [`SCHEMA`]) to version `i + 2`.
+const MIGRATIONS: &[&str] = &[
+    // 2: the pools and addresses an engine's IPAM (Docker's) handed out before a netd network
+    // or container holds them.
+    "CREATE TABLE ipam_pools (subnet TEXT PRIMARY KEY);
+     CREATE TABLE ipam_addresses (subnet TEXT NOT NULL, ip TEXT NOT NULL, PRIMARY KEY (subnet, ip));",
+];
 
 /// What the planner reads: the few rows a change depends on, never the whole state.
 pub trait View {
@@ -182,13 +193,19 @@ impl Store {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        tx.execute_batch(SCHEMA)?;
-        if json.exists() {
-            import_json(&tx, &json)?;
+        let fresh = version == 0;
+        if fresh {
+            tx.execute_batch(SCHEMA)?;
+            if json.exists() {
+                import_json(&tx, &json)?;
+            }
+        }
+        for step in &MIGRATIONS[(version.max(1) - 1) as usize..] {
+            tx.execute_batch(step)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
-        if json.exists() {
+        if fresh && json.exists() {
             fs::rename(&json, self.dir.join("state.json.migrated"))
                 .with_context(|| format!("rename {}", json.display()))?;
         }
@@ -331,7 +348,7 @@ impl Tx<'_> {
             .map(|rows| rows.into_iter().map(|r| (r.mapping, r.status)).collect())
     }
 
-    /// Published ports not `running` (being published), found through the partial index
+    /// Published ports not `running` (being published or unpublished), found through the partial index
     /// `ports_pending` (no ordering: an ORDER BY would make SQLite scan the whole table).
     pub fn pending_ports(&self) -> Result<Vec<PortRow>> {
         self.ports_where("status != 'running'", params![])
@@ -564,6 +581,74 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Leaves container `name`'s ports `ports` with no owner (a removal that failed), for
+    /// `gc` to finish.
+    pub fn disown_ports(&self, name: &str, ports: &[PortMapping]) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "UPDATE ports SET owner_pid = 0 WHERE container = ?1 AND proto = ?2 AND host_port = ?3 AND host_ip IS ?4",
+        )?;
+        for p in ports {
+            stmt.execute(params![
+                name,
+                proto_text(p.proto),
+                p.host_port,
+                ip_text(p.host_ip)
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The pools an engine's IPAM handed out (until released).
+    pub fn ipam_pools(&self) -> Result<Vec<Ipv4Net>> {
+        let mut stmt = self.0.prepare_cached("SELECT subnet FROM ipam_pools")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|s| Ok(s?.parse()?)).collect()
+    }
+
+    pub fn add_ipam_pool(&self, subnet: Ipv4Net) -> Result<()> {
+        self.0.execute(
+            "INSERT OR IGNORE INTO ipam_pools (subnet) VALUES (?1)",
+            params![subnet.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets pool `subnet` and the addresses handed out from it.
+    pub fn delete_ipam_pool(&self, subnet: Ipv4Net) -> Result<()> {
+        for sql in [
+            "DELETE FROM ipam_pools WHERE subnet = ?1",
+            "DELETE FROM ipam_addresses WHERE subnet = ?1",
+        ] {
+            self.0.execute(sql, params![subnet.to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// The addresses an engine's IPAM handed out from pool `subnet` (until released).
+    pub fn ipam_addresses(&self, subnet: Ipv4Net) -> Result<HashSet<Ipv4Addr>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT ip FROM ipam_addresses WHERE subnet = ?1")?;
+        let rows = stmt.query_map(params![subnet.to_string()], |r| r.get::<_, String>(0))?;
+        rows.map(|ip| Ok(ip?.parse()?)).collect()
+    }
+
+    pub fn add_ipam_address(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.0.execute(
+            "INSERT OR IGNORE INTO ipam_addresses (subnet, ip) VALUES (?1, ?2)",
+            params![subnet.to_string(), ip.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_ipam_address(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+        self.0.execute(
+            "DELETE FROM ipam_addresses WHERE subnet = ?1 AND ip = ?2",
+            params![subnet.to_string(), ip.to_string()],
+        )?;
+        Ok(())
+    }
+
     pub fn delete_ports(&self, name: &str, ports: &[PortMapping]) -> Result<()> {
         let mut stmt = self.0.prepare_cached(
             "DELETE FROM ports WHERE container = ?1 AND proto = ?2 AND host_port = ?3 AND host_ip IS ?4",
@@ -767,6 +852,42 @@ mod tests {
         let mut store = Store::open(&dir).unwrap();
         let n = store.read(|tx| Ok(tx.ports_of("db")?.len())).unwrap();
         assert_eq!(n, 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn migrates_schema_1() {
+        let dir = temp_dir("v1");
+        let db = Connection::open(dir.join("state.db")).unwrap();
+        db.execute_batch(SCHEMA).unwrap();
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('next_network_id', 7)",
+            [],
+        )
+        .unwrap();
+        db.pragma_update(None, "user_version", 1).unwrap();
+        drop(db);
+        let mut store = Store::open(&dir).unwrap();
+        let subnet: Ipv4Net = "10.66.0.0/24".parse().unwrap();
+        store
+            .write(|tx| {
+                assert_eq!(tx.next_network_id()?, 7);
+                tx.add_ipam_pool(subnet)?;
+                tx.add_ipam_address(subnet, "10.66.0.1".parse()?)
+            })
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        let (pools, addresses) = store
+            .read(|tx| Ok((tx.ipam_pools()?, tx.ipam_addresses(subnet)?)))
+            .unwrap();
+        assert_eq!(pools, [subnet]);
+        assert_eq!(addresses.len(), 1);
+        let version: i64 = store
+            .db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,13 +1,10 @@
 //! Docker's IPAM driver on netd's address management. Docker asks for a pool, then the
 //! gateway and each endpoint's address, before it creates the network and the endpoints; netd
-//! records addresses only with the containers that hold them. So this keeps the pools and
-//! addresses it handed out that no netd object holds yet (in memory: after a restart, what
-//! exists is in netd's state, and nothing else was promised to anyone still waiting).
+//! records addresses with the containers that hold them. So the pools and addresses handed out
+//! are kept in netd's state until Docker releases them (`core::reservations`): a `netd daemon`
+//! killed between a RequestPool and its CreateNetwork forgets nothing.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
@@ -22,14 +19,6 @@ use crate::{core::ipam, engines::core::Core, store::Network};
 /// The one address space netd has (Docker wants a local and a global name).
 pub const ADDRESS_SPACE: &str = "netd";
 const POOL_ID_PREFIX: &str = "netd/";
-
-#[derive(Debug, Default)]
-pub struct Ipam {
-    /// Pools handed out for networks not created yet.
-    pools: BTreeSet<Ipv4Net>,
-    /// Addresses handed out (gateways included) per pool, until released.
-    addresses: BTreeMap<Ipv4Net, BTreeSet<Ipv4Addr>>,
-}
 
 pub fn capabilities() -> Value {
     json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })
@@ -58,121 +47,106 @@ fn network_on(core: &mut Core, subnet: Ipv4Net) -> Result<Option<Network>> {
     Ok(core.networks()?.into_iter().find(|n| n.subnet == subnet))
 }
 
-impl Ipam {
-    /// A pool: the one asked for, or the first free private subnet (as `netd network create`
-    /// picks). Asking for the same pool again gets the same answer.
-    pub async fn request_pool(&mut self, core: &mut Core, req: RequestPool) -> Result<Value> {
-        if req.v6 {
-            bail!("netd gives IPv4 addresses only: no IPv6 pool");
-        }
-        if !req.sub_pool.is_empty() {
+/// A pool: the one asked for, or the first free private subnet (as `netd network create`
+/// picks). Asking for the same pool again gets the same answer.
+pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
+    if req.v6 {
+        bail!("netd gives IPv4 addresses only: no IPv6 pool");
+    }
+    if !req.sub_pool.is_empty() {
+        bail!(
+            "netd's IPAM takes no --ip-range (sub-pool {})",
+            req.sub_pool
+        );
+    }
+    let subnet = if req.pool.is_empty() {
+        let pending = core.reserved_pools()?;
+        core.free_subnet(&pending).await?
+    } else {
+        let subnet = ipam::parse_subnet(&req.pool)?;
+        let clash = core
+            .networks()?
+            .into_iter()
+            .find(|n| n.subnet != subnet && ipam::overlaps(&n.subnet, &subnet));
+        if let Some(n) = clash {
             bail!(
-                "netd's IPAM takes no --ip-range (sub-pool {})",
-                req.sub_pool
+                "pool {subnet} overlaps netd network {:?} ({})",
+                n.name,
+                n.subnet
             );
         }
-        let subnet = if req.pool.is_empty() {
-            let pending: Vec<Ipv4Net> = self.pools.iter().copied().collect();
-            core.free_subnet(&pending).await?
-        } else {
-            let subnet = ipam::parse_subnet(&req.pool)?;
-            let clash = core
-                .networks()?
-                .into_iter()
-                .find(|n| n.subnet != subnet && ipam::overlaps(&n.subnet, &subnet));
-            if let Some(n) = clash {
-                bail!(
-                    "pool {subnet} overlaps netd network {:?} ({})",
-                    n.name,
-                    n.subnet
-                );
-            }
-            subnet
-        };
-        self.pools.insert(subnet);
-        Ok(serde_json::to_value(RequestPoolResponse {
-            pool_id: pool_id(subnet),
-            pool: subnet.to_string(),
-            data: BTreeMap::new(),
-        })?)
-    }
+        subnet
+    };
+    core.reserve_pool(subnet)?;
+    Ok(serde_json::to_value(RequestPoolResponse {
+        pool_id: pool_id(subnet),
+        pool: subnet.to_string(),
+        data: BTreeMap::new(),
+    })?)
+}
 
-    pub fn release_pool(&mut self, req: PoolRef) -> Result<Value> {
-        let subnet = subnet_of(&req.pool_id)?;
-        self.pools.remove(&subnet);
-        self.addresses.remove(&subnet);
-        Ok(json!({}))
-    }
+pub fn release_pool(core: &mut Core, req: PoolRef) -> Result<Value> {
+    core.release_pool(subnet_of(&req.pool_id)?)?;
+    Ok(json!({}))
+}
 
-    /// The gateway (when asked for with Docker's gateway option), the address asked for, or
-    /// the lowest free one.
-    pub fn request_address(&mut self, core: &mut Core, req: RequestAddress) -> Result<Value> {
-        let subnet = subnet_of(&req.pool_id)?;
-        let asked: Option<Ipv4Addr> = match req.address.as_str() {
-            "" => None,
-            text => Some(
-                text.parse()
-                    .with_context(|| format!("invalid address {text:?}"))?,
-            ),
-        };
-        let network = network_on(core, subnet)?;
-        let wants_gateway = req
-            .options
-            .as_ref()
-            .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
-            .is_some_and(|t| t == GATEWAY_REQUEST);
-        let address = if wants_gateway {
-            let (gateway, _) = ipam::gateway_and_range(
-                subnet,
-                asked.or(network.as_ref().map(|n| n.gateway)),
-                None,
-            )?;
-            gateway
-        } else {
-            let mut used: HashSet<Ipv4Addr> = self
-                .addresses
-                .get(&subnet)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
-            if let Some(n) = &network {
-                used.extend(core.attachments_on(&n.name, "")?.iter().map(|a| a.ip));
-            }
-            let (gateway, range) = match &network {
-                Some(n) => (n.gateway, n.ip_range),
-                None => ipam::gateway_and_range(subnet, None, None)?,
-            };
-            let pool = ipam::Pool {
-                subnet,
-                range,
-                gateway,
-                used: &used,
-            };
-            match asked {
-                Some(ip) => pool.check(ip).map(|()| ip)?,
-                None => pool.allocate()?,
-            }
-        };
-        self.addresses.entry(subnet).or_default().insert(address);
-        Ok(json!({
-            "Address": format!("{address}/{}", subnet.prefix_len()),
-            "Data": {},
-        }))
-    }
-
-    pub fn release_address(&mut self, req: ReleaseAddress) -> Result<Value> {
-        let subnet = subnet_of(&req.pool_id)?;
-        let ip: Ipv4Addr = req
-            .address
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("invalid address {:?}", req.address))?;
-        if let Some(set) = self.addresses.get_mut(&subnet) {
-            set.remove(&ip);
+/// The gateway (when asked for with Docker's gateway option), the address asked for, or
+/// the lowest free one.
+pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
+    let subnet = subnet_of(&req.pool_id)?;
+    let asked: Option<Ipv4Addr> = match req.address.as_str() {
+        "" => None,
+        text => Some(
+            text.parse()
+                .with_context(|| format!("invalid address {text:?}"))?,
+        ),
+    };
+    let network = network_on(core, subnet)?;
+    let wants_gateway = req
+        .options
+        .as_ref()
+        .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
+        .is_some_and(|t| t == GATEWAY_REQUEST);
+    let address = if wants_gateway {
+        let (gateway, _) =
+            ipam::gateway_and_range(subnet, asked.or(network.as_ref().map(|n| n.gateway)), None)?;
+        gateway
+    } else {
+        let mut used = core.reserved_addresses(subnet)?;
+        if let Some(n) = &network {
+            used.extend(core.attachments_on(&n.name, "")?.iter().map(|a| a.ip));
         }
-        Ok(json!({}))
-    }
+        let (gateway, range) = match &network {
+            Some(n) => (n.gateway, n.ip_range),
+            None => ipam::gateway_and_range(subnet, None, None)?,
+        };
+        let pool = ipam::Pool {
+            subnet,
+            range,
+            gateway,
+            used: &used,
+        };
+        match asked {
+            Some(ip) => pool.check(ip).map(|()| ip)?,
+            None => pool.allocate()?,
+        }
+    };
+    core.reserve_address(subnet, address)?;
+    Ok(json!({
+        "Address": format!("{address}/{}", subnet.prefix_len()),
+        "Data": {},
+    }))
+}
+
+pub fn release_address(core: &mut Core, req: ReleaseAddress) -> Result<Value> {
+    let subnet = subnet_of(&req.pool_id)?;
+    let ip: Ipv4Addr = req
+        .address
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("invalid address {:?}", req.address))?;
+    core.release_address(subnet, ip)?;
+    Ok(json!({}))
 }

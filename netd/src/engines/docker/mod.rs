@@ -23,12 +23,12 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::{
-    net::UnixListener,
-    sync::{Mutex, oneshot},
-};
+use tokio::{net::UnixListener, sync::oneshot};
 
-use crate::{core::Config, engines::core::Core};
+use crate::{
+    datapath::DatapathKind,
+    engines::core::{Core, SharedController},
+};
 
 /// Where Docker looks for plugin sockets.
 pub const PLUGIN_DIR: &str = "/run/docker/plugins";
@@ -56,8 +56,14 @@ impl Drop for Served {
 }
 
 /// Binds `dir/NAME.sock` and serves the plugin on it from a thread of its own (the
-/// controller's futures stay on one thread: its datapath handles aren't `Send`).
-pub fn serve(config: Config, name: &str, dir: &Path) -> Result<Served> {
+/// controller's futures stay on one thread: its datapath handles aren't `Send`), on the
+/// process's shared controller; networks whose options name no datapath get `datapath`.
+pub fn serve(
+    shared: SharedController,
+    datapath: DatapathKind,
+    name: &str,
+    dir: &Path,
+) -> Result<Served> {
     crate::core::spec::validate_name("Docker plugin", name)?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let socket = dir.join(format!("{name}.sock"));
@@ -80,10 +86,7 @@ pub fn serve(config: Config, name: &str, dir: &Path) -> Result<Served> {
         .enable_all()
         .build()?;
     let thread = std::thread::spawn(move || {
-        let plugin = Rc::new(Plugin {
-            config,
-            ipam: Mutex::new(ipam::Ipam::default()),
-        });
+        let plugin = Rc::new(Plugin { shared, datapath });
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, accept_loop(listener, plugin, stopped));
     });
@@ -131,11 +134,11 @@ async fn accept_loop(
 }
 
 struct Plugin {
-    /// The netd instance; its default datapath is that of networks whose options name none.
-    config: Config,
-    /// Also serialises the requests: Docker sends them one at a time anyway, and each one
-    /// holds netd's state lock while it runs.
-    ipam: Mutex<ipam::Ipam>,
+    /// The daemon's controller. A request holds it while it runs, which also serialises the
+    /// requests (IPAM's answers depend on what was handed out before).
+    shared: SharedController,
+    /// The datapath of networks whose options name none.
+    datapath: DatapathKind,
 }
 
 /// What went wrong with a request: Docker shows the message.
@@ -203,56 +206,56 @@ fn decode<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, Failure> {
 }
 
 impl Plugin {
-    /// netd's controller for one request, opened off the async thread (opening the store
-    /// may wait for another process's write).
-    async fn core(&self) -> Result<Core> {
-        let config = self.config.clone();
-        tokio::task::spawn_blocking(move || Core::open(config)).await?
+    /// The daemon's controller, for one request.
+    async fn core(&self) -> Core {
+        Core::lock(self.shared.clone()).await
     }
 
     async fn dispatch(&self, verb: &str, body: &[u8]) -> Result<Value, Failure> {
         use network_driver as nd;
-        let mut ipam = self.ipam.lock().await;
         Ok(match verb {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
             "NetworkDriver.GetCapabilities" => nd::capabilities(),
             "NetworkDriver.CreateNetwork" => {
-                let spec = nd::network_spec(decode(verb, body)?, self.config.default_datapath)?;
-                nd::create_network(&mut self.core().await?, spec).await?
+                let spec = nd::network_spec(decode(verb, body)?, self.datapath)?;
+                nd::create_network(&mut self.core().await, spec).await?
             }
             "NetworkDriver.DeleteNetwork" => {
-                nd::delete_network(&mut self.core().await?, decode(verb, body)?).await?
+                nd::delete_network(&mut self.core().await, decode(verb, body)?).await?
             }
             "NetworkDriver.CreateEndpoint" => {
-                nd::create_endpoint(&mut self.core().await?, decode(verb, body)?).await?
+                nd::create_endpoint(&mut self.core().await, decode(verb, body)?).await?
             }
             "NetworkDriver.DeleteEndpoint" => {
-                nd::delete_endpoint(&mut self.core().await?, decode(verb, body)?).await?
+                nd::delete_endpoint(&mut self.core().await, decode(verb, body)?).await?
             }
             "NetworkDriver.EndpointOperInfo" => {
-                nd::endpoint_oper_info(&mut self.core().await?, decode(verb, body)?)?
+                nd::endpoint_oper_info(&mut self.core().await, decode(verb, body)?)?
             }
-            "NetworkDriver.Join" => nd::join(&mut self.core().await?, decode(verb, body)?).await?,
+            "NetworkDriver.Join" => nd::join(&mut self.core().await, decode(verb, body)?).await?,
             "NetworkDriver.Leave" => nd::leave(decode(verb, body)?),
             "NetworkDriver.ProgramExternalConnectivity" => {
-                let mut core = self.core().await?;
+                let mut core = self.core().await;
                 nd::program_external_connectivity(&mut core, decode(verb, body)?).await?
             }
             "NetworkDriver.RevokeExternalConnectivity" => {
-                nd::revoke_external_connectivity(decode(verb, body)?)
+                let mut core = self.core().await;
+                nd::revoke_external_connectivity(&mut core, decode(verb, body)?).await?
             }
             "IpamDriver.GetCapabilities" => ipam::capabilities(),
             "IpamDriver.GetDefaultAddressSpaces" => ipam::default_address_spaces(),
             "IpamDriver.RequestPool" => {
-                let mut core = self.core().await?;
-                ipam.request_pool(&mut core, decode(verb, body)?).await?
+                ipam::request_pool(&mut self.core().await, decode(verb, body)?).await?
             }
-            "IpamDriver.ReleasePool" => ipam.release_pool(decode(verb, body)?)?,
+            "IpamDriver.ReleasePool" => {
+                ipam::release_pool(&mut self.core().await, decode(verb, body)?)?
+            }
             "IpamDriver.RequestAddress" => {
-                let mut core = self.core().await?;
-                ipam.request_address(&mut core, decode(verb, body)?)?
+                ipam::request_address(&mut self.core().await, decode(verb, body)?)?
             }
-            "IpamDriver.ReleaseAddress" => ipam.release_address(decode(verb, body)?)?,
+            "IpamDriver.ReleaseAddress" => {
+                ipam::release_address(&mut self.core().await, decode(verb, body)?)?
+            }
             other => {
                 return Err(Failure::NotFound(format!(
                     "netd does not implement {other}"

@@ -5,8 +5,9 @@
 //! in netd's state from then on, and a restarted daemon knows it), then handed to Docker at
 //! Join: the container end of the veth moves to the host namespace, and Docker moves it into
 //! the sandbox, names it `eth0`, gives it the address and MAC of the endpoint and a default
-//! route via the gateway Join answers. DeleteEndpoint removes the netd container (veth, ports,
-//! datapath entries).
+//! route via the gateway Join answers. ProgramExternalConnectivity publishes its ports and
+//! RevokeExternalConnectivity unpublishes them; DeleteEndpoint removes the netd container
+//! (veth, ports, datapath entries).
 
 use std::net::Ipv4Addr;
 
@@ -15,9 +16,9 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::protocol::{
-    CreateEndpoint, CreateEndpointResponse, CreateNetwork, EndpointInterface, EndpointRef,
-    ExternalConnectivity, GENERIC_OPTIONS, INTERNAL, InterfaceName, Join, JoinResponse, NetworkRef,
-    PORT_MAP, PortBinding,
+    CreateEndpoint, CreateEndpointResponse, CreateNetwork, EXPOSED_PORTS, EndpointInterface,
+    EndpointRef, ExternalConnectivity, GENERIC_OPTIONS, INTERNAL, InterfaceName, Join,
+    JoinResponse, NetworkRef, PORT_MAP, PortBinding, TransportPort,
 };
 use crate::{
     core::{
@@ -26,6 +27,7 @@ use crate::{
     },
     datapath::{DatapathKind, Protocol},
     engines::core::{AttachRequest, Core, hand_out_interface},
+    store::model::Exposed,
 };
 
 /// How netd names what it makes for a Docker object (an ID is 64 hex characters).
@@ -227,7 +229,9 @@ pub fn leave(_req: EndpointRef) -> Value {
     json!({})
 }
 
-/// `-p`: Docker's port bindings become the netd container's published ports.
+/// `-p` and `--expose`: Docker's port bindings become the endpoint's published ports, its
+/// exposed ports netd's exposed ports (what a `--link` to it opens). Docker programs again
+/// after a restart of its own: what is published stays, and twice is the same as once.
 pub async fn program_external_connectivity(
     core: &mut Core,
     req: ExternalConnectivity,
@@ -236,28 +240,69 @@ pub async fn program_external_connectivity(
     let a = core
         .attachment(&name)?
         .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
-    let bindings: Vec<PortBinding> = match req.options.get(PORT_MAP) {
-        Some(Value::Null) | None => vec![],
-        Some(v) => serde_json::from_value(v.clone()).context("invalid port map")?,
-    };
+    let bindings: Vec<PortBinding> = option_list(&req, PORT_MAP)?;
+    let exposed: Vec<TransportPort> = option_list(&req, EXPOSED_PORTS)?;
+    let exposed = exposed
+        .iter()
+        .map(|p| {
+            Ok(Exposed {
+                proto: protocol(p.proto)?,
+                port: p.port,
+            })
+        })
+        .collect::<Result<_>>()?;
     let mut ports = Vec::new();
     for b in &bindings {
         ports.extend(ports_of(b)?);
     }
-    // Docker programs again after a daemon restart: what is published stays.
     ports.retain(|p| !a.ports.contains(p));
     if !ports.is_empty() {
         core.publish(&name, &ports).await?;
     }
+    core.set_exposed(&name, exposed)?;
     Ok(json!({}))
 }
 
-fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
-    let proto = match b.proto {
-        6 => Protocol::Tcp,
-        17 => Protocol::Udp,
+/// Revoke (`docker stop`, or the container's way out moving to another network): its
+/// published ports go, as on Docker's bridge (new connections are refused, established ones
+/// carry on), and so do its exposed ports. Twice is the same as once.
+pub async fn revoke_external_connectivity(
+    core: &mut Core,
+    req: ExternalConnectivity,
+) -> Result<Value> {
+    let name = netd_name(&req.endpoint_id)?;
+    let a = core
+        .attachment(&name)?
+        .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
+    if !a.ports.is_empty() {
+        core.unpublish(&name, &a.ports).await?;
+    }
+    core.set_exposed(&name, vec![])?;
+    Ok(json!({}))
+}
+
+/// The list under option `key` of a Program/RevokeExternalConnectivity (none: empty).
+fn option_list<T: serde::de::DeserializeOwned>(
+    req: &ExternalConnectivity,
+    key: &str,
+) -> Result<Vec<T>> {
+    match req.options.get(key) {
+        Some(Value::Null) | None => Ok(vec![]),
+        Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("invalid {key}")),
+    }
+}
+
+/// An IP protocol number as netd's protocol.
+fn protocol(number: u8) -> Result<Protocol> {
+    match number {
+        6 => Ok(Protocol::Tcp),
+        17 => Ok(Protocol::Udp),
         other => bail!("netd publishes TCP and UDP ports, not IP protocol {other}"),
-    };
+    }
+}
+
+fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
+    let proto = protocol(b.proto)?;
     let host_ip = match b.host_ip.as_deref().unwrap_or("") {
         "" | "0.0.0.0" => None,
         text => Some(
@@ -281,12 +326,6 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
             container_port: b.port + (host_port - b.host_port),
         })
         .collect())
-}
-
-/// Revoke: the ports go with the endpoint at DeleteEndpoint (Docker revokes only on the way
-/// to removing it).
-pub fn revoke_external_connectivity(_req: ExternalConnectivity) -> Value {
-    json!({})
 }
 
 #[cfg(test)]

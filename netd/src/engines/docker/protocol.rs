@@ -12,6 +12,9 @@ pub const GENERIC_OPTIONS: &str = "com.docker.network.generic";
 pub const INTERNAL: &str = "com.docker.network.internal";
 /// ProgramExternalConnectivity: the ports to publish (`-p`).
 pub const PORT_MAP: &str = "com.docker.network.portmap";
+/// ProgramExternalConnectivity: the container's exposed ports (`--expose`, `EXPOSE`, and the
+/// published ones).
+pub const EXPOSED_PORTS: &str = "com.docker.network.endpoint.exposedports";
 /// RequestAddress's option asking for the network's gateway address.
 pub const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
 pub const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
@@ -132,6 +135,15 @@ pub struct PortBinding {
     pub host_port: u16,
     #[serde(default)]
     pub host_port_end: u16,
+}
+
+/// One exposed port as libnetwork's `types.TransportPort` encodes it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TransportPort {
+    /// IP protocol number: 6 TCP, 17 UDP.
+    pub proto: u8,
+    pub port: u16,
 }
 
 #[derive(Debug, Deserialize)]
