@@ -636,19 +636,21 @@ fn xdp_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
     Ok(attached)
 }
 
-/// The programs of the legacy TC filters on the ingress of `ns`'s interfaces, by id, with
+/// The programs of the legacy TC filters on both directions of `ns`'s interfaces, by id, with
 /// their interfaces (`tc filter show` names each: `... jited`, after `id N`). A program on
 /// several interfaces (every container's veth has the same one) is listed once, with the
 /// first: the kernel's counters are the program's, not an attachment's.
 fn filter_program_ids(ns: &std::path::Path) -> Result<Vec<(u32, String)>> {
     let mut attached: Vec<(u32, String)> = Vec::new();
     for iface in netns::run_in(Some(ns), interface_names)? {
-        let filters = try_output_in(ns, "tc", &["filter", "show", "dev", &iface, "ingress"])?;
-        for line in filters.lines() {
-            if let Some(id) = id_after(line, &["not_in_hw", "id"])
-                && !attached.iter().any(|(known, _)| *known == id)
-            {
-                attached.push((id, iface.clone()));
+        for dir in ["ingress", "egress"] {
+            let filters = try_output_in(ns, "tc", &["filter", "show", "dev", &iface, dir])?;
+            for line in filters.lines() {
+                if let Some(id) = id_after(line, &["not_in_hw", "id"])
+                    && !attached.iter().any(|(known, _)| *known == id)
+                {
+                    attached.push((id, iface.clone()));
+                }
             }
         }
     }
