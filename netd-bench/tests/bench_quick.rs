@@ -81,7 +81,13 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
             }
         }
     }
-    for metric in ["crr", "crr_ct90", "ct_entries", "daemon_rss_mib"] {
+    for metric in [
+        "crr",
+        "crr_ct90",
+        "ct_entries",
+        "daemon_rss_mib",
+        "daemon_peak_rss_mib",
+    ] {
         want.insert(key("ebpf", CONNTRACK, metric, CONNTRACK_MAX));
     }
     want.insert(key("ebpf", "memory", "maps_kib_per_container", CONTAINERS));

@@ -17,6 +17,7 @@ pub const ICMP: u8 = 1;
 
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
+pub const RST: u8 = 0x04;
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 
@@ -84,12 +85,41 @@ pub fn tcp_at(
     seq: u32,
     payload: &[u8],
 ) -> Vec<u8> {
+    let header = TcpHeader {
+        sport,
+        dport,
+        flags,
+        seq,
+        window: 0xffff,
+        options: Vec::new(),
+    };
+    tcp_segment(src, dst, &header, payload)
+}
+
+/// The fields of a TCP header a test chooses.
+pub struct TcpHeader {
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u8,
+    pub seq: u32,
+    pub window: u16,
+    /// A multiple of 4 bytes.
+    pub options: Vec<u8>,
+}
+
+/// A TCP segment from `src` to `dst` with `header` and a correct checksum.
+pub fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, header: &TcpHeader, payload: &[u8]) -> Vec<u8> {
+    assert!(header.options.len().is_multiple_of(4) && header.options.len() <= 40);
+    let doff = (20 + header.options.len() as u8) / 4;
     let mut seg = Vec::new();
-    seg.extend_from_slice(&sport.to_be_bytes());
-    seg.extend_from_slice(&dport.to_be_bytes());
-    seg.extend_from_slice(&seq.to_be_bytes());
+    seg.extend_from_slice(&header.sport.to_be_bytes());
+    seg.extend_from_slice(&header.dport.to_be_bytes());
+    seg.extend_from_slice(&header.seq.to_be_bytes());
     seg.extend_from_slice(&0u32.to_be_bytes());
-    seg.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    seg.extend_from_slice(&[doff << 4, header.flags]);
+    seg.extend_from_slice(&header.window.to_be_bytes());
+    seg.extend_from_slice(&[0, 0, 0, 0]);
+    seg.extend_from_slice(&header.options);
     seg.extend_from_slice(payload);
     let csum = !sum16(
         &seg,

@@ -18,7 +18,7 @@ use netd_common::datapath::{
 
 use crate::{
     frames::*,
-    harness::{HOST_ADDR, TestEnv},
+    harness::{HOST_ADDR, TestEnv, UPLINK},
     netdata::{BRIDGE, C1, C2, endpoint, network, port},
     topology::ip_in,
 };
@@ -99,28 +99,44 @@ impl Bench {
         }
     }
 
-    /// Runs `prog` on `frame`; returns its verdict and the frame it left.
+    /// Runs `prog` on `frame`; returns its verdict and the frame it left. The egress NAT
+    /// program runs on the uplink (it masquerades to the address of the interface it runs on).
     pub fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let program = self.ebpf.program(prog).unwrap();
-        if prog == UPLINK_XDP_PROG {
-            test_run(<&Xdp>::try_from(program).unwrap(), prog, frame)
-        } else {
-            test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame)
+        match prog {
+            UPLINK_XDP_PROG => test_run(<&Xdp>::try_from(program).unwrap(), prog, frame),
+            UPLINK_EGRESS_PROG => self.run_on(prog, frame, UPLINK),
+            _ => test_run(<&SchedClassifier>::try_from(program).unwrap(), prog, frame),
         }
+    }
+
+    /// Runs TC program `prog` on `frame` as if on interface `iface` of the sandbox host.
+    pub fn run_on(&self, prog: &str, frame: &[u8], iface: &str) -> (u32, Vec<u8>) {
+        let program = <&SchedClassifier>::try_from(self.ebpf.program(prog).unwrap()).unwrap();
+        self.env.in_ns(&self.env.host_ns(), || {
+            let ifindex = nix::net::if_::if_nametoindex(iface).unwrap();
+            let skb = Skb {
+                ifindex,
+                ..Skb::default()
+            };
+            test_run_ctx(program, prog, frame, &skb.bytes())
+        })
     }
 
     /// Runs `prog` on `frame`, expects it passed and rewritten with valid checksums and only NAT
     /// fields changed; returns the new ends.
     pub fn translate(&self, prog: &str, frame: &[u8]) -> Ends {
-        let (verdict, out) = self.run(prog, frame);
-        assert_eq!(verdict, PASS, "{prog} should pass the packet on");
-        assert_only_nat_fields_changed(frame, &out);
-        assert_checksums(&out, false);
-        ends(&out)
+        translated(prog, frame, self.run(prog, frame))
     }
 
     pub fn egress(&self, frame: &[u8]) -> Ends {
         self.translate(UPLINK_EGRESS_PROG, frame)
+    }
+
+    /// [`Bench::egress`] on interface `iface` of the sandbox host.
+    pub fn egress_on(&self, frame: &[u8], iface: &str) -> Ends {
+        let prog = UPLINK_EGRESS_PROG;
+        translated(prog, frame, self.run_on(prog, frame, iface))
     }
 
     pub fn ingress(&self, frame: &[u8]) -> Ends {
@@ -151,6 +167,15 @@ impl Bench {
     }
 }
 
+/// Expects `prog`'s run on `frame` passed it on rewritten with valid checksums and only NAT
+/// fields changed; returns the new ends.
+fn translated(prog: &str, frame: &[u8], (verdict, out): (u32, Vec<u8>)) -> Ends {
+    assert_eq!(verdict, PASS, "{prog} should pass the packet on");
+    assert_only_nat_fields_changed(frame, &out);
+    assert_checksums(&out, false);
+    ends(&out)
+}
+
 /// Runs program `p` (called `prog`) on `frame`; returns its verdict and the frame it left.
 pub fn test_run<P>(p: &P, prog: &str, frame: &[u8]) -> (u32, Vec<u8>)
 where
@@ -161,6 +186,22 @@ where
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Runs TC program `p` (called `prog`) on `frame` with the context `ctx` (a `struct
+/// __sk_buff`'s first bytes); returns its verdict and the frame it left.
+fn test_run_ctx(p: &SchedClassifier, prog: &str, frame: &[u8], ctx: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(ctx),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
@@ -203,18 +244,7 @@ impl Bench {
         let path = Pins::open(&self.env.bpffs).unwrap().program(prog);
         self.env.in_ns(&self.env.host_ns(), || {
             let program = SchedClassifier::from_pin(&path).unwrap();
-            let ctx = skb.bytes();
-            let mut out = vec![0u8; frame.len() + 256];
-            let result = program
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..Default::default()
-                })
-                .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-            out.truncate(result.data_size_out as usize);
-            (result.return_value, out)
+            test_run_ctx(&program, prog, frame, &skb.bytes())
         })
     }
 

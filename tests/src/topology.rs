@@ -197,3 +197,30 @@ pub fn disable_tx_checksum_offload(env: &TestEnv, ns: &Path, ifname: &str) {
         }
     });
 }
+
+/// The host's address on its second NIC ([`second_nic`]), and its neighbour's there.
+pub const NIC1_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+pub const LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+
+/// A second NIC of the sandbox host (`nic1`, `NIC1_ADDR`/24, not the uplink) on a link to a
+/// neighbour's namespace (`lan0`, `LAN_ADDR`), which this returns.
+pub fn second_nic(env: &TestEnv) -> PathBuf {
+    let lan = netd::netns::create(&env.name("lan")).unwrap();
+    let host = env.host_ns();
+    let lan_path = lan.to_str().unwrap();
+    let nic1 = format!("{NIC1_ADDR}/24");
+    let lan0 = format!("{LAN_ADDR}/24");
+    for args in [
+        &[
+            "link", "add", "nic1", "type", "veth", "peer", "name", "lan0",
+        ][..],
+        &["link", "set", "lan0", "netns", lan_path],
+        &["addr", "add", &nic1, "dev", "nic1"],
+        &["link", "set", "nic1", "up"],
+    ] {
+        ip_in(env, &host, args);
+    }
+    ip_in(env, &lan, &["addr", "add", &lan0, "dev", "lan0"]);
+    ip_in(env, &lan, &["link", "set", "lan0", "up"]);
+    lan
+}

@@ -17,6 +17,7 @@ use nix::{
 use tests::{
     cli::{conntrack_entries, create, eventually, flows, pings, published_tcp_bytes},
     harness::{OUTSIDE_ADDR, TestEnv},
+    topology::{LAN_ADDR, NIC1_ADDR, second_nic},
 };
 
 fn start_daemon(env: &TestEnv) -> Child {
@@ -179,4 +180,42 @@ fn the_daemon_sweeps_expired_flows_and_removes_half_made_containers() {
     signal(&daemon, Signal::SIGTERM);
     let stopped = daemon.wait_with_output().unwrap();
     assert!(stopped.status.success(), "{stopped:?}");
+}
+
+/// A second NIC that appears while the daemon runs is masqueraded through within a round: a
+/// container's datagram to the neighbour there arrives from the NIC's address (before, the
+/// eBPF datapath had no address for it and dropped it: never the container's own source).
+#[test]
+fn the_daemon_masquerades_through_a_nic_that_appears() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.87.0.0/24"]);
+    let c = create(&env, "c", &["--network", "n"]);
+    let daemon = start_daemon(&env);
+    let lan = second_nic(&env);
+    let neighbour = env.in_ns(&lan, || UdpSocket::bind((LAN_ADDR, 5500)).unwrap());
+    neighbour
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let container = env.in_ns(&c.ns, || UdpSocket::bind("0.0.0.0:0").unwrap());
+    let mut buf = [0u8; 16];
+    let mut sources = Vec::new();
+    let arrived = eventually(Duration::from_secs(5), || {
+        container.send_to(b"hello", (LAN_ADDR, 5500)).unwrap();
+        match neighbour.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                sources.push(from.ip());
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    assert!(arrived, "nothing arrived through nic1");
+    assert_eq!(sources, [NIC1_ADDR]);
+    signal(&daemon, Signal::SIGTERM);
+    let stopped = daemon.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        log.contains("netd daemon: masquerading through nic1"),
+        "{log}"
+    );
 }

@@ -147,7 +147,7 @@ fn a_host_address_added_later_reaches_wildcard_ports_once_the_daemon_follows_it(
     let follow = || {
         let pins = pins.clone();
         b.env.in_ns(&b.env.host_ns(), move || {
-            EbpfDatapath::new(pins).follow_uplink().unwrap()
+            EbpfDatapath::new(pins).follow_host().unwrap().uplink
         })
     };
     let addr = |op: &str| {
@@ -454,6 +454,17 @@ fn hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
     assert_eq!((verdict, same), (PASS, out));
 }
 
+/// The flows `netd conntrack ls` lists.
+fn live_flows(pins: &Pins) -> Vec<netd::datapath::ebpf::conntrack::Flow> {
+    let mut flows = Vec::new();
+    netd::datapath::ebpf::conntrack::for_each_flow(pins, |flow| {
+        flows.push(flow);
+        Ok(())
+    })
+    .unwrap();
+    flows
+}
+
 #[test]
 fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
     let b = Bench::with_timeouts(Timeouts {
@@ -462,18 +473,11 @@ fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
     });
     let pins = Pins::open(&b.env.bpffs).unwrap();
     assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
-    assert_eq!(
-        netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
-        1
-    );
+    assert_eq!(live_flows(&pins).len(), 1);
     std::thread::sleep(std::time::Duration::from_millis(2200));
     // The flow timed out: a late reply is not translated, and the flow is not listed.
     b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true));
-    assert!(
-        netd::datapath::ebpf::conntrack::list(&pins)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(live_flows(&pins).is_empty());
     // Its port is free again towards that server.
     assert_eq!(
         b.egress(&udp_frame(C2, 5000, SERVER, 53, true)),
@@ -486,7 +490,7 @@ fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
     // Sweeping removes the dead flow's original entry (its reply entry now belongs to C2's
     // flow) and nothing of the live one.
     assert_eq!(netd::datapath::ebpf::conntrack::sweep(&pins).unwrap(), 1);
-    let live = netd::datapath::ebpf::conntrack::list(&pins).unwrap();
+    let live = live_flows(&pins);
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].original.src, C2);
 }
@@ -643,10 +647,7 @@ fn frames_nat_cannot_translate_are_dropped_to_and_from_containers_with_their_rea
     check_untouched(&b, &eth(0x0806, &[0u8; 28]), "not_ipv4");
     // Nothing above created a flow.
     let pins = Pins::open(&b.env.bpffs).unwrap();
-    assert_eq!(
-        netd::datapath::ebpf::conntrack::list(&pins).unwrap().len(),
-        1
-    );
+    assert_eq!(live_flows(&pins).len(), 1);
 }
 
 /// `frame` passes every program untouched, the uplink's counting it under `reason`.
@@ -757,6 +758,93 @@ fn other_ip_protocols_are_masqueraded_by_address() {
         DROP
     );
     assert_eq!(b.stat("unsolicited"), before + 1);
+}
+
+/// A RST is checked against the receiver's window scaled by the shift its SYN announced, when
+/// both SYNs announced one (RFC 7323): a RST half a MiB past the server's data closes a flow
+/// whose client advertised a 1 MiB window (1000 << 10), and not one whose client didn't
+/// scale (64 KiB at least), nor one where only the client announced a scale.
+#[test]
+fn a_rst_is_checked_against_the_scaled_window() {
+    let b = Bench::new();
+    // MSS, then NOP, window scale 10.
+    let client_scale = vec![2, 4, 5, 0xb4, 1, 3, 3, 10];
+    // NOP, window scale 2 (after a SACK-permitted: the walk goes past other options).
+    let server_scale = vec![4, 2, 1, 1, 1, 3, 3, 2];
+    let frame = |src, dst, header: TcpHeader| {
+        eth(
+            0x0800,
+            &ipv4(src, dst, TCP, &tcp_segment(src, dst, &header, b"")),
+        )
+    };
+    let closed_by_far_rst = |sport: u16, client_options: Vec<u8>, server_options: Vec<u8>| {
+        let from_client = |flags, seq, options| {
+            frame(
+                C1,
+                SERVER,
+                TcpHeader {
+                    sport,
+                    dport: 80,
+                    flags,
+                    seq,
+                    window: 1000,
+                    options,
+                },
+            )
+        };
+        let nat_port = b.egress(&from_client(SYN, 1000, client_options)).sport;
+        let from_server = |flags, seq, options| {
+            frame(
+                SERVER,
+                HOST_ADDR,
+                TcpHeader {
+                    sport: 80,
+                    dport: nat_port,
+                    flags,
+                    seq,
+                    window: 1000,
+                    options,
+                },
+            )
+        };
+        assert_eq!(
+            b.ingress(&from_server(SYN | ACK, 5000, server_options)).dst,
+            C1
+        );
+        assert_eq!(b.egress(&from_client(ACK, 1001, vec![])).sport, nat_port);
+        let refused = b.stat("rst_out_of_window");
+        b.ingress(&from_server(RST, 5001 + 500_000, vec![]));
+        b.stat("rst_out_of_window") == refused
+    };
+    assert!(
+        closed_by_far_rst(43000, client_scale.clone(), server_scale.clone()),
+        "both scale"
+    );
+    assert!(!closed_by_far_rst(43001, vec![], vec![]), "neither scales");
+    assert!(
+        !closed_by_far_rst(43002, client_scale, vec![]),
+        "only the client announced one"
+    );
+}
+
+/// Other IP protocols time out on the generic timeout (`nf_conntrack_generic_timeout`: 600 s),
+/// not ICMP's: an idle GRE tunnel outlives the ICMP timeout, and dies after its own.
+#[test]
+fn other_ip_protocols_time_out_on_the_generic_timeout() {
+    let b = Bench::with_timeouts(Timeouts {
+        icmp: 1,
+        generic: 3,
+        ..Timeouts::default()
+    });
+    let gre = |src, dst| eth(0x0800, &ipv4(src, dst, GRE, &[0, 0, 0x08, 0, 1, 2, 3, 4]));
+    assert_eq!(b.egress(&gre(C1, SERVER)).src, HOST_ADDR);
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // Past ICMP's timeout: still the flow's.
+    assert_eq!(b.ingress(&gre(SERVER, HOST_ADDR)).dst, C1);
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    // Past its own, idle since the reply: gone, a late packet is no longer translated.
+    b.assert_untouched(&gre(SERVER, HOST_ADDR));
+    assert_eq!(Timeouts::default().generic, 600);
 }
 
 #[test]
@@ -1332,7 +1420,7 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
     let follow = || {
         let pins = pins.clone();
         b.env.in_ns(&b.env.host_ns(), move || {
-            EbpfDatapath::new(pins).follow_uplink().unwrap()
+            EbpfDatapath::new(pins).follow_host().unwrap().uplink
         })
     };
     assert_eq!(follow(), None, "nothing changed yet");
@@ -1360,15 +1448,23 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
         (UPLINK_INGRESS_PROG, aya::programs::TcAttachType::Ingress),
         (UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress),
     ] {
-        let attached = b
+        let mut attached = b
             .env
             .in_ns(&b.env.host_ns(), || pins.tc_attachments(prog, dir).unwrap());
-        assert_eq!(attached, ["up9"], "{prog}");
+        attached.sort();
+        // The old uplink still has its address: masquerade goes on through it too.
+        assert_eq!(attached, [UPLINK, "up9"], "{prog}");
     }
     // Masquerade and published ports go on from the new address.
     assert_eq!(
-        b.egress(&tcp_frame(C1, 41000, SERVER, 80, SYN)).src,
+        b.egress_on(&tcp_frame(C1, 41000, SERVER, 80, SYN), "up9")
+            .src,
         new_addr
+    );
+    assert_eq!(
+        b.egress_on(&tcp_frame(C1, 41001, SERVER, 80, SYN), UPLINK)
+            .src,
+        HOST_ADDR
     );
     assert_eq!(
         b.ingress(&tcp_frame(SERVER, 40000, new_addr, 8080, SYN))
@@ -1376,6 +1472,130 @@ fn the_datapath_follows_a_new_default_route_and_uplink_address() {
         C1
     );
     assert_eq!(follow(), None, "followed once");
+}
+
+#[test]
+fn masquerade_goes_through_every_interface_that_routes_out_each_to_its_own_address() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let follow = || {
+        let pins = pins.clone();
+        b.env.in_ns(&b.env.host_ns(), move || {
+            EbpfDatapath::new(pins).follow_host().unwrap()
+        })
+    };
+    let ip = |args: &[&str]| tests::topology::ip_in(&b.env, &b.env.host_ns(), args);
+    // A second NIC, and an interface without an address.
+    ip(&[
+        "link", "add", "nic1", "type", "veth", "peer", "name", "nic1p",
+    ]);
+    ip(&[
+        "link", "add", "bare1", "type", "veth", "peer", "name", "bare1p",
+    ]);
+    ip(&["addr", "add", "198.19.1.2/24", "dev", "nic1"]);
+    // A bridge of another netd network (the iptables datapath's, not in this one's maps):
+    // netd's by its MAC, derived from its address. Never masqueraded through.
+    ip(&["link", "add", "brother", "type", "bridge"]);
+    ip(&["link", "set", "brother", "address", "02:42:0a:63:00:01"]);
+    ip(&["addr", "add", "10.99.0.1/24", "dev", "brother"]);
+    let nic_addr = Ipv4Addr::new(198, 19, 1, 2);
+    let syn = |sport| tcp_frame(C1, sport, SERVER, 80, SYN);
+    let unmasqueraded = |sport, iface| {
+        let before = b.stat("unmasqueraded");
+        let (verdict, _) = b.run_on(UPLINK_EGRESS_PROG, &syn(sport), iface);
+        verdict == DROP && b.stat("unmasqueraded") == before + 1
+    };
+    // Until netd follows it, nothing is masqueraded through it: dropped, never private.
+    assert!(unmasqueraded(42000, "nic1"), "before following");
+    let followed = follow();
+    assert_eq!(followed.added, ["nic1"], "{followed:?}");
+    assert_eq!(b.egress_on(&syn(42001), "nic1").src, nic_addr);
+    // The uplink keeps its own address; the interface without one masquerades nothing.
+    assert_eq!(b.egress(&syn(42002)).src, HOST_ADDR);
+    assert!(
+        unmasqueraded(42003, "bare1"),
+        "an interface without an address"
+    );
+    assert!(unmasqueraded(42007, "brother"), "another network's bridge");
+    // Replies through the second NIC come back to the container.
+    assert_eq!(
+        b.ingress(&tcp_frame(
+            SERVER,
+            80,
+            nic_addr,
+            b.egress_on(&syn(42004), "nic1").sport,
+            SYN | ACK
+        ))
+        .dst,
+        C1
+    );
+    // Its address changes: masquerade follows; it loses it: the programs go.
+    ip(&["addr", "flush", "dev", "nic1"]);
+    ip(&["addr", "add", "198.19.2.2/24", "dev", "nic1"]);
+    assert_eq!(follow(), Default::default(), "the same interface");
+    assert_eq!(
+        b.egress_on(&syn(42005), "nic1").src,
+        Ipv4Addr::new(198, 19, 2, 2)
+    );
+    ip(&["addr", "flush", "dev", "nic1"]);
+    assert_eq!(follow().removed, ["nic1"]);
+    assert!(unmasqueraded(42006, "nic1"), "after its address went");
+    let attached = b.env.in_ns(&b.env.host_ns(), || {
+        pins.tc_attachments(UPLINK_EGRESS_PROG, aya::programs::TcAttachType::Egress)
+            .unwrap()
+    });
+    assert_eq!(attached, [UPLINK]);
+    assert_eq!(tc_programs_on(&b, "nic1"), 0, "left on nic1");
+    // An interface deleted while nothing follows (its programs went with it, their pins
+    // stayed): `reload` drops it and replaces the live ones.
+    ip(&[
+        "link", "add", "nic2", "type", "veth", "peer", "name", "nic2p",
+    ]);
+    ip(&["addr", "add", "198.19.4.2/24", "dev", "nic2"]);
+    assert_eq!(follow().added, ["nic2"]);
+    ip(&["link", "del", "nic2"]);
+    let replaced = b.env.in_ns(&b.env.host_ns(), || {
+        EbpfDatapath::new(pins.clone())
+            .with_host_cgroup(None)
+            .reload_programs()
+            .unwrap()
+    });
+    // The uplink's two, the bridge's, and both programs of each container.
+    assert_eq!(replaced, 3 + 2 * 2);
+    // Teardown takes the programs off every interface they are on.
+    ip(&["addr", "add", "198.19.3.2/24", "dev", "nic1"]);
+    assert_eq!(follow().added, ["nic1"]);
+    assert_eq!(tc_programs_on(&b, "nic1"), 2);
+    b.env.in_ns(&b.env.host_ns(), || {
+        EbpfDatapath::new(pins.clone())
+            .with_host_cgroup(None)
+            .teardown_network(&network())
+            .unwrap()
+    });
+    for iface in ["nic1", UPLINK] {
+        assert_eq!(tc_programs_on(&b, iface), 0, "left on {iface}");
+    }
+}
+
+/// How many TC programs the kernel runs on `iface` of the sandbox host: TCX links (none on a
+/// kernel without TCX) and classic filters.
+fn tc_programs_on(b: &Bench, iface: &str) -> usize {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let tcx = b.env.in_ns(&b.env.host_ns(), || {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .filter_map(|dir| SchedClassifier::query_tcx(iface, dir).ok())
+            .map(|(_, programs)| programs.len())
+            .sum::<usize>()
+    });
+    let shown = tests::cli::output_in(
+        &b.env,
+        &b.env.host_ns(),
+        "bpftool",
+        &["-j", "net", "show", "dev", iface],
+    );
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    tcx + shown[0]["tc"].as_array().map_or(0, Vec::len)
 }
 
 #[test]

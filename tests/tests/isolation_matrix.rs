@@ -16,7 +16,8 @@
 //! each case function.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     thread,
     time::Duration,
@@ -30,6 +31,7 @@ use tests::{
         self, ESP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, GRE, ICMP, Ipv4, SCTP, TCP, Tap, UDP, marked,
         marker,
     },
+    topology::{self, LAN_ADDR, NIC1_ADDR},
     traffic::{self, snmp_counter},
 };
 
@@ -575,34 +577,14 @@ fn via_second_nic(dp: Dp, internal: bool) {
     });
 }
 
-/// The host's address on its second NIC, and its neighbour's there.
-const NIC1_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
-const LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
-
 impl World {
-    /// A second NIC of the host (`nic1`, not the uplink netd was given) on a link to a
-    /// neighbour's namespace (`lan0`), which this returns.
+    /// [`topology::second_nic`]. Made after the networks: on the eBPF datapath, `netd reload`
+    /// follows it (the NAT programs go on it), as the daemon would.
     fn second_nic(&self) -> PathBuf {
-        let lan = netd::netns::create(&self.env.name("lan")).unwrap();
-        let host = self.env.host_ns();
-        let link = [
-            "link", "add", "nic1", "type", "veth", "peer", "name", "lan0",
-        ];
-        self.ip(&host, &link);
-        self.ip(
-            &host,
-            &["link", "set", "lan0", "netns", lan.to_str().unwrap()],
-        );
-        self.ip(
-            &host,
-            &["addr", "add", &format!("{NIC1_ADDR}/24"), "dev", "nic1"],
-        );
-        self.ip(&host, &["link", "set", "nic1", "up"]);
-        self.ip(
-            &lan,
-            &["addr", "add", &format!("{LAN_ADDR}/24"), "dev", "lan0"],
-        );
-        self.ip(&lan, &["link", "set", "lan0", "up"]);
+        let lan = topology::second_nic(&self.env);
+        if self.dp == Dp::Ebpf {
+            self.env.netd_ok(&["reload"]);
+        }
         lan
     }
 }
@@ -1291,11 +1273,10 @@ fn icmp_error_of_a_hairpin_flow(dp: Dp) {
 }
 
 /// What a masquerading network's container sends out of another interface than the uplink
-/// (here to the neighbour on the host's second NIC) never leaves with the container's private
-/// source. Docker's MASQUERADE is `! -o BRIDGE`: iptables masquerades it there. The eBPF
-/// datapath masquerades only on the uplink (yet: issue 12 asks for NAT on every interface that
-/// routes out), so there it is dropped and counted (`unmasqueraded`) instead; the control, the
-/// same datagram to the outside through the uplink, arrives masqueraded.
+/// (here to the neighbour on the host's second NIC) is masqueraded to that interface's address,
+/// as Docker's `! -o BRIDGE` MASQUERADE does, and the neighbour's reply comes back into the
+/// container; nothing arrives with the container's private source. The control: the same
+/// datagram to the outside through the uplink arrives masqueraded to the uplink's address.
 fn out_through_second_nic_never_leaves_private(dp: Dp) {
     let p = published(dp);
     let env = &p.w.env;
@@ -1304,23 +1285,106 @@ fn out_through_second_nic_never_leaves_private(dp: Dp) {
         let tap = Tap::open(env, ns, link);
         let mark = marker();
         send_udp(env, &p.a2, dst, 5000, &mark);
-        tap.received(&mark, |_| true)
+        let frames = tap.received(&[], |_| true);
+        let sources = |f: &Vec<u8>| rawsock::ipv4_source(f);
+        let private = frames.iter().filter(|f| sources(f) == Some(p.a2.ip));
+        assert_eq!(private.count(), 0, "{dp:?}: left with {}", p.a2.ip);
+        frames
             .iter()
-            .map(|f| rawsock::ipv4_source(f))
+            .filter(|f| f.windows(mark.len()).any(|w| w == mark))
+            .map(sources)
             .collect::<Vec<_>>()
     };
     let outside = sources_at(&env.outside_ns(), OUTSIDE_LINK, OUTSIDE_ADDR);
     assert_eq!(outside, [Some(HOST_ADDR)], "{dp:?}: the control");
-    let before = p.w.stat_if(dp, "unmasqueraded");
+    let unmasqueraded = p.w.stat_if(dp, "unmasqueraded");
     let lan_sources = sources_at(&lan, "lan0", LAN_ADDR);
-    match dp {
-        Dp::Iptables => assert_eq!(lan_sources, [Some(NIC1_ADDR)], "{dp:?}"),
-        Dp::Ebpf => {
-            assert_eq!(lan_sources, [], "{dp:?}: left through nic1");
-            assert!(p.w.stat("unmasqueraded") > before, "{dp:?}: not counted");
-        }
+    assert_eq!(lan_sources, [Some(NIC1_ADDR)], "{dp:?}");
+    assert_eq!(p.w.stat_if(dp, "unmasqueraded"), unmasqueraded, "{dp:?}");
+    // The neighbour answers the address and port it saw; the answer reaches the container.
+    let neighbour = env.in_ns(&lan, || UdpSocket::bind((LAN_ADDR, 5001)).unwrap());
+    let container = env.in_ns(&p.a2.ns, || UdpSocket::bind(("0.0.0.0", 0)).unwrap());
+    for socket in [&neighbour, &container] {
+        socket.set_read_timeout(Some(SOCKET_TIMEOUT)).unwrap();
+    }
+    container.send_to(b"question", (LAN_ADDR, 5001)).unwrap();
+    let mut buf = [0u8; 64];
+    let (len, seen) = neighbour
+        .recv_from(&mut buf)
+        .expect("the neighbour got nothing");
+    assert_eq!(
+        (&buf[..len], seen.ip()),
+        (&b"question"[..], NIC1_ADDR.into())
+    );
+    neighbour.send_to(b"answer", seen).unwrap();
+    let (len, from) = container.recv_from(&mut buf).expect("no answer came back");
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"answer"[..], (LAN_ADDR, 5001).into())
+    );
+}
+
+/// TCP through the second NIC: a container's connection to the neighbour there is masqueraded
+/// to the NIC's address and carries data both ways; the neighbour reaches a published port on
+/// the NIC's address; but a connection the neighbour opens straight to a container (it routes
+/// the container subnet through the host) is dropped, as through the uplink.
+fn tcp_through_second_nic(dp: Dp) {
+    let p = published(dp);
+    let env = &p.w.env;
+    let lan = p.w.second_nic();
+    p.w.ip(
+        &lan,
+        &[
+            "route",
+            "add",
+            "10.73.0.0/24",
+            "via",
+            &NIC1_ADDR.to_string(),
+        ],
+    );
+    let listener = env.in_ns(&lan, || TcpListener::bind((LAN_ADDR, 5002)).unwrap());
+    let mut client = env.in_ns(&p.a2.ns, || {
+        TcpStream::connect_timeout(&(LAN_ADDR, 5002).into(), SOCKET_TIMEOUT)
+            .expect("connect to the neighbour")
+    });
+    let (mut server, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), NIC1_ADDR, "{dp:?}: the neighbour saw");
+    for conn in [&client, &server] {
+        conn.set_read_timeout(Some(SOCKET_TIMEOUT)).unwrap();
+    }
+    let mut buf = [0u8; 5];
+    client.write_all(b"hello").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    server.write_all(b"world").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"world");
+    // The positive control of the refusal below: p1 through its published port.
+    let connect_from_lan = |to: Ipv4Addr, port: u16| {
+        env.in_ns(&lan, || {
+            TcpStream::connect_timeout(&(to, port).into(), Duration::from_secs(2))
+        })
+    };
+    assert!(
+        connect_from_lan(NIC1_ADDR, 8080).is_ok(),
+        "{dp:?}: the published port through the second NIC"
+    );
+    // Dropped, not refused by a2 (a reset): it never got there.
+    let _listening = env.in_ns(&p.a2.ns, || TcpListener::bind(("0.0.0.0", 7000)).unwrap());
+    let unsolicited = p.w.stat_if(dp, "unsolicited");
+    let straight = connect_from_lan(p.a2.ip, 7000).map(drop);
+    assert_eq!(
+        straight.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::TimedOut),
+        "{dp:?}: the neighbour reached a2 straight"
+    );
+    if dp == Dp::Ebpf {
+        assert!(p.w.stat("unsolicited") > unsolicited, "{dp:?}: not counted");
     }
 }
+
+/// How long a socket of these tests waits for its peer.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `ping ARGS` from a container to the outside works, and nothing reaches the outside with the
 /// container's private source (every packet, fragments and options included, masqueraded).
@@ -1427,4 +1491,5 @@ matrix! {
         icmp_error_of_a_masqueraded_flow,
         icmp_error_of_a_hairpin_flow,
         out_through_second_nic_never_leaves_private,
+        tcp_through_second_nic,
 }

@@ -67,6 +67,15 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         n,
         daemon.rss_bytes()? as f64 / (1 << 20) as f64,
     );
+    // Its sweeps walked the nearly full table meanwhile: what they held shows here.
+    record(
+        samples,
+        arm,
+        CONNTRACK,
+        "daemon_peak_rss_mib",
+        n,
+        daemon.peak_rss_bytes()? as f64 / (1 << 20) as f64,
+    );
     daemon.stop()?;
     let table_memory = memory::pinned_maps(&ctl.instance().bpffs)?
         .into_iter()

@@ -68,7 +68,16 @@ impl Daemon {
     }
 
     pub fn rss_bytes(&self) -> Result<u64> {
-        memory::rss_bytes(self.child.as_ref().expect("a running daemon").id())
+        memory::rss_bytes(self.pid())
+    }
+
+    /// The most resident memory the daemon has used since it started.
+    pub fn peak_rss_bytes(&self) -> Result<u64> {
+        memory::peak_rss_bytes(self.pid())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running daemon").id()
     }
 
     /// `POST PATH` with a JSON body; the answer's JSON, or an error with the daemon's.

@@ -89,15 +89,25 @@ pub fn ruleset_bytes(ns: &Path) -> Result<u64> {
 
 /// The resident set of process `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// The most resident memory process `pid` has used, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// Field `field` (in kB) of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read the status of process {pid}"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok())
         .map(|kb| kb * 1024)
-        .with_context(|| format!("no VmRSS for process {pid}"))
+        .with_context(|| format!("no {field} for process {pid}"))
 }
 
 /// The size of one object of the kernel's slab cache `cache` (/proc/slabinfo), in bytes.

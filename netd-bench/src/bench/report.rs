@@ -51,7 +51,7 @@ fn unit_of(metric: &str) -> &'static str {
         "throughput_synflood" => "Gbit/s",
         "synflood_held" => "ratio",
         "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" => "count",
-        "daemon_rss_mib" => "MiB",
+        "daemon_rss_mib" | "daemon_peak_rss_mib" => "MiB",
         m if m.contains("_kib_") => "KiB",
         "keepalive_rps" => "req/s",
         "flood_pps" => "pkt/s",
@@ -608,9 +608,9 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent |"
+            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | daemon peak RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for arm in self.arms() {
             let Some(held) = self.find(arm, path, "synflood_held", 1) else {
                 continue;
@@ -625,7 +625,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} |",
+                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} |",
                 size.map_or("–".into(), |n| n.to_string()),
                 at("crr", 0),
                 at("crr_failed", 0),
@@ -633,6 +633,7 @@ impl Report {
                 at("crr_ct90", 0),
                 at("crr_ct90_failed", 0),
                 at("daemon_rss_mib", 1),
+                at("daemon_peak_rss_mib", 1),
                 self.cell(arm, path, "throughput", 1, 2),
                 self.cell(arm, path, "throughput_synflood", 1, 2),
                 held.median,

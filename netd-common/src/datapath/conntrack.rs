@@ -1,6 +1,6 @@
 //! Connection tracking: a flow's two tuples, its state and its translation.
 
-use super::{Addr, IPPROTO_TCP, IPPROTO_UDP};
+use super::{Addr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// `CONNTRACK`: LRU hash [`CtKey`] → [`CtEntry`], one entry per direction of each assured
 /// flow (a TCP handshake completed, or a UDP/ICMP flow answered and still going after
@@ -115,15 +115,20 @@ pub const CT_ASSURED: u8 = 8;
 pub struct TcpWindow {
     /// The sequence number after the last byte (SYN and FIN count one) sent so far.
     pub end: u32,
-    /// The largest window this side advertised (unscaled).
+    /// The largest window field this side advertised (as sent: scale it by `wscale`).
     pub max_win: u16,
     /// `TCP_WINDOW_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// The window scale (a shift, at most 14) this side's SYN announced, with
+    /// `TCP_WINDOW_SCALED`.
+    pub wscale: u8,
 }
 
 /// `TcpWindow::flags`: the side has sent a segment (`end` and `max_win` are set).
 pub const TCP_WINDOW_SEEN: u8 = 1;
+/// `TcpWindow::flags`: the side's SYN announced a window scale (`wscale`). Windows are scaled
+/// only when both sides' did (RFC 7323).
+pub const TCP_WINDOW_SCALED: u8 = 2;
 
 /// A conntrack entry. Both entries of a flow carry the flow's two tuples and their own
 /// rewrite; state, timestamps and counters live in the original-direction entry only, so a
@@ -178,7 +183,8 @@ impl CtEntry {
             },
             IPPROTO_UDP if self.flags & CT_SEEN_REPLY != 0 => t.udp_stream,
             IPPROTO_UDP => t.udp,
-            _ => t.icmp,
+            IPPROTO_ICMP => t.icmp,
+            _ => t.generic,
         }
     }
 }
@@ -196,7 +202,9 @@ pub struct Timeouts {
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
-    pub _pad: u32,
+    /// Every other IP protocol (GRE, ESP, SCTP...), tracked by address
+    /// (`nf_conntrack_generic_timeout`).
+    pub generic: u32,
 }
 
 impl Default for Timeouts {
@@ -211,7 +219,7 @@ impl Default for Timeouts {
             udp: 30,
             udp_stream: 120,
             icmp: 30,
-            _pad: 0,
+            generic: 600,
         }
     }
 }

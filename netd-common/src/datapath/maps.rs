@@ -27,6 +27,12 @@ pub const LINKS_MAP: &str = "LINKS";
 /// addresses (loopback aside), where a port published without an address is reached.
 pub const HOST_ADDRS_MAP: &str = "HOST_ADDRS";
 pub const HOST_ADDRS_MAX: u32 = 4_096;
+/// `NAT_IFACES`: ifindex (`u32`) → [`NatIface`]: the host's interfaces besides the uplink that
+/// route out (a second NIC, a VPN) and carry the NAT programs, with the address masquerade
+/// translates to there. An interface missing here masquerades nothing: a container's packet
+/// routed out of it is dropped (`unmasqueraded`).
+pub const NAT_IFACES_MAP: &str = "NAT_IFACES";
+pub const NAT_IFACES_MAX: u32 = 1_024;
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;
@@ -186,7 +192,18 @@ pub struct Config {
     pub _pad2: u32,
 }
 
+/// An interface masquerade translates through (`NAT_IFACES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NatIface {
+    /// The interface's own address: the masquerade source of flows leaving through it.
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 crate::user_pod!(
+    NatIface,
     SockRedirectKey,
     SockRedirectOrigin,
     NetworkInfo,

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX, LINKS_MAX, LinkKey,
-    NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED,
-    PUBLISHED_FLAGS, PUBLISHED_MAX, PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
+    NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface, NetworkInfo,
+    PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_FLAGS, PUBLISHED_MAX, PublishAllowKey,
+    PublishedKey, PublishedTarget, VethInfo,
 };
 
 use super::conntrack::v4;
@@ -32,6 +33,8 @@ static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
 #[map]
 static HOST_ADDRS: HashMap<u32, u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
+#[map]
+static NAT_IFACES: HashMap<u32, NatIface> = HashMap::pinned(NAT_IFACES_MAX, 0);
 
 /// The datapath configuration; `None` until userspace wrote it.
 #[inline(always)]
@@ -39,10 +42,23 @@ pub fn config() -> Option<&'static Config> {
     CONFIG.get(0).filter(|c| c.uplink_ifindex != 0)
 }
 
-/// Whether the egress of interface `ifindex` masquerades a container's packets: the uplink's.
+/// Whether the egress of interface `ifindex` masquerades a container's packets: the uplink's,
+/// and every other interface netd attached the NAT programs to (`NAT_IFACES`).
 #[inline(always)]
 pub fn masquerades_on(ifindex: u32) -> bool {
-    config().is_some_and(|cfg| cfg.uplink_ifindex == ifindex)
+    config().is_some_and(|cfg| masquerade_addr(ifindex, cfg).is_some())
+}
+
+/// The address masquerade translates to on interface `ifindex` (wire byte order): the
+/// uplink's (no lookup: most flows leave there), else the one netd recorded for the
+/// interface; `None` where netd masquerades nothing.
+#[inline(always)]
+pub fn masquerade_addr(ifindex: u32, cfg: &Config) -> Option<u32> {
+    if ifindex == cfg.uplink_ifindex {
+        return Some(cfg.uplink_addr[0]);
+    }
+    // SAFETY: as above.
+    unsafe { NAT_IFACES.get(&ifindex) }.map(|iface| iface.addr[0])
 }
 
 /// The key of the container with address `addr` (wire byte order).

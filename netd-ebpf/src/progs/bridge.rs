@@ -7,7 +7,8 @@
 //! `--publish-allow` ranges apply to its containers as to the outside, and the source's
 //! isolation as on the iptables datapath (no other network, `--icc=false` only along a link).
 //!
-//! Everything else passes untouched; outgoing traffic is masqueraded on the uplink.
+//! Everything else passes untouched; outgoing traffic is masqueraded where it leaves the host
+//! (the uplink, or another interface netd masquerades on).
 
 use aya_ebpf::{helpers::bpf_redirect, macros::classifier, programs::TcContext};
 use netd_common::datapath::{

@@ -11,11 +11,12 @@
 //! 4. `--internal`: nothing leaves the network but to its gateway.
 //!
 //! A packet to a container of the same network that passes is delivered straight into that
-//! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink is sent
-//! straight to it (`fib`): the fast path, skipping the bridge and netfilter. Everything else
-//! that passes goes on to the bridge (ARP, broadcast, the host). A masquerading network's
-//! packet that the FIB routes out of an interface netd doesn't masquerade on is dropped
-//! (`unmasqueraded`): it would leave with the container's private source.
+//! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink or another
+//! interface netd masquerades on is sent straight to it (`fib`): the fast path, skipping the
+//! bridge and netfilter. Everything else that passes goes on to the bridge (ARP, broadcast,
+//! the host). A masquerading network's packet that the FIB routes out of an interface netd
+//! doesn't masquerade on (no address, attaching failed) is dropped (`unmasqueraded`): it
+//! would leave with the container's private source.
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -80,9 +81,9 @@ impl Sender {
 }
 
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
-/// the container behind host-side veth `ifindex`, or leaves the network (straight to the
-/// uplink when that is where it is routed; `masquerade`: only through an interface netd
-/// masquerades on), or is dropped.
+/// the container behind host-side veth `ifindex`, or leaves the network (straight to its
+/// interface when netd masquerades there; `masquerade`: only through such an interface), or
+/// is dropped.
 enum Verdict {
     Pass,
     Deliver(u32),
@@ -114,7 +115,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// A packet routed beyond the network: straight to the uplink when the FIB routes it there
+/// A packet routed beyond the network: straight to its interface when netd masquerades there
 /// (the fast path), else on to the stack. A masquerading network's packet leaves only through
 /// an interface whose egress masquerades it: routed anywhere else, or where the lookup can't
 /// say, the stack would send it out with the container's private source, so it is dropped.

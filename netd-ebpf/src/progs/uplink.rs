@@ -1,8 +1,12 @@
-//! The two programs on the host's uplink. Each packet goes parse → conntrack → nat:
+//! The two NAT programs, on the host's uplink and on every other interface of the host that
+//! routes out (a second NIC, a VPN: `NAT_IFACES`), each masquerading to its own interface's
+//! address. Each packet goes parse → conntrack → nat:
 //!
 //! - egress (leaving the host): a packet of a tracked flow gets its direction's rewrite
 //!   (masqueraded flows: source → host:port; published-port replies: source → host:published
-//!   port); a new flow from a container of a masquerading network is masqueraded.
+//!   port); a new flow from a container of a masquerading network is masqueraded to the
+//!   address of the interface it leaves through (dropped, `unmasqueraded`, on an interface
+//!   netd has no address for).
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow is decided by `lib::inbound`: to a
 //!   published port it is DNATed to the container, straight to a container it is mostly
@@ -16,7 +20,7 @@
 //! Fail closed: a packet to a container of a masquerading or internal network that is not
 //! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
 //! is dropped with the reason, and so is one leaving with the source of such a container: no
-//! packet leaves the uplink with a masqueraded container's private address. Everything else
+//! packet leaves with a masqueraded container's private address. Everything else
 //! (the host's own traffic, routed networks) passes untouched. A packet translated to a
 //! container that the fast path can't deliver is marked (`MARK_ADMITTED`) for the program on
 //! the container's veth, which lets nothing else in from beyond its network.
@@ -120,10 +124,14 @@ fn egress(ctx: &TcContext) -> Stat {
     if flags & NET_MASQUERADE == 0 {
         return Stat::NoNat;
     }
-    if !conntrack::may_start_flow(&flow) {
+    // A flow starts only where netd knows the interface's address: anywhere else it would
+    // leave with the container's private source.
+    let Some(nat_addr) =
+        maps::masquerade_addr(ctx.ifindex(), cfg).filter(|_| conntrack::may_start_flow(&flow))
+    else {
         return dropped(ctx, &flow, Stat::Unmasqueraded, flow.saddr);
-    }
-    match conntrack::start_snat(ctx, &key, &flow, cfg.uplink_addr[0], now, cfg) {
+    };
+    match conntrack::start_snat(ctx, &key, &flow, nat_addr, now, cfg) {
         Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
         Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }

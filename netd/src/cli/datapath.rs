@@ -46,7 +46,11 @@ fn datapaths(global: &Global) -> Result<Datapaths> {
 pub fn conntrack(global: &Global, cmd: ConntrackCommand) -> Result<()> {
     let dp = datapaths(global)?;
     match cmd {
-        ConntrackCommand::Ls { json } => views::flows(&dp.conntrack_list()?, json)?,
+        ConntrackCommand::Ls { json } => {
+            let mut printer = views::FlowPrinter::new(json);
+            dp.conntrack_for_each_flow(|flow| printer.print(&flow))?;
+            printer.finish()?;
+        }
         ConntrackCommand::Sweep => {
             let removed = dp.conntrack_sweep()?;
             println!("{removed} expired entries removed");

@@ -51,7 +51,8 @@ pub struct Global {
     /// Entries of the eBPF connection-tracking table (two per flow), when it is created.
     #[arg(long, global = true, value_name = "N")]
     pub conntrack_max: Option<u32>,
-    /// A conntrack timeout, NAME=SECONDS (tcp_established, tcp_syn_sent, udp, icmp, ...),
+    /// A conntrack timeout, NAME=SECONDS (tcp_established, tcp_syn_sent, udp, icmp, generic
+    /// for other IP protocols, ...),
     /// applied when a network is set up; netfilter's defaults otherwise.
     #[arg(long, global = true, value_name = "NAME=SECS")]
     pub conntrack_timeout: Vec<String>,

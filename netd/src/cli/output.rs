@@ -1,5 +1,7 @@
 //! Output for people (aligned tables) and for scripts (`--json`).
 
+use std::io::Write;
+
 use anyhow::Result;
 use serde::Serialize;
 
@@ -29,4 +31,39 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Standard output, buffered, for what is printed a piece at a time.
+pub type Stream = std::io::BufWriter<std::io::StdoutLock<'static>>;
+
+pub fn stream() -> Stream {
+    std::io::BufWriter::new(std::io::stdout().lock())
+}
+
+/// A JSON array written an element at a time, for lists too long to hold.
+#[derive(Default)]
+pub struct JsonArray {
+    elements: usize,
+}
+
+impl JsonArray {
+    pub fn push<T: Serialize>(&mut self, out: &mut impl Write, element: &T) -> Result<()> {
+        out.write_all(if self.elements == 0 {
+            b"[\n  "
+        } else {
+            b",\n  "
+        })?;
+        serde_json::to_writer(&mut *out, element)?;
+        self.elements += 1;
+        Ok(())
+    }
+
+    pub fn finish(self, out: &mut impl Write) -> Result<()> {
+        out.write_all(if self.elements == 0 {
+            b"[]\n"
+        } else {
+            b"\n]\n"
+        })?;
+        Ok(())
+    }
 }

@@ -1,5 +1,7 @@
 //! What the commands print: tables for people, JSON for scripts.
 
+use std::io::Write as _;
+
 use anyhow::Result;
 use serde_json::json;
 
@@ -155,14 +157,30 @@ pub fn container_inspect(ctl: &mut Controller, name: &str) -> Result<()> {
     output::json(&ctl.container(name)?)
 }
 
-/// `netd conntrack ls`.
-pub fn flows(flows: &[Flow], json: bool) -> Result<()> {
-    if json {
-        return output::json(&flows);
+/// `netd conntrack ls`, printed a flow at a time as the tables are read.
+pub struct FlowPrinter {
+    out: output::Stream,
+    json: Option<output::JsonArray>,
+    count: usize,
+}
+
+impl FlowPrinter {
+    pub fn new(json: bool) -> Self {
+        Self {
+            out: output::stream(),
+            json: json.then(output::JsonArray::default),
+            count: 0,
+        }
     }
-    for f in flows {
+
+    pub fn print(&mut self, f: &Flow) -> Result<()> {
+        self.count += 1;
+        if let Some(array) = &mut self.json {
+            return array.push(&mut self.out, f);
+        }
         let (o, r) = (&f.original, &f.reply);
-        println!(
+        writeln!(
+            self.out,
             "{} {} {} {}s src={} dst={} sport={} dport={} packets={} bytes={} src={} dst={} sport={} dport={} packets={} bytes={} age={}s",
             f.proto,
             f.nat,
@@ -181,10 +199,18 @@ pub fn flows(flows: &[Flow], json: bool) -> Result<()> {
             r.packets,
             r.bytes,
             f.age_secs
-        );
+        )?;
+        Ok(())
     }
-    eprintln!("netd: {} flows", flows.len());
-    Ok(())
+
+    pub fn finish(mut self) -> Result<()> {
+        match self.json {
+            Some(array) => array.finish(&mut self.out)?,
+            None => eprintln!("netd: {} flows", self.count),
+        }
+        self.out.flush()?;
+        Ok(())
+    }
 }
 
 /// `netd stats`.

@@ -4,6 +4,9 @@
 //! - the host's uplink (the default route's interface), ingress and egress: masquerade,
 //!   published ports, ICMP errors about both; attached with the first network, detached with
 //!   the last; with `--uplink-xdp`, also its XDP hook: refused new flows dropped early;
+//! - the same NAT programs on every other interface of the host that can route out (an IPv4
+//!   address that is not netd's: a second NIC, a VPN), masquerading to that interface's
+//!   address (`NAT_IFACES`); followed with the uplink (`EbpfDatapath::follow_host`);
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
@@ -21,7 +24,7 @@
 use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, programs::TcAttachType};
+use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
     ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
@@ -37,7 +40,8 @@ pub mod host;
 pub mod maps;
 pub mod stats;
 
-/// The programs on the uplink, with their attach directions.
+/// The NAT programs (on the uplink and every other interface masqueraded through), with
+/// their attach directions.
 const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
     (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
     (UPLINK_EGRESS_PROG, TcAttachType::Egress),
@@ -48,6 +52,34 @@ const ENDPOINT_PROGS: [(&str, TcAttachType); 2] = [
     (ENDPOINT_INGRESS_PROG, TcAttachType::Ingress),
     (ENDPOINT_EGRESS_PROG, TcAttachType::Egress),
 ];
+
+/// What following the host changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Followed {
+    /// The new uplink, when the default route's interface or its address changed.
+    pub uplink: Option<String>,
+    /// Interfaces masquerade goes through from now on (the NAT programs attached).
+    pub added: Vec<String>,
+    /// Interfaces it no longer goes through (gone, without an address, netd's own).
+    pub removed: Vec<String>,
+}
+
+/// The eBPF object: the caller's, or loaded the first time a program must be attached
+/// (loading creates the maps not pinned yet, attaching loads the programs into the kernel).
+enum Object<'a> {
+    Given(&'a mut Ebpf),
+    Lazy(Option<Ebpf>),
+}
+
+impl Object<'_> {
+    fn get(&mut self, dp: &EbpfDatapath) -> Result<&mut Ebpf> {
+        match self {
+            Object::Given(ebpf) => Ok(ebpf),
+            Object::Lazy(Some(ebpf)) => Ok(ebpf),
+            Object::Lazy(none) => Ok(none.insert(dp.pins.load_sized(dp.conntrack_max)?)),
+        }
+    }
+}
 
 pub struct EbpfDatapath {
     pins: Pins,
@@ -104,6 +136,9 @@ impl EbpfDatapath {
     /// copied into bigger ones, see [`Pins::load_upgrading`]). Returns how many attachments
     /// were replaced.
     pub fn reload_programs(&self) -> Result<usize> {
+        // Interfaces gone since took their NAT programs along, their pins left behind:
+        // nothing to replace (or put back) there.
+        self.detach_nat_programs(|name| nix::net::if_::if_nametoindex(name).is_err())?;
         let (mut ebpf, upgrade) = self.pins.load_upgrading(self.conntrack_max)?;
         // Every program through the verifier before any pin moves: until the swap, a failure
         // leaves the old pins, and the old programs never stopped running.
@@ -134,6 +169,10 @@ impl EbpfDatapath {
             }
         };
         upgrade.finish()?;
+        // The host as it is now: interfaces that appeared get this build's NAT programs.
+        if maps::networks(&self.pins)?.keys().next().is_some() {
+            self.follow(&mut Object::Given(&mut ebpf))?;
+        }
         Ok(replaced)
     }
 
@@ -158,6 +197,7 @@ impl EbpfDatapath {
     ) -> Result<usize> {
         // A build older than `HOST_ADDRS` left it to be created empty.
         self.sync_host_addrs()?;
+        self.fill_generic_timeout()?;
         let mut replaced = 0;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
@@ -188,6 +228,19 @@ impl EbpfDatapath {
             self.pins.pin_tc_program(ebpf, prog)?;
         }
         Ok(replaced)
+    }
+
+    /// Gives the configuration the generic timeout where a build older than it left a 0
+    /// (flows of other IP protocols would die at once).
+    fn fill_generic_timeout(&self) -> Result<()> {
+        let mut config = maps::read_config(&self.pins)?;
+        if config.uplink_ifindex == 0 || config.timeouts.generic != 0 {
+            return Ok(());
+        }
+        config.timeouts.generic = self.timeouts.generic;
+        maps::config(&self.pins)?
+            .set(0, config, 0)
+            .context("write the datapath configuration")
     }
 
     /// Attaches `progs` to `iface` where they are not attached yet. On failure, detaches what
@@ -274,67 +327,212 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Detaches the host-wide programs: the uplink's (TC and XDP), wherever they are, and the
-    /// cgroup ones.
+    /// Detaches the host-wide programs: the NAT ones (TC, and XDP on the uplink) from every
+    /// interface they are on, and the cgroup ones. Tries them all, then names every one it
+    /// couldn't detach.
     fn detach_host(&self) -> Result<()> {
-        self.detach_uplink()?;
-        for prog in HOST_SOCK_PROGS {
-            self.pins.detach_pinned(&self.pins.cgroup_link(prog))?;
-        }
-        Ok(())
-    }
-
-    /// Detaches the uplink's programs (TC and XDP), wherever they are.
-    fn detach_uplink(&self) -> Result<()> {
-        for (prog, dir) in UPLINK_PROGS {
-            for iface in self.pins.tc_attachments(prog, dir)? {
-                self.pins.detach_tc(prog, &iface, dir)?;
+        // First, so the endpoints' fast path stops sending packets there.
+        if let Ok(mut nat_ifaces) = maps::nat_ifaces(&self.pins) {
+            let all: Vec<u32> = nat_ifaces.keys().filter_map(Result::ok).collect();
+            for ifindex in all {
+                let _ = nat_ifaces.remove(&ifindex);
             }
         }
-        for iface in self.pins.xdp_attachments(UPLINK_XDP_PROG)? {
-            self.pins
-                .detach_pinned(&self.pins.xdp_link(UPLINK_XDP_PROG, &iface))?;
+        let mut failed = Vec::new();
+        if let Err(e) = self.detach_nat_programs(|_| true) {
+            failed.push(format!("{e:#}"));
+        }
+        let xdp = self.pins.xdp_attachments(UPLINK_XDP_PROG)?;
+        let pins = xdp
+            .iter()
+            .map(|iface| self.pins.xdp_link(UPLINK_XDP_PROG, iface))
+            .chain(HOST_SOCK_PROGS.map(|prog| self.pins.cgroup_link(prog)));
+        for pin in pins {
+            if let Err(e) = self.pins.detach_pinned(&pin) {
+                failed.push(format!("{e:#}"));
+            }
+        }
+        if !failed.is_empty() {
+            bail!("left attached: {}", failed.join("; "));
         }
         Ok(())
     }
 
-    /// Follows the host's addresses (`HOST_ADDRS`), and the uplink: when the default route's
-    /// interface or its address changed since the networks were set up, moves the uplink's programs (the XDP one too, if attached) to
-    /// the new interface and its address into the configuration, so masquerading and published
-    /// ports go on from there (flows masqueraded to the old address die with it). Returns the
-    /// new uplink's name when something changed; nothing to do without a network.
-    pub fn follow_uplink(&self) -> Result<Option<String>> {
+    /// Detaches the NAT programs from the interfaces `unwanted` names; returns those
+    /// interfaces. Tries them all, then names every one it couldn't detach.
+    fn detach_nat_programs(&self, unwanted: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let (mut detached, mut failed) = (Vec::new(), Vec::new());
+        for (prog, dir) in UPLINK_PROGS {
+            for iface in self.pins.tc_attachments(prog, dir)? {
+                if !unwanted(&iface) {
+                    continue;
+                }
+                match self.pins.detach_tc(prog, &iface, dir) {
+                    Ok(_) if !detached.contains(&iface) => detached.push(iface),
+                    Ok(_) => {}
+                    Err(e) => failed.push(format!("{prog} on {iface}: {e:#}")),
+                }
+            }
+        }
+        if !failed.is_empty() {
+            bail!("could not detach {}", failed.join("; "));
+        }
+        Ok(detached)
+    }
+
+    /// Follows the host: its addresses (`HOST_ADDRS`), the uplink and the other interfaces
+    /// masquerade goes through. When the default route's interface or its address changed
+    /// since the networks were set up, the uplink's programs (the XDP one too, if attached)
+    /// go to the new interface and its address into the configuration, so masquerading and
+    /// published ports go on from there (flows masqueraded to the old address die with it);
+    /// interfaces that appeared get the NAT programs, those gone or without an address lose
+    /// them. Nothing to do without a network.
+    pub fn follow_host(&self) -> Result<Followed> {
         if maps::networks(&self.pins)?.keys().next().is_none() {
-            return Ok(None);
+            return Ok(Followed::default());
         }
+        self.follow(&mut Object::Lazy(None))
+    }
+
+    fn follow(&self, object: &mut Object<'_>) -> Result<Followed> {
         self.sync_host_addrs()?;
-        let current = maps::config(&self.pins)?
-            .get(&0, 0)
-            .context("read the datapath configuration")?;
+        let current = maps::read_config(&self.pins)?;
         let uplink = host::find_uplink()?;
+        let mut known: HashSet<u32> = maps::nat_ifaces(&self.pins)?
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        known.insert(current.uplink_ifindex);
+        let mut followed = Followed::default();
         let same_addr = v4_octets(&current.uplink_addr) == uplink.addr.octets();
-        if current.uplink_ifindex == uplink.index && same_addr {
-            return Ok(None);
+        if current.uplink_ifindex != uplink.index || !same_addr {
+            self.move_uplink(object, &current, &uplink, &known)?;
+            followed.uplink = Some(uplink.name.clone());
         }
+        (followed.added, followed.removed) = self.follow_nat_ifaces(object, &uplink, &known)?;
+        Ok(followed)
+    }
+
+    /// Makes `uplink` the uplink: the NAT programs on it (the XDP one too, moved from the old
+    /// uplink if it was there), its address the masquerade source in the configuration. The
+    /// old uplink is left to [`Self::follow_nat_ifaces`]: it keeps masquerading, to its own
+    /// address, while it has one.
+    fn move_uplink(
+        &self,
+        object: &mut Object<'_>,
+        current: &Config,
+        uplink: &host::Iface,
+        known: &HashSet<u32>,
+    ) -> Result<()> {
         if current.uplink_ifindex != uplink.index {
-            let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
-            let xdp = !self.pins.xdp_attachments(UPLINK_XDP_PROG)?.is_empty();
-            self.detach_uplink()?;
-            self.attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)?;
-            if xdp {
+            self.ensure_nat_programs(object, uplink, known)?;
+            let xdp = self.pins.xdp_attachments(UPLINK_XDP_PROG)?;
+            if !xdp.is_empty() && !xdp.contains(&uplink.name) {
+                for iface in &xdp {
+                    self.pins
+                        .detach_pinned(&self.pins.xdp_link(UPLINK_XDP_PROG, iface))?;
+                }
                 self.pins
-                    .attach_xdp(&mut ebpf, UPLINK_XDP_PROG, &uplink.name)?;
+                    .attach_xdp(object.get(self)?, UPLINK_XDP_PROG, &uplink.name)?;
             }
         }
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
             uplink_ifindex: uplink.index,
-            ..current
+            ..*current
         };
         maps::config(&self.pins)?
             .set(0, config, 0)
-            .context("write the datapath configuration")?;
-        Ok(Some(uplink.name))
+            .context("write the datapath configuration")
+    }
+
+    /// Puts the NAT programs on every interface besides the uplink that can route out (an
+    /// IPv4 address that is not netd's) and records its address in `NAT_IFACES`; takes them
+    /// off every other interface. In that order, so an interface is in `NAT_IFACES` (where
+    /// the endpoints' fast path sends packets) only while its programs masquerade there. An
+    /// interface the programs can't be attached to is left out, with a warning: what is
+    /// routed there is dropped (`unmasqueraded`). Returns the interfaces added and removed.
+    fn follow_nat_ifaces(
+        &self,
+        object: &mut Object<'_>,
+        uplink: &host::Iface,
+        known: &HashSet<u32>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let mut kept = Vec::new();
+        let mut added = Vec::new();
+        for iface in self.nat_candidates(uplink)? {
+            match self.ensure_nat_programs(object, &iface, known) {
+                Ok(attached) => {
+                    if attached {
+                        added.push(iface.name.clone());
+                    }
+                    kept.push(iface);
+                }
+                Err(e) => eprintln!(
+                    "netd: warning: nothing is masqueraded through {}: {e:#}",
+                    iface.name
+                ),
+            }
+        }
+        let mut nat_ifaces = maps::nat_ifaces(&self.pins)?;
+        for iface in &kept {
+            nat_ifaces
+                .insert(iface.index, maps::nat_iface(iface.addr), 0)
+                .with_context(|| format!("masquerade through {}", iface.name))?;
+        }
+        let stale: Vec<u32> = nat_ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|index| kept.iter().all(|iface| iface.index != *index))
+            .collect();
+        for index in stale {
+            nat_ifaces
+                .remove(&index)
+                .with_context(|| format!("stop masquerading through interface {index}"))?;
+        }
+        let removed = self.detach_nat_programs(|name| {
+            name != uplink.name && kept.iter().all(|iface| iface.name != name)
+        })?;
+        Ok((added, removed))
+    }
+
+    /// The interfaces besides the uplink that masquerade goes through: every one with an IPv4
+    /// address (loopback aside) but netd's own: a container's veth, or a bridge (its address
+    /// in a network's subnet, or its MAC netd's for its address: an iptables network's too,
+    /// whose isolation the fast path would otherwise skip).
+    fn nat_candidates(&self, uplink: &host::Iface) -> Result<Vec<host::Iface>> {
+        let subnets = maps::subnets(&self.pins)?;
+        let veths = maps::veths(&self.pins)?;
+        let bridges = host::netd_bridges()?;
+        Ok(host::ipv4_interfaces()?
+            .into_iter()
+            .filter(|iface| iface.index != uplink.index && !bridges.contains(&iface.name))
+            .filter(|iface| {
+                let addr = u32::from_ne_bytes(iface.addr.octets());
+                subnets.get(&Key::new(32, addr), 0).is_err() && veths.get(&iface.index, 0).is_err()
+            })
+            .collect())
+    }
+
+    /// Attaches the NAT programs to `iface` unless they are there already (pinned under its
+    /// name for its index, one of `known`). Pins under its name for another index are an
+    /// interface of that name that is gone, whose programs went with it: replaced. Returns
+    /// whether it attached them.
+    fn ensure_nat_programs(
+        &self,
+        object: &mut Object<'_>,
+        iface: &host::Iface,
+        known: &HashSet<u32>,
+    ) -> Result<bool> {
+        let attached = UPLINK_PROGS
+            .iter()
+            .all(|(prog, dir)| self.pins.tc_attached(prog, &iface.name, *dir));
+        if attached && known.contains(&iface.index) {
+            return Ok(false);
+        }
+        self.detach_nat_programs(|name| name == iface.name)?;
+        self.attach(object.get(self)?, &iface.name, &UPLINK_PROGS)?;
+        Ok(true)
     }
 
     /// What the endpoint programs need to know of `ep`: the veth it sits behind, and the
@@ -436,7 +634,7 @@ impl EbpfDatapath {
         }
     }
 
-    fn write_config(&self, uplink: &host::Uplink) -> Result<()> {
+    fn write_config(&self, uplink: &host::Iface) -> Result<()> {
         let (nat_port_min, nat_port_max) = host::nat_port_range()?;
         let config = Config {
             uplink_addr: addr_v4(uplink.addr.octets()),
@@ -512,7 +710,8 @@ impl Datapath for EbpfDatapath {
                     &net.bridge,
                     &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
                 )
-            });
+            })
+            .and_then(|()| self.follow(&mut Object::Given(&mut ebpf)).map(drop));
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
             self.forget_limit(&maps::network_limit_key(net.id));

@@ -194,8 +194,9 @@ impl Tuning {
             "udp" => &mut t.udp,
             "udp_stream" => &mut t.udp_stream,
             "icmp" => &mut t.icmp,
+            "generic" => &mut t.generic,
             other => anyhow::bail!(
-                "unknown conntrack timeout {other:?} (known: tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_time_wait, tcp_close, udp, udp_stream, icmp)"
+                "unknown conntrack timeout {other:?} (known: tcp_syn_sent, tcp_syn_recv, tcp_established, tcp_fin_wait, tcp_time_wait, tcp_close, udp, udp_stream, icmp, generic)"
             ),
         };
         *slot = secs;
@@ -243,9 +244,9 @@ impl Datapaths {
             .is_some_and(|p| p.map(netd_common::datapath::CONNTRACK_MAP).exists())
     }
 
-    /// The eBPF connection tracking table's live flows.
-    pub fn conntrack_list(&self) -> Result<Vec<Flow>> {
-        ebpf::conntrack::list(&self.pins()?)
+    /// Calls `visit` with each live flow of the eBPF connection tracking table.
+    pub fn conntrack_for_each_flow(&self, visit: impl FnMut(Flow) -> Result<()>) -> Result<()> {
+        ebpf::conntrack::for_each_flow(&self.pins()?, visit)
     }
 
     /// Removes the entries of timed-out flows; 0 when no table exists yet.
@@ -256,19 +257,20 @@ impl Datapaths {
         ebpf::conntrack::sweep(&self.pins()?)
     }
 
-    /// Moves the eBPF datapath's uplink programs and NAT address along when the default
-    /// route's interface or its address changed; the new uplink's name when something did.
-    pub fn follow_uplink(&self) -> Result<Option<String>> {
+    /// Moves the eBPF datapath's NAT programs and addresses along with the host: a new
+    /// default route, uplink address, or interface routing out (see
+    /// [`ebpf::EbpfDatapath::follow_host`]).
+    pub fn follow_host(&self) -> Result<ebpf::Followed> {
         let Some(pins) = crate::bpf::Pins::existing(&self.bpffs)
             .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
         else {
-            return Ok(None);
+            return Ok(ebpf::Followed::default());
         };
         let mut dp = ebpf::EbpfDatapath::new(pins);
         if let Some(max) = self.tuning.conntrack_max {
             dp = dp.with_conntrack_max(max);
         }
-        dp.follow_uplink()
+        dp.follow_host()
     }
 
     /// Removes every flow.

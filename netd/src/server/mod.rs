@@ -119,9 +119,16 @@ async fn sweep_once(shared: &Shared) {
     let round = async {
         let collected = ctl.gc().await?;
         let swept = ctl.datapaths().conntrack_sweep()?;
-        // A new default route or uplink address: the eBPF datapath's NAT moves along.
-        if let Some(uplink) = ctl.datapaths().follow_uplink()? {
+        // A new default route, uplink address or interface: the eBPF datapath's NAT follows.
+        let followed = ctl.datapaths().follow_host()?;
+        if let Some(uplink) = &followed.uplink {
             eprintln!("netd daemon: the uplink is now {uplink}");
+        }
+        for iface in &followed.added {
+            eprintln!("netd daemon: masquerading through {iface}");
+        }
+        for iface in &followed.removed {
+            eprintln!("netd daemon: no longer masquerading through {iface}");
         }
         anyhow::Ok((collected, swept))
     };

@@ -5,6 +5,7 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use anyhow::Result;
+use aya::maps::IterableMap as _;
 use ipnet::Ipv4Net;
 use netd_common::datapath::{
     Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_DNAT,
@@ -13,7 +14,7 @@ use netd_common::datapath::{
 };
 use serde::Serialize;
 
-use super::maps;
+use super::maps::{self, Conntrack};
 use crate::bpf::Pins;
 
 /// One direction of a flow, like a tuple of `conntrack -L`.
@@ -44,59 +45,95 @@ pub struct Flow {
     pub expires_secs: u64,
 }
 
-/// Every entry of both tables (assured flows first).
-fn entries(pins: &Pins) -> Result<Vec<(CtKey, CtEntry)>> {
-    let mut entries = Vec::new();
-    for table in maps::conntrack(pins)? {
-        entries.extend(table.iter().filter_map(Result::ok));
-    }
-    Ok(entries)
-}
+/// Dead keys deleted at once: what a sweep or flush holds stays this small whatever the
+/// table's size.
+const DELETE_BATCH: usize = 4096;
 
-/// The live flows' original entries: not timed out, and with a reply entry pointing back.
-fn live_flows(pins: &Pins) -> Result<Vec<CtEntry>> {
-    let timeouts = maps::read_config(pins)?.timeouts;
-    let now = monotonic_ns();
-    let entries = entries(pins)?;
-    let replies: HashMap<CtKey, CtEntry> = entries
+/// How many times its size a walk of a table may visit entries before it stops. The kernel
+/// restarts a walk whose last key went meanwhile (the datapath or its LRU removed it); a
+/// table churned that hard is walked again by the next sweep.
+const WALK_LAPS: usize = 4;
+
+/// The entries of `table`, read one at a time (the walk holds one key, never the table). An
+/// entry can come twice if the datapath removes the key the walk stands on.
+fn walk(table: &Conntrack) -> Result<impl Iterator<Item = (CtKey, CtEntry)> + '_> {
+    let size = table.map().info()?.max_entries() as usize;
+    Ok(table
         .iter()
-        .filter(|(_, e)| e.dir != CT_DIR_ORIGINAL)
-        .map(|(k, e)| (*k, *e))
-        .collect();
-    Ok(entries
-        .into_iter()
-        .filter(|(_, e)| e.dir == CT_DIR_ORIGINAL)
-        .filter(|(_, e)| {
-            let paired = replies
-                .get(&e.reply)
-                .is_some_and(|r| r.original == e.original);
-            paired && remaining_ns(e, &timeouts, now).is_some()
-        })
-        .map(|(_, e)| e)
-        .collect())
+        .filter_map(Result::ok)
+        .take(WALK_LAPS.saturating_mul(size)))
 }
 
-/// Every live flow.
-pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
+/// The entry of `key` in either table (a flow's two entries are in one).
+fn lookup(tables: &[Conntrack; 2], key: &CtKey) -> Option<CtEntry> {
+    tables.iter().find_map(|table| table.get(key, 0).ok())
+}
+
+/// Calls `visit` with the original entry of each live flow: not timed out, and with a reply
+/// entry pointing back.
+fn for_each_live_flow(pins: &Pins, mut visit: impl FnMut(&CtEntry) -> Result<()>) -> Result<()> {
     let timeouts = maps::read_config(pins)?.timeouts;
     let now = monotonic_ns();
-    let mut flows = Vec::new();
-    for e in live_flows(pins)? {
-        // 0: it timed out since `live_flows` looked.
-        let left_ns = remaining_ns(&e, &timeouts, now).unwrap_or(0);
-        flows.push(Flow {
+    let tables = maps::conntrack(pins)?;
+    for table in &tables {
+        for (_, e) in walk(table)?.filter(|(_, e)| e.dir == CT_DIR_ORIGINAL) {
+            let paired = lookup(&tables, &e.reply)
+                .is_some_and(|r| r.dir != CT_DIR_ORIGINAL && r.original == e.original);
+            if paired && remaining_ns(&e, &timeouts, now).is_some() {
+                visit(&e)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the entries `doomed` picks from both tables, walking them in place and deleting in
+/// batches of [`DELETE_BATCH`]. Returns how many entries went.
+fn remove_where(
+    pins: &Pins,
+    mut doomed: impl FnMut(&[Conntrack; 2], &CtKey, &CtEntry) -> bool,
+) -> Result<usize> {
+    let tables = maps::conntrack(pins)?;
+    // A second handle on each table deletes while the first one walks.
+    let mut deleters = maps::conntrack(pins)?;
+    let mut removed = 0;
+    for (table, deleter) in tables.iter().zip(&mut deleters) {
+        let mut batch = Vec::with_capacity(DELETE_BATCH);
+        for (key, e) in walk(table)? {
+            // Deleted only once the walk has moved past them: deleting the key it stands on
+            // would restart it from the first entry.
+            if batch.len() == DELETE_BATCH {
+                removed += remove_keys(deleter, &batch);
+                batch.clear();
+            }
+            if doomed(&tables, &key, &e) {
+                batch.push(key);
+            }
+        }
+        removed += remove_keys(deleter, &batch);
+    }
+    Ok(removed)
+}
+
+/// Calls `visit` with each live flow, in the tables' order (assured flows first), as it reads
+/// them: a full table has half a million.
+pub fn for_each_flow(pins: &Pins, mut visit: impl FnMut(Flow) -> Result<()>) -> Result<()> {
+    let timeouts = maps::read_config(pins)?.timeouts;
+    let now = monotonic_ns();
+    for_each_live_flow(pins, |e| {
+        // 0: it timed out since `for_each_live_flow` looked.
+        let left_ns = remaining_ns(e, &timeouts, now).unwrap_or(0);
+        visit(Flow {
             proto: proto_name(e.original.proto),
-            state: state_name(&e),
+            state: state_name(e),
             nat: if e.nat == CT_NAT_SNAT { "snat" } else { "dnat" },
             assured: e.flags & CT_ASSURED != 0,
             original: tuple(&e.original, e.packets[0], e.bytes[0]),
             reply: tuple(&e.reply, e.packets[1], e.bytes[1]),
             age_secs: now.saturating_sub(e.created_ns) / NS_PER_SEC,
             expires_secs: left_ns / NS_PER_SEC,
-        });
-    }
-    flows.sort_by_key(|f| std::cmp::Reverse(f.age_secs));
-    Ok(flows)
+        })
+    })
 }
 
 /// Removes the entries of timed-out flows (the datapath already ignores them; this frees
@@ -106,26 +143,19 @@ pub fn list(pins: &Pins) -> Result<Vec<Flow>> {
 pub fn sweep(pins: &Pins) -> Result<usize> {
     let timeouts = maps::read_config(pins)?.timeouts;
     let now = monotonic_ns();
-    let entries = entries(pins)?;
-    let originals: HashMap<CtKey, CtEntry> = entries
-        .iter()
-        .filter(|(_, e)| e.dir == CT_DIR_ORIGINAL)
-        .map(|(k, e)| (*k, *e))
-        .collect();
-    let dead = |key: &CtKey, e: &CtEntry| {
-        let Some(flow) = originals.get(&e.original) else {
+    let removed = remove_where(pins, |tables, key, e| {
+        let flow = if e.dir == CT_DIR_ORIGINAL && *key == e.original {
+            Some(*e)
+        } else {
+            lookup(tables, &e.original).filter(|f| f.dir == CT_DIR_ORIGINAL)
+        };
+        let Some(flow) = flow else {
             return true;
         };
         // A reply entry left behind by an older flow of the same original tuple.
         let superseded = e.dir != CT_DIR_ORIGINAL && flow.reply != *key;
-        superseded || remaining_ns(flow, &timeouts, now).is_none()
-    };
-    let doomed: Vec<CtKey> = entries
-        .iter()
-        .filter(|(k, e)| dead(k, e))
-        .map(|(k, _)| *k)
-        .collect();
-    let removed = remove_keys(pins, &doomed)?;
+        superseded || remaining_ns(&flow, &timeouts, now).is_none()
+    })?;
     recount_limits(pins)?;
     Ok(removed)
 }
@@ -143,8 +173,8 @@ fn recount_limits(pins: &Pins) -> Result<()> {
     let endpoints = maps::endpoints(pins)?;
     let mut per_container: HashMap<Addr, u64> = HashMap::new();
     let mut per_network: HashMap<u32, u64> = HashMap::new();
-    for flow in live_flows(pins)? {
-        let owner = owner(&flow);
+    for_each_live_flow(pins, |flow| {
+        let owner = owner(flow);
         *per_container.entry(owner).or_default() += 1;
         let key = netd_common::datapath::EndpointKey {
             addr: owner,
@@ -154,7 +184,8 @@ fn recount_limits(pins: &Pins) -> Result<()> {
         if let Ok(ep) = endpoints.get(&key, 0) {
             *per_network.entry(ep.network_id).or_default() += 1;
         }
-    }
+        Ok(())
+    })?;
     for (key, limit) in capped {
         let count = if key.network_id == 0 {
             per_container.get(&key.addr)
@@ -206,26 +237,13 @@ pub fn flush_network(pins: &Pins, subnet: Ipv4Net) -> Result<usize> {
 }
 
 fn flush_matching(pins: &Pins, matches: impl Fn(&CtEntry) -> bool) -> Result<usize> {
-    let doomed: Vec<CtKey> = entries(pins)?
-        .into_iter()
-        .filter(|(_, e)| matches(e))
-        .map(|(k, _)| k)
-        .collect();
-    remove_keys(pins, &doomed)
+    remove_where(pins, |_, _, e| matches(e))
 }
 
-/// Removes `doomed` from whichever table holds each. Returns how many entries went.
-fn remove_keys(pins: &Pins, doomed: &[CtKey]) -> Result<usize> {
-    let mut removed = 0;
-    for mut table in maps::conntrack(pins)? {
-        for key in doomed {
-            // The datapath or the LRU may have removed it meanwhile.
-            if table.remove(key).is_ok() {
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
+/// Deletes `keys` from `table`; returns how many were still there (the datapath or the LRU
+/// may have removed some meanwhile).
+fn remove_keys(table: &mut Conntrack, keys: &[CtKey]) -> usize {
+    keys.iter().filter(|key| table.remove(key).is_ok()).count()
 }
 
 fn ends(key: &CtKey) -> [[u8; 4]; 2] {

@@ -1,22 +1,32 @@
 //! What the datapath learns about the host (the calling thread's network namespace): the
 //! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
+//! the other interfaces with an IPv4 address (masqueraded through too),
 //! the ports masquerade may translate to, the namespace's cookie, and where cgroup v2 is
 //! mounted.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result, anyhow};
-use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
+use nix::{
+    ifaddrs::getifaddrs,
+    net::if_::{InterfaceFlags, if_nametoindex},
+};
 
+/// An interface and the IPv4 address masquerade translates to there.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Uplink {
+pub struct Iface {
     pub name: String,
     pub index: u32,
     pub addr: Ipv4Addr,
 }
 
 /// The uplink of the calling thread's namespace.
-pub fn find_uplink() -> Result<Uplink> {
+pub fn find_uplink() -> Result<Iface> {
     // thread-self, not self: /proc/self/net shows the main thread's namespace, and netd may
     // be on a thread that entered another one.
     let routes =
@@ -25,7 +35,7 @@ pub fn find_uplink() -> Result<Uplink> {
         .ok_or_else(|| anyhow!("no IPv4 default route: netd needs an uplink"))?;
     let index = if_nametoindex(name.as_str()).with_context(|| format!("index of {name}"))?;
     let addr = first_ipv4(&name)?;
-    Ok(Uplink { name, index, addr })
+    Ok(Iface { name, index, addr })
 }
 
 /// The interface of the first default route in /proc/net/route's text.
@@ -47,6 +57,60 @@ fn first_ipv4(iface: &str) -> Result<Ipv4Addr> {
                 .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
         })
         .ok_or_else(|| anyhow!("uplink {iface} has no IPv4 address"))
+}
+
+/// Every interface of the calling thread's namespace with an IPv4 address, loopback aside,
+/// each with its first address (the one the kernel picks as the source of what it sends
+/// there), in index order.
+pub fn ipv4_interfaces() -> Result<Vec<Iface>> {
+    let mut ifaces: Vec<Iface> = Vec::new();
+    for a in getifaddrs().context("list addresses")? {
+        let Some(addr) = a
+            .address
+            .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        else {
+            continue;
+        };
+        if a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+            || ifaces.iter().any(|i| i.name == a.interface_name)
+        {
+            continue;
+        }
+        // Gone since the listing: nothing to attach to.
+        let Ok(index) = if_nametoindex(a.interface_name.as_str()) else {
+            continue;
+        };
+        ifaces.push(Iface {
+            name: a.interface_name,
+            index,
+            addr,
+        });
+    }
+    ifaces.sort_by_key(|i| i.index);
+    Ok(ifaces)
+}
+
+/// The interfaces of the calling thread's namespace that are netd's bridges, of either
+/// datapath: netd gives a bridge the MAC it derives from the bridge's address (the gateway's,
+/// [`crate::core::ipam::mac_for`]).
+pub fn netd_bridges() -> Result<HashSet<String>> {
+    let mut macs = HashMap::new();
+    let mut addrs: Vec<(String, Ipv4Addr)> = Vec::new();
+    for a in getifaddrs().context("list addresses")? {
+        let Some(address) = a.address else {
+            continue;
+        };
+        if let Some(link) = address.as_link_addr().and_then(|l| l.addr()) {
+            macs.insert(a.interface_name, link);
+        } else if let Some(sin) = address.as_sockaddr_in() {
+            addrs.push((a.interface_name, sin.ip()));
+        }
+    }
+    Ok(addrs
+        .into_iter()
+        .filter(|(name, addr)| macs.get(name) == Some(&crate::core::ipam::mac_for(*addr)))
+        .map(|(name, _)| name)
+        .collect())
 }
 
 /// Every IPv4 address of the calling thread's namespace but loopback ones (a port published

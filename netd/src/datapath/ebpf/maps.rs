@@ -7,9 +7,9 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMa
 use netd_common::datapath::{
     AF_INET, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
-    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NETWORKS_MAP, NetworkInfo,
-    PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey,
-    PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
+    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NETWORKS_MAP,
+    NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey,
+    PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
 };
 
 use crate::bpf::Pins;
@@ -28,6 +28,7 @@ pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 pub type HostAddrs = HashMap<MapData, u32, u8>;
+pub type NatIfaces = HashMap<MapData, u32, NatIface>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
@@ -129,6 +130,21 @@ pub fn host_addrs(pins: &Pins) -> Result<HostAddrs> {
     Ok(HashMap::try_from(Map::HashMap(
         pins.open_map(HOST_ADDRS_MAP)?,
     ))?)
+}
+
+pub fn nat_ifaces(pins: &Pins) -> Result<NatIfaces> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(NAT_IFACES_MAP)?,
+    ))?)
+}
+
+/// The `NAT_IFACES` value of an interface whose masquerade address is `addr`.
+pub fn nat_iface(addr: Ipv4Addr) -> NatIface {
+    NatIface {
+        addr: addr_v4(addr.octets()),
+        family: AF_INET,
+        _pad: [0; 3],
+    }
 }
 
 /// The datapath's configuration, as the last `setup_network` wrote it.
