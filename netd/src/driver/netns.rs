@@ -184,3 +184,49 @@ pub fn wait_tcp_listener(ns: &Path, port: u16, timeout: std::time::Duration) -> 
         ns.display()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    /// The inode of the calling thread's network namespace.
+    fn current() -> u64 {
+        fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    /// Removes the named namespace when the test ends, passed or not.
+    struct Named(String);
+
+    impl Drop for Named {
+        fn drop(&mut self) {
+            remove(&self.0).unwrap();
+        }
+    }
+
+    #[test]
+    fn run_in_enters_the_namespace_and_returns_even_after_a_panic() {
+        let ns = Named(format!("netd-unit-{}", std::process::id()));
+        let path = create(&ns.0).unwrap();
+        let home = current();
+        assert_eq!(
+            current(),
+            home,
+            "create left the thread in the new namespace"
+        );
+        let inside = run_in(Some(&path), || Ok(current())).unwrap();
+        assert_ne!(inside, home, "run_in did not enter the namespace");
+        assert_eq!(inside, fs::metadata(&path).unwrap().ino());
+        assert_eq!(current(), home, "run_in did not return");
+        let panicked =
+            std::panic::catch_unwind(|| run_in(Some(&path), || -> Result<()> { panic!() }));
+        assert!(panicked.is_err());
+        assert_eq!(
+            current(),
+            home,
+            "a panic inside run_in left the thread there"
+        );
+        assert_eq!(run_in(None, || Ok(current())).unwrap(), home);
+    }
+}
