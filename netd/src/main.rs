@@ -27,9 +27,17 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(ns) = &cli.global.host_netns {
         netns::enter(ns)?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // A one-shot command waits on one netlink answer at a time: on the thread that asked, no
+    // wake-up of another thread (and no wait for a CPU to run it) per round trip. The
+    // long-running ones serve many clients at once.
+    let mut builder = match cli.command {
+        cli::Command::Daemon(_) | cli::Command::Monitor(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(cli::run(&cli.global, cli.command))
 }
