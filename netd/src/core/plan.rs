@@ -212,7 +212,7 @@ fn check_link(view: &impl View, link: &Link) -> Result<model::Link> {
 
 /// `--expose` requests, one entry per port.
 fn exposed_ports(expose: &[Publish]) -> Vec<Exposed> {
-    expose
+    let each = expose
         .iter()
         .flat_map(|e| {
             (e.container_ports.0..=e.container_ports.1).map(|port| Exposed {
@@ -220,7 +220,8 @@ fn exposed_ports(expose: &[Publish]) -> Vec<Exposed> {
                 port,
             })
         })
-        .collect()
+        .collect();
+    Exposed::canonical(each)
 }
 
 #[cfg(test)]

@@ -72,6 +72,7 @@ impl Controller {
     /// Sets container `name`'s exposed ports: what a `--link` to it opens from then on (for
     /// an engine that tells them after making the container, as Docker does).
     pub fn set_exposed(&mut self, name: &str, exposed: Vec<Exposed>) -> Result<()> {
+        let exposed = Exposed::canonical(exposed);
         self.store.write(|tx| {
             let c = tx.container_record(name)?;
             tx.put_container(&Container { exposed, ..c })

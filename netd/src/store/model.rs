@@ -181,10 +181,20 @@ impl Container {
 }
 
 /// One `--expose`d container port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Exposed {
     pub proto: Protocol,
     pub port: u16,
+}
+
+impl Exposed {
+    /// `exposed` sorted and without repeats, as records keep them (Docker sends them in its
+    /// map's random order).
+    pub fn canonical(mut exposed: Vec<Exposed>) -> Vec<Exposed> {
+        exposed.sort_unstable();
+        exposed.dedup();
+        exposed
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
