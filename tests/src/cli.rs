@@ -56,14 +56,30 @@ pub fn stat(env: &TestEnv, reason: &str) -> u64 {
 /// A one-shot TCP echo server on `addr` in `ns`: its thread yields the peer it saw.
 pub fn echo_server(env: &TestEnv, ns: &Path, addr: SocketAddr) -> thread::JoinHandle<SocketAddr> {
     let listener = env.in_ns(ns, || TcpListener::bind(addr).unwrap());
-    thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).unwrap();
-        conn.write_all(&buf[..n]).unwrap();
-        peer
-    })
+    thread::spawn(move || echo_one(&listener))
+}
+
+/// A TCP echo server on `addr` in `ns` for `connections` connections one after another: its
+/// thread yields the peers it saw. One listener for all, so a later connection doesn't depend
+/// on binding the port again while the last one is closing.
+pub fn echo_servers(
+    env: &TestEnv,
+    ns: &Path,
+    addr: SocketAddr,
+    connections: usize,
+) -> thread::JoinHandle<Vec<SocketAddr>> {
+    let listener = env.in_ns(ns, || TcpListener::bind(addr).unwrap());
+    thread::spawn(move || (0..connections).map(|_| echo_one(&listener)).collect())
+}
+
+/// Accepts one connection on `listener`, echoes what it reads once and yields the peer.
+fn echo_one(listener: &TcpListener) -> SocketAddr {
+    let (mut conn, peer) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap();
+    conn.write_all(&buf[..n]).unwrap();
+    peer
 }
 
 /// Connects from `ns` to `addr`, sends "netd" and returns what came back.

@@ -10,8 +10,8 @@ use std::{
 
 use tests::{
     cli::{
-        Ctr, TIMEOUT, connect_error, create, echo_server, eventually, flows, output_in,
-        ping_output, pings, stat, tcp_echo,
+        Ctr, TIMEOUT, connect_error, create, echo_server, echo_servers, eventually, flows,
+        output_in, ping_output, pings, stat, tcp_echo,
     },
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
 };
@@ -406,15 +406,16 @@ fn a_wildcard_port_is_reached_on_every_host_address(datapath: &str) {
         "10.85.0.0/24",
     ]);
     let c = create(&env, "web", &["--network", "n", "-p", "8080:80"]);
-    for via in [HOST_ADDR, SECOND_HOST_ADDR] {
-        let server = echo_server(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80));
+    let vias = [HOST_ADDR, SECOND_HOST_ADDR];
+    let server = echo_servers(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80), vias.len());
+    for via in vias {
         assert_eq!(
             tcp_echo(&env, &env.outside_ns(), sock(via, 8080)).map_err(|e| e.kind()),
             Ok("netd".to_string()),
             "{datapath}: through {via}"
         );
-        server.join().unwrap();
     }
+    server.join().unwrap();
 }
 
 #[test]

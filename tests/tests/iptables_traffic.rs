@@ -8,7 +8,7 @@ use std::{
 };
 
 use tests::{
-    cli::{connect_error, create, echo_server, output_in, pings, tcp_echo},
+    cli::{connect_error, create, echo_server, echo_servers, output_in, pings, tcp_echo},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
 };
 
@@ -128,17 +128,17 @@ fn the_iptables_datapath_lets_the_outside_reach_a_published_port_at_the_containe
     );
     // Docker's ACCEPT for the published container port matches whatever the destination was
     // before routing, so the container's own address works as well as the host's.
-    for addr in [sock(c.ip, 80), sock(HOST_ADDR, 8080)] {
-        let server = echo_server(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80));
+    let addrs = [sock(c.ip, 80), sock(HOST_ADDR, 8080)];
+    let server = echo_servers(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80), addrs.len());
+    for addr in addrs {
         assert_eq!(
             tcp_echo(&env, &env.outside_ns(), addr).unwrap(),
             "netd",
             "{addr}"
         );
-        assert_eq!(
-            server.join().unwrap().ip(),
-            std::net::IpAddr::from(OUTSIDE_ADDR)
-        );
+    }
+    for peer in server.join().unwrap() {
+        assert_eq!(peer.ip(), std::net::IpAddr::from(OUTSIDE_ADDR));
     }
     // An unpublished port at the same address meets FORWARD's DROP.
     let _server = echo_server(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 81));
