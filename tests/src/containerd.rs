@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netd_bench::bench::docker::{cgroup_mounts, mount_ns_of, pids_in_mount_ns, subtree};
+use netd_bench::bench::docker::{MountNs, cgroup_mounts, subtree};
 use netd_testkit::cleanup::{Cleanup, remove_cgroup, remove_tree};
 use nix::{
     sys::signal::{Signal, kill},
@@ -321,7 +321,7 @@ impl Containerd {
 
     /// SIGTERM containerd, then SIGKILL what is left in its mount namespace (its shims).
     fn stop_daemon(&mut self) {
-        let ns = mount_ns_of(self.daemon.id());
+        let ns = MountNs::of(self.daemon.id());
         let _ = kill(Pid::from_raw(self.daemon.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -333,7 +333,7 @@ impl Containerd {
             let _ = self.daemon.wait();
         }
         if let Ok(ns) = ns {
-            for pid in pids_in_mount_ns(ns) {
+            for pid in ns.pids() {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }

@@ -118,9 +118,9 @@ pub struct Dockerd {
     socket: PathBuf,
     /// Absolute cgroup (in every hierarchy) that holds this dockerd's containers.
     cgroup_parent: String,
-    /// dockerd's own mount namespace (inode), shared by containerd, the shims and docker-proxy;
-    /// known once dockerd has answered.
-    mount_ns: Option<u64>,
+    /// dockerd's own mount namespace, shared by containerd, the shims and docker-proxy; known
+    /// once dockerd has answered, and held until its processes are gone.
+    mount_ns: Option<MountNs>,
 }
 
 impl Dockerd {
@@ -181,8 +181,9 @@ impl Dockerd {
     /// shims); with `live_restore` the containers run on meanwhile.
     pub fn restart(&mut self) -> Result<()> {
         self.stop_daemon()?;
-        let ns = self.mount_ns.context("dockerd never answered")?;
-        let holder = pids_in_mount_ns(ns)
+        let ns = self.mount_ns.as_ref().context("dockerd never answered")?;
+        let holder = ns
+            .pids()
             .into_iter()
             .next()
             .context("no process is left in dockerd's mount namespace")?;
@@ -307,10 +308,10 @@ impl Dockerd {
 
     /// dockerd's mount namespace; checks that it is not the machine's (ours), because leftover
     /// processes are found by it and dockerd's mounts must stay out of the machine's table.
-    fn own_mount_ns(&self) -> Result<u64> {
-        let ns = mount_ns_of(self.pid()).context("read dockerd's mount namespace")?;
-        let ours = mount_ns_of(std::process::id()).context("read our mount namespace")?;
-        if ns == ours {
+    fn own_mount_ns(&self) -> Result<MountNs> {
+        let ns = MountNs::of(self.pid()).context("read dockerd's mount namespace")?;
+        let ours = MountNs::of(std::process::id()).context("read our mount namespace")?;
+        if ns.ino == ours.ino {
             bail!("dockerd runs in the machine's mount namespace: unshare --mount did not apply");
         }
         Ok(ns)
@@ -395,8 +396,8 @@ impl Dockerd {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = self.cgroup_pids();
-            if let Some(ns) = self.mount_ns {
-                left.extend(pids_in_mount_ns(ns));
+            if let Some(ns) = &self.mount_ns {
+                left.extend(ns.pids());
             }
             if left.is_empty() {
                 return Ok(());
@@ -461,6 +462,8 @@ impl Drop for Dockerd {
         }
         cleanup.check(self.stop_daemon());
         cleanup.check(self.kill_leftovers());
+        // Its last hold: the namespace goes, and with it every mount dockerd made.
+        self.mount_ns = None;
         self.remove_cgroups(&mut cleanup);
         cleanup.check(remove_tree(&self.workdir));
         cleanup.finish();
@@ -596,19 +599,35 @@ fn failure(status: ExitStatus, stderr: &str) -> String {
         .map_or_else(|| format!("failed ({status})"), |l| l.trim().to_string())
 }
 
-pub fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino())
+/// A process's mount namespace, held open. A namespace is known by its inode number, which the
+/// kernel gives to a new namespace as soon as the old one is gone: held, it can't go, so the
+/// processes found in it are its own and never those of a namespace made since (another test's
+/// dockerd was killed that way).
+pub struct MountNs {
+    _held: fs::File,
+    ino: u64,
 }
 
-/// Every process whose mount namespace is `ns`.
-pub fn pids_in_mount_ns(ns: u64) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| mount_ns_of(*pid).is_ok_and(|n| n == ns))
-        .collect()
+impl MountNs {
+    /// The mount namespace of process `pid`.
+    pub fn of(pid: u32) -> std::io::Result<Self> {
+        let held = fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+        let ino = held.metadata()?.ino();
+        Ok(Self { _held: held, ino })
+    }
+
+    /// Every process in this namespace.
+    pub fn pids(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                fs::metadata(format!("/proc/{pid}/ns/mnt")).is_ok_and(|m| m.ino() == self.ino)
+            })
+            .collect()
+    }
 }
 
 /// Mount points of the cgroup (v1) and cgroup2 hierarchies.
