@@ -6,7 +6,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use netd::netns;
-use netd_common::datapath::CONNTRACK_MAP;
+use netd_common::datapath::{CONNTRACK_MAP, CONNTRACK_MAPS};
 use netd_testkit::{sandbox::HOST_ADDR, traffic::try_output_in};
 
 use super::{
@@ -53,9 +53,10 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         .context("crr, table empty")?;
     let daemon = Daemon::start(&ctl, 1.0)?;
 
-    let table = ctl.instance().bpffs.join("maps").join(CONNTRACK_MAP);
+    let maps = ctl.instance().bpffs.join("maps");
+    let tables = CONNTRACK_MAPS.map(|t| maps.join(t));
     let target = SocketAddrV4::new(HOST_ADDR, FILL_PORT + PUBLISH_SHIFT);
-    let entries = fill(&ep.server_ns, &ep.client_ns, target, &table, n * 9 / 10)?;
+    let entries = fill(&ep.server_ns, &ep.client_ns, target, &tables, n * 9 / 10)?;
     record(samples, arm, CONNTRACK, "ct_entries", n, entries as f64);
     crr_counting_failures(&ep, plan, (arm, n, "crr_ct90", "crr_ct90_failed"), samples)
         .context("crr, table 90% full")?;
@@ -77,11 +78,19 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
         daemon.peak_rss_bytes()? as f64 / (1 << 20) as f64,
     );
     daemon.stop()?;
-    let table_memory = memory::pinned_maps(&ctl.instance().bpffs)?
+    // `--conntrack-max N` sizes both tables (assured and unassured flows) at N entries each:
+    // what N entries of conntrack cost is both.
+    let tables = memory::pinned_maps(&ctl.instance().bpffs)?
         .into_iter()
+        .filter(|m| CONNTRACK_MAPS.contains(&m.name.as_str()))
+        .collect::<Vec<_>>();
+    anyhow::ensure!(tables.len() == 2, "the conntrack maps are not pinned");
+    let bytes: u64 = tables.iter().map(|m| m.bytes_memlock).sum();
+    let max = tables
+        .iter()
         .find(|m| m.name == CONNTRACK_MAP)
-        .context("no conntrack map pinned")?;
-    let per_entry = table_memory.bytes_memlock as f64 / table_memory.max_entries as f64;
+        .map_or(1, |m| m.max_entries);
+    let per_entry = bytes as f64 / max as f64;
     record(
         samples,
         arm,
@@ -170,21 +179,23 @@ const FILL_PORT: u16 = 7002;
 /// Where the filling SYNs come from.
 const RANDOM_SOURCES: &str = "198.19.128.0/17";
 
-/// Fills the conntrack table pinned at `table` to about `goal` entries with SYNs from random
+/// Fills the conntrack tables pinned at `tables` to about `goal` entries with SYNs from random
 /// sources to `target` (a published port of the container at `server_ns` where nothing
-/// listens); returns the entries it holds then. While it fills, the container's routes
+/// listens); returns the entries they hold then. A flow answered by nobody is never assured,
+/// so they all land in the unassured flows' table (`CONNTRACK_NEW`), as a flood's would; the
+/// assured table can't be filled this way, by design. While it fills, the container's routes
 /// blackhole the random sources, so its resets never reach the datapath to close the flows:
 /// each stays in the table as a flood's would (the sources of a flood don't answer).
 fn fill(
     server_ns: &Path,
     client_ns: &Path,
     target: SocketAddrV4,
-    table: &Path,
+    tables: &[PathBuf],
     goal: u32,
 ) -> Result<u64> {
     let route = ["route", "add", "blackhole", RANDOM_SOURCES];
     try_output_in(server_ns, "ip", &route)?;
-    let filled = send_until_full(client_ns, target, table, u64::from(goal));
+    let filled = send_until_full(client_ns, target, tables, u64::from(goal));
     try_output_in(
         server_ns,
         "ip",
@@ -193,8 +204,14 @@ fn fill(
     filled
 }
 
-fn send_until_full(client_ns: &Path, target: SocketAddrV4, table: &Path, goal: u64) -> Result<u64> {
-    let mut entries = memory::map_entries(table)?;
+fn send_until_full(
+    client_ns: &Path,
+    target: SocketAddrV4,
+    tables: &[PathBuf],
+    goal: u64,
+) -> Result<u64> {
+    let count = || -> Result<u64> { tables.iter().map(|t| memory::map_entries(t)).sum() };
+    let mut entries = count()?;
     let sock = netns::run_in(Some(client_ns), raw_socket)?;
     let mut rng = Rng::seeded();
     for _ in 0..64 {
@@ -206,7 +223,7 @@ fn send_until_full(client_ns: &Path, target: SocketAddrV4, table: &Path, goal: u
             send_syn(&sock, &mut rng, target)?;
         }
         // The datapath runs in the sender's softirq: the entries are there when send returns.
-        entries = memory::map_entries(table)?;
+        entries = count()?;
     }
     Ok(entries)
 }

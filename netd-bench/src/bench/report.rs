@@ -601,7 +601,9 @@ impl Report {
         let _ = writeln!(
             md,
             "New connections per second to a published port with netd's conntrack table empty and \
-             90% full (filled by SYNs from random sources of 198.19.128.0/17; N: the table's size); \
+             90% full (filled by SYNs from random sources of 198.19.128.0/17, answered by nobody; N: \
+             `--conntrack-max`; such flows are never assured, so they fill netd's table of \
+             unassured flows, which a flood can't get past into the assured one); \
              one established flow's throughput alone and while SYNs from random sources hit the \
              same published port at a fixed rate (target: held within 10%). iptables' table is \
              the kernel's, machine-wide and shared here, so it is not filled.\n"

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use netd::netns;
-use netd_common::datapath::{CONNTRACK_MAP, ENDPOINTS_MAP};
+use netd_common::datapath::{CONNTRACK_MAPS, ENDPOINTS_MAP};
 use netd_testkit::sandbox::HOST_ADDR;
 use plotters::prelude::*;
 use serde::Serialize;
@@ -191,6 +191,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
         &["-s", "-p", &IPERF_PORT.to_string()],
     )?;
     let before = Footprint::take(&ctl)?;
+    let began = now_utc();
 
     let stop = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -240,7 +241,10 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
             window.sort_by(f64::total_cmp);
             let sample = Sample {
                 t_s: started.elapsed().as_secs_f64(),
-                conntrack_entries: memory::map_entries(&maps.join(CONNTRACK_MAP))?,
+                conntrack_entries: CONNTRACK_MAPS
+                    .iter()
+                    .map(|t| memory::map_entries(&maps.join(t)))
+                    .sum::<Result<u64>>()?,
                 endpoint_entries: memory::map_entries(&maps.join(ENDPOINTS_MAP))?,
                 daemon_rss_mib: daemon.rss_bytes()? as f64 / f64::from(1 << 20),
                 rr_p99_us: percentile(&window, 99.0),
@@ -295,7 +299,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
     outcome.leaked_pins = after.pins - before.pins;
     outcome.leaked_namespaces = after.namespaces - before.namespaces;
     let report = SoakReport {
-        date: now_utc(),
+        date: began,
         minutes,
         machine: Machine::probe(),
         samples,
