@@ -31,8 +31,8 @@ enum Command {
         /// Rounds (each arm measured once per round); default 5, or 1 with --quick.
         #[arg(long)]
         runs: Option<usize>,
-        /// Only this part: `setup` (container create and remove times) or `latency`
-        /// (request/response against the ceiling, paired).
+        /// Only this part: `setup` (container create and remove times), `conntrack` (under
+        /// pressure) or `latency` (request/response against the ceiling, paired).
         #[arg(long)]
         only: Option<bench::Part>,
     },

@@ -38,12 +38,15 @@ enum Task {
     /// Benchmark: eBPF against iptables and the ceiling; report in target/bench/.
     Bench {
         /// `setup`: only the control plane (create and remove containers); `latency`: only
-        /// request/response against the ceiling, paired; `soak`: churn beside long-lived
-        /// flows for `--minutes`.
+        /// request/response against the ceiling, paired; `conntrack`: only conntrack under
+        /// pressure; `soak`: churn beside long-lived flows for `--minutes`.
         what: Option<String>,
         /// A smoke run (a few minutes) with the same report shape.
         #[arg(long)]
         quick: bool,
+        /// Rounds (each arm measured once per round); default 5, or 1 with --quick.
+        #[arg(long)]
+        runs: Option<usize>,
         /// Minutes the soak runs (30 for the report, 2 in CI).
         #[arg(long)]
         minutes: Option<f64>,
@@ -78,8 +81,9 @@ fn run() -> Result<()> {
         Task::Bench {
             what,
             quick,
+            runs,
             minutes,
-        } => bench(what.as_deref(), quick, minutes),
+        } => bench(what.as_deref(), quick, runs, minutes),
     }
 }
 
@@ -181,9 +185,12 @@ fn lint() -> Result<()> {
     )
 }
 
-fn bench(what: Option<&str>, quick: bool, minutes: Option<f64>) -> Result<()> {
+fn bench(what: Option<&str>, quick: bool, runs: Option<usize>, minutes: Option<f64>) -> Result<()> {
     if minutes.is_some() && what != Some("soak") {
         bail!("--minutes is for `cargo xtask bench soak`");
+    }
+    if runs.is_some() && what == Some("soak") {
+        bail!("--runs is not for `cargo xtask bench soak` (it runs once, for --minutes)");
     }
     let mut cmd = netd_bench()?;
     let out = workspace_root().join("target/bench");
@@ -197,13 +204,18 @@ fn bench(what: Option<&str>, quick: bool, minutes: Option<f64>) -> Result<()> {
     cmd.arg("bench").arg("--out").arg(out);
     match what {
         None => {}
-        Some(part @ ("setup" | "latency")) => {
+        Some(part @ ("setup" | "latency" | "conntrack")) => {
             cmd.args(["--only", part]);
         }
-        Some(other) => bail!("unknown benchmark {other:?} (known: setup, latency, soak)"),
+        Some(other) => {
+            bail!("unknown benchmark {other:?} (known: setup, latency, conntrack, soak)")
+        }
     }
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(runs) = runs {
+        cmd.arg("--runs").arg(runs.to_string());
     }
     run_cmd(&mut cmd)
 }
