@@ -82,16 +82,7 @@ impl Bench {
             .unwrap();
         });
         let mut ebpf = pins.load().unwrap();
-        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, BRIDGE_INGRESS_PROG] {
-            let p: &mut SchedClassifier = ebpf.program_mut(prog).unwrap().try_into().unwrap();
-            p.load().unwrap();
-        }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(UPLINK_XDP_PROG)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        xdp.load().unwrap();
+        netd::bpf::load_programs(&mut ebpf).unwrap();
         Self {
             env,
             ebpf,

@@ -479,9 +479,9 @@ fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, program) in ebpf.programs_mut() {
         let loaded = match program {
-            Program::SchedClassifier(p) if p.fd().is_err() => p.load(),
-            Program::Xdp(p) if p.fd().is_err() => p.load(),
-            Program::CgroupSockAddr(p) if p.fd().is_err() => p.load(),
+            Program::SchedClassifier(p) if p.fd().is_err() => verify(|| p.load()),
+            Program::Xdp(p) if p.fd().is_err() => verify(|| p.load()),
+            Program::CgroupSockAddr(p) if p.fd().is_err() => verify(|| p.load()),
             _ => Ok(()),
         };
         loaded.with_context(|| format!("load program {name}"))?;
@@ -755,6 +755,23 @@ fn keep_attached(link: SchedClassifierLink) {
     std::mem::forget(link);
 }
 
+/// Runs `load` (one program's BPF_PROG_LOAD) again while the verifier gives up with EAGAIN,
+/// a few times at most: it does when a signal arrives for the process while it works (seen
+/// once in a test run), and the same load then passes. libbpf retries the same way.
+fn verify(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    const TRIES: usize = 5;
+    for _ in 1..TRIES {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+            done => return done,
+        }
+    }
+    load()
+}
+
 /// Defines `$name(ebpf, prog)`: program `prog` of `ebpf` as a `$ty`, loaded into the kernel
 /// unless it already is. (aya has no trait for `load`, so one macro serves each kind.)
 macro_rules! loaded_program {
@@ -766,9 +783,7 @@ macro_rules! loaded_program {
                 .try_into()
                 .with_context(|| format!("{prog} is not {}", $kind))?;
             if program.fd().is_err() {
-                program
-                    .load()
-                    .with_context(|| format!("load program {prog}"))?;
+                verify(|| program.load()).with_context(|| format!("load program {prog}"))?;
             }
             Ok(program)
         }
