@@ -6,7 +6,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -54,9 +54,8 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
     let daemon = Daemon::start(&ctl, 1.0)?;
 
     let maps = ctl.instance().bpffs.join("maps");
-    let tables = CONNTRACK_MAPS.map(|t| maps.join(t));
     let target = SocketAddrV4::new(HOST_ADDR, FILL_PORT + PUBLISH_SHIFT);
-    let entries = fill(&ep.server_ns, &ep.client_ns, target, &tables, n * 9 / 10)?;
+    let entries = fill(&ep.server_ns, &ep.client_ns, target, &maps, n * 9 / 10)?;
     record(samples, arm, CONNTRACK, "ct_entries", n, entries as f64);
     crr_counting_failures(&ep, plan, (arm, n, "crr_ct90", "crr_ct90_failed"), samples)
         .context("crr, table 90% full")?;
@@ -89,7 +88,8 @@ pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()
     let max = tables
         .iter()
         .find(|m| m.name == CONNTRACK_MAP)
-        .map_or(1, |m| m.max_entries);
+        .context("no conntrack map pinned")?
+        .max_entries;
     let per_entry = bytes as f64 / max as f64;
     record(
         samples,
@@ -179,7 +179,7 @@ const FILL_PORT: u16 = 7002;
 /// Where the filling SYNs come from.
 const RANDOM_SOURCES: &str = "198.19.128.0/17";
 
-/// Fills the conntrack tables pinned at `tables` to about `goal` entries with SYNs from random
+/// Fills netd's conntrack tables, pinned under `maps`, to about `goal` entries with SYNs from random
 /// sources to `target` (a published port of the container at `server_ns` where nothing
 /// listens); returns the entries they hold then. A flow answered by nobody is never assured,
 /// so they all land in the unassured flows' table (`CONNTRACK_NEW`), as a flood's would; the
@@ -190,12 +190,12 @@ fn fill(
     server_ns: &Path,
     client_ns: &Path,
     target: SocketAddrV4,
-    tables: &[PathBuf],
+    maps: &Path,
     goal: u32,
 ) -> Result<u64> {
     let route = ["route", "add", "blackhole", RANDOM_SOURCES];
     try_output_in(server_ns, "ip", &route)?;
-    let filled = send_until_full(client_ns, target, tables, u64::from(goal));
+    let filled = send_until_full(client_ns, target, maps, u64::from(goal));
     try_output_in(
         server_ns,
         "ip",
@@ -204,14 +204,8 @@ fn fill(
     filled
 }
 
-fn send_until_full(
-    client_ns: &Path,
-    target: SocketAddrV4,
-    tables: &[PathBuf],
-    goal: u64,
-) -> Result<u64> {
-    let count = || -> Result<u64> { tables.iter().map(|t| memory::map_entries(t)).sum() };
-    let mut entries = count()?;
+fn send_until_full(client_ns: &Path, target: SocketAddrV4, maps: &Path, goal: u64) -> Result<u64> {
+    let mut entries = memory::conntrack_entries(maps)?;
     let sock = netns::run_in(Some(client_ns), raw_socket)?;
     let mut rng = Rng::seeded();
     for _ in 0..64 {
@@ -223,7 +217,7 @@ fn send_until_full(
             send_syn(&sock, &mut rng, target)?;
         }
         // The datapath runs in the sender's softirq: the entries are there when send returns.
-        entries = count()?;
+        entries = memory::conntrack_entries(maps)?;
     }
     Ok(entries)
 }

@@ -188,6 +188,14 @@ pub enum Per {
 /// The path name memory records are filed under.
 pub const MEMORY: &str = "memory";
 
+/// Flows in netd's conntrack, both tables (assured and unassured), pinned under `maps`.
+pub fn conntrack_entries(maps: &Path) -> Result<u64> {
+    netd_common::datapath::CONNTRACK_MAPS
+        .iter()
+        .map(|t| map_entries(&maps.join(t)))
+        .sum()
+}
+
 /// Entries in the map pinned at `pin` (every key, walked with `BPF_MAP_GET_NEXT_KEY`; a map
 /// that can't be walked, such as a ring buffer, counts 0). A walk whose current key is
 /// deleted under it (the daemon sweeping, LRU eviction) starts over from the first key, so

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use netd::netns;
-use netd_common::datapath::{CONNTRACK_MAPS, ENDPOINTS_MAP};
+use netd_common::datapath::ENDPOINTS_MAP;
 use netd_testkit::sandbox::HOST_ADDR;
 use plotters::prelude::*;
 use serde::Serialize;
@@ -241,10 +241,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
             window.sort_by(f64::total_cmp);
             let sample = Sample {
                 t_s: started.elapsed().as_secs_f64(),
-                conntrack_entries: CONNTRACK_MAPS
-                    .iter()
-                    .map(|t| memory::map_entries(&maps.join(t)))
-                    .sum::<Result<u64>>()?,
+                conntrack_entries: memory::conntrack_entries(&maps)?,
                 endpoint_entries: memory::map_entries(&maps.join(ENDPOINTS_MAP))?,
                 daemon_rss_mib: daemon.rss_bytes()? as f64 / f64::from(1 << 20),
                 rr_p99_us: percentile(&window, 99.0),
