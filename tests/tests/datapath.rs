@@ -1009,6 +1009,35 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
 }
 
 #[test]
+fn a_client_port_a_host_service_listens_on_still_reaches_a_published_port() {
+    let env = TestEnv::new();
+    let c = &containers(&env, 1)[0];
+    publish(&env, &[port(Protocol::Tcp, None, 8080, c.ip, 80)]);
+    // A service of the host listens on every address at 7000; a client happens to connect
+    // from port 7000. Its connection's reply tuple (container:80 → client:7000) is the
+    // client's, not the host's: the listener has nothing to do with it.
+    let _host_service = env.in_ns(&env.host_ns(), || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap()
+    });
+    let listener = env.in_ns(&c.ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    let server = tcp_echo_server(listener, 1);
+    let back = env.in_ns(&env.outside_ns(), || {
+        tcp_round_trip(
+            (HOST_ADDR, 8080).into(),
+            Some((OUTSIDE_ADDR, 7000).into()),
+            b"hello",
+        )
+    });
+    assert_eq!(back, b"hello");
+    assert_eq!(
+        server.join().unwrap()[0],
+        SocketAddr::from((OUTSIDE_ADDR, 7000))
+    );
+}
+
+#[test]
 fn masquerade_never_takes_the_tuple_of_a_host_connection() {
     let env = TestEnv::new();
     let c = &containers(&env, 1)[0];

@@ -651,8 +651,13 @@ fn claim_reply_tuple(
         }
         // Only the last try may take over a closed flow's tuple: a free one is better.
         let reuse_closed = attempt + 1 == tries;
-        if sockets::host_socket_owns(ctx, &e.reply) || !tuple_free(&e.reply, now, cfg, reuse_closed)
-        {
+        // Only a translated source can collide with a host socket: a published flow's reply
+        // tuple ends at its client, where a host listener on the client's port (matched on
+        // any address) has nothing to do with it.
+        if translated && sockets::host_socket_owns(ctx, &e.reply) {
+            continue;
+        }
+        if !tuple_free(&e.reply, now, cfg, reuse_closed) {
             continue;
         }
         if CONNTRACK_NEW
