@@ -35,6 +35,10 @@ enum Command {
         /// pressure) or `latency` (request/response against the ceiling, paired).
         #[arg(long)]
         only: Option<bench::Part>,
+        /// Another netd binary (an earlier build) measured beside this one as the arm
+        /// `baseline` (paths and paired latency): a before/after in one run.
+        #[arg(long, value_name = "NETD_BIN")]
+        baseline: Option<PathBuf>,
     },
     /// Churn (containers and ports) beside long-lived flows, for `--minutes`: flows lost,
     /// errors, map sizes, the daemon's RSS and latency over time, leaks at the end.
@@ -69,6 +73,7 @@ fn run(cli: Cli) -> Result<()> {
                 arms,
                 runs,
                 only,
+                baseline,
             } => {
                 let runs = runs.unwrap_or(if quick { 1 } else { 5 });
                 bench::run(bench::Options {
@@ -77,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
                     arms,
                     runs,
                     only,
+                    baseline,
                 })
                 .await
             }

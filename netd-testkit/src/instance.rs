@@ -65,7 +65,12 @@ impl Instance {
 
     /// An instance whose names start with `prefix`.
     pub async fn create(prefix: &str) -> Result<Self> {
-        let netd = crate::netd_bin()?;
+        Self::create_with(prefix, crate::netd_bin()?).await
+    }
+
+    /// [`Instance::create`], driving the netd binary `netd` (another build of it: the
+    /// benchmark's baseline).
+    pub async fn create_with(prefix: &str, netd: PathBuf) -> Result<Self> {
         crate::ensure_bpffs()?;
         let cgroup = crate::cgroup2_root()?.join(format!("netd-{prefix}"));
         let inst = Self {

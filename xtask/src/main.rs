@@ -50,6 +50,13 @@ enum Task {
         /// Minutes the soak runs (30 for the report, 2 in CI).
         #[arg(long)]
         minutes: Option<f64>,
+        /// Arms to run, comma-separated (default: all).
+        #[arg(long)]
+        arms: Option<String>,
+        /// Another netd binary (an earlier build) measured beside this one, as the arm
+        /// `baseline`: a before/after in one run.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -83,7 +90,18 @@ fn run() -> Result<()> {
             quick,
             runs,
             minutes,
-        } => bench(what.as_deref(), quick, runs, minutes),
+            arms,
+            baseline,
+        } => bench(
+            what.as_deref(),
+            BenchOptions {
+                quick,
+                runs,
+                minutes,
+                arms,
+                baseline,
+            },
+        ),
     }
 }
 
@@ -185,12 +203,33 @@ fn lint() -> Result<()> {
     )
 }
 
-fn bench(what: Option<&str>, quick: bool, runs: Option<usize>, minutes: Option<f64>) -> Result<()> {
+/// `cargo xtask bench`'s options.
+struct BenchOptions {
+    quick: bool,
+    runs: Option<usize>,
+    minutes: Option<f64>,
+    arms: Option<String>,
+    baseline: Option<PathBuf>,
+}
+
+fn bench(what: Option<&str>, opts: BenchOptions) -> Result<()> {
+    let BenchOptions {
+        quick,
+        runs,
+        minutes,
+        arms,
+        baseline,
+    } = opts;
     if minutes.is_some() && what != Some("soak") {
         bail!("--minutes is for `cargo xtask bench soak`");
     }
-    if runs.is_some() && what == Some("soak") {
-        bail!("--runs is not for `cargo xtask bench soak` (it runs once, for --minutes)");
+    if what == Some("soak") {
+        if runs.is_some() {
+            bail!("--runs is not for `cargo xtask bench soak` (it runs once, for --minutes)");
+        }
+        if arms.is_some() || baseline.is_some() {
+            bail!("--arms and --baseline are not for `cargo xtask bench soak` (it runs ebpf)");
+        }
     }
     let mut cmd = netd_bench()?;
     let out = workspace_root().join("target/bench");
@@ -216,6 +255,12 @@ fn bench(what: Option<&str>, quick: bool, runs: Option<usize>, minutes: Option<f
     }
     if let Some(runs) = runs {
         cmd.arg("--runs").arg(runs.to_string());
+    }
+    if let Some(arms) = arms {
+        cmd.arg("--arms").arg(arms);
+    }
+    if let Some(baseline) = baseline {
+        cmd.arg("--baseline").arg(baseline);
     }
     run_cmd(&mut cmd)
 }

@@ -3,7 +3,7 @@
 //! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
 //! one twice: TC only, and with the uplink's XDP program), and a real Docker.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, sync::OnceLock};
 
 use anyhow::{Context as _, Result};
 
@@ -21,17 +21,32 @@ use netd_testkit::{
     HOST_ADDR, Instance, OUTSIDE_ADDR, cleanup::Cleanup, sandbox::Sandbox, traffic::try_output_in,
 };
 
-/// Every arm the benchmark knows, in the order it alternates them.
+/// Every arm the benchmark runs by default, in the order it alternates them. One more,
+/// `baseline`, runs when a baseline binary is given ([`set_baseline`]).
 pub const ARMS: &[&str] = &[
     "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
 ];
+
+/// The arm of another netd build (`--baseline BIN`): the eBPF datapath, driven by that binary.
+pub const BASELINE: &str = "baseline";
+
+static BASELINE_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Names the netd binary the `baseline` arm drives: another build of netd (an earlier
+/// commit's), measured beside this one in the same run.
+pub fn set_baseline(bin: PathBuf) -> Result<()> {
+    anyhow::ensure!(bin.is_file(), "baseline {}: no such file", bin.display());
+    BASELINE_BIN
+        .set(bin)
+        .map_err(|_| anyhow::anyhow!("the baseline binary is already set"))
+}
 
 /// The netd options an arm runs with (`None`: not a netd arm). `iptables-legacy` and
 /// `iptables-nft` are the iptables arm with one backend named (`iptables` takes the
 /// machine's default, nft on Debian); the scaling measurement runs both.
 fn netd_options(arm: &str) -> Option<&'static [&'static str]> {
     match arm {
-        "ebpf" => Some(&["--datapath", "ebpf"]),
+        "ebpf" | BASELINE => Some(&["--datapath", "ebpf"]),
         "ebpf-xdp" => Some(&["--datapath", "ebpf", "--uplink-xdp"]),
         "iptables" | "iptables-legacy" | "iptables-nft" => Some(&["--datapath", "iptables"]),
         _ => None,
@@ -71,7 +86,7 @@ fn backend_bin_dir(dir: &std::path::Path, backend: &str) -> Result<std::ffi::OsS
 /// programs differ; the reference arms have none), so scaling and container set-up are
 /// measured on it.
 pub fn has_own_control_plane(arm: &str) -> bool {
-    !matches!(arm, "ceiling" | "routed" | "ebpf-xdp")
+    !matches!(arm, "ceiling" | "routed" | "ebpf-xdp" | BASELINE)
 }
 
 /// The subnet of netd's benchmark network and its two containers' addresses.
@@ -134,7 +149,15 @@ impl Control {
 
     /// [`Control::build`], with more global options for netd (`--conntrack-max N`, ...).
     pub async fn build_with(arm: &str, prefix: &str, options: &[&str]) -> Result<Self> {
-        let inst = Instance::create(prefix).await?;
+        let inst = match arm {
+            BASELINE => {
+                let bin = BASELINE_BIN
+                    .get()
+                    .context("the baseline arm needs a baseline binary (--baseline BIN)")?;
+                Instance::create_with(prefix, bin.clone()).await?
+            }
+            _ => Instance::create(prefix).await?,
+        };
         if arm == "docker" {
             let workdir = inst.state_dir.join("docker");
             let dockerd = Dockerd::start(&inst.sandbox.host_path(), &workdir)?;

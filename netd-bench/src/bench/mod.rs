@@ -42,6 +42,9 @@ pub struct Options {
     pub runs: usize,
     /// One part of the benchmark instead of all of it.
     pub only: Option<Part>,
+    /// Another netd binary (an earlier build) to measure beside this one, as the arm
+    /// `baseline`: the paths and the paired latency, for a before/after in one run.
+    pub baseline: Option<PathBuf>,
 }
 
 /// The parts of the benchmark that can run on their own.
@@ -321,6 +324,18 @@ pub async fn run(mut opts: Options) -> Result<()> {
         skip(&mut skipped, format!("docker: {e:#}"));
         opts.arms.retain(|a| a != "docker");
     }
+    if let Some(bin) = &opts.baseline {
+        arms::set_baseline(bin.clone())?;
+        if !opts.arms.iter().any(|a| a == arms::BASELINE) {
+            // Right after ebpf, so the two alternate as closely as the order allows.
+            let at = opts
+                .arms
+                .iter()
+                .position(|a| a == "ebpf")
+                .map_or(0, |i| i + 1);
+            opts.arms.insert(at, arms::BASELINE.to_string());
+        }
+    }
     let mut samples = Samples::new();
     let mut fairness = BTreeMap::new();
     let mut profile = Profile::new();
@@ -396,6 +411,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
             })
             .collect(),
         skipped,
+        baseline: opts.baseline.as_ref().map(|b| b.display().to_string()),
         records: samples.into_iter().map(Record::from_samples).collect(),
     };
     report.write(&opts.out)?;
@@ -411,7 +427,7 @@ pub async fn soak(minutes: f64, out: &std::path::Path) -> Result<()> {
 }
 
 /// The arms the paired latency measurement compares with the ceiling.
-const PAIRED_ARMS: [&str; 2] = ["routed", "ebpf"];
+const PAIRED_ARMS: [&str; 3] = ["routed", "ebpf", arms::BASELINE];
 
 /// Request/response p50 of each arm against the ceiling, paired: every arm's world is up at
 /// once, and short runs alternate between the ceiling and the arms (order rotating), so each

@@ -124,6 +124,9 @@ pub struct Report {
     pub profile: Vec<Profile>,
     /// What was not measured, and why.
     pub skipped: Vec<String>,
+    /// The other netd binary the `baseline` arm drove (`--baseline`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
     pub records: Vec<Record>,
 }
 
@@ -176,6 +179,7 @@ impl Report {
         self.paired_latency_table(&mut md);
         self.unsolicited_table(&mut md);
         self.xdp_table(&mut md);
+        self.baseline_table(&mut md);
         self.scaling_table(&mut md);
         self.control_table(&mut md);
         self.conntrack_table(&mut md);
@@ -372,6 +376,41 @@ impl Report {
                 xdp / tc,
                 if xdp_wins { "xdp" } else { "tc" }
             );
+        }
+        let _ = writeln!(md);
+    }
+
+    /// This build against the baseline build (`--baseline`), path by path: the before/after
+    /// of a change, measured in one run with the rounds alternating.
+    fn baseline_table(&self, md: &mut String) {
+        let Some(bin) = &self.baseline else {
+            return;
+        };
+        let _ = writeln!(
+            md,
+            "## This build against the baseline (median, min–max over runs)\n"
+        );
+        let _ = writeln!(md, "Baseline: `{bin}`, the eBPF datapath as `ebpf`.\n");
+        let _ = writeln!(md, "| path | metric | baseline | ebpf | ebpf/baseline |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        let cell = |r: &Record| format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max);
+        for path in super::Path::ALL.map(super::Path::name) {
+            for metric in PATH_METRICS {
+                let (Some(before), Some(after)) = (
+                    self.find(super::arms::BASELINE, path, metric, 1),
+                    self.find("ebpf", path, metric, 1),
+                ) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    md,
+                    "| {path} | {metric} ({}) | {} | {} | {:.3} |",
+                    unit_of(metric),
+                    cell(before),
+                    cell(after),
+                    after.median / before.median
+                );
+            }
         }
         let _ = writeln!(md);
     }
@@ -885,6 +924,7 @@ mod tests {
             fairness: BTreeMap::new(),
             profile: Vec::new(),
             skipped: Vec::new(),
+            baseline: None,
             records,
         }
     }
@@ -901,6 +941,32 @@ mod tests {
         let md = report(&[(1, vec![0.2]), (10_000, vec![0.4])]).markdown();
         assert!(
             md.contains("at N=10000: 0.40 ms (not judged: N below 30,000)"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_baseline_table_compares_this_build_path_by_path() {
+        let mut r = report(&[]);
+        let path = crate::bench::Path::Published.name().to_string();
+        for (arm, runs) in [
+            ("baseline", vec![30_000.0, 34_000.0, 32_000.0]),
+            ("ebpf", vec![33_000.0]),
+        ] {
+            let key = (arm.to_string(), path.clone(), "crr", 1);
+            r.records.push(Record::from_samples((key, runs)));
+        }
+        assert!(
+            !r.markdown().contains("against the baseline"),
+            "no baseline, no table"
+        );
+        r.baseline = Some("/old/netd".into());
+        let md = r.markdown();
+        assert!(md.contains("Baseline: `/old/netd`"), "{md}");
+        assert!(
+            md.contains(&format!(
+                "| {path} | crr (conn/s) | 32000.00 (30000.00–34000.00) | 33000.00 (33000.00–33000.00) | 1.031 |"
+            )),
             "{md}"
         );
     }
