@@ -63,6 +63,19 @@ impl Instance {
             .unwrap_or_else(|e| panic!("create sandbox {prefix}: {e:#}"))
     }
 
+    /// [`Instance::new`] with IPv6 on the sandbox's uplink ([`Sandbox::enable_ipv6`]).
+    pub fn dual_stack() -> Self {
+        let env = Self::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("start a runtime");
+        runtime
+            .block_on(env.sandbox.enable_ipv6())
+            .unwrap_or_else(|e| panic!("enable IPv6 in sandbox {}: {e:#}", env.prefix));
+        env
+    }
+
     /// An instance whose names start with `prefix`.
     pub async fn create(prefix: &str) -> Result<Self> {
         Self::create_with(prefix, crate::netd_bin()?).await

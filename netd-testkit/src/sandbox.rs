@@ -5,10 +5,11 @@
 //! ```
 //! Both are named network namespaces made here, so nothing touches the machine's own
 //! interfaces and no packet leaves the machine. Addresses come from 198.18.0.0/15 (RFC 2544,
-//! benchmarking) and exist only inside these namespaces.
+//! benchmarking) and, once [`Sandbox::enable_ipv6`] ran, 2001:2::/48 (RFC 5180, IPv6
+//! benchmarking); they exist only inside these namespaces.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -16,7 +17,7 @@ use anyhow::Result;
 use ipnet::IpNet;
 
 use netd::{
-    netlink::{Netlink, set_sysctl},
+    netlink::{Netlink, set_ipv6_conf, set_sysctl},
     netns,
 };
 
@@ -29,6 +30,11 @@ pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The outside namespace's address: the host's default gateway and the "internet server".
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const PREFIX_LEN: u8 = 24;
+/// The host's uplink IPv6 address (after [`Sandbox::enable_ipv6`]).
+pub const HOST_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// The outside namespace's IPv6 address: the host's IPv6 default gateway.
+pub const OUTSIDE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+const PREFIX_LEN6: u8 = 64;
 
 /// Names of a sandbox's two namespaces. Removing is explicit ([`Sandbox::remove`]): the
 /// [`Instance`](crate::Instance) guard removes it and reports what it could not remove.
@@ -99,6 +105,32 @@ impl Sandbox {
             .add_route("0.0.0.0/0".parse()?, Some(IpAddr::V4(OUTSIDE_ADDR)), None)
             .await?;
         Ok(())
+    }
+
+    /// Turns IPv6 on for loopback and the uplink in both namespaces (off from creation, so
+    /// IPv4-only tests count no router solicitations), with [`HOST_ADDR6`],
+    /// [`OUTSIDE_ADDR6`] and the host's IPv6 default route via the outside. No
+    /// autoconfiguration and no duplicate address detection: usable at once, and only the
+    /// addresses set here.
+    pub async fn enable_ipv6(&self) -> Result<()> {
+        for (ns, link, addr) in [
+            (self.host_path(), UPLINK, HOST_ADDR6),
+            (self.outside_path(), OUTSIDE_LINK, OUTSIDE_ADDR6),
+        ] {
+            for ifname in ["lo", link] {
+                for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")] {
+                    set_ipv6_conf(Some(&ns), ifname, key, value)?;
+                }
+                set_ipv6_conf(Some(&ns), ifname, "disable_ipv6", "0")?;
+            }
+            let nl = Netlink::in_ns(Some(&ns))?;
+            let index = nl.require_link(link).await?;
+            nl.add_addr(index, IpNet::new(addr.into(), PREFIX_LEN6)?)
+                .await?;
+        }
+        Netlink::in_ns(Some(&self.host_path()))?
+            .add_route("::/0".parse()?, Some(IpAddr::V6(OUTSIDE_ADDR6)), None)
+            .await
     }
 
     /// Removes both namespaces (and with them the uplink), both tried whatever the first did.

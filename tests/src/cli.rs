@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Stdio,
     sync::mpsc,
@@ -104,8 +104,9 @@ pub fn connect_error(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Err
         .kind()
 }
 
-/// Whether one ping from `ns` to `dst` is answered.
-pub fn pings(env: &TestEnv, ns: &Path, dst: Ipv4Addr) -> bool {
+/// Whether one ping (ICMP or ICMPv6 echo) from `ns` to `dst` is answered.
+pub fn pings(env: &TestEnv, ns: &Path, dst: impl Into<IpAddr>) -> bool {
+    let dst: IpAddr = dst.into();
     env.run_in(ns, "ping", &["-n", "-c", "1", "-W", "1", &dst.to_string()])
         .status
         .success()

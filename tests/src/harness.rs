@@ -7,7 +7,9 @@ use std::{
     path::PathBuf,
 };
 
-pub use netd_testkit::{HOST_ADDR, Instance as TestEnv, OUTSIDE_ADDR, UPLINK};
+pub use netd_testkit::{
+    HOST_ADDR, HOST_ADDR6, Instance as TestEnv, OUTSIDE_ADDR, OUTSIDE_ADDR6, UPLINK,
+};
 
 /// The netd binary under test (`NETD_BIN`); panics, naming the fix, when it isn't set.
 pub fn netd_bin() -> PathBuf {

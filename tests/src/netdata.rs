@@ -17,6 +17,8 @@ pub fn network() -> NetworkSpec {
         bridge: BRIDGE.into(),
         subnet: "172.17.0.0/16".parse().unwrap(),
         gateway: GATEWAY,
+        subnet6: None,
+        gateway6: None,
         icc: true,
         internal: false,
         masquerade: true,
@@ -29,6 +31,7 @@ pub fn endpoint(ip: Ipv4Addr, host_ifname: &str, host_ifindex: u32) -> EndpointS
         network_id: 1,
         container: format!("c-{ip}"),
         ip,
+        ip6: None,
         mac: [0x02, 0x42, 172, 17, 0, ip.octets()[3]],
         host_ifname: host_ifname.into(),
         host_ifindex,
@@ -47,9 +50,10 @@ pub fn port(
     PortSpec {
         network_id: 1,
         proto,
-        host_ip,
+        host_ip: host_ip.map(Into::into),
         host_port,
         container_ip,
+        container_ip6: None,
         container_port,
         allow: vec![],
     }

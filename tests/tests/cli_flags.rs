@@ -95,7 +95,11 @@ fn network_create_with_gateway_bridge_mtu_and_host_ip_makes_what_they_name() {
     );
 
     // Traffic: the gateway answers, and 1400 bytes leave whole but 1401 don't.
-    assert!(pings(&env, &c.ns, "10.81.0.254".parse().unwrap()));
+    assert!(pings(
+        &env,
+        &c.ns,
+        "10.81.0.254".parse::<std::net::Ipv4Addr>().unwrap()
+    ));
     let fits = ping_output(
         &env,
         &c.ns,

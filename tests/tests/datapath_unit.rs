@@ -1300,6 +1300,7 @@ fn quiet_network(b: &Bench, link: (netd::datapath::Protocol, u16)) -> Quiet {
                 veth4,
                 vec![netd::datapath::LinkSpec {
                     peer: c3,
+                    peer6: None,
                     proto: link.0,
                     port: link.1,
                 }],

@@ -29,6 +29,8 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         bridge: "netd0".into(),
         subnet: "172.17.0.0/16".parse().unwrap(),
         gateway: "172.17.0.1".parse().unwrap(),
+        subnet6: None,
+        gateway6: None,
         icc: false,
         internal: false,
         masquerade: true,
@@ -40,6 +42,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         host_ip: Some("198.18.0.2".parse().unwrap()),
         host_port: 5353,
         container_ip: "172.17.0.2".parse().unwrap(),
+        container_ip6: None,
         container_port: 53,
         allow: vec![],
     };

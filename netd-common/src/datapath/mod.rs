@@ -51,6 +51,7 @@ pub const HOST_SOCK_PROGS: [&str; 4] = [
 pub const SOCK_REDIRECTS_MAX: u32 = 65_536;
 
 pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -61,6 +62,16 @@ pub type Addr = [u32; 4];
 /// The map form of the IPv4 address whose wire bytes are `octets`.
 pub const fn addr_v4(octets: [u8; 4]) -> Addr {
     [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// The map form of the IPv6 address whose wire bytes are `octets`.
+pub const fn addr_v6(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
 }
 
 /// The wire bytes of the IPv4 address in `addr`.

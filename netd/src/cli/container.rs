@@ -1,10 +1,13 @@
 //! `netd container create/rm/ls/inspect`.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::{Global, views};
 use crate::core::{
@@ -44,12 +47,15 @@ pub struct CreateArgs {
     pub pid: Option<u32>,
     #[arg(long)]
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address on a dual-stack network.
+    #[arg(long)]
+    pub ip6: Option<Ipv6Addr>,
     #[arg(long)]
     pub mac: Option<String>,
     #[arg(long)]
     pub hostname: Option<String>,
     #[arg(long)]
-    pub dns: Vec<Ipv4Addr>,
+    pub dns: Vec<IpAddr>,
     #[arg(long)]
     pub dns_search: Vec<String>,
     /// HOST:IP
@@ -58,7 +64,7 @@ pub struct CreateArgs {
     /// OTHER[:ALIAS]
     #[arg(long = "link")]
     pub links: Vec<String>,
-    /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]
+    /// [IP:]HOSTPORT[-END]:CPORT[-END][/tcp|/udp]; an IPv6 IP in brackets, [::1]:8080:80
     #[arg(short = 'p', long)]
     pub publish: Vec<String>,
     /// Publish every --expose'd port on a free host port.
@@ -67,7 +73,7 @@ pub struct CreateArgs {
     /// Published ports accept new connections only from this source range (repeatable;
     /// from anywhere when not given).
     #[arg(long, value_name = "CIDR")]
-    pub publish_allow: Vec<Ipv4Net>,
+    pub publish_allow: Vec<IpNet>,
     /// PORT[-END][/tcp|/udp]
     #[arg(long)]
     pub expose: Vec<String>,
@@ -94,6 +100,7 @@ impl CreateArgs {
                 None => Mode::Bridge(Attachment {
                     network: other.to_string(),
                     ip: self.ip,
+                    ip6: self.ip6,
                     mac: self.mac.as_deref().map(ipam::parse_mac).transpose()?,
                     ifname: None,
                     publish: self
@@ -114,9 +121,9 @@ impl CreateArgs {
                     self.network
                 );
             }
-            if self.ip.is_some() || self.mac.is_some() {
+            if self.ip.is_some() || self.ip6.is_some() || self.mac.is_some() {
                 bail!(
-                    "--ip and --mac need a bridge network, not --network {}",
+                    "--ip, --ip6 and --mac need a bridge network, not --network {}",
                     self.network
                 );
             }
@@ -152,14 +159,15 @@ impl CreateArgs {
 }
 
 /// `--add-host HOST:IP`.
-fn parse_add_host(spec: &str) -> Result<(String, Ipv4Addr)> {
+fn parse_add_host(spec: &str) -> Result<(String, IpAddr)> {
+    // Split at the first colon: a host name has none, an IPv6 address several.
     let (host, ip) = spec
-        .rsplit_once(':')
+        .split_once(':')
         .filter(|(h, _)| !h.is_empty())
         .ok_or_else(|| anyhow::anyhow!("invalid --add-host {spec:?}: expected HOST:IP"))?;
-    let ip = ip.parse().map_err(|_| {
-        anyhow::anyhow!("invalid --add-host {spec:?}: {ip:?} is not an IPv4 address")
-    })?;
+    let ip = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid --add-host {spec:?}: {ip:?} is not an IP address"))?;
     Ok((host.to_string(), ip))
 }
 
@@ -234,6 +242,23 @@ mod tests {
         let s = spec(&["c", "--network", "none", "--pid", "7", "--link", "a:b"]).unwrap();
         assert_eq!(s.netns, Netns::Pid(7));
         assert_eq!(s.links[0].alias, "b");
+        let s = spec(&[
+            "c",
+            "--ip6",
+            "fd00::5",
+            "--add-host",
+            "v6:fd00::9",
+            "--add-host",
+            "v4:10.0.0.9",
+            "--dns",
+            "2001:db8::53",
+        ])
+        .unwrap();
+        let Mode::Bridge(at) = s.mode else { panic!() };
+        assert_eq!(at.ip6, Some("fd00::5".parse().unwrap()));
+        assert_eq!(s.add_hosts[0], ("v6".into(), "fd00::9".parse().unwrap()));
+        assert_eq!(s.add_hosts[1], ("v4".into(), "10.0.0.9".parse().unwrap()));
+        assert_eq!(s.dns, ["2001:db8::53".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]
@@ -245,8 +270,13 @@ mod tests {
             ),
             (
                 &["c", "--network", "host", "--ip", "10.0.0.1"],
-                "--ip and --mac",
+                "--ip, --ip6 and --mac",
             ),
+            (
+                &["c", "--network", "none", "--ip6", "fd00::2"],
+                "--ip, --ip6 and --mac",
+            ),
+            (&["c", "-p", "[::1]:80"], "expected [IPV6]"),
             (
                 &["c", "--network", "none", "--conntrack-limit", "5"],
                 "--conntrack-limit needs a bridge network",

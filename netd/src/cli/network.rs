@@ -1,9 +1,10 @@
 //! `netd network create/rm/ls/inspect`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{ArgAction, Subcommand};
+use ipnet::IpNet;
 
 use super::{Global, views};
 use crate::core::{
@@ -30,12 +31,16 @@ pub enum NetworkCommand {
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     pub name: String,
-    /// IPv4 subnet (default: the first free private /16 or /20).
+    /// IPv4 subnet (default: the first free private /16 or /20); with --ipv6, an IPv6 one
+    /// too (default: a free ULA /64). At most one of each family.
     #[arg(long)]
-    pub subnet: Option<String>,
-    /// The bridge's address (default: the subnet's first host).
+    pub subnet: Vec<String>,
+    /// The bridge's address in each family's subnet (default: the subnet's first host).
     #[arg(long)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Vec<IpAddr>,
+    /// Dual-stack: containers get an IPv6 address and route too (iptables datapath).
+    #[arg(long)]
+    pub ipv6: bool,
     /// Allocate container addresses from this part of the subnet.
     #[arg(long)]
     pub ip_range: Option<String>,
@@ -65,9 +70,34 @@ pub struct CreateArgs {
 impl CreateArgs {
     /// The spec these arguments ask for, new networks using `global`'s datapath.
     pub fn spec(self, global: &Global) -> Result<NetworkSpec> {
+        let mut subnet = None;
+        let mut subnet6 = None;
+        for text in &self.subnet {
+            let (slot, family) = match ipam::parse_subnet(text)? {
+                IpNet::V4(net) => (subnet.replace(net).map(IpNet::from), "IPv4"),
+                IpNet::V6(net) => (subnet6.replace(net).map(IpNet::from), "IPv6"),
+            };
+            if let Some(first) = slot {
+                bail!("two {family} subnets ({first} and {text}): give one of each family");
+            }
+        }
+        let mut gateway = None;
+        let mut gateway6 = None;
+        for ip in &self.gateway {
+            let first = match ip {
+                IpAddr::V4(ip) => gateway.replace(*ip).map(IpAddr::from),
+                IpAddr::V6(ip) => gateway6.replace(*ip).map(IpAddr::from),
+            };
+            if let Some(first) = first {
+                bail!("two gateways of one family ({first} and {ip}): give one of each");
+            }
+        }
         let spec = NetworkSpec {
-            subnet: self.subnet.as_deref().map(ipam::parse_subnet).transpose()?,
-            gateway: self.gateway,
+            subnet,
+            gateway,
+            ipv6: self.ipv6,
+            subnet6,
+            gateway6,
             ip_range: self
                 .ip_range
                 .as_deref()

@@ -17,16 +17,38 @@ use crate::{
 
 /// `netd network create`'s line.
 pub fn network_created(net: &Network) -> String {
+    let ipv6 = match (net.subnet6, net.gateway6) {
+        (Some(subnet6), Some(gateway6)) => format!(", ipv6 {subnet6} gateway {gateway6}"),
+        _ => String::new(),
+    };
     format!(
-        "{} {} gateway {} bridge {} ({})",
+        "{} {} gateway {} bridge {} ({}){ipv6}",
         net.name, net.subnet, net.gateway, net.bridge, net.datapath
     )
 }
 
+/// A record's addresses of both families, IPv4 first, as one table cell.
+fn both(v4: Option<impl ToString>, v6: Option<impl ToString>) -> String {
+    let v4 = v4.map(|a| a.to_string());
+    let v6 = v6.map(|a| a.to_string());
+    [v4, v6]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `netd container create`'s lines: name and address, then each published port.
 pub fn container_created(c: &Container) -> String {
-    let ip = c.ip.map(|ip| format!(" {ip}")).unwrap_or_default();
-    let mut out = format!("{}{ip}\n", c.name);
+    let ips = [
+        c.ip.map(|ip| ip.to_string()),
+        c.ip6.map(|ip| ip.to_string()),
+    ];
+    let mut out = c.name.clone();
+    for ip in ips.into_iter().flatten() {
+        out.push_str(&format!(" {ip}"));
+    }
+    out.push('\n');
     for p in &c.ports {
         out.push_str(&format!("  {}\n", port_line(p)));
     }
@@ -80,8 +102,8 @@ pub fn network_ls(ctl: &mut Controller, json: bool) -> Result<()> {
         rows.push(vec![
             n.name.clone(),
             n.bridge.clone(),
-            n.subnet.to_string(),
-            n.gateway.to_string(),
+            both(Some(n.subnet), n.subnet6),
+            both(Some(n.gateway), n.gateway6),
             n.datapath.to_string(),
             ctl.containers_on(&n.name)?.len().to_string(),
             flags.join(","),
@@ -107,7 +129,7 @@ pub fn network_inspect(ctl: &mut Controller, name: &str) -> Result<()> {
     let containers: Vec<_> = ctl
         .containers_on(name)?
         .iter()
-        .map(|c| json!({"name": c.name, "ip": c.ip, "mac": c.mac}))
+        .map(|c| json!({"name": c.name, "ip": c.ip, "ip6": c.ip6, "mac": c.mac}))
         .collect();
     output::json(&json!({"network": net, "containers": containers}))
 }
@@ -123,13 +145,11 @@ fn mode_name(c: &Container) -> String {
 
 /// `80/tcp -> 0.0.0.0:8080`, as `docker port` prints it.
 pub fn port_line(p: &PortMapping) -> String {
-    let ip = p.host_ip.map_or("0.0.0.0".to_string(), |ip| ip.to_string());
-    format!(
-        "{}/{} -> {ip}:{}",
-        p.container_port,
-        proto_name(p.proto),
-        p.host_port
-    )
+    let host = match p.host_ip {
+        Some(ip) => std::net::SocketAddr::new(ip, p.host_port).to_string(),
+        None => format!("0.0.0.0:{}", p.host_port),
+    };
+    format!("{}/{} -> {host}", p.container_port, proto_name(p.proto))
 }
 
 pub fn container_ls(ctl: &mut Controller, json: bool) -> Result<()> {
@@ -143,7 +163,7 @@ pub fn container_ls(ctl: &mut Controller, json: bool) -> Result<()> {
             vec![
                 c.name.clone(),
                 mode_name(c),
-                c.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                both(c.ip, c.ip6),
                 c.mac.clone().unwrap_or_default(),
                 c.ports.iter().map(port_line).collect::<Vec<_>>().join(", "),
             ]

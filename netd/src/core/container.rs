@@ -3,6 +3,8 @@
 //! until everything is gone; a failure midway is undone by the same teardown `rm` uses, and
 //! `gc` does the same for a process that died.
 
+use std::net::IpAddr;
+
 use anyhow::{Context as _, Result, bail};
 
 use super::{
@@ -232,8 +234,12 @@ impl Attached {
 fn linked_addresses(tx: &Tx, c: &Container) -> Result<Linked> {
     let mut linked = Linked::new();
     for link in &c.links {
-        if let Some(ip) = tx.container(&link.container)?.and_then(|l| l.ip) {
-            linked.insert(link.container.clone(), ip);
+        if let Some(other) = tx.container(&link.container)? {
+            let ips = [other.ip.map(IpAddr::from), other.ip6.map(IpAddr::from)];
+            let ips: Vec<IpAddr> = ips.into_iter().flatten().collect();
+            if !ips.is_empty() {
+                linked.insert(link.container.clone(), ips);
+            }
         }
     }
     Ok(linked)
@@ -248,8 +254,11 @@ fn link_specs(tx: &Tx, c: &Container) -> Result<Vec<LinkSpec>> {
             continue;
         };
         let Some(ip) = peer.ip else { continue };
+        // Over IPv6 too when both ends have an IPv6 address.
+        let peer6 = peer.ip6.filter(|_| c.ip6.is_some());
         specs.extend(peer.link_ports().into_iter().map(|(proto, port)| LinkSpec {
             peer: ip,
+            peer6,
             proto,
             port,
         }));

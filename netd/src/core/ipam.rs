@@ -1,10 +1,13 @@
 //! Address management: subnet choice and validation, container addresses, MACs.
 //! All CIDR math is `ipnet`'s.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// The pools Docker takes bridge subnets from, in order: 172.17-31.0.0/16, then
 /// 192.168.0-240.0/20.
@@ -14,7 +17,15 @@ fn default_pool() -> impl Iterator<Item = Ipv4Net> {
     big.chain(small)
 }
 
-pub fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+/// The /64s netd takes IPv6 subnets from: fd4e:6574:6400::/48, a ULA prefix ("Netd"), in
+/// order.
+fn default_pool6() -> impl Iterator<Item = Ipv6Net> {
+    (0..=u16::MAX)
+        .map(|i| Ipv6Net::new(Ipv6Addr::new(0xfd4e, 0x6574, 0x6400, i, 0, 0, 0, 0), 64).unwrap())
+}
+
+pub fn overlaps<N: Into<IpNet> + Copy>(a: &N, b: &N) -> bool {
+    let (a, b): (IpNet, IpNet) = ((*a).into(), (*b).into());
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
@@ -25,13 +36,59 @@ pub fn free_subnet(in_use: &[Ipv4Net]) -> Result<Ipv4Net> {
         .ok_or_else(|| anyhow::anyhow!("no free subnet left in 172.17.0.0/12 and 192.168.0.0/16"))
 }
 
-/// Parses a `--subnet`: an IPv4 CIDR with no host bits, room for a gateway and a container.
-pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
-    let net: Ipv4Net = text.parse().map_err(|_| {
-        anyhow::anyhow!("invalid subnet {text:?}: expected an IPv4 CIDR like 10.1.0.0/24")
+/// The first /64 of netd's ULA pool that overlaps nothing in `in_use`.
+pub fn free_subnet6(in_use: &[Ipv6Net]) -> Result<Ipv6Net> {
+    default_pool6()
+        .find(|candidate| !in_use.iter().any(|used| overlaps(candidate, used)))
+        .ok_or_else(|| anyhow::anyhow!("no free IPv6 subnet left in fd4e:6574:6400::/48"))
+}
+
+/// Parses a `--subnet`: an IPv4 or IPv6 CIDR with no host bits, room for a gateway and a
+/// container.
+pub fn parse_subnet(text: &str) -> Result<IpNet> {
+    let net: IpNet = text.parse().map_err(|_| {
+        anyhow::anyhow!("invalid subnet {text:?}: expected a CIDR like 10.1.0.0/24 or fd00:1::/64")
     })?;
-    check_subnet(net)?;
+    match net {
+        IpNet::V4(v4) => check_subnet(v4)?,
+        IpNet::V6(v6) => check_subnet6(v6)?,
+    }
     Ok(net)
+}
+
+/// Parses an IPv4 `--subnet` (where only IPv4 fits: an engine's IPv4 pool).
+pub fn parse_subnet4(text: &str) -> Result<Ipv4Net> {
+    match parse_subnet(text)? {
+        IpNet::V4(net) => Ok(net),
+        IpNet::V6(net) => bail!("invalid subnet \"{net}\": an IPv4 subnet is needed here"),
+    }
+}
+
+/// Checks an IPv6 subnet: no host bits, room for a gateway and a container.
+pub fn check_subnet6(net: Ipv6Net) -> Result<()> {
+    if net.trunc() != net {
+        bail!(
+            "invalid subnet \"{net}\": host bits set (did you mean {}?)",
+            net.trunc()
+        );
+    }
+    if net.prefix_len() > 126 {
+        bail!(
+            "invalid subnet \"{net}\": a /{} has no room for a gateway and containers",
+            net.prefix_len()
+        );
+    }
+    Ok(())
+}
+
+/// Checks `--gateway` of an IPv6 subnet and fills in its default (the first host address).
+pub fn gateway6(subnet: Ipv6Net, gateway: Option<Ipv6Addr>) -> Result<Ipv6Addr> {
+    let first = Ipv6Addr::from(u128::from(subnet.network()) + 1);
+    let gateway = gateway.unwrap_or(first);
+    if !is_host_of(subnet.into(), gateway.into()) {
+        bail!("gateway {gateway} is not a host address of subnet {subnet}");
+    }
+    Ok(gateway)
 }
 
 /// Checks a subnet: no host bits, room for a gateway and a container.
@@ -65,7 +122,7 @@ pub fn gateway_and_range(
     ip_range: Option<Ipv4Net>,
 ) -> Result<(Ipv4Addr, Ipv4Net)> {
     let gateway = gateway.unwrap_or_else(|| first_host(subnet));
-    if !is_host_of(subnet, gateway) {
+    if !is_host_of(subnet.into(), gateway.into()) {
         bail!("gateway {gateway} is not a host address of subnet {subnet}");
     }
     let range = match ip_range {
@@ -84,30 +141,32 @@ fn first_host(net: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + 1)
 }
 
-/// Whether `ip` is in `net` and is neither its network nor its broadcast address.
-fn is_host_of(net: Ipv4Net, ip: Ipv4Addr) -> bool {
-    net.contains(&ip) && ip != net.network() && ip != net.broadcast()
+/// Whether `ip` is in `net` and is neither its network (IPv6's subnet-router anycast) nor
+/// its IPv4 broadcast address.
+fn is_host_of(net: IpNet, ip: IpAddr) -> bool {
+    let broadcast = matches!(net, IpNet::V4(_)) && ip == net.broadcast();
+    net.contains(&ip) && ip != net.network() && !broadcast
 }
 
-/// What a network's addresses are constrained by.
+/// What a network's addresses of one family are constrained by.
 pub struct Pool<'a> {
-    pub subnet: Ipv4Net,
-    pub range: Ipv4Net,
-    pub gateway: Ipv4Addr,
-    pub used: &'a HashSet<Ipv4Addr>,
+    pub subnet: IpNet,
+    pub range: IpNet,
+    pub gateway: IpAddr,
+    pub used: &'a HashSet<IpAddr>,
 }
 
 impl Pool<'_> {
     /// The lowest free address of the range.
-    pub fn allocate(&self) -> Result<Ipv4Addr> {
+    pub fn allocate(&self) -> Result<IpAddr> {
         self.range
             .hosts()
             .find(|ip| self.is_free(*ip))
             .ok_or_else(|| anyhow::anyhow!("address pool {} is exhausted", self.range))
     }
 
-    /// Checks a requested `--ip`.
-    pub fn check(&self, ip: Ipv4Addr) -> Result<()> {
+    /// Checks a requested `--ip` or `--ip6`.
+    pub fn check(&self, ip: IpAddr) -> Result<()> {
         if !self.range.contains(&ip) || !is_host_of(self.subnet, ip) {
             bail!("address {ip} is outside the pool {}", self.range);
         }
@@ -117,7 +176,7 @@ impl Pool<'_> {
         Ok(())
     }
 
-    fn is_free(&self, ip: Ipv4Addr) -> bool {
+    fn is_free(&self, ip: IpAddr) -> bool {
         is_host_of(self.subnet, ip) && ip != self.gateway && !self.used.contains(&ip)
     }
 }
@@ -178,6 +237,14 @@ mod tests {
     #[test]
     fn subnet_validation() {
         assert!(parse_subnet("10.1.0.0/24").is_ok());
+        assert!(parse_subnet("fd00:60::/64").is_ok());
+        assert!(
+            parse_subnet("fd00:60::1/64")
+                .unwrap_err()
+                .to_string()
+                .contains("host bits")
+        );
+        assert!(parse_subnet("fd00:60::/127").is_err());
         assert!(
             parse_subnet("10.1.0.5/24")
                 .unwrap_err()
@@ -209,17 +276,52 @@ mod tests {
     }
 
     #[test]
-    fn allocation_skips_gateway_and_used_and_exhausts() {
-        let used: HashSet<Ipv4Addr> = ["10.1.0.2".parse().unwrap()].into();
+    fn ipv6_subnets_and_gateways() {
+        let first: Ipv6Net = "fd4e:6574:6400::/64".parse().unwrap();
+        assert_eq!(free_subnet6(&[]).unwrap(), first);
+        let used: [Ipv6Net; 1] = ["fd4e:6574:6400::/60".parse().unwrap()];
+        assert_eq!(
+            free_subnet6(&used).unwrap(),
+            "fd4e:6574:6400:10::/64".parse::<Ipv6Net>().unwrap()
+        );
+        assert_eq!(
+            gateway6(first, None).unwrap(),
+            "fd4e:6574:6400::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(gateway6(first, Some("fd4e:6574:6400::".parse().unwrap())).is_err());
+        assert!(gateway6(first, Some("fd00::1".parse().unwrap())).is_err());
+    }
+
+    #[test]
+    fn ipv6_allocation_skips_the_anycast_address_and_gateway() {
+        let subnet: IpNet = "fd00:60::/64".parse().unwrap();
+        let used: HashSet<IpAddr> = ["fd00:60::2".parse().unwrap()].into();
         let pool = Pool {
-            subnet: net("10.1.0.0/29"),
-            range: net("10.1.0.0/29"),
+            subnet,
+            range: subnet,
+            gateway: "fd00:60::1".parse().unwrap(),
+            used: &used,
+        };
+        assert_eq!(
+            pool.allocate().unwrap(),
+            "fd00:60::3".parse::<IpAddr>().unwrap()
+        );
+        assert!(pool.check("fd00:60::".parse().unwrap()).is_err());
+        assert!(pool.check("fd00:61::5".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn allocation_skips_gateway_and_used_and_exhausts() {
+        let used: HashSet<IpAddr> = ["10.1.0.2".parse().unwrap()].into();
+        let pool = Pool {
+            subnet: net("10.1.0.0/29").into(),
+            range: net("10.1.0.0/29").into(),
             gateway: "10.1.0.1".parse().unwrap(),
             used: &used,
         };
         assert_eq!(
             pool.allocate().unwrap(),
-            "10.1.0.3".parse::<Ipv4Addr>().unwrap()
+            "10.1.0.3".parse::<IpAddr>().unwrap()
         );
         assert!(
             pool.check("10.1.0.2".parse().unwrap())
@@ -234,7 +336,7 @@ mod tests {
                 .to_string()
                 .contains("outside")
         );
-        let all: HashSet<Ipv4Addr> = (2..=6).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+        let all: HashSet<IpAddr> = (2..=6).map(|i| Ipv4Addr::new(10, 1, 0, i).into()).collect();
         let full = Pool { used: &all, ..pool };
         assert!(
             full.allocate()

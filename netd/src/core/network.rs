@@ -2,6 +2,7 @@
 //! and stays recorded (`removing`) until its bridge and datapath part are gone.
 
 use anyhow::{Result, bail};
+use ipnet::IpNet;
 
 use super::{
     Controller, plan,
@@ -36,7 +37,12 @@ impl Controller {
         let mut in_use = bridge::host_subnets().await?;
         if spec.subnet.is_none() {
             // Not a pool promised to Docker for a network it is about to create.
-            in_use.extend(self.store.read(|tx| tx.ipam_pools())?);
+            in_use.extend(
+                self.store
+                    .read(|tx| tx.ipam_pools())?
+                    .into_iter()
+                    .map(IpNet::from),
+            );
         }
         let planned = self.store.read(|tx| plan::network(tx, &spec, &in_use))?;
         bridge::check_network(&planned).await?;

@@ -4,8 +4,10 @@
 
 use std::path::PathBuf;
 
+use std::{collections::HashSet, net::IpAddr};
+
 use anyhow::{Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
     ipam,
@@ -23,33 +25,51 @@ use crate::{
     },
 };
 
-/// Plans network `spec`; `in_use` are the subnets already routed on the host.
-pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[Ipv4Net]) -> Result<Network> {
+/// Plans network `spec`; `in_use` are the subnets (of both families) already routed on the
+/// host.
+pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[IpNet]) -> Result<Network> {
     spec.validate()?;
     if view.network(&spec.name)?.is_some() {
         bail!("network {:?} already exists", spec.name);
     }
     let networks = view.networks()?;
+    let taken: Vec<(IpNet, &str)> = networks
+        .iter()
+        .flat_map(|n| {
+            let v6 = n.subnet6.map(IpNet::from);
+            [Some(IpNet::from(n.subnet)), v6]
+                .into_iter()
+                .flatten()
+                .map(|s| (s, n.name.as_str()))
+        })
+        .collect();
     let subnet = match spec.subnet {
-        Some(subnet) => {
-            if let Some(other) = networks.iter().find(|n| ipam::overlaps(&n.subnet, &subnet)) {
-                bail!(
-                    "subnet {subnet} overlaps network {:?} ({})",
-                    other.name,
-                    other.subnet
-                );
-            }
-            if let Some(used) = in_use.iter().find(|u| ipam::overlaps(u, &subnet)) {
-                bail!("subnet {subnet} overlaps {used}, already in use on the host");
-            }
-            subnet
-        }
+        Some(subnet) => check_free(subnet.into(), &taken, in_use).map(|()| subnet)?,
         None => {
-            let taken: Vec<Ipv4Net> = networks.iter().map(|n| n.subnet).collect();
-            ipam::free_subnet(&[in_use, &taken].concat())?
+            let used: Vec<Ipv4Net> = family_of(&taken, in_use, |n| match n {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            });
+            ipam::free_subnet(&used)?
         }
     };
     let (gateway, ip_range) = ipam::gateway_and_range(subnet, spec.gateway, spec.ip_range)?;
+    let subnet6 = match (spec.ipv6, spec.subnet6) {
+        (false, _) => None,
+        (true, Some(subnet6)) => {
+            Some(check_free(subnet6.into(), &taken, in_use).map(|()| subnet6)?)
+        }
+        (true, None) => {
+            let used: Vec<Ipv6Net> = family_of(&taken, in_use, |n| match n {
+                IpNet::V6(n) => Some(n),
+                IpNet::V4(_) => None,
+            });
+            Some(ipam::free_subnet6(&used)?)
+        }
+    };
+    let gateway6 = subnet6
+        .map(|s| ipam::gateway6(s, spec.gateway6))
+        .transpose()?;
     let id = view.next_network_id()?;
     let bridge = match &spec.bridge {
         Some(b) => b.clone(),
@@ -69,6 +89,8 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[Ipv4Net]) -> Resu
         subnet,
         gateway,
         ip_range,
+        subnet6,
+        gateway6,
         mtu: spec.mtu,
         icc: spec.icc,
         internal: spec.internal,
@@ -79,6 +101,31 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[Ipv4Net]) -> Resu
         owner_pid: std::process::id(),
         conntrack_limit: spec.conntrack_limit,
     })
+}
+
+/// Checks that `subnet` overlaps no network's subnet in `taken` and nothing routed on the host.
+fn check_free(subnet: IpNet, taken: &[(IpNet, &str)], in_use: &[IpNet]) -> Result<()> {
+    if let Some((other, name)) = taken.iter().find(|(n, _)| ipam::overlaps(n, &subnet)) {
+        bail!("subnet {subnet} overlaps network {name:?} ({other})");
+    }
+    if let Some(used) = in_use.iter().find(|u| ipam::overlaps(*u, &subnet)) {
+        bail!("subnet {subnet} overlaps {used}, already in use on the host");
+    }
+    Ok(())
+}
+
+/// The subnets of one family among networks' and the host's.
+fn family_of<N>(
+    taken: &[(IpNet, &str)],
+    in_use: &[IpNet],
+    pick: impl Fn(IpNet) -> Option<N>,
+) -> Vec<N> {
+    taken
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(in_use.iter().copied())
+        .filter_map(pick)
+        .collect()
 }
 
 /// What planning a container needs from outside the state.
@@ -106,6 +153,7 @@ pub fn container(view: &impl View, spec: &ContainerSpec, host: &Host) -> Result<
         owns_netns,
         network: None,
         ip: None,
+        ip6: None,
         mac: None,
         host_veth: None,
         ifname: None,
@@ -146,22 +194,41 @@ fn attach(
         bail!("network {:?} is {}", net.name, net.status.name());
     }
     let used = view.addresses_on(&net.name)?;
-    let pool = ipam::Pool {
-        subnet: net.subnet,
-        range: net.ip_range,
-        gateway: net.gateway,
-        used: &used,
+    let ip = match address(
+        net.subnet.into(),
+        net.ip_range.into(),
+        net.gateway.into(),
+        &used,
+        at.ip.map(IpAddr::from),
+    )? {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => bail!("network {:?} gave IPv6 address {ip} as IPv4", net.name),
     };
-    let ip = match at.ip {
-        Some(ip) => pool.check(ip).map(|()| ip)?,
-        None => pool.allocate()?,
+    let ip6 = match (net.subnet6, net.gateway6) {
+        (Some(subnet6), Some(gateway6)) => {
+            match address(
+                subnet6.into(),
+                subnet6.into(),
+                gateway6.into(),
+                &used,
+                at.ip6.map(IpAddr::from),
+            )? {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(ip) => bail!("network {:?} gave IPv4 address {ip} as IPv6", net.name),
+            }
+        }
+        _ => None,
     };
+    if ip6.is_none() {
+        refuse_ipv6_without_address(&net.name, at)?;
+    }
     let mut requests = at.publish.clone();
     if at.publish_all {
         requests.extend(expose.iter().cloned());
     }
     c.network = Some(net.name.clone());
     c.ip = Some(ip);
+    c.ip6 = ip6;
     c.mac = Some(ipam::format_mac(
         at.mac.unwrap_or_else(|| ipam::mac_for(ip)),
     ));
@@ -169,7 +236,48 @@ fn attach(
     c.ifname = at.ifname.clone().filter(|n| n != DEFAULT_IFNAME);
     c.publish_allow = at.publish_allow.clone();
     c.conntrack_limit = at.conntrack_limit;
-    c.ports = ports::assign(&requests, net.host_ip, |m| view.port_clash(m))?;
+    c.ports = ports::assign(&requests, net.host_ip.map(IpAddr::from), |m| {
+        view.port_clash(m)
+    })?;
+    Ok(())
+}
+
+/// The address `asked` for if it is free in the pool, else the pool's lowest free one.
+fn address(
+    subnet: IpNet,
+    range: IpNet,
+    gateway: IpAddr,
+    used: &HashSet<IpAddr>,
+    asked: Option<IpAddr>,
+) -> Result<IpAddr> {
+    let pool = ipam::Pool {
+        subnet,
+        range,
+        gateway,
+        used,
+    };
+    match asked {
+        Some(ip) => pool.check(ip).map(|()| ip),
+        None => pool.allocate(),
+    }
+}
+
+/// On a network without IPv6, whatever asks for IPv6 is an error rather than left out.
+fn refuse_ipv6_without_address(network: &str, at: &Attachment) -> Result<()> {
+    let why = format!("network {network:?} has no IPv6 (create it with --ipv6)");
+    if let Some(ip6) = at.ip6 {
+        bail!("--ip6 {ip6}: {why}");
+    }
+    if let Some(ip) = at
+        .publish
+        .iter()
+        .find_map(|p| p.host_ip.filter(IpAddr::is_ipv6))
+    {
+        bail!("publishing on {ip}: {why}");
+    }
+    if let Some(range) = at.publish_allow.iter().find(|r| matches!(r, IpNet::V6(_))) {
+        bail!("--publish-allow {range}: {why}");
+    }
     Ok(())
 }
 
@@ -264,6 +372,7 @@ mod tests {
         let state = state();
         let in_use = ["172.17.0.0/16".parse().unwrap()];
         let net = network(&state, &NetworkSpec::named("m"), &in_use).unwrap();
+        assert_eq!(net.subnet6, None);
         assert_eq!(net.subnet.to_string(), "172.18.0.0/16");
         assert_eq!(net.gateway.to_string(), "172.18.0.1");
         assert_eq!((net.id, net.bridge.as_str()), (2, "netd-br2"));
@@ -339,6 +448,96 @@ mod tests {
         }];
         let err = container(&state, &spec, &host()).unwrap_err().to_string();
         assert!(err.contains("--link nosuch:x"), "{err}");
+    }
+
+    /// `state()` with the dual-stack network `d6` (10.6.0.0/24 and fd00:6::/64).
+    fn dual_stack() -> State {
+        let mut state = state();
+        let mut spec = NetworkSpec::named("d6");
+        spec.subnet = Some("10.6.0.0/24".parse().unwrap());
+        spec.ipv6 = true;
+        spec.subnet6 = Some("fd00:6::/64".parse().unwrap());
+        spec.datapath = DatapathKind::Iptables;
+        let mut net = network(&state, &spec, &[]).unwrap();
+        net.status = Status::Running;
+        state.networks.insert("d6".into(), net);
+        state.next_network_id = 3;
+        state
+    }
+
+    #[test]
+    fn a_dual_stack_network_takes_a_free_ula_64_and_refuses_overlaps() {
+        let state = dual_stack();
+        assert_eq!(
+            state.networks["d6"].gateway6.unwrap().to_string(),
+            "fd00:6::1"
+        );
+        let mut spec = NetworkSpec::named("m");
+        spec.ipv6 = true;
+        spec.datapath = DatapathKind::Iptables;
+        let in_use = ["fd4e:6574:6400::/64".parse().unwrap()];
+        let net = network(&state, &spec, &in_use).unwrap();
+        assert_eq!(net.subnet6.unwrap().to_string(), "fd4e:6574:6400:1::/64");
+        assert_eq!(net.gateway6.unwrap().to_string(), "fd4e:6574:6400:1::1");
+        spec.subnet6 = Some("fd00:6::/48".parse().unwrap());
+        let err = network(&state, &spec, &[]).unwrap_err().to_string();
+        assert!(err.contains("overlaps network \"d6\""), "{err}");
+        spec.subnet6 = Some("fd00:7::/64".parse().unwrap());
+        let err = network(&state, &spec, &["fd00::/16".parse().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in use on the host"), "{err}");
+        spec.ipv6 = false;
+        spec.subnet6 = None;
+        assert_eq!(network(&state, &spec, &in_use).unwrap().subnet6, None);
+    }
+
+    #[test]
+    fn a_dual_stack_container_gets_both_addresses_and_refuses_taken_ones() {
+        let mut state = dual_stack();
+        let mut spec = ContainerSpec::named("web");
+        spec.mode = Mode::Bridge(Attachment::on("d6"));
+        let c = container(&state, &spec, &host()).unwrap();
+        assert_eq!(c.ip.unwrap().to_string(), "10.6.0.2");
+        assert_eq!(c.ip6.unwrap().to_string(), "fd00:6::2");
+        state.containers.insert("web".into(), c);
+        let mut at = Attachment::on("d6");
+        at.ip6 = Some("fd00:6::2".parse().unwrap());
+        spec.name = "api".into();
+        spec.mode = Mode::Bridge(at.clone());
+        let err = container(&state, &spec, &host()).unwrap_err().to_string();
+        assert!(err.contains("fd00:6::2 is already in use"), "{err}");
+        at.ip6 = Some("fd00:6::99".parse().unwrap());
+        spec.mode = Mode::Bridge(at);
+        let c = container(&state, &spec, &host()).unwrap();
+        assert_eq!(
+            (c.ip.unwrap().to_string(), c.ip6.unwrap().to_string()),
+            ("10.6.0.3".into(), "fd00:6::99".into())
+        );
+    }
+
+    #[test]
+    fn ipv6_on_a_network_without_it_is_refused() {
+        let state = state();
+        let mut spec = ContainerSpec::named("web");
+        let mut at = Attachment::on("n");
+        at.ip6 = Some("fd00::2".parse().unwrap());
+        spec.mode = Mode::Bridge(at);
+        let err = container(&state, &spec, &host()).unwrap_err().to_string();
+        assert!(
+            err.contains("--ip6 fd00::2") && err.contains("no IPv6"),
+            "{err}"
+        );
+        let mut at = Attachment::on("n");
+        at.publish = vec![parse_publish("[::1]:8081:80").unwrap()];
+        spec.mode = Mode::Bridge(at);
+        let err = container(&state, &spec, &host()).unwrap_err().to_string();
+        assert!(err.contains("publishing on ::1"), "{err}");
+        let mut at = Attachment::on("n");
+        at.publish_allow = vec!["2001:db8::/32".parse().unwrap()];
+        spec.mode = Mode::Bridge(at);
+        let err = container(&state, &spec, &host()).unwrap_err().to_string();
+        assert!(err.contains("--publish-allow 2001:db8::/32"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Published ports: `-p`/`--expose` parsing, `-P` and random host ports, conflict checks.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -14,7 +14,7 @@ pub const RANDOM_PORTS: std::ops::RangeInclusive<u16> = 49153..=65535;
 /// One `-p [IP:][HOSTPORT[-END]:]CPORT[-END][/PROTO]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publish {
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     /// `None`: pick free host ports.
     pub host_ports: Option<(u16, u16)>,
     pub container_ports: (u16, u16),
@@ -61,16 +61,32 @@ pub fn parse_publish(spec: &str) -> Result<Publish> {
         Some((ports, proto)) => (ports, parse_proto(proto, spec)?),
         None => (spec, Protocol::Tcp),
     };
+    // An IPv6 host address is bracketed: `[::1]:8080:80`.
+    let (bracketed, ports) = match ports
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+    {
+        Some((ip, rest)) => (Some(ip), rest),
+        None => (None, ports),
+    };
     let parts: Vec<&str> = ports.split(':').collect();
-    let (ip, host, container) = match parts.as_slice() {
-        [c] => (None, None, *c),
-        [h, c] => (None, Some(*h), *c),
-        [ip, h, c] => (Some(*ip), Some(*h).filter(|h| !h.is_empty()), *c),
-        _ => bail!("invalid port spec {spec:?}: expected [IP:][HOSTPORT:]CONTAINERPORT[/PROTO]"),
+    let (ip, host, container) = match (bracketed, parts.as_slice()) {
+        (Some(ip), [h, c]) => (Some(ip), Some(*h).filter(|h| !h.is_empty()), *c),
+        (Some(_), _) => {
+            bail!("invalid port spec {spec:?}: expected [IPV6]:HOSTPORT:CONTAINERPORT[/PROTO]")
+        }
+        (None, parts) => match parts {
+            [c] => (None, None, *c),
+            [h, c] => (None, Some(*h), *c),
+            [ip, h, c] => (Some(*ip), Some(*h).filter(|h| !h.is_empty()), *c),
+            _ => {
+                bail!("invalid port spec {spec:?}: expected [IP:][HOSTPORT:]CONTAINERPORT[/PROTO]")
+            }
+        },
     };
     let host_ip = ip
         .map(|ip| {
-            ip.parse::<Ipv4Addr>()
+            ip.parse::<IpAddr>()
                 .with_context(|| format!("invalid port spec {spec:?}: bad host address {ip:?}"))
         })
         .transpose()?;
@@ -116,7 +132,7 @@ pub fn clash(a: &PortMapping, b: &PortMapping) -> bool {
 /// network's `--host-ip`.
 pub fn assign(
     requests: &[Publish],
-    default_ip: Option<Ipv4Addr>,
+    default_ip: Option<IpAddr>,
     taken: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<Vec<PortMapping>> {
     let mut out = Planned::default();
@@ -196,7 +212,7 @@ impl Planned {
 pub fn select_published(
     name: &str,
     requests: &[Publish],
-    default_ip: Option<Ipv4Addr>,
+    default_ip: Option<IpAddr>,
     published: &[PortMapping],
 ) -> Result<Vec<PortMapping>> {
     let mut out: Vec<PortMapping> = Vec::new();
@@ -256,7 +272,7 @@ fn describe_request(req: &Publish, offset: u16) -> String {
 /// The lowest port of [`RANDOM_PORTS`] no mapping takes yet.
 fn free_random_port(
     proto: Protocol,
-    host_ip: Option<Ipv4Addr>,
+    host_ip: Option<IpAddr>,
     container_port: u16,
     clashing: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<PortMapping> {
@@ -304,6 +320,16 @@ mod tests {
         );
         assert_eq!(parse_publish("80").unwrap().host_ports, None);
         assert_eq!(parse_publish("1.2.3.4::80").unwrap().host_ports, None);
+        let p = parse_publish("[2001:2::2]:8080:80/udp").unwrap();
+        assert_eq!(
+            (p.host_ip, p.host_ports, p.proto),
+            (
+                Some("2001:2::2".parse().unwrap()),
+                Some((8080, 8080)),
+                Protocol::Udp
+            )
+        );
+        assert_eq!(parse_publish("[::1]::80").unwrap().host_ports, None);
     }
 
     #[test]
@@ -316,6 +342,9 @@ mod tests {
             ("8082-8080:80-82", "ends before"),
             ("a:b:c:d", "expected"),
             ("x.y:80:80", "bad host address"),
+            ("::1:80:80", "expected"),
+            ("[::1]:80", "expected [IPV6]"),
+            ("[fe::zz]:80:80", "bad host address"),
         ] {
             let err = parse_publish(spec).unwrap_err().to_string();
             assert!(err.contains(why) && err.contains(spec), "{spec}: {err}");

@@ -23,7 +23,7 @@ impl Controller {
         let (c, net) = self.store.read(|tx| running_on_bridge(tx, name))?;
         let dp = self.datapaths.open(net.datapath)?;
         let added = self.store.write(|tx| {
-            let added = ports::assign(requests, net.host_ip, |m| tx.port_clash(m))?;
+            let added = ports::assign(requests, net.host_ip.map(Into::into), |m| tx.port_clash(m))?;
             tx.add_ports(name, &added, Status::Creating)?;
             Ok(added)
         })?;
@@ -54,7 +54,8 @@ impl Controller {
             let (c, net) = running_on_bridge(tx, name)?;
             Ok((c, net, tx.ports_of(name)?))
         })?;
-        let gone = ports::select_published(name, requests, net.host_ip, &published)?;
+        let gone =
+            ports::select_published(name, requests, net.host_ip.map(Into::into), &published)?;
         let dp = self.datapaths.open(net.datapath)?;
         self.store
             .write(|tx| tx.set_ports_status(name, &gone, Status::Removing))?;

@@ -3,10 +3,13 @@
 //! each parse their own input into them), and `validate` checks what parsing alone can't.
 //! Nothing here touches the kernel or the store.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub use crate::{
@@ -34,6 +37,12 @@ pub struct NetworkSpec {
     pub gateway: Option<Ipv4Addr>,
     /// Where container addresses come from; `None`: the whole subnet.
     pub ip_range: Option<Ipv4Net>,
+    /// Dual-stack (`--ipv6`): containers get an IPv6 address too.
+    pub ipv6: bool,
+    /// The IPv6 subnet; `None` with `ipv6`: a ULA /64 that overlaps nothing.
+    pub subnet6: Option<Ipv6Net>,
+    /// `None`: the IPv6 subnet's first host.
+    pub gateway6: Option<Ipv6Addr>,
     /// `None`: netd0 for `bridge`, netd-brN otherwise.
     pub bridge: Option<String>,
     pub mtu: u32,
@@ -61,6 +70,9 @@ impl NetworkSpec {
             subnet: None,
             gateway: None,
             ip_range: None,
+            ipv6: false,
+            subnet6: None,
+            gateway6: None,
             bridge: None,
             mtu: DEFAULT_MTU,
             icc: true,
@@ -82,6 +94,31 @@ impl NetworkSpec {
         }
         if !(68..=65535).contains(&self.mtu) {
             bail!("invalid MTU {}: must be 68-65535", self.mtu);
+        }
+        self.validate_ipv6()
+    }
+
+    fn validate_ipv6(&self) -> Result<()> {
+        if !self.ipv6 {
+            if let Some(subnet6) = self.subnet6 {
+                bail!("IPv6 subnet {subnet6} needs --ipv6");
+            }
+            if let Some(gateway6) = self.gateway6 {
+                bail!("IPv6 gateway {gateway6} needs --ipv6");
+            }
+            return Ok(());
+        }
+        if let Some(subnet6) = self.subnet6 {
+            crate::core::ipam::check_subnet6(subnet6)?;
+        }
+        if self.mtu < 1280 {
+            bail!("invalid MTU {} for IPv6: must be at least 1280", self.mtu);
+        }
+        // The eBPF programs drop IPv6 beyond link-local (they have no IPv6 NAT or isolation
+        // yet): a dual-stack network there would be half broken, or, passed to the kernel
+        // unchecked, half open.
+        if self.datapath == DatapathKind::Ebpf {
+            bail!("--ipv6 needs --datapath iptables: the ebpf datapath has no IPv6 path yet");
         }
         Ok(())
     }
@@ -121,6 +158,8 @@ pub struct Attachment {
     pub network: String,
     /// `None`: the pool's lowest free address.
     pub ip: Option<Ipv4Addr>,
+    /// On a dual-stack network; `None`: the IPv6 pool's lowest free address.
+    pub ip6: Option<Ipv6Addr>,
     /// `None`: Docker's MAC for the address.
     pub mac: Option<[u8; 6]>,
     /// The container end's name in its namespace; `None`: [`DEFAULT_IFNAME`]. A namespace
@@ -129,8 +168,9 @@ pub struct Attachment {
     pub publish: Vec<Publish>,
     /// `-P`: publish every exposed port on a free host port.
     pub publish_all: bool,
-    /// Published ports accept new flows only from these ranges (any when empty).
-    pub publish_allow: Vec<Ipv4Net>,
+    /// Published ports accept new flows only from these ranges (any when empty); a family
+    /// with no range here accepts none once any range is given.
+    pub publish_allow: Vec<IpNet>,
     /// The most flows the container may have (`--conntrack-limit`).
     #[serde(default)]
     pub conntrack_limit: Option<u32>,
@@ -162,9 +202,9 @@ pub struct ContainerSpec {
     pub netns: Netns,
     /// `None`: the container's name.
     pub hostname: Option<String>,
-    pub dns: Vec<Ipv4Addr>,
+    pub dns: Vec<IpAddr>,
     pub dns_search: Vec<String>,
-    pub add_hosts: Vec<(String, Ipv4Addr)>,
+    pub add_hosts: Vec<(String, IpAddr)>,
     pub links: Vec<Link>,
     /// `--expose`d ports: what `-P` publishes and a `--link` to the container opens.
     pub expose: Vec<Publish>,
@@ -218,8 +258,8 @@ impl ContainerSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     pub proto: Protocol,
-    /// `None`: every host address.
-    pub host_ip: Option<Ipv4Addr>,
+    /// `None`: every host address (of both families on a dual-stack network).
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_port: u16,
 }
@@ -292,6 +332,33 @@ mod tests {
         spec.mtu = 1500;
         spec.subnet = Some("10.0.0.0/31".parse().unwrap());
         assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn network_spec_checks_ipv6() {
+        let mut spec = NetworkSpec::named("n6");
+        spec.subnet6 = Some("fd00:60::/64".parse().unwrap());
+        assert!(
+            spec.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("needs --ipv6")
+        );
+        spec.ipv6 = true;
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("--datapath iptables"), "{err}");
+        spec.datapath = DatapathKind::Iptables;
+        assert!(spec.validate().is_ok());
+        spec.subnet6 = Some("fd00:60::1/64".parse().unwrap());
+        assert!(
+            spec.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("host bits")
+        );
+        spec.subnet6 = None;
+        spec.mtu = 1279;
+        assert!(spec.validate().unwrap_err().to_string().contains("1280"));
     }
 
     #[test]

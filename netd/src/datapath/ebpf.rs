@@ -815,6 +815,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
+        refuse_ipv6(ports)?;
         let mut published = maps::published(&self.pins)?;
         for (done, port) in ports.iter().enumerate() {
             let key = maps::published_key(port);
@@ -871,6 +872,23 @@ fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyh
     }
 }
 
+/// The programs translate IPv4 only: an IPv6 side of a published port would never be
+/// served (and the planner gives none to a container without an IPv6 address).
+fn refuse_ipv6(ports: &[PortSpec]) -> Result<()> {
+    let ipv6 = |p: &&PortSpec| {
+        matches!(p.host_ip, Some(std::net::IpAddr::V6(_)))
+            || p.container_ip6.is_some()
+            || p.allow.iter().any(|r| matches!(r, ipnet::IpNet::V6(_)))
+    };
+    if let Some(port) = ports.iter().find(ipv6) {
+        bail!(
+            "the ebpf datapath publishes over IPv4 only: {}",
+            describe(port)
+        );
+    }
+    Ok(())
+}
+
 /// `tcp 198.18.0.2:8080` or `udp *:53`.
 fn describe(port: &PortSpec) -> String {
     let proto = match port.proto {
@@ -878,7 +896,7 @@ fn describe(port: &PortSpec) -> String {
         super::Protocol::Udp => "udp",
     };
     match port.host_ip {
-        Some(ip) => format!("{proto} {ip}:{}", port.host_port),
+        Some(ip) => format!("{proto} {}", std::net::SocketAddr::new(ip, port.host_port)),
         None => format!("{proto} *:{}", port.host_port),
     }
 }

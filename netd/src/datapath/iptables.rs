@@ -15,10 +15,12 @@
 
 use std::{
     io::Write as _,
+    net::IpAddr,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+use ipnet::IpNet;
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec, Protocol};
 use crate::netlink::set_sysctl;
@@ -29,6 +31,59 @@ const ISOLATION_1: &str = "NETD-ISOLATION-STAGE-1";
 const ISOLATION_2: &str = "NETD-ISOLATION-STAGE-2";
 
 pub struct IptablesDatapath;
+
+/// Which of the two rule sets: iptables for IPv4, ip6tables for a dual-stack network's IPv6
+/// (Docker's `ip6tables=true`): the same chains and rules, with each family's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// The network's subnet in this family, if it has one.
+    fn subnet(self, net: &NetworkSpec) -> Option<IpNet> {
+        match self {
+            Family::V4 => Some(net.subnet.into()),
+            Family::V6 => net.subnet6.map(IpNet::from),
+        }
+    }
+
+    /// The families network `net` has rules in.
+    fn of_network(net: &NetworkSpec) -> impl Iterator<Item = Family> + '_ {
+        Self::ALL.into_iter().filter(|f| f.subnet(net).is_some())
+    }
+}
+
+/// `ip` as a one-address source or destination.
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+/// `ip:port` as DNAT takes it (`[ip]:port` for IPv6).
+fn socket(ip: IpAddr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip, port)
+}
 
 /// A restore script: rules grouped by table, in order.
 #[derive(Default)]
@@ -52,6 +107,15 @@ impl Script {
             out.push_str("COMMIT\n");
         }
         out
+    }
+
+    fn is_empty(&self) -> bool {
+        self.nat.is_empty() && self.filter.is_empty()
+    }
+
+    fn extend(&mut self, other: Script) {
+        self.nat.extend(other.nat);
+        self.filter.extend(other.filter);
     }
 
     /// The same rules with every `-A`/`-I` turned into a `-D`, last first.
@@ -87,15 +151,16 @@ fn proto(p: Protocol) -> &'static str {
 }
 
 /// Applies `script` atomically in the host namespace (netd's threads are already in it).
-fn restore(script: &Script) -> Result<()> {
+fn restore(family: Family, script: &Script) -> Result<()> {
+    let tool = format!("{}-restore", family.tool());
     let text = script.render();
-    let mut child = Command::new("iptables-restore")
+    let mut child = Command::new(&tool)
         .args(["--noflush", "--wait"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("run iptables-restore (is iptables installed?)")?;
+        .with_context(|| format!("run {tool} (is iptables installed?)"))?;
     child
         .stdin
         .take()
@@ -104,33 +169,51 @@ fn restore(script: &Script) -> Result<()> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        bail!(
-            "iptables-restore failed: {}",
-            err.lines().next().unwrap_or("").trim()
-        );
+        bail!("{tool} failed: {}", err.lines().next().unwrap_or("").trim());
     }
     Ok(())
 }
 
-/// The rules of `table` as `iptables-save` prints them.
-fn saved(table: &str) -> Result<String> {
-    let out = Command::new("iptables-save")
+/// Applies each family's script in turn; if one fails, undoes those applied before it, so
+/// the change is whole in both families or in neither.
+fn restore_all(steps: &[(Family, Script)]) -> Result<()> {
+    for (done, (family, script)) in steps.iter().enumerate() {
+        if script.is_empty() {
+            continue;
+        }
+        if let Err(e) = restore(*family, script) {
+            for (family, script) in steps[..done].iter().rev() {
+                if !script.is_empty() {
+                    let _ = restore(*family, &script.deletions());
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The rules of `table` as `iptables-save` (or `ip6tables-save`) prints them.
+fn saved(family: Family, table: &str) -> Result<String> {
+    let tool = format!("{}-save", family.tool());
+    let out = Command::new(&tool)
         .args(["-t", table])
         .output()
-        .context("run iptables-save")?;
+        .with_context(|| format!("run {tool}"))?;
     if !out.status.success() {
-        bail!("iptables-save -t {table} failed");
+        bail!("{tool} -t {table} failed");
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The chains and jumps every network relies on (`setupIPChains` in Docker).
-fn base_rules() -> Script {
+fn base_rules(family: Family) -> Script {
+    let lo = family.loopback();
     Script {
         nat: vec![
             format!(":{CHAIN} - [0:0]"),
             format!("-A PREROUTING -m addrtype --dst-type LOCAL -j {CHAIN}"),
-            format!("-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j {CHAIN}"),
+            format!("-A OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j {CHAIN}"),
         ],
         filter: vec![
             format!(":{CHAIN} - [0:0]"),
@@ -147,11 +230,12 @@ fn base_rules() -> Script {
 }
 
 /// Removes what [`base_rules`] made.
-fn base_removal() -> Script {
+fn base_removal(family: Family) -> Script {
+    let lo = family.loopback();
     let mut script = Script {
         nat: vec![
             format!("-D PREROUTING -m addrtype --dst-type LOCAL -j {CHAIN}"),
-            format!("-D OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j {CHAIN}"),
+            format!("-D OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j {CHAIN}"),
             format!("-F {CHAIN}"),
             format!("-X {CHAIN}"),
         ],
@@ -167,12 +251,11 @@ fn base_removal() -> Script {
     script
 }
 
-/// A network's rules (`setupIPTablesInternal`, `setIcc`, `setupInternalNetworkRules` and the
-/// isolation rules in Docker). FORWARD rules go to the top, then the USER and ISOLATION jumps
-/// are moved back above them, as Docker does.
-fn network_rules(net: &NetworkSpec) -> Script {
+/// A network's rules of one family, on its subnet of that family (`setupIPTablesInternal`,
+/// `setIcc`, `setupInternalNetworkRules` and the isolation rules in Docker). FORWARD rules go
+/// to the top, then the USER and ISOLATION jumps are moved back above them, as Docker does.
+fn network_rules(net: &NetworkSpec, subnet: IpNet) -> Script {
     let br = &net.bridge;
-    let subnet = net.subnet;
     let mut s = Script::default();
     if net.masquerade && !net.internal {
         s.nat.push(format!(
@@ -183,6 +266,19 @@ fn network_rules(net: &NetworkSpec) -> Script {
     let icc = if net.icc { "ACCEPT" } else { "DROP" };
     s.filter
         .push(format!("-I FORWARD -i {br} -o {br} -j {icc}"));
+    // Neighbour discovery is IPv6's ARP, but unlike ARP iptables sees it between containers
+    // (br_netfilter): --icc=false would keep links from opening, and an internal network's
+    // isolation (to solicited-node multicast, not the subnet) its containers from each other.
+    let ndp = |then: &str| {
+        ["neighbour-solicitation", "neighbour-advertisement"].map(|kind| {
+            format!("-i {br} -o {br} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} -j {then}")
+        })
+    };
+    let ipv6 = matches!(subnet, IpNet::V6(_));
+    if ipv6 && !net.icc {
+        s.filter
+            .extend(ndp("ACCEPT").map(|rule| format!("-I FORWARD {rule}")));
+    }
     if !net.internal {
         s.filter
             .push(format!("-I FORWARD -i {br} ! -o {br} -j ACCEPT"));
@@ -196,6 +292,10 @@ fn network_rules(net: &NetworkSpec) -> Script {
             .push(format!("-I {ISOLATION_1} ! -s {subnet} -o {br} -j DROP"));
         s.filter
             .push(format!("-I {ISOLATION_1} ! -d {subnet} -i {br} -j DROP"));
+        if ipv6 {
+            s.filter
+                .extend(ndp("RETURN").map(|rule| format!("-I {ISOLATION_1} {rule}")));
+        }
     }
     s.filter.push(format!(
         "-I {ISOLATION_1} -i {br} ! -o {br} -j {ISOLATION_2}"
@@ -219,57 +319,103 @@ fn forward_jumps_first() -> Vec<String> {
     ]
 }
 
-/// One published port's rules (`Forward` in Docker's iptables package).
-fn port_rules(net: &NetworkSpec, port: &PortSpec) -> Script {
+/// One published port's rules in `family` (`Forward` in Docker's iptables package): none when
+/// the port isn't published in that family (its host address is of the other one, the
+/// container has no address in it, or `--publish-allow` names only the other family's
+/// ranges: a restricted port opens to no one rather than to everyone).
+fn port_rules(net: &NetworkSpec, port: &PortSpec, family: Family) -> Script {
+    let cip: IpAddr = match family {
+        Family::V4 => port.container_ip.into(),
+        Family::V6 => match port.container_ip6 {
+            Some(ip) => ip.into(),
+            None => return Script::default(),
+        },
+    };
+    if port.host_ip.is_some_and(|ip| Family::of(ip) != family) {
+        return Script::default();
+    }
+    let allowed: Vec<&IpNet> = port
+        .allow
+        .iter()
+        .filter(|r| Family::of(r.addr()) == family)
+        .collect();
+    if !port.allow.is_empty() && allowed.is_empty() {
+        return Script::default();
+    }
     let br = &net.bridge;
     let p = proto(port.proto);
     let dst = port
         .host_ip
-        .map(|ip| format!("-d {ip}/32 "))
+        .map(|ip| format!("-d {} ", host(ip)))
         .unwrap_or_default();
-    let (cip, cport, hport) = (port.container_ip, port.container_port, port.host_port);
+    let (cport, hport) = (port.container_port, port.host_port);
+    let (target, chost) = (socket(cip, cport), host(cip));
     // One DNAT per allowed source range (`--publish-allow`); one from anywhere without.
-    let sources: Vec<String> = if port.allow.is_empty() {
+    let sources: Vec<String> = if allowed.is_empty() {
         vec![String::new()]
     } else {
-        port.allow.iter().map(|net| format!("-s {net} ")).collect()
+        allowed.iter().map(|net| format!("-s {net} ")).collect()
     };
     let mut nat: Vec<String> = sources
         .iter()
         .map(|src| {
             format!(
-                "-A {CHAIN} {src}{dst}-p {p} -m {p} --dport {hport} -j DNAT --to-destination {cip}:{cport}"
+                "-A {CHAIN} {src}{dst}-p {p} -m {p} --dport {hport} -j DNAT --to-destination {target}"
             )
         })
         .collect();
     nat.push(format!(
-        "-A POSTROUTING -s {cip}/32 -d {cip}/32 -p {p} -m {p} --dport {cport} -j MASQUERADE"
+        "-A POSTROUTING -s {chost} -d {chost} -p {p} -m {p} --dport {cport} -j MASQUERADE"
     ));
     Script {
         nat,
         filter: vec![format!(
-            "-I {CHAIN} -d {cip}/32 ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
+            "-I {CHAIN} -d {chost} ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
         )],
     }
 }
 
+/// Every family's rules of `ports`, made by `rules` (the rules or their deletions).
+fn ports_script(
+    net: &NetworkSpec,
+    ports: &[PortSpec],
+    rules: impl Fn(Script) -> Script,
+) -> Vec<(Family, Script)> {
+    Family::ALL
+        .into_iter()
+        .map(|family| {
+            let mut script = Script::default();
+            for port in ports {
+                script.extend(rules(port_rules(net, port, family)));
+            }
+            (family, script)
+        })
+        .collect()
+}
+
 /// Docker's pair of ACCEPT rules for each port a `--link` opens (`linkContainers`): to the
-/// linked container's port, and its replies from it. They sit in the chain FORWARD jumps to
-/// before the `--icc=false` DROP.
-fn link_rules(net: &NetworkSpec, ep: &EndpointSpec) -> Script {
+/// linked container's port, and its replies from it, in each family both ends have an
+/// address in. They sit in the chain FORWARD jumps to before the `--icc=false` DROP.
+fn link_rules(net: &NetworkSpec, ep: &EndpointSpec, family: Family) -> Script {
     let br = &net.bridge;
-    let a = ep.ip;
     let filter = ep
         .links
         .iter()
-        .flat_map(|link| {
-            let (b, port, p) = (link.peer, link.port, proto(link.proto));
+        .filter_map(|link| {
+            let ends: Option<(IpAddr, IpAddr)> = match family {
+                Family::V4 => Some((ep.ip.into(), link.peer.into())),
+                Family::V6 => ep.ip6.zip(link.peer6).map(|(a, b)| (a.into(), b.into())),
+            };
+            ends.map(|(a, b)| (host(a), host(b), link))
+        })
+        .flat_map(|(a, b, link)| {
+            let (port, p) = (link.port, proto(link.proto));
             [
                 format!(
-                    "-I {CHAIN} -s {a}/32 -d {b}/32 -i {br} -o {br} -p {p} -m {p} --dport {port} -j ACCEPT"
+                    "-I {CHAIN} -s {a} -d {b} -i {br} -o {br} -p {p} -m {p} --dport {port} -j ACCEPT"
                 ),
                 format!(
-                    "-I {CHAIN} -s {b}/32 -d {a}/32 -i {br} -o {br} -p {p} -m {p} --sport {port} -j ACCEPT"
+                    "-I {CHAIN} -s {b} -d {a} -i {br} -o {br} -p {p} -m {p} --sport {port} -j ACCEPT"
                 ),
             ]
         })
@@ -282,10 +428,10 @@ fn link_rules(net: &NetworkSpec, ep: &EndpointSpec) -> Script {
 
 /// The rules of `filter` (iptables-save output) that [`link_rules`] made on bridge `br` with
 /// `ip` on either side.
-fn link_rules_naming(filter: &str, br: &str, ip: std::net::Ipv4Addr) -> Vec<String> {
+fn link_rules_naming(filter: &str, br: &str, ip: IpAddr) -> Vec<String> {
     let chain = format!("-A {CHAIN} ");
     let bridged = format!(" -i {br} -o {br} ");
-    let (src, dst) = (format!("-s {ip}/32 "), format!("-d {ip}/32 "));
+    let (src, dst) = (format!("-s {} ", host(ip)), format!("-d {} ", host(ip)));
     filter
         .lines()
         .filter(|l| l.starts_with(&chain) && l.contains(&bridged) && l.ends_with("-j ACCEPT"))
@@ -295,19 +441,28 @@ fn link_rules_naming(filter: &str, br: &str, ip: std::net::Ipv4Addr) -> Vec<Stri
 }
 
 impl IptablesDatapath {
-    fn ensure_base(&self) -> Result<()> {
-        if !saved("filter")?.contains(&format!(":{ISOLATION_1} ")) {
-            restore(&base_rules())?;
+    fn ensure_base(&self, family: Family) -> Result<()> {
+        if !saved(family, "filter")?.contains(&format!(":{ISOLATION_1} ")) {
+            restore(family, &base_rules(family))?;
         }
         Ok(())
     }
 
-    /// Whether any network still has rules in the isolation chain.
-    fn networks_remain(&self) -> Result<bool> {
-        let filter = saved("filter")?;
+    /// Whether any network still has rules in the isolation chain of `family`.
+    fn networks_remain(&self, family: Family) -> Result<bool> {
+        let filter = saved(family, "filter")?;
         Ok(filter
             .lines()
             .any(|l| l.starts_with(&format!("-A {ISOLATION_1} ")) && !l.ends_with("-j RETURN")))
+    }
+
+    /// Removes the base chains of `family` when no network uses them any more.
+    fn remove_base_if_unused(&self, family: Family) -> Result<()> {
+        if !self.networks_remain(family)? {
+            restore(family, &base_removal(family))
+                .with_context(|| format!("remove netd's {} chains", family.tool()))?;
+        }
+        Ok(())
     }
 }
 
@@ -318,24 +473,45 @@ impl Datapath for IptablesDatapath {
 
     fn setup_network(&self, net: &NetworkSpec) -> Result<()> {
         refuse_conntrack_limit(net.conntrack_limit)?;
-        self.ensure_base()?;
         // Container to container on one bridge only crosses iptables with br_netfilter on;
         // --icc=false depends on it. Kernels without br_netfilter have no such sysctl.
         let _ = set_sysctl(None, "net.bridge.bridge-nf-call-iptables", "1");
+        if net.subnet6.is_some() {
+            let _ = set_sysctl(None, "net.bridge.bridge-nf-call-ip6tables", "1");
+        }
         // And only untagged frames do, unless told otherwise: a container's VLAN-tagged frame
         // to its neighbour would be bridged past the --icc=false DROP, and a priority-tagged
         // one (VLAN 0) is taken by the receiving stack as the untagged IPv4 it carries.
         let _ = set_sysctl(None, "net.bridge.bridge-nf-filter-vlan-tagged", "1");
-        let mut script = network_rules(net);
-        script.filter.extend(forward_jumps_first());
-        restore(&script).with_context(|| format!("install iptables rules for network {}", net.name))
+        let mut steps = Vec::new();
+        for family in Family::of_network(net) {
+            self.ensure_base(family)?;
+            let subnet = family.subnet(net).expect("the network has this family");
+            let mut script = network_rules(net, subnet);
+            script.filter.extend(forward_jumps_first());
+            steps.push((family, script));
+        }
+        // The jumps moved first are not undone on failure: they stay in place either way.
+        restore_all(&steps)
+            .with_context(|| format!("install iptables rules for network {}", net.name))
     }
 
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
-        restore(&network_rules(net).deletions())
-            .with_context(|| format!("remove iptables rules of network {}", net.name))?;
-        if !self.networks_remain()? {
-            restore(&base_removal()).context("remove netd's iptables chains")?;
+        let mut failed = Vec::new();
+        for family in Family::of_network(net) {
+            let subnet = family.subnet(net).expect("the network has this family");
+            let done = restore(family, &network_rules(net, subnet).deletions())
+                .and_then(|()| self.remove_base_if_unused(family));
+            if let Err(e) = done {
+                failed.push(format!("{e:#}"));
+            }
+        }
+        if !failed.is_empty() {
+            bail!(
+                "remove iptables rules of network {}: {}",
+                net.name,
+                failed.join("; ")
+            );
         }
         Ok(())
     }
@@ -343,45 +519,54 @@ impl Datapath for IptablesDatapath {
     // Docker writes no rule per container (links aside); the bridge carries them.
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         refuse_conntrack_limit(ep.conntrack_limit)?;
-        if ep.links.is_empty() {
-            return Ok(());
-        }
-        restore(&link_rules(net, ep)).context("install iptables rules of links")
+        let steps: Vec<(Family, Script)> = Family::ALL
+            .into_iter()
+            .map(|family| (family, link_rules(net, ep, family)))
+            .collect();
+        restore_all(&steps).context("install iptables rules of links")
     }
 
-    /// Removes every link rule naming the endpoint's address, on either side: its own links
+    /// Removes every link rule naming the endpoint's addresses, on either side: its own links
     /// may be gone from `ep` already (the linked container was removed first), and other
     /// containers' links to it must not pass on to the next container with its address.
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
-        let stale = link_rules_naming(&saved("filter")?, &net.bridge, ep.ip);
-        if stale.is_empty() {
-            return Ok(());
+        let ips = [Some(IpAddr::from(ep.ip)), ep.ip6.map(IpAddr::from)];
+        for ip in ips.into_iter().flatten() {
+            let family = Family::of(ip);
+            let stale = link_rules_naming(&saved(family, "filter")?, &net.bridge, ip);
+            if stale.is_empty() {
+                continue;
+            }
+            let script = Script {
+                nat: vec![],
+                filter: stale.iter().map(|rule| delete_form(rule)).collect(),
+            };
+            restore(family, &script).context("remove iptables rules of links")?;
         }
-        let script = Script {
-            nat: vec![],
-            filter: stale.iter().map(|rule| delete_form(rule)).collect(),
-        };
-        restore(&script).context("remove iptables rules of links")
+        Ok(())
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
-        let mut script = Script::default();
-        for port in ports {
-            let rules = port_rules(net, port);
-            script.nat.extend(rules.nat);
-            script.filter.extend(rules.filter);
-        }
-        restore(&script).context("install iptables rules for published ports")
+        restore_all(&ports_script(net, ports, |rules| rules))
+            .context("install iptables rules for published ports")
     }
 
     fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
-        let mut script = Script::default();
-        for port in ports {
-            let rules = port_rules(net, port).deletions();
-            script.nat.extend(rules.nat);
-            script.filter.extend(rules.filter);
+        let mut failed = Vec::new();
+        for (family, script) in ports_script(net, ports, |rules| rules.deletions()) {
+            if !script.is_empty()
+                && let Err(e) = restore(family, &script)
+            {
+                failed.push(format!("{e:#}"));
+            }
         }
-        restore(&script).context("remove iptables rules of published ports")
+        if !failed.is_empty() {
+            bail!(
+                "remove iptables rules of published ports: {}",
+                failed.join("; ")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -405,6 +590,8 @@ mod tests {
             bridge: "netd0".into(),
             subnet: "172.17.0.0/16".parse().unwrap(),
             gateway: "172.17.0.1".parse().unwrap(),
+            subnet6: Some("fd00:17::/64".parse().unwrap()),
+            gateway6: Some("fd00:17::1".parse().unwrap()),
             icc: true,
             internal: false,
             masquerade: true,
@@ -412,18 +599,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn published_port_rules_match_docker() {
-        let port = PortSpec {
+    fn port() -> PortSpec {
+        PortSpec {
             network_id: 1,
             proto: Protocol::Tcp,
             host_ip: None,
             host_port: 8080,
             container_ip: "172.17.0.2".parse().unwrap(),
+            container_ip6: Some("fd00:17::2".parse().unwrap()),
             container_port: 80,
             allow: vec![],
-        };
-        let s = port_rules(&net(), &port);
+        }
+    }
+
+    #[test]
+    fn published_port_rules_match_docker() {
+        let s = port_rules(&net(), &port(), Family::V4);
         assert_eq!(
             s.nat,
             [
@@ -435,6 +626,35 @@ mod tests {
             s.filter,
             ["-I NETD -d 172.17.0.2/32 ! -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT"]
         );
+        let s = port_rules(&net(), &port(), Family::V6);
+        assert_eq!(
+            s.nat,
+            [
+                "-A NETD -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00:17::2]:80",
+                "-A POSTROUTING -s fd00:17::2/128 -d fd00:17::2/128 -p tcp -m tcp --dport 80 -j MASQUERADE",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_port_is_published_only_in_the_families_it_names() {
+        let mut on_v6 = port();
+        on_v6.host_ip = Some("2001:2::2".parse().unwrap());
+        assert!(port_rules(&net(), &on_v6, Family::V4).is_empty());
+        assert!(port_rules(&net(), &on_v6, Family::V6).nat[0].contains("-d 2001:2::2/128 "));
+        let mut v4_only = port();
+        v4_only.container_ip6 = None;
+        assert!(port_rules(&net(), &v4_only, Family::V6).is_empty());
+        // A restricted port opens to the listed ranges only: to no one in a family with none.
+        let mut restricted = port();
+        restricted.allow = vec!["198.18.0.0/24".parse().unwrap()];
+        assert!(port_rules(&net(), &restricted, Family::V6).is_empty());
+        let v4 = port_rules(&net(), &restricted, Family::V4);
+        assert!(
+            v4.nat[0].starts_with("-A NETD -s 198.18.0.0/24 "),
+            "{}",
+            v4.nat[0]
+        );
     }
 
     #[test]
@@ -443,28 +663,34 @@ mod tests {
             network_id: 1,
             container: "client".into(),
             ip: "172.17.0.3".parse().unwrap(),
+            ip6: Some("fd00:17::3".parse().unwrap()),
             mac: [0x02, 0x42, 172, 17, 0, 3],
             host_ifname: "veth0000001".into(),
             host_ifindex: 7,
             links: vec![super::super::LinkSpec {
                 peer: "172.17.0.2".parse().unwrap(),
+                peer6: Some("fd00:17::2".parse().unwrap()),
                 proto: Protocol::Tcp,
                 port: 80,
             }],
             conntrack_limit: None,
         };
         assert_eq!(
-            link_rules(&net(), &ep).filter,
+            link_rules(&net(), &ep, Family::V4).filter,
             [
                 "-I NETD -s 172.17.0.3/32 -d 172.17.0.2/32 -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT",
                 "-I NETD -s 172.17.0.2/32 -d 172.17.0.3/32 -i netd0 -o netd0 -p tcp -m tcp --sport 80 -j ACCEPT",
             ]
         );
+        assert_eq!(
+            link_rules(&net(), &ep, Family::V6).filter[0],
+            "-I NETD -s fd00:17::3/128 -d fd00:17::2/128 -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT"
+        );
     }
 
     #[test]
     fn deletions_reverse_and_delete() {
-        let s = network_rules(&net()).deletions();
+        let s = network_rules(&net(), net().subnet.into()).deletions();
         assert_eq!(
             s.nat.last().unwrap(),
             "-D POSTROUTING -s 172.17.0.0/16 ! -o netd0 -j MASQUERADE"
@@ -477,7 +703,7 @@ mod tests {
         let mut n = net();
         n.internal = true;
         n.icc = false;
-        let s = network_rules(&n);
+        let s = network_rules(&n, n.subnet.into());
         assert!(!s.nat.iter().any(|r| r.contains("MASQUERADE")));
         assert!(s.filter.contains(
             &"-I NETD-ISOLATION-STAGE-1 ! -s 172.17.0.0/16 -o netd0 -j DROP".to_string()

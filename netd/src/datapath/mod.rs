@@ -4,10 +4,13 @@
 //! `FirewallDriver`). The controller describes networks, endpoints and published ports with the
 //! plain types below and never reaches into a driver.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::Result;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub mod ebpf;
@@ -34,6 +37,9 @@ pub struct NetworkSpec {
     pub bridge: String,
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// A dual-stack network's IPv6 subnet and bridge address.
+    pub subnet6: Option<Ipv6Net>,
+    pub gateway6: Option<Ipv6Addr>,
     /// Containers on the network may talk to each other (`--icc`).
     pub icc: bool,
     /// No traffic in or out of the network beyond its containers and gateway (`--internal`).
@@ -59,6 +65,8 @@ pub struct EndpointSpec {
     pub network_id: u32,
     pub container: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack network.
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     /// The host end of the container's veth pair.
     pub host_ifname: String,
@@ -74,6 +82,8 @@ pub struct EndpointSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkSpec {
     pub peer: Ipv4Addr,
+    /// The peer's IPv6 address, when both ends have one.
+    pub peer6: Option<Ipv6Addr>,
     pub proto: Protocol,
     pub port: u16,
 }
@@ -86,17 +96,21 @@ pub enum Protocol {
 }
 
 /// One published port: traffic to `host_ip:host_port` (any host address when `None`) goes to
-/// `container_ip:container_port`. A `-p` range is one `PortSpec` per port.
+/// `container_ip:container_port`, or over IPv6 to `container_ip6`. A `-p` range is one
+/// `PortSpec` per port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortSpec {
     pub network_id: u32,
     pub proto: Protocol,
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_ip: Ipv4Addr,
+    /// The container's IPv6 address on a dual-stack network.
+    pub container_ip6: Option<Ipv6Addr>,
     pub container_port: u16,
     /// New flows only from these source ranges (`--publish-allow`); from anywhere if empty.
-    pub allow: Vec<Ipv4Net>,
+    /// Once any range is given, a family with none accepts no new flow.
+    pub allow: Vec<IpNet>,
 }
 
 /// What every datapath driver does. Calls are idempotent where the name says "ensure"; the

@@ -11,11 +11,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use super::{
     Failures,
-    netlink::{Netlink, set_sysctl},
+    netlink::{Netlink, enable_ipv6_without_dad, set_sysctl},
     netns,
 };
 use crate::{
@@ -25,9 +25,9 @@ use crate::{
     store::{Container, Network, model::PortMapping},
 };
 
-/// The IPv4 subnets routed on the host (a new network must overlap none).
-pub async fn host_subnets() -> Result<Vec<Ipv4Net>> {
-    Netlink::in_ns(None)?.ipv4_networks_in_use().await
+/// The subnets routed on the host, of both families (a new network must overlap none).
+pub async fn host_subnets() -> Result<Vec<IpNet>> {
+    Netlink::in_ns(None)?.networks_in_use().await
 }
 
 /// Checks that network `net` can be made: its bridge's name is free on the host.
@@ -57,6 +57,15 @@ pub async fn setup_network(net: &Network, dp: &dyn Datapath) -> Result<()> {
     .await?;
     // Containers' traffic to the outside is routed by the host.
     set_sysctl(None, "net.ipv4.ip_forward", "1")?;
+    if let (Some(subnet6), Some(gateway6)) = (net.subnet6, net.gateway6) {
+        // On even where the host keeps IPv6 off for new interfaces.
+        enable_ipv6_without_dad(None, &net.bridge)?;
+        host.add_addr(index, IpNet::new(gateway6.into(), subnet6.prefix_len())?)
+            .await?;
+        // As Docker: the host routes IPv6 too. A host that takes its own IPv6 route from
+        // router advertisements needs accept_ra=2 on its uplink to keep doing so.
+        set_sysctl(None, "net.ipv6.conf.all.forwarding", "1")?;
+    }
     dp.setup_network(&net.spec())
         .with_context(|| format!("set up the {} datapath for {}", net.datapath, net.name))?;
     fault::step("network-datapath");
@@ -183,7 +192,15 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
     inside
         .add_addr(inner, IpNet::new(ip.into(), net.subnet.prefix_len())?)
         .await?;
-    inside.add_default_route(net.gateway, inner).await
+    inside.add_default_route(net.gateway.into(), inner).await?;
+    if let (Some(ip6), Some(subnet6), Some(gateway6)) = (c.ip6, net.subnet6, net.gateway6) {
+        enable_ipv6_without_dad(Some(&c.netns), c.ifname())?;
+        inside
+            .add_addr(inner, IpNet::new(ip6.into(), subnet6.prefix_len())?)
+            .await?;
+        inside.add_default_route(gateway6.into(), inner).await?;
+    }
+    Ok(())
 }
 
 /// Puts the host end of container `c`'s veth on the network's bridge and up.
@@ -218,6 +235,7 @@ async fn endpoint_spec(on: &OnNetwork<'_>, c: &Container) -> Result<EndpointSpec
         network_id: on.net.id,
         container: c.name.clone(),
         ip,
+        ip6: c.ip6,
         mac: ipam::parse_mac(mac)?,
         host_ifname: host_ifname.clone(),
         host_ifindex,
@@ -239,6 +257,7 @@ pub fn port_specs(c: &Container, ports: &[PortMapping], network_id: u32) -> Vec<
             host_ip: p.host_ip,
             host_port: p.host_port,
             container_ip,
+            container_ip6: c.ip6,
             container_port: p.container_port,
             allow: c.publish_allow.clone(),
         })

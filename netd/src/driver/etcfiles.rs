@@ -1,14 +1,15 @@
 //! A container's /etc/hosts, /etc/resolv.conf and /etc/hostname, kept under
 //! STATE/containers/NAME/ and mounted over /etc by `netd exec`.
 
-use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, fs, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 
 use crate::store::Container;
 
-/// The current addresses of the containers a container links to, by name.
-pub type Linked = BTreeMap<String, Ipv4Addr>;
+/// The current addresses of the containers a container links to, by name (IPv4, then IPv6
+/// on a dual-stack network).
+pub type Linked = BTreeMap<String, Vec<IpAddr>>;
 
 /// Docker's fallback when the host has no usable nameserver.
 const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
@@ -17,16 +18,17 @@ const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
 /// linked containers' current addresses) and `--add-host` entries.
 pub fn hosts(c: &Container, linked: &Linked) -> String {
     let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    if let Some(ip) = c.ip {
+    let own = [c.ip.map(IpAddr::from), c.ip6.map(IpAddr::from)];
+    for ip in own.into_iter().flatten() {
         out.push_str(&format!("{ip}\t{}\n", c.hostname));
     }
     for link in &c.links {
-        if let Some(ip) = linked.get(&link.container) {
-            let names = if link.alias == link.container {
-                link.alias.clone()
-            } else {
-                format!("{} {}", link.alias, link.container)
-            };
+        let names = if link.alias == link.container {
+            link.alias.clone()
+        } else {
+            format!("{} {}", link.alias, link.container)
+        };
+        for ip in linked.get(&link.container).into_iter().flatten() {
             out.push_str(&format!("{ip}\t{names}\n"));
         }
     }
@@ -57,7 +59,7 @@ pub fn resolv_conf(c: &Container, host_resolv: &str) -> String {
             .map(String::from)
             .collect()
     } else {
-        c.dns.iter().map(Ipv4Addr::to_string).collect()
+        c.dns.iter().map(IpAddr::to_string).collect()
     };
     let nameservers = if nameservers.is_empty() {
         FALLBACK_NAMESERVERS.iter().map(|s| s.to_string()).collect()
@@ -104,6 +106,7 @@ mod tests {
             owns_netns: true,
             network: Some("bridge".into()),
             ip: Some(ip.parse().unwrap()),
+            ip6: None,
             mac: None,
             host_veth: None,
             ifname: None,
@@ -123,8 +126,10 @@ mod tests {
 
     #[test]
     fn hosts_has_self_links_and_extra_hosts() {
-        let linked = Linked::from([("db".into(), "172.17.0.3".parse().unwrap())]);
+        let db = ["172.17.0.3".parse().unwrap(), "fd00::3".parse().unwrap()];
+        let linked = Linked::from([("db".into(), db.to_vec())]);
         let mut web = container("web", "172.17.0.2");
+        web.ip6 = Some("fd00::2".parse().unwrap());
         web.links.push(Link {
             container: "db".into(),
             alias: "database".into(),
@@ -134,7 +139,9 @@ mod tests {
         let hosts = hosts(&web, &linked);
         assert!(hosts.contains("127.0.0.1\tlocalhost\n"));
         assert!(hosts.contains("172.17.0.2\tweb\n"));
+        assert!(hosts.contains("fd00::2\tweb\n"));
         assert!(hosts.contains("172.17.0.3\tdatabase db\n"));
+        assert!(hosts.contains("fd00::3\tdatabase db\n"));
         assert!(hosts.contains("10.0.0.9\tregistry\n"));
     }
 

@@ -199,11 +199,21 @@ impl Netlink {
         self.set_link(index, "set interface up", |m| m.up()).await
     }
 
-    /// Adds `addr` to link `index`.
+    /// Adds `addr` to link `index`; an IPv6 one without duplicate address detection (netd
+    /// hands out each address once), so it is usable at once instead of seconds later.
     pub async fn add_addr(&self, index: u32, addr: IpNet) -> Result<()> {
-        self.handle
+        use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+        let mut request = self
+            .handle
             .address()
-            .add(index, addr.addr(), addr.prefix_len())
+            .add(index, addr.addr(), addr.prefix_len());
+        if addr.addr().is_ipv6() {
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        request
             .execute()
             .await
             .with_context(|| format!("add address {addr} to interface #{index}"))
@@ -229,9 +239,10 @@ impl Netlink {
         Ok(found)
     }
 
-    /// Every IPv4 network in use in this namespace: interface addresses and route destinations
-    /// (the default route excluded). A new subnet must overlap none of them.
-    pub async fn ipv4_networks_in_use(&self) -> Result<Vec<ipnet::Ipv4Net>> {
+    /// Every network in use in this namespace, of both families: interface addresses and
+    /// route destinations (default routes, IPv6 link-local and multicast excluded). A new
+    /// subnet must overlap none of them.
+    pub async fn networks_in_use(&self) -> Result<Vec<IpNet>> {
         use netlink_packet_route::{
             address::AddressAttribute,
             route::{RouteAddress, RouteAttribute},
@@ -240,26 +251,36 @@ impl Netlink {
         let mut addrs = self.handle.address().get().execute();
         while let Some(msg) = addrs.try_next().await.context("list addresses")? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                    nets.push(ipnet::Ipv4Net::new(*ip, msg.header.prefix_len)?.trunc());
+                if let AddressAttribute::Address(ip) = attr {
+                    nets.push(IpNet::new(*ip, msg.header.prefix_len)?.trunc());
                 }
             }
         }
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-            .execute();
-        while let Some(msg) = routes.try_next().await.context("list routes")? {
-            let len = msg.header.destination_prefix_length;
-            for attr in &msg.attributes {
-                if let RouteAttribute::Destination(RouteAddress::Inet(ip)) = attr
-                    && len > 0
-                {
-                    nets.push(ipnet::Ipv4Net::new(*ip, len)?.trunc());
+        for family in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(family).execute();
+            while let Some(msg) = routes.try_next().await.context("list routes")? {
+                let len = msg.header.destination_prefix_length;
+                for attr in &msg.attributes {
+                    let ip = match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => IpAddr::V4(*ip),
+                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => IpAddr::V6(*ip),
+                        _ => continue,
+                    };
+                    if len > 0 {
+                        nets.push(IpNet::new(ip, len)?.trunc());
+                    }
                 }
             }
         }
+        // Every interface has these; they say nothing about the subnets in use.
+        let link_local: IpNet = "fe80::/10".parse()?;
+        let multicast: IpNet = "ff00::/8".parse()?;
+        nets.retain(|n| {
+            !link_local.contains(n) && !multicast.contains(n) && !n.addr().is_loopback()
+        });
         Ok(nets)
     }
 
@@ -281,8 +302,11 @@ impl Netlink {
     /// Adds the default route via `gateway` on `dev`: at metric 0, or behind the one the
     /// namespace has already (it is on another network too) at metric `dev`, which no other
     /// interface's default route has: each network keeps its own, and the first one's is used.
-    pub async fn add_default_route(&self, gateway: std::net::Ipv4Addr, dev: u32) -> Result<()> {
-        let (dst, gateway) = (IpNet::from(ipnet::Ipv4Net::default()), IpAddr::V4(gateway));
+    pub async fn add_default_route(&self, gateway: IpAddr, dev: u32) -> Result<()> {
+        let dst = match gateway {
+            IpAddr::V4(_) => IpNet::from(ipnet::Ipv4Net::default()),
+            IpAddr::V6(_) => IpNet::from(ipnet::Ipv6Net::default()),
+        };
         let add = |metric| async move {
             self.handle
                 .route()
@@ -333,6 +357,27 @@ fn route_text(dst: IpNet, gateway: Option<IpAddr>) -> String {
         Some(gw) => format!("add route {dst} via {gw}"),
         None => format!("add route {dst}"),
     }
+}
+
+/// Writes `key` of interface `ifname`'s IPv6 settings (`net.ipv6.conf.IFNAME.KEY`) in the
+/// namespace at `ns` (the caller's when `None`); by path, as an interface name may hold dots.
+pub fn set_ipv6_conf(ns: Option<&Path>, ifname: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+    netns::run_in(ns, || {
+        std::fs::write(&path, value)
+            .with_context(|| format!("set net.ipv6.conf.{ifname}.{key}={value}"))
+    })
+}
+
+/// Turns IPv6 on for interface `ifname` in namespace `ns` without duplicate address
+/// detection: netd's addresses are unique by construction (and the link-local one derives
+/// from a MAC made from one), and a tentative link-local address would leave the interface
+/// unable to resolve neighbours for a second or two. Off, then on, so addresses made before
+/// (on a host whose interfaces start with IPv6 on) are made again without it.
+pub fn enable_ipv6_without_dad(ns: Option<&Path>, ifname: &str) -> Result<()> {
+    set_ipv6_conf(ns, ifname, "disable_ipv6", "1")?;
+    set_ipv6_conf(ns, ifname, "accept_dad", "0")?;
+    set_ipv6_conf(ns, ifname, "disable_ipv6", "0")
 }
 
 /// Writes a sysctl under /proc/sys/net in the namespace at `ns` (the caller's when `None`).

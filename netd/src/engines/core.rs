@@ -111,7 +111,15 @@ impl Core {
 
     /// A private subnet overlapping nothing on the host, no netd network and none of `also`.
     pub async fn free_subnet(&mut self, also: &[Ipv4Net]) -> Result<Ipv4Net> {
-        let mut taken = Netlink::in_ns(None)?.ipv4_networks_in_use().await?;
+        let mut taken: Vec<Ipv4Net> = Netlink::in_ns(None)?
+            .networks_in_use()
+            .await?
+            .into_iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V4(n) => Some(n),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect();
         taken.extend(self.ctl.networks()?.iter().map(|n| n.subnet));
         taken.extend_from_slice(also);
         ipam::free_subnet(&taken)

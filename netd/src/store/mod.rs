@@ -32,7 +32,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File, OpenOptions},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -51,7 +51,7 @@ use model::PortMapping;
 pub use model::{Container, Network, State, Status};
 
 /// The schema this netd writes; an older database is migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Pages of write-ahead log after which a commit checkpoints it (SQLite's default is 1,000):
 /// a create or remove writes about 20.
@@ -112,6 +112,9 @@ const MIGRATIONS: &[&str] = &[
     // or container holds them.
     "CREATE TABLE ipam_pools (subnet TEXT PRIMARY KEY);
      CREATE TABLE ipam_addresses (subnet TEXT NOT NULL, ip TEXT NOT NULL, PRIMARY KEY (subnet, ip));",
+    // 3: a container's IPv6 address on a dual-stack network, unique per network like `ip`.
+    "ALTER TABLE containers ADD COLUMN ip6 TEXT;
+     CREATE UNIQUE INDEX containers_address6 ON containers(network, ip6) WHERE ip6 IS NOT NULL;",
 ];
 
 /// What the planner reads: the few rows a change depends on, never the whole state.
@@ -119,8 +122,8 @@ pub trait View {
     fn network(&self, name: &str) -> Result<Option<Network>>;
     fn networks(&self) -> Result<Vec<Network>>;
     fn container(&self, name: &str) -> Result<Option<Container>>;
-    /// The addresses taken on network `name`.
-    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>>;
+    /// The addresses (of both families) taken on network `name`.
+    fn addresses_on(&self, network: &str) -> Result<HashSet<IpAddr>>;
     /// A published port that takes the host address, port and protocol `m` would.
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>>;
     fn next_network_id(&self) -> Result<u32>;
@@ -213,12 +216,12 @@ impl Store {
         let fresh = version == 0;
         if fresh {
             tx.execute_batch(SCHEMA)?;
-            if json.exists() {
-                import_json(&tx, &json)?;
-            }
         }
         for step in &MIGRATIONS[(version.max(1) - 1) as usize..] {
             tx.execute_batch(step)?;
+        }
+        if fresh && json.exists() {
+            import_json(&tx, &json)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -269,7 +272,7 @@ pub struct PendingLink {
 /// Reads and writes within one transaction.
 pub struct Tx<'a>(&'a Transaction<'a>);
 
-fn ip_text(ip: Option<Ipv4Addr>) -> Option<String> {
+fn ip_text(ip: Option<impl std::fmt::Display>) -> Option<String> {
     ip.map(|ip| ip.to_string())
 }
 
@@ -504,11 +507,12 @@ impl Tx<'_> {
             ..c.clone()
         };
         self.0.execute(
-            "INSERT OR REPLACE INTO containers (name, network, ip, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO containers (name, network, ip, ip6, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 c.name,
                 c.network,
                 ip_text(c.ip),
+                ip_text(c.ip6),
                 shares,
                 c.status.name(),
                 c.creator_pid,
@@ -706,10 +710,11 @@ impl View for Tx<'_> {
             .next())
     }
 
-    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>> {
-        let mut stmt = self
-            .0
-            .prepare_cached("SELECT ip FROM containers WHERE network = ?1 AND ip IS NOT NULL")?;
+    fn addresses_on(&self, network: &str) -> Result<HashSet<IpAddr>> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT ip FROM containers WHERE network = ?1 AND ip IS NOT NULL
+             UNION ALL SELECT ip6 FROM containers WHERE network = ?1 AND ip6 IS NOT NULL",
+        )?;
         let rows = stmt.query_map(params![network], |r| r.get::<_, String>(0))?;
         rows.map(|ip| Ok(ip?.parse()?)).collect()
     }
@@ -760,8 +765,12 @@ impl View for State {
         Ok(self.containers.get(name).cloned())
     }
 
-    fn addresses_on(&self, network: &str) -> Result<HashSet<Ipv4Addr>> {
-        Ok(self.containers_on(network).filter_map(|c| c.ip).collect())
+    fn addresses_on(&self, network: &str) -> Result<HashSet<IpAddr>> {
+        Ok(self
+            .containers_on(network)
+            .flat_map(|c| [c.ip.map(IpAddr::from), c.ip6.map(IpAddr::from)])
+            .flatten()
+            .collect())
     }
 
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {

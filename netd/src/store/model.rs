@@ -5,12 +5,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
 use anyhow::Result;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::core::spec::DEFAULT_IFNAME;
@@ -26,6 +26,11 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     /// Where container addresses come from (the subnet unless `--ip-range`).
     pub ip_range: Ipv4Net,
+    /// A dual-stack network's IPv6 subnet and the bridge's address in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     pub mtu: u32,
     pub icc: bool,
     pub internal: bool,
@@ -53,6 +58,8 @@ impl Network {
             bridge: self.bridge.clone(),
             subnet: self.subnet,
             gateway: self.gateway,
+            subnet6: self.subnet6,
+            gateway6: self.gateway6,
             icc: self.icc,
             internal: self.internal,
             masquerade: self.masquerade,
@@ -134,6 +141,9 @@ pub struct Container {
     pub owns_netns: bool,
     pub network: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// Its IPv6 address on a dual-stack network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub mac: Option<String>,
     /// Host end of the veth pair.
     pub host_veth: Option<String>,
@@ -145,9 +155,9 @@ pub struct Container {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_ifindex: Option<u32>,
     pub hostname: String,
-    pub dns: Vec<Ipv4Addr>,
+    pub dns: Vec<IpAddr>,
     pub dns_search: Vec<String>,
-    pub add_hosts: Vec<(String, Ipv4Addr)>,
+    pub add_hosts: Vec<(String, IpAddr)>,
     pub links: Vec<Link>,
     pub peer_links: Vec<PeerLink>,
     pub ports: Vec<PortMapping>,
@@ -157,7 +167,7 @@ pub struct Container {
     pub exposed: Vec<Exposed>,
     /// `--publish-allow`: the source ranges its published ports accept (any when empty).
     #[serde(default)]
-    pub publish_allow: Vec<Ipv4Net>,
+    pub publish_allow: Vec<IpNet>,
     /// `--conntrack-limit`: the most flows it may have.
     #[serde(default)]
     pub conntrack_limit: Option<u32>,

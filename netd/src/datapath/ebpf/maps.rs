@@ -1,15 +1,16 @@
 //! Typed handles on the datapath's pinned maps, and conversions from the spec types.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
+use ipnet::IpNet;
 use netd_common::datapath::{
-    AF_INET, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
+    AF_INET, AF_INET6, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
     HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NETWORKS_MAP,
     NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey,
-    PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4,
+    PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4, addr_v6,
 };
 
 use crate::bpf::Pins;
@@ -220,11 +221,16 @@ pub fn proto_number(proto: Protocol) -> u8 {
 }
 
 pub fn published_key(port: &PortSpec) -> PublishedKey {
+    let (addr, family) = match port.host_ip {
+        None => ([0; 4], AF_INET),
+        Some(IpAddr::V4(ip)) => (addr_v4(ip.octets()), AF_INET),
+        Some(IpAddr::V6(ip)) => (addr_v6(ip.octets()), AF_INET6),
+    };
     PublishedKey {
-        addr: port.host_ip.map_or([0; 4], |ip| addr_v4(ip.octets())),
+        addr,
         port: port.host_port,
         proto: proto_number(port.proto),
-        family: AF_INET,
+        family,
     }
 }
 
@@ -256,6 +262,10 @@ pub fn link_key(ip: Ipv4Addr, link: &LinkSpec) -> LinkKey {
 pub fn publish_allow_keys(port: &PortSpec) -> Vec<Key<PublishAllowKey>> {
     port.allow
         .iter()
+        .filter_map(|range| match range {
+            IpNet::V4(range) => Some(range),
+            IpNet::V6(_) => None,
+        })
         .map(|range| {
             Key::new(
                 PublishAllowKey::TARGET_BITS + u32::from(range.prefix_len()),

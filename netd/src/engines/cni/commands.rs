@@ -128,7 +128,7 @@ fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
             };
             Ok(PortMapping {
                 proto,
-                host_ip,
+                host_ip: host_ip.map(Into::into),
                 host_port: m.host_port,
                 container_port: m.container_port,
             })

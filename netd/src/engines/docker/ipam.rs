@@ -4,7 +4,10 @@
 //! are kept in netd's state until Docker releases them (`core::reservations`): a `netd daemon`
 //! killed between a RequestPool and its CreateNetwork forgets nothing.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
@@ -51,7 +54,7 @@ fn network_on(core: &mut Core, subnet: Ipv4Net) -> Result<Option<Network>> {
 /// picks). Asking for the same pool again gets the same answer.
 pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
     if req.v6 {
-        bail!("netd gives IPv4 addresses only: no IPv6 pool");
+        bail!("netd's Docker IPAM gives IPv4 addresses only: no IPv6 pool");
     }
     if !req.sub_pool.is_empty() {
         bail!(
@@ -63,7 +66,7 @@ pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
         let pending = core.reserved_pools()?;
         core.free_subnet(&pending).await?
     } else {
-        let subnet = ipam::parse_subnet(&req.pool)?;
+        let subnet = ipam::parse_subnet4(&req.pool)?;
         let clash = core
             .networks()?
             .into_iter()
@@ -112,23 +115,35 @@ pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
             ipam::gateway_and_range(subnet, asked.or(network.as_ref().map(|n| n.gateway)), None)?;
         gateway
     } else {
-        let mut used = core.reserved_addresses(subnet)?;
+        let mut used: HashSet<IpAddr> = core
+            .reserved_addresses(subnet)?
+            .into_iter()
+            .map(IpAddr::from)
+            .collect();
         if let Some(n) = &network {
-            used.extend(core.attachments_on(&n.name, "")?.iter().map(|a| a.ip));
+            used.extend(
+                core.attachments_on(&n.name, "")?
+                    .iter()
+                    .map(|a| IpAddr::from(a.ip)),
+            );
         }
         let (gateway, range) = match &network {
             Some(n) => (n.gateway, n.ip_range),
             None => ipam::gateway_and_range(subnet, None, None)?,
         };
         let pool = ipam::Pool {
-            subnet,
-            range,
-            gateway,
+            subnet: subnet.into(),
+            range: range.into(),
+            gateway: gateway.into(),
             used: &used,
         };
-        match asked {
-            Some(ip) => pool.check(ip).map(|()| ip)?,
+        let address = match asked {
+            Some(ip) => pool.check(ip.into()).map(|()| ip.into())?,
             None => pool.allocate()?,
+        };
+        match address {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => bail!("pool {subnet} gave the IPv6 address {ip}"),
         }
     };
     core.reserve_address(subnet, address)?;

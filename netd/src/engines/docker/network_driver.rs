@@ -52,7 +52,7 @@ pub fn capabilities() -> Value {
 /// The netd network a CreateNetwork asks for (on `datapath` unless its options name one).
 pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<NetworkSpec> {
     if req.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
-        bail!("netd networks are IPv4 only: drop --ipv6");
+        bail!("netd's Docker driver makes IPv4 networks only: drop --ipv6");
     }
     let [ipv4] = req.ipv4_data.as_slice() else {
         bail!(
@@ -61,7 +61,7 @@ pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<Networ
         );
     };
     let mut spec = NetworkSpec::named(&netd_name(&req.network_id)?);
-    spec.subnet = Some(ipam::parse_subnet(&ipv4.pool)?);
+    spec.subnet = Some(ipam::parse_subnet4(&ipv4.pool)?);
     spec.gateway = match ipv4.gateway.as_str() {
         "" => None,
         gw => Some(
@@ -137,7 +137,7 @@ pub async fn delete_network(core: &mut Core, req: NetworkRef) -> Result<Value> {
 pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Value> {
     let given = req.interface.unwrap_or_default();
     if !given.address_ipv6.is_empty() {
-        bail!("netd networks are IPv4 only: no IPv6 address");
+        bail!("netd's Docker driver gives IPv4 addresses only: no IPv6 address");
     }
     let ip = match given.address.as_str() {
         "" => None,
@@ -321,7 +321,7 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
     Ok((b.host_port..=end)
         .map(|host_port| PortMapping {
             proto,
-            host_ip,
+            host_ip: host_ip.map(Into::into),
             host_port,
             container_port: b.port + (host_port - b.host_port),
         })
@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(ports.len(), 2);
         assert_eq!(ports[1].host_port, 5354);
         assert_eq!(ports[1].container_port, 54);
-        assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST.into()));
         assert_eq!(ports[0].proto, Protocol::Udp);
         let sctp = PortBinding { proto: 132, ..b };
         assert!(ports_of(&sctp).is_err());

@@ -1,0 +1,424 @@
+//! Dual-stack networks on the iptables datapath, with real IPv6 packets: the sandbox's uplink
+//! carries IPv6 (2001:2::/64) and the outside namespace is reached only through it. The eBPF
+//! datapath has no IPv6 path yet, so netd refuses a dual-stack network there.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use tests::{
+    cli::{Ctr, connect_error, create, echo_server, echo_servers, output_in, pings, tcp_echo},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
+};
+
+fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Creates the dual-stack network `name` on the iptables datapath with `args`.
+fn dual_stack_network(env: &TestEnv, name: &str, args: &[&str]) -> String {
+    let create = [
+        &[
+            "--datapath",
+            "iptables",
+            "network",
+            "create",
+            name,
+            "--ipv6",
+        ][..],
+        args,
+    ]
+    .concat();
+    env.netd_ok(&create)
+}
+
+/// Container `c`'s IPv6 address, as `container inspect` shows it.
+fn ip6(env: &TestEnv, c: &Ctr) -> Ipv6Addr {
+    env.netd_json(&["container", "inspect", &c.name])["ip6"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{} has no IPv6 address", c.name))
+        .parse()
+        .unwrap()
+}
+
+/// The rules of `tool` (`iptables-save`, `ip6tables-save`) in the sandbox host.
+fn saved(env: &TestEnv, tool: &str) -> String {
+    output_in(env, &env.host_ns(), tool, &[])
+}
+
+#[test]
+fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
+    let env = TestEnv::dual_stack();
+    let line = dual_stack_network(
+        &env,
+        "n6",
+        &["--subnet", "10.60.0.0/24", "--subnet", "fd00:60::/64"],
+    );
+    assert!(
+        line.contains("ipv6 fd00:60::/64 gateway fd00:60::1"),
+        "{line}"
+    );
+    let web = create(&env, "web", &["--network", "n6", "-p", "8080:80"]);
+    assert_eq!(ip6(&env, &web), "fd00:60::2".parse::<Ipv6Addr>().unwrap());
+    let addrs = output_in(&env, &web.ns, "ip", &["-6", "-o", "addr", "show", "eth0"]);
+    assert!(addrs.contains("fd00:60::2/64"), "{addrs}");
+    let routes = output_in(&env, &web.ns, "ip", &["-6", "route"]);
+    assert!(
+        routes.contains("default via fd00:60::1 dev eth0"),
+        "{routes}"
+    );
+    let hosts = std::fs::read_to_string(
+        env.state_dir
+            .join("containers")
+            .join(&web.name)
+            .join("hosts"),
+    )
+    .unwrap();
+    assert!(
+        hosts.contains(&format!("fd00:60::2\t{}\n", web.name)),
+        "{hosts}"
+    );
+
+    // In: the published port answers on the host's IPv6 and IPv4 addresses, from the outside,
+    // and the container sees the client's own address (DNAT, no source NAT).
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
+    let outside = env.outside_ns();
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
+        "netd"
+    );
+    let peers = server.join().unwrap();
+    assert_eq!(peers[0].ip(), IpAddr::from(OUTSIDE_ADDR6), "{peers:?}");
+
+    // Out: masqueraded to the host's IPv6 address (NAT66), echo and TCP.
+    assert!(
+        pings(&env, &web.ns, OUTSIDE_ADDR6),
+        "ping the outside over IPv6"
+    );
+    let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
+    assert_eq!(
+        tcp_echo(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
+        "netd"
+    );
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+
+    // Gone without a trace in either family.
+    env.netd_ok(&["container", "rm", &web.name]);
+    env.netd_ok(&["network", "rm", "n6"]);
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let rules = saved(&env, tool);
+        assert!(!rules.contains("NETD"), "{tool} left:\n{rules}");
+    }
+}
+
+#[test]
+fn a_port_published_on_one_ipv6_address_answers_there_only() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network(&env, "n6", &[]);
+    let web = create(
+        &env,
+        "web",
+        &["--network", "n6", "-p", &format!("[{HOST_ADDR6}]:8080:80")],
+    );
+    let listing = env.netd_ok(&["container", "ls"]);
+    assert!(
+        listing.contains(&format!("80/tcp -> [{HOST_ADDR6}]:8080")),
+        "{listing}"
+    );
+    let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    let outside = env.outside_ns();
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    // Nothing listens on the host itself: IPv4 to the same port finds no DNAT and is refused.
+    assert_eq!(
+        connect_error(&env, &outside, sock(HOST_ADDR, 8080)),
+        ErrorKind::ConnectionRefused
+    );
+}
+
+#[test]
+fn icc_false_links_and_internal_networks_hold_for_ipv6() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network(&env, "quiet", &["--icc=false"]);
+    let db = create(&env, "db", &["--network", "quiet", "--expose", "80"]);
+    let other = create(&env, "other", &["--network", "quiet"]);
+    let app = create(
+        &env,
+        "app",
+        &["--network", "quiet", "--link", &format!("{}:db", db.name)],
+    );
+    let db6 = ip6(&env, &db);
+    let hosts = std::fs::read_to_string(
+        env.state_dir
+            .join("containers")
+            .join(&app.name)
+            .join("hosts"),
+    )
+    .unwrap();
+    assert!(
+        hosts.contains(&format!("{db6}\tdb {}\n", db.name)),
+        "{hosts}"
+    );
+    let server = echo_server(&env, &db.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    // The link opens the exposed port over IPv6; without one, --icc=false drops.
+    assert_eq!(
+        connect_error(&env, &other.ns, sock(db6, 80)),
+        ErrorKind::TimedOut
+    );
+    assert!(!pings(&env, &other.ns, db6), "icc=false drops ICMPv6 echo");
+    assert_eq!(tcp_echo(&env, &app.ns, sock(db6, 80)).unwrap(), "netd");
+    server.join().unwrap();
+
+    dual_stack_network(&env, "inner", &["--internal"]);
+    let inner = create(&env, "inner", &["--network", "inner"]);
+    let gateway6: IpAddr = env.netd_json(&["network", "inspect", "inner"])["network"]["gateway6"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pings(&env, &inner.ns, gateway6), "the gateway is in reach");
+    let peer = create(&env, "peer", &["--network", "inner"]);
+    let server = echo_server(&env, &peer.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    assert_eq!(
+        tcp_echo(&env, &inner.ns, sock(ip6(&env, &peer), 80)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    assert!(
+        !pings(&env, &inner.ns, OUTSIDE_ADDR6),
+        "an internal network reaches no further"
+    );
+    assert_eq!(
+        connect_error(&env, &inner.ns, sock(OUTSIDE_ADDR6, 9000)),
+        ErrorKind::TimedOut
+    );
+    // Other networks are out of reach over IPv6 as over IPv4.
+    assert!(!pings(&env, &inner.ns, db6), "another network's container");
+
+    for c in [&peer, &inner, &app, &other, &db] {
+        env.netd_ok(&["container", "rm", &c.name]);
+    }
+    env.netd_ok(&["network", "rm", "inner"]);
+    env.netd_ok(&["network", "rm", "quiet"]);
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let rules = saved(&env, tool);
+        assert!(!rules.contains("NETD"), "{tool} left:\n{rules}");
+    }
+}
+
+#[test]
+fn ipv6_is_refused_where_it_would_not_be_enforced() {
+    let env = TestEnv::new();
+    for (args, why) in [
+        (
+            &["network", "create", "n6", "--ipv6"][..],
+            "--ipv6 needs --datapath iptables",
+        ),
+        (
+            &["network", "create", "n6", "--subnet", "fd00:60::/64"],
+            "needs --ipv6",
+        ),
+        (
+            &[
+                "--datapath",
+                "iptables",
+                "network",
+                "create",
+                "n6",
+                "--ipv6",
+                "--subnet",
+                "fd00::/64",
+                "--subnet",
+                "fd01::/64",
+            ],
+            "two IPv6 subnets",
+        ),
+    ] {
+        let err = env.netd_err(args);
+        assert!(
+            err.contains(why) && !err.trim().contains('\n'),
+            "{args:?}: {err}"
+        );
+    }
+    env.netd_ok(&["--datapath", "iptables", "network", "create", "v4"]);
+    for (args, why) in [
+        (&["--network", "v4", "--ip6", "fd00::2"][..], "has no IPv6"),
+        (
+            &["--network", "v4", "-p", "[::1]:8080:80"],
+            "publishing on ::1",
+        ),
+        (
+            &[
+                "--network",
+                "v4",
+                "--publish-allow",
+                "2001:db8::/32",
+                "-p",
+                "80",
+            ],
+            "--publish-allow 2001:db8::/32",
+        ),
+    ] {
+        let err = env.netd_err(&[&["container", "create", "c"][..], args].concat());
+        assert!(
+            err.contains(why) && !err.trim().contains('\n'),
+            "{args:?}: {err}"
+        );
+    }
+    let listing = env.netd_json(&["container", "ls", "--json"]);
+    assert_eq!(listing, serde_json::json!([]), "nothing half-made");
+    let networks = env.netd_json(&["network", "ls", "--json"]);
+    assert_eq!(networks.as_array().unwrap().len(), 1, "{networks}");
+}
+
+/// A network beyond the outside one, behind a link whose outside end has IPv6's minimum MTU
+/// (1280): the outside namespace routes to it, and sends Packet Too Big for what doesn't
+/// fit. The far end keeps 1500, so the far server's MSS doesn't spare the sender the
+/// discovery.
+const FAR_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 3, 0, 0, 0, 0, 0, 2);
+const NEAR_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 3, 0, 0, 0, 0, 0, 1);
+
+/// Makes the namespace beyond the outside one ([`FAR_ADDR6`]), named by `env` (removed with it).
+fn far_network(env: &TestEnv) -> PathBuf {
+    let name = env.name("far");
+    let far = netd::netns::create(&name).unwrap();
+    let outside = env.outside_ns();
+    let run = |ns: &PathBuf, args: &[&str]| {
+        output_in(env, ns, args[0], &args[1..]);
+    };
+    run(
+        &outside,
+        &[
+            "ip", "link", "add", "near", "mtu", "1280", "type", "veth", "peer", "name", "farend",
+        ],
+    );
+    run(
+        &outside,
+        &[
+            "ip",
+            "link",
+            "set",
+            "farend",
+            "netns",
+            &far.to_string_lossy(),
+        ],
+    );
+    // No duplicate address detection: a tentative link-local address sends no neighbour
+    // solicitation for forwarded packets.
+    run(
+        &outside,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.near.accept_dad=0",
+            "net.ipv6.conf.near.disable_ipv6=0",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    );
+    run(
+        &outside,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{NEAR_ADDR6}/64"),
+            "dev",
+            "near",
+            "nodad",
+        ],
+    );
+    run(&outside, &["ip", "link", "set", "near", "up"]);
+    run(
+        &far,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.farend.accept_dad=0",
+            "net.ipv6.conf.farend.disable_ipv6=0",
+        ],
+    );
+    run(
+        &far,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{FAR_ADDR6}/64"),
+            "dev",
+            "farend",
+            "nodad",
+        ],
+    );
+    run(&far, &["ip", "link", "set", "farend", "up"]);
+    run(
+        &far,
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NEAR_ADDR6.to_string(),
+        ],
+    );
+    far
+}
+
+#[test]
+fn path_mtu_discovery_works_through_nat66() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network(&env, "n6", &[]);
+    let web = create(&env, "web", &["--network", "n6"]);
+    let far = far_network(&env);
+    // The far server counts what it reads and answers with the count.
+    let listener = env.in_ns(&far, || {
+        TcpListener::bind(sock(Ipv6Addr::UNSPECIFIED, 9100)).unwrap()
+    });
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut data = Vec::new();
+        conn.read_to_end(&mut data).unwrap();
+        conn.write_all(data.len().to_string().as_bytes()).unwrap();
+        peer
+    });
+    // Full-size segments (1500-byte packets) leave the container; the far link takes 1280.
+    // Only the outside's Packet Too Big, translated back through NAT66 to the container,
+    // gets them there: without it the connection stalls until the read times out.
+    let sent = vec![b'x'; 64 * 1024];
+    let reply = env.in_ns(&web.ns, || {
+        let mut conn = TcpStream::connect_timeout(&sock(FAR_ADDR6, 9100), Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(&sent)?;
+        conn.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        Ok::<_, std::io::Error>(reply)
+    });
+    assert_eq!(reply.unwrap(), sent.len().to_string());
+    assert_eq!(
+        server.join().unwrap().ip(),
+        IpAddr::from(HOST_ADDR6),
+        "masqueraded"
+    );
+    let route = output_in(
+        &env,
+        &web.ns,
+        "ip",
+        &["-6", "route", "get", &FAR_ADDR6.to_string()],
+    );
+    assert!(
+        route.contains("mtu 1280"),
+        "the container learned the path MTU: {route}"
+    );
+}
