@@ -92,6 +92,8 @@ pub struct Options {
     pub live_restore: bool,
     /// With Docker's networking: `--userland-proxy` (Docker's default: on).
     pub userland_proxy: bool,
+    /// ip6tables rules for IPv6 networks (`ip6tables`, experimental in 20.10).
+    pub ip6tables: bool,
 }
 
 impl Default for Options {
@@ -101,6 +103,7 @@ impl Default for Options {
             plugin_dir: None,
             live_restore: false,
             userland_proxy: true,
+            ip6tables: false,
         }
     }
 }
@@ -153,8 +156,14 @@ impl Dockerd {
         }
         fs::create_dir_all(workdir)
             .with_context(|| format!("create dockerd workdir {}", workdir.display()))?;
-        // An empty config keeps a machine-wide /etc/docker/daemon.json out of the comparison.
-        fs::write(workdir.join("daemon.json"), "{}").context("write daemon.json")?;
+        // A config of its own keeps a machine-wide /etc/docker/daemon.json out of the
+        // comparison.
+        let config = if options.ip6tables {
+            r#"{"experimental": true, "ip6tables": true}"#
+        } else {
+            "{}"
+        };
+        fs::write(workdir.join("daemon.json"), config).context("write daemon.json")?;
         let cgroup_parent = format!(
             "/netd-docker-{}-{}",
             std::process::id(),

@@ -17,7 +17,7 @@
 //! | table | key | what |
 //! | --- | --- | --- |
 //! | `networks` | `name`; `id`, `bridge` unique | status, owner pid, the record as JSON |
-//! | `containers` | `name`; (`network`, `ip`) unique | status, owner pid, namespace owner (`shares`), the record as JSON (ports apart) |
+//! | `containers` | `name`; (`network`, `ip`), (`network`, `ip6`) unique | status, owner pid, namespace owner (`shares`), the record as JSON (ports apart) |
 //! | `ports` | (`proto`, `host_port`) indexed; `container` indexed | one published port, its status and owner pid |
 //! | `links` | `target` indexed | a `--link`: `container` links to `target` |
 //! | `pending_links` | (`a`, `b`) | a `netd link` being made: its two interface names and owner pid |
