@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use serde_json::{Value, json};
 use tests::{
     engines::{CniOutcome, cni, cni_with_env, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
-    harness::{HOST_ADDR, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, TestEnv},
 };
 
 const SUBNET: &str = "10.89.0.0/24";
@@ -589,4 +589,61 @@ fn fault_steps_of_an_add(env: &TestEnv, cfg: &str) -> Vec<String> {
 fn host_links(env: &TestEnv) -> String {
     let out = env.run_in(&env.host_ns(), "ip", &["-br", "link"]);
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_dual_stack_add_gives_both_families_and_publishes_on_both() {
+    let env = TestEnv::dual_stack();
+    let mut cfg = config(
+        &env,
+        "0.4.0",
+        json!({
+            "portMappings": [{ "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }],
+            "ips": ["10.89.0.7/24", "fd00:89::7/64"],
+        }),
+    );
+    cfg["ipv6"] = json!(true);
+    cfg["subnet6"] = json!("fd00:89::/64");
+    cfg["datapath"] = json!("iptables");
+    let ns = container_ns(&env, "c6");
+    let result = call("ADD", "ctr6", Some(&ns), &cfg).ok();
+    assert_eq!(result["ips"][0]["address"], "10.89.0.7/24", "{result}");
+    assert_eq!(result["ips"][1]["address"], "fd00:89::7/64", "{result}");
+    assert_eq!(result["ips"][1]["gateway"], "fd00:89::1");
+    assert_eq!(result["ips"][1]["version"], "6");
+    assert_eq!(
+        result["routes"][1],
+        json!({ "dst": "::/0", "gw": "fd00:89::1" })
+    );
+
+    // Both families reach the published port from the outside.
+    let server = tests::cli::echo_servers(&env, &ns, "[::]:80".parse().unwrap(), 2);
+    for host in [HOST_ADDR6.into(), HOST_ADDR.into()] {
+        let reply = tests::cli::tcp_echo(&env, &env.outside_ns(), SocketAddr::new(host, 8080));
+        assert_eq!(reply.unwrap(), "netd", "to {host}");
+    }
+    server.join().unwrap();
+
+    let mut check = cfg.clone();
+    check["prevResult"] = result.clone();
+    call("CHECK", "ctr6", Some(&ns), &check).ok();
+    check["prevResult"]["ips"][1]["address"] = json!("fd00:89::8/64");
+    assert_eq!(call("CHECK", "ctr6", Some(&ns), &check).code(), 100);
+
+    // Two addresses of one family, and IPv6 on a network made without it, are refused.
+    let mut two = cfg.clone();
+    two["runtimeConfig"]["ips"] = json!(["fd00:89::8/64", "fd00:89::9/64"]);
+    let other = container_ns(&env, "c7");
+    assert_eq!(call("ADD", "ctr7", Some(&other), &two).code(), 7);
+    let mut v4 = cfg.clone();
+    v4["ipv6"] = json!(false);
+    v4.as_object_mut().unwrap().remove("subnet6");
+    assert_eq!(call("ADD", "ctr7", Some(&other), &v4).code(), 7);
+
+    call("DEL", "ctr6", Some(&ns), &cfg).ok();
+    assert!(containers(&env).is_empty());
+    env.netd_ok(&["network", "rm", "cninet"]);
+    let rules =
+        String::from_utf8(env.run_in(&env.host_ns(), "ip6tables-save", &[]).stdout).unwrap();
+    assert!(!rules.contains("NETD"), "left:\n{rules}");
 }

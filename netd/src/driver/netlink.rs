@@ -219,8 +219,8 @@ impl Netlink {
             .with_context(|| format!("add address {addr} to interface #{index}"))
     }
 
-    /// The IPv4 addresses on link `index`.
-    pub async fn ipv4_addresses(&self, index: u32) -> Result<Vec<std::net::Ipv4Addr>> {
+    /// The addresses (of both families) on link `index`.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpAddr>> {
         use netlink_packet_route::address::AddressAttribute;
         let mut found = Vec::new();
         let mut addrs = self
@@ -231,7 +231,7 @@ impl Netlink {
             .execute();
         while let Some(msg) = addrs.try_next().await.context("list addresses")? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                if let AddressAttribute::Address(ip) = attr {
                     found.push(*ip);
                 }
             }

@@ -6,10 +6,16 @@
 //! endpoint, handing its interface to an engine that moves it itself). Same networks,
 //! containers, datapaths and state as the CLI: no second copy of the logic.
 
-use std::{collections::HashSet, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
@@ -32,6 +38,8 @@ pub struct AttachRequest {
     /// The namespace to configure; netd makes one of its own (named `name`) when `None`.
     pub netns: Option<PathBuf>,
     pub ip: Option<Ipv4Addr>,
+    /// On a dual-stack network.
+    pub ip6: Option<Ipv6Addr>,
     pub mac: Option<[u8; 6]>,
     pub ports: Vec<PortMapping>,
 }
@@ -45,6 +53,8 @@ pub struct Attachment {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    /// On a dual-stack network: the IPv6 address with its subnet's prefix, and the gateway.
+    pub ip6: Option<(Ipv6Net, Ipv6Addr)>,
     pub mac: [u8; 6],
     /// The container end's name in its namespace.
     pub ifname: String,
@@ -139,6 +149,7 @@ impl Core {
         let mut spec = ContainerSpec::named(&req.name);
         spec.mode = Mode::Bridge(Bridge {
             ip: req.ip,
+            ip6: req.ip6,
             mac: req.mac,
             ifname: ifname.map(str::to_string),
             publish: req.ports.iter().map(publish_of).collect(),
@@ -256,6 +267,12 @@ impl Core {
             ip,
             prefix_len: net.subnet.prefix_len(),
             gateway: net.gateway,
+            ip6: match (c.ip6, net.subnet6, net.gateway6) {
+                (Some(ip6), Some(subnet6), Some(gateway6)) => {
+                    Some((Ipv6Net::new(ip6, subnet6.prefix_len())?, gateway6))
+                }
+                _ => None,
+            },
             mac: ipam::parse_mac(mac)?,
             ifname: c.ifname().to_string(),
             host_veth: veth.clone(),
@@ -276,8 +293,10 @@ pub async fn check_attachment(a: &Attachment) -> Result<()> {
         .require_link(&a.ifname)
         .await
         .with_context(|| format!("{} is gone from the container", a.ifname))?;
-    if !inside.ipv4_addresses(index).await?.contains(&a.ip) {
-        anyhow::bail!("{} no longer has the address {}", a.ifname, a.ip);
+    let have = inside.addresses(index).await?;
+    let want = [Some(a.ip.into()), a.ip6.map(|(ip6, _)| ip6.addr().into())];
+    if let Some(gone) = want.into_iter().flatten().find(|ip| !have.contains(ip)) {
+        anyhow::bail!("{} no longer has the address {gone}", a.ifname);
     }
     Ok(())
 }

@@ -1,9 +1,13 @@
 //! The CNI verbs on netd's controller. Each call is one process with its own controller; the
 //! store makes concurrent calls safe (a pod start storm), as it does concurrent CLI commands.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::Value;
 
 use super::types::{CniError, Code, Config, prev_result_addresses, result_json};
@@ -64,6 +68,9 @@ fn network_spec(config: &Config) -> Result<NetworkSpec, CniError> {
     spec.subnet = config.subnet;
     spec.gateway = config.gateway;
     spec.ip_range = config.ip_range;
+    spec.ipv6 = config.ipv6.unwrap_or(false);
+    spec.subnet6 = config.subnet6;
+    spec.gateway6 = config.gateway6;
     spec.bridge = config.bridge.clone();
     spec.mtu = config.mtu.unwrap_or(spec.mtu);
     spec.icc = config.icc.unwrap_or(spec.icc);
@@ -98,6 +105,16 @@ async fn ensure_network(core: &mut Core, config: &Config) -> Result<(), CniError
     if let Some(gw) = config.gateway.filter(|g| *g != net.gateway) {
         return Err(differs("gateway", gw.to_string(), net.gateway.to_string()));
     }
+    let text = |s: Option<ipnet::Ipv6Net>| s.map_or("no IPv6".to_string(), |s| s.to_string());
+    let ipv6 = config.ipv6.unwrap_or(false);
+    if ipv6 != net.subnet6.is_some() || config.subnet6.is_some_and(|s| Some(s) != net.subnet6) {
+        let want = match config.subnet6 {
+            Some(s) => s.to_string(),
+            None if ipv6 => "IPv6".to_string(),
+            None => "no IPv6".to_string(),
+        };
+        return Err(differs("IPv6 subnet", want, text(net.subnet6)));
+    }
     Ok(())
 }
 
@@ -119,16 +136,16 @@ fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
             };
             let host_ip = match m.host_ip.as_str() {
                 "" | "0.0.0.0" => None,
-                text => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+                text => Some(text.parse::<IpAddr>().map_err(|_| {
                     CniError::new(
                         Code::InvalidConfig,
-                        format!("portMappings hostIP {text:?} is not an IPv4 address"),
+                        format!("portMappings hostIP {text:?} is not an IP address"),
                     )
                 })?),
             };
             Ok(PortMapping {
                 proto,
-                host_ip: host_ip.map(Into::into),
+                host_ip,
                 host_port: m.host_port,
                 container_port: m.container_port,
             })
@@ -136,29 +153,35 @@ fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
         .collect()
 }
 
-/// The address asked for, if any (netd gives one IPv4 address): the `ips` capability, or
-/// `CNI_ARGS` `IP=`.
-fn requested_ip(config: &Config, call: &Call) -> Result<Option<Ipv4Addr>, CniError> {
-    match config.runtime_config.ips.as_slice() {
-        [] => Ok(call.ip),
-        [one] => {
-            let ip = one
-                .parse::<Ipv4Net>()
-                .map(|n| n.addr())
-                .or_else(|_| one.parse::<Ipv4Addr>())
-                .map_err(|_| {
-                    CniError::new(
-                        Code::InvalidConfig,
-                        format!("ips {one:?} is not an IPv4 address"),
-                    )
-                })?;
-            Ok(Some(ip))
-        }
-        more => Err(CniError::new(
-            Code::InvalidConfig,
-            format!("ips {more:?}: netd gives a container one IPv4 address"),
-        )),
+/// The addresses asked for, if any (netd gives one of each family): the `ips` capability,
+/// or `CNI_ARGS` `IP=`.
+fn requested_ips(
+    config: &Config,
+    call: &Call,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), CniError> {
+    let invalid = |msg: String| CniError::new(Code::InvalidConfig, msg);
+    let (mut ip, mut ip6) = (call.ip, None);
+    if !config.runtime_config.ips.is_empty() {
+        ip = None;
     }
+    for one in &config.runtime_config.ips {
+        let addr = one
+            .parse::<IpNet>()
+            .map(|n| n.addr())
+            .or_else(|_| one.parse::<IpAddr>())
+            .map_err(|_| invalid(format!("ips {one:?} is not an IP address")))?;
+        let taken = match addr {
+            IpAddr::V4(v4) => ip.replace(v4).is_some(),
+            IpAddr::V6(v6) => ip6.replace(v6).is_some(),
+        };
+        if taken {
+            return Err(invalid(format!(
+                "ips {:?}: netd gives a container one address of each family",
+                config.runtime_config.ips
+            )));
+        }
+    }
+    Ok((ip, ip6))
 }
 
 fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
@@ -178,7 +201,7 @@ fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
 pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     let netns = require_netns(call)?;
     let ports = ports_of(config)?;
-    let ip = requested_ip(config, call)?;
+    let (ip, ip6) = requested_ips(config, call)?;
     let mut core = open(config)?;
     ensure_network(&mut core, config).await?;
     remove_orphans(&mut core, config).await?;
@@ -197,6 +220,7 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
         network: config.name.clone(),
         netns: Some(netns),
         ip,
+        ip6,
         mac: None,
         ports,
     };
@@ -248,14 +272,22 @@ pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
             ),
         ));
     }
-    let address = format!("{}/{}", a.ip, a.prefix_len);
-    if let Some(prev) = &config.prev_result
-        && !prev_result_addresses(prev).contains(&address)
-    {
-        return Err(CniError::new(
-            Code::Netd,
-            format!("prevResult does not list the container's address {address}"),
-        ));
+    let addresses = [
+        Some(format!("{}/{}", a.ip, a.prefix_len)),
+        a.ip6.map(|(ip6, _)| ip6.to_string()),
+    ];
+    if let Some(prev) = &config.prev_result {
+        let listed = prev_result_addresses(prev);
+        if let Some(address) = addresses
+            .into_iter()
+            .flatten()
+            .find(|a| !listed.contains(a))
+        {
+            return Err(CniError::new(
+                Code::Netd,
+                format!("prevResult does not list the container's address {address}"),
+            ));
+        }
     }
     check_attachment(&a).await?;
     Ok(())

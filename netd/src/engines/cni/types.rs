@@ -1,9 +1,12 @@
 //! The CNI wire formats netd-cni reads and writes: the network configuration on stdin, the
 //! result and error objects on stdout (CNI spec 0.4.0, 1.0.0 and 1.1.0).
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -66,6 +69,11 @@ pub struct Config {
     pub subnet: Option<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,
     pub ip_range: Option<Ipv4Net>,
+    /// Dual-stack (iptables datapath): `subnet6`/`gateway6` as `--subnet`/`--gateway` of
+    /// IPv6, a free ULA /64 without `subnet6`.
+    pub ipv6: Option<bool>,
+    pub subnet6: Option<Ipv6Net>,
+    pub gateway6: Option<Ipv6Addr>,
     pub bridge: Option<String>,
     pub icc: Option<bool>,
     pub internal: Option<bool>,
@@ -119,17 +127,30 @@ pub struct ValidAttachment {
     pub ifname: String,
 }
 
-/// The result of ADD: the container's interface, its address and default route.
+/// The result of ADD: the container's interface, its addresses and default routes (IPv4,
+/// then IPv6 on a dual-stack network).
 pub fn result_json(version: &str, ifname: &str, a: &Attachment) -> Value {
-    let mut ip = json!({
-        "address": format!("{}/{}", a.ip, a.prefix_len),
-        "gateway": a.gateway.to_string(),
-        "interface": 0,
-    });
-    // 0.3.x/0.4.0 results name the IP version of each address; 1.0.0 dropped the field.
-    if version.starts_with("0.") {
-        ip["version"] = json!("4");
+    let mut ips = vec![(
+        format!("{}/{}", a.ip, a.prefix_len),
+        a.gateway.to_string(),
+        "4",
+    )];
+    let mut routes = vec![json!({ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() })];
+    if let Some((ip6, gateway6)) = a.ip6 {
+        ips.push((ip6.to_string(), gateway6.to_string(), "6"));
+        routes.push(json!({ "dst": "::/0", "gw": gateway6.to_string() }));
     }
+    let ips: Vec<Value> = ips
+        .into_iter()
+        .map(|(address, gateway, family)| {
+            let mut ip = json!({ "address": address, "gateway": gateway, "interface": 0 });
+            // 0.3.x/0.4.0 results name the IP version of each address; 1.0.0 dropped it.
+            if version.starts_with("0.") {
+                ip["version"] = json!(family);
+            }
+            ip
+        })
+        .collect();
     json!({
         "cniVersion": version,
         "interfaces": [{
@@ -137,8 +158,8 @@ pub fn result_json(version: &str, ifname: &str, a: &Attachment) -> Value {
             "mac": crate::core::ipam::format_mac(a.mac),
             "sandbox": a.netns.display().to_string(),
         }],
-        "ips": [ip],
-        "routes": [{ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() }],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     })
 }

@@ -158,6 +158,7 @@ pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Val
             network: netd_name(&req.network_id)?,
             netns: None,
             ip,
+            ip6: None,
             mac,
             ports: vec![],
         })
