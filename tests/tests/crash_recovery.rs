@@ -65,8 +65,11 @@ fn leftovers(env: &TestEnv) -> Leftovers {
             })
         })
         .collect();
-    let iptables = ["filter", "nat"]
-        .map(|t| text(env.run_in(&env.host_ns(), "iptables", &["-t", t, "-S"])))
+    let iptables = ["iptables", "ip6tables"]
+        .into_iter()
+        .flat_map(|tool| ["filter", "nat"].map(|t| (tool, t)))
+        .map(|(tool, t)| text(env.run_in(&env.host_ns(), tool, &["-t", t, "-S"])))
+        .collect::<Vec<_>>()
         .concat();
     Leftovers {
         namespaces,
@@ -127,12 +130,20 @@ enum Recovery {
     NextCommand,
 }
 
+/// `commands`, each creating on `datapath`.
+fn on_datapath(datapath: &str, commands: &[Vec<String>]) -> Vec<Vec<String>> {
+    commands
+        .iter()
+        .map(|c| [vec!["--datapath".into(), datapath.into()], c.clone()].concat())
+        .collect()
+}
+
 /// The steps `scenario`'s command passes.
 fn steps(datapath: &str, scenario: &dyn Fn(&TestEnv) -> Scenario) -> Vec<String> {
     let env = TestEnv::new();
     let s = scenario(&env);
-    run_all(&env, &s.base);
-    run_all(&env, &s.before);
+    run_all(&env, &on_datapath(datapath, &s.base));
+    run_all(&env, &on_datapath(datapath, &s.before));
     let cmd: Vec<&str> = s.command.iter().map(String::as_str).collect();
     let out = env
         .netd_cmd(&[&["--datapath", datapath][..], &cmd].concat())
@@ -156,11 +167,7 @@ fn kill_at_every_step(datapath: &str, scenario: impl Fn(&TestEnv) -> Scenario) {
     for step in steps(datapath, &scenario) {
         for recovery in [Recovery::Gc, Recovery::NextCommand] {
             let env = TestEnv::new();
-            let with_dp = |c: &[Vec<String>]| -> Vec<Vec<String>> {
-                c.iter()
-                    .map(|c| [vec!["--datapath".into(), datapath.into()], c.clone()].concat())
-                    .collect()
-            };
+            let with_dp = |c: &[Vec<String>]| on_datapath(datapath, c);
             let s = scenario(&env);
             run_all(&env, &with_dp(&s.base));
             let clean = leftovers(&env);
@@ -193,6 +200,36 @@ fn network_create(_: &TestEnv) -> Scenario {
         command: args("network create n --subnet 10.77.0.0/24"),
         redo: vec![args("network create n --subnet 10.77.0.0/24")],
         after: vec![args("network rm n")],
+    }
+}
+
+/// A dual-stack network (iptables datapath: rules in both families).
+fn network_create_dual_stack(_: &TestEnv) -> Scenario {
+    let create = "network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false";
+    Scenario {
+        base: vec![],
+        before: vec![],
+        command: args(create),
+        redo: vec![args(create)],
+        after: vec![args("network rm n")],
+    }
+}
+
+/// A dual-stack container with a link and published ports.
+fn container_create_dual_stack(env: &TestEnv) -> Scenario {
+    let (db, c) = (env.name("db"), env.name("c"));
+    let create = format!(
+        "container create {c} --network n -p 18080:80 -p [::1]:18081:81 --link {db} --publish-allow fd00::/8"
+    );
+    Scenario {
+        base: vec![
+            args("network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false"),
+            args(&format!("container create {db} --network n --expose 5432")),
+        ],
+        before: vec![],
+        command: args(&create),
+        redo: vec![args(&create)],
+        after: vec![args(&format!("container rm {c}"))],
     }
 }
 
@@ -288,6 +325,16 @@ fn network_create_killed_at_every_step_ebpf() {
 #[test]
 fn network_create_killed_at_every_step_iptables() {
     kill_at_every_step("iptables", network_create);
+}
+
+#[test]
+fn dual_stack_network_create_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", network_create_dual_stack);
+}
+
+#[test]
+fn dual_stack_container_create_killed_at_every_step_iptables() {
+    kill_at_every_step("iptables", container_create_dual_stack);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! in a plugin dir only it sees.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Stdio,
     time::Duration,
@@ -13,7 +13,7 @@ use std::{
 use netd_bench::bench::docker::{Dockerd, IMAGE, Options};
 use tests::{
     engines::{NetdDaemon, host_tcp_ask, tcp_ask, tcp_name_server},
-    harness::{HOST_ADDR, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
 /// A dockerd and a netd daemon serving the driver `name` to it.
@@ -41,7 +41,15 @@ impl World {
     }
 
     fn start(live_restore: bool, with_netd: bool) -> Self {
-        let env = TestEnv::new();
+        Self::start_in(TestEnv::new(), live_restore, with_netd)
+    }
+
+    /// A dockerd and netd in a sandbox whose uplink carries IPv6 too.
+    fn dual_stack() -> Self {
+        Self::start_in(TestEnv::dual_stack(), false, true)
+    }
+
+    fn start_in(env: TestEnv, live_restore: bool, with_netd: bool) -> Self {
         let name = format!("netd{}", env.prefix);
         let mut world = Self {
             env,
@@ -235,6 +243,86 @@ fn docker_runs_a_published_container_on_a_netd_network() {
     w.docker(&["network", "rm", "n1"]);
     assert!(w.netd_names("network").is_empty());
     assert_eq!(w.host_links(), links_before, "links left on the host");
+}
+
+#[test]
+fn docker_runs_a_dual_stack_container_on_a_netd_network() {
+    let w = World::dual_stack();
+    let d = w.name.as_str();
+    w.docker(&[
+        "network",
+        "create",
+        "-d",
+        d,
+        "--ipam-driver",
+        d,
+        "--ipv6",
+        "--subnet",
+        "10.78.0.0/24",
+        "--subnet",
+        "fd00:78::/64",
+        "-o",
+        "datapath=iptables",
+        "n6",
+    ]);
+    let net = &w.env.netd_json(&["network", "ls", "--json"])[0];
+    assert_eq!(
+        (net["subnet6"].as_str(), net["gateway6"].as_str()),
+        (Some("fd00:78::/64"), Some("fd00:78::1")),
+        "{net}"
+    );
+    w.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "n6",
+        "-p",
+        "8080:80",
+        IMAGE,
+        "sleep",
+        "1d",
+    ]);
+    let ns = w.netns_of("web");
+    let docker_ip6 = w.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}/{{.GlobalIPv6PrefixLen}} {{.IPv6Gateway}}{{end}}",
+        "web",
+    ]);
+    let ours = &w.env.netd_json(&["container", "ls", "--json"])[0];
+    assert_eq!(
+        docker_ip6,
+        format!("{}/64 fd00:78::1", ours["ip6"].as_str().unwrap()),
+        "docker and netd disagree: {ours}"
+    );
+    let route = w.env.run_in(&ns, "ip", &["-6", "route", "show", "default"]);
+    assert!(
+        String::from_utf8_lossy(&route.stdout).contains("via fd00:78::1 dev eth0"),
+        "{route:?}"
+    );
+    // In over both families, out over IPv6 (NAT66).
+    let server = tests::cli::echo_servers(&w.env, &ns, "[::]:80".parse().unwrap(), 2);
+    for host in [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)] {
+        let to = SocketAddr::new(host, 8080);
+        assert_eq!(
+            tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), to).unwrap(),
+            "netd"
+        );
+    }
+    server.join().unwrap();
+    let outside = SocketAddr::new(OUTSIDE_ADDR6.into(), 9000);
+    let server = tests::cli::echo_server(&w.env, &w.env.outside_ns(), outside);
+    assert_eq!(tests::cli::tcp_echo(&w.env, &ns, outside).unwrap(), "netd");
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+
+    w.docker(&["rm", "-f", "web"]);
+    w.docker(&["network", "rm", "n6"]);
+    assert!(w.netd_names("network").is_empty());
+    let rules = w.env.run_in(&w.env.host_ns(), "ip6tables-save", &[]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("NETD"), "left:\n{rules}");
 }
 
 #[test]

@@ -84,7 +84,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
 
     // In: the published port answers on the host's IPv6 and IPv4 addresses, from the outside,
     // and the container sees the client's own address (DNAT, no source NAT).
-    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 4);
     let outside = env.outside_ns();
     assert_eq!(
         tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
@@ -92,6 +92,18 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     );
     assert_eq!(
         tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
+        "netd"
+    );
+    // From the host itself, and from another container through the host's IPv6 address
+    // (hairpin; a container's own port that way needs the bridge port's hairpin mode, as in
+    // IPv4).
+    assert_eq!(
+        tcp_echo(&env, &env.host_ns(), sock(HOST_ADDR6, 8080)).unwrap(),
+        "netd"
+    );
+    let client = create(&env, "client", &["--network", "n6"]);
+    assert_eq!(
+        tcp_echo(&env, &client.ns, sock(HOST_ADDR6, 8080)).unwrap(),
         "netd"
     );
     let peers = server.join().unwrap();
@@ -110,6 +122,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
 
     // Gone without a trace in either family.
+    env.netd_ok(&["container", "rm", &client.name]);
     env.netd_ok(&["container", "rm", &web.name]);
     env.netd_ok(&["network", "rm", "n6"]);
     for tool in ["iptables-save", "ip6tables-save"] {
@@ -421,4 +434,42 @@ fn path_mtu_discovery_works_through_nat66() {
         route.contains("mtu 1280"),
         "the container learned the path MTU: {route}"
     );
+}
+
+#[test]
+fn a_network_without_masquerade_routes_its_ipv6_prefix_unchanged() {
+    let env = TestEnv::dual_stack();
+    // A global prefix (documentation range) the outside routes to the host.
+    dual_stack_network(
+        &env,
+        "routed",
+        &["--subnet", "2001:db8:60::/64", "--masquerade=false"],
+    );
+    let outside = env.outside_ns();
+    output_in(
+        &env,
+        &outside,
+        "ip",
+        &[
+            "route",
+            "add",
+            "2001:db8:60::/64",
+            "via",
+            &HOST_ADDR6.to_string(),
+        ],
+    );
+    let c = create(&env, "c", &["--network", "routed"]);
+    let own = ip6(&env, &c);
+    let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
+    assert_eq!(
+        tcp_echo(&env, &c.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        server.join().unwrap().ip(),
+        IpAddr::from(own),
+        "not translated"
+    );
+    let rules = saved(&env, "ip6tables-save");
+    assert!(!rules.contains("MASQUERADE"), "{rules}");
 }

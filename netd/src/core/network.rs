@@ -35,15 +35,18 @@ impl Controller {
 
     async fn create_network_locked(&mut self, spec: NetworkSpec) -> Result<Network> {
         let mut in_use = bridge::host_subnets().await?;
-        if spec.subnet.is_none() {
-            // Not a pool promised to Docker for a network it is about to create.
-            in_use.extend(
-                self.store
-                    .read(|tx| tx.ipam_pools())?
-                    .into_iter()
-                    .map(IpNet::from),
-            );
-        }
+        // Not a pool promised to Docker for a network it is about to create, when picking
+        // a subnet of that pool's family.
+        let picks = |pool: &IpNet| match pool {
+            IpNet::V4(_) => spec.subnet.is_none(),
+            IpNet::V6(_) => spec.subnet6.is_none(),
+        };
+        in_use.extend(
+            self.store
+                .read(|tx| tx.ipam_pools())?
+                .into_iter()
+                .filter(picks),
+        );
         let planned = self.store.read(|tx| plan::network(tx, &spec, &in_use))?;
         bridge::check_network(&planned).await?;
         let dp = self.datapaths.open(planned.datapath)?;

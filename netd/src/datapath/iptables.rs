@@ -500,11 +500,16 @@ impl Datapath for IptablesDatapath {
         let mut failed = Vec::new();
         for family in Family::of_network(net) {
             let subnet = family.subnet(net).expect("the network has this family");
-            let done = restore(family, &network_rules(net, subnet).deletions())
-                .and_then(|()| self.remove_base_if_unused(family));
-            if let Err(e) = done {
-                failed.push(format!("{e:#}"));
-            }
+            // The base chains go when no network uses them, even if this network's rules were
+            // never (all) made: a setup that failed or was killed midway leaves them behind.
+            let rules = restore(family, &network_rules(net, subnet).deletions());
+            let base = self.remove_base_if_unused(family);
+            failed.extend(
+                [rules, base]
+                    .into_iter()
+                    .filter_map(|r| r.err())
+                    .map(|e| format!("{e:#}")),
+            );
         }
         if !failed.is_empty() {
             bail!(

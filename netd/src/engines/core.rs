@@ -8,14 +8,14 @@
 
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     path::PathBuf,
     sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
@@ -119,20 +119,34 @@ impl Core {
         self.ctl.remove_network(name).await
     }
 
-    /// A private subnet overlapping nothing on the host, no netd network and none of `also`.
-    pub async fn free_subnet(&mut self, also: &[Ipv4Net]) -> Result<Ipv4Net> {
-        let mut taken: Vec<Ipv4Net> = Netlink::in_ns(None)?
-            .networks_in_use()
-            .await?
-            .into_iter()
-            .filter_map(|n| match n {
-                ipnet::IpNet::V4(n) => Some(n),
-                ipnet::IpNet::V6(_) => None,
-            })
-            .collect();
-        taken.extend(self.ctl.networks()?.iter().map(|n| n.subnet));
+    /// A subnet of `v6`'s family (private IPv4, or a ULA /64) overlapping nothing on the
+    /// host, no netd network and none of `also`.
+    pub async fn free_subnet(&mut self, v6: bool, also: &[IpNet]) -> Result<IpNet> {
+        let mut taken = Netlink::in_ns(None)?.networks_in_use().await?;
+        for n in self.ctl.networks()? {
+            taken.push(n.subnet.into());
+            taken.extend(n.subnet6.map(IpNet::from));
+        }
         taken.extend_from_slice(also);
-        ipam::free_subnet(&taken)
+        if v6 {
+            let taken: Vec<Ipv6Net> = taken
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V6(n) => Some(*n),
+                    IpNet::V4(_) => None,
+                })
+                .collect();
+            Ok(ipam::free_subnet6(&taken)?.into())
+        } else {
+            let taken: Vec<Ipv4Net> = taken
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V4(n) => Some(*n),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            Ok(ipam::free_subnet(&taken)?.into())
+        }
     }
 
     /// Makes a container endpoint: veth, address, routes, datapath entries, published ports.
@@ -229,27 +243,27 @@ impl Core {
     }
 
     /// The pools an engine's IPAM handed out and not released (see `core::reservations`).
-    pub fn reserved_pools(&mut self) -> Result<Vec<Ipv4Net>> {
+    pub fn reserved_pools(&mut self) -> Result<Vec<IpNet>> {
         self.ctl.reserved_pools()
     }
 
-    pub fn reserve_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+    pub fn reserve_pool(&mut self, subnet: IpNet) -> Result<()> {
         self.ctl.reserve_pool(subnet)
     }
 
-    pub fn release_pool(&mut self, subnet: Ipv4Net) -> Result<()> {
+    pub fn release_pool(&mut self, subnet: IpNet) -> Result<()> {
         self.ctl.release_pool(subnet)
     }
 
-    pub fn reserved_addresses(&mut self, subnet: Ipv4Net) -> Result<HashSet<Ipv4Addr>> {
+    pub fn reserved_addresses(&mut self, subnet: IpNet) -> Result<HashSet<IpAddr>> {
         self.ctl.reserved_addresses(subnet)
     }
 
-    pub fn reserve_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+    pub fn reserve_address(&mut self, subnet: IpNet, ip: IpAddr) -> Result<()> {
         self.ctl.reserve_address(subnet, ip)
     }
 
-    pub fn release_address(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+    pub fn release_address(&mut self, subnet: IpNet, ip: IpAddr) -> Result<()> {
         self.ctl.release_address(subnet, ip)
     }
 

@@ -38,7 +38,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{
     Connection, OptionalExtension as _, Transaction, TransactionBehavior, config::DbConfig, params,
@@ -468,7 +468,10 @@ impl Tx<'_> {
     /// Records (or replaces) network `net`.
     pub fn put_network(&self, net: &Network) -> Result<()> {
         self.0.execute(
-            "INSERT OR REPLACE INTO networks (name, id, bridge, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            // By name: a clash on `id` or `bridge` with another network is an error.
+            "INSERT INTO networks (name, id, bridge, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET id = excluded.id, bridge = excluded.bridge,
+             status = excluded.status, owner_pid = excluded.owner_pid, doc = excluded.doc",
             params![
                 net.name,
                 net.id,
@@ -507,7 +510,11 @@ impl Tx<'_> {
             ..c.clone()
         };
         self.0.execute(
-            "INSERT OR REPLACE INTO containers (name, network, ip, ip6, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            // An upsert by name, not INSERT OR REPLACE: that would settle a clash on an
+            // address index by deleting the other container's row.
+            "INSERT INTO containers (name, network, ip, ip6, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(name) DO UPDATE SET network = excluded.network, ip = excluded.ip, ip6 = excluded.ip6,
+             shares = excluded.shares, status = excluded.status, owner_pid = excluded.owner_pid, doc = excluded.doc",
             params![
                 c.name,
                 c.network,
@@ -620,13 +627,13 @@ impl Tx<'_> {
     }
 
     /// The pools an engine's IPAM handed out (until released).
-    pub fn ipam_pools(&self) -> Result<Vec<Ipv4Net>> {
+    pub fn ipam_pools(&self) -> Result<Vec<IpNet>> {
         let mut stmt = self.0.prepare_cached("SELECT subnet FROM ipam_pools")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|s| Ok(s?.parse()?)).collect()
     }
 
-    pub fn add_ipam_pool(&self, subnet: Ipv4Net) -> Result<()> {
+    pub fn add_ipam_pool(&self, subnet: IpNet) -> Result<()> {
         self.0.execute(
             "INSERT OR IGNORE INTO ipam_pools (subnet) VALUES (?1)",
             params![subnet.to_string()],
@@ -635,7 +642,7 @@ impl Tx<'_> {
     }
 
     /// Forgets pool `subnet` and the addresses handed out from it.
-    pub fn delete_ipam_pool(&self, subnet: Ipv4Net) -> Result<()> {
+    pub fn delete_ipam_pool(&self, subnet: IpNet) -> Result<()> {
         for sql in [
             "DELETE FROM ipam_pools WHERE subnet = ?1",
             "DELETE FROM ipam_addresses WHERE subnet = ?1",
@@ -646,7 +653,7 @@ impl Tx<'_> {
     }
 
     /// The addresses an engine's IPAM handed out from pool `subnet` (until released).
-    pub fn ipam_addresses(&self, subnet: Ipv4Net) -> Result<HashSet<Ipv4Addr>> {
+    pub fn ipam_addresses(&self, subnet: IpNet) -> Result<HashSet<IpAddr>> {
         let mut stmt = self
             .0
             .prepare_cached("SELECT ip FROM ipam_addresses WHERE subnet = ?1")?;
@@ -654,7 +661,7 @@ impl Tx<'_> {
         rows.map(|ip| Ok(ip?.parse()?)).collect()
     }
 
-    pub fn add_ipam_address(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+    pub fn add_ipam_address(&self, subnet: IpNet, ip: IpAddr) -> Result<()> {
         self.0.execute(
             "INSERT OR IGNORE INTO ipam_addresses (subnet, ip) VALUES (?1, ?2)",
             params![subnet.to_string(), ip.to_string()],
@@ -662,7 +669,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn delete_ipam_address(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<()> {
+    pub fn delete_ipam_address(&self, subnet: IpNet, ip: IpAddr) -> Result<()> {
         self.0.execute(
             "DELETE FROM ipam_addresses WHERE subnet = ?1 AND ip = ?2",
             params![subnet.to_string(), ip.to_string()],
@@ -894,7 +901,7 @@ mod tests {
         db.pragma_update(None, "user_version", 1).unwrap();
         drop(db);
         let mut store = Store::open(&dir).unwrap();
-        let subnet: Ipv4Net = "10.66.0.0/24".parse().unwrap();
+        let subnet: IpNet = "10.66.0.0/24".parse().unwrap();
         store
             .write(|tx| {
                 assert_eq!(tx.next_network_id()?, 7);
@@ -914,6 +921,26 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ipv6_addresses_are_unique_per_network() {
+        let dir = temp_dir("ipv6");
+        fs::write(dir.join("state.json"), OLD_STATE).unwrap();
+        let mut store = Store::open(&dir).unwrap();
+        let mut db = store.read(|tx| tx.container_required("db")).unwrap();
+        db.ip6 = Some("fd00:9::2".parse().unwrap());
+        store.write(|tx| tx.put_container(&db)).unwrap();
+        let addresses = store.read(|tx| tx.addresses_on("n")).unwrap();
+        assert!(
+            addresses.contains(&"fd00:9::2".parse().unwrap()),
+            "{addresses:?}"
+        );
+        let mut web = store.read(|tx| tx.container_required("web")).unwrap();
+        web.ip6 = db.ip6;
+        let clash = store.write(|tx| tx.put_container(&web));
+        assert!(clash.unwrap_err().to_string().contains("UNIQUE"));
         fs::remove_dir_all(&dir).unwrap();
     }
 

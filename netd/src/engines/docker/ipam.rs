@@ -4,13 +4,10 @@
 //! are kept in netd's state until Docker releases them (`core::reservations`): a `netd daemon`
 //! killed between a RequestPool and its CreateNetwork forgets nothing.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use super::protocol::{
@@ -34,28 +31,28 @@ pub fn default_address_spaces() -> Value {
     })
 }
 
-fn pool_id(subnet: Ipv4Net) -> String {
+fn pool_id(subnet: IpNet) -> String {
     format!("{POOL_ID_PREFIX}{subnet}")
 }
 
-fn subnet_of(pool_id: &str) -> Result<Ipv4Net> {
+fn subnet_of(pool_id: &str) -> Result<IpNet> {
     pool_id
         .strip_prefix(POOL_ID_PREFIX)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("unknown pool {pool_id:?}"))
 }
 
-/// The netd network on `subnet`, if it exists yet.
-fn network_on(core: &mut Core, subnet: Ipv4Net) -> Result<Option<Network>> {
-    Ok(core.networks()?.into_iter().find(|n| n.subnet == subnet))
+/// The netd network with `subnet` (of either family), if it exists yet.
+fn network_on(core: &mut Core, subnet: IpNet) -> Result<Option<Network>> {
+    Ok(core
+        .networks()?
+        .into_iter()
+        .find(|n| IpNet::from(n.subnet) == subnet || n.subnet6.map(IpNet::from) == Some(subnet)))
 }
 
 /// A pool: the one asked for, or the first free private subnet (as `netd network create`
-/// picks). Asking for the same pool again gets the same answer.
+/// picks: a ULA /64 for IPv6). Asking for the same pool again gets the same answer.
 pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
-    if req.v6 {
-        bail!("netd's Docker IPAM gives IPv4 addresses only: no IPv6 pool");
-    }
     if !req.sub_pool.is_empty() {
         bail!(
             "netd's IPAM takes no --ip-range (sub-pool {})",
@@ -64,19 +61,21 @@ pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
     }
     let subnet = if req.pool.is_empty() {
         let pending = core.reserved_pools()?;
-        core.free_subnet(&pending).await?
+        core.free_subnet(req.v6, &pending).await?
     } else {
-        let subnet = ipam::parse_subnet4(&req.pool)?;
-        let clash = core
-            .networks()?
-            .into_iter()
-            .find(|n| n.subnet != subnet && ipam::overlaps(&n.subnet, &subnet));
-        if let Some(n) = clash {
-            bail!(
-                "pool {subnet} overlaps netd network {:?} ({})",
-                n.name,
-                n.subnet
-            );
+        let subnet = ipam::parse_subnet(&req.pool)?;
+        if subnet.addr().is_ipv6() != req.v6 {
+            bail!("pool {subnet} is not of the family Docker asks for");
+        }
+        for n in core.networks()? {
+            let theirs = [Some(IpNet::from(n.subnet)), n.subnet6.map(IpNet::from)];
+            if let Some(other) = theirs
+                .into_iter()
+                .flatten()
+                .find(|t| *t != subnet && ipam::overlaps(t, &subnet))
+            {
+                bail!("pool {subnet} overlaps netd network {:?} ({other})", n.name);
+            }
         }
         subnet
     };
@@ -93,11 +92,22 @@ pub fn release_pool(core: &mut Core, req: PoolRef) -> Result<Value> {
     Ok(json!({}))
 }
 
+/// The gateway of `subnet`: `asked`, or its first host.
+fn gateway_of(subnet: IpNet, asked: Option<IpAddr>) -> Result<IpAddr> {
+    Ok(match (subnet, asked) {
+        (IpNet::V4(s), None) => ipam::gateway_and_range(s, None, None)?.0.into(),
+        (IpNet::V4(s), Some(IpAddr::V4(a))) => ipam::gateway_and_range(s, Some(a), None)?.0.into(),
+        (IpNet::V6(s), None) => ipam::gateway6(s, None)?.into(),
+        (IpNet::V6(s), Some(IpAddr::V6(a))) => ipam::gateway6(s, Some(a))?.into(),
+        (s, Some(a)) => bail!("address {a} is not of pool {s}'s family"),
+    })
+}
+
 /// The gateway (when asked for with Docker's gateway option), the address asked for, or
 /// the lowest free one.
 pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
     let subnet = subnet_of(&req.pool_id)?;
-    let asked: Option<Ipv4Addr> = match req.address.as_str() {
+    let asked: Option<IpAddr> = match req.address.as_str() {
         "" => None,
         text => Some(
             text.parse()
@@ -105,45 +115,37 @@ pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
         ),
     };
     let network = network_on(core, subnet)?;
+    let v6 = subnet.addr().is_ipv6();
+    // The network's gateway and address range in the pool's family.
+    let (net_gateway, range) = match &network {
+        Some(n) if v6 => (n.gateway6.map(IpAddr::from), subnet),
+        Some(n) => (Some(n.gateway.into()), n.ip_range.into()),
+        None => (None, subnet),
+    };
     let wants_gateway = req
         .options
         .as_ref()
         .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
         .is_some_and(|t| t == GATEWAY_REQUEST);
     let address = if wants_gateway {
-        let (gateway, _) =
-            ipam::gateway_and_range(subnet, asked.or(network.as_ref().map(|n| n.gateway)), None)?;
-        gateway
+        gateway_of(subnet, asked.or(net_gateway))?
     } else {
-        let mut used: HashSet<IpAddr> = core
-            .reserved_addresses(subnet)?
-            .into_iter()
-            .map(IpAddr::from)
-            .collect();
+        let mut used = core.reserved_addresses(subnet)?;
         if let Some(n) = &network {
-            used.extend(
-                core.attachments_on(&n.name, "")?
-                    .iter()
-                    .map(|a| IpAddr::from(a.ip)),
-            );
+            for a in core.attachments_on(&n.name, "")? {
+                used.insert(a.ip.into());
+                used.extend(a.ip6.map(|(ip6, _)| IpAddr::from(ip6.addr())));
+            }
         }
-        let (gateway, range) = match &network {
-            Some(n) => (n.gateway, n.ip_range),
-            None => ipam::gateway_and_range(subnet, None, None)?,
-        };
         let pool = ipam::Pool {
-            subnet: subnet.into(),
-            range: range.into(),
-            gateway: gateway.into(),
+            subnet,
+            range,
+            gateway: gateway_of(subnet, net_gateway)?,
             used: &used,
         };
-        let address = match asked {
-            Some(ip) => pool.check(ip.into()).map(|()| ip.into())?,
+        match asked {
+            Some(ip) => pool.check(ip).map(|()| ip)?,
             None => pool.allocate()?,
-        };
-        match address {
-            IpAddr::V4(ip) => ip,
-            IpAddr::V6(ip) => bail!("pool {subnet} gave the IPv6 address {ip}"),
         }
     };
     core.reserve_address(subnet, address)?;
@@ -155,7 +157,7 @@ pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
 
 pub fn release_address(core: &mut Core, req: ReleaseAddress) -> Result<Value> {
     let subnet = subnet_of(&req.pool_id)?;
-    let ip: Ipv4Addr = req
+    let ip: IpAddr = req
         .address
         .split('/')
         .next()

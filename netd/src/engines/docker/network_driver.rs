@@ -12,7 +12,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
 
 use super::protocol::{
@@ -51,9 +51,6 @@ pub fn capabilities() -> Value {
 
 /// The netd network a CreateNetwork asks for (on `datapath` unless its options name one).
 pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<NetworkSpec> {
-    if req.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
-        bail!("netd's Docker driver makes IPv4 networks only: drop --ipv6");
-    }
     let [ipv4] = req.ipv4_data.as_slice() else {
         bail!(
             "netd takes exactly one IPv4 pool per network, Docker gave {}",
@@ -70,6 +67,28 @@ pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<Networ
                 .with_context(|| format!("invalid gateway {gw:?}"))?,
         ),
     };
+    match req.ipv6_data.as_deref().unwrap_or_default() {
+        [] => {}
+        [ipv6] => {
+            spec.ipv6 = true;
+            spec.subnet6 = match ipam::parse_subnet(&ipv6.pool)? {
+                IpNet::V6(net) => Some(net),
+                IpNet::V4(net) => bail!("IPv6 pool {net} is an IPv4 subnet"),
+            };
+            spec.gateway6 = match ipv6.gateway.as_str() {
+                "" => None,
+                gw => Some(
+                    gw.parse::<Ipv6Net>()
+                        .map(|n| n.addr())
+                        .with_context(|| format!("invalid IPv6 gateway {gw:?}"))?,
+                ),
+            };
+        }
+        more => bail!(
+            "netd takes one IPv6 pool per network, Docker gave {}",
+            more.len()
+        ),
+    }
     spec.internal = req.options.get(INTERNAL).is_some_and(|v| v == &json!(true));
     spec.datapath = datapath;
     if let Some(generic) = req.options.get(GENERIC_OPTIONS) {
@@ -136,9 +155,14 @@ pub async fn delete_network(core: &mut Core, req: NetworkRef) -> Result<Value> {
 
 pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Value> {
     let given = req.interface.unwrap_or_default();
-    if !given.address_ipv6.is_empty() {
-        bail!("netd's Docker driver gives IPv4 addresses only: no IPv6 address");
-    }
+    let ip6 = match given.address_ipv6.as_str() {
+        "" => None,
+        text => Some(
+            text.parse::<Ipv6Net>()
+                .with_context(|| format!("invalid IPv6 address {text:?}"))?
+                .addr(),
+        ),
+    };
     let ip = match given.address.as_str() {
         "" => None,
         text => Some(
@@ -158,7 +182,7 @@ pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Val
             network: netd_name(&req.network_id)?,
             netns: None,
             ip,
-            ip6: None,
+            ip6,
             mac,
             ports: vec![],
         })
@@ -170,7 +194,10 @@ pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Val
         } else {
             String::new()
         },
-        address_ipv6: String::new(),
+        address_ipv6: match (ip6, a.ip6) {
+            (None, Some((given, _))) => given.to_string(),
+            _ => String::new(),
+        },
         mac_address: if mac.is_none() {
             ipam::format_mac(a.mac)
         } else {
@@ -193,6 +220,7 @@ pub fn endpoint_oper_info(core: &mut Core, req: EndpointRef) -> Result<Value> {
         .with_context(|| format!("no endpoint {}", req.endpoint_id))?;
     Ok(json!({ "Value": {
         "ip": a.ip.to_string(),
+        "ip6": a.ip6.map(|(ip6, _)| ip6.addr().to_string()),
         "mac": ipam::format_mac(a.mac),
         "host_veth": a.host_veth,
     }}))
@@ -220,6 +248,10 @@ pub async fn join(core: &mut Core, req: Join) -> Result<Value> {
             String::new()
         } else {
             a.gateway.to_string()
+        },
+        gateway_ipv6: match a.ip6 {
+            Some((_, gateway6)) if !internal => gateway6.to_string(),
+            _ => String::new(),
         },
     })?)
 }

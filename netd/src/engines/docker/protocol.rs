@@ -101,6 +101,8 @@ pub struct JoinResponse {
     pub interface_name: InterfaceName,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub gateway: String,
+    #[serde(rename = "GatewayIPv6", skip_serializing_if = "String::is_empty")]
+    pub gateway_ipv6: String,
 }
 
 #[derive(Debug, Serialize)]
