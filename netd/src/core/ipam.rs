@@ -29,17 +29,23 @@ pub fn overlaps<N: Into<IpNet> + Copy>(a: &N, b: &N) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// Whether `candidate` overlaps nothing in `in_use` (subnets of either family).
+fn overlaps_none(candidate: impl Into<IpNet>, in_use: &[IpNet]) -> bool {
+    let candidate = candidate.into();
+    !in_use.iter().any(|used| overlaps(&candidate, used))
+}
+
 /// The first pool subnet that overlaps nothing in `in_use`.
-pub fn free_subnet(in_use: &[Ipv4Net]) -> Result<Ipv4Net> {
+pub fn free_subnet(in_use: &[IpNet]) -> Result<Ipv4Net> {
     default_pool()
-        .find(|candidate| !in_use.iter().any(|used| overlaps(candidate, used)))
+        .find(|candidate| overlaps_none(*candidate, in_use))
         .ok_or_else(|| anyhow::anyhow!("no free subnet left in 172.17.0.0/12 and 192.168.0.0/16"))
 }
 
 /// The first /64 of netd's ULA pool that overlaps nothing in `in_use`.
-pub fn free_subnet6(in_use: &[Ipv6Net]) -> Result<Ipv6Net> {
+pub fn free_subnet6(in_use: &[IpNet]) -> Result<Ipv6Net> {
     default_pool6()
-        .find(|candidate| !in_use.iter().any(|used| overlaps(candidate, used)))
+        .find(|candidate| overlaps_none(*candidate, in_use))
         .ok_or_else(|| anyhow::anyhow!("no free IPv6 subnet left in fd4e:6574:6400::/48"))
 }
 
@@ -49,10 +55,7 @@ pub fn parse_subnet(text: &str) -> Result<IpNet> {
     let net: IpNet = text.parse().map_err(|_| {
         anyhow::anyhow!("invalid subnet {text:?}: expected a CIDR like 10.1.0.0/24 or fd00:1::/64")
     })?;
-    match net {
-        IpNet::V4(v4) => check_subnet(v4)?,
-        IpNet::V6(v6) => check_subnet6(v6)?,
-    }
+    check_subnet(net)?;
     Ok(net)
 }
 
@@ -62,23 +65,6 @@ pub fn parse_subnet4(text: &str) -> Result<Ipv4Net> {
         IpNet::V4(net) => Ok(net),
         IpNet::V6(net) => bail!("invalid subnet \"{net}\": an IPv4 subnet is needed here"),
     }
-}
-
-/// Checks an IPv6 subnet: no host bits, room for a gateway and a container.
-pub fn check_subnet6(net: Ipv6Net) -> Result<()> {
-    if net.trunc() != net {
-        bail!(
-            "invalid subnet \"{net}\": host bits set (did you mean {}?)",
-            net.trunc()
-        );
-    }
-    if net.prefix_len() > 126 {
-        bail!(
-            "invalid subnet \"{net}\": a /{} has no room for a gateway and containers",
-            net.prefix_len()
-        );
-    }
-    Ok(())
 }
 
 /// Checks `--gateway` of an IPv6 subnet and fills in its default (the first host address).
@@ -91,15 +77,20 @@ pub fn gateway6(subnet: Ipv6Net, gateway: Option<Ipv6Addr>) -> Result<Ipv6Addr> 
     Ok(gateway)
 }
 
-/// Checks a subnet: no host bits, room for a gateway and a container.
-pub fn check_subnet(net: Ipv4Net) -> Result<()> {
+/// Checks a subnet of either family: no host bits, room for a gateway and a container (an
+/// IPv4 one's broadcast address aside).
+pub fn check_subnet(net: IpNet) -> Result<()> {
     if net.trunc() != net {
         bail!(
             "invalid subnet \"{net}\": host bits set (did you mean {}?)",
             net.trunc()
         );
     }
-    if net.prefix_len() > 30 {
+    let longest = match net {
+        IpNet::V4(_) => 30,
+        IpNet::V6(_) => 126,
+    };
+    if net.prefix_len() > longest {
         bail!(
             "invalid subnet \"{net}\": a /{} has no room for a gateway and containers",
             net.prefix_len()
@@ -229,9 +220,14 @@ mod tests {
     #[test]
     fn free_subnet_skips_overlaps() {
         assert_eq!(free_subnet(&[]).unwrap(), net("172.17.0.0/16"));
-        let used = [net("172.17.5.0/24"), net("172.16.0.0/12").trunc()];
+        let used: [IpNet; 3] = [
+            net("172.17.5.0/24").into(),
+            net("172.16.0.0/12").trunc().into(),
+            "fd00::/8".parse().unwrap(),
+        ];
         assert_eq!(free_subnet(&used[..1]).unwrap(), net("172.18.0.0/16"));
         assert_eq!(free_subnet(&used[1..]).unwrap(), net("192.168.0.0/20"));
+        assert_eq!(free_subnet(&used[2..]).unwrap(), net("172.17.0.0/16"));
     }
 
     #[test]
@@ -279,7 +275,10 @@ mod tests {
     fn ipv6_subnets_and_gateways() {
         let first: Ipv6Net = "fd4e:6574:6400::/64".parse().unwrap();
         assert_eq!(free_subnet6(&[]).unwrap(), first);
-        let used: [Ipv6Net; 1] = ["fd4e:6574:6400::/60".parse().unwrap()];
+        let used: [IpNet; 2] = [
+            "fd4e:6574:6400::/60".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
         assert_eq!(
             free_subnet6(&used).unwrap(),
             "fd4e:6574:6400:10::/64".parse::<Ipv6Net>().unwrap()

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::{collections::HashSet, net::IpAddr};
 
 use anyhow::{Result, bail};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
 use super::{
     ipam,
@@ -43,15 +43,15 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[IpNet]) -> Result
                 .map(|s| (s, n.name.as_str()))
         })
         .collect();
+    // Every subnet a new one must not overlap: the networks' and the host's.
+    let all_in_use: Vec<IpNet> = taken
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(in_use.iter().copied())
+        .collect();
     let subnet = match spec.subnet {
         Some(subnet) => check_free(subnet.into(), &taken, in_use).map(|()| subnet)?,
-        None => {
-            let used: Vec<Ipv4Net> = family_of(&taken, in_use, |n| match n {
-                IpNet::V4(n) => Some(n),
-                IpNet::V6(_) => None,
-            });
-            ipam::free_subnet(&used)?
-        }
+        None => ipam::free_subnet(&all_in_use)?,
     };
     let (gateway, ip_range) = ipam::gateway_and_range(subnet, spec.gateway, spec.ip_range)?;
     let subnet6 = match (spec.ipv6, spec.subnet6) {
@@ -59,13 +59,7 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[IpNet]) -> Result
         (true, Some(subnet6)) => {
             Some(check_free(subnet6.into(), &taken, in_use).map(|()| subnet6)?)
         }
-        (true, None) => {
-            let used: Vec<Ipv6Net> = family_of(&taken, in_use, |n| match n {
-                IpNet::V6(n) => Some(n),
-                IpNet::V4(_) => None,
-            });
-            Some(ipam::free_subnet6(&used)?)
-        }
+        (true, None) => Some(ipam::free_subnet6(&all_in_use)?),
     };
     let gateway6 = subnet6
         .map(|s| ipam::gateway6(s, spec.gateway6))
@@ -112,20 +106,6 @@ fn check_free(subnet: IpNet, taken: &[(IpNet, &str)], in_use: &[IpNet]) -> Resul
         bail!("subnet {subnet} overlaps {used}, already in use on the host");
     }
     Ok(())
-}
-
-/// The subnets of one family among networks' and the host's.
-fn family_of<N>(
-    taken: &[(IpNet, &str)],
-    in_use: &[IpNet],
-    pick: impl Fn(IpNet) -> Option<N>,
-) -> Vec<N> {
-    taken
-        .iter()
-        .map(|(n, _)| *n)
-        .chain(in_use.iter().copied())
-        .filter_map(pick)
-        .collect()
 }
 
 /// What planning a container needs from outside the state.

@@ -90,7 +90,7 @@ impl NetworkSpec {
             validate_ifname(bridge)?;
         }
         if let Some(subnet) = self.subnet {
-            crate::core::ipam::check_subnet(subnet)?;
+            crate::core::ipam::check_subnet(subnet.into())?;
         }
         if !(68..=65535).contains(&self.mtu) {
             bail!("invalid MTU {}: must be 68-65535", self.mtu);
@@ -109,7 +109,7 @@ impl NetworkSpec {
             return Ok(());
         }
         if let Some(subnet6) = self.subnet6 {
-            crate::core::ipam::check_subnet6(subnet6)?;
+            crate::core::ipam::check_subnet(subnet6.into())?;
         }
         if self.mtu < 1280 {
             bail!("invalid MTU {} for IPv6: must be at least 1280", self.mtu);

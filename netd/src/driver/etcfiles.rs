@@ -11,13 +11,18 @@ use crate::store::Container;
 /// on a dual-stack network).
 pub type Linked = BTreeMap<String, Vec<IpAddr>>;
 
+/// What Docker's hosts files start with: localhost in both families, then the names of the
+/// IPv6 prefixes and link-local groups (all nodes, all routers).
+const DOCKER_HOSTS_HEADER: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+    fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n";
+
 /// Docker's fallback when the host has no usable nameserver.
 const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
 
 /// The hosts file: localhost, the container's own address and hostname, its links (at the
 /// linked containers' current addresses) and `--add-host` entries.
 pub fn hosts(c: &Container, linked: &Linked) -> String {
-    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut out = String::from(DOCKER_HOSTS_HEADER);
     let own = [c.ip.map(IpAddr::from), c.ip6.map(IpAddr::from)];
     for ip in own.into_iter().flatten() {
         out.push_str(&format!("{ip}\t{}\n", c.hostname));

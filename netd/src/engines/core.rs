@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv6Net};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
@@ -128,25 +128,11 @@ impl Core {
             taken.extend(n.subnet6.map(IpNet::from));
         }
         taken.extend_from_slice(also);
-        if v6 {
-            let taken: Vec<Ipv6Net> = taken
-                .iter()
-                .filter_map(|n| match n {
-                    IpNet::V6(n) => Some(*n),
-                    IpNet::V4(_) => None,
-                })
-                .collect();
-            Ok(ipam::free_subnet6(&taken)?.into())
+        Ok(if v6 {
+            ipam::free_subnet6(&taken)?.into()
         } else {
-            let taken: Vec<Ipv4Net> = taken
-                .iter()
-                .filter_map(|n| match n {
-                    IpNet::V4(n) => Some(*n),
-                    IpNet::V6(_) => None,
-                })
-                .collect();
-            Ok(ipam::free_subnet(&taken)?.into())
-        }
+            ipam::free_subnet(&taken)?.into()
+        })
     }
 
     /// Makes a container endpoint: veth, address, routes, datapath entries, published ports.
