@@ -473,3 +473,34 @@ fn a_network_without_masquerade_routes_its_ipv6_prefix_unchanged() {
     let rules = saved(&env, "ip6tables-save");
     assert!(!rules.contains("MASQUERADE"), "{rules}");
 }
+
+#[test]
+fn a_dual_stack_network_works_beside_an_ebpf_network() {
+    let env = TestEnv::dual_stack();
+    // An eBPF network's container: the uplink gets netd's TC programs.
+    env.netd_ok(&["network", "create", "fast", "--subnet", "10.61.0.0/24"]);
+    create(&env, "fast", &["--network", "fast", "-p", "8081:80"]);
+    let links = env.bpffs.join("links");
+    let attached = [
+        "uplink_ingress@up0@ingress",
+        "uplink_ingress@up0@ingress-filter",
+    ]
+    .iter()
+    .any(|pin| links.join(pin).exists());
+    assert!(attached, "the uplink has netd's ingress program");
+    dual_stack_network(&env, "n6", &[]);
+    let web = create(&env, "web", &["--network", "n6", "-p", "8080:80"]);
+    let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    let outside = env.outside_ns();
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
+    assert_eq!(
+        tcp_echo(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
+        "netd"
+    );
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+}
