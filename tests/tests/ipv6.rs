@@ -504,3 +504,54 @@ fn a_dual_stack_network_works_beside_an_ebpf_network() {
     );
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
 }
+
+#[test]
+fn an_unspecified_host_address_publishes_on_its_family_only() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network(&env, "n6", &[]);
+    let web = create(
+        &env,
+        "web",
+        &[
+            "--network",
+            "n6",
+            "-p",
+            "0.0.0.0:8080:80",
+            "-p",
+            "[::]:8081:80",
+        ],
+    );
+    // The same port again on all addresses clashes with either.
+    let err = env.netd_err(&["publish", &web.name, "-p", "8080:81"]);
+    assert!(err.contains("8080/tcp is already published"), "{err}");
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
+    let outside = env.outside_ns();
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
+        "netd"
+    );
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8081)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    for wrong in [sock(HOST_ADDR6, 8080), sock(HOST_ADDR, 8081)] {
+        assert_eq!(
+            connect_error(&env, &outside, wrong),
+            ErrorKind::ConnectionRefused
+        );
+    }
+    // On the eBPF datapath too, 0.0.0.0 is every IPv4 address.
+    env.netd_ok(&["network", "create", "fast", "--subnet", "10.61.0.0/24"]);
+    let fast = create(
+        &env,
+        "fast",
+        &["--network", "fast", "-p", "0.0.0.0:8082:80"],
+    );
+    let server = echo_server(&env, &fast.ns, sock(std::net::Ipv4Addr::UNSPECIFIED, 80));
+    assert_eq!(
+        tcp_echo(&env, &outside, sock(HOST_ADDR, 8082)).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+}

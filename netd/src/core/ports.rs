@@ -119,11 +119,17 @@ pub fn parse_expose(spec: &str) -> Result<Publish> {
     })
 }
 
-/// Whether two mappings would take the same host address, port and protocol.
+/// Whether two mappings would take the same host address, port and protocol. No address is
+/// every address; an unspecified one (`0.0.0.0`, `::`) every address of its family.
 pub fn clash(a: &PortMapping, b: &PortMapping) -> bool {
+    let covers = |wide: Option<IpAddr>, ip: Option<IpAddr>| match (wide, ip) {
+        (None, _) => true,
+        (Some(w), Some(ip)) => w == ip || w.is_unspecified() && w.is_ipv4() == ip.is_ipv4(),
+        (Some(_), None) => false,
+    };
     a.proto == b.proto
         && a.host_port == b.host_port
-        && (a.host_ip.is_none() || b.host_ip.is_none() || a.host_ip == b.host_ip)
+        && (covers(a.host_ip, b.host_ip) || covers(b.host_ip, a.host_ip))
 }
 
 /// Turns publish requests into one mapping per port, choosing free random host ports where
@@ -414,6 +420,30 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_unspecified_address_covers_its_family() {
+        let on = |ip: Option<&str>| PortMapping {
+            proto: Protocol::Tcp,
+            host_ip: ip.map(|ip| ip.parse().unwrap()),
+            host_port: 80,
+            container_port: 80,
+        };
+        let (any, any4, any6) = (on(None), on(Some("0.0.0.0")), on(Some("::")));
+        let (a4, a6) = (on(Some("198.18.0.2")), on(Some("2001:2::2")));
+        for (x, y) in [
+            (&any4, &a4),
+            (&any6, &a6),
+            (&any, &any4),
+            (&any, &a6),
+            (&a4, &a4),
+        ] {
+            assert!(clash(x, y) && clash(y, x), "{x:?} {y:?}");
+        }
+        for (x, y) in [(&any4, &a6), (&any6, &a4), (&any4, &any6), (&a4, &a6)] {
+            assert!(!clash(x, y) && !clash(y, x), "{x:?} {y:?}");
+        }
     }
 
     #[test]

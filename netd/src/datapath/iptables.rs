@@ -344,8 +344,10 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec, family: Family) -> Script {
     }
     let br = &net.bridge;
     let p = proto(port.proto);
+    // An unspecified address (`0.0.0.0`, `::`) is every address of its family.
     let dst = port
         .host_ip
+        .filter(|ip| !ip.is_unspecified())
         .map(|ip| format!("-d {} ", host(ip)))
         .unwrap_or_default();
     let (cport, hport) = (port.container_port, port.host_port);
@@ -654,6 +656,11 @@ mod tests {
         let mut restricted = port();
         restricted.allow = vec!["198.18.0.0/24".parse().unwrap()];
         assert!(port_rules(&net(), &restricted, Family::V6).is_empty());
+        // An unspecified address: every address of its family, and none of the other.
+        let mut any4 = port();
+        any4.host_ip = Some("0.0.0.0".parse().unwrap());
+        assert!(port_rules(&net(), &any4, Family::V4).nat[0].starts_with("-A NETD -p tcp "));
+        assert!(port_rules(&net(), &any4, Family::V6).is_empty());
         let v4 = port_rules(&net(), &restricted, Family::V4);
         assert!(
             v4.nat[0].starts_with("-A NETD -s 198.18.0.0/24 "),

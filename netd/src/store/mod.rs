@@ -726,23 +726,25 @@ impl View for Tx<'_> {
         rows.map(|ip| Ok(ip?.parse()?)).collect()
     }
 
+    /// The few rows on the same protocol and port (indexed), then `ports::clash` on them:
+    /// which addresses cover which is its rule alone.
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {
-        let mut stmt = self.0.prepare_cached(
-            "SELECT host_ip FROM ports WHERE proto = ?1 AND host_port = ?2 AND (?3 IS NULL OR host_ip IS NULL OR host_ip = ?3) LIMIT 1",
-        )?;
-        let hit: Option<Option<String>> = stmt
-            .query_row(
-                params![proto_text(m.proto), m.host_port, ip_text(m.host_ip)],
-                |r| r.get(0),
-            )
-            .optional()?;
-        hit.map(|host_ip| {
-            Ok(PortMapping {
-                host_ip: host_ip.map(|ip| ip.parse()).transpose()?,
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT host_ip FROM ports WHERE proto = ?1 AND host_port = ?2")?;
+        let rows = stmt.query_map(params![proto_text(m.proto), m.host_port], |r| {
+            r.get::<_, Option<String>>(0)
+        })?;
+        for host_ip in rows {
+            let taken = PortMapping {
+                host_ip: host_ip?.map(|ip| ip.parse()).transpose()?,
                 ..m.clone()
-            })
-        })
-        .transpose()
+            };
+            if crate::core::ports::clash(&taken, m) {
+                return Ok(Some(taken));
+            }
+        }
+        Ok(None)
     }
 
     fn next_network_id(&self) -> Result<u32> {
