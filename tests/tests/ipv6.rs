@@ -44,6 +44,20 @@ fn ip6(env: &TestEnv, c: &Ctr) -> Ipv6Addr {
         .unwrap()
 }
 
+/// Container `c`'s /etc/hosts, as netd wrote it.
+fn hosts_of(env: &TestEnv, c: &Ctr) -> String {
+    let path = env.state_dir.join("containers").join(&c.name).join("hosts");
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// Asserts that no rule of netd's is left in either family.
+fn assert_no_rules_left(env: &TestEnv) {
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let rules = saved(env, tool);
+        assert!(!rules.contains("NETD"), "{tool} left:\n{rules}");
+    }
+}
+
 /// The rules of `tool` (`iptables-save`, `ip6tables-save`) in the sandbox host.
 fn saved(env: &TestEnv, tool: &str) -> String {
     output_in(env, &env.host_ns(), tool, &[])
@@ -70,13 +84,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
         routes.contains("default via fd00:60::1 dev eth0"),
         "{routes}"
     );
-    let hosts = std::fs::read_to_string(
-        env.state_dir
-            .join("containers")
-            .join(&web.name)
-            .join("hosts"),
-    )
-    .unwrap();
+    let hosts = hosts_of(&env, &web);
     assert!(
         hosts.contains(&format!("fd00:60::2\t{}\n", web.name)),
         "{hosts}"
@@ -125,10 +133,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     env.netd_ok(&["container", "rm", &client.name]);
     env.netd_ok(&["container", "rm", &web.name]);
     env.netd_ok(&["network", "rm", "n6"]);
-    for tool in ["iptables-save", "ip6tables-save"] {
-        let rules = saved(&env, tool);
-        assert!(!rules.contains("NETD"), "{tool} left:\n{rules}");
-    }
+    assert_no_rules_left(&env);
 }
 
 #[test]
@@ -171,13 +176,7 @@ fn icc_false_links_and_internal_networks_hold_for_ipv6() {
         &["--network", "quiet", "--link", &format!("{}:db", db.name)],
     );
     let db6 = ip6(&env, &db);
-    let hosts = std::fs::read_to_string(
-        env.state_dir
-            .join("containers")
-            .join(&app.name)
-            .join("hosts"),
-    )
-    .unwrap();
+    let hosts = hosts_of(&env, &app);
     assert!(
         hosts.contains(&format!("{db6}\tdb {}\n", db.name)),
         "{hosts}"
@@ -223,10 +222,7 @@ fn icc_false_links_and_internal_networks_hold_for_ipv6() {
     }
     env.netd_ok(&["network", "rm", "inner"]);
     env.netd_ok(&["network", "rm", "quiet"]);
-    for tool in ["iptables-save", "ip6tables-save"] {
-        let rules = saved(&env, tool);
-        assert!(!rules.contains("NETD"), "{tool} left:\n{rules}");
-    }
+    assert_no_rules_left(&env);
 }
 
 #[test]

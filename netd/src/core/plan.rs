@@ -174,28 +174,19 @@ fn attach(
         bail!("network {:?} is {}", net.name, net.status.name());
     }
     let used = view.addresses_on(&net.name)?;
-    let ip = match address(
-        net.subnet.into(),
-        net.ip_range.into(),
-        net.gateway.into(),
-        &used,
-        at.ip.map(IpAddr::from),
-    )? {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => bail!("network {:?} gave IPv6 address {ip} as IPv4", net.name),
+    let asked = at.ip.map(IpAddr::from);
+    let range = net.ip_range.into();
+    let IpAddr::V4(ip) = address(net.subnet.into(), range, net.gateway.into(), &used, asked)?
+    else {
+        unreachable!("an IPv4 pool gives IPv4 addresses");
     };
     let ip6 = match (net.subnet6, net.gateway6) {
         (Some(subnet6), Some(gateway6)) => {
-            match address(
-                subnet6.into(),
-                subnet6.into(),
-                gateway6.into(),
-                &used,
-                at.ip6.map(IpAddr::from),
-            )? {
-                IpAddr::V6(ip) => Some(ip),
-                IpAddr::V4(ip) => bail!("network {:?} gave IPv4 address {ip} as IPv6", net.name),
-            }
+            let (subnet6, asked) = (IpNet::from(subnet6), at.ip6.map(IpAddr::from));
+            let IpAddr::V6(ip6) = address(subnet6, subnet6, gateway6.into(), &used, asked)? else {
+                unreachable!("an IPv6 pool gives IPv6 addresses");
+            };
+            Some(ip6)
         }
         _ => None,
     };

@@ -61,17 +61,12 @@ impl Family {
         if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 
-    /// The network's subnet in this family, if it has one.
-    fn subnet(self, net: &NetworkSpec) -> Option<IpNet> {
-        match self {
-            Family::V4 => Some(net.subnet.into()),
-            Family::V6 => net.subnet6.map(IpNet::from),
-        }
-    }
-
-    /// The families network `net` has rules in.
-    fn of_network(net: &NetworkSpec) -> impl Iterator<Item = Family> + '_ {
-        Self::ALL.into_iter().filter(|f| f.subnet(net).is_some())
+    /// The families network `net` has rules in, each with its subnet of that family.
+    fn subnets_of(net: &NetworkSpec) -> impl Iterator<Item = (Family, IpNet)> {
+        let v6 = net.subnet6.map(|s| (Family::V6, IpNet::from(s)));
+        [Some((Family::V4, IpNet::from(net.subnet))), v6]
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -486,9 +481,8 @@ impl Datapath for IptablesDatapath {
         // one (VLAN 0) is taken by the receiving stack as the untagged IPv4 it carries.
         let _ = set_sysctl(None, "net.bridge.bridge-nf-filter-vlan-tagged", "1");
         let mut steps = Vec::new();
-        for family in Family::of_network(net) {
+        for (family, subnet) in Family::subnets_of(net) {
             self.ensure_base(family)?;
-            let subnet = family.subnet(net).expect("the network has this family");
             let mut script = network_rules(net, subnet);
             script.filter.extend(forward_jumps_first());
             steps.push((family, script));
@@ -500,8 +494,7 @@ impl Datapath for IptablesDatapath {
 
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
         let mut failed = Vec::new();
-        for family in Family::of_network(net) {
-            let subnet = family.subnet(net).expect("the network has this family");
+        for (family, subnet) in Family::subnets_of(net) {
             // The base chains go when no network uses them, even if this network's rules were
             // never (all) made: a setup that failed or was killed midway leaves them behind.
             let rules = restore(family, &network_rules(net, subnet).deletions());

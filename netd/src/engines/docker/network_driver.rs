@@ -59,14 +59,7 @@ pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<Networ
     };
     let mut spec = NetworkSpec::named(&netd_name(&req.network_id)?);
     spec.subnet = Some(ipam::parse_subnet4(&ipv4.pool)?);
-    spec.gateway = match ipv4.gateway.as_str() {
-        "" => None,
-        gw => Some(
-            gw.parse::<Ipv4Net>()
-                .map(|n| n.addr())
-                .with_context(|| format!("invalid gateway {gw:?}"))?,
-        ),
-    };
+    spec.gateway = cidr_address(&ipv4.gateway, "gateway", |n: Ipv4Net| n.addr())?;
     match req.ipv6_data.as_deref().unwrap_or_default() {
         [] => {}
         [ipv6] => {
@@ -75,14 +68,7 @@ pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<Networ
                 IpNet::V6(net) => Some(net),
                 IpNet::V4(net) => bail!("IPv6 pool {net} is an IPv4 subnet"),
             };
-            spec.gateway6 = match ipv6.gateway.as_str() {
-                "" => None,
-                gw => Some(
-                    gw.parse::<Ipv6Net>()
-                        .map(|n| n.addr())
-                        .with_context(|| format!("invalid IPv6 gateway {gw:?}"))?,
-                ),
-            };
+            spec.gateway6 = cidr_address(&ipv6.gateway, "IPv6 gateway", |n: Ipv6Net| n.addr())?;
         }
         more => bail!(
             "netd takes one IPv6 pool per network, Docker gave {}",
@@ -101,6 +87,22 @@ pub fn network_spec(req: CreateNetwork, datapath: DatapathKind) -> Result<Networ
 pub async fn create_network(core: &mut Core, spec: NetworkSpec) -> Result<Value> {
     core.create_network(spec).await?;
     Ok(json!({}))
+}
+
+/// The address of a Docker `ADDRESS/PREFIX` (`None` when Docker left it empty), parsed as
+/// the subnet type `N` (one family) and taken from it by `addr`.
+fn cidr_address<N: std::str::FromStr, A>(
+    text: &str,
+    what: &str,
+    addr: impl Fn(N) -> A,
+) -> Result<Option<A>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let net = text
+        .parse::<N>()
+        .map_err(|_| anyhow::anyhow!("invalid {what} {text:?}"))?;
+    Ok(Some(addr(net)))
 }
 
 /// `-o KEY=VALUE` of `docker network create`: netd's network options, under their netd names
@@ -155,22 +157,8 @@ pub async fn delete_network(core: &mut Core, req: NetworkRef) -> Result<Value> {
 
 pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Value> {
     let given = req.interface.unwrap_or_default();
-    let ip6 = match given.address_ipv6.as_str() {
-        "" => None,
-        text => Some(
-            text.parse::<Ipv6Net>()
-                .with_context(|| format!("invalid IPv6 address {text:?}"))?
-                .addr(),
-        ),
-    };
-    let ip = match given.address.as_str() {
-        "" => None,
-        text => Some(
-            text.parse::<Ipv4Net>()
-                .with_context(|| format!("invalid address {text:?}"))?
-                .addr(),
-        ),
-    };
+    let ip6 = cidr_address(&given.address_ipv6, "IPv6 address", |n: Ipv6Net| n.addr())?;
+    let ip = cidr_address(&given.address, "address", |n: Ipv4Net| n.addr())?;
     let mac = match given.mac_address.as_str() {
         "" => None,
         text => Some(ipam::parse_mac(text)?),
