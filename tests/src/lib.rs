@@ -2,6 +2,7 @@ pub mod cli;
 pub mod containerd;
 pub mod counters;
 pub mod engines;
+pub mod flow;
 pub mod frames;
 pub mod harness;
 pub mod netdata;

@@ -15,8 +15,9 @@ use nix::{
     unistd::Pid,
 };
 use tests::{
-    cli::{conntrack_entries, create, eventually, flows, pings, published_tcp_bytes},
-    harness::{OUTSIDE_ADDR, TestEnv},
+    cli::{conntrack_entries, create, eventually, flows, pings},
+    flow::Flow,
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
     topology::{LAN_ADDR, NIC1_ADDR, second_nic},
 };
 
@@ -51,55 +52,16 @@ fn a_flow_through_a_published_port_survives_kill_9_and_restart_of_the_daemon() {
     netd::netns::wait_tcp_listener(&srv_ns, 5201, Duration::from_secs(5)).unwrap();
 
     let first = start_daemon(&env);
-    let client = env
-        .cmd_in(
-            &env.outside_ns(),
-            "iperf3",
-            &[
-                "-c",
-                "198.18.0.2",
-                "-p",
-                "15201",
-                "-t",
-                "6",
-                "-i",
-                "0.5",
-                "-J",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let flow = Flow::start(&env, HOST_ADDR.into(), 15201);
     // Killed once the flow carries data, and the flow carries more before the restart.
-    assert!(
-        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
-            > 1 << 20),
-        "the flow never started"
-    );
+    flow.assert_moving(&env, Duration::from_secs(2), "before the kill");
     signal(&first, Signal::SIGKILL);
     let killed = first.wait_with_output().unwrap();
     assert!(!killed.status.success());
-    let before = published_tcp_bytes(&env);
-    assert!(
-        eventually(Duration::from_secs(2), || published_tcp_bytes(&env)
-            > before + (1 << 20)),
-        "the flow stalled without a daemon"
-    );
+    flow.assert_moving(&env, Duration::from_secs(2), "without a daemon");
     let second = start_daemon(&env);
-
-    let out = client.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    assert!(
-        report["error"].is_null(),
-        "iperf3 failed: {}",
-        report["error"]
-    );
-    let intervals = report["intervals"].as_array().unwrap();
-    assert!(intervals.len() >= 7, "{} intervals", intervals.len());
-    for (i, interval) in intervals.iter().enumerate() {
-        let bytes = interval["sum"]["bytes"].as_u64().unwrap();
-        assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
-    }
+    flow.assert_moving(&env, Duration::from_secs(2), "after the restart");
+    flow.stop_and_assert_never_stalled();
 
     signal(&second, Signal::SIGTERM);
     let stopped = second.wait_with_output().unwrap();

@@ -753,7 +753,7 @@ fn reload_replaces_the_host_socket_programs_too() {
 
 #[test]
 fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the_new_one() {
-    use tests::cli::{create, eventually, pings};
+    use tests::cli::{create, pings};
     let env = TestEnv::new();
     env.netd_ok(&[
         "network",
@@ -767,18 +767,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     let srv = create(&env, "srv", &["--network", "n", "-p", "8080:5201"]);
     env.spawn_in(&srv.ns, "iperf3", &["-s", "-1", "-p", "5201"]);
     netd::netns::wait_tcp_listener(&srv.ns, 5201, TIMEOUT).unwrap();
-    // Ten seconds: long enough to outlast three reloads on a busy machine.
-    let client = {
-        let cmd = env.cmd_in(
-            &env.outside_ns(),
-            "iperf3",
-            &["-c", &HOST_ADDR.to_string(), "-p", "8080", "-t", "10", "-J"],
-        );
-        thread::spawn(move || {
-            let mut cmd = cmd;
-            cmd.output().unwrap()
-        })
-    };
+    let flow = tests::flow::Flow::start(&env, HOST_ADDR.into(), 8080);
     let veth_of = |name: &str| {
         env.netd_json(&["container", "inspect", name])["host_veth"]
             .as_str()
@@ -786,17 +775,13 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
             .to_string()
     };
     let veths = [veth_of(&srv.name)];
-    assert!(
-        eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env) > 1 << 20),
-        "the flow never started"
-    );
+    flow.assert_moving(&env, TIMEOUT, "before any reload");
     let mut ids = tc_program_ids(&env, &veths);
     // Uplink ingress and egress, bridge ingress, the container's veth ingress and egress.
     assert_eq!(ids.len(), 5, "{ids:?}");
     // An upgrade, three times over, while the flow runs: every program is a new one each
     // time, and the flow carries on through the new ones.
     for round in 0..3 {
-        let before = tests::cli::published_tcp_bytes(&env);
         let out = env.netd_ok(&["reload"]);
         // Uplink ingress and egress, bridge ingress, the veth's ingress and egress, and the
         // host's four socket programs.
@@ -812,11 +797,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
                 "reload {round} kept {attachment}'s program"
             );
         }
-        assert!(
-            eventually(TIMEOUT, || tests::cli::published_tcp_bytes(&env)
-                > before + (1 << 20)),
-            "the flow stalled after reload {round}"
-        );
+        flow.assert_moving(&env, TIMEOUT, &format!("after reload {round}"));
         ids = now;
     }
     // A container made after the reload runs the reloaded endpoint program.
@@ -830,19 +811,7 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     }
     assert!(pings(&env, &late.ns, OUTSIDE_ADDR));
 
-    let out = client.join().unwrap();
-    assert!(
-        out.status.success(),
-        "iperf3: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for interval in report["intervals"].as_array().unwrap() {
-        assert!(
-            interval["sum"]["bytes"].as_u64().unwrap() > 0,
-            "a stalled interval: {interval}"
-        );
-    }
+    flow.stop_and_assert_never_stalled();
 }
 
 #[test]

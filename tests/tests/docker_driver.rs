@@ -6,13 +6,13 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::Stdio,
     time::Duration,
 };
 
 use netd_bench::bench::docker::{Dockerd, IMAGE, Options};
 use tests::{
     engines::{NetdDaemon, host_tcp_ask, tcp_ask, tcp_name_server},
+    flow::Flow,
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
@@ -520,10 +520,11 @@ fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_s
         "sleep",
         "1d",
     ]);
-    let flow = Iperf::start(&w, "srv");
-    std::thread::sleep(Duration::from_millis(1200));
+    let flow = serve_flow(&w, "srv");
+    flow.assert_moving(&w.env, Duration::from_secs(2), "before the restart");
     w.restart_daemon();
-    flow.assert_never_stalled();
+    flow.assert_moving(&w.env, Duration::from_secs(2), "after the restart");
+    flow.stop_and_assert_never_stalled();
 
     // The restarted daemon knows the endpoint and the network from netd's state.
     w.docker(&["rm", "-f", "srv"]);
@@ -572,10 +573,11 @@ fn a_flow_survives_a_dockerd_restart() {
         "sleep",
         "1d",
     ]);
-    let flow = Iperf::start(&w, "srv");
-    std::thread::sleep(Duration::from_millis(800));
+    let flow = serve_flow(&w, "srv");
+    flow.assert_moving(&w.env, Duration::from_secs(2), "before the restart");
     w.dockerd.as_mut().unwrap().restart().unwrap();
-    flow.assert_never_stalled();
+    flow.assert_moving(&w.env, Duration::from_secs(2), "after the restart");
+    flow.stop_and_assert_never_stalled();
 
     w.docker(&[
         "run",
@@ -703,55 +705,12 @@ fn published_ports_follow_program_and_revoke_external_connectivity() {
     assert!(w.netd_names("container").is_empty());
 }
 
-/// An iperf3 flow from the outside to a container's published port 15201 (container 5201).
-struct Iperf {
-    client: std::process::Child,
-}
-
-impl Iperf {
-    fn start(w: &World, container: &str) -> Self {
-        let ns = w.netns_of(container);
-        w.env.spawn_in(&ns, "iperf3", &["-s", "-p", "5201"]);
-        netd::netns::wait_tcp_listener(&ns, 5201, Duration::from_secs(5)).unwrap();
-        let client = w
-            .env
-            .cmd_in(
-                &w.env.outside_ns(),
-                "iperf3",
-                &[
-                    "-c",
-                    &HOST_ADDR.to_string(),
-                    "-p",
-                    "15201",
-                    "-t",
-                    "4",
-                    "-i",
-                    "0.5",
-                    "-J",
-                ],
-            )
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Self { client }
-    }
-
-    /// Waits for the end of the flow: every half second of it carried data.
-    fn assert_never_stalled(self) {
-        let out = self.client.wait_with_output().unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-        assert!(
-            report["error"].is_null(),
-            "iperf3 failed: {}",
-            report["error"]
-        );
-        let intervals = report["intervals"].as_array().unwrap();
-        assert!(intervals.len() >= 7, "{} intervals", intervals.len());
-        for (i, interval) in intervals.iter().enumerate() {
-            let bytes = interval["sum"]["bytes"].as_u64().unwrap();
-            assert!(bytes > 0, "interval {i} carried nothing: the flow stalled");
-        }
-    }
+/// An iperf3 flow from the outside to `container`'s published port 15201 (container 5201).
+fn serve_flow(w: &World, container: &str) -> Flow {
+    let ns = w.netns_of(container);
+    w.env.spawn_in(&ns, "iperf3", &["-s", "-p", "5201"]);
+    netd::netns::wait_tcp_listener(&ns, 5201, Duration::from_secs(5)).unwrap();
+    Flow::start(&w.env, HOST_ADDR.into(), 15201)
 }
 
 /// One request to the plugin on `socket`, as Docker posts it: the status and the JSON answer.
