@@ -280,6 +280,8 @@ fn docker_runs_a_dual_stack_container_on_a_netd_network() {
         "n6",
         "-p",
         "8080:80",
+        "-p",
+        &format!("[{HOST_ADDR6}]:8081:81"),
         IMAGE,
         "sleep",
         "1d",
@@ -312,6 +314,16 @@ fn docker_runs_a_dual_stack_container_on_a_netd_network() {
         );
     }
     server.join().unwrap();
+    // Published on one IPv6 address: that address answers, the IPv4 one doesn't.
+    let server = tests::cli::echo_servers(&w.env, &ns, "[::]:81".parse().unwrap(), 1);
+    let to = SocketAddr::new(HOST_ADDR6.into(), 8081);
+    assert_eq!(
+        tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), to).unwrap(),
+        "netd"
+    );
+    server.join().unwrap();
+    let v4 = SocketAddr::new(HOST_ADDR.into(), 8081);
+    assert!(tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), v4).is_err());
     let outside = SocketAddr::new(OUTSIDE_ADDR6.into(), 9000);
     let server = tests::cli::echo_server(&w.env, &w.env.outside_ns(), outside);
     assert_eq!(tests::cli::tcp_echo(&w.env, &ns, outside).unwrap(), "netd");

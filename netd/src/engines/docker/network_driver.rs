@@ -9,7 +9,7 @@
 //! RevokeExternalConnectivity unpublishes them; DeleteEndpoint removes the netd container
 //! (veth, ports, datapath entries).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -324,10 +324,12 @@ fn protocol(number: u8) -> Result<Protocol> {
 
 fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
     let proto = protocol(b.proto)?;
+    // Docker sends "" for `-p H:C` (every address of both families, as netd's own -p);
+    // 0.0.0.0 and :: are every address of one family.
     let host_ip = match b.host_ip.as_deref().unwrap_or("") {
-        "" | "0.0.0.0" => None,
+        "" => None,
         text => Some(
-            text.parse::<Ipv4Addr>()
+            text.parse::<IpAddr>()
                 .with_context(|| format!("invalid host IP {text:?}"))?,
         ),
     };
@@ -342,7 +344,7 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
     Ok((b.host_port..=end)
         .map(|host_port| PortMapping {
             proto,
-            host_ip: host_ip.map(Into::into),
+            host_ip,
             host_port,
             container_port: b.port + (host_port - b.host_port),
         })
@@ -351,6 +353,8 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     #[test]
@@ -374,8 +378,19 @@ mod tests {
         assert_eq!(ports[1].container_port, 54);
         assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST.into()));
         assert_eq!(ports[0].proto, Protocol::Udp);
-        let sctp = PortBinding { proto: 132, ..b };
+        let sctp = PortBinding { proto: 132, ..b.clone() };
         assert!(ports_of(&sctp).is_err());
+        for (text, ip) in [
+            ("", None),
+            ("0.0.0.0", Some(Ipv4Addr::UNSPECIFIED.into())),
+            ("::", Some(Ipv6Addr::UNSPECIFIED.into())),
+            ("2001:db8::1", Some("2001:db8::1".parse().unwrap())),
+        ] {
+            let b = PortBinding { host_ip: Some(text.into()), ..b.clone() };
+            assert_eq!(ports_of(&b).unwrap()[0].host_ip, ip, "{text:?}");
+        }
+        let bad = PortBinding { host_ip: Some("[::1]".into()), ..b };
+        assert!(ports_of(&bad).is_err());
     }
 
     #[test]

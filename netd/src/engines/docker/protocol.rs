@@ -126,7 +126,7 @@ pub struct ExternalConnectivity {
 }
 
 /// One `-p` binding as libnetwork's `types.PortBinding` encodes it.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct PortBinding {
     /// IP protocol number: 6 TCP, 17 UDP.
