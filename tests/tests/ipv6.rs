@@ -92,7 +92,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
 
     // In: the published port answers on the host's IPv6 and IPv4 addresses, from the outside,
     // and the container sees the client's own address (DNAT, no source NAT).
-    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 4);
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 6);
     let outside = env.outside_ns();
     assert_eq!(
         tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
@@ -102,9 +102,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
         tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
         "netd"
     );
-    // From the host itself, and from another container through the host's IPv6 address
-    // (hairpin; a container's own port that way needs the bridge port's hairpin mode, as in
-    // IPv4).
+    // From the host itself, and from another container through the host's IPv6 address.
     assert_eq!(
         tcp_echo(&env, &env.host_ns(), sock(HOST_ADDR6, 8080)).unwrap(),
         "netd"
@@ -114,8 +112,21 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
         tcp_echo(&env, &client.ns, sock(HOST_ADDR6, 8080)).unwrap(),
         "netd"
     );
+    // The container itself through the host's addresses: back out of the port it came in on
+    // (hairpin mode), and from the gateway (Docker's hairpin MASQUERADE), as the server sees.
+    for host in [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)] {
+        assert_eq!(
+            tcp_echo(&env, &web.ns, sock(host, 8080)).unwrap(),
+            "netd",
+            "its own port via {host}"
+        );
+    }
     let peers = server.join().unwrap();
     assert_eq!(peers[0].ip(), IpAddr::from(OUTSIDE_ADDR6), "{peers:?}");
+    let gateways: [IpAddr; 2] = ["fd00:60::1".parse().unwrap(), "10.60.0.1".parse().unwrap()];
+    // The server's socket is IPv6: IPv4 peers show v4-mapped.
+    let seen: Vec<IpAddr> = peers[4..].iter().map(|p| p.ip().to_canonical()).collect();
+    assert_eq!(seen, gateways);
 
     // Out: masqueraded to the host's IPv6 address (NAT66), echo and TCP.
     assert!(

@@ -858,6 +858,11 @@ impl Datapath for EbpfDatapath {
         }
         Ok(())
     }
+
+    /// The bridge program redirects hairpin packets to the container's veth itself.
+    fn bridge_hairpin(&self) -> bool {
+        false
+    }
 }
 
 /// `e`, or when it says map `name` has no room left: that, naming its limit of `max` `what`.

@@ -568,6 +568,12 @@ impl Datapath for IptablesDatapath {
         }
         Ok(())
     }
+
+    /// DNAT sends a container's packet to its own published port back where it came from;
+    /// Docker's `--userland-proxy=false` sets hairpin mode on its bridge ports for the same.
+    fn bridge_hairpin(&self) -> bool {
+        true
+    }
 }
 
 /// Docker's rules have no per-container or per-network flow cap: asking for one here is an

@@ -128,6 +128,10 @@ pub trait Datapath {
     /// Publishes ports of an endpoint of `net`.
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
     fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
+    /// Whether the bridge must send a frame back out of the port it came in on (hairpin
+    /// mode): the way a container's packet to its own published port, translated on the
+    /// bridge's side, returns to it.
+    fn bridge_hairpin(&self) -> bool;
 }
 
 /// The datapath drivers: what `--datapath` names, and what each network records.

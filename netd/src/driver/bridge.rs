@@ -162,7 +162,7 @@ pub async fn setup_container(
         // The datapath's programs go on the veth before it is up and on the bridge: a running
         // container (`--netns`, `--pid`) must not send a frame past them.
         on.dp.add_endpoint(&on.net.spec(), &ep)?;
-        plug_veth(on.net, c).await?;
+        plug_veth(on, c).await?;
         fault::step("container-endpoint");
         done(Stage::Endpoint(ep.host_ifindex))?;
         on.dp
@@ -203,18 +203,22 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
     Ok(())
 }
 
-/// Puts the host end of container `c`'s veth on the network's bridge and up.
-async fn plug_veth(net: &Network, c: &Container) -> Result<()> {
+/// Puts the host end of container `c`'s veth on the network's bridge (in hairpin mode if the
+/// datapath needs it) and up.
+async fn plug_veth(on: &OnNetwork<'_>, c: &Container) -> Result<()> {
     let Some(host_name) = &c.host_veth else {
         bail!("container {:?} has no veth planned", c.name);
     };
     let host = Netlink::in_ns(None)?;
-    let bridge = host.require_link(&net.bridge).await?;
+    let bridge = host.require_link(&on.net.bridge).await?;
     let host_end = host.require_link(host_name).await?;
     host.set_link(host_end, "attach the veth to the bridge", |m| {
         m.controller(bridge)
     })
     .await?;
+    if on.dp.bridge_hairpin() {
+        host.set_hairpin(host_end).await?;
+    }
     host.set_up(host_end).await
 }
 

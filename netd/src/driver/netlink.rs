@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns;
 
@@ -192,6 +192,17 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("{what} (interface #{index})"))
+    }
+
+    /// Turns hairpin mode on for bridge port `index`.
+    pub async fn set_hairpin(&self, index: u32) -> Result<()> {
+        let msg = LinkBridgePort::new(index).hairpin(true).build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .with_context(|| format!("set hairpin mode (interface #{index})"))
     }
 
     /// Brings link `index` up.

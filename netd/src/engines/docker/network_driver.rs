@@ -378,7 +378,10 @@ mod tests {
         assert_eq!(ports[1].container_port, 54);
         assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST.into()));
         assert_eq!(ports[0].proto, Protocol::Udp);
-        let sctp = PortBinding { proto: 132, ..b.clone() };
+        let sctp = PortBinding {
+            proto: 132,
+            ..b.clone()
+        };
         assert!(ports_of(&sctp).is_err());
         for (text, ip) in [
             ("", None),
@@ -386,10 +389,16 @@ mod tests {
             ("::", Some(Ipv6Addr::UNSPECIFIED.into())),
             ("2001:db8::1", Some("2001:db8::1".parse().unwrap())),
         ] {
-            let b = PortBinding { host_ip: Some(text.into()), ..b.clone() };
+            let b = PortBinding {
+                host_ip: Some(text.into()),
+                ..b.clone()
+            };
             assert_eq!(ports_of(&b).unwrap()[0].host_ip, ip, "{text:?}");
         }
-        let bad = PortBinding { host_ip: Some("[::1]".into()), ..b };
+        let bad = PortBinding {
+            host_ip: Some("[::1]".into()),
+            ..b
+        };
         assert!(ports_of(&bad).is_err());
     }
 
