@@ -997,7 +997,6 @@ fn arp_spoofing(dp: Dp) {
 /// publishing 8082 and its neighbour `q2`.
 struct Published {
     w: World,
-    a: Net,
     i: Net,
     q: Net,
     p1: Receiver,
@@ -1009,7 +1008,7 @@ struct Published {
 
 fn published(dp: Dp) -> Published {
     let w = World::new(dp);
-    let a = w.network("a", "10.73.0.0/24", &[]);
+    w.network("a", "10.73.0.0/24", &[]);
     let i = w.network("i", "10.75.0.0/24", &["--internal"]);
     let q = w.network("q", "10.76.0.0/24", &["--icc=false"]);
     let p1 = w.container("p1", "a", &["-p", "8080:80", "-p", "8081:81/udp"]);
@@ -1023,7 +1022,6 @@ fn published(dp: Dp) -> Published {
     }
     Published {
         w,
-        a,
         i,
         q,
         p1,
@@ -1080,12 +1078,12 @@ impl Published {
 
 /// An `--internal` container gets nothing through another network's published port, through
 /// the host's address or its own gateway, as on the iptables datapath (where, DNATed, it is
-/// a packet from one network to another: the isolation rules drop it).
+/// a packet leaving the internal network for another subnet: its isolation rule drops it).
 fn hairpin_from_internal(dp: Dp) {
     let p = published(dp);
     let reason = match dp {
         Dp::Ebpf => Reason::Stat("internal"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-2", "*", &p.a.bridge),
+        Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &p.i.bridge, "*"),
     };
     p.w.ip(
         &p.i1.ns,

@@ -247,20 +247,24 @@ fn base_removal(family: Family) -> Script {
 }
 
 /// A network's rules of one family, on its subnet of that family (`setupIPTablesInternal`,
-/// `setIcc`, `setupInternalNetworkRules` and the isolation rules in Docker). FORWARD rules go
-/// to the top, then the USER and ISOLATION jumps are moved back above them, as Docker does.
+/// `setIcc`, `setupInternalNetworkRules` and the isolation rules in Docker). Rules go to the
+/// top of their chains, newest network first, except the `--icc=false` DROP, which Docker
+/// appends; then the USER and ISOLATION jumps are moved back above them, as Docker does. An
+/// internal network gets only its isolation and icc rules: nothing routes in or out of it.
 fn network_rules(net: &NetworkSpec, subnet: IpNet) -> Script {
     let br = &net.bridge;
     let mut s = Script::default();
     if net.masquerade && !net.internal {
         s.nat.push(format!(
-            "-A POSTROUTING -s {subnet} ! -o {br} -j MASQUERADE"
+            "-I POSTROUTING -s {subnet} ! -o {br} -j MASQUERADE"
         ));
     }
 
-    let icc = if net.icc { "ACCEPT" } else { "DROP" };
-    s.filter
-        .push(format!("-I FORWARD -i {br} -o {br} -j {icc}"));
+    s.filter.push(if net.icc {
+        format!("-I FORWARD -i {br} -o {br} -j ACCEPT")
+    } else {
+        format!("-A FORWARD -i {br} -o {br} -j DROP")
+    });
     // Neighbour discovery is IPv6's ARP, but unlike ARP iptables sees it between containers
     // (br_netfilter): --icc=false would keep links from opening, and an internal network's
     // isolation (to solicited-node multicast, not the subnet) its containers from each other.
@@ -274,29 +278,28 @@ fn network_rules(net: &NetworkSpec, subnet: IpNet) -> Script {
         s.filter
             .extend(ndp("ACCEPT").map(|rule| format!("-I FORWARD {rule}")));
     }
-    if !net.internal {
-        s.filter
-            .push(format!("-I FORWARD -i {br} ! -o {br} -j ACCEPT"));
-    }
-    s.filter.push(format!("-I FORWARD -o {br} -j {CHAIN}"));
-    s.filter.push(format!(
-        "-I FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    ));
     if net.internal {
         s.filter
-            .push(format!("-I {ISOLATION_1} ! -s {subnet} -o {br} -j DROP"));
-        s.filter
             .push(format!("-I {ISOLATION_1} ! -d {subnet} -i {br} -j DROP"));
+        s.filter
+            .push(format!("-I {ISOLATION_1} ! -s {subnet} -o {br} -j DROP"));
         if ipv6 {
             s.filter
                 .extend(ndp("RETURN").map(|rule| format!("-I {ISOLATION_1} {rule}")));
         }
+        return s;
     }
+    s.filter
+        .push(format!("-I FORWARD -i {br} ! -o {br} -j ACCEPT"));
+    s.filter.push(format!("-I FORWARD -o {br} -j {CHAIN}"));
+    s.filter.push(format!(
+        "-I FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    ));
     s.filter.push(format!(
         "-I {ISOLATION_1} -i {br} ! -o {br} -j {ISOLATION_2}"
     ));
     s.filter.push(format!("-I {ISOLATION_2} -o {br} -j DROP"));
-    if net.masquerade && !net.internal {
+    if net.masquerade {
         // What Docker's FORWARD policy DROP does to new flows routed straight to a container,
         // without changing the host's policy; only where masquerading, as the eBPF datapath.
         s.filter.push(format!("-A FORWARD -o {br} -j DROP"));
@@ -364,12 +367,16 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec, family: Family) -> Script {
     nat.push(format!(
         "-A POSTROUTING -s {chost} -d {chost} -p {p} -m {p} --dport {cport} -j MASQUERADE"
     ));
-    Script {
-        nat,
-        filter: vec![format!(
-            "-I {CHAIN} -d {chost} ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
-        )],
-    }
+    // An internal network's ports serve its own containers (hairpin) and the host: nothing
+    // comes in from elsewhere to accept.
+    let filter = if net.internal {
+        vec![]
+    } else {
+        vec![format!(
+            "-A {CHAIN} -d {chost} ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
+        )]
+    };
+    Script { nat, filter }
 }
 
 /// Every family's rules of `ports`, made by `rules` (the rules or their deletions).
@@ -630,7 +637,7 @@ mod tests {
         );
         assert_eq!(
             s.filter,
-            ["-I NETD -d 172.17.0.2/32 ! -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT"]
+            ["-A NETD -d 172.17.0.2/32 ! -i netd0 -o netd0 -p tcp -m tcp --dport 80 -j ACCEPT"]
         );
         let s = port_rules(&net(), &port(), Family::V6);
         assert_eq!(
@@ -721,7 +728,7 @@ mod tests {
         ));
         assert!(
             s.filter
-                .contains(&"-I FORWARD -i netd0 -o netd0 -j DROP".to_string())
+                .contains(&"-A FORWARD -i netd0 -o netd0 -j DROP".to_string())
         );
     }
 }
