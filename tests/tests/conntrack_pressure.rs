@@ -719,10 +719,17 @@ fn reset_connections_give_their_nat_ports_back_at_once() {
 /// The kernel's run time of the pinned uplink program `prog` on `frame`, in ns: the median of
 /// `runs` single runs (each on a fresh copy: a run rewrites the frame it is given).
 fn run_time_ns(env: &TestEnv, prog: &str, frame: &[u8], runs: usize) -> u64 {
+    median_run_time_ns(env, prog, std::iter::repeat_n(frame.to_vec(), runs))
+}
+
+/// The median of the kernel's run times of the pinned uplink program `prog`, one run on each
+/// of `frames`.
+fn median_run_time_ns(env: &TestEnv, prog: &str, frames: impl Iterator<Item = Vec<u8>>) -> u64 {
     use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
     let program = SchedClassifier::from_pin(env.bpffs.join("progs").join(prog)).unwrap();
-    let mut times: Vec<u64> = (0..runs)
-        .map(|_| {
+    let mut times: Vec<u64> = frames
+        .map(|frame| {
+            let frame = &frame[..];
             let mut out = vec![0u8; frame.len() + 256];
             let result = program
                 .test_run(TestRunOptions {
@@ -735,7 +742,7 @@ fn run_time_ns(env: &TestEnv, prog: &str, frame: &[u8], runs: usize) -> u64 {
         })
         .collect();
     times.sort_unstable();
-    times[runs / 2]
+    times[times.len() / 2]
 }
 
 /// What conntrack costs per packet on the uplink (BPF_PROG_TEST_RUN): a packet of an
@@ -776,6 +783,16 @@ fn conntrack_cost_per_packet() {
             run_time_ns(&env, prog, &frame, RUNS)
         );
     }
+    // A new flow each run: SYNs to a published port from sources no flow has seen.
+    let _published = container(&env, "p", &["-p", "8080:80"]);
+    let syns = (0..RUNS as u32).map(|i| {
+        let src = Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8);
+        tcp_frame(src, 40_000, HOST_ADDR, 8080, SYN)
+    });
+    eprintln!(
+        "uplink_ingress: new flow to a published port: {} ns",
+        median_run_time_ns(&env, "uplink_ingress", syns)
+    );
 }
 
 /// `--conntrack-max` of the sweep test: big enough that holding the table shows in the

@@ -710,15 +710,25 @@ fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
             return false;
         }
     }
-    let _ = CONNTRACK.remove(key);
+    forget_assured(key);
     true
+}
+
+/// Removes a finished assured flow's entry for `key` (a new flow takes its tuple). Looked up
+/// first: a lookup takes no lock, a removal locks the bucket, and there mostly is none.
+#[inline(always)]
+fn forget_assured(key: &CtKey) {
+    // SAFETY: only tested for presence, not read.
+    if unsafe { CONNTRACK.get(key) }.is_some() {
+        let _ = CONNTRACK.remove(key);
+    }
 }
 
 /// Inserts the original entry of a flow whose reply entry is in place (removed again on
 /// failure, so no half flow stays). A stale assured entry with the same tuple goes.
 #[inline(always)]
 fn insert_original(key: &CtKey, e: &CtEntry) -> Result<(), Stat> {
-    let _ = CONNTRACK.remove(key);
+    forget_assured(key);
     if CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_err() {
         let _ = CONNTRACK_NEW.remove(&e.reply);
         return Err(Stat::ConntrackFull);
