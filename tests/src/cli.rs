@@ -94,6 +94,14 @@ pub fn tcp_echo(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<S
     })
 }
 
+/// Asserts that a TCP connection from `ns` to `addr` reaches an echo server: "netd" comes back.
+pub fn assert_echoed(env: &TestEnv, ns: &Path, addr: SocketAddr) {
+    match tcp_echo(env, ns, addr) {
+        Ok(back) => assert_eq!(back, "netd", "echo via {addr}"),
+        Err(e) => panic!("echo via {addr}: {e}"),
+    }
+}
+
 /// The error kind of a TCP connection attempt from `ns` to `addr` that must fail: a refusal
 /// (`ConnectionRefused`, something answered with a reset) and a drop (`TimedOut`) are told
 /// apart, so a check can't pass for the wrong reason.

@@ -10,8 +10,8 @@ use std::{
 
 use tests::{
     cli::{
-        Ctr, TIMEOUT, connect_error, create, echo_server, echo_servers, eventually, flows,
-        output_in, ping_output, pings, stat, tcp_echo,
+        Ctr, TIMEOUT, assert_echoed, connect_error, create, echo_server, echo_servers, eventually,
+        flows, output_in, ping_output, pings, stat, tcp_echo,
     },
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
 };
@@ -120,10 +120,7 @@ fn network_create_with_gateway_bridge_mtu_and_host_ip_makes_what_they_name() {
         format!("80/tcp -> {SECOND_HOST_ADDR}:8080\n")
     );
     let server = echo_server(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80));
-    assert_eq!(
-        tcp_echo(&env, &env.outside_ns(), sock(SECOND_HOST_ADDR, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &env.outside_ns(), sock(SECOND_HOST_ADDR, 8080));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(OUTSIDE_ADDR));
     assert_eq!(
         connect_error(&env, &env.outside_ns(), sock(HOST_ADDR, 8080)),
@@ -159,15 +156,12 @@ fn a_network_without_masquerade_is_routed_both_ways_untranslated() {
     // The outside opens a flow to the container's own address, and the container sees the
     // outside's address.
     let server = echo_server(&env, &r.ns, sock(Ipv4Addr::UNSPECIFIED, 9000));
-    assert_eq!(tcp_echo(&env, &out, sock(r.ip, 9000)).unwrap(), "netd");
+    assert_echoed(&env, &out, sock(r.ip, 9000));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(OUTSIDE_ADDR));
     assert!(pings(&env, &out, r.ip));
     // Its own flows leave with its own address, untracked.
     let server = echo_server(&env, &out, sock(OUTSIDE_ADDR, 9001));
-    assert_eq!(
-        tcp_echo(&env, &r.ns, sock(OUTSIDE_ADDR, 9001)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &r.ns, sock(OUTSIDE_ADDR, 9001));
     assert_eq!(
         server.join().unwrap().ip(),
         IpAddr::from(r.ip),
@@ -188,10 +182,7 @@ fn a_network_without_masquerade_is_routed_both_ways_untranslated() {
     );
     assert!(stat(&env, "unsolicited") > 0);
     let server = echo_server(&env, &out, sock(OUTSIDE_ADDR, 9002));
-    assert_eq!(
-        tcp_echo(&env, &m.ns, sock(OUTSIDE_ADDR, 9002)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &m.ns, sock(OUTSIDE_ADDR, 9002));
     assert_eq!(
         server.join().unwrap().ip(),
         IpAddr::from(HOST_ADDR),
@@ -232,10 +223,7 @@ fn joins_and_leaves_a_foreign_namespace(env: &TestEnv, name: &str, ns: &Path, fl
     assert!(addrs.contains(&format!("{ip}/")), "{addrs}");
     assert!(pings(env, ns, OUTSIDE_ADDR));
     let server = echo_server(env, ns, sock(Ipv4Addr::UNSPECIFIED, 9000));
-    assert_eq!(
-        tcp_echo(env, &env.host_ns(), sock(ip, 9000)).unwrap(),
-        "netd"
-    );
+    assert_echoed(env, &env.host_ns(), sock(ip, 9000));
     server.join().unwrap();
     env.netd_ok(&["container", "rm", name]);
     let links = output_in(env, ns, "ip", &["-o", "link"]);

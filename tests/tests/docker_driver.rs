@@ -128,6 +128,17 @@ impl World {
     }
 
     /// The network namespace of a running container (through its init's PID).
+    /// `docker run -d --name NAME --network NETWORK EXTRA... IMAGE sleep 1d`.
+    fn run(&self, name: &str, network: &str, extra: &[&str]) {
+        let args = [
+            &["run", "-d", "--name", name, "--network", network][..],
+            extra,
+            &[IMAGE, "sleep", "1d"],
+        ]
+        .concat();
+        self.docker(&args);
+    }
+
     fn netns_of(&self, container: &str) -> PathBuf {
         let pid = self.docker(&["inspect", "-f", "{{.State.Pid}}", container]);
         PathBuf::from(format!("/proc/{pid}/ns/net"))
@@ -178,19 +189,7 @@ fn docker_runs_a_published_container_on_a_netd_network() {
     assert_eq!(net["subnet"], "10.77.0.0/24", "{nets}");
     assert!(net["name"].as_str().unwrap().starts_with("docker-"));
 
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "n1",
-        "-p",
-        "8080:80",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("web", "n1", &["-p", "8080:80"]);
     let web_ns = w.netns_of("web");
     let ip = w.docker(&[
         "inspect",
@@ -271,21 +270,11 @@ fn docker_runs_a_dual_stack_container_on_a_netd_network() {
         (Some("fd00:78::/64"), Some("fd00:78::1")),
         "{net}"
     );
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
+    w.run(
         "web",
-        "--network",
         "n6",
-        "-p",
-        "8080:80",
-        "-p",
-        &format!("[{HOST_ADDR6}]:8081:81"),
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+        &["-p", "8080:80", "-p", &format!("[{HOST_ADDR6}]:8081:81")],
+    );
     let ns = w.netns_of("web");
     let docker_ip6 = w.docker(&[
         "inspect",
@@ -308,25 +297,19 @@ fn docker_runs_a_dual_stack_container_on_a_netd_network() {
     let server = tests::cli::echo_servers(&w.env, &ns, "[::]:80".parse().unwrap(), 2);
     for host in [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)] {
         let to = SocketAddr::new(host, 8080);
-        assert_eq!(
-            tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), to).unwrap(),
-            "netd"
-        );
+        tests::cli::assert_echoed(&w.env, &w.env.outside_ns(), to);
     }
     server.join().unwrap();
     // Published on one IPv6 address: that address answers, the IPv4 one doesn't.
     let server = tests::cli::echo_servers(&w.env, &ns, "[::]:81".parse().unwrap(), 1);
     let to = SocketAddr::new(HOST_ADDR6.into(), 8081);
-    assert_eq!(
-        tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), to).unwrap(),
-        "netd"
-    );
+    tests::cli::assert_echoed(&w.env, &w.env.outside_ns(), to);
     server.join().unwrap();
     let v4 = SocketAddr::new(HOST_ADDR.into(), 8081);
     assert!(tests::cli::tcp_echo(&w.env, &w.env.outside_ns(), v4).is_err());
     let outside = SocketAddr::new(OUTSIDE_ADDR6.into(), 9000);
     let server = tests::cli::echo_server(&w.env, &w.env.outside_ns(), outside);
-    assert_eq!(tests::cli::tcp_echo(&w.env, &ns, outside).unwrap(), "netd");
+    tests::cli::assert_echoed(&w.env, &ns, outside);
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
 
     w.docker(&["rm", "-f", "web"]);
@@ -402,13 +385,7 @@ fn icc_false_internal_and_link_behave_as_on_dockers_bridge() {
         w.docker(&args);
     }
     let run = |name: &str, net: &str, extra: &[&str]| {
-        let args = [
-            &["run", "-d", "--name", name, "--network", net][..],
-            extra,
-            &[IMAGE, "sleep", "1d"],
-        ]
-        .concat();
-        w.docker(&args);
+        w.run(name, net, extra);
         (w.netns_of(name), w.ip_of(name))
     };
     let (a1, _) = run("a1", "open", &[]);
@@ -471,32 +448,8 @@ fn link_opens_nothing_on_dockers_own_bridge() {
         let db = format!("db-{net}");
         let client = format!("client-{net}");
         let link = format!("{db}:peer");
-        w.docker(&[
-            "run",
-            "-d",
-            "--name",
-            &db,
-            "--network",
-            net,
-            "--expose",
-            "7000",
-            IMAGE,
-            "sleep",
-            "1d",
-        ]);
-        w.docker(&[
-            "run",
-            "-d",
-            "--name",
-            &client,
-            "--network",
-            net,
-            "--link",
-            &link,
-            IMAGE,
-            "sleep",
-            "1d",
-        ]);
+        w.run(&db, net, &["--expose", "7000"]);
+        w.run(&client, net, &["--link", &link]);
         tcp_name_server(&w.env, &w.netns_of(&db), 7000, "db");
         let got = tcp_ask(
             &w.env,
@@ -519,19 +472,7 @@ fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_s
     let mut w = World::new();
     let d = w.name.clone();
     w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "srv",
-        "--network",
-        "n1",
-        "-p",
-        "15201:5201",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("srv", "n1", &["-p", "15201:5201"]);
     let flow = serve_flow(&w, "srv");
     flow.assert_moving(&w.env, Duration::from_secs(2), "before the restart");
     w.restart_daemon();
@@ -541,19 +482,7 @@ fn a_flow_survives_kill_9_of_the_netd_daemon_which_then_serves_docker_from_its_s
     // The restarted daemon knows the endpoint and the network from netd's state.
     w.docker(&["rm", "-f", "srv"]);
     assert!(w.netd_names("container").is_empty());
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "next",
-        "--network",
-        "n1",
-        "-p",
-        "8080:80",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("next", "n1", &["-p", "8080:80"]);
     tcp_name_server(&w.env, &w.netns_of("next"), 80, "next");
     let published = SocketAddr::from((HOST_ADDR, 8080));
     assert_eq!(
@@ -572,36 +501,14 @@ fn a_flow_survives_a_dockerd_restart() {
     let mut w = World::with_live_restore(true);
     let d = w.name.clone();
     w.docker(&["network", "create", "-d", &d, "--ipam-driver", &d, "n1"]);
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "srv",
-        "--network",
-        "n1",
-        "-p",
-        "15201:5201",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("srv", "n1", &["-p", "15201:5201"]);
     let flow = serve_flow(&w, "srv");
     flow.assert_moving(&w.env, Duration::from_secs(2), "before the restart");
     w.dockerd.as_mut().unwrap().restart().unwrap();
     flow.assert_moving(&w.env, Duration::from_secs(2), "after the restart");
     flow.stop_and_assert_never_stalled();
 
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "next",
-        "--network",
-        "n1",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("next", "n1", &[]);
     assert_eq!(w.netd_names("container").len(), 2);
     w.docker(&["rm", "-f", "srv", "next"]);
     w.docker(&["network", "rm", "n1"]);
@@ -620,21 +527,7 @@ fn published_ports_follow_program_and_revoke_external_connectivity() {
     for net in ["n2", "n1"] {
         w.docker(&["network", "create", "-d", d, "--ipam-driver", d, net]);
     }
-    w.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "n2",
-        "-p",
-        "8080:80",
-        "--expose",
-        "7000/udp",
-        IMAGE,
-        "sleep",
-        "1d",
-    ]);
+    w.run("web", "n2", &["-p", "8080:80", "--expose", "7000/udp"]);
     tcp_name_server(&w.env, &w.netns_of("web"), 80, "web");
     let published = SocketAddr::from((HOST_ADDR, 8080));
     let ask = || tcp_ask(&w.env, &w.env.outside_ns(), published);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tests::{
-    cli::{connect_error, create, echo_server, echo_servers, output_in, pings, tcp_echo},
+    cli::{assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
 };
 
@@ -77,10 +77,7 @@ fn an_internal_network_on_the_iptables_datapath_reaches_only_its_gateway() {
         "dropped by {isolation}"
     );
     // The control: the same server answers the host.
-    assert_eq!(
-        tcp_echo(&env, &env.host_ns(), sock(OUTSIDE_ADDR, 9000)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &env.host_ns(), sock(OUTSIDE_ADDR, 9000));
     server.join().unwrap();
 
     // In: the published port doesn't let the outside in either.
@@ -131,11 +128,7 @@ fn the_iptables_datapath_lets_the_outside_reach_a_published_port_at_the_containe
     let addrs = [sock(c.ip, 80), sock(HOST_ADDR, 8080)];
     let server = echo_servers(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80), addrs.len());
     for addr in addrs {
-        assert_eq!(
-            tcp_echo(&env, &env.outside_ns(), addr).unwrap(),
-            "netd",
-            "{addr}"
-        );
+        assert_echoed(&env, &env.outside_ns(), addr);
     }
     for peer in server.join().unwrap() {
         assert_eq!(peer.ip(), std::net::IpAddr::from(OUTSIDE_ADDR));

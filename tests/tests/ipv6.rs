@@ -10,7 +10,7 @@ use std::{
 };
 
 use tests::{
-    cli::{Ctr, connect_error, create, echo_server, echo_servers, output_in, pings, tcp_echo},
+    cli::{Ctr, assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings},
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
@@ -94,32 +94,17 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     // and the container sees the client's own address (DNAT, no source NAT).
     let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 6);
     let outside = env.outside_ns();
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
-        "netd"
-    );
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
+    assert_echoed(&env, &outside, sock(HOST_ADDR, 8080));
     // From the host itself, and from another container through the host's IPv6 address.
-    assert_eq!(
-        tcp_echo(&env, &env.host_ns(), sock(HOST_ADDR6, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &env.host_ns(), sock(HOST_ADDR6, 8080));
     let client = create(&env, "client", &["--network", "n6"]);
-    assert_eq!(
-        tcp_echo(&env, &client.ns, sock(HOST_ADDR6, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &client.ns, sock(HOST_ADDR6, 8080));
     // The container itself through the host's addresses: back out of the port it came in on
     // (hairpin mode), and from the gateway (Docker's hairpin MASQUERADE), as the server sees.
     for host in [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)] {
-        assert_eq!(
-            tcp_echo(&env, &web.ns, sock(host, 8080)).unwrap(),
-            "netd",
-            "its own port via {host}"
-        );
+        // Its own port.
+        assert_echoed(&env, &web.ns, sock(host, 8080));
     }
     let peers = server.join().unwrap();
     assert_eq!(peers[0].ip(), IpAddr::from(OUTSIDE_ADDR6), "{peers:?}");
@@ -134,10 +119,7 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
         "ping the outside over IPv6"
     );
     let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
-    assert_eq!(
-        tcp_echo(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
 
     // Gone without a trace in either family.
@@ -163,10 +145,7 @@ fn a_port_published_on_one_ipv6_address_answers_there_only() {
     );
     let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
     let outside = env.outside_ns();
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
     server.join().unwrap();
     // Nothing listens on the host itself: IPv4 to the same port finds no DNAT and is refused.
     assert_eq!(
@@ -199,7 +178,7 @@ fn icc_false_links_and_internal_networks_hold_for_ipv6() {
         ErrorKind::TimedOut
     );
     assert!(!pings(&env, &other.ns, db6), "icc=false drops ICMPv6 echo");
-    assert_eq!(tcp_echo(&env, &app.ns, sock(db6, 80)).unwrap(), "netd");
+    assert_echoed(&env, &app.ns, sock(db6, 80));
     server.join().unwrap();
 
     dual_stack_network(&env, "inner", &["--internal"]);
@@ -212,10 +191,7 @@ fn icc_false_links_and_internal_networks_hold_for_ipv6() {
     assert!(pings(&env, &inner.ns, gateway6), "the gateway is in reach");
     let peer = create(&env, "peer", &["--network", "inner"]);
     let server = echo_server(&env, &peer.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
-    assert_eq!(
-        tcp_echo(&env, &inner.ns, sock(ip6(&env, &peer), 80)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &inner.ns, sock(ip6(&env, &peer), 80));
     server.join().unwrap();
     assert!(
         !pings(&env, &inner.ns, OUTSIDE_ADDR6),
@@ -468,10 +444,7 @@ fn a_network_without_masquerade_routes_its_ipv6_prefix_unchanged() {
     let c = create(&env, "c", &["--network", "routed"]);
     let own = ip6(&env, &c);
     let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
-    assert_eq!(
-        tcp_echo(&env, &c.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &c.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_eq!(
         server.join().unwrap().ip(),
         IpAddr::from(own),
@@ -499,16 +472,10 @@ fn a_dual_stack_network_works_beside_an_ebpf_network() {
     let web = create(&env, "web", &["--network", "n6", "-p", "8080:80"]);
     let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
     let outside = env.outside_ns();
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8080)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
     server.join().unwrap();
     let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
-    assert_eq!(
-        tcp_echo(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
 }
 
@@ -533,14 +500,8 @@ fn an_unspecified_host_address_publishes_on_its_family_only() {
     assert!(err.contains("8080/tcp is already published"), "{err}");
     let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
     let outside = env.outside_ns();
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR, 8080)).unwrap(),
-        "netd"
-    );
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR6, 8081)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR, 8080));
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8081));
     server.join().unwrap();
     for wrong in [sock(HOST_ADDR6, 8080), sock(HOST_ADDR, 8081)] {
         assert_eq!(
@@ -556,9 +517,6 @@ fn an_unspecified_host_address_publishes_on_its_family_only() {
         &["--network", "fast", "-p", "0.0.0.0:8082:80"],
     );
     let server = echo_server(&env, &fast.ns, sock(std::net::Ipv4Addr::UNSPECIFIED, 80));
-    assert_eq!(
-        tcp_echo(&env, &outside, sock(HOST_ADDR, 8082)).unwrap(),
-        "netd"
-    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR, 8082));
     server.join().unwrap();
 }
