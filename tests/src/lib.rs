@@ -4,6 +4,7 @@ pub mod counters;
 pub mod engines;
 pub mod flow;
 pub mod frames;
+pub mod frames6;
 pub mod harness;
 pub mod netdata;
 pub mod progrun;

@@ -1,6 +1,7 @@
-//! Dual-stack networks on the iptables datapath, with real IPv6 packets: the sandbox's uplink
-//! carries IPv6 (2001:2::/64) and the outside namespace is reached only through it. The eBPF
-//! datapath has no IPv6 path yet, so netd refuses a dual-stack network there.
+//! Dual-stack networks with real IPv6 packets: the sandbox's uplink carries IPv6 (2001:2::/64)
+//! and the outside namespace is reached only through it. The iptables datapath does all of
+//! it; the eBPF datapath enforces the isolation rules for IPv6 but translates none (no NAT66
+//! yet), so netd makes only routed and internal dual-stack networks there.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -10,7 +11,12 @@ use std::{
 };
 
 use tests::{
-    cli::{Ctr, assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings},
+    cli::{
+        Ctr, assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings,
+        stat,
+    },
+    frames::{send_raw, with_macs},
+    frames6,
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
@@ -20,15 +26,13 @@ fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 
 /// Creates the dual-stack network `name` on the iptables datapath with `args`.
 fn dual_stack_network(env: &TestEnv, name: &str, args: &[&str]) -> String {
+    dual_stack_network_on(env, "iptables", name, args)
+}
+
+/// Creates the dual-stack network `name` on `datapath` with `args`.
+fn dual_stack_network_on(env: &TestEnv, datapath: &str, name: &str, args: &[&str]) -> String {
     let create = [
-        &[
-            "--datapath",
-            "iptables",
-            "network",
-            "create",
-            name,
-            "--ipv6",
-        ][..],
+        &["--datapath", datapath, "network", "create", name, "--ipv6"][..],
         args,
     ]
     .concat();
@@ -156,8 +160,24 @@ fn a_port_published_on_one_ipv6_address_answers_there_only() {
 
 #[test]
 fn icc_false_links_and_internal_networks_hold_for_ipv6() {
+    icc_links_and_internal_hold_for_ipv6("iptables", &[]);
+}
+
+#[test]
+fn icc_false_links_and_internal_networks_hold_for_ipv6_on_the_ebpf_datapath() {
+    icc_links_and_internal_hold_for_ipv6("ebpf", &["--masquerade=false"]);
+}
+
+/// The isolation twin of the IPv4 tests on `datapath`, its `--icc=false` network made with
+/// `quiet_args` too.
+fn icc_links_and_internal_hold_for_ipv6(datapath: &str, quiet_args: &[&str]) {
     let env = TestEnv::dual_stack();
-    dual_stack_network(&env, "quiet", &["--icc=false"]);
+    dual_stack_network_on(
+        &env,
+        datapath,
+        "quiet",
+        &[&["--icc=false"][..], quiet_args].concat(),
+    );
     let db = create(&env, "db", &["--network", "quiet", "--expose", "80"]);
     let other = create(&env, "other", &["--network", "quiet"]);
     let app = create(
@@ -181,7 +201,7 @@ fn icc_false_links_and_internal_networks_hold_for_ipv6() {
     assert_echoed(&env, &app.ns, sock(db6, 80));
     server.join().unwrap();
 
-    dual_stack_network(&env, "inner", &["--internal"]);
+    dual_stack_network_on(&env, datapath, "inner", &["--internal"]);
     let inner = create(&env, "inner", &["--network", "inner"]);
     let gateway6: IpAddr = env.netd_json(&["network", "inspect", "inner"])["network"]["gateway6"]
         .as_str()
@@ -218,7 +238,7 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
     for (args, why) in [
         (
             &["network", "create", "n6", "--ipv6"][..],
-            "--ipv6 needs --datapath iptables",
+            "--ipv6 on the ebpf datapath needs --internal or --masquerade=false",
         ),
         (
             &["network", "create", "n6", "--subnet", "fd00:60::/64"],
@@ -519,4 +539,189 @@ fn an_unspecified_host_address_publishes_on_its_family_only() {
     let server = echo_server(&env, &fast.ns, sock(std::net::Ipv4Addr::UNSPECIFIED, 80));
     assert_echoed(&env, &outside, sock(HOST_ADDR, 8082));
     server.join().unwrap();
+}
+
+/// Routes `prefix` from the outside namespace to the sandbox host (a routed network's).
+fn route_from_outside(env: &TestEnv, prefix: &str) {
+    let via = HOST_ADDR6.to_string();
+    output_in(
+        env,
+        &env.outside_ns(),
+        "ip",
+        &["route", "add", prefix, "via", &via],
+    );
+}
+
+/// Container `c`'s MAC, as `container inspect` shows it, and as bytes.
+fn mac_of(env: &TestEnv, c: &Ctr) -> (String, [u8; 6]) {
+    let text = env.netd_json(&["container", "inspect", &c.name])["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut mac = [0u8; 6];
+    for (byte, hex) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(hex, 16).unwrap();
+    }
+    (text, mac)
+}
+
+#[test]
+fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(
+        &env,
+        "ebpf",
+        "r6",
+        &[
+            "--subnet",
+            "10.62.0.0/24",
+            "--subnet",
+            "2001:db8:62::/64",
+            "--masquerade=false",
+        ],
+    );
+    route_from_outside(&env, "2001:db8:62::/64");
+    let web = create(&env, "web", &["--network", "r6"]);
+    let client = create(&env, "client", &["--network", "r6"]);
+    let (web6, client6) = (ip6(&env, &web), ip6(&env, &client));
+    let web4: IpAddr = env.netd_json(&["container", "inspect", &web.name])["ip"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let outside = env.outside_ns();
+
+    // Between containers over both families, straight into the namespace; from the host;
+    // routed in from the outside unchanged.
+    let fast = stat(&env, "fast_path_local");
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 4);
+    assert_echoed(&env, &client.ns, sock(web6, 80));
+    assert_echoed(&env, &client.ns, sock(web4, 80));
+    assert_echoed(&env, &env.host_ns(), sock(web6, 80));
+    assert_echoed(&env, &outside, sock(web6, 80));
+    let peers: Vec<IpAddr> = server
+        .join()
+        .unwrap()
+        .iter()
+        .map(|p| p.ip().to_canonical())
+        .collect();
+    let client4: IpAddr = env.netd_json(&["container", "inspect", &client.name])["ip"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(peers[..2], [IpAddr::from(client6), client4]);
+    assert_eq!(peers[3], IpAddr::from(OUTSIDE_ADDR6), "not translated");
+    assert!(
+        stat(&env, "fast_path_local") > fast,
+        "IPv6 between containers takes the fast path"
+    );
+    assert!(
+        pings(&env, &client.ns, web6),
+        "ICMPv6 echo between containers"
+    );
+    assert!(pings(&env, &web.ns, OUTSIDE_ADDR6), "ICMPv6 echo out");
+
+    // Out, routed unchanged.
+    let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
+    assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(web6));
+
+    // No IPv6 port is published on this datapath yet: refused, nothing half-made.
+    let err = env.netd_err(&[
+        "container",
+        "create",
+        "pub",
+        "--network",
+        "r6",
+        "-p",
+        "8080:80",
+    ]);
+    assert!(
+        err.contains("publishes over IPv4 only") && !err.trim().contains('\n'),
+        "{err}"
+    );
+    let listing = env.netd_json(&["container", "ls", "--json"]);
+    assert_eq!(listing.as_array().unwrap().len(), 2, "{listing}");
+
+    for c in [&client, &web] {
+        env.netd_ok(&["container", "rm", &c.name]);
+    }
+    env.netd_ok(&["network", "rm", "r6"]);
+}
+
+#[test]
+fn a_container_cannot_spoof_ipv6_neighbours_routers_or_sources_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(
+        &env,
+        "ebpf",
+        "r6",
+        &["--subnet", "2001:db8:63::/64", "--masquerade=false"],
+    );
+    let victim = create(&env, "victim", &["--network", "r6"]);
+    let attacker = create(&env, "attacker", &["--network", "r6"]);
+    let (victim6, attacker6) = (ip6(&env, &victim), ip6(&env, &attacker));
+    let (victim_mac, _) = mac_of(&env, &victim);
+    let (_, attacker_mac) = mac_of(&env, &attacker);
+    // The host learns where the victim is.
+    assert!(pings(&env, &env.host_ns(), victim6));
+    let neighbour = || {
+        output_in(
+            &env,
+            &env.host_ns(),
+            "ip",
+            &["-6", "neigh", "show", &victim6.to_string()],
+        )
+    };
+    assert!(neighbour().contains(&victim_mac), "{}", neighbour());
+
+    // The attacker claims the victim's address (overriding), advertises itself as a router
+    // with a prefix to autoconfigure, and sends from the victim's address.
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let attacker_ll = frames6::link_local(attacker_mac);
+    let to_all = |src, l4: Vec<u8>| {
+        with_macs(
+            frames6::frame(src, all_nodes, &[], frames6::ICMPV6, &l4),
+            frames6::multicast_mac(all_nodes),
+            attacker_mac,
+        )
+    };
+    let claim = to_all(
+        attacker6,
+        frames6::neighbour_advert(attacker6, all_nodes, victim6, attacker_mac),
+    );
+    let rogue_prefix: Ipv6Addr = "2001:db8:bad::".parse().unwrap();
+    let rogue_router = to_all(
+        attacker_ll,
+        frames6::router_advert(attacker_ll, all_nodes, attacker_mac, rogue_prefix),
+    );
+    let from_victim = with_macs(
+        frames6::frame(
+            victim6,
+            OUTSIDE_ADDR6,
+            &[],
+            frames6::UDP,
+            &frames6::udp(victim6, 5000, OUTSIDE_ADDR6, 53, b"spoofed"),
+        ),
+        frames6::multicast_mac(all_nodes),
+        attacker_mac,
+    );
+    let (nd, addr) = (stat(&env, "spoofed_nd"), stat(&env, "spoofed_addr"));
+    env.in_ns(&attacker.ns, || {
+        for frame in [&claim, &rogue_router, &from_victim] {
+            send_raw("eth0", frame);
+        }
+    });
+    assert_eq!(stat(&env, "spoofed_nd"), nd + 2, "the advertisements");
+    assert_eq!(stat(&env, "spoofed_addr"), addr + 1, "the spoofed source");
+
+    // None of it took: the host still sends the victim's packets to the victim, which has no
+    // address or route from the rogue router.
+    assert!(neighbour().contains(&victim_mac), "{}", neighbour());
+    assert!(pings(&env, &env.host_ns(), victim6));
+    let addrs = output_in(&env, &victim.ns, "ip", &["-6", "addr"]);
+    assert!(!addrs.contains("2001:db8:bad"), "{addrs}");
+    let routes = output_in(&env, &victim.ns, "ip", &["-6", "route"]);
+    assert!(!routes.contains(&attacker_ll.to_string()), "{routes}");
 }

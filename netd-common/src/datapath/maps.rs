@@ -5,7 +5,11 @@ use super::{Addr, Timeouts};
 
 /// `NETWORKS`: network id (`u32`) → [`NetworkInfo`].
 pub const NETWORKS_MAP: &str = "NETWORKS";
-/// `ENDPOINTS`: [`EndpointKey`] → [`EndpointInfo`], the controller's IPAM mirror.
+/// `NETWORKS6`: network id (`u32`) → the IPv6 side of a dual-stack network, as a
+/// [`NetworkInfo`] of family `AF_INET6` (a map of its own: `NETWORKS` keeps its layout).
+pub const NETWORKS6_MAP: &str = "NETWORKS6";
+/// `ENDPOINTS`: [`EndpointKey`] → [`EndpointInfo`], the controller's IPAM mirror: a
+/// dual-stack container has an entry for each of its addresses.
 pub const ENDPOINTS_MAP: &str = "ENDPOINTS";
 /// `PUBLISHED`: [`PublishedKey`] → [`PublishedTarget`].
 pub const PUBLISHED_MAP: &str = "PUBLISHED";

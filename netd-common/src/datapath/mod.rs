@@ -55,6 +55,7 @@ pub const AF_INET6: u8 = 10;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// An IPv4 or IPv6 address: IPv4 in word 0 (wire byte order), words 1..3 zero.
 pub type Addr = [u32; 4];

@@ -152,8 +152,9 @@ stats! {
     /// A new flow from outside straight to a container of a masquerading network (not through
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
-    /// IPv6 to a container from beyond its network, or from a container to anything but a
-    /// link-local address: dropped (netd gives containers IPv4 only).
+    /// IPv6 the eBPF datapath doesn't carry: to or from a container of a network without
+    /// IPv6 (beyond link-local neighbour discovery), or that a masquerading network would
+    /// have to translate (no NAT66 in the programs yet): dropped.
     Ipv6 "ipv6" drop,
     /// From a container, neither IPv4, IPv6 nor ARP: dropped.
     NotIp "not_ip" drop,
@@ -174,6 +175,15 @@ stats! {
     /// A TCP RST whose sequence number is outside the receiver's window (RFC 5961): passed
     /// on, the flow's state unchanged.
     RstOutOfWindow "rst_out_of_window" pass,
+    /// IPv6 from a container whose extension headers netd doesn't follow (more than six, a
+    /// hop-by-hop header not first, two fragment headers, a routing header with segments
+    /// left: its real destination is not the one checked) or fragmented neighbour discovery:
+    /// dropped.
+    Ipv6Header "ipv6_header" drop,
+    /// From a container, an IPv6 router advertisement or redirect (a container is no router:
+    /// the others would route through it), or neighbour discovery naming a MAC or target
+    /// address that isn't its own: dropped.
+    SpoofedNd "spoofed_nd" drop,
 }
 
 impl Stat {

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use netd_common::datapath::{
-    AF_INET, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX, LINKS_MAX, LinkKey,
-    NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface, NetworkInfo,
-    PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_FLAGS, PUBLISHED_MAX, PublishAllowKey,
-    PublishedKey, PublishedTarget, VethInfo,
+    AF_INET, AF_INET6, Addr, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX,
+    LINKS_MAX, LinkKey, NAT_IFACES_MAX, NET_INTERNAL, NET_MASQUERADE, NETWORKS_MAX, NatIface,
+    NetworkInfo, PUBLISH_ALLOW_MAX, PUBLISH_RESTRICTED, PUBLISHED_FLAGS, PUBLISHED_MAX,
+    PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
 use super::conntrack::v4;
@@ -18,6 +18,8 @@ use super::conntrack::v4;
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
 static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
+#[map]
+static NETWORKS6: HashMap<u32, NetworkInfo> = HashMap::pinned(NETWORKS_MAX, 0);
 #[map]
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
@@ -79,6 +81,18 @@ pub fn endpoint(addr: u32) -> Option<&'static EndpointInfo> {
     unsafe { ENDPOINTS.get(&endpoint_key(addr)) }
 }
 
+/// The container with IPv6 address `addr` (wire byte order words).
+#[inline(always)]
+pub fn endpoint6(addr: Addr) -> Option<&'static EndpointInfo> {
+    let key = EndpointKey {
+        addr,
+        family: AF_INET6,
+        _pad: [0, 0, 0],
+    };
+    // SAFETY: as above.
+    unsafe { ENDPOINTS.get(&key) }
+}
+
 /// The container behind the host-side veth `ifindex`.
 #[inline(always)]
 pub fn veth(ifindex: u32) -> Option<&'static VethInfo> {
@@ -98,6 +112,27 @@ pub fn linked(src: u32, dst: u32, proto: u8, port: u16) -> bool {
     };
     // SAFETY: as above.
     unsafe { LINKS.get(&key) }.is_some()
+}
+
+/// Whether a `--link` lets `src` reach `dst` on `proto`/`port` over IPv6.
+#[inline(always)]
+pub fn linked6(src: Addr, dst: Addr, proto: u8, port: u16) -> bool {
+    let key = LinkKey {
+        src,
+        dst,
+        port,
+        proto,
+        family: AF_INET6,
+    };
+    // SAFETY: as above.
+    unsafe { LINKS.get(&key) }.is_some()
+}
+
+/// The IPv6 side of dual-stack network `id`.
+#[inline(always)]
+pub fn network6(id: u32) -> Option<&'static NetworkInfo> {
+    // SAFETY: as above.
+    unsafe { NETWORKS6.get(&id) }
 }
 
 #[inline(always)]

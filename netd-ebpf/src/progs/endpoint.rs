@@ -1,10 +1,12 @@
 //! The programs on each container's host-side veth.
 //!
-//! `endpoint_ingress` sees every frame the container sends, before the bridge. Tagged frames,
-//! protocols other than IPv4 and ARP (and IPv6 beyond link-local addresses) are dropped; the
-//! checks then run in the order Docker's FORWARD chain makes them:
+//! `endpoint_ingress` sees every frame the container sends, before the bridge. Tagged frames
+//! and protocols other than IPv4, IPv6 and ARP are dropped; the checks then run in the order
+//! Docker's FORWARD chain makes them, for both families:
 //!
-//! 1. anti-spoofing: the source MAC, an ARP sender and an IPv4 source are the container's own;
+//! 1. anti-spoofing: the source MAC, an ARP sender and an IP source are the container's own
+//!    (IPv6: or link-local, on the link only); neighbour discovery names only its own MAC and,
+//!    advertised, its own addresses; no router advertisements or redirects;
 //! 2. another network's containers are out of reach;
 //! 3. `--icc=false`: the network's other containers are reachable only along a `--link`
 //!    (to the linked container's exposed ports, and its replies from them);
@@ -13,10 +15,14 @@
 //! A packet to a container of the same network that passes is delivered straight into that
 //! container's namespace (`bpf_redirect_peer`), and one routed out of the uplink or another
 //! interface netd masquerades on is sent straight to it (`fib`): the fast path, skipping the
-//! bridge and netfilter. Everything else that passes goes on to the bridge (ARP, broadcast,
-//! the host). A masquerading network's packet that the FIB routes out of an interface netd
-//! doesn't masquerade on (no address, attaching failed) is dropped (`unmasqueraded`): it
-//! would leave with the container's private source.
+//! bridge and netfilter. Everything else that passes goes on to the bridge (ARP, neighbour
+//! discovery, broadcast, the host). A masquerading network's packet that the FIB routes out
+//! of an interface netd doesn't masquerade on (no address, attaching failed) is dropped
+//! (`unmasqueraded`): it would leave with the container's private source.
+//!
+//! IPv6 beyond the network leaves only a routed (not masquerading) network, through the
+//! stack: the programs have no NAT66 yet, and netd makes no masquerading dual-stack network
+//! on this datapath.
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -30,18 +36,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, MARK_ADMITTED, NET_ICC, NET_INTERNAL, NET_MASQUERADE,
-    Stat, VethInfo,
+    Addr, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, MARK_ADMITTED, NET_ICC, NET_INTERNAL,
+    NET_MASQUERADE, Stat, VethInfo,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::{Ipv4Hdr, Ipv6Hdr},
+    ip::Ipv4Hdr,
 };
 
 use crate::lib::{
-    events::{self, Tuple},
+    events::{self, Tuple, Tuple6},
     fib::{self, Route},
-    frag, maps,
+    frag,
+    ipv6::{self, Packet},
+    maps,
     parse::{self, FRAG_FIRST, FRAG_LATER, Frame as _, L3_OFF, is_vlan_tag},
     policy::{floods, in_subnet, link_allows},
     stats,
@@ -89,6 +97,7 @@ enum Verdict {
     Deliver(u32),
     Leave { tuple: Tuple, masquerade: bool },
     Drop(Stat, Tuple),
+    Drop6(Stat, Tuple6),
 }
 
 #[classifier]
@@ -112,6 +121,10 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
         }
         Verdict::Leave { tuple, masquerade } => leave(&ctx, &from, tuple, masquerade),
         Verdict::Drop(reason, tuple) => drop_counted(&from, reason, tuple),
+        Verdict::Drop6(reason, tuple) => {
+            stats::count(events::dropped6(&tuple, reason, from.addr(), from.ifindex));
+            TC_ACT_SHOT
+        }
     }
 }
 
@@ -159,8 +172,11 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     if eth.ether_type == EtherType::Arp as u16 {
         return check_arp(ctx, from);
     }
+    if eth.ether_type == EtherType::Ipv6 as u16 {
+        return decide6(ctx, from, &eth);
+    }
     if eth.ether_type != EtherType::Ipv4 as u16 {
-        return not_ipv4(ctx, from, eth.ether_type);
+        return Verdict::Drop(Stat::NotIp, Tuple::default());
     }
     let Some(ip) = ctx.read::<Ipv4Hdr>(L3_OFF) else {
         return Verdict::Drop(Stat::TruncatedL3, Tuple::default());
@@ -182,42 +198,122 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     }
 }
 
-/// A frame that is neither IPv4 nor ARP. Without ICC the bridge must not carry it between
-/// containers at all; with ICC only IPv6 between link-local addresses (neighbour discovery,
-/// link-local multicast) goes on to the bridge: netd gives containers IPv4 only, so nothing
-/// else of theirs may be routed, and other protocols have no business on the network.
+/// An IPv6 frame, checked as IPv4 is: the source is the container's (a link-local source
+/// stays on the link, the unspecified one only detects duplicate addresses or reports
+/// multicast listening), its neighbour discovery is its own; then by destination. What can't
+/// be parsed to its upper-layer header is dropped.
 #[inline(always)]
-fn not_ipv4(ctx: &TcContext, from: &Sender, ether_type: u16) -> Verdict {
-    if from.veth.net_flags & NET_ICC == 0 {
-        return Verdict::Drop(Stat::IccDenied, Tuple::default());
+fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
+    let p = match ipv6::parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => return Verdict::Drop6(reason, Tuple6::default()),
+    };
+    let tuple = Tuple6::of(&p);
+    let owns = |addr: Addr| maps::endpoint6(addr).is_some_and(|ep| ep.ifindex == from.ifindex);
+    if !source_allowed6(&p, owns) {
+        return Verdict::Drop6(Stat::SpoofedAddr, tuple);
     }
-    if ether_type != EtherType::Ipv6 as u16 {
-        return Verdict::Drop(Stat::NotIp, Tuple::default());
+    if let Err(reason) = ipv6::check_nd(ctx, &p, &from.veth.mac, owns) {
+        return Verdict::Drop6(reason, tuple);
     }
-    match ctx.read::<Ipv6Hdr>(L3_OFF) {
-        Some(ip) if ipv6_link_local_source(&ip.src_addr) && ipv6_on_link(&ip.dst_addr) => {
+    // Address resolution and multicast listening stay on the link whatever the policy, as ARP
+    // does: without them the gateway can't be reached.
+    if p.is_neighbour_discovery() || p.is_mld() && ipv6::is_link_scope_multicast(&p.dst) {
+        return Verdict::Pass;
+    }
+    if ipv6::is_multicast(&p.dst) || ipv6::is_link_local(&p.dst) {
+        return on_link6(from, eth, tuple);
+    }
+    match maps::endpoint6(p.dst) {
+        Some(to) => to_container6(from, to, &p, eth, tuple),
+        None => to_elsewhere6(from, &p, tuple),
+    }
+}
+
+/// Whether the container may send from `p`'s source: its own address; a link-local one on
+/// the link only (the stack routes none beyond it); the unspecified one for duplicate
+/// address detection and multicast listener reports, before it has an address.
+#[inline(always)]
+fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
+    let on_link = ipv6::is_link_local(&p.dst) || ipv6::is_link_scope_multicast(&p.dst);
+    if ipv6::is_link_local(&p.src) {
+        return on_link;
+    }
+    if ipv6::is_unspecified(&p.src) {
+        return on_link && (p.is_neighbour_discovery() || p.is_mld());
+    }
+    owns(p.src)
+}
+
+/// To a link-local address or a multicast group: it stays on the bridge's link. With ICC it
+/// goes on to the bridge; without, only to the host (the bridge's MAC): the bridge would
+/// flood a group to the other containers.
+#[inline(always)]
+fn on_link6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
+    if from.veth.net_flags & NET_ICC != 0 {
+        return Verdict::Pass;
+    }
+    match maps::network(from.veth.network_id) {
+        Some(net) if eth.dst_addr == net.bridge_mac => Verdict::Pass,
+        _ => Verdict::Drop6(Stat::IccDenied, tuple),
+    }
+}
+
+/// [`to_container`] for IPv6. A later fragment (no ports) is never along a link.
+#[inline(always)]
+fn to_container6(
+    from: &Sender,
+    to: &EndpointInfo,
+    p: &Packet,
+    eth: &EthHdr,
+    tuple: Tuple6,
+) -> Verdict {
+    if to.network_id != from.veth.network_id {
+        return Verdict::Drop6(Stat::OtherNetwork, tuple);
+    }
+    if from.veth.net_flags & NET_ICC == 0 && !linked6(p) {
+        return Verdict::Drop6(Stat::IccDenied, tuple);
+    }
+    if eth.dst_addr == to.mac {
+        Verdict::Deliver(to.ifindex)
+    } else {
+        Verdict::Pass
+    }
+}
+
+/// Docker's link rules for IPv6: to the linked container's port, or a reply from it.
+#[inline(always)]
+fn linked6(p: &Packet) -> bool {
+    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP || p.sport == 0 && p.dport == 0 {
+        return false;
+    }
+    maps::linked6(p.src, p.dst, p.proto, p.dport) || maps::linked6(p.dst, p.src, p.proto, p.sport)
+}
+
+/// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
+/// it only a routed network's packets go, to the stack (no NAT66 here).
+#[inline(always)]
+fn to_elsewhere6(from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
+    let Some(net) = maps::network6(from.veth.network_id) else {
+        return Verdict::Drop6(Stat::Ipv6, tuple);
+    };
+    if p.dst == net.gateway {
+        return Verdict::Pass;
+    }
+    if ipv6::in_subnet(&p.dst, &net.subnet, net.prefix_len) {
+        return if net.flags & NET_ICC != 0 {
             Verdict::Pass
-        }
-        Some(_) => Verdict::Drop(Stat::Ipv6, Tuple::default()),
-        None => Verdict::Drop(Stat::TruncatedL3, Tuple::default()),
+        } else {
+            Verdict::Drop6(Stat::IccDenied, tuple)
+        };
     }
-}
-
-/// fe80::/10, or the unspecified address (duplicate address detection).
-#[inline(always)]
-fn ipv6_link_local_source(addr: &[u8; 16]) -> bool {
-    is_ipv6_link_local(addr) || u128::from_be_bytes(*addr) == 0
-}
-
-/// fe80::/10, or a multicast group of link-local scope (ff02::/16).
-#[inline(always)]
-fn ipv6_on_link(addr: &[u8; 16]) -> bool {
-    is_ipv6_link_local(addr) || addr[0] == 0xff && addr[1] & 0x0f == 2
-}
-
-#[inline(always)]
-fn is_ipv6_link_local(addr: &[u8; 16]) -> bool {
-    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+    if net.flags & NET_INTERNAL != 0 {
+        return Verdict::Drop6(Stat::Internal, tuple);
+    }
+    if net.flags & NET_MASQUERADE != 0 {
+        return Verdict::Drop6(Stat::Ipv6, tuple);
+    }
+    Verdict::Pass
 }
 
 /// An ARP packet must announce the container's own MAC and address (0.0.0.0 for a probe).
@@ -367,28 +463,42 @@ fn tuple_of(ctx: &TcContext, ip: &Ipv4Hdr) -> Tuple {
 /// network (its veths, whose program checked the sender, or its bridge, routed through the
 /// gateway) and translated by netd (`MARK_ADMITTED`), a frame gets in; from anywhere else
 /// (the uplink without a translation, a second NIC, a VPN, another bridge), only on a routed
-/// network (neither masquerading nor internal), and only IPv4 there. So the rules hold
-/// whatever interface a packet was routed in through.
+/// network (neither masquerading nor internal), IPv4 or IPv6. So the rules hold whatever
+/// interface a packet was routed in through.
 #[classifier]
 pub fn endpoint_egress(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     let Some(veth) = maps::veth(ifindex) else {
         return TC_ACT_UNSPEC;
     };
-    match admit(&ctx, veth) {
+    let container = veth.addr[0];
+    let reason = match admit(&ctx, veth) {
         Ok(()) => {
             stats::count(Stat::ToContainer);
-            TC_ACT_UNSPEC
+            return TC_ACT_UNSPEC;
         }
-        Err((reason, tuple)) => {
-            stats::count(events::dropped(&tuple, reason, veth.addr[0], ifindex));
-            TC_ACT_SHOT
-        }
+        Err(Refused::V4(reason, tuple)) => events::dropped(&tuple, reason, container, ifindex),
+        Err(Refused::V6(reason, tuple)) => events::dropped6(&tuple, reason, container, ifindex),
+    };
+    stats::count(reason);
+    TC_ACT_SHOT
+}
+
+/// Why a frame is kept from a container, with what was parsed of it.
+enum Refused {
+    V4(Stat, Tuple),
+    V6(Stat, Tuple6),
+}
+
+impl From<(Stat, Tuple)> for Refused {
+    #[inline(always)]
+    fn from((reason, tuple): (Stat, Tuple)) -> Self {
+        Refused::V4(reason, tuple)
     }
 }
 
 #[inline(always)]
-fn admit(ctx: &TcContext, to: &VethInfo) -> Result<(), (Stat, Tuple)> {
+fn admit(ctx: &TcContext, to: &VethInfo) -> Result<(), Refused> {
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let (mark, from_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
     // 0: sent by the host itself.
@@ -403,34 +513,49 @@ fn admit(ctx: &TcContext, to: &VethInfo) -> Result<(), (Stat, Tuple)> {
 
 /// A frame from beyond the container's network that netd didn't translate.
 #[inline(always)]
-fn from_beyond(ctx: &TcContext, to: &VethInfo) -> Result<(), (Stat, Tuple)> {
+fn from_beyond(ctx: &TcContext, to: &VethInfo) -> Result<(), Refused> {
     let Some(eth) = ctx.read::<EthHdr>(0) else {
-        return Err((Stat::TruncatedL2, Tuple::default()));
+        return Err((Stat::TruncatedL2, Tuple::default()).into());
     };
     if ctx.vlan_offloaded() || is_vlan_tag(eth.ether_type) {
-        return Err((Stat::Vlan, Tuple::default()));
+        return Err((Stat::Vlan, Tuple::default()).into());
     }
     if eth.ether_type == EtherType::Arp as u16 {
         // A bridge port netd doesn't own: address resolution only, nothing is routed by it.
         return Ok(());
     }
     if eth.ether_type == EtherType::Ipv6 as u16 {
-        return Err((Stat::Ipv6, Tuple::default()));
+        return from_beyond6(ctx, to);
     }
     if eth.ether_type != EtherType::Ipv4 as u16 {
-        return Err((Stat::NotIp, Tuple::default()));
+        return Err((Stat::NotIp, Tuple::default()).into());
     }
     if to.net_flags & NET_INTERNAL != 0 {
-        return Err((Stat::Internal, ends_of(ctx)));
+        return Err((Stat::Internal, ends_of(ctx)).into());
     }
     if to.net_flags & NET_MASQUERADE == 0 {
         return Ok(());
     }
     match parse::ipv4_flow(ctx) {
-        Ok(flow) if flow.quoted.is_some() => Err((Stat::IcmpNoFlow, Tuple::of(&flow))),
-        Ok(flow) => Err((Stat::Unsolicited, Tuple::of(&flow))),
-        Err(reason) => Err((reason, ends_of(ctx))),
+        Ok(flow) if flow.quoted.is_some() => Err((Stat::IcmpNoFlow, Tuple::of(&flow)).into()),
+        Ok(flow) => Err((Stat::Unsolicited, Tuple::of(&flow)).into()),
+        Err(reason) => Err((reason, ends_of(ctx)).into()),
     }
+}
+
+/// IPv6 from beyond the network: a routed network's (the stack routed it, as IPv4); nothing
+/// for an internal one, nor for a masquerading one (no NAT66 flow of it is tracked here).
+#[inline(always)]
+fn from_beyond6(ctx: &TcContext, to: &VethInfo) -> Result<(), Refused> {
+    let reason = if to.net_flags & NET_INTERNAL != 0 {
+        Stat::Internal
+    } else if to.net_flags & NET_MASQUERADE != 0 {
+        Stat::Ipv6
+    } else {
+        return Ok(());
+    };
+    let tuple = ipv6::parse(ctx).map_or_else(|_| Tuple6::default(), |p| Tuple6::of(&p));
+    Err(Refused::V6(reason, tuple))
 }
 
 /// The addresses of an IPv4 frame, for a drop event (zero where unreadable).

@@ -114,11 +114,13 @@ impl NetworkSpec {
         if self.mtu < 1280 {
             bail!("invalid MTU {} for IPv6: must be at least 1280", self.mtu);
         }
-        // The eBPF programs drop IPv6 beyond link-local (they have no IPv6 NAT or isolation
-        // yet): a dual-stack network there would be half broken, or, passed to the kernel
-        // unchecked, half open.
-        if self.datapath == DatapathKind::Ebpf {
-            bail!("--ipv6 needs --datapath iptables: the ebpf datapath has no IPv6 path yet");
+        // The eBPF programs enforce IPv6 isolation but translate no IPv6 (no NAT66 yet): a
+        // masquerading dual-stack network would reach nothing beyond the host over IPv6.
+        if self.datapath == DatapathKind::Ebpf && self.masquerade && !self.internal {
+            bail!(
+                "--ipv6 on the ebpf datapath needs --internal or --masquerade=false (it has no \
+                 NAT66 yet), or --datapath iptables"
+            );
         }
         Ok(())
     }

@@ -26,9 +26,10 @@ use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
-    AF_INET, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey,
-    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, HOST_SOCK_PROGS, PUBLISHED_MAP, PUBLISHED_MAX,
-    Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
+    AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit,
+    CtLimitKey, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS,
+    PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -535,6 +536,24 @@ impl EbpfDatapath {
         Ok(true)
     }
 
+    /// The `ENDPOINTS` entry of a dual-stack container's IPv6 address (`key6`), if it has one.
+    fn add_endpoint6(
+        &self,
+        endpoints: &mut maps::Endpoints,
+        key6: Option<EndpointKey>,
+        ep: &EndpointSpec,
+    ) -> Result<()> {
+        let (Some(key6), Some(ip6)) = (key6, ep.ip6) else {
+            return Ok(());
+        };
+        if endpoints.get(&key6, 0).is_ok() {
+            bail!("endpoint {ip6} is already on a network");
+        }
+        endpoints
+            .insert(key6, maps::endpoint_info(ep), 0)
+            .with_context(|| format!("add endpoint {ip6} of {}", ep.container))
+    }
+
     /// What the endpoint programs need to know of `ep`: the veth it sits behind, and the
     /// ports its links open.
     fn add_policy(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
@@ -545,9 +564,13 @@ impl EbpfDatapath {
             .with_context(|| format!("add veth {} of {}", ep.host_ifname, ep.container))?;
         let mut links = maps::links(&self.pins)?;
         for link in &ep.links {
-            links
-                .insert(maps::link_key(ep.ip, link), 1, 0)
-                .with_context(|| format!("add a link of {} to {}", ep.container, link.peer))?;
+            let keys =
+                std::iter::once(maps::link_key(ep.ip, link)).chain(maps::link_key6(ep.ip6, link));
+            for key in keys {
+                links
+                    .insert(key, 1, 0)
+                    .with_context(|| format!("add a link of {} to {}", ep.container, link.peer))?;
+            }
         }
         Ok(())
     }
@@ -561,11 +584,20 @@ impl EbpfDatapath {
         let Ok(mut links) = maps::links(&self.pins) else {
             return;
         };
-        let addr = ep.ip.octets();
+        let addrs = [
+            Some(maps::endpoint_key(ep.ip)),
+            ep.ip6.map(maps::endpoint_key6),
+        ];
+        let of_ep = |addr: &Addr, family: u8| {
+            addrs
+                .iter()
+                .flatten()
+                .any(|k| k.addr == *addr && k.family == family)
+        };
         let stale: Vec<_> = links
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| v4_octets(&k.src) == addr || v4_octets(&k.dst) == addr)
+            .filter(|k| of_ep(&k.src, k.family) || of_ep(&k.dst, k.family))
             .collect();
         for key in stale {
             let _ = links.remove(&key);
@@ -624,6 +656,13 @@ impl EbpfDatapath {
     fn forget_limit(&self, key: &CtLimitKey) {
         if let Ok(mut limits) = maps::ct_limits(&self.pins) {
             let _ = limits.remove(key);
+        }
+    }
+
+    /// Removes `net`'s IPv6 side from `NETWORKS6` (best effort: an IPv4-only network has none).
+    fn forget_network6(&self, net: &NetworkSpec) {
+        if let Ok(mut networks6) = maps::networks6(&self.pins) {
+            let _ = networks6.remove(&net.id);
         }
     }
 
@@ -705,6 +744,14 @@ impl Datapath for EbpfDatapath {
                     .with_context(|| format!("add network {}", net.name))
             })
             .and_then(|()| {
+                let Some(info6) = maps::network6_info(net) else {
+                    return Ok(());
+                };
+                maps::networks6(&self.pins)?
+                    .insert(net.id, info6, 0)
+                    .with_context(|| format!("add the IPv6 side of network {}", net.name))
+            })
+            .and_then(|()| {
                 self.attach(
                     &mut ebpf,
                     &net.bridge,
@@ -714,6 +761,7 @@ impl Datapath for EbpfDatapath {
             .and_then(|()| self.follow(&mut Object::Given(&mut ebpf)).map(drop));
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);
+            self.forget_network6(net);
             self.forget_limit(&maps::network_limit_key(net.id));
             self.forget_subnet(net);
             if first {
@@ -730,6 +778,7 @@ impl Datapath for EbpfDatapath {
             .remove(&net.id)
             .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
         self.forget_subnet(net);
+        self.forget_network6(net);
         let mut endpoints = maps::endpoints(&self.pins)?;
         let stale: Vec<_> = endpoints
             .iter()
@@ -738,6 +787,10 @@ impl Datapath for EbpfDatapath {
             .collect();
         for (key, ep) in stale {
             endpoints.remove(&key)?;
+            // A dual-stack container's IPv6 entry goes with its IPv4 one.
+            if key.family == AF_INET6 {
+                continue;
+            }
             self.detach_endpoint(ep.ifindex)?;
             self.forget_limit(&maps::container_limit_key(Ipv4Addr::from(v4_octets(
                 &key.addr,
@@ -786,24 +839,34 @@ impl Datapath for EbpfDatapath {
             .with_context(|| {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
+        let key6 = ep.ip6.map(maps::endpoint_key6);
         let limit_key = maps::container_limit_key(ep.ip);
         let policed = self
-            .set_limit(limit_key, ep.conntrack_limit)
+            .add_endpoint6(&mut endpoints, key6, ep)
+            .and_then(|()| self.set_limit(limit_key, ep.conntrack_limit))
             .and_then(|()| self.add_policy(net, ep))
             .and_then(|()| self.attach_endpoint_programs(&ep.host_ifname));
         if let Err(e) = policed {
             self.forget_limit(&limit_key);
             self.remove_policy(ep);
-            let _ = endpoints.remove(&key);
+            for key in std::iter::once(key).chain(key6) {
+                let _ = endpoints.remove(&key);
+            }
             return Err(e);
         }
         Ok(())
     }
 
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
-        maps::endpoints(&self.pins)?
+        let mut endpoints = maps::endpoints(&self.pins)?;
+        endpoints
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
+        if let Some(ip6) = ep.ip6 {
+            endpoints
+                .remove(&maps::endpoint_key6(ip6))
+                .with_context(|| format!("endpoint {ip6} is not on {}", net.name))?;
+        }
         for (_, dir) in ENDPOINT_PROGS {
             self.pins.detach_filter(&ep.host_ifname, dir)?;
         }

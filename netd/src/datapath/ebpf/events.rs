@@ -2,12 +2,13 @@
 //! buffer. The buffer keeps what no monitor read yet (up to its size), so a monitor started
 //! after a drop still sees it; there is one reader position, so two monitors share the stream.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use aya::maps::{Map, RingBuf};
 use netd_common::datapath::{
-    DROP_EVENTS_MAP, DropEvent, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, v4_octets,
+    AF_INET6, Addr, DROP_EVENTS_MAP, DropEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, Stat, v4_octets,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -19,21 +20,25 @@ use crate::bpf::Pins;
 pub struct Drop {
     pub reason: &'static str,
     pub proto: String,
-    pub saddr: Ipv4Addr,
+    pub saddr: IpAddr,
     pub sport: u16,
-    pub daddr: Ipv4Addr,
+    pub daddr: IpAddr,
     pub dport: u16,
     /// The interface the packet arrived on (in the host namespace).
     pub ifindex: u32,
 }
 
 impl std::fmt::Display for Drop {
-    /// `icc_denied tcp 172.18.0.3:41234 -> 172.18.0.2:80 (if 12)`
+    /// `icc_denied tcp 172.18.0.3:41234 -> 172.18.0.2:80 (if 12)`, IPv6 addresses in brackets.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (from, to) = (
+            std::net::SocketAddr::new(self.saddr, self.sport),
+            std::net::SocketAddr::new(self.daddr, self.dport),
+        );
         write!(
             f,
-            "{} {} {}:{} -> {}:{} (if {})",
-            self.reason, self.proto, self.saddr, self.sport, self.daddr, self.dport, self.ifindex
+            "{} {} {from} -> {to} (if {})",
+            self.reason, self.proto, self.ifindex
         )
     }
 }
@@ -74,13 +79,27 @@ fn describe(e: &DropEvent) -> Drop {
             IPPROTO_TCP => "tcp".into(),
             IPPROTO_UDP => "udp".into(),
             IPPROTO_ICMP => "icmp".into(),
+            IPPROTO_ICMPV6 => "icmpv6".into(),
             0 => "-".into(),
             other => other.to_string(),
         },
-        saddr: Ipv4Addr::from(v4_octets(&e.saddr)),
+        saddr: address(&e.saddr, e.family),
         sport: e.sport,
-        daddr: Ipv4Addr::from(v4_octets(&e.daddr)),
+        daddr: address(&e.daddr, e.family),
         dport: e.dport,
         ifindex: e.ifindex,
+    }
+}
+
+/// An event's address of family `family`.
+fn address(addr: &Addr, family: u8) -> IpAddr {
+    if family == AF_INET6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(v4_octets(addr)))
     }
 }

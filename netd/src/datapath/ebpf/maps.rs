@@ -1,6 +1,6 @@
 //! Typed handles on the datapath's pinned maps, and conversions from the spec types.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
@@ -9,8 +9,9 @@ use netd_common::datapath::{
     AF_INET, AF_INET6, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
     HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NETWORKS_MAP,
-    NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey,
-    PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4, addr_v6,
+    NETWORKS6_MAP, NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
+    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo,
+    addr_v4, addr_v6,
 };
 
 use crate::bpf::Pins;
@@ -34,6 +35,13 @@ pub type NatIfaces = HashMap<MapData, u32, NatIface>;
 pub fn networks(pins: &Pins) -> Result<Networks> {
     Ok(HashMap::try_from(Map::HashMap(
         pins.open_map(NETWORKS_MAP)?,
+    ))?)
+}
+
+/// `NETWORKS6`: the IPv6 side of dual-stack networks.
+pub fn networks6(pins: &Pins) -> Result<Networks> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(NETWORKS6_MAP)?,
     ))?)
 }
 
@@ -196,6 +204,27 @@ pub fn network_info(net: &NetworkSpec) -> NetworkInfo {
     }
 }
 
+/// The `NETWORKS6` value of a dual-stack network (`None` for an IPv4-only one).
+pub fn network6_info(net: &NetworkSpec) -> Option<NetworkInfo> {
+    let (subnet, gateway) = net.subnet6.zip(net.gateway6)?;
+    Some(NetworkInfo {
+        subnet: addr_v6(subnet.network().octets()),
+        gateway: addr_v6(gateway.octets()),
+        prefix_len: subnet.prefix_len(),
+        family: AF_INET6,
+        ..network_info(net)
+    })
+}
+
+/// The `ENDPOINTS` key of the container with IPv6 address `ip`.
+pub fn endpoint_key6(ip: Ipv6Addr) -> EndpointKey {
+    EndpointKey {
+        addr: addr_v6(ip.octets()),
+        family: AF_INET6,
+        _pad: [0; 3],
+    }
+}
+
 pub fn endpoint_key(ip: Ipv4Addr) -> EndpointKey {
     EndpointKey {
         addr: addr_v4(ip.octets()),
@@ -256,6 +285,17 @@ pub fn link_key(ip: Ipv4Addr, link: &LinkSpec) -> LinkKey {
         proto: proto_number(link.proto),
         family: AF_INET,
     }
+}
+
+/// The IPv6 twin of [`link_key`], when both ends have an IPv6 address.
+pub fn link_key6(ip6: Option<Ipv6Addr>, link: &LinkSpec) -> Option<LinkKey> {
+    Some(LinkKey {
+        src: addr_v6(ip6?.octets()),
+        dst: addr_v6(link.peer6?.octets()),
+        port: link.port,
+        proto: proto_number(link.proto),
+        family: AF_INET6,
+    })
 }
 
 /// The `PUBLISH_ALLOW` keys of `port`'s source ranges.

@@ -1,0 +1,400 @@
+//! The container programs on crafted IPv6 frames (BPF_PROG_TEST_RUN), with the maps filled by
+//! the real driver: the extension-header walk, anti-spoofing of addresses and neighbour
+//! discovery, and the isolation rules, for dual-stack networks of each kind. Every drop is
+//! checked against its counter.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use netd::{
+    bpf::Pins,
+    datapath::{Datapath as _, EndpointSpec, LinkSpec, NetworkSpec, Protocol, ebpf::EbpfDatapath},
+};
+use netd_common::datapath::{ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG};
+use tests::{
+    frames::with_macs,
+    frames6::*,
+    harness::OUTSIDE_ADDR6,
+    netdata::{BRIDGE, endpoint, network},
+    progrun::{Bench, DROP, PASS, REDIRECT, Skb, host_veth},
+};
+
+/// A dual-stack network of the bench, with two containers A and B (B linked to A's UDP 53 when
+/// the network has no ICC).
+struct DualStack {
+    net: NetworkSpec,
+    a: EndpointSpec,
+    b: EndpointSpec,
+}
+
+impl DualStack {
+    /// Network `id` (10.`id`.0.0/24, fd00:`id`::/64) with `icc`, `internal` and no masquerade.
+    fn new(bench: &Bench, id: u8, icc: bool, internal: bool) -> Self {
+        let net = NetworkSpec {
+            id: u32::from(id),
+            name: format!("n{id}"),
+            bridge: BRIDGE.into(),
+            subnet: format!("10.{id}.0.0/24").parse().unwrap(),
+            gateway: Ipv4Addr::new(10, id, 0, 1),
+            subnet6: Some(format!("fd00:{id}::/64").parse().unwrap()),
+            gateway6: Some(addr6(id, 1)),
+            icc,
+            internal,
+            masquerade: false,
+            ..network()
+        };
+        let ep = |host: u8, links: Vec<LinkSpec>| {
+            let veth = format!("v{id}x{host}");
+            let ifindex = host_veth(&bench.env, &veth);
+            EndpointSpec {
+                network_id: net.id,
+                ip6: Some(addr6(id, u16::from(host))),
+                links,
+                ..endpoint(Ipv4Addr::new(10, id, 0, host), &veth, ifindex)
+            }
+        };
+        let a = ep(2, vec![]);
+        let link = LinkSpec {
+            peer: a.ip,
+            peer6: a.ip6,
+            proto: Protocol::Udp,
+            port: 53,
+        };
+        let b = ep(3, if icc { vec![] } else { vec![link] });
+        let pins = Pins::open(&bench.env.bpffs).unwrap();
+        bench.env.in_ns(&bench.env.host_ns(), || {
+            let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+            dp.setup_network(&net).unwrap();
+            dp.add_endpoint(&net, &a).unwrap();
+            dp.add_endpoint(&net, &b).unwrap();
+        });
+        Self { net, a, b }
+    }
+
+    fn gateway6(&self) -> Ipv6Addr {
+        self.net.gateway6.unwrap()
+    }
+}
+
+fn addr6(net: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, u16::from(net), 0, 0, 0, 0, 0, host)
+}
+
+fn ip6(ep: &EndpointSpec) -> Ipv6Addr {
+    ep.ip6.unwrap()
+}
+
+/// Runs `endpoint_ingress` on `frame` as sent by `from` to the MAC `to`.
+fn sent(bench: &Bench, from: &EndpointSpec, to: [u8; 6], frame: Vec<u8>) -> u32 {
+    let skb = Skb {
+        ingress_ifindex: from.host_ifindex,
+        ifindex: from.host_ifindex,
+        ..Skb::default()
+    };
+    bench
+        .run_skb(ENDPOINT_INGRESS_PROG, &with_macs(frame, to, from.mac), skb)
+        .0
+}
+
+/// Asserts `frame`, sent by `from` to `to`, is dropped and counted under `reason`.
+fn dropped(bench: &Bench, from: &EndpointSpec, to: [u8; 6], frame: Vec<u8>, reason: &str) {
+    let before = bench.stat(reason);
+    assert_eq!(sent(bench, from, to, frame), DROP, "{reason}");
+    assert_eq!(bench.stat(reason), before + 1, "{reason} counted");
+}
+
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+fn dns(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    udp(src, 5000, dst, 53, b"query")
+}
+
+#[test]
+fn extension_headers_are_walked_to_the_ports_and_what_cant_be_walked_is_dropped() {
+    let bench = Bench::new();
+    let n = DualStack::new(&bench, 3, true, false);
+    let (a, b) = (ip6(&n.a), ip6(&n.b));
+    let to_b = |ext: &[Ext]| frame(a, b, ext, UDP, &dns(a, b));
+    let hbh = Ext::HopByHop;
+    let opts = Ext::DestOpts;
+    let first = Ext::Fragment {
+        offset: 0,
+        more: true,
+    };
+    let later = Ext::Fragment {
+        offset: 8,
+        more: false,
+    };
+    // Straight into B's namespace, whatever headers lead to the upper layer.
+    for ext in [
+        &[][..],
+        &[hbh],
+        &[hbh, opts, first],
+        &[later],
+        &[Ext::Routing { segments_left: 0 }, opts],
+        &[hbh, opts, opts, opts, opts, first],
+    ] {
+        assert_eq!(sent(&bench, &n.a, n.b.mac, to_b(ext)), REDIRECT, "{ext:?}");
+    }
+    // More than six, a hop-by-hop header not first, two fragment headers, and a routing
+    // header still to be followed (B would pass it on to the next segment).
+    for ext in [
+        &[opts; 7][..],
+        &[opts, hbh],
+        &[first, later],
+        &[Ext::Routing { segments_left: 1 }],
+    ] {
+        dropped(&bench, &n.a, n.b.mac, to_b(ext), "ipv6_header");
+    }
+    // A header cut short by the payload length, and a payload length beyond the frame.
+    let mut cut = to_b(&[hbh]);
+    cut[18..20].copy_from_slice(&4u16.to_be_bytes());
+    dropped(&bench, &n.a, n.b.mac, cut, "truncated_l3");
+    let mut long = to_b(&[]);
+    long[18..20].copy_from_slice(&1000u16.to_be_bytes());
+    dropped(&bench, &n.a, n.b.mac, long, "truncated_l3");
+    let mut version = to_b(&[]);
+    version[14] = 0x40;
+    dropped(&bench, &n.a, n.b.mac, version, "bad_ip_header");
+}
+
+#[test]
+fn a_container_sends_from_its_own_addresses_only() {
+    let bench = Bench::new();
+    let n = DualStack::new(&bench, 3, true, false);
+    let (a, b) = (ip6(&n.a), ip6(&n.b));
+    let link_local_a = link_local(n.a.mac);
+    // Its own address, anywhere the policy allows; link-local on the link; the unspecified
+    // address for duplicate address detection.
+    assert_eq!(
+        sent(&bench, &n.a, n.b.mac, frame(a, b, &[], UDP, &dns(a, b))),
+        REDIRECT
+    );
+    let to_all = frame(
+        link_local_a,
+        ALL_NODES,
+        &[],
+        UDP,
+        &dns(link_local_a, ALL_NODES),
+    );
+    assert_eq!(sent(&bench, &n.a, multicast_mac(ALL_NODES), to_all), PASS);
+    let group = solicited_node(a);
+    let dad = neighbour_solicit(Ipv6Addr::UNSPECIFIED, group, a, None);
+    let dad = frame(Ipv6Addr::UNSPECIFIED, group, &[], ICMPV6, &dad);
+    assert_eq!(sent(&bench, &n.a, multicast_mac(group), dad), PASS);
+    // Another container's address, one of no container, a link-local or the unspecified
+    // source beyond the link.
+    let spoofed = [
+        (b, b),
+        (addr6(3, 99), b),
+        (link_local_a, b),
+        (link_local_a, OUTSIDE_ADDR6),
+        (Ipv6Addr::UNSPECIFIED, b),
+        (Ipv6Addr::UNSPECIFIED, ALL_NODES),
+    ];
+    for (src, dst) in spoofed {
+        let f = frame(src, dst, &[], UDP, &dns(src, dst));
+        dropped(&bench, &n.a, n.b.mac, f, "spoofed_addr");
+    }
+    // The source MAC is checked before anything else.
+    let before = bench.stat("spoofed_mac");
+    let f = with_macs(frame(a, b, &[], UDP, &dns(a, b)), n.b.mac, n.b.mac);
+    let skb = Skb {
+        ingress_ifindex: n.a.host_ifindex,
+        ifindex: n.a.host_ifindex,
+        ..Skb::default()
+    };
+    assert_eq!(bench.run_skb(ENDPOINT_INGRESS_PROG, &f, skb).0, DROP);
+    assert_eq!(bench.stat("spoofed_mac"), before + 1);
+}
+
+#[test]
+fn neighbour_discovery_names_only_the_senders_own_mac_and_addresses() {
+    let bench = Bench::new();
+    let n = DualStack::new(&bench, 3, true, false);
+    let (a, b) = (ip6(&n.a), ip6(&n.b));
+    let gw = n.gateway6();
+    let nd = |src: Ipv6Addr, dst: Ipv6Addr, l4: Vec<u8>| frame(src, dst, &[], ICMPV6, &l4);
+    let group = solicited_node(gw);
+    let mcast = multicast_mac(group);
+    // Resolving the gateway, and answering for itself: on to the bridge.
+    let solicit = nd(a, group, neighbour_solicit(a, group, gw, Some(n.a.mac)));
+    assert_eq!(sent(&bench, &n.a, mcast, solicit), PASS);
+    let advert = nd(a, gw, neighbour_advert(a, gw, a, n.a.mac));
+    assert_eq!(sent(&bench, &n.a, n.b.mac, advert), PASS);
+    let own_link_local = link_local(n.a.mac);
+    let advert = neighbour_advert(own_link_local, ALL_NODES, own_link_local, n.a.mac);
+    let advert = nd(own_link_local, ALL_NODES, advert);
+    assert_eq!(sent(&bench, &n.a, multicast_mac(ALL_NODES), advert), PASS);
+    // Advertising B's address, or its own at B's MAC; soliciting with B's MAC.
+    let lies = [
+        nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, b, n.a.mac)),
+        nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, gw, n.a.mac)),
+        nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, a, n.b.mac)),
+        nd(a, group, neighbour_solicit(a, group, gw, Some(n.b.mac))),
+    ];
+    for lie in lies {
+        dropped(&bench, &n.a, mcast, lie, "spoofed_nd");
+    }
+    // A router advertisement or a redirect: a container is no router.
+    let advert = router_advert(own_link_local, ALL_NODES, n.a.mac, addr6(66, 0));
+    dropped(
+        &bench,
+        &n.a,
+        mcast,
+        nd(own_link_local, ALL_NODES, advert),
+        "spoofed_nd",
+    );
+    let redirect = icmpv6(own_link_local, ALL_NODES, ND_REDIRECT, 0, &[0; 36]);
+    dropped(
+        &bench,
+        &n.a,
+        mcast,
+        nd(own_link_local, ALL_NODES, redirect),
+        "spoofed_nd",
+    );
+    // An option of length zero is invalid; fragmented discovery is refused (RFC 6980).
+    let mut zero = neighbour_advert(a, ALL_NODES, a, n.a.mac);
+    zero[25] = 0;
+    dropped(&bench, &n.a, mcast, nd(a, ALL_NODES, zero), "spoofed_nd");
+    let first = Ext::Fragment {
+        offset: 0,
+        more: true,
+    };
+    let fragmented = frame(
+        a,
+        ALL_NODES,
+        &[first],
+        ICMPV6,
+        &neighbour_advert(a, ALL_NODES, a, n.a.mac),
+    );
+    dropped(&bench, &n.a, mcast, fragmented, "ipv6_header");
+}
+
+#[test]
+fn isolation_holds_for_ipv6_on_every_kind_of_network() {
+    let bench = Bench::new();
+    let open = DualStack::new(&bench, 3, true, false);
+    let quiet = DualStack::new(&bench, 4, false, false);
+    let internal = DualStack::new(&bench, 5, true, true);
+    let bridge_mac = quiet.net.bridge_mac();
+    let udp_frame = |src, dst, dport| frame(src, dst, &[], UDP, &udp(src, 5000, dst, dport, b"x"));
+    // A routed network: the gateway, the subnet, beyond (through the stack), its own members
+    // straight into their namespace; another network's container never.
+    let (a, b) = (ip6(&open.a), ip6(&open.b));
+    assert_eq!(
+        sent(&bench, &open.a, open.b.mac, udp_frame(a, b, 53)),
+        REDIRECT
+    );
+    for dst in [open.gateway6(), addr6(3, 99), OUTSIDE_ADDR6] {
+        assert_eq!(
+            sent(&bench, &open.a, bridge_mac, udp_frame(a, dst, 53)),
+            PASS,
+            "{dst}"
+        );
+    }
+    dropped(
+        &bench,
+        &open.a,
+        quiet.a.mac,
+        udp_frame(a, ip6(&quiet.a), 53),
+        "other_network",
+    );
+
+    // Without ICC: only along B's link to A's UDP 53 and back, and to the host.
+    let (qa, qb) = (ip6(&quiet.a), ip6(&quiet.b));
+    assert_eq!(
+        sent(&bench, &quiet.b, quiet.a.mac, udp_frame(qb, qa, 53)),
+        REDIRECT
+    );
+    let reply = frame(qa, qb, &[], UDP, &udp(qa, 53, qb, 5000, b"x"));
+    assert_eq!(sent(&bench, &quiet.a, quiet.b.mac, reply), REDIRECT);
+    for (from, to, dst, dport) in [
+        (&quiet.b, quiet.a.mac, qa, 80),
+        (&quiet.a, quiet.b.mac, qb, 53),
+        (&quiet.a, bridge_mac, addr6(4, 99), 53),
+        (&quiet.a, multicast_mac(ALL_NODES), ALL_NODES, 53),
+    ] {
+        let f = udp_frame(ip6(from), dst, dport);
+        dropped(&bench, from, to, f, "icc_denied");
+    }
+    let ll_a = link_local(quiet.a.mac);
+    let to_b = frame(
+        ll_a,
+        link_local(quiet.b.mac),
+        &[],
+        UDP,
+        &dns(ll_a, link_local(quiet.b.mac)),
+    );
+    dropped(&bench, &quiet.a, quiet.b.mac, to_b.clone(), "icc_denied");
+    assert_eq!(
+        sent(&bench, &quiet.a, bridge_mac, to_b),
+        PASS,
+        "link-local to the host"
+    );
+    assert_eq!(
+        sent(
+            &bench,
+            &quiet.a,
+            bridge_mac,
+            udp_frame(qa, quiet.gateway6(), 53)
+        ),
+        PASS
+    );
+    // Neighbour discovery between them still works, as ARP does.
+    let solicit = neighbour_solicit(qa, qb, qb, Some(quiet.a.mac));
+    assert_eq!(
+        sent(
+            &bench,
+            &quiet.a,
+            quiet.b.mac,
+            frame(qa, qb, &[], ICMPV6, &solicit)
+        ),
+        PASS
+    );
+
+    // Internal: nothing beyond the subnet and the gateway.
+    let ia = ip6(&internal.a);
+    assert_eq!(
+        sent(
+            &bench,
+            &internal.a,
+            bridge_mac,
+            udp_frame(ia, internal.gateway6(), 53)
+        ),
+        PASS
+    );
+    dropped(
+        &bench,
+        &internal.a,
+        bridge_mac,
+        udp_frame(ia, OUTSIDE_ADDR6, 53),
+        "internal",
+    );
+}
+
+#[test]
+fn ipv6_from_beyond_reaches_only_a_routed_networks_containers() {
+    let bench = Bench::new();
+    let open = DualStack::new(&bench, 3, true, false);
+    let internal = DualStack::new(&bench, 5, true, true);
+    // Routed in from an interface that is none of netd's.
+    let run = |to: &EndpointSpec| {
+        let f = frame(
+            OUTSIDE_ADDR6,
+            ip6(to),
+            &[],
+            UDP,
+            &udp(OUTSIDE_ADDR6, 53, ip6(to), 5000, b"x"),
+        );
+        let skb = Skb {
+            ingress_ifindex: 4242,
+            ifindex: to.host_ifindex,
+            ..Skb::default()
+        };
+        bench.run_skb(ENDPOINT_EGRESS_PROG, &f, skb).0
+    };
+    assert_eq!(run(&open.a), PASS);
+    let before = bench.stat("internal");
+    assert_eq!(run(&internal.a), DROP);
+    assert_eq!(bench.stat("internal"), before + 1);
+}
