@@ -2,7 +2,10 @@
 //! variables and the config on stdin): every verb at every version, bad config, missing
 //! namespace, DEL twice, GC, concurrent ADDs, and published ports with real traffic.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use serde_json::{Value, json};
 use tests::{
@@ -646,4 +649,37 @@ fn a_dual_stack_add_gives_both_families_and_publishes_on_both() {
     let rules =
         String::from_utf8(env.run_in(&env.host_ns(), "ip6tables-save", &[]).stdout).unwrap();
     assert!(!rules.contains("NETD"), "left:\n{rules}");
+}
+
+#[test]
+fn a_dual_stack_network_on_the_ebpf_datapath_is_routed_or_refused() {
+    let env = TestEnv::dual_stack();
+    let mut cfg = config(&env, "0.4.0", json!({}));
+    cfg["ipv6"] = json!(true);
+    cfg["subnet6"] = json!("fd00:8a::/64");
+    // The eBPF programs translate no IPv6 yet: a masquerading dual-stack network is refused,
+    // saying why, and nothing is left.
+    let a = container_ns(&env, "a");
+    let refused = call("ADD", "ctra", Some(&a), &cfg);
+    assert!(!refused.ok, "{}", refused.out);
+    assert!(refused.out.to_string().contains("NAT66"), "{}", refused.out);
+    assert!(containers(&env).is_empty());
+
+    // Routed, its containers reach each other over IPv6 (the programs' fast path).
+    cfg["masquerade"] = json!(false);
+    let b = container_ns(&env, "b");
+    let ip6_of = |result: &Value| -> Ipv6Addr {
+        let cidr = result["ips"][1]["address"].as_str().unwrap();
+        cidr.split('/').next().unwrap().parse().unwrap()
+    };
+    let a6 = ip6_of(&call("ADD", "ctra", Some(&a), &cfg).ok());
+    call("ADD", "ctrb", Some(&b), &cfg).ok();
+    let server = tests::cli::echo_server(&env, &a, SocketAddr::new(a6.into(), 80));
+    tests::cli::assert_echoed(&env, &b, SocketAddr::new(a6.into(), 80));
+    server.join().unwrap();
+
+    call("DEL", "ctrb", Some(&b), &cfg).ok();
+    call("DEL", "ctra", Some(&a), &cfg).ok();
+    assert!(containers(&env).is_empty());
+    env.netd_ok(&["network", "rm", "cninet"]);
 }

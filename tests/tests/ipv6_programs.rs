@@ -370,6 +370,15 @@ fn isolation_holds_for_ipv6_on_every_kind_of_network() {
         udp_frame(ia, OUTSIDE_ADDR6, 53),
         "internal",
     );
+    // Neighbour discovery is let through on the link only: addressed beyond it, it is
+    // held to the rules like any packet (here: out of an internal network, and to another
+    // network's container).
+    let solicit = neighbour_solicit(ia, OUTSIDE_ADDR6, OUTSIDE_ADDR6, Some(internal.a.mac));
+    let out = frame(ia, OUTSIDE_ADDR6, &[], ICMPV6, &solicit);
+    dropped(&bench, &internal.a, bridge_mac, out, "internal");
+    let solicit = neighbour_solicit(ia, qa, qa, Some(internal.a.mac));
+    let across = frame(ia, qa, &[], ICMPV6, &solicit);
+    dropped(&bench, &internal.a, quiet.a.mac, across, "other_network");
 }
 
 #[test]

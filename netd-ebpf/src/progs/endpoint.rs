@@ -216,9 +216,10 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
     if let Err(reason) = ipv6::check_nd(ctx, &p, &from.veth.mac, owns) {
         return Verdict::Drop6(reason, tuple);
     }
-    // Address resolution and multicast listening stay on the link whatever the policy, as ARP
-    // does: without them the gateway can't be reached.
-    if p.is_neighbour_discovery() || p.is_mld() && ipv6::is_link_scope_multicast(&p.dst) {
+    // Address resolution and multicast listening go on to the bridge whatever the policy, as
+    // ARP does (without them the gateway can't be reached), but only on the link: addressed
+    // anywhere else, an internal network's container could send them out through the host.
+    if (p.is_neighbour_discovery() || p.is_mld()) && on_the_link6(from, &p.dst) {
         return Verdict::Pass;
     }
     if ipv6::is_multicast(&p.dst) || ipv6::is_link_local(&p.dst) {
@@ -228,6 +229,16 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
         Some(to) => to_container6(from, to, &p, eth, tuple),
         None => to_elsewhere6(from, &p, tuple),
     }
+}
+
+/// Whether `dst` is on the container's link: link-local, a group of link-local scope, or in
+/// its network's IPv6 subnet (the gateway, the other containers).
+#[inline(always)]
+fn on_the_link6(from: &Sender, dst: &Addr) -> bool {
+    ipv6::is_link_local(dst)
+        || ipv6::is_link_scope_multicast(dst)
+        || maps::network6(from.veth.network_id)
+            .is_some_and(|net| ipv6::in_subnet(dst, &net.subnet, net.prefix_len))
 }
 
 /// Whether the container may send from `p`'s source: its own address; a link-local one on

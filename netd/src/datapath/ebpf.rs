@@ -546,9 +546,6 @@ impl EbpfDatapath {
         let (Some(key6), Some(ip6)) = (key6, ep.ip6) else {
             return Ok(());
         };
-        if endpoints.get(&key6, 0).is_ok() {
-            bail!("endpoint {ip6} is already on a network");
-        }
         endpoints
             .insert(key6, maps::endpoint_info(ep), 0)
             .with_context(|| format!("add endpoint {ip6} of {}", ep.container))
@@ -831,15 +828,21 @@ impl Datapath for EbpfDatapath {
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         let mut endpoints = maps::endpoints(&self.pins)?;
         let key = maps::endpoint_key(ep.ip);
+        let key6 = ep.ip6.map(maps::endpoint_key6);
+        // Both checked before anything is added: the rollback below removes both keys.
         if endpoints.get(&key, 0).is_ok() {
             bail!("endpoint {} is already on a network", ep.ip);
+        }
+        if let (Some(key6), Some(ip6)) = (key6, ep.ip6)
+            && endpoints.get(&key6, 0).is_ok()
+        {
+            bail!("endpoint {ip6} is already on a network");
         }
         endpoints
             .insert(key, maps::endpoint_info(ep), 0)
             .with_context(|| {
                 format!("add endpoint {} of {} to {}", ep.ip, ep.container, net.name)
             })?;
-        let key6 = ep.ip6.map(maps::endpoint_key6);
         let limit_key = maps::container_limit_key(ep.ip);
         let policed = self
             .add_endpoint6(&mut endpoints, key6, ep)
@@ -862,11 +865,12 @@ impl Datapath for EbpfDatapath {
         endpoints
             .remove(&maps::endpoint_key(ep.ip))
             .with_context(|| format!("endpoint {} is not on {}", ep.ip, net.name))?;
-        if let Some(ip6) = ep.ip6 {
+        // Its IPv6 entry goes with it; one that can't be removed is reported once the rest is.
+        let ipv6_gone = ep.ip6.map_or(Ok(()), |ip6| {
             endpoints
                 .remove(&maps::endpoint_key6(ip6))
-                .with_context(|| format!("endpoint {ip6} is not on {}", net.name))?;
-        }
+                .with_context(|| format!("endpoint {ip6} is not on {}", net.name))
+        });
         for (_, dir) in ENDPOINT_PROGS {
             self.pins.detach_filter(&ep.host_ifname, dir)?;
         }
@@ -874,7 +878,8 @@ impl Datapath for EbpfDatapath {
         self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.
         stats::forget_endpoint(&self.pins, ep.ip)?;
-        conntrack::flush_address(&self.pins, ep.ip).map(drop)
+        conntrack::flush_address(&self.pins, ep.ip)?;
+        ipv6_gone
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
