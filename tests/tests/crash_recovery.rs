@@ -11,7 +11,8 @@
 use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
 
 use netd_common::datapath::{
-    ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP, VETHS_MAP,
+    ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, NETWORKS6_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP,
+    VETHS_MAP,
 };
 use tests::harness::{TestEnv, host_links, namespaces, netd_state};
 
@@ -37,6 +38,7 @@ fn leftovers(env: &TestEnv) -> Leftovers {
     let state = netd_state(env);
     let maps = [
         NETWORKS_MAP,
+        NETWORKS6_MAP,
         ENDPOINTS_MAP,
         PUBLISHED_MAP,
         VETHS_MAP,
@@ -203,9 +205,22 @@ fn network_create(_: &TestEnv) -> Scenario {
     }
 }
 
+const DUAL_STACK: &str =
+    "network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false";
+/// The eBPF datapath's: routed (it translates no IPv6 yet).
+const DUAL_STACK_ROUTED: &str = "network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false --masquerade=false";
+
 /// A dual-stack network (iptables datapath: rules in both families).
 fn network_create_dual_stack(_: &TestEnv) -> Scenario {
-    let create = "network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false";
+    network_create_as(DUAL_STACK)
+}
+
+/// A routed dual-stack network (eBPF datapath: `NETWORKS6`).
+fn network_create_dual_stack_routed(_: &TestEnv) -> Scenario {
+    network_create_as(DUAL_STACK_ROUTED)
+}
+
+fn network_create_as(create: &str) -> Scenario {
     Scenario {
         base: vec![],
         before: vec![],
@@ -221,14 +236,28 @@ fn container_create_dual_stack(env: &TestEnv) -> Scenario {
     let create = format!(
         "container create {c} --network n -p 18080:80 -p [::1]:18081:81 --link {db} --publish-allow fd00::/8"
     );
+    linked_container_create(DUAL_STACK, &db, &c, &create)
+}
+
+/// A dual-stack container with a link on a routed network (eBPF datapath: the IPv6
+/// `ENDPOINTS` and `LINKS` entries; no IPv6 port is published there).
+fn container_create_dual_stack_routed(env: &TestEnv) -> Scenario {
+    let (db, c) = (env.name("db"), env.name("c"));
+    let create = format!("container create {c} --network n --link {db}");
+    linked_container_create(DUAL_STACK_ROUTED, &db, &c, &create)
+}
+
+/// `create` (of container `c`), on network `network` beside container `db`, which exposes a
+/// port.
+fn linked_container_create(network: &str, db: &str, c: &str, create: &str) -> Scenario {
     Scenario {
         base: vec![
-            args("network create n --ipv6 --subnet 10.77.0.0/24 --subnet fd00:77::/64 --icc=false"),
+            args(network),
             args(&format!("container create {db} --network n --expose 5432")),
         ],
         before: vec![],
-        command: args(&create),
-        redo: vec![args(&create)],
+        command: args(create),
+        redo: vec![args(create)],
         after: vec![args(&format!("container rm {c}"))],
     }
 }
@@ -335,6 +364,16 @@ fn dual_stack_network_create_killed_at_every_step_iptables() {
 #[test]
 fn dual_stack_container_create_killed_at_every_step_iptables() {
     kill_at_every_step("iptables", container_create_dual_stack);
+}
+
+#[test]
+fn dual_stack_network_create_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", network_create_dual_stack_routed);
+}
+
+#[test]
+fn dual_stack_container_create_killed_at_every_step_ebpf() {
+    kill_at_every_step("ebpf", container_create_dual_stack_routed);
 }
 
 #[test]

@@ -486,8 +486,8 @@ fn priority_tagged(dp: Dp, internal: bool) {
 
 /// IPv6 from the outside to a container, on a host that routes IPv6 to the container's
 /// bridge (an address on it, forwarding on): Docker 20.10 without `--ip6tables` writes no rule
-/// for it; netd's eBPF datapath gives containers IPv4 only and lets no IPv6 from beyond their
-/// network in. The control: the host forwarded it (`Ip6OutForwDatagrams`), to a neighbour it
+/// for it; netd's eBPF datapath lets no IPv6 from beyond in but to a routed network's
+/// containers. The control: the host forwarded it (`Ip6OutForwDatagrams`), to a neighbour it
 /// knows (a permanent entry: no NDP to lose on the way).
 fn ipv6(dp: Dp, internal: bool) {
     let world = inbound(dp, internal);
@@ -531,7 +531,9 @@ fn ipv6(dp: Dp, internal: bool) {
         ],
     );
     let forwarded = || counters::snmp6(&w.env, &host, "Ip6OutForwDatagrams");
-    let (before, dropped) = (forwarded(), w.stat_if(dp, "ipv6"));
+    // An internal network takes nothing from beyond; a masquerading one no IPv6 (no NAT66).
+    let reason = if internal { "internal" } else { "ipv6" };
+    let (before, dropped) = (forwarded(), w.stat_if(dp, reason));
     let tap = Tap::open(&w.env, &victim.ns, "eth0");
     let mark = marker();
     let packet = rawsock::ipv6(
@@ -552,7 +554,7 @@ fn ipv6(dp: Dp, internal: bool) {
     match dp {
         Dp::Ebpf => {
             assert_eq!(received, 0, "{dp:?}: reached {}", victim.ip);
-            assert!(w.stat("ipv6") > dropped, "{dp:?}: not counted as ipv6");
+            assert!(w.stat(reason) > dropped, "{dp:?}: not counted as {reason}");
         }
         Dp::Iptables => assert!(received > 0, "{dp:?}: Docker's rules deliver it"),
     }
@@ -748,7 +750,8 @@ fn vlan_tagged_spoofed_source(dp: Dp) {
 fn ipv6_not_link_local(dp: Dp) {
     let o = outbound(dp);
     let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("ipv6")),
+        // The network has no IPv6: no global address is the container's.
+        Dp::Ebpf => Expect::Refused(Reason::Stat("spoofed_addr")),
         // Docker 20.10 without --ip6tables writes no IPv6 rule.
         Dp::Iptables => Expect::DeliveredAsDocker,
     };

@@ -152,9 +152,8 @@ stats! {
     /// A new flow from outside straight to a container of a masquerading network (not through
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
-    /// IPv6 the eBPF datapath doesn't carry: to or from a container of a network without
-    /// IPv6 (beyond link-local neighbour discovery), or that a masquerading network would
-    /// have to translate (no NAT66 in the programs yet): dropped.
+    /// IPv6 that a masquerading network would have to translate (no NAT66 in the programs
+    /// yet): from beyond to one of its containers, or from one of them beyond: dropped.
     Ipv6 "ipv6" drop,
     /// From a container, neither IPv4, IPv6 nor ARP: dropped.
     NotIp "not_ip" drop,
