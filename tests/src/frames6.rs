@@ -5,9 +5,8 @@ use std::net::Ipv6Addr;
 
 use crate::frames::{eth, sum16};
 
-pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const UDP: u8 = 17;
-pub const TCP: u8 = 6;
 pub const ICMPV6: u8 = 58;
 const HOPOPTS: u8 = 0;
 const ROUTING: u8 = 43;
@@ -56,14 +55,7 @@ impl Ext {
 
 /// An IPv6 packet from `src` to `dst`, hop limit `hops`, through the extension headers `ext`
 /// to `proto` carrying `l4` (as it is: see [`udp`] and [`icmpv6`] for checksums).
-pub fn packet(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    hops: u8,
-    ext: &[Ext],
-    proto: u8,
-    l4: &[u8],
-) -> Vec<u8> {
+fn packet(src: Ipv6Addr, dst: Ipv6Addr, hops: u8, ext: &[Ext], proto: u8, l4: &[u8]) -> Vec<u8> {
     let payload_len = ext.len() * 8 + l4.len();
     let first = ext.first().map_or(proto, |e| e.number());
     let mut ip = vec![0x60, 0, 0, 0];
@@ -108,16 +100,6 @@ pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8])
     l4
 }
 
-/// A TCP SYN (no options) without a valid checksum: for the programs, which don't check it.
-pub fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
-    let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    l4[12] = 5 << 4;
-    l4[13] = 0x02;
-    l4
-}
-
 /// An ICMPv6 message of `type_`/`code` with `body` after the checksum, checksummed.
 pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, type_: u8, code: u8, body: &[u8]) -> Vec<u8> {
     let mut l4 = vec![type_, code, 0, 0];
@@ -127,11 +109,9 @@ pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, type_: u8, code: u8, body: &[u8]) ->
     l4
 }
 
-pub const ECHO_REQUEST: u8 = 128;
-pub const ROUTER_SOLICIT: u8 = 133;
-pub const ROUTER_ADVERT: u8 = 134;
-pub const NEIGHBOUR_SOLICIT: u8 = 135;
-pub const NEIGHBOUR_ADVERT: u8 = 136;
+const ROUTER_ADVERT: u8 = 134;
+const NEIGHBOUR_SOLICIT: u8 = 135;
+const NEIGHBOUR_ADVERT: u8 = 136;
 pub const ND_REDIRECT: u8 = 137;
 const OPT_SOURCE_LLADDR: u8 = 1;
 const OPT_TARGET_LLADDR: u8 = 2;

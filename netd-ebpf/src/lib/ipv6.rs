@@ -291,11 +291,12 @@ pub fn is_multicast(addr: &Addr) -> bool {
     addr[0].to_ne_bytes()[0] == 0xff
 }
 
-/// A multicast group of link-local scope (ff02::/16), what neighbour discovery and MLD use.
+/// A link-local address, or a multicast group of link-local scope (ff02::/16, what neighbour
+/// discovery and MLD use): nothing the stack routes beyond the link.
 #[inline(always)]
-pub fn is_link_scope_multicast(addr: &Addr) -> bool {
+pub fn is_link_scope(addr: &Addr) -> bool {
     let b = addr[0].to_ne_bytes();
-    b[0] == 0xff && b[1] & 0x0f == 2
+    is_link_local(addr) || b[0] == 0xff && b[1] & 0x0f == 2
 }
 
 /// The unspecified address (::), the source of duplicate address detection.

@@ -223,7 +223,7 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
         return Verdict::Pass;
     }
     if ipv6::is_multicast(&p.dst) || ipv6::is_link_local(&p.dst) {
-        return on_link6(from, eth, tuple);
+        return to_link_scope6(from, eth, tuple);
     }
     match maps::endpoint6(p.dst) {
         Some(to) => to_container6(from, to, &p, eth, tuple),
@@ -235,8 +235,7 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
 /// its network's IPv6 subnet (the gateway, the other containers).
 #[inline(always)]
 fn on_the_link6(from: &Sender, dst: &Addr) -> bool {
-    ipv6::is_link_local(dst)
-        || ipv6::is_link_scope_multicast(dst)
+    ipv6::is_link_scope(dst)
         || maps::network6(from.veth.network_id)
             .is_some_and(|net| ipv6::in_subnet(dst, &net.subnet, net.prefix_len))
 }
@@ -246,12 +245,11 @@ fn on_the_link6(from: &Sender, dst: &Addr) -> bool {
 /// address detection and multicast listener reports, before it has an address.
 #[inline(always)]
 fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
-    let on_link = ipv6::is_link_local(&p.dst) || ipv6::is_link_scope_multicast(&p.dst);
     if ipv6::is_link_local(&p.src) {
-        return on_link;
+        return ipv6::is_link_scope(&p.dst);
     }
     if ipv6::is_unspecified(&p.src) {
-        return on_link && (p.is_neighbour_discovery() || p.is_mld());
+        return ipv6::is_link_scope(&p.dst) && (p.is_neighbour_discovery() || p.is_mld());
     }
     owns(p.src)
 }
@@ -260,7 +258,7 @@ fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
 /// goes on to the bridge; without, only to the host (the bridge's MAC): the bridge would
 /// flood a group to the other containers.
 #[inline(always)]
-fn on_link6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
+fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
     if from.veth.net_flags & NET_ICC != 0 {
         return Verdict::Pass;
     }
