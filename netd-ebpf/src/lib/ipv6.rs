@@ -77,7 +77,7 @@ pub struct Packet {
 ///
 /// Headers are copied out with `bpf_skb_load_bytes`, not read in place: at the offsets the
 /// walk computes, LLVM merges the packet pointers of the walk's paths into code the verifier
-/// refuses, and this is no fast path (IPv6 leaves the network through the stack).
+/// refuses. The helper calls cost IPv6 only (between containers too), never IPv4.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, Stat> {
     let ip: Fixed = ctx.load(L3_OFF).map_err(|_| Stat::TruncatedL3)?;
