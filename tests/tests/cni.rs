@@ -3,14 +3,14 @@
 //! namespace, DEL twice, GC, concurrent ADDs, and published ports with real traffic.
 
 use std::{
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
 use serde_json::{Value, json};
 use tests::{
     engines::{CniOutcome, cni, cni_with_env, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
-    harness::{HOST_ADDR, HOST_ADDR6, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
 const SUBNET: &str = "10.89.0.0/24";
@@ -652,26 +652,39 @@ fn a_dual_stack_add_gives_both_families_and_publishes_on_both() {
 }
 
 #[test]
-fn a_dual_stack_network_on_the_ebpf_datapath_is_routed_or_refused() {
+fn a_dual_stack_network_on_the_ebpf_datapath_masquerades_or_routes_its_ipv6() {
     let env = TestEnv::dual_stack();
     let mut cfg = config(&env, "0.4.0", json!({}));
     cfg["ipv6"] = json!(true);
     cfg["subnet6"] = json!("fd00:8a::/64");
-    // The eBPF programs translate no IPv6 yet: a masquerading dual-stack network is refused,
-    // saying why, and nothing is left.
-    let a = container_ns(&env, "a");
-    let refused = call("ADD", "ctra", Some(&a), &cfg);
-    assert!(!refused.ok, "{}", refused.out);
-    assert!(refused.out.to_string().contains("NAT66"), "{}", refused.out);
-    assert!(containers(&env).is_empty());
-
-    // Routed, its containers reach each other over IPv6 (the programs' fast path).
-    cfg["masquerade"] = json!(false);
-    let b = container_ns(&env, "b");
     let ip6_of = |result: &Value| -> Ipv6Addr {
         let cidr = result["ips"][1]["address"].as_str().unwrap();
         cidr.split('/').next().unwrap().parse().unwrap()
     };
+
+    // Masquerading (the default): the container gets an IPv6 address and route, and reaches
+    // the outside over IPv6 as the host (NAT66).
+    let a = container_ns(&env, "a");
+    let result = call("ADD", "ctra", Some(&a), &cfg).ok();
+    assert!(
+        ip6_of(&result).to_string().starts_with("fd00:8a::"),
+        "{result}"
+    );
+    assert_eq!(
+        result["routes"][1],
+        json!({ "dst": "::/0", "gw": "fd00:8a::1" })
+    );
+    let outside = SocketAddr::new(OUTSIDE_ADDR6.into(), 9000);
+    let server = tests::cli::echo_server(&env, &env.outside_ns(), outside);
+    tests::cli::assert_echoed(&env, &a, outside);
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+    call("DEL", "ctra", Some(&a), &cfg).ok();
+    assert!(containers(&env).is_empty());
+    env.netd_ok(&["network", "rm", "cninet"]);
+
+    // Routed, its containers reach each other over IPv6 (the programs' fast path).
+    cfg["masquerade"] = json!(false);
+    let b = container_ns(&env, "b");
     let a6 = ip6_of(&call("ADD", "ctra", Some(&a), &cfg).ok());
     call("ADD", "ctrb", Some(&b), &cfg).ok();
     let server = tests::cli::echo_server(&env, &a, SocketAddr::new(a6.into(), 80));

@@ -1223,7 +1223,8 @@ fn only_the_host_its_network_and_translated_packets_reach_a_container() {
         ),
         (stray_fragment, "fragment"),
         (tagged, "vlan"),
-        (ipv6_frame(GLOBAL, GLOBAL), "ipv6"),
+        // IPv6 from beyond, NAT66 didn't translate it: as unsolicited as IPv4.
+        (ipv6_frame(GLOBAL, GLOBAL), "unsolicited"),
         (eth(LLDP, &[0u8; 46]), "not_ip"),
     ] {
         let before = b.stat(reason);

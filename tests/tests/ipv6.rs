@@ -1,23 +1,26 @@
 //! Dual-stack networks with real IPv6 packets: the sandbox's uplink carries IPv6 (2001:2::/64)
 //! and the outside namespace is reached only through it. The iptables datapath does all of
-//! it; the eBPF datapath enforces the isolation rules for IPv6 but translates none (no NAT66
-//! yet), so netd makes only routed and internal dual-stack networks there.
+//! it; the eBPF datapath enforces the isolation rules for IPv6 and masquerades a network's
+//! outbound IPv6 to the uplink's address (NAT66: TCP, UDP, ICMPv6 echo and the errors about
+//! them), but publishes no IPv6 port.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
+use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     cli::{
-        Ctr, assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings,
-        stat,
+        Ctr, TIMEOUT, assert_echoed, connect_error, create, echo_server, echo_servers, flows,
+        output_in, pings, stat,
     },
-    frames::{send_raw, with_macs},
+    frames::{ETH_LEN, send_raw, with_macs},
     frames6,
-    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK},
+    rawsock::{self, Tap, marker},
 };
 
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -117,20 +120,226 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     let seen: Vec<IpAddr> = peers[4..].iter().map(|p| p.ip().to_canonical()).collect();
     assert_eq!(seen, gateways);
 
-    // Out: masqueraded to the host's IPv6 address (NAT66), echo and TCP.
-    assert!(
-        pings(&env, &web.ns, OUTSIDE_ADDR6),
-        "ping the outside over IPv6"
-    );
-    let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
-    assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
-    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+    // Out over both families, masqueraded (NAT66 for IPv6).
+    reaches_out_over_both_families(&env, &web);
 
     // Gone without a trace in either family.
     env.netd_ok(&["container", "rm", &client.name]);
     env.netd_ok(&["container", "rm", &web.name]);
     env.netd_ok(&["network", "rm", "n6"]);
     assert_no_rules_left(&env);
+}
+
+/// A UDP socket bound to `addr` in `ns`, whose reads give up after [`TIMEOUT`].
+fn udp_in(env: &TestEnv, ns: &Path, addr: SocketAddr) -> UdpSocket {
+    let socket = env.in_ns(ns, || UdpSocket::bind(addr).unwrap());
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    socket
+}
+
+/// Sends "question" from `client` to `server` and the answer back to whom it came from, each
+/// of which must arrive; the peer `server` saw.
+fn udp_round_trip(client: &UdpSocket, server: &UdpSocket) -> SocketAddr {
+    let to = server.local_addr().unwrap();
+    let mut buf = [0u8; 64];
+    client.send_to(b"question", to).unwrap();
+    let (n, peer) = server.recv_from(&mut buf).expect("the question arrives");
+    assert_eq!(&buf[..n], b"question");
+    server.send_to(b"answer", peer).unwrap();
+    let (n, from) = client.recv_from(&mut buf).expect("the answer comes back");
+    assert_eq!(
+        (&buf[..n], from.ip(), from.port()),
+        (&b"answer"[..], to.ip(), to.port())
+    );
+    peer
+}
+
+/// Container `c` reaches the outside over both families, masqueraded to the host's address of
+/// each: over IPv6 (NAT66) with ICMPv6 echo, TCP and UDP, and over IPv4 with TCP to the same
+/// dual-stack server, as the outside sees.
+fn reaches_out_over_both_families(env: &TestEnv, c: &Ctr) {
+    assert!(
+        pings(env, &c.ns, OUTSIDE_ADDR6),
+        "ping the outside over IPv6"
+    );
+    let outside = env.outside_ns();
+    let server = echo_servers(env, &outside, sock(Ipv6Addr::UNSPECIFIED, 9000), 2);
+    assert_echoed(env, &c.ns, sock(OUTSIDE_ADDR6, 9000));
+    assert_echoed(env, &c.ns, sock(OUTSIDE_ADDR, 9000));
+    // The server's socket is IPv6: IPv4 peers show v4-mapped.
+    let peers: Vec<IpAddr> = server
+        .join()
+        .unwrap()
+        .iter()
+        .map(|p| p.ip().to_canonical())
+        .collect();
+    assert_eq!(peers, [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)]);
+    let client = udp_in(env, &c.ns, sock(Ipv6Addr::UNSPECIFIED, 0));
+    let server = udp_in(env, &outside, sock(OUTSIDE_ADDR6, 9001));
+    assert_eq!(
+        udp_round_trip(&client, &server).ip(),
+        IpAddr::from(HOST_ADDR6)
+    );
+}
+
+/// A container of the masquerading (the default) dual-stack network `n6`, its IPv6 subnet
+/// `subnet6`, on the eBPF datapath.
+fn masqueraded_on_ebpf(env: &TestEnv, subnet6: &str) -> Ctr {
+    dual_stack_network_on(env, "ebpf", "n6", &["--subnet", subnet6]);
+    create(env, "c", &["--network", "n6"])
+}
+
+/// Packets netd's programs dropped so far, whatever the reason.
+fn dropped(env: &TestEnv) -> u64 {
+    env.netd_json(&["stats", "--json"])["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["dropped"] == true)
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_masquerading_dual_stack_network_on_the_ebpf_datapath_reaches_out_through_nat66() {
+    let env = TestEnv::dual_stack();
+    let c = masqueraded_on_ebpf(&env, "fd00:64::/64");
+    let c6 = ip6(&env, &c);
+    let routes = output_in(&env, &c.ns, "ip", &["-6", "route"]);
+    assert!(
+        routes.contains("default via fd00:64::1 dev eth0"),
+        "{routes}"
+    );
+
+    let new = stat(&env, "snat_new");
+    reaches_out_over_both_families(&env, &c);
+    // Three IPv6 flows and an IPv4 one, each translated as it began.
+    let translated = stat(&env, "snat_new") - new;
+    assert!(translated >= 4, "snat_new grew by {translated}");
+    // The IPv6 flows as `netd conntrack ls` lists them: the container's address out, the
+    // host's back.
+    let flows = flows(&env);
+    for proto in ["tcp", "udp", "icmpv6"] {
+        let flow = flows
+            .iter()
+            .find(|f| f["proto"] == proto && f["original"]["src"] == c6.to_string())
+            .unwrap_or_else(|| panic!("no {proto} flow of {c6}: {flows:?}"));
+        assert_eq!(flow["nat"], "snat", "{flow}");
+        assert_eq!(flow["original"]["dst"], OUTSIDE_ADDR6.to_string(), "{flow}");
+        assert_eq!(flow["reply"]["dst"], HOST_ADDR6.to_string(), "{flow}");
+        assert!(flow["reply"]["packets"].as_u64().unwrap() > 0, "{flow}");
+    }
+
+    // Gone without a trace: its flows, and any rule.
+    env.netd_ok(&["container", "rm", &c.name]);
+    let left = flows_of(&env, c6);
+    assert!(left.is_empty(), "{left:?}");
+    env.netd_ok(&["network", "rm", "n6"]);
+    assert_no_rules_left(&env);
+}
+
+/// The flows `conntrack ls` lists with `ip` as either end of either direction.
+fn flows_of(env: &TestEnv, ip: Ipv6Addr) -> Vec<serde_json::Value> {
+    let ip = ip.to_string();
+    flows(env)
+        .into_iter()
+        .filter(|f| {
+            ["original", "reply"]
+                .iter()
+                .any(|dir| f[dir]["src"] == ip.as_str() || f[dir]["dst"] == ip.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn nothing_from_outside_reaches_a_masquerading_dual_stack_container_unasked_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    let c = masqueraded_on_ebpf(&env, "fd00:65::/64");
+    let c6 = ip6(&env, &c);
+    // The outside knows the way in: only netd stands between it and the container.
+    route_from_outside(&env, "fd00:65::/64");
+    let outside = env.outside_ns();
+    let listener = env.in_ns(&c.ns, || {
+        TcpListener::bind(sock(Ipv6Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    listener.set_nonblocking(true).unwrap();
+    let inbox = udp_in(&env, &c.ns, sock(Ipv6Addr::UNSPECIFIED, 5300));
+    let knocker = udp_in(&env, &outside, sock(OUTSIDE_ADDR6, 0));
+
+    // New flows straight to the container's address: a SYN (and its retransmission), a
+    // datagram, an echo request.
+    let unsolicited = stat(&env, "unsolicited");
+    assert_eq!(
+        connect_error(&env, &outside, sock(c6, 80)),
+        ErrorKind::TimedOut
+    );
+    knocker.send_to(b"knock", sock(c6, 5300)).unwrap();
+    assert!(!pings(&env, &outside, c6), "echo from outside answered");
+    let accepted = listener.accept().map(|(_, peer)| peer);
+    assert_eq!(
+        accepted.unwrap_err().kind(),
+        ErrorKind::WouldBlock,
+        "a connection from outside"
+    );
+    let got = inbox.recv_from(&mut [0u8; 64]);
+    assert!(got.is_err(), "a datagram from outside: {got:?}");
+    let counted = stat(&env, "unsolicited") - unsolicited;
+    assert!(counted >= 3, "unsolicited grew by {counted}");
+
+    // An ICMPv6 error about a flow the container never had: port unreachable about a datagram
+    // "from" it, sent to its address.
+    let mark = marker();
+    let quoted = frames6::frame(
+        c6,
+        OUTSIDE_ADDR6,
+        &[],
+        frames6::UDP,
+        &frames6::udp(c6, 40000, OUTSIDE_ADDR6, 9999, &mark),
+    );
+    let body = [&[0u8; 4][..], &quoted[ETH_LEN..]].concat();
+    let error = frames6::icmpv6(OUTSIDE_ADDR6, c6, DEST_UNREACH6, PORT_UNREACH6, &body);
+    let frame = with_macs(
+        frames6::frame(OUTSIDE_ADDR6, c6, &[], frames6::ICMPV6, &error),
+        rawsock::mac_of(&env, &env.host_ns(), UPLINK),
+        rawsock::mac_of(&env, &outside, OUTSIDE_LINK),
+    );
+    let tap = Tap::open(&env, &c.ns, "eth0");
+    let drops = dropped(&env);
+    rawsock::send_frames(&env, &outside, OUTSIDE_LINK, &[frame]);
+    assert_eq!(tap.count(&mark), 0, "the error reached the container");
+    assert!(dropped(&env) > drops, "netd didn't drop the error");
+
+    // The control: what the container opens itself is answered, through the same uplink.
+    assert_eq!(
+        udp_round_trip(&inbox, &knocker).ip(),
+        IpAddr::from(HOST_ADDR6)
+    );
+}
+
+/// ICMPv6 Destination Unreachable, code port unreachable.
+const DEST_UNREACH6: u8 = 1;
+const PORT_UNREACH6: u8 = 4;
+
+#[test]
+fn ipv6_fragments_through_nat66_are_dropped_and_counted_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    let c = masqueraded_on_ebpf(&env, "fd00:66::/64");
+    let server = udp_in(&env, &env.outside_ns(), sock(OUTSIDE_ADDR6, 9002));
+    let client = udp_in(&env, &c.ns, sock(Ipv6Addr::UNSPECIFIED, 0));
+    // Larger than the link's MTU: the container's stack sends it in fragments, the later of
+    // which carry no ports to translate.
+    let fragments = stat(&env, "fragment");
+    client
+        .send_to(&[b'x'; 3000], server.local_addr().unwrap())
+        .unwrap();
+    let got = server.recv_from(&mut [0u8; 4096]);
+    assert!(got.is_err(), "a fragmented datagram arrived: {got:?}");
+    assert!(stat(&env, "fragment") > fragments, "not counted");
+    // The control: a datagram that fits goes through, translated.
+    assert_eq!(
+        udp_round_trip(&client, &server).ip(),
+        IpAddr::from(HOST_ADDR6)
+    );
 }
 
 #[test]
@@ -232,16 +441,15 @@ fn icc_links_and_internal_hold_for_ipv6(datapath: &str, quiet_args: &[&str]) {
     assert_no_rules_left(&env);
 }
 
+/// What the eBPF datapath's refusal of a port published over IPv6 says, among the rest.
+const NO_IPV6_PORT_ON_EBPF: &str = "publishes over IPv4 only";
+
 #[test]
 fn ipv6_is_refused_where_it_would_not_be_enforced() {
-    let env = TestEnv::new();
+    let env = TestEnv::dual_stack();
     for (args, why) in [
         (
-            &["network", "create", "n6", "--ipv6"][..],
-            "--ipv6 on the ebpf datapath needs --internal or --masquerade=false",
-        ),
-        (
-            &["network", "create", "n6", "--subnet", "fd00:60::/64"],
+            &["network", "create", "n6", "--subnet", "fd00:60::/64"][..],
             "needs --ipv6",
         ),
         (
@@ -266,6 +474,9 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             "{args:?}: {err}"
         );
     }
+    // A masquerading dual-stack network is made on the eBPF datapath too (NAT66), but no
+    // port is published over IPv6 there.
+    env.netd_ok(&["network", "create", "n6", "--ipv6"]);
     env.netd_ok(&["--datapath", "iptables", "network", "create", "v4"]);
     for (args, why) in [
         (&["--network", "v4", "--ip6", "fd00::2"][..], "has no IPv6"),
@@ -284,6 +495,11 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             ],
             "--publish-allow 2001:db8::/32",
         ),
+        (&["--network", "n6", "-p", "8080:80"], NO_IPV6_PORT_ON_EBPF),
+        (
+            &["--network", "n6", "-p", "[::]:8080:80"],
+            NO_IPV6_PORT_ON_EBPF,
+        ),
     ] {
         let err = env.netd_err(&[&["container", "create", "c"][..], args].concat());
         assert!(
@@ -294,7 +510,7 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
     let listing = env.netd_json(&["container", "ls", "--json"]);
     assert_eq!(listing, serde_json::json!([]), "nothing half-made");
     let networks = env.netd_json(&["network", "ls", "--json"]);
-    assert_eq!(networks.as_array().unwrap().len(), 1, "{networks}");
+    assert_eq!(networks.as_array().unwrap().len(), 2, "{networks}");
 }
 
 /// A network beyond the outside one, behind a link whose outside end has IPv6's minimum MTU
@@ -392,8 +608,20 @@ fn far_network(env: &TestEnv) -> PathBuf {
 
 #[test]
 fn path_mtu_discovery_works_through_nat66() {
+    path_mtu_discovery_through_nat66("iptables");
+}
+
+#[test]
+fn path_mtu_discovery_works_through_nat66_on_the_ebpf_datapath() {
+    path_mtu_discovery_through_nat66("ebpf");
+}
+
+/// A masquerading network's container on `datapath` sends more than fits the path to the far
+/// network at once, and learns the path MTU from the Packet Too Big its datapath translates
+/// back.
+fn path_mtu_discovery_through_nat66(datapath: &str) {
     let env = TestEnv::dual_stack();
-    dual_stack_network(&env, "n6", &[]);
+    dual_stack_network_on(&env, datapath, "n6", &[]);
     let web = create(&env, "web", &["--network", "n6"]);
     let far = far_network(&env);
     // The far server counts what it reads and answers with the count.
@@ -638,7 +866,7 @@ fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules
         "8080:80",
     ]);
     assert!(
-        err.contains("publishes over IPv4 only") && !err.trim().contains('\n'),
+        err.contains(NO_IPV6_PORT_ON_EBPF) && !err.trim().contains('\n'),
         "{err}"
     );
     let listing = env.netd_json(&["container", "ls", "--json"]);

@@ -531,8 +531,9 @@ fn ipv6(dp: Dp, internal: bool) {
         ],
     );
     let forwarded = || counters::snmp6(&w.env, &host, "Ip6OutForwDatagrams");
-    // An internal network takes nothing from beyond; a masquerading one no IPv6 (no NAT66).
-    let reason = if internal { "internal" } else { "ipv6" };
+    // An internal network takes nothing from beyond; a masquerading one no IPv6 that NAT66
+    // didn't translate (this one has no IPv6 side at all).
+    let reason = if internal { "internal" } else { "unsolicited" };
     let (before, dropped) = (forwarded(), w.stat_if(dp, reason));
     let tap = Tap::open(&w.env, &victim.ns, "eth0");
     let mark = marker();

@@ -1,6 +1,6 @@
 //! Connection tracking: a flow's two tuples, its state and its translation.
 
-use super::{Addr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use super::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 /// `CONNTRACK`: LRU hash [`CtKey`] → [`CtEntry`], one entry per direction of each assured
 /// flow (a TCP handshake completed, or a UDP/ICMP flow answered and still going after
@@ -183,7 +183,7 @@ impl CtEntry {
             },
             IPPROTO_UDP if self.flags & CT_SEEN_REPLY != 0 => t.udp_stream,
             IPPROTO_UDP => t.udp,
-            IPPROTO_ICMP => t.icmp,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => t.icmp,
             _ => t.generic,
         }
     }

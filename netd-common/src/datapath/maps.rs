@@ -37,6 +37,11 @@ pub const HOST_ADDRS_MAX: u32 = 4_096;
 /// routed out of it is dropped (`unmasqueraded`).
 pub const NAT_IFACES_MAP: &str = "NAT_IFACES";
 pub const NAT_IFACES_MAX: u32 = 1_024;
+/// `NAT6_ADDRS`: ifindex (`u32`) → [`NatIface`] of family `AF_INET6`: the IPv6 address NAT66
+/// masquerades to on the uplink and each `NAT_IFACES` interface that has a global one. A
+/// masquerading network's IPv6 packet routed out of an interface missing here is dropped
+/// (`unmasqueraded`). A map of its own: `NAT_IFACES` and `Config` keep their layouts.
+pub const NAT6_ADDRS_MAP: &str = "NAT6_ADDRS";
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NETWORKS_MAX: u32 = 1_024;

@@ -18,6 +18,12 @@ pub use stats::*;
 pub const UPLINK_INGRESS_PROG: &str = "uplink_ingress";
 /// TC program on the uplink's egress: SNAT (masquerade) and reverse DNAT.
 pub const UPLINK_EGRESS_PROG: &str = "uplink_egress";
+/// NAT66 on the uplink's egress and ingress: the IPv4 programs hand IPv6 packets over to them
+/// (tail calls through `NAT66_PROGS`, slots 0 and 1).
+pub const UPLINK_EGRESS6_PROG: &str = "uplink_egress6";
+pub const UPLINK_INGRESS6_PROG: &str = "uplink_ingress6";
+/// `NAT66_PROGS`: the program array of those two, in that order.
+pub const NAT66_PROGS_MAP: &str = "NAT66_PROGS";
 /// XDP program on the uplink (`--uplink-xdp`): drops what `uplink_ingress` would refuse
 /// before the kernel builds an skb for it.
 pub const UPLINK_XDP_PROG: &str = "uplink_xdp";
@@ -78,4 +84,18 @@ pub const fn addr_v6(o: [u8; 16]) -> Addr {
 /// The wire bytes of the IPv4 address in `addr`.
 pub const fn v4_octets(addr: &Addr) -> [u8; 4] {
     addr[0].to_ne_bytes()
+}
+
+/// The wire bytes of the IPv6 address in `addr` (the inverse of [`addr_v6`]).
+pub const fn v6_octets(addr: &Addr) -> [u8; 16] {
+    let [a, b, c, d] = [
+        addr[0].to_ne_bytes(),
+        addr[1].to_ne_bytes(),
+        addr[2].to_ne_bytes(),
+        addr[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }

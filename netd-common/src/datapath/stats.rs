@@ -152,8 +152,8 @@ stats! {
     /// A new flow from outside straight to a container of a masquerading network (not through
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
-    /// IPv6 that a masquerading network would have to translate (no NAT66 in the programs
-    /// yet): from beyond to one of its containers, or from one of them beyond: dropped.
+    /// IPv6 nothing would check: beyond the link from a container of a network without
+    /// IPv6, or on a NAT interface whose NAT66 program is missing (`NAT66_PROGS` empty).
     Ipv6 "ipv6" drop,
     /// From a container, neither IPv4, IPv6 nor ARP: dropped.
     NotIp "not_ip" drop,

@@ -30,8 +30,8 @@ use netd_common::datapath::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT,
     CT_LIMITS_MAX, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW, CT_REWRITE_BOTH,
     CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config,
-    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, TcpWindow,
-    Timeouts,
+    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    Stat, TcpWindow, Timeouts,
 };
 
 use super::{
@@ -76,6 +76,49 @@ const CLAIM_GRACE_NS: u64 = 1_000_000_000;
 const TIME_WAIT_REUSE_NS: u64 = 1_000_000_000;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// What conntrack reads of a packet it tracks, and what it looks up in the packet's family
+/// (a type for each, so no program carries a branch on the family it doesn't take).
+pub trait Tracked {
+    fn proto(&self) -> u8;
+    /// The TCP flags byte (0 for other protocols).
+    fn tcp_flags(&self) -> u8;
+    /// The TCP segment, when the packet carries all of it.
+    fn segment(&self, ctx: &TcContext) -> Option<Segment>;
+    /// Whether the reply tuple `reply` ends at a published port (a translated flow must not
+    /// take it).
+    fn published(reply: &CtKey, cfg: &Config) -> bool;
+    /// Whether a host socket would receive packets with the tuple `incoming`.
+    fn host_socket_owns(ctx: &TcContext, incoming: &CtKey) -> bool;
+}
+
+impl Tracked for Flow {
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    #[inline(always)]
+    fn tcp_flags(&self) -> u8 {
+        self.tcp_flags
+    }
+
+    #[inline(always)]
+    fn segment(&self, ctx: &TcContext) -> Option<Segment> {
+        tcp_window::segment(ctx, self)
+    }
+
+    #[inline(always)]
+    fn published(reply: &CtKey, cfg: &Config) -> bool {
+        reply.proto != IPPROTO_ICMP
+            && maps::published(reply.daddr[0], reply.dport, reply.proto, cfg, true).is_some()
+    }
+
+    #[inline(always)]
+    fn host_socket_owns(ctx: &TcContext, incoming: &CtKey) -> bool {
+        sockets::host_socket_owns(ctx, incoming)
+    }
+}
 
 /// The conntrack key of a parsed packet.
 #[inline(always)]
@@ -136,16 +179,16 @@ fn on_path(entry: &CtEntry, path: Path) -> bool {
 
 /// Looks `key` up among the entries of `path`. For a packet of a live flow, advances the
 /// flow's state (a TCP RST only when in the window), counts the packet and returns the
-/// rewrite its direction needs.
+/// entry it matched (whose rewrite its direction needs).
 #[inline(always)]
 pub fn track(
     ctx: &TcContext,
     key: &CtKey,
-    flow: &Flow,
+    flow: &impl Tracked,
     now: u64,
     cfg: &Config,
     path: Path,
-) -> Option<Hit> {
+) -> Option<&'static CtEntry> {
     let live = live_flow(key, now, &cfg.timeouts)?;
     // SAFETY: pointers into map values; concurrent updates race only on counters and
     // state, which tolerate a lost update.
@@ -153,15 +196,14 @@ pub fn track(
     if !on_path(entry, path) {
         return None;
     }
-    let hit = hit_of(entry);
     let dir = entry.dir;
-    if flow.proto == IPPROTO_TCP {
-        let Some(seg) = tcp_window::segment(ctx, flow) else {
-            return Some(hit);
+    if flow.proto() == IPPROTO_TCP {
+        let Some(seg) = flow.segment(ctx) else {
+            return Some(entry);
         };
-        if !advance_tcp(state, dir, flow.tcp_flags, &seg) {
+        if !advance_tcp(state, dir, flow.tcp_flags(), &seg) {
             stats::count(Stat::RstOutOfWindow);
-            return Some(hit);
+            return Some(entry);
         }
     } else {
         advance_other(state, dir);
@@ -173,12 +215,12 @@ pub fn track(
     if state.flags & CT_ASSURED == 0 && assured(state, now) {
         promote(live.state, live.partner);
     }
-    Some(hit)
+    Some(entry)
 }
 
-/// The rewrites of packets matching `entry`.
+/// The rewrites of IPv4 packets matching `entry`.
 #[inline(always)]
-fn hit_of(entry: &CtEntry) -> Hit {
+pub fn hit_of(entry: &CtEntry) -> Hit {
     let second = (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite {
         src: true,
         addr: entry.nat2_addr[0],
@@ -195,12 +237,11 @@ fn hit_of(entry: &CtEntry) -> Hit {
     }
 }
 
-/// The rewrites of an ICMP error about a live flow translated on `path`, without counting a
-/// packet: the quoted packet went the other way, so the flow's entry for the reversed quoted
-/// tuple says how the error travels.
+/// The key of the flow an IPv4 ICMP error quoting `q` is about: the quoted packet went the
+/// other way, so its tuple reversed.
 #[inline(always)]
-pub fn rewrites_for_error(q: &Quoted, now: u64, cfg: &Config, path: Path) -> Option<Hit> {
-    let key = CtKey {
+pub fn quoted_key(q: &Quoted) -> CtKey {
+    CtKey {
         saddr: v4(q.daddr),
         daddr: v4(q.saddr),
         sport: q.dport,
@@ -208,11 +249,17 @@ pub fn rewrites_for_error(q: &Quoted, now: u64, cfg: &Config, path: Path) -> Opt
         proto: q.proto,
         family: AF_INET,
         _pad: [0; 2],
-    };
-    let live = live_flow(&key, now, &cfg.timeouts)?;
+    }
+}
+
+/// The entry of the live flow `key` (the reversed quoted tuple of an ICMP error) translated
+/// on `path`, which says how the error travels; no packet is counted.
+#[inline(always)]
+pub fn flow_of_error(key: &CtKey, now: u64, cfg: &Config, path: Path) -> Option<&'static CtEntry> {
+    let live = live_flow(key, now, &cfg.timeouts)?;
     // SAFETY: a pointer into the map value, valid for this program run.
     let entry = unsafe { &*live.entry };
-    on_path(entry, path).then(|| hit_of(entry))
+    on_path(entry, path).then_some(entry)
 }
 
 /// Whether `key` belongs to a live flow (of any kind), without counting a packet.
@@ -381,30 +428,32 @@ fn advance_tcp(s: &mut CtEntry, dir: u8, tcp: u8, seg: &Segment) -> bool {
 
 /// Whether a packet that matches no flow may start one: not a TCP RST (nothing to answer).
 #[inline(always)]
-pub fn may_start_flow(flow: &Flow) -> bool {
-    !(flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_RST != 0)
+pub fn may_start_flow(flow: &impl Tracked) -> bool {
+    !(flow.proto() == IPPROTO_TCP && flow.tcp_flags() & TCP_RST != 0)
 }
 
-/// Starts a masqueraded flow for the packet `key`/`flow` leaving from `host`: keeps the
-/// source port (echo id) when it is in the NAT range, not published, and no live flow and no
-/// host socket uses it on `host` towards the same destination, else takes a random free one
-/// from the range. Returns the rewrite for this packet.
+/// Starts a masqueraded flow for the packet `key`/`flow` of the container whose IPv4
+/// address is `container` (its flows are counted there, both families'), leaving from
+/// `host`: keeps the source port (echo id) when it is in the NAT range, not published, and no
+/// live flow and no host socket uses it on `host` towards the same destination, else takes a
+/// random free one from the range. Returns the source port for this packet.
 #[inline(always)]
-pub fn start_snat(
+pub fn start_snat<F: Tracked>(
     ctx: &TcContext,
     key: &CtKey,
-    flow: &Flow,
-    host: u32,
+    flow: &F,
+    container: u32,
+    host: Addr,
     now: u64,
     cfg: &Config,
-) -> Result<Rewrite, Stat> {
-    charge(flow.saddr)?;
+) -> Result<u16, Stat> {
+    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_SNAT;
     // The reply entry: from the destination back to host:port, rewritten to the container.
     e.reply = CtKey {
         saddr: key.daddr,
-        daddr: v4(host),
+        daddr: host,
         sport: key.dport,
         dport: key.sport,
         ..*key
@@ -413,18 +462,14 @@ pub fn start_snat(
     e.rewrite = CT_REWRITE_DST;
     e.nat_addr = key.saddr;
     e.nat_port = key.sport;
-    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
+    let port = claim_reply_tuple::<F>(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: from the container, rewritten to host:port.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_SRC;
-    e.nat_addr = v4(host);
+    e.nat_addr = host;
     e.nat_port = port;
     insert_original(key, e)?;
-    Ok(Rewrite {
-        src: true,
-        addr: host,
-        port,
-    })
+    Ok(port)
 }
 
 /// Starts a flow to a published port: `key` arrives for host:port and goes to `target`:
@@ -455,7 +500,7 @@ pub fn start_dnat(
     e.nat_addr = key.daddr;
     e.nat_port = key.dport;
     // The client picked its port: the tuple is free or the flow is refused.
-    claim_reply_tuple(ctx, e, false, now, cfg)?;
+    claim_reply_tuple::<Flow>(ctx, e, false, now, cfg)?;
     // The original entry: from the client, rewritten to the container.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_DST;
@@ -503,7 +548,7 @@ pub fn start_hairpin(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple(ctx, e, has_ports(key.proto), now, cfg)?;
+    let port = claim_reply_tuple::<Flow>(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
     e.nat_addr = v4(target);
@@ -566,15 +611,15 @@ fn charge(addr: u32) -> Result<(), Stat> {
 fn scratch_flow(
     ctx: &TcContext,
     key: &CtKey,
-    flow: &Flow,
+    flow: &impl Tracked,
     now: u64,
 ) -> Result<&'static mut CtEntry, Stat> {
     let ptr = SCRATCH.get_ptr_mut(0).ok_or(Stat::ConntrackFull)?;
     // SAFETY: per-CPU slot, used only within this program run.
     let e = unsafe { &mut *ptr };
     e.original = *key;
-    e.state = match flow.proto {
-        IPPROTO_TCP if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => CT_SYN_SENT,
+    e.state = match flow.proto() {
+        IPPROTO_TCP if flow.tcp_flags() & (TCP_SYN | TCP_ACK) == TCP_SYN => CT_SYN_SENT,
         // Picked up mid-stream (netfilter's loose pickup), e.g. after a conntrack flush.
         IPPROTO_TCP => CT_ESTABLISHED,
         _ => CT_NEW,
@@ -590,8 +635,8 @@ fn scratch_flow(
     e.packets = [1, 0];
     e.bytes = [u64::from(ctx.len()), 0];
     e.tcp = [TcpWindow::default(); 2];
-    if flow.proto == IPPROTO_TCP
-        && let Some(seg) = tcp_window::segment(ctx, flow)
+    if flow.proto() == IPPROTO_TCP
+        && let Some(seg) = flow.segment(ctx)
     {
         tcp_window::update(&mut e.tcp, CT_DIR_ORIGINAL, &seg);
     }
@@ -613,7 +658,13 @@ fn nat_ports(cfg: &Config) -> (u16, u32) {
 /// Whether `proto` has ports (ICMP: echo identifiers) NAT can choose.
 #[inline(always)]
 fn has_ports(proto: u8) -> bool {
-    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP)
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP) || is_icmp(proto)
+}
+
+/// Whether `proto` is ICMP of either family (echo identifiers for ports).
+#[inline(always)]
+fn is_icmp(proto: u8) -> bool {
+    proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6
 }
 
 /// Inserts the reply entry `e` into the unassured table. With `choose_port`, changes its
@@ -623,7 +674,7 @@ fn has_ports(proto: u8) -> bool {
 /// is the only one there is (a client's port; a protocol translated by address). Returns
 /// the port.
 #[inline(always)]
-fn claim_reply_tuple(
+fn claim_reply_tuple<F: Tracked>(
     ctx: &TcContext,
     e: &mut CtEntry,
     choose_port: bool,
@@ -637,7 +688,7 @@ fn claim_reply_tuple(
         (false, 1)
     };
     // Echo identifiers are not ports: no host socket takes one from the ephemeral range.
-    let any_id = e.reply.proto == IPPROTO_ICMP;
+    let any_id = is_icmp(e.reply.proto);
     for attempt in 0..tries {
         let port = e.reply.dport;
         let in_range = any_id || u32::from(port.wrapping_sub(min)) < span;
@@ -646,36 +697,55 @@ fn claim_reply_tuple(
             let random = unsafe { bpf_get_prandom_u32() };
             e.reply.dport = min + (random % span) as u16;
         }
-        if translated && published(&e.reply, cfg) {
-            continue;
+        let mut how = 0;
+        if translated {
+            how |= TAKE_TRANSLATED;
         }
         // Only the last try may take over a closed flow's tuple: a free one is better.
-        let reuse_closed = attempt + 1 == tries;
-        // Only a translated source can collide with a host socket: a published flow's reply
-        // tuple ends at its client, where a host listener on the client's port (matched on
-        // any address) has nothing to do with it.
-        if translated && sockets::host_socket_owns(ctx, &e.reply) {
-            continue;
+        if attempt + 1 == tries {
+            how |= TAKE_REUSING_CLOSED;
         }
-        if !tuple_free(&e.reply, now, cfg, reuse_closed) {
-            continue;
-        }
-        if CONNTRACK_NEW
-            .insert(&e.reply, &*e, u64::from(BPF_ANY))
-            .is_ok()
-        {
+        if take_tuple::<F>(ctx, e, how, now, cfg) {
             return Ok(e.reply.dport);
         }
     }
     Err(Stat::PortExhausted)
 }
 
-/// Whether the reply tuple `reply` is a published port of its destination (a host
-/// address): a translated flow must not take it.
-#[inline(always)]
-fn published(reply: &CtKey, cfg: &Config) -> bool {
-    reply.proto != IPPROTO_ICMP
-        && maps::published(reply.daddr[0], reply.dport, reply.proto, cfg, true).is_some()
+/// `take_tuple`'s `how`: the tuple's destination port is a translated source port.
+const TAKE_TRANSLATED: u8 = 1;
+/// `take_tuple`'s `how`: a closed TCP flow's tuple may be taken over.
+const TAKE_REUSING_CLOSED: u8 = 2;
+
+/// Inserts the reply entry `e` into the unassured table if its tuple is free (see
+/// [`tuple_free`]) and, for a translated source port (`how` has `TAKE_TRANSLATED`), neither
+/// published nor held by a host socket. Returns whether it did.
+///
+/// A function of its own (a BPF-to-BPF call) for the verifier: it walks every try of the
+/// loop above, and inlined, each way through one try would multiply the ways through the
+/// next (the states its paths end in differ); across a call they end in two, taken or not.
+#[inline(never)]
+fn take_tuple<F: Tracked>(
+    ctx: &TcContext,
+    e: &mut CtEntry,
+    how: u8,
+    now: u64,
+    cfg: &Config,
+) -> bool {
+    let translated = how & TAKE_TRANSLATED != 0;
+    if translated && F::published(&e.reply, cfg) {
+        return false;
+    }
+    // Only a translated source can collide with a host socket: a published flow's reply
+    // tuple ends at its client, where a host listener on the client's port (matched on any
+    // address) has nothing to do with it.
+    if translated && F::host_socket_owns(ctx, &e.reply) {
+        return false;
+    }
+    tuple_free(&e.reply, now, cfg, how & TAKE_REUSING_CLOSED != 0)
+        && CONNTRACK_NEW
+            .insert(&e.reply, &*e, u64::from(BPF_ANY))
+            .is_ok()
 }
 
 /// Whether a new flow may take the tuple `key`: no live flow holds it (with `reuse_closed`,

@@ -19,7 +19,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use netd_common::datapath::EndpointInfo;
+use netd_common::datapath::{Addr, EndpointInfo};
 use network_types::ip::Ipv4Hdr;
 
 use super::{
@@ -29,6 +29,7 @@ use super::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// Offset of the IPv4 TTL (with the protocol after it, a 16-bit word of the checksum).
 const TTL_OFF: usize = L3_OFF + 8;
 
@@ -158,6 +159,51 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
     let action =
         unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
     Some(action as i32)
+}
+
+/// Where the stack's forwarding would send a container's IPv6 packet from `src` to `dst`
+/// (`proto`) arriving on the bridge `bridge_ifindex` (the interface the stack routes it
+/// from). No fast path for IPv6: this only names the interface, for the masquerade check.
+#[inline(always)]
+pub fn route6(ctx: &TcContext, bridge_ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Route6 {
+    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: as in `lookup`.
+    let fib = unsafe {
+        zero_words(&mut fib);
+        fib.assume_init_mut()
+    };
+    fib.family = AF_INET6;
+    fib.l4_protocol = proto;
+    fib.__bindgen_anon_3.ipv6_src = src;
+    fib.__bindgen_anon_4.ipv6_dst = dst;
+    fib.ifindex = bridge_ifindex;
+    // SAFETY: `fib` lives across the call, its size is passed with it.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match u32::try_from(ret) {
+        Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(fib.ifindex),
+        Ok(
+            BPF_FIB_LKUP_RET_BLACKHOLE
+            | BPF_FIB_LKUP_RET_UNREACHABLE
+            | BPF_FIB_LKUP_RET_PROHIBIT
+            | BPF_FIB_LKUP_RET_NOT_FWDED
+            | BPF_FIB_LKUP_RET_FWD_DISABLED,
+        ) => Route6::Stack,
+        _ => Route6::Unknown,
+    }
+}
+
+/// [`Route`] for IPv6, naming only the interface.
+pub enum Route6 {
+    Out(u32),
+    Stack,
+    Unknown,
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would

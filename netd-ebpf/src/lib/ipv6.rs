@@ -182,7 +182,7 @@ fn walk_extension_headers(ctx: &TcContext, p: &mut Packet) -> Result<(), Stat> {
 
 /// The `T` at `off`, if it ends by `end` (the packet's end) and within the frame.
 #[inline(always)]
-fn read_within<T: Copy>(ctx: &TcContext, off: usize, end: usize) -> Option<T> {
+pub fn read_within<T: Copy>(ctx: &TcContext, off: usize, end: usize) -> Option<T> {
     if off + core::mem::size_of::<T>() > end {
         return None;
     }

@@ -37,6 +37,8 @@ static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
 static HOST_ADDRS: HashMap<u32, u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
 #[map]
 static NAT_IFACES: HashMap<u32, NatIface> = HashMap::pinned(NAT_IFACES_MAX, 0);
+#[map]
+static NAT6_ADDRS: HashMap<u32, NatIface> = HashMap::pinned(NAT_IFACES_MAX, 0);
 
 /// The datapath configuration; `None` until userspace wrote it.
 #[inline(always)]
@@ -61,6 +63,14 @@ pub fn masquerade_addr(ifindex: u32, cfg: &Config) -> Option<u32> {
     }
     // SAFETY: as above.
     unsafe { NAT_IFACES.get(&ifindex) }.map(|iface| iface.addr[0])
+}
+
+/// The IPv6 address NAT66 translates to on interface `ifindex`; `None` where netd
+/// masquerades no IPv6 (no NAT programs there, or no global IPv6 address).
+#[inline(always)]
+pub fn masquerade_addr6(ifindex: u32) -> Option<Addr> {
+    // SAFETY: as above.
+    unsafe { NAT6_ADDRS.get(&ifindex) }.map(|iface| iface.addr)
 }
 
 /// The key of the container with address `addr` (wire byte order).
@@ -91,6 +101,13 @@ pub fn endpoint6(addr: Addr) -> Option<&'static EndpointInfo> {
     };
     // SAFETY: as above.
     unsafe { ENDPOINTS.get(&key) }
+}
+
+/// The container with IPv6 address `addr`, as its veth's programs know it (its IPv4
+/// address, network and the network's flags).
+#[inline(always)]
+pub fn container6(addr: Addr) -> Option<&'static VethInfo> {
+    veth(endpoint6(addr)?.ifindex)
 }
 
 /// The container behind the host-side veth `ifindex`.
@@ -167,6 +184,25 @@ pub fn published(
     // SAFETY: as above.
     let target = unsafe { PUBLISHED.get(&key) }.copied()?;
     (also_host || is_host_addr(daddr, cfg)).then_some(target)
+}
+
+/// Whether a port is published on IPv6 address `daddr` or on every address (a NAT66 reply
+/// tuple's destination, the only caller's, is one of the host's).
+#[inline(always)]
+pub fn published6(daddr: Addr, port: u16, proto: u8) -> bool {
+    let mut key = PublishedKey {
+        addr: daddr,
+        port,
+        proto,
+        family: AF_INET6,
+    };
+    // SAFETY: as above.
+    if unsafe { PUBLISHED.get(&key) }.is_some() {
+        return true;
+    }
+    key.addr = [0; 4];
+    // SAFETY: as above.
+    unsafe { PUBLISHED.get(&key) }.is_some()
 }
 
 /// Whether `addr` (wire byte order) is one of the host namespace's addresses: the uplink's,

@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod ipv6;
 pub mod maps;
 pub mod nat;
+pub mod nat66;
 pub mod parse;
 pub mod policy;
 pub mod sockets;

@@ -51,13 +51,19 @@ pub fn segment(ctx: &TcContext, flow: &Flow) -> Option<Segment> {
         return None;
     }
     let tot_len: [u8; 2] = ctx.read(L3_OFF + 2)?;
-    let header: [u8; 16] = ctx.read(flow.l4_off)?;
+    let end = L3_OFF + usize::from(u16::from_be_bytes(tot_len));
+    segment_at(ctx, flow.l4_off, end, flow.tcp_flags)
+}
+
+/// Reads the segment whose TCP header (with `flags`) is at `l4_off` of a packet ending at
+/// `end`, in either family.
+#[inline(always)]
+pub fn segment_at(ctx: &TcContext, l4_off: usize, end: usize, flags: u8) -> Option<Segment> {
+    let header: [u8; 16] = ctx.read(l4_off)?;
     let doff = usize::from(header[12] >> 4) * 4;
-    let ip_len = usize::from(u16::from_be_bytes(tot_len));
-    let payload = ip_len.checked_sub(flow.l4_off - L3_OFF + doff)? as u32;
-    let flags = flow.tcp_flags;
+    let payload = end.checked_sub(l4_off + doff)? as u32;
     let flag_seqs = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-    let options = flow.l4_off + TCP_HEADER_LEN;
+    let options = l4_off + TCP_HEADER_LEN;
     let syn = flags & TCP_SYN != 0;
     Some(Segment {
         seq: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
@@ -66,7 +72,7 @@ pub fn segment(ctx: &TcContext, flow: &Flow) -> Option<Segment> {
         syn,
         // Only a SYN's counts (RFC 7323).
         wscale: if syn {
-            window_scale(ctx, options, flow.l4_off + doff)
+            window_scale(ctx, options, l4_off + doff)
         } else {
             None
         },

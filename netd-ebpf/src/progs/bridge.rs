@@ -59,7 +59,9 @@ fn hairpin(ctx: &TcContext) -> Outcome {
         return icmp_error(ctx, &flow, q, now, cfg);
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, Path::Hairpin) {
+    if let Some(hit) =
+        conntrack::track(ctx, &key, &flow, now, cfg, Path::Hairpin).map(conntrack::hit_of)
+    {
         let Some(ep) = maps::endpoint(hit.rewrite.addr) else {
             return Outcome::Done(dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr));
         };
@@ -113,7 +115,9 @@ fn hairpin(ctx: &TcContext) -> Outcome {
 /// with it, and redirected to the container it is for. About anything else: the host's.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Outcome {
-    let Some(hit) = conntrack::rewrites_for_error(q, now, cfg, Path::Hairpin) else {
+    let key = conntrack::quoted_key(q);
+    let Some(hit) = conntrack::flow_of_error(&key, now, cfg, Path::Hairpin).map(conntrack::hit_of)
+    else {
         return Outcome::Done(Stat::NoNat);
     };
     let (Some(ep), Some(second)) = (maps::endpoint(hit.rewrite.addr), hit.second) else {

@@ -20,9 +20,9 @@
 //! of an interface netd doesn't masquerade on (no address, attaching failed) is dropped
 //! (`unmasqueraded`): it would leave with the container's private source.
 //!
-//! IPv6 beyond the network leaves only a routed (not masquerading) network, through the
-//! stack: the programs have no NAT66 yet, and netd makes no masquerading dual-stack network
-//! on this datapath.
+//! IPv6 beyond the network goes through the stack (no IPv6 fast path): a masquerading
+//! network's only where the FIB routes it out of an interface netd masquerades IPv6 on
+//! (NAT66 on its egress), else it is dropped (`unmasqueraded`).
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -46,7 +46,7 @@ use network_types::{
 
 use crate::lib::{
     events::{self, Tuple, Tuple6},
-    fib::{self, Route},
+    fib::{self, Route, Route6},
     frag,
     ipv6::{self, Packet},
     maps,
@@ -227,7 +227,7 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
     }
     match maps::endpoint6(p.dst) {
         Some(to) => to_container6(from, to, &p, eth, tuple),
-        None => to_elsewhere6(from, &p, tuple),
+        None => to_elsewhere6(ctx, from, &p, tuple),
     }
 }
 
@@ -300,9 +300,10 @@ fn linked6(p: &Packet) -> bool {
 }
 
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
-/// it only a routed network's packets go, to the stack (no NAT66 here).
+/// it a routed network's packets go to the stack, a masquerading network's only where the
+/// stack would send them out masqueraded (or answer them itself).
 #[inline(always)]
-fn to_elsewhere6(from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
+fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
     let Some(net) = maps::network6(from.veth.network_id) else {
         return Verdict::Drop6(Stat::Ipv6, tuple);
     };
@@ -320,7 +321,12 @@ fn to_elsewhere6(from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
         return Verdict::Drop6(Stat::Internal, tuple);
     }
     if net.flags & NET_MASQUERADE != 0 {
-        return Verdict::Drop6(Stat::Ipv6, tuple);
+        let route = fib::route6(ctx, from.veth.bridge_ifindex, p.src, p.dst, p.proto);
+        return match route {
+            Route6::Out(ifindex) if maps::masquerade_addr6(ifindex).is_some() => Verdict::Pass,
+            Route6::Stack => Verdict::Pass,
+            Route6::Out(_) | Route6::Unknown => Verdict::Drop6(Stat::Unmasqueraded, tuple),
+        };
     }
     Verdict::Pass
 }
@@ -553,13 +559,13 @@ fn from_beyond(ctx: &TcContext, to: &VethInfo) -> Result<(), Refused> {
 }
 
 /// IPv6 from beyond the network: a routed network's (the stack routed it, as IPv4); nothing
-/// for an internal one, nor for a masquerading one (no NAT66 flow of it is tracked here).
+/// for an internal one, nor for a masquerading one (what NAT66 translated carries the mark).
 #[inline(always)]
 fn from_beyond6(ctx: &TcContext, to: &VethInfo) -> Result<(), Refused> {
     let reason = if to.net_flags & NET_INTERNAL != 0 {
         Stat::Internal
     } else if to.net_flags & NET_MASQUERADE != 0 {
-        Stat::Ipv6
+        Stat::Unsolicited
     } else {
         return Ok(());
     };

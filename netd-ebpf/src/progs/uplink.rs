@@ -17,6 +17,12 @@
 //! ICMP errors (destination unreachable, time exceeded) about a tracked flow are translated
 //! with the packet they quote, in both directions.
 //!
+//! IPv6 goes the same way in programs of its own (`uplink_egress6`, `uplink_ingress6`,
+//! reached by a tail call): NAT66, masquerading to the interface's IPv6 address
+//! (`NAT6_ADDRS`), with ICMPv6 errors (Packet Too Big above all) translated; no port is
+//! published over IPv6 here yet, and no IPv6 fast path (the stack delivers). IPv6 fragments
+//! are not translated: dropped when they are a container's.
+//!
 //! Fail closed: a packet to a container of a masquerading or internal network that is not
 //! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
 //! is dropped with the reason, and so is one leaving with the source of such a container: no
@@ -25,21 +31,41 @@
 //! container that the fast path can't deliver is marked (`MARK_ADMITTED`) for the program on
 //! the container's veth, which lets nothing else in from beyond its network.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use netd_common::datapath::{
-    CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
+use aya_ebpf::{
+    macros::{classifier, map},
+    maps::ProgramArray,
+    programs::TcContext,
 };
+use netd_common::datapath::{
+    Addr, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
+};
+use network_types::eth::{EthHdr, EtherType};
 
 use crate::lib::{
-    conntrack::{self, Path},
-    events::{self, Tuple},
+    conntrack::{self, Path, v4},
+    events::{self, Tuple, Tuple6},
     fib, frag,
     inbound::{Inbound, inbound},
     maps, nat,
-    parse::{self, Flow, Frame as _, Quoted},
+    nat66::{self, Flow6, Rewrite6},
+    parse::{self, Flow, Frame as _, L3_OFF, Quoted},
     stats,
     verdict::{dropped, now_ns, verdict},
 };
+
+/// Where the addresses are in an IPv6 header.
+const IPV6_SRC_IN_IP: usize = 8;
+const IPV6_DST_IN_IP: usize = 24;
+
+/// The IPv6 programs, in `NAT66_PROGS`.
+const EGRESS6: u32 = 0;
+const INGRESS6: u32 = 1;
+
+/// NAT66's programs: the IPv4 ones hand an IPv6 packet over with a tail call (the IPv4 path
+/// pays nothing for it, and each program has a stack of its own: together they would not
+/// fit the 512 bytes one has). Filled by userspace before the IPv4 programs are attached.
+#[map]
+static NAT66_PROGS: ProgramArray = ProgramArray::pinned(2, 0);
 
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
@@ -83,14 +109,18 @@ struct Untracked {
 /// flows and packets of tracked flows. `Err` is the finished packet's outcome.
 #[inline(always)]
 fn translate_tracked(ctx: &TcContext, path: Path) -> Result<Untracked, Stat> {
-    let flow = parse::ipv4_flow(ctx).map_err(|reason| untranslatable(ctx, reason, path))?;
+    let flow = match parse::ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(Stat::NotIpv4) if is_ipv6(ctx) => return Err(hand_to_nat66(ctx, path)),
+        Err(reason) => return Err(untranslatable(ctx, reason, path)),
+    };
     let cfg = maps::config().ok_or(Stat::NoNat)?;
     let now = now_ns();
     if let Some(quoted) = &flow.quoted {
         return Err(icmp_error(ctx, &flow, quoted, now, cfg, path));
     }
     let key = conntrack::key_of(&flow);
-    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, path) {
+    if let Some(hit) = conntrack::track(ctx, &key, &flow, now, cfg, path).map(conntrack::hit_of) {
         return Err(rewrite(ctx, &flow, &hit.rewrite, hit_stat(hit.nat)));
     }
     Ok(Untracked {
@@ -131,8 +161,15 @@ fn egress(ctx: &TcContext) -> Stat {
     else {
         return dropped(ctx, &flow, Stat::Unmasqueraded, flow.saddr);
     };
-    match conntrack::start_snat(ctx, &key, &flow, nat_addr, now, cfg) {
-        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::SnatNew),
+    match conntrack::start_snat(ctx, &key, &flow, flow.saddr, v4(nat_addr), now, cfg) {
+        Ok(port) => {
+            let rw = nat::Rewrite {
+                src: true,
+                addr: nat_addr,
+                port,
+            };
+            rewrite(ctx, &flow, &rw, Stat::SnatNew)
+        }
         Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }
 }
@@ -172,7 +209,8 @@ fn icmp_error(
     cfg: &Config,
     path: Path,
 ) -> Stat {
-    let Some(hit) = conntrack::rewrites_for_error(q, now, cfg, path) else {
+    let key = conntrack::quoted_key(q);
+    let Some(hit) = conntrack::flow_of_error(&key, now, cfg, path).map(conntrack::hit_of) else {
         return untranslatable(ctx, Stat::IcmpNoFlow, path);
     };
     match nat::apply_icmp_error(ctx, flow, q, &hit.rewrite) {
@@ -230,4 +268,212 @@ fn untranslatable(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
         ..Tuple::default()
     };
     events::dropped(&tuple, reason, container, ctx.ifindex())
+}
+
+/// Hands an IPv6 packet to NAT66's program for `path`. Returns only if that fails (the
+/// slot is empty: userspace fills it before attaching these programs): then the packet is
+/// dropped, as nothing checks it.
+#[inline(always)]
+fn hand_to_nat66(ctx: &TcContext, path: Path) -> Stat {
+    let slot = if path == Path::Out { EGRESS6 } else { INGRESS6 };
+    // SAFETY: a tail call with this program's own context.
+    unsafe { NAT66_PROGS.tail_call(ctx, slot) };
+    Stat::Ipv6
+}
+
+#[classifier]
+pub fn uplink_egress6(ctx: TcContext) -> i32 {
+    verdict(translate6(&ctx, Path::Out))
+}
+
+#[classifier]
+pub fn uplink_ingress6(ctx: TcContext) -> i32 {
+    let outcome = translate6(&ctx, Path::In);
+    // No fast path for IPv6: the stack delivers what was translated.
+    if matches!(outcome, Stat::SnatHit | Stat::IcmpError) {
+        admit(&ctx);
+    }
+    verdict(outcome)
+}
+
+/// Whether the frame is an untagged IPv6 one.
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    ctx.read::<EthHdr>(0)
+        .is_some_and(|eth| eth.ether_type == EtherType::Ipv6 as u16)
+}
+
+/// A packet NAT66 drops: why, and the IPv4 address of the container it counts against.
+struct Drop6 {
+    reason: Stat,
+    container: u32,
+}
+
+/// NAT66: an IPv6 packet in either direction, as IPv4's. A tracked flow's packets and ICMPv6
+/// errors about it are translated; a new flow leaving from a masquerading network's container
+/// is masqueraded to the interface's IPv6 address; a new flow from outside reaches no
+/// container of a masquerading or internal network (no IPv6 port is published on this
+/// datapath). The rest (the host's own, routed networks') is the stack's.
+///
+/// Each step is a function of its own (a BPF-to-BPF call) called from here, the packet parsed
+/// into a per-CPU slot, and drops reported here: inlined or nested, the steps' stack frames
+/// would add up to more than the 512 bytes a program has.
+#[inline(always)]
+fn translate6(ctx: &TcContext, path: Path) -> Stat {
+    let Some(flow) = nat66::scratch() else {
+        return Stat::NoNat;
+    };
+    if let Err(reason) = nat66::parse_into(ctx, flow) {
+        return untranslatable6(ctx, reason, path);
+    }
+    let outcome = if flow.quoted.is_some() {
+        icmp_error6(ctx, flow, path)
+    } else if let Some(outcome) = tracked6(ctx, flow, path) {
+        outcome
+    } else if path == Path::Out {
+        masquerade6(ctx, flow)
+    } else {
+        refuse_inbound6(flow)
+    };
+    outcome.unwrap_or_else(|drop| dropped6(ctx, flow, drop))
+}
+
+/// A packet of a tracked IPv6 flow, translated; `None` for one of no flow.
+#[inline(never)]
+fn tracked6(ctx: &TcContext, flow: &Flow6, path: Path) -> Option<Result<Stat, Drop6>> {
+    let cfg = maps::config()?;
+    let entry = conntrack::track(ctx, &nat66::key_of(flow), flow, now_ns(), cfg, path)?;
+    Some(rewrite6(
+        ctx,
+        flow,
+        &nat66::rewrite_of(entry),
+        hit_stat(entry.nat),
+    ))
+}
+
+/// A new IPv6 flow leaving: masqueraded when it is from a masquerading network's container,
+/// where netd knows the interface's IPv6 address (dropped anywhere else: it would leave with
+/// the container's own source).
+#[inline(never)]
+fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
+    let (Some(cfg), Some(from)) = (maps::config(), maps::container6(flow.saddr)) else {
+        return Ok(Stat::NoNat);
+    };
+    let container = from.addr[0];
+    let refused = |reason| Err(Drop6 { reason, container });
+    if from.net_flags & NET_INTERNAL != 0 {
+        return refused(Stat::Internal);
+    }
+    if from.net_flags & NET_MASQUERADE == 0 {
+        return Ok(Stat::NoNat);
+    }
+    let Some(nat_addr) =
+        maps::masquerade_addr6(ctx.ifindex()).filter(|_| conntrack::may_start_flow(flow))
+    else {
+        return refused(Stat::Unmasqueraded);
+    };
+    let key = nat66::key_of(flow);
+    match conntrack::start_snat(ctx, &key, flow, container, nat_addr, now_ns(), cfg) {
+        Ok(port) => {
+            let rw = Rewrite6 {
+                src: true,
+                addr: nat_addr,
+                port,
+            };
+            rewrite6(ctx, flow, &rw, Stat::SnatNew)
+        }
+        Err(reason) => refused(reason),
+    }
+}
+
+/// A new IPv6 flow from outside: dropped when it is to a container of a masquerading or
+/// internal network; the stack routes the rest.
+#[inline(never)]
+fn refuse_inbound6(flow: &Flow6) -> Result<Stat, Drop6> {
+    let Some(to) = maps::container6(flow.daddr) else {
+        return Ok(Stat::NoNat);
+    };
+    let reason = if to.net_flags & NET_INTERNAL != 0 {
+        Stat::Internal
+    } else if to.net_flags & NET_MASQUERADE != 0 {
+        Stat::Unsolicited
+    } else {
+        return Ok(Stat::NoNat);
+    };
+    Err(Drop6 {
+        reason,
+        container: to.addr[0],
+    })
+}
+
+/// An ICMPv6 error about a tracked flow, translated as the flow's packets in its direction;
+/// about no flow, as [`untranslatable6`].
+#[inline(never)]
+fn icmp_error6(ctx: &TcContext, flow: &Flow6, path: Path) -> Result<Stat, Drop6> {
+    let (Some(cfg), Some(q)) = (maps::config(), &flow.quoted) else {
+        return Ok(Stat::NoNat);
+    };
+    let Some(entry) = conntrack::flow_of_error(&nat66::quoted_key(q), now_ns(), cfg, path) else {
+        return Ok(untranslatable6(ctx, Stat::IcmpNoFlow, path));
+    };
+    match nat66::apply_icmp_error(ctx, flow, q, &nat66::rewrite_of(entry)) {
+        Ok(()) => Ok(Stat::IcmpError),
+        Err(reason) => Ok(reason),
+    }
+}
+
+/// [`rewrite`] for IPv6.
+#[inline(always)]
+fn rewrite6(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6, done: Stat) -> Result<Stat, Drop6> {
+    nat66::apply(ctx, flow, rw)
+        .map(|()| done)
+        .map_err(|reason| {
+            let end = if rw.src { flow.saddr } else { rw.addr };
+            Drop6 {
+                reason,
+                container: maps::container6(end).map_or(0, |c| c.addr[0]),
+            }
+        })
+}
+
+/// Drops an IPv6 packet, counted against its container and reported.
+#[inline(never)]
+fn dropped6(ctx: &TcContext, flow: &Flow6, drop: Drop6) -> Stat {
+    let tuple = Tuple6 {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+    };
+    events::dropped6(&tuple, drop.reason, drop.container, ctx.ifindex())
+}
+
+/// [`untranslatable`] for IPv6: dropped when it goes to (comes from) a container of a
+/// masquerading or internal network.
+#[inline(never)]
+fn untranslatable6(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
+    let (Ok(saddr), Ok(daddr)) = (
+        ctx.load::<Addr>(L3_OFF + IPV6_SRC_IN_IP),
+        ctx.load::<Addr>(L3_OFF + IPV6_DST_IN_IP),
+    ) else {
+        return Stat::NoNat;
+    };
+    let end = if path == Path::In { daddr } else { saddr };
+    let Some(container) =
+        maps::container6(end).filter(|c| c.net_flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+    else {
+        return Stat::NoNat;
+    };
+    let reason = if path == Path::Out && reason == Stat::IcmpNoFlow {
+        Stat::Unmasqueraded
+    } else {
+        reason
+    };
+    let tuple = Tuple6 {
+        saddr,
+        daddr,
+        ..Tuple6::default()
+    };
+    events::dropped6(&tuple, reason, container.addr[0], ctx.ifindex())
 }

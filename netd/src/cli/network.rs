@@ -38,7 +38,8 @@ pub struct CreateArgs {
     /// The bridge's address in each family's subnet (default: the subnet's first host).
     #[arg(long)]
     pub gateway: Vec<IpAddr>,
-    /// Dual-stack: containers get an IPv6 address and route too (iptables datapath).
+    /// Dual-stack: containers get an IPv6 address and route too (masqueraded with NAT66 unless
+    /// --masquerade=false; IPv6 published ports need --datapath iptables).
     #[arg(long)]
     pub ipv6: bool,
     /// Allocate container addresses from this part of the subnet.

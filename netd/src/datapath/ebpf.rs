@@ -6,7 +6,9 @@
 //!   the last; with `--uplink-xdp`, also its XDP hook: refused new flows dropped early;
 //! - the same NAT programs on every other interface of the host that can route out (an IPv4
 //!   address that is not netd's: a second NIC, a VPN), masquerading to that interface's
-//!   address (`NAT_IFACES`); followed with the uplink (`EbpfDatapath::follow_host`);
+//!   address (`NAT_IFACES`); followed with the uplink (`EbpfDatapath::follow_host`); the
+//!   global IPv6 address of the uplink and of each of them, where it has one, is the NAT66
+//!   source there (`NAT6_ADDRS`);
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host);
 //!   the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
@@ -21,15 +23,19 @@
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit,
     CtLimitKey, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS,
-    PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
-    UPLINK_XDP_PROG, addr_v4, v4_octets,
+    NAT6_ADDRS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
+    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -200,6 +206,7 @@ impl EbpfDatapath {
         self.sync_host_addrs()?;
         self.fill_generic_timeout()?;
         let mut replaced = 0;
+        crate::bpf::fill_nat66(ebpf)?;
         let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
         for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
@@ -266,6 +273,13 @@ impl EbpfDatapath {
             attached.push((prog, dir));
         }
         Ok(())
+    }
+
+    /// Attaches the NAT programs to `iface` where they are not attached yet, NAT66's in their
+    /// program array first.
+    fn attach_nat_programs(&self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+        crate::bpf::fill_nat66(ebpf)?;
+        self.attach(ebpf, iface, &UPLINK_PROGS)
     }
 
     /// Attaches the endpoint programs to a container's veth, from their pins (no object load,
@@ -337,6 +351,12 @@ impl EbpfDatapath {
             let all: Vec<u32> = nat_ifaces.keys().filter_map(Result::ok).collect();
             for ifindex in all {
                 let _ = nat_ifaces.remove(&ifindex);
+            }
+        }
+        if let Ok(mut nat6_addrs) = maps::nat6_addrs(&self.pins) {
+            let all: Vec<u32> = nat6_addrs.keys().filter_map(Result::ok).collect();
+            for ifindex in all {
+                let _ = nat6_addrs.remove(&ifindex);
             }
         }
         let mut failed = Vec::new();
@@ -448,8 +468,9 @@ impl EbpfDatapath {
     }
 
     /// Puts the NAT programs on every interface besides the uplink that can route out (an
-    /// IPv4 address that is not netd's) and records its address in `NAT_IFACES`; takes them
-    /// off every other interface. In that order, so an interface is in `NAT_IFACES` (where
+    /// IPv4 address that is not netd's) and records its address in `NAT_IFACES` (its global
+    /// IPv6 address, and the uplink's, in `NAT6_ADDRS`); takes them off every other
+    /// interface. In that order, so an interface is in `NAT_IFACES` and `NAT6_ADDRS` (where
     /// the endpoints' fast path sends packets) only while its programs masquerade there. An
     /// interface the programs can't be attached to is left out, with a warning: what is
     /// routed there is dropped (`unmasqueraded`). Returns the interfaces added and removed.
@@ -491,6 +512,7 @@ impl EbpfDatapath {
                 .remove(&index)
                 .with_context(|| format!("stop masquerading through interface {index}"))?;
         }
+        self.sync_nat6_addrs(std::iter::once(uplink.index).chain(kept.iter().map(|i| i.index)))?;
         let removed = self.detach_nat_programs(|name| {
             name != uplink.name && kept.iter().all(|iface| iface.name != name)
         })?;
@@ -532,7 +554,7 @@ impl EbpfDatapath {
             return Ok(false);
         }
         self.detach_nat_programs(|name| name == iface.name)?;
-        self.attach(object.get(self)?, &iface.name, &UPLINK_PROGS)?;
+        self.attach_nat_programs(object.get(self)?, &iface.name)?;
         Ok(true)
     }
 
@@ -686,7 +708,51 @@ impl EbpfDatapath {
         maps::config(&self.pins)?
             .set(0, config, 0)
             .context("write the datapath configuration")?;
+        let nat_ifaces: Vec<u32> = maps::nat_ifaces(&self.pins)?
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        self.sync_nat6_addrs(std::iter::once(uplink.index).chain(nat_ifaces))?;
         self.sync_host_addrs()
+    }
+
+    /// Records in `NAT6_ADDRS` the global IPv6 address of each of `ifindexes` (the uplink and
+    /// the `NAT_IFACES` interfaces: those the NAT programs are on) that has one, and removes
+    /// every other entry: a masquerading network's IPv6 flow routed out of an interface
+    /// without one is dropped. Nothing to do on pins older than the map (until `netd reload`,
+    /// whose follow fills it, the programs running there do no NAT66).
+    fn sync_nat6_addrs(&self, ifindexes: impl IntoIterator<Item = u32>) -> Result<()> {
+        if !self.pins.map(NAT6_ADDRS_MAP).exists() {
+            return Ok(());
+        }
+        let addrs = host::global_ipv6_addrs()?;
+        let wanted: HashMap<u32, Ipv6Addr> = ifindexes
+            .into_iter()
+            .filter_map(|index| {
+                // Gone since (nix gives an empty name for an index no interface has): no entry.
+                let name = nix::net::if_::if_indextoname(index).ok()?;
+                let ip = addrs.get(name.to_str().ok()?)?;
+                Some((index, *ip))
+            })
+            .collect();
+        let mut map = maps::nat6_addrs(&self.pins)?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|index| !wanted.contains_key(index))
+            .collect();
+        for index in stale {
+            map.remove(&index)
+                .with_context(|| format!("stop NAT66 through interface {index}"))?;
+        }
+        for (&index, &ip) in &wanted {
+            let value = maps::nat6_iface(ip);
+            if map.get(&index, 0).ok() != Some(value) {
+                map.insert(index, value, 0)
+                    .with_context(|| format!("NAT66 through interface {index} to {ip}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Mirrors the host's addresses into `HOST_ADDRS` (where wildcard published ports are
@@ -725,7 +791,7 @@ impl Datapath for EbpfDatapath {
         }
         let first = networks.keys().next().is_none();
         let attached = self
-            .attach(&mut ebpf, &uplink.name, &UPLINK_PROGS)
+            .attach_nat_programs(&mut ebpf, &uplink.name)
             .and_then(|()| self.attach_uplink_xdp(&mut ebpf, &uplink.name))
             .and_then(|()| self.attach_host_sockets(&mut ebpf))
             .and_then(|()| self.write_config(&uplink))
@@ -815,7 +881,8 @@ impl Datapath for EbpfDatapath {
         for key in stale {
             allow.remove(&key)?;
         }
-        conntrack::flush_network(&self.pins, net.subnet)?;
+        let subnets = std::iter::once(net.subnet.into()).chain(net.subnet6.map(Into::into));
+        conntrack::flush_networks(&self.pins, &subnets.collect::<Vec<_>>())?;
         self.forget_limit(&maps::network_limit_key(net.id));
         self.pins
             .detach_tc(BRIDGE_INGRESS_PROG, &net.bridge, TcAttachType::Ingress)?;
@@ -878,7 +945,8 @@ impl Datapath for EbpfDatapath {
         self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.
         stats::forget_endpoint(&self.pins, ep.ip)?;
-        conntrack::flush_address(&self.pins, ep.ip)?;
+        let addrs = std::iter::once(IpAddr::V4(ep.ip)).chain(ep.ip6.map(IpAddr::V6));
+        conntrack::flush_addresses(&self.pins, &addrs.collect::<Vec<_>>())?;
         ipv6_gone
     }
 
@@ -945,8 +1013,9 @@ fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyh
     }
 }
 
-/// The programs translate IPv4 only: an IPv6 side of a published port would never be
-/// served (and the planner gives none to a container without an IPv6 address).
+/// The programs publish over IPv4 only (IPv6 is masqueraded, not published yet): an IPv6
+/// side of a published port would never be served (and the planner gives none to a
+/// container without an IPv6 address).
 fn refuse_ipv6(ports: &[PortSpec]) -> Result<()> {
     let ipv6 = |p: &&PortSpec| {
         matches!(p.host_ip, Some(std::net::IpAddr::V6(_)))
@@ -955,7 +1024,8 @@ fn refuse_ipv6(ports: &[PortSpec]) -> Result<()> {
     };
     if let Some(port) = ports.iter().find(ipv6) {
         bail!(
-            "the ebpf datapath publishes over IPv4 only: {}",
+            "the ebpf datapath publishes over IPv4 only (IPv6 published ports are not supported \
+             there yet: use --datapath iptables): {}",
             describe(port)
         );
     }

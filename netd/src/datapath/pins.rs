@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapData,
+    maps::{MapData, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -28,7 +28,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
+use netd_common::datapath::{
+    CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS, NAT66_PROGS_MAP, UPLINK_EGRESS6_PROG,
+    UPLINK_INGRESS6_PROG,
+};
 
 use super::pinned_maps::{self, Resize, Upgrade};
 
@@ -472,6 +475,28 @@ fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
         loader.map_max_entries(table, conntrack_max);
     }
     loader
+}
+
+/// Loads NAT66's programs of `ebpf` and puts them in `NAT66_PROGS`, where the IPv4 NAT
+/// programs hand IPv6 packets over (a pinned map: its slots outlive this process). Called
+/// before those are attached or replaced: from an empty slot they drop IPv6.
+pub fn fill_nat66(ebpf: &mut Ebpf) -> Result<()> {
+    for (slot, prog) in [UPLINK_EGRESS6_PROG, UPLINK_INGRESS6_PROG]
+        .into_iter()
+        .enumerate()
+    {
+        let fd = loaded_tc_program(ebpf, prog)?
+            .fd()?
+            .try_clone()
+            .with_context(|| format!("duplicate the fd of {prog}"))?;
+        let map = ebpf
+            .map_mut(NAT66_PROGS_MAP)
+            .with_context(|| format!("no map {NAT66_PROGS_MAP} in the eBPF object"))?;
+        ProgramArray::try_from(map)?
+            .set(slot as u32, &fd, 0)
+            .with_context(|| format!("put {prog} in {NAT66_PROGS_MAP}"))?;
+    }
+    Ok(())
 }
 
 /// Loads every program of `ebpf` into the kernel (the verifier), so that a reload fails, if it

@@ -2,26 +2,30 @@
 //! also recounts the flows of capped containers and networks), and the clean-ups the driver
 //! does when an endpoint or a network goes.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::Result;
 use aya::maps::IterableMap as _;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netd_common::datapath::{
-    Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT, CT_NAT_DNAT,
-    CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, CtEntry, CtKey,
-    CtLimit, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Timeouts, v4_octets,
+    AF_INET, AF_INET6, Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT,
+    CT_NAT_DNAT, CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT,
+    CtEntry, CtKey, CtLimit, EndpointInfo, EndpointKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, Timeouts, VethInfo, v4_octets, v6_octets,
 };
 use serde::Serialize;
 
 use super::maps::{self, Conntrack};
 use crate::bpf::Pins;
 
-/// One direction of a flow, like a tuple of `conntrack -L`.
+/// One direction of a flow, like a tuple of `conntrack -L`; IPv4 or IPv6 (NAT66).
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Tuple {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     /// Ports; for ICMP echo, the identifier is `sport` of the original direction.
     pub sport: u16,
     pub dport: u16,
@@ -171,24 +175,26 @@ fn recount_limits(pins: &Pins) -> Result<()> {
         return Ok(());
     }
     let endpoints = maps::endpoints(pins)?;
-    let mut per_container: HashMap<Addr, u64> = HashMap::new();
+    let veths = maps::veths(pins)?;
+    let mut per_container: HashMap<(Addr, u8), u64> = HashMap::new();
     let mut per_network: HashMap<u32, u64> = HashMap::new();
     for_each_live_flow(pins, |flow| {
-        let owner = owner(flow);
-        *per_container.entry(owner).or_default() += 1;
-        let key = netd_common::datapath::EndpointKey {
-            addr: owner,
-            family: flow.original.family,
-            _pad: [0; 3],
-        };
-        if let Ok(ep) = endpoints.get(&key, 0) {
-            *per_network.entry(ep.network_id).or_default() += 1;
+        let charged = charged(
+            flow,
+            |key| endpoints.get(key, 0).ok(),
+            |ifindex| veths.get(&ifindex, 0).ok(),
+        );
+        if let Some(container) = charged.container {
+            *per_container.entry(container).or_default() += 1;
+        }
+        if let Some(network) = charged.network {
+            *per_network.entry(network).or_default() += 1;
         }
         Ok(())
     })?;
     for (key, limit) in capped {
         let count = if key.network_id == 0 {
-            per_container.get(&key.addr)
+            per_container.get(&(key.addr, key.family))
         } else {
             per_network.get(&key.network_id)
         };
@@ -202,8 +208,8 @@ fn recount_limits(pins: &Pins) -> Result<()> {
     Ok(())
 }
 
-/// The container a flow is counted against: the one that started it, or the published
-/// port's.
+/// The container address a flow belongs to: the one that started it, or the published
+/// port's (in the flow's family).
 fn owner(flow: &CtEntry) -> Addr {
     if flow.nat == CT_NAT_DNAT {
         flow.reply.saddr
@@ -212,28 +218,81 @@ fn owner(flow: &CtEntry) -> Addr {
     }
 }
 
+/// Whose flow caps a flow counts against, as the datapath charges them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Charged {
+    /// The container's `CT_LIMITS` key (address, family): its IPv4 address, whatever the
+    /// flow's family (one cap covers both).
+    container: Option<(Addr, u8)>,
+    /// Its network's id.
+    network: Option<u32>,
+}
+
+/// Whom `flow` is charged to, looking containers up in `ENDPOINTS` (`endpoint`) and
+/// `VETHS` (`veth`). An IPv4 flow counts against its owner's address (and its network, when
+/// the address is an endpoint's); an IPv6 one against the IPv4 address of the container
+/// behind the veth its IPv6 endpoint sits on (and that endpoint's network), nobody's when
+/// that chain breaks (its container is going).
+fn charged(
+    flow: &CtEntry,
+    endpoint: impl Fn(&EndpointKey) -> Option<EndpointInfo>,
+    veth: impl Fn(u32) -> Option<VethInfo>,
+) -> Charged {
+    let family = flow.original.family;
+    let owner = owner(flow);
+    let ep = endpoint(&EndpointKey {
+        addr: owner,
+        family,
+        _pad: [0; 3],
+    });
+    let network = ep.map(|ep| ep.network_id);
+    if family != AF_INET6 {
+        return Charged {
+            container: Some((owner, family)),
+            network,
+        };
+    }
+    let container = ep
+        .and_then(|ep| veth(ep.ifindex))
+        .map(|v| (v.addr, AF_INET));
+    Charged { container, network }
+}
+
 /// Empties the table; returns how many entries (two per flow) went.
 pub fn flush(pins: &Pins) -> Result<usize> {
     flush_matching(pins, |_| true)
 }
 
-/// Removes the flows of a container address.
-pub fn flush_address(pins: &Pins, ip: Ipv4Addr) -> Result<usize> {
-    let addr = ip.octets();
+/// Removes the flows of a container address (of either family).
+pub fn flush_address(pins: &Pins, ip: IpAddr) -> Result<usize> {
+    flush_addresses(pins, &[ip])
+}
+
+/// Removes the flows of any of a container's addresses (a dual-stack one has two), in one
+/// walk of the tables.
+pub fn flush_addresses(pins: &Pins, ips: &[IpAddr]) -> Result<usize> {
+    flush_matching(pins, |e| touches(e, |ip| ips.contains(&ip)))
+}
+
+/// Removes the flows of a network's containers: those of an address in `subnet` (of either
+/// family).
+pub fn flush_network(pins: &Pins, subnet: IpNet) -> Result<usize> {
+    flush_networks(pins, &[subnet])
+}
+
+/// Removes the flows of an address in any of `subnets` (a dual-stack network's two), in one
+/// walk of the tables.
+pub fn flush_networks(pins: &Pins, subnets: &[IpNet]) -> Result<usize> {
     flush_matching(pins, |e| {
-        [&e.original, &e.reply]
-            .iter()
-            .any(|k| ends(k).contains(&addr))
+        touches(e, |ip| subnets.iter().any(|net| net.contains(&ip)))
     })
 }
 
-/// Removes the flows of a network's containers.
-pub fn flush_network(pins: &Pins, subnet: Ipv4Net) -> Result<usize> {
-    flush_matching(pins, |e| {
-        [&e.original, &e.reply]
-            .iter()
-            .any(|k| ends(k).iter().any(|a| subnet.contains(&Ipv4Addr::from(*a))))
-    })
+/// Whether an end of either of the flow's tuples is an address `matches` picks.
+fn touches(e: &CtEntry, matches: impl Fn(IpAddr) -> bool) -> bool {
+    [&e.original, &e.reply]
+        .iter()
+        .any(|k| ends(k).into_iter().any(&matches))
 }
 
 fn flush_matching(pins: &Pins, matches: impl Fn(&CtEntry) -> bool) -> Result<usize> {
@@ -246,18 +305,25 @@ fn remove_keys(table: &mut Conntrack, keys: &[CtKey]) -> usize {
     keys.iter().filter(|key| table.remove(key).is_ok()).count()
 }
 
-fn ends(key: &CtKey) -> [[u8; 4]; 2] {
-    [v4_octets(&key.saddr), v4_octets(&key.daddr)]
+/// The source and destination of `key`, in its family.
+fn ends(key: &CtKey) -> [IpAddr; 2] {
+    [ip(&key.saddr, key.family), ip(&key.daddr, key.family)]
 }
 
-fn ip(addr: &Addr) -> Ipv4Addr {
-    Ipv4Addr::from(v4_octets(addr))
+/// The address `addr` of family `family` (`AF_INET6`, else IPv4).
+fn ip(addr: &Addr, family: u8) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(v6_octets(addr)))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(v4_octets(addr)))
+    }
 }
 
 fn tuple(key: &CtKey, packets: u64, bytes: u64) -> Tuple {
+    let [src, dst] = ends(key);
     Tuple {
-        src: ip(&key.saddr),
-        dst: ip(&key.daddr),
+        src,
+        dst,
         sport: key.sport,
         dport: key.dport,
         packets,
@@ -270,6 +336,7 @@ fn proto_name(proto: u8) -> &'static str {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         IPPROTO_ICMP => "icmp",
+        IPPROTO_ICMPV6 => "icmpv6",
         _ => "other",
     }
 }
@@ -320,6 +387,8 @@ fn monotonic_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use netd_common::datapath::{addr_v4, addr_v6};
+
     use super::*;
 
     /// A UDP flow last seen at 0 (timeout: `Timeouts::default().udp` seconds).
@@ -329,6 +398,138 @@ mod tests {
         let timeouts = Timeouts::default();
         let timeout_ns = u64::from(timeouts.udp) * NS_PER_SEC;
         (e, timeouts, timeout_ns)
+    }
+
+    const C4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    const C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 2);
+    const UPLINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x53);
+
+    fn key6(saddr: Ipv6Addr, sport: u16, daddr: Ipv6Addr, dport: u16) -> CtKey {
+        CtKey {
+            saddr: addr_v6(saddr.octets()),
+            daddr: addr_v6(daddr.octets()),
+            sport,
+            dport,
+            proto: IPPROTO_UDP,
+            family: AF_INET6,
+            _pad: [0; 2],
+        }
+    }
+
+    /// C6's flow to SERVER6, masqueraded to UPLINK6.
+    fn masqueraded6() -> CtEntry {
+        CtEntry {
+            original: key6(C6, 5000, SERVER6, 53),
+            reply: key6(SERVER6, 53, UPLINK6, 5000),
+            nat: CT_NAT_SNAT,
+            ..CtEntry::default()
+        }
+    }
+
+    /// C4's IPv4 flow to 198.18.0.53.
+    fn flow4() -> CtEntry {
+        let mut e = CtEntry::default();
+        e.original.saddr = addr_v4(C4.octets());
+        e.original.daddr = addr_v4([198, 18, 0, 53]);
+        e.original.family = AF_INET;
+        e.reply = e.original.reversed();
+        e.nat = CT_NAT_SNAT;
+        e
+    }
+
+    /// The endpoints C4 and C6 of one container (network 7, veth 42).
+    fn endpoint(key: &EndpointKey) -> Option<EndpointInfo> {
+        let ours = [
+            (addr_v4(C4.octets()), AF_INET),
+            (addr_v6(C6.octets()), AF_INET6),
+        ];
+        ours.contains(&(key.addr, key.family))
+            .then_some(EndpointInfo {
+                ifindex: 42,
+                network_id: 7,
+                ..EndpointInfo::default()
+            })
+    }
+
+    fn veth(ifindex: u32) -> Option<VethInfo> {
+        (ifindex == 42).then_some(VethInfo {
+            addr: addr_v4(C4.octets()),
+            network_id: 7,
+            ..VethInfo::default()
+        })
+    }
+
+    #[test]
+    fn v6_octets_undo_addr_v6() {
+        assert_eq!(v6_octets(&addr_v6(C6.octets())), C6.octets());
+    }
+
+    #[test]
+    fn ipv6_tuples_show_ipv6_addresses() {
+        let t = tuple(&masqueraded6().reply, 3, 300);
+        assert_eq!((t.src, t.dst), (IpAddr::V6(SERVER6), IpAddr::V6(UPLINK6)));
+        assert_eq!((t.sport, t.dport, t.packets, t.bytes), (53, 5000, 3, 300));
+        let t = tuple(&flow4().original, 0, 0);
+        assert_eq!(t.src, IpAddr::V4(C4));
+        assert_eq!(proto_name(IPPROTO_ICMPV6), "icmpv6");
+        assert_eq!(proto_name(IPPROTO_ICMP), "icmp");
+    }
+
+    #[test]
+    fn an_ipv6_flow_is_charged_to_its_containers_ipv4_cap_and_network() {
+        let v4 = Some((addr_v4(C4.octets()), AF_INET));
+        let expected = Charged {
+            container: v4,
+            network: Some(7),
+        };
+        assert_eq!(charged(&masqueraded6(), endpoint, veth), expected);
+        assert_eq!(charged(&flow4(), endpoint, veth), expected);
+        // A published port's flow: the container is the reply's source.
+        let mut published = masqueraded6();
+        published.nat = CT_NAT_DNAT;
+        published.original = key6(SERVER6, 53, UPLINK6, 8080);
+        published.reply = key6(C6, 80, SERVER6, 53);
+        assert_eq!(charged(&published, endpoint, veth), expected);
+    }
+
+    #[test]
+    fn an_ipv6_flow_of_no_known_container_is_charged_to_nobody() {
+        assert_eq!(
+            charged(&masqueraded6(), endpoint, |_| None),
+            Charged {
+                container: None,
+                network: Some(7),
+            }
+        );
+        assert_eq!(charged(&masqueraded6(), |_| None, veth), Charged::default());
+        // An IPv4 flow still counts against its address (the datapath's key needs no lookup).
+        assert_eq!(
+            charged(&flow4(), |_| None, veth).container,
+            Some((addr_v4(C4.octets()), AF_INET))
+        );
+    }
+
+    #[test]
+    fn flushes_match_addresses_and_subnets_of_the_flows_family() {
+        let e6 = masqueraded6();
+        assert!(touches(&e6, |ip| ip == IpAddr::V6(C6)));
+        assert!(touches(&e6, |ip| ip == IpAddr::V6(UPLINK6)));
+        assert!(!touches(&e6, |ip| ip == IpAddr::V4(C4)));
+        let subnet6: IpNet = "fd00:60::/64".parse().unwrap();
+        let subnet4: IpNet = "10.0.0.0/24".parse().unwrap();
+        assert!(touches(&e6, |ip| subnet6.contains(&ip)));
+        assert!(!touches(&e6, |ip| subnet4.contains(&ip)));
+        let e4 = flow4();
+        assert!(touches(&e4, |ip| subnet4.contains(&ip)));
+        assert!(!touches(&e4, |ip| subnet6.contains(&ip)));
+        // An IPv6 address whose last 96 bits are zero is not the IPv4 address of its first
+        // 32 (the same word 0 in the map).
+        let mut odd = masqueraded6();
+        odd.original.saddr =
+            addr_v6(Ipv6Addr::from([10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).octets());
+        odd.reply.daddr = odd.original.saddr;
+        assert!(!touches(&odd, |ip| ip == IpAddr::V4(C4)));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! What the datapath learns about the host (the calling thread's network namespace): the
 //! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
-//! the other interfaces with an IPv4 address (masqueraded through too),
-//! the ports masquerade may translate to, the namespace's cookie, and where cgroup v2 is
-//! mounted.
+//! the other interfaces with an IPv4 address (masqueraded through too), each interface's
+//! global IPv6 address (the NAT66 source), the ports masquerade may translate to, the
+//! namespace's cookie, and where cgroup v2 is mounted.
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -88,6 +88,36 @@ pub fn ipv4_interfaces() -> Result<Vec<Iface>> {
     }
     ifaces.sort_by_key(|i| i.index);
     Ok(ifaces)
+}
+
+/// The first global IPv6 address of `iface` (see [`global_ipv6_addrs`]), if it has one.
+pub fn first_global_ipv6(iface: &str) -> Result<Option<Ipv6Addr>> {
+    Ok(global_ipv6_addrs()?.remove(iface))
+}
+
+/// Each interface of the calling thread's namespace with a global IPv6 address, by name, with
+/// its first one (in the kernel's listing order): what NAT66 masquerades to there.
+pub fn global_ipv6_addrs() -> Result<HashMap<String, Ipv6Addr>> {
+    let mut addrs = HashMap::new();
+    for a in getifaddrs().context("list addresses")? {
+        let Some(ip) = a
+            .address
+            .and_then(|s| s.as_sockaddr_in6().map(|sin6| sin6.ip()))
+        else {
+            continue;
+        };
+        if is_global_ipv6(&ip) {
+            addrs.entry(a.interface_name).or_insert(ip);
+        }
+    }
+    Ok(addrs)
+}
+
+/// Whether `ip` can be a masqueraded flow's source beyond the link: not link-local
+/// (fe80::/10), loopback, multicast or unspecified. Unique local addresses (fc00::/7) count: a
+/// network behind the host may well route them.
+fn is_global_ipv6(ip: &Ipv6Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_unicast_link_local())
 }
 
 /// The interfaces of the calling thread's namespace that are netd's bridges, of either
@@ -207,6 +237,19 @@ mod tests {
         assert_eq!(outside_range(1024, 20000), (20001, 65535));
         // An ephemeral range reaching 65535 leaves the ports below it.
         assert_eq!(outside_range(50000, 65535), (1024, 49999));
+    }
+
+    #[test]
+    fn nat66_sources_are_global_and_unique_local_addresses() {
+        let global = |s: &str| is_global_ipv6(&s.parse().unwrap());
+        assert!(global("2001:2::1"));
+        assert!(global("fd00:60::1"));
+        assert!(global("fd4e:6574:6400::1"));
+        assert!(!global("fe80::1"));
+        assert!(!global("febf::1"));
+        assert!(!global("::1"));
+        assert!(!global("::"));
+        assert!(!global("ff02::1"));
     }
 
     #[test]

@@ -8,10 +8,10 @@ use ipnet::IpNet;
 use netd_common::datapath::{
     AF_INET, AF_INET6, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
     CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
-    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NETWORKS_MAP,
-    NETWORKS6_MAP, NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP,
-    PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo,
-    addr_v4, addr_v6,
+    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NAT6_ADDRS_MAP,
+    NETWORKS_MAP, NETWORKS6_MAP, NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED,
+    PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP,
+    VETHS_MAP, VethInfo, addr_v4, addr_v6,
 };
 
 use crate::bpf::Pins;
@@ -145,6 +145,23 @@ pub fn nat_ifaces(pins: &Pins) -> Result<NatIfaces> {
     Ok(HashMap::try_from(Map::HashMap(
         pins.open_map(NAT_IFACES_MAP)?,
     ))?)
+}
+
+/// `NAT6_ADDRS`: the IPv6 address NAT66 masquerades to on each interface that has one (the
+/// same layout as `NAT_IFACES`).
+pub fn nat6_addrs(pins: &Pins) -> Result<NatIfaces> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(NAT6_ADDRS_MAP)?,
+    ))?)
+}
+
+/// The `NAT6_ADDRS` value of an interface whose NAT66 address is `addr`.
+pub fn nat6_iface(addr: Ipv6Addr) -> NatIface {
+    NatIface {
+        addr: addr_v6(addr.octets()),
+        family: AF_INET6,
+        _pad: [0; 3],
+    }
 }
 
 /// The `NAT_IFACES` value of an interface whose masquerade address is `addr`.

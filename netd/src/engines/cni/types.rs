@@ -69,9 +69,8 @@ pub struct Config {
     pub subnet: Option<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,
     pub ip_range: Option<Ipv4Net>,
-    /// Dual-stack (on the eBPF datapath: with `internal` or without `masquerade`):
-    /// `subnet6`/`gateway6` as `--subnet`/`--gateway` of IPv6, a free ULA /64 without
-    /// `subnet6`.
+    /// Dual-stack (IPv6 `portMappings` need the iptables datapath): `subnet6`/`gateway6` as
+    /// `--subnet`/`--gateway` of IPv6, a free ULA /64 without `subnet6`.
     pub ipv6: Option<bool>,
     pub subnet6: Option<Ipv6Net>,
     pub gateway6: Option<Ipv6Addr>,
