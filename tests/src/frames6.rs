@@ -3,7 +3,7 @@
 
 use std::net::Ipv6Addr;
 
-use crate::frames::{eth, sum16};
+use crate::frames::{ETH_LEN, eth, sum16};
 
 const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const UDP: u8 = 17;
@@ -84,6 +84,17 @@ fn pseudo_header_sum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> u32
     pseudo.extend_from_slice(&(len as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, proto]);
     u32::from(sum16(&pseudo, 0))
+}
+
+/// Whether the upper-layer checksum of `frame` (an Ethernet frame of an IPv6 packet without
+/// extension headers) is right: what a receiver checks.
+pub fn l4_checksum_ok(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_LEN..];
+    let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let src: [u8; 16] = ip[8..24].try_into().unwrap();
+    let dst: [u8; 16] = ip[24..40].try_into().unwrap();
+    let seed = pseudo_header_sum(src.into(), dst.into(), ip[6], len);
+    sum16(&ip[40..40 + len], seed) == 0xffff
 }
 
 /// A UDP datagram with its checksum.

@@ -52,7 +52,19 @@ impl Bench {
     }
 
     pub fn with(timeouts: Timeouts, conntrack_max: u32) -> Self {
-        let env = TestEnv::new();
+        Self::in_env(TestEnv::new(), timeouts, conntrack_max)
+    }
+
+    /// [`Bench::new`] in a sandbox whose uplink has IPv6 too ([`TestEnv::dual_stack`]).
+    pub fn dual_stack() -> Self {
+        Self::in_env(
+            TestEnv::dual_stack(),
+            Timeouts::default(),
+            netd_common::datapath::CONNTRACK_DEFAULT_MAX,
+        )
+    }
+
+    fn in_env(env: TestEnv, timeouts: Timeouts, conntrack_max: u32) -> Self {
         let pins = Pins::open(&env.bpffs).unwrap();
         ip_in(
             &env,

@@ -1,7 +1,8 @@
 //! The container programs on crafted IPv6 frames (BPF_PROG_TEST_RUN), with the maps filled by
 //! the real driver: the extension-header walk, anti-spoofing of addresses and neighbour
-//! discovery, and the isolation rules, for dual-stack networks of each kind. Every drop is
-//! checked against its counter.
+//! discovery, and the isolation rules, for dual-stack networks of each kind; and NAT66 on the
+//! uplink, its checksums checked as a receiver would (a test run's packet has no checksum
+//! offload to hide a wrong one). Every drop is checked against its counter.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -9,11 +10,13 @@ use netd::{
     bpf::Pins,
     datapath::{Datapath as _, EndpointSpec, LinkSpec, NetworkSpec, Protocol, ebpf::EbpfDatapath},
 };
-use netd_common::datapath::{ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG};
+use netd_common::datapath::{
+    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+};
 use tests::{
-    frames::with_macs,
+    frames::{ETH_LEN, with_macs},
     frames6::*,
-    harness::OUTSIDE_ADDR6,
+    harness::{HOST_ADDR6, OUTSIDE_ADDR6},
     netdata::{BRIDGE, endpoint, network},
     progrun::{Bench, DROP, PASS, REDIRECT, Skb, host_veth},
 };
@@ -29,6 +32,15 @@ struct DualStack {
 impl DualStack {
     /// Network `id` (10.`id`.0.0/24, fd00:`id`::/64) with `icc`, `internal` and no masquerade.
     fn new(bench: &Bench, id: u8, icc: bool, internal: bool) -> Self {
+        Self::made(bench, id, icc, internal, false)
+    }
+
+    /// Network `id` as [`DualStack::new`]'s, masquerading (NAT66 for its IPv6).
+    fn masquerading(bench: &Bench, id: u8) -> Self {
+        Self::made(bench, id, true, false, true)
+    }
+
+    fn made(bench: &Bench, id: u8, icc: bool, internal: bool, masquerade: bool) -> Self {
         let net = NetworkSpec {
             id: u32::from(id),
             name: format!("n{id}"),
@@ -39,7 +51,7 @@ impl DualStack {
             gateway6: Some(addr6(id, 1)),
             icc,
             internal,
-            masquerade: false,
+            masquerade,
             ..network()
         };
         let ep = |host: u8, links: Vec<LinkSpec>| {
@@ -406,4 +418,113 @@ fn ipv6_from_beyond_reaches_only_a_routed_networks_containers() {
     let before = bench.stat("internal");
     assert_eq!(run(&internal.a), DROP);
     assert_eq!(bench.stat("internal"), before + 1);
+}
+
+/// ICMPv6 Packet Too Big, and TCP (for a header cut short).
+const PACKET_TOO_BIG: u8 = 2;
+const TCP: u8 = 6;
+
+/// Runs the NAT program `prog` on `frame`; expects it passed on with a valid upper-layer
+/// checksum, and returns what it left.
+fn nat66(bench: &Bench, prog: &str, frame: &[u8]) -> Vec<u8> {
+    let (verdict, out) = bench.run(prog, frame);
+    assert_eq!(verdict, PASS, "{prog} on {frame:02x?}");
+    assert!(
+        l4_checksum_ok(&out),
+        "{prog} left a bad checksum: {out:02x?}"
+    );
+    out
+}
+
+/// The IPv6 address at `off` of `bytes`.
+fn addr_at(bytes: &[u8], off: usize) -> Ipv6Addr {
+    <[u8; 16]>::try_from(&bytes[off..off + 16]).unwrap().into()
+}
+
+/// The source and destination of an IPv6 packet starting at `bytes`, and the ports after its
+/// fixed header.
+fn ends6(bytes: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    let port = |off: usize| u16::from_be_bytes([bytes[off], bytes[off + 1]]);
+    (addr_at(bytes, 8), port(40), addr_at(bytes, 24), port(42))
+}
+
+/// Asserts the NAT program `prog` drops `frame` and counts it under `reason`.
+fn nat66_drops(bench: &Bench, prog: &str, frame: &[u8], reason: &str) {
+    let before = bench.stat(reason);
+    assert_eq!(bench.run(prog, frame).0, DROP, "{prog}: {reason}");
+    assert_eq!(bench.stat(reason), before + 1, "{prog}: {reason} counted");
+}
+
+#[test]
+fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 6);
+    let a = ip6(&n.a);
+    let (out_addr, outside) = (HOST_ADDR6, OUTSIDE_ADDR6);
+
+    // A datagram out leaves from the host's address, its answer comes back to the container.
+    let query = frame(a, outside, &[], UDP, &dns(a, outside));
+    let out = nat66(&bench, UPLINK_EGRESS_PROG, &query);
+    let (src, nat_port, dst, dport) = ends6(&out[ETH_LEN..]);
+    assert_eq!((src, dst, dport), (out_addr, outside, 53));
+    let answer = udp(outside, 53, out_addr, nat_port, b"answer");
+    let back = nat66(
+        &bench,
+        UPLINK_INGRESS_PROG,
+        &frame(outside, out_addr, &[], UDP, &answer),
+    );
+    assert_eq!(ends6(&back[ETH_LEN..]), (outside, 53, a, 5000));
+
+    // A Packet Too Big about the datagram as it left: to the container, about what it sent.
+    let body = [&1280u32.to_be_bytes()[..], &out[ETH_LEN..]].concat();
+    let ptb = icmpv6(outside, out_addr, PACKET_TOO_BIG, 0, &body);
+    let back = nat66(
+        &bench,
+        UPLINK_INGRESS_PROG,
+        &frame(outside, out_addr, &[], ICMPV6, &ptb),
+    );
+    assert_eq!(addr_at(&back[ETH_LEN..], 24), a);
+    assert_eq!(ends6(&back[ETH_LEN + 48..]), (a, 5000, outside, 53));
+
+    // An echo request leaves from the host's address too.
+    let echo = icmpv6(
+        a,
+        outside,
+        128,
+        0,
+        &[0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'],
+    );
+    let out = nat66(
+        &bench,
+        UPLINK_EGRESS_PROG,
+        &frame(a, outside, &[], ICMPV6, &echo),
+    );
+    assert_eq!(addr_at(&out[ETH_LEN..], 8), out_addr);
+
+    // What NAT66 can't translate never leaves with the container's address.
+    let fragment = Ext::Fragment {
+        offset: 0,
+        more: true,
+    };
+    let routed = Ext::Routing { segments_left: 1 };
+    for (ext, proto, l4, reason) in [
+        (&[fragment][..], UDP, dns(a, outside), "fragment"),
+        (&[routed][..], UDP, dns(a, outside), "ipv6_header"),
+        (&[][..], TCP, vec![0u8; 12], "truncated_l4"),
+    ] {
+        let f = frame(a, outside, ext, proto, &l4);
+        nat66_drops(&bench, UPLINK_EGRESS_PROG, &f, reason);
+    }
+    // Nothing reaches it unasked: a new flow, an error about no flow of it.
+    let knock = frame(outside, a, &[], UDP, &udp(outside, 53, a, 5000, b"knock"));
+    nat66_drops(&bench, UPLINK_INGRESS_PROG, &knock, "unsolicited");
+    let never_sent = frame(a, outside, &[], UDP, &udp(a, 6000, outside, 53, b"?"));
+    let body = [&1280u32.to_be_bytes()[..], &never_sent[ETH_LEN..]].concat();
+    let ptb = icmpv6(outside, a, PACKET_TOO_BIG, 0, &body);
+    let stray = frame(outside, a, &[], ICMPV6, &ptb);
+    nat66_drops(&bench, UPLINK_INGRESS_PROG, &stray, "icmp_no_flow");
+
+    // The host's own IPv6 is none of NAT66's business.
+    let own = frame(out_addr, outside, &[], UDP, &dns(out_addr, outside));
+    assert_eq!(bench.run(UPLINK_EGRESS_PROG, &own), (PASS, own));
 }

@@ -263,21 +263,10 @@ pub fn flush(pins: &Pins) -> Result<usize> {
     flush_matching(pins, |_| true)
 }
 
-/// Removes the flows of a container address (of either family).
-pub fn flush_address(pins: &Pins, ip: IpAddr) -> Result<usize> {
-    flush_addresses(pins, &[ip])
-}
-
 /// Removes the flows of any of a container's addresses (a dual-stack one has two), in one
 /// walk of the tables.
 pub fn flush_addresses(pins: &Pins, ips: &[IpAddr]) -> Result<usize> {
     flush_matching(pins, |e| touches(e, |ip| ips.contains(&ip)))
-}
-
-/// Removes the flows of a network's containers: those of an address in `subnet` (of either
-/// family).
-pub fn flush_network(pins: &Pins, subnet: IpNet) -> Result<usize> {
-    flush_networks(pins, &[subnet])
 }
 
 /// Removes the flows of an address in any of `subnets` (a dual-stack network's two), in one

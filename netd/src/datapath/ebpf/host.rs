@@ -90,11 +90,6 @@ pub fn ipv4_interfaces() -> Result<Vec<Iface>> {
     Ok(ifaces)
 }
 
-/// The first global IPv6 address of `iface` (see [`global_ipv6_addrs`]), if it has one.
-pub fn first_global_ipv6(iface: &str) -> Result<Option<Ipv6Addr>> {
-    Ok(global_ipv6_addrs()?.remove(iface))
-}
-
 /// Each interface of the calling thread's namespace with a global IPv6 address, by name, with
 /// its first one (in the kernel's listing order): what NAT66 masquerades to there.
 pub fn global_ipv6_addrs() -> Result<HashMap<String, Ipv6Addr>> {
