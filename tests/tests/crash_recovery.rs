@@ -240,7 +240,7 @@ fn container_create_dual_stack(env: &TestEnv) -> Scenario {
 }
 
 /// A dual-stack container with a link on a routed network (eBPF datapath: the IPv6
-/// `ENDPOINTS` and `LINKS` entries; no IPv6 port is published there).
+/// `ENDPOINTS` and `LINKS` entries).
 fn container_create_dual_stack_routed(env: &TestEnv) -> Scenario {
     let (db, c) = (env.name("db"), env.name("c"));
     let create = format!("container create {c} --network n --link {db}");

@@ -1,8 +1,9 @@
 //! Dual-stack networks with real IPv6 packets: the sandbox's uplink carries IPv6 (2001:2::/64)
 //! and the outside namespace is reached only through it. The iptables datapath does all of
-//! it; the eBPF datapath enforces the isolation rules for IPv6 and masquerades a network's
+//! it; the eBPF datapath enforces the isolation rules for IPv6, masquerades a network's
 //! outbound IPv6 to the uplink's address (NAT66: TCP, UDP, ICMPv6 echo and the errors about
-//! them), but publishes no IPv6 port.
+//! them) and publishes IPv6 ports to what arrives from outside (not yet from the host or
+//! through a host address from containers, nor on `[::1]`, which it refuses).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -11,11 +12,12 @@ use std::{
     time::Duration,
 };
 
+use netd_common::datapath::{PUBLISH_ALLOW_MAP, PUBLISHED_MAP};
 use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     cli::{
         Ctr, TIMEOUT, assert_echoed, connect_error, create, echo_server, echo_servers, flows,
-        output_in, pings, stat,
+        map_entries, output_in, pings, stat,
     },
     frames::{ETH_LEN, send_raw, with_macs},
     frames6,
@@ -140,7 +142,12 @@ fn udp_in(env: &TestEnv, ns: &Path, addr: SocketAddr) -> UdpSocket {
 /// Sends "question" from `client` to `server` and the answer back to whom it came from, each
 /// of which must arrive; the peer `server` saw.
 fn udp_round_trip(client: &UdpSocket, server: &UdpSocket) -> SocketAddr {
-    let to = server.local_addr().unwrap();
+    udp_round_trip_via(client, server, server.local_addr().unwrap())
+}
+
+/// [`udp_round_trip`] through `to` (a published port of `server`'s): the answer must come
+/// back from `to`.
+fn udp_round_trip_via(client: &UdpSocket, server: &UdpSocket, to: SocketAddr) -> SocketAddr {
     let mut buf = [0u8; 64];
     client.send_to(b"question", to).unwrap();
     let (n, peer) = server.recv_from(&mut buf).expect("the question arrives");
@@ -344,13 +351,29 @@ fn ipv6_fragments_through_nat66_are_dropped_and_counted_on_the_ebpf_datapath() {
 
 #[test]
 fn a_port_published_on_one_ipv6_address_answers_there_only() {
+    published_on_one_ipv6_address("iptables");
+}
+
+#[test]
+fn a_port_published_on_one_ipv6_address_answers_there_only_on_the_ebpf_datapath() {
+    published_on_one_ipv6_address("ebpf");
+}
+
+/// Another address of the host's uplink, besides [`HOST_ADDR6`].
+const HOST_ADDR6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
+
+/// A port published on [`HOST_ADDR6`] on `datapath` answers from outside there, and neither
+/// on the host's IPv4 address nor on its other IPv6 one.
+fn published_on_one_ipv6_address(datapath: &str) {
     let env = TestEnv::dual_stack();
-    dual_stack_network(&env, "n6", &[]);
+    dual_stack_network_on(&env, datapath, "n6", &[]);
     let web = create(
         &env,
         "web",
         &["--network", "n6", "-p", &format!("[{HOST_ADDR6}]:8080:80")],
     );
+    // Added once the network is made: HOST_ADDR6 stays the uplink's NAT66 address.
+    add_addr6(&env, &env.host_ns(), UPLINK, HOST_ADDR6_2);
     let listing = env.netd_ok(&["container", "ls"]);
     assert!(
         listing.contains(&format!("80/tcp -> [{HOST_ADDR6}]:8080")),
@@ -359,12 +382,245 @@ fn a_port_published_on_one_ipv6_address_answers_there_only() {
     let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
     let outside = env.outside_ns();
     assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
+    assert_eq!(
+        server.join().unwrap().ip(),
+        IpAddr::from(OUTSIDE_ADDR6),
+        "{datapath}: not translated"
+    );
+    // Nothing listens on the host itself: the host's other addresses to the same port find no
+    // DNAT and are refused.
+    for other in [IpAddr::from(HOST_ADDR), IpAddr::from(HOST_ADDR6_2)] {
+        assert_eq!(
+            connect_error(&env, &outside, sock(other, 8080)),
+            ErrorKind::ConnectionRefused,
+            "{datapath}: {other}"
+        );
+    }
+}
+
+/// Adds `addr`/64 to `link` in `ns`, usable at once (no duplicate address detection).
+fn add_addr6(env: &TestEnv, ns: &Path, link: &str, addr: Ipv6Addr) {
+    let cidr = format!("{addr}/64");
+    output_in(
+        env,
+        ns,
+        "ip",
+        &["-6", "addr", "add", &cidr, "dev", link, "nodad"],
+    );
+}
+
+#[test]
+fn a_dual_stack_container_is_reached_from_outside_over_both_families_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(
+        &env,
+        "ebpf",
+        "n6",
+        &["--subnet", "10.67.0.0/24", "--subnet", "fd00:67::/64"],
+    );
+    let web = create(
+        &env,
+        "web",
+        &["--network", "n6", "-p", "8080:80", "-p", "5353:53/udp"],
+    );
+    let web6 = ip6(&env, &web);
+    // Both families' sides of both ports.
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 4);
+    let outside = env.outside_ns();
+
+    // TCP on the host's address of each family, DNATed: the container sees the client's own
+    // address (no source NAT on the way in).
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
+    assert_echoed(&env, &outside, sock(HOST_ADDR, 8080));
+    // The server's socket is IPv6: IPv4 peers show v4-mapped.
+    let peers: Vec<IpAddr> = server
+        .join()
+        .unwrap()
+        .iter()
+        .map(|p| p.ip().to_canonical())
+        .collect();
+    assert_eq!(
+        peers,
+        [IpAddr::from(OUTSIDE_ADDR6), IpAddr::from(OUTSIDE_ADDR)]
+    );
+    // The IPv6 flow as `netd conntrack ls` lists it: to the host's address, answered from the
+    // container's.
+    let flows = flows_of(&env, web6);
+    let flow = flows
+        .iter()
+        .find(|f| f["proto"] == "tcp")
+        .unwrap_or_else(|| panic!("no tcp flow of {web6}: {flows:?}"));
+    assert_eq!(flow["nat"], "dnat", "{flow}");
+    assert_eq!(flow["original"]["src"], OUTSIDE_ADDR6.to_string(), "{flow}");
+    assert_eq!(flow["original"]["dst"], HOST_ADDR6.to_string(), "{flow}");
+    assert_eq!(flow["original"]["dport"], 8080, "{flow}");
+    assert_eq!(flow["reply"]["src"], web6.to_string(), "{flow}");
+
+    // UDP over IPv6: the question arrives from the client's address, the answer comes back
+    // from the published port.
+    let inbox = udp_in(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 53));
+    let client = udp_in(&env, &outside, sock(OUTSIDE_ADDR6, 0));
+    let peer = udp_round_trip_via(&client, &inbox, sock(HOST_ADDR6, 5353));
+    assert_eq!(peer, client.local_addr().unwrap());
+
+    // Unpublished, both sides go; the port meets the host, where nothing listens.
+    env.netd_ok(&["unpublish", &web.name, "8080:80"]);
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 2);
+    for host in [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)] {
+        assert_eq!(
+            connect_error(&env, &outside, sock(host, 8080)),
+            ErrorKind::ConnectionRefused,
+            "{host}"
+        );
+    }
+    // Published again, it answers again.
+    env.netd_ok(&["publish", &web.name, "-p", "8080:80"]);
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 4);
+    let server = echo_server(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
     server.join().unwrap();
-    // Nothing listens on the host itself: IPv4 to the same port finds no DNAT and is refused.
+
+    // Gone without a trace: its ports, its flows.
+    env.netd_ok(&["container", "rm", &web.name]);
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 0);
+    let left = flows_of(&env, web6);
+    assert!(left.is_empty(), "{left:?}");
+    env.netd_ok(&["network", "rm", "n6"]);
+}
+
+/// A second address of the outside namespace's, beyond the ranges the tests allow but
+/// [`ALLOWED6`].
+const OUTSIDE_ADDR6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x77);
+/// A range holding [`OUTSIDE_ADDR6_2`] and not [`OUTSIDE_ADDR6`].
+const ALLOWED6: &str = "2001:2::40/122";
+
+/// Connects from `ns` to `to` from the local address `from`, sends "netd" and returns what
+/// came back; a connection not made within [`TIMEOUT`] is `TimedOut`.
+fn tcp_echo_from(
+    env: &TestEnv,
+    ns: &Path,
+    from: Ipv6Addr,
+    to: SocketAddr,
+) -> std::io::Result<String> {
+    use nix::{
+        errno::Errno,
+        sys::{
+            socket::{
+                AddressFamily, SockFlag, SockType, SockaddrIn6, bind, connect, setsockopt, socket,
+                sockopt,
+            },
+            time::{TimeVal, TimeValLike as _},
+        },
+    };
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V6(to) = to else {
+        panic!("{to} is no IPv6 address")
+    };
+    env.in_ns(ns, || {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // A blocking connect gives up after the send timeout (EINPROGRESS).
+        let timeout = TimeVal::milliseconds(TIMEOUT.as_millis().try_into().unwrap());
+        setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
+        let local = std::net::SocketAddrV6::new(from, 0, 0, 0);
+        bind(fd.as_raw_fd(), &SockaddrIn6::from(local))?;
+        match connect(fd.as_raw_fd(), &SockaddrIn6::from(to)) {
+            Err(Errno::EINPROGRESS) => return Err(ErrorKind::TimedOut.into()),
+            done => done?,
+        }
+        let mut conn = TcpStream::from(fd);
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        conn.write_all(b"netd")?;
+        let mut buf = [0u8; 16];
+        let n = conn.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+#[test]
+fn publish_allow_takes_ipv6_ranges_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(&env, "ebpf", "n6", &[]);
+    let outside = env.outside_ns();
+    add_addr6(&env, &outside, OUTSIDE_LINK, OUTSIDE_ADDR6_2);
+    // One IPv6 address, and no IPv4 range: no IPv4 source at all.
+    let one = create(
+        &env,
+        "one",
+        &[
+            "--network",
+            "n6",
+            "-p",
+            "8080:80",
+            "--publish-allow",
+            &format!("{OUTSIDE_ADDR6}/128"),
+        ],
+    );
+    // A range of each family.
+    let range = create(
+        &env,
+        "range",
+        &[
+            "--network",
+            "n6",
+            "-p",
+            "8081:80",
+            "--publish-allow",
+            ALLOWED6,
+            "--publish-allow",
+            "198.18.0.0/24",
+        ],
+    );
+    let one_server = echo_server(&env, &one.ns, sock(Ipv6Addr::UNSPECIFIED, 80));
+    let range_server = echo_servers(&env, &range.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
+    let denied = stat(&env, "publish_denied");
+
+    let echo = |from, port| tcp_echo_from(&env, &outside, from, sock(HOST_ADDR6, port));
+    assert_eq!(echo(OUTSIDE_ADDR6, 8080).unwrap(), "netd");
+    assert_eq!(
+        echo(OUTSIDE_ADDR6_2, 8080).unwrap_err().kind(),
+        ErrorKind::TimedOut,
+        "outside the range"
+    );
     assert_eq!(
         connect_error(&env, &outside, sock(HOST_ADDR, 8080)),
-        ErrorKind::ConnectionRefused
+        ErrorKind::TimedOut,
+        "IPv4, of which no range is allowed"
     );
+    assert_eq!(echo(OUTSIDE_ADDR6_2, 8081).unwrap(), "netd");
+    assert_eq!(
+        echo(OUTSIDE_ADDR6, 8081).unwrap_err().kind(),
+        ErrorKind::TimedOut,
+        "outside {ALLOWED6}"
+    );
+    assert_echoed(&env, &outside, sock(HOST_ADDR, 8081));
+    // Each refused connection counted (its SYN and retransmissions).
+    let counted = stat(&env, "publish_denied") - denied;
+    assert!(counted >= 3, "publish_denied grew by {counted}");
+    // What got in came from the client's own address.
+    assert_eq!(one_server.join().unwrap().ip(), IpAddr::from(OUTSIDE_ADDR6));
+    let peers: Vec<IpAddr> = range_server
+        .join()
+        .unwrap()
+        .iter()
+        .map(|p| p.ip().to_canonical())
+        .collect();
+    assert_eq!(
+        peers,
+        [IpAddr::from(OUTSIDE_ADDR6_2), IpAddr::from(OUTSIDE_ADDR)]
+    );
+
+    // The ranges go with their containers.
+    for c in [&one, &range] {
+        env.netd_ok(&["container", "rm", &c.name]);
+    }
+    assert_eq!(map_entries(&env, PUBLISH_ALLOW_MAP), 0);
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 0);
 }
 
 #[test]
@@ -441,8 +697,9 @@ fn icc_links_and_internal_hold_for_ipv6(datapath: &str, quiet_args: &[&str]) {
     assert_no_rules_left(&env);
 }
 
-/// What the eBPF datapath's refusal of a port published over IPv6 says, among the rest.
-const NO_IPV6_PORT_ON_EBPF: &str = "publishes over IPv4 only";
+/// What the eBPF datapath's refusal of a port published on the IPv6 loopback says, among the
+/// rest.
+const NO_IPV6_LOOPBACK_ON_EBPF: &str = "doesn't publish on IPv6 loopback";
 
 #[test]
 fn ipv6_is_refused_where_it_would_not_be_enforced() {
@@ -474,8 +731,8 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             "{args:?}: {err}"
         );
     }
-    // A masquerading dual-stack network is made on the eBPF datapath too (NAT66), but no
-    // port is published over IPv6 there.
+    // A masquerading dual-stack network is made on the eBPF datapath too (NAT66), whose
+    // programs publish no port on the IPv6 loopback (host processes don't reach IPv6 ports).
     env.netd_ok(&["network", "create", "n6", "--ipv6"]);
     env.netd_ok(&["--datapath", "iptables", "network", "create", "v4"]);
     for (args, why) in [
@@ -495,10 +752,14 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             ],
             "--publish-allow 2001:db8::/32",
         ),
-        (&["--network", "n6", "-p", "8080:80"], NO_IPV6_PORT_ON_EBPF),
         (
-            &["--network", "n6", "-p", "[::]:8080:80"],
-            NO_IPV6_PORT_ON_EBPF,
+            &["--network", "n6", "-p", "[::1]:8080:80"],
+            NO_IPV6_LOOPBACK_ON_EBPF,
+        ),
+        // Beside a port it would publish: neither is.
+        (
+            &["--network", "n6", "-p", "8080:80", "-p", "[::1]:8081:80"],
+            NO_IPV6_LOOPBACK_ON_EBPF,
         ),
     ] {
         let err = env.netd_err(&[&["container", "create", "c"][..], args].concat());
@@ -509,8 +770,26 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
     }
     let listing = env.netd_json(&["container", "ls", "--json"]);
     assert_eq!(listing, serde_json::json!([]), "nothing half-made");
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 0, "nothing half-made");
     let networks = env.netd_json(&["network", "ls", "--json"]);
     assert_eq!(networks.as_array().unwrap().len(), 2, "{networks}");
+
+    // Any other IPv6 side of a port is published there: on every address, on every IPv6
+    // one; `netd publish` refuses the loopback as create does.
+    let c = create(
+        &env,
+        "c",
+        &["--network", "n6", "-p", "8080:80", "-p", "[::]:8081:80"],
+    );
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 3);
+    let err = env.netd_err(&["publish", &c.name, "-p", "[::1]:8082:80"]);
+    assert!(
+        err.contains(NO_IPV6_LOOPBACK_ON_EBPF) && !err.trim().contains('\n'),
+        "{err}"
+    );
+    let ports = env.netd_ok(&["port", &c.name]);
+    assert!(!ports.contains("8082"), "{ports}");
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 3);
 }
 
 /// A network beyond the outside one, behind a link whose outside end has IPv6's minimum MTU
@@ -855,7 +1134,8 @@ fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules
     assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(web6));
 
-    // No IPv6 port is published on this datapath yet: refused, nothing half-made.
+    // No port is published on the IPv6 loopback on this datapath: refused, nothing
+    // half-made.
     let err = env.netd_err(&[
         "container",
         "create",
@@ -863,10 +1143,10 @@ fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules
         "--network",
         "r6",
         "-p",
-        "8080:80",
+        "[::1]:8080:80",
     ]);
     assert!(
-        err.contains(NO_IPV6_PORT_ON_EBPF) && !err.trim().contains('\n'),
+        err.contains(NO_IPV6_LOOPBACK_ON_EBPF) && !err.trim().contains('\n'),
         "{err}"
     );
     let listing = env.netd_json(&["container", "ls", "--json"]);

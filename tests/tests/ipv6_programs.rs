@@ -8,7 +8,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netd::{
     bpf::Pins,
-    datapath::{Datapath as _, EndpointSpec, LinkSpec, NetworkSpec, Protocol, ebpf::EbpfDatapath},
+    datapath::{
+        Datapath as _, EndpointSpec, LinkSpec, NetworkSpec, PortSpec, Protocol, ebpf::EbpfDatapath,
+    },
 };
 use netd_common::datapath::{
     ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
@@ -16,8 +18,8 @@ use netd_common::datapath::{
 use tests::{
     frames::{ETH_LEN, with_macs},
     frames6::*,
-    harness::{HOST_ADDR6, OUTSIDE_ADDR6},
-    netdata::{BRIDGE, endpoint, network},
+    harness::{HOST_ADDR6, OUTSIDE_ADDR6, UPLINK},
+    netdata::{BRIDGE, endpoint, network, port},
     progrun::{Bench, DROP, PASS, REDIRECT, Skb, host_veth},
 };
 
@@ -427,7 +429,7 @@ const TCP: u8 = 6;
 /// Runs the NAT program `prog` on `frame`; expects it passed on with a valid upper-layer
 /// checksum, and returns what it left.
 fn nat66(bench: &Bench, prog: &str, frame: &[u8]) -> Vec<u8> {
-    let (verdict, out) = bench.run(prog, frame);
+    let (verdict, out) = bench.run_on(prog, frame, UPLINK);
     assert_eq!(verdict, PASS, "{prog} on {frame:02x?}");
     assert!(
         l4_checksum_ok(&out),
@@ -451,7 +453,11 @@ fn ends6(bytes: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
 /// Asserts the NAT program `prog` drops `frame` and counts it under `reason`.
 fn nat66_drops(bench: &Bench, prog: &str, frame: &[u8], reason: &str) {
     let before = bench.stat(reason);
-    assert_eq!(bench.run(prog, frame).0, DROP, "{prog}: {reason}");
+    assert_eq!(
+        bench.run_on(prog, frame, UPLINK).0,
+        DROP,
+        "{prog}: {reason}"
+    );
     assert_eq!(bench.stat(reason), before + 1, "{prog}: {reason} counted");
 }
 
@@ -526,5 +532,71 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
 
     // The host's own IPv6 is none of NAT66's business.
     let own = frame(out_addr, outside, &[], UDP, &dns(out_addr, outside));
-    assert_eq!(bench.run(UPLINK_EGRESS_PROG, &own), (PASS, own));
+    assert_eq!(bench.run_on(UPLINK_EGRESS_PROG, &own, UPLINK), (PASS, own));
+}
+
+#[test]
+fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 7);
+    let (a, b) = (ip6(&n.a), ip6(&n.b));
+    let (host, outside) = (HOST_ADDR6, OUTSIDE_ADDR6);
+    let published = |host_port: u16, allow: &[&str]| PortSpec {
+        network_id: n.net.id,
+        container_ip6: n.a.ip6,
+        allow: allow.iter().map(|range| range.parse().unwrap()).collect(),
+        ..port(Protocol::Udp, None, host_port, n.a.ip, 53)
+    };
+    // As netd's bridge driver does for a dual-stack network: the FIB, which tells the
+    // program whether a destination is one of the host's, answers on forwarding interfaces.
+    let host_ns = bench.env.host_ns();
+    netd::netlink::set_sysctl(Some(&host_ns), "net.ipv6.conf.all.forwarding", "1").unwrap();
+    let pins = Pins::open(&bench.env.bpffs).unwrap();
+    bench.env.in_ns(&host_ns, || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        let ports = [
+            published(5353, &["10.0.0.0/8", "2001:2::1/128"]),
+            published(5354, &[]),
+        ];
+        dp.publish(&n.net, &ports).unwrap();
+    });
+
+    // A query to the host's address reaches the container, its answer leaves from the host.
+    let query = udp(outside, 4000, host, 5353, b"query");
+    let dnat = bench.stat("dnat_new");
+    let back = nat66(
+        &bench,
+        UPLINK_INGRESS_PROG,
+        &frame(outside, host, &[], UDP, &query),
+    );
+    assert_eq!(ends6(&back[ETH_LEN..]), (outside, 4000, a, 53));
+    assert_eq!(bench.stat("dnat_new"), dnat + 1);
+    let answer = udp(a, 53, outside, 4000, b"answer");
+    let out = nat66(
+        &bench,
+        UPLINK_EGRESS_PROG,
+        &frame(a, outside, &[], UDP, &answer),
+    );
+    assert_eq!(ends6(&out[ETH_LEN..]), (host, 5353, outside, 4000));
+
+    // Not from a source outside the port's ranges, nor one that can't be from outside (the
+    // network's other container, the host itself), nor to an address that isn't the host's.
+    let stranger: Ipv6Addr = "2001:db8::9".parse().unwrap();
+    let to = |src: Ipv6Addr, dst: Ipv6Addr, port: u16| {
+        frame(src, dst, &[], UDP, &udp(src, 4000, dst, port, b"?"))
+    };
+    nat66_drops(
+        &bench,
+        UPLINK_INGRESS_PROG,
+        &to(stranger, host, 5353),
+        "publish_denied",
+    );
+    for src in [b, host] {
+        nat66_drops(&bench, UPLINK_INGRESS_PROG, &to(src, host, 5354), "martian");
+    }
+    let elsewhere = to(outside, stranger, 5354);
+    assert_eq!(
+        bench.run_on(UPLINK_INGRESS_PROG, &elsewhere, UPLINK),
+        (PASS, elsewhere)
+    );
 }

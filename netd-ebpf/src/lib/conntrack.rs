@@ -31,7 +31,7 @@ use netd_common::datapath::{
     CT_LIMITS_MAX, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW, CT_REWRITE_BOTH,
     CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config,
     CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    Stat, TcpWindow, Timeouts,
+    PublishedTarget, Stat, TcpWindow, Timeouts,
 };
 
 use super::{
@@ -472,26 +472,27 @@ pub fn start_snat<F: Tracked>(
     Ok(port)
 }
 
-/// Starts a flow to a published port: `key` arrives for host:port and goes to `target`:
-/// `target_port`. Returns the rewrite for this packet.
+/// Starts a flow to a published port: `key` arrives for host:port and goes to `target`
+/// (`target.addr`: `target.port`), the container whose IPv4 address is `container` (its flows
+/// are counted there).
 #[inline(always)]
-pub fn start_dnat(
+pub fn start_dnat<F: Tracked>(
     ctx: &TcContext,
     key: &CtKey,
-    flow: &Flow,
-    target: u32,
-    target_port: u16,
+    flow: &F,
+    target: &PublishedTarget,
+    container: u32,
     now: u64,
     cfg: &Config,
-) -> Result<Rewrite, Stat> {
-    charge(target)?;
+) -> Result<(), Stat> {
+    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_DNAT;
     // The reply entry: from the container back to the client, rewritten to host:port.
     e.reply = CtKey {
-        saddr: v4(target),
+        saddr: target.addr,
         daddr: key.saddr,
-        sport: target_port,
+        sport: target.port,
         dport: key.sport,
         ..*key
     };
@@ -500,18 +501,13 @@ pub fn start_dnat(
     e.nat_addr = key.daddr;
     e.nat_port = key.dport;
     // The client picked its port: the tuple is free or the flow is refused.
-    claim_reply_tuple::<Flow>(ctx, e, false, now, cfg)?;
+    claim_reply_tuple::<F>(ctx, e, false, now, cfg)?;
     // The original entry: from the client, rewritten to the container.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_DST;
-    e.nat_addr = v4(target);
-    e.nat_port = target_port;
-    insert_original(key, e)?;
-    Ok(Rewrite {
-        src: false,
-        addr: target,
-        port: target_port,
-    })
+    e.nat_addr = target.addr;
+    e.nat_port = target.port;
+    insert_original(key, e)
 }
 
 /// Starts a hairpin flow: `key` goes from a container to host:port, published as `target`:

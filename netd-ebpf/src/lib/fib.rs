@@ -24,7 +24,7 @@ use network_types::ip::Ipv4Hdr;
 
 use super::{
     csum::IP_CSUM_OFF,
-    maps,
+    ipv6, maps,
     parse::{Frame as _, L3_OFF},
 };
 
@@ -197,6 +197,37 @@ pub fn route6(ctx: &TcContext, bridge_ifindex: u32, src: Addr, dst: Addr, proto:
         ) => Route6::Stack,
         _ => Route6::Unknown,
     }
+}
+
+/// Whether `addr` is one of the host's own IPv6 addresses, as the FIB says for a packet to it
+/// arriving on the skb's interface (a local route: not forwarded). The lookup answers only on
+/// an interface that forwards IPv6 (netd turns forwarding on with a dual-stack network); a
+/// multicast or link-local address never counts (the lookup doesn't forward those either).
+#[inline(never)]
+pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
+    if ipv6::is_multicast(addr) || ipv6::is_link_local(addr) {
+        return false;
+    }
+    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: as in `lookup`.
+    let fib = unsafe {
+        zero_words(&mut fib);
+        fib.assume_init_mut()
+    };
+    fib.family = AF_INET6;
+    fib.__bindgen_anon_4.ipv6_dst = *addr;
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: `fib` lives across the call, its size is passed with it.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
 /// [`Route`] for IPv6, naming only the interface.

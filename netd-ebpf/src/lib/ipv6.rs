@@ -299,6 +299,12 @@ pub fn is_link_scope(addr: &Addr) -> bool {
     is_link_local(addr) || b[0] == 0xff && b[1] & 0x0f == 2
 }
 
+/// The loopback address (::1).
+#[inline(always)]
+pub fn is_loopback(addr: &Addr) -> bool {
+    addr[0] | addr[1] | addr[2] == 0 && addr[3] == u32::from_be(1)
+}
+
 /// The unspecified address (::), the source of duplicate address detection.
 #[inline(always)]
 pub fn is_unspecified(addr: &Addr) -> bool {

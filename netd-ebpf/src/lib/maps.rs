@@ -186,23 +186,36 @@ pub fn published(
     (also_host || is_host_addr(daddr, cfg)).then_some(target)
 }
 
-/// Whether a port is published on IPv6 address `daddr` or on every address (a NAT66 reply
-/// tuple's destination, the only caller's, is one of the host's).
+/// The container port published on IPv6 address `addr` (all zero: on every address).
 #[inline(always)]
-pub fn published6(daddr: Addr, port: u16, proto: u8) -> bool {
-    let mut key = PublishedKey {
-        addr: daddr,
+pub fn published6(addr: &Addr, port: u16, proto: u8) -> Option<PublishedTarget> {
+    let key = PublishedKey {
+        addr: *addr,
         port,
         proto,
         family: AF_INET6,
     };
     // SAFETY: as above.
-    if unsafe { PUBLISHED.get(&key) }.is_some() {
+    unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// [`publish_allows`] for an IPv6 source.
+#[inline(always)]
+pub fn publish_allows6(target: &PublishedTarget, proto: u8, saddr: Addr) -> bool {
+    if target.flags & PUBLISH_RESTRICTED == 0 {
         return true;
     }
-    key.addr = [0; 4];
-    // SAFETY: as above.
-    unsafe { PUBLISHED.get(&key) }.is_some()
+    let key = Key::new(
+        PublishAllowKey::TARGET_BITS + 128,
+        PublishAllowKey {
+            target: target.addr,
+            port: target.port,
+            proto,
+            family: AF_INET6,
+            src: saddr,
+        },
+    );
+    PUBLISH_ALLOW.get(&key).is_some()
 }
 
 /// Whether `addr` (wire byte order) is one of the host namespace's addresses: the uplink's,

@@ -109,7 +109,12 @@ impl Tracked for Flow6 {
 
     #[inline(always)]
     fn published(reply: &CtKey, _cfg: &Config) -> bool {
-        reply.proto != IPPROTO_ICMPV6 && maps::published6(reply.daddr, reply.dport, reply.proto)
+        // The reply tuple's destination is one of the host's addresses: a port published on
+        // every address is published there too.
+        reply.proto != IPPROTO_ICMPV6
+            && [reply.daddr, [0; 4]]
+                .iter()
+                .any(|addr| maps::published6(addr, reply.dport, reply.proto).is_some())
     }
 
     #[inline(always)]

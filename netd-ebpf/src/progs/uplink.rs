@@ -19,9 +19,9 @@
 //!
 //! IPv6 goes the same way in programs of its own (`uplink_egress6`, `uplink_ingress6`,
 //! reached by a tail call): NAT66, masquerading to the interface's IPv6 address
-//! (`NAT6_ADDRS`), with ICMPv6 errors (Packet Too Big above all) translated; no port is
-//! published over IPv6 here yet, and no IPv6 fast path (the stack delivers). IPv6 fragments
-//! are not translated: dropped when they are a container's.
+//! (`NAT6_ADDRS`), ports published over IPv6 DNATed, ICMPv6 errors (Packet Too Big above
+//! all) translated; no IPv6 fast path (the stack delivers). IPv6 fragments are not
+//! translated: dropped when they are a container's.
 //!
 //! Fail closed: a packet to a container of a masquerading or internal network that is not
 //! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
@@ -37,7 +37,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    Addr, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
+    Addr, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, PublishedTarget,
+    Stat,
 };
 use network_types::eth::{EthHdr, EtherType};
 
@@ -46,7 +47,7 @@ use crate::lib::{
     events::{self, Tuple, Tuple6},
     fib, frag,
     inbound::{Inbound, inbound},
-    maps, nat,
+    ipv6, maps, nat,
     nat66::{self, Flow6, Rewrite6},
     parse::{self, Flow, Frame as _, L3_OFF, Quoted},
     stats,
@@ -193,8 +194,15 @@ fn ingress(ctx: &TcContext) -> Stat {
     if !conntrack::may_start_flow(&flow) {
         return dropped(ctx, &flow, Stat::Unsolicited, target.addr[0]);
     }
-    match conntrack::start_dnat(ctx, &key, &flow, target.addr[0], target.port, now, cfg) {
-        Ok(rw) => rewrite(ctx, &flow, &rw, Stat::DnatNew),
+    match conntrack::start_dnat(ctx, &key, &flow, &target, target.addr[0], now, cfg) {
+        Ok(()) => {
+            let rw = nat::Rewrite {
+                src: false,
+                addr: target.addr[0],
+                port: target.port,
+            };
+            rewrite(ctx, &flow, &rw, Stat::DnatNew)
+        }
         Err(reason) => dropped(ctx, &flow, reason, target.addr[0]),
     }
 }
@@ -290,7 +298,10 @@ pub fn uplink_egress6(ctx: TcContext) -> i32 {
 pub fn uplink_ingress6(ctx: TcContext) -> i32 {
     let outcome = translate6(&ctx, Path::In);
     // No fast path for IPv6: the stack delivers what was translated.
-    if matches!(outcome, Stat::SnatHit | Stat::IcmpError) {
+    if matches!(
+        outcome,
+        Stat::SnatHit | Stat::DnatNew | Stat::DnatHit | Stat::IcmpError
+    ) {
         admit(&ctx);
     }
     verdict(outcome)
@@ -311,9 +322,8 @@ struct Drop6 {
 
 /// NAT66: an IPv6 packet in either direction, as IPv4's. A tracked flow's packets and ICMPv6
 /// errors about it are translated; a new flow leaving from a masquerading network's container
-/// is masqueraded to the interface's IPv6 address; a new flow from outside reaches no
-/// container of a masquerading or internal network (no IPv6 port is published on this
-/// datapath). The rest (the host's own, routed networks') is the stack's.
+/// is masqueraded to the interface's IPv6 address; a new flow from outside is decided by
+/// [`inbound6`]. The rest (the host's own, routed networks') is the stack's.
 ///
 /// Each step is a function of its own (a BPF-to-BPF call) called from here, the packet parsed
 /// into a per-CPU slot, and drops reported here: inlined or nested, the steps' stack frames
@@ -333,7 +343,7 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
     } else if path == Path::Out {
         masquerade6(ctx, flow)
     } else {
-        refuse_inbound6(flow)
+        inbound6(ctx, flow)
     };
     outcome.unwrap_or_else(|drop| dropped6(ctx, flow, drop))
 }
@@ -386,9 +396,74 @@ fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
     }
 }
 
-/// A new IPv6 flow from outside: dropped when it is to a container of a masquerading or
-/// internal network; the stack routes the rest.
+/// A new IPv6 flow from outside, decided as [`inbound`] decides IPv4's: to a port published
+/// on its destination (or on every address, the destination one of the host's) it is DNATed
+/// to the container, unless the container's network is internal, the source outside the
+/// port's `--publish-allow` ranges or a martian; else, to a container of a masquerading or
+/// internal network it is dropped; the stack routes the rest.
 #[inline(never)]
+fn inbound6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
+    let (Some(cfg), Some(target)) = (maps::config(), published6(ctx, flow)) else {
+        return refuse_inbound6(flow);
+    };
+    let Some(to) = maps::container6(target.addr) else {
+        return Err(Drop6 {
+            reason: Stat::NoEndpoint,
+            container: 0,
+        });
+    };
+    let container = to.addr[0];
+    let refused = |reason| Err(Drop6 { reason, container });
+    if to.net_flags & NET_INTERNAL != 0 {
+        return refused(Stat::Internal);
+    }
+    if !maps::publish_allows6(&target, flow.proto, flow.saddr) {
+        return refused(Stat::PublishDenied);
+    }
+    if martian6(ctx, &flow.saddr) {
+        return refused(Stat::Martian);
+    }
+    if !conntrack::may_start_flow(flow) {
+        return refused(Stat::Unsolicited);
+    }
+    let key = nat66::key_of(flow);
+    if let Err(reason) = conntrack::start_dnat(ctx, &key, flow, &target, container, now_ns(), cfg) {
+        return refused(reason);
+    }
+    let rw = Rewrite6 {
+        src: false,
+        addr: target.addr,
+        port: target.port,
+    };
+    rewrite6(ctx, flow, &rw, Stat::DnatNew)
+}
+
+/// The container port a new IPv6 flow's destination is published as: on its address, else
+/// on every address when the destination is one of the host's.
+#[inline(always)]
+fn published6(ctx: &TcContext, flow: &Flow6) -> Option<PublishedTarget> {
+    maps::published6(&flow.daddr, flow.dport, flow.proto).or_else(|| {
+        maps::published6(&[0; 4], flow.dport, flow.proto)
+            .filter(|_| fib::is_local6(ctx, &flow.daddr))
+    })
+}
+
+/// Whether `saddr` can't be the source of a packet from outside: unspecified, loopback,
+/// multicast, link-local (never routed), a container's, or one of the host's. Translated to a
+/// container, such a packet would make it answer the host or another container.
+#[inline(always)]
+fn martian6(ctx: &TcContext, saddr: &Addr) -> bool {
+    ipv6::is_unspecified(saddr)
+        || ipv6::is_loopback(saddr)
+        || ipv6::is_multicast(saddr)
+        || ipv6::is_link_local(saddr)
+        || maps::container6(*saddr).is_some()
+        || fib::is_local6(ctx, saddr)
+}
+
+/// A new IPv6 flow from outside to no published port: dropped when it is to a container of a
+/// masquerading or internal network; the stack routes the rest.
+#[inline(always)]
 fn refuse_inbound6(flow: &Flow6) -> Result<Stat, Drop6> {
     let Some(to) = maps::container6(flow.daddr) else {
         return Ok(Stat::NoNat);

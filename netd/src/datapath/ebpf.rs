@@ -2,15 +2,16 @@
 //! driver fills. Attach points (links pinned under the instance's bpffs dir):
 //!
 //! - the host's uplink (the default route's interface), ingress and egress: masquerade,
-//!   published ports, ICMP errors about both; attached with the first network, detached with
-//!   the last; with `--uplink-xdp`, also its XDP hook: refused new flows dropped early;
+//!   published ports (IPv6 ones too, for what arrives from outside), ICMP errors about both;
+//!   attached with the first network, detached with the last; with `--uplink-xdp`, also its
+//!   XDP hook: refused new flows dropped early;
 //! - the same NAT programs on every other interface of the host that can route out (an IPv4
 //!   address that is not netd's: a second NIC, a VPN), masquerading to that interface's
 //!   address (`NAT_IFACES`); followed with the uplink (`EbpfDatapath::follow_host`); the
 //!   global IPv6 address of the uplink and of each of them, where it has one, is the NAT66
 //!   source there (`NAT6_ADDRS`);
-//! - each network's bridge, ingress: hairpin (containers to published ports via the host);
-//!   the bridge must exist when `setup_network` is called;
+//! - each network's bridge, ingress: hairpin (containers to published ports via the host,
+//!   IPv4 ones only); the bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
 //!   container-to-container fast path; egress: the destination side (only the host, the
 //!   container's own network and what netd translated get in, whatever interface a packet
@@ -18,7 +19,8 @@
 //!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
 //!   the bridge), detached by `remove_endpoint` or with the veth;
 //! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
-//!   getpeername4: host processes to published ports, in the host namespace only.
+//!   getpeername4: host processes to published ports, in the host namespace only (IPv4 ones:
+//!   an IPv6 port isn't reached from the host, so none is published on the IPv6 loopback).
 //!
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
@@ -35,7 +37,7 @@ use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit,
     CtLimitKey, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS,
     NAT6_ADDRS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets,
+    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets, v6_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -657,6 +659,50 @@ impl EbpfDatapath {
         }
     }
 
+    /// Publishes `port` in each family it is published in (its `PUBLISHED` entries, and its
+    /// source ranges first: a restricted port is never open to all, even for a moment). None
+    /// of its entries may be there already; on failure, removes what it wrote.
+    fn publish_port(
+        &self,
+        published: &mut maps::Published,
+        net: &NetworkSpec,
+        port: &PortSpec,
+    ) -> Result<()> {
+        let entries = maps::published_entries(port);
+        if entries.is_empty() {
+            bail!(
+                "{}: the container has no address of its family",
+                describe(port)
+            );
+        }
+        if let Some((key, _)) = entries
+            .iter()
+            .find(|(key, _)| published.get(key, 0).is_ok())
+        {
+            bail!("{} is already published", describe_side(port, key));
+        }
+        let mut written = 0;
+        let result = self.allow_sources(port).and_then(|()| {
+            for (key, target) in &entries {
+                published
+                    .insert(key, target, 0)
+                    .map_err(|e| map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports"))
+                    .with_context(|| {
+                        format!("publish {} on {}", describe_side(port, key), net.name)
+                    })?;
+                written += 1;
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            for (key, _) in &entries[..written] {
+                let _ = published.remove(key);
+            }
+            self.forget_sources(port);
+        }
+        result
+    }
+
     /// Caps the flows counted under `key` at `limit` (`--conntrack-limit`); no cap for `None`.
     fn set_limit(&self, key: CtLimitKey, limit: Option<u32>) -> Result<()> {
         let Some(max) = limit else {
@@ -874,8 +920,13 @@ impl Datapath for EbpfDatapath {
             .keys()
             .filter_map(Result::ok)
             .filter(|k| {
-                net.subnet
-                    .contains(&Ipv4Addr::from(v4_octets(&k.data().target)))
+                let target = &k.data().target;
+                match k.data().family {
+                    AF_INET6 => net
+                        .subnet6
+                        .is_some_and(|s| s.contains(&Ipv6Addr::from(v6_octets(target)))),
+                    _ => net.subnet.contains(&Ipv4Addr::from(v4_octets(target))),
+                }
             })
             .collect();
         for key in stale {
@@ -951,27 +1002,14 @@ impl Datapath for EbpfDatapath {
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
-        refuse_ipv6(ports)?;
+        refuse_ipv6_loopback(ports)?;
         let mut published = maps::published(&self.pins)?;
         for (done, port) in ports.iter().enumerate() {
-            let key = maps::published_key(port);
-            let result = if published.get(&key, 0).is_ok() {
-                Err(anyhow::anyhow!("{} is already published", describe(port)))
-            } else {
-                // The ranges first: a restricted port is never open to all, even for a moment.
-                self.allow_sources(port).and_then(|()| {
-                    published
-                        .insert(key, maps::published_target(port), 0)
-                        .map_err(|e| {
-                            map_full_or(e, PUBLISHED_MAP, PUBLISHED_MAX, "published ports")
-                        })
-                        .with_context(|| format!("publish {} on {}", describe(port), net.name))
-                })
-            };
-            if let Err(e) = result {
-                self.forget_sources(port);
+            if let Err(e) = self.publish_port(&mut published, net, port) {
                 for port in &ports[..done] {
-                    let _ = published.remove(&maps::published_key(port));
+                    for (key, _) in maps::published_entries(port) {
+                        let _ = published.remove(&key);
+                    }
                     self.forget_sources(port);
                 }
                 return Err(e);
@@ -984,8 +1022,15 @@ impl Datapath for EbpfDatapath {
         let mut published = maps::published(&self.pins)?;
         let mut missing = Vec::new();
         for port in ports {
-            if published.remove(&maps::published_key(port)).is_err() {
+            let entries = maps::published_entries(port);
+            if entries.is_empty() {
                 missing.push(describe(port));
+            }
+            // Each family's side, whatever became of the other's.
+            for (key, _) in entries {
+                if published.remove(&key).is_err() {
+                    missing.push(describe_side(port, &key));
+                }
             }
             self.forget_sources(port);
         }
@@ -1013,19 +1058,14 @@ fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyh
     }
 }
 
-/// The programs publish over IPv4 only (IPv6 is masqueraded, not published yet): an IPv6
-/// side of a published port would never be served (and the planner gives none to a
-/// container without an IPv6 address).
-fn refuse_ipv6(ports: &[PortSpec]) -> Result<()> {
-    let ipv6 = |p: &&PortSpec| {
-        matches!(p.host_ip, Some(std::net::IpAddr::V6(_)))
-            || p.container_ip6.is_some()
-            || p.allow.iter().any(|r| matches!(r, ipnet::IpNet::V6(_)))
-    };
-    if let Some(port) = ports.iter().find(ipv6) {
+/// The programs publish IPv6 ports to what arrives at the host from outside only: host
+/// processes aren't redirected to IPv6 ports yet, so a port bound to the IPv6 loopback would
+/// never be served.
+fn refuse_ipv6_loopback(ports: &[PortSpec]) -> Result<()> {
+    let loopback = |p: &&PortSpec| matches!(p.host_ip, Some(IpAddr::V6(ip)) if ip.is_loopback());
+    if let Some(port) = ports.iter().find(loopback) {
         bail!(
-            "the ebpf datapath publishes over IPv4 only (IPv6 published ports are not supported \
-             there yet: use --datapath iptables): {}",
+            "the ebpf datapath doesn't publish on IPv6 loopback (use --datapath iptables): {}",
             describe(port)
         );
     }
@@ -1041,5 +1081,14 @@ fn describe(port: &PortSpec) -> String {
     match port.host_ip {
         Some(ip) => format!("{proto} {}", std::net::SocketAddr::new(ip, port.host_port)),
         None => format!("{proto} *:{}", port.host_port),
+    }
+}
+
+/// [`describe`], saying which side of a port published on any address `key` is (`udp *:53
+/// over IPv6`).
+fn describe_side(port: &PortSpec, key: &netd_common::datapath::PublishedKey) -> String {
+    match (port.host_ip, key.family) {
+        (None, AF_INET6) => format!("{} over IPv6", describe(port)),
+        _ => describe(port),
     }
 }

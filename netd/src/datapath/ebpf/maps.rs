@@ -266,30 +266,43 @@ pub fn proto_number(proto: Protocol) -> u8 {
     }
 }
 
-pub fn published_key(port: &PortSpec) -> PublishedKey {
-    let (addr, family) = match port.host_ip {
-        None => ([0; 4], AF_INET),
-        Some(IpAddr::V4(ip)) => (addr_v4(ip.octets()), AF_INET),
-        Some(IpAddr::V6(ip)) => (addr_v6(ip.octets()), AF_INET6),
+/// The `PUBLISHED` entries of `port`, one per family it is published in (as the iptables
+/// datapath's rules): IPv4 unless its host address is IPv6; IPv6 when the container has an
+/// IPv6 address, unless its host address is IPv4. An unspecified host address (`0.0.0.0`,
+/// `::`) is the "any" key of its family only. Restricted in both families once any
+/// `--publish-allow` range is given: a family without a range of its own accepts no new flow.
+pub fn published_entries(port: &PortSpec) -> Vec<(PublishedKey, PublishedTarget)> {
+    let flags = if port.allow.is_empty() {
+        0
+    } else {
+        PUBLISH_RESTRICTED
     };
-    PublishedKey {
-        addr,
-        port: port.host_port,
-        proto: proto_number(port.proto),
-        family,
-    }
-}
-
-pub fn published_target(port: &PortSpec) -> PublishedTarget {
-    PublishedTarget {
-        addr: addr_v4(port.container_ip.octets()),
-        port: port.container_port,
-        flags: if port.allow.is_empty() {
-            0
-        } else {
-            PUBLISH_RESTRICTED
-        },
-        network_id: port.network_id,
+    let entry = |addr, family, target| {
+        let key = PublishedKey {
+            addr,
+            port: port.host_port,
+            proto: proto_number(port.proto),
+            family,
+        };
+        let target = PublishedTarget {
+            addr: target,
+            port: port.container_port,
+            flags,
+            network_id: port.network_id,
+        };
+        (key, target)
+    };
+    let container4 = addr_v4(port.container_ip.octets());
+    let container6 = port.container_ip6.map(|ip6| addr_v6(ip6.octets()));
+    match port.host_ip {
+        None => std::iter::once(entry([0; 4], AF_INET, container4))
+            .chain(container6.map(|c6| entry([0; 4], AF_INET6, c6)))
+            .collect(),
+        Some(IpAddr::V4(ip)) => vec![entry(addr_v4(ip.octets()), AF_INET, container4)],
+        Some(IpAddr::V6(ip)) => container6
+            .map(|c6| entry(addr_v6(ip.octets()), AF_INET6, c6))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -315,25 +328,177 @@ pub fn link_key6(ip6: Option<Ipv6Addr>, link: &LinkSpec) -> Option<LinkKey> {
     })
 }
 
-/// The `PUBLISH_ALLOW` keys of `port`'s source ranges.
+/// The `PUBLISH_ALLOW` keys of `port`'s source ranges: each family's ranges for the side
+/// of the port published in that family (see [`published_entries`]), none for the other.
 pub fn publish_allow_keys(port: &PortSpec) -> Vec<Key<PublishAllowKey>> {
-    port.allow
-        .iter()
-        .filter_map(|range| match range {
-            IpNet::V4(range) => Some(range),
-            IpNet::V6(_) => None,
-        })
-        .map(|range| {
-            Key::new(
-                PublishAllowKey::TARGET_BITS + u32::from(range.prefix_len()),
-                PublishAllowKey {
-                    target: addr_v4(port.container_ip.octets()),
-                    port: port.container_port,
-                    proto: proto_number(port.proto),
-                    family: AF_INET,
-                    src: addr_v4(range.network().octets()),
-                },
-            )
+    published_entries(port)
+        .into_iter()
+        .flat_map(|(key, target)| {
+            port.allow.iter().filter_map(move |range| {
+                let (src, prefix_len) = match (range, key.family) {
+                    (IpNet::V4(r), AF_INET) => (addr_v4(r.network().octets()), r.prefix_len()),
+                    (IpNet::V6(r), AF_INET6) => (addr_v6(r.network().octets()), r.prefix_len()),
+                    _ => return None,
+                };
+                Some(Key::new(
+                    PublishAllowKey::TARGET_BITS + u32::from(prefix_len),
+                    PublishAllowKey {
+                        target: target.addr,
+                        port: target.port,
+                        proto: key.proto,
+                        family: key.family,
+                        src,
+                    },
+                ))
+            })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port() -> PortSpec {
+        PortSpec {
+            network_id: 3,
+            proto: Protocol::Tcp,
+            host_ip: None,
+            host_port: 8080,
+            container_ip: "10.60.0.2".parse().unwrap(),
+            container_ip6: Some("fd00:60::2".parse().unwrap()),
+            container_port: 80,
+            allow: vec![],
+        }
+    }
+
+    /// The address of `family` in `addr`.
+    fn ip_of(family: u8, addr: &netd_common::datapath::Addr) -> IpAddr {
+        if family == AF_INET6 {
+            Ipv6Addr::from(netd_common::datapath::v6_octets(addr)).into()
+        } else {
+            Ipv4Addr::from(netd_common::datapath::v4_octets(addr)).into()
+        }
+    }
+
+    /// The (family, host address, container address, flags) of each of `port`'s entries.
+    fn sides(port: &PortSpec) -> Vec<(u8, IpAddr, IpAddr, u16)> {
+        published_entries(port)
+            .iter()
+            .map(|(key, target)| {
+                assert_eq!((key.port, key.proto), (8080, IPPROTO_TCP));
+                assert_eq!((target.port, target.network_id), (80, 3));
+                let f = key.family;
+                (f, ip_of(f, &key.addr), ip_of(f, &target.addr), target.flags)
+            })
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_port_is_published_in_each_family_it_names() {
+        // Any address: both families' "any" keys, to each family's container address.
+        assert_eq!(
+            sides(&port()),
+            [
+                (AF_INET, ip("0.0.0.0"), ip("10.60.0.2"), 0),
+                (AF_INET6, ip("::"), ip("fd00:60::2"), 0),
+            ]
+        );
+        let v4_only = PortSpec {
+            container_ip6: None,
+            ..port()
+        };
+        assert_eq!(
+            sides(&v4_only),
+            [(AF_INET, ip("0.0.0.0"), ip("10.60.0.2"), 0)]
+        );
+        // One address, or every address of one family: that family only.
+        for (host, family, container) in [
+            ("2001:2::2", AF_INET6, "fd00:60::2"),
+            ("::", AF_INET6, "fd00:60::2"),
+            ("198.18.0.2", AF_INET, "10.60.0.2"),
+            ("0.0.0.0", AF_INET, "10.60.0.2"),
+        ] {
+            let on = PortSpec {
+                host_ip: Some(ip(host)),
+                ..port()
+            };
+            assert_eq!(sides(&on), [(family, ip(host), ip(container), 0)], "{host}");
+        }
+        // An IPv6 address for a container without one: nothing (the planner refuses it).
+        let nowhere = PortSpec {
+            host_ip: Some(ip("2001:2::2")),
+            container_ip6: None,
+            ..port()
+        };
+        assert!(published_entries(&nowhere).is_empty());
+    }
+
+    #[test]
+    fn each_family_gets_its_own_ranges_and_a_family_without_any_admits_no_one() {
+        let restricted = PortSpec {
+            allow: vec![
+                "198.18.0.64/26".parse().unwrap(),
+                "2001:2::1/128".parse().unwrap(),
+                "2001:db8:1::7/48".parse().unwrap(),
+            ],
+            ..port()
+        };
+        let flags: Vec<u16> = published_entries(&restricted)
+            .iter()
+            .map(|(_, t)| t.flags)
+            .collect();
+        assert_eq!(flags, [PUBLISH_RESTRICTED, PUBLISH_RESTRICTED]);
+        let keys: Vec<(u32, u8, IpAddr, IpAddr)> = publish_allow_keys(&restricted)
+            .iter()
+            .map(|k| {
+                let d = k.data();
+                assert_eq!((d.port, d.proto), (80, IPPROTO_TCP));
+                let bits = k.prefix_len() - PublishAllowKey::TARGET_BITS;
+                (
+                    bits,
+                    d.family,
+                    ip_of(d.family, &d.target),
+                    ip_of(d.family, &d.src),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (26, AF_INET, ip("10.60.0.2"), ip("198.18.0.64")),
+                (128, AF_INET6, ip("fd00:60::2"), ip("2001:2::1")),
+                // The range's network address, as the trie matches it.
+                (48, AF_INET6, ip("fd00:60::2"), ip("2001:db8:1::")),
+            ]
+        );
+        // Published over IPv4 only: its IPv6 ranges have no side to go with.
+        let on_v4 = PortSpec {
+            host_ip: Some(ip("198.18.0.2")),
+            ..restricted.clone()
+        };
+        let families: Vec<u8> = publish_allow_keys(&on_v4)
+            .iter()
+            .map(|k| k.data().family)
+            .collect();
+        assert_eq!(families, [AF_INET]);
+        // IPv6 ranges only: the IPv4 side is restricted with no range, open to no one.
+        let v6_ranges = PortSpec {
+            allow: vec!["2001:2::1/128".parse().unwrap()],
+            ..port()
+        };
+        assert_eq!(
+            sides(&v6_ranges)[0],
+            (AF_INET, ip("0.0.0.0"), ip("10.60.0.2"), PUBLISH_RESTRICTED)
+        );
+        let families: Vec<u8> = publish_allow_keys(&v6_ranges)
+            .iter()
+            .map(|k| k.data().family)
+            .collect();
+        assert_eq!(families, [AF_INET6]);
+    }
 }

@@ -69,7 +69,8 @@ pub struct Config {
     pub subnet: Option<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,
     pub ip_range: Option<Ipv4Net>,
-    /// Dual-stack (IPv6 `portMappings` need the iptables datapath): `subnet6`/`gateway6` as
+    /// Dual-stack (on the eBPF datapath IPv6 `portMappings` answer from outside only: from the
+    /// host, hairpin or on `::1` they need the iptables one): `subnet6`/`gateway6` as
     /// `--subnet`/`--gateway` of IPv6, a free ULA /64 without `subnet6`.
     pub ipv6: Option<bool>,
     pub subnet6: Option<Ipv6Net>,
