@@ -132,6 +132,13 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     assert_no_rules_left(&env);
 }
 
+/// The addresses of the peers an echo server saw, in order; IPv4 ones as such (an IPv6
+/// socket sees them v4-mapped).
+fn peer_ips(server: std::thread::JoinHandle<Vec<SocketAddr>>) -> Vec<IpAddr> {
+    let peers = server.join().unwrap();
+    peers.iter().map(|p| p.ip().to_canonical()).collect()
+}
+
 /// A UDP socket bound to `addr` in `ns`, whose reads give up after [`TIMEOUT`].
 fn udp_in(env: &TestEnv, ns: &Path, addr: SocketAddr) -> UdpSocket {
     let socket = env.in_ns(ns, || UdpSocket::bind(addr).unwrap());
@@ -173,13 +180,7 @@ fn reaches_out_over_both_families(env: &TestEnv, c: &Ctr) {
     let server = echo_servers(env, &outside, sock(Ipv6Addr::UNSPECIFIED, 9000), 2);
     assert_echoed(env, &c.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_echoed(env, &c.ns, sock(OUTSIDE_ADDR, 9000));
-    // The server's socket is IPv6: IPv4 peers show v4-mapped.
-    let peers: Vec<IpAddr> = server
-        .join()
-        .unwrap()
-        .iter()
-        .map(|p| p.ip().to_canonical())
-        .collect();
+    let peers = peer_ips(server);
     assert_eq!(peers, [IpAddr::from(HOST_ADDR6), IpAddr::from(HOST_ADDR)]);
     let client = udp_in(env, &c.ns, sock(Ipv6Addr::UNSPECIFIED, 0));
     let server = udp_in(env, &outside, sock(OUTSIDE_ADDR6, 9001));
@@ -433,13 +434,7 @@ fn a_dual_stack_container_is_reached_from_outside_over_both_families_on_the_ebpf
     let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 2);
     assert_echoed(&env, &outside, sock(HOST_ADDR6, 8080));
     assert_echoed(&env, &outside, sock(HOST_ADDR, 8080));
-    // The server's socket is IPv6: IPv4 peers show v4-mapped.
-    let peers: Vec<IpAddr> = server
-        .join()
-        .unwrap()
-        .iter()
-        .map(|p| p.ip().to_canonical())
-        .collect();
+    let peers = peer_ips(server);
     assert_eq!(
         peers,
         [IpAddr::from(OUTSIDE_ADDR6), IpAddr::from(OUTSIDE_ADDR)]
@@ -604,12 +599,7 @@ fn publish_allow_takes_ipv6_ranges_on_the_ebpf_datapath() {
     assert!(counted >= 3, "publish_denied grew by {counted}");
     // What got in came from the client's own address.
     assert_eq!(one_server.join().unwrap().ip(), IpAddr::from(OUTSIDE_ADDR6));
-    let peers: Vec<IpAddr> = range_server
-        .join()
-        .unwrap()
-        .iter()
-        .map(|p| p.ip().to_canonical())
-        .collect();
+    let peers = peer_ips(range_server);
     assert_eq!(
         peers,
         [IpAddr::from(OUTSIDE_ADDR6_2), IpAddr::from(OUTSIDE_ADDR)]
@@ -1106,12 +1096,7 @@ fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules
     assert_echoed(&env, &client.ns, sock(web4, 80));
     assert_echoed(&env, &env.host_ns(), sock(web6, 80));
     assert_echoed(&env, &outside, sock(web6, 80));
-    let peers: Vec<IpAddr> = server
-        .join()
-        .unwrap()
-        .iter()
-        .map(|p| p.ip().to_canonical())
-        .collect();
+    let peers = peer_ips(server);
     let client4: IpAddr = env.netd_json(&["container", "inspect", &client.name])["ip"]
         .as_str()
         .unwrap()
