@@ -166,28 +166,9 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
 /// from). No fast path for IPv6: this only names the interface, for the masquerade check.
 #[inline(always)]
 pub fn route6(ctx: &TcContext, bridge_ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Route6 {
-    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
-    // SAFETY: as in `lookup`.
-    let fib = unsafe {
-        zero_words(&mut fib);
-        fib.assume_init_mut()
-    };
-    fib.family = AF_INET6;
-    fib.l4_protocol = proto;
-    fib.__bindgen_anon_3.ipv6_src = src;
-    fib.__bindgen_anon_4.ipv6_dst = dst;
-    fib.ifindex = bridge_ifindex;
-    // SAFETY: `fib` lives across the call, its size is passed with it.
-    let ret = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let (ret, ifindex) = lookup6(ctx, bridge_ifindex, src, dst, proto);
     match u32::try_from(ret) {
-        Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(fib.ifindex),
+        Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(ifindex),
         Ok(
             BPF_FIB_LKUP_RET_BLACKHOLE
             | BPF_FIB_LKUP_RET_UNREACHABLE
@@ -208,6 +189,16 @@ pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
     if ipv6::is_multicast(addr) || ipv6::is_link_local(addr) {
         return false;
     }
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ret, _) = lookup6(ctx, ifindex, [0; 4], *addr, 0);
+    ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+}
+
+/// The FIB lookup for an IPv6 packet from `src` to `dst` (`proto`) arriving on `ifindex`:
+/// the helper's answer and the interface it names (no MTU check: no IPv6 fast path).
+#[inline(always)]
+fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8) -> (i64, u32) {
     let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: as in `lookup`.
     let fib = unsafe {
@@ -215,9 +206,10 @@ pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
         fib.assume_init_mut()
     };
     fib.family = AF_INET6;
-    fib.__bindgen_anon_4.ipv6_dst = *addr;
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.l4_protocol = proto;
+    fib.__bindgen_anon_3.ipv6_src = src;
+    fib.__bindgen_anon_4.ipv6_dst = dst;
+    fib.ifindex = ifindex;
     // SAFETY: `fib` lives across the call, its size is passed with it.
     let ret = unsafe {
         fib_lookup(
@@ -227,7 +219,7 @@ pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
             0,
         )
     };
-    ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+    (ret, fib.ifindex)
 }
 
 /// [`Route`] for IPv6, naming only the interface.

@@ -30,8 +30,8 @@ use super::{
 };
 
 /// Where the addresses are in an IPv6 header, and how long it is.
-const SRC_IN_IP: usize = 8;
-const DST_IN_IP: usize = 24;
+pub const SRC_IN_IP: usize = 8;
+pub const DST_IN_IP: usize = 24;
 const FIXED_LEN: usize = 40;
 const TCP_HEADER_LEN: usize = 20;
 const UDP_HEADER_LEN: usize = 8;
@@ -286,11 +286,7 @@ pub fn apply(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6) -> Result<(), Stat> {
         store(ctx, L3_OFF + in_ip, &rw.addr)?;
     }
     if old_port != rw.port && covered {
-        let in_l4 = if flow.proto == IPPROTO_ICMPV6 {
-            ICMPV6_ID_IN_L4
-        } else {
-            port_in_l4
-        };
+        let in_l4 = id_or_port_in_l4(flow.proto, port_in_l4);
         let (csum_off, flags) = l4_csum(flow.proto, flow.l4_off);
         replace_port(ctx, csum_off, flags, flow.l4_off + in_l4, old_port, rw.port)?;
     }
@@ -342,11 +338,7 @@ pub fn apply_icmp_error(
         store(ctx, q.l3_off + quoted_in_ip, &rw.addr)?;
     }
     if quoted_old_port != rw.port && (q.sport | q.dport) != 0 {
-        let in_l4 = if q.proto == IPPROTO_ICMPV6 {
-            ICMPV6_ID_IN_L4
-        } else {
-            port_in_l4
-        };
+        let in_l4 = id_or_port_in_l4(q.proto, port_in_l4);
         replace_port(
             ctx,
             icmp_csum_off,
@@ -357,6 +349,17 @@ pub fn apply_icmp_error(
         )?;
     }
     Ok(())
+}
+
+/// Where in the L4 header of `proto` the translated port is: the echo identifier for
+/// ICMPv6, else `port_in_l4` (the source or destination port).
+#[inline(always)]
+fn id_or_port_in_l4(proto: u8, port_in_l4: usize) -> usize {
+    if proto == IPPROTO_ICMPV6 {
+        ICMPV6_ID_IN_L4
+    } else {
+        port_in_l4
+    }
 }
 
 /// The checksum difference of an address changing from `old` to `new`.

@@ -54,10 +54,6 @@ use crate::lib::{
     verdict::{dropped, now_ns, verdict},
 };
 
-/// Where the addresses are in an IPv6 header.
-const IPV6_SRC_IN_IP: usize = 8;
-const IPV6_DST_IN_IP: usize = 24;
-
 /// The IPv6 programs, in `NAT66_PROGS`.
 const EGRESS6: u32 = 0;
 const INGRESS6: u32 = 1;
@@ -265,11 +261,7 @@ fn untranslatable(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
     if !maps::is_sealed(container) {
         return Stat::NoNat;
     }
-    let reason = if path == Path::Out && reason == Stat::IcmpNoFlow {
-        Stat::Unmasqueraded
-    } else {
-        reason
-    };
+    let reason = untranslatable_reason(reason, path);
     let tuple = Tuple {
         saddr,
         daddr,
@@ -305,6 +297,17 @@ pub fn uplink_ingress6(ctx: TcContext) -> i32 {
         admit(&ctx);
     }
     verdict(outcome)
+}
+
+/// Why an untranslatable packet of a container is dropped: an ICMP error leaving about no
+/// flow of it would leave with its own address, `unmasqueraded` as any such packet.
+#[inline(always)]
+fn untranslatable_reason(reason: Stat, path: Path) -> Stat {
+    if path == Path::Out && reason == Stat::IcmpNoFlow {
+        Stat::Unmasqueraded
+    } else {
+        reason
+    }
 }
 
 /// Whether the frame is an untagged IPv6 one.
@@ -529,8 +532,8 @@ fn dropped6(ctx: &TcContext, flow: &Flow6, drop: Drop6) -> Stat {
 #[inline(never)]
 fn untranslatable6(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
     let (Ok(saddr), Ok(daddr)) = (
-        ctx.load::<Addr>(L3_OFF + IPV6_SRC_IN_IP),
-        ctx.load::<Addr>(L3_OFF + IPV6_DST_IN_IP),
+        ctx.load::<Addr>(L3_OFF + nat66::SRC_IN_IP),
+        ctx.load::<Addr>(L3_OFF + nat66::DST_IN_IP),
     ) else {
         return Stat::NoNat;
     };
@@ -540,11 +543,7 @@ fn untranslatable6(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
     else {
         return Stat::NoNat;
     };
-    let reason = if path == Path::Out && reason == Stat::IcmpNoFlow {
-        Stat::Unmasqueraded
-    } else {
-        reason
-    };
+    let reason = untranslatable_reason(reason, path);
     let tuple = Tuple6 {
         saddr,
         daddr,
