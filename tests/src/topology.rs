@@ -4,7 +4,7 @@
 //! about the network and its endpoints through the driver, as the controller will tell it.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
@@ -159,6 +159,46 @@ impl TestCgroup {
         cmd.output()
             .unwrap_or_else(|e| panic!("run {program}: {e}"))
     }
+}
+
+/// Runs the Python `script` in `cgroup`, in `ns`; returns what it prints.
+fn python_in_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, script: &str) -> String {
+    let out = cgroup.run(ns, "python3", &["-c", script]);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// What a TCP connection to `addr` from a process in `cgroup`, in `ns`, receives, and the
+/// peer getpeername() shows it: `"<reply> <ip>:<port>"`.
+pub fn connect_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
+    let script = format!(
+        "import socket; s = socket.create_connection(('{}', {}), timeout=5); p = s.getpeername(); \
+         s.sendall(b'hello'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode(), '%s:%d' % p[:2])",
+        addr.ip(),
+        addr.port()
+    );
+    python_in_cgroup(cgroup, ns, &script)
+}
+
+/// What an unconnected UDP socket (of `addr`'s family) in `cgroup`, in `ns`, gets back for a
+/// datagram to `addr`, and from where: `"<reply> <ip>:<port>"`.
+pub fn udp_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
+    let family = if addr.is_ipv6() {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    let script = format!(
+        "import socket; s = socket.socket(socket.{family}, socket.SOCK_DGRAM); s.settimeout(5); \
+         s.sendto(b'query', ('{}', {})); data, src = s.recvfrom(100); print(data.decode(), '%s:%d' % src[:2])",
+        addr.ip(),
+        addr.port()
+    );
+    python_in_cgroup(cgroup, ns, &script)
 }
 
 pub fn publish(env: &TestEnv, ports: &[PortSpec]) {

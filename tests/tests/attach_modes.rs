@@ -150,10 +150,10 @@ fn network_lifecycle(mode: Option<&str>, expect: &str) {
     let container = netns::path_of(&c);
     assert_translates(&env, &container);
     // An upgrade replaces every program where it is, and traffic goes on: uplink ingress and
-    // egress, bridge ingress, the container veth's ingress and egress, and the host's four
+    // egress, bridge ingress, the container veth's ingress and egress, and the host's eight
     // cgroup socket programs.
     let out = netd_ok_in_mode(&env, mode, &["reload"]);
-    assert!(out.contains("9 programs replaced"), "{out}");
+    assert!(out.contains("13 programs replaced"), "{out}");
     assert_attached(&env, &bridge, expect);
     assert_translates(&env, &container);
     // The last network takes the host-wide programs with it.

@@ -12,11 +12,13 @@ use std::{
 };
 
 use netd::datapath::Protocol;
+use netd_common::datapath::HOST_SOCK_PROGS;
 use tests::{
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK, bound_connect},
     netdata::{port, port as port_spec},
     topology::{
-        TestCgroup, containers, containers_with, datapath_in, disable_tx_checksum_offload, publish,
+        TestCgroup, connect_from_cgroup, containers, containers_with, datapath_in,
+        disable_tx_checksum_offload, publish, udp_from_cgroup,
     },
     traffic::{nstat, output_in, stat},
 };
@@ -550,41 +552,6 @@ fn tag_server(
     (bound, server)
 }
 
-/// Runs the Python `script` in `cgroup`, in `ns`; returns what it prints.
-fn python_in_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, script: &str) -> String {
-    let out = cgroup.run(ns, "python3", &["-c", script]);
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// What a TCP connection to `addr` from a process in `cgroup`, in `ns`, receives, and the
-/// peer getpeername() shows it: `"<reply> <ip>:<port>"`.
-fn connect_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
-    let script = format!(
-        "import socket; s = socket.create_connection(('{}', {}), timeout=5); p = s.getpeername(); \
-         s.sendall(b'hello'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode(), '%s:%d' % p)",
-        addr.ip(),
-        addr.port()
-    );
-    python_in_cgroup(cgroup, ns, &script)
-}
-
-/// What an unconnected UDP socket in `cgroup`, in `ns`, gets back for a datagram to `addr`,
-/// and from where: `"<reply> <ip>:<port>"`.
-fn udp_from_cgroup(cgroup: &TestCgroup, ns: Option<&Path>, addr: SocketAddr) -> String {
-    let script = format!(
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
-         s.sendto(b'query', ('{}', {})); data, src = s.recvfrom(100); print(data.decode(), '%s:%d' % src)",
-        addr.ip(),
-        addr.port()
-    );
-    python_in_cgroup(cgroup, ns, &script)
-}
-
 #[test]
 fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_the_host() {
     let env = TestEnv::new();
@@ -734,20 +701,30 @@ fn tc_program_ids(env: &TestEnv, veths: &[String]) -> BTreeMap<String, u64> {
 }
 
 /// `reload` replaces the host's socket programs on the cgroup (`host_connect4` and the rest)
-/// too: an upgrade leaves no old build redirecting host connections.
+/// too: an upgrade leaves no old build redirecting host connections. From a build that had
+/// only the IPv4 ones, it attaches the IPv6 ones.
 #[test]
 fn reload_replaces_the_host_socket_programs_too() {
     let env = TestEnv::new();
     env.netd_ok(&["network", "create", "n", "--subnet", "10.78.0.0/24"]);
-    let before = attached_program_ids(&env, &["cgroup"], &[]);
-    assert!(!before.is_empty(), "no socket program attached");
+    let mut before = attached_program_ids(&env, &["cgroup"], &[]);
+    assert_eq!(before.len(), HOST_SOCK_PROGS.len(), "{before:?}");
+    // As an older build left the cgroup: its links unpinned, they are gone.
+    let ipv6_ones: Vec<String> = before
+        .keys()
+        .filter(|link| link.contains('6'))
+        .cloned()
+        .collect();
+    assert_eq!(ipv6_ones.len(), 4, "{ipv6_ones:?}");
+    for link in &ipv6_ones {
+        std::fs::remove_file(env.bpffs.join("links").join(link)).unwrap();
+        before.remove(link);
+    }
     env.netd_ok(&["reload"]);
     let after = attached_program_ids(&env, &["cgroup"], &[]);
-    for (attachment, id) in &after {
-        assert_ne!(
-            *id, before[attachment],
-            "reload kept {attachment}'s program"
-        );
+    assert_eq!(after.len(), HOST_SOCK_PROGS.len(), "{after:?}");
+    for (attachment, id) in &before {
+        assert_ne!(*id, after[attachment], "reload kept {attachment}'s program");
     }
 }
 
@@ -784,8 +761,8 @@ fn reload_replaces_every_program_under_a_running_flow_and_new_containers_get_the
     for round in 0..3 {
         let out = env.netd_ok(&["reload"]);
         // Uplink ingress and egress, bridge ingress, the veth's ingress and egress, and the
-        // host's four socket programs.
-        assert!(out.contains("9 programs replaced"), "{out}");
+        // host's eight socket programs (four per family).
+        assert!(out.contains("13 programs replaced"), "{out}");
         let now = tc_program_ids(&env, &veths);
         assert_eq!(
             now.keys().collect::<Vec<_>>(),

@@ -2,8 +2,8 @@
 //! and the outside namespace is reached only through it. The iptables datapath does all of
 //! it; the eBPF datapath enforces the isolation rules for IPv6, masquerades a network's
 //! outbound IPv6 to the uplink's address (NAT66: TCP, UDP, ICMPv6 echo and the errors about
-//! them) and publishes IPv6 ports to what arrives from outside (not yet from the host or
-//! through a host address from containers, nor on `[::1]`, which it refuses).
+//! them) and publishes IPv6 ports to what arrives from outside and to the host's own
+//! processes (on its addresses and on `[::1]`).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -23,6 +23,7 @@ use tests::{
     frames6,
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK},
     rawsock::{self, Tap, marker},
+    topology::{TestCgroup, connect_from_cgroup, udp_from_cgroup},
 };
 
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -687,10 +688,6 @@ fn icc_links_and_internal_hold_for_ipv6(datapath: &str, quiet_args: &[&str]) {
     assert_no_rules_left(&env);
 }
 
-/// What the eBPF datapath's refusal of a port published on the IPv6 loopback says, among the
-/// rest.
-const NO_IPV6_LOOPBACK_ON_EBPF: &str = "doesn't publish on IPv6 loopback";
-
 #[test]
 fn ipv6_is_refused_where_it_would_not_be_enforced() {
     let env = TestEnv::dual_stack();
@@ -721,8 +718,7 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             "{args:?}: {err}"
         );
     }
-    // A masquerading dual-stack network is made on the eBPF datapath too (NAT66), whose
-    // programs publish no port on the IPv6 loopback (host processes don't reach IPv6 ports).
+    // A masquerading dual-stack network is made on the eBPF datapath too (NAT66).
     env.netd_ok(&["network", "create", "n6", "--ipv6"]);
     env.netd_ok(&["--datapath", "iptables", "network", "create", "v4"]);
     for (args, why) in [
@@ -742,15 +738,6 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
             ],
             "--publish-allow 2001:db8::/32",
         ),
-        (
-            &["--network", "n6", "-p", "[::1]:8080:80"],
-            NO_IPV6_LOOPBACK_ON_EBPF,
-        ),
-        // Beside a port it would publish: neither is.
-        (
-            &["--network", "n6", "-p", "8080:80", "-p", "[::1]:8081:80"],
-            NO_IPV6_LOOPBACK_ON_EBPF,
-        ),
     ] {
         let err = env.netd_err(&[&["container", "create", "c"][..], args].concat());
         assert!(
@@ -764,22 +751,118 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
     let networks = env.netd_json(&["network", "ls", "--json"]);
     assert_eq!(networks.as_array().unwrap().len(), 2, "{networks}");
 
-    // Any other IPv6 side of a port is published there: on every address, on every IPv6
-    // one; `netd publish` refuses the loopback as create does.
+    // Each IPv6 side of a port is published there: on every address, on every IPv6 one, on
+    // the IPv6 loopback (`netd publish` as create).
     let c = create(
         &env,
         "c",
         &["--network", "n6", "-p", "8080:80", "-p", "[::]:8081:80"],
     );
     assert_eq!(map_entries(&env, PUBLISHED_MAP), 3);
-    let err = env.netd_err(&["publish", &c.name, "-p", "[::1]:8082:80"]);
-    assert!(
-        err.contains(NO_IPV6_LOOPBACK_ON_EBPF) && !err.trim().contains('\n'),
-        "{err}"
-    );
+    env.netd_ok(&["publish", &c.name, "-p", "[::1]:8082:80"]);
     let ports = env.netd_ok(&["port", &c.name]);
-    assert!(!ports.contains("8082"), "{ports}");
-    assert_eq!(map_entries(&env, PUBLISHED_MAP), 3);
+    assert!(ports.contains("[::1]:8082"), "{ports}");
+    assert_eq!(map_entries(&env, PUBLISHED_MAP), 4);
+}
+
+#[test]
+fn host_processes_reach_ipv6_ports_on_host_addresses_and_loopback_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(
+        &env,
+        "ebpf",
+        "n6",
+        &["--subnet", "10.60.0.0/24", "--subnet", "fd00:60::/64"],
+    );
+    let one_addr = format!("[{HOST_ADDR6}]:8082:80");
+    let web = create(
+        &env,
+        "web",
+        &[
+            "--network",
+            "n6",
+            "-p",
+            "8080:80",
+            "-p",
+            "[::1]:8081:80",
+            "-p",
+            &one_addr,
+            "-p",
+            "5353:53/udp",
+        ],
+    );
+    let cgroup = TestCgroup::new(&env);
+    let host = env.host_ns();
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 5);
+    // Each socket of the host's processes goes straight to the container, and getpeername()
+    // shows the address it asked for: IPv6 ports on the host's address and on loopback, and
+    // the IPv4 port through an IPv4-mapped address of an IPv6 socket.
+    let mapped_loopback: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+    for addr in [
+        sock(HOST_ADDR6, 8080),
+        sock(Ipv6Addr::LOCALHOST, 8080),
+        sock(Ipv6Addr::LOCALHOST, 8081),
+        sock(HOST_ADDR6, 8082),
+        sock(mapped_loopback, 8080),
+    ] {
+        assert_eq!(
+            connect_from_cgroup(&cgroup, Some(&host), addr),
+            format!("hello {}:{}", addr.ip(), addr.port())
+        );
+    }
+    // The host connects from its bridge addresses: no NAT, no proxy.
+    let gateway6 = IpAddr::from("fd00:60::1".parse::<Ipv6Addr>().unwrap());
+    let gateway4 = IpAddr::from(std::net::Ipv4Addr::new(10, 60, 0, 1));
+    assert_eq!(
+        peer_ips(server),
+        [gateway6, gateway6, gateway6, gateway6, gateway4]
+    );
+
+    // UDP without connect(): sent to the container, answered from the address asked for.
+    let dns = env.in_ns(&web.ns, || {
+        UdpSocket::bind(sock(Ipv6Addr::UNSPECIFIED, 53)).unwrap()
+    });
+    let answers = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let mut buf = [0u8; 64];
+            let (n, peer) = dns.recv_from(&mut buf).unwrap();
+            dns.send_to(&buf[..n], peer).unwrap();
+        }
+    });
+    for ip in [IpAddr::from(HOST_ADDR6), IpAddr::from(Ipv6Addr::LOCALHOST)] {
+        let reply = udp_from_cgroup(&cgroup, Some(&host), sock(ip, 5353));
+        assert_eq!(reply, format!("query {ip}:5353"));
+    }
+    answers.join().unwrap();
+
+    // Where nothing is published, the host's own port: a port published on one address is
+    // not on loopback, nor is loopback's on the host's address; nothing listens there.
+    for addr in [sock(Ipv6Addr::LOCALHOST, 8082), sock(HOST_ADDR6, 8081)] {
+        let script = format!(
+            "import socket\ntry:\n socket.create_connection(('{}', {}), timeout=5)\n \
+             print('connected')\nexcept ConnectionRefusedError:\n print('refused')",
+            addr.ip(),
+            addr.port()
+        );
+        let out = cgroup.run(Some(&host), "python3", &["-c", &script]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "refused",
+            "{addr}"
+        );
+    }
+    // The same connect() in another namespace of the cgroup is left alone: the outside's own
+    // loopback answers.
+    let outside = env.outside_ns();
+    let own = echo_server(&env, &outside, sock(Ipv6Addr::LOCALHOST, 8080));
+    assert_eq!(
+        connect_from_cgroup(&cgroup, Some(&outside), sock(Ipv6Addr::LOCALHOST, 8080)),
+        "hello ::1:8080"
+    );
+    own.join().unwrap();
+
+    env.netd_ok(&["container", "rm", &web.name]);
+    env.netd_ok(&["network", "rm", "n6"]);
 }
 
 /// A network beyond the outside one, behind a link whose outside end has IPv6's minimum MTU
@@ -1118,24 +1201,6 @@ fn a_routed_dual_stack_network_on_the_ebpf_datapath_carries_ipv6_under_its_rules
     let server = echo_server(&env, &outside, sock(OUTSIDE_ADDR6, 9000));
     assert_echoed(&env, &web.ns, sock(OUTSIDE_ADDR6, 9000));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(web6));
-
-    // No port is published on the IPv6 loopback on this datapath: refused, nothing
-    // half-made.
-    let err = env.netd_err(&[
-        "container",
-        "create",
-        "pub",
-        "--network",
-        "r6",
-        "-p",
-        "[::1]:8080:80",
-    ]);
-    assert!(
-        err.contains(NO_IPV6_LOOPBACK_ON_EBPF) && !err.trim().contains('\n'),
-        "{err}"
-    );
-    let listing = env.netd_json(&["container", "ls", "--json"]);
-    assert_eq!(listing.as_array().unwrap().len(), 2, "{listing}");
 
     for c in [&client, &web] {
         env.netd_ok(&["container", "rm", &c.name]);

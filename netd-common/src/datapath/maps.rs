@@ -31,6 +31,8 @@ pub const LINKS_MAP: &str = "LINKS";
 /// addresses (loopback aside), where a port published without an address is reached.
 pub const HOST_ADDRS_MAP: &str = "HOST_ADDRS";
 pub const HOST_ADDRS_MAX: u32 = 4_096;
+/// `HOST_ADDRS6`: the same for IPv6: [`Addr`] → `u8` (1), loopback aside.
+pub const HOST_ADDRS6_MAP: &str = "HOST_ADDRS6";
 /// `NAT_IFACES`: ifindex (`u32`) → [`NatIface`]: the host's interfaces besides the uplink that
 /// route out (a second NIC, a VPN) and carry the NAT programs, with the address masquerade
 /// translates to there. An interface missing here masquerades nothing: a container's packet

@@ -46,12 +46,21 @@ pub const HOST_SENDMSG4_PROG: &str = "host_sendmsg4";
 /// cgroup recvmsg4 and getpeername4 programs: the process sees the address it asked for.
 pub const HOST_RECVMSG4_PROG: &str = "host_recvmsg4";
 pub const HOST_GETPEERNAME4_PROG: &str = "host_getpeername4";
+/// The same four for IPv6 sockets (IPv6 ports, and IPv4 ones through IPv4-mapped addresses).
+pub const HOST_CONNECT6_PROG: &str = "host_connect6";
+pub const HOST_SENDMSG6_PROG: &str = "host_sendmsg6";
+pub const HOST_RECVMSG6_PROG: &str = "host_recvmsg6";
+pub const HOST_GETPEERNAME6_PROG: &str = "host_getpeername6";
 /// Every cgroup program of the host redirection.
-pub const HOST_SOCK_PROGS: [&str; 4] = [
+pub const HOST_SOCK_PROGS: [&str; 8] = [
     HOST_CONNECT4_PROG,
     HOST_SENDMSG4_PROG,
     HOST_RECVMSG4_PROG,
     HOST_GETPEERNAME4_PROG,
+    HOST_CONNECT6_PROG,
+    HOST_SENDMSG6_PROG,
+    HOST_RECVMSG6_PROG,
+    HOST_GETPEERNAME6_PROG,
 ];
 /// Redirected sockets remembered for `recvmsg4`/`getpeername4` (LRU).
 pub const SOCK_REDIRECTS_MAX: u32 = 65_536;

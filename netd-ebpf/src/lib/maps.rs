@@ -36,6 +36,8 @@ static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
 #[map]
 static HOST_ADDRS: HashMap<u32, u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
 #[map]
+static HOST_ADDRS6: HashMap<Addr, u8> = HashMap::pinned(HOST_ADDRS_MAX, 0);
+#[map]
 static NAT_IFACES: HashMap<u32, NatIface> = HashMap::pinned(NAT_IFACES_MAX, 0);
 #[map]
 static NAT6_ADDRS: HashMap<u32, NatIface> = HashMap::pinned(NAT_IFACES_MAX, 0);
@@ -224,6 +226,14 @@ pub fn publish_allows6(target: &PublishedTarget, proto: u8, saddr: Addr) -> bool
 pub fn is_host_addr(addr: u32, cfg: &Config) -> bool {
     // SAFETY: as above.
     addr == cfg.uplink_addr[0] || unsafe { HOST_ADDRS.get(&addr) }.is_some()
+}
+
+/// Whether IPv6 `addr` is one of the host namespace's addresses (`HOST_ADDRS6`). For the
+/// programs that can't ask the FIB ([`super::fib::is_local6`]): the cgroup ones.
+#[inline(always)]
+pub fn is_host_addr6(addr: &Addr) -> bool {
+    // SAFETY: as above.
+    unsafe { HOST_ADDRS6.get(addr) }.is_some()
 }
 
 /// Whether `addr` is a container of a masquerading or internal network: nothing from beyond

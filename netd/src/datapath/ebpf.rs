@@ -18,9 +18,9 @@
 //!   came through); legacy TC filters (no RCU grace period per container, see
 //!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
 //!   the bridge), detached by `remove_endpoint` or with the veth;
-//! - the host cgroup (cgroup v2 root by default), connect4, sendmsg4, recvmsg4 and
-//!   getpeername4: host processes to published ports, in the host namespace only (IPv4 ones:
-//!   an IPv6 port isn't reached from the host, so none is published on the IPv6 loopback).
+//! - the host cgroup (cgroup v2 root by default), connect, sendmsg, recvmsg and getpeername
+//!   of both families: host processes to published ports (on a host address, `HOST_ADDRS` and
+//!   `HOST_ADDRS6`, or loopback), in the host namespace only.
 //!
 //! Every call works on the pins alone, so any netd process (or none: the programs keep
 //! running) sees the same datapath, and `reload_programs` upgrades it in place.
@@ -37,7 +37,7 @@ use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit,
     CtLimitKey, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS,
     NAT6_ADDRS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, v4_octets, v6_octets,
+    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, addr_v6, v4_octets, v6_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -220,11 +220,17 @@ impl EbpfDatapath {
             self.pins.replace_xdp(ebpf, UPLINK_XDP_PROG, &iface)?;
             replaced += 1;
         }
+        let mut host_sockets = false;
         for prog in HOST_SOCK_PROGS {
             if self.pins.cgroup_link(prog).exists() {
                 self.pins.replace_cgroup(ebpf, prog)?;
                 replaced += 1;
+                host_sockets = true;
             }
+        }
+        // A build older than the IPv6 ones had only the IPv4 programs on the cgroup.
+        if host_sockets {
+            self.attach_host_sockets(ebpf)?;
         }
         for iface in self.veth_names()? {
             for (prog, dir) in ENDPOINT_PROGS {
@@ -801,25 +807,35 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Mirrors the host's addresses into `HOST_ADDRS` (where wildcard published ports are
-    /// reached): adds the new ones, removes those gone.
+    /// Mirrors the host's addresses into `HOST_ADDRS` and `HOST_ADDRS6` (where wildcard
+    /// published ports are reached): adds the new ones, removes those gone.
     fn sync_host_addrs(&self) -> Result<()> {
-        let current: HashSet<u32> = host::host_addrs()?
-            .iter()
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .collect();
-        let mut map = maps::host_addrs(&self.pins)?;
-        let mirrored: HashSet<u32> = map.keys().filter_map(Result::ok).collect();
-        for gone in mirrored.difference(&current) {
-            let _ = map.remove(gone);
+        let (mut v4, mut v6) = (HashSet::new(), HashSet::new());
+        for ip in host::host_addrs()? {
+            match ip {
+                IpAddr::V4(ip) => v4.insert(u32::from_ne_bytes(ip.octets())),
+                IpAddr::V6(ip) => v6.insert(addr_v6(ip.octets())),
+            };
         }
-        for new in current.difference(&mirrored) {
-            map.insert(new, 1, 0).with_context(|| {
-                format!("add host address {}", Ipv4Addr::from(new.to_ne_bytes()))
-            })?;
-        }
-        Ok(())
+        mirror(&mut maps::host_addrs(&self.pins)?, v4)
+            .context("mirror the host's IPv4 addresses")?;
+        mirror(&mut maps::host_addrs6(&self.pins)?, v6).context("mirror the host's IPv6 addresses")
     }
+}
+
+/// Makes the keys of set `map` those of `current`.
+fn mirror<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, u8>,
+    current: HashSet<K>,
+) -> Result<()> {
+    let mirrored: HashSet<K> = map.keys().filter_map(Result::ok).collect();
+    for gone in mirrored.difference(&current) {
+        let _ = map.remove(gone);
+    }
+    for new in current.difference(&mirrored) {
+        map.insert(new, 1, 0).context("add an address")?;
+    }
+    Ok(())
 }
 
 impl Datapath for EbpfDatapath {
@@ -1002,7 +1018,6 @@ impl Datapath for EbpfDatapath {
     }
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
-        refuse_ipv6_loopback(ports)?;
         let mut published = maps::published(&self.pins)?;
         for (done, port) in ports.iter().enumerate() {
             if let Err(e) = self.publish_port(&mut published, net, port) {
@@ -1056,20 +1071,6 @@ fn map_full_or(e: aya::maps::MapError, name: &str, max: u32, what: &str) -> anyh
         }
         _ => e.into(),
     }
-}
-
-/// The programs publish IPv6 ports to what arrives at the host from outside only: host
-/// processes aren't redirected to IPv6 ports yet, so a port bound to the IPv6 loopback would
-/// never be served.
-fn refuse_ipv6_loopback(ports: &[PortSpec]) -> Result<()> {
-    let loopback = |p: &&PortSpec| matches!(p.host_ip, Some(IpAddr::V6(ip)) if ip.is_loopback());
-    if let Some(port) = ports.iter().find(loopback) {
-        bail!(
-            "the ebpf datapath doesn't publish on IPv6 loopback (use --datapath iptables): {}",
-            describe(port)
-        );
-    }
-    Ok(())
 }
 
 /// `tcp 198.18.0.2:8080` or `udp *:53`.

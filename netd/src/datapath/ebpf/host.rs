@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -138,15 +138,16 @@ pub fn netd_bridges() -> Result<HashSet<String>> {
         .collect())
 }
 
-/// Every IPv4 address of the calling thread's namespace but loopback ones (a port published
+/// Every address of the calling thread's namespace but loopback ones (a port published
 /// without an address is not reached on 127.0.0.0/8 from outside, unlike Docker's
 /// `--dst-type LOCAL`, which let a neighbour reach it there).
-pub fn host_addrs() -> Result<Vec<Ipv4Addr>> {
+pub fn host_addrs() -> Result<Vec<IpAddr>> {
     Ok(getifaddrs()
         .context("list addresses")?
         .filter_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+            let address = a.address?;
+            let v4 = address.as_sockaddr_in().map(|sin| IpAddr::V4(sin.ip()));
+            v4.or_else(|| address.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
         })
         .filter(|ip| !ip.is_loopback())
         .collect())

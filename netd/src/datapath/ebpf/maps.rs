@@ -6,12 +6,12 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key};
 use ipnet::IpNet;
 use netd_common::datapath::{
-    AF_INET, AF_INET6, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey, CtLimit,
-    CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo, EndpointKey,
-    HOST_ADDRS_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey, NAT_IFACES_MAP, NAT6_ADDRS_MAP,
-    NETWORKS_MAP, NETWORKS6_MAP, NatIface, NetworkInfo, PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED,
-    PUBLISHED_MAP, PublishAllowKey, PublishedKey, PublishedTarget, STATS_MAP, SUBNETS_MAP,
-    VETHS_MAP, VethInfo, addr_v4, addr_v6,
+    AF_INET, AF_INET6, Addr, CONFIG_MAP, CONNTRACK_MAPS, CT_LIMITS_MAP, Config, CtEntry, CtKey,
+    CtLimit, CtLimitKey, ENDPOINT_DROPS_MAP, ENDPOINTS_MAP, EndpointDropKey, EndpointInfo,
+    EndpointKey, HOST_ADDRS_MAP, HOST_ADDRS6_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
+    NAT_IFACES_MAP, NAT6_ADDRS_MAP, NETWORKS_MAP, NETWORKS6_MAP, NatIface, NetworkInfo,
+    PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey,
+    PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4, addr_v6,
 };
 
 use crate::bpf::Pins;
@@ -30,6 +30,7 @@ pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Subnets = LpmTrie<MapData, u32, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 pub type HostAddrs = HashMap<MapData, u32, u8>;
+pub type HostAddrs6 = HashMap<MapData, Addr, u8>;
 pub type NatIfaces = HashMap<MapData, u32, NatIface>;
 
 pub fn networks(pins: &Pins) -> Result<Networks> {
@@ -138,6 +139,12 @@ pub fn links(pins: &Pins) -> Result<Links> {
 pub fn host_addrs(pins: &Pins) -> Result<HostAddrs> {
     Ok(HashMap::try_from(Map::HashMap(
         pins.open_map(HOST_ADDRS_MAP)?,
+    ))?)
+}
+
+pub fn host_addrs6(pins: &Pins) -> Result<HostAddrs6> {
+    Ok(HashMap::try_from(Map::HashMap(
+        pins.open_map(HOST_ADDRS6_MAP)?,
     ))?)
 }
 
