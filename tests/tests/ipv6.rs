@@ -329,26 +329,46 @@ fn nothing_from_outside_reaches_a_masquerading_dual_stack_container_unasked_on_t
 const DEST_UNREACH6: u8 = 1;
 const PORT_UNREACH6: u8 = 4;
 
+/// Sends a datagram larger than the links' MTU (its source's stack fragments it) from `from`
+/// to `to`, which must get it whole from `seen_from`; answers it the same way, which `from`
+/// must get whole from `to`.
+fn fragmented_round_trip(from: &UdpSocket, to: &UdpSocket, via: SocketAddr, seen_from: IpAddr) {
+    let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let mut buf = [0u8; 4096];
+    from.send_to(&big, via).unwrap();
+    let (n, peer) = to
+        .recv_from(&mut buf)
+        .expect("the fragmented datagram arrives");
+    assert_eq!((&buf[..n], peer.ip()), (&big[..], seen_from));
+    to.send_to(&big, peer).unwrap();
+    let (n, back) = from
+        .recv_from(&mut buf)
+        .expect("the fragmented answer comes back");
+    assert_eq!((&buf[..n], back), (&big[..], via));
+}
+
 #[test]
-fn ipv6_fragments_through_nat66_are_dropped_and_counted_on_the_ebpf_datapath() {
+fn ipv6_fragments_go_through_nat66_both_ways_on_the_ebpf_datapath() {
     let env = TestEnv::dual_stack();
     let c = masqueraded_on_ebpf(&env, "fd00:66::/64");
-    let server = udp_in(&env, &env.outside_ns(), sock(OUTSIDE_ADDR6, 9002));
+    let outside = env.outside_ns();
+    // Out and back: masqueraded as the host, each fragment as its first one was.
+    let server = udp_in(&env, &outside, sock(OUTSIDE_ADDR6, 9002));
     let client = udp_in(&env, &c.ns, sock(Ipv6Addr::UNSPECIFIED, 0));
-    // Larger than the link's MTU: the container's stack sends it in fragments, the later of
-    // which carry no ports to translate.
-    let fragments = stat(&env, "fragment");
-    client
-        .send_to(&[b'x'; 3000], server.local_addr().unwrap())
-        .unwrap();
-    let got = server.recv_from(&mut [0u8; 4096]);
-    assert!(got.is_err(), "a fragmented datagram arrived: {got:?}");
-    assert!(stat(&env, "fragment") > fragments, "not counted");
-    // The control: a datagram that fits goes through, translated.
-    assert_eq!(
-        udp_round_trip(&client, &server).ip(),
-        IpAddr::from(HOST_ADDR6)
-    );
+    let out = server.local_addr().unwrap();
+    fragmented_round_trip(&client, &server, out, IpAddr::from(HOST_ADDR6));
+    // In to a published port and back: DNATed to the container, which sees the client.
+    let srv = create(&env, "srv", &["--network", "n6", "-p", "9053:53/udp"]);
+    let dns = udp_in(&env, &srv.ns, sock(Ipv6Addr::UNSPECIFIED, 53));
+    let asker = udp_in(&env, &outside, sock(OUTSIDE_ADDR6, 0));
+    let published = sock(HOST_ADDR6, 9053);
+    fragmented_round_trip(&asker, &dns, published, IpAddr::from(OUTSIDE_ADDR6));
+    // Each flow counted every fragment (three each way at the links' 1500 bytes).
+    let flows = env.netd_ok(&["conntrack", "ls"]);
+    for flow in ["dport=9002", "dport=9053"] {
+        let line = flows.lines().find(|l| l.contains(flow)).unwrap_or(&flows);
+        assert!(line.contains("packets=3 "), "{flow}: {flows}");
+    }
 }
 
 #[test]

@@ -508,13 +508,8 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
     assert_eq!(addr_at(&out[ETH_LEN..], 8), out_addr);
 
     // What NAT66 can't translate never leaves with the container's address.
-    let fragment = Ext::Fragment {
-        offset: 0,
-        more: true,
-    };
     let routed = Ext::Routing { segments_left: 1 };
     for (ext, proto, l4, reason) in [
-        (&[fragment][..], UDP, dns(a, outside), "fragment"),
         (&[routed][..], UDP, dns(a, outside), "ipv6_header"),
         (&[][..], TCP, vec![0u8; 12], "truncated_l4"),
     ] {
@@ -533,6 +528,114 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
     // The host's own IPv6 is none of NAT66's business.
     let own = frame(out_addr, outside, &[], UDP, &dns(out_addr, outside));
     assert_eq!(bench.run_on(UPLINK_EGRESS_PROG, &own, UPLINK), (PASS, own));
+}
+
+/// Where a fragment's data starts in its frame (one fragment header).
+const FRAGMENT_DATA: usize = ETH_LEN + 48;
+/// A fragment header at `offset` bytes of the datagram (a multiple of 8).
+fn fragment_at(offset: usize, more: bool) -> Ext {
+    Ext::Fragment {
+        offset: (offset / 8) as u16,
+        more,
+    }
+}
+
+/// The first and the later fragment of the UDP datagram `datagram` from `src` to `dst`,
+/// split after `split` bytes.
+fn fragments(src: Ipv6Addr, dst: Ipv6Addr, datagram: &[u8], split: usize) -> [Vec<u8>; 2] {
+    [
+        frame(src, dst, &[fragment_at(0, true)], UDP, &datagram[..split]),
+        frame(
+            src,
+            dst,
+            &[fragment_at(split, false)],
+            UDP,
+            &datagram[split..],
+        ),
+    ]
+}
+
+/// Runs `prog` on each of `frames`, which it must pass on; returns the datagram they carry,
+/// reassembled, as an unfragmented frame between the addresses the first one left with (whose
+/// checksum then says whether the translation kept it right).
+fn reassembled(bench: &Bench, prog: &str, frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut ends = None;
+    for f in frames {
+        let (verdict, out) = bench.run_on(prog, f, UPLINK);
+        assert_eq!(verdict, PASS, "{prog} on {f:02x?}");
+        let ip = &out[ETH_LEN..];
+        let these = (addr_at(ip, 8), addr_at(ip, 24));
+        assert_eq!(*ends.get_or_insert(these), these, "fragments left apart");
+        data.extend_from_slice(&out[FRAGMENT_DATA..]);
+    }
+    let (src, dst) = ends.unwrap();
+    frame(src, dst, &[], UDP, &data)
+}
+
+#[test]
+fn nat66_translates_a_fragmented_datagram_by_its_first_fragment() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 8);
+    let a = ip6(&n.a);
+    let (out_addr, outside) = (HOST_ADDR6, OUTSIDE_ADDR6);
+    let payload: Vec<u8> = (0..200u8).collect();
+
+    // Out: the first fragment gets the host's address and a NAT port, the later one the same
+    // address; the datagram's checksum stays right.
+    let query = udp(a, 5000, outside, 53, &payload);
+    let out = reassembled(
+        &bench,
+        UPLINK_EGRESS_PROG,
+        &fragments(a, outside, &query, 64),
+    );
+    let (src, nat_port, dst, dport) = ends6(&out[ETH_LEN..]);
+    assert_eq!((src, dst, dport), (out_addr, outside, 53));
+    assert!(l4_checksum_ok(&out), "{out:02x?}");
+    assert_eq!(&out[ETH_LEN + 48..], &payload[..], "data changed");
+
+    // Back: the answer's fragments reach the container.
+    let answer = udp(outside, 53, out_addr, nat_port, &payload);
+    let back = reassembled(
+        &bench,
+        UPLINK_INGRESS_PROG,
+        &fragments(outside, out_addr, &answer, 128),
+    );
+    assert_eq!(ends6(&back[ETH_LEN..]), (outside, 53, a, 5000));
+    assert!(l4_checksum_ok(&back), "{back:02x?}");
+
+    // A later fragment of no datagram NAT66 translated leaves neither way.
+    let other = udp(a, 5001, outside, 53, &payload);
+    let [_, stray] = fragments(a, outside, &other, 64);
+    // Its datagram differs by address (what the key holds besides the identification).
+    let elsewhere: Ipv6Addr = "2001:2::99".parse().unwrap();
+    let stray_out = frame(a, elsewhere, &[fragment_at(64, false)], UDP, &other[64..]);
+    nat66_drops(&bench, UPLINK_EGRESS_PROG, &stray_out, "fragment");
+    let stray_in = frame(
+        elsewhere,
+        a,
+        &[fragment_at(64, false)],
+        UDP,
+        &stray[FRAGMENT_DATA..],
+    );
+    nat66_drops(&bench, UPLINK_INGRESS_PROG, &stray_in, "fragment");
+
+    // An ICMPv6 error is never fragmented: a fragmented one about the flow is not
+    // translated, only the host's stack gets it.
+    let about = frame(
+        out_addr,
+        outside,
+        &[],
+        UDP,
+        &udp(out_addr, nat_port, outside, 53, b"q"),
+    );
+    let body = [&1280u32.to_be_bytes()[..], &about[ETH_LEN..]].concat();
+    let ptb = icmpv6(outside, out_addr, PACKET_TOO_BIG, 0, &body);
+    let error = frame(outside, out_addr, &[fragment_at(0, true)], ICMPV6, &ptb);
+    assert_eq!(
+        bench.run_on(UPLINK_INGRESS_PROG, &error, UPLINK),
+        (PASS, error)
+    );
 }
 
 #[test]

@@ -241,6 +241,18 @@ pub struct FragKey {
     pub _pad: u8,
 }
 
+/// What the fragments of one IPv6 datagram share (the fragment header's identification).
+/// `FRAGS6` is the LRU hash of these → [`FragPorts`], of [`FRAGS_MAX`] entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragKey6 {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The ports (echo identifier) a datagram's first fragment carried.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -4,9 +4,10 @@
 //! fragment that arrives before its first one, or whose first one wasn't translated, matches
 //! nothing and is dropped (`fragment`). The endpoint programs remember the ports of a first
 //! fragment a `--link` let through the same way, so its later fragments follow its verdict.
+//! NAT66 does the same for IPv6 (`FRAGS6`, keyed by the fragment header's identification).
 
 use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
-use netd_common::datapath::{FRAGS_MAX, FragKey, FragPorts};
+use netd_common::datapath::{Addr, FRAGS_MAX, FragKey, FragKey6, FragPorts};
 
 use super::{
     events::Tuple,
@@ -15,6 +16,8 @@ use super::{
 
 #[map]
 static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX, 0);
+#[map]
+static FRAGS6: LruHashMap<FragKey6, FragPorts> = LruHashMap::pinned(FRAGS_MAX, 0);
 
 #[inline(always)]
 fn key_of(flow: &Flow) -> FragKey {
@@ -76,4 +79,30 @@ pub fn remember(flow: &Flow) {
         return;
     }
     insert(&key_of(flow), flow.sport, flow.dport);
+}
+
+/// The key of an IPv6 datagram's fragments.
+#[inline(always)]
+pub fn key6(saddr: Addr, daddr: Addr, proto: u8, id: u32) -> FragKey6 {
+    FragKey6 {
+        saddr,
+        daddr,
+        id,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// [`ports`] for IPv6.
+#[inline(always)]
+pub fn ports6(key: &FragKey6) -> Option<(u16, u16)> {
+    // SAFETY: read-only use of a map value written whole.
+    let ports = unsafe { FRAGS6.get(key) }?;
+    Some((ports.sport, ports.dport))
+}
+
+/// [`remember`] for IPv6: the ports of a first fragment NAT66 translated.
+#[inline(always)]
+pub fn remember6(key: &FragKey6, sport: u16, dport: u16) {
+    let _ = FRAGS6.insert(key, &FragPorts { sport, dport }, u64::from(BPF_ANY));
 }

@@ -65,8 +65,10 @@ pub struct Packet {
     pub dport: u16,
     /// The ICMPv6 type (not a later fragment), else 0.
     pub icmp_type: u8,
-    /// `FRAG_*`.
+    /// `FRAG_*`, and the fragment header's identification (what a datagram's fragments
+    /// share) when there is one.
     pub frag: u8,
+    pub frag_id: u32,
     pub l4_off: usize,
     /// Where the packet ends in the frame (padding after it aside).
     pub end: usize,
@@ -96,6 +98,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Stat> {
         dport: 0,
         icmp_type: 0,
         frag: FRAG_NONE,
+        frag_id: 0,
         l4_off: L3_OFF + FIXED_LEN,
         end,
     };
@@ -143,11 +146,12 @@ fn walk_extension_headers(ctx: &TcContext, p: &mut Packet) -> Result<(), Stat> {
                 p.l4_off += (usize::from(h[1]) + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
-                let h: [u8; 4] = read_within(ctx, p.l4_off, p.end).ok_or(Stat::TruncatedL3)?;
+                let h: [u8; 8] = read_within(ctx, p.l4_off, p.end).ok_or(Stat::TruncatedL3)?;
                 if p.frag != FRAG_NONE {
                     return Err(Stat::Ipv6Header);
                 }
                 let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                p.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
                 p.frag = if offset_flags & FRAG_OFFSET_MASK != 0 {
                     FRAG_LATER
                 } else if offset_flags & FRAG_MORE != 0 {

@@ -4,8 +4,10 @@
 //! IPv6 has no header checksum, and the checksums of TCP, UDP and ICMPv6 all cover the
 //! addresses (the pseudo-header): an address change is one `bpf_csum_diff` of its 16 bytes,
 //! fed to the L4 checksum. Other protocols are translated by address, their checksums are
-//! none of NAT's business. Fragments are not translated (their callers drop them): IPv6 is
-//! fragmented only by its source, and a later fragment carries no ports.
+//! none of NAT's business. A fragmented datagram is translated as IPv4's is: its first
+//! fragment carries the L4 header and the ports, remembered (`frag::remember6`) for its later
+//! fragments, which then only have their addresses rewritten. A later fragment of no such
+//! datagram, or a fragmented ICMPv6 error, is dropped (`fragment`).
 
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
@@ -15,16 +17,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET6, Addr, CT_REWRITE_SRC, Config, CtEntry, CtKey, IPPROTO_ICMPV6, IPPROTO_TCP,
+    AF_INET6, Addr, CT_REWRITE_SRC, Config, CtEntry, CtKey, FragKey6, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP, Stat,
 };
 
 use super::{
     conntrack::Tracked,
     csum::{icmp_csum, l4_csum},
+    frag,
     ipv6::{self, read_within},
     maps,
-    parse::{FRAG_NONE, L3_OFF},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_OFF},
     sockets,
     tcp_window::{self, Segment},
 };
@@ -73,6 +76,32 @@ pub struct Flow6 {
     /// For an ICMPv6 error (destination unreachable, packet too big, time exceeded,
     /// parameter problem): the packet it quotes.
     pub quoted: Option<Quoted6>,
+    /// `FRAG_*`, and the fragment header's identification.
+    pub frag: u8,
+    pub frag_id: u32,
+}
+
+impl Flow6 {
+    /// Whether the packet carries an L4 header NAT66 rewrites (not a later fragment).
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        self.frag != FRAG_LATER
+    }
+
+    /// The key its datagram's fragments share.
+    #[inline(always)]
+    fn frag_key(&self) -> FragKey6 {
+        frag::key6(self.saddr, self.daddr, self.proto, self.frag_id)
+    }
+
+    /// Remembers the ports of a first fragment NAT66 translated (before translation: the
+    /// later fragments arrive as it did), for its later fragments.
+    #[inline(always)]
+    pub fn remember_ports(&self) {
+        if self.frag == FRAG_FIRST {
+            frag::remember6(&self.frag_key(), self.sport, self.dport);
+        }
+    }
 }
 
 /// The ends of the packet an ICMPv6 error quotes, as it was sent, and where its headers are.
@@ -100,8 +129,9 @@ impl Tracked for Flow6 {
     #[inline(always)]
     fn segment(&self, ctx: &TcContext) -> Option<Segment> {
         // Read back from the per-CPU slot, the offset is bounded again for the verifier
-        // before the segment is read in place (no walk goes this far).
-        if self.l4_off > MAX_L4_OFF {
+        // before the segment is read in place (no walk goes this far). A fragment's segment
+        // is the whole datagram's: not this packet's to measure (as for IPv4).
+        if self.l4_off > MAX_L4_OFF || self.frag != FRAG_NONE {
             return None;
         }
         tcp_window::segment_at(ctx, self.l4_off, self.end, self.tcp_flags)
@@ -136,14 +166,13 @@ pub fn scratch() -> Option<&'static mut Flow6> {
 
 /// Parses an untagged Ethernet and IPv6 frame (extension headers walked as for the
 /// isolation) carrying TCP, UDP, ICMPv6 echo or error, or another protocol (by address) into
-/// `flow`. An `Err` is the reason it can't be translated: a fragment, neighbour discovery and
-/// the rest of ICMPv6, a header cut short. A function of its own (see `progs::uplink`).
+/// `flow`; a later fragment takes the ports its first fragment carried. An `Err` is the reason
+/// it can't be translated: a later fragment of no translated datagram, a fragmented error,
+/// neighbour discovery and the rest of ICMPv6, a header cut short. A function of its own (see
+/// `progs::uplink`).
 #[inline(never)]
 pub fn parse_into(ctx: &TcContext, flow: &mut Flow6) -> Result<(), Stat> {
     let p = ipv6::parse(ctx)?;
-    if p.frag != FRAG_NONE {
-        return Err(Stat::Fragment);
-    }
     *flow = Flow6 {
         saddr: p.src,
         daddr: p.dst,
@@ -154,7 +183,15 @@ pub fn parse_into(ctx: &TcContext, flow: &mut Flow6) -> Result<(), Stat> {
         l4_off: p.l4_off,
         end: p.end,
         quoted: None,
+        frag: p.frag,
+        frag_id: p.frag_id,
     };
+    if p.frag == FRAG_LATER {
+        let (sport, dport) = frag::ports6(&flow.frag_key()).ok_or(Stat::Fragment)?;
+        flow.sport = sport;
+        flow.dport = dport;
+        return Ok(());
+    }
     match p.proto {
         IPPROTO_TCP => {
             if p.l4_off + TCP_HEADER_LEN > p.end {
@@ -172,9 +209,11 @@ pub fn parse_into(ctx: &TcContext, flow: &mut Flow6) -> Result<(), Stat> {
             match (head[0], head[1]) {
                 (ICMPV6_ECHO_REQUEST, 0) => flow.sport = id,
                 (ICMPV6_ECHO_REPLY, 0) => flow.dport = id,
-                (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM, _) => {
+                // An error fits the minimum MTU: a fragmented one is nothing a router sends.
+                (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM, _) if p.frag == FRAG_NONE => {
                     flow.quoted = Some(quoted(ctx, p.l4_off + ICMPV6_HEADER_LEN, p.end)?);
                 }
+                (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROBLEM, _) => return Err(Stat::Fragment),
                 _ => return Err(Stat::UnsupportedProto),
             }
         }
@@ -277,7 +316,9 @@ pub fn apply(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6) -> Result<(), Stat> {
     } else {
         (DST_IN_IP, &flow.daddr, flow.dport, DPORT_IN_L4)
     };
-    let covered = matches!(flow.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6);
+    // A later fragment has no L4 header: its first fragment's checksum covered the addresses.
+    let covered =
+        matches!(flow.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6) && flow.has_l4_header();
     if *old_addr != rw.addr {
         let diff = csum_diff(old_addr, &rw.addr)?;
         if covered {

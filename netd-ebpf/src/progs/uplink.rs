@@ -20,8 +20,7 @@
 //! IPv6 goes the same way in programs of its own (`uplink_egress6`, `uplink_ingress6`,
 //! reached by a tail call): NAT66, masquerading to the interface's IPv6 address
 //! (`NAT6_ADDRS`), ports published over IPv6 DNATed, ICMPv6 errors (Packet Too Big above
-//! all) translated; no IPv6 fast path (the stack delivers). IPv6 fragments are not
-//! translated: dropped when they are a container's.
+//! all) translated, fragmented datagrams as IPv4's; no IPv6 fast path (the stack delivers).
 //!
 //! Fail closed: a packet to a container of a masquerading or internal network that is not
 //! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
@@ -343,6 +342,9 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
         icmp_error6(ctx, flow, path)
     } else if let Some(outcome) = tracked6(ctx, flow, path) {
         outcome
+    } else if !flow.has_l4_header() {
+        // A later fragment whose flow ended since its first fragment: it starts none.
+        Ok(untranslatable6(ctx, Stat::Fragment, path))
     } else if path == Path::Out {
         masquerade6(ctx, flow)
     } else {
@@ -504,7 +506,10 @@ fn icmp_error6(ctx: &TcContext, flow: &Flow6, path: Path) -> Result<Stat, Drop6>
 #[inline(always)]
 fn rewrite6(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6, done: Stat) -> Result<Stat, Drop6> {
     nat66::apply(ctx, flow, rw)
-        .map(|()| done)
+        .map(|()| {
+            flow.remember_ports();
+            done
+        })
         .map_err(|reason| {
             let end = if rw.src { flow.saddr } else { rw.addr };
             Drop6 {
