@@ -322,6 +322,15 @@ fn isolation_holds_for_ipv6_on_every_kind_of_network() {
     );
     let reply = frame(qa, qb, &[], UDP, &udp(qa, 53, qb, 5000, b"x"));
     assert_eq!(sent(&bench, &quiet.a, quiet.b.mac, reply), REDIRECT);
+    // A fragmented datagram along the link: the later fragment by the first one's ports; a
+    // later fragment of no datagram the link let through is refused.
+    let payload = [7u8; 100];
+    let along = fragments(qb, qa, &udp(qb, 5000, qa, 53, &payload), 64);
+    for f in along {
+        assert_eq!(sent(&bench, &quiet.b, quiet.a.mac, f), REDIRECT);
+    }
+    let [_, stray] = fragments(qa, qb, &udp(qa, 5000, qb, 80, &payload), 64);
+    dropped(&bench, &quiet.a, quiet.b.mac, stray, "icc_denied");
     for (from, to, dst, dport) in [
         (&quiet.b, quiet.a.mac, qa, 80),
         (&quiet.a, quiet.b.mac, qb, 53),

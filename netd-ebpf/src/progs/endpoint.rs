@@ -268,7 +268,7 @@ fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
     }
 }
 
-/// [`to_container`] for IPv6. A later fragment (no ports) is never along a link.
+/// [`to_container`] for IPv6.
 #[inline(always)]
 fn to_container6(
     from: &Sender,
@@ -290,13 +290,28 @@ fn to_container6(
     }
 }
 
-/// Docker's link rules for IPv6: to the linked container's port, or a reply from it.
+/// Docker's link rules for IPv6: to the linked container's port, or a reply from it; a later
+/// fragment by its first fragment's ports, as [`linked`].
 #[inline(always)]
 fn linked6(p: &Packet) -> bool {
-    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP || p.sport == 0 && p.dport == 0 {
+    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP {
         return false;
     }
-    maps::linked6(p.src, p.dst, p.proto, p.dport) || maps::linked6(p.dst, p.src, p.proto, p.sport)
+    let datagram = frag::key6(p.src, p.dst, p.proto, p.frag_id);
+    if p.frag == FRAG_LATER {
+        return frag::ports6(&datagram).is_some_and(|(sport, dport)| link_allows6(p, sport, dport));
+    }
+    let allowed = (p.sport, p.dport) != (0, 0) && link_allows6(p, p.sport, p.dport);
+    if allowed && p.frag == FRAG_FIRST {
+        frag::remember6(&datagram, p.sport, p.dport);
+    }
+    allowed
+}
+
+/// Whether a link opens `p`'s addresses with ports `sport` and `dport` (either way).
+#[inline(always)]
+fn link_allows6(p: &Packet, sport: u16, dport: u16) -> bool {
+    maps::linked6(p.src, p.dst, p.proto, dport) || maps::linked6(p.dst, p.src, p.proto, sport)
 }
 
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
