@@ -1240,10 +1240,52 @@ fn a_container_cannot_spoof_ipv6_neighbours_routers_or_sources_on_the_ebpf_datap
     let victim = create(&env, "victim", &["--network", "r6"]);
     let attacker = create(&env, "attacker", &["--network", "r6"]);
     let (victim6, attacker6) = (ip6(&env, &victim), ip6(&env, &attacker));
-    let (victim_mac, _) = mac_of(&env, &victim);
+    let (victim_mac, victim_mac_bytes) = mac_of(&env, &victim);
     let (_, attacker_mac) = mac_of(&env, &attacker);
-    // The host learns where the victim is.
+    // The host learns where the victim is, at its global and link-local addresses (the
+    // EUI-64 one of its MAC, which netd has the kernel make).
     assert!(pings(&env, &env.host_ns(), victim6));
+    let victim_ll = frames6::link_local(victim_mac_bytes);
+    let link = output_in(
+        &env,
+        &victim.ns,
+        "ip",
+        &["-6", "addr", "show", "scope", "link"],
+    );
+    assert!(link.contains(&format!("{victim_ll}/64")), "{link}");
+    let bridge = env.netd_json(&["network", "inspect", "r6"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim_ll_on_bridge = format!("{victim_ll}%{bridge}");
+    let ping_ll = || {
+        env.run_in(
+            &env.host_ns(),
+            "ping",
+            &["-n", "-c", "1", "-W", "1", &victim_ll_on_bridge],
+        )
+        .status
+        .success()
+    };
+    assert!(
+        ping_ll(),
+        "the host reaches the victim's link-local address"
+    );
+    let ll_neighbour = || {
+        output_in(
+            &env,
+            &env.host_ns(),
+            "ip",
+            &[
+                "-6",
+                "neigh",
+                "show",
+                &victim_ll.to_string(),
+                "dev",
+                &bridge,
+            ],
+        )
+    };
     let neighbour = || {
         output_in(
             &env,
@@ -1269,6 +1311,10 @@ fn a_container_cannot_spoof_ipv6_neighbours_routers_or_sources_on_the_ebpf_datap
         attacker6,
         frames6::neighbour_advert(attacker6, all_nodes, victim6, attacker_mac),
     );
+    let claim_link_local = to_all(
+        attacker_ll,
+        frames6::neighbour_advert(attacker_ll, all_nodes, victim_ll, attacker_mac),
+    );
     let rogue_prefix: Ipv6Addr = "2001:db8:bad::".parse().unwrap();
     let rogue_router = to_all(
         attacker_ll,
@@ -1287,17 +1333,19 @@ fn a_container_cannot_spoof_ipv6_neighbours_routers_or_sources_on_the_ebpf_datap
     );
     let (nd, addr) = (stat(&env, "spoofed_nd"), stat(&env, "spoofed_addr"));
     env.in_ns(&attacker.ns, || {
-        for frame in [&claim, &rogue_router, &from_victim] {
+        for frame in [&claim, &claim_link_local, &rogue_router, &from_victim] {
             send_raw("eth0", frame);
         }
     });
-    assert_eq!(stat(&env, "spoofed_nd"), nd + 2, "the advertisements");
+    assert_eq!(stat(&env, "spoofed_nd"), nd + 3, "the advertisements");
     assert_eq!(stat(&env, "spoofed_addr"), addr + 1, "the spoofed source");
 
     // None of it took: the host still sends the victim's packets to the victim, which has no
     // address or route from the rogue router.
     assert!(neighbour().contains(&victim_mac), "{}", neighbour());
     assert!(pings(&env, &env.host_ns(), victim6));
+    assert!(ll_neighbour().contains(&victim_mac), "{}", ll_neighbour());
+    assert!(ping_ll());
     let addrs = output_in(&env, &victim.ns, "ip", &["-6", "addr"]);
     assert!(!addrs.contains("2001:db8:bad"), "{addrs}");
     let routes = output_in(&env, &victim.ns, "ip", &["-6", "route"]);

@@ -239,9 +239,16 @@ fn neighbour_discovery_names_only_the_senders_own_mac_and_addresses() {
     let advert = neighbour_advert(own_link_local, ALL_NODES, own_link_local, n.a.mac);
     let advert = nd(own_link_local, ALL_NODES, advert);
     assert_eq!(sent(&bench, &n.a, multicast_mac(ALL_NODES), advert), PASS);
-    // Advertising B's address, or its own at B's MAC; soliciting with B's MAC.
+    // Advertising B's address (global or link-local), or its own at B's MAC; soliciting with
+    // B's MAC.
+    let b_link_local = link_local(n.b.mac);
     let lies = [
         nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, b, n.a.mac)),
+        nd(
+            own_link_local,
+            ALL_NODES,
+            neighbour_advert(own_link_local, ALL_NODES, b_link_local, n.a.mac),
+        ),
         nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, gw, n.a.mac)),
         nd(a, ALL_NODES, neighbour_advert(a, ALL_NODES, a, n.b.mac)),
         nd(a, group, neighbour_solicit(a, group, gw, Some(n.b.mac))),

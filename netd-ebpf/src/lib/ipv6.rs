@@ -219,8 +219,9 @@ impl Packet {
 
 /// Checks the neighbour discovery a container sends: no router advertisement or redirect,
 /// no fragmented discovery (RFC 6980), a neighbour advertisement only for its own address
-/// (`owns` says which are; any link-local one), and every link-layer address option its own
-/// MAC. Anything else passes unchanged.
+/// (`owns` says which are; of link-local ones, the one its MAC makes, see
+/// [`link_local_of`]), and every link-layer address option its own MAC. Anything else passes
+/// unchanged.
 #[inline(always)]
 pub fn check_nd(
     ctx: &TcContext,
@@ -238,7 +239,12 @@ pub fn check_nd(
         ICMPV6_NEIGHBOUR_ADVERT => {
             let target: Addr =
                 read_within(ctx, p.l4_off + ND_TARGET_OFF, p.end).ok_or(Stat::TruncatedL4)?;
-            if !is_link_local(&target) && !owns(target) {
+            let own = if is_link_local(&target) {
+                target == link_local_of(mac)
+            } else {
+                owns(target)
+            };
+            if !own {
                 return Err(Stat::SpoofedNd);
             }
             NS_NA_OPTIONS_OFF
@@ -287,6 +293,19 @@ fn check_nd_options(
 pub fn is_link_local(addr: &Addr) -> bool {
     let b = addr[0].to_ne_bytes();
     b[0] == 0xfe && b[1] & 0xc0 == 0x80
+}
+
+/// The link-local address of an interface with `mac`: fe80::/64 with the modified EUI-64
+/// interface identifier (RFC 4291 appendix A), which netd has the kernel make
+/// (`addr_gen_mode` 0).
+#[inline(always)]
+pub fn link_local_of(mac: &[u8; 6]) -> Addr {
+    [
+        u32::from_ne_bytes([0xfe, 0x80, 0, 0]),
+        0,
+        u32::from_ne_bytes([mac[0] ^ 0x02, mac[1], mac[2], 0xff]),
+        u32::from_ne_bytes([0xfe, mac[3], mac[4], mac[5]]),
+    ]
 }
 
 /// ff00::/8.

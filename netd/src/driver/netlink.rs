@@ -383,11 +383,14 @@ pub fn set_ipv6_conf(ns: Option<&Path>, ifname: &str, key: &str, value: &str) ->
 /// Turns IPv6 on for interface `ifname` in namespace `ns` without duplicate address
 /// detection: netd's addresses are unique by construction (and the link-local one derives
 /// from a MAC made from one), and a tentative link-local address would leave the interface
-/// unable to resolve neighbours for a second or two. Off, then on, so addresses made before
-/// (on a host whose interfaces start with IPv6 on) are made again without it.
+/// unable to resolve neighbours for a second or two. The link-local address is the EUI-64
+/// one of the MAC (`addr_gen_mode` 0, whatever the namespace's default), the one the eBPF
+/// datapath lets a container advertise. Off, then on, so addresses made before (on a host
+/// whose interfaces start with IPv6 on) are made again so.
 pub fn enable_ipv6_without_dad(ns: Option<&Path>, ifname: &str) -> Result<()> {
     set_ipv6_conf(ns, ifname, "disable_ipv6", "1")?;
     set_ipv6_conf(ns, ifname, "accept_dad", "0")?;
+    set_ipv6_conf(ns, ifname, "addr_gen_mode", "0")?;
     set_ipv6_conf(ns, ifname, "disable_ipv6", "0")
 }
 
