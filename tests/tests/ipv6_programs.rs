@@ -454,6 +454,30 @@ fn nat66(bench: &Bench, prog: &str, frame: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Runs `uplink_ingress` on `frame`, translated to container `to` of `n`: expects it sent
+/// straight into the container's namespace as forwarding would (to its MAC from the bridge's,
+/// the hop limit down by one) with a valid upper-layer checksum, and returns it.
+fn nat66_in(bench: &Bench, n: &DualStack, to: &EndpointSpec, frame: &[u8]) -> Vec<u8> {
+    let (verdict, out) = bench.run_on(UPLINK_INGRESS_PROG, frame, UPLINK);
+    assert_eq!(
+        verdict, REDIRECT,
+        "into the container's namespace: {frame:02x?}"
+    );
+    assert_fast_path_frame(n, to, frame, &out);
+    assert!(l4_checksum_ok(&out), "a bad checksum: {out:02x?}");
+    out
+}
+
+/// Asserts `out`, what the fast path made of `sent`, is addressed to container `to` from
+/// `n`'s bridge, one hop further.
+fn assert_fast_path_frame(n: &DualStack, to: &EndpointSpec, sent: &[u8], out: &[u8]) {
+    assert_eq!(
+        (&out[..6], &out[6..12]),
+        (&to.mac[..], &n.net.bridge_mac()[..])
+    );
+    assert_eq!(out[ETH_LEN + 7], sent[ETH_LEN + 7] - 1, "hop limit");
+}
+
 /// The IPv6 address at `off` of `bytes`.
 fn addr_at(bytes: &[u8], off: usize) -> Ipv6Addr {
     <[u8; 16]>::try_from(&bytes[off..off + 16]).unwrap().into()
@@ -490,14 +514,16 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
     let (src, nat_port, dst, dport) = ends6(&out[ETH_LEN..]);
     assert_eq!((src, dst, dport), (out_addr, outside, 53));
     let answer = udp(outside, 53, out_addr, nat_port, b"answer");
-    let back = nat66(
+    let back = nat66_in(
         &bench,
-        UPLINK_INGRESS_PROG,
+        &n,
+        &n.a,
         &frame(outside, out_addr, &[], UDP, &answer),
     );
     assert_eq!(ends6(&back[ETH_LEN..]), (outside, 53, a, 5000));
 
-    // A Packet Too Big about the datagram as it left: to the container, about what it sent.
+    // A Packet Too Big about the datagram as it left: to the container, about what it sent
+    // (through the stack, as IPv4's errors).
     let body = [&1280u32.to_be_bytes()[..], &out[ETH_LEN..]].concat();
     let ptb = icmpv6(outside, out_addr, PACKET_TOO_BIG, 0, &body);
     let back = nat66(
@@ -571,15 +597,15 @@ fn fragments(src: Ipv6Addr, dst: Ipv6Addr, datagram: &[u8], split: usize) -> [Ve
     ]
 }
 
-/// Runs `prog` on each of `frames`, which it must pass on; returns the datagram they carry,
-/// reassembled, as an unfragmented frame between the addresses the first one left with (whose
-/// checksum then says whether the translation kept it right).
-fn reassembled(bench: &Bench, prog: &str, frames: &[Vec<u8>]) -> Vec<u8> {
+/// Runs `prog` on each of `frames`, which it must pass on (with `verdict`); returns the
+/// datagram they carry, reassembled, as an unfragmented frame between the addresses the first
+/// one left with (whose checksum then says whether the translation kept it right).
+fn reassembled(bench: &Bench, prog: &str, verdict: u32, frames: &[Vec<u8>]) -> Vec<u8> {
     let mut data = Vec::new();
     let mut ends = None;
     for f in frames {
-        let (verdict, out) = bench.run_on(prog, f, UPLINK);
-        assert_eq!(verdict, PASS, "{prog} on {f:02x?}");
+        let (got, out) = bench.run_on(prog, f, UPLINK);
+        assert_eq!(got, verdict, "{prog} on {f:02x?}");
         let ip = &out[ETH_LEN..];
         let these = (addr_at(ip, 8), addr_at(ip, 24));
         assert_eq!(*ends.get_or_insert(these), these, "fragments left apart");
@@ -603,6 +629,7 @@ fn nat66_translates_a_fragmented_datagram_by_its_first_fragment() {
     let out = reassembled(
         &bench,
         UPLINK_EGRESS_PROG,
+        PASS,
         &fragments(a, outside, &query, 64),
     );
     let (src, nat_port, dst, dport) = ends6(&out[ETH_LEN..]);
@@ -610,11 +637,12 @@ fn nat66_translates_a_fragmented_datagram_by_its_first_fragment() {
     assert!(l4_checksum_ok(&out), "{out:02x?}");
     assert_eq!(&out[ETH_LEN + 48..], &payload[..], "data changed");
 
-    // Back: the answer's fragments reach the container.
+    // Back: the answer's fragments reach the container, straight into its namespace.
     let answer = udp(outside, 53, out_addr, nat_port, &payload);
     let back = reassembled(
         &bench,
         UPLINK_INGRESS_PROG,
+        REDIRECT,
         &fragments(outside, out_addr, &answer, 128),
     );
     assert_eq!(ends6(&back[ETH_LEN..]), (outside, 53, a, 5000));
@@ -683,11 +711,7 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
     // A query to the host's address reaches the container, its answer leaves from the host.
     let query = udp(outside, 4000, host, 5353, b"query");
     let dnat = bench.stat("dnat_new");
-    let back = nat66(
-        &bench,
-        UPLINK_INGRESS_PROG,
-        &frame(outside, host, &[], UDP, &query),
-    );
+    let back = nat66_in(&bench, &n, &n.a, &frame(outside, host, &[], UDP, &query));
     assert_eq!(ends6(&back[ETH_LEN..]), (outside, 4000, a, 53));
     assert_eq!(bench.stat("dnat_new"), dnat + 1);
     let answer = udp(a, 53, outside, 4000, b"answer");

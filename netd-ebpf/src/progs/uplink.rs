@@ -20,7 +20,8 @@
 //! IPv6 goes the same way in programs of its own (`uplink_egress6`, `uplink_ingress6`,
 //! reached by a tail call): NAT66, masquerading to the interface's IPv6 address
 //! (`NAT6_ADDRS`), ports published over IPv6 DNATed, ICMPv6 errors (Packet Too Big above
-//! all) translated, fragmented datagrams as IPv4's; no IPv6 fast path (the stack delivers).
+//! all) translated, fragmented datagrams as IPv4's; translated packets take the same fast
+//! path into the container's namespace.
 //!
 //! Fail closed: a packet to a container of a masquerading or internal network that is not
 //! translated here (it can't be parsed, an ICMP error about no flow of it, a refused new flow)
@@ -71,15 +72,23 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     let outcome = ingress(&ctx);
+    deliver(&ctx, outcome, fib::deliver_to_container)
+}
+
+/// The action for a packet that came in with `outcome`: one translated to a container goes
+/// straight into its namespace (`to_container`, the fast path) or, where that can't take it,
+/// is marked for the program on the container's veth and left to the stack.
+#[inline(always)]
+fn deliver(ctx: &TcContext, outcome: Stat, to_container: fn(&TcContext) -> Option<i32>) -> i32 {
     if matches!(outcome, Stat::SnatHit | Stat::DnatNew | Stat::DnatHit) {
-        if let Some(action) = fib::deliver_to_container(&ctx) {
+        if let Some(action) = to_container(ctx) {
             stats::count(outcome);
             stats::count(Stat::FastPathIn);
             return action;
         }
-        admit(&ctx);
+        admit(ctx);
     } else if outcome == Stat::IcmpError {
-        admit(&ctx);
+        admit(ctx);
     }
     verdict(outcome)
 }
@@ -288,14 +297,7 @@ pub fn uplink_egress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress6(ctx: TcContext) -> i32 {
     let outcome = translate6(&ctx, Path::In);
-    // No fast path for IPv6: the stack delivers what was translated.
-    if matches!(
-        outcome,
-        Stat::SnatHit | Stat::DnatNew | Stat::DnatHit | Stat::IcmpError
-    ) {
-        admit(&ctx);
-    }
-    verdict(outcome)
+    deliver(&ctx, outcome, fib::deliver6_to_container)
 }
 
 /// Why an untranslatable packet of a container is dropped: an ICMP error leaving about no
