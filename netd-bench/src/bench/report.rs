@@ -220,8 +220,9 @@ impl Report {
             "Each path over IPv4 and, in the rows marked (IPv6), over IPv6 (the arms' worlds \
              built dual-stack, the ceiling a veth pair carrying IPv6); every ratio and target is \
              against the same family's ceiling and routed floor. Request/response over IPv6 is \
-             netd-bench's own ping-pong (sockperf's, 14-byte messages, pinned the same way): \
-             Debian's sockperf takes IPv4 addresses only.\n"
+             netd-bench's own ping-pong (sockperf's 14-byte messages on one connection, pinned \
+             the same way; Debian's sockperf takes IPv4 addresses only; the README says how the \
+             two compare on the same IPv4 paths).\n"
         );
         let _ = write!(md, "| path | metric |");
         for a in &arms {
