@@ -10,7 +10,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Result;
@@ -118,10 +118,7 @@ impl Sandbox {
             (self.outside_path(), OUTSIDE_LINK, OUTSIDE_ADDR6),
         ] {
             for ifname in ["lo", link] {
-                for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")] {
-                    set_ipv6_conf(Some(&ns), ifname, key, value)?;
-                }
-                set_ipv6_conf(Some(&ns), ifname, "disable_ipv6", "0")?;
+                enable_ipv6_on(&ns, ifname)?;
             }
             let nl = Netlink::in_ns(Some(&ns))?;
             let index = nl.require_link(link).await?;
@@ -139,4 +136,14 @@ impl Sandbox {
         let outside = netns::remove(&self.outside);
         host.and(outside)
     }
+}
+
+/// Turns IPv6 on for interface `ifname` of namespace `ns` (off there from creation): no
+/// autoconfiguration and no duplicate address detection, so only the addresses given to it
+/// are there, and usable at once.
+pub fn enable_ipv6_on(ns: &Path, ifname: &str) -> Result<()> {
+    for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")] {
+        set_ipv6_conf(Some(ns), ifname, key, value)?;
+    }
+    set_ipv6_conf(Some(ns), ifname, "disable_ipv6", "0")
 }

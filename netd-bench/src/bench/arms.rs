@@ -3,12 +3,16 @@
 //! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
 //! one twice: TC only, and with the uplink's XDP program), and a real Docker.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::OnceLock};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::OnceLock,
+};
 
 use anyhow::{Context as _, Result};
 
 use super::{
-    Path,
+    Family, Path,
     docker::{Dockerd, Protocol},
     keepalive::KEEPALIVE_PORT,
     tools::{CRR_PORT, Endpoint, IPERF_PORT, PUBLISH_SHIFT, SOCKPERF_PORT},
@@ -18,7 +22,10 @@ use netd::{
     netns,
 };
 use netd_testkit::{
-    HOST_ADDR, Instance, OUTSIDE_ADDR, cleanup::Cleanup, sandbox::Sandbox, traffic::try_output_in,
+    HOST_ADDR, HOST_ADDR6, Instance, OUTSIDE_ADDR, OUTSIDE_ADDR6,
+    cleanup::Cleanup,
+    sandbox::{Sandbox, enable_ipv6_on},
+    traffic::try_output_in,
 };
 
 /// Every arm the benchmark runs by default, in the order it alternates them. One more,
@@ -93,10 +100,69 @@ pub fn has_own_control_plane(arm: &str) -> bool {
 const SUBNET: &str = "172.30.0.0/22";
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
+/// The same network's IPv6 subnet (unique local) and addresses, in its IPv6 worlds.
+const SUBNET6: &str = "fd00:30::/64";
+const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x10);
+const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x11);
+
+// The addresses a world of each family uses (an impl of the bench's `Family` kept beside the
+// topologies they address).
+impl Family {
+    /// The sandbox host's uplink address.
+    fn host_addr(self) -> IpAddr {
+        match self {
+            Family::V4 => HOST_ADDR.into(),
+            Family::V6 => HOST_ADDR6.into(),
+        }
+    }
+
+    /// The outside namespace's address (the masquerade path's server).
+    fn outside_addr(self) -> IpAddr {
+        match self {
+            Family::V4 => OUTSIDE_ADDR.into(),
+            Family::V6 => OUTSIDE_ADDR6.into(),
+        }
+    }
+
+    /// The benchmark containers' addresses: server, client.
+    fn container_addrs(self) -> [IpAddr; 2] {
+        match self {
+            Family::V4 => [SERVER_IP.into(), CLIENT_IP.into()],
+            Family::V6 => [SERVER_IP6.into(), CLIENT_IP6.into()],
+        }
+    }
+
+    /// The route to everything.
+    fn default_route(self) -> ipnet::IpNet {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+        .parse()
+        .expect("a default route")
+    }
+
+    /// The sysctl that makes a namespace route this family.
+    fn forwarding_sysctl(self) -> &'static str {
+        match self {
+            Family::V4 => "net.ipv4.ip_forward",
+            Family::V6 => "net.ipv6.conf.all.forwarding",
+        }
+    }
+
+    /// What lists a namespace's netfilter rules of this family.
+    fn rules_tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        }
+    }
+}
 
 /// What the kernel shows for an arm: evidence that each arm uses only its own datapath.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Fairness {
+    /// Netfilter rules of the world's family (iptables-save, ip6tables-save) in the host.
     pub netfilter_rules: usize,
     pub kernel_conntrack: u64,
     pub bpf_programs_attached: usize,
@@ -121,10 +187,11 @@ pub enum Publish {
     },
 }
 
-/// A container made by an arm: where to run things inside it, and its address.
+/// A container made by an arm: where to run things inside it, and its address (the one it was
+/// given, or, for Docker, the one it got).
 pub struct Created {
     pub netns: PathBuf,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 /// An arm that manages containers: netd (with a datapath) or Docker, in a sandbox.
@@ -144,11 +211,17 @@ pub enum Control {
 impl Control {
     /// A sandbox with the arm ready to make containers (netd: a network `bench` exists).
     pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
-        Self::build_with(arm, prefix, &[]).await
+        Self::build_with(arm, prefix, Family::V4, &[]).await
     }
 
-    /// [`Control::build`], with more global options for netd (`--conntrack-max N`, ...).
-    pub async fn build_with(arm: &str, prefix: &str, options: &[&str]) -> Result<Self> {
+    /// [`Control::build`], over `family` (IPv6: the sandbox's uplink carries IPv6 too and
+    /// `bench` is dual-stack), with more global options for netd (`--conntrack-max N`, ...).
+    pub async fn build_with(
+        arm: &str,
+        prefix: &str,
+        family: Family,
+        options: &[&str],
+    ) -> Result<Self> {
         let inst = match arm {
             BASELINE => {
                 let bin = BASELINE_BIN
@@ -158,6 +231,13 @@ impl Control {
             }
             _ => Instance::create(prefix).await?,
         };
+        if family == Family::V6 {
+            anyhow::ensure!(arm != "docker", "the Docker arm has no IPv6 datapath");
+            inst.sandbox
+                .enable_ipv6()
+                .await
+                .context("IPv6 on the sandbox's uplink")?;
+        }
         if arm == "docker" {
             let workdir = inst.state_dir.join("docker");
             let dockerd = Dockerd::start(&inst.sandbox.host_path(), &workdir)?;
@@ -168,6 +248,9 @@ impl Control {
             .to_vec();
         args.extend(options);
         args.extend(["network", "create", "bench", "--subnet", SUBNET]);
+        if family == Family::V6 {
+            args.extend(["--ipv6", "--subnet", SUBNET6]);
+        }
         let path = iptables_backend(arm)
             .map(|b| backend_bin_dir(&inst.state_dir.join("xtables"), b))
             .transpose()?;
@@ -208,15 +291,17 @@ impl Control {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Creates container `base` (netd: at `ip`) publishing `publish`.
-    pub fn create(&self, base: &str, ip: Option<Ipv4Addr>, publish: Publish) -> Result<Created> {
+    /// Creates container `base` (netd: at `ip`, of either family) publishing `publish`.
+    pub fn create(&self, base: &str, ip: Option<IpAddr>, publish: Publish) -> Result<Created> {
         let name = self.instance().name(base);
         match self {
             Self::Netd { .. } => {
                 let mut args = vec!["container".to_string(), "create".into(), name.clone()];
                 args.extend(["--network".into(), "bench".into()]);
-                if let Some(ip) = ip {
-                    args.extend(["--ip".into(), ip.to_string()]);
+                match ip {
+                    Some(IpAddr::V4(ip)) => args.extend(["--ip".into(), ip.to_string()]),
+                    Some(IpAddr::V6(ip)) => args.extend(["--ip6".into(), ip.to_string()]),
+                    None => {}
                 }
                 match publish {
                     Publish::Pairs(pairs) => {
@@ -234,7 +319,7 @@ impl Control {
                 self.netd(&args)?;
                 Ok(Created {
                     netns: netns::path_of(&name),
-                    ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    ip: ip.unwrap_or(Ipv4Addr::UNSPECIFIED.into()),
                 })
             }
             Self::Docker { dockerd, .. } => {
@@ -257,7 +342,7 @@ impl Control {
                 let c = dockerd.run(&name, &ports)?;
                 Ok(Created {
                     netns: c.netns,
-                    ip: c.ip,
+                    ip: c.ip.into(),
                 })
             }
         }
@@ -273,7 +358,7 @@ impl Control {
                 self.netd(&["publish", &name, "-p", &format!("{host}:{container}")])?;
                 Ok(Created {
                     netns: netns::path_of(&name),
-                    ip: Ipv4Addr::UNSPECIFIED,
+                    ip: Ipv4Addr::UNSPECIFIED.into(),
                 })
             }
             Self::Docker { .. } => {
@@ -303,40 +388,45 @@ impl Control {
     }
 }
 
-/// A built arm with its two benchmark containers.
+/// A built arm with its two benchmark containers, over one family.
 pub enum World {
     Ceiling(Ceiling),
     Routed(Routed),
     Managed {
         ctl: Box<Control>,
+        family: Family,
         server: Created,
         client: Created,
     },
 }
 
 impl World {
-    pub async fn build(arm: &str, prefix: &str) -> Result<Self> {
+    pub async fn build(arm: &str, prefix: &str, family: Family) -> Result<Self> {
         match arm {
-            "ceiling" => return Ok(Self::Ceiling(Ceiling::build(prefix).await?)),
-            "routed" => return Ok(Self::Routed(Routed::build(prefix).await?)),
+            "ceiling" => return Ok(Self::Ceiling(Ceiling::build(prefix, family).await?)),
+            "routed" => return Ok(Self::Routed(Routed::build(prefix, family).await?)),
             _ => {}
         }
-        let ctl = Box::new(Control::build(arm, prefix).await?);
+        let ctl = Box::new(Control::build_with(arm, prefix, family, &[]).await?);
         // The server container publishes the three servers' ports, shifted.
         let published =
             [IPERF_PORT, SOCKPERF_PORT, CRR_PORT, KEEPALIVE_PORT].map(|p| (p + PUBLISH_SHIFT, p));
-        let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
-        let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
-        // The outside can route to the server container (for the unsolicited flood).
-        Netlink::in_ns(Some(&ctl.instance().sandbox.outside_path()))?
-            .add_route(
-                ipnet::IpNet::new(server.ip.into(), 32)?,
-                Some(HOST_ADDR.into()),
-                None,
-            )
-            .await?;
+        let [server_ip, client_ip] = family.container_addrs();
+        let server = ctl.create("srv", Some(server_ip), Publish::Pairs(published.to_vec()))?;
+        let client = ctl.create("cli", Some(client_ip), Publish::Pairs(vec![]))?;
+        if family == Family::V4 {
+            // The outside can route to the server container (for the unsolicited flood).
+            Netlink::in_ns(Some(&ctl.instance().sandbox.outside_path()))?
+                .add_route(
+                    ipnet::IpNet::new(server.ip, 32)?,
+                    Some(HOST_ADDR.into()),
+                    None,
+                )
+                .await?;
+        }
         Ok(Self::Managed {
             ctl,
+            family,
             server,
             client,
         })
@@ -344,35 +434,36 @@ impl World {
 
     /// Where a path's client and server run in this arm.
     pub fn endpoint(&self, path: Path) -> Endpoint {
-        let (ctl, server, client) = match self {
+        let (ctl, family, server, client) = match self {
             // One veth pair is the ceiling for every path.
             Self::Ceiling(c) => {
                 return Endpoint {
                     client_ns: netns::path_of(&c.client),
                     server_ns: netns::path_of(&c.server),
-                    target: CEILING_SERVER,
+                    target: c.server_ip,
                     port_shift: 0,
                 };
             }
             Self::Routed(r) => return r.endpoint(path),
             Self::Managed {
                 ctl,
+                family,
                 server,
                 client,
-            } => (ctl, server, client),
+            } => (ctl, *family, server, client),
         };
         let sandbox = &ctl.instance().sandbox;
         match path {
             Path::Published => Endpoint {
                 client_ns: sandbox.outside_path(),
                 server_ns: server.netns.clone(),
-                target: HOST_ADDR,
+                target: family.host_addr(),
                 port_shift: PUBLISH_SHIFT,
             },
             Path::Masquerade => Endpoint {
                 client_ns: client.netns.clone(),
                 server_ns: sandbox.outside_path(),
-                target: OUTSIDE_ADDR,
+                target: family.outside_addr(),
                 port_shift: 0,
             },
             Path::ContainerToContainer => Endpoint {
@@ -385,9 +476,16 @@ impl World {
     }
 
     /// The unsolicited flood's ends: from the outside straight to the server container's
-    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling.
+    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling
+    /// and the routed floor, and over IPv6 (what got in is counted by IPv4's UDP counters).
     pub fn unsolicited(&self) -> Option<Endpoint> {
-        let Self::Managed { ctl, server, .. } = self else {
+        let Self::Managed {
+            ctl,
+            family: Family::V4,
+            server,
+            ..
+        } = self
+        else {
             return None;
         };
         Some(Endpoint {
@@ -407,31 +505,58 @@ impl World {
         }
     }
 
+    fn family(&self) -> Family {
+        match self {
+            Self::Ceiling(c) => c.family,
+            Self::Routed(r) => r.family,
+            Self::Managed { family, .. } => *family,
+        }
+    }
+
     pub fn fairness(&self) -> Result<Fairness> {
         let container = self.endpoint(Path::Published).server_ns;
-        fairness_of(&self.datapath_ns(), &container)
+        fairness_of(&self.datapath_ns(), &container, self.family())
     }
 }
 
-const CEILING_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
-const CEILING_SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
-
 /// Two namespaces joined by a veth pair: no bridge, no netfilter, no eBPF.
 pub struct Ceiling {
+    family: Family,
     client: String,
     server: String,
+    server_ip: IpAddr,
 }
 
 impl Ceiling {
-    async fn build(prefix: &str) -> Result<Self> {
+    /// The client's and the server's addresses over `family`, and their prefix length.
+    fn addrs(family: Family) -> (IpAddr, IpAddr, u8) {
+        match family {
+            Family::V4 => (
+                Ipv4Addr::new(198, 19, 0, 1).into(),
+                Ipv4Addr::new(198, 19, 0, 2).into(),
+                24,
+            ),
+            Family::V6 => (
+                Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, 2).into(),
+                64,
+            ),
+        }
+    }
+
+    async fn build(prefix: &str, family: Family) -> Result<Self> {
+        let (client_ip, server_ip, len) = Self::addrs(family);
         let this = Self {
+            family,
             client: format!("{prefix}-a"),
             server: format!("{prefix}-b"),
+            server_ip,
         };
         let client = netns::create(&this.client)?;
         let server = netns::create(&this.server)?;
         for ns in [&client, &server] {
-            // As in the netd sandboxes: no IPv6 autoconfiguration traffic.
+            // As in the netd sandboxes: no IPv6 autoconfiguration traffic (IPv6 is turned on
+            // below for the links that carry it).
             set_sysctl(Some(ns), "net.ipv6.conf.all.disable_ipv6", "1")?;
             set_sysctl(Some(ns), "net.ipv6.conf.default.disable_ipv6", "1")?;
         }
@@ -440,10 +565,17 @@ impl Ceiling {
         c.add_veth("ca", "cb", None).await?;
         let peer = c.require_link("cb").await?;
         c.move_to_ns(peer, &server).await?;
-        for (nl, link, addr) in [(&c, "ca", CEILING_CLIENT), (&s, "cb", CEILING_SERVER)] {
+        for (ns, nl, link, addr) in [
+            (&client, &c, "ca", client_ip),
+            (&server, &s, "cb", server_ip),
+        ] {
+            if family == Family::V6 {
+                for ifname in ["lo", link] {
+                    enable_ipv6_on(ns, ifname)?;
+                }
+            }
             let index = nl.require_link(link).await?;
-            nl.add_addr(index, ipnet::IpNet::new(addr.into(), 24)?)
-                .await?;
+            nl.add_addr(index, ipnet::IpNet::new(addr, len)?).await?;
             nl.set_up(index).await?;
             let lo = nl.require_link("lo").await?;
             nl.set_up(lo).await?;
@@ -466,51 +598,92 @@ impl Drop for Ceiling {
 /// routed by it: no bridge, no NAT, no netfilter rule, no eBPF. From the outside to a
 /// container or back, a packet crosses two veth pairs where the ceiling's crosses one.
 pub struct Routed {
+    family: Family,
     sandbox: Sandbox,
     server: String,
     client: String,
 }
 
-/// The routed arm's containers: server and client, each on a /24 of its own with the host's
-/// end at .1.
-const ROUTED_SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
-const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
+/// The routed arm's subnets over one family: the server's and the client's (the host's end
+/// has the first address, the container the second), and the prefix holding both, which the
+/// outside routes to the host.
+struct RoutedNets {
+    server: ipnet::IpNet,
+    client: ipnet::IpNet,
+    both: ipnet::IpNet,
+}
+
+impl RoutedNets {
+    fn of(family: Family) -> Self {
+        let [server, client, both] = match family {
+            Family::V4 => ["198.19.2.0/24", "198.19.3.0/24", "198.19.0.0/16"],
+            Family::V6 => [
+                "2001:2:0:102::/64",
+                "2001:2:0:103::/64",
+                "2001:2:0:100::/56",
+            ],
+        }
+        .map(|net| net.parse().expect("a routed subnet"));
+        Self {
+            server,
+            client,
+            both,
+        }
+    }
+}
+
+/// Address number `n` of `net` (0: the network's own).
+fn nth_addr(net: ipnet::IpNet, n: u8) -> IpAddr {
+    match net.network() {
+        IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + u32::from(n)).into(),
+        IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(n)).into(),
+    }
+}
 
 impl Routed {
-    async fn build(prefix: &str) -> Result<Self> {
+    async fn build(prefix: &str, family: Family) -> Result<Self> {
         let this = Self {
+            family,
             sandbox: Sandbox::create(prefix).await?,
             server: format!("{prefix}-srv"),
             client: format!("{prefix}-cli"),
         };
         // Dropped on error: everything made so far goes.
+        if family == Family::V6 {
+            this.sandbox.enable_ipv6().await?;
+        }
         let host = this.sandbox.host_path();
-        set_sysctl(Some(&host), "net.ipv4.ip_forward", "1")?;
-        for (name, addr) in [(&this.server, ROUTED_SERVER), (&this.client, ROUTED_CLIENT)] {
-            attach_routed(&host, name, addr).await?;
+        set_sysctl(Some(&host), family.forwarding_sysctl(), "1")?;
+        let nets = RoutedNets::of(family);
+        for (name, host_end, net) in [
+            (&this.server, "rtsrv", nets.server),
+            (&this.client, "rtcli", nets.client),
+        ] {
+            attach_routed(&host, name, host_end, net).await?;
         }
         Netlink::in_ns(Some(&this.sandbox.outside_path()))?
-            .add_route("198.19.0.0/16".parse()?, Some(HOST_ADDR.into()), None)
+            .add_route(nets.both, Some(family.host_addr()), None)
             .await?;
         Ok(this)
     }
 
     fn endpoint(&self, path: Path) -> Endpoint {
+        let server_ip = nth_addr(RoutedNets::of(self.family).server, 2);
         let (client_ns, server_ns, target) = match path {
             Path::Published => (
                 self.sandbox.outside_path(),
                 netns::path_of(&self.server),
-                ROUTED_SERVER,
+                server_ip,
             ),
             Path::Masquerade => (
                 netns::path_of(&self.client),
                 self.sandbox.outside_path(),
-                OUTSIDE_ADDR,
+                self.family.outside_addr(),
             ),
             Path::ContainerToContainer => (
                 netns::path_of(&self.client),
                 netns::path_of(&self.server),
-                ROUTED_SERVER,
+                server_ip,
             ),
         };
         Endpoint {
@@ -522,34 +695,50 @@ impl Routed {
     }
 }
 
-/// Makes namespace `name` with the address `addr`/24, behind a veth pair to `host` whose host
-/// end has .1 of that /24 and is the namespace's default gateway.
-async fn attach_routed(host: &std::path::Path, name: &str, addr: Ipv4Addr) -> Result<()> {
+/// Makes namespace `name` with the second address of `net`, behind a veth pair to `host`
+/// (its host end `host_end`) whose host end has the first and is the namespace's default
+/// gateway.
+async fn attach_routed(
+    host: &std::path::Path,
+    name: &str,
+    host_end: &str,
+    net: ipnet::IpNet,
+) -> Result<()> {
+    let family = match net {
+        ipnet::IpNet::V4(_) => Family::V4,
+        ipnet::IpNet::V6(_) => Family::V6,
+    };
     let ns = netns::create(name)?;
     set_sysctl(Some(&ns), "net.ipv6.conf.all.disable_ipv6", "1")?;
     set_sysctl(Some(&ns), "net.ipv6.conf.default.disable_ipv6", "1")?;
-    let [a, b, c, _] = addr.octets();
-    let gateway = Ipv4Addr::new(a, b, c, 1);
+    let gateway = nth_addr(net, 1);
     let h = Netlink::in_ns(Some(host))?;
     let inner = Netlink::in_ns(Some(&ns))?;
-    // Host-side names from the third octet: unique per container.
-    let host_end = format!("rt{c}");
-    h.add_veth(&host_end, "eth0", None).await?;
+    h.add_veth(host_end, "eth0", None).await?;
     let peer = h.require_link("eth0").await?;
     h.move_to_ns(peer, &ns).await?;
-    let host_index = h.require_link(&host_end).await?;
-    h.add_addr(host_index, ipnet::IpNet::new(gateway.into(), 24)?)
+    if family == Family::V6 {
+        enable_ipv6_on(host, host_end)?;
+        for ifname in ["lo", "eth0"] {
+            enable_ipv6_on(&ns, ifname)?;
+        }
+    }
+    let host_index = h.require_link(host_end).await?;
+    h.add_addr(host_index, ipnet::IpNet::new(gateway, net.prefix_len())?)
         .await?;
     h.set_up(host_index).await?;
     let index = inner.require_link("eth0").await?;
     inner
-        .add_addr(index, ipnet::IpNet::new(addr.into(), 24)?)
+        .add_addr(
+            index,
+            ipnet::IpNet::new(nth_addr(net, 2), net.prefix_len())?,
+        )
         .await?;
     inner.set_up(index).await?;
     let lo = inner.require_link("lo").await?;
     inner.set_up(lo).await?;
     inner
-        .add_route("0.0.0.0/0".parse()?, Some(gateway.into()), None)
+        .add_route(family.default_route(), Some(gateway), None)
         .await
 }
 
@@ -563,8 +752,14 @@ impl Drop for Routed {
     }
 }
 
-fn fairness_of(ns: &std::path::Path, container: &std::path::Path) -> Result<Fairness> {
-    let rules = try_output_in(ns, "iptables-save", &[])?;
+/// What `ns` (and the server `container`'s namespace) held: `family`'s netfilter rules, the
+/// rest whatever the family.
+fn fairness_of(
+    ns: &std::path::Path,
+    container: &std::path::Path,
+    family: Family,
+) -> Result<Fairness> {
+    let rules = try_output_in(ns, family.rules_tool(), &[])?;
     let conntrack = try_output_in(ns, "conntrack", &["-C"])?;
     let bridge_nf = netns::run_in(Some(ns), || {
         Ok(

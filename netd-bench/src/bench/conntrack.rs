@@ -5,7 +5,7 @@
 //! outside namespace with a raw socket.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::{
         Arc,
@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use netd::netns;
 use netd_common::datapath::{CONNTRACK_MAP, CONNTRACK_MAPS};
 use netd_testkit::{sandbox::HOST_ADDR, traffic::try_output_in};
 
 use super::{
-    Plan, Samples,
+    Family, Plan, Samples,
     arms::{Control, Publish},
     daemon::Daemon,
     memory, prefix, record,
@@ -39,13 +39,14 @@ const FLOOD_RATE: u64 = 20_000;
 /// memory per 100,000 entries; then throughput with and without a SYN flood.
 pub async fn measure(arm: &str, plan: &Plan, samples: &mut Samples) -> Result<()> {
     let max = plan.conntrack_max.to_string();
-    let ctl = Control::build_with(arm, &prefix(arm), &["--conntrack-max", &max]).await?;
+    let ctl =
+        Control::build_with(arm, &prefix(arm), Family::V4, &["--conntrack-max", &max]).await?;
     let published = [IPERF_PORT, CRR_PORT, FILL_PORT].map(|p| (p + PUBLISH_SHIFT, p));
     let server = ctl.create("srv", None, Publish::Pairs(published.to_vec()))?;
     let ep = Endpoint {
         client_ns: ctl.instance().sandbox.outside_path(),
         server_ns: server.netns,
-        target: HOST_ADDR,
+        target: HOST_ADDR.into(),
         port_shift: PUBLISH_SHIFT,
     };
     let n = plan.conntrack_max;
@@ -125,7 +126,7 @@ pub async fn measure_flood_only(arm: &str, plan: &Plan, samples: &mut Samples) -
     let ep = Endpoint {
         client_ns: ctl.instance().sandbox.outside_path(),
         server_ns: server.netns,
-        target: HOST_ADDR,
+        target: HOST_ADDR.into(),
         port_shift: PUBLISH_SHIFT,
     };
     measure_flooded_throughput(&ep, arm, plan, samples)?;
@@ -157,7 +158,10 @@ pub fn measure_flooded_throughput(
     samples: &mut Samples,
 ) -> Result<()> {
     let alone = tools::throughput(ep, plan.secs)?;
-    let target = SocketAddrV4::new(ep.target, CRR_PORT + ep.port_shift);
+    let IpAddr::V4(ip) = ep.target else {
+        bail!("the SYN flood is IPv4 only, not to {}", ep.target);
+    };
+    let target = SocketAddrV4::new(ip, CRR_PORT + ep.port_shift);
     let stop = Arc::new(AtomicBool::new(false));
     let flood = {
         let (ns, stop) = (ep.client_ns.clone(), stop.clone());

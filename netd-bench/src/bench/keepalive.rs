@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     sync::{
         Arc,
@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::tools::Endpoint;
+use super::tools::{Endpoint, unspecified_like};
 use netd::netns;
 
 /// The keep-alive server's container-side port.
@@ -41,15 +41,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `KEEPALIVE_PORT` in `ns`; `wake_ns` and `wake` are where a connection that
-    /// reaches it can come from (used to end the accept loop).
+    /// Listens on `KEEPALIVE_PORT` in `ns`, on every address of `wake`'s family; `wake_ns`
+    /// and `wake` are where a connection that reaches it can come from (used to end the
+    /// accept loop).
     pub fn start(ns: &Path, wake_ns: &Path, wake: SocketAddr) -> Result<Self> {
-        let listener = netns::run_in(Some(ns), || {
-            Ok(TcpListener::bind(SocketAddrV4::new(
-                Ipv4Addr::UNSPECIFIED,
-                KEEPALIVE_PORT,
-            ))?)
-        })?;
+        let any = SocketAddr::new(unspecified_like(wake.ip()), KEEPALIVE_PORT);
+        let listener = netns::run_in(Some(ns), || Ok(TcpListener::bind(any)?))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let accept = std::thread::spawn(move || {
@@ -141,7 +138,7 @@ impl Client {
 /// Requests per second over `CONNECTIONS` open connections to the endpoint's server, each
 /// driven closed-loop by a thread of its own, for `secs`.
 pub fn request_rate(ep: &Endpoint, secs: u32) -> Result<f64> {
-    let target = SocketAddr::from((ep.target, KEEPALIVE_PORT + ep.port_shift));
+    let target = ep.target(KEEPALIVE_PORT);
     let _server = Server::start(&ep.server_ns, &ep.client_ns, target)?;
     let clients: Vec<Client> = netns::run_in(Some(&ep.client_ns), || {
         (0..CONNECTIONS).map(|_| Client::connect(target)).collect()

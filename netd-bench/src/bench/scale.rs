@@ -2,10 +2,7 @@
 //! addresses), containers (one by one, and a start storm of creates at once), and the memory
 //! each takes.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    time::Instant,
-};
+use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{Context as _, Result};
 use netd::{netlink::Netlink, netns};
@@ -87,7 +84,7 @@ pub async fn measure_ports(arm: &str, n: u32, plan: &Plan, samples: &mut Samples
     let ep = Endpoint {
         client_ns: ctl.instance().sandbox.outside_path(),
         server_ns: last.netns,
-        target: HOST_ADDR,
+        target: HOST_ADDR.into(),
         port_shift: LAST_HOST_PORT - tools::CRR_PORT,
     };
     let first = first_packet(&ep)?;
@@ -138,12 +135,9 @@ async fn add_uplink_address(host_ns: &std::path::Path, ip: Ipv4Addr) -> Result<(
 
 fn first_packet(ep: &Endpoint) -> Result<f64> {
     let _listener = netns::run_in(Some(&ep.server_ns), || {
-        Ok(std::net::TcpListener::bind(("0.0.0.0", tools::CRR_PORT))?)
+        Ok(std::net::TcpListener::bind(ep.listen(tools::CRR_PORT))?)
     })?;
-    tools::first_connect_us(
-        &ep.client_ns,
-        SocketAddr::from((ep.target, tools::CRR_PORT + ep.port_shift)),
-    )
+    tools::first_connect_us(&ep.client_ns, ep.target(tools::CRR_PORT))
 }
 
 /// Creates then removes `count` containers one by one, timing each command (filed under

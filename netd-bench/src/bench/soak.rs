@@ -178,8 +178,12 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
     progress("soak: building the ebpf arm with netd daemon")?;
     let ctl = Control::build("ebpf", &super::prefix("soak")).await?;
     let published = [IPERF_PORT, KEEPALIVE_PORT].map(|p| (p + PUBLISH_SHIFT, p));
-    let server = ctl.create("srv", Some(SERVER_IP), Publish::Pairs(published.to_vec()))?;
-    let client = ctl.create("cli", Some(CLIENT_IP), Publish::Pairs(vec![]))?;
+    let server = ctl.create(
+        "srv",
+        Some(SERVER_IP.into()),
+        Publish::Pairs(published.to_vec()),
+    )?;
+    let client = ctl.create("cli", Some(CLIENT_IP.into()), Publish::Pairs(vec![]))?;
     let daemon = Daemon::start(&ctl, 5.0)?;
     let outside = ctl.instance().sandbox.outside_path();
     let published_rr = SocketAddr::from((HOST_ADDR, KEEPALIVE_PORT + PUBLISH_SHIFT));

@@ -1,13 +1,14 @@
-//! The load generators: iperf3 (throughput), sockperf ping-pong (request/response latency), a
-//! closed-loop connect/1-byte/close client of our own (new connections per second), and a UDP
-//! flood of our own (unsolicited traffic the datapath must drop).
+//! The load generators: iperf3 (throughput), sockperf ping-pong (request/response latency; over
+//! IPv6 a ping-pong of our own), a closed-loop connect/1-byte/close client of our own (new
+//! connections per second), and a UDP flood of our own (unsolicited traffic the datapath must
+//! drop). Each takes its family from the endpoint's target.
 //!
 //! Servers run in the endpoint's server namespace, clients in its client namespace; both are
 //! processes or threads this module starts and ends itself.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
@@ -19,6 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use super::report::percentile;
 use netd::netns;
 use netd_testkit::{cleanup::Cleanup, command_in, traffic::snmp_counter};
 
@@ -40,14 +42,28 @@ const FLOOD_PAYLOAD: usize = 18;
 pub struct Endpoint {
     pub client_ns: PathBuf,
     pub server_ns: PathBuf,
-    pub target: Ipv4Addr,
+    /// The address the client dials; its family is the one the path is measured over.
+    pub target: IpAddr,
     /// Added to a server's port to get the port the client dials (published ports).
     pub port_shift: u16,
 }
 
 impl Endpoint {
-    fn target(&self, server_port: u16) -> SocketAddr {
-        SocketAddr::from((self.target, server_port + self.port_shift))
+    pub fn target(&self, server_port: u16) -> SocketAddr {
+        SocketAddr::new(self.target, server_port + self.port_shift)
+    }
+
+    /// Where a server listens for `port`: every address of the target's family.
+    pub fn listen(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(unspecified_like(self.target), port)
+    }
+}
+
+/// The unspecified address of `ip`'s family (`0.0.0.0` or `::`).
+pub fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     }
 }
 
@@ -108,8 +124,17 @@ pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
 
 /// TCP request/response round-trip time percentiles (p50, p99) in microseconds. Client and
 /// server are pinned to CPUs of their own: left to the scheduler, they sometimes share one and
-/// the p50 jumps by a fifth, run to run.
+/// the p50 jumps by a fifth, run to run. Over IPv4, sockperf's ping-pong; over IPv6 our own
+/// ([`ping_pong`]): Debian's sockperf (3.7) takes IPv4 addresses only.
 pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
+    match ep.target {
+        IpAddr::V4(_) => sockperf(ep, secs),
+        IpAddr::V6(_) => ping_pong(ep, secs),
+    }
+}
+
+/// [`rr_latency`] by sockperf's TCP ping-pong (`--full-rtt`).
+fn sockperf(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
     let port = SOCKPERF_PORT.to_string();
     let _server = start_server(
         &ep.server_ns,
@@ -144,6 +169,81 @@ pub fn rr_latency(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
         "sockperf to {target} printed no percentiles in {SOCKPERF_TRIES} runs: {}",
         tail.join(" / ")
     )
+}
+
+/// [`rr_latency`] as sockperf's TCP ping-pong does it: one connection, a message of
+/// [`PING_PONG_SIZE`] bytes echoed back, the next sent when the echo is in, each round trip
+/// timed; the echoing server a thread listening in the server namespace.
+fn ping_pong(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
+    let listener = netns::run_in(Some(&ep.server_ns), || {
+        Ok(TcpListener::bind(ep.listen(SOCKPERF_PORT))?)
+    })?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        pin_to(SERVER_CPU)?;
+        let mut conn = accept_within(&listener, Duration::from_secs(5))?;
+        conn.set_nodelay(true)?;
+        let mut message = [0u8; PING_PONG_SIZE];
+        // Until the client closes (read_exact fails at its end of file).
+        while conn.read_exact(&mut message).is_ok() {
+            conn.write_all(&message)?;
+        }
+        Ok(())
+    });
+    let target = ep.target(SOCKPERF_PORT);
+    let rtts = netns::run_in(Some(&ep.client_ns), || {
+        pin_to(CLIENT_CPU)?;
+        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .with_context(|| format!("connect to {target}"))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
+        let mut message = [0u8; PING_PONG_SIZE];
+        let mut rtts = Vec::new();
+        while Instant::now() < deadline {
+            let sent = Instant::now();
+            conn.write_all(&message)?;
+            conn.read_exact(&mut message)
+                .with_context(|| format!("read the echo from {target}"))?;
+            rtts.push(sent.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(rtts)
+    });
+    let served = server.join().expect("ping-pong server panicked");
+    let mut rtts = rtts?;
+    served.context("ping-pong server")?;
+    rtts.sort_by(f64::total_cmp);
+    anyhow::ensure!(!rtts.is_empty(), "no round trip to {target} in {secs} s");
+    Ok((percentile(&rtts, 50.0), percentile(&rtts, 99.0)))
+}
+
+/// The first connection `listener` accepts within `timeout` (a client that never connects
+/// leaves no thread waiting).
+fn accept_within(listener: &TcpListener, timeout: Duration) -> Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e).context("accept the ping-pong client"),
+        }
+    }
+}
+
+/// A ping-pong message: sockperf's default (and least) size.
+const PING_PONG_SIZE: usize = 14;
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: &str) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu.parse().context("a CPU number")?)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pin to CPU {cpu}"))
 }
 
 /// Runs of the sockperf client before a path's latency counts as unmeasurable.
@@ -181,10 +281,7 @@ pub fn crr_with(
 ) -> Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let listener = netns::run_in(Some(&ep.server_ns), || {
-        Ok(TcpListener::bind(SocketAddrV4::new(
-            Ipv4Addr::UNSPECIFIED,
-            CRR_PORT,
-        ))?)
+        Ok(TcpListener::bind(ep.listen(CRR_PORT))?)
     })?;
     let server = spawn_echo_server(listener, stop.clone());
     let target = ep.target(CRR_PORT);
@@ -288,7 +385,7 @@ pub fn first_connect_us(client_ns: &Path, target: SocketAddr) -> Result<f64> {
 /// falls as dropping costs more. Returns datagrams sent per second.
 pub fn flood(client_ns: &Path, target: SocketAddr, secs: u32) -> Result<f64> {
     netns::run_in(Some(client_ns), || {
-        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        let sock = UdpSocket::bind(SocketAddr::new(unspecified_like(target.ip()), 0))?;
         sock.connect(target)?;
         let payload = [0u8; FLOOD_PAYLOAD];
         let started = Instant::now();
