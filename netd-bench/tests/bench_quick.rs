@@ -1,5 +1,6 @@
 //! `cargo xtask bench --quick` writes a complete report: every arm × path × metric the README
-//! lists has its record, with measured values, and the Markdown report and chart exist.
+//! lists has its record, over IPv4 and (but where the report says why not) IPv6, with
+//! measured values, and the Markdown report and chart exist.
 
 use std::{collections::BTreeSet, process::Command};
 
@@ -13,6 +14,8 @@ const PATHS: [&str; 3] = [
     "container->outside",
     "container->container",
 ];
+/// The arms without IPv6 rows (the report says why).
+const NO_IPV6: [&str; 2] = ["ebpf-xdp", "docker"];
 /// `--quick`'s numbers of published ports, and ebpf's past one host address.
 const PORT_COUNTS: [u32; 2] = [1, 100];
 const EBPF_PORT_COUNT: u32 = 1_000;
@@ -57,8 +60,12 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
     let mut want = BTreeSet::new();
     for arm in ran {
         for path in PATHS {
+            let ipv6 = format!("{path} (IPv6)");
             for metric in ["throughput", "rr_p50", "rr_p99", "crr", "keepalive_rps"] {
                 want.insert(key(arm, path, metric, 1));
+                if !NO_IPV6.contains(arm) {
+                    want.insert(key(arm, &ipv6, metric, 1));
+                }
             }
         }
         // Unsolicited floods: the arms that refuse new flows to a container (not the
@@ -100,11 +107,14 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
         100,
     ));
     want.insert(key("iptables", "memory", "slab_kib_per_100k_ct", 1));
-    for path in PATHS {
-        want.insert(key("ceiling", path, "rr_p50_paired", 1));
+    for path in PATHS
+        .into_iter()
+        .flat_map(|p| [p.to_string(), format!("{p} (IPv6)")])
+    {
+        want.insert(key("ceiling", &path, "rr_p50_paired", 1));
         for arm in ["routed", "ebpf"] {
-            want.insert(key(arm, path, "rr_p50_paired", 1));
-            want.insert(key(arm, path, "rr_p50_to_ceiling", 1));
+            want.insert(key(arm, &path, "rr_p50_paired", 1));
+            want.insert(key(arm, &path, "rr_p50_to_ceiling", 1));
         }
     }
     want
@@ -129,18 +139,32 @@ fn a_quick_run_writes_a_record_for_every_arm_path_and_metric() {
     let svg = std::fs::read_to_string(out.join("ratios.svg")).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
 
-    // Only the Docker arm may be skipped (saying why), where docker.io isn't installed.
-    let skipped = report["skipped"].as_array().unwrap();
-    assert!(
-        skipped
+    // Only the Docker arm may be skipped (saying why), where docker.io isn't installed; and
+    // the IPv6 worlds of the two arms that have none (saying why).
+    let skipped: Vec<&str> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let without_ipv6 = |s: &&str| {
+        NO_IPV6
             .iter()
-            .all(|s| s.as_str().unwrap().starts_with("docker")),
+            .any(|arm| s.starts_with(&format!("{arm} over IPv6")))
+    };
+    let whole_arms: Vec<&&str> = skipped.iter().filter(|s| !without_ipv6(s)).collect();
+    assert!(
+        whole_arms.iter().all(|s| s.starts_with("docker")),
         "{skipped:?}"
     );
     let ran: Vec<&str> = ARMS
         .into_iter()
-        .filter(|a| *a != "docker" || skipped.is_empty())
+        .filter(|a| *a != "docker" || whole_arms.is_empty())
         .collect();
+    for arm in NO_IPV6.iter().filter(|arm| ran.contains(arm)) {
+        let why = format!("{arm} over IPv6");
+        assert!(skipped.iter().any(|s| s.starts_with(&why)), "{skipped:?}");
+    }
 
     let mut got = BTreeSet::new();
     for r in report["records"].as_array().unwrap() {
