@@ -15,16 +15,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET6, Addr, CT_REWRITE_SRC, Config, CtEntry, CtKey, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, Stat,
+    AF_INET6, Addr, CT_REWRITE_BOTH, CT_REWRITE_SRC, Config, CtEntry, CtKey, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, PublishedTarget, Stat,
 };
 
 use super::{
     conntrack::Tracked,
     csum::{icmp_csum, l4_csum},
+    events::{self, Tuple6},
+    fib,
     ipv6::{self, read_within},
     maps,
-    parse::{FRAG_NONE, L3_OFF},
+    parse::{FRAG_NONE, Frame as _, L3_OFF},
     sockets,
     tcp_window::{self, Segment},
 };
@@ -267,6 +269,47 @@ pub fn rewrite_of(entry: &CtEntry) -> Rewrite6 {
         addr: entry.nat_addr,
         port: entry.nat_port,
     }
+}
+
+/// The rewrite of a hairpin flow's source, after [`rewrite_of`]'s of its destination (`None`
+/// for other flows).
+#[inline(always)]
+pub fn second_rewrite_of(entry: &CtEntry) -> Option<Rewrite6> {
+    (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite6 {
+        src: true,
+        addr: entry.nat2_addr,
+        port: entry.nat2_port,
+    })
+}
+
+/// The container port a new IPv6 flow's destination is published as: on its address, else
+/// on every address when the destination is one of the host's (`also_host`: an address the
+/// caller knows to be the host's, such as a gateway; else the FIB says).
+#[inline(always)]
+pub fn published_to(ctx: &TcContext, flow: &Flow6, also_host: bool) -> Option<PublishedTarget> {
+    maps::published6(&flow.daddr, flow.dport, flow.proto).or_else(|| {
+        maps::published6(&[0; 4], flow.dport, flow.proto)
+            .filter(|_| also_host || fib::is_local6(ctx, &flow.daddr))
+    })
+}
+
+/// An IPv6 packet to drop: why, and the IPv4 address of the container it counts against.
+pub struct Drop6 {
+    pub reason: Stat,
+    pub container: u32,
+}
+
+/// Drops an IPv6 packet, counted against its container and reported.
+#[inline(never)]
+pub fn dropped(ctx: &TcContext, flow: &Flow6, drop: Drop6) -> Stat {
+    let tuple = Tuple6 {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+    };
+    events::dropped6(&tuple, drop.reason, drop.container, ctx.ifindex())
 }
 
 /// Applies `rw` to the packet `flow` was parsed from.

@@ -51,7 +51,7 @@ use crate::lib::{
     ipv6::{self, Packet},
     maps,
     parse::{self, FRAG_FIRST, FRAG_LATER, Frame as _, L3_OFF, is_vlan_tag},
-    policy::{floods, in_subnet, link_allows},
+    policy::{floods, in_subnet, link_allows, link_allows6},
     stats,
 };
 
@@ -226,7 +226,7 @@ fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
         return to_link_scope6(from, eth, tuple);
     }
     match maps::endpoint6(p.dst) {
-        Some(to) => to_container6(from, to, &p, eth, tuple),
+        Some(to) => to_container6(from, to, eth, tuple),
         None => to_elsewhere6(ctx, from, &p, tuple),
     }
 }
@@ -270,17 +270,11 @@ fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
 
 /// [`to_container`] for IPv6. A later fragment (no ports) is never along a link.
 #[inline(always)]
-fn to_container6(
-    from: &Sender,
-    to: &EndpointInfo,
-    p: &Packet,
-    eth: &EthHdr,
-    tuple: Tuple6,
-) -> Verdict {
+fn to_container6(from: &Sender, to: &EndpointInfo, eth: &EthHdr, tuple: Tuple6) -> Verdict {
     if to.network_id != from.veth.network_id {
         return Verdict::Drop6(Stat::OtherNetwork, tuple);
     }
-    if from.veth.net_flags & NET_ICC == 0 && !linked6(p) {
+    if from.veth.net_flags & NET_ICC == 0 && !link_allows6(&tuple) {
         return Verdict::Drop6(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
@@ -288,15 +282,6 @@ fn to_container6(
     } else {
         Verdict::Pass
     }
-}
-
-/// Docker's link rules for IPv6: to the linked container's port, or a reply from it.
-#[inline(always)]
-fn linked6(p: &Packet) -> bool {
-    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP || p.sport == 0 && p.dport == 0 {
-        return false;
-    }
-    maps::linked6(p.src, p.dst, p.proto, p.dport) || maps::linked6(p.dst, p.src, p.proto, p.sport)
 }
 
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
