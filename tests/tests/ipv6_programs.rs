@@ -785,4 +785,13 @@ fn ipv6_hairpin_applies_the_sources_isolation() {
         &inner.a,
     );
     assert_eq!(ends6(&within).0, inner_gateway);
+    // Through the host's address, the internal network's container gets past its veth's
+    // program only to its own network's port.
+    let sent_to = |port| sent(&bench, &inner.b, BRIDGE_MAC, to(&inner.b, host, port));
+    assert_eq!(sent_to(5311), PASS);
+    let within = hairpin6(&bench, &inner.b, to(&inner.b, host, 5311), &inner.a);
+    assert_eq!(ends6(&within).2, ip6(&inner.a));
+    let before = bench.stat("internal");
+    assert_eq!(sent_to(5300), DROP);
+    assert_eq!(bench.stat("internal"), before + 1);
 }

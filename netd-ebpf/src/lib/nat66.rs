@@ -16,14 +16,13 @@ use aya_ebpf::{
 };
 use netd_common::datapath::{
     AF_INET6, Addr, CT_REWRITE_BOTH, CT_REWRITE_SRC, Config, CtEntry, CtKey, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, PublishedTarget, Stat,
+    IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
 use super::{
     conntrack::Tracked,
     csum::{icmp_csum, l4_csum},
     events::{self, Tuple6},
-    fib,
     ipv6::{self, read_within},
     maps,
     parse::{FRAG_NONE, Frame as _, L3_OFF},
@@ -279,17 +278,6 @@ pub fn second_rewrite_of(entry: &CtEntry) -> Option<Rewrite6> {
         src: true,
         addr: entry.nat2_addr,
         port: entry.nat2_port,
-    })
-}
-
-/// The container port a new IPv6 flow's destination is published as: on its address, else
-/// on every address when the destination is one of the host's (`also_host`: an address the
-/// caller knows to be the host's, such as a gateway; else the FIB says).
-#[inline(always)]
-pub fn published_to(ctx: &TcContext, flow: &Flow6, also_host: bool) -> Option<PublishedTarget> {
-    maps::published6(&flow.daddr, flow.dport, flow.proto).or_else(|| {
-        maps::published6(&[0; 4], flow.dport, flow.proto)
-            .filter(|_| also_host || fib::is_local6(ctx, &flow.daddr))
     })
 }
 

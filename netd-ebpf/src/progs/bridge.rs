@@ -352,7 +352,13 @@ fn new_flow6(ctx: &TcContext, flow: &Flow6, h: &mut Hairpin6) -> NewFlow6 {
         return host;
     };
     let gateway = net.gateway;
-    let Some(target) = nat66::published_to(ctx, flow, flow.daddr == gateway) else {
+    let Some(target) = maps::published_to6(
+        ctx,
+        &flow.daddr,
+        flow.dport,
+        flow.proto,
+        flow.daddr == gateway,
+    ) else {
         return host;
     };
     let Some(ep) = maps::endpoint6(target.addr) else {

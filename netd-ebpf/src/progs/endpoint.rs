@@ -286,7 +286,8 @@ fn to_container6(from: &Sender, to: &EndpointInfo, eth: &EthHdr, tuple: Tuple6) 
 
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
 /// it a routed network's packets go to the stack, a masquerading network's only where the
-/// stack would send them out masqueraded (or answer them itself).
+/// stack would send them out masqueraded (or answer them itself), an internal network's only
+/// to a port published for its own containers on a host address (hairpin).
 #[inline(always)]
 fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
     let Some(net) = maps::network6(from.veth.network_id) else {
@@ -303,6 +304,9 @@ fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> V
         };
     }
     if net.flags & NET_INTERNAL != 0 {
+        if hairpin_within6(ctx, from, p) {
+            return Verdict::Pass;
+        }
         return Verdict::Drop6(Stat::Internal, tuple);
     }
     if net.flags & NET_MASQUERADE != 0 {
@@ -314,6 +318,14 @@ fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> V
         };
     }
     Verdict::Pass
+}
+
+/// [`hairpin_within`] for IPv6: to a port published on a host address for a container of the
+/// same network.
+#[inline(always)]
+fn hairpin_within6(ctx: &TcContext, from: &Sender, p: &Packet) -> bool {
+    maps::published_to6(ctx, &p.dst, p.dport, p.proto, false)
+        .is_some_and(|target| target.network_id == from.veth.network_id)
 }
 
 /// An ARP packet must announce the container's own MAC and address (0.0.0.0 for a probe).

@@ -391,7 +391,10 @@ fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
 /// internal network it is dropped; the stack routes the rest.
 #[inline(never)]
 fn inbound6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
-    let (Some(cfg), Some(target)) = (maps::config(), nat66::published_to(ctx, flow, false)) else {
+    let (Some(cfg), Some(target)) = (
+        maps::config(),
+        maps::published_to6(ctx, &flow.daddr, flow.dport, flow.proto, false),
+    ) else {
         return refuse_inbound6(flow);
     };
     let Some(to) = maps::container6(target.addr) else {
