@@ -344,12 +344,11 @@ enum NewFlow6 {
 /// call would not fit.
 #[inline(never)]
 fn new_flow6(ctx: &TcContext, flow: &Flow6, h: &mut Hairpin6) -> NewFlow6 {
-    let host = NewFlow6::Host;
     let Some(from) = maps::container6(flow.saddr) else {
-        return host;
+        return NewFlow6::Host;
     };
     let Some(net) = maps::network6(from.network_id) else {
-        return host;
+        return NewFlow6::Host;
     };
     let gateway = net.gateway;
     let Some(target) = maps::published_to6(
@@ -359,10 +358,10 @@ fn new_flow6(ctx: &TcContext, flow: &Flow6, h: &mut Hairpin6) -> NewFlow6 {
         flow.proto,
         flow.daddr == gateway,
     ) else {
-        return host;
+        return NewFlow6::Host;
     };
     let Some(ep) = maps::endpoint6(target.addr) else {
-        return host;
+        return NewFlow6::Host;
     };
     let along_link = || {
         link_allows6(&Tuple6 {
@@ -384,7 +383,7 @@ fn new_flow6(ctx: &TcContext, flow: &Flow6, h: &mut Hairpin6) -> NewFlow6 {
         });
     }
     if !conntrack::may_start_flow(flow) {
-        return host;
+        return NewFlow6::Host;
     }
     *h = Hairpin6 {
         target,
