@@ -3,9 +3,10 @@
 
 use std::net::Ipv6Addr;
 
-use crate::frames::{ETH_LEN, eth, sum16};
+use crate::frames::{ACK, ETH_LEN, eth, sum16};
 
 const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMPV6: u8 = 58;
 const HOPOPTS: u8 = 0;
@@ -108,6 +109,22 @@ pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8])
     l4.extend_from_slice(payload);
     let csum = !sum16(&l4, pseudo_header_sum(src, dst, UDP, len));
     l4[6..8].copy_from_slice(&csum.to_be_bytes());
+    l4
+}
+
+/// A TCP segment with `flags` (and, with ACK, acknowledging a peer's first sequence number),
+/// no options or payload, with its checksum.
+pub fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let ack: u32 = if flags & ACK != 0 { 1001 } else { 0 };
+    let mut l4 = Vec::with_capacity(20);
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&1000u32.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
+    // Data offset (5 words), flags, window, checksum, urgent pointer.
+    l4.extend_from_slice(&[5 << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let csum = !sum16(&l4, pseudo_header_sum(src, dst, TCP, l4.len()));
+    l4[16..18].copy_from_slice(&csum.to_be_bytes());
     l4
 }
 

@@ -2,8 +2,8 @@
 //! and the outside namespace is reached only through it. The iptables datapath does all of
 //! it; the eBPF datapath enforces the isolation rules for IPv6, masquerades a network's
 //! outbound IPv6 to the uplink's address (NAT66: TCP, UDP, ICMPv6 echo and the errors about
-//! them) and publishes IPv6 ports to what arrives from outside and to the host's own
-//! processes (on its addresses and on `[::1]`).
+//! them) and publishes IPv6 ports to what arrives from outside, to containers through a
+//! host address (hairpin) and to the host's own processes (on its addresses and `[::1]`).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -127,6 +127,60 @@ fn a_dual_stack_container_is_reached_and_reaches_out_over_both_families() {
     reaches_out_over_both_families(&env, &web);
 
     // Gone without a trace in either family.
+    env.netd_ok(&["container", "rm", &client.name]);
+    env.netd_ok(&["container", "rm", &web.name]);
+    env.netd_ok(&["network", "rm", "n6"]);
+    assert_no_rules_left(&env);
+}
+
+#[test]
+fn hairpin_containers_reach_ports_published_on_the_hosts_ipv6_address() {
+    hairpin_through_the_hosts_ipv6_address("iptables");
+}
+
+#[test]
+fn hairpin_containers_reach_ports_published_on_the_hosts_ipv6_address_on_the_ebpf_datapath() {
+    hairpin_through_the_hosts_ipv6_address("ebpf");
+}
+
+/// The IPv6 twin of `datapath.rs`'s hairpin test, on `datapath`: containers of a dual-stack
+/// network reach a port published on the host's IPv6 address (another container, and the
+/// published container itself) and on its network's IPv6 gateway. The container reaching its
+/// own port comes from the gateway on both (Docker's hairpin MASQUERADE); another container
+/// too on the eBPF datapath, which SNATs every hairpin flow so the target's replies come back
+/// through the bridge's program, while Docker's rules leave its address (the bridge's
+/// netfilter translates the replies back).
+fn hairpin_through_the_hosts_ipv6_address(datapath: &str) {
+    let env = TestEnv::dual_stack();
+    dual_stack_network_on(
+        &env,
+        datapath,
+        "n6",
+        &["--subnet", "10.61.0.0/24", "--subnet", "fd00:61::/64"],
+    );
+    let web = create(&env, "web", &["--network", "n6", "-p", "8080:80"]);
+    let client = create(&env, "client", &["--network", "n6"]);
+    let gateway: Ipv6Addr = "fd00:61::1".parse().unwrap();
+    let server = echo_servers(&env, &web.ns, sock(Ipv6Addr::UNSPECIFIED, 80), 3);
+    for (c, host) in [
+        (&client, HOST_ADDR6),
+        (&web, HOST_ADDR6),
+        (&client, gateway),
+    ] {
+        assert_echoed(&env, &c.ns, sock(host, 8080));
+    }
+    let other = if datapath == "ebpf" {
+        gateway
+    } else {
+        ip6(&env, &client)
+    };
+    let seen = [other, gateway, other].map(IpAddr::from);
+    assert_eq!(peer_ips(server), seen, "{datapath}");
+    if datapath == "ebpf" {
+        assert_eq!(stat(&env, "hairpin_new"), 3);
+        assert_eq!(stat(&env, "no_endpoint"), 0);
+    }
+
     env.netd_ok(&["container", "rm", &client.name]);
     env.netd_ok(&["container", "rm", &web.name]);
     env.netd_ok(&["network", "rm", "n6"]);

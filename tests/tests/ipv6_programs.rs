@@ -1,8 +1,9 @@
 //! The container programs on crafted IPv6 frames (BPF_PROG_TEST_RUN), with the maps filled by
 //! the real driver: the extension-header walk, anti-spoofing of addresses and neighbour
-//! discovery, and the isolation rules, for dual-stack networks of each kind; and NAT66 on the
-//! uplink, its checksums checked as a receiver would (a test run's packet has no checksum
-//! offload to hide a wrong one). Every drop is checked against its counter.
+//! discovery, and the isolation rules, for dual-stack networks of each kind; NAT66 on the
+//! uplink and hairpin on the bridge, their checksums checked as a receiver would (a test run's
+//! packet has no checksum offload to hide a wrong one). Every drop is checked against its
+//! counter.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -13,10 +14,11 @@ use netd::{
     },
 };
 use netd_common::datapath::{
-    ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG,
+    UPLINK_INGRESS_PROG,
 };
 use tests::{
-    frames::{ETH_LEN, with_macs},
+    frames::{ACK, ETH_LEN, SYN, with_macs},
     frames6::*,
     harness::{HOST_ADDR6, OUTSIDE_ADDR6, UPLINK},
     netdata::{BRIDGE, endpoint, network, port},
@@ -438,9 +440,10 @@ fn ipv6_from_beyond_reaches_only_a_routed_networks_containers() {
     assert_eq!(bench.stat("internal"), before + 1);
 }
 
-/// ICMPv6 Packet Too Big, and TCP (for a header cut short).
+/// ICMPv6 Destination Unreachable (code: port unreachable) and Packet Too Big.
+const DEST_UNREACH: u8 = 1;
+const PORT_UNREACH: u8 = 4;
 const PACKET_TOO_BIG: u8 = 2;
-const TCP: u8 = 6;
 
 /// Runs the NAT program `prog` on `frame`; expects it passed on with a valid upper-layer
 /// checksum, and returns what it left.
@@ -682,6 +685,14 @@ fn nat66_translates_a_fragmented_datagram_by_its_first_fragment() {
     );
 }
 
+/// Turns IPv6 forwarding on in the bench's host, as netd's bridge driver does for a
+/// dual-stack network: the FIB, which tells the programs whether a destination is one of the
+/// host's, answers on forwarding interfaces only.
+fn forward_ipv6(bench: &Bench) {
+    let host_ns = bench.env.host_ns();
+    netd::netlink::set_sysctl(Some(&host_ns), "net.ipv6.conf.all.forwarding", "1").unwrap();
+}
+
 #[test]
 fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
     let bench = Bench::dual_stack();
@@ -694,12 +705,9 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
         allow: allow.iter().map(|range| range.parse().unwrap()).collect(),
         ..port(Protocol::Udp, None, host_port, n.a.ip, 53)
     };
-    // As netd's bridge driver does for a dual-stack network: the FIB, which tells the
-    // program whether a destination is one of the host's, answers on forwarding interfaces.
-    let host_ns = bench.env.host_ns();
-    netd::netlink::set_sysctl(Some(&host_ns), "net.ipv6.conf.all.forwarding", "1").unwrap();
+    forward_ipv6(&bench);
     let pins = Pins::open(&bench.env.bpffs).unwrap();
-    bench.env.in_ns(&host_ns, || {
+    bench.env.in_ns(&bench.env.host_ns(), || {
         let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
         let ports = [
             published(5353, &["10.0.0.0/8", "2001:2::1/128"]),
@@ -742,4 +750,191 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
         bench.run_on(UPLINK_INGRESS_PROG, &elsewhere, UPLINK),
         (PASS, elsewhere)
     );
+}
+
+/// The MAC a container sends to the host with (the bridge's): the hairpin program sends the
+/// translated frame from it.
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0xbb, 0, 0, 1];
+
+/// Publishes container A of `n` over both families: UDP or TCP `host_port` → A's
+/// `container_port` on every address, from the sources in `allow` (all when empty).
+fn publish_a(bench: &Bench, n: &DualStack, ports: &[(Protocol, u16, u16, &[&str])]) {
+    let ports: Vec<PortSpec> = ports
+        .iter()
+        .map(|&(proto, host_port, container_port, allow)| PortSpec {
+            network_id: n.net.id,
+            container_ip6: n.a.ip6,
+            allow: allow.iter().map(|range| range.parse().unwrap()).collect(),
+            ..port(proto, None, host_port, n.a.ip, container_port)
+        })
+        .collect();
+    let pins = Pins::open(&bench.env.bpffs).unwrap();
+    bench.env.in_ns(&bench.env.host_ns(), || {
+        EbpfDatapath::new(pins)
+            .with_host_cgroup(None)
+            .publish(&n.net, &ports)
+            .unwrap();
+    });
+}
+
+/// Runs the bridge's program (on the bridge) on `frame`, as container `from` sends it to the
+/// host.
+fn to_bridge(bench: &Bench, from: &EndpointSpec, frame: Vec<u8>) -> (u32, Vec<u8>) {
+    let sent = with_macs(frame, BRIDGE_MAC, from.mac);
+    bench.run_on(BRIDGE_INGRESS_PROG, &sent, BRIDGE)
+}
+
+/// Runs the bridge's program on `frame` from `from`; expects it redirected to container `to`
+/// (from the bridge's MAC) with a valid upper-layer checksum, and returns its IPv6 packet.
+fn hairpin6(bench: &Bench, from: &EndpointSpec, frame: Vec<u8>, to: &EndpointSpec) -> Vec<u8> {
+    let (verdict, out) = to_bridge(bench, from, frame);
+    assert_eq!(
+        verdict, REDIRECT,
+        "hairpin goes straight to {}",
+        to.container
+    );
+    assert_eq!(out[..6], to.mac, "destination MAC: {}'s", to.container);
+    assert_eq!(out[6..12], BRIDGE_MAC, "source MAC: the bridge's");
+    assert!(l4_checksum_ok(&out), "bad checksum: {out:02x?}");
+    out[ETH_LEN..].to_vec()
+}
+
+/// Asserts the bridge's program drops `frame` from `from` and counts it under `reason`.
+fn hairpin6_refused(bench: &Bench, from: &EndpointSpec, frame: Vec<u8>, reason: &str) {
+    let before = bench.stat(reason);
+    assert_eq!(to_bridge(bench, from, frame).0, DROP, "{reason}");
+    assert_eq!(bench.stat(reason), before + 1, "{reason} counted");
+}
+
+#[test]
+fn ipv6_hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
+    let bench = Bench::dual_stack();
+    forward_ipv6(&bench);
+    let n = DualStack::masquerading(&bench, 8);
+    let (a, b, gateway, host) = (ip6(&n.a), ip6(&n.b), n.gateway6(), HOST_ADDR6);
+    publish_a(
+        &bench,
+        &n,
+        &[
+            (Protocol::Tcp, 8081, 80, &[]),
+            (Protocol::Udp, 5300, 53, &[]),
+        ],
+    );
+    let (new, hit, errors) = (
+        bench.stat("hairpin_new"),
+        bench.stat("hairpin_hit"),
+        bench.stat("icmp_error"),
+    );
+
+    // B → the host's address:8081 (published → A:80): to A from the gateway; A's answer back
+    // to B from the host's address.
+    let syn = tcp(b, 20000, host, 8081, SYN);
+    let there = hairpin6(&bench, &n.b, frame(b, host, &[], TCP, &syn), &n.a);
+    let (src, gateway_port, dst, dport) = ends6(&there);
+    assert_eq!((src, dst, dport), (gateway, a, 80));
+    let syn_ack = tcp(a, 80, gateway, gateway_port, SYN | ACK);
+    let back = hairpin6(&bench, &n.a, frame(a, gateway, &[], TCP, &syn_ack), &n.b);
+    assert_eq!(ends6(&back), (host, 8081, b, 20000));
+
+    // A to its own published port through the gateway's address: from the gateway too.
+    let own = tcp(a, 30000, gateway, 8081, SYN);
+    let there = hairpin6(&bench, &n.a, frame(a, gateway, &[], TCP, &own), &n.a);
+    let (src, _, dst, dport) = ends6(&there);
+    assert_eq!((src, dst, dport), (gateway, a, 80));
+
+    // A datagram B → host:5300, and A's port unreachable about it: back to B from the host's
+    // address, quoting the datagram as B sent it.
+    let query = udp(b, 5000, host, 5300, b"query");
+    let there = hairpin6(&bench, &n.b, frame(b, host, &[], UDP, &query), &n.a);
+    let (src, _, dst, dport) = ends6(&there);
+    assert_eq!((src, dst, dport), (gateway, a, 53));
+    let body = [&[0u8; 4][..], &there].concat();
+    let unreachable = icmpv6(a, gateway, DEST_UNREACH, PORT_UNREACH, &body);
+    let error = hairpin6(
+        &bench,
+        &n.a,
+        frame(a, gateway, &[], ICMPV6, &unreachable),
+        &n.b,
+    );
+    assert_eq!((addr_at(&error, 8), addr_at(&error, 24)), (host, b));
+    assert_eq!(ends6(&error[48..]), (b, 5000, host, 5300));
+
+    assert_eq!(bench.stat("hairpin_new"), new + 3);
+    assert_eq!(bench.stat("hairpin_hit"), hit + 1);
+    assert_eq!(bench.stat("icmp_error"), errors + 1);
+
+    // A container's traffic to the outside is none of the bridge's.
+    let out = frame(b, OUTSIDE_ADDR6, &[], UDP, &dns(b, OUTSIDE_ADDR6));
+    let (verdict, left) = to_bridge(&bench, &n.b, out.clone());
+    assert_eq!((verdict, left), (PASS, with_macs(out, BRIDGE_MAC, n.b.mac)));
+}
+
+#[test]
+fn ipv6_hairpin_applies_the_sources_isolation() {
+    let bench = Bench::dual_stack();
+    forward_ipv6(&bench);
+    let open = DualStack::masquerading(&bench, 8);
+    // Without ICC, B is linked to A's UDP 53 only.
+    let quiet = DualStack::new(&bench, 9, false, false);
+    let inner = DualStack::new(&bench, 10, true, true);
+    publish_a(
+        &bench,
+        &open,
+        &[
+            (Protocol::Udp, 5300, 53, &[]),
+            (Protocol::Udp, 5310, 54, &["2001:db8::/64"]),
+        ],
+    );
+    publish_a(
+        &bench,
+        &quiet,
+        &[
+            (Protocol::Udp, 5309, 53, &[]),
+            (Protocol::Udp, 5409, 54, &[]),
+        ],
+    );
+    publish_a(&bench, &inner, &[(Protocol::Udp, 5311, 53, &[])]);
+    let host = HOST_ADDR6;
+    let to = |from: &EndpointSpec, dst: Ipv6Addr, port: u16| {
+        let src = ip6(from);
+        frame(src, dst, &[], UDP, &udp(src, 40000, dst, port, b"?"))
+    };
+
+    // Another network's published port, through the host: the isolation chains drop it; an
+    // internal network's container reaches nothing beyond its network, even through its own
+    // gateway.
+    hairpin6_refused(&bench, &quiet.b, to(&quiet.b, host, 5300), "other_network");
+    hairpin6_refused(&bench, &open.b, to(&open.b, host, 5309), "other_network");
+    let inner_gateway = inner.gateway6();
+    hairpin6_refused(
+        &bench,
+        &inner.b,
+        to(&inner.b, inner_gateway, 5300),
+        "internal",
+    );
+    // Without ICC, a neighbour's published port only along a link.
+    hairpin6_refused(&bench, &quiet.b, to(&quiet.b, host, 5409), "icc_denied");
+    let linked = hairpin6(&bench, &quiet.b, to(&quiet.b, host, 5309), &quiet.a);
+    assert_eq!(addr_at(&linked, 8), quiet.gateway6());
+    // A source outside the port's --publish-allow ranges, a container as any other.
+    hairpin6_refused(&bench, &open.b, to(&open.b, host, 5310), "publish_denied");
+    // Within the network: with ICC, and an internal network's own port.
+    let (_, _, dst, dport) = ends6(&hairpin6(&bench, &open.b, to(&open.b, host, 5300), &open.a));
+    assert_eq!((dst, dport), (ip6(&open.a), 53));
+    let within = hairpin6(
+        &bench,
+        &inner.b,
+        to(&inner.b, inner_gateway, 5311),
+        &inner.a,
+    );
+    assert_eq!(ends6(&within).0, inner_gateway);
+    // Through the host's address, the internal network's container gets past its veth's
+    // program only to its own network's port.
+    let sent_to = |port| sent(&bench, &inner.b, BRIDGE_MAC, to(&inner.b, host, port));
+    assert_eq!(sent_to(5311), PASS);
+    let within = hairpin6(&bench, &inner.b, to(&inner.b, host, 5311), &inner.a);
+    assert_eq!(ends6(&within).2, ip6(&inner.a));
+    let before = bench.stat("internal");
+    assert_eq!(sent_to(5300), DROP);
+    assert_eq!(bench.stat("internal"), before + 1);
 }

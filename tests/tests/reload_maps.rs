@@ -1,7 +1,8 @@
 //! `netd reload` across netd versions whose pinned maps differ: a map an older netd pinned
 //! with fewer entries (PUBLISHED had 65,536, preallocated) is made again with this build's
-//! size, its entries copied, before the programs are replaced; a map whose value layout
-//! changed is refused in one line before anything is touched, and the running programs go on.
+//! size, its entries copied, before the programs are replaced; a map the older netd had not
+//! (BRIDGE6_PROGS) is made and filled; a map whose value layout changed is refused in one
+//! line before anything is touched, and the running programs go on.
 //!
 //! The older netd's map is made here with bpftool, holding the entries of the pinned one,
 //! and put in its place under the pin (the running programs keep the map they were loaded
@@ -9,19 +10,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use netd_common::datapath::{
-    HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS, PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, Stat,
-    VETHS_MAP,
+    BRIDGE6_PROGS_MAP, HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS, PUBLISHED_MAP,
+    PUBLISHED_MAX, STATS_MAP, Stat, VETHS_MAP,
 };
 use serde_json::Value;
 use tests::{
     cli::{Ctr, create, echo_server, map_entries, output_in, tcp_echo},
-    harness::{HOST_ADDR, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, TestEnv},
 };
 
 fn bpftool(args: &[&str]) -> String {
@@ -245,6 +246,42 @@ fn reload_moves_an_older_netds_published_map_to_the_new_size_keeping_its_ports()
     // A second reload has nothing to move.
     env.netd_ok(&["reload"]);
     assert_eq!(map_entries(&env, PUBLISHED_MAP), 2);
+}
+
+/// A datapath an older netd set up has no `BRIDGE6_PROGS` (IPv6 hairpin's program array): a
+/// reload makes it and puts `bridge_ingress6` in it before the bridge's program is replaced,
+/// so the reloaded program hands IPv6 over to a filled array: a container reaches a port
+/// published on the host's IPv6 address through it.
+#[test]
+fn reload_makes_and_fills_the_ipv6_hairpin_array_an_older_netd_had_not() {
+    let env = TestEnv::dual_stack();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--ipv6",
+        "--subnet",
+        "10.88.0.0/24",
+        "--subnet",
+        "fd00:88::/64",
+    ]);
+    let srv = create(&env, "srv", &["--network", "n", "-p", "8080:80"]);
+    let client = create(&env, "client", &["--network", "n"]);
+    let pin = map_pin(&env, BRIDGE6_PROGS_MAP);
+    std::fs::remove_file(&pin).unwrap();
+
+    let out = env.netd_ok(&["reload"]);
+    assert!(out.contains("programs replaced"), "{out}");
+    assert_eq!(
+        map_dump(&pin).len(),
+        1,
+        "bridge_ingress6 is not in the array"
+    );
+    let server = echo_server(&env, &srv.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)));
+    let echoed = tcp_echo(&env, &client.ns, SocketAddr::from((HOST_ADDR6, 8080)));
+    assert_eq!(echoed.unwrap(), "netd", "no IPv6 hairpin after the reload");
+    let peer = server.join().unwrap();
+    assert_eq!(peer.ip(), "fd00:88::1".parse::<Ipv6Addr>().unwrap());
 }
 
 /// A pinned map whose value is another size than this build's is refused in one line naming

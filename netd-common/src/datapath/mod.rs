@@ -24,11 +24,18 @@ pub const UPLINK_EGRESS6_PROG: &str = "uplink_egress6";
 pub const UPLINK_INGRESS6_PROG: &str = "uplink_ingress6";
 /// `NAT66_PROGS`: the program array of those two, in that order.
 pub const NAT66_PROGS_MAP: &str = "NAT66_PROGS";
+pub const NAT66_PROGS: [&str; 2] = [UPLINK_EGRESS6_PROG, UPLINK_INGRESS6_PROG];
 /// XDP program on the uplink (`--uplink-xdp`): drops what `uplink_ingress` would refuse
 /// before the kernel builds an skb for it.
 pub const UPLINK_XDP_PROG: &str = "uplink_xdp";
 /// TC program on each network bridge's ingress: hairpin to published ports.
 pub const BRIDGE_INGRESS_PROG: &str = "bridge_ingress";
+/// IPv6 hairpin: `bridge_ingress` hands IPv6 frames over to it (a tail call through
+/// `BRIDGE6_PROGS`, slot 0).
+pub const BRIDGE_INGRESS6_PROG: &str = "bridge_ingress6";
+/// `BRIDGE6_PROGS`: the program array of that one.
+pub const BRIDGE6_PROGS_MAP: &str = "BRIDGE6_PROGS";
+pub const BRIDGE6_PROGS: [&str; 1] = [BRIDGE_INGRESS6_PROG];
 /// TC program on each container's host-side veth, egress (towards the container): lets in
 /// only what comes from the host, from the container's own network, or was translated by netd
 /// (the destination side of the isolation, whatever interface a packet was routed in through).

@@ -510,32 +510,33 @@ pub fn start_dnat<F: Tracked>(
     insert_original(key, e)
 }
 
-/// Starts a hairpin flow: `key` goes from a container to host:port, published as `target`:
-/// `target_port`; it leaves with the destination rewritten to the target and the source to
-/// the container network's `gateway` and a port free towards the target (so the target's
-/// replies come back through the bridge, where they are translated back). Returns the
-/// destination and source rewrites for this packet.
+/// Starts a hairpin flow: `key` goes from the container whose IPv4 address is `container`
+/// (its flows are counted there, both families') to host:port, published as `target`; it
+/// leaves with the destination rewritten to the target and the source to the container
+/// network's `gateway` and a port free towards the target (so the target's replies come back
+/// through the bridge, where they are translated back). Returns the source port for this
+/// packet.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn start_hairpin(
+pub fn start_hairpin<F: Tracked>(
     ctx: &TcContext,
     key: &CtKey,
-    flow: &Flow,
-    target: u32,
-    target_port: u16,
-    gateway: u32,
+    flow: &F,
+    target: &PublishedTarget,
+    container: u32,
+    gateway: Addr,
     now: u64,
     cfg: &Config,
-) -> Result<(Rewrite, Rewrite), Stat> {
-    charge(flow.saddr)?;
+) -> Result<u16, Stat> {
+    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_HAIRPIN;
     e.rewrite = CT_REWRITE_BOTH;
     // The reply entry: from the target to gateway:port, back to host:port → container.
     e.reply = CtKey {
-        saddr: v4(target),
-        daddr: v4(gateway),
-        sport: target_port,
+        saddr: target.addr,
+        daddr: gateway,
+        sport: target.port,
         dport: key.sport,
         ..*key
     };
@@ -544,26 +545,15 @@ pub fn start_hairpin(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple::<Flow>(ctx, e, has_ports(key.proto), now, cfg)?;
+    let port = claim_reply_tuple::<F>(ctx, e, has_ports(key.proto), now, cfg)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
-    e.nat_addr = v4(target);
-    e.nat_port = target_port;
-    e.nat2_addr = v4(gateway);
+    e.nat_addr = target.addr;
+    e.nat_port = target.port;
+    e.nat2_addr = gateway;
     e.nat2_port = port;
     insert_original(key, e)?;
-    Ok((
-        Rewrite {
-            src: false,
-            addr: target,
-            port: target_port,
-        },
-        Rewrite {
-            src: true,
-            addr: gateway,
-            port,
-        },
-    ))
+    Ok(port)
 }
 
 /// Counts a new flow of the container at `addr` against its cap and its network's; a flow

@@ -4,8 +4,17 @@
 use netd_common::datapath::{Addr, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use aya_ebpf::programs::TcContext;
+use network_types::eth::{EthHdr, EtherType};
 
-use super::parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_OFF};
+use super::parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Frame as _, L3_OFF};
+
+/// Whether the frame is an untagged IPv6 one (what an IPv4 program hands over by tail call
+/// once its parse found no IPv4).
+#[inline(always)]
+pub fn is_untagged_frame(ctx: &TcContext) -> bool {
+    ctx.read::<EthHdr>(0)
+        .is_some_and(|eth| eth.ether_type == EtherType::Ipv6 as u16)
+}
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;

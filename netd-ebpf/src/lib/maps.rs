@@ -4,6 +4,7 @@
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    programs::TcContext,
 };
 use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, Config, ENDPOINTS_MAX, EndpointInfo, EndpointKey, HOST_ADDRS_MAX,
@@ -12,7 +13,7 @@ use netd_common::datapath::{
     PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
-use super::conntrack::v4;
+use super::{conntrack::v4, fib};
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -199,6 +200,22 @@ pub fn published6(addr: &Addr, port: u16, proto: u8) -> Option<PublishedTarget> 
     };
     // SAFETY: as above.
     unsafe { PUBLISHED.get(&key) }.copied()
+}
+
+/// [`published`] for IPv6: a port published on `daddr`, else one published on every address
+/// when `daddr` is one of the host's (`also_host`: an address the caller knows to be the
+/// host's, such as a gateway; else the FIB says, as for the packet in `ctx`).
+#[inline(always)]
+pub fn published_to6(
+    ctx: &TcContext,
+    daddr: &Addr,
+    port: u16,
+    proto: u8,
+    also_host: bool,
+) -> Option<PublishedTarget> {
+    published6(daddr, port, proto).or_else(|| {
+        published6(&[0; 4], port, proto).filter(|_| also_host || fib::is_local6(ctx, daddr))
+    })
 }
 
 /// [`publish_allows`] for an IPv6 source.

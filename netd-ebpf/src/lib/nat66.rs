@@ -17,17 +17,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    AF_INET6, Addr, CT_REWRITE_SRC, Config, CtEntry, CtKey, FragKey6, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, Stat,
+    AF_INET6, Addr, CT_REWRITE_BOTH, CT_REWRITE_SRC, Config, CtEntry, CtKey, FragKey6,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
 use super::{
     conntrack::Tracked,
     csum::{icmp_csum, l4_csum},
+    events::{self, Tuple6},
     frag,
     ipv6::{self, read_within},
     maps,
-    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_OFF},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Frame as _, L3_OFF},
     sockets,
     tcp_window::{self, Segment},
 };
@@ -306,6 +307,36 @@ pub fn rewrite_of(entry: &CtEntry) -> Rewrite6 {
         addr: entry.nat_addr,
         port: entry.nat_port,
     }
+}
+
+/// The rewrite of a hairpin flow's source, after [`rewrite_of`]'s of its destination (`None`
+/// for other flows).
+#[inline(always)]
+pub fn second_rewrite_of(entry: &CtEntry) -> Option<Rewrite6> {
+    (entry.rewrite == CT_REWRITE_BOTH).then_some(Rewrite6 {
+        src: true,
+        addr: entry.nat2_addr,
+        port: entry.nat2_port,
+    })
+}
+
+/// An IPv6 packet to drop: why, and the IPv4 address of the container it counts against.
+pub struct Drop6 {
+    pub reason: Stat,
+    pub container: u32,
+}
+
+/// Drops an IPv6 packet, counted against its container and reported.
+#[inline(never)]
+pub fn dropped(ctx: &TcContext, flow: &Flow6, drop: Drop6) -> Stat {
+    let tuple = Tuple6 {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+    };
+    events::dropped6(&tuple, drop.reason, drop.container, ctx.ifindex())
 }
 
 /// Applies `rw` to the packet `flow` was parsed from.

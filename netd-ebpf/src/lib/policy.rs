@@ -2,7 +2,10 @@
 
 use netd_common::datapath::{IPPROTO_TCP, IPPROTO_UDP, NetworkInfo};
 
-use super::{events::Tuple, maps};
+use super::{
+    events::{Tuple, Tuple6},
+    maps,
+};
 
 /// Docker's ACCEPT rules for a link: to the linked container's port, or a reply from it.
 /// Packets without ports (ICMP, later fragments) are never linked.
@@ -13,6 +16,16 @@ pub fn link_allows(t: &Tuple) -> bool {
     }
     maps::linked(t.saddr, t.daddr, t.proto, t.dport)
         || maps::linked(t.daddr, t.saddr, t.proto, t.sport)
+}
+
+/// [`link_allows`] for IPv6.
+#[inline(always)]
+pub fn link_allows6(t: &Tuple6) -> bool {
+    if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP || t.sport == 0 && t.dport == 0 {
+        return false;
+    }
+    maps::linked6(t.saddr, t.daddr, t.proto, t.dport)
+        || maps::linked6(t.daddr, t.saddr, t.proto, t.sport)
 }
 
 /// The limited broadcast address and multicast groups (224.0.0.0/4).

@@ -52,7 +52,7 @@ use crate::lib::{
     ipv6::{self, Packet},
     maps,
     parse::{self, FRAG_FIRST, FRAG_LATER, Frame as _, L3_OFF, is_vlan_tag},
-    policy::{floods, in_subnet, link_allows},
+    policy::{floods, in_subnet, link_allows, link_allows6},
     stats,
 };
 
@@ -286,7 +286,7 @@ fn to_container6(
     if to.network_id != from.veth.network_id {
         return Verdict::Drop6(Stat::OtherNetwork, tuple);
     }
-    if from.veth.net_flags & NET_ICC == 0 && !linked6(p) {
+    if from.veth.net_flags & NET_ICC == 0 && !linked6(p, &tuple) {
         return Verdict::Drop6(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
@@ -296,33 +296,31 @@ fn to_container6(
     }
 }
 
-/// Docker's link rules for IPv6: to the linked container's port, or a reply from it; a later
-/// fragment by its first fragment's ports, as [`linked`].
+/// Docker's link rules for IPv6 (see [`link_allows6`]); a later fragment by its first
+/// fragment's ports, as [`linked`].
 #[inline(always)]
-fn linked6(p: &Packet) -> bool {
-    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP {
-        return false;
-    }
+fn linked6(p: &Packet, tuple: &Tuple6) -> bool {
     let datagram = frag::key6(p.src, p.dst, p.proto, p.frag_id);
     if p.frag == FRAG_LATER {
-        return frag::ports6(&datagram).is_some_and(|(sport, dport)| link_allows6(p, sport, dport));
+        return frag::ports6(&datagram).is_some_and(|(sport, dport)| {
+            link_allows6(&Tuple6 {
+                sport,
+                dport,
+                ..Tuple6::of(p)
+            })
+        });
     }
-    let allowed = (p.sport, p.dport) != (0, 0) && link_allows6(p, p.sport, p.dport);
+    let allowed = link_allows6(tuple);
     if allowed && p.frag == FRAG_FIRST {
         frag::remember6(&datagram, p.sport, p.dport);
     }
     allowed
 }
 
-/// Whether a link opens `p`'s addresses with ports `sport` and `dport` (either way).
-#[inline(always)]
-fn link_allows6(p: &Packet, sport: u16, dport: u16) -> bool {
-    maps::linked6(p.src, p.dst, p.proto, dport) || maps::linked6(p.dst, p.src, p.proto, sport)
-}
-
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
 /// it a routed network's packets go to the stack, a masquerading network's only where the
-/// stack would send them out masqueraded (or answer them itself).
+/// stack would send them out masqueraded (or answer them itself), an internal network's only
+/// to a port published for its own containers on a host address (hairpin).
 #[inline(always)]
 fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
     let Some(net) = maps::network6(from.veth.network_id) else {
@@ -339,6 +337,9 @@ fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> V
         };
     }
     if net.flags & NET_INTERNAL != 0 {
+        if hairpin_within6(ctx, from, p) {
+            return Verdict::Pass;
+        }
         return Verdict::Drop6(Stat::Internal, tuple);
     }
     if net.flags & NET_MASQUERADE != 0 {
@@ -351,6 +352,14 @@ fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> V
         };
     }
     Verdict::Pass
+}
+
+/// [`hairpin_within`] for IPv6: to a port published on a host address for a container of the
+/// same network.
+#[inline(always)]
+fn hairpin_within6(ctx: &TcContext, from: &Sender, p: &Packet) -> bool {
+    maps::published_to6(ctx, &p.dst, p.dport, p.proto, false)
+        .is_some_and(|target| target.network_id == from.veth.network_id)
 }
 
 /// An ARP packet must announce the container's own MAC and address (0.0.0.0 for a probe).

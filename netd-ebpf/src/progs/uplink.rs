@@ -37,10 +37,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{
-    Addr, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, PublishedTarget,
-    Stat,
+    Addr, CT_NAT_SNAT, Config, CtKey, MARK_ADMITTED, NET_INTERNAL, NET_MASQUERADE, Stat,
 };
-use network_types::eth::{EthHdr, EtherType};
 
 use crate::lib::{
     conntrack::{self, Path, v4},
@@ -48,7 +46,7 @@ use crate::lib::{
     fib, frag,
     inbound::{Inbound, inbound},
     ipv6, maps, nat,
-    nat66::{self, Flow6, Rewrite6},
+    nat66::{self, Drop6, Flow6, Rewrite6},
     parse::{self, Flow, Frame as _, L3_OFF, Quoted},
     stats,
     verdict::{dropped, now_ns, verdict},
@@ -116,7 +114,7 @@ struct Untracked {
 fn translate_tracked(ctx: &TcContext, path: Path) -> Result<Untracked, Stat> {
     let flow = match parse::ipv4_flow(ctx) {
         Ok(flow) => flow,
-        Err(Stat::NotIpv4) if is_ipv6(ctx) => return Err(hand_to_nat66(ctx, path)),
+        Err(Stat::NotIpv4) if ipv6::is_untagged_frame(ctx) => return Err(hand_to_nat66(ctx, path)),
         Err(reason) => return Err(untranslatable(ctx, reason, path)),
     };
     let cfg = maps::config().ok_or(Stat::NoNat)?;
@@ -311,19 +309,6 @@ fn untranslatable_reason(reason: Stat, path: Path) -> Stat {
     }
 }
 
-/// Whether the frame is an untagged IPv6 one.
-#[inline(always)]
-fn is_ipv6(ctx: &TcContext) -> bool {
-    ctx.read::<EthHdr>(0)
-        .is_some_and(|eth| eth.ether_type == EtherType::Ipv6 as u16)
-}
-
-/// A packet NAT66 drops: why, and the IPv4 address of the container it counts against.
-struct Drop6 {
-    reason: Stat,
-    container: u32,
-}
-
 /// NAT66: an IPv6 packet in either direction, as IPv4's. A tracked flow's packets and ICMPv6
 /// errors about it are translated; a new flow leaving from a masquerading network's container
 /// is masqueraded to the interface's IPv6 address; a new flow from outside is decided by
@@ -352,7 +337,7 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
     } else {
         inbound6(ctx, flow)
     };
-    outcome.unwrap_or_else(|drop| dropped6(ctx, flow, drop))
+    outcome.unwrap_or_else(|drop| nat66::dropped(ctx, flow, drop))
 }
 
 /// A packet of a tracked IPv6 flow, translated; `None` for one of no flow.
@@ -410,7 +395,10 @@ fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
 /// internal network it is dropped; the stack routes the rest.
 #[inline(never)]
 fn inbound6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
-    let (Some(cfg), Some(target)) = (maps::config(), published6(ctx, flow)) else {
+    let (Some(cfg), Some(target)) = (
+        maps::config(),
+        maps::published_to6(ctx, &flow.daddr, flow.dport, flow.proto, false),
+    ) else {
         return refuse_inbound6(flow);
     };
     let Some(to) = maps::container6(target.addr) else {
@@ -443,16 +431,6 @@ fn inbound6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
         port: target.port,
     };
     rewrite6(ctx, flow, &rw, Stat::DnatNew)
-}
-
-/// The container port a new IPv6 flow's destination is published as: on its address, else
-/// on every address when the destination is one of the host's.
-#[inline(always)]
-fn published6(ctx: &TcContext, flow: &Flow6) -> Option<PublishedTarget> {
-    maps::published6(&flow.daddr, flow.dport, flow.proto).or_else(|| {
-        maps::published6(&[0; 4], flow.dport, flow.proto)
-            .filter(|_| fib::is_local6(ctx, &flow.daddr))
-    })
 }
 
 /// Whether `saddr` can't be the source of a packet from outside: unspecified, loopback,
@@ -519,19 +497,6 @@ fn rewrite6(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6, done: Stat) -> Result<
                 container: maps::container6(end).map_or(0, |c| c.addr[0]),
             }
         })
-}
-
-/// Drops an IPv6 packet, counted against its container and reported.
-#[inline(never)]
-fn dropped6(ctx: &TcContext, flow: &Flow6, drop: Drop6) -> Stat {
-    let tuple = Tuple6 {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-    };
-    events::dropped6(&tuple, drop.reason, drop.container, ctx.ifindex())
 }
 
 /// [`untranslatable`] for IPv6: dropped when it goes to (comes from) a container of a

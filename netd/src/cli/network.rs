@@ -39,8 +39,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub gateway: Vec<IpAddr>,
     /// Dual-stack: containers get an IPv6 address and route too (masqueraded with NAT66 unless
-    /// --masquerade=false; on the ebpf datapath IPv6 published ports answer from outside and
-    /// from the host: hairpin needs --datapath iptables).
+    /// --masquerade=false).
     #[arg(long)]
     pub ipv6: bool,
     /// Allocate container addresses from this part of the subnet.

@@ -11,7 +11,8 @@
 //!   global IPv6 address of the uplink and of each of them, where it has one, is the NAT66
 //!   source there (`NAT6_ADDRS`);
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host,
-//!   IPv4 ones only); the bridge must exist when `setup_network` is called;
+//!   IPv6 ones in a program of their own, reached by tail call through `BRIDGE6_PROGS`); the
+//!   bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the
 //!   container-to-container fast path; egress: the destination side (only the host, the
 //!   container's own network and what netd translated get in, whatever interface a packet
@@ -34,9 +35,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
-    AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, CONNTRACK_DEFAULT_MAX, Config, CtLimit,
-    CtLimitKey, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS,
-    NAT6_ADDRS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
+    AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, BRIDGE6_PROGS, BRIDGE6_PROGS_MAP,
+    CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey, ENDPOINT_EGRESS_PROG,
+    ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS, NAT6_ADDRS_MAP, NAT66_PROGS,
+    NAT66_PROGS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
     UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, addr_v6, v4_octets, v6_octets,
 };
 
@@ -55,6 +57,9 @@ const UPLINK_PROGS: [(&str, TcAttachType); 2] = [
     (UPLINK_INGRESS_PROG, TcAttachType::Ingress),
     (UPLINK_EGRESS_PROG, TcAttachType::Egress),
 ];
+
+/// The hairpin program on each network's bridge, with its attach direction.
+const BRIDGE_PROGS: [(&str, TcAttachType); 1] = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
 
 /// The programs on each container's host-side veth, with their attach directions.
 const ENDPOINT_PROGS: [(&str, TcAttachType); 2] = [
@@ -208,9 +213,9 @@ impl EbpfDatapath {
         self.sync_host_addrs()?;
         self.fill_generic_timeout()?;
         let mut replaced = 0;
-        crate::bpf::fill_nat66(ebpf)?;
-        let bridge = [(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)];
-        for (prog, dir) in UPLINK_PROGS.iter().chain(&bridge) {
+        crate::bpf::fill_prog_array(ebpf, NAT66_PROGS_MAP, &NAT66_PROGS)?;
+        crate::bpf::fill_prog_array(ebpf, BRIDGE6_PROGS_MAP, &BRIDGE6_PROGS)?;
+        for (prog, dir) in UPLINK_PROGS.iter().chain(&BRIDGE_PROGS) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
                 self.pins.replace_tc(ebpf, prog, &iface, *dir)?;
                 replaced += 1;
@@ -286,8 +291,15 @@ impl EbpfDatapath {
     /// Attaches the NAT programs to `iface` where they are not attached yet, NAT66's in their
     /// program array first.
     fn attach_nat_programs(&self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        crate::bpf::fill_nat66(ebpf)?;
+        crate::bpf::fill_prog_array(ebpf, NAT66_PROGS_MAP, &NAT66_PROGS)?;
         self.attach(ebpf, iface, &UPLINK_PROGS)
+    }
+
+    /// Attaches the hairpin program to a network's bridge, IPv6 hairpin's in its program
+    /// array first.
+    fn attach_bridge_program(&self, ebpf: &mut Ebpf, bridge: &str) -> Result<()> {
+        crate::bpf::fill_prog_array(ebpf, BRIDGE6_PROGS_MAP, &BRIDGE6_PROGS)?;
+        self.attach(ebpf, bridge, &BRIDGE_PROGS)
     }
 
     /// Attaches the endpoint programs to a container's veth, from their pins (no object load,
@@ -876,13 +888,7 @@ impl Datapath for EbpfDatapath {
                     .insert(net.id, info6, 0)
                     .with_context(|| format!("add the IPv6 side of network {}", net.name))
             })
-            .and_then(|()| {
-                self.attach(
-                    &mut ebpf,
-                    &net.bridge,
-                    &[(BRIDGE_INGRESS_PROG, TcAttachType::Ingress)],
-                )
-            })
+            .and_then(|()| self.attach_bridge_program(&mut ebpf, &net.bridge))
             .and_then(|()| self.follow(&mut Object::Given(&mut ebpf)).map(drop));
         if let Err(e) = attached {
             let _ = networks.remove(&net.id);

@@ -28,10 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use netd_common::datapath::{
-    CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS, NAT66_PROGS_MAP, UPLINK_EGRESS6_PROG,
-    UPLINK_INGRESS6_PROG,
-};
+use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
 
 use super::pinned_maps::{self, Resize, Upgrade};
 
@@ -477,24 +474,22 @@ fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
     loader
 }
 
-/// Loads NAT66's programs of `ebpf` and puts them in `NAT66_PROGS`, where the IPv4 NAT
-/// programs hand IPv6 packets over (a pinned map: its slots outlive this process). Called
-/// before those are attached or replaced: from an empty slot they drop IPv6.
-pub fn fill_nat66(ebpf: &mut Ebpf) -> Result<()> {
-    for (slot, prog) in [UPLINK_EGRESS6_PROG, UPLINK_INGRESS6_PROG]
-        .into_iter()
-        .enumerate()
-    {
+/// Loads `progs` of `ebpf` and puts them in the program array `map`, in that order: the
+/// programs other programs hand packets over to by tail call (NAT66's, IPv6 hairpin's). A
+/// pinned map: its slots outlive this process. Called before the programs calling them are
+/// attached or replaced: from an empty slot they don't translate.
+pub fn fill_prog_array(ebpf: &mut Ebpf, map: &str, progs: &[&str]) -> Result<()> {
+    for (slot, prog) in progs.iter().enumerate() {
         let fd = loaded_tc_program(ebpf, prog)?
             .fd()?
             .try_clone()
             .with_context(|| format!("duplicate the fd of {prog}"))?;
-        let map = ebpf
-            .map_mut(NAT66_PROGS_MAP)
-            .with_context(|| format!("no map {NAT66_PROGS_MAP} in the eBPF object"))?;
-        ProgramArray::try_from(map)?
+        let array = ebpf
+            .map_mut(map)
+            .with_context(|| format!("no map {map} in the eBPF object"))?;
+        ProgramArray::try_from(array)?
             .set(slot as u32, &fd, 0)
-            .with_context(|| format!("put {prog} in {NAT66_PROGS_MAP}"))?;
+            .with_context(|| format!("put {prog} in {map}"))?;
     }
     Ok(())
 }
