@@ -20,10 +20,10 @@
 //! of an interface netd doesn't masquerade on (no address, attaching failed) is dropped
 //! (`unmasqueraded`): it would leave with the container's private source.
 //!
-//! IPv6 beyond the network: a routed network's goes through the stack; a masquerading
-//! network's only where the FIB routes it out of an interface netd masquerades IPv6 on
-//! (NAT66 on its egress), straight there as IPv4's (the stack's when the fast path can't take
-//! it), else it is dropped (`unmasqueraded`).
+//! IPv6 beyond the network goes through the stack (no IPv6 fast path out: this program has
+//! no stack left for the FIB lookup's): a masquerading network's only where the FIB routes
+//! it out of an interface netd masquerades IPv6 on (NAT66 on its egress), else it is dropped
+//! (`unmasqueraded`).
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -91,13 +91,12 @@ impl Sender {
 
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
 /// the container behind host-side veth `ifindex`, or leaves the network (straight to its
-/// interface when netd masquerades there; `masquerade`: only through such an interface;
-/// IPv6 already redirected there with the TC action to return), or is dropped.
+/// interface when netd masquerades there; `masquerade`: only through such an interface), or
+/// is dropped.
 enum Verdict {
     Pass,
     Deliver(u32),
     Leave { tuple: Tuple, masquerade: bool },
-    Forwarded(i32),
     Drop(Stat, Tuple),
     Drop6(Stat, Tuple6),
 }
@@ -122,10 +121,6 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
             unsafe { bpf_redirect_peer(peer, 0) as i32 }
         }
         Verdict::Leave { tuple, masquerade } => leave(&ctx, &from, tuple, masquerade),
-        Verdict::Forwarded(action) => {
-            stats::count(Stat::FastPathOut);
-            action
-        }
         Verdict::Drop(reason, tuple) => drop_counted(&from, reason, tuple),
         Verdict::Drop6(reason, tuple) => {
             stats::count(events::dropped6(&tuple, reason, from.addr(), from.ifindex));
@@ -343,10 +338,9 @@ fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> V
         return Verdict::Drop6(Stat::Internal, tuple);
     }
     if net.flags & NET_MASQUERADE != 0 {
-        return match fib::route6(ctx, from.veth.bridge_ifindex) {
-            Route6::Out(hop) if maps::masquerade_addr6(hop.ifindex).is_some() => {
-                fib::forward6(ctx, &hop).map_or(Verdict::Pass, Verdict::Forwarded)
-            }
+        let route = fib::route6(ctx, from.veth.bridge_ifindex, p.src, p.dst, p.proto);
+        return match route {
+            Route6::Out(ifindex) if maps::masquerade_addr6(ifindex).is_some() => Verdict::Pass,
             Route6::Stack => Verdict::Pass,
             Route6::Out(_) | Route6::Unknown => Verdict::Drop6(Stat::Unmasqueraded, tuple),
         };
