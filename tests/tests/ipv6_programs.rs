@@ -859,8 +859,21 @@ fn ipv6_hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
     assert_eq!((addr_at(&error, 8), addr_at(&error, 24)), (host, b));
     assert_eq!(ends6(&error[48..]), (b, 5000, host, 5300));
 
-    assert_eq!(bench.stat("hairpin_new"), new + 3);
-    assert_eq!(bench.stat("hairpin_hit"), hit + 1);
+    // A fragmented datagram B → host:5300: each fragment to A from the gateway (the later one
+    // by the first one's ports), the datagram's checksum right.
+    let big = udp(b, 5001, host, 5300, &[9u8; 100]);
+    let mut data = Vec::new();
+    for f in fragments(b, host, &big, 64) {
+        let (verdict, out) = to_bridge(&bench, &n.b, f);
+        assert_eq!((verdict, &out[..6]), (REDIRECT, &n.a.mac[..]));
+        let ip = &out[ETH_LEN..];
+        assert_eq!((addr_at(ip, 8), addr_at(ip, 24)), (gateway, a));
+        data.extend_from_slice(&out[FRAGMENT_DATA..]);
+    }
+    assert!(l4_checksum_ok(&frame(gateway, a, &[], UDP, &data)));
+
+    assert_eq!(bench.stat("hairpin_new"), new + 4);
+    assert_eq!(bench.stat("hairpin_hit"), hit + 2);
     assert_eq!(bench.stat("icmp_error"), errors + 1);
 
     // A container's traffic to the outside is none of the bridge's.

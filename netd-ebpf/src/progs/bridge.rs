@@ -10,8 +10,8 @@
 //! IPv6 goes the same way in a program of its own (`bridge_ingress6`, reached by a tail call
 //! through `BRIDGE6_PROGS`): a container of a dual-stack network reaching a port published
 //! over IPv6 on a host address is DNATed to the target's IPv6 address and SNATed to its
-//! network's IPv6 gateway; replies and ICMPv6 errors are translated back. IPv6 fragments are
-//! not translated (as NAT66's): they go on to the host.
+//! network's IPv6 gateway; replies and ICMPv6 errors are translated back, fragmented
+//! datagrams by their first fragment's ports (as NAT66's).
 //!
 //! Everything else passes untouched; outgoing traffic is masqueraded where it leaves the host
 //! (the uplink, or another interface netd masquerades on).
@@ -284,6 +284,9 @@ fn hairpin6(ctx: &TcContext) -> Outcome {
         icmp_error6(ctx, flow)
     } else if let Some(outcome) = tracked6(ctx, flow) {
         outcome
+    } else if !flow.has_l4_header() {
+        // A later fragment starts no flow.
+        Ok(Outcome::Done(Stat::NoNat))
     } else {
         match new_flow6(ctx, flow, hairpin) {
             NewFlow6::Hairpin => start6(ctx, flow, hairpin),
@@ -464,9 +467,9 @@ fn translate6(
     rw: &Rewrites6,
     ep: &EndpointInfo,
 ) -> Result<i32, Stat> {
-    nat66::apply(ctx, flow, &rw.dst)
-        .and_then(|()| nat66::apply(ctx, flow, &rw.src))
-        .and_then(|()| redirect_to(ctx, ep))
+    nat66::apply(ctx, flow, &rw.dst).and_then(|()| nat66::apply(ctx, flow, &rw.src))?;
+    flow.remember_ports();
+    redirect_to(ctx, ep)
 }
 
 /// What became of a packet [`translate6`] was given: redirected (`done`), or dropped.
