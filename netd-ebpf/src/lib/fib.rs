@@ -59,7 +59,7 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
 /// `progs::uplink`).
 #[inline(never)]
 pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
-    let ip: Fixed6 = ctx.load(L3_OFF).ok()?;
+    let ip: ipv6::Fixed = ctx.load(L3_OFF).ok()?;
     let ep: &EndpointInfo = maps::endpoint6(ip.dst)?;
     let net = maps::network(ep.network_id)?;
     if ip.hop_limit <= 1 || !fits_mtu(ctx, ep.ifindex) {
@@ -71,23 +71,11 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }
 
-/// The IPv6 fixed header as forwarding reads it, addresses as map words (wire byte order).
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Fixed6 {
-    vtc_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next_header: u8,
-    hop_limit: u8,
-    src: Addr,
-    dst: Addr,
-}
-
 const HOP_LIMIT_OFF: usize = L3_OFF + 7;
 
 /// What forwarding does to the IPv6 header: the hop limit down by one.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &TcContext, ip: &Fixed6) -> Option<()> {
+fn decrement_hop_limit(ctx: &TcContext, ip: &ipv6::Fixed) -> Option<()> {
     ctx.store(HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0).ok()
 }
 

@@ -54,13 +54,13 @@ const RS_OPTIONS_OFF: usize = 8;
 /// The IPv6 fixed header, addresses as map words (wire byte order).
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Fixed {
-    vtc_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next_header: u8,
-    hop_limit: u8,
-    src: Addr,
-    dst: Addr,
+pub struct Fixed {
+    pub vtc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: Addr,
+    pub dst: Addr,
 }
 
 /// What the isolation needs of an IPv6 packet.
