@@ -772,6 +772,21 @@ fn publish_allow_on(datapath: &str) {
         assert_eq!(endpoint_drops(&env, open.ip), 0);
     }
 
+    // Two host ports onto one restricted container port share its ranges: unpublishing one
+    // leaves the other's.
+    env.netd_ok(&["publish", &range.name, "-p", "8091:80"]);
+    assert!(connects_from(&env, second, 8091), "{datapath}");
+    env.netd_ok(&["unpublish", &range.name, "8081:80"]);
+    assert!(
+        !connects_from(&env, second, 8081),
+        "{datapath}: unpublished"
+    );
+    assert!(
+        connects_from(&env, second, 8091),
+        "{datapath}: the other host port keeps its ranges"
+    );
+    assert!(!connects_from(&env, OUTSIDE_ADDR, 8091), "{datapath}");
+
     // The ranges go with the container (its address goes to the next one).
     env.netd_ok(&["container", "rm", &one.name]);
     let again = create(&env, "again", &["--network", "pub", "-p", "8080:80"]);

@@ -668,10 +668,27 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Undoes `allow_sources` (best effort: what is not there needs no removing).
+    /// Undoes `allow_sources` (best effort: what is not there needs no removing). The ranges
+    /// are keyed by the container's side of the port, so another host port still published
+    /// onto it (`-p 8080:80 -p 9090:80`) shares them: those stay.
     fn forget_sources(&self, port: &PortSpec) {
-        if let Ok(mut allow) = maps::publish_allow(&self.pins) {
-            for key in maps::publish_allow_keys(port) {
+        let keys = maps::publish_allow_keys(port);
+        if keys.is_empty() {
+            return;
+        }
+        let (Ok(mut allow), Ok(published)) =
+            (maps::publish_allow(&self.pins), maps::published(&self.pins))
+        else {
+            return;
+        };
+        let still_published: HashSet<_> = published
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, target)| (target.addr, target.port, key.proto, key.family))
+            .collect();
+        for key in keys {
+            let k = key.data();
+            if !still_published.contains(&(k.target, k.port, k.proto, k.family)) {
                 let _ = allow.remove(&key);
             }
         }
