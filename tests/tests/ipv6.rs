@@ -457,7 +457,7 @@ fn published_on_one_ipv6_address(datapath: &str) {
         &["--network", "n6", "-p", &format!("[{HOST_ADDR6}]:8080:80")],
     );
     // Added once the network is made: HOST_ADDR6 stays the uplink's NAT66 address.
-    add_addr6(&env, &env.host_ns(), UPLINK, HOST_ADDR6_2);
+    add_addr6(&env, &env.host_ns(), UPLINK, HOST_ADDR6_2, &[]);
     let listing = env.netd_ok(&["container", "ls"]);
     assert!(
         listing.contains(&format!("80/tcp -> [{HOST_ADDR6}]:8080")),
@@ -482,15 +482,28 @@ fn published_on_one_ipv6_address(datapath: &str) {
     }
 }
 
-/// Adds `addr`/64 to `link` in `ns`, usable at once (no duplicate address detection).
-fn add_addr6(env: &TestEnv, ns: &Path, link: &str, addr: Ipv6Addr) {
+/// Adds `addr`/64 to `link` in `ns`, usable at once (no duplicate address detection), and
+/// `extra` arguments of `ip addr add`.
+fn add_addr6(env: &TestEnv, ns: &Path, link: &str, addr: Ipv6Addr, extra: &[&str]) {
     let cidr = format!("{addr}/64");
-    output_in(
-        env,
-        ns,
-        "ip",
-        &["-6", "addr", "add", &cidr, "dev", link, "nodad"],
+    let args = ["-6", "addr", "add", &cidr, "dev", link, "nodad"];
+    output_in(env, ns, "ip", &[&args[..], extra].concat());
+}
+
+#[test]
+fn nat66_masquerades_to_the_uplinks_preferred_address_not_a_deprecated_one() {
+    let env = TestEnv::dual_stack();
+    // Listed before HOST_ADDR6 (the kernel lists an interface's newest address first), and
+    // deprecated: new flows must not take it.
+    add_addr6(
+        &env,
+        &env.host_ns(),
+        UPLINK,
+        HOST_ADDR6_2,
+        &["preferred_lft", "0"],
     );
+    let c = masqueraded_on_ebpf(&env, "fd00:67::/64");
+    reaches_out_over_both_families(&env, &c);
 }
 
 #[test]
@@ -625,7 +638,7 @@ fn publish_allow_takes_ipv6_ranges_on_the_ebpf_datapath() {
     let env = TestEnv::dual_stack();
     dual_stack_network_on(&env, "ebpf", "n6", &[]);
     let outside = env.outside_ns();
-    add_addr6(&env, &outside, OUTSIDE_LINK, OUTSIDE_ADDR6_2);
+    add_addr6(&env, &outside, OUTSIDE_LINK, OUTSIDE_ADDR6_2, &[]);
     // One IPv6 address, and no IPv4 range: no IPv4 source at all.
     let one = create(
         &env,

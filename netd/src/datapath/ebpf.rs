@@ -797,24 +797,19 @@ impl EbpfDatapath {
         self.sync_host_addrs()
     }
 
-    /// Records in `NAT6_ADDRS` the global IPv6 address of each of `ifindexes` (the uplink and
-    /// the `NAT_IFACES` interfaces: those the NAT programs are on) that has one, and removes
-    /// every other entry: a masquerading network's IPv6 flow routed out of an interface
-    /// without one is dropped. Nothing to do on pins older than the map (until `netd reload`,
+    /// Records in `NAT6_ADDRS` the IPv6 address NAT66 masquerades to ([`host::nat66_addrs`]) of
+    /// each of `ifindexes` (the uplink and the `NAT_IFACES` interfaces: those the NAT programs
+    /// are on) that has one, and removes every other entry: a masquerading network's IPv6 flow
+    /// routed out of an interface without one is dropped. Nothing to do on pins older than the map (until `netd reload`,
     /// whose follow fills it, the programs running there do no NAT66).
     fn sync_nat6_addrs(&self, ifindexes: impl IntoIterator<Item = u32>) -> Result<()> {
         if !self.pins.map(NAT6_ADDRS_MAP).exists() {
             return Ok(());
         }
-        let addrs = host::global_ipv6_addrs()?;
+        let addrs = host::nat66_addrs()?;
         let wanted: HashMap<u32, Ipv6Addr> = ifindexes
             .into_iter()
-            .filter_map(|index| {
-                // Gone since (nix gives an empty name for an index no interface has): no entry.
-                let name = nix::net::if_::if_indextoname(index).ok()?;
-                let ip = addrs.get(name.to_str().ok()?)?;
-                Some((index, *ip))
-            })
+            .filter_map(|index| Some((index, *addrs.get(&index)?)))
             .collect();
         let mut map = maps::nat6_addrs(&self.pins)?;
         let stale: Vec<u32> = map

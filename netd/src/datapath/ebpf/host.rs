@@ -1,8 +1,9 @@
 //! What the datapath learns about the host (the calling thread's network namespace): the
 //! uplink (the interface of the default route) and its IPv4 address (the masquerade source),
 //! the other interfaces with an IPv4 address (masqueraded through too), each interface's
-//! global IPv6 address (the NAT66 source), the ports masquerade may translate to, the
-//! namespace's cookie, and where cgroup v2 is mounted.
+//! IPv6 address NAT66 masquerades to (a global one it can send from, stable and preferred
+//! first), the ports masquerade may translate to, the namespace's cookie, and where cgroup v2
+//! is mounted.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,7 +12,15 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressFlags, AddressMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::{
     ifaddrs::getifaddrs,
     net::if_::{InterfaceFlags, if_nametoindex},
@@ -90,22 +99,91 @@ pub fn ipv4_interfaces() -> Result<Vec<Iface>> {
     Ok(ifaces)
 }
 
-/// Each interface of the calling thread's namespace with a global IPv6 address, by name, with
-/// its first one (in the kernel's listing order): what NAT66 masquerades to there.
-pub fn global_ipv6_addrs() -> Result<HashMap<String, Ipv6Addr>> {
-    let mut addrs = HashMap::new();
-    for a in getifaddrs().context("list addresses")? {
-        let Some(ip) = a
-            .address
-            .and_then(|s| s.as_sockaddr_in6().map(|sin6| sin6.ip()))
-        else {
+/// Each interface of the calling thread's namespace with a global IPv6 address it can send
+/// from, by index, with the one NAT66 masquerades to there: the best ranked by
+/// [`nat66_rank`], the kernel's listing order between equals.
+pub fn nat66_addrs() -> Result<HashMap<u32, Ipv6Addr>> {
+    let mut best: HashMap<u32, (u8, Ipv6Addr)> = HashMap::new();
+    for (index, ip, flags) in ipv6_addrs().context("list the IPv6 addresses")? {
+        let Some(rank) = nat66_rank(flags).filter(|_| is_global_ipv6(&ip)) else {
             continue;
         };
-        if is_global_ipv6(&ip) {
-            addrs.entry(a.interface_name).or_insert(ip);
+        let kept = best.entry(index).or_insert((rank, ip));
+        if rank < kept.0 {
+            *kept = (rank, ip);
         }
     }
-    Ok(addrs)
+    Ok(best
+        .into_iter()
+        .map(|(index, (_, ip))| (index, ip))
+        .collect())
+}
+
+/// How good a source address with `flags` is for masqueraded flows (lower is better), or
+/// `None` for one the kernel won't send from (duplicate address detection still running, or
+/// failed). A stable address beats a temporary (privacy) one, whose flows die when it
+/// expires; a preferred one beats a deprecated one, which new flows should no longer use.
+fn nat66_rank(flags: AddressFlags) -> Option<u8> {
+    if flags.intersects(AddressFlags::Tentative | AddressFlags::Dadfailed) {
+        return None;
+    }
+    // IFA_F_SECONDARY is IFA_F_TEMPORARY for IPv6.
+    let temporary = flags.contains(AddressFlags::Secondary);
+    Some(u8::from(flags.contains(AddressFlags::Deprecated)) * 2 + u8::from(temporary))
+}
+
+/// Every IPv6 address of the calling thread's namespace: interface index, address and flags
+/// (a netlink dump: getifaddrs doesn't carry the flags).
+fn ipv6_addrs() -> Result<Vec<(u32, Ipv6Addr, AddressFlags)>> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("open a netlink socket")?;
+    socket.bind_auto().context("bind a netlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connect a netlink socket")?;
+    let mut request = AddressMessage::default();
+    request.header.family = AddressFamily::Inet6;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetAddress(request)),
+    );
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).context("ask for the addresses")?;
+    let mut addrs = Vec::new();
+    loop {
+        let (reply, _) = socket.recv_from_full().context("read the addresses")?;
+        let mut rest = &reply[..];
+        while !rest.is_empty() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+                .context("parse a netlink message")?;
+            rest = rest.get(msg.header.length as usize..).unwrap_or_default();
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(addrs),
+                NetlinkPayload::Error(e) => bail!("the address dump failed: {e}"),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) => {
+                    addrs.extend(address_of(&a));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// An IPv6 address message's interface, address and flags (the 32-bit attribute when the
+/// kernel sends it, else the header's 8 bits).
+fn address_of(msg: &AddressMessage) -> Option<(u32, Ipv6Addr, AddressFlags)> {
+    let mut flags = AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits()));
+    let mut ip = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Address(IpAddr::V6(a)) => ip = Some(*a),
+            AddressAttribute::Flags(f) => flags = *f,
+            _ => {}
+        }
+    }
+    Some((msg.header.index, ip?, flags))
 }
 
 /// Whether `ip` can be a masqueraded flow's source beyond the link: not link-local
@@ -233,6 +311,21 @@ mod tests {
         assert_eq!(outside_range(1024, 20000), (20001, 65535));
         // An ephemeral range reaching 65535 leaves the ports below it.
         assert_eq!(outside_range(50000, 65535), (1024, 49999));
+    }
+
+    #[test]
+    fn nat66_prefers_stable_then_temporary_then_deprecated_and_never_tentative() {
+        let rank = |f: AddressFlags| nat66_rank(f);
+        let stable = rank(AddressFlags::Permanent).unwrap();
+        let temporary = rank(AddressFlags::Secondary).unwrap();
+        let deprecated = rank(AddressFlags::Permanent | AddressFlags::Deprecated).unwrap();
+        let both = rank(AddressFlags::Secondary | AddressFlags::Deprecated).unwrap();
+        assert!(stable < temporary && temporary < deprecated && deprecated < both);
+        assert_eq!(rank(AddressFlags::Tentative), None);
+        assert_eq!(
+            rank(AddressFlags::Permanent | AddressFlags::Dadfailed),
+            None
+        );
     }
 
     #[test]
