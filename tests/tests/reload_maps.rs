@@ -383,10 +383,10 @@ fn a_reload_whose_entries_dont_fit_changes_nothing() {
     );
 }
 
-/// The program of every attachment and program pin of the instance, by pin name, and of the
-/// endpoint filters on `veth`.
+/// The program of every attachment and program pin of the instance, by pin name, of the
+/// endpoint filters on `veth`, and in each slot of its program arrays.
 fn attached_ids(env: &TestEnv, veth: &str) -> BTreeMap<String, u64> {
-    let mut ids = BTreeMap::new();
+    let mut ids = program_array_ids(env);
     for dir in ["links", "progs"] {
         for entry in std::fs::read_dir(env.bpffs.join(dir)).unwrap() {
             let path = entry.unwrap().path();
@@ -423,6 +423,46 @@ fn attached_ids(env: &TestEnv, veth: &str) -> BTreeMap<String, u64> {
             .unwrap();
         ids.insert(format!("{veth}@{dir}"), id);
     }
+    ids
+}
+
+/// The program in each slot of every program array of the instance, as `maps/NAME[SLOT]`.
+fn program_array_ids(env: &TestEnv) -> BTreeMap<String, u64> {
+    let mut ids = BTreeMap::new();
+    for entry in std::fs::read_dir(env.bpffs.join("maps")).unwrap() {
+        let path = entry.unwrap().path();
+        if map_info(&path)["type"] != "prog_array" {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let dump: Value = serde_json::from_str(&bpftool(&[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        for slot in dump.as_array().unwrap() {
+            let word = |field: &str| {
+                let bytes: Vec<u8> = slot[field]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| {
+                        u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16)
+                            .unwrap()
+                    })
+                    .collect();
+                u32::from_ne_bytes(bytes[..4].try_into().unwrap())
+            };
+            ids.insert(
+                format!("maps/{name}[{}]", word("key")),
+                u64::from(word("value")),
+            );
+        }
+    }
+    assert!(!ids.is_empty(), "no program array holds a program");
     ids
 }
 

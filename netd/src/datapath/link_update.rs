@@ -83,8 +83,13 @@ pub fn pinned_link_program(pin: &Path) -> io::Result<OwnedFd> {
         info: std::ptr::from_mut(&mut head) as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    program_by_id(head.prog_id)
+}
+
+/// An fd of the loaded program with id `id`.
+pub(super) fn program_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = GetFdById {
-        id: head.prog_id,
+        id,
         next_id: 0,
         open_flags: 0,
     };
@@ -92,7 +97,7 @@ pub fn pinned_link_program(pin: &Path) -> io::Result<OwnedFd> {
 }
 
 /// A new fd for the object pinned at `pin`.
-fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
+pub(super) fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())?;
     let mut attr = ObjGet {
         pathname: path.as_ptr() as u64,

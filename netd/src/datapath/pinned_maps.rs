@@ -16,7 +16,7 @@
 use std::{
     collections::BTreeMap,
     fmt, fs, io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -24,11 +24,12 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, MapInfo};
 use aya_obj::maps::PinningType;
 
-use super::link_update::{bpf, fd_u32};
+use super::link_update::{bpf, fd_u32, open_pinned, program_by_id};
 
 /// bpf(2) map types netd uses (include/uapi/linux/bpf.h).
 const HASH: u32 = 1;
 const ARRAY: u32 = 2;
+const PROG_ARRAY: u32 = 3;
 const PERCPU_HASH: u32 = 5;
 const PERCPU_ARRAY: u32 = 6;
 const LRU_HASH: u32 = 9;
@@ -118,6 +119,7 @@ fn kind_name(kind: u32) -> String {
         LRU_HASH => "lru_hash".into(),
         LRU_PERCPU_HASH => "lru_percpu_hash".into(),
         LPM_TRIE => "lpm_trie".into(),
+        PROG_ARRAY => "prog_array".into(),
         RINGBUF => "ringbuf".into(),
         other => format!("type {other}"),
     }
@@ -375,6 +377,7 @@ fn remove_dir(dir: &Path) -> Result<()> {
 /// bpf(2) commands on map elements.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 /// `union bpf_attr` for the element commands.
@@ -459,6 +462,64 @@ fn hash_keys(map: BorrowedFd<'_>, key_len: usize) -> Result<Vec<Vec<u8>>> {
     }
 }
 
+/// The programs in one pinned program array, slot by slot (`None`: empty), held open so
+/// they can be put back after a failed reload refilled the array with programs it then
+/// unloads.
+pub struct ProgramSlots {
+    pin: PathBuf,
+    map: OwnedFd,
+    slots: Vec<Option<OwnedFd>>,
+}
+
+/// What each program array pinned in `dir` holds now.
+pub fn program_arrays(dir: &Path) -> Result<Vec<ProgramSlots>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut arrays = Vec::new();
+    for entry in entries {
+        let pin = entry?.path();
+        let shape = Shape::of_pin(&pin)?;
+        if shape.kind != PROG_ARRAY {
+            continue;
+        }
+        let map = open_pinned(&pin).with_context(|| format!("open {}", pin.display()))?;
+        let slots = (0..shape.max_entries)
+            .map(|slot| {
+                let mut id = [0u8; 4];
+                // From a syscall, a program array's value is the program's id.
+                match lookup(map.as_fd(), &slot.to_ne_bytes(), &mut id) {
+                    Ok(()) => program_by_id(u32::from_ne_bytes(id)).map(Some),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+                    Err(e) => Err(e),
+                }
+                .with_context(|| format!("read slot {slot} of {}", pin.display()))
+            })
+            .collect::<Result<_>>()?;
+        arrays.push(ProgramSlots { pin, map, slots });
+    }
+    Ok(arrays)
+}
+
+impl ProgramSlots {
+    /// Puts every slot back as it was.
+    pub fn put_back(&self) -> Result<()> {
+        let map = self.map.as_fd();
+        for (slot, program) in (0u32..).zip(&self.slots) {
+            let key = slot.to_ne_bytes();
+            let done = match program {
+                Some(program) => update(map, &key, &fd_u32(program.as_raw_fd()).to_ne_bytes()),
+                None => delete(map, &key).or_else(|e| match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(()),
+                    _ => Err(e),
+                }),
+            };
+            done.with_context(|| format!("put back slot {slot} of {}", self.pin.display()))?;
+        }
+        Ok(())
+    }
+}
+
 fn lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
     let mut attr = ElemAttr {
         map_fd: fd_u32(map.as_raw_fd()),
@@ -479,6 +540,17 @@ fn update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
         flags: 0,
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+fn delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd_u32(map.as_raw_fd()),
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
 }
 
 #[cfg(test)]

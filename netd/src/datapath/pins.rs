@@ -30,7 +30,7 @@ use aya::{
 };
 use netd_common::datapath::{CONNTRACK_DEFAULT_MAX, CONNTRACK_MAPS};
 
-use super::pinned_maps::{self, Resize, Upgrade};
+use super::pinned_maps::{self, ProgramSlots, Resize, Upgrade};
 
 /// The programs of `netd-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-ebpf"));
@@ -575,6 +575,8 @@ pub struct Attached {
     links: Vec<(PathBuf, OwnedFd)>,
     /// Each pinned TC program: under `progs/`, and the clsact filters' records under `links/`.
     programs: Vec<(PathBuf, SchedClassifier)>,
+    /// Each pinned program array's programs (the IPv6 programs tail-called).
+    program_arrays: Vec<ProgramSlots>,
 }
 
 impl Pins {
@@ -583,6 +585,7 @@ impl Pins {
         let mut attached = Attached {
             links: Vec::new(),
             programs: Vec::new(),
+            program_arrays: pinned_maps::program_arrays(&self.maps_dir())?,
         };
         for dir in [self.links_dir(), self.root.join("progs")] {
             let Ok(entries) = fs::read_dir(&dir) else {
@@ -607,8 +610,9 @@ impl Pins {
 
     /// Puts back every program `attached` holds: behind each link, on each clsact filter
     /// (the host-wide ones from their records; the endpoint filters `endpoints`, as program,
-    /// interface and direction), and under each program pin. Goes on past a failure; returns
-    /// the first.
+    /// interface and direction), under each program pin, and in each program array (else the
+    /// old programs would tail-call the new build's). Goes on past a failure; returns the
+    /// first.
     pub fn put_back(
         &self,
         attached: &mut Attached,
@@ -646,6 +650,9 @@ impl Pins {
                     .pin(&*pin)
                     .with_context(|| format!("pin program at {}", pin.display())),
             );
+        }
+        for array in &attached.program_arrays {
+            keep(array.put_back());
         }
         first
     }
