@@ -113,6 +113,75 @@ fn containers_reach_each_other_over_the_bridge() {
     );
 }
 
+/// `container rm` leaves the veth pair to the namespace's removal. A process still in the
+/// namespace keeps both, but the host end is down and off the bridge at once: the process
+/// reaches nothing, and the next container given the address works. The pair goes when the
+/// process ends.
+#[test]
+fn a_process_left_in_a_removed_containers_namespace_reaches_nothing() {
+    let env = TestEnv::new();
+    let (a, b, next) = (env.name("a"), env.name("b"), env.name("next"));
+    env.netd_ok(&["network", "create", "n1", "--subnet", "10.92.0.0/24"]);
+    for (c, ip) in [(&a, "10.92.0.10"), (&b, "10.92.0.20")] {
+        env.netd_ok(&["container", "create", c, "--network", "n1", "--ip", ip]);
+    }
+    let veth = env.netd_json(&["container", "inspect", &a])["host_veth"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = env.spawn_in(&ns(&a), "sleep", &["60"]);
+    wait_until("the process is in the namespace", || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    });
+    let held = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    assert!(pings(&env, &held, "10.92.0.20"), "before the removal");
+
+    env.netd_ok(&["container", "rm", &a]);
+    let shown = env.run_in(&env.host_ns(), "ip", &["-j", "link", "show", &veth]);
+    let link: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let link = &link[0];
+    assert!(
+        link["master"].is_null() && !link["flags"].as_array().unwrap().contains(&"UP".into()),
+        "the host end is still on the network: {link}"
+    );
+    assert!(!pings(&env, &held, "10.92.0.20"), "the process reached b");
+    env.netd_ok(&[
+        "container",
+        "create",
+        &next,
+        "--network",
+        "n1",
+        "--ip",
+        "10.92.0.10",
+    ]);
+    assert!(
+        pings(&env, &ns(&next), "10.92.0.20"),
+        "the address's next container"
+    );
+
+    let has_veth = || {
+        host_links(&env)
+            .iter()
+            .any(|l| l.starts_with(&format!("{veth}@")))
+    };
+    assert!(has_veth(), "the process keeps the pair");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the pair goes with the namespace", || !has_veth());
+}
+
+/// Waits up to five seconds for `done`, failing with `what`.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The outside sees the host's uplink address for a container's connection (masquerade), and
 /// a published port reaches the container; the same test runs on both datapaths.
 fn masquerade_and_published_port(datapath: &str) {

@@ -84,6 +84,19 @@ fn leftovers(env: &TestEnv) -> Leftovers {
     }
 }
 
+/// [`leftovers`] once they are `expected`, or as they are after a few seconds: the kernel
+/// deletes a removed container's veth pair with its namespace, after the command returns.
+fn leftovers_settled(env: &TestEnv, expected: &Leftovers) -> Leftovers {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = leftovers(env);
+        if now == *expected || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The entries of pinned map `name`, sorted (absent: no entries).
 fn map_entries(env: &TestEnv, name: &str) -> Vec<String> {
     let pin = env.bpffs.join("maps").join(name);
@@ -187,7 +200,7 @@ fn kill_at_every_step(datapath: &str, scenario: impl Fn(&TestEnv) -> Scenario) {
             run_all(&env, &with_dp(&s.redo));
             run_all(&env, &with_dp(&s.after));
             assert_eq!(
-                leftovers(&env),
+                leftovers_settled(&env, &clean),
                 clean,
                 "{cmd:?} killed at {step}, then {recovery:?}: something was left"
             );

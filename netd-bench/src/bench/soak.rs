@@ -127,7 +127,7 @@ fn rr_flow(
 
 /// What exists of an instance: links in its host namespace, files under its pin directory,
 /// namespaces named after it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Footprint {
     links: i64,
     pins: i64,
@@ -135,6 +135,20 @@ struct Footprint {
 }
 
 impl Footprint {
+    /// The footprint once it is back to `before`, or as it is after a few seconds: the
+    /// kernel deletes a removed container's veth pair with its namespace, after the command
+    /// returns.
+    fn settled(ctl: &Control, before: &Self) -> Result<Self> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let now = Self::take(ctl)?;
+            if now == *before || std::time::Instant::now() > deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn take(ctl: &Control) -> Result<Self> {
         let inst = ctl.instance();
         let links = netns::run_in(Some(&inst.sandbox.host_path()), arms::interface_names)?;
@@ -293,7 +307,7 @@ pub async fn run(minutes: f64, out: &Path) -> Result<()> {
         }
     }
     daemon.stop()?;
-    let after = Footprint::take(&ctl)?;
+    let after = Footprint::settled(&ctl, &before)?;
     outcome.errors = churn.errors;
     outcome.error_messages = churn.messages;
     outcome.leaked_links = after.links - before.links;

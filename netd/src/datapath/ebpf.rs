@@ -18,7 +18,8 @@
 //!   container's own network and what netd translated get in, whatever interface a packet
 //!   came through); legacy TC filters (no RCU grace period per container, see
 //!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
-//!   the bridge), detached by `remove_endpoint` or with the veth;
+//!   the bridge), detached with the veth (`remove_endpoint` comes once the veth is off the
+//!   bridge and down);
 //! - the host cgroup (cgroup v2 root by default), connect, sendmsg, recvmsg and getpeername
 //!   of both families: host processes to published ports (on a host address, `HOST_ADDRS` and
 //!   `HOST_ADDRS6`, or loopback), in the host namespace only.
@@ -1023,9 +1024,9 @@ impl Datapath for EbpfDatapath {
                 .remove(&maps::endpoint_key6(ip6))
                 .with_context(|| format!("endpoint {ip6} is not on {}", net.name))
         });
-        for (_, dir) in ENDPOINT_PROGS {
-            self.pins.detach_filter(&ep.host_ifname, dir)?;
-        }
+        // The programs stay on the veth, off the bridge and down or gone by now, until it is
+        // deleted: detaching them from a live device waits for an RCU grace period each
+        // (about 10 ms here), from one being deleted it doesn't.
         self.remove_policy(ep);
         self.forget_limit(&maps::container_limit_key(ep.ip));
         // The address may go to another container: its flows and counts must not follow.

@@ -124,6 +124,7 @@ pub trait Datapath {
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()>;
     /// A container joined `net`.
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()>;
+    /// A container left `net`; its veth is off the bridge and down, or gone.
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()>;
     /// Publishes ports of an endpoint of `net`.
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()>;
