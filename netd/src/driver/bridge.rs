@@ -94,7 +94,7 @@ pub async fn teardown_network(net: &Network, dp: &dyn Datapath, datapath_ready: 
 
 /// Takes container `c`'s host-side veth off its network, if it is there: off the bridge and
 /// down in one request, so nothing passes through it from then on; then deletes it, unless `c`
-/// is running (an `rm`) in a namespace netd made, removed next. The kernel deletes the pair
+/// is running (an `rm`) and the veth's other end is in the namespace netd made, removed next. The kernel deletes the pair
 /// when it dismantles that namespace, after the command returns: a veth's own deletion takes
 /// 16–28 ms here, the namespace's about 1.4. (A process left in the namespace keeps the pair,
 /// down and off the bridge, until it exits.) A create that failed and `gc` delete it before
@@ -108,10 +108,20 @@ async fn release_veth(c: &Container, veth: &str) -> Result<()> {
         m.down().nocontroller()
     })
     .await?;
-    if c.status == Status::Running && c.owns_netns && netns::exists(&c.name) {
+    if c.status == Status::Running && container_end_inside(c).await? {
         return Ok(());
     }
     host.del_link(index).await
+}
+
+/// Whether the container end of `c`'s veth is in a namespace netd made for `c`: an engine that
+/// moves it into a sandbox of its own (Docker) takes it out of there.
+async fn container_end_inside(c: &Container) -> Result<bool> {
+    if !(c.owns_netns && netns::exists(&c.name)) {
+        return Ok(false);
+    }
+    let inside = Netlink::in_ns(Some(&c.netns))?;
+    Ok(inside.link_index(c.ifname()).await?.is_some())
 }
 
 /// Deletes interface `name` in namespace `ns` (the host's when `None`) if it is there.
