@@ -835,11 +835,11 @@ impl EbpfDatapath {
     /// Mirrors the host's addresses into `HOST_ADDRS` and `HOST_ADDRS6` (where wildcard
     /// published ports are reached): adds the new ones, removes those gone.
     fn sync_host_addrs(&self) -> Result<()> {
-        let (mut v4, mut v6) = (HashSet::new(), HashSet::new());
+        let (mut v4, mut v6) = (HashMap::new(), HashMap::new());
         for ip in host::host_addrs()? {
             match ip {
-                IpAddr::V4(ip) => v4.insert(u32::from_ne_bytes(ip.octets())),
-                IpAddr::V6(ip) => v6.insert(addr_v6(ip.octets())),
+                IpAddr::V4(v) => v4.insert(u32::from_ne_bytes(v.octets()), ip),
+                IpAddr::V6(v) => v6.insert(addr_v6(v.octets()), ip),
             };
         }
         mirror(&mut maps::host_addrs(&self.pins)?, v4)
@@ -848,17 +848,17 @@ impl EbpfDatapath {
     }
 }
 
-/// Makes the keys of set `map` those of `current`.
+/// Makes the keys of set `map` those of `current` (each with the address it stands for).
 fn mirror<K: aya::Pod + Eq + std::hash::Hash>(
     map: &mut aya::maps::HashMap<aya::maps::MapData, K, u8>,
-    current: HashSet<K>,
+    current: HashMap<K, IpAddr>,
 ) -> Result<()> {
     let mirrored: HashSet<K> = map.keys().filter_map(Result::ok).collect();
-    for gone in mirrored.difference(&current) {
+    for gone in mirrored.iter().filter(|k| !current.contains_key(k)) {
         let _ = map.remove(gone);
     }
-    for new in current.difference(&mirrored) {
-        map.insert(new, 1, 0).context("add an address")?;
+    for (new, ip) in current.iter().filter(|(k, _)| !mirrored.contains(k)) {
+        map.insert(new, 1, 0).with_context(|| format!("add {ip}"))?;
     }
     Ok(())
 }
