@@ -92,6 +92,57 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     assert!(!rules.contains("NETD"), "left behind:\n{rules}");
 }
 
+/// A network's teardown deletes the rules naming its bridge as the kernel has them: rules an
+/// older netd wrote for an `--internal` network (this one writes no FORWARD jump, conntrack
+/// ACCEPT or stage-2 DROP there) go too, and one deleted by hand fails none of the others, so
+/// netd's chains go with the last network.
+#[test]
+fn teardown_removes_an_older_netds_rules_and_copes_with_one_deleted_by_hand() {
+    let env = TestEnv::new();
+    let net = NetworkSpec {
+        id: 1,
+        name: "internal".into(),
+        bridge: "netd0".into(),
+        subnet: "172.18.0.0/16".parse().unwrap(),
+        gateway: "172.18.0.1".parse().unwrap(),
+        subnet6: None,
+        gateway6: None,
+        icc: true,
+        internal: true,
+        masquerade: true,
+        conntrack_limit: None,
+    };
+    let datapaths = datapath::Datapaths {
+        bpffs: env.bpffs.clone(),
+        tuning: Default::default(),
+    };
+    netns::run_in(Some(&env.host_ns()), || {
+        datapaths
+            .open(datapath::DatapathKind::Iptables)?
+            .setup_network(&net)
+    })
+    .unwrap();
+    for rule in [
+        "-I FORWARD -o netd0 -j NETD",
+        "-I FORWARD -o netd0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-I NETD-ISOLATION-STAGE-2 -o netd0 -j DROP",
+        "-D NETD-ISOLATION-STAGE-1 ! -d 172.18.0.0/16 -i netd0 -j DROP",
+    ] {
+        let args: Vec<&str> = rule.split_whitespace().collect();
+        let out = env.run_in(&env.host_ns(), "iptables", &args);
+        assert!(out.status.success(), "iptables {rule}: {out:?}");
+    }
+
+    netns::run_in(Some(&env.host_ns()), || {
+        datapaths
+            .open(datapath::DatapathKind::Iptables)?
+            .teardown_network(&net)
+    })
+    .unwrap();
+    let rules = iptables_save(&env);
+    assert!(!rules.contains("NETD"), "left behind:\n{rules}");
+}
+
 /// `iptables-save` of `ns`, normalised for comparison: Docker's names made netd's (DOCKER →
 /// NETD, docker0 → netd0), counters and comments dropped, and per table each chain's policy
 /// and its rules in order.

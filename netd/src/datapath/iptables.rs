@@ -444,6 +444,41 @@ fn link_rules_naming(filter: &str, br: &str, ip: IpAddr) -> Vec<String> {
         .collect()
 }
 
+/// Every rule of `saved` (an `iptables-save` table) naming bridge `br` as its in or out
+/// interface, but in the user's chain (theirs to keep).
+fn rules_naming_bridge(saved: &str, br: &str) -> Vec<String> {
+    let users = format!("-A {USER} ");
+    saved
+        .lines()
+        .filter(|l| l.starts_with("-A ") && !l.starts_with(&users))
+        .filter(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words
+                .windows(2)
+                .any(|w| matches!(w[0], "-i" | "-o") && w[1] == br)
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Deletes a network's rules of `family`: those naming its bridge, as the kernel has them
+/// rather than as this netd would write them, so a rule deleted by hand fails none of the
+/// others, and those an older netd wrote, or a setup killed midway, go too.
+fn remove_bridge_rules(family: Family, br: &str) -> Result<()> {
+    let deletions = |table| -> Result<Vec<String>> {
+        let rules = rules_naming_bridge(&saved(family, table)?, br);
+        Ok(rules.iter().map(|rule| delete_form(rule)).collect())
+    };
+    let script = Script {
+        nat: deletions("nat")?,
+        filter: deletions("filter")?,
+    };
+    if script.is_empty() {
+        return Ok(());
+    }
+    restore(family, &script)
+}
+
 impl IptablesDatapath {
     fn ensure_base(&self, family: Family) -> Result<()> {
         if !saved(family, "filter")?.contains(&format!(":{ISOLATION_1} ")) {
@@ -501,10 +536,10 @@ impl Datapath for IptablesDatapath {
 
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
         let mut failed = Vec::new();
-        for (family, subnet) in Family::subnets_of(net) {
+        for (family, _) in Family::subnets_of(net) {
             // The base chains go when no network uses them, even if this network's rules were
             // never (all) made: a setup that failed or was killed midway leaves them behind.
-            let rules = restore(family, &network_rules(net, subnet).deletions());
+            let rules = remove_bridge_rules(family, &net.bridge);
             let base = self.remove_base_if_unused(family);
             failed.extend(
                 [rules, base]
@@ -595,6 +630,27 @@ fn refuse_conntrack_limit(limit: Option<u32>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_networks_rules_are_those_naming_its_bridge_but_in_the_users_chain() {
+        let saved = "*filter\n\
+            :FORWARD ACCEPT [0:0]\n\
+            -A FORWARD -j NETD-USER\n\
+            -A FORWARD -o netd-br1 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+            -A FORWARD -i netd-br1 ! -o netd-br1 -j ACCEPT\n\
+            -A FORWARD -o netd-br10 -j DROP\n\
+            -A NETD -d 10.0.0.2/32 ! -i netd-br1 -o netd-br1 -p tcp -m tcp --dport 80 -j ACCEPT\n\
+            -A NETD-USER -i netd-br1 -j DROP\n\
+            COMMIT\n";
+        assert_eq!(
+            rules_naming_bridge(saved, "netd-br1"),
+            [
+                "-A FORWARD -o netd-br1 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-A FORWARD -i netd-br1 ! -o netd-br1 -j ACCEPT",
+                "-A NETD -d 10.0.0.2/32 ! -i netd-br1 -o netd-br1 -p tcp -m tcp --dport 80 -j ACCEPT",
+            ]
+        );
+    }
 
     fn net() -> NetworkSpec {
         NetworkSpec {
