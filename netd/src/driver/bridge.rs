@@ -94,11 +94,12 @@ pub async fn teardown_network(net: &Network, dp: &dyn Datapath, datapath_ready: 
 
 /// Takes container `c`'s host-side veth off its network, if it is there: off the bridge and
 /// down in one request, so nothing passes through it from then on; then deletes it, unless `c`
-/// is running (an `rm`) and the veth's other end is in the namespace netd made, removed next. The kernel deletes the pair
-/// when it dismantles that namespace, after the command returns: a veth's own deletion takes
-/// 16–28 ms here, the namespace's about 1.4. (A process left in the namespace keeps the pair,
-/// down and off the bridge, until it exits.) A create that failed and `gc` delete it before
-/// they return, so they leave nothing behind even for a moment.
+/// is running (an `rm`) and the veth's other end is in the namespace netd made, removed next.
+/// The kernel deletes the pair when it dismantles that namespace, after the command returns:
+/// a veth's own deletion takes 16–28 ms here, the namespace's about 1.4. (A process left in
+/// the namespace keeps the pair, down and off the bridge, until it exits.) A create that
+/// failed and `gc` delete it before they return, so they leave nothing behind even for a
+/// moment.
 async fn release_veth(c: &Container, veth: &str) -> Result<()> {
     let host = Netlink::in_ns(None)?;
     let Some(index) = host.link_index(veth).await? else {
