@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn nat66_prefers_stable_then_temporary_then_deprecated_and_never_tentative() {
-        let rank = |f: AddressFlags| nat66_rank(f);
+        let rank = nat66_rank;
         let stable = rank(AddressFlags::Permanent).unwrap();
         let temporary = rank(AddressFlags::Secondary).unwrap();
         let deprecated = rank(AddressFlags::Permanent | AddressFlags::Deprecated).unwrap();
