@@ -26,7 +26,7 @@ const IPPROTO_DSTOPTS: u8 = 60;
 /// (hop-by-hop for MLD, a fragment header), and each one is a few instructions the verifier
 /// walks unrolled.
 const MAX_EXT_HEADERS: usize = 6;
-const FIXED_LEN: usize = 40;
+pub const FIXED_LEN: usize = 40;
 /// The fragment header's offset (in 8-byte units, the top 13 bits) and "more fragments" flag.
 const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const FRAG_MORE: u16 = 1;
