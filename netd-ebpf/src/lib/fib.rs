@@ -65,7 +65,7 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.hop_limit <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    decrement_hop_limit(ctx, &ip)?;
+    decrement_hop_limit(ctx, ip.hop_limit)?;
     set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
     // SAFETY: as in `deliver_to_container`.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
@@ -73,10 +73,10 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
 
 const HOP_LIMIT_OFF: usize = L3_OFF + 7;
 
-/// What forwarding does to the IPv6 header: the hop limit down by one.
+/// What forwarding does to the IPv6 header: the hop limit (`hop_limit`) down by one.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &TcContext, ip: &ipv6::Fixed) -> Option<()> {
-    ctx.store(HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0).ok()
+fn decrement_hop_limit(ctx: &TcContext, hop_limit: u8) -> Option<()> {
+    ctx.store(HOP_LIMIT_OFF, &(hop_limit - 1), 0).ok()
 }
 
 /// Whether the packet fits the MTU of interface `ifindex`, as forwarding checks it: a GSO
@@ -216,7 +216,7 @@ pub fn route6(ctx: &TcContext, bridge_ifindex: u32) -> Route6 {
             ifindex: found.ifindex,
             next_hop: found.next_hop,
             fast,
-            ip,
+            hop_limit: ip.hop_limit,
         }),
         Ok(
             BPF_FIB_LKUP_RET_BLACKHOLE
@@ -235,7 +235,7 @@ pub fn forward6(ctx: &TcContext, hop: &Hop6) -> Option<i32> {
     if !hop.fast {
         return None;
     }
-    decrement_hop_limit(ctx, &hop.ip)?;
+    decrement_hop_limit(ctx, hop.hop_limit)?;
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET6),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
@@ -309,12 +309,12 @@ pub enum Route6 {
     Unknown,
 }
 
-/// [`Hop`] for IPv6.
+/// [`Hop`] for IPv6 (no header checksum: the hop limit is all forwarding changes).
 pub struct Hop6 {
     pub ifindex: u32,
     next_hop: Addr,
     fast: bool,
-    ip: ipv6::Fixed,
+    hop_limit: u8,
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
