@@ -2,10 +2,13 @@
 //! the real driver: the extension-header walk, anti-spoofing of addresses and neighbour
 //! discovery, and the isolation rules, for dual-stack networks of each kind; NAT66 on the
 //! uplink and hairpin on the bridge, their checksums checked as a receiver would (a test run's
-//! packet has no checksum offload to hide a wrong one). Every drop is checked against its
-//! counter.
+//! packet has no checksum offload to hide a wrong one); the fast path out to NAT66. Every drop
+//! is checked against its counter.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use netd::{
     bpf::Pins,
@@ -14,8 +17,8 @@ use netd::{
     },
 };
 use netd_common::datapath::{
-    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG,
+    BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, ENDPOINT6_PROGS_MAP,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
 };
 use tests::{
     frames::{ACK, ETH_LEN, SYN, with_macs},
@@ -683,6 +686,47 @@ fn nat66_translates_a_fragmented_datagram_by_its_first_fragment() {
         bench.run_on(UPLINK_INGRESS_PROG, &error, UPLINK),
         (PASS, error)
     );
+}
+
+/// A masquerading network's IPv6 that the FIB routes out of the uplink (where NAT66 runs) goes
+/// straight there, one hop further; with its hop limit about to expire, to the stack (which
+/// answers Time Exceeded). With `endpoint_ingress6` missing from its program array, IPv6 from
+/// a container is dropped, never passed on unchecked.
+#[test]
+fn a_masquerading_networks_ipv6_takes_the_fast_path_out_and_nothing_unchecked() {
+    let bench = Bench::dual_stack();
+    forward_ipv6(&bench);
+    let n = DualStack::masquerading(&bench, 6);
+    let a = ip6(&n.a);
+    let bridge_mac = n.net.bridge_mac();
+    let query = frame(a, OUTSIDE_ADDR6, &[], UDP, &dns(a, OUTSIDE_ADDR6));
+    let skb = Skb {
+        ingress_ifindex: n.a.host_ifindex,
+        ifindex: n.a.host_ifindex,
+        ..Skb::default()
+    };
+    let fast = bench.stat("fast_path_out");
+    let (verdict, out) = bench.run_skb(
+        ENDPOINT_INGRESS_PROG,
+        &with_macs(query.clone(), bridge_mac, n.a.mac),
+        skb,
+    );
+    assert_eq!(verdict, REDIRECT, "straight to the uplink");
+    assert_eq!(out[ETH_LEN + 7], query[ETH_LEN + 7] - 1, "hop limit");
+    assert_eq!(bench.stat("fast_path_out"), fast + 1);
+    let mut last_hop = query.clone();
+    last_hop[ETH_LEN + 7] = 1;
+    assert_eq!(sent(&bench, &n.a, bridge_mac, last_hop), PASS);
+
+    let array = bench.env.bpffs.join("maps").join(ENDPOINT6_PROGS_MAP);
+    let emptied = Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&array)
+        .args(["key", "0", "0", "0", "0"])
+        .status()
+        .unwrap();
+    assert!(emptied.success(), "bpftool map delete {}", array.display());
+    dropped(&bench, &n.a, bridge_mac, query, "ipv6");
 }
 
 /// Turns IPv6 forwarding on in the bench's host, as netd's bridge driver does for a

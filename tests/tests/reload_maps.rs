@@ -1,8 +1,8 @@
 //! `netd reload` across netd versions whose pinned maps differ: a map an older netd pinned
 //! with fewer entries (PUBLISHED had 65,536, preallocated) is made again with this build's
 //! size, its entries copied, before the programs are replaced; a map the older netd had not
-//! (BRIDGE6_PROGS) is made and filled; a map whose value layout changed is refused in one
-//! line before anything is touched, and the running programs go on.
+//! (BRIDGE6_PROGS, ENDPOINT6_PROGS) is made and filled; a map whose value layout changed is
+//! refused in one line before anything is touched, and the running programs go on.
 //!
 //! The older netd's map is made here with bpftool, holding the entries of the pinned one,
 //! and put in its place under the pin (the running programs keep the map they were loaded
@@ -10,19 +10,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use netd_common::datapath::{
-    BRIDGE6_PROGS_MAP, HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS, PUBLISHED_MAP,
-    PUBLISHED_MAX, STATS_MAP, Stat, VETHS_MAP,
+    BRIDGE6_PROGS_MAP, ENDPOINT6_PROGS_MAP, HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS,
+    PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, Stat, VETHS_MAP,
 };
 use serde_json::Value;
 use tests::{
-    cli::{Ctr, create, echo_server, map_entries, output_in, tcp_echo},
-    harness::{HOST_ADDR, HOST_ADDR6, TestEnv},
+    cli::{Ctr, create, echo_server, map_entries, output_in, stat, tcp_echo},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
 };
 
 fn bpftool(args: &[&str]) -> String {
@@ -282,6 +282,46 @@ fn reload_makes_and_fills_the_ipv6_hairpin_array_an_older_netd_had_not() {
     assert_eq!(echoed.unwrap(), "netd", "no IPv6 hairpin after the reload");
     let peer = server.join().unwrap();
     assert_eq!(peer.ip(), "fd00:88::1".parse::<Ipv6Addr>().unwrap());
+}
+
+/// A datapath an older netd set up has no `ENDPOINT6_PROGS` (the endpoint's IPv6 program
+/// array): a reload makes it and puts `endpoint_ingress6` in it before the containers'
+/// programs are replaced (from an empty slot they would drop all IPv6), so a container reaches
+/// the outside over IPv6 after it, by the fast path out.
+#[test]
+fn reload_makes_and_fills_the_endpoint_ipv6_array_an_older_netd_had_not() {
+    let env = TestEnv::dual_stack();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--ipv6",
+        "--subnet",
+        "10.89.0.0/24",
+        "--subnet",
+        "fd00:89::/64",
+    ]);
+    let c = create(&env, "c", &["--network", "n"]);
+    let pin = map_pin(&env, ENDPOINT6_PROGS_MAP);
+    std::fs::remove_file(&pin).unwrap();
+
+    let out = env.netd_ok(&["reload"]);
+    assert!(out.contains("programs replaced"), "{out}");
+    assert_eq!(
+        map_dump(&pin).len(),
+        1,
+        "endpoint_ingress6 is not in the array"
+    );
+    let fast = stat(&env, "fast_path_out");
+    let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9000));
+    let server = echo_server(&env, &env.outside_ns(), any);
+    let echoed = tcp_echo(&env, &c.ns, SocketAddr::from((OUTSIDE_ADDR6, 9000)));
+    assert_eq!(echoed.unwrap(), "netd", "no IPv6 out after the reload");
+    assert_eq!(server.join().unwrap().ip(), IpAddr::from(HOST_ADDR6));
+    assert!(
+        stat(&env, "fast_path_out") > fast,
+        "not by the fast path out"
+    );
 }
 
 /// A pinned map whose value is another size than this build's is refused in one line naming

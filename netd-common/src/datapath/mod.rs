@@ -46,6 +46,12 @@ pub const MARK_ADMITTED: u32 = 0x0200_0000;
 /// TC program on each container's host-side veth, ingress: the isolation policy (anti-spoofing,
 /// other networks, `--icc`, `--link`, `--internal`) and the container-to-container fast path.
 pub const ENDPOINT_INGRESS_PROG: &str = "endpoint_ingress";
+/// The same for IPv6, with the fast path out: `endpoint_ingress` hands IPv6 frames over to it
+/// (a tail call through `ENDPOINT6_PROGS`, slot 0).
+pub const ENDPOINT_INGRESS6_PROG: &str = "endpoint_ingress6";
+/// `ENDPOINT6_PROGS`: the program array of that one.
+pub const ENDPOINT6_PROGS_MAP: &str = "ENDPOINT6_PROGS";
+pub const ENDPOINT6_PROGS: [&str; 1] = [ENDPOINT_INGRESS6_PROG];
 /// cgroup connect4 program: host processes connecting to published ports go to the container.
 pub const HOST_CONNECT4_PROG: &str = "host_connect4";
 /// cgroup sendmsg4 program: the same for unconnected UDP sends.

@@ -153,7 +153,8 @@ stats! {
     /// a published port): dropped, as Docker's FORWARD policy does.
     Unsolicited "unsolicited" drop,
     /// IPv6 nothing would check: beyond the link from a container of a network without
-    /// IPv6, or on a NAT interface whose NAT66 program is missing (`NAT66_PROGS` empty).
+    /// IPv6, from a container whose veth's IPv6 program is missing (`ENDPOINT6_PROGS` empty),
+    /// or on a NAT interface whose NAT66 program is missing (`NAT66_PROGS` empty).
     Ipv6 "ipv6" drop,
     /// From a container, neither IPv4, IPv6 nor ARP: dropped.
     NotIp "not_ip" drop,

@@ -65,7 +65,7 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.hop_limit <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    decrement_hop_limit(ctx, &ip)?;
+    decrement_hop_limit(ctx, ip.hop_limit)?;
     set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
     // SAFETY: as in `deliver_to_container`.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
@@ -73,10 +73,10 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
 
 const HOP_LIMIT_OFF: usize = L3_OFF + 7;
 
-/// What forwarding does to the IPv6 header: the hop limit down by one.
+/// What forwarding does to the IPv6 header: the hop limit (`hop_limit`) down by one.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &TcContext, ip: &ipv6::Fixed) -> Option<()> {
-    ctx.store(HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0).ok()
+fn decrement_hop_limit(ctx: &TcContext, hop_limit: u8) -> Option<()> {
+    ctx.store(HOP_LIMIT_OFF, &(hop_limit - 1), 0).ok()
 }
 
 /// Whether the packet fits the MTU of interface `ifindex`, as forwarding checks it: a GSO
@@ -186,15 +186,38 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
     Some(action as i32)
 }
 
-/// Where the stack's forwarding would send a container's IPv6 packet from `src` to `dst`
-/// (`proto`) arriving on the bridge `bridge_ifindex` (the interface the stack routes it
-/// from). No outbound fast path for IPv6 (the endpoint program has no stack left for it):
-/// this only names the interface, for the masquerade check.
+/// Where the stack's forwarding would send a container's IPv6 packet arriving on the bridge
+/// `bridge_ifindex` (the interface the stack routes it from), as [`route`] for IPv4.
 #[inline(always)]
-pub fn route6(ctx: &TcContext, bridge_ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Route6 {
-    let found = lookup6(ctx, bridge_ifindex, src, dst, proto);
+pub fn route6(ctx: &TcContext, bridge_ifindex: u32) -> Route6 {
+    let Ok(ip) = ctx.load::<ipv6::Fixed>(L3_OFF) else {
+        return Route6::Unknown;
+    };
+    if ip.hop_limit <= 1 {
+        return Route6::Stack;
+    }
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+    let tot_len = if gso {
+        0
+    } else {
+        ipv6::FIXED_LEN as u16 + u16::from_be_bytes(ip.payload_len)
+    };
+    let mut found = lookup6(ctx, bridge_ifindex, ip.src, ip.dst, ip.next_header, tot_len);
+    let mut fast = true;
+    if found.ret == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        // Too big: the stack answers with Packet Too Big (IPv6 routers never fragment). The
+        // interface is still needed for the policy.
+        found = lookup6(ctx, bridge_ifindex, ip.src, ip.dst, ip.next_header, 0);
+        fast = false;
+    }
     match u32::try_from(found.ret) {
-        Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(found.ifindex),
+        Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(Hop6 {
+            ifindex: found.ifindex,
+            next_hop: found.next_hop,
+            fast,
+            hop_limit: ip.hop_limit,
+        }),
         Ok(
             BPF_FIB_LKUP_RET_BLACKHOLE
             | BPF_FIB_LKUP_RET_UNREACHABLE
@@ -204,6 +227,25 @@ pub fn route6(ctx: &TcContext, bridge_ifindex: u32, src: Addr, dst: Addr, proto:
         ) => Route6::Stack,
         _ => Route6::Unknown,
     }
+}
+
+/// [`forward`] for IPv6.
+#[inline(always)]
+pub fn forward6(ctx: &TcContext, hop: &Hop6) -> Option<i32> {
+    if !hop.fast {
+        return None;
+    }
+    decrement_hop_limit(ctx, hop.hop_limit)?;
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET6),
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            ipv6_nh: hop.next_hop,
+        },
+    };
+    // SAFETY: as in `forward`.
+    let action =
+        unsafe { bpf_redirect_neigh(hop.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    Some(action as i32)
 }
 
 /// Whether `addr` is one of the host's own IPv6 addresses, as the FIB says for a packet to it
@@ -217,19 +259,20 @@ pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
     }
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    lookup6(ctx, ifindex, [0; 4], *addr, 0).ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+    lookup6(ctx, ifindex, [0; 4], *addr, 0, 0).ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
-/// What a FIB lookup for IPv6 answered: the helper's return and the interface.
+/// What a FIB lookup for IPv6 answered: the helper's return, the interface and next hop.
 struct Found6 {
     ret: i64,
     ifindex: u32,
+    next_hop: Addr,
 }
 
-/// The FIB lookup for an IPv6 packet from `src` to `dst` (`proto`) arriving on `ifindex` (no
-/// MTU check: no IPv6 fast path out).
+/// The FIB lookup for an IPv6 packet from `src` to `dst` (`proto`) arriving on `ifindex`,
+/// its MTU checked against `tot_len` (0: not checked).
 #[inline(always)]
-fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Found6 {
+fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8, tot_len: u16) -> Found6 {
     let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: as in `lookup`.
     let fib = unsafe {
@@ -238,6 +281,7 @@ fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Fo
     };
     fib.family = AF_INET6;
     fib.l4_protocol = proto;
+    fib.__bindgen_anon_1.tot_len = tot_len;
     fib.__bindgen_anon_3.ipv6_src = src;
     fib.__bindgen_anon_4.ipv6_dst = dst;
     fib.ifindex = ifindex;
@@ -253,14 +297,24 @@ fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8) -> Fo
     Found6 {
         ret,
         ifindex: fib.ifindex,
+        // SAFETY: the lookup of an IPv6 packet filled the IPv6 member: the next hop.
+        next_hop: unsafe { fib.__bindgen_anon_4.ipv6_dst },
     }
 }
 
-/// [`Route`] for IPv6, naming only the interface.
+/// [`Route`] for IPv6.
 pub enum Route6 {
-    Out(u32),
+    Out(Hop6),
     Stack,
     Unknown,
+}
+
+/// [`Hop`] for IPv6 (no header checksum: the hop limit is all forwarding changes).
+pub struct Hop6 {
+    pub ifindex: u32,
+    next_hop: Addr,
+    fast: bool,
+    hop_limit: u8,
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would

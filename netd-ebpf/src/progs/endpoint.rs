@@ -20,10 +20,14 @@
 //! of an interface netd doesn't masquerade on (no address, attaching failed) is dropped
 //! (`unmasqueraded`): it would leave with the container's private source.
 //!
-//! IPv6 beyond the network goes through the stack (no IPv6 fast path out: this program has
-//! no stack left for the FIB lookup's): a masquerading network's only where the FIB routes
-//! it out of an interface netd masquerades IPv6 on (NAT66 on its egress), else it is dropped
-//! (`unmasqueraded`).
+//! IPv6 is checked in a program of its own, `endpoint_ingress6`, which `endpoint_ingress`
+//! hands an IPv6 frame over to by tail call (through `ENDPOINT6_PROGS`) once its source MAC
+//! and tag are checked: each program has a 512-byte stack, and IPv6's checks with the FIB
+//! lookup of its fast path out don't fit on top of IPv4's. Beyond the network, a routed
+//! network's IPv6 goes through the stack; a masquerading network's only where the FIB routes
+//! it out of an interface netd masquerades IPv6 on (NAT66 on its egress), straight there as
+//! IPv4's (the stack's when the fast path can't take it), else it is dropped
+//! (`unmasqueraded`). Without `endpoint_ingress6` in its slot, IPv6 is dropped (`ipv6`).
 //!
 //! `endpoint_egress` is the destination side: what reaches the container other than by the
 //! fast paths (see [`endpoint_egress`]).
@@ -33,7 +37,8 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_redirect_peer,
-    macros::classifier,
+    macros::{classifier, map},
+    maps::ProgramArray,
     programs::TcContext,
 };
 use netd_common::datapath::{
@@ -55,6 +60,17 @@ use crate::lib::{
     policy::{floods, in_subnet, link_allows, link_allows6},
     stats,
 };
+
+/// The IPv6 program, in `ENDPOINT6_PROGS`.
+const INGRESS6: u32 = 0;
+
+/// `endpoint_ingress6`, which `endpoint_ingress` hands IPv6 over to with a tail call (the
+/// IPv4 path pays an EtherType check, and each program has its own 512-byte stack). A map of
+/// its own rather than a slot of another program array: a pinned program array's entries
+/// can't be copied into a bigger one by `netd reload`. Filled by userspace before
+/// `endpoint_ingress` is pinned for containers to attach.
+#[map]
+static ENDPOINT6_PROGS: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Offset in an ARP packet for Ethernet/IPv4 of the sender's hardware address, followed by
 /// its protocol address.
@@ -92,13 +108,22 @@ impl Sender {
 /// What becomes of a frame: it goes on to the bridge, or is delivered into the namespace of
 /// the container behind host-side veth `ifindex`, or leaves the network (straight to its
 /// interface when netd masquerades there; `masquerade`: only through such an interface), or
-/// is dropped.
+/// is IPv6 (`endpoint_ingress6` decides), or is dropped.
 enum Verdict {
     Pass,
     Deliver(u32),
     Leave { tuple: Tuple, masquerade: bool },
+    Ipv6,
     Drop(Stat, Tuple),
-    Drop6(Stat, Tuple6),
+}
+
+/// [`Verdict`] for IPv6: what leaves the network is already redirected to its interface
+/// (with the TC action doing it) or goes on to the stack.
+enum Verdict6 {
+    Pass,
+    Deliver(u32),
+    Forwarded(i32),
+    Drop(Stat, Tuple6),
 }
 
 #[classifier]
@@ -110,23 +135,59 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
     };
     let from = Sender { veth, ifindex };
     match decide(&ctx, &from) {
-        Verdict::Pass => {
-            stats::count(Stat::PolicyPass);
-            TC_ACT_UNSPEC
-        }
-        Verdict::Deliver(peer) => {
-            stats::count(Stat::FastPathLocal);
-            // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT, or
-            // TC_ACT_SHOT when `peer` is not a veth (endpoints are).
-            unsafe { bpf_redirect_peer(peer, 0) as i32 }
-        }
+        Verdict::Pass => passed(),
+        Verdict::Deliver(peer) => deliver(peer),
         Verdict::Leave { tuple, masquerade } => leave(&ctx, &from, tuple, masquerade),
+        Verdict::Ipv6 => hand_to_ingress6(&ctx, &from),
         Verdict::Drop(reason, tuple) => drop_counted(&from, reason, tuple),
-        Verdict::Drop6(reason, tuple) => {
-            stats::count(events::dropped6(&tuple, reason, from.addr(), from.ifindex));
-            TC_ACT_SHOT
-        }
     }
+}
+
+/// IPv6 from a container, handed over by `endpoint_ingress` (its source MAC and tag
+/// checked): the same policy as IPv4's, and the same fast paths.
+#[classifier]
+pub fn endpoint_ingress6(ctx: TcContext) -> i32 {
+    let ifindex = ctx.ifindex();
+    let Some(veth) = maps::veth(ifindex) else {
+        return TC_ACT_UNSPEC;
+    };
+    let from = Sender { veth, ifindex };
+    match decide6(&ctx, &from) {
+        Verdict6::Pass => passed(),
+        Verdict6::Deliver(peer) => deliver(peer),
+        Verdict6::Forwarded(action) => {
+            stats::count(Stat::FastPathOut);
+            action
+        }
+        Verdict6::Drop(reason, tuple) => drop6_counted(&from, reason, &tuple),
+    }
+}
+
+/// Hands an IPv6 frame over to `endpoint_ingress6` with a tail call, which doesn't return
+/// unless the slot is empty (userspace fills it before this program is pinned): then the frame
+/// is dropped, as nothing would check it.
+#[inline(always)]
+fn hand_to_ingress6(ctx: &TcContext, from: &Sender) -> i32 {
+    // SAFETY: a tail call with this program's own context.
+    unsafe { ENDPOINT6_PROGS.tail_call(ctx, INGRESS6) };
+    drop6_counted(from, Stat::Ipv6, &Tuple6::default())
+}
+
+/// A frame the policy lets through, on to the bridge.
+#[inline(always)]
+fn passed() -> i32 {
+    stats::count(Stat::PolicyPass);
+    TC_ACT_UNSPEC
+}
+
+/// The fast path between two containers of a network: straight into the namespace of the
+/// container behind host-side veth `peer`.
+#[inline(always)]
+fn deliver(peer: u32) -> i32 {
+    stats::count(Stat::FastPathLocal);
+    // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT, or TC_ACT_SHOT
+    // when `peer` is not a veth (endpoints are).
+    unsafe { bpf_redirect_peer(peer, 0) as i32 }
 }
 
 /// A packet routed beyond the network: straight to its interface when netd masquerades there
@@ -147,13 +208,18 @@ fn leave(ctx: &TcContext, from: &Sender, tuple: Tuple, masquerade: bool) -> i32 
         }
         Route::Out(_) | Route::Unknown | Route::Stack => {}
     }
-    stats::count(Stat::PolicyPass);
-    TC_ACT_UNSPEC
+    passed()
 }
 
 #[inline(always)]
 fn drop_counted(from: &Sender, reason: Stat, tuple: Tuple) -> i32 {
     stats::count(events::dropped(&tuple, reason, from.addr(), from.ifindex));
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn drop6_counted(from: &Sender, reason: Stat, tuple: &Tuple6) -> i32 {
+    stats::count(events::dropped6(tuple, reason, from.addr(), from.ifindex));
     TC_ACT_SHOT
 }
 
@@ -174,7 +240,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
         return check_arp(ctx, from);
     }
     if eth.ether_type == EtherType::Ipv6 as u16 {
-        return decide6(ctx, from, &eth);
+        return Verdict::Ipv6;
     }
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Verdict::Drop(Stat::NotIp, Tuple::default());
@@ -204,30 +270,33 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
 /// multicast listening), its neighbour discovery is its own; then by destination. What can't
 /// be parsed to its upper-layer header is dropped.
 #[inline(always)]
-fn decide6(ctx: &TcContext, from: &Sender, eth: &EthHdr) -> Verdict {
+fn decide6(ctx: &TcContext, from: &Sender) -> Verdict6 {
+    let Some(eth) = ctx.read::<EthHdr>(0) else {
+        return Verdict6::Drop(Stat::TruncatedL2, Tuple6::default());
+    };
     let p = match ipv6::parse(ctx) {
         Ok(p) => p,
-        Err(reason) => return Verdict::Drop6(reason, Tuple6::default()),
+        Err(reason) => return Verdict6::Drop(reason, Tuple6::default()),
     };
     let tuple = Tuple6::of(&p);
     let owns = |addr: Addr| maps::endpoint6(addr).is_some_and(|ep| ep.ifindex == from.ifindex);
     if !source_allowed6(&p, owns) {
-        return Verdict::Drop6(Stat::SpoofedAddr, tuple);
+        return Verdict6::Drop(Stat::SpoofedAddr, tuple);
     }
     if let Err(reason) = ipv6::check_nd(ctx, &p, &from.veth.mac, owns) {
-        return Verdict::Drop6(reason, tuple);
+        return Verdict6::Drop(reason, tuple);
     }
     // Address resolution and multicast listening go on to the bridge whatever the policy, as
     // ARP does (without them the gateway can't be reached), but only on the link: addressed
     // anywhere else, an internal network's container could send them out through the host.
     if (p.is_neighbour_discovery() || p.is_mld()) && on_the_link6(from, &p.dst) {
-        return Verdict::Pass;
+        return Verdict6::Pass;
     }
     if ipv6::is_multicast(&p.dst) || ipv6::is_link_local(&p.dst) {
-        return to_link_scope6(from, eth, tuple);
+        return to_link_scope6(from, &eth, tuple);
     }
     match maps::endpoint6(p.dst) {
-        Some(to) => to_container6(from, to, &p, eth, tuple),
+        Some(to) => to_container6(from, to, &p, &eth, tuple),
         None => to_elsewhere6(ctx, from, &p, tuple),
     }
 }
@@ -259,13 +328,13 @@ fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
 /// goes on to the bridge; without, only to the host (the bridge's MAC): the bridge would
 /// flood a group to the other containers.
 #[inline(always)]
-fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict {
+fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict6 {
     if from.veth.net_flags & NET_ICC != 0 {
-        return Verdict::Pass;
+        return Verdict6::Pass;
     }
     match maps::network(from.veth.network_id) {
-        Some(net) if eth.dst_addr == net.bridge_mac => Verdict::Pass,
-        _ => Verdict::Drop6(Stat::IccDenied, tuple),
+        Some(net) if eth.dst_addr == net.bridge_mac => Verdict6::Pass,
+        _ => Verdict6::Drop(Stat::IccDenied, tuple),
     }
 }
 
@@ -277,17 +346,17 @@ fn to_container6(
     p: &Packet,
     eth: &EthHdr,
     tuple: Tuple6,
-) -> Verdict {
+) -> Verdict6 {
     if to.network_id != from.veth.network_id {
-        return Verdict::Drop6(Stat::OtherNetwork, tuple);
+        return Verdict6::Drop(Stat::OtherNetwork, tuple);
     }
     if from.veth.net_flags & NET_ICC == 0 && !linked6(p, &tuple) {
-        return Verdict::Drop6(Stat::IccDenied, tuple);
+        return Verdict6::Drop(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
-        Verdict::Deliver(to.ifindex)
+        Verdict6::Deliver(to.ifindex)
     } else {
-        Verdict::Pass
+        Verdict6::Pass
     }
 }
 
@@ -314,38 +383,40 @@ fn linked6(p: &Packet, tuple: &Tuple6) -> bool {
 
 /// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
 /// it a routed network's packets go to the stack, a masquerading network's only where the
-/// stack would send them out masqueraded (or answer them itself), an internal network's only
-/// to a port published for its own containers on a host address (hairpin).
+/// stack would send them out masqueraded (straight there, the fast path, when it can; or
+/// where the stack answers them itself), an internal network's only to a port published for
+/// its own containers on a host address (hairpin).
 #[inline(always)]
-fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict {
+fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict6 {
     let Some(net) = maps::network6(from.veth.network_id) else {
-        return Verdict::Drop6(Stat::Ipv6, tuple);
+        return Verdict6::Drop(Stat::Ipv6, tuple);
     };
     if p.dst == net.gateway {
-        return Verdict::Pass;
+        return Verdict6::Pass;
     }
     if ipv6::in_subnet(&p.dst, &net.subnet, net.prefix_len) {
         return if net.flags & NET_ICC != 0 {
-            Verdict::Pass
+            Verdict6::Pass
         } else {
-            Verdict::Drop6(Stat::IccDenied, tuple)
+            Verdict6::Drop(Stat::IccDenied, tuple)
         };
     }
     if net.flags & NET_INTERNAL != 0 {
         if hairpin_within6(ctx, from, p) {
-            return Verdict::Pass;
+            return Verdict6::Pass;
         }
-        return Verdict::Drop6(Stat::Internal, tuple);
+        return Verdict6::Drop(Stat::Internal, tuple);
     }
     if net.flags & NET_MASQUERADE != 0 {
-        let route = fib::route6(ctx, from.veth.bridge_ifindex, p.src, p.dst, p.proto);
-        return match route {
-            Route6::Out(ifindex) if maps::masquerade_addr6(ifindex).is_some() => Verdict::Pass,
-            Route6::Stack => Verdict::Pass,
-            Route6::Out(_) | Route6::Unknown => Verdict::Drop6(Stat::Unmasqueraded, tuple),
+        return match fib::route6(ctx, from.veth.bridge_ifindex) {
+            Route6::Out(hop) if maps::masquerade_addr6(hop.ifindex).is_some() => {
+                fib::forward6(ctx, &hop).map_or(Verdict6::Pass, Verdict6::Forwarded)
+            }
+            Route6::Stack => Verdict6::Pass,
+            Route6::Out(_) | Route6::Unknown => Verdict6::Drop(Stat::Unmasqueraded, tuple),
         };
     }
-    Verdict::Pass
+    Verdict6::Pass
 }
 
 /// [`hairpin_within`] for IPv6: to a port published on a host address for a container of the

@@ -13,8 +13,8 @@
 //! - each network's bridge, ingress: hairpin (containers to published ports via the host,
 //!   IPv6 ones in a program of their own, reached by tail call through `BRIDGE6_PROGS`); the
 //!   bridge must exist when `setup_network` is called;
-//! - each container's host-side veth, ingress: the isolation policy and the
-//!   container-to-container fast path; egress: the destination side (only the host, the
+//! - each container's host-side veth, ingress: the isolation policy and the fast paths
+//!   (IPv6's in a program of its own, reached by tail call through `ENDPOINT6_PROGS`); egress: the destination side (only the host, the
 //!   container's own network and what netd translated get in, whatever interface a packet
 //!   came through); legacy TC filters (no RCU grace period per container, see
 //!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
@@ -38,9 +38,10 @@ use aya::{Ebpf, maps::lpm_trie::Key, programs::TcAttachType};
 use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, BRIDGE_INGRESS_PROG, BRIDGE6_PROGS, BRIDGE6_PROGS_MAP,
     CONNTRACK_DEFAULT_MAX, Config, CtLimit, CtLimitKey, ENDPOINT_EGRESS_PROG,
-    ENDPOINT_INGRESS_PROG, EndpointKey, HOST_SOCK_PROGS, NAT6_ADDRS_MAP, NAT66_PROGS,
-    NAT66_PROGS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts, UPLINK_EGRESS_PROG,
-    UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, addr_v6, v4_octets, v6_octets,
+    ENDPOINT_INGRESS_PROG, ENDPOINT6_PROGS, ENDPOINT6_PROGS_MAP, EndpointKey, HOST_SOCK_PROGS,
+    NAT6_ADDRS_MAP, NAT66_PROGS, NAT66_PROGS_MAP, PUBLISHED_MAP, PUBLISHED_MAX, Timeouts,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG, addr_v4, addr_v6, v4_octets,
+    v6_octets,
 };
 
 use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec};
@@ -216,6 +217,7 @@ impl EbpfDatapath {
         let mut replaced = 0;
         crate::bpf::fill_prog_array(ebpf, NAT66_PROGS_MAP, &NAT66_PROGS)?;
         crate::bpf::fill_prog_array(ebpf, BRIDGE6_PROGS_MAP, &BRIDGE6_PROGS)?;
+        crate::bpf::fill_prog_array(ebpf, ENDPOINT6_PROGS_MAP, &ENDPOINT6_PROGS)?;
         for (prog, dir) in UPLINK_PROGS.iter().chain(&BRIDGE_PROGS) {
             for iface in self.pins.tc_attachments(prog, *dir)? {
                 self.pins.replace_tc(ebpf, prog, &iface, *dir)?;
@@ -304,14 +306,15 @@ impl EbpfDatapath {
     }
 
     /// Attaches the endpoint programs to a container's veth, from their pins (no object load,
-    /// no verifier run); the first container loads the object to pin them. On failure,
-    /// detaches what this call attached.
+    /// no verifier run); the first container loads the object to pin them, IPv6's in its
+    /// program array first. On failure, detaches what this call attached.
     fn attach_endpoint_programs(&self, iface: &str) -> Result<()> {
         if ENDPOINT_PROGS
             .iter()
             .any(|(prog, _)| !self.pins.program(prog).exists())
         {
             let mut ebpf = self.pins.load_sized(self.conntrack_max)?;
+            crate::bpf::fill_prog_array(&mut ebpf, ENDPOINT6_PROGS_MAP, &ENDPOINT6_PROGS)?;
             for (prog, _) in ENDPOINT_PROGS {
                 self.pins.pin_tc_program(&mut ebpf, prog)?;
             }

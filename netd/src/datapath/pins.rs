@@ -475,9 +475,10 @@ fn loader(maps_dir: &Path, conntrack_max: u32) -> EbpfLoader<'static> {
 }
 
 /// Loads `progs` of `ebpf` and puts them in the program array `map`, in that order: the
-/// programs other programs hand packets over to by tail call (NAT66's, IPv6 hairpin's). A
-/// pinned map: its slots outlive this process. Called before the programs calling them are
-/// attached or replaced: from an empty slot they don't translate.
+/// programs other programs hand packets over to by tail call (NAT66's, IPv6 hairpin's, the
+/// endpoint's IPv6 policy). A pinned map: its slots outlive this process. Called before the
+/// programs calling them are attached, pinned or replaced: from an empty slot they don't
+/// translate (or check: the endpoint program drops IPv6 then).
 pub fn fill_prog_array(ebpf: &mut Ebpf, map: &str, progs: &[&str]) -> Result<()> {
     for (slot, prog) in progs.iter().enumerate() {
         let fd = loaded_tc_program(ebpf, prog)?
