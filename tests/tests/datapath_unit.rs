@@ -1114,6 +1114,33 @@ const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const LLDP: u16 = 0x88cc;
 
+/// A frame on the veth of a container netd no longer has (the programs go with the veth,
+/// after the endpoint is forgotten) is dropped and counted, both ways, IPv4 or IPv6: nothing
+/// checks it any more.
+#[test]
+fn frames_on_the_veth_of_a_container_gone_are_dropped() {
+    let b = Bench::new();
+    let gone = host_veth(&b.env, "veth9");
+    let on_gone = Skb {
+        ingress_ifindex: gone,
+        ifindex: gone,
+        ..Skb::default()
+    };
+    let (c1_mac, c2_mac) = (endpoint(C1, "", 0).mac, endpoint(C2, "", 0).mac);
+    let frames = [
+        tcp_frame(C1, 40000, C2, 80, SYN),
+        ipv6_frame(GLOBAL, GLOBAL),
+    ];
+    for prog in [ENDPOINT_INGRESS_PROG, ENDPOINT_EGRESS_PROG] {
+        for frame in &frames {
+            let before = b.stat("no_endpoint");
+            let frame = with_macs(frame.clone(), c2_mac, c1_mac);
+            assert_eq!(b.run_skb(prog, &frame, on_gone).0, DROP, "{prog}");
+            assert_eq!(b.stat("no_endpoint"), before + 1, "{prog}");
+        }
+    }
+}
+
 #[test]
 fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
     let b = Bench::new();

@@ -130,8 +130,7 @@ enum Verdict6 {
 pub fn endpoint_ingress(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     let Some(veth) = maps::veth(ifindex) else {
-        // Not (or no longer) a netd container: the bridge decides.
-        return TC_ACT_UNSPEC;
+        return container_gone();
     };
     let from = Sender { veth, ifindex };
     match decide(&ctx, &from) {
@@ -149,7 +148,7 @@ pub fn endpoint_ingress(ctx: TcContext) -> i32 {
 pub fn endpoint_ingress6(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     let Some(veth) = maps::veth(ifindex) else {
-        return TC_ACT_UNSPEC;
+        return container_gone();
     };
     let from = Sender { veth, ifindex };
     match decide6(&ctx, &from) {
@@ -161,6 +160,14 @@ pub fn endpoint_ingress6(ctx: TcContext) -> i32 {
         }
         Verdict6::Drop(reason, tuple) => drop6_counted(&from, reason, &tuple),
     }
+}
+
+/// A frame on the veth of a container netd no longer has (its programs go with the veth,
+/// which is off the bridge and down by then): nothing checks it any more, so it is dropped.
+#[inline(always)]
+fn container_gone() -> i32 {
+    stats::count(Stat::NoEndpoint);
+    TC_ACT_SHOT
 }
 
 /// Hands an IPv6 frame over to `endpoint_ingress6` with a tail call, which doesn't return
@@ -580,7 +587,7 @@ fn tuple_of(ctx: &TcContext, ip: &Ipv4Hdr) -> Tuple {
 pub fn endpoint_egress(ctx: TcContext) -> i32 {
     let ifindex = ctx.ifindex();
     let Some(veth) = maps::veth(ifindex) else {
-        return TC_ACT_UNSPEC;
+        return container_gone();
     };
     let container = veth.addr[0];
     let reason = match admit(&ctx, veth) {
