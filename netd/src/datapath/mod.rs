@@ -18,6 +18,7 @@ pub mod iptables;
 mod link_update;
 pub mod pinned_maps;
 pub mod pins;
+pub mod proxy;
 
 // What the datapath's tools report, named here so that nothing outside datapath/ names a
 // driver's module.
