@@ -134,6 +134,13 @@ pub trait Datapath {
     /// mode): the way a container's packet to its own published port, translated on the
     /// bridge's side, returns to it.
     fn bridge_hairpin(&self) -> bool;
+    /// Brings the processes the datapath runs for published ports (the iptables datapath's
+    /// userland proxies) in line with `published`, every port published on its networks:
+    /// starts those that died, ends those no port needs. None by default.
+    fn reconcile_ports(&self, published: &[PortSpec]) -> Result<proxy::Reconciled> {
+        let _ = published;
+        Ok(proxy::Reconciled::default())
+    }
 }
 
 /// The datapath drivers: what `--datapath` names, and what each network records.
@@ -230,6 +237,8 @@ impl Tuning {
 #[derive(Clone, Debug)]
 pub struct Datapaths {
     pub bpffs: PathBuf,
+    /// netd's state dir, where the iptables datapath records its userland proxies.
+    pub state_dir: PathBuf,
     pub tuning: Tuning,
 }
 
@@ -249,7 +258,9 @@ impl Datapaths {
                 }
                 Ok(Box::new(dp))
             }
-            DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath)),
+            DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath::new(
+                proxy::Proxies::new(&self.state_dir),
+            ))),
         }
     }
 
