@@ -2,7 +2,7 @@
 //! port published on loopback (`-p 127.0.0.1:H:C`, `-p [::1]:H:C`) or on every address
 //! (`-p H:C`, through 127.0.0.1 and [::1]), over TCP and UDP, which the rules alone can't
 //! serve. The proxies go with their ports, a port that can't be bound fails the publish with
-//! nothing left, and `netd gc` starts again a proxy killed behind netd's back.
+//! nothing left, and `netd gc` and the daemon start again a proxy killed behind netd's back.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -13,6 +13,7 @@ use std::{
 
 use tests::{
     cli::{Ctr, connect_error, create},
+    engines::NetdDaemon,
     harness::{TestEnv, proxies, proxy_pids},
 };
 
@@ -291,6 +292,32 @@ fn gc_restarts_a_proxy_killed_behind_netds_back() {
         !env.netd_ok(&["gc"]).contains("proxy"),
         "nothing more to do"
     );
+}
+
+#[test]
+fn the_daemons_rounds_restart_a_proxy_killed_behind_netds_back() {
+    let env = TestEnv::new();
+    env.netd_ok(&["--datapath", "iptables", "network", "create", "n"]);
+    let web = create(&env, "web", &["--network", "n", "-p", "127.0.0.1:8101:80"]);
+    tcp_peer_server(&env, &web.ns, 80);
+    let socket = env.state_dir.join("netd.sock");
+    let _daemon = NetdDaemon::start(
+        &env,
+        &[
+            "--sweep-interval",
+            "0.2",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+        &socket,
+    );
+    let [(pid, _)] = proxy_pids(&env)[..] else {
+        panic!("one proxy expected: {:?}", proxies(&env));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let restarted = || matches!(proxy_pids(&env)[..], [(again, _)] if again != pid);
+    assert!(tests::cli::eventually(Duration::from_secs(5), restarted));
+    assert!(tcp_ask(&env, SocketAddr::new(LO4, 8101)).is_ok());
 }
 
 #[test]
