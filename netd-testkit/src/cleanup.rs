@@ -44,6 +44,37 @@ impl Cleanup {
     }
 }
 
+/// Ends, by PID, every process in the network namespace at `ns` (what netd started there: the
+/// iptables datapath's userland proxies of containers a test left for the instance to
+/// remove), and waits until they have exited.
+pub fn end_processes_in(ns: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns_link = format!("net:[{}]", std::fs::metadata(ns)?.ino());
+    let in_ns = |pid: &i32| {
+        std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|l| l.as_os_str() == ns_link.as_str())
+    };
+    let inside: Vec<i32> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != std::process::id() as i32)
+        .filter(in_ns)
+        .collect();
+    for pid in &inside {
+        // Gone already is fine.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL).ok();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // An exited process has no namespace left to show, even before it is reaped.
+    while let Some(pid) = inside.iter().find(|pid| in_ns(pid)) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("process {pid} in {} did not exit", ns.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// Removes the directory tree at `path`; one that isn't there is fine.
 pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
     gone(std::fs::remove_dir_all(path), "remove", path)

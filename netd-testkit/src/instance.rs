@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, bail};
 use netd::netns;
 
 use crate::{
-    cleanup::{Cleanup, remove_cgroup, remove_tree},
+    cleanup::{Cleanup, end_processes_in, remove_cgroup, remove_tree},
     sandbox::Sandbox,
 };
 
@@ -275,6 +275,7 @@ impl Drop for Instance {
             }
             Err(e) => cleanup.check(Err(e)),
         }
+        cleanup.check(end_processes_in(&self.host_ns()));
         cleanup.check(self.sandbox.remove());
         cleanup.check(remove_tree(&self.bpffs));
         cleanup.check(remove_tree(&self.state_dir));

@@ -9,28 +9,35 @@ struct Cli {
     #[command(flatten)]
     global: cli::Global,
     #[command(subcommand)]
-    command: cli::Command,
+    command: cli::Invocation,
 }
 
 fn main() {
     // Like other Unix tools: a closed pipe (`netd ... | head`) ends netd quietly.
     // SAFETY: set before any thread exists; SIG_DFL is a valid disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let command = match cli.command {
+        // Before any runtime or thread exists: the proxy forks.
+        cli::Invocation::Proxy(args) => std::process::exit(cli::proxy::main(args)),
+        cli::Invocation::Command(command) => *command,
+    };
+    if let Err(e) = run(&cli.global, command) {
         eprintln!("netd: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    // Before any thread exists: every thread netd starts inherits the host namespace.
-    if let Some(ns) = &cli.global.host_netns {
+fn run(global: &cli::Global, command: cli::Command) -> Result<()> {
+    // Before any thread exists: every thread netd starts inherits the host namespace (and so
+    // does every process it starts: the iptables datapath's userland proxies).
+    if let Some(ns) = &global.host_netns {
         netns::enter(ns)?;
     }
     // A one-shot command waits on one netlink answer at a time: on the thread that asked, no
     // wake-up of another thread (and no wait for a CPU to run it) per round trip. The
     // long-running ones serve many clients at once.
-    let mut builder = match cli.command {
+    let mut builder = match command {
         cli::Command::Daemon(_) | cli::Command::Monitor(_) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(2);
@@ -39,5 +46,5 @@ fn run(cli: Cli) -> Result<()> {
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = builder.enable_all().build()?;
-    runtime.block_on(cli::run(&cli.global, cli.command))
+    runtime.block_on(cli::run(global, command))
 }

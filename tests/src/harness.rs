@@ -69,3 +69,35 @@ pub fn bound_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(server)).unwrap();
     TcpStream::from(fd)
 }
+
+/// The userland proxies running in `env`'s sandbox host namespace, as their arguments
+/// (`--proto P --listen A --to B`), sorted.
+pub fn proxies(env: &TestEnv) -> Vec<String> {
+    proxy_pids(env).into_iter().map(|(_, args)| args).collect()
+}
+
+/// [`proxies`] with their PIDs.
+pub fn proxy_pids(env: &TestEnv) -> Vec<(i32, String)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns_link = format!("net:[{}]", std::fs::metadata(env.host_ns()).unwrap().ino());
+    let mut found: Vec<(i32, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|l| l.as_os_str() == ns_link.as_str())
+        })
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let shown = args.get(2..8)?.join(" ");
+            (args[1] == "proxy").then_some((pid, shown))
+        })
+        .collect();
+    found.sort_by(|a, b| a.1.cmp(&b.1));
+    found
+}

@@ -3,14 +3,14 @@
 //! namespace, DEL twice, GC, concurrent ADDs, and published ports with real traffic.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
 use serde_json::{Value, json};
 use tests::{
     engines::{CniOutcome, cni, cni_with_env, tcp_ask, tcp_name_server, udp_ask, udp_name_server},
-    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv, proxies},
 };
 
 const SUBNET: &str = "10.89.0.0/24";
@@ -619,13 +619,19 @@ fn a_dual_stack_add_gives_both_families_and_publishes_on_both() {
         json!({ "dst": "::/0", "gw": "fd00:89::1" })
     );
 
-    // Both families reach the published port from the outside.
-    let server = tests::cli::echo_servers(&env, &ns, "[::]:80".parse().unwrap(), 2);
+    // Both families reach the published port from the outside, and host processes through
+    // loopback (the userland proxies netd-cni started: its own executable).
+    let server = tests::cli::echo_servers(&env, &ns, "[::]:80".parse().unwrap(), 4);
     for host in [HOST_ADDR6.into(), HOST_ADDR.into()] {
         let reply = tests::cli::tcp_echo(&env, &env.outside_ns(), SocketAddr::new(host, 8080));
         assert_eq!(reply.unwrap(), "netd", "to {host}");
     }
+    for lo in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
+        let reply = tests::cli::tcp_echo(&env, &env.host_ns(), SocketAddr::new(lo, 8080));
+        assert_eq!(reply.unwrap(), "netd", "to {lo}");
+    }
     server.join().unwrap();
+    assert_eq!(proxies(&env).len(), 2, "{:?}", proxies(&env));
 
     let mut check = cfg.clone();
     check["prevResult"] = result.clone();
@@ -645,6 +651,7 @@ fn a_dual_stack_add_gives_both_families_and_publishes_on_both() {
 
     call("DEL", "ctr6", Some(&ns), &cfg).ok();
     assert!(containers(&env).is_empty());
+    assert_eq!(proxies(&env), Vec::<String>::new());
     env.netd_ok(&["network", "rm", "cninet"]);
     let rules =
         String::from_utf8(env.run_in(&env.host_ns(), "ip6tables-save", &[]).stdout).unwrap();

@@ -1,7 +1,7 @@
 //! Crash recovery: netd is killed (SIGKILL, by the `fault-injection` step hook) at every step
 //! of `network create/rm`, `container create/rm`, `publish`, `unpublish` and `link`. Afterwards nothing is
 //! left that shouldn't be (namespaces, interfaces, pins, tc filters, map entries, iptables
-//! rules, state) and everything still works, whether the clean-up is `netd gc`'s or the
+//! rules, userland proxies and their records, state) and everything still works, whether the clean-up is `netd gc`'s or the
 //! implicit one of the next command.
 //!
 //! The steps are not listed here: each scenario first runs its command with
@@ -14,7 +14,7 @@ use netd_common::datapath::{
     ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, NETWORKS6_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP,
     VETHS_MAP,
 };
-use tests::harness::{TestEnv, host_links, namespaces, netd_state};
+use tests::harness::{TestEnv, host_links, namespaces, netd_state, proxies};
 
 /// Everything netd may make, in a form two runs can compare.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,6 +26,9 @@ struct Leftovers {
     pins: Vec<String>,
     tc_filters: String,
     iptables: String,
+    /// The iptables datapath's userland proxies running, and their records.
+    proxies: Vec<String>,
+    proxy_records: Vec<String>,
 }
 
 fn text(out: std::process::Output) -> String {
@@ -73,6 +76,13 @@ fn leftovers(env: &TestEnv) -> Leftovers {
         .map(|(tool, t)| text(env.run_in(&env.host_ns(), tool, &["-t", t, "-S"])))
         .collect::<Vec<_>>()
         .concat();
+    let mut proxy_records: Vec<String> = std::fs::read_dir(env.state_dir.join("proxies"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    proxy_records.sort();
     Leftovers {
         namespaces,
         host_links,
@@ -81,6 +91,8 @@ fn leftovers(env: &TestEnv) -> Leftovers {
         pins,
         tc_filters,
         iptables,
+        proxies: proxies(env),
+        proxy_records,
     }
 }
 

@@ -49,6 +49,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
     // The iptables datapath needs no bpffs: this directory is never opened.
     let datapaths = datapath::Datapaths {
         bpffs: env.bpffs.clone(),
+        state_dir: env.state_dir.clone(),
         tuning: Default::default(),
     };
     netns::run_in(Some(&env.host_ns()), || {

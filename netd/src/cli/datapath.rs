@@ -39,6 +39,7 @@ pub struct MonitorArgs {
 fn datapaths(global: &Global) -> Result<Datapaths> {
     Ok(Datapaths {
         bpffs: global.bpffs.clone(),
+        state_dir: global.state_dir.clone(),
         tuning: global.config()?.tuning,
     })
 }

@@ -20,6 +20,7 @@ pub mod gc;
 pub mod link;
 pub mod network;
 pub mod output;
+pub mod proxy;
 pub mod publish;
 pub mod views;
 
@@ -96,6 +97,16 @@ impl Global {
     pub fn controller(&self) -> Result<Controller> {
         Controller::open(self.config()?)
     }
+}
+
+/// What the `netd` binary runs: a command, or one of the processes netd starts itself.
+#[derive(Subcommand)]
+pub enum Invocation {
+    #[command(flatten)]
+    Command(Box<Command>),
+    /// The iptables datapath's userland proxy for one published port on loopback.
+    #[command(hide = true)]
+    Proxy(proxy::Args),
 }
 
 /// The commands of the core and its datapaths.

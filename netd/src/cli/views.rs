@@ -79,6 +79,18 @@ pub fn collected(c: &Collected) -> String {
     if c.links > 0 {
         out.push_str(&format!("\nremoved {} half-made link(s)", c.links));
     }
+    if c.proxies.started > 0 {
+        out.push_str(&format!(
+            "\nrestarted {} userland proxy(ies) that had stopped",
+            c.proxies.started
+        ));
+    }
+    if c.proxies.ended > 0 {
+        out.push_str(&format!(
+            "\nended {} userland proxy(ies) no port needed",
+            c.proxies.ended
+        ));
+    }
     out
 }
 

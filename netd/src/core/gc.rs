@@ -2,11 +2,16 @@
 //! every kind of object (networks, containers, published ports, `netd link`s). Run by `netd
 //! gc`, by the daemon, and at the start of every command that changes the kernel. A record
 //! is garbage when its owner process is gone (or it has none: a removal that failed).
+//! `netd gc` and the daemon also put back the processes the datapaths run for published
+//! ports (the iptables datapath's userland proxies) where they died or were left behind.
+
+use std::collections::HashMap;
 
 use anyhow::Result;
 
 use super::Controller;
 use crate::{
+    datapath::{DatapathKind, PortSpec, proxy::Reconciled},
     driver::{bridge, p2p},
     store::{Status, View as _},
 };
@@ -20,11 +25,17 @@ pub struct Collected {
     pub ports: usize,
     /// `netd link`s whose making didn't finish.
     pub links: usize,
+    /// Userland proxies started again or ended (`gc` and the daemon only).
+    pub proxies: Reconciled,
 }
 
 impl Collected {
     pub fn is_empty(&self) -> bool {
-        self.containers.is_empty() && self.networks.is_empty() && self.ports == 0 && self.links == 0
+        self.containers.is_empty()
+            && self.networks.is_empty()
+            && self.ports == 0
+            && self.links == 0
+            && self.proxies == Reconciled::default()
     }
 }
 
@@ -34,10 +45,38 @@ fn orphaned(owner_pid: u32) -> bool {
 }
 
 impl Controller {
-    /// `netd gc`: collects garbage under the kernel lock.
+    /// `netd gc`: collects garbage under the kernel lock, then reconciles the datapaths'
+    /// processes with the ports published. Not part of every command's collection: it reads
+    /// every container.
     pub async fn gc(&mut self) -> Result<Collected> {
         let _lock = self.store.lock()?;
-        self.collect_garbage().await
+        let mut out = self.collect_garbage().await?;
+        out.proxies = self.reconcile_ports()?;
+        Ok(out)
+    }
+
+    /// Has each datapath with networks start again the processes it runs for their published
+    /// ports that died, and end those no port needs (see `Datapath::reconcile_ports`).
+    fn reconcile_ports(&mut self) -> Result<Reconciled> {
+        let published = self.store.read(|tx| {
+            let mut published: HashMap<DatapathKind, Vec<PortSpec>> = HashMap::new();
+            for net in tx.networks()? {
+                let specs = published.entry(net.datapath).or_default();
+                for c in tx.containers_on(&net.name)? {
+                    if c.status == Status::Running {
+                        specs.extend(bridge::port_specs(&c, &c.ports, net.id));
+                    }
+                }
+            }
+            Ok(published)
+        })?;
+        let mut done = Reconciled::default();
+        for (kind, ports) in published {
+            let reconciled = self.datapaths.open(kind)?.reconcile_ports(&ports)?;
+            done.started += reconciled.started;
+            done.ended += reconciled.ended;
+        }
+        Ok(done)
     }
 
     /// Collects garbage; the caller holds the kernel lock. Fails naming what it couldn't

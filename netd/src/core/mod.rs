@@ -101,6 +101,7 @@ impl Controller {
                 .unwrap_or_else(|| PathBuf::from("/proc/1/ns/net")),
             datapaths: Datapaths {
                 bpffs: config.bpffs,
+                state_dir: config.state_dir.clone(),
                 tuning: config.tuning,
             },
             default_datapath: config.default_datapath,

@@ -7,9 +7,11 @@
 //! MASQUERADE and the ACCEPT in the DOCKER filter chain), with the chain names prefixed for netd:
 //! DOCKER → NETD, DOCKER-USER → NETD-USER, DOCKER-ISOLATION-STAGE-n → NETD-ISOLATION-STAGE-n.
 //!
-//! netd runs no docker-proxy, so this is the rule set of Docker's `--userland-proxy=false`
-//! (hairpin mode): DNAT rules match on the bridge too (no `! -i BRIDGE`, no `-i BRIDGE -j
-//! RETURN` skip), so a container reaches a published port through the host's address.
+//! The rules are those of Docker's `--userland-proxy=false` (hairpin mode): DNAT rules match
+//! on the bridge too (no `! -i BRIDGE`, no `-i BRIDGE -j RETURN` skip), so a container reaches
+//! a published port through the host's address. Loopback is what the rules can't serve (the
+//! nat OUTPUT jump skips it, below): there, as Docker's default `--userland-proxy=true` does,
+//! a userland proxy per port and address forwards to the container ([`super::proxy`]).
 //!
 //! Every change is one `iptables-restore --noflush` transaction: it applies whole or not at all.
 
@@ -22,15 +24,20 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use ipnet::IpNet;
 
-use super::{Datapath, EndpointSpec, NetworkSpec, PortSpec, Protocol};
-use crate::netlink::set_sysctl;
+use super::{
+    Datapath, EndpointSpec, NetworkSpec, PortSpec, Protocol,
+    proxy::{self, Proxies, Proxy, Reconciled},
+};
+use crate::{fault, netlink::set_sysctl};
 
 const CHAIN: &str = "NETD";
 const USER: &str = "NETD-USER";
 const ISOLATION_1: &str = "NETD-ISOLATION-STAGE-1";
 const ISOLATION_2: &str = "NETD-ISOLATION-STAGE-2";
 
-pub struct IptablesDatapath;
+pub struct IptablesDatapath {
+    proxies: Proxies,
+}
 
 /// Which of the two rule sets: iptables for IPv4, ip6tables for a dual-stack network's IPv6
 /// (Docker's `ip6tables=true`): the same chains and rules, with each family's addresses.
@@ -479,7 +486,29 @@ fn remove_bridge_rules(family: Family, br: &str) -> Result<()> {
     restore(family, &script)
 }
 
+/// The userland proxies `ports` need (on loopback), on [::1] too if `ipv6_loopback`.
+fn proxies_of(ports: &[PortSpec], ipv6_loopback: bool) -> Vec<Proxy> {
+    ports
+        .iter()
+        .flat_map(|p| Proxy::for_port(p, ipv6_loopback))
+        .collect()
+}
+
+/// Removes the rules of `ports` in every family, each family tried whatever the other did.
+fn remove_port_rules(net: &NetworkSpec, ports: &[PortSpec]) -> Vec<String> {
+    ports_script(net, ports, |rules| rules.deletions())
+        .into_iter()
+        .filter(|(_, script)| !script.is_empty())
+        .filter_map(|(family, script)| restore(family, &script).err())
+        .map(|e| format!("{e:#}"))
+        .collect()
+}
+
 impl IptablesDatapath {
+    pub fn new(proxies: Proxies) -> Self {
+        Self { proxies }
+    }
+
     fn ensure_base(&self, family: Family) -> Result<()> {
         if !saved(family, "filter")?.contains(&format!(":{ISOLATION_1} ")) {
             restore(family, &base_rules(family))?;
@@ -536,6 +565,10 @@ impl Datapath for IptablesDatapath {
 
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
         let mut failed = Vec::new();
+        // Its containers' proxies went with their ports; these are any a killed command left.
+        if let Err(e) = self.proxies.end_network(net.id) {
+            failed.push(format!("{e:#}"));
+        }
         for (family, _) in Family::subnets_of(net) {
             // The base chains go when no network uses them, even if this network's rules were
             // never (all) made: a setup that failed or was killed midway leaves them behind.
@@ -590,25 +623,45 @@ impl Datapath for IptablesDatapath {
 
     fn publish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
         restore_all(&ports_script(net, ports, |rules| rules))
-            .context("install iptables rules for published ports")
+            .context("install iptables rules for published ports")?;
+        if let Err(e) = self
+            .proxies
+            .start(&proxies_of(ports, proxy::ipv6_loopback()))
+        {
+            // The proxies started have been ended; the rules go too.
+            remove_port_rules(net, ports);
+            return Err(e);
+        }
+        fault::step("publish-proxies");
+        Ok(())
     }
 
+    /// Ends the ports' proxies first: from then on their loopback addresses refuse too. Those
+    /// on [::1] whether or not the host has IPv6 loopback now (it may have had it).
     fn unpublish(&self, net: &NetworkSpec, ports: &[PortSpec]) -> Result<()> {
-        let mut failed = Vec::new();
-        for (family, script) in ports_script(net, ports, |rules| rules.deletions()) {
-            if !script.is_empty()
-                && let Err(e) = restore(family, &script)
-            {
-                failed.push(format!("{e:#}"));
-            }
+        let mut failed: Vec<String> = self
+            .proxies
+            .end(&proxies_of(ports, true))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .into_iter()
+            .collect();
+        let rules = remove_port_rules(net, ports);
+        if !rules.is_empty() {
+            failed.push(format!(
+                "remove iptables rules of published ports: {}",
+                rules.join("; ")
+            ));
         }
         if !failed.is_empty() {
-            bail!(
-                "remove iptables rules of published ports: {}",
-                failed.join("; ")
-            );
+            bail!("{}", failed.join("; "));
         }
         Ok(())
+    }
+
+    fn reconcile_ports(&self, published: &[PortSpec]) -> Result<Reconciled> {
+        self.proxies
+            .reconcile(&proxies_of(published, proxy::ipv6_loopback()))
     }
 
     /// DNAT sends a container's packet to its own published port back where it came from;

@@ -18,6 +18,7 @@ pub mod iptables;
 mod link_update;
 pub mod pinned_maps;
 pub mod pins;
+pub mod proxy;
 
 // What the datapath's tools report, named here so that nothing outside datapath/ names a
 // driver's module.
@@ -133,6 +134,13 @@ pub trait Datapath {
     /// mode): the way a container's packet to its own published port, translated on the
     /// bridge's side, returns to it.
     fn bridge_hairpin(&self) -> bool;
+    /// Brings the processes the datapath runs for published ports (the iptables datapath's
+    /// userland proxies) in line with `published`, every port published on its networks:
+    /// starts those that died, ends those no port needs. None by default.
+    fn reconcile_ports(&self, published: &[PortSpec]) -> Result<proxy::Reconciled> {
+        let _ = published;
+        Ok(proxy::Reconciled::default())
+    }
 }
 
 /// The datapath drivers: what `--datapath` names, and what each network records.
@@ -229,6 +237,8 @@ impl Tuning {
 #[derive(Clone, Debug)]
 pub struct Datapaths {
     pub bpffs: PathBuf,
+    /// netd's state dir, where the iptables datapath records its userland proxies.
+    pub state_dir: PathBuf,
     pub tuning: Tuning,
 }
 
@@ -248,7 +258,9 @@ impl Datapaths {
                 }
                 Ok(Box::new(dp))
             }
-            DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath)),
+            DatapathKind::Iptables => Ok(Box::new(iptables::IptablesDatapath::new(
+                proxy::Proxies::new(&self.state_dir),
+            ))),
         }
     }
 

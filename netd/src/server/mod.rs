@@ -134,8 +134,10 @@ async fn sweep_once(shared: &Shared) {
     };
     match round.await {
         Ok((collected, swept)) if !collected.is_empty() || swept > 0 => eprintln!(
-            "netd daemon: {swept} conntrack entries swept, {} half-made containers removed",
-            collected.containers.len()
+            "netd daemon: {swept} conntrack entries swept, {} half-made containers removed, {} userland proxies restarted, {} ended",
+            collected.containers.len(),
+            collected.proxies.started,
+            collected.proxies.ended
         ),
         Ok(_) => {}
         Err(e) => eprintln!("netd daemon: {e:#}"),
@@ -242,6 +244,8 @@ async fn route(
                 "networks": c.networks,
                 "ports": c.ports,
                 "links": c.links,
+                "proxies_started": c.proxies.started,
+                "proxies_ended": c.proxies.ended,
             })
         }),
         _ => return None,
