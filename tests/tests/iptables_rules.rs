@@ -115,6 +115,7 @@ fn teardown_removes_an_older_netds_rules_and_copes_with_one_deleted_by_hand() {
     };
     let datapaths = datapath::Datapaths {
         bpffs: env.bpffs.clone(),
+        state_dir: env.state_dir.clone(),
         tuning: Default::default(),
     };
     netns::run_in(Some(&env.host_ns()), || {
