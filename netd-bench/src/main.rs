@@ -32,7 +32,8 @@ enum Command {
         #[arg(long)]
         runs: Option<usize>,
         /// Only this part: `setup` (container create and remove times), `conntrack` (under
-        /// pressure) or `latency` (request/response against the ceiling, paired).
+        /// pressure), `latency` (request/response against the ceiling, paired) or `paths`
+        /// (every arm's paths, both families, then the paired latency).
         #[arg(long)]
         only: Option<bench::Part>,
         /// Another netd binary (an earlier build) measured beside this one as the arm

@@ -39,7 +39,8 @@ enum Task {
     Bench {
         /// `setup`: only the control plane (create and remove containers); `latency`: only
         /// request/response against the ceiling, paired; `conntrack`: only conntrack under
-        /// pressure; `soak`: churn beside long-lived flows for `--minutes`.
+        /// pressure; `paths`: only the paths of every arm and family, then the paired latency;
+        /// `soak`: churn beside long-lived flows for `--minutes`.
         what: Option<String>,
         /// A smoke run (a few minutes) with the same report shape.
         #[arg(long)]
@@ -243,11 +244,11 @@ fn bench(what: Option<&str>, opts: BenchOptions) -> Result<()> {
     cmd.arg("bench").arg("--out").arg(out);
     match what {
         None => {}
-        Some(part @ ("setup" | "latency" | "conntrack")) => {
+        Some(part @ ("setup" | "latency" | "conntrack" | "paths")) => {
             cmd.args(["--only", part]);
         }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (known: setup, latency, conntrack, soak)")
+            bail!("unknown benchmark {other:?} (known: setup, latency, conntrack, paths, soak)")
         }
     }
     if quick {

@@ -56,6 +56,9 @@ pub enum Part {
     Latency,
     /// Conntrack under pressure: the table 90% full, a SYN flood beside a flow.
     Conntrack,
+    /// The traffic paths of every arm, both families, `--runs` rounds, then the paired latency:
+    /// the results table without scaling, control plane, conntrack or memory.
+    Paths,
 }
 
 /// The traffic paths every arm is measured on.
@@ -404,7 +407,10 @@ pub async fn run(mut opts: Options) -> Result<()> {
     let mut fairness = BTreeMap::new();
     let mut profile = Profile::new();
     let part = |p: Part| opts.only.is_none_or(|only| only == p);
-    let rounds = if opts.only.is_none() { opts.runs } else { 0 };
+    let rounds = match opts.only {
+        None | Some(Part::Paths) => opts.runs,
+        Some(_) => 0,
+    };
     if rounds > 0 {
         for why in opts.arms.iter().filter_map(|a| ipv4_only_because(a)) {
             skip(&mut skipped, why.to_string());
@@ -421,7 +427,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
             }
         }
     }
-    if part(Part::Latency) {
+    if part(Part::Latency) || opts.only == Some(Part::Paths) {
         measure_paired_latency(&opts.arms, &plan, &mut samples).await?;
     }
     for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
