@@ -190,24 +190,30 @@ fn ping_pong(ep: &Endpoint, secs: u32) -> Result<(f64, f64)> {
         Ok(())
     });
     let target = ep.target(SOCKPERF_PORT);
-    let rtts = netns::run_in(Some(&ep.client_ns), || {
-        pin_to(CLIENT_CPU)?;
-        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
-            .with_context(|| format!("connect to {target}"))?;
-        conn.set_nodelay(true)?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
-        let mut message = [0u8; PING_PONG_SIZE];
-        let mut rtts = Vec::new();
-        while Instant::now() < deadline {
-            let sent = Instant::now();
-            conn.write_all(&message)?;
-            conn.read_exact(&mut message)
-                .with_context(|| format!("read the echo from {target}"))?;
-            rtts.push(sent.elapsed().as_secs_f64() * 1e6);
-        }
-        Ok(rtts)
+    // On a thread of its own, as the server: the pin would outlast the call on the caller's
+    // thread, and so would every process it starts afterwards (iperf3, the other arms' runs).
+    let client_ns = ep.client_ns.clone();
+    let client = std::thread::spawn(move || {
+        netns::run_in(Some(&client_ns), || {
+            pin_to(CLIENT_CPU)?;
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                .with_context(|| format!("connect to {target}"))?;
+            conn.set_nodelay(true)?;
+            conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let deadline = Instant::now() + Duration::from_secs(u64::from(secs));
+            let mut message = [0u8; PING_PONG_SIZE];
+            let mut rtts = Vec::new();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                conn.write_all(&message)?;
+                conn.read_exact(&mut message)
+                    .with_context(|| format!("read the echo from {target}"))?;
+                rtts.push(sent.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok(rtts)
+        })
     });
+    let rtts = client.join().expect("ping-pong client panicked");
     let served = server.join().expect("ping-pong server panicked");
     let mut rtts = rtts?;
     served.context("ping-pong server")?;
