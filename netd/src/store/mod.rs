@@ -142,6 +142,10 @@ impl Store {
     /// Opens (creating or migrating) the state under `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("create state dir {}", dir.display()))?;
+        // Opening is one process at a time: switching a new database to WAL takes a lock the
+        // busy timeout doesn't wait for, so commands started at once on a fresh state dir
+        // failed with "database is locked". Held until the schema is migrated.
+        let _opening = exclusive_lock(&dir.join("open.lock"))?;
         let path = dir.join("state.db");
         let db = Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
         // Writers wait for each other; readers never wait (WAL).
@@ -178,16 +182,7 @@ impl Store {
 
     /// Takes the kernel lock, waiting for any other netd command changing the kernel.
     pub fn lock(&self) -> Result<KernelLock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("lock"))
-            .with_context(|| format!("open {}/lock", self.dir.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .context("lock the state dir")?;
-        Ok(KernelLock(lock))
+        exclusive_lock(&self.dir.join("lock")).map(KernelLock)
     }
 
     /// Brings the schema to [`SCHEMA_VERSION`], importing a `state.json` into a new database.
@@ -812,6 +807,19 @@ fn import_json(tx: &Transaction, path: &Path) -> Result<()> {
     tx.set_next_network_id(state.next_network_id)
 }
 
+/// An exclusive `flock` on `path` (made if missing), waiting for whoever holds it.
+fn exclusive_lock(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("lock {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,6 +896,29 @@ mod tests {
         let n = store.read(|tx| Ok(tx.ports_of("db")?.len())).unwrap();
         assert_eq!(n, 2);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn commands_started_at_once_all_open_a_new_state() {
+        for round in 0..20 {
+            let dir = temp_dir(&format!("at-once-{round}"));
+            let start = std::sync::Barrier::new(8);
+            let opened: Vec<Result<()>> = std::thread::scope(|s| {
+                let opens: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            Store::open(&dir).map(drop)
+                        })
+                    })
+                    .collect();
+                opens.into_iter().map(|o| o.join().unwrap()).collect()
+            });
+            fs::remove_dir_all(&dir).unwrap();
+            for o in opened {
+                o.unwrap();
+            }
+        }
     }
 
     #[test]
