@@ -63,9 +63,10 @@ fn host_programs_act_for_the_instances_cgroup_and_not_for_the_rest_of_the_machin
 fn a_clean_up_that_fails_fails_the_test_naming_what_was_left() {
     let env = TestEnv::new();
     // A process in the instance's cgroup that the instance didn't start, so won't end: the
-    // cgroup can't be removed.
+    // cgroup can't be removed. In the outside namespace: the drop ends what is left in the
+    // host's (netd's userland proxies).
     let mut stray = env
-        .cmd_in(&env.host_ns(), "sleep", &["60"])
+        .cmd_in(&env.outside_ns(), "sleep", &["60"])
         .spawn()
         .unwrap();
     // Past nsenter (which must still find the namespace the drop removes): sleep runs.
