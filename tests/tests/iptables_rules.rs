@@ -20,6 +20,16 @@ fn iptables_save(env: &TestEnv) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The datapaths of `env`'s instance, to drive the iptables one directly.
+fn datapaths(env: &TestEnv) -> datapath::Datapaths {
+    // The iptables datapath needs no bpffs: this directory is never opened.
+    datapath::Datapaths {
+        bpffs: env.bpffs.clone(),
+        state_dir: env.state_dir.clone(),
+        tuning: Default::default(),
+    }
+}
+
 #[test]
 fn iptables_datapath_installs_and_removes_docker_rules() {
     let env = TestEnv::new();
@@ -46,12 +56,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
         container_port: 53,
         allow: vec![],
     };
-    // The iptables datapath needs no bpffs: this directory is never opened.
-    let datapaths = datapath::Datapaths {
-        bpffs: env.bpffs.clone(),
-        state_dir: env.state_dir.clone(),
-        tuning: Default::default(),
-    };
+    let datapaths = datapaths(&env);
     netns::run_in(Some(&env.host_ns()), || {
         let dp = datapaths.open(datapath::DatapathKind::Iptables)?;
         dp.setup_network(&net)?;
@@ -113,11 +118,7 @@ fn teardown_removes_an_older_netds_rules_and_copes_with_one_deleted_by_hand() {
         masquerade: true,
         conntrack_limit: None,
     };
-    let datapaths = datapath::Datapaths {
-        bpffs: env.bpffs.clone(),
-        state_dir: env.state_dir.clone(),
-        tuning: Default::default(),
-    };
+    let datapaths = datapaths(&env);
     netns::run_in(Some(&env.host_ns()), || {
         datapaths
             .open(datapath::DatapathKind::Iptables)?

@@ -267,21 +267,26 @@ fn reload_makes_and_fills_the_ipv6_hairpin_array_an_older_netd_had_not() {
     ]);
     let srv = create(&env, "srv", &["--network", "n", "-p", "8080:80"]);
     let client = create(&env, "client", &["--network", "n"]);
-    let pin = map_pin(&env, BRIDGE6_PROGS_MAP);
-    std::fs::remove_file(&pin).unwrap();
-
-    let out = env.netd_ok(&["reload"]);
-    assert!(out.contains("programs replaced"), "{out}");
-    assert_eq!(
-        map_dump(&pin).len(),
-        1,
-        "bridge_ingress6 is not in the array"
-    );
+    reload_without_array(&env, BRIDGE6_PROGS_MAP);
     let server = echo_server(&env, &srv.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)));
     let echoed = tcp_echo(&env, &client.ns, SocketAddr::from((HOST_ADDR6, 8080)));
     assert_eq!(echoed.unwrap(), "netd", "no IPv6 hairpin after the reload");
     let peer = server.join().unwrap();
     assert_eq!(peer.ip(), "fd00:88::1".parse::<Ipv6Addr>().unwrap());
+}
+
+/// Removes the pinned program array `map`, as a datapath an older netd set up lacks it, and
+/// reloads: the reload must make it and put its one program in it.
+fn reload_without_array(env: &TestEnv, map: &str) {
+    let pin = map_pin(env, map);
+    std::fs::remove_file(&pin).unwrap();
+    let out = env.netd_ok(&["reload"]);
+    assert!(out.contains("programs replaced"), "{out}");
+    assert_eq!(
+        map_dump(&pin).len(),
+        1,
+        "{map} has no program after the reload"
+    );
 }
 
 /// A datapath an older netd set up has no `ENDPOINT6_PROGS` (the endpoint's IPv6 program
@@ -302,16 +307,7 @@ fn reload_makes_and_fills_the_endpoint_ipv6_array_an_older_netd_had_not() {
         "fd00:89::/64",
     ]);
     let c = create(&env, "c", &["--network", "n"]);
-    let pin = map_pin(&env, ENDPOINT6_PROGS_MAP);
-    std::fs::remove_file(&pin).unwrap();
-
-    let out = env.netd_ok(&["reload"]);
-    assert!(out.contains("programs replaced"), "{out}");
-    assert_eq!(
-        map_dump(&pin).len(),
-        1,
-        "endpoint_ingress6 is not in the array"
-    );
+    reload_without_array(&env, ENDPOINT6_PROGS_MAP);
     let fast = stat(&env, "fast_path_out");
     let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9000));
     let server = echo_server(&env, &env.outside_ns(), any);
