@@ -14,7 +14,8 @@
 //!   IPv6 ones in a program of their own, reached by tail call through `BRIDGE6_PROGS`); the
 //!   bridge must exist when `setup_network` is called;
 //! - each container's host-side veth, ingress: the isolation policy and the fast paths
-//!   (IPv6's in a program of its own, reached by tail call through `ENDPOINT6_PROGS`); egress: the destination side (only the host, the
+//!   (IPv6's in a program of its own, reached by tail call through `ENDPOINT6_PROGS`);
+//!   egress: the destination side (only the host, the
 //!   container's own network and what netd translated get in, whatever interface a packet
 //!   came through); legacy TC filters (no RCU grace period per container, see
 //!   `Pins::attach_pinned_filter`) attached by `add_endpoint` (before the veth is up or on
