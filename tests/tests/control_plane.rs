@@ -113,6 +113,46 @@ fn containers_reach_each_other_over_the_bridge() {
     );
 }
 
+/// A container on a network without IPv6 makes no IPv6 address and sends no IPv6 of its own,
+/// and neither does the host end of its veth (a bridge port): otherwise each new container's
+/// router solicitations and MLD reports are flooded to every port of the bridge.
+#[test]
+fn a_network_without_ipv6_carries_no_ipv6_chatter() {
+    let env = TestEnv::new();
+    let a = env.name("a");
+    env.netd_ok(&["network", "create", "n1", "--subnet", "10.92.0.0/24"]);
+    env.netd_ok(&["container", "create", &a, "--network", "n1"]);
+    let host_veth = env.netd_json(&["container", "inspect", &a])["host_veth"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A link-local address would have been made at once; its MLD report within the second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let text =
+        |ns: &Path, args: &[&str]| String::from_utf8(env.run_in(ns, "ip", args).stdout).unwrap();
+    let inside = text(&ns(&a), &["-6", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(
+        inside.trim().is_empty(),
+        "the container has IPv6 addresses: {inside}"
+    );
+    let host_end = text(
+        &env.host_ns(),
+        &["-6", "-o", "addr", "show", "dev", &host_veth],
+    );
+    assert!(
+        host_end.trim().is_empty(),
+        "the bridge port has IPv6 addresses: {host_end}"
+    );
+    let snmp6 = String::from_utf8(env.run_in(&ns(&a), "cat", &["/proc/net/snmp6"]).stdout).unwrap();
+    let sent = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Ip6OutRequests"))
+        .map(|n| n.trim().parse::<u64>().unwrap());
+    assert_eq!(sent, Some(0), "the container sent IPv6 packets");
+    // The network still works.
+    assert!(pings(&env, &ns(&a), "10.92.0.1"));
+}
+
 /// `container rm` leaves the veth pair to the namespace's removal. A process still in the
 /// namespace keeps both, but the host end is down and off the bridge at once: the process
 /// reaches nothing, and the next container given the address works. The pair goes when the

@@ -102,8 +102,17 @@ pub struct EbpfDatapath {
     pins: Pins,
     conntrack_max: u32,
     timeouts: Timeouts,
-    host_cgroup: Option<PathBuf>,
+    host_cgroup: HostCgroup,
     uplink_xdp: bool,
+}
+
+/// Where the host socket programs go.
+enum HostCgroup {
+    /// The cgroup v2 root (every process), found when the programs are attached: finding it
+    /// reads the mount table, which grows with every container's namespace mount.
+    Root,
+    At(PathBuf),
+    Nowhere,
 }
 
 impl EbpfDatapath {
@@ -114,7 +123,7 @@ impl EbpfDatapath {
             timeouts: Timeouts::default(),
             // Every process by default: the program only acts in the host namespace, whatever
             // the cgroup holds.
-            host_cgroup: host::cgroup2_root(),
+            host_cgroup: HostCgroup::Root,
             uplink_xdp: false,
         }
     }
@@ -122,7 +131,7 @@ impl EbpfDatapath {
     /// The cgroup whose processes reach published ports through host addresses and loopback
     /// (socket-level redirection); `None` leaves host processes alone.
     pub fn with_host_cgroup(mut self, cgroup: Option<PathBuf>) -> Self {
-        self.host_cgroup = cgroup;
+        self.host_cgroup = cgroup.map_or(HostCgroup::Nowhere, HostCgroup::At);
         self
     }
 
@@ -348,7 +357,12 @@ impl EbpfDatapath {
     /// Attaches the host socket programs to the host cgroup, when there is one, where they are
     /// not attached yet. On failure, detaches what this call attached.
     fn attach_host_sockets(&self, ebpf: &mut Ebpf) -> Result<()> {
-        let Some(cgroup) = &self.host_cgroup else {
+        let cgroup = match &self.host_cgroup {
+            HostCgroup::Root => host::cgroup2_root(),
+            HostCgroup::At(path) => Some(path.clone()),
+            HostCgroup::Nowhere => None,
+        };
+        let Some(cgroup) = cgroup else {
             return Ok(());
         };
         let mut attached = Vec::new();
@@ -356,7 +370,7 @@ impl EbpfDatapath {
             if self.pins.cgroup_link(prog).exists() {
                 continue;
             }
-            if let Err(e) = self.pins.attach_cgroup_sock_addr(ebpf, prog, cgroup) {
+            if let Err(e) = self.pins.attach_cgroup_sock_addr(ebpf, prog, &cgroup) {
                 for prog in attached {
                     let _ = self.pins.detach_pinned(&self.pins.cgroup_link(prog));
                 }

@@ -223,7 +223,17 @@ async fn connect_veth(net: &Network, c: &Container, inside: &Netlink) -> Result<
     let host = Netlink::in_ns(None)?;
     host.add_veth_into(host_name, net.mtu, c.ifname(), &c.netns, mac)
         .await?;
+    // Before either end is up, no IPv6 addresses where nothing uses them: a bridge port needs
+    // none of its own, and a container on a network without IPv6 none. Otherwise each end
+    // makes a link-local address and sends router solicitations and MLD reports, which the
+    // bridge floods to every port: with 1,000 containers, a create took 16 ms instead of 9.
+    // By netlink: a write under /proc/sys/net costs time linear in the number of namespaces.
+    let host_end = host.require_link(host_name).await?;
+    host.no_ipv6_autoconf(host_end).await?;
     let inner = inside.require_link(c.ifname()).await?;
+    if net.subnet6.is_none() {
+        inside.no_ipv6_autoconf(inner).await?;
+    }
     inside.set_up(inner).await?;
     inside
         .add_addr(inner, IpNet::new(ip.into(), net.subnet.prefix_len())?)

@@ -194,6 +194,27 @@ impl Netlink {
             .with_context(|| format!("{what} (interface #{index})"))
     }
 
+    /// Stops link `index` from making IPv6 addresses of its own (`addr_gen_mode` none): no
+    /// link-local address, so no duplicate address detection, router solicitations or MLD
+    /// reports from it once up. A link without IPv6 at all (a kernel without it, an MTU under
+    /// 1280) makes none already: the kernel's EAFNOSUPPORT is success here.
+    pub async fn no_ipv6_autoconf(&self, index: u32) -> Result<()> {
+        use netlink_packet_route::link::{
+            AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute,
+        };
+        let msg = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]))
+            .build();
+        match self.handle.link().set(msg).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EAFNOSUPPORT => Ok(()),
+            other => other.with_context(|| {
+                format!("stop IPv6 address autoconfiguration (interface #{index})")
+            }),
+        }
+    }
+
     /// Turns hairpin mode on for bridge port `index`.
     pub async fn set_hairpin(&self, index: u32) -> Result<()> {
         let msg = LinkBridgePort::new(index).hairpin(true).build();
