@@ -262,10 +262,13 @@ impl Podman {
             let name = list["name"].as_str().unwrap();
             std::fs::write(cni_dir.join(format!("{name}.conflist")), list.to_string()).unwrap();
         }
+        // Locks as files under the instance's own tmpdir (`lock_type`): the default, shared
+        // memory, is one /dev/shm/libpod_lock for every podman on the machine, which two
+        // tests' first commands raced to create ("file exists", in CI), and which outlived them.
         std::fs::write(
             workdir.join("containers.conf"),
             format!(
-                "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [{:?}]\nnetwork_config_dir = {:?}\n[engine]\nruntime = \"runc\"\n[containers]\n{ULIMITS}\n",
+                "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [{:?}]\nnetwork_config_dir = {:?}\n[engine]\nruntime = \"runc\"\nlock_type = \"file\"\n[containers]\n{ULIMITS}\n",
                 cni_bin().parent().unwrap(),
                 cni_dir
             ),
