@@ -282,8 +282,16 @@ fn gc_restarts_a_proxy_killed_behind_netds_back() {
         panic!("one proxy expected: {:?}", proxies(&env));
     };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    assert!(tests::cli::eventually(TIMEOUT, || proxies(&env).is_empty()));
-    assert!(refused(&env, addr));
+    // A dying process leaves the listing (its memory goes first) before its socket closes
+    // (CI connected in between): wait for the refusal itself.
+    let refuses = || {
+        env.in_ns(&env.host_ns(), || {
+            TcpStream::connect_timeout(&addr, TIMEOUT)
+        })
+        .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+    };
+    assert!(tests::cli::eventually(TIMEOUT, refuses));
+    assert!(proxies(&env).is_empty());
 
     let gc = env.netd_ok(&["gc"]);
     assert!(gc.contains("restarted 1 userland proxy"), "{gc}");
