@@ -143,12 +143,25 @@ fn a_network_without_ipv6_carries_no_ipv6_chatter() {
         host_end.trim().is_empty(),
         "the bridge port has IPv6 addresses: {host_end}"
     );
-    let snmp6 = String::from_utf8(env.run_in(&ns(&a), "cat", &["/proc/net/snmp6"]).stdout).unwrap();
-    let sent = snmp6
-        .lines()
-        .find_map(|l| l.strip_prefix("Ip6OutRequests"))
-        .map(|n| n.trim().parse::<u64>().unwrap());
-    assert_eq!(sent, Some(0), "the container sent IPv6 packets");
+    // What each end sent, from the kernel's per-interface IPv6 counters.
+    let sent = |ns: &Path, file: &str| {
+        let snmp6 = String::from_utf8(env.run_in(ns, "cat", &[file]).stdout).unwrap();
+        snmp6
+            .lines()
+            .find_map(|l| l.strip_prefix("Ip6OutRequests"))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!(
+        sent(&ns(&a), "/proc/net/dev_snmp6/eth0"),
+        Some(0),
+        "the container sent IPv6"
+    );
+    let port = format!("/proc/net/dev_snmp6/{host_veth}");
+    assert_eq!(
+        sent(&env.host_ns(), &port),
+        Some(0),
+        "the bridge port sent IPv6"
+    );
     // The network still works.
     assert!(pings(&env, &ns(&a), "10.92.0.1"));
 }
