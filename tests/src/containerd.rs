@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netd_bench::bench::docker::{MountNs, cgroup_mounts, subtree};
+use netd_bench::bench::docker::{MountNs, cgroup_mounts, private_tmp, subtree};
 use netd_testkit::cleanup::{Cleanup, remove_cgroup, remove_tree};
 use nix::{
     sys::signal::{Signal, kill},
@@ -94,6 +94,7 @@ impl Containerd {
             .arg(CONTAINERD)
             .arg("--config")
             .arg(workdir.join("config.toml"))
+            .env("TMPDIR", private_tmp(&workdir).unwrap())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

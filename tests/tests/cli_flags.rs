@@ -258,6 +258,45 @@ fn container_create_with_pid_configures_that_process_namespace_and_leaves_it_on_
     assert!(ns.exists(), "the process and its namespace live on");
 }
 
+#[test]
+fn rm_succeeds_while_the_kernel_dismantles_the_namespace_of_a_process_gone() {
+    // An engine kills a container's process, then removes its network (containerd's `ctr
+    // run --cni` DELs right after): the kernel dismantles the namespace, veths included, on a
+    // work queue meanwhile, so the veth may go between netd's steps. Each round waits
+    // 0.2 ms longer before the rm, to land in that window (a few ms after the kill here).
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "dying", "--subnet", "10.77.0.0/24"]);
+    for round in 0..60u64 {
+        let pid = env.spawn_in(&env.host_ns(), "unshare", &["--net", "sleep", "120"]);
+        let comm = format!("/proc/{pid}/comm");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep")
+            }),
+            "unshare did not exec sleep"
+        );
+        let name = env.name(&format!("dying{round}"));
+        env.netd_ok(&[
+            "container",
+            "create",
+            &name,
+            "--network",
+            "dying",
+            "--pid",
+            &pid.to_string(),
+        ]);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_micros(round * 200));
+        env.netd_ok(&["container", "rm", &name]);
+    }
+    let left = env.netd_ok(&["container", "ls", "--json"]);
+    assert_eq!(left.trim(), "[]", "round after round, nothing is left");
+}
+
 /// A UDP echo on `port` in `ns` for one datagram.
 fn udp_echo_once(env: &TestEnv, ns: &Path, port: u16) -> std::thread::JoinHandle<SocketAddr> {
     let sock = env.in_ns(ns, || {

@@ -554,11 +554,23 @@ fn spawn_dockerd(
                 .then(|| format!("--userland-proxy={}", options.userland_proxy)),
         )
         .args(options.live_restore.then_some("--live-restore"))
+        // Its containerd (started by dockerd, with its environment) writes stack dumps to
+        // the temporary directory: the workdir's, so they go with it.
+        .env("TMPDIR", private_tmp(workdir)?)
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup dockerd.log")?)
         .stderr(log)
         .spawn()
         .context("start dockerd with nsenter and unshare")
+}
+
+/// `workdir/tmp`, made if missing: the temporary directory (`TMPDIR`) of a daemon run
+/// under `workdir`. Go's daemons write there (containerd its stack dumps, as
+/// `containerd.PID.stacks.log`), so what they leave goes with the workdir.
+pub fn private_tmp(workdir: &Path) -> Result<PathBuf> {
+    let tmp = workdir.join("tmp");
+    fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    Ok(tmp)
 }
 
 /// A root filesystem of busybox-static: /bin/busybox and a symlink per applet (what every

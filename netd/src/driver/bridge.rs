@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use super::{
     Failures,
-    netlink::{Netlink, enable_ipv6_without_dad, set_sysctl},
+    netlink::{Netlink, enable_ipv6_without_dad, no_such_device, set_sysctl},
     netns,
 };
 use crate::{
@@ -105,14 +105,23 @@ async fn release_veth(c: &Container, veth: &str) -> Result<()> {
     let Some(index) = host.link_index(veth).await? else {
         return Ok(());
     };
-    host.set_link(index, "take the veth off its bridge", |m| {
-        m.down().nocontroller()
-    })
-    .await?;
-    if c.status == Status::Running && container_end_inside(c).await? {
-        return Ok(());
+    let released = async {
+        host.set_link(index, "take the veth off its bridge", |m| {
+            m.down().nocontroller()
+        })
+        .await?;
+        if c.status == Status::Running && container_end_inside(c).await? {
+            return Ok(());
+        }
+        host.del_link(index).await
     }
-    host.del_link(index).await
+    .await;
+    // The kernel may delete the veth meanwhile: a namespace whose last process went (an
+    // engine's container killed, then DELed) is dismantled asynchronously, its veths with it.
+    match released {
+        Err(e) if no_such_device(&e) => Ok(()),
+        other => other,
+    }
 }
 
 /// Whether the container end of `c`'s veth is in a namespace netd made for `c`: an engine that

@@ -13,6 +13,16 @@ use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteM
 
 use crate::netns;
 
+/// Whether `e` is the kernel's answer about an interface that is not there (any more).
+pub fn no_such_device(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rtnetlink::Error>(),
+            Some(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV
+        )
+    })
+}
+
 /// A netlink connection bound to one network namespace.
 #[derive(Clone)]
 pub struct Netlink {
