@@ -1,11 +1,9 @@
-//! Where the checksums of a translated packet are, and how the kernel helpers update them.
+//! Where the checksums of a translated packet are, how the kernel helpers update them, and
+//! the incremental update of a checksum the program fixes itself.
 
 use aya_ebpf::bindings::BPF_F_MARK_MANGLED_0;
 use netd_common::datapath::{IPPROTO_TCP, IPPROTO_UDP};
 
-use super::parse::L3_OFF;
-
-pub const IP_CSUM_OFF: usize = L3_OFF + 10;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 const ICMP_CSUM_OFF: usize = 2;
@@ -33,4 +31,32 @@ pub fn icmp_csum(l4_off: usize) -> usize {
 #[inline(always)]
 pub fn covers_addresses(proto: u8) -> bool {
     proto == IPPROTO_TCP || proto == IPPROTO_UDP
+}
+
+/// A one's complement checksum `sum` once a 32-bit word it covers changed from `old` to `new`
+/// (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')); all in the packet's byte order, read as the
+/// machine's (one's complement sums don't depend on byte order).
+#[inline(always)]
+pub fn replace32(sum: u16, old: u32, new: u32) -> u16 {
+    fold(
+        u32::from(!sum)
+            + u32::from(!(old as u16))
+            + u32::from(!((old >> 16) as u16))
+            + (new & 0xffff)
+            + (new >> 16),
+    )
+}
+
+/// [`replace32`] for a 16-bit word.
+#[inline(always)]
+pub fn replace16(sum: u16, old: u16, new: u16) -> u16 {
+    fold(u32::from(!sum) + u32::from(!old) + u32::from(new))
+}
+
+/// Folds a sum of 16-bit words into 16 bits, complemented.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }

@@ -23,15 +23,12 @@ use netd_common::datapath::{Addr, EndpointInfo};
 use network_types::ip::Ipv4Hdr;
 
 use super::{
-    csum::IP_CSUM_OFF,
-    ipv6, maps,
+    ipv4_hdr, ipv6, maps,
     parse::{Frame as _, L3_OFF},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Offset of the IPv4 TTL (with the protocol after it, a 16-bit word of the checksum).
-const TTL_OFF: usize = L3_OFF + 8;
 
 /// Delivers a packet the uplink's ingress translated to a container straight into its
 /// namespace, as routing it to the container's bridge would have: from the bridge's MAC to
@@ -47,7 +44,7 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.ttl <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    decrement_ttl(ctx, &ip)?;
+    ipv4_hdr::decrement_ttl(ctx)?;
     set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
     // interface is not a veth, which endpoints are).
@@ -123,7 +120,6 @@ pub struct Hop {
     /// Whether the fast path may take it: not when it is too big (the stack fragments it or
     /// answers "fragmentation needed").
     fast: bool,
-    ip: Ipv4Hdr,
 }
 
 /// The route the stack's forwarding would take for a container's packet.
@@ -161,7 +157,6 @@ pub fn route(ctx: &TcContext) -> Route {
         // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
         next_hop: unsafe { fib.__bindgen_anon_4.ipv4_dst },
         fast,
-        ip,
     })
 }
 
@@ -173,7 +168,7 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
     if !hop.fast {
         return None;
     }
-    decrement_ttl(ctx, &hop.ip)?;
+    ipv4_hdr::decrement_ttl(ctx)?;
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
@@ -367,15 +362,4 @@ fn zero_words<T>(v: &mut MaybeUninit<T>) {
         // Volatile, or LLVM folds the stores back into a memset.
         unsafe { ptr::write_volatile(words.add(i), 0) };
     }
-}
-
-/// What forwarding does to the IPv4 header: TTL down by one, checksum updated.
-#[inline(always)]
-fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<()> {
-    // The checksum helper takes the 16-bit word as it is in the packet.
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
-    ctx.store(TTL_OFF, &(ip.ttl - 1), 0).ok()?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
-        .ok()
 }

@@ -6,6 +6,7 @@ pub mod events;
 pub mod fib;
 pub mod frag;
 pub mod inbound;
+pub mod ipv4_hdr;
 pub mod ipv6;
 pub mod maps;
 pub mod nat;

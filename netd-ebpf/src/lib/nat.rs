@@ -1,24 +1,20 @@
 //! Rewriting one end (address and port, or ICMP echo identifier) of an IPv4 packet, with the
-//! IP and L4 checksums fixed incrementally by the kernel helpers. The helpers know the skb's
-//! checksum state: for CHECKSUM_PARTIAL they fix the pseudo-header seed instead of the full
-//! sum, for CHECKSUM_COMPLETE they keep `skb->csum` right. IPv4 options are left as they are
-//! (the header checksum covers them, unchanged); a later fragment has only its addresses
-//! rewritten (its first fragment carried the L4 header and its checksum).
+//! checksums fixed incrementally: the L4 ones by the kernel helper, which knows the skb's
+//! checksum state (for CHECKSUM_PARTIAL it fixes the pseudo-header seed instead of the full
+//! sum, for CHECKSUM_COMPLETE it keeps `skb->csum` right), the IP header's with the address
+//! (`ipv4_hdr`). IPv4 options are left as they are (the header checksum covers them,
+//! unchanged); a later fragment has only its addresses rewritten (its first fragment carried
+//! the L4 header and its checksum).
 
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use netd_common::datapath::{IPPROTO_ICMP, Stat};
 
 use super::{
-    csum::{IP_CSUM_OFF, covers_addresses, icmp_csum, l4_csum},
-    parse::{Flow, Frame as _, L3_OFF, Quoted},
+    csum::{covers_addresses, icmp_csum, l4_csum},
+    ipv4_hdr,
+    parse::{Flow, L3_OFF, Quoted},
 };
 
-const IP_SRC_OFF: usize = L3_OFF + 12;
-const IP_DST_OFF: usize = L3_OFF + 16;
-/// Offsets in an IPv4 header.
-const CSUM_IN_IP: usize = 10;
-const SRC_IN_IP: usize = 12;
-const DST_IN_IP: usize = 16;
 /// Offsets in a TCP/UDP header (ports) and an ICMP echo header (identifier).
 const SPORT_IN_L4: usize = 0;
 const DPORT_IN_L4: usize = 2;
@@ -38,13 +34,13 @@ pub struct Rewrite {
 /// Applies `rw` to the packet `flow` was parsed from.
 #[inline(always)]
 pub fn apply(ctx: &TcContext, flow: &Flow, rw: &Rewrite) -> Result<(), Stat> {
-    let (addr_off, old_addr, old_port) = if rw.src {
-        (IP_SRC_OFF, flow.saddr, flow.sport)
+    let (old_addr, old_port) = if rw.src {
+        (flow.saddr, flow.sport)
     } else {
-        (IP_DST_OFF, flow.daddr, flow.dport)
+        (flow.daddr, flow.dport)
     };
     if old_addr != rw.addr {
-        replace_addr(ctx, flow, addr_off, old_addr, rw.addr)?;
+        replace_addr(ctx, flow, rw.src, old_addr, rw.addr)?;
     }
     if old_port != rw.port && flow.has_l4_header() {
         replace_port(ctx, flow, rw.src, old_port, rw.port)?;
@@ -53,16 +49,15 @@ pub fn apply(ctx: &TcContext, flow: &Flow, rw: &Rewrite) -> Result<(), Stat> {
 }
 
 #[inline(always)]
-fn replace_addr(ctx: &TcContext, flow: &Flow, off: usize, old: u32, new: u32) -> Result<(), Stat> {
+fn replace_addr(ctx: &TcContext, flow: &Flow, src: bool, old: u32, new: u32) -> Result<(), Stat> {
     if covers_addresses(flow.proto) && flow.has_l4_header() {
         let (csum_off, flags) = l4_csum(flow.proto, flow.l4_off);
         let flags = flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
         ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags)
             .map_err(|_| Stat::RewriteFailed)?;
     }
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-        .map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(off, &new, 0).map_err(|_| Stat::RewriteFailed)
+    ipv4_hdr::set_addr(ctx, L3_OFF, src, new).ok_or(Stat::RewriteFailed)?;
+    Ok(())
 }
 
 #[inline(always)]
@@ -95,17 +90,18 @@ pub fn apply_icmp_error(
     q: &Quoted,
     rw: &Rewrite,
 ) -> Result<(), Stat> {
-    let (outer_off, outer_old, quoted_in_ip, quoted_old, quoted_old_port) = if rw.src {
-        (IP_SRC_OFF, flow.saddr, DST_IN_IP, q.daddr, q.dport)
+    let (outer_old, quoted_old, quoted_old_port) = if rw.src {
+        (flow.saddr, q.daddr, q.dport)
     } else {
-        (IP_DST_OFF, flow.daddr, SRC_IN_IP, q.saddr, q.sport)
+        (flow.daddr, q.saddr, q.sport)
     };
     if outer_old != rw.addr {
-        replace_addr(ctx, flow, outer_off, outer_old, rw.addr)?;
+        replace_addr(ctx, flow, rw.src, outer_old, rw.addr)?;
     }
     let icmp_csum_off = icmp_csum(flow.l4_off);
     if quoted_old != rw.addr {
-        replace_quoted_addr(ctx, q, icmp_csum_off, quoted_in_ip, quoted_old, rw.addr)?;
+        // The quoted packet's other end: its destination where the error's source changes.
+        replace_quoted_addr(ctx, q, icmp_csum_off, !rw.src, quoted_old, rw.addr)?;
     }
     if quoted_old_port != rw.port && (q.sport | q.dport) != 0 {
         let in_l4 = match (q.proto, rw.src) {
@@ -127,21 +123,16 @@ fn replace_quoted_addr(
     ctx: &TcContext,
     q: &Quoted,
     icmp_csum_off: usize,
-    in_ip: usize,
+    src: bool,
     old: u32,
     new: u32,
 ) -> Result<(), Stat> {
-    let csum_off = q.l3_off + CSUM_IN_IP;
-    let old_csum: u16 = ctx.read(csum_off).ok_or(Stat::RewriteFailed)?;
-    ctx.l3_csum_replace(csum_off, u64::from(old), u64::from(new), 4)
-        .map_err(|_| Stat::RewriteFailed)?;
-    let new_csum: u16 = ctx.read(csum_off).ok_or(Stat::RewriteFailed)?;
+    let (old_csum, new_csum) =
+        ipv4_hdr::set_addr(ctx, q.l3_off, src, new).ok_or(Stat::RewriteFailed)?;
     // The ICMP checksum covers the quoted header: both its address and its checksum changed
     // (the two changes cancel out; spelled out so the sum is right by construction).
     ctx.l4_csum_replace(icmp_csum_off, u64::from(old), u64::from(new), 4)
         .map_err(|_| Stat::RewriteFailed)?;
     ctx.l4_csum_replace(icmp_csum_off, u64::from(old_csum), u64::from(new_csum), 2)
-        .map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(q.l3_off + in_ip, &new, 0)
         .map_err(|_| Stat::RewriteFailed)
 }
