@@ -5,8 +5,8 @@
 //! the header alone, so the sum is the helper's.
 //!
 //! Not a direct packet write: a program that writes the packet directly gets a prologue that
-//! unclones every cloned skb it sees, written or not (each TCP segment a local socket sends is
-//! a clone), while the helper makes the packet writable only when it writes.
+//! unclones every cloned skb it sees, written or not (each TCP data segment a local socket
+//! sends is a clone), while the helper makes the packet writable only when it writes.
 
 use aya_ebpf::programs::TcContext;
 
