@@ -44,7 +44,7 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.ttl <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    ipv4_hdr::decrement_ttl(ctx)?;
+    ipv4_hdr::decrement_ttl(ctx, &ip)?;
     set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
     // interface is not a veth, which endpoints are).
@@ -120,6 +120,7 @@ pub struct Hop {
     /// Whether the fast path may take it: not when it is too big (the stack fragments it or
     /// answers "fragmentation needed").
     fast: bool,
+    ip: Ipv4Hdr,
 }
 
 /// The route the stack's forwarding would take for a container's packet.
@@ -157,6 +158,7 @@ pub fn route(ctx: &TcContext) -> Route {
         // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
         next_hop: unsafe { fib.__bindgen_anon_4.ipv4_dst },
         fast,
+        ip,
     })
 }
 
@@ -168,7 +170,7 @@ pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
     if !hop.fast {
         return None;
     }
-    ipv4_hdr::decrement_ttl(ctx)?;
+    ipv4_hdr::decrement_ttl(ctx, &hop.ip)?;
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {

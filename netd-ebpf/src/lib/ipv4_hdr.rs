@@ -9,6 +9,7 @@
 //! sends is a clone), while the helper makes the packet writable only when it writes.
 
 use aya_ebpf::programs::TcContext;
+use network_types::ip::Ipv4Hdr;
 
 use super::{
     csum::{replace16, replace32},
@@ -43,14 +44,20 @@ pub fn set_addr(ctx: &TcContext, l3_off: usize, src: bool, new: u32) -> Option<(
     Some((before, h.csum))
 }
 
-/// Decrements the TTL of the packet's IPv4 header, as forwarding does; `None` for a TTL of 0.
+/// Decrements the TTL of the packet's IPv4 header `ip` (as it is in the packet now, read by the
+/// caller), as forwarding does; `None` for a TTL of 0.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext) -> Option<()> {
-    let off = L3_OFF + TTL_IN_IP;
-    let mut h: TtlToDst = ctx.read(off)?;
+pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<()> {
+    let mut h = TtlToDst {
+        ttl: ip.ttl,
+        proto: ip.proto,
+        csum: u16::from_ne_bytes(ip.check),
+        src: u32::from_ne_bytes(ip.src_addr),
+        dst: u32::from_ne_bytes(ip.dst_addr),
+    };
     // The 16-bit word of the checksum, as it is in the packet.
     let old = u16::from_ne_bytes([h.ttl, h.proto]);
     h.ttl = h.ttl.checked_sub(1)?;
     h.csum = replace16(h.csum, old, u16::from_ne_bytes([h.ttl, h.proto]));
-    ctx.store(off, &h, 0).ok()
+    ctx.store(L3_OFF + TTL_IN_IP, &h, 0).ok()
 }

@@ -105,23 +105,20 @@ async fn release_veth(c: &Container, veth: &str) -> Result<()> {
     let Some(index) = host.link_index(veth).await? else {
         return Ok(());
     };
-    let released = async {
-        host.set_link(index, "take the veth off its bridge", |m| {
+    let taken_off = host
+        .set_link(index, "take the veth off its bridge", |m| {
             m.down().nocontroller()
         })
-        .await?;
-        if c.status == Status::Running && container_end_inside(c).await? {
-            return Ok(());
-        }
-        host.del_link(index).await
+        .await;
+    match taken_off {
+        // Gone already (see `del_link`): an engine's container killed, then DELed.
+        Err(e) if no_such_device(&e) => return Ok(()),
+        taken_off => taken_off?,
     }
-    .await;
-    // The kernel may delete the veth meanwhile: a namespace whose last process went (an
-    // engine's container killed, then DELed) is dismantled asynchronously, its veths with it.
-    match released {
-        Err(e) if no_such_device(&e) => Ok(()),
-        other => other,
+    if c.status == Status::Running && container_end_inside(c).await? {
+        return Ok(());
     }
+    host.del_link(index).await
 }
 
 /// Whether the container end of `c`'s veth is in a namespace netd made for `c`: an engine that

@@ -15,12 +15,13 @@ use crate::netns;
 
 /// Whether `e` is the kernel's answer about an interface that is not there (any more).
 pub fn no_such_device(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<rtnetlink::Error>(),
-            Some(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV
-        )
-    })
+    e.chain()
+        .any(|cause| cause.downcast_ref().is_some_and(is_enodev))
+}
+
+/// Whether netlink answered ENODEV: no such interface.
+fn is_enodev(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
 }
 
 /// A netlink connection bound to one network namespace.
@@ -71,7 +72,7 @@ impl Netlink {
             .execute();
         match links.try_next().await {
             Ok(link) => Ok(link),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) if is_enodev(&e) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("look up interface {name:?}")),
         }
     }
@@ -162,14 +163,14 @@ impl Netlink {
         self.require_link(name).await
     }
 
-    /// Deletes the link `index` (for a veth, both ends go).
+    /// Deletes the link `index` (for a veth, both ends go). One already gone is deleted: the
+    /// kernel may take it meanwhile (a namespace whose last process went is dismantled
+    /// asynchronously, its interfaces with it).
     pub async fn del_link(&self, index: u32) -> Result<()> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .with_context(|| format!("delete interface #{index}"))
+        match self.handle.link().del(index).execute().await {
+            Err(e) if is_enodev(&e) => Ok(()),
+            deleted => deleted.with_context(|| format!("delete interface #{index}")),
+        }
     }
 
     /// Moves the link `index` into the namespace at `ns`.
