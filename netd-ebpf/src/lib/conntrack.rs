@@ -281,13 +281,27 @@ struct Live {
 /// newer flow with the same tuple among the unassured ones.
 #[inline(always)]
 fn live_flow(key: &CtKey, now: u64, timeouts: &Timeouts) -> Option<Live> {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key)
-        && let Some(live) = consistent(entry, now, timeouts)
-    {
+    live_among(
+        CONNTRACK.get_ptr_mut(key),
+        || CONNTRACK_NEW.get_ptr_mut(key),
+        now,
+        timeouts,
+    )
+}
+
+/// [`live_flow`] on the entries a tuple has in the assured table (`assured`) and in the
+/// other (`unassured`, looked up only when the assured one is no live flow's).
+#[inline(always)]
+fn live_among(
+    assured: Option<*mut CtEntry>,
+    unassured: impl FnOnce() -> Option<*mut CtEntry>,
+    now: u64,
+    timeouts: &Timeouts,
+) -> Option<Live> {
+    if let Some(live) = assured.and_then(|entry| consistent(entry, now, timeouts)) {
         return Some(live);
     }
-    let entry = CONNTRACK_NEW.get_ptr_mut(key)?;
-    consistent(entry, now, timeouts)
+    consistent(unassured()?, now, timeouts)
 }
 
 /// `entry` as part of a live flow, if its partner points back at it and
@@ -735,11 +749,16 @@ fn take_tuple<F: Tracked>(
 }
 
 /// Whether a new flow may take the tuple `key`: no live flow holds it (with `reuse_closed`,
-/// a reset TCP flow gives it up, a FIN-closed one after `TIME_WAIT_REUSE_NS`), and no other CPU is creating one with
-/// it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't complete yet). A stale assured entry is removed, so it can't shadow the new flow.
+/// a reset TCP flow gives it up, a FIN-closed one after `TIME_WAIT_REUSE_NS`), and no other
+/// CPU is creating one with it (a reply entry younger than `CLAIM_GRACE_NS` whose flow isn't
+/// complete yet). A stale assured entry is removed, so it can't shadow the new flow.
 #[inline(always)]
 fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
-    if let Some(live) = live_flow(key, now, &cfg.timeouts) {
+    // Each table asked once: the checks below need both entries (a new flow's tuple mostly
+    // has none, and each lookup of it is a cache miss).
+    let assured = CONNTRACK.get_ptr_mut(key);
+    let unassured = CONNTRACK_NEW.get_ptr_mut(key);
+    if let Some(live) = live_among(assured, || unassured, now, &cfg.timeouts) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let (state, last_seen) = unsafe { ((*live.state).state, (*live.state).last_seen_ns) };
         // A closed TCP flow gives its tuple to a new connection (its other entry stops
@@ -760,13 +779,16 @@ fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
             return false;
         }
     }
-    if let Some(e) = CONNTRACK_NEW.get_ptr_mut(key) {
+    if let Some(e) = unassured {
         // SAFETY: a pointer into the map value, valid for this program run.
         if now.saturating_sub(unsafe { (*e).created_ns }) < CLAIM_GRACE_NS {
             return false;
         }
     }
-    forget_assured(key);
+    if assured.is_some() {
+        // A finished assured flow's entry: the new flow takes its tuple.
+        let _ = CONNTRACK.remove(key);
+    }
     true
 }
 
