@@ -83,7 +83,12 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
         if ["ebpf", "iptables"].contains(arm) {
             want.insert(key(arm, "control", "storm_total_ms", STORM));
             want.insert(key(arm, "control", "storm_create_ms", STORM));
-            for metric in ["throughput", "throughput_synflood", "synflood_held"] {
+            for metric in [
+                "throughput",
+                "throughput_synflood",
+                "synflood_held",
+                "synflood_cpu_us",
+            ] {
                 want.insert(key(arm, CONNTRACK, metric, 1));
             }
         }

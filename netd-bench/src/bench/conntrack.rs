@@ -151,6 +151,7 @@ fn record_kernel_conntrack_memory(arm: &str, samples: &mut Samples) -> Result<()
 
 /// Throughput of one established flow to the published port, alone and then with a SYN flood
 /// from random sources at `FLOOD_RATE` hitting the same port; records both and their ratio.
+/// Then what the flood alone costs the machine per SYN (see [`flood_cpu_per_syn`]).
 pub fn measure_flooded_throughput(
     ep: &Endpoint,
     arm: &str,
@@ -162,20 +163,88 @@ pub fn measure_flooded_throughput(
         bail!("the SYN flood is IPv4 only, not to {}", ep.target);
     };
     let target = SocketAddrV4::new(ip, CRR_PORT + ep.port_shift);
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = {
-        let (ns, stop) = (ep.client_ns.clone(), stop.clone());
-        std::thread::spawn(move || syn_flood(&ns, target, FLOOD_RATE, &stop))
-    };
-    let flooded = tools::throughput(ep, plan.secs);
-    stop.store(true, Ordering::Relaxed);
-    let sent = flood.join().expect("SYN flood panicked")?;
-    let flooded = flooded?;
+    let (flooded, sent) = flooding(&ep.client_ns, target, || tools::throughput(ep, plan.secs))?;
     record(samples, arm, CONNTRACK, "throughput", 1, alone);
     record(samples, arm, CONNTRACK, "throughput_synflood", 1, flooded);
     record(samples, arm, CONNTRACK, "synflood_held", 1, flooded / alone);
     record(samples, arm, CONNTRACK, "synflood_sent", 1, sent as f64);
+    let per_syn = flood_cpu_per_syn(&ep.client_ns, target, plan.secs)?;
+    record(samples, arm, CONNTRACK, "synflood_cpu_us", 1, per_syn);
     Ok(())
+}
+
+/// Runs `during` while SYNs from random sources hit `target` at `FLOOD_RATE` (sent from
+/// `client_ns`); returns what it returned and the SYNs sent.
+fn flooding<T>(
+    client_ns: &Path,
+    target: SocketAddrV4,
+    during: impl FnOnce() -> Result<T>,
+) -> Result<(T, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (ns, stop) = (client_ns.to_path_buf(), stop.clone());
+        std::thread::spawn(move || syn_flood(&ns, target, FLOOD_RATE, &stop))
+    };
+    let result = during();
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().expect("SYN flood panicked")?;
+    Ok((result?, sent))
+}
+
+/// What one SYN of the flood costs the whole machine, in CPU microseconds: the busy time of
+/// every CPU (/proc/stat) during `secs` (at least 3) of the flood alone, less that of as long
+/// a quiet span just before, over the SYNs sent. It is all of a SYN's way (the sender, the datapath both ways,
+/// the container's answer and its way back), which the flow's throughput under the flood
+/// only shows through how the scheduler shares the two cores between them.
+fn flood_cpu_per_syn(client_ns: &Path, target: SocketAddrV4, secs: u32) -> Result<f64> {
+    // At least the 60,000 SYNs of 3 s: /proc/stat counts in ticks of 10 ms.
+    let span = Duration::from_secs(u64::from(secs.max(3)));
+    let quiet = busy_cpu_secs_over(|| {
+        std::thread::sleep(span);
+        Ok(())
+    })?
+    .0;
+    let ((flooded, ()), sent) = flooding(client_ns, target, || {
+        busy_cpu_secs_over(|| {
+            std::thread::sleep(span);
+            Ok(())
+        })
+    })?;
+    anyhow::ensure!(sent > 0, "the flood sent no SYN");
+    Ok((flooded - quiet) * 1e6 / sent as f64)
+}
+
+/// The busy CPU seconds of all CPUs (everything but idle and iowait) while `f` runs, and
+/// what `f` returned.
+fn busy_cpu_secs_over<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let before = busy_cpu_ticks()?;
+    let result = f()?;
+    let after = busy_cpu_ticks()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    anyhow::ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok((after.saturating_sub(before) as f64 / hz as f64, result))
+}
+
+/// The machine's busy time so far, in clock ticks: /proc/stat's first line (user, nice,
+/// system, idle, iowait, irq, softirq, steal), less idle and iowait; steal excluded too (the
+/// hypervisor's other guests).
+fn busy_cpu_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("parse /proc/stat's cpu line")?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, _steal] = fields[..] else {
+        anyhow::bail!("/proc/stat's cpu line has fewer than 8 fields");
+    };
+    Ok(user + nice + system + irq + softirq)
 }
 
 /// The container port the table is filled through: published, nothing listens on it.

@@ -50,6 +50,7 @@ fn unit_of(metric: &str) -> &'static str {
         "crr" | "crr_ct90" => "conn/s",
         "throughput_synflood" => "Gbit/s",
         "synflood_held" => "ratio",
+        "synflood_cpu_us" => "us",
         "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" => "count",
         "daemon_rss_mib" | "daemon_peak_rss_mib" => "MiB",
         m if m.contains("_kib_") => "KiB",
@@ -652,14 +653,19 @@ impl Report {
              `--conntrack-max`; such flows are never assured, so they fill netd's table of \
              unassured flows, which a flood can't get past into the assured one); \
              one established flow's throughput alone and while SYNs from random sources hit the \
-             same published port at a fixed rate (target: held within 10%). iptables' table is \
-             the kernel's, machine-wide and shared here, so it is not filled.\n"
+             same published port at a fixed rate (target: held within 10%); what one SYN of \
+             the flood costs the whole machine (busy CPU time of all CPUs during the flood alone, \
+             less a quiet span's, over the SYNs sent: sender, datapath, the container's answer). \
+             iptables' table is the kernel's, machine-wide and shared here, so it is not filled.\n"
         );
         let _ = writeln!(
             md,
-            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | daemon peak RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent |"
+            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | daemon peak RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent | CPU per SYN (us) |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for arm in self.arms() {
             let Some(held) = self.find(arm, path, "synflood_held", 1) else {
                 continue;
@@ -674,7 +680,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} |",
+                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} | {} |",
                 size.map_or("–".into(), |n| n.to_string()),
                 at("crr", 0),
                 at("crr_failed", 0),
@@ -690,6 +696,7 @@ impl Report {
                 held.max,
                 if held.median >= 0.9 { "met" } else { "MISSED" },
                 self.cell(arm, path, "synflood_sent", 1, 0),
+                self.cell(arm, path, "synflood_cpu_us", 1, 1),
             );
         }
         let _ = writeln!(md);
