@@ -192,10 +192,10 @@ fn flooding<T>(
 }
 
 /// What one SYN of the flood costs the whole machine, in CPU microseconds: the busy time of
-/// every CPU (/proc/stat) during `secs` (at least 3) of the flood alone, less that of as long
-/// a quiet span just before, over the SYNs sent. It is all of a SYN's way (the sender, the datapath both ways,
-/// the container's answer and its way back), which the flow's throughput under the flood
-/// only shows through how the scheduler shares the two cores between them.
+/// every CPU (/proc/stat) during `secs` (at least 3) of the flood alone, less that of as long a
+/// quiet span just before, over the SYNs sent. It counts all of a SYN's way (the sender, the
+/// datapath both ways, the container's answer), of which the flow's held throughput shows
+/// only what lands on the flow's own path.
 fn flood_cpu_per_syn(client_ns: &Path, target: SocketAddrV4, secs: u32) -> Result<f64> {
     // At least the 60,000 SYNs of 3 s: /proc/stat counts in ticks of 10 ms.
     let span = Duration::from_secs(u64::from(secs.max(3)));

@@ -754,8 +754,7 @@ fn take_tuple<F: Tracked>(
 /// complete yet). A stale assured entry is removed, so it can't shadow the new flow.
 #[inline(always)]
 fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
-    // Each table asked once: the checks below need both entries (a new flow's tuple mostly
-    // has none, and each lookup of it is a cache miss).
+    // Each table asked once: the checks below need the tuple's entries in both.
     let assured = CONNTRACK.get_ptr_mut(key);
     let unassured = CONNTRACK_NEW.get_ptr_mut(key);
     if let Some(live) = live_among(assured, || unassured, now, &cfg.timeouts) {
