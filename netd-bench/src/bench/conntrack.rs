@@ -199,31 +199,21 @@ fn flooding<T>(
 fn flood_cpu_per_syn(client_ns: &Path, target: SocketAddrV4, secs: u32) -> Result<f64> {
     // At least the 60,000 SYNs of 3 s: /proc/stat counts in ticks of 10 ms.
     let span = Duration::from_secs(u64::from(secs.max(3)));
-    let quiet = busy_cpu_secs_over(|| {
-        std::thread::sleep(span);
-        Ok(())
-    })?
-    .0;
-    let ((flooded, ()), sent) = flooding(client_ns, target, || {
-        busy_cpu_secs_over(|| {
-            std::thread::sleep(span);
-            Ok(())
-        })
-    })?;
+    let quiet = busy_cpu_secs_over(span)?;
+    let (flooded, sent) = flooding(client_ns, target, || busy_cpu_secs_over(span))?;
     anyhow::ensure!(sent > 0, "the flood sent no SYN");
     Ok((flooded - quiet) * 1e6 / sent as f64)
 }
 
-/// The busy CPU seconds of all CPUs (everything but idle and iowait) while `f` runs, and
-/// what `f` returned.
-fn busy_cpu_secs_over<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+/// The busy CPU seconds of all CPUs (everything but idle and iowait) over the next `span`.
+fn busy_cpu_secs_over(span: Duration) -> Result<f64> {
     let before = busy_cpu_ticks()?;
-    let result = f()?;
+    std::thread::sleep(span);
     let after = busy_cpu_ticks()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     anyhow::ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
-    Ok((after.saturating_sub(before) as f64 / hz as f64, result))
+    Ok(after.saturating_sub(before) as f64 / hz as f64)
 }
 
 /// The machine's busy time so far, in clock ticks: /proc/stat's first line (user, nice,
