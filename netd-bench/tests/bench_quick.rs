@@ -5,8 +5,8 @@
 use std::{collections::BTreeSet, process::Command};
 
 /// Every arm, and those with a control plane of their own (scaling, container set-up).
-const ARMS: [&str; 6] = [
-    "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
+const ARMS: [&str; 7] = [
+    "ceiling", "routed", "redirect", "ebpf", "ebpf-xdp", "iptables", "docker",
 ];
 const MANAGED: [&str; 3] = ["ebpf", "iptables", "docker"];
 const PATHS: [&str; 3] = [
@@ -70,7 +70,7 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
         }
         // Unsolicited floods: the arms that refuse new flows to a container (not the
         // reference arms, which have no NAT to refuse them).
-        if !["ceiling", "routed"].contains(arm) {
+        if !["ceiling", "routed", "redirect"].contains(arm) {
             for metric in ["flood_pps", "leaked_pct"] {
                 want.insert(key(arm, "outside->container-unsolicited", metric, 1));
             }
@@ -117,7 +117,7 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
         .flat_map(|p| [p.to_string(), format!("{p} (IPv6)")])
     {
         want.insert(key("ceiling", &path, "rr_p50_paired", 1));
-        for arm in ["routed", "ebpf"] {
+        for arm in ["routed", "redirect", "ebpf"] {
             want.insert(key(arm, &path, "rr_p50_paired", 1));
             want.insert(key(arm, &path, "rr_p50_to_ceiling", 1));
         }

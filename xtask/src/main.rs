@@ -78,7 +78,8 @@ fn run() -> Result<()> {
     }
     match cli.command {
         Task::Setup => Ok(()),
-        // The default members: netd-ebpf only builds for the BPF target, through netd's build.rs.
+        // The default members: the eBPF crates only build for the BPF target, through the
+        // build.rs of netd and netd-bench.
         Task::Build => cargo(&["build", "--release"]),
         Task::Test { args } => {
             lint()?;
@@ -157,7 +158,16 @@ fn test(args: &[String]) -> Result<()> {
         run_cmd(&mut cmd)
     };
     // Every test, with the attach mode the kernel's probe picks (TCX on Linux >= 6.6).
-    run(&["--workspace", "--exclude", "netd-ebpf"], None)?;
+    run(
+        &[
+            "--workspace",
+            "--exclude",
+            "netd-ebpf",
+            "--exclude",
+            "netd-bench-ebpf",
+        ],
+        None,
+    )?;
     let mut clsact = vec!["--package", "tests"];
     for name in DATAPATH_TESTS {
         clsact.extend(["--test", name]);
@@ -173,35 +183,40 @@ fn lint() -> Result<()> {
         "--workspace",
         "--exclude",
         "netd-ebpf",
+        "--exclude",
+        "netd-bench-ebpf",
         "--all-targets",
         "--",
         "-D",
         "warnings",
     ])?;
-    // The eBPF crate only builds for the BPF target, with nightly and build-std.
-    run_cmd(
-        Command::new("rustup")
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "clippy",
-                "--package",
-                "netd-ebpf",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--release",
-                "--target-dir",
-                "target/ebpf-lint",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
-    )
+    // The eBPF crates only build for the BPF target, with nightly and build-std.
+    for package in ["netd-ebpf", "netd-bench-ebpf"] {
+        run_cmd(
+            Command::new("rustup")
+                .args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--package",
+                    package,
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--release",
+                    "--target-dir",
+                    "target/ebpf-lint",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+        )?;
+    }
+    Ok(())
 }
 
 /// `cargo xtask bench`'s options.

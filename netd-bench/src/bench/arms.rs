@@ -1,7 +1,9 @@
 //! The benchmark's arms. Each is built fresh in its own sandbox for every round and removed
 //! after it: `ceiling` (a plain veth pair), `routed` (plain kernel routing through a host
-//! namespace: the floor of any path that crosses the host), netd with each datapath (the eBPF
-//! one twice: TC only, and with the uplink's XDP program), and a real Docker.
+//! namespace: the floor of any path that crosses the host), `redirect` (routed's topology
+//! forwarded by the least an eBPF program can do: the bound of any eBPF datapath there), netd
+//! with each datapath (the eBPF one twice: TC only, and with the uplink's XDP program), and a
+//! real Docker.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -21,17 +23,18 @@ use netd::{
     netlink::{Netlink, set_sysctl},
     netns,
 };
+use netd_bench_ebpf::Route;
 use netd_testkit::{
     HOST_ADDR, HOST_ADDR6, Instance, OUTSIDE_ADDR, OUTSIDE_ADDR6,
     cleanup::Cleanup,
-    sandbox::{Sandbox, enable_ipv6_on},
+    sandbox::{OUTSIDE_LINK, Sandbox, UPLINK, enable_ipv6_on},
     traffic::try_output_in,
 };
 
 /// Every arm the benchmark runs by default, in the order it alternates them. One more,
 /// `baseline`, runs when a baseline binary is given ([`set_baseline`]).
 pub const ARMS: &[&str] = &[
-    "ceiling", "routed", "ebpf", "ebpf-xdp", "iptables", "docker",
+    "ceiling", "routed", "redirect", "ebpf", "ebpf-xdp", "iptables", "docker",
 ];
 
 /// The arm of another netd build (`--baseline BIN`): the eBPF datapath, driven by that binary.
@@ -93,7 +96,10 @@ fn backend_bin_dir(dir: &std::path::Path, backend: &str) -> Result<std::ffi::OsS
 /// programs differ; the reference arms have none), so scaling and container set-up are
 /// measured on it.
 pub fn has_own_control_plane(arm: &str) -> bool {
-    !matches!(arm, "ceiling" | "routed" | "ebpf-xdp" | BASELINE)
+    !matches!(
+        arm,
+        "ceiling" | "routed" | "redirect" | "ebpf-xdp" | BASELINE
+    )
 }
 
 /// The subnet of netd's benchmark network and its two containers' addresses.
@@ -392,6 +398,7 @@ impl Control {
 pub enum World {
     Ceiling(Ceiling),
     Routed(Routed),
+    Redirect(Redirect),
     Managed {
         ctl: Box<Control>,
         family: Family,
@@ -405,6 +412,7 @@ impl World {
         match arm {
             "ceiling" => return Ok(Self::Ceiling(Ceiling::build(prefix, family).await?)),
             "routed" => return Ok(Self::Routed(Routed::build(prefix, family).await?)),
+            "redirect" => return Ok(Self::Redirect(Redirect::build(prefix, family).await?)),
             _ => {}
         }
         let ctl = Box::new(Control::build_with(arm, prefix, family, &[]).await?);
@@ -445,6 +453,7 @@ impl World {
                 };
             }
             Self::Routed(r) => return r.endpoint(path),
+            Self::Redirect(r) => return r.routed.endpoint(path),
             Self::Managed {
                 ctl,
                 family,
@@ -476,8 +485,9 @@ impl World {
     }
 
     /// The unsolicited flood's ends: from the outside straight to the server container's
-    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling
-    /// and the routed floor, and over IPv6 (what got in is counted by IPv4's UDP counters).
+    /// address (routed through the host), to a port nothing publishes. `None` for the ceiling,
+    /// the routed floor and the redirect bound, and over IPv6 (what got in is counted by
+    /// IPv4's UDP counters).
     pub fn unsolicited(&self) -> Option<Endpoint> {
         let Self::Managed {
             ctl,
@@ -501,6 +511,7 @@ impl World {
         match self {
             Self::Ceiling(c) => netns::path_of(&c.server),
             Self::Routed(r) => r.sandbox.host_path(),
+            Self::Redirect(r) => r.routed.sandbox.host_path(),
             Self::Managed { ctl, .. } => ctl.instance().sandbox.host_path(),
         }
     }
@@ -509,6 +520,7 @@ impl World {
         match self {
             Self::Ceiling(c) => c.family,
             Self::Routed(r) => r.family,
+            Self::Redirect(r) => r.routed.family,
             Self::Managed { family, .. } => *family,
         }
     }
@@ -604,6 +616,10 @@ pub struct Routed {
     client: String,
 }
 
+/// The host ends of the routed arm's veth pairs to its server and its client.
+const ROUTED_SERVER_END: &str = "rtsrv";
+const ROUTED_CLIENT_END: &str = "rtcli";
+
 /// The routed arm's subnets over one family: the server's and the client's (the host's end
 /// has the first address, the container the second), and the prefix holding both, which the
 /// outside routes to the host.
@@ -656,8 +672,8 @@ impl Routed {
         set_sysctl(Some(&host), family.forwarding_sysctl(), "1")?;
         let nets = RoutedNets::of(family);
         for (name, host_end, net) in [
-            (&this.server, "rtsrv", nets.server),
-            (&this.client, "rtcli", nets.client),
+            (&this.server, ROUTED_SERVER_END, nets.server),
+            (&this.client, ROUTED_CLIENT_END, nets.client),
         ] {
             attach_routed(&host, name, host_end, net).await?;
         }
@@ -750,6 +766,129 @@ impl Drop for Routed {
         cleanup.check(self.sandbox.remove());
         cleanup.finish();
     }
+}
+
+/// The routed arm's topology with the least an eBPF datapath can do on it: `netd-bench-ebpf`'s
+/// program on the ingress of each host-side interface, redirecting by destination address alone
+/// (into a container's namespace, or out of the uplink). Where netd's ebpf arm misses a target
+/// set against routed, this arm tells the topology's share (what crossing the host costs any
+/// eBPF datapath) from netd's programs'.
+pub struct Redirect {
+    /// The loaded program, first so it is detached before the namespaces go.
+    _program: aya::Ebpf,
+    routed: Routed,
+}
+
+static REDIRECT_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd-bench-ebpf"));
+
+impl Redirect {
+    async fn build(prefix: &str, family: Family) -> Result<Self> {
+        let routed = Routed::build(prefix, family).await?;
+        // Dropped on error: the routed arm goes with everything in it.
+        let routes = redirect_routes(&routed).await?;
+        let host = routed.sandbox.host_path();
+        let program = netns::run_in(Some(&host), || attach_redirect(&routes))
+            .context("attach the redirect program")?;
+        // The host forwards nothing itself: a packet the program didn't redirect goes
+        // nowhere, so every one measured went its way.
+        set_sysctl(Some(&host), family.forwarding_sysctl(), "0")?;
+        Ok(Self {
+            _program: program,
+            routed,
+        })
+    }
+}
+
+/// The redirect program's routes on `routed`'s topology: its server, its client and the
+/// outside, each by its address.
+async fn redirect_routes(routed: &Routed) -> Result<Vec<([u32; 4], Route)>> {
+    let nets = RoutedNets::of(routed.family);
+    let host = Netlink::in_ns(Some(&routed.sandbox.host_path()))?;
+    let mut routes = Vec::new();
+    for (addr, ns, link, host_end, peer) in [
+        (
+            nth_addr(nets.server, 2),
+            netns::path_of(&routed.server),
+            "eth0",
+            ROUTED_SERVER_END,
+            true,
+        ),
+        (
+            nth_addr(nets.client, 2),
+            netns::path_of(&routed.client),
+            "eth0",
+            ROUTED_CLIENT_END,
+            true,
+        ),
+        (
+            routed.family.outside_addr(),
+            routed.sandbox.outside_path(),
+            OUTSIDE_LINK,
+            UPLINK,
+            false,
+        ),
+    ] {
+        let ifindex = host.require_link(host_end).await?;
+        let dst = mac_of(&Netlink::in_ns(Some(&ns))?, link).await?;
+        let src = mac_of(&host, host_end).await?;
+        let mut macs = [0; 12];
+        macs[..6].copy_from_slice(&dst);
+        macs[6..].copy_from_slice(&src);
+        let route = Route {
+            macs,
+            ifindex,
+            peer: u32::from(peer),
+        };
+        routes.push((route_key(addr), route));
+    }
+    Ok(routes)
+}
+
+async fn mac_of(nl: &Netlink, link: &str) -> Result<[u8; 6]> {
+    let index = nl.require_link(link).await?;
+    nl.link_mac(index)
+        .await?
+        .with_context(|| format!("{link} has no MAC address"))
+}
+
+/// `addr` as the redirect program's map key: the words as the packet carries them, an IPv4
+/// address in the first.
+fn route_key(addr: IpAddr) -> [u32; 4] {
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    match addr {
+        IpAddr::V4(a) => [word(&a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            std::array::from_fn(|i| word(&o[4 * i..]))
+        }
+    }
+}
+
+/// Loads the redirect program with `routes` and attaches it to the ingress of the host's
+/// interfaces (in the calling thread's namespace, the sandbox host's).
+fn attach_redirect(routes: &[([u32; 4], Route)]) -> Result<aya::Ebpf> {
+    use aya::programs::{SchedClassifier, TcAttachType, tc};
+    let mut ebpf = aya::Ebpf::load(REDIRECT_OBJECT).context("load the program")?;
+    let mut map: aya::maps::HashMap<_, [u32; 4], Route> =
+        aya::maps::HashMap::try_from(ebpf.map_mut("ROUTES").context("no ROUTES map")?)?;
+    for (key, route) in routes {
+        map.insert(key, route, 0)?;
+    }
+    let program: &mut SchedClassifier = ebpf
+        .program_mut("forward")
+        .context("no forward program")?
+        .try_into()?;
+    program.load()?;
+    for iface in [UPLINK, ROUTED_SERVER_END, ROUTED_CLIENT_END] {
+        // TCX (Linux 6.6) needs no qdisc; older kernels attach to clsact's, and without one the
+        // attach below says so.
+        let _ = tc::qdisc_add_clsact(iface);
+        program
+            .attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attach to {iface}"))?;
+    }
+    Ok(ebpf)
 }
 
 /// What `ns` (and the server `container`'s namespace) held: `family`'s netfilter rules, the

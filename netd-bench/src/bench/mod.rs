@@ -513,7 +513,7 @@ async fn measure_world(
 }
 
 /// The arms the paired latency measurement compares with the ceiling.
-const PAIRED_ARMS: [&str; 3] = ["routed", "ebpf", arms::BASELINE];
+const PAIRED_ARMS: [&str; 4] = ["routed", "redirect", "ebpf", arms::BASELINE];
 
 /// Request/response p50 of each arm against the ceiling, paired: every arm's world is up at
 /// once, and short runs alternate between the ceiling and the arms (order rotating), so each
