@@ -1,5 +1,5 @@
 //! Builds the `redirect` arm's program (`netd-bench-ebpf`) with the nightly toolchain and
-//! bpf-linker (`cargo xtask setup` installs both), for `bench::redirect` to embed.
+//! bpf-linker (`cargo xtask setup` installs both), for `bench::arms` to embed.
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {

@@ -78,8 +78,8 @@ fn run() -> Result<()> {
     }
     match cli.command {
         Task::Setup => Ok(()),
-        // The default members: the eBPF crates only build for the BPF target, through the
-        // build.rs of netd and netd-bench.
+        // The default members: `EBPF_CRATES` are built through the build.rs of netd and
+        // netd-bench.
         Task::Build => cargo(&["build", "--release"]),
         Task::Test { args } => {
             lint()?;
@@ -158,16 +158,7 @@ fn test(args: &[String]) -> Result<()> {
         run_cmd(&mut cmd)
     };
     // Every test, with the attach mode the kernel's probe picks (TCX on Linux >= 6.6).
-    run(
-        &[
-            "--workspace",
-            "--exclude",
-            "netd-ebpf",
-            "--exclude",
-            "netd-bench-ebpf",
-        ],
-        None,
-    )?;
+    run(&workspace_but_ebpf(), None)?;
     let mut clsact = vec!["--package", "tests"];
     for name in DATAPATH_TESTS {
         clsact.extend(["--test", name]);
@@ -176,47 +167,48 @@ fn test(args: &[String]) -> Result<()> {
     run(&clsact, Some("clsact"))
 }
 
+/// The crates that only build for the BPF target (netd's and netd-bench's build.rs build
+/// them with aya-build).
+const EBPF_CRATES: [&str; 2] = ["netd-ebpf", "netd-bench-ebpf"];
+
+/// `cargo` arguments naming every workspace crate but the eBPF ones.
+fn workspace_but_ebpf() -> Vec<&'static str> {
+    let mut args = vec!["--workspace"];
+    for name in EBPF_CRATES {
+        args.extend(["--exclude", name]);
+    }
+    args
+}
+
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "netd-ebpf",
-        "--exclude",
-        "netd-bench-ebpf",
-        "--all-targets",
+    let mut clippy = vec!["clippy"];
+    clippy.extend(workspace_but_ebpf());
+    clippy.extend(["--all-targets", "--", "-D", "warnings"]);
+    cargo(&clippy)?;
+    // The eBPF crates, with nightly and build-std.
+    let mut ebpf_clippy = vec!["run", "nightly", "cargo", "clippy"];
+    for name in EBPF_CRATES {
+        ebpf_clippy.extend(["--package", name]);
+    }
+    ebpf_clippy.extend([
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--target-dir",
+        "target/ebpf-lint",
         "--",
         "-D",
         "warnings",
-    ])?;
-    // The eBPF crates only build for the BPF target, with nightly and build-std.
-    for package in ["netd-ebpf", "netd-bench-ebpf"] {
-        run_cmd(
-            Command::new("rustup")
-                .args([
-                    "run",
-                    "nightly",
-                    "cargo",
-                    "clippy",
-                    "--package",
-                    package,
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                    "--release",
-                    "--target-dir",
-                    "target/ebpf-lint",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                .env_remove("RUSTC")
-                .env_remove("RUSTC_WORKSPACE_WRAPPER"),
-        )?;
-    }
-    Ok(())
+    ]);
+    run_cmd(
+        Command::new("rustup")
+            .args(ebpf_clippy)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )
 }
 
 /// `cargo xtask bench`'s options.

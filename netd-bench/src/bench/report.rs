@@ -229,8 +229,8 @@ impl Report {
              least an eBPF datapath can do (the `redirect` arm: routed's topology, one program \
              redirecting by destination alone) reaches against routed: a target set against \
              routed that it misses, no eBPF datapath on this topology meets. Request/response \
-             over IPv6 is netd-bench's own ping-pong (sockperf's 14-byte messages on one connection, pinned \
-             the same way; Debian's sockperf takes IPv4 addresses only; the README says how the \
+             over IPv6 is netd-bench's own ping-pong (sockperf's 14-byte messages on one \
+             connection, pinned the same way; Debian's sockperf takes IPv4 addresses only; the README says how the \
              two compare on the same IPv4 paths).\n"
         );
         let _ = write!(md, "| path | metric |");
