@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netd_common::datapath::{Addr, EndpointInfo};
-use network_types::ip::Ipv4Hdr;
+use network_types::{eth::EtherType, ip::Ipv4Hdr};
 
 use super::{
     ipv4_hdr, ipv6, maps,
@@ -44,8 +44,7 @@ pub fn deliver_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.ttl <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    ipv4_hdr::decrement_ttl(ctx, &ip)?;
-    set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
+    ipv4_hdr::forward_as(ctx, &ip, ep.mac, net.bridge_mac)?;
     // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT (TC_ACT_SHOT if the
     // interface is not a veth, which endpoints are).
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
@@ -62,10 +61,44 @@ pub fn deliver6_to_container(ctx: &TcContext) -> Option<i32> {
     if ip.hop_limit <= 1 || !fits_mtu(ctx, ep.ifindex) {
         return None;
     }
-    decrement_hop_limit(ctx, ip.hop_limit)?;
-    set_macs(ctx, ep.mac, net.bridge_mac).ok()?;
+    forward6_as(ctx, &ip, ep.mac, net.bridge_mac)?;
     // SAFETY: as in `deliver_to_container`.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// The Ethernet header of an untagged IPv6 frame and the IPv6 header up to its hop limit, as
+/// in the packet.
+#[repr(C)]
+struct EthIp6Head {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ether_type: u16,
+    vtc_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+}
+const _: () = assert!(size_of::<EthIp6Head>() == 22);
+
+/// [`ipv4_hdr::forward_as`] for an untagged IPv6 frame whose fixed header is `ip` (with a hop
+/// limit above 0): one store for readdressing it and the hop limit.
+#[inline(always)]
+fn forward6_as(
+    ctx: &TcContext,
+    ip: &ipv6::Fixed,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Option<()> {
+    let frame = EthIp6Head {
+        dst_mac,
+        src_mac,
+        ether_type: EtherType::Ipv6 as u16,
+        vtc_flow: ip.vtc_flow,
+        payload_len: ip.payload_len,
+        next_header: ip.next_header,
+        hop_limit: ip.hop_limit.checked_sub(1)?,
+    };
+    ctx.store(0, &frame, 0).ok()
 }
 
 const HOP_LIMIT_OFF: usize = L3_OFF + 7;

@@ -39,23 +39,44 @@ pub fn apply(ctx: &TcContext, flow: &Flow, rw: &Rewrite) -> Result<(), Stat> {
     } else {
         (flow.daddr, flow.dport)
     };
+    let port_changes = old_port != rw.port && flow.has_l4_header();
+    if old_addr != rw.addr && port_changes && ports_follow_header(flow) {
+        return replace_end(ctx, flow, rw, old_addr, old_port);
+    }
     if old_addr != rw.addr {
         replace_addr(ctx, flow, rw.src, old_addr, rw.addr)?;
     }
-    if old_port != rw.port && flow.has_l4_header() {
+    if port_changes {
         replace_port(ctx, flow, rw.src, old_port, rw.port)?;
     }
     Ok(())
 }
 
+/// Whether the packet's TCP or UDP ports directly follow its IPv4 header (no options).
+#[inline(always)]
+fn ports_follow_header(flow: &Flow) -> bool {
+    covers_addresses(flow.proto) && flow.l4_off == ipv4_hdr::L4_OFF_WITHOUT_OPTIONS
+}
+
+/// Both the address and the port of one end (TCP or UDP, its ports right after the IPv4
+/// header): the L4 checksum fixed for each, the fields written in one store with the header
+/// checksum.
+#[inline(always)]
+fn replace_end(
+    ctx: &TcContext,
+    flow: &Flow,
+    rw: &Rewrite,
+    old_addr: u32,
+    old_port: u16,
+) -> Result<(), Stat> {
+    fix_l4_csum_for_addr(ctx, flow, old_addr, rw.addr)?;
+    let new_port = fix_l4_csum_for_port(ctx, flow, old_port, rw.port)?;
+    ipv4_hdr::set_addr_and_port(ctx, rw.src, rw.addr, new_port).ok_or(Stat::RewriteFailed)
+}
+
 #[inline(always)]
 fn replace_addr(ctx: &TcContext, flow: &Flow, src: bool, old: u32, new: u32) -> Result<(), Stat> {
-    if covers_addresses(flow.proto) && flow.has_l4_header() {
-        let (csum_off, flags) = l4_csum(flow.proto, flow.l4_off);
-        let flags = flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
-        ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags)
-            .map_err(|_| Stat::RewriteFailed)?;
-    }
+    fix_l4_csum_for_addr(ctx, flow, old, new)?;
     ipv4_hdr::set_addr(ctx, L3_OFF, src, new).ok_or(Stat::RewriteFailed)?;
     Ok(())
 }
@@ -67,13 +88,34 @@ fn replace_port(ctx: &TcContext, flow: &Flow, src: bool, old: u16, new: u16) -> 
         (_, true) => SPORT_IN_L4,
         (_, false) => DPORT_IN_L4,
     };
+    let new = fix_l4_csum_for_port(ctx, flow, old, new)?;
+    ctx.store(flow.l4_off + in_l4, &new, 0)
+        .map_err(|_| Stat::RewriteFailed)
+}
+
+/// Fixes the L4 checksum for an address changing from `old` to `new`, where it covers the
+/// addresses (through the pseudo-header).
+#[inline(always)]
+fn fix_l4_csum_for_addr(ctx: &TcContext, flow: &Flow, old: u32, new: u32) -> Result<(), Stat> {
+    if !(covers_addresses(flow.proto) && flow.has_l4_header()) {
+        return Ok(());
+    }
+    let (csum_off, flags) = l4_csum(flow.proto, flow.l4_off);
+    let flags = flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
+    ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags)
+        .map_err(|_| Stat::RewriteFailed)
+}
+
+/// Fixes the L4 checksum for a port (echo identifier) changing from `old` to `new`; returns
+/// the new one as it goes in the packet.
+#[inline(always)]
+fn fix_l4_csum_for_port(ctx: &TcContext, flow: &Flow, old: u16, new: u16) -> Result<u16, Stat> {
     let (csum_off, flags) = l4_csum(flow.proto, flow.l4_off);
     // The helpers take the field's bytes as they are in the packet.
     let (old, new) = (old.to_be(), new.to_be());
     ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags | 2)
         .map_err(|_| Stat::RewriteFailed)?;
-    ctx.store(flow.l4_off + in_l4, &new, 0)
-        .map_err(|_| Stat::RewriteFailed)
+    Ok(new)
 }
 
 /// Translates an ICMP error travelling like the packets `rw` is for. The packet it quotes
