@@ -32,6 +32,16 @@ struct TtlToDst {
     dst: u32,
 }
 
+impl TtlToDst {
+    /// Sets the source (`src`) or destination address to `new`, the checksum with it.
+    #[inline(always)]
+    fn readdress(&mut self, src: bool, new: u32) {
+        let field = if src { &mut self.src } else { &mut self.dst };
+        self.csum = replace32(self.csum, *field, new);
+        *field = new;
+    }
+}
+
 /// Sets the source (`src`) or destination address of the IPv4 header at `l3_off` to `new` (as
 /// it is in the packet); returns the header checksum before and after.
 #[inline(always)]
@@ -39,9 +49,7 @@ pub fn set_addr(ctx: &TcContext, l3_off: usize, src: bool, new: u32) -> Option<(
     let off = l3_off + TTL_IN_IP;
     let mut h: TtlToDst = ctx.read(off)?;
     let before = h.csum;
-    let field = if src { &mut h.src } else { &mut h.dst };
-    h.csum = replace32(before, *field, new);
-    *field = new;
+    h.readdress(src, new);
     ctx.store(off, &h, 0).ok()?;
     Some((before, h.csum))
 }
@@ -66,14 +74,12 @@ pub const L4_OFF_WITHOUT_OPTIONS: usize = L3_OFF + 20;
 pub fn set_addr_and_port(ctx: &TcContext, src: bool, new: u32, port: u16) -> Option<()> {
     let off = L3_OFF + TTL_IN_IP;
     let mut h: TtlToPorts = ctx.read(off)?;
-    let (field, port_field) = if src {
-        (&mut h.head.src, &mut h.sport)
+    h.head.readdress(src, new);
+    if src {
+        h.sport = port;
     } else {
-        (&mut h.head.dst, &mut h.dport)
-    };
-    h.head.csum = replace32(h.head.csum, *field, new);
-    *field = new;
-    *port_field = port;
+        h.dport = port;
+    }
     ctx.store(off, &h, 0).ok()
 }
 
