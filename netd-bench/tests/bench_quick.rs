@@ -61,7 +61,14 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
     for arm in ran {
         for path in PATHS {
             let ipv6 = format!("{path} (IPv6)");
-            for metric in ["throughput", "rr_p50", "rr_p99", "crr", "keepalive_rps"] {
+            for metric in [
+                "throughput",
+                "rr_p50",
+                "rr_p99",
+                "crr",
+                "crr_failed",
+                "keepalive_rps",
+            ] {
                 want.insert(key(arm, path, metric, 1));
                 if !NO_IPV6.contains(arm) {
                     want.insert(key(arm, &ipv6, metric, 1));
@@ -102,6 +109,26 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
     ] {
         want.insert(key("ebpf", CONNTRACK, metric, CONNTRACK_MAX));
     }
+    // netd's programs, one packet at a time: a frame of each program's, both families.
+    for family in ["", " (IPv6)"] {
+        for path in [
+            "uplink_ingress: published, request",
+            "uplink_ingress: published, a new flow's SYN",
+            "endpoint_ingress: published, reply",
+            "uplink_egress: published, reply",
+            "uplink_egress: masqueraded, request",
+            "uplink_ingress: masqueraded, reply",
+            "endpoint_ingress: container->container",
+        ] {
+            want.insert(key("ebpf", &format!("{path}{family}"), "prog_run_ns", 1));
+        }
+    }
+    want.insert(key(
+        "ebpf",
+        "uplink_ingress: ARP (the floor)",
+        "prog_run_ns",
+        1,
+    ));
     want.insert(key("ebpf", "memory", "maps_kib_per_container", CONTAINERS));
     want.insert(key("ebpf", "memory", "maps_kib_per_10k_ports", 100));
     want.insert(key("ebpf", "memory", "maps_kib_per_100k_ct", 1));

@@ -40,6 +40,7 @@ enum Task {
         /// `setup`: only the control plane (create and remove containers); `latency`: only
         /// request/response against the ceiling, paired; `conntrack`: only conntrack under
         /// pressure; `paths`: only the paths of every arm and family, then the paired latency;
+        /// `programs`: only netd's eBPF programs timed one packet at a time (BPF_PROG_TEST_RUN);
         /// `soak`: churn beside long-lived flows for `--minutes`.
         what: Option<String>,
         /// A smoke run (a few minutes) with the same report shape.
@@ -251,11 +252,13 @@ fn bench(what: Option<&str>, opts: BenchOptions) -> Result<()> {
     cmd.arg("bench").arg("--out").arg(out);
     match what {
         None => {}
-        Some(part @ ("setup" | "latency" | "conntrack" | "paths")) => {
+        Some(part @ ("setup" | "latency" | "conntrack" | "paths" | "programs")) => {
             cmd.args(["--only", part]);
         }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (known: setup, latency, conntrack, paths, soak)")
+            bail!(
+                "unknown benchmark {other:?} (known: setup, latency, conntrack, paths, programs, soak)"
+            )
         }
     }
     if quick {

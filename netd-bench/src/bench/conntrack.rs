@@ -351,46 +351,14 @@ fn send_syn(sock: &std::os::fd::OwnedFd, rng: &mut Rng, target: SocketAddrV4) ->
     Ok(())
 }
 
-/// An IPv4 + TCP SYN packet (the kernel fills in the IP checksum and length of a raw send).
-fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, seq: u32) -> [u8; 40] {
-    let mut p = [0u8; 40];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[6] = 0x40; // don't fragment
-    p[8] = 64; // TTL
-    p[9] = libc::IPPROTO_TCP as u8;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let tcp = &mut p[20..];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[12] = 5 << 4; // data offset: 20 bytes
-    tcp[13] = 0x02; // SYN
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let sum = tcp_checksum(src, dst, &p[20..]);
-    p[36..38].copy_from_slice(&sum.to_be_bytes());
-    p
-}
-
-/// The TCP checksum over the IPv4 pseudo-header and `segment` (its checksum field zero).
-fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            let hi = u32::from(pair[0]) << 8;
-            sum += hi | pair.get(1).copied().map_or(0, u32::from);
-        }
-    };
-    add(&src.octets());
-    add(&dst.octets());
-    add(&[0, libc::IPPROTO_TCP as u8]);
-    add(&(segment.len() as u16).to_be_bytes());
-    add(segment);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// An IPv4 + TCP SYN packet, its checksums filled in.
+fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, seq: u32) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, seq, 64240)
+        .syn();
+    let mut packet = Vec::with_capacity(builder.size(0));
+    builder.write(&mut packet, &[]).expect("a SYN fits a Vec");
+    packet
 }
 
 /// xorshift64: random enough for source addresses and ports, no dependency.
@@ -417,10 +385,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_syn_packet_checksums_to_zero_with_its_pseudo_header() {
+    fn a_syn_packet_is_a_syn_with_a_valid_checksum() {
         let (src, dst) = (Ipv4Addr::new(198, 19, 200, 7), HOST_ADDR);
         let p = syn_packet(src, 40000, dst, 17001, 12345);
-        assert_eq!(tcp_checksum(src, dst, &p[20..]), 0);
-        assert_eq!(p[33], 0x02);
+        let sliced = etherparse::SlicedPacket::from_ip(&p).unwrap();
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+            panic!("no TCP in {p:02x?}");
+        };
+        assert!(tcp.syn() && !tcp.ack());
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (40000, 17001));
+        let header = tcp.to_header();
+        assert_eq!(
+            header.calc_checksum_ipv4_raw(src.octets(), dst.octets(), tcp.payload()),
+            Ok(header.checksum)
+        );
     }
 }

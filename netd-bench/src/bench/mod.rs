@@ -9,6 +9,7 @@ mod daemon;
 pub mod docker;
 mod keepalive;
 mod memory;
+mod programs;
 pub mod report;
 mod scale;
 mod soak;
@@ -28,7 +29,7 @@ use serde::Serialize;
 
 use arms::{Fairness, World};
 use report::{Machine, Record, Report};
-use tools::Endpoint;
+use tools::{Endpoint, Failures};
 
 pub use arms::ARMS;
 
@@ -59,6 +60,9 @@ pub enum Part {
     /// The traffic paths of every arm, both families, `--runs` rounds, then the paired latency:
     /// the results table without scaling, control plane, conntrack or memory.
     Paths,
+    /// netd's eBPF programs timed one packet at a time under BPF_PROG_TEST_RUN (ebpf and
+    /// baseline), `--runs` rounds.
+    Programs,
 }
 
 /// The traffic paths every arm is measured on.
@@ -430,6 +434,9 @@ pub async fn run(mut opts: Options) -> Result<()> {
     if part(Part::Latency) || opts.only == Some(Part::Paths) {
         measure_paired_latency(&opts.arms, &plan, &mut samples).await?;
     }
+    if part(Part::Programs) {
+        measure_programs(&opts, &mut samples).await?;
+    }
     for arm in opts.arms.iter().filter(|a| arms::has_own_control_plane(a)) {
         if opts.only.is_none() {
             for scaled in scaled_arms(arm) {
@@ -468,6 +475,30 @@ pub async fn run(mut opts: Options) -> Result<()> {
     report.write(&opts.out)?;
     eprintln!("bench: report written to {}", opts.out.display());
     println!("{}", report.markdown());
+    Ok(())
+}
+
+/// netd's programs timed one packet at a time (`programs`), on ebpf and the baseline: each
+/// arm's world built once, the rounds alternating the arms.
+async fn measure_programs(opts: &Options, samples: &mut Samples) -> Result<()> {
+    let mut subjects = Vec::new();
+    for arm in opts
+        .arms
+        .iter()
+        .filter(|a| ["ebpf", arms::BASELINE].contains(&a.as_str()))
+    {
+        subjects.push(
+            programs::Subject::build(arm)
+                .await
+                .with_context(|| format!("programs, {arm}"))?,
+        );
+    }
+    let sizes = programs::Sizes::new(opts.quick);
+    for round in 1..=opts.runs {
+        for subject in &subjects {
+            subject.measure(&sizes, round, samples)?;
+        }
+    }
     Ok(())
 }
 
@@ -679,8 +710,13 @@ fn measure_path(
     let (p50, p99) = tools::rr_latency(ep, plan.secs).context("latency")?;
     record(samples, arm, path, "rr_p50", 1, p50);
     record(samples, arm, path, "rr_p99", 1, p99);
-    let cps = tools::crr(ep, plan.secs, plan.crr_threads).context("connections per second")?;
+    // A connection lost on the way (1 s without an answer: the SYN's first retransmission)
+    // is counted and reported rather than ending the whole run.
+    let (cps, failed) = tools::crr_with(ep, plan.secs, plan.crr_threads, Failures::Count)
+        .context("connections per second")?;
+    anyhow::ensure!(cps > 0.0, "connections per second: no connection completed");
     record(samples, arm, path, "crr", 1, cps);
+    record(samples, arm, path, "crr_failed", 1, failed as f64);
     let rps = keepalive::request_rate(ep, plan.secs).context("keep-alive requests per second")?;
     record(samples, arm, path, "keepalive_rps", 1, rps);
     Ok(())

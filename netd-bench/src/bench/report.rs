@@ -47,6 +47,7 @@ fn unit_of(metric: &str) -> &'static str {
         "throughput" => "Gbit/s",
         "rr_p50" | "rr_p99" | "rr_p50_paired" | "first_packet_us" => "us",
         "rr_p50_to_ceiling" => "ratio",
+        super::programs::RUN_NS => "ns",
         "crr" | "crr_ct90" => "conn/s",
         "throughput_synflood" => "Gbit/s",
         "synflood_held" => "ratio",
@@ -192,6 +193,7 @@ impl Report {
         self.memory_table(&mut md);
         self.fairness_table(&mut md);
         self.profile_table(&mut md);
+        self.programs_table(&mut md);
         if !self.skipped.is_empty() {
             let _ = writeln!(md, "## Not measured\n");
             for why in &self.skipped {
@@ -274,6 +276,37 @@ impl Report {
                     fmt(self.ratio("iptables", path, metric, 1)),
                 );
             }
+        }
+        let _ = writeln!(md);
+        self.lost_connections(md);
+    }
+
+    /// The connections of the connections-per-second measurement that got no answer within
+    /// a second (a lost SYN waits that long to be sent again), where any did.
+    fn lost_connections(&self, md: &mut String) {
+        let lost: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.metric == "crr_failed" && super::Path::rows().any(|(_, p)| p == r.path))
+            .filter(|r| r.runs.iter().sum::<f64>() > 0.0)
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "Connections that got no answer within a second while connections per second were \
+             measured (not counted in the rate):\n"
+        );
+        for r in lost {
+            let _ = writeln!(
+                md,
+                "- {}, {}: {} over {} runs",
+                r.arm,
+                r.path,
+                r.runs.iter().sum::<f64>(),
+                r.runs.len()
+            );
         }
         let _ = writeln!(md);
     }
@@ -408,6 +441,15 @@ impl Report {
         let Some(bin) = &self.baseline else {
             return;
         };
+        let paths: Vec<&str> = super::Path::rows().map(|(_, name)| name).collect();
+        if !self
+            .records
+            .iter()
+            .any(|r| r.arm == super::arms::BASELINE && paths.contains(&r.path.as_str()))
+        {
+            // Only its programs were measured (`programs`), which have their own table.
+            return;
+        }
         let _ = writeln!(
             md,
             "## This build against the baseline (median, min–max over runs)\n"
@@ -804,6 +846,69 @@ impl Report {
         let _ = writeln!(md);
     }
 
+    /// netd's programs timed one packet at a time (`programs`): a row per program and frame,
+    /// a column per arm, and this build against the baseline where there is one.
+    fn programs_table(&self, md: &mut String) {
+        let rows: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.metric == super::programs::RUN_NS)
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let mut arms: Vec<&str> = rows.iter().map(|r| r.arm.as_str()).collect();
+        arms.dedup();
+        let _ = writeln!(
+            md,
+            "## netd's programs, one packet at a time
+"
+        );
+        let _ = writeln!(
+            md,
+            "Each program's run time (ns) on one frame of a tracked flow, as the kernel's \
+             BPF_PROG_TEST_RUN times it in the arm's own world: the median of single runs per \
+             round, then the median (min–max) over rounds. A new flow's SYN comes from a new \
+             source every run.\n"
+        );
+        let baseline = arms.contains(&super::arms::BASELINE);
+        let _ = write!(md, "| program: frame |");
+        for arm in &arms {
+            let _ = write!(md, " {arm} |");
+        }
+        let _ = writeln!(md, "{}", if baseline { " ebpf/baseline |" } else { "" });
+        let columns = arms.len() + 1 + usize::from(baseline);
+        let _ = writeln!(md, "|{}", "---|".repeat(columns));
+        let mut paths: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        for path in paths {
+            let _ = write!(md, "| {path} |");
+            for arm in &arms {
+                let cell = self
+                    .find(arm, path, super::programs::RUN_NS, 1)
+                    .map(|r| format!("{:.0} ({:.0}–{:.0})", r.median, r.min, r.max))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(md, " {cell} |");
+            }
+            if baseline {
+                let ratio = self
+                    .ratio_of(
+                        "ebpf",
+                        super::arms::BASELINE,
+                        path,
+                        super::programs::RUN_NS,
+                        1,
+                    )
+                    .map(|r| format!("{r:.3}"))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(md, " {ratio} |");
+            }
+            let _ = writeln!(md);
+        }
+        let _ = writeln!(md);
+    }
+
     /// Bars of ebpf/ceiling, ebpf/routed and ebpf/iptables per path and metric, with the
     /// routed arm as the target line (1.0: as good as plain kernel routing).
     fn chart(&self, file: &Path) -> Result<()> {
@@ -1044,5 +1149,65 @@ mod tests {
             )),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_programs_table_has_a_row_per_program_and_frame_and_compares_with_the_baseline() {
+        let mut r = report(&[]);
+        let request = "uplink_ingress: published, request";
+        for (arm, runs) in [
+            ("baseline", vec![600.0, 580.0, 590.0]),
+            ("ebpf", vec![531.0]),
+        ] {
+            let key = (
+                arm.to_string(),
+                request.to_string(),
+                super::super::programs::RUN_NS,
+                1,
+            );
+            r.records.push(Record::from_samples((key, runs)));
+        }
+        r.baseline = Some("/old/netd".into());
+        let md = r.markdown();
+        assert!(
+            md.contains("| program: frame | baseline | ebpf | ebpf/baseline |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| {request} | 590 (580–600) | 531 (531–531) | 0.900 |"
+            )),
+            "{md}"
+        );
+        assert!(
+            !md.contains("This build against the baseline"),
+            "no path measured, no paths' baseline table: {md}"
+        );
+    }
+
+    #[test]
+    fn lost_connections_are_listed_under_the_paths_only_where_some_were_lost() {
+        let mut r = report(&[]);
+        let published = crate::bench::Path::Published
+            .name_in(crate::bench::Family::V4)
+            .to_string();
+        let conntrack = crate::bench::conntrack::CONNTRACK.to_string();
+        for (arm, path, metric, runs) in [
+            ("ebpf", &published, "throughput", vec![20.0]),
+            ("ebpf", &published, "crr_failed", vec![0.0, 2.0, 1.0]),
+            ("routed", &published, "crr_failed", vec![0.0, 0.0, 0.0]),
+            // The conntrack table has a column of its own for these.
+            ("iptables", &conntrack, "crr_failed", vec![5.0]),
+        ] {
+            let key = (arm.to_string(), path.clone(), metric, 1);
+            r.records.push(Record::from_samples((key, runs)));
+        }
+        let md = r.markdown();
+        assert!(
+            md.contains(&format!("- ebpf, {published}: 3 over 3 runs")),
+            "{md}"
+        );
+        assert!(!md.contains("- routed,"), "none lost, none listed: {md}");
+        assert!(!md.contains("- iptables,"), "{md}");
     }
 }
