@@ -385,6 +385,13 @@ impl Control {
         }
     }
 
+    /// What netd records of container `base` (`netd container inspect`).
+    pub fn inspect(&self, base: &str) -> Result<netd::store::model::Container> {
+        let name = self.instance().name(base);
+        let json = self.netd(&["container", "inspect", &name])?;
+        serde_json::from_str(&json).with_context(|| format!("netd container inspect {name}"))
+    }
+
     pub fn remove(&self, base: &str) -> Result<()> {
         let name = self.instance().name(base);
         match self {
@@ -393,6 +400,10 @@ impl Control {
         }
     }
 }
+
+/// The names (before the instance's prefix) of a world's two containers.
+pub const SERVER: &str = "srv";
+pub const CLIENT: &str = "cli";
 
 /// A built arm with its two benchmark containers, over one family.
 pub enum World {
@@ -420,8 +431,8 @@ impl World {
         let published =
             [IPERF_PORT, SOCKPERF_PORT, CRR_PORT, KEEPALIVE_PORT].map(|p| (p + PUBLISH_SHIFT, p));
         let [server_ip, client_ip] = family.container_addrs();
-        let server = ctl.create("srv", Some(server_ip), Publish::Pairs(published.to_vec()))?;
-        let client = ctl.create("cli", Some(client_ip), Publish::Pairs(vec![]))?;
+        let server = ctl.create(SERVER, Some(server_ip), Publish::Pairs(published.to_vec()))?;
+        let client = ctl.create(CLIENT, Some(client_ip), Publish::Pairs(vec![]))?;
         if family == Family::V4 {
             // The outside can route to the server container (for the unsolicited flood).
             Netlink::in_ns(Some(&ctl.instance().sandbox.outside_path()))?
@@ -845,7 +856,7 @@ async fn redirect_routes(routed: &Routed) -> Result<Vec<([u32; 4], Route)>> {
     Ok(routes)
 }
 
-async fn mac_of(nl: &Netlink, link: &str) -> Result<[u8; 6]> {
+pub async fn mac_of(nl: &Netlink, link: &str) -> Result<[u8; 6]> {
     let index = nl.require_link(link).await?;
     nl.link_mac(index)
         .await?

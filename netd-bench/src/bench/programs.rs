@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::{
     TestRun as _, TestRunOptions,
     programs::{SchedClassifier, TcAttachType},
@@ -30,11 +30,11 @@ use netd_testkit::{
 
 use super::{
     Family, Samples,
-    arms::World,
+    arms::{CLIENT, Control, SERVER, World, mac_of},
     prefix, progress, record,
     tools::{CRR_PORT, PUBLISH_SHIFT},
 };
-use netd::netns;
+use netd::{netlink::Netlink, netns};
 
 /// The metric every record of this part has: a program's run time on one frame.
 pub const RUN_NS: &str = "prog_run_ns";
@@ -56,9 +56,9 @@ const MASQ_DPORT: u16 = 7_002;
 /// The published flow's client port.
 const CLIENT_PORT: u16 = 50_000;
 /// New flows (SYNs) come from 100.64.0.0/10 (shared address space: no host or container
-/// address) and fd00:64::/64.
-const FRESH_V4: [u8; 2] = [100, 64];
-const FRESH_V6: [u16; 4] = [0xfd00, 0x64, 0, 0];
+/// address; room for 4 million) and fd00:64::/64, one address each.
+const FRESH_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
+const FRESH_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0);
 
 /// How many single runs each figure is the median of, and how many new flows.
 pub struct Sizes {
@@ -118,7 +118,8 @@ struct Attached {
     mac: [u8; 6],
 }
 
-/// A container as its frames need it: its addresses, its MAC, its host-side veth.
+/// A container as its frames need it: its addresses, its MAC, its host-side veth (netd's
+/// record of it).
 struct Container {
     v4: Ipv4Addr,
     v6: Ipv6Addr,
@@ -132,23 +133,21 @@ impl Subject {
     pub async fn build(arm: &str) -> Result<Self> {
         progress(&format!("programs: {arm}: building a world"))?;
         let world = World::build(arm, &prefix(arm), Family::V6).await?;
-        let World::Managed {
-            ctl,
-            server,
-            client,
-            ..
-        } = &world
-        else {
+        let World::Managed { ctl, .. } = &world else {
             bail!("{arm}: not a netd arm; only netd's programs are timed");
         };
         let inst = ctl.instance();
         let host_ns = inst.sandbox.host_path();
-        let uplink = attached(&host_ns, UPLINK)?;
+        let host = Netlink::in_ns(Some(&host_ns))?;
+        let uplink = Attached {
+            ifindex: host.require_link(UPLINK).await?,
+            mac: mac_of(&host, UPLINK).await?,
+        };
         let [uplink_egress, uplink_ingress] =
             [TcAttachType::Egress, TcAttachType::Ingress].map(|dir| tcx_program(&host_ns, dir));
         let endpoint_ingress = pinned(&inst.bpffs, ENDPOINT_INGRESS_PROG)?;
-        let server = container(&server.netns)?;
-        let client = container(&client.netns)?;
+        let server = container(ctl, SERVER)?;
+        let client = container(ctl, CLIENT)?;
         // The neighbour the fast path out needs, as traffic would have made it.
         for addr in [IpAddr::from(OUTSIDE_ADDR), OUTSIDE_ADDR6.into()] {
             try_output_in(&host_ns, "ping", &["-c", "1", "-W", "1", &addr.to_string()])
@@ -389,27 +388,22 @@ impl Subject {
         Ok(())
     }
 
-    /// The `n`th new flow's SYN to the published port over `family`, from a source no other
-    /// has.
+    /// The `n`th new flow's SYN to the published port over `family`, from the `n`th address
+    /// of the fresh sources' block.
     fn fresh_syn(&self, family: Family, n: usize) -> Vec<u8> {
-        let port = 1024 + (n % 60_000) as u16;
         let (src, dst) = match family {
             Family::V4 => {
-                let [a, b] = FRESH_V4;
-                let at = (n / 60_000) as u32;
-                let src = Ipv4Addr::new(a, b | (at >> 16) as u8, (at >> 8) as u8, at as u8);
+                let src = Ipv4Addr::from(u32::from(FRESH_V4) + n as u32);
                 (IpAddr::from(src), IpAddr::from(HOST_ADDR))
             }
             Family::V6 => {
-                let [a, b, c, d] = FRESH_V6;
-                let at = n / 60_000;
-                let src = Ipv6Addr::new(a, b, c, d, 0, 0, (at >> 16) as u16, at as u16 | 1);
+                let src = Ipv6Addr::from(u128::from(FRESH_V6) + n as u128);
                 (src.into(), HOST_ADDR6.into())
             }
         };
         tcp_frame(
             (OUTSIDE_MAC, self.uplink.mac),
-            (src, port),
+            (src, CLIENT_PORT),
             (dst, CRR_PORT + PUBLISH_SHIFT),
             Flags::Syn,
         )
@@ -464,60 +458,24 @@ fn pinned(bpffs: &Path, name: &str) -> Result<SchedClassifier> {
     SchedClassifier::from_pin(&path).with_context(|| format!("open {}", path.display()))
 }
 
-/// `iface` of the namespace `ns`.
-fn attached(ns: &Path, iface: &str) -> Result<Attached> {
-    let link = try_output_in(ns, "ip", &["-o", "link", "show", "dev", iface])?;
-    let ifindex = netns::run_in(Some(ns), || Ok(nix::net::if_::if_nametoindex(iface)?))
-        .with_context(|| format!("the index of {iface}"))?;
-    Ok(Attached {
-        ifindex,
-        mac: mac_in(&link).with_context(|| format!("the MAC of {iface}"))?,
-    })
-}
-
-/// A container's addresses, MAC and host-side veth, read off `eth0` in its namespace.
-fn container(ns: &Path) -> Result<Container> {
-    let link = try_output_in(ns, "ip", &["-o", "link", "show", "dev", "eth0"])?;
-    // `2: eth0@if7: ...`: the peer's index, in the host's namespace.
-    let veth = link
-        .split_whitespace()
-        .nth(1)
-        .and_then(|name| name.trim_end_matches(':').split_once("@if"))
-        .and_then(|(_, index)| index.parse().ok())
-        .with_context(|| format!("the peer of eth0 in {link:?}"))?;
-    let addrs = try_output_in(
-        ns,
-        "ip",
-        &["-o", "addr", "show", "dev", "eth0", "scope", "global"],
-    )?;
-    let addr_of = |inet: &str| {
-        addrs.lines().find_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let at = words.iter().position(|w| *w == inet)?;
-            words.get(at + 1)?.split('/').next()?.parse::<IpAddr>().ok()
-        })
-    };
-    let (Some(IpAddr::V4(v4)), Some(IpAddr::V6(v6))) = (addr_of("inet"), addr_of("inet6")) else {
-        bail!("eth0 has no IPv4 or no IPv6 address: {addrs:?}");
-    };
+/// Container `base` of `ctl`'s world as netd recorded it.
+fn container(ctl: &Control, base: &str) -> Result<Container> {
+    let c = ctl.inspect(base)?;
+    let missing = |what| anyhow!("netd's record of {} has no {what}", c.name);
+    let mac: Vec<u8> = c
+        .mac
+        .as_deref()
+        .ok_or_else(|| missing("MAC"))?
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}'s MAC", c.name))?;
     Ok(Container {
-        v4,
-        v6,
-        mac: mac_in(&link).context("the MAC of eth0")?,
-        veth,
+        v4: c.ip.ok_or_else(|| missing("IPv4 address"))?,
+        v6: c.ip6.ok_or_else(|| missing("IPv6 address"))?,
+        mac: mac.try_into().map_err(|_| missing("6-byte MAC"))?,
+        veth: c.host_ifindex.ok_or_else(|| missing("host-side veth"))?,
     })
-}
-
-/// The MAC after `link/ether` in `ip -o link` output.
-fn mac_in(link: &str) -> Option<[u8; 6]> {
-    let words: Vec<&str> = link.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "link/ether")?;
-    let mut mac = [0u8; 6];
-    let mut parts = words.get(at + 1)?.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    Some(mac)
 }
 
 /// The TCP flags of the frames: a handshake, then its ACKs.
