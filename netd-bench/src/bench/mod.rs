@@ -493,6 +493,12 @@ async fn measure_programs(opts: &Options, samples: &mut Samples) -> Result<()> {
                 .with_context(|| format!("programs, {arm}"))?,
         );
     }
+    if subjects.is_empty() && opts.only == Some(Part::Programs) {
+        bail!(
+            "programs: no eBPF arm of netd's in --arms {} (ebpf, or baseline with --baseline)",
+            opts.arms.join(",")
+        );
+    }
     let sizes = programs::Sizes::new(opts.quick);
     for round in 1..=opts.runs {
         for subject in &subjects {
