@@ -1,7 +1,8 @@
 //! What the integration tests and the benchmark share: one fixture for netd in a sandbox
 //! ([`Instance`]), driven through the `netd` binary named by `NETD_BIN`; guards that fail
-//! loudly when they can't clean up ([`cleanup`]); and the traffic helpers that show what
-//! went through it ([`traffic`]).
+//! loudly when they can't clean up ([`cleanup`]); the traffic helpers that show what went
+//! through it ([`traffic`]); and one run of a datapath program on a crafted frame
+//! ([`testrun`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use anyhow::{Context as _, Result};
 pub mod cleanup;
 mod instance;
 pub mod sandbox;
+pub mod testrun;
 pub mod traffic;
 
 pub use instance::Instance;

@@ -15,6 +15,7 @@ use netd::{
 use netd_common::datapath::{
     BRIDGE_INGRESS_PROG, Timeouts, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, UPLINK_XDP_PROG,
 };
+pub use netd_testkit::testrun::{DROP, PASS, REDIRECT, Skb};
 
 use crate::{
     frames::*,
@@ -23,12 +24,6 @@ use crate::{
     topology::ip_in,
 };
 
-/// TC_ACT_UNSPEC (TCX_NEXT) as the kernel reports a program's return value.
-pub const PASS: u32 = u32::MAX;
-/// TC_ACT_SHOT.
-pub const DROP: u32 = 2;
-/// TC_ACT_REDIRECT: sent straight to another interface (into a container, to the uplink).
-pub const REDIRECT: u32 = 7;
 /// The XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -122,7 +117,7 @@ impl Bench {
                 ifindex,
                 ..Skb::default()
             };
-            test_run_ctx(program, prog, frame, &skb.bytes())
+            test_run_ctx(program, prog, frame, &skb)
         })
     }
 
@@ -196,46 +191,17 @@ where
     (result.return_value, out)
 }
 
-/// Runs TC program `p` (called `prog`) on `frame` with the context `ctx` (a `struct
-/// __sk_buff`'s first bytes); returns its verdict and the frame it left.
-fn test_run_ctx(p: &SchedClassifier, prog: &str, frame: &[u8], ctx: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(ctx),
-            ..Default::default()
-        })
+/// Runs TC program `p` (called `prog`) on `frame` with the context `skb`; returns its verdict
+/// and the frame it left.
+fn test_run_ctx(p: &SchedClassifier, prog: &str, frame: &[u8], skb: &Skb) -> (u32, Vec<u8>) {
+    let run = netd_testkit::testrun::run(p, frame, skb)
         .unwrap_or_else(|e| panic!("test run of {prog} on {frame:02x?}: {e:?}"));
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    (run.verdict, run.frame)
 }
 
 impl Default for Bench {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// What a test run of a TC program may set of its `struct __sk_buff`: the mark, the interface
-/// the packet arrived on, and the one the program runs on (an interface of the namespace the
-/// run is made in).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Skb {
-    pub mark: u32,
-    pub ingress_ifindex: u32,
-    pub ifindex: u32,
-}
-
-impl Skb {
-    /// The context's bytes, up to `ifindex` (the rest is zero).
-    fn bytes(&self) -> [u8; 44] {
-        let mut ctx = [0u8; 44];
-        ctx[8..12].copy_from_slice(&self.mark.to_ne_bytes());
-        ctx[36..40].copy_from_slice(&self.ingress_ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-        ctx
     }
 }
 
@@ -247,7 +213,7 @@ impl Bench {
         let path = Pins::open(&self.env.bpffs).unwrap().program(prog);
         self.env.in_ns(&self.env.host_ns(), || {
             let program = SchedClassifier::from_pin(&path).unwrap();
-            test_run_ctx(&program, prog, frame, &skb.bytes())
+            test_run_ctx(&program, prog, frame, &skb)
         })
     }
 

@@ -15,17 +15,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use aya::{
-    TestRun as _, TestRunOptions,
-    programs::{SchedClassifier, TcAttachType},
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 use etherparse::{
     ArpEthIpv4Packet, ArpOperation, NetSlice, PacketBuilder, SlicedPacket, TcpHeader,
     TransportSlice,
 };
 use netd_common::datapath::{ENDPOINT_INGRESS_PROG, UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG};
 use netd_testkit::{
-    HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, sandbox::UPLINK, traffic::try_output_in,
+    HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6,
+    sandbox::UPLINK,
+    testrun::{self, PASS, REDIRECT, Skb},
+    traffic::try_output_in,
 };
 
 use super::{
@@ -38,11 +38,6 @@ use netd::{netlink::Netlink, netns};
 
 /// The metric every record of this part has: a program's run time on one frame.
 pub const RUN_NS: &str = "prog_run_ns";
-
-/// TC_ACT_UNSPEC (TCX_NEXT), as the kernel reports a program's return value: passed on.
-const PASS: u32 = u32::MAX;
-/// TC_ACT_REDIRECT: sent straight to another interface (the fast paths).
-const REDIRECT: u32 = 7;
 
 /// The outside namespace's MAC, as frames from there carry it (no program checks it).
 const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0e];
@@ -341,7 +336,7 @@ impl Subject {
     }
 
     /// One test run of `program` on `frame`, as if it arrived on (left through) `ifindex`.
-    fn run(&self, program: &str, ifindex: u32, frame: &[u8]) -> Result<Run> {
+    fn run(&self, program: &str, ifindex: u32, frame: &[u8]) -> Result<testrun::Run> {
         let p = self.program(program);
         netns::run_in(Some(&self.host_ns), || test_run(p, ifindex, frame))
             .with_context(|| format!("{}: test run of {program}", self.arm))
@@ -376,7 +371,7 @@ impl Subject {
                             case.verdict as i32
                         );
                     }
-                    times.push(run.ns);
+                    times.push(run.duration.as_nanos() as u64);
                 }
                 Ok(times)
             })?;
@@ -410,32 +405,14 @@ impl Subject {
     }
 }
 
-/// The result of one test run.
-struct Run {
-    verdict: u32,
-    frame: Vec<u8>,
-    ns: u64,
-}
-
-/// Runs `p` on `frame` with an `__sk_buff` whose `ifindex` is `ifindex` (an interface of the
-/// calling thread's namespace).
-fn test_run(p: &SchedClassifier, ifindex: u32, frame: &[u8]) -> Result<Run> {
-    // struct __sk_buff up to `ifindex` (offset 40); the rest zero.
-    let mut ctx = [0u8; 44];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = p.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        ..Default::default()
-    })?;
-    out.truncate(result.data_size_out as usize);
-    Ok(Run {
-        verdict: result.return_value,
-        frame: out,
-        ns: result.duration.as_nanos() as u64,
-    })
+/// Runs `p` once on `frame` as if it arrived on (left through) `ifindex`, an interface of the
+/// calling thread's namespace.
+fn test_run(p: &SchedClassifier, ifindex: u32, frame: &[u8]) -> Result<testrun::Run> {
+    let skb = Skb {
+        ifindex,
+        ..Skb::default()
+    };
+    testrun::run(p, frame, &skb)
 }
 
 /// The TCX program attached to the uplink of `host_ns` in `dir` (netd's NAT program).
