@@ -18,7 +18,7 @@ use netd::{
 };
 use netd_common::datapath::{
     BRIDGE_INGRESS_PROG, ENDPOINT_EGRESS_PROG, ENDPOINT_INGRESS_PROG, ENDPOINT6_PROGS_MAP,
-    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG,
+    UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG, addr_v6,
 };
 use tests::{
     frames::{ACK, ETH_LEN, SYN, with_macs},
@@ -794,6 +794,25 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
         bench.run_on(UPLINK_INGRESS_PROG, &elsewhere, UPLINK),
         (PASS, elsewhere)
     );
+
+    // The first query's destination was found in netd's mirror of the host's addresses
+    // (`HOST_ADDRS6`); an address the host gained since is the host's all the same: the FIB
+    // says so where the mirror can't.
+    let gained: Ipv6Addr = "2001:2::77".parse().unwrap();
+    let ns = bench.env.host_ns();
+    tests::topology::ip_in(
+        &bench.env,
+        &ns,
+        &["-6", "addr", "add", "2001:2::77/64", "dev", UPLINK, "nodad"],
+    );
+    let pins = Pins::open(&bench.env.bpffs).unwrap();
+    let mirror = netd::datapath::ebpf::maps::host_addrs6(&pins).unwrap();
+    let mirrored = |addr: Ipv6Addr| mirror.get(&addr_v6(addr.octets()), 0).is_ok();
+    assert!(mirrored(host) && !mirrored(gained));
+    // From a port of its own: the reply tuple of the first query's flow is taken.
+    let query = udp(outside, 4001, gained, 5354, b"query");
+    let back = nat66_in(&bench, &n, &n.a, &frame(outside, gained, &[], UDP, &query));
+    assert_eq!(ends6(&back[ETH_LEN..]), (outside, 4001, a, 53));
 }
 
 /// The MAC a container sends to the host with (the bridge's): the hairpin program sends the

@@ -204,7 +204,10 @@ pub fn published6(addr: &Addr, port: u16, proto: u8) -> Option<PublishedTarget> 
 
 /// [`published`] for IPv6: a port published on `daddr`, else one published on every address
 /// when `daddr` is one of the host's (`also_host`: an address the caller knows to be the
-/// host's, such as a gateway; else the FIB says, as for the packet in `ctx`).
+/// host's, such as a gateway; else one the controller mirrored into `HOST_ADDRS6`, as IPv4's
+/// [`is_host_addr`], or failing that one the FIB says is local, as for the packet in `ctx`:
+/// the mirror answers a new flow to the host's own address for a fraction of a FIB lookup,
+/// and the FIB covers an address added since the controller last mirrored them).
 #[inline(always)]
 pub fn published_to6(
     ctx: &TcContext,
@@ -214,7 +217,8 @@ pub fn published_to6(
     also_host: bool,
 ) -> Option<PublishedTarget> {
     published6(daddr, port, proto).or_else(|| {
-        published6(&[0; 4], port, proto).filter(|_| also_host || fib::is_local6(ctx, daddr))
+        published6(&[0; 4], port, proto)
+            .filter(|_| also_host || is_host_addr6(daddr) || fib::is_local6(ctx, daddr))
     })
 }
 
@@ -245,8 +249,9 @@ pub fn is_host_addr(addr: u32, cfg: &Config) -> bool {
     addr == cfg.uplink_addr[0] || unsafe { HOST_ADDRS.get(&addr) }.is_some()
 }
 
-/// Whether IPv6 `addr` is one of the host namespace's addresses (`HOST_ADDRS6`). For the
-/// programs that can't ask the FIB ([`super::fib::is_local6`]): the cgroup ones.
+/// Whether IPv6 `addr` is one of the host namespace's addresses (`HOST_ADDRS6`): what the
+/// programs that can't ask the FIB ([`super::fib::is_local6`]) go by, the cgroup ones, and
+/// what the others ask before it.
 #[inline(always)]
 pub fn is_host_addr6(addr: &Addr) -> bool {
     // SAFETY: as above.
