@@ -119,6 +119,17 @@ fn network_create_with_gateway_bridge_mtu_and_host_ip_makes_what_they_name() {
         env.netd_ok(&["port", &c.name]),
         format!("80/tcp -> {SECOND_HOST_ADDR}:8080\n")
     );
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.netd_ok(&["port", &c.name, "--json"])).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{
+            "proto": "tcp",
+            "host_ip": SECOND_HOST_ADDR.to_string(),
+            "host_port": 8080,
+            "container_port": 80,
+        }])
+    );
     let server = echo_server(&env, &c.ns, sock(Ipv4Addr::UNSPECIFIED, 80));
     assert_echoed(&env, &env.outside_ns(), sock(SECOND_HOST_ADDR, 8080));
     assert_eq!(server.join().unwrap().ip(), IpAddr::from(OUTSIDE_ADDR));

@@ -1,8 +1,9 @@
-//! `netd publish NAME -p SPEC...`, `netd unpublish NAME SPEC...` and `netd port NAME`.
+//! `netd publish NAME -p SPEC...`, `netd unpublish NAME SPEC...` and `netd port NAME
+//! [--json]`.
 
 use anyhow::Result;
 
-use super::{Global, views};
+use super::{Global, output, views};
 use crate::core::ports;
 
 #[derive(clap::Args)]
@@ -25,6 +26,8 @@ pub struct UnpublishArgs {
 #[derive(clap::Args)]
 pub struct PortArgs {
     name: String,
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<()> {
@@ -53,7 +56,11 @@ fn parse_all(specs: &[String]) -> Result<Vec<ports::Publish>> {
 }
 
 pub fn port(global: &Global, args: PortArgs) -> Result<()> {
-    for p in &global.controller()?.container(&args.name)?.ports {
+    let ports = global.controller()?.container(&args.name)?.ports;
+    if args.json {
+        return output::json(&ports);
+    }
+    for p in &ports {
         println!("{}", views::port_line(p));
     }
     Ok(())
