@@ -803,7 +803,15 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
     tests::topology::ip_in(
         &bench.env,
         &ns,
-        &["-6", "addr", "add", "2001:2::77/64", "dev", UPLINK, "nodad"],
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gained}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
     );
     let pins = Pins::open(&bench.env.bpffs).unwrap();
     let mirror = netd::datapath::ebpf::maps::host_addrs6(&pins).unwrap();
