@@ -184,6 +184,7 @@ impl Report {
         );
         self.paths_table(&mut md);
         self.paired_latency_table(&mut md);
+        self.redirect_bound_table(&mut md);
         self.unsolicited_table(&mut md);
         self.xdp_table(&mut md);
         self.baseline_table(&mut md);
@@ -365,6 +366,60 @@ impl Report {
                     p50.median, p50.min, p50.max
                 );
             }
+        }
+        let _ = writeln!(md);
+    }
+
+    /// ebpf beside routed and the `redirect` arm on the metrics whose targets are set against
+    /// routed: `redirect/routed` is the most an eBPF datapath reaches there, `ebpf/redirect`
+    /// what netd's programs cost over the least one can do.
+    fn redirect_bound_table(&self, md: &mut String) {
+        const METRICS: [(&str, usize); 3] =
+            [("crr", 0), ("keepalive_rps", 0), ("rr_p50_paired", 2)];
+        let rows: Vec<(&str, &str, usize)> = super::Path::rows()
+            .flat_map(|(_, path)| METRICS.map(|(metric, digits)| (path, metric, digits)))
+            .filter(|(path, metric, _)| {
+                ["routed", "redirect", "ebpf"]
+                    .iter()
+                    .all(|arm| self.find(arm, path, metric, 1).is_some())
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "## The bound of any eBPF datapath: the `redirect` arm (median, min–max over runs)\n"
+        );
+        let _ = writeln!(
+            md,
+            "`redirect` is routed's topology forwarded by one TC program per host interface that \
+             only looks the destination up, sets the MACs and redirects: a target against routed \
+             that it misses is out of reach on this topology, and ebpf against it is what netd's \
+             programs cost. Request/response p50 from the paired runs; ratios are of medians.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| path | metric | routed | redirect | ebpf | redirect/routed | ebpf/redirect | ebpf/routed |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        for (path, metric, digits) in rows {
+            let ratio = |arm, other| {
+                self.ratio_of(arm, other, path, metric, 1)
+                    .map(|r| format!("{r:.3}"))
+                    .unwrap_or_default()
+            };
+            let _ = writeln!(
+                md,
+                "| {path} | {metric} ({}) | {} | {} | {} | {} | {} | {} |",
+                unit_of(metric),
+                self.cell("routed", path, metric, 1, digits),
+                self.cell("redirect", path, metric, 1, digits),
+                self.cell("ebpf", path, metric, 1, digits),
+                ratio("redirect", "routed"),
+                ratio("ebpf", "redirect"),
+                ratio("ebpf", "routed"),
+            );
         }
         let _ = writeln!(md);
     }
@@ -1149,6 +1204,40 @@ mod tests {
             )),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_redirect_table_sets_ebpf_between_routed_and_redirect_where_all_three_were_measured() {
+        let mut r = report(&[]);
+        let path = crate::bench::Path::Published
+            .name_in(crate::bench::Family::V4)
+            .to_string();
+        let mut add = |arm: &str, metric, runs: Vec<f64>| {
+            let key = (arm.to_string(), path.clone(), metric, 1);
+            r.records.push(Record::from_samples((key, runs)));
+        };
+        add("routed", "crr", vec![24_000.0, 25_000.0, 23_000.0]);
+        add("ebpf", "crr", vec![22_800.0]);
+        // Keep-alive lacks a redirect figure: no row for it.
+        add("routed", "keepalive_rps", vec![130_000.0]);
+        add("ebpf", "keepalive_rps", vec![125_000.0]);
+        assert!(
+            !r.markdown().contains("`redirect` arm (median"),
+            "no redirect, no table"
+        );
+        r.records.push(Record::from_samples((
+            ("redirect".to_string(), path.clone(), "crr", 1),
+            vec![25_000.0, 26_000.0, 24_000.0],
+        )));
+        let md = r.markdown();
+        assert!(
+            md.contains(&format!(
+                "| {path} | crr (conn/s) | 24000 (23000–25000) | 25000 (24000–26000) | \
+                 22800 (22800–22800) | 1.042 | 0.912 | 0.950 |"
+            )),
+            "{md}"
+        );
+        assert!(!md.contains(&format!("| {path} | keepalive_rps")), "{md}");
     }
 
     #[test]
