@@ -249,11 +249,7 @@ impl Report {
             for metric in PATH_METRICS {
                 let _ = write!(md, "| {path} | {metric} ({}) |", unit_of(metric));
                 for a in &arms {
-                    let cell = self
-                        .find(a, path, metric, 1)
-                        .map(|r| format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max))
-                        .unwrap_or_else(|| "–".into());
-                    let _ = write!(md, " {cell} |");
+                    let _ = write!(md, " {} |", self.cell(a, path, metric, 1, 2));
                 }
                 let fmt =
                     |r: Option<f64>| r.map(|r| format!("{r:.3}")).unwrap_or_else(|| "–".into());
@@ -512,22 +508,17 @@ impl Report {
         let _ = writeln!(md, "Baseline: `{bin}`, the eBPF datapath as `ebpf`.\n");
         let _ = writeln!(md, "| path | metric | baseline | ebpf | ebpf/baseline |");
         let _ = writeln!(md, "|---|---|---|---|---|");
-        let cell = |r: &Record| format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max);
         for (_, path) in super::Path::rows() {
             for metric in PATH_METRICS {
-                let (Some(before), Some(after)) = (
-                    self.find(super::arms::BASELINE, path, metric, 1),
-                    self.find("ebpf", path, metric, 1),
-                ) else {
+                let Some(ratio) = self.ratio(super::arms::BASELINE, path, metric, 1) else {
                     continue;
                 };
                 let _ = writeln!(
                     md,
-                    "| {path} | {metric} ({}) | {} | {} | {:.3} |",
+                    "| {path} | {metric} ({}) | {} | {} | {ratio:.3} |",
                     unit_of(metric),
-                    cell(before),
-                    cell(after),
-                    after.median / before.median
+                    self.cell(super::arms::BASELINE, path, metric, 1, 2),
+                    self.cell("ebpf", path, metric, 1, 2),
                 );
             }
         }
@@ -940,10 +931,7 @@ impl Report {
         for path in paths {
             let _ = write!(md, "| {path} |");
             for arm in &arms {
-                let cell = self
-                    .find(arm, path, super::programs::RUN_NS, 1)
-                    .map(|r| format!("{:.0} ({:.0}–{:.0})", r.median, r.min, r.max))
-                    .unwrap_or_else(|| "–".into());
+                let cell = self.cell(arm, path, super::programs::RUN_NS, 1, 0);
                 let _ = write!(md, " {cell} |");
             }
             if baseline {
