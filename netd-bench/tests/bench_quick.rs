@@ -95,6 +95,8 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
                 "throughput_synflood",
                 "synflood_held",
                 "synflood_cpu_us",
+                "sender_synflood_held",
+                "sender_synflood_cpu_us",
             ] {
                 want.insert(key(arm, CONNTRACK, metric, 1));
             }
