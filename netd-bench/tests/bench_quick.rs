@@ -96,6 +96,7 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
                 "synflood_held",
                 "synflood_cpu_us",
                 "sender_synflood_held",
+                "synflood_vs_sender",
                 "sender_synflood_cpu_us",
             ] {
                 want.insert(key(arm, CONNTRACK, metric, 1));

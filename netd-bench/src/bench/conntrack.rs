@@ -150,14 +150,15 @@ fn record_kernel_conntrack_memory(arm: &str, samples: &mut Samples) -> Result<()
     Ok(())
 }
 
-/// Pairs of the flow's throughput alone and under a flood, per flood and round. One 3-s
-/// transfer's throughput moves by up to a tenth from one measurement to the next, as much
-/// as a flood takes, so the loss is the ratio within each pair (measured back to back), and
-/// its median over pairs and rounds.
-const FLOOD_PAIRS: usize = 3;
+/// Triples of the flow's throughput per round: alone, then under the flood into the sink and
+/// under the flood at the published port (which comes first alternates), back to back. A
+/// 3-s transfer's throughput moves by up to a tenth from one measurement to the next and
+/// the VM's load over minutes, as much as a flood takes: so each loss is a ratio within a
+/// triple, and its median over triples and rounds.
+const FLOOD_TRIPLES: usize = 4;
 
-/// One established flow's throughput to the published port, alone and with a SYN flood from
-/// random sources at `FLOOD_RATE`, in `FLOOD_PAIRS` pairs for each of two floods:
+/// One established flow's throughput to the published port, alone and under two SYN floods
+/// from random sources at `FLOOD_RATE`, in `FLOOD_TRIPLES` triples:
 /// - at the same published port: each SYN makes a flow through the datapath to the
 ///   container, which answers it;
 /// - into a sink in the outside namespace (see [`sink`]): the SYNs are made and sent as
@@ -175,35 +176,31 @@ pub fn measure_flooded_throughput(
         bail!("the SYN flood is IPv4 only, not to {}", ep.target);
     };
     let published = SocketAddrV4::new(host, CRR_PORT + ep.port_shift);
-    for (alone, flooded, sent) in flooded_pairs(ep, published, plan)? {
+    let sunk = sink(&ep.client_ns)?;
+    let under = |target| flooding(&ep.client_ns, target, || tools::throughput(ep, plan.secs));
+    for triple in 0..FLOOD_TRIPLES {
+        let alone = tools::throughput(ep, plan.secs)?;
+        let ((flooded, sent), (sender_only, _)) = if triple % 2 == 0 {
+            let sender_only = under(sunk)?;
+            (under(published)?, sender_only)
+        } else {
+            (under(published)?, under(sunk)?)
+        };
         record(samples, arm, CONNTRACK, "throughput", 1, alone);
         record(samples, arm, CONNTRACK, "throughput_synflood", 1, flooded);
         record(samples, arm, CONNTRACK, "synflood_held", 1, flooded / alone);
         record(samples, arm, CONNTRACK, "synflood_sent", 1, sent as f64);
+        let held = sender_only / alone;
+        record(samples, arm, CONNTRACK, "sender_synflood_held", 1, held);
+        // What the datapath's handling of the SYNs takes, the sender's share taken out.
+        let beyond = flooded / sender_only;
+        record(samples, arm, CONNTRACK, "synflood_vs_sender", 1, beyond);
     }
     let per_syn = flood_cpu_per_syn(&ep.client_ns, published, plan.secs)?;
     record(samples, arm, CONNTRACK, "synflood_cpu_us", 1, per_syn);
-    let sunk = sink(&ep.client_ns)?;
-    for (alone, flooded, _) in flooded_pairs(ep, sunk, plan)? {
-        let held = flooded / alone;
-        record(samples, arm, CONNTRACK, "sender_synflood_held", 1, held);
-    }
     let sender = flood_cpu_per_syn(&ep.client_ns, sunk, plan.secs)?;
     record(samples, arm, CONNTRACK, "sender_synflood_cpu_us", 1, sender);
     Ok(())
-}
-
-/// `FLOOD_PAIRS` pairs of the flow's throughput alone and then while SYNs hit `target`, back
-/// to back: (alone, flooded, SYNs sent).
-fn flooded_pairs(ep: &Endpoint, target: SocketAddrV4, plan: &Plan) -> Result<Vec<(f64, f64, u64)>> {
-    (0..FLOOD_PAIRS)
-        .map(|_| {
-            let alone = tools::throughput(ep, plan.secs)?;
-            let (flooded, sent) =
-                flooding(&ep.client_ns, target, || tools::throughput(ep, plan.secs))?;
-            Ok((alone, flooded, sent))
-        })
-        .collect()
 }
 
 /// A target for a flood that stays in the outside namespace `client_ns`: an address routed

@@ -50,7 +50,7 @@ fn unit_of(metric: &str) -> &'static str {
         super::programs::RUN_NS => "ns",
         "crr" | "crr_ct90" => "conn/s",
         "throughput_synflood" => "Gbit/s",
-        "synflood_held" | "sender_synflood_held" => "ratio",
+        "synflood_held" | "sender_synflood_held" | "synflood_vs_sender" => "ratio",
         "synflood_cpu_us" | "sender_synflood_cpu_us" => "us",
         "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" => "count",
         "daemon_rss_mib" | "daemon_peak_rss_mib" => "MiB",
@@ -754,22 +754,24 @@ impl Report {
              `--conntrack-max`; such flows are never assured, so they fill netd's table of \
              unassured flows, which a flood can't get past into the assured one); \
              one established flow's throughput alone and while SYNs from random sources hit the \
-             same published port at a fixed rate (held: the ratio, flooded over alone, of pairs \
-             measured back to back, target 0.9); the same with the flood's SYNs sent into a \
-             sink in the outside namespace instead (held, sender alone: what the flood's sender \
-             takes from the flow on this machine, which no datapath can win back); what one SYN of \
-             each flood costs the whole machine (busy CPU time of all CPUs during the flood \
-             alone, less a quiet span's, over the SYNs sent: sender, datapath, the container's \
+             same published port at a fixed rate (held: flooded over alone, target 0.9); the \
+             same with the flood's SYNs sent into a sink in the outside namespace instead (held, \
+             sender alone: what the flood's sender takes from the flow on this machine, which no \
+             datapath can win back); the flow under the flood over the flow under the sender \
+             alone (what the datapath's handling of the SYNs takes); each ratio within a triple \
+             of transfers back to back (alone, then under either flood); what one SYN of each \
+             flood costs the whole machine (busy CPU time of all CPUs during the flood alone, \
+             less a quiet span's, over the SYNs sent: sender, datapath, the container's \
              answer). iptables' table is the kernel's, machine-wide and shared here, so it is \
              not filled.\n"
         );
         let _ = writeln!(
             md,
-            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | daemon peak RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent | CPU per SYN (us) | held, sender alone | CPU per SYN, sender alone (us) |"
+            "| arm | table size | crr empty (conn/s) | failed | entries when full | crr 90% full (conn/s) | failed | daemon RSS (MiB) | daemon peak RSS (MiB) | throughput (Gbit/s) | under SYN flood (Gbit/s) | held | SYNs sent | CPU per SYN (us) | held, sender alone | flood / sender alone | CPU per SYN, sender alone (us) |"
         );
         let _ = writeln!(
             md,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for arm in self.arms() {
             let Some(held) = self.find(arm, path, "synflood_held", 1) else {
@@ -785,7 +787,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} | {} | {} | {} |",
+                "| {arm} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} ({:.3}–{:.3}) {} | {} | {} | {} | {} | {} |",
                 size.map_or("–".into(), |n| n.to_string()),
                 at("crr", 0),
                 at("crr_failed", 0),
@@ -803,6 +805,7 @@ impl Report {
                 self.cell(arm, path, "synflood_sent", 1, 0),
                 self.cell(arm, path, "synflood_cpu_us", 1, 1),
                 self.cell(arm, path, "sender_synflood_held", 1, 3),
+                self.cell(arm, path, "synflood_vs_sender", 1, 3),
                 self.cell(arm, path, "sender_synflood_cpu_us", 1, 1),
             );
         }
