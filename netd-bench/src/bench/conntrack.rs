@@ -178,9 +178,10 @@ pub fn measure_flooded_throughput(
     let published = SocketAddrV4::new(host, CRR_PORT + ep.port_shift);
     let sunk = sink(&ep.client_ns)?;
     let under = |target| flooding(&ep.client_ns, target, || tools::throughput(ep, plan.secs));
+    let mut sent_to_sink = 0;
     for triple in 0..FLOOD_TRIPLES {
         let alone = tools::throughput(ep, plan.secs)?;
-        let ((flooded, sent), (sender_only, _)) = if triple % 2 == 0 {
+        let ((flooded, sent), (sender_only, sunk_sent)) = if triple % 2 == 0 {
             let sender_only = under(sunk)?;
             (under(published)?, sender_only)
         } else {
@@ -195,13 +196,33 @@ pub fn measure_flooded_throughput(
         // What the datapath's handling of the SYNs takes, the sender's share taken out.
         let beyond = flooded / sender_only;
         record(samples, arm, CONNTRACK, "synflood_vs_sender", 1, beyond);
+        sent_to_sink += sunk_sent;
     }
-    let per_syn = flood_cpu_per_syn(&ep.client_ns, published, plan.secs)?;
+    let (per_syn, _) = flood_cpu_per_syn(&ep.client_ns, published, plan.secs)?;
     record(samples, arm, CONNTRACK, "synflood_cpu_us", 1, per_syn);
-    let sender = flood_cpu_per_syn(&ep.client_ns, sunk, plan.secs)?;
+    let (sender, sunk_sent) = flood_cpu_per_syn(&ep.client_ns, sunk, plan.secs)?;
     record(samples, arm, CONNTRACK, "sender_synflood_cpu_us", 1, sender);
+    ensure_all_sunk(&ep.client_ns, sent_to_sink + sunk_sent)
+}
+
+/// Fails unless the sink dropped at least the `sent` SYNs sent to it: one that went
+/// elsewhere (a wrong route, towards the host) would make the sender-alone figures a flood's.
+fn ensure_all_sunk(client_ns: &Path, sent: u64) -> Result<()> {
+    let json = try_output_in(client_ns, "ip", &["-s", "-j", "link", "show", SINK_DEV])?;
+    let links: serde_json::Value =
+        serde_json::from_str(&json).with_context(|| format!("ip -s -j link show {SINK_DEV}"))?;
+    let dropped = links[0]["stats64"]["rx"]["dropped"]
+        .as_u64()
+        .with_context(|| format!("no rx drop count for {SINK_DEV} in {json}"))?;
+    anyhow::ensure!(
+        dropped >= sent,
+        "the sink {SINK_DEV} dropped {dropped} packets of the {sent} SYNs sent to it"
+    );
     Ok(())
 }
+
+/// The [`sink`]'s device, which counts each packet it drops as received and dropped.
+const SINK_DEV: &str = "sink0";
 
 /// A target for a flood that stays in the outside namespace `client_ns`: an address routed
 /// to an ifb device made there, which drops what is sent to it directly (it forwards only
@@ -210,9 +231,9 @@ pub fn measure_flooded_throughput(
 fn sink(client_ns: &Path) -> Result<SocketAddrV4> {
     const SINK: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
     for args in [
-        &["link", "add", "sink0", "type", "ifb"][..],
-        &["link", "set", "sink0", "up"],
-        &["route", "add", &format!("{SINK}/32"), "dev", "sink0"],
+        &["link", "add", SINK_DEV, "type", "ifb"][..],
+        &["link", "set", SINK_DEV, "up"],
+        &["route", "add", &format!("{SINK}/32"), "dev", SINK_DEV],
     ] {
         try_output_in(client_ns, "ip", args)?;
     }
@@ -241,14 +262,14 @@ fn flooding<T>(
 /// every CPU (/proc/stat) during `secs` (at least 3) of the flood alone, less that of as long a
 /// quiet span just before, over the SYNs sent. It counts all of a SYN's way (the sender, the
 /// datapath both ways, the container's answer), of which the flow's held throughput shows
-/// only what lands on the flow's own path.
-fn flood_cpu_per_syn(client_ns: &Path, target: SocketAddrV4, secs: u32) -> Result<f64> {
+/// only what lands on the flow's own path. Returns it with the SYNs sent.
+fn flood_cpu_per_syn(client_ns: &Path, target: SocketAddrV4, secs: u32) -> Result<(f64, u64)> {
     // At least the 60,000 SYNs of 3 s: /proc/stat counts in ticks of 10 ms.
     let span = Duration::from_secs(u64::from(secs.max(3)));
     let quiet = busy_cpu_secs_over(span)?;
     let (flooded, sent) = flooding(client_ns, target, || busy_cpu_secs_over(span))?;
     anyhow::ensure!(sent > 0, "the flood sent no SYN");
-    Ok((flooded - quiet) * 1e6 / sent as f64)
+    Ok(((flooded - quiet) * 1e6 / sent as f64, sent))
 }
 
 /// The busy CPU seconds of all CPUs (everything but idle and iowait) over the next `span`.
