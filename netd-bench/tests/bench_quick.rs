@@ -63,6 +63,7 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
             let ipv6 = format!("{path} (IPv6)");
             for metric in [
                 "throughput",
+                "throughput_one_core",
                 "rr_p50",
                 "rr_p99",
                 "crr",

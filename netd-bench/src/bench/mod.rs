@@ -713,6 +713,8 @@ fn measure_path(
 ) -> Result<()> {
     let gbps = tools::throughput(ep, plan.secs).context("throughput")?;
     record(samples, arm, path, "throughput", 1, gbps);
+    let gbps = tools::throughput_on_one_core(ep, plan.secs).context("throughput on one core")?;
+    record(samples, arm, path, "throughput_one_core", 1, gbps);
     let (p50, p99) = tools::rr_latency(ep, plan.secs).context("latency")?;
     record(samples, arm, path, "rr_p50", 1, p50);
     record(samples, arm, path, "rr_p99", 1, p99);

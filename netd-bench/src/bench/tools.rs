@@ -94,6 +94,21 @@ pub(super) fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -
 
 /// Bulk TCP throughput from client to server, in Gbit/s.
 pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
+    iperf3(ep, secs, &[])
+}
+
+/// [`throughput`] with client and server on the first CPU (iperf3's `-A 0,0`), so that all
+/// of the path's work lands there: the senders' TCP, the datapath both ways (run in the
+/// sending side's softirq) and the receivers' copy. It gauges what the path costs per byte,
+/// free of what two CPUs add on this machine: segments arriving out of order (spurious
+/// retransmits by the thousand a transfer; none on one CPU), and where the scheduler puts
+/// the ends.
+pub fn throughput_on_one_core(ep: &Endpoint, secs: u32) -> Result<f64> {
+    iperf3(ep, secs, &["-A", "0,0"])
+}
+
+/// iperf3's received rate from client to server, in Gbit/s, the client run with `extra`.
+fn iperf3(ep: &Endpoint, secs: u32, extra: &[&str]) -> Result<f64> {
     let _server = start_server(
         &ep.server_ns,
         IPERF_PORT,
@@ -109,6 +124,7 @@ pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
             &target.port().to_string(),
         ])
         .args(["-t", &secs.to_string(), "-J"])
+        .args(extra)
         .output()
         .context("run iperf3")?;
     let report: serde_json::Value =
