@@ -165,7 +165,8 @@ const FLOOD_TRIPLES: usize = 4;
 ///   before but never reach the host, so what the flow loses to it is what the flood's sender
 ///   takes from the machine, which no datapath can win back.
 ///
-/// Then what each flood alone costs the machine per SYN (see [`flood_cpu_per_syn`]).
+/// Then what each flood alone costs the machine per SYN (see [`flood_cpu_per_syn`]), and
+/// that the sink dropped every SYN sent to it.
 pub fn measure_flooded_throughput(
     ep: &Endpoint,
     arm: &str,
