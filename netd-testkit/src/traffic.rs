@@ -1,9 +1,9 @@
-//! Traffic and the counters that prove it: echo servers and clients, waits for listeners,
-//! and the kernel's and netd's packet counters. The `Result` forms are for the benchmark and
-//! the demo; the others, for tests, panic naming what failed.
+//! Traffic and the counters that prove it: echo servers and clients, a socket read a signal
+//! can't fail, waits for listeners, and the kernel's and netd's packet counters. The `Result`
+//! forms are for the benchmark and the demo; the others, for tests, panic naming what failed.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     thread::JoinHandle,
@@ -17,6 +17,21 @@ use crate::{Instance, command_in};
 
 /// How long a helper waits for a connection, a reply or a listener.
 const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `op` (a read of a socket with a read time-out), run again while a signal interrupts it.
+/// signal(7): a receive on a socket with SO_RCVTIMEO (recv, recvfrom, recvmsg, accept) is
+/// never restarted after a signal handler runs, and on Linux fails with EINTR even without
+/// one when the process is stopped and continued. std's loops (`read_exact`, `read_to_end`,
+/// `read_line`, `write_all`) already ask again; a bare `read`, `recv`, `recv_from` or `peek`
+/// returns `Interrupted`, which a test would take for a failure or for silence.
+pub fn retry_interrupted<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            done => return done,
+        }
+    }
+}
 
 /// A TCP server in `ns` on `port` answering `count` connections, each by echoing what it
 /// read (once) and closing; yields each connection's peer.
@@ -34,7 +49,7 @@ pub fn serve_echo(
                 let (mut conn, peer) = listener.accept()?;
                 conn.set_read_timeout(Some(TIMEOUT))?;
                 let mut buf = [0u8; 128];
-                let n = conn.read(&mut buf)?;
+                let n = retry_interrupted(|| conn.read(&mut buf))?;
                 conn.write_all(&buf[..n])?;
                 Ok(peer)
             })

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::TestEnv;
+use crate::{harness::TestEnv, traffic::retry_interrupted};
 
 /// How long a connection attempt or a read may take before the test calls it lost.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,7 +77,7 @@ fn echo_one(listener: &TcpListener) -> SocketAddr {
     let (mut conn, peer) = listener.accept().unwrap();
     conn.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut buf = [0u8; 64];
-    let n = conn.read(&mut buf).unwrap();
+    let n = retry_interrupted(|| conn.read(&mut buf)).unwrap();
     conn.write_all(&buf[..n]).unwrap();
     peer
 }
@@ -89,7 +89,7 @@ pub fn tcp_echo(env: &TestEnv, ns: &Path, addr: SocketAddr) -> std::io::Result<S
         conn.set_read_timeout(Some(TIMEOUT))?;
         conn.write_all(b"netd")?;
         let mut buf = [0u8; 16];
-        let n = conn.read(&mut buf)?;
+        let n = retry_interrupted(|| conn.read(&mut buf))?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }

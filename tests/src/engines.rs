@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::TestEnv;
+use crate::{harness::TestEnv, traffic::retry_interrupted};
 
 /// The netd-cni binary built next to netd.
 pub fn cni_bin() -> PathBuf {
@@ -168,7 +168,7 @@ pub fn udp_ask(env: &TestEnv, ns: &Path, sport: u16, addr: SocketAddr) -> Option
             .unwrap();
         socket.send_to(b"who", addr).unwrap();
         let mut buf = [0u8; 64];
-        let n = socket.recv(&mut buf).ok()?;
+        let n = retry_interrupted(|| socket.recv(&mut buf)).ok()?;
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }

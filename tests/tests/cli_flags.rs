@@ -14,6 +14,7 @@ use tests::{
         flows, output_in, ping_output, pings, stat, tcp_echo,
     },
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    traffic::retry_interrupted,
 };
 
 /// A second address of the host, on its uplink (the outside reaches it on the same link).
@@ -316,7 +317,7 @@ fn udp_echo_once(env: &TestEnv, ns: &Path, port: u16) -> std::thread::JoinHandle
     sock.set_read_timeout(Some(TIMEOUT)).unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
-        let (n, peer) = sock.recv_from(&mut buf).unwrap();
+        let (n, peer) = retry_interrupted(|| sock.recv_from(&mut buf)).unwrap();
         sock.send_to(&buf[..n], peer).unwrap();
         peer
     })
@@ -330,7 +331,7 @@ fn udp_ask(env: &TestEnv, addr: SocketAddr) -> (String, SocketAddr) {
     sock.set_read_timeout(Some(TIMEOUT)).unwrap();
     sock.send_to(b"query", addr).unwrap();
     let mut buf = [0u8; 64];
-    let (n, from) = sock.recv_from(&mut buf).unwrap();
+    let (n, from) = retry_interrupted(|| sock.recv_from(&mut buf)).unwrap();
     (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
 }
 

@@ -21,6 +21,7 @@ use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     frames::{SYN, TCP, UDP, ipv4, send_ipv4, tcp_at, udp},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, bound_connect},
+    traffic::retry_interrupted,
 };
 
 /// `--conntrack-max`: entries in the table (two per flow).
@@ -184,7 +185,7 @@ impl Stream {
             thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 loop {
-                    match inside.read(&mut buf) {
+                    match retry_interrupted(|| inside.read(&mut buf)) {
                         Ok(0) => return received.load(Ordering::Relaxed),
                         Ok(n) => {
                             received.fetch_add(n as u64, Ordering::Relaxed);
@@ -311,7 +312,7 @@ impl Responder {
             thread::spawn(move || {
                 let mut buf = [0u8; 64];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    if let Ok((n, peer)) = retry_interrupted(|| sock.recv_from(&mut buf)) {
                         let _ = sock.send_to(&buf[..n], peer);
                     }
                 }
@@ -395,7 +396,7 @@ fn udp_reaches_outside(env: &TestEnv, c: &Container, port: u16) -> bool {
         sock.send_to(b"probe", (OUTSIDE_ADDR, port)).unwrap();
     });
     let mut buf = [0u8; 16];
-    server.recv_from(&mut buf).is_ok()
+    retry_interrupted(|| server.recv_from(&mut buf)).is_ok()
 }
 
 #[test]
@@ -522,24 +523,25 @@ impl Capture {
     fn next_seq(&self, sport: u16, dport: u16) -> u32 {
         let mut buf = [0u8; 2048];
         loop {
-            // SAFETY: reads into a buffer of the length given.
-            let n = unsafe {
-                libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
-            assert!(
-                n > 0,
-                "no segment captured: {}",
-                std::io::Error::last_os_error()
-            );
+            let n = retry_interrupted(|| {
+                // SAFETY: reads into a buffer of the length given.
+                let n = unsafe {
+                    libc::recv(
+                        std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                    )
+                };
+                // Negative: failed, errno says why.
+                usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+            })
+            .unwrap_or_else(|e| panic!("no segment captured: {e}"));
+            assert!(n > 0, "no segment captured: an empty read");
             if buf[12..14] != [0x08, 0x00] {
                 continue;
             }
-            let p = &buf[14..n as usize];
+            let p = &buf[14..n];
             let ihl = usize::from(p[0] & 0x0f) * 4;
             if p[9] != TCP || p[12..16] != OUTSIDE_ADDR.octets() || p[16..20] != HOST_ADDR.octets()
             {
@@ -607,7 +609,7 @@ fn blind_rsts_out_of_the_window_leave_an_idle_masqueraded_connection_alone() {
     let next = next_outside_seq(&env, &mut conn, nat_port, "last");
     env.in_ns(&env.outside_ns(), || send_ipv4([rst(nat_port, next)]));
     let mut buf = [0u8; 8];
-    let err = conn.inside.read(&mut buf).unwrap_err();
+    let err = retry_interrupted(|| conn.inside.read(&mut buf)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
 }
 

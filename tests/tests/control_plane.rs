@@ -14,7 +14,7 @@ use netd::netns;
 use tests::{
     cli::connect_error,
     harness::{OUTSIDE_ADDR, TestEnv, host_links, namespaces, netd_state},
-    traffic::{echo_server, tcp_echo},
+    traffic::{echo_server, retry_interrupted, tcp_echo},
 };
 
 fn ip_of(env: &TestEnv, name: &str) -> String {
@@ -990,9 +990,9 @@ fn nat_ports_and_icmp_errors(datapath: &str) {
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         sock.send_to(b"hi", (OUTSIDE_ADDR, 5300)).unwrap();
         let mut buf = [0u8; 8];
-        let (_, peer) = server.recv_from(&mut buf).unwrap();
+        let (_, peer) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
         server.send_to(b"back", peer).unwrap();
-        let (len, _) = sock.recv_from(&mut buf).unwrap();
+        let (len, _) = retry_interrupted(|| sock.recv_from(&mut buf)).unwrap();
         assert_eq!(&buf[..len], b"back");
         peers.push(peer);
     }
@@ -1014,7 +1014,9 @@ fn nat_ports_and_icmp_errors(datapath: &str) {
         sock.connect((OUTSIDE_ADDR, 5301)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         sock.send(b"anyone?").unwrap();
-        sock.recv(&mut [0u8; 8]).unwrap_err().kind()
+        retry_interrupted(|| sock.recv(&mut [0u8; 8]))
+            .unwrap_err()
+            .kind()
     });
     assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
 }
@@ -1102,7 +1104,7 @@ fn a_full_conntrack_table_makes_room_for_new_flows() {
     let echo = std::thread::spawn(move || {
         for _ in 0..FLOWS {
             let mut buf = [0u8; 8];
-            let (n, peer) = server.recv_from(&mut buf).unwrap();
+            let (n, peer) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
             server.send_to(&buf[..n], peer).unwrap();
         }
     });
@@ -1116,8 +1118,7 @@ fn a_full_conntrack_table_makes_room_for_new_flows() {
                 sock.send_to(&i.to_be_bytes(), (OUTSIDE_ADDR, 5500))
                     .unwrap();
                 let mut buf = [0u8; 8];
-                let (n, _) = sock
-                    .recv_from(&mut buf)
+                let (n, _) = retry_interrupted(|| sock.recv_from(&mut buf))
                     .unwrap_or_else(|e| panic!("flow {i} got no answer: {e}"));
                 assert_eq!(buf[..n], i.to_be_bytes());
                 sock

@@ -19,6 +19,7 @@ use tests::{
     flow::Flow,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
     topology::{LAN_ADDR, NIC1_ADDR, second_nic},
+    traffic::retry_interrupted,
 };
 
 fn start_daemon(env: &TestEnv) -> Child {
@@ -163,7 +164,7 @@ fn the_daemon_masquerades_through_a_nic_that_appears() {
     let mut sources = Vec::new();
     let arrived = eventually(Duration::from_secs(5), || {
         container.send_to(b"hello", (LAN_ADDR, 5500)).unwrap();
-        match neighbour.recv_from(&mut buf) {
+        match retry_interrupted(|| neighbour.recv_from(&mut buf)) {
             Ok((_, from)) => {
                 sources.push(from.ip());
                 true

@@ -20,7 +20,7 @@ use tests::{
         TestCgroup, connect_from_cgroup, containers, containers_with, datapath_in,
         disable_tx_checksum_offload, publish, udp_from_cgroup,
     },
-    traffic::{nstat, output_in, stat},
+    traffic::{nstat, output_in, retry_interrupted, stat},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,10 +115,10 @@ fn masquerade_tcp_udp_and_ping_reach_the_outside_as_the_host() {
     let client = udp_bound_in(&env, &c.ns, (Ipv4Addr::UNSPECIFIED, 0).into());
     client.send_to(b"question", (OUTSIDE_ADDR, 9001)).unwrap();
     let mut buf = [0u8; 64];
-    let (n, peer) = server.recv_from(&mut buf).unwrap();
+    let (n, peer) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
     assert_eq!((&buf[..n], peer.ip()), (&b"question"[..], HOST_ADDR.into()));
     server.send_to(b"answer", peer).unwrap();
-    let (n, from) = client.recv_from(&mut buf).unwrap();
+    let (n, from) = retry_interrupted(|| client.recv_from(&mut buf)).unwrap();
     assert_eq!(
         (&buf[..n], from),
         (&b"answer"[..], SocketAddr::from((OUTSIDE_ADDR, 9001)))
@@ -238,10 +238,10 @@ fn published_ports_reach_containers_and_replies_leave_from_the_published_address
     let client = udp_bound_in(&env, &env.outside_ns(), (OUTSIDE_ADDR, 0).into());
     client.send_to(b"query", (HOST_ADDR, 5353)).unwrap();
     let mut buf = [0u8; 64];
-    let (n, peer) = server.recv_from(&mut buf).unwrap();
+    let (n, peer) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
     assert_eq!((&buf[..n], peer.ip()), (&b"query"[..], OUTSIDE_ADDR.into()));
     server.send_to(b"response", peer).unwrap();
-    let (n, from) = client.recv_from(&mut buf).unwrap();
+    let (n, from) = retry_interrupted(|| client.recv_from(&mut buf)).unwrap();
     assert_eq!(
         (&buf[..n], from),
         (&b"response"[..], SocketAddr::from((HOST_ADDR, 5353)))
@@ -319,9 +319,9 @@ fn no_netfilter_rule_no_kernel_conntrack_and_no_checksum_error() {
             .send_to(&payload(1000), (OUTSIDE_ADDR, 9001))
             .unwrap();
         let mut buf = [0u8; 2000];
-        let (n, peer) = server.recv_from(&mut buf).unwrap();
+        let (n, peer) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
         server.send_to(&buf[..n], peer).unwrap();
-        client.recv_from(&mut buf).unwrap();
+        retry_interrupted(|| client.recv_from(&mut buf)).unwrap();
     }
     ping(&env, &cs[0].ns, OUTSIDE_ADDR, 2);
 
@@ -373,7 +373,7 @@ fn icmp_errors_about_masqueraded_flows_reach_the_container() {
     sock.set_read_timeout(Some(TIMEOUT)).unwrap();
     sock.connect((OUTSIDE_ADDR, 9999)).unwrap();
     sock.send(b"anyone there?").unwrap();
-    let err = sock.recv(&mut [0u8; 64]).unwrap_err();
+    let err = retry_interrupted(|| sock.recv(&mut [0u8; 64])).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 
     // The outside namespace becomes a router towards 198.19.0.0/16 (back through the host,
@@ -604,7 +604,7 @@ fn host_processes_reach_published_ports_on_host_addresses_and_loopback_only_in_t
     let answers = thread::spawn(move || {
         for _ in 0..2 {
             let mut buf = [0u8; 64];
-            let (n, peer) = dns.recv_from(&mut buf).unwrap();
+            let (n, peer) = retry_interrupted(|| dns.recv_from(&mut buf)).unwrap();
             dns.send_to(&buf[..n], peer).unwrap();
         }
     });
@@ -853,7 +853,7 @@ fn source_seen_outside(env: &TestEnv, ns: &Path) -> Ipv4Addr {
     let server = udp_bound_in(env, &env.outside_ns(), (OUTSIDE_ADDR, 9001).into());
     let client = udp_bound_in(env, ns, (Ipv4Addr::UNSPECIFIED, 0).into());
     client.send_to(b"who?", (OUTSIDE_ADDR, 9001)).unwrap();
-    let (_, peer) = server.recv_from(&mut [0u8; 16]).unwrap();
+    let (_, peer) = retry_interrupted(|| server.recv_from(&mut [0u8; 16])).unwrap();
     match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
         other => panic!("{other}"),
@@ -901,7 +901,7 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
         );
         env.in_ns(&out, || send_raw("out0", &frame));
         let mut buf = [0u8; 64];
-        let (n, from) = server.recv_from(&mut buf).unwrap();
+        let (n, from) = retry_interrupted(|| server.recv_from(&mut buf)).unwrap();
         assert_eq!(
             (&buf[..n], from),
             (&b"netd udp!"[..], SocketAddr::from((OUTSIDE_ADDR, 6000)))
@@ -917,7 +917,7 @@ fn fully_checksummed_packets_are_translated_with_checksums_the_receivers_accept(
     );
     env.in_ns(&c.ns, || send_raw("eth0", &frame));
     let mut buf = [0u8; 64];
-    let (n, from) = sink.recv_from(&mut buf).unwrap();
+    let (n, from) = retry_interrupted(|| sink.recv_from(&mut buf)).unwrap();
     assert_eq!(
         (&buf[..n], from),
         (&b"netd udp!"[..], SocketAddr::from((HOST_ADDR, 7000)))

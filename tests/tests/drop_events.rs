@@ -15,6 +15,7 @@ use std::{
 use tests::{
     cli::{Ctr, TIMEOUT, drop_events, output_in, stat},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    traffic::retry_interrupted,
 };
 
 const PORT: u16 = 9999;
@@ -56,22 +57,17 @@ fn send(env: &TestEnv, ns: &Path, src: Option<Ipv4Addr>, dst: SocketAddr, what: 
 /// What `sock` received next: its payload, or `None` when nothing came.
 fn received(sock: &UdpSocket) -> Option<String> {
     let mut buf = [0u8; 64];
-    loop {
-        match sock.recv_from(&mut buf) {
-            Ok((n, _)) => return Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            // A signal to this process (another test's child exiting): a receive with a
-            // time-out is never restarted by the kernel, so ask again.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return None;
-            }
-            Err(e) => panic!("recv: {e}"),
+    match retry_interrupted(|| sock.recv_from(&mut buf)) {
+        Ok((n, _)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
         }
+        Err(e) => panic!("recv: {e}"),
     }
 }
 

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use tests::{
     cli::{TIMEOUT, create, output_in, ping_output, stat},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    traffic::retry_interrupted,
 };
 
 /// The network's gateway (the host's address on the bridge).
@@ -167,7 +168,7 @@ fn inbound_bigger_than_the_containers_mtu_is_fragmented_by_the_stack() {
         let data = vec![7u8; size];
         let (received, fast) = counted(&env, "fast_path_in", || {
             client.send_to(&data, (HOST_ADDR, 5300)).unwrap();
-            server.recv_from(&mut buf).map(|(n, _)| n)
+            retry_interrupted(|| server.recv_from(&mut buf)).map(|(n, _)| n)
         });
         assert_eq!(received.unwrap(), size, "the datagram arrived whole");
         assert_eq!(fast, fast_path, "{size} bytes into an MTU of 1200");

@@ -24,6 +24,7 @@ use tests::{
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK},
     rawsock::{self, Tap, marker},
     topology::{TestCgroup, connect_from_cgroup, udp_from_cgroup},
+    traffic::retry_interrupted,
 };
 
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -212,10 +213,11 @@ fn udp_round_trip(client: &UdpSocket, server: &UdpSocket) -> SocketAddr {
 fn udp_round_trip_via(client: &UdpSocket, server: &UdpSocket, to: SocketAddr) -> SocketAddr {
     let mut buf = [0u8; 64];
     client.send_to(b"question", to).unwrap();
-    let (n, peer) = server.recv_from(&mut buf).expect("the question arrives");
+    let (n, peer) = retry_interrupted(|| server.recv_from(&mut buf)).expect("the question arrives");
     assert_eq!(&buf[..n], b"question");
     server.send_to(b"answer", peer).unwrap();
-    let (n, from) = client.recv_from(&mut buf).expect("the answer comes back");
+    let (n, from) =
+        retry_interrupted(|| client.recv_from(&mut buf)).expect("the answer comes back");
     assert_eq!(
         (&buf[..n], from.ip(), from.port()),
         (&b"answer"[..], to.ip(), to.port())
@@ -352,7 +354,7 @@ fn nothing_from_outside_reaches_a_masquerading_dual_stack_container_unasked_on_t
         ErrorKind::WouldBlock,
         "a connection from outside"
     );
-    let got = inbox.recv_from(&mut [0u8; 64]);
+    let got = retry_interrupted(|| inbox.recv_from(&mut [0u8; 64]));
     assert!(got.is_err(), "a datagram from outside: {got:?}");
     let counted = stat(&env, "unsolicited") - unsolicited;
     assert!(counted >= 3, "unsolicited grew by {counted}");
@@ -398,14 +400,12 @@ fn fragmented_round_trip(from: &UdpSocket, to: &UdpSocket, via: SocketAddr, seen
     let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
     let mut buf = [0u8; 4096];
     from.send_to(&big, via).unwrap();
-    let (n, peer) = to
-        .recv_from(&mut buf)
-        .expect("the fragmented datagram arrives");
+    let (n, peer) =
+        retry_interrupted(|| to.recv_from(&mut buf)).expect("the fragmented datagram arrives");
     assert_eq!((&buf[..n], peer.ip()), (&big[..], seen_from));
     to.send_to(&big, peer).unwrap();
-    let (n, back) = from
-        .recv_from(&mut buf)
-        .expect("the fragmented answer comes back");
+    let (n, back) =
+        retry_interrupted(|| from.recv_from(&mut buf)).expect("the fragmented answer comes back");
     assert_eq!((&buf[..n], back), (&big[..], via));
 }
 
@@ -628,7 +628,7 @@ fn tcp_echo_from(
         conn.set_read_timeout(Some(TIMEOUT))?;
         conn.write_all(b"netd")?;
         let mut buf = [0u8; 16];
-        let n = conn.read(&mut buf)?;
+        let n = retry_interrupted(|| conn.read(&mut buf))?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }

@@ -32,7 +32,7 @@ use tests::{
         marker,
     },
     topology::{self, LAN_ADDR, NIC1_ADDR},
-    traffic::{self, snmp_counter},
+    traffic::{self, retry_interrupted, snmp_counter},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1311,15 +1311,15 @@ fn out_through_second_nic_never_leaves_private(dp: Dp) {
     }
     container.send_to(b"question", (LAN_ADDR, 5001)).unwrap();
     let mut buf = [0u8; 64];
-    let (len, seen) = neighbour
-        .recv_from(&mut buf)
-        .expect("the neighbour got nothing");
+    let (len, seen) =
+        retry_interrupted(|| neighbour.recv_from(&mut buf)).expect("the neighbour got nothing");
     assert_eq!(
         (&buf[..len], seen.ip()),
         (&b"question"[..], NIC1_ADDR.into())
     );
     neighbour.send_to(b"answer", seen).unwrap();
-    let (len, from) = container.recv_from(&mut buf).expect("no answer came back");
+    let (len, from) =
+        retry_interrupted(|| container.recv_from(&mut buf)).expect("no answer came back");
     assert_eq!(
         (&buf[..len], from),
         (&b"answer"[..], (LAN_ADDR, 5001).into())

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use tests::harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv};
+use tests::{
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    traffic::retry_interrupted,
+};
 
 /// A datagram bigger than the path's MTU (1500): it travels in three fragments.
 const BIG: usize = 4000;
@@ -66,7 +69,7 @@ fn udp_in(env: &TestEnv, ns: &Path, port: u16) -> UdpSocket {
 /// Receives one datagram: its bytes and sender.
 fn receive(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = vec![0u8; 65536];
-    let (n, from) = s.recv_from(&mut buf).expect("a datagram");
+    let (n, from) = retry_interrupted(|| s.recv_from(&mut buf)).expect("a datagram");
     buf.truncate(n);
     (buf, from)
 }

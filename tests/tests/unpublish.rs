@@ -12,6 +12,7 @@ use netd_common::datapath::PUBLISHED_MAP;
 use tests::{
     cli::{TIMEOUT, connect_error, create, map_entries},
     harness::{HOST_ADDR, TestEnv},
+    traffic::retry_interrupted,
 };
 
 /// An echo server on `port` in `ns`: every connection gets back what it sends, until it ends.
@@ -44,7 +45,7 @@ fn connect(env: &TestEnv, ns: &Path, addr: SocketAddr) -> TcpStream {
 fn echo(conn: &mut TcpStream, word: &str) -> String {
     conn.write_all(word.as_bytes()).unwrap();
     let mut buf = [0u8; 64];
-    let n = conn.read(&mut buf).unwrap();
+    let n = retry_interrupted(|| conn.read(&mut buf)).unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 

@@ -15,6 +15,7 @@ use tests::{
     cli::{Ctr, connect_error, create},
     engines::NetdDaemon,
     harness::{TestEnv, proxies, proxy_pids},
+    traffic::retry_interrupted,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,7 +75,7 @@ fn udp_ask(env: &TestEnv, addr: SocketAddr) -> Option<String> {
         socket.set_read_timeout(Some(TIMEOUT)).unwrap();
         socket.send_to(b"who", addr).unwrap();
         let mut buf = [0u8; 64];
-        let (n, from) = socket.recv_from(&mut buf).ok()?;
+        let (n, from) = retry_interrupted(|| socket.recv_from(&mut buf)).ok()?;
         assert_eq!(from, addr, "the answer comes from the address asked");
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
