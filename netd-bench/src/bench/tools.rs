@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use super::report::percentile;
 use netd::netns;
@@ -94,7 +94,7 @@ pub(super) fn start_server(ns: &Path, port: u16, program: &str, args: &[&str]) -
 
 /// Bulk TCP throughput from client to server, in Gbit/s.
 pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
-    iperf3(ep, secs, &[])
+    received_gbps(&iperf3(ep, secs, &[])?)
 }
 
 /// [`throughput`] with client and server on the first CPU (iperf3's `-A 0,0`), so that all
@@ -104,11 +104,41 @@ pub fn throughput(ep: &Endpoint, secs: u32) -> Result<f64> {
 /// retransmits by the thousand a transfer; none on one CPU), and where the scheduler puts
 /// the ends.
 pub fn throughput_on_one_core(ep: &Endpoint, secs: u32) -> Result<f64> {
-    iperf3(ep, secs, &["-A", "0,0"])
+    let report = iperf3(ep, secs, &["-A", "0,0"])?;
+    ensure_one_cpu(&report)?;
+    received_gbps(&report)
 }
 
-/// iperf3's received rate from client to server, in Gbit/s, the client run with `extra`.
-fn iperf3(ep: &Endpoint, secs: u32, extra: &[&str]) -> Result<f64> {
+/// The most CPU time iperf3's two ends may report together, in percent of the transfer's
+/// wall time, when they share one CPU: 100, and a margin for the clock's granularity. Apart,
+/// on two CPUs, they report far more (the sender alone near 100).
+const ONE_CPU_PERCENT: f64 = 105.0;
+
+/// Checks that iperf3's two ends really shared one CPU: their CPU times (each end's, in
+/// percent of the transfer's wall time) add up to no more than one CPU has.
+fn ensure_one_cpu(report: &serde_json::Value) -> Result<()> {
+    let cpu = &report["end"]["cpu_utilization_percent"];
+    let (Some(client), Some(server)) = (cpu["host_total"].as_f64(), cpu["remote_total"].as_f64())
+    else {
+        bail!("iperf3 report has no CPU utilization");
+    };
+    ensure!(
+        client + server <= ONE_CPU_PERCENT,
+        "iperf3's client and server used {client:.0}% and {server:.0}% of a CPU: not one CPU between them, so `-A 0,0` didn't pin them"
+    );
+    Ok(())
+}
+
+/// The rate iperf3's server received, in Gbit/s.
+fn received_gbps(report: &serde_json::Value) -> Result<f64> {
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 report has no received rate")?;
+    Ok(bps / 1e9)
+}
+
+/// iperf3's JSON report of a transfer from client to server, the client run with `extra`.
+fn iperf3(ep: &Endpoint, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {
     let _server = start_server(
         &ep.server_ns,
         IPERF_PORT,
@@ -132,10 +162,7 @@ fn iperf3(ep: &Endpoint, secs: u32, extra: &[&str]) -> Result<f64> {
     if let Some(err) = report["error"].as_str() {
         bail!("iperf3 to {target}: {err}");
     }
-    let bps = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 report has no received rate")?;
-    Ok(bps / 1e9)
+    Ok(report)
 }
 
 /// TCP request/response round-trip time percentiles (p50, p99) in microseconds. Client and
@@ -429,4 +456,25 @@ pub fn flood(client_ns: &Path, target: SocketAddr, secs: u32) -> Result<f64> {
 /// /proc/net/snmp): flood datagrams that got past the datapath.
 pub fn udp_no_ports(ns: &Path) -> Result<u64> {
     snmp_counter(ns, "Udp", "NoPorts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An iperf3 report's CPU part, as a transfer on a veth pair gave it (2026-12-06).
+    fn cpu_report(client: f64, server: f64) -> serde_json::Value {
+        serde_json::json!({
+            "end": { "cpu_utilization_percent": { "host_total": client, "remote_total": server } }
+        })
+    }
+
+    #[test]
+    fn ends_that_shared_one_cpu_pass_and_ends_on_two_fail() {
+        // `-A 0,0`: 18.3 + 74.0; unpinned: 89.1 + 40.2 (the sender alone near one CPU).
+        assert!(ensure_one_cpu(&cpu_report(18.3, 74.0)).is_ok());
+        let err = ensure_one_cpu(&cpu_report(89.1, 40.2)).unwrap_err();
+        assert!(err.to_string().contains("didn't pin"), "{err}");
+        assert!(ensure_one_cpu(&serde_json::json!({ "end": {} })).is_err());
+    }
 }
