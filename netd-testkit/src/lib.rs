@@ -18,7 +18,7 @@ pub mod testrun;
 pub mod traffic;
 
 pub use instance::Instance;
-pub use sandbox::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, UPLINK};
+pub use sandbox::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, OUTSIDE_LINK, UPLINK};
 
 /// The netd binary under test: `NETD_BIN`, which `cargo xtask test|bench|demo` set after
 /// building it. There is no fallback: a binary found some other way may be a stale build.

@@ -8,7 +8,7 @@ use std::{
 };
 
 pub use netd_testkit::{
-    HOST_ADDR, HOST_ADDR6, Instance as TestEnv, OUTSIDE_ADDR, OUTSIDE_ADDR6, UPLINK,
+    HOST_ADDR, HOST_ADDR6, Instance as TestEnv, OUTSIDE_ADDR, OUTSIDE_ADDR6, OUTSIDE_LINK, UPLINK,
 };
 
 /// The netd binary under test (`NETD_BIN`); panics, naming the fix, when it isn't set.

@@ -2,11 +2,15 @@
 //! stack, which does what forwarding does (ICMP time exceeded, fragmentation needed,
 //! fragmenting), and the stats counters show which path each packet took.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::{
+    net::{IpAddr, Ipv4Addr, UdpSocket},
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use tests::{
     cli::{TIMEOUT, create, output_in, ping_output, stat},
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, OUTSIDE_LINK, TestEnv, UPLINK},
     traffic::retry_interrupted,
 };
 
@@ -80,6 +84,105 @@ fn an_unresolved_neighbour_is_resolved_on_the_way_and_the_first_packet_arrives()
     );
     assert_eq!(fast, 1, "bpf_redirect_neigh resolves the next hop itself");
     assert!(neighbour().contains("lladdr"), "{}", neighbour());
+}
+
+/// Whether a burst of 50 pings from `ns` to `far` (0.5 s) gets any answer.
+fn burst_answered(env: &TestEnv, ns: &Path, far: IpAddr) -> bool {
+    let far = far.to_string();
+    let reply = ping_output(env, ns, &["-q", "-c", "50", "-i", "0.01", "-W", "1", &far]);
+    !reply.contains(" 0 received")
+}
+
+#[test]
+fn a_next_hop_that_changed_its_mac_is_found_again_as_forwarding_would() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.64.0.0/24"]);
+    let c = create(&env, "c", &["--network", "n"]);
+    next_hop_found_again(&env, &c.ns, HOST_ADDR.into(), OUTSIDE_ADDR.into());
+}
+
+#[test]
+fn an_ipv6_next_hop_that_changed_its_mac_is_found_again_as_forwarding_would() {
+    let env = TestEnv::dual_stack();
+    env.netd_ok(&[
+        "network",
+        "create",
+        "n",
+        "--ipv6",
+        "--subnet",
+        "10.65.0.0/24",
+    ]);
+    let c = create(&env, "c", &["--network", "n"]);
+    next_hop_found_again(&env, &c.ns, HOST_ADDR6.into(), OUTSIDE_ADDR6.into());
+}
+
+/// Changes the MAC of the outside (`far`, the host's next hop) under the pings of the
+/// container in `ns`, and checks that the fast path finds the new one within 30 s, as the
+/// stack's forwarding does. The host is `host_addr` to the outside.
+fn next_hop_found_again(env: &TestEnv, ns: &Path, host_addr: IpAddr, far: IpAddr) {
+    let host = env.host_ns();
+    let outside = env.outside_ns();
+    let family = if far.is_ipv4() { "ipv4" } else { "ipv6" };
+    // The outside never asks for the host's MAC (which would teach the host its new one): only
+    // the host's own neighbour state machine can notice the change. Its timers short, so that
+    // an entry goes stale within seconds and is probed a second after its next use (the
+    // reachable time longer than that delay, else each answered probe keeps it in use).
+    let link = output_in(env, &host, "ip", &["-br", "link", "show", UPLINK]);
+    let uplink_mac = link.split_whitespace().nth(2).unwrap().to_string();
+    let host_addr = host_addr.to_string();
+    let permanent = [
+        "neigh",
+        "replace",
+        &host_addr,
+        "lladdr",
+        &uplink_mac,
+        "dev",
+        OUTSIDE_LINK,
+        "nud",
+        "permanent",
+    ];
+    for (knob, value) in [
+        ("base_reachable_time_ms", "4000"),
+        ("delay_first_probe_time", "1"),
+    ] {
+        let key = format!("net.{family}.neigh.{UPLINK}.{knob}={value}");
+        output_in(env, &host, "sysctl", &["-qw", &key]);
+    }
+    let (answered, fast) = counted(env, "fast_path_out", || burst_answered(env, ns, far));
+    assert!(answered, "the control burst got no answer");
+    assert!(
+        fast >= 50,
+        "the control burst didn't take the fast path: {fast}"
+    );
+    let new_mac = "02:00:00:00:64:01";
+    output_in(
+        env,
+        &outside,
+        "ip",
+        &["link", "set", OUTSIDE_LINK, "address", new_mac],
+    );
+    // A new MAC flushes the outside's neighbours, permanent ones too.
+    output_in(env, &outside, "ip", &permanent);
+    // Forwarding through the stack finds the new MAC once its entry for the next hop went
+    // stale and a probe to the old one went unanswered; the fast path must too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (found, fast) = counted(env, "fast_path_out", || {
+        loop {
+            if burst_answered(env, ns, far) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+        }
+    });
+    let neighbour = output_in(env, &host, "ip", &["neigh", "show", &far.to_string()]);
+    assert!(
+        found,
+        "no answer 30 s after the next hop's MAC changed: {neighbour}"
+    );
+    assert!(fast > 0, "nothing took the fast path");
+    assert!(neighbour.contains(new_mac), "{neighbour}");
 }
 
 #[test]

@@ -16,7 +16,10 @@ use aya_ebpf::{
         bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     cty::c_long,
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_redirect,
+        bpf_redirect_neigh, bpf_redirect_peer,
+    },
     programs::TcContext,
 };
 use netd_common::datapath::{Addr, EndpointInfo};
@@ -121,6 +124,7 @@ fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
 }
 
 /// The Ethernet header's addresses, in frame order.
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct EthAddrs {
     dst: [u8; 6],
@@ -150,6 +154,8 @@ pub struct Hop {
     pub ifindex: u32,
     /// The next hop's address (wire byte order).
     next_hop: u32,
+    /// The frame's new addresses, when the lookup found the next hop's MAC.
+    macs: Option<EthAddrs>,
     /// Whether the fast path may take it: not when it is too big (the stack fragments it or
     /// answers "fragmentation needed").
     fast: bool,
@@ -190,18 +196,23 @@ pub fn route(ctx: &TcContext) -> Route {
         ifindex: fib.ifindex,
         // SAFETY: the lookup of an IPv4 packet filled the IPv4 member: the next hop.
         next_hop: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+        macs: resolved(ret, &fib),
         fast,
         ip,
     })
 }
 
 /// Sends a container's packet straight to the egress of `hop`'s interface (where it is
-/// masqueraded), with `bpf_redirect_neigh` resolving the next hop's MAC. `None`: the stack
-/// takes it.
+/// masqueraded): readdressed to the next hop's MAC the lookup found, else with
+/// `bpf_redirect_neigh` resolving it. `None`: the stack takes it.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, hop: &Hop) -> Option<i32> {
     if !hop.fast {
         return None;
+    }
+    if let Some(macs) = hop.macs.filter(|_| !neighbour_use_due()) {
+        ipv4_hdr::forward_as(ctx, &hop.ip, macs.dst, macs.src)?;
+        return Some(redirect_out(hop.ifindex));
     }
     ipv4_hdr::decrement_ttl(ctx, &hop.ip)?;
     let mut nh = bpf_redir_neigh {
@@ -245,8 +256,9 @@ pub fn route6(ctx: &TcContext, bridge_ifindex: u32) -> Route6 {
         Ok(BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) => Route6::Out(Hop6 {
             ifindex: found.ifindex,
             next_hop: found.next_hop,
+            macs: found.macs,
             fast,
-            hop_limit: ip.hop_limit,
+            ip,
         }),
         Ok(
             BPF_FIB_LKUP_RET_BLACKHOLE
@@ -265,7 +277,11 @@ pub fn forward6(ctx: &TcContext, hop: &Hop6) -> Option<i32> {
     if !hop.fast {
         return None;
     }
-    decrement_hop_limit(ctx, hop.hop_limit)?;
+    if let Some(macs) = hop.macs.filter(|_| !neighbour_use_due()) {
+        forward6_as(ctx, &hop.ip, macs.dst, macs.src)?;
+        return Some(redirect_out(hop.ifindex));
+    }
+    decrement_hop_limit(ctx, hop.ip.hop_limit)?;
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET6),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
@@ -292,11 +308,13 @@ pub fn is_local6(ctx: &TcContext, addr: &Addr) -> bool {
     lookup6(ctx, ifindex, [0; 4], *addr, 0, 0).ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
-/// What a FIB lookup for IPv6 answered: the helper's return, the interface and next hop.
+/// What a FIB lookup for IPv6 answered: the helper's return, the interface and next hop
+/// (and its MAC, when found).
 struct Found6 {
     ret: i64,
     ifindex: u32,
     next_hop: Addr,
+    macs: Option<EthAddrs>,
 }
 
 /// The FIB lookup for an IPv6 packet from `src` to `dst` (`proto`) arriving on `ifindex`,
@@ -329,6 +347,7 @@ fn lookup6(ctx: &TcContext, ifindex: u32, src: Addr, dst: Addr, proto: u8, tot_l
         ifindex: fib.ifindex,
         // SAFETY: the lookup of an IPv6 packet filled the IPv6 member: the next hop.
         next_hop: unsafe { fib.__bindgen_anon_4.ipv6_dst },
+        macs: u32::try_from(ret).ok().and_then(|ret| resolved(ret, fib)),
     }
 }
 
@@ -343,8 +362,43 @@ pub enum Route6 {
 pub struct Hop6 {
     pub ifindex: u32,
     next_hop: Addr,
+    macs: Option<EthAddrs>,
     fast: bool,
-    hop_limit: u8,
+    ip: ipv6::Fixed,
+}
+
+/// The addresses a frame to the next hop takes, when the lookup found its MAC (the
+/// neighbour is valid): then a plain redirect sends it, where `bpf_redirect_neigh` would look
+/// the neighbour up again and copy its cached header. A neighbour the lookup has no valid
+/// entry for (none yet, failed) is left to `bpf_redirect_neigh`, which resolves it.
+#[inline(always)]
+fn resolved(ret: u32, fib: &bpf_fib_lookup) -> Option<EthAddrs> {
+    (ret == BPF_FIB_LKUP_RET_SUCCESS).then_some(EthAddrs {
+        dst: fib.dmac,
+        src: fib.smac,
+    })
+}
+
+/// One packet in this many to a resolved next hop goes through `bpf_redirect_neigh` all the
+/// same (see [`neighbour_use_due`]).
+const NEIGHBOUR_USE_ONE_IN: u32 = 64;
+
+/// Whether this packet goes through `bpf_redirect_neigh` though its next hop's MAC is known,
+/// so that the kernel sees the neighbour used, as forwarding through the stack uses it: a
+/// stale entry is probed, and a next hop whose MAC changed (without announcing it) is
+/// resolved again. A plain redirect leaves the entry as it is, stale with the old MAC for
+/// good.
+#[inline(always)]
+fn neighbour_use_due() -> bool {
+    // SAFETY: a helper without preconditions.
+    unsafe { bpf_get_prandom_u32() }.is_multiple_of(NEIGHBOUR_USE_ONE_IN)
+}
+
+/// Redirects the readdressed packet to the egress of interface `ifindex`.
+#[inline(always)]
+fn redirect_out(ifindex: u32) -> i32 {
+    // SAFETY: a helper without preconditions; it returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
 /// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
