@@ -5,11 +5,11 @@
 use std::{
     net::{IpAddr, Ipv4Addr, UdpSocket},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tests::{
-    cli::{TIMEOUT, create, output_in, ping_output, stat},
+    cli::{TIMEOUT, create, eventually, output_in, ping_output, stat},
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, OUTSIDE_LINK, TestEnv, UPLINK},
     traffic::retry_interrupted,
 };
@@ -165,16 +165,8 @@ fn next_hop_found_again(env: &TestEnv, ns: &Path, host_addr: IpAddr, far: IpAddr
     output_in(env, &outside, "ip", &permanent);
     // Forwarding through the stack finds the new MAC once its entry for the next hop went
     // stale and a probe to the old one went unanswered; the fast path must too.
-    let deadline = Instant::now() + Duration::from_secs(30);
     let (found, fast) = counted(env, "fast_path_out", || {
-        loop {
-            if burst_answered(env, ns, far) {
-                break true;
-            }
-            if Instant::now() > deadline {
-                break false;
-            }
-        }
+        eventually(Duration::from_secs(30), || burst_answered(env, ns, far))
     });
     let neighbour = output_in(env, &host, "ip", &["neigh", "show", &far.to_string()]);
     assert!(
