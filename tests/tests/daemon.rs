@@ -6,6 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::UdpSocket,
+    os::unix::net::UnixStream,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -22,12 +23,25 @@ use tests::{
     traffic::retry_interrupted,
 };
 
+/// Starts `netd daemon` and waits until it serves its API socket: from then on it handles
+/// SIGTERM (signalled during its start-up, it would die of it).
 fn start_daemon(env: &TestEnv) -> Child {
-    env.netd_cmd(&["daemon", "--sweep-interval", "0.5"])
+    let mut daemon = env
+        .netd_cmd(&["daemon", "--sweep-interval", "0.5"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let socket = env.state_dir.join("netd.sock");
+    let serving = eventually(Duration::from_secs(30), || {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "netd daemon exited before serving"
+        );
+        UnixStream::connect(&socket).is_ok()
+    });
+    assert!(serving, "netd daemon: no socket at {}", socket.display());
+    daemon
 }
 
 fn signal(child: &Child, sig: Signal) {

@@ -66,14 +66,15 @@ type Shared = SharedController;
 
 /// Serves `socket` and sweeps every `interval` until SIGINT or SIGTERM.
 pub async fn run(shared: Shared, socket: &Path, interval: Duration) -> Result<()> {
+    // Before the socket exists: once a client can connect, SIGTERM stops the daemon cleanly.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     if socket.exists() {
         std::fs::remove_file(socket).with_context(|| format!("remove {}", socket.display()))?;
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(interval);
     eprintln!(
         "netd daemon: serving {}, sweeping every {}s",
