@@ -5,8 +5,9 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Child, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -191,6 +192,26 @@ pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until `netd daemon` (`daemon`) answers on `socket`; fails if it exits first or
+/// nothing answers within 30 s. From then on it handles SIGTERM (signalled while starting, it
+/// would die of it).
+pub fn wait_until_serving(daemon: &mut Child, socket: &Path) {
+    let serving = eventually(Duration::from_secs(30), || {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            panic!(
+                "netd daemon exited ({status}) before serving {}",
+                socket.display()
+            );
+        }
+        UnixStream::connect(socket).is_ok()
+    });
+    assert!(
+        serving,
+        "netd daemon: nothing answers on {}",
+        socket.display()
+    );
 }
 
 /// Starts `netd monitor --json --count COUNT`, runs `cause`, and returns the `count` events it

@@ -188,18 +188,7 @@ impl NetdDaemon {
             .spawn()
             .expect("start netd daemon");
         let mut daemon = Self { child };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(ready).is_err() {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("netd daemon exited ({status})");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "netd daemon made no {}",
-                ready.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::cli::wait_until_serving(&mut daemon.child, ready);
         daemon
     }
 

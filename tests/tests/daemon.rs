@@ -6,7 +6,6 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::UdpSocket,
-    os::unix::net::UnixStream,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -16,15 +15,14 @@ use nix::{
     unistd::Pid,
 };
 use tests::{
-    cli::{conntrack_entries, create, eventually, flows, pings},
+    cli::{conntrack_entries, create, eventually, flows, pings, wait_until_serving},
     flow::Flow,
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
     topology::{LAN_ADDR, NIC1_ADDR, second_nic},
     traffic::retry_interrupted,
 };
 
-/// Starts `netd daemon` and waits until it serves its API socket: from then on it handles
-/// SIGTERM (signalled during its start-up, it would die of it).
+/// Starts `netd daemon` and waits until it serves its API socket.
 fn start_daemon(env: &TestEnv) -> Child {
     let mut daemon = env
         .netd_cmd(&["daemon", "--sweep-interval", "0.5"])
@@ -32,15 +30,7 @@ fn start_daemon(env: &TestEnv) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let socket = env.state_dir.join("netd.sock");
-    let serving = eventually(Duration::from_secs(30), || {
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "netd daemon exited before serving"
-        );
-        UnixStream::connect(&socket).is_ok()
-    });
-    assert!(serving, "netd daemon: no socket at {}", socket.display());
+    wait_until_serving(&mut daemon, &env.state_dir.join("netd.sock"));
     daemon
 }
 

@@ -35,18 +35,14 @@ fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, V
 }
 
 fn start_daemon(env: &TestEnv, socket: &Path) -> Child {
-    let child = env
+    let mut child = env
         .netd_cmd(&["daemon", "--sweep-interval", "60", "--socket"])
         .arg(socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tests::cli::wait_until_serving(&mut child, socket);
     child
 }
 
