@@ -32,9 +32,10 @@ enum Command {
         #[arg(long)]
         runs: Option<usize>,
         /// Only this part: `setup` (container create and remove times), `conntrack` (under
-        /// pressure), `latency` (request/response against the ceiling, paired), `paths`
-        /// (every arm's paths, both families, then the paired latency) or `programs` (netd's
-        /// eBPF programs timed one packet at a time).
+        /// pressure), `paired` (request/response p50, connections and keep-alive requests per
+        /// second against the ceiling and routed, in paired runs), `paths` (every arm's paths,
+        /// both families, then the paired runs) or `programs` (netd's eBPF programs timed one
+        /// packet at a time).
         #[arg(long)]
         only: Option<bench::Part>,
         /// Another netd binary (an earlier build) measured beside this one as the arm

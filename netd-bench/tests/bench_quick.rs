@@ -147,10 +147,24 @@ fn expected(ran: &[&str]) -> BTreeSet<Key> {
         .into_iter()
         .flat_map(|p| [p.to_string(), format!("{p} (IPv6)")])
     {
-        want.insert(key("ceiling", &path, "rr_p50_paired", 1));
-        for arm in ["routed", "redirect", "ebpf"] {
-            want.insert(key(arm, &path, "rr_p50_paired", 1));
-            want.insert(key(arm, &path, "rr_p50_to_ceiling", 1));
+        // Keep-alive requests are paired where their target is, outside → published.
+        let mut paired = vec!["rr_p50", "crr"];
+        if path.starts_with("outside->published") {
+            paired.push("keepalive_rps");
+        }
+        for metric in paired {
+            for arm in ["ceiling", "routed", "redirect", "ebpf"] {
+                want.insert(key(arm, &path, &format!("{metric}_paired"), 1));
+                if arm != "ceiling" {
+                    want.insert(key(arm, &path, &format!("{metric}_to_ceiling"), 1));
+                }
+                if !["ceiling", "routed"].contains(&arm) {
+                    want.insert(key(arm, &path, &format!("{metric}_to_routed"), 1));
+                }
+            }
+        }
+        for arm in ["ceiling", "routed", "redirect", "ebpf"] {
+            want.insert(key(arm, &path, "crr_paired_failed", 1));
         }
     }
     want

@@ -37,9 +37,10 @@ enum Task {
     Demo,
     /// Benchmark: eBPF against iptables and the ceiling; report in target/bench/.
     Bench {
-        /// `setup`: only the control plane (create and remove containers); `latency`: only
-        /// request/response against the ceiling, paired; `conntrack`: only conntrack under
-        /// pressure; `paths`: only the paths of every arm and family, then the paired latency;
+        /// `setup`: only the control plane (create and remove containers); `paired`: only
+        /// the paired runs against the ceiling and routed (request/response p50, connections and
+        /// keep-alive requests per second); `conntrack`: only conntrack under pressure; `paths`:
+        /// only the paths of every arm and family, then the paired runs;
         /// `programs`: only netd's eBPF programs timed one packet at a time (BPF_PROG_TEST_RUN);
         /// `soak`: churn beside long-lived flows for `--minutes`.
         what: Option<String>,
@@ -252,12 +253,12 @@ fn bench(what: Option<&str>, opts: BenchOptions) -> Result<()> {
     cmd.arg("bench").arg("--out").arg(out);
     match what {
         None => {}
-        Some(part @ ("setup" | "latency" | "conntrack" | "paths" | "programs")) => {
+        Some(part @ ("setup" | "paired" | "conntrack" | "paths" | "programs")) => {
             cmd.args(["--only", part]);
         }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (known: setup, latency, conntrack, paths, programs, soak)"
+                "unknown benchmark {other:?} (known: setup, paired, conntrack, paths, programs, soak)"
             )
         }
     }

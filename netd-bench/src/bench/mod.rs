@@ -53,11 +53,12 @@ pub struct Options {
 pub enum Part {
     /// The control plane: container create and remove.
     Setup,
-    /// Request/response latency against the ceiling, paired (`measure_paired_latency`).
-    Latency,
+    /// Request/response p50, connections and keep-alive requests per second against the
+    /// ceiling and routed, in paired runs.
+    Paired,
     /// Conntrack under pressure: the table 90% full, a SYN flood beside a flow.
     Conntrack,
-    /// The traffic paths of every arm, both families, `--runs` rounds, then the paired latency:
+    /// The traffic paths of every arm, both families, `--runs` rounds, then the paired runs:
     /// the results table without scaling, control plane, conntrack or memory.
     Paths,
     /// netd's eBPF programs timed one packet at a time under BPF_PROG_TEST_RUN (ebpf and
@@ -171,8 +172,8 @@ struct Plan {
     storm: usize,
     /// Entries of netd's conntrack table in the conntrack measurement (filled to 90%).
     conntrack_max: u32,
-    /// Pairs of request/response runs per arm and path in the paired latency measurement.
-    latency_pairs: usize,
+    /// Pairs of runs per arm, path and measurement in the paired runs.
+    pairs: usize,
 }
 
 impl Plan {
@@ -191,7 +192,7 @@ impl Plan {
                 container_counts: vec![10],
                 storm: 10,
                 conntrack_max: 262_144,
-                latency_pairs: 3,
+                pairs: 3,
             }
         } else {
             Self {
@@ -203,7 +204,7 @@ impl Plan {
                 container_counts: vec![100, 1_000],
                 storm: 100,
                 conntrack_max: 524_288,
-                latency_pairs: 15,
+                pairs: 15,
             }
         };
         if let Some(v) = env_counts("NETD_BENCH_PORTS")? {
@@ -431,8 +432,8 @@ pub async fn run(mut opts: Options) -> Result<()> {
             }
         }
     }
-    if part(Part::Latency) || opts.only == Some(Part::Paths) {
-        measure_paired_latency(&opts.arms, &plan, &mut samples).await?;
+    if part(Part::Paired) || opts.only == Some(Part::Paths) {
+        measure_paired(&opts.arms, &plan, &mut samples).await?;
     }
     if part(Part::Programs) {
         measure_programs(&opts, &mut samples).await?;
@@ -549,16 +550,91 @@ async fn measure_world(
     world.fairness()
 }
 
-/// The arms the paired latency measurement compares with the ceiling.
+/// The arms the paired runs compare with the ceiling.
 const PAIRED_ARMS: [&str; 4] = ["routed", "redirect", "ebpf", arms::BASELINE];
 
-/// Request/response p50 of each arm against the ceiling, paired: every arm's world is up at
-/// once, and short runs alternate between the ceiling and the arms (order rotating), so each
-/// ratio compares runs seconds apart. Latency on a shared VM drifts by a third over minutes;
-/// arms measured a round apart can't be held to a 5% target, pairs can. Over each family in
-/// turn, IPv4's worlds then IPv6's. Records every arm's p50s (`rr_p50_paired`) and, per pair,
-/// its ratio to the ceiling's (`rr_p50_to_ceiling`).
-async fn measure_paired_latency(arms: &[String], plan: &Plan, samples: &mut Samples) -> Result<()> {
+/// A measurement of the paired runs, one second long per arm and pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Paired {
+    /// Request/response p50.
+    Latency,
+    /// New connections per second.
+    Connections,
+    /// Keep-alive requests per second.
+    KeepAlive,
+}
+
+impl Paired {
+    /// The measurements paired on `path`: those with a target there.
+    fn on(path: Path) -> &'static [Paired] {
+        if path == Path::Published {
+            &[Paired::Latency, Paired::Connections, Paired::KeepAlive]
+        } else {
+            &[Paired::Latency, Paired::Connections]
+        }
+    }
+
+    /// The paired measurement of the paths table's `metric`, if it has one.
+    pub fn of(metric: &str) -> Option<Self> {
+        [Paired::Latency, Paired::Connections, Paired::KeepAlive]
+            .into_iter()
+            .find(|p| p.metric() == metric)
+    }
+
+    /// The paths table's metric it is paired runs of.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Paired::Latency => "rr_p50",
+            Paired::Connections => "crr",
+            Paired::KeepAlive => "keepalive_rps",
+        }
+    }
+
+    /// The metric each arm's runs are recorded as.
+    pub fn runs(self) -> &'static str {
+        match self {
+            Paired::Latency => "rr_p50_paired",
+            Paired::Connections => "crr_paired",
+            Paired::KeepAlive => "keepalive_rps_paired",
+        }
+    }
+
+    /// The metric an arm's ratio to `against` ("ceiling" or "routed") within each pair is
+    /// recorded as.
+    pub fn ratio(self, against: &str) -> &'static str {
+        match (self, against == "ceiling") {
+            (Paired::Latency, true) => "rr_p50_to_ceiling",
+            (Paired::Latency, false) => "rr_p50_to_routed",
+            (Paired::Connections, true) => "crr_to_ceiling",
+            (Paired::Connections, false) => "crr_to_routed",
+            (Paired::KeepAlive, true) => "keepalive_rps_to_ceiling",
+            (Paired::KeepAlive, false) => "keepalive_rps_to_routed",
+        }
+    }
+
+    /// One second of it on `ep`: the figure, and the connections that got no answer.
+    fn measure(self, ep: &Endpoint, plan: &Plan) -> Result<(f64, u64)> {
+        match self {
+            Paired::Latency => tools::rr_latency(ep, 1).map(|(p50, _)| (p50, 0)),
+            Paired::Connections => {
+                let (cps, lost) = tools::crr_with(ep, 1, plan.crr_threads, Failures::Count)?;
+                anyhow::ensure!(cps > 0.0, "no connection completed");
+                Ok((cps, lost))
+            }
+            Paired::KeepAlive => keepalive::request_rate(ep, 1).map(|rps| (rps, 0)),
+        }
+    }
+}
+
+/// Request/response p50, connections per second and (outside → published) keep-alive
+/// requests per second of each arm against the ceiling and `routed`, paired: every arm's
+/// world is up at once, and one-second runs alternate between the ceiling and the arms (order
+/// rotating), so each ratio compares runs seconds apart. Latency and rates on a shared VM
+/// drift by a third over minutes; arms measured a round apart can't be held to a 5% target,
+/// pairs can. Over each family in turn, IPv4's worlds then IPv6's. Records every arm's runs
+/// ([`Paired::runs`]), per pair its ratios to the ceiling and to routed
+/// ([`Paired::ratio`]), and connections lost (`crr_paired_failed`).
+async fn measure_paired(arms: &[String], plan: &Plan, samples: &mut Samples) -> Result<()> {
     let compared: Vec<&str> = PAIRED_ARMS
         .into_iter()
         .filter(|a| arms.iter().any(|b| b == a))
@@ -567,16 +643,16 @@ async fn measure_paired_latency(arms: &[String], plan: &Plan, samples: &mut Samp
         return Ok(());
     }
     for family in Family::ALL {
-        measure_paired_latency_over(family, &compared, plan, samples)
+        measure_paired_over(family, &compared, plan, samples)
             .await
-            .with_context(|| format!("paired latency, {}", family.name()))?;
+            .with_context(|| format!("paired runs, {}", family.name()))?;
     }
     Ok(())
 }
 
-/// [`measure_paired_latency`] over one family: the ceiling's and the `compared` arms' worlds
-/// of `family` up at once.
-async fn measure_paired_latency_over(
+/// [`measure_paired`] over one family: the ceiling's and the `compared` arms' worlds of
+/// `family` up at once.
+async fn measure_paired_over(
     family: Family,
     compared: &[&str],
     plan: &Plan,
@@ -585,7 +661,7 @@ async fn measure_paired_latency_over(
     let mut worlds = Vec::new();
     for arm in std::iter::once("ceiling").chain(compared.iter().copied()) {
         progress(&format!(
-            "paired latency: {arm}, {}: building a fresh sandbox",
+            "paired runs: {arm}, {}: building a fresh sandbox",
             family.name()
         ))?;
         let world = World::build(arm, &prefix(arm), family)
@@ -595,23 +671,39 @@ async fn measure_paired_latency_over(
     }
     for path in Path::ALL {
         let name = path.name_in(family);
-        for pair in 0..plan.latency_pairs {
+        for pair in 0..plan.pairs {
             progress(&format!(
-                "paired latency: {name}: pair {}/{}",
+                "paired runs: {name}: pair {}/{}",
                 pair + 1,
-                plan.latency_pairs
+                plan.pairs
             ))?;
-            let mut p50 = BTreeMap::new();
-            for i in 0..worlds.len() {
-                let (arm, world) = &worlds[(pair + i) % worlds.len()];
-                let (v, _) = tools::rr_latency(&world.endpoint(path), 1)
-                    .with_context(|| format!("{arm}, {name}"))?;
-                record(samples, arm, name, "rr_p50_paired", 1, v);
-                p50.insert(*arm, v);
-            }
-            for arm in compared {
-                let ratio = p50[arm] / p50["ceiling"];
-                record(samples, arm, name, "rr_p50_to_ceiling", 1, ratio);
+            for &what in Paired::on(path) {
+                let mut value = BTreeMap::new();
+                for i in 0..worlds.len() {
+                    let (arm, world) = &worlds[(pair + i) % worlds.len()];
+                    let (v, lost) = what
+                        .measure(&world.endpoint(path), plan)
+                        .with_context(|| format!("{arm}, {name}, {}", what.metric()))?;
+                    record(samples, arm, name, what.runs(), 1, v);
+                    if what == Paired::Connections {
+                        record(samples, arm, name, "crr_paired_failed", 1, lost as f64);
+                    }
+                    value.insert(*arm, v);
+                }
+                for arm in compared {
+                    for against in ["ceiling", "routed"] {
+                        if let Some(base) = value.get(against).filter(|_| arm != &against) {
+                            record(
+                                samples,
+                                arm,
+                                name,
+                                what.ratio(against),
+                                1,
+                                value[arm] / base,
+                            );
+                        }
+                    }
+                }
             }
         }
     }

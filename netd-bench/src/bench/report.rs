@@ -46,16 +46,18 @@ fn unit_of(metric: &str) -> &'static str {
     match metric {
         "throughput" | "throughput_one_core" => "Gbit/s",
         "rr_p50" | "rr_p99" | "rr_p50_paired" | "first_packet_us" => "us",
-        "rr_p50_to_ceiling" => "ratio",
+        m if m.contains("_to_") => "ratio",
         super::programs::RUN_NS => "ns",
-        "crr" | "crr_ct90" => "conn/s",
+        "crr" | "crr_ct90" | "crr_paired" => "conn/s",
         "throughput_synflood" => "Gbit/s",
         "synflood_held" | "sender_synflood_held" | "synflood_vs_sender" => "ratio",
         "synflood_cpu_us" | "sender_synflood_cpu_us" => "us",
-        "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" => "count",
+        "synflood_sent" | "ct_entries" | "crr_failed" | "crr_ct90_failed" | "crr_paired_failed" => {
+            "count"
+        }
         "daemon_rss_mib" | "daemon_peak_rss_mib" => "MiB",
         m if m.contains("_kib_") => "KiB",
-        "keepalive_rps" => "req/s",
+        "keepalive_rps" | "keepalive_rps_paired" => "req/s",
         "flood_pps" => "pkt/s",
         "leaked_pct" => "%",
         _ => "ms",
@@ -183,7 +185,7 @@ impl Report {
             m.cpu
         );
         self.paths_table(&mut md);
-        self.paired_latency_table(&mut md);
+        self.paired_table(&mut md);
         self.redirect_bound_table(&mut md);
         self.unsolicited_table(&mut md);
         self.xdp_table(&mut md);
@@ -257,10 +259,10 @@ impl Report {
                     |r: Option<f64>| r.map(|r| format!("{r:.3}")).unwrap_or_else(|| "–".into());
                 let to_ceiling = self.ratio("ceiling", path, metric, 1);
                 let to_routed = self.ratio("routed", path, metric, 1);
-                // Latency's target is judged on the paired measurement when there is one.
-                let target = match metric {
-                    "rr_p50" if self.find("ebpf", path, "rr_p50_to_ceiling", 1).is_some() => {
-                        format!("{} (paired)", self.paired_latency_target(route, path))
+                // A target is judged on the paired runs when there are some.
+                let target = match super::Paired::of(metric) {
+                    Some(what) if self.find("ebpf", path, what.runs(), 1).is_some() => {
+                        format!("{} (paired)", self.paired_target(route, path, what))
                     }
                     _ => Target::of(route, metric)
                         .map(|t| t.judge(to_ceiling, to_routed))
@@ -286,7 +288,10 @@ impl Report {
         let lost: Vec<&Record> = self
             .records
             .iter()
-            .filter(|r| r.metric == "crr_failed" && super::Path::rows().any(|(_, p)| p == r.path))
+            .filter(|r| {
+                ["crr_failed", "crr_paired_failed"].contains(&r.metric)
+                    && super::Path::rows().any(|(_, p)| p == r.path)
+            })
             .filter(|r| r.runs.iter().sum::<f64>() > 0.0)
             .collect();
         if lost.is_empty() {
@@ -295,14 +300,15 @@ impl Report {
         let _ = writeln!(
             md,
             "Connections that got no answer within a second while connections per second were \
-             measured (not counted in the rate):\n"
+             measured (not counted in the rate; `crr_paired_failed`: in the paired runs):\n"
         );
         for r in lost {
             let _ = writeln!(
                 md,
-                "- {}, {}: {} over {} runs",
+                "- {}, {}, {}: {} over {} runs",
                 r.arm,
                 r.path,
+                r.metric,
                 r.runs.iter().sum::<f64>(),
                 r.runs.len()
             );
@@ -310,59 +316,77 @@ impl Report {
         let _ = writeln!(md);
     }
 
-    /// The p50 target of `route` (named `path`) judged on the paired runs: ebpf's median
-    /// ratio to the ceiling, and its median p50 over routed's.
-    fn paired_latency_target(&self, route: super::Path, path: &str) -> String {
-        let to_ceiling = self
-            .find("ebpf", path, "rr_p50_to_ceiling", 1)
-            .map(|r| r.median);
-        let to_routed = self
-            .find("ebpf", path, "rr_p50_paired", 1)
-            .zip(self.find("routed", path, "rr_p50_paired", 1))
-            .map(|(e, r)| e.median / r.median);
-        Target::of(route, "rr_p50")
-            .map(|t| t.judge(to_ceiling, to_routed))
+    /// The target of `route` (named `path`) for the paired measurement `what`, judged on
+    /// ebpf's median ratio within a pair to the ceiling or routed.
+    fn paired_target(&self, route: super::Path, path: &str, what: super::Paired) -> String {
+        let median = |against| {
+            self.find("ebpf", path, what.ratio(against), 1)
+                .map(|r| r.median)
+        };
+        Target::of(route, what.metric())
+            .map(|t| t.judge(median("ceiling"), median("routed")))
             .unwrap_or_default()
     }
 
-    fn paired_latency_table(&self, md: &mut String) {
-        if !self.records.iter().any(|r| r.metric == "rr_p50_to_ceiling") {
+    fn paired_table(&self, md: &mut String) {
+        if !self.records.iter().any(|r| r.metric.ends_with("_paired")) {
             return;
         }
-        let _ = writeln!(md, "## Request/response p50 against the ceiling, paired\n");
+        let _ = writeln!(md, "## Paired runs against the ceiling and routed\n");
         let _ = writeln!(
             md,
             "Every arm up at once, one-second runs alternating between the ceiling and the \
-             arms (order rotating); each ratio is an arm's p50 over the ceiling's from the same \
-             pair of runs (median, min–max over pairs). `routed` is plain kernel routing through \
-             a host namespace, no NAT, no rules: from the outside to a container or back, a packet \
-             crosses two veth pairs where the ceiling's crosses one; the floor of every datapath \
-             on veth for those paths. `redirect` is that topology forwarded by the least an eBPF \
-             program can do (a lookup of the destination, new MACs, a redirect).\n"
+             arms (order rotating); each ratio is an arm's figure over the ceiling's or routed's \
+             from the same pair of runs (median, min–max over pairs). Keep-alive requests are \
+             paired on outside → published alone, where their target is. `routed` is plain \
+             kernel routing through a host namespace, no NAT, no rules: from the outside to a \
+             container or back, a packet crosses two veth pairs where the ceiling's crosses \
+             one; the floor of every datapath on veth for those paths. `redirect` is that \
+             topology forwarded by the least an eBPF program can do (a lookup of the \
+             destination, new MACs, a redirect).\n"
         );
-        let _ = writeln!(md, "| path | arm | p50 (us) | to ceiling | target |");
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| path | metric | arm | median (min–max) | to ceiling | to routed | target |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let ratio = |arm, path, metric| {
+            self.find(arm, path, metric, 1)
+                .map(|r| format!("{:.3} ({:.3}–{:.3})", r.median, r.min, r.max))
+        };
         for (route, path) in super::Path::rows() {
-            for arm in self.arms() {
-                let Some(p50) = self.find(arm, path, "rr_p50_paired", 1) else {
-                    continue;
-                };
-                let (ratio, target) = match self.find(arm, path, "rr_p50_to_ceiling", 1) {
-                    Some(r) => (
-                        format!("{:.3} ({:.3}–{:.3})", r.median, r.min, r.max),
-                        if arm == "ebpf" {
-                            self.paired_latency_target(route, path)
+            for what in [
+                super::Paired::Latency,
+                super::Paired::Connections,
+                super::Paired::KeepAlive,
+            ] {
+                let digits = if what == super::Paired::Latency { 2 } else { 0 };
+                for arm in self.arms() {
+                    if self.find(arm, path, what.runs(), 1).is_none() {
+                        continue;
+                    }
+                    let to = |against| {
+                        if arm == against {
+                            "1".to_string()
                         } else {
-                            String::new()
-                        },
-                    ),
-                    None => ("1".into(), String::new()),
-                };
-                let _ = writeln!(
-                    md,
-                    "| {path} | {arm} | {:.2} ({:.2}–{:.2}) | {ratio} | {target} |",
-                    p50.median, p50.min, p50.max
-                );
+                            ratio(arm, path, what.ratio(against)).unwrap_or_else(|| "–".into())
+                        }
+                    };
+                    let target = if arm == "ebpf" {
+                        self.paired_target(route, path, what)
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(
+                        md,
+                        "| {path} | {} ({}) | {arm} | {} | {} | {} | {target} |",
+                        what.metric(),
+                        unit_of(what.runs()),
+                        self.cell(arm, path, what.runs(), 1, digits),
+                        to("ceiling"),
+                        to("routed"),
+                    );
+                }
             }
         }
         let _ = writeln!(md);
@@ -372,8 +396,11 @@ impl Report {
     /// routed: `redirect/routed` is the most an eBPF datapath reaches there, `ebpf/redirect`
     /// what netd's programs cost over the least one can do.
     fn redirect_bound_table(&self, md: &mut String) {
-        const METRICS: [(&str, usize); 3] =
-            [("crr", 0), ("keepalive_rps", 0), ("rr_p50_paired", 2)];
+        const METRICS: [(&str, usize); 3] = [
+            ("crr_paired", 0),
+            ("keepalive_rps_paired", 0),
+            ("rr_p50_paired", 2),
+        ];
         let rows: Vec<(&str, &str, usize)> = super::Path::rows()
             .flat_map(|(_, path)| METRICS.map(|(metric, digits)| (path, metric, digits)))
             .filter(|(path, metric, _)| {
@@ -394,7 +421,7 @@ impl Report {
             "`redirect` is routed's topology forwarded by one TC program per host interface that \
              only looks the destination up, sets the MACs and redirects: a target against routed \
              that it misses is out of reach on this topology, and ebpf against it is what netd's \
-             programs cost. Request/response p50 from the paired runs; ratios are of medians.\n"
+             programs cost. From the paired runs; ratios are of medians.\n"
         );
         let _ = writeln!(
             md,
@@ -1222,28 +1249,31 @@ mod tests {
             let key = (arm.to_string(), path.clone(), metric, 1);
             r.records.push(Record::from_samples((key, runs)));
         };
-        add("routed", "crr", vec![24_000.0, 25_000.0, 23_000.0]);
-        add("ebpf", "crr", vec![22_800.0]);
+        add("routed", "crr_paired", vec![24_000.0, 25_000.0, 23_000.0]);
+        add("ebpf", "crr_paired", vec![22_800.0]);
         // Keep-alive lacks a redirect figure: no row for it.
-        add("routed", "keepalive_rps", vec![130_000.0]);
-        add("ebpf", "keepalive_rps", vec![125_000.0]);
+        add("routed", "keepalive_rps_paired", vec![130_000.0]);
+        add("ebpf", "keepalive_rps_paired", vec![125_000.0]);
         assert!(
             !r.markdown().contains("`redirect` arm (median"),
             "no redirect, no table"
         );
         r.records.push(Record::from_samples((
-            ("redirect".to_string(), path.clone(), "crr", 1),
+            ("redirect".to_string(), path.clone(), "crr_paired", 1),
             vec![25_000.0, 26_000.0, 24_000.0],
         )));
         let md = r.markdown();
         assert!(
             md.contains(&format!(
-                "| {path} | crr (conn/s) | 24000 (23000–25000) | 25000 (24000–26000) | \
+                "| {path} | crr_paired (conn/s) | 24000 (23000–25000) | 25000 (24000–26000) | \
                  22800 (22800–22800) | 1.042 | 0.912 | 0.950 |"
             )),
             "{md}"
         );
-        assert!(!md.contains(&format!("| {path} | keepalive_rps")), "{md}");
+        assert!(
+            !md.contains(&format!("| {path} | keepalive_rps_paired")),
+            "{md}"
+        );
     }
 
     #[test]
@@ -1281,6 +1311,78 @@ mod tests {
     }
 
     #[test]
+    fn targets_are_judged_on_the_ratios_within_pairs_where_there_are_paired_runs() {
+        let mut r = report(&[]);
+        let published = crate::bench::Path::Published
+            .name_in(crate::bench::Family::V4)
+            .to_string();
+        let c2c = crate::bench::Path::ContainerToContainer
+            .name_in(crate::bench::Family::V4)
+            .to_string();
+        for (arm, path, metric, runs) in [
+            // Unpaired, ebpf is under routed; within pairs it is over.
+            ("ebpf", &published, "throughput", vec![20.0]),
+            ("ebpf", &published, "crr", vec![9_000.0]),
+            ("routed", &published, "crr", vec![10_000.0]),
+            (
+                "ebpf",
+                &published,
+                "crr_paired",
+                vec![9_000.0, 11_000.0, 10_100.0],
+            ),
+            (
+                "routed",
+                &published,
+                "crr_paired",
+                vec![8_900.0, 11_000.0, 10_000.0],
+            ),
+            ("ebpf", &published, "crr_to_routed", vec![1.011, 1.0, 1.01]),
+            ("ebpf", &published, "keepalive_rps_paired", vec![100_000.0]),
+            ("ebpf", &published, "keepalive_rps_to_routed", vec![1.05]),
+            // Container to container is held to the ceiling.
+            ("ebpf", &c2c, "throughput", vec![20.0]),
+            ("ebpf", &c2c, "crr_paired", vec![9_400.0]),
+            ("ebpf", &c2c, "crr_to_ceiling", vec![0.94]),
+            ("ebpf", &c2c, "crr_to_routed", vec![1.2]),
+        ] {
+            let key = (arm.to_string(), path.clone(), metric, 1);
+            r.records.push(Record::from_samples((key, runs)));
+        }
+        let md = r.markdown();
+        let row = |path: &str, metric: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {path} | {metric} (")))
+                .unwrap_or_else(|| panic!("no {path} {metric} row: {md}"))
+                .to_string()
+        };
+        assert!(
+            row(&published, "crr").ends_with("| met (≥ 1.00 × routed) (paired) |"),
+            "{md}"
+        );
+        assert!(
+            row(&published, "keepalive_rps").ends_with("| MISSED (≥ 1.10 × routed) (paired) |"),
+            "{md}"
+        );
+        assert!(
+            row(&c2c, "crr").ends_with("| MISSED (≥ 0.95 × ceiling) (paired) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| {published} | crr (conn/s) | ebpf | 10100 (9000–11000) | – | 1.010 (1.000–1.011) \
+                 | met (≥ 1.00 × routed) |"
+            )),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| {published} | crr (conn/s) | routed | 10000 (8900–11000) | – | 1 |  |"
+            )),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn lost_connections_are_listed_under_the_paths_only_where_some_were_lost() {
         let mut r = report(&[]);
         let published = crate::bench::Path::Published
@@ -1291,6 +1393,7 @@ mod tests {
             ("ebpf", &published, "throughput", vec![20.0]),
             ("ebpf", &published, "crr_failed", vec![0.0, 2.0, 1.0]),
             ("routed", &published, "crr_failed", vec![0.0, 0.0, 0.0]),
+            ("routed", &published, "crr_paired_failed", vec![0.0, 1.0]),
             // The conntrack table has a column of its own for these.
             ("iptables", &conntrack, "crr_failed", vec![5.0]),
         ] {
@@ -1299,10 +1402,19 @@ mod tests {
         }
         let md = r.markdown();
         assert!(
-            md.contains(&format!("- ebpf, {published}: 3 over 3 runs")),
+            md.contains(&format!("- ebpf, {published}, crr_failed: 3 over 3 runs")),
             "{md}"
         );
-        assert!(!md.contains("- routed,"), "none lost, none listed: {md}");
+        assert!(
+            md.contains(&format!(
+                "- routed, {published}, crr_paired_failed: 1 over 2 runs"
+            )),
+            "{md}"
+        );
+        assert!(
+            !md.contains(&format!("- routed, {published}, crr_failed")),
+            "none lost, none listed: {md}"
+        );
         assert!(!md.contains("- iptables,"), "{md}");
     }
 }
