@@ -565,6 +565,8 @@ pub enum Paired {
 }
 
 impl Paired {
+    pub const ALL: [Paired; 3] = [Paired::Latency, Paired::Connections, Paired::KeepAlive];
+
     /// The measurements paired on `path`: those with a target there.
     fn on(path: Path) -> &'static [Paired] {
         if path == Path::Published {
@@ -576,9 +578,7 @@ impl Paired {
 
     /// The paired measurement of the paths table's `metric`, if it has one.
     pub fn of(metric: &str) -> Option<Self> {
-        [Paired::Latency, Paired::Connections, Paired::KeepAlive]
-            .into_iter()
-            .find(|p| p.metric() == metric)
+        Self::ALL.into_iter().find(|p| p.metric() == metric)
     }
 
     /// The paths table's metric it is paired runs of.

@@ -350,16 +350,8 @@ impl Report {
             "| path | metric | arm | median (min–max) | to ceiling | to routed | target |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-        let ratio = |arm, path, metric| {
-            self.find(arm, path, metric, 1)
-                .map(|r| format!("{:.3} ({:.3}–{:.3})", r.median, r.min, r.max))
-        };
         for (route, path) in super::Path::rows() {
-            for what in [
-                super::Paired::Latency,
-                super::Paired::Connections,
-                super::Paired::KeepAlive,
-            ] {
+            for what in super::Paired::ALL {
                 let digits = if what == super::Paired::Latency { 2 } else { 0 };
                 for arm in self.arms() {
                     if self.find(arm, path, what.runs(), 1).is_none() {
@@ -369,7 +361,7 @@ impl Report {
                         if arm == against {
                             "1".to_string()
                         } else {
-                            ratio(arm, path, what.ratio(against)).unwrap_or_else(|| "–".into())
+                            self.cell(arm, path, what.ratio(against), 1, 3)
                         }
                     };
                     let target = if arm == "ebpf" {
