@@ -26,7 +26,9 @@ use anyhow::{Context as _, Result, bail};
 use netd::netns;
 
 use crate::{
+    BPFFS,
     cleanup::{Cleanup, end_processes_in, remove_cgroup, remove_tree},
+    orphans,
     sandbox::Sandbox,
 };
 
@@ -85,11 +87,12 @@ impl Instance {
     /// benchmark's baseline).
     pub async fn create_with(prefix: &str, netd: PathBuf) -> Result<Self> {
         crate::ensure_bpffs()?;
+        sweep_orphans_once();
         let cgroup = crate::cgroup2_root()?.join(format!("netd-{prefix}"));
         let inst = Self {
             sandbox: Sandbox::create(prefix).await?,
             state_dir: std::env::temp_dir().join(format!("netd-{prefix}")),
-            bpffs: PathBuf::from(format!("/sys/fs/bpf/netd-{prefix}")),
+            bpffs: Path::new(BPFFS).join(format!("netd-{prefix}")),
             cgroup,
             prefix: prefix.to_string(),
             netd,
@@ -246,6 +249,19 @@ impl Instance {
             })
             .collect())
     }
+}
+
+/// Removes what the instances of killed processes left ([`orphans`]), once per process:
+/// before its first instance, so a run after one that was cut off leaves the machine clean.
+fn sweep_orphans_once() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let cgroups = crate::cgroup2_root().ok();
+        let left = orphans::sweep(Path::new(BPFFS), &std::env::temp_dir(), cgroups.as_deref());
+        for what in left {
+            eprintln!("netd-testkit: a killed run's leftover stays: {what}");
+        }
+    });
 }
 
 impl Default for Instance {

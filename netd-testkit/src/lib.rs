@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 
 pub mod cleanup;
 mod instance;
+mod orphans;
 pub mod sandbox;
 pub mod testrun;
 pub mod traffic;
@@ -55,7 +56,10 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .context("cgroup v2 is not mounted")
 }
 
-/// Mounts a bpffs at /sys/fs/bpf in this (the machine's) mount namespace when there is none,
+/// Where the bpffs the instances' pin dirs go in is mounted.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts a bpffs at [`BPFFS`] in this (the machine's) mount namespace when there is none,
 /// for the instances' pin dirs.
 fn ensure_bpffs() -> Result<()> {
     static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
@@ -66,12 +70,12 @@ fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
     let present = mounts.lines().any(|l| {
         let mut fields = l.split_whitespace().skip(1);
-        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
     });
     if !present {
         nix::mount::mount(
             Some("bpf"),
-            "/sys/fs/bpf",
+            BPFFS,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
             None::<&str>,
