@@ -48,24 +48,21 @@ fn orphans_in(dir: &Path, strip: &str) -> Vec<String> {
 /// `bpffs`, `temp`'s and `cgroups`' `netd-` dirs. Returns what it couldn't remove.
 pub fn sweep(bpffs: &Path, temp: &Path, cgroups: Option<&Path>) -> Vec<String> {
     let mut left = Vec::new();
-    for name in orphans_in(Path::new(netns::NETNS_RUN_DIR), "") {
-        if let Err(e) = netns::remove(&name) {
-            left.push(format!("{e:#}"));
-        }
-    }
-    for dir in [bpffs, temp] {
-        for name in orphans_in(dir, "netd-") {
-            if let Err(e) = remove_tree(&dir.join(name)) {
-                left.push(format!("{e:#}"));
+    let mut remove_each =
+        |dir: &Path, strip: &str, remove: &dyn Fn(&Path) -> anyhow::Result<()>| {
+            for name in orphans_in(dir, strip) {
+                if let Err(e) = remove(&dir.join(name)) {
+                    left.push(format!("{e:#}"));
+                }
             }
-        }
-    }
+        };
+    remove_each(Path::new(netns::NETNS_RUN_DIR), "", &|path| {
+        netns::remove(&path.file_name().unwrap_or_default().to_string_lossy())
+    });
+    remove_each(bpffs, "netd-", &remove_tree);
+    remove_each(temp, "netd-", &remove_tree);
     if let Some(dir) = cgroups {
-        for name in orphans_in(dir, "netd-") {
-            if let Err(e) = remove_cgroup(&dir.join(name)) {
-                left.push(format!("{e:#}"));
-            }
-        }
+        remove_each(dir, "netd-", &remove_cgroup);
     }
     left
 }
