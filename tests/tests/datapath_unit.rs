@@ -1686,3 +1686,36 @@ fn an_internal_containers_hairpin_stays_within_its_network() {
     assert_eq!(sent(tcp_frame(c5, 40000, SERVER, 80, SYN)), DROP);
     assert_eq!(b.stat("internal"), before + 2);
 }
+
+/// While a network is removed its containers' entries go first, but whatever the order, a
+/// container whose network's entry is gone gets nothing through: what the network was
+/// (internal, masquerading) is unknown, so neither its packets out nor new flows in pass.
+#[test]
+fn a_container_whose_network_is_gone_gets_nothing_through() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        netd::datapath::ebpf::maps::networks(&pins)
+            .unwrap()
+            .remove(&network().id)
+            .unwrap();
+    });
+    let c1_mac = endpoint(C1, "", 0).mac;
+    let out = with_macs(
+        tcp_frame(C1, 40000, SERVER, 80, SYN),
+        network().bridge_mac(),
+        c1_mac,
+    );
+    let from_c1 = Skb {
+        ingress_ifindex: b.veths[0],
+        ifindex: b.veths[0],
+        ..Skb::default()
+    };
+    let before = b.stat("no_endpoint");
+    assert_eq!(b.run_skb(ENDPOINT_INGRESS_PROG, &out, from_c1).0, DROP);
+    assert_eq!(b.run(UPLINK_EGRESS_PROG, &out).0, DROP, "left untranslated");
+    // Unsolicited from outside, straight to the container.
+    let syn_ack = tcp_frame(SERVER, 80, C1, 40000, SYN | ACK);
+    assert_eq!(b.run(UPLINK_INGRESS_PROG, &syn_ack).0, DROP);
+    assert_eq!(b.stat("no_endpoint"), before + 3);
+}

@@ -279,3 +279,34 @@ fn inbound_bigger_than_the_containers_mtu_is_fragmented_by_the_stack() {
         "the container reassembled one datagram: {reassembled}"
     );
 }
+
+#[test]
+fn a_policy_rule_on_the_bridge_applies_to_the_fast_path_as_to_forwarding() {
+    let env = TestEnv::new();
+    env.netd_ok(&["network", "create", "n", "--subnet", "10.66.0.0/24"]);
+    let c = create(&env, "c", &["--network", "n"]);
+    let bridge = env.netd_json(&["network", "inspect", "n"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let far = OUTSIDE_ADDR.to_string();
+    // The control: out by the fast path.
+    let (reply, fast) = counted(&env, "fast_path_out", || {
+        ping_output(&env, &c.ns, &["-c1", "-W2", &far])
+    });
+    assert!(reply.contains("1 received"), "{reply}");
+    assert_eq!(fast, 1, "{reply}");
+    // What arrives on the bridge is routed by nothing (a kill switch): forwarding drops it, and
+    // the fast path must not route around the rule.
+    output_in(
+        &env,
+        &env.host_ns(),
+        "ip",
+        &["rule", "add", "iif", &bridge, "pref", "100", "blackhole"],
+    );
+    let (reply, fast) = counted(&env, "fast_path_out", || {
+        ping_output(&env, &c.ns, &["-c1", "-W2", &far])
+    });
+    assert!(reply.contains(" 0 received"), "{reply}");
+    assert_eq!(fast, 0, "the fast path routed around the bridge's rule");
+}

@@ -1022,3 +1022,68 @@ fn ipv6_hairpin_applies_the_sources_isolation() {
     assert_eq!(sent_to(5300), DROP);
     assert_eq!(bench.stat("internal"), before + 1);
 }
+
+/// The bridge forwards by MAC alone: without ICC, a packet the policy lets through (to the
+/// gateway, beyond, along a link) goes on to the bridge only addressed to its IP destination's
+/// own MAC, else it would reach whichever container owns the MAC it names, or all of them.
+#[test]
+fn without_icc_nothing_reaches_another_container_by_its_mac() {
+    let bench = Bench::new();
+    let quiet = DualStack::new(&bench, 4, false, false);
+    let bridge_mac = quiet.net.bridge_mac();
+    let (a4, b4) = (quiet.a.ip, quiet.b.ip);
+    let (a6, b6) = (ip6(&quiet.a), ip6(&quiet.b));
+    let udp4 = |src, dst, dport| tests::frames::udp_frame(src, 5000, dst, dport, true);
+    let udp6 = |src, dst, dport| frame(src, dst, &[], UDP, &udp(src, 5000, dst, dport, b"x"));
+    let other = [quiet.b.mac, [0xff; 6]];
+    // From A to the gateway and beyond, IPv4 and IPv6: only to the bridge's MAC.
+    for f in [
+        udp4(a4, quiet.net.gateway, 9999),
+        udp4(a4, tests::harness::OUTSIDE_ADDR, 9999),
+        udp6(a6, quiet.gateway6(), 9999),
+        udp6(a6, OUTSIDE_ADDR6, 9999),
+    ] {
+        assert_ne!(sent(&bench, &quiet.a, bridge_mac, f.clone()), DROP);
+        for mac in other {
+            dropped(&bench, &quiet.a, mac, f.clone(), "icc_denied");
+        }
+    }
+    // From B along its link to A's UDP 53: straight into A, addressed to A; to anyone else's
+    // MAC (or to all) it is dropped.
+    for f in [udp4(b4, a4, 53), udp6(b6, a6, 53)] {
+        assert_eq!(sent(&bench, &quiet.b, quiet.a.mac, f.clone()), REDIRECT);
+        for mac in [bridge_mac, [0xff; 6]] {
+            dropped(&bench, &quiet.b, mac, f.clone(), "icc_denied");
+        }
+    }
+}
+
+/// Multicast listening goes to groups; without ICC a listener query or report sent to another
+/// container (its global or link-local address) is traffic between the two, refused.
+#[test]
+fn without_icc_listener_messages_reach_no_other_container() {
+    let bench = Bench::new();
+    let quiet = DualStack::new(&bench, 4, false, false);
+    let (lla, llb) = (link_local(quiet.a.mac), link_local(quiet.b.mac));
+    let (a6, b6) = (ip6(&quiet.a), ip6(&quiet.b));
+    // Query, report, done, report v2.
+    for kind in [130, 131, 132, 143] {
+        for (src, dst) in [(lla, llb), (a6, b6)] {
+            let f = frame(src, dst, &[], ICMPV6, &icmpv6(src, dst, kind, 0, &[0; 20]));
+            dropped(&bench, &quiet.a, quiet.b.mac, f, "icc_denied");
+        }
+    }
+    // A report to the group all routers listen on still goes to the bridge.
+    let mld_routers = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
+    let report = frame(
+        lla,
+        mld_routers,
+        &[],
+        ICMPV6,
+        &icmpv6(lla, mld_routers, 143, 0, &[0; 20]),
+    );
+    assert_eq!(
+        sent(&bench, &quiet.a, multicast_mac(mld_routers), report),
+        PASS
+    );
+}

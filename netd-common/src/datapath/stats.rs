@@ -123,8 +123,8 @@ stats! {
     HairpinNew "hairpin_new" pass,
     /// A packet of a hairpin flow, either direction.
     HairpinHit "hairpin_hit" pass,
-    /// A hairpin packet whose container is gone, or a frame on the veth of a container netd
-    /// no longer has: dropped.
+    /// A hairpin packet whose container is gone, or a frame from or to a container netd no
+    /// longer has (its veth's entry gone, or its network's while it is removed): dropped.
     NoEndpoint "no_endpoint" drop,
     /// From a container, with a source MAC (or ARP sender) that isn't the container's: dropped.
     SpoofedMac "spoofed_mac" drop,

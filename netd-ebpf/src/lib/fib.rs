@@ -162,23 +162,24 @@ pub struct Hop {
     ip: Ipv4Hdr,
 }
 
-/// The route the stack's forwarding would take for a container's packet.
+/// The route the stack's forwarding would take for a container's packet, which it sees
+/// arriving on the container's bridge (`bridge_ifindex`: policy rules on the bridge apply).
 #[inline(always)]
-pub fn route(ctx: &TcContext) -> Route {
+pub fn route(ctx: &TcContext, bridge_ifindex: u32) -> Route {
     let Some(ip) = ctx.read::<Ipv4Hdr>(L3_OFF) else {
         return Route::Unknown;
     };
     if ip.ttl <= 1 {
         return Route::Stack;
     }
-    let Some((mut ret, mut fib)) = lookup(ctx, &ip, true) else {
+    let Some((mut ret, mut fib)) = lookup(ctx, &ip, bridge_ifindex, true) else {
         return Route::Unknown;
     };
     let mut fast = true;
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         // Too big for the route: the stack answers or fragments. The lookup stopped at the
         // MTU check, before naming the egress interface, which the policy still needs.
-        let Some(unchecked) = lookup(ctx, &ip, false) else {
+        let Some(unchecked) = lookup(ctx, &ip, bridge_ifindex, false) else {
             return Route::Unknown;
         };
         (ret, fib, fast) = (unchecked.0, unchecked.1, false);
@@ -401,11 +402,16 @@ fn redirect_out(ifindex: u32) -> i32 {
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
-/// The FIB lookup for `ip` arriving on the skb's interface, as the stack's forwarding would
+/// The FIB lookup for `ip` arriving on interface `ifindex`, as the stack's forwarding would
 /// make it (with `check_mtu`, MTU checked against the IP length, except for GSO packets that
 /// the stack segments to the device's size anyway). `None` if the helper failed outright.
 #[inline(always)]
-fn lookup(ctx: &TcContext, ip: &Ipv4Hdr, check_mtu: bool) -> Option<(u32, bpf_fib_lookup)> {
+fn lookup(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    ifindex: u32,
+    check_mtu: bool,
+) -> Option<(u32, bpf_fib_lookup)> {
     let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: zeroed just before, and all zeros is a valid bpf_fib_lookup (plain integers and
     // unions of them).
@@ -425,7 +431,7 @@ fn lookup(ctx: &TcContext, ip: &Ipv4Hdr, check_mtu: bool) -> Option<(u32, bpf_fi
     fib.__bindgen_anon_2.tos = ip.tos;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    fib.ifindex = skb.ifindex;
+    fib.ifindex = ifindex;
     // SAFETY: `fib` lives across the call, its size is passed with it.
     let ret = unsafe {
         fib_lookup(

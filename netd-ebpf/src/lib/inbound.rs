@@ -39,12 +39,17 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
         }
         return Inbound::Published(target);
     }
-    match maps::endpoint(flow.daddr).and_then(|ep| maps::network(ep.network_id)) {
+    let Some(ep) = maps::endpoint(flow.daddr) else {
+        return Inbound::Stack;
+    };
+    match maps::network(ep.network_id) {
+        // Its network is gone (being removed): what it was is unknown.
+        None => Inbound::Refused(Stat::NoEndpoint, flow.daddr),
         Some(net) if net.flags & NET_INTERNAL != 0 => Inbound::Refused(Stat::Internal, flow.daddr),
         Some(net) if net.flags & NET_MASQUERADE != 0 => {
             Inbound::Refused(Stat::Unsolicited, flow.daddr)
         }
-        _ => Inbound::Stack,
+        Some(_) => Inbound::Stack,
     }
 }
 

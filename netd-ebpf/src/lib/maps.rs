@@ -259,12 +259,13 @@ pub fn is_host_addr6(addr: &Addr) -> bool {
 }
 
 /// Whether `addr` is a container of a masquerading or internal network: nothing from beyond
-/// its network reaches it untranslated, nothing of it leaves with its own address.
+/// its network reaches it untranslated, nothing of it leaves with its own address. So is a
+/// container whose network is gone (being removed): what its network was is unknown.
 #[inline(always)]
 pub fn is_sealed(addr: u32) -> bool {
-    endpoint(addr)
-        .and_then(|ep| network(ep.network_id))
-        .is_some_and(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+    endpoint(addr).is_some_and(|ep| {
+        network(ep.network_id).is_none_or(|net| net.flags & (NET_MASQUERADE | NET_INTERNAL) != 0)
+    })
 }
 
 /// Whether `addr` (wire byte order) is in a netd network's subnet (a container, a gateway).

@@ -203,7 +203,7 @@ fn deliver(peer: u32) -> i32 {
 /// say, the stack would send it out with the container's private source, so it is dropped.
 #[inline(always)]
 fn leave(ctx: &TcContext, from: &Sender, tuple: Tuple, masquerade: bool) -> i32 {
-    match fib::route(ctx) {
+    match fib::route(ctx, from.veth.bridge_ifindex) {
         Route::Out(hop) if maps::masquerades_on(hop.ifindex) => {
             if let Some(action) = fib::forward(ctx, &hop) {
                 stats::count(Stat::FastPathOut);
@@ -268,7 +268,7 @@ fn decide(ctx: &TcContext, from: &Sender) -> Verdict {
     };
     match maps::endpoint(tuple.daddr) {
         Some(to) => to_container(from, to, tuple, &datagram, &eth),
-        None => to_elsewhere(from, tuple),
+        None => to_elsewhere(from, tuple, &eth),
     }
 }
 
@@ -296,7 +296,11 @@ fn decide6(ctx: &TcContext, from: &Sender) -> Verdict6 {
     // Address resolution and multicast listening go on to the bridge whatever the policy, as
     // ARP does (without them the gateway can't be reached), but only on the link: addressed
     // anywhere else, an internal network's container could send them out through the host.
-    if (p.is_neighbour_discovery() || p.is_mld()) && on_the_link6(from, &p.dst) {
+    // Without ICC, listening is reported to groups only: a listener query or report sent to
+    // another container is traffic between the two like any other.
+    let listening =
+        p.is_mld() && (from.veth.net_flags & NET_ICC != 0 || ipv6::is_multicast(&p.dst));
+    if (p.is_neighbour_discovery() || listening) && on_the_link6(from, &p.dst) {
         return Verdict6::Pass;
     }
     if ipv6::is_multicast(&p.dst) || ipv6::is_link_local(&p.dst) {
@@ -304,7 +308,7 @@ fn decide6(ctx: &TcContext, from: &Sender) -> Verdict6 {
     }
     match maps::endpoint6(p.dst) {
         Some(to) => to_container6(from, to, &p, &eth, tuple),
-        None => to_elsewhere6(ctx, from, &p, tuple),
+        None => to_elsewhere6(ctx, from, &p, &eth, tuple),
     }
 }
 
@@ -336,13 +340,19 @@ fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
 /// flood a group to the other containers.
 #[inline(always)]
 fn to_link_scope6(from: &Sender, eth: &EthHdr, tuple: Tuple6) -> Verdict6 {
-    if from.veth.net_flags & NET_ICC != 0 {
-        return Verdict6::Pass;
+    if addressed_to_bridge(from, eth) {
+        Verdict6::Pass
+    } else {
+        Verdict6::Drop(Stat::IccDenied, tuple)
     }
-    match maps::network(from.veth.network_id) {
-        Some(net) if eth.dst_addr == net.bridge_mac => Verdict6::Pass,
-        _ => Verdict6::Drop(Stat::IccDenied, tuple),
-    }
+}
+
+/// [`addressed_within`] for a frame to the gateway, the host or beyond the network: without
+/// ICC, only to the bridge's MAC (the network's, from the IPv4 entry IPv6 shares).
+#[inline(always)]
+fn addressed_to_bridge(from: &Sender, eth: &EthHdr) -> bool {
+    from.veth.net_flags & NET_ICC != 0
+        || maps::network(from.veth.network_id).is_some_and(|net| eth.dst_addr == net.bridge_mac)
 }
 
 /// [`to_container`] for IPv6.
@@ -361,10 +371,12 @@ fn to_container6(
         return Verdict6::Drop(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
-        Verdict6::Deliver(to.ifindex)
-    } else {
-        Verdict6::Pass
+        return Verdict6::Deliver(to.ifindex);
     }
+    if !addressed_within(from, eth, &to.mac) {
+        return Verdict6::Drop(Stat::IccDenied, tuple);
+    }
+    Verdict6::Pass
 }
 
 /// Docker's link rules for IPv6 (see [`link_allows6`]); a later fragment by its first
@@ -388,16 +400,26 @@ fn linked6(p: &Packet, tuple: &Tuple6) -> bool {
     allowed
 }
 
-/// [`to_elsewhere`] for IPv6: the gateway is always reachable, the subnet with ICC; beyond
+/// [`to_elsewhere`] for IPv6 (without ICC, all of it to the bridge's MAC): the gateway is
+/// always reachable, the subnet with ICC; beyond
 /// it a routed network's packets go to the stack, a masquerading network's only where the
 /// stack would send them out masqueraded (straight there, the fast path, when it can; or
 /// where the stack answers them itself), an internal network's only to a port published for
 /// its own containers on a host address (hairpin).
 #[inline(always)]
-fn to_elsewhere6(ctx: &TcContext, from: &Sender, p: &Packet, tuple: Tuple6) -> Verdict6 {
+fn to_elsewhere6(
+    ctx: &TcContext,
+    from: &Sender,
+    p: &Packet,
+    eth: &EthHdr,
+    tuple: Tuple6,
+) -> Verdict6 {
     let Some(net) = maps::network6(from.veth.network_id) else {
         return Verdict6::Drop(Stat::Ipv6, tuple);
     };
+    if !addressed_to_bridge(from, eth) {
+        return Verdict6::Drop(Stat::IccDenied, tuple);
+    }
     if p.dst == net.gateway {
         return Verdict6::Pass;
     }
@@ -457,7 +479,9 @@ fn check_arp(ctx: &TcContext, from: &Sender) -> Verdict {
 
 /// A packet to another container: allowed on the same network when the network has ICC or a
 /// link opens the port, then delivered straight into the container when the frame is already
-/// addressed to it (it always is after the sender's ARP; anything else takes the bridge).
+/// addressed to it (it always is after the sender's ARP). Anything else takes the bridge, which
+/// forwards by MAC: without ICC only a frame addressed to the container may go (see
+/// [`addressed_within`]).
 #[inline(always)]
 fn to_container(
     from: &Sender,
@@ -473,10 +497,22 @@ fn to_container(
         return Verdict::Drop(Stat::IccDenied, tuple);
     }
     if eth.dst_addr == to.mac {
-        Verdict::Deliver(to.ifindex)
-    } else {
-        Verdict::Pass
+        return Verdict::Deliver(to.ifindex);
     }
+    if !addressed_within(from, eth, &to.mac) {
+        return Verdict::Drop(Stat::IccDenied, tuple);
+    }
+    Verdict::Pass
+}
+
+/// Whether a frame the policy let through may go on to the bridge with its destination MAC:
+/// with ICC any; without, only `allowed` (the IP destination's own MAC: the bridge's, or the
+/// container's a link reaches). The bridge forwards by MAC alone, so a packet allowed for the
+/// gateway or a linked port but addressed to another container's MAC (or to all of them)
+/// would reach that container past the policy.
+#[inline(always)]
+fn addressed_within(from: &Sender, eth: &EthHdr, allowed: &[u8; 6]) -> bool {
+    from.veth.net_flags & NET_ICC != 0 || eth.dst_addr == *allowed
 }
 
 /// Whether a `--link` lets the packet through: by its ports; a later fragment (no ports) by
@@ -496,12 +532,16 @@ fn linked(t: &Tuple, datagram: &Datagram) -> bool {
 }
 
 /// A packet to anything but a container: the gateway is always reachable; an internal
-/// network reaches nothing outside its subnet.
+/// network reaches nothing outside its subnet. Without ICC all of it goes to the bridge's
+/// MAC. A container whose network is gone (being removed) sends nothing.
 #[inline(always)]
-fn to_elsewhere(from: &Sender, tuple: Tuple) -> Verdict {
+fn to_elsewhere(from: &Sender, tuple: Tuple, eth: &EthHdr) -> Verdict {
     let Some(net) = maps::network(from.veth.network_id) else {
-        return Verdict::Pass;
+        return Verdict::Drop(Stat::NoEndpoint, tuple);
     };
+    if !addressed_within(from, eth, &net.bridge_mac) {
+        return Verdict::Drop(Stat::IccDenied, tuple);
+    }
     if tuple.daddr == net.gateway[0] {
         return Verdict::Pass;
     }

@@ -145,11 +145,12 @@ fn egress(ctx: &TcContext) -> Stat {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
-    let Some(flags) = maps::endpoint(flow.saddr)
-        .and_then(|ep| maps::network(ep.network_id))
-        .map(|net| net.flags)
-    else {
+    let Some(ep) = maps::endpoint(flow.saddr) else {
         return Stat::NoNat;
+    };
+    // A container whose network is gone (being removed): what its network was is unknown.
+    let Some(flags) = maps::network(ep.network_id).map(|net| net.flags) else {
+        return dropped(ctx, &flow, Stat::NoEndpoint, flow.saddr);
     };
     if flags & NET_INTERNAL != 0 {
         return dropped(ctx, &flow, Stat::Internal, flow.saddr);

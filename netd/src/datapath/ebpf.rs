@@ -937,10 +937,10 @@ impl Datapath for EbpfDatapath {
     fn teardown_network(&self, net: &NetworkSpec) -> Result<()> {
         let mut networks = maps::networks(&self.pins)?;
         networks
-            .remove(&net.id)
+            .get(&net.id, 0)
             .with_context(|| format!("network {} (id {}) is not set up", net.name, net.id))?;
-        self.forget_subnet(net);
-        self.forget_network6(net);
+        // The containers first, the network's entry last: until then the programs still know
+        // the network (one whose network is gone gets nothing through).
         let mut endpoints = maps::endpoints(&self.pins)?;
         let stale: Vec<_> = endpoints
             .iter()
@@ -985,6 +985,9 @@ impl Datapath for EbpfDatapath {
         for key in stale {
             allow.remove(&key)?;
         }
+        networks.remove(&net.id)?;
+        self.forget_subnet(net);
+        self.forget_network6(net);
         let subnets = std::iter::once(net.subnet.into()).chain(net.subnet6.map(Into::into));
         conntrack::flush_networks(&self.pins, &subnets.collect::<Vec<_>>())?;
         self.forget_limit(&maps::network_limit_key(net.id));
