@@ -16,7 +16,7 @@ fn main() {
     // Like other Unix tools: a closed pipe (`netd ... | head`) ends netd quietly.
     // SAFETY: set before any thread exists; SIG_DFL is a valid disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let command = match cli.command {
         // Before any runtime or thread exists: the proxy forks.
         cli::Invocation::Proxy(args) => std::process::exit(cli::proxy::main(args)),
@@ -26,6 +26,28 @@ fn main() {
         eprintln!("netd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Help and the version are printed as clap prints them; a usage error is one line that names
+/// what is wrong (clap's message without its usage and tips), exit status 2.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let message = text.split("\n\n").next().unwrap_or_default();
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    eprintln!(
+        "netd: {}",
+        message.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    std::process::exit(2);
 }
 
 fn run(global: &cli::Global, command: cli::Command) -> Result<()> {

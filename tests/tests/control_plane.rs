@@ -848,6 +848,46 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             ],
             "nosuch",
         ),
+        // Names that name modes, and text that would become lines of the container's /etc
+        // files.
+        (
+            vec!["network", "create", "none", "--subnet", "10.99.0.0/24"],
+            "reserved",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--dns-search",
+                "x\nnameserver 6.6.6.6",
+            ],
+            "--dns-search",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--add-host",
+                "a b:9.9.9.9",
+            ],
+            "--add-host",
+        ),
+        (
+            vec!["container", "create", &bad, "--hostname", "bad host!"],
+            "--hostname",
+        ),
+        // Usage errors: clap's message alone, on one line.
+        (vec!["network", "create", "x", "--mtu", "-1"], "'-1'"),
+        (
+            vec!["network", "create", "x", "--gateway", "10.1.0.1x"],
+            "10.1.0.1x",
+        ),
     ];
     for (args, needle) in cases {
         let before = snapshot(&env);

@@ -186,3 +186,37 @@ fn the_daemon_masquerades_through_a_nic_that_appears() {
         "{log}"
     );
 }
+
+#[test]
+fn a_daemon_replaces_only_the_socket_of_a_daemon_that_is_gone() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(&env.state_dir).unwrap();
+    // Any other file at the socket's path stays as it was.
+    let file = env.state_dir.join("precious");
+    std::fs::write(&file, "keep").unwrap();
+    let err = env.netd_err(&["daemon", "--socket", file.to_str().unwrap()]);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    // A live daemon's socket: a second daemon doesn't take it, the first still serves.
+    let first = start_daemon(&env);
+    let socket = env.state_dir.join("netd.sock");
+    let err = env.netd_err(&["daemon"]);
+    assert!(err.contains("a daemon already serves"), "{err}");
+    std::os::unix::net::UnixStream::connect(&socket).expect("the first daemon lost its socket");
+    // Killed, its socket is stale: the next daemon takes it.
+    signal(&first, Signal::SIGKILL);
+    first.wait_with_output().unwrap();
+    let second = start_daemon(&env);
+    signal(&second, Signal::SIGTERM);
+    assert!(second.wait_with_output().unwrap().status.success());
+}
+
+#[test]
+fn a_sweep_interval_no_timer_can_have_is_refused_before_anything_is_served() {
+    let env = TestEnv::new();
+    for bad in ["0", "-1", "nan", "1e-12", "1e30"] {
+        let err = env.netd_err(&["daemon", "--sweep-interval", bad]);
+        assert!(err.contains("invalid --sweep-interval"), "{bad}: {err}");
+        assert!(!env.state_dir.join("netd.sock").exists(), "{bad}");
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result};
 use tokio::sync::Mutex;
 
 use super::Global;
@@ -16,7 +16,7 @@ use crate::server;
 #[derive(clap::Args)]
 pub struct Args {
     /// Seconds between sweeps.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     sweep_interval: f64,
     /// The unix socket of the API (default: netd.sock in the state dir).
     #[arg(long, value_name = "PATH")]
@@ -30,17 +30,26 @@ pub struct Args {
     docker_plugin_dir: PathBuf,
 }
 
+/// The shortest and longest sweep intervals: a timer needs a period, and a year is as good as
+/// never.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(1);
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub async fn run(global: &Global, args: Args) -> Result<()> {
-    if !args.sweep_interval.is_finite() || args.sweep_interval <= 0.0 {
-        bail!(
-            "invalid --sweep-interval {}: must be above 0",
-            args.sweep_interval
-        );
-    }
+    let interval = Duration::try_from_secs_f64(args.sweep_interval)
+        .ok()
+        .filter(|i| (MIN_SWEEP_INTERVAL..=MAX_SWEEP_INTERVAL).contains(i))
+        .with_context(|| {
+            format!(
+                "invalid --sweep-interval {}: must be from {} to {} seconds",
+                args.sweep_interval,
+                MIN_SWEEP_INTERVAL.as_secs_f64(),
+                MAX_SWEEP_INTERVAL.as_secs()
+            )
+        })?;
     let socket = args
         .socket
         .unwrap_or_else(|| global.state_dir.join("netd.sock"));
-    let interval = Duration::from_secs_f64(args.sweep_interval);
     // One controller for the API and the Docker plugin.
     let shared = Arc::new(Mutex::new(global.controller()?));
     // Served until the daemon stops (dropped when this returns).

@@ -86,6 +86,15 @@ impl NetworkSpec {
 
     pub fn validate(&self) -> Result<()> {
         validate_name("network", &self.name)?;
+        // `--network host` and `--network none` name modes: such a network could never be
+        // joined.
+        if RESERVED_NETWORK_NAMES.contains(&self.name.as_str()) {
+            bail!(
+                "invalid network name {:?}: reserved for `container create --network {}`",
+                self.name,
+                self.name
+            );
+        }
         if let Some(bridge) = &self.bridge {
             validate_ifname(bridge)?;
         }
@@ -228,6 +237,14 @@ impl ContainerSpec {
 
     pub fn validate(&self) -> Result<()> {
         validate_name("container", &self.name)?;
+        // Each is written into the container's /etc files, one per line or word.
+        let names = self.hostname.iter().map(|h| ("--hostname", h));
+        let names = names.chain(self.dns_search.iter().map(|d| ("--dns-search", d)));
+        let names = names.chain(self.add_hosts.iter().map(|(h, _)| ("--add-host", h)));
+        let names = names.chain(self.links.iter().map(|l| ("--link alias", &l.alias)));
+        for (what, name) in names {
+            validate_host_name(what, name)?;
+        }
         match (&self.mode, &self.netns) {
             (Mode::Host | Mode::Container(_), Netns::Path(_) | Netns::Pid(_)) => {
                 bail!(
@@ -286,6 +303,26 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Network names `container create --network` takes as modes.
+const RESERVED_NETWORK_NAMES: [&str; 2] = ["host", "none"];
+
+/// Checks a host or domain name (`what` says which option gave it): dot-separated labels of
+/// letters, digits, '-' and '_', at most 253 characters (RFC 1123, with Docker's underscores).
+pub fn validate_host_name(what: &str, name: &str) -> Result<()> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        bail!(
+            "invalid {what} {name:?}: a host name is dot-separated labels of letters, digits, '-' and '_'"
+        );
+    }
+    Ok(())
+}
+
 /// Checks an interface name as the kernel does (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<()> {
     if name.is_empty()
@@ -304,6 +341,45 @@ pub fn validate_ifname(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_are_labels_and_nothing_else() {
+        for good in ["db", "web-1.example.com", "a_b", "x1"] {
+            assert!(validate_host_name("--hostname", good).is_ok(), "{good}");
+        }
+        let long_label = "x".repeat(64);
+        for bad in [
+            "",
+            "a b",
+            "a\nnameserver 6.6.6.6",
+            "a..b",
+            ".a",
+            "bad!",
+            &long_label,
+        ] {
+            assert!(validate_host_name("--hostname", bad).is_err(), "{bad:?}");
+        }
+        let spec = ContainerSpec {
+            dns_search: vec!["x\nnameserver 6.6.6.6".into()],
+            ..ContainerSpec::named("c")
+        };
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid --dns-search"), "{err}");
+    }
+
+    #[test]
+    fn host_and_none_are_no_network_names() {
+        for name in RESERVED_NETWORK_NAMES {
+            let err = NetworkSpec {
+                name: name.into(),
+                ..NetworkSpec::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("reserved"), "{err}");
+        }
+    }
 
     #[test]
     fn names_and_interfaces() {

@@ -24,9 +24,13 @@
 //! Requests are served one at a time, in order (the core changes the kernel under one lock
 //! anyway); the socket is made mode 0600.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::Path,
+    time::Duration,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{
     Method, Request, Response, StatusCode,
@@ -64,14 +68,32 @@ pub struct LinkRequest {
 /// plugin (on a thread of its own).
 type Shared = SharedController;
 
+/// Makes way for the daemon's socket: one left by a daemon that is gone is removed; a live
+/// daemon's socket, or any other file, stays and the daemon doesn't start.
+fn remove_stale_socket(socket: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(socket) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", socket.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket: not replaced",
+            socket.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!("a daemon already serves {}", socket.display());
+    }
+    std::fs::remove_file(socket).with_context(|| format!("remove {}", socket.display()))
+}
+
 /// Serves `socket` and sweeps every `interval` until SIGINT or SIGTERM.
 pub async fn run(shared: Shared, socket: &Path, interval: Duration) -> Result<()> {
     // Before the socket exists: once a client can connect, SIGTERM stops the daemon cleanly.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    if socket.exists() {
-        std::fs::remove_file(socket).with_context(|| format!("remove {}", socket.display()))?;
-    }
+    remove_stale_socket(socket)?;
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
