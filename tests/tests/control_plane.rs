@@ -888,6 +888,14 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             vec!["network", "create", "x", "--gateway", "10.1.0.1x"],
             "10.1.0.1x",
         ),
+        (
+            vec!["--conntrack-max", "0", "network", "create", "x"],
+            "1024..=16777216",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "169.254.0.0/16"],
+            "overlaps 169.254.0.0/16",
+        ),
     ];
     for (args, needle) in cases {
         let before = snapshot(&env);

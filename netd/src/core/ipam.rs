@@ -96,8 +96,27 @@ pub fn check_subnet(net: IpNet) -> Result<()> {
             net.prefix_len()
         );
     }
+    if let Some((range, what)) = SPECIAL_RANGES.iter().find_map(|(range, what)| {
+        let range: IpNet = range.parse().expect("a valid CIDR");
+        (range.contains(&net.network()) || net.contains(&range.network())).then_some((range, what))
+    }) {
+        bail!("invalid subnet \"{net}\": it overlaps {range}, {what}");
+    }
     Ok(())
 }
+
+/// Ranges no network's subnet may overlap: addresses that are not unicast between hosts, and
+/// netd's own pool for `netd link` (link-local).
+const SPECIAL_RANGES: [(&str, &str); 8] = [
+    ("0.0.0.0/8", "\"this\" network"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (netd link's pool)"),
+    ("224.0.0.0/3", "multicast and reserved"),
+    ("::/127", "the unspecified and loopback addresses"),
+    ("::ffff:0:0/96", "IPv4-mapped addresses"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
 
 /// Parses an `--ip-range`.
 pub fn parse_range(text: &str) -> Result<Ipv4Net> {
@@ -215,6 +234,33 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn subnets_of_addresses_that_are_no_hosts_are_refused() {
+        for bad in [
+            "0.0.0.0/8",
+            "127.0.0.0/16",
+            "169.254.0.0/16",
+            "224.0.0.0/16",
+            "255.255.255.0/24",
+            "0.0.0.0/0",
+            "fe80::/64",
+            "ff00::/64",
+            "::ffff:0:0/112",
+        ] {
+            let err = check_subnet(bad.parse().unwrap()).unwrap_err().to_string();
+            assert!(err.contains("overlaps"), "{bad}: {err}");
+        }
+        for good in [
+            "10.0.0.0/8",
+            "172.17.0.0/16",
+            "192.168.0.0/20",
+            "fd00::/64",
+            "2001:db8::/64",
+        ] {
+            check_subnet(good.parse().unwrap()).unwrap();
+        }
     }
 
     #[test]
