@@ -1293,6 +1293,20 @@ fn icmp_errors_about_hairpin_flows_are_translated_both_ways_with_the_quoted_pack
         &tcp_frame(GATEWAY, 9, C1, 80, SYN)[ETH_LEN..],
     );
     assert_eq!(b.run(BRIDGE_INGRESS_PROG, &stray), (PASS, stray.clone()));
+    // About the flow, but from anyone but C1 (a container of another network, to its own
+    // gateway or to this one), or from C1 to anyone but the quoted packet's source: dropped.
+    let q = quiet_network(&b, (netd::datapath::Protocol::Udp, 53));
+    let about_the_flow =
+        |from, to| icmp_error_frame(from, to, DEST_UNREACH, PORT_UNREACH, &got[ETH_LEN..]);
+    for (from, to) in [(q.c3, q.net.gateway), (q.c3, GATEWAY), (C1, HOST_ADDR)] {
+        let before = b.stat("icmp_no_flow");
+        assert_eq!(
+            b.run(BRIDGE_INGRESS_PROG, &about_the_flow(from, to)).0,
+            DROP,
+            "{from} → {to}"
+        );
+        assert_eq!(b.stat("icmp_no_flow"), before + 1, "{from} → {to}");
+    }
 }
 
 /// A second network, without ICC ("quiet", 10.2.0.0/24), with C3 and C4 on veth3 and veth4;

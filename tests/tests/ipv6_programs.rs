@@ -929,6 +929,13 @@ fn ipv6_hairpin_to_a_published_port_goes_through_the_gateway_and_back() {
     );
     assert_eq!((addr_at(&error, 8), addr_at(&error, 24)), (host, b));
     assert_eq!(ends6(&error[48..]), (b, 5000, host, 5300));
+    // The same error from anyone but A, or from A to anyone but the quoted packet's source:
+    // dropped.
+    for (from, src, dst) in [(&n.b, b, gateway), (&n.a, a, host)] {
+        let forged = icmpv6(src, dst, DEST_UNREACH, PORT_UNREACH, &body);
+        let forged = frame(src, dst, &[], ICMPV6, &forged);
+        hairpin6_refused(&bench, from, forged, "icmp_no_flow");
+    }
 
     // A fragmented datagram B → host:5300: each fragment to A from the gateway (the later one
     // by the first one's ports), the datagram's checksum right.

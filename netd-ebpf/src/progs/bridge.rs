@@ -167,6 +167,10 @@ fn hairpin(ctx: &TcContext) -> Outcome {
 /// An ICMP error about a hairpin flow (from its target to the gateway, or from its client to
 /// the host address): translated both ways like the flow's packets, the packet it quotes
 /// with it, and redirected to the container it is for. About anything else: the host's.
+///
+/// Only the container that got the quoted packet may send it, back to that packet's source
+/// (no router is on a hairpin flow's way): anyone else's error about the flow (another
+/// network's container naming it) is dropped.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) -> Outcome {
     let key = conntrack::quoted_key(q);
@@ -174,6 +178,9 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, q: &Quoted, now: u64, cfg: &Config) 
     else {
         return Outcome::Done(Stat::NoNat);
     };
+    if flow.saddr != q.daddr || flow.daddr != q.saddr {
+        return Outcome::Done(dropped(ctx, flow, Stat::IcmpNoFlow, flow.saddr));
+    }
     let (Some(ep), Some(second)) = (maps::endpoint(hit.rewrite.addr), hit.second) else {
         return Outcome::Done(dropped(ctx, flow, Stat::NoEndpoint, flow.saddr));
     };
@@ -432,7 +439,8 @@ fn start6(ctx: &TcContext, flow: &Flow6, h: &Hairpin6) -> Result<Outcome, Drop6>
 }
 
 /// An ICMPv6 error about a hairpin flow, translated both ways with the packet it quotes (as
-/// [`icmp_error`]) and redirected to the container it is for. About anything else: the host's.
+/// [`icmp_error`], and only from the container that got the quoted packet) and redirected to
+/// the container it is for. About anything else: the host's.
 #[inline(never)]
 fn icmp_error6(ctx: &TcContext, flow: &Flow6) -> Result<Outcome, Drop6> {
     let (Some(cfg), Some(q)) = (maps::config(), &flow.quoted) else {
@@ -442,6 +450,9 @@ fn icmp_error6(ctx: &TcContext, flow: &Flow6) -> Result<Outcome, Drop6> {
     let Some(entry) = conntrack::flow_of_error(&key, now_ns(), cfg, Path::Hairpin) else {
         return Ok(Outcome::Done(Stat::NoNat));
     };
+    if flow.saddr != q.daddr || flow.daddr != q.saddr {
+        return Err(sender_drop(flow, Stat::IcmpNoFlow));
+    }
     let dst = nat66::rewrite_of(entry);
     let (Some(ep), Some(src)) = (maps::endpoint6(dst.addr), nat66::second_rewrite_of(entry)) else {
         return Err(sender_drop(flow, Stat::NoEndpoint));
