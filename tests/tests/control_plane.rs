@@ -893,6 +893,30 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             "1024..=16777216",
         ),
         (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "none",
+                "--publish-allow",
+                "10.0.0.0/8",
+            ],
+            "--publish-allow",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--mac",
+                "00:00:00:00:00:00",
+            ],
+            "all zero",
+        ),
+        (
             vec!["network", "create", "x", "--subnet", "169.254.0.0/16"],
             "overlaps 169.254.0.0/16",
         ),

@@ -658,6 +658,8 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
     );
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["reason"], "icc_denied", "{event}");
+    // No event asked for: done at once.
+    assert_eq!(env.netd_ok(&["monitor", "--count", "0"]), "");
     assert_eq!(event["saddr"], c1.ip.to_string(), "{event}");
     assert_eq!(event["daddr"], c2.ip.to_string(), "{event}");
     assert_eq!(event["dport"], 80, "{event}");

@@ -92,6 +92,8 @@ impl CreateArgs {
             (None, Some(pid)) => Netns::Pid(pid),
             (None, None) => Netns::Own,
         };
+        // Checked after `mode` took it (a bridge attachment's).
+        let publish_allow = !self.publish_allow.is_empty();
         let mode = match self.network.as_str() {
             "host" => Mode::Host,
             "none" => Mode::None,
@@ -115,9 +117,9 @@ impl CreateArgs {
             },
         };
         if !matches!(mode, Mode::Bridge(_)) {
-            if !self.publish.is_empty() || self.publish_all {
+            if !self.publish.is_empty() || self.publish_all || publish_allow {
                 bail!(
-                    "published ports need a bridge network, not --network {}",
+                    "published ports (and --publish-allow) need a bridge network, not --network {}",
                     self.network
                 );
             }

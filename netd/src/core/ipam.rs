@@ -225,6 +225,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     if bytes[0] & 1 == 1 {
         bail!("invalid MAC address {text:?}: multicast bit set");
     }
+    if bytes.iter().all(|&b| b == 0) {
+        bail!("invalid MAC address {text:?}: all zero");
+    }
     Ok(bytes.try_into().expect("six bytes"))
 }
 
@@ -403,5 +406,6 @@ mod tests {
         );
         assert!(parse_mac("01:00:00:00:00:01").is_err());
         assert!(parse_mac("zz").is_err());
+        assert!(parse_mac("00:00:00:00:00:00").is_err());
     }
 }

@@ -68,7 +68,11 @@ pub fn network(view: &impl View, spec: &NetworkSpec, in_use: &[IpNet]) -> Result
     let bridge = match &spec.bridge {
         Some(b) => b.clone(),
         None if spec.name == DEFAULT_NETWORK => DEFAULT_BRIDGE.to_string(),
-        None => format!("netd-br{id}"),
+        // The id's name, or the next one no network took (`--bridge` may have).
+        None => (id..)
+            .map(|n| format!("netd-br{n}"))
+            .find(|name| networks.iter().all(|n| &n.bridge != name))
+            .expect("fewer networks than names"),
     };
     if let Some(other) = networks.iter().find(|n| n.bridge == bridge) {
         bail!(
@@ -350,6 +354,18 @@ mod tests {
         assert_eq!(net.status, Status::Creating);
         let default = network(&state, &NetworkSpec::named("bridge"), &[]).unwrap();
         assert_eq!(default.bridge, "netd0");
+    }
+
+    #[test]
+    fn a_bridge_name_a_network_chose_is_skipped_by_the_next_ones() {
+        let mut state = state();
+        let mut spec = NetworkSpec::named("picked");
+        spec.bridge = Some("netd-br3".into());
+        let picked = network(&state, &spec, &[]).unwrap();
+        state.next_network_id = picked.id + 1;
+        state.networks.insert("picked".into(), picked);
+        let next = network(&state, &NetworkSpec::named("m"), &[]).unwrap();
+        assert_eq!((next.id, next.bridge.as_str()), (3, "netd-br4"));
     }
 
     #[test]

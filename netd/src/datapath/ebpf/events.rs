@@ -56,7 +56,7 @@ pub async fn follow(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("poll the drop events: {e}"))?;
     let mut seen = 0;
-    loop {
+    while count.is_none_or(|c| seen < c) {
         let mut ready = ring.readable_mut().await?;
         while let Some(item) = ready.get_inner_mut().next() {
             let event: DropEvent = bytemuck::try_pod_read_unaligned(&item)
@@ -70,6 +70,7 @@ pub async fn follow(
         }
         ready.clear_ready();
     }
+    Ok(())
 }
 
 fn describe(e: &DropEvent) -> Drop {
