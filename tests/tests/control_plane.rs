@@ -890,7 +890,7 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
         ),
         (
             vec!["--conntrack-max", "0", "network", "create", "x"],
-            "1024..=16777216",
+            "2..=16777216",
         ),
         (
             vec![

@@ -455,3 +455,29 @@ fn unpublish_killed_at_every_step_iptables() {
 fn link_killed_at_every_step() {
     kill_at_every_step("ebpf", link);
 }
+
+/// `container rm` again after one killed midway: the garbage collection finishes the first
+/// removal, and the second one says so by succeeding (the container is gone, as asked).
+#[test]
+fn container_rm_again_after_one_killed_midway_succeeds() {
+    let all = steps("ebpf", &container_rm);
+    let step = &all[all.len() / 2];
+    let env = TestEnv::new();
+    let s = container_rm(&env);
+    run_all(&env, &s.base);
+    run_all(&env, &s.before);
+    let cmd: Vec<&str> = s.command.iter().map(String::as_str).collect();
+    let status = env
+        .netd_cmd(&cmd)
+        .env("NETD_FAULT_KILL_AT", step)
+        .status()
+        .unwrap();
+    assert_eq!(status.signal(), Some(9), "{cmd:?} not killed at {step}");
+    env.netd_ok(&cmd);
+    assert_eq!(
+        env.netd_json(&["container", "ls", "--json"]),
+        serde_json::json!([])
+    );
+    // And once it is gone, removing it is an error again.
+    env.netd_err(&cmd);
+}

@@ -50,12 +50,12 @@ pub struct Global {
     #[arg(long, global = true, default_value = "ebpf", value_name = "NAME")]
     pub datapath: String,
     /// Entries of the eBPF connection-tracking table (two per flow), when it is created:
-    /// 1024 to 16777216.
+    /// 2 to 16777216.
     #[arg(
         long,
         global = true,
         value_name = "N",
-        value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
+        value_parser = clap::value_parser!(u32).range(2..=16_777_216)
     )]
     pub conntrack_max: Option<u32>,
     /// A conntrack timeout, NAME=SECONDS (tcp_established, tcp_syn_sent, udp, icmp, generic

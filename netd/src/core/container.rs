@@ -110,8 +110,19 @@ impl Controller {
     /// stays recorded for `gc` to retry, and the command fails naming it.
     pub async fn remove_container(&mut self, name: &str) -> Result<()> {
         let _lock = self.store.lock()?;
+        // A container whose earlier removal failed midway is finished by the garbage
+        // collection: then it is removed, as asked.
+        let half_removed = self
+            .store
+            .read(|tx| tx.container(name))?
+            .is_some_and(|c| c.status == Status::Removing);
         self.collect_garbage().await?;
-        let c = self.store.read(|tx| tx.container_required(name))?;
+        let Some(c) = self.store.read(|tx| tx.container(name))? else {
+            if half_removed {
+                return Ok(());
+            }
+            bail!("no container named {name:?}");
+        };
         let sharers = self.store.read(|tx| tx.sharers_of(name))?;
         if !sharers.is_empty() {
             bail!(

@@ -153,11 +153,15 @@ pub async fn free_veth_name(seed: &str) -> Result<String> {
 
 /// Checks the namespace a container asks for: an existing one must exist, its own must not.
 pub fn check_netns(name: &str, asked: &Netns) -> Result<()> {
+    let exists = |path: &Path| {
+        path.try_exists()
+            .with_context(|| format!("check {}", path.display()))
+    };
     match asked {
-        Netns::Path(path) if !path.exists() => {
+        Netns::Path(path) if !exists(path)? => {
             bail!("network namespace {} does not exist", path.display())
         }
-        Netns::Pid(pid) if !Path::new(&format!("/proc/{pid}/ns/net")).exists() => {
+        Netns::Pid(pid) if !exists(Path::new(&format!("/proc/{pid}/ns/net")))? => {
             bail!("no process with PID {pid}")
         }
         Netns::Own if netns::exists(name) => {
