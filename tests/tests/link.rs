@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use netd::netns;
-use tests::harness::TestEnv;
+use tests::{cli::output_in, harness::TestEnv};
 
 fn pings(env: &TestEnv, from: &Path, to: &str) -> bool {
     env.run_in(from, "ping", &["-c", "1", "-W", "2", to])
@@ -81,5 +81,29 @@ fn two_none_containers_link_with_pool_addresses() {
     assert!(other != mine && other != peer, "{other} reused");
     for x in [&a, &b, &c, &d] {
         env.netd_ok(&["container", "rm", x]);
+    }
+}
+
+#[test]
+fn a_host_mode_container_or_one_sharing_the_namespace_is_not_linked() {
+    let env = TestEnv::new();
+    let (a, h, s) = (env.name("a"), env.name("h"), env.name("s"));
+    env.netd_ok(&["container", "create", &a, "--network", "none"]);
+    env.netd_ok(&["container", "create", &h, "--network", "host"]);
+    let shared = format!("container:{a}");
+    env.netd_ok(&["container", "create", &s, "--network", &shared]);
+    let host_links = || output_in(&env, &env.host_ns(), "ip", &["-br", "link"]);
+    let before = host_links();
+    let err = env.netd_err(&["link", &a, &h]);
+    assert!(err.contains("--network host"), "{err}");
+    let err = env.netd_err(&["link", &a, &s]);
+    assert!(err.contains("share one network namespace"), "{err}");
+    assert_eq!(host_links(), before, "a link end was left in the host");
+    assert_eq!(
+        env.netd_json(&["container", "inspect", &a])["peer_links"],
+        serde_json::json!([])
+    );
+    for c in [&s, &h, &a] {
+        env.netd_ok(&["container", "rm", c]);
     }
 }

@@ -12,7 +12,10 @@ use super::{Controller, spec::LinkAddrs};
 use crate::{
     driver::{bridge, p2p},
     fault,
-    store::{Container, PendingLink, Status, Tx, model::PeerLink},
+    store::{
+        Container, PendingLink, Status, Tx,
+        model::{Mode, PeerLink},
+    },
 };
 
 /// Where link addresses come from when neither the container nor the command gives one:
@@ -30,9 +33,19 @@ impl Controller {
         let (end_a, end_b) = (format!("p2p{suffix}a"), format!("p2p{suffix}b"));
         let (ca, cb, ip_a, ip_b) = self.store.write(|tx| {
             let (ca, cb) = (tx.container_required(a)?, tx.container_required(b)?);
+            if ca.netns == cb.netns {
+                bail!("containers {a:?} and {b:?} share one network namespace: nothing to link");
+            }
             for c in [&ca, &cb] {
                 if c.status != Status::Running {
                     bail!("container {:?} is {}", c.name, c.status.name());
+                }
+                // The link's end and its route would go into the host's namespace.
+                if c.mode == Mode::Host {
+                    bail!(
+                        "container {:?} is in the host's network namespace (--network host): it can't be linked",
+                        c.name
+                    );
                 }
                 let peer = if c.name == a { b } else { a };
                 if c.peer_links.iter().any(|l| l.peer == peer) {
