@@ -920,6 +920,32 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             vec!["network", "create", "x", "--subnet", "169.254.0.0/16"],
             "overlaps 169.254.0.0/16",
         ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+                "--ip-range",
+                "10.99.0.5/25",
+            ],
+            "host bits set",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "8081:80",
+                "--publish-allow",
+                "10.0.0.5/8",
+            ],
+            "host bits set",
+        ),
     ];
     for (args, needle) in cases {
         let before = snapshot(&env);

@@ -80,12 +80,7 @@ pub fn gateway6(subnet: Ipv6Net, gateway: Option<Ipv6Addr>) -> Result<Ipv6Addr> 
 /// Checks a subnet of either family: no host bits, room for a gateway and a container (an
 /// IPv4 one's broadcast address aside).
 pub fn check_subnet(net: IpNet) -> Result<()> {
-    if net.trunc() != net {
-        bail!(
-            "invalid subnet \"{net}\": host bits set (did you mean {}?)",
-            net.trunc()
-        );
-    }
+    check_no_host_bits("subnet", net)?;
     let longest = match net {
         IpNet::V4(_) => 30,
         IpNet::V6(_) => 126,
@@ -118,10 +113,25 @@ const SPECIAL_RANGES: [(&str, &str); 8] = [
     ("ff00::/8", "multicast"),
 ];
 
+/// Checks that `net` (given as `what`) is a network, not an address with a prefix: the host
+/// bits would be dropped without a word.
+pub fn check_no_host_bits(what: &str, net: IpNet) -> Result<()> {
+    if net.trunc() != net {
+        bail!(
+            "invalid {what} \"{net}\": host bits set (did you mean {}?)",
+            net.trunc()
+        );
+    }
+    Ok(())
+}
+
 /// Parses an `--ip-range`.
 pub fn parse_range(text: &str) -> Result<Ipv4Net> {
-    text.parse()
-        .map_err(|_| anyhow::anyhow!("invalid ip-range {text:?}: expected an IPv4 CIDR"))
+    let range: Ipv4Net = text
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid ip-range {text:?}: expected an IPv4 CIDR"))?;
+    check_no_host_bits("ip-range", range.into())?;
+    Ok(range)
 }
 
 /// Checks `--gateway` and `--ip-range` against the subnet and fills in their defaults (the

@@ -245,6 +245,11 @@ impl ContainerSpec {
         for (what, name) in names {
             validate_host_name(what, name)?;
         }
+        if let Mode::Bridge(at) = &self.mode {
+            for range in &at.publish_allow {
+                crate::core::ipam::check_no_host_bits("--publish-allow", *range)?;
+            }
+        }
         match (&self.mode, &self.netns) {
             (Mode::Host | Mode::Container(_), Netns::Path(_) | Netns::Pid(_)) => {
                 bail!(
