@@ -1021,7 +1021,10 @@ fn listings_have_tables_and_json() {
     env.netd_ok(&["container", "create", &c, "-p", "9090:90"]);
     let table = env.netd_ok(&["container", "ls"]);
     assert!(
-        table.starts_with("NAME") && table.contains(&c) && table.contains("90/tcp -> 0.0.0.0:9090"),
+        table.starts_with("NAME")
+            && table.contains(&c)
+            && table.contains("running")
+            && table.contains("90/tcp -> 0.0.0.0:9090"),
         "{table}"
     );
     let nets = env.netd_ok(&["network", "ls"]);

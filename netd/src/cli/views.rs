@@ -174,6 +174,7 @@ pub fn container_ls(ctl: &mut Controller, json: bool) -> Result<()> {
         .map(|c| {
             vec![
                 c.name.clone(),
+                c.status.name().to_string(),
                 mode_name(c),
                 both(c.ip, c.ip6),
                 c.mac.clone().unwrap_or_default(),
@@ -181,7 +182,7 @@ pub fn container_ls(ctl: &mut Controller, json: bool) -> Result<()> {
             ]
         })
         .collect();
-    output::table(&["NAME", "NETWORK", "IP", "MAC", "PORTS"], &rows);
+    output::table(&["NAME", "STATUS", "NETWORK", "IP", "MAC", "PORTS"], &rows);
     Ok(())
 }
 
