@@ -1248,3 +1248,21 @@ fn a_full_conntrack_table_makes_room_for_new_flows() {
         .collect();
     assert!(live.contains(&u64::from(newest)), "the newest flow is gone");
 }
+
+#[test]
+fn datapath_commands_before_any_network_say_so_and_make_nothing() {
+    let env = TestEnv::new();
+    for args in [
+        &["reload"][..],
+        &["stats"],
+        &["conntrack", "ls"],
+        &["conntrack", "flush"],
+    ] {
+        let err = env.netd_err(args);
+        assert!(err.contains("no eBPF datapath"), "{args:?}: {err}");
+    }
+    assert!(
+        !env.bpffs.join("maps").exists(),
+        "a command that found no datapath made its pins"
+    );
+}

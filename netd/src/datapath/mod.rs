@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
@@ -264,8 +264,22 @@ impl Datapaths {
         }
     }
 
+    /// The eBPF datapath's pin directory, made when needed (setting up a network).
     fn pins(&self) -> Result<crate::bpf::Pins> {
         crate::bpf::Pins::open(&self.bpffs)
+    }
+
+    /// The eBPF datapath's pins, once an eBPF network set it up (nothing is created here: a
+    /// command that only reads or replaces finds nothing to work on before).
+    fn set_up_pins(&self) -> Result<crate::bpf::Pins> {
+        crate::bpf::Pins::existing(&self.bpffs)
+            .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
+            .with_context(|| {
+                format!(
+                    "no eBPF datapath under {}: no eBPF network was created",
+                    self.bpffs.display()
+                )
+            })
     }
 
     /// Whether the eBPF datapath's connection tracking exists yet (an eBPF network was set
@@ -277,7 +291,7 @@ impl Datapaths {
 
     /// Calls `visit` with each live flow of the eBPF connection tracking table.
     pub fn conntrack_for_each_flow(&self, visit: impl FnMut(Flow) -> Result<()>) -> Result<()> {
-        ebpf::conntrack::for_each_flow(&self.pins()?, visit)
+        ebpf::conntrack::for_each_flow(&self.set_up_pins()?, visit)
     }
 
     /// Removes the entries of timed-out flows; 0 when no table exists yet.
@@ -285,16 +299,14 @@ impl Datapaths {
         if !self.has_conntrack() {
             return Ok(0);
         }
-        ebpf::conntrack::sweep(&self.pins()?)
+        ebpf::conntrack::sweep(&self.set_up_pins()?)
     }
 
     /// Moves the eBPF datapath's NAT programs and addresses along with the host: a new
     /// default route, uplink address, or interface routing out (see
     /// [`ebpf::EbpfDatapath::follow_host`]).
     pub fn follow_host(&self) -> Result<ebpf::Followed> {
-        let Some(pins) = crate::bpf::Pins::existing(&self.bpffs)
-            .filter(|p| p.map(netd_common::datapath::CONFIG_MAP).exists())
-        else {
+        let Ok(pins) = self.set_up_pins() else {
             return Ok(ebpf::Followed::default());
         };
         let mut dp = ebpf::EbpfDatapath::new(pins);
@@ -306,12 +318,12 @@ impl Datapaths {
 
     /// Removes every flow.
     pub fn conntrack_flush(&self) -> Result<usize> {
-        ebpf::conntrack::flush(&self.pins()?)
+        ebpf::conntrack::flush(&self.set_up_pins()?)
     }
 
     /// The eBPF datapath's counters per reason, and drops per container.
     pub fn stats(&self) -> Result<(Vec<Counter>, Vec<EndpointDrops>)> {
-        let pins = self.pins()?;
+        let pins = self.set_up_pins()?;
         Ok((
             ebpf::stats::read(&pins)?,
             ebpf::stats::read_endpoint_drops(&pins)?,
@@ -324,11 +336,11 @@ impl Datapaths {
         count: Option<usize>,
         each: impl FnMut(Drop) -> Result<()>,
     ) -> Result<()> {
-        ebpf::events::follow(&self.pins()?, count, each).await
+        ebpf::events::follow(&self.set_up_pins()?, count, each).await
     }
 
     /// Replaces the attached eBPF programs with this binary's; returns how many.
     pub fn reload(&self) -> Result<usize> {
-        ebpf::EbpfDatapath::new(self.pins()?).reload_programs()
+        ebpf::EbpfDatapath::new(self.set_up_pins()?).reload_programs()
     }
 }
