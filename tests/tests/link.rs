@@ -45,8 +45,15 @@ fn two_none_containers_link_with_given_addresses() {
     assert!(pings(&env, &netns::path_of(&b), "10.200.0.1"));
     let err = env.netd_err(&["link", &a, &b]);
     assert!(err.contains("already linked"), "{err}");
-    for c in [&a, &b] {
-        env.netd_ok(&["container", "rm", c]);
+    // Another link can't take an end's address.
+    let (c, d) = (env.name("c"), env.name("d"));
+    for x in [&c, &d] {
+        env.netd_ok(&["container", "create", x, "--network", "none"]);
+    }
+    let err = env.netd_err(&["link", &c, &d, "--ip", "10.200.0.1", "--ip", "10.200.0.9"]);
+    assert!(err.contains("another link's end has it"), "{err}");
+    for x in [&a, &b, &c, &d] {
+        env.netd_ok(&["container", "rm", x]);
     }
 }
 
@@ -59,6 +66,11 @@ fn two_none_containers_link_with_pool_addresses() {
     }
     let err = env.netd_err(&["link", &a, &b, "--ip", "10.200.0.1"]);
     assert!(err.contains("--ip"), "{err}");
+    // Addresses an end can't have: no host's, or taken.
+    for (ip, why) in [("224.0.0.1", "unicast"), ("0.0.0.0", "unicast")] {
+        let err = env.netd_err(&["link", &a, &b, "--ip", ip, "--ip", "10.200.0.2"]);
+        assert!(err.contains(why), "{ip}: {err}");
+    }
     env.netd_ok(&["link", &a, &b]);
     let ends = env.netd_json(&["container", "inspect", &a])["peer_links"][0].clone();
     let (mine, peer) = (

@@ -121,6 +121,11 @@ fn link_addresses(
             );
         }
     }
+    for (c, ip) in [(a, asked.a), (b, asked.b)] {
+        if let (None, Some(ip)) = (c.ip, ip) {
+            check_asked(tx, ip)?;
+        }
+    }
     let mut free = None;
     let mut pick = |tx: &Tx| -> Result<Ipv4Addr> {
         if free.is_none() {
@@ -142,6 +147,21 @@ fn link_addresses(
         bail!("both ends of the link would have address {ip_a}");
     }
     Ok((ip_a, ip_b))
+}
+
+/// Checks an address asked for a link's end: a host's unicast address that no container and
+/// no other link's end has.
+fn check_asked(tx: &Tx, ip: Ipv4Addr) -> Result<()> {
+    if ip.is_multicast() || ip.is_broadcast() || ip.is_unspecified() || ip.is_loopback() {
+        bail!("--ip {ip}: not a host's unicast address");
+    }
+    if let Some(c) = tx.containers()?.iter().find(|c| c.ip == Some(ip)) {
+        bail!("--ip {ip}: container {:?} has it", c.name);
+    }
+    if tx.link_pool_addresses()?.contains(&ip) {
+        bail!("--ip {ip}: another link's end has it");
+    }
+    Ok(())
 }
 
 /// The link pool's free addresses, lowest last (so `pop` takes the lowest).
