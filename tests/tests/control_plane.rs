@@ -1034,6 +1034,10 @@ fn listings_have_tables_and_json() {
     );
     let json = env.netd_json(&["network", "ls", "--json"]);
     assert_eq!(json[0]["name"], "bridge");
+    assert_eq!(
+        json[0]["containers"], 1,
+        "the table's CONTAINERS column: {json}"
+    );
 }
 
 #[test]

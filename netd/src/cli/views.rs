@@ -97,7 +97,14 @@ pub fn collected(c: &Collected) -> String {
 pub fn network_ls(ctl: &mut Controller, json: bool) -> Result<()> {
     let networks = ctl.networks()?;
     if json {
-        return output::json(&networks);
+        // Each network's record with its container count, as the table shows it.
+        let mut listed = Vec::new();
+        for n in &networks {
+            let mut entry = serde_json::to_value(n)?;
+            entry["containers"] = ctl.containers_on(&n.name)?.len().into();
+            listed.push(entry);
+        }
+        return output::json(&listed);
     }
     let mut rows = Vec::new();
     for n in &networks {
