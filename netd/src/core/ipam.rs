@@ -105,7 +105,7 @@ pub fn check_subnet(net: IpNet) -> Result<()> {
 const SPECIAL_RANGES: [(&str, &str); 8] = [
     ("0.0.0.0/8", "\"this\" network"),
     ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local (netd link's pool)"),
+    (super::link::LINK_POOL, "link-local (netd link's pool)"),
     ("224.0.0.0/3", "multicast and reserved"),
     ("::/127", "the unspecified and loopback addresses"),
     ("::ffff:0:0/96", "IPv4-mapped addresses"),
