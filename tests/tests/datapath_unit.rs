@@ -596,6 +596,27 @@ fn frames_nat_cannot_translate_are_dropped_to_and_from_containers_with_their_rea
     // VLAN: an 802.1Q tag, and a priority tag (VLAN 0, which the stack strips and routes).
     check(&tagged(5), "vlan");
     check(&tagged(0), "vlan");
+    // Two tags: QinQ, or priority tags, which the stack strips one after the other.
+    check(
+        &|f| {
+            tagged(5)(f);
+            tagged(0)(f)
+        },
+        "vlan",
+    );
+    // Tags nested deeper than the programs read: whatever they carry, to whomever, dropped.
+    let deep = |f: &mut Vec<u8>| (0..4).for_each(|_| tagged(0)(f));
+    for frame in [
+        mangled(deep),
+        mangled_in(C1, deep),
+        mangled_in(HOST_ADDR, deep),
+    ] {
+        for prog in [UPLINK_EGRESS_PROG, UPLINK_INGRESS_PROG] {
+            let before = b.stat("vlan");
+            assert_eq!(b.run(prog, &frame).0, DROP, "{prog}: four tags");
+            assert_eq!(b.stat("vlan"), before + 1, "{prog}: four tags counted");
+        }
+    }
     // ICMP other than echo and errors (here: a timestamp request).
     let timestamp = |src, dst| {
         eth(

@@ -578,6 +578,34 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
     assert_eq!(bench.run_on(UPLINK_EGRESS_PROG, &own, UPLINK), (PASS, own));
 }
 
+/// `frame` with an 802.1Q tag for VLAN `vid` in front of its EtherType.
+fn tagged(vid: u16, mut frame: Vec<u8>) -> Vec<u8> {
+    frame.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+    frame
+}
+
+#[test]
+fn tagged_ipv6_of_a_masquerading_networks_container_is_dropped_on_the_uplink() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 6);
+    let a = ip6(&n.a);
+    let outside = OUTSIDE_ADDR6;
+    // A priority tag (VLAN 0), which the stack strips before routing what it carries, and a
+    // VLAN's tag.
+    for vid in [0, 5] {
+        let out = frame(a, outside, &[], UDP, &dns(a, outside));
+        nat66_drops(&bench, UPLINK_EGRESS_PROG, &tagged(vid, out), "vlan");
+        let knock = frame(outside, a, &[], UDP, &udp(outside, 53, a, 5000, b"knock"));
+        nat66_drops(&bench, UPLINK_INGRESS_PROG, &tagged(vid, knock), "vlan");
+        // The host's own (a VLAN interface on the uplink) is the stack's.
+        let own = tagged(
+            vid,
+            frame(HOST_ADDR6, outside, &[], UDP, &dns(HOST_ADDR6, outside)),
+        );
+        assert_eq!(bench.run_on(UPLINK_EGRESS_PROG, &own, UPLINK), (PASS, own));
+    }
+}
+
 /// Where a fragment's data starts in its frame (one fragment header).
 const FRAGMENT_DATA: usize = ETH_LEN + 48;
 /// A fragment header at `offset` bytes of the datagram (a multiple of 8).

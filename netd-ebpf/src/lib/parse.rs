@@ -121,20 +121,42 @@ pub fn is_vlan_tag(ether_type: u16) -> bool {
     ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16
 }
 
+/// VLAN tags read through to what a frame carries. The stack strips priority tags (VLAN 0)
+/// however deep and routes what they carry; real traffic has two tags at most (802.1ad
+/// QinQ), the outer one often taken out into metadata before a TC program runs.
+const MAX_TAGS: usize = 3;
+
+/// The EtherType of what the frame carries behind its VLAN tags (up to [`MAX_TAGS`] of them
+/// in the frame), and where that starts: still a tag's EtherType when they are nested deeper.
+/// `None` when the frame ends first.
+#[inline(always)]
+pub fn carried(ctx: &impl Frame) -> Option<(u16, usize)> {
+    let mut ether_type = ctx.read::<EthHdr>(0)?.ether_type;
+    let mut l3 = L3_OFF;
+    for _ in 0..MAX_TAGS {
+        if !is_vlan_tag(ether_type) {
+            break;
+        }
+        ether_type = ctx.read::<u16>(l3 + 2)?;
+        l3 += VLAN_TAG_LEN;
+    }
+    Some((ether_type, l3))
+}
+
 /// The source and destination (wire byte order) of an IPv4 packet that [`ipv4_flow`] could
-/// not parse, as far as its header can be read: behind one VLAN tag too (the stack would
-/// untag a priority tag and route what it carries). `None` for anything else.
+/// not parse, as far as its header can be read: behind VLAN tags too ([`carried`]). `None`
+/// for anything else.
 #[inline(always)]
 pub fn ipv4_ends(ctx: &impl Frame) -> Option<(u32, u32)> {
-    let eth: EthHdr = ctx.read(0)?;
-    let l3 = if eth.ether_type == EtherType::Ipv4 as u16 {
-        L3_OFF
-    } else if is_vlan_tag(eth.ether_type) && ctx.read::<u16>(L3_OFF + 2)? == EtherType::Ipv4 as u16
-    {
-        L3_OFF + VLAN_TAG_LEN
-    } else {
-        return None;
-    };
+    match carried(ctx)? {
+        (ether_type, l3) if ether_type == EtherType::Ipv4 as u16 => ipv4_ends_at(ctx, l3),
+        _ => None,
+    }
+}
+
+/// The source and destination (wire byte order) of the IPv4 header at `l3`.
+#[inline(always)]
+pub fn ipv4_ends_at(ctx: &impl Frame, l3: usize) -> Option<(u32, u32)> {
     let ip: Ipv4Hdr = ctx.read(l3)?;
     Some((
         u32::from_ne_bytes(ip.src_addr),

@@ -51,6 +51,7 @@ use crate::lib::{
     stats,
     verdict::{dropped, now_ns, verdict},
 };
+use network_types::eth::EtherType;
 
 /// The IPv6 programs, in `NAT66_PROGS`.
 const EGRESS6: u32 = 0;
@@ -255,14 +256,30 @@ fn hit_stat(nat: u8) -> Stat {
 /// A packet NAT can't translate, for `reason`: dropped when it goes to a container of a
 /// masquerading or internal network (coming in) or comes from one (going out), where passing
 /// it would reach the container unchecked or leak its private address; else the stack's.
+/// Tagged frames are judged by what they carry, IPv6 as well: the stack strips priority tags
+/// and routes what they carry. One with more tags than are read is dropped: what it carries,
+/// and whose it is, is unknown.
 #[inline(always)]
 fn untranslatable(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
-    let Some((saddr, daddr)) = parse::ipv4_ends(ctx) else {
-        return if reason == Stat::NotIpv4 {
-            reason
-        } else {
-            Stat::NoNat
-        };
+    let not_nat = if reason == Stat::NotIpv4 {
+        reason
+    } else {
+        Stat::NoNat
+    };
+    let Some((ether_type, l3)) = parse::carried(ctx) else {
+        return not_nat;
+    };
+    if ether_type == EtherType::Ipv6 as u16 {
+        return untranslatable6(ctx, reason, path, l3);
+    }
+    if parse::is_vlan_tag(ether_type) {
+        return Stat::Vlan;
+    }
+    let Some((saddr, daddr)) = (ether_type == EtherType::Ipv4 as u16)
+        .then(|| parse::ipv4_ends_at(ctx, l3))
+        .flatten()
+    else {
+        return not_nat;
     };
     let container = if path == Path::In { daddr } else { saddr };
     if !maps::is_sealed(container) {
@@ -324,7 +341,7 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
         return Stat::NoNat;
     };
     if let Err(reason) = nat66::parse_into(ctx, flow) {
-        return untranslatable6(ctx, reason, path);
+        return untranslatable6(ctx, reason, path, L3_OFF);
     }
     let outcome = if flow.quoted.is_some() {
         icmp_error6(ctx, flow, path)
@@ -332,7 +349,7 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
         outcome
     } else if !flow.has_l4_header() {
         // A later fragment whose flow ended since its first fragment: it starts none.
-        Ok(untranslatable6(ctx, Stat::Fragment, path))
+        Ok(untranslatable6(ctx, Stat::Fragment, path, L3_OFF))
     } else if path == Path::Out {
         masquerade6(ctx, flow)
     } else {
@@ -475,7 +492,7 @@ fn icmp_error6(ctx: &TcContext, flow: &Flow6, path: Path) -> Result<Stat, Drop6>
         return Ok(Stat::NoNat);
     };
     let Some(entry) = conntrack::flow_of_error(&nat66::quoted_key(q), now_ns(), cfg, path) else {
-        return Ok(untranslatable6(ctx, Stat::IcmpNoFlow, path));
+        return Ok(untranslatable6(ctx, Stat::IcmpNoFlow, path, L3_OFF));
     };
     match nat66::apply_icmp_error(ctx, flow, q, &nat66::rewrite_of(entry)) {
         Ok(()) => Ok(Stat::IcmpError),
@@ -500,13 +517,13 @@ fn rewrite6(ctx: &TcContext, flow: &Flow6, rw: &Rewrite6, done: Stat) -> Result<
         })
 }
 
-/// [`untranslatable`] for IPv6: dropped when it goes to (comes from) a container of a
-/// masquerading or internal network.
+/// [`untranslatable`] for the IPv6 packet at `l3`: dropped when it goes to (comes from) a
+/// container of a masquerading or internal network.
 #[inline(never)]
-fn untranslatable6(ctx: &TcContext, reason: Stat, path: Path) -> Stat {
+fn untranslatable6(ctx: &TcContext, reason: Stat, path: Path, l3: usize) -> Stat {
     let (Ok(saddr), Ok(daddr)) = (
-        ctx.load::<Addr>(L3_OFF + nat66::SRC_IN_IP),
-        ctx.load::<Addr>(L3_OFF + nat66::DST_IN_IP),
+        ctx.load::<Addr>(l3 + nat66::SRC_IN_IP),
+        ctx.load::<Addr>(l3 + nat66::DST_IN_IP),
     ) else {
         return Stat::NoNat;
     };
