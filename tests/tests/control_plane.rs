@@ -916,6 +916,31 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             ],
             "all zero",
         ),
+        // c1's MAC, derived from 10.97.0.5; the bridge's, from the gateway.
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--mac",
+                "02:42:0a:61:00:05",
+            ],
+            "is taken on network",
+        ),
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "--mac",
+                "02:42:0a:61:00:01",
+            ],
+            "bridge's",
+        ),
         (
             vec!["network", "create", "x", "--subnet", "169.254.0.0/16"],
             "overlaps 169.254.0.0/16",

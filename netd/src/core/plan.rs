@@ -204,9 +204,11 @@ fn attach(
     c.network = Some(net.name.clone());
     c.ip = Some(ip);
     c.ip6 = ip6;
-    c.mac = Some(ipam::format_mac(
+    c.mac = Some(free_mac(
+        view,
+        &net,
         at.mac.unwrap_or_else(|| ipam::mac_for(ip)),
-    ));
+    )?);
     c.host_veth = Some(host.free_veth.clone());
     c.ifname = at.ifname.clone().filter(|n| n != DEFAULT_IFNAME);
     c.publish_allow = at.publish_allow.clone();
@@ -215,6 +217,22 @@ fn attach(
         view.port_clash(m)
     })?;
     Ok(())
+}
+
+/// `mac`, written out, if no container on `net` has it and it isn't the bridge's: the bridge
+/// forwards by MAC, so two holders would each get some of the other's frames.
+fn free_mac(view: &impl View, net: &Network, mac: [u8; 6]) -> Result<String> {
+    let text = ipam::format_mac(mac);
+    if mac == ipam::mac_for(net.gateway.into()) {
+        bail!("MAC {text} is network {:?}'s bridge's", net.name);
+    }
+    if let Some(holder) = view.mac_holder(&net.name, &text)? {
+        bail!(
+            "MAC {text} is taken on network {:?} by container {holder:?}",
+            net.name
+        );
+    }
+    Ok(text)
 }
 
 /// The address `asked` for if it is free in the pool, else the pool's lowest free one.
@@ -435,6 +453,39 @@ mod tests {
         }];
         let err = container(&state, &spec, &host()).unwrap_err().to_string();
         assert!(err.contains("--link nosuch:x"), "{err}");
+    }
+
+    #[test]
+    fn a_container_refuses_a_mac_taken_on_its_network() {
+        let mut state = state();
+        let with_mac = |name: &str, mac: Option<&str>| {
+            let mut spec = ContainerSpec::named(name);
+            let mut at = Attachment::on("n");
+            at.mac = mac.map(|m| ipam::parse_mac(m).unwrap());
+            spec.mode = Mode::Bridge(at);
+            spec
+        };
+        // db's, derived from its address; the bridge's, derived from the gateway's.
+        let err = container(&state, &with_mac("web", Some("02:42:0a:09:00:02")), &host())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("taken on network \"n\" by container \"db\""),
+            "{err}"
+        );
+        let err = container(&state, &with_mac("web", Some("02:42:0a:09:00:01")), &host())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network \"n\"'s bridge's"), "{err}");
+        // A MAC asked for is the one another address would derive: that address's container
+        // can't have it.
+        let web = container(&state, &with_mac("web", Some("02:42:0a:09:00:04")), &host()).unwrap();
+        assert_eq!(web.ip.unwrap().to_string(), "10.9.0.3");
+        state.containers.insert("web".into(), web);
+        let err = container(&state, &with_mac("app", None), &host())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MAC 02:42:0a:09:00:04 is taken"), "{err}");
     }
 
     /// `state()` with the dual-stack network `d6` (10.6.0.0/24 and fd00:6::/64).

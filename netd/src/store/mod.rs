@@ -17,7 +17,7 @@
 //! | table | key | what |
 //! | --- | --- | --- |
 //! | `networks` | `name`; `id`, `bridge` unique | status, owner pid, the record as JSON |
-//! | `containers` | `name`; (`network`, `ip`), (`network`, `ip6`) unique | status, owner pid, namespace owner (`shares`), the record as JSON (ports apart) |
+//! | `containers` | `name`; (`network`, `ip`), (`network`, `ip6`) unique; (`network`, `mac`) indexed | status, owner pid, namespace owner (`shares`), the record as JSON (ports apart) |
 //! | `ports` | (`proto`, `host_port`) indexed; `container` indexed | one published port, its status and owner pid |
 //! | `links` | `target` indexed | a `--link`: `container` links to `target` |
 //! | `pending_links` | (`a`, `b`) | a `netd link` being made: its two interface names and owner pid |
@@ -51,7 +51,7 @@ use model::PortMapping;
 pub use model::{Container, Network, State, Status};
 
 /// The schema this netd writes; an older database is migrated on open.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Pages of write-ahead log after which a commit checkpoints it (SQLite's default is 1,000):
 /// a create or remove writes about 20.
@@ -115,6 +115,11 @@ const MIGRATIONS: &[&str] = &[
     // 3: a container's IPv6 address on a dual-stack network, unique per network like `ip`.
     "ALTER TABLE containers ADD COLUMN ip6 TEXT;
      CREATE UNIQUE INDEX containers_address6 ON containers(network, ip6) WHERE ip6 IS NOT NULL;",
+    // 4: a container's MAC, one holder per network (checked by the planner: earlier versions
+    // let two containers share one, so the index can't insist).
+    "ALTER TABLE containers ADD COLUMN mac TEXT;
+     UPDATE containers SET mac = json_extract(doc, '$.mac');
+     CREATE INDEX containers_mac ON containers(network, mac) WHERE mac IS NOT NULL;",
 ];
 
 /// What the planner reads: the few rows a change depends on, never the whole state.
@@ -124,6 +129,8 @@ pub trait View {
     fn container(&self, name: &str) -> Result<Option<Container>>;
     /// The addresses (of both families) taken on network `name`.
     fn addresses_on(&self, network: &str) -> Result<HashSet<IpAddr>>;
+    /// The container on network `network` with MAC `mac` (as written by `ipam::format_mac`).
+    fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>>;
     /// A published port that takes the host address, port and protocol `m` would.
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>>;
     fn next_network_id(&self) -> Result<u32>;
@@ -507,14 +514,15 @@ impl Tx<'_> {
         self.0.execute(
             // An upsert by name, not INSERT OR REPLACE: that would settle a clash on an
             // address index by deleting the other container's row.
-            "INSERT INTO containers (name, network, ip, ip6, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO containers (name, network, ip, ip6, mac, shares, status, owner_pid, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT(name) DO UPDATE SET network = excluded.network, ip = excluded.ip, ip6 = excluded.ip6,
-             shares = excluded.shares, status = excluded.status, owner_pid = excluded.owner_pid, doc = excluded.doc",
+             mac = excluded.mac, shares = excluded.shares, status = excluded.status, owner_pid = excluded.owner_pid, doc = excluded.doc",
             params![
                 c.name,
                 c.network,
                 ip_text(c.ip),
                 ip_text(c.ip6),
+                c.mac,
                 shares,
                 c.status.name(),
                 c.creator_pid,
@@ -721,6 +729,17 @@ impl View for Tx<'_> {
         rows.map(|ip| Ok(ip?.parse()?)).collect()
     }
 
+    fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT name FROM containers WHERE network = ?1 AND mac = ?2",
+                params![network, mac],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The few rows on the same protocol and port (indexed), then `ports::clash` on them:
     /// which addresses cover which is its rule alone.
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {
@@ -775,6 +794,13 @@ impl View for State {
             .flat_map(|c| [c.ip.map(IpAddr::from), c.ip6.map(IpAddr::from)])
             .flatten()
             .collect())
+    }
+
+    fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>> {
+        Ok(self
+            .containers_on(network)
+            .find(|c| c.mac.as_deref() == Some(mac))
+            .map(|c| c.name.clone()))
     }
 
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>> {
@@ -931,6 +957,12 @@ mod tests {
             [],
         )
         .unwrap();
+        db.execute(
+            "INSERT INTO containers (name, network, ip, status, owner_pid, doc)
+             VALUES ('db', 'n', '10.9.0.2', 'running', 1, '{\"mac\": \"02:42:0a:09:00:02\"}')",
+            [],
+        )
+        .unwrap();
         db.pragma_update(None, "user_version", 1).unwrap();
         drop(db);
         let mut store = Store::open(&dir).unwrap();
@@ -938,6 +970,11 @@ mod tests {
         store
             .write(|tx| {
                 assert_eq!(tx.next_network_id()?, 7);
+                // The MAC in a container's record is indexed.
+                assert_eq!(
+                    tx.mac_holder("n", "02:42:0a:09:00:02")?.as_deref(),
+                    Some("db")
+                );
                 tx.add_ipam_pool(subnet)?;
                 tx.add_ipam_address(subnet, "10.66.0.1".parse()?)
             })
