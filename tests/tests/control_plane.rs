@@ -916,6 +916,35 @@ fn bad_input_is_refused_in_one_line_and_leaves_nothing() {
             ],
             "all zero",
         ),
+        // Ports on an address the host doesn't have (TEST-NET-1).
+        (
+            vec![
+                "container",
+                "create",
+                &bad,
+                "--network",
+                "n",
+                "-p",
+                "192.0.2.7:8081:80",
+            ],
+            "publishing on 192.0.2.7: not an address of the host",
+        ),
+        (
+            vec!["publish", &c1, "-p", "192.0.2.7:8082:80"],
+            "publishing on 192.0.2.7: not an address of the host",
+        ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.99.0.0/24",
+                "--host-ip",
+                "192.0.2.7",
+            ],
+            "publishing on 192.0.2.7: not an address of the host",
+        ),
         // c1's MAC, derived from 10.97.0.5; the bridge's, from the gateway.
         (
             vec![

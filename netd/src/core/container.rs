@@ -35,6 +35,7 @@ impl Controller {
         }
         let free_veth = match &spec.mode {
             Mode::Bridge(at) => {
+                bridge::check_host_has(at.publish.iter().filter_map(|p| p.host_ip))?;
                 if at.network == DEFAULT_NETWORK {
                     self.ensure_default_network().await?;
                 }

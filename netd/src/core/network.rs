@@ -1,6 +1,8 @@
 //! Networks: create and remove. A network is recorded (`creating`) before its bridge exists
 //! and stays recorded (`removing`) until its bridge and datapath part are gone.
 
+use std::net::IpAddr;
+
 use anyhow::{Result, bail};
 use ipnet::IpNet;
 
@@ -18,6 +20,7 @@ impl Controller {
     /// Creates network `spec`. On failure nothing is left.
     pub async fn create_network(&mut self, spec: NetworkSpec) -> Result<Network> {
         spec.validate()?;
+        bridge::check_host_has(spec.host_ip.map(IpAddr::from))?;
         let _lock = self.store.lock()?;
         self.collect_garbage().await?;
         self.create_network_locked(spec).await

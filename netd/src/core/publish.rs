@@ -18,6 +18,7 @@ impl Controller {
     /// Publishes `requests` for container `name` (checked for clashes like at create) and
     /// returns the new mappings.
     pub async fn publish(&mut self, name: &str, requests: &[Publish]) -> Result<Vec<PortMapping>> {
+        bridge::check_host_has(requests.iter().filter_map(|p| p.host_ip))?;
         let _lock = self.store.lock()?;
         self.collect_garbage().await?;
         let (c, net) = self.store.read(|tx| running_on_bridge(tx, name))?;

@@ -7,10 +7,11 @@
 
 use std::{
     hash::{BuildHasher as _, Hasher as _},
+    net::{IpAddr, UdpSocket},
     path::Path,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::IpNet;
 
 use super::{
@@ -31,6 +32,18 @@ use crate::{
 /// The subnets routed on the host, of both families (a new network must overlap none).
 pub async fn host_subnets() -> Result<Vec<IpNet>> {
     Netlink::in_ns(None)?.networks_in_use().await
+}
+
+/// Checks that the host has each address in `addrs` that ports would be published on (the
+/// unspecified address stands for all of them), as Docker's proxy finds when it binds them:
+/// published on an address the host lacks, a port would catch only what the host forwards for
+/// someone else.
+pub fn check_host_has(addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
+    for ip in addrs.into_iter().filter(|ip| !ip.is_unspecified()) {
+        UdpSocket::bind((ip, 0))
+            .map_err(|e| anyhow!("publishing on {ip}: not an address of the host ({e})"))?;
+    }
+    Ok(())
 }
 
 /// Checks that network `net` can be made: its bridge's name is free on the host.
