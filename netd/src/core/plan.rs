@@ -2,9 +2,11 @@
 //! alone. Pure: no kernel call, no write; what it needs from the host (the subnets in use, a
 //! free veth name) is passed in, so every rule here has a unit test.
 
-use std::path::PathBuf;
-
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Result, bail};
 use ipnet::IpNet;
@@ -204,11 +206,7 @@ fn attach(
     c.network = Some(net.name.clone());
     c.ip = Some(ip);
     c.ip6 = ip6;
-    c.mac = Some(free_mac(
-        view,
-        &net,
-        at.mac.unwrap_or_else(|| ipam::mac_for(ip)),
-    )?);
+    c.mac = Some(free_mac(view, &net, at.mac, ip)?);
     c.host_veth = Some(host.free_veth.clone());
     c.ifname = at.ifname.clone().filter(|n| n != DEFAULT_IFNAME);
     c.publish_allow = at.publish_allow.clone();
@@ -219,16 +217,27 @@ fn attach(
     Ok(())
 }
 
-/// `mac`, written out, if no container on `net` has it and it isn't the bridge's: the bridge
-/// forwards by MAC, so two holders would each get some of the other's frames.
-fn free_mac(view: &impl View, net: &Network, mac: [u8; 6]) -> Result<String> {
+/// The MAC `asked` for, or else the one derived from `ip`, written out, if no container on
+/// `net` has it and it isn't the bridge's: the bridge forwards by MAC, so two holders would
+/// each get some of the other's frames.
+fn free_mac(
+    view: &impl View,
+    net: &Network,
+    asked: Option<[u8; 6]>,
+    ip: Ipv4Addr,
+) -> Result<String> {
+    let mac = asked.unwrap_or_else(|| ipam::mac_for(ip));
     let text = ipam::format_mac(mac);
+    let what = match asked {
+        Some(_) => format!("MAC {text}"),
+        None => format!("MAC {text} (derived from {ip})"),
+    };
     if mac == ipam::mac_for(net.gateway.into()) {
-        bail!("MAC {text} is network {:?}'s bridge's", net.name);
+        bail!("{what} is network {:?}'s bridge's", net.name);
     }
     if let Some(holder) = view.mac_holder(&net.name, &text)? {
         bail!(
-            "MAC {text} is taken on network {:?} by container {holder:?}",
+            "{what} is taken on network {:?} by container {holder:?}",
             net.name
         );
     }
@@ -485,7 +494,10 @@ mod tests {
         let err = container(&state, &with_mac("app", None), &host())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("MAC 02:42:0a:09:00:04 is taken"), "{err}");
+        assert!(
+            err.contains("MAC 02:42:0a:09:00:04 (derived from 10.9.0.4) is taken"),
+            "{err}"
+        );
     }
 
     /// `state()` with the dual-stack network `d6` (10.6.0.0/24 and fd00:6::/64).
