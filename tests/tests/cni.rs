@@ -182,6 +182,10 @@ fn gc_removes_the_attachments_the_runtime_no_longer_lists() {
     env.netd_ok(&["container", "create", &cli, "--network", "cninet"]);
     assert_eq!(containers(&env).len(), 3);
 
+    // Without the list, nothing says which attachments are live: nothing goes.
+    assert_eq!(cni(Some("GC"), None, None, &cfg.to_string()).code(), 7);
+    assert_eq!(containers(&env).len(), 3);
+
     let mut gc = cfg.clone();
     gc["cni.dev/valid-attachments"] = json!([{ "containerID": "keep", "ifname": "eth0" }]);
     cni(Some("GC"), None, None, &gc.to_string()).ok();
@@ -195,6 +199,17 @@ fn gc_removes_the_attachments_the_runtime_no_longer_lists() {
     let mut check = cfg.clone();
     check["prevResult"] = a;
     call("CHECK", "keep", Some(&ns_a), &check).ok();
+    // CHECK finds a lost default route, and a downed interface.
+    env.run_in(&ns_a, "ip", &["route", "del", "default"]);
+    assert_eq!(call("CHECK", "keep", Some(&ns_a), &check).code(), 100);
+    env.run_in(
+        &ns_a,
+        "ip",
+        &["route", "add", "default", "via", "10.89.0.1"],
+    );
+    call("CHECK", "keep", Some(&ns_a), &check).ok();
+    env.run_in(&ns_a, "ip", &["link", "set", "eth0", "down"]);
+    assert_eq!(call("CHECK", "keep", Some(&ns_a), &check).code(), 100);
     assert_eq!(call("CHECK", "gone", Some(&ns_b), &cfg).code(), 3);
     let eth0 = env.run_in(&ns_b, "ip", &["link", "show", "eth0"]);
     assert!(!eth0.status.success(), "GC left eth0 in the namespace");
@@ -299,6 +314,24 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
             4,
         ),
         (
+            "port 0",
+            cni(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &with(
+                    "runtimeConfig",
+                    json!({ "portMappings": [{ "hostPort": 0, "containerPort": 80 }] }),
+                ),
+            ),
+            7,
+        ),
+        (
+            "the host's namespace",
+            cni(Some("ADD"), id, Some(&env.host_ns()), &good.to_string()),
+            4,
+        ),
+        (
             "missing namespace",
             cni(
                 Some("ADD"),
@@ -329,13 +362,32 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
     )
     .ok();
     assert_eq!(result["ips"][0]["address"], "10.89.0.42/24");
-    // And an existing network with another subnet is a config error.
-    let other = with("subnet", json!("10.90.0.0/24"));
-    assert_eq!(
-        cni(Some("ADD"), Some(("ctr2", "eth0")), Some(&ns), &other).code(),
-        7
-    );
+    // And an existing network with another subnet, or without the isolation the config
+    // asks for, is a config error.
+    for (key, value) in [
+        ("subnet", json!("10.90.0.0/24")),
+        ("icc", json!(false)),
+        ("internal", json!(true)),
+        ("masquerade", json!(false)),
+        ("datapath", json!("iptables")),
+    ] {
+        let other = with(key, value);
+        let outcome = cni(Some("ADD"), Some(("ctr2", "eth0")), Some(&ns), &other);
+        assert_eq!(outcome.code(), 7, "{key}: {}", outcome.out);
+    }
+    assert_eq!(containers(&env).len(), 1);
     call("DEL", "ctr", Some(&ns), &good).ok();
+    // An ADD that made its network and then failed takes the network away again.
+    let fresh = network_config(
+        &env,
+        "fresh",
+        "10.91.0.0/24",
+        "1.0.0",
+        json!({ "ips": ["10.0.0.1/24"] }),
+    );
+    assert_eq!(call("ADD", "ctr3", Some(&ns), &fresh).code(), 100);
+    let networks = env.netd_json(&["network", "ls", "--json"]);
+    assert!(!networks.to_string().contains("\"fresh\""), "{networks}");
 }
 
 /// One namespace on two netd networks (a runtime's `eth0` and `eth1`): each ifname is an

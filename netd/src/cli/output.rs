@@ -7,6 +7,11 @@ use serde::Serialize;
 
 /// Prints `rows` under `headers` as an aligned table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    print!("{}", render(headers, rows));
+}
+
+/// `rows` under `headers`, each column as wide as its widest cell, two spaces apart.
+fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -17,14 +22,17 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            // Padded by hand: a format width is at most 65,535, and a cell listing thousands
+            // of published ports is wider.
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w.saturating_sub(c.len()))))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        format!("{}\n", padded.join("  ").trim_end())
     };
-    line(headers.to_vec());
+    let mut out = line(headers.to_vec());
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        out += &line(row.iter().map(String::as_str).collect());
     }
+    out
 }
 
 /// Prints `value` as pretty JSON.
@@ -65,5 +73,24 @@ impl JsonArray {
             b"\n]\n"
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_its_columns_however_wide_a_cell() {
+        let wide = "p".repeat(70_000);
+        let rows = vec![
+            vec!["a".to_string(), wide.clone()],
+            vec!["bbb".into(), "x".into()],
+        ];
+        let text = render(&["NAME", "PORTS"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "NAME  PORTS");
+        assert_eq!(lines[1], format!("a     {wide}"));
+        assert_eq!(lines[2], "bbb   x");
     }
 }

@@ -103,6 +103,44 @@ impl Netlink {
         }))
     }
 
+    /// Whether link `index` is up (administratively).
+    pub async fn is_up(&self, index: u32) -> Result<bool> {
+        use netlink_packet_route::link::LinkFlags;
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .context("get interface")?
+            .ok_or_else(|| anyhow!("no interface #{index}"))?;
+        Ok(link.header.flags.contains(LinkFlags::Up))
+    }
+
+    /// Whether the main table's default route of `gateway`'s family goes via `gateway` on link
+    /// `dev`.
+    pub async fn has_default_route(&self, gateway: IpAddr, dev: u32) -> Result<bool> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let family = match gateway {
+            IpAddr::V4(_) => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            IpAddr::V6(_) => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        };
+        let mut routes = self.handle.route().get(family).execute();
+        while let Some(msg) = routes.try_next().await.context("list routes")? {
+            if msg.header.destination_prefix_length != 0 {
+                continue;
+            }
+            let via = msg.attributes.iter().any(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => IpAddr::V4(*ip) == gateway,
+                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => IpAddr::V6(*ip) == gateway,
+                _ => false,
+            });
+            let on = msg.attributes.contains(&RouteAttribute::Oif(dev));
+            if via && on {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Creates a veth pair `name` <-> `peer` in this namespace.
     pub async fn add_veth(&self, name: &str, peer: &str, mtu: Option<u32>) -> Result<()> {
         let mut msg = LinkVeth::new(name, peer);

@@ -282,7 +282,7 @@ impl Core {
 }
 
 /// Checks that an endpoint's kernel objects are there: the host end of its veth, and the
-/// container end in its namespace with its address.
+/// container end in its namespace, up, with its addresses and its default routes.
 pub async fn check_attachment(a: &Attachment) -> Result<()> {
     Netlink::in_ns(None)?
         .require_link(&a.host_veth)
@@ -297,6 +297,15 @@ pub async fn check_attachment(a: &Attachment) -> Result<()> {
     let want = [Some(a.ip.into()), a.ip6.map(|(ip6, _)| ip6.addr().into())];
     if let Some(gone) = want.into_iter().flatten().find(|ip| !have.contains(ip)) {
         anyhow::bail!("{} no longer has the address {gone}", a.ifname);
+    }
+    if !inside.is_up(index).await? {
+        anyhow::bail!("{} is down", a.ifname);
+    }
+    let gateways = [Some(a.gateway.into()), a.ip6.map(|(_, gw6)| gw6.into())];
+    for gateway in gateways.into_iter().flatten() {
+        if !inside.has_default_route(gateway, index).await? {
+            anyhow::bail!("the default route via {gateway} on {} is gone", a.ifname);
+        }
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use ipnet::IpNet;
@@ -18,6 +18,7 @@ use crate::{
     },
     datapath::{DatapathKind, Protocol},
     engines::core::{AttachRequest, Core, check_attachment},
+    store::Network,
 };
 
 /// What the runtime says about the container (the `CNI_*` variables).
@@ -84,38 +85,89 @@ fn network_spec(config: &Config) -> Result<NetworkSpec, CniError> {
 }
 
 /// The network of the config, made on first use; an existing one must match the config.
-async fn ensure_network(core: &mut Core, config: &Config) -> Result<(), CniError> {
-    let net = core.ensure_network(network_spec(config)?).await?;
-    let differs = |what: &str, want: String, have: String| {
-        CniError::new(
+/// Returns it, and whether this call made it.
+async fn ensure_network(core: &mut Core, config: &Config) -> Result<(Network, bool), CniError> {
+    let spec = network_spec(config)?;
+    let existed = core.network(&config.name)?.is_some();
+    let net = core.ensure_network(spec.clone()).await?;
+    if let Some((what, want, have)) = difference(config, &spec, &net) {
+        return Err(CniError::new(
             Code::InvalidConfig,
             format!(
                 "network {:?} exists with {what} {have}, the config asks for {want}",
                 config.name
             ),
-        )
-    };
-    if let Some(subnet) = config.subnet.filter(|s| *s != net.subnet) {
-        return Err(differs(
-            "subnet",
-            subnet.to_string(),
-            net.subnet.to_string(),
         ));
     }
-    if let Some(gw) = config.gateway.filter(|g| *g != net.gateway) {
-        return Err(differs("gateway", gw.to_string(), net.gateway.to_string()));
-    }
+    Ok((net, !existed))
+}
+
+/// The first setting of existing network `net` that isn't what the config asks (`spec` is
+/// the config's network): what it names, and the config's and the network's values. Where
+/// the config is silent, the isolation settings (ICC, internal, masquerade, datapath) are
+/// compared with the defaults it would make a network with, so a container never joins a
+/// network more open than its config says; the rest only where the config names them.
+fn difference(
+    config: &Config,
+    spec: &NetworkSpec,
+    net: &Network,
+) -> Option<(&'static str, String, String)> {
+    let given =
+        |asked: Option<String>, have: String| asked.filter(|a| *a != have).map(|a| (a, have));
     let text = |s: Option<ipnet::Ipv6Net>| s.map_or("no IPv6".to_string(), |s| s.to_string());
     let ipv6 = config.ipv6.unwrap_or(false);
-    if ipv6 != net.subnet6.is_some() || config.subnet6.is_some_and(|s| Some(s) != net.subnet6) {
-        let want = match config.subnet6 {
-            Some(s) => s.to_string(),
-            None if ipv6 => "IPv6".to_string(),
-            None => "no IPv6".to_string(),
-        };
-        return Err(differs("IPv6 subnet", want, text(net.subnet6)));
-    }
-    Ok(())
+    let want6 = match config.subnet6 {
+        Some(s) => s.to_string(),
+        None if ipv6 => "IPv6".to_string(),
+        None => "no IPv6".to_string(),
+    };
+    let ipv6_differs =
+        ipv6 != net.subnet6.is_some() || config.subnet6.is_some_and(|s| Some(s) != net.subnet6);
+    let string = |v: &dyn ToString| Some(v.to_string());
+    [
+        (
+            "subnet",
+            given(config.subnet.map(|s| s.to_string()), net.subnet.to_string()),
+        ),
+        (
+            "gateway",
+            given(
+                config.gateway.map(|g| g.to_string()),
+                net.gateway.to_string(),
+            ),
+        ),
+        (
+            "IPv6 subnet",
+            ipv6_differs.then(|| (want6, text(net.subnet6))),
+        ),
+        (
+            "ipRange",
+            given(
+                config.ip_range.map(|r| r.to_string()),
+                net.ip_range.to_string(),
+            ),
+        ),
+        ("bridge", given(config.bridge.clone(), net.bridge.clone())),
+        (
+            "mtu",
+            given(config.mtu.map(|m| m.to_string()), net.mtu.to_string()),
+        ),
+        ("icc", given(string(&spec.icc), net.icc.to_string())),
+        (
+            "internal",
+            given(string(&spec.internal), net.internal.to_string()),
+        ),
+        (
+            "masquerade",
+            given(string(&spec.masquerade), net.masquerade.to_string()),
+        ),
+        (
+            "datapath",
+            given(string(&spec.datapath), net.datapath.to_string()),
+        ),
+    ]
+    .into_iter()
+    .find_map(|(what, d)| d.map(|(want, have)| (what, want, have)))
 }
 
 fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
@@ -143,6 +195,15 @@ fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
                     )
                 })?),
             };
+            if m.host_port == 0 || m.container_port == 0 {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!(
+                        "portMappings hostPort {} containerPort {}: ports are 1 to 65535",
+                        m.host_port, m.container_port
+                    ),
+                ));
+            }
             Ok(PortMapping {
                 proto,
                 host_ip,
@@ -184,7 +245,7 @@ fn requested_ips(
     Ok((ip, ip6))
 }
 
-fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
+fn require_netns(config: &Config, call: &Call) -> Result<PathBuf, CniError> {
     let netns = call
         .netns
         .clone()
@@ -195,16 +256,63 @@ fn require_netns(call: &Call) -> Result<PathBuf, CniError> {
             format!("network namespace {} does not exist", netns.display()),
         ));
     }
+    if same_file(&netns, &host_netns(config)) {
+        return Err(CniError::new(
+            Code::InvalidEnvironment,
+            format!(
+                "CNI_NETNS {} is the host's network namespace",
+                netns.display()
+            ),
+        ));
+    }
     Ok(netns)
 }
 
+/// The namespace netd manages as the host: the config's, or the one the plugin runs in.
+fn host_netns(config: &Config) -> PathBuf {
+    config
+        .host_netns
+        .clone()
+        .unwrap_or_else(|| "/proc/self/ns/net".into())
+}
+
+/// Whether `a` and `b` are the same file (for namespaces: the same namespace).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (nix::sys::stat::stat(a), nix::sys::stat::stat(b)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
 pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
-    let netns = require_netns(call)?;
+    let netns = require_netns(config, call)?;
     let ports = ports_of(config)?;
     let (ip, ip6) = requested_ips(config, call)?;
     let mut core = open(config)?;
-    ensure_network(&mut core, config).await?;
-    remove_orphans(&mut core, config).await?;
+    let (_, made) = ensure_network(&mut core, config).await?;
+    let attached = attach(&mut core, config, call, netns, ports, (ip, ip6)).await;
+    if attached.is_err() && made {
+        // Nothing of this failed ADD stays: the network it made has no container yet.
+        if let Err(e) = core.remove_network(&config.name).await {
+            eprintln!(
+                "netd-cni: warning: could not remove network {:?}: {e:#}",
+                config.name
+            );
+        }
+    }
+    attached
+}
+
+/// ADD's part once the network is there: the attachment and its result.
+async fn attach(
+    core: &mut Core,
+    config: &Config,
+    call: &Call,
+    netns: PathBuf,
+    ports: Vec<PortMapping>,
+    (ip, ip6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+) -> Result<Value, CniError> {
+    remove_orphans(core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     if core.attachment(&name)?.is_some() {
         return Err(CniError::new(
@@ -250,7 +358,7 @@ pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
 }
 
 pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
-    let netns = require_netns(call)?;
+    let netns = require_netns(config, call)?;
     let mut core = open(config)?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     let a = core.attachment(&name)?.ok_or_else(|| {
@@ -277,6 +385,12 @@ pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
         a.ip6.map(|(ip6, _)| ip6.to_string()),
     ];
     if let Some(prev) = &config.prev_result {
+        if !prev.is_object() {
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "prevResult is not a result object",
+            ));
+        }
         let listed = prev_result_addresses(prev);
         if let Some(address) = addresses
             .into_iter()
@@ -303,10 +417,15 @@ pub fn status(config: &Config) -> Result<(), CniError> {
 
 /// GC: removes every attachment of this network the runtime no longer lists.
 pub async fn gc(config: &Config) -> Result<(), CniError> {
-    let valid: HashSet<String> = config
-        .valid_attachments
+    // Without the list, every attachment would look stale.
+    let listed = config.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "GC without cni.dev/valid-attachments: nothing says which attachments are live",
+        )
+    })?;
+    let valid: HashSet<String> = listed
         .iter()
-        .flatten()
         .map(|v| endpoint_name(&config.name, &v.container_id, &v.ifname))
         .collect();
     let mut core = open(config)?;
