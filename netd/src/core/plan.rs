@@ -232,7 +232,7 @@ fn free_mac(
         Some(_) => format!("MAC {text}"),
         None => format!("MAC {text} (derived from {ip})"),
     };
-    if mac == ipam::mac_for(net.gateway.into()) {
+    if mac == ipam::mac_for(net.gateway) {
         bail!("{what} is network {:?}'s bridge's", net.name);
     }
     if let Some(holder) = view.mac_holder(&net.name, &text)? {
