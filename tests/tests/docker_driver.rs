@@ -236,6 +236,27 @@ fn docker_runs_a_published_container_on_a_netd_network() {
         "rules in the sandbox's nat table:\n{nat}"
     );
 
+    // `-p 18000-18002:80`: one free host port of the range for port 80, as Docker's bridge
+    // takes (18000, as the range is free), and no other container port.
+    w.run("ranged", "n1", &["-p", "18000-18002:80"]);
+    let mappings: Vec<(u64, u64)> = w
+        .env
+        .netd_json(&["container", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| {
+            (
+                p["host_port"].as_u64().unwrap(),
+                p["container_port"].as_u64().unwrap(),
+            )
+        })
+        .filter(|(host, _)| (18000..=18002).contains(host))
+        .collect();
+    assert_eq!(mappings, [(18000, 80)]);
+    w.docker(&["rm", "-f", "ranged"]);
+
     w.docker(&["rm", "-f", "web"]);
     assert!(w.netd_names("container").is_empty());
     assert!(tcp_ask(&w.env, &w.env.outside_ns(), published).is_err());

@@ -92,8 +92,10 @@ pub fn parse_publish(spec: &str) -> Result<Publish> {
         .transpose()?;
     let container_ports = parse_range(container, spec)?;
     let host_ports = host.map(|h| parse_range(h, spec)).transpose()?;
+    // A host range for one container port is Docker's "any free one of these".
     if let Some(h) = host_ports
         && len(h) != len(container_ports)
+        && len(container_ports) != 1
     {
         bail!("invalid port spec {spec:?}: host and container ranges have different lengths");
     }
@@ -154,6 +156,11 @@ pub fn assign(
             let offset = offset as u16;
             let container_port = req.container_ports.0 + offset;
             let mapping = match req.host_ports {
+                Some(_) if let Some(range) = one_of_range(req) => {
+                    free_port_in(range, req.proto, host_ip, container_port, |m| {
+                        clashing(m, &out)
+                    })?
+                }
                 Some((lo, _)) => {
                     let m = PortMapping {
                         proto: req.proto,
@@ -174,9 +181,9 @@ pub fn assign(
                     }
                     m
                 }
-                None => {
-                    free_random_port(req.proto, host_ip, container_port, |m| clashing(m, &out))?
-                }
+                None => free_port_in(RANDOM_PORTS, req.proto, host_ip, container_port, |m| {
+                    clashing(m, &out)
+                })?,
             };
             out.push(mapping);
         }
@@ -227,6 +234,15 @@ pub fn select_published(
             let offset = offset as u16;
             let container_port = req.container_ports.0 + offset;
             let named: Vec<&PortMapping> = match req.host_ports {
+                Some(_) if let Some(range) = one_of_range(req) => published
+                    .iter()
+                    .filter(|p| {
+                        p.proto == req.proto
+                            && p.host_ip == req.host_ip.or(default_ip)
+                            && p.container_port == container_port
+                            && range.contains(&p.host_port)
+                    })
+                    .collect(),
                 Some((lo, _)) => {
                     let m = PortMapping {
                         proto: req.proto,
@@ -276,13 +292,15 @@ fn describe_request(req: &Publish, offset: u16) -> String {
 }
 
 /// The lowest port of [`RANDOM_PORTS`] no mapping takes yet.
-fn free_random_port(
+/// The first host port of `range` free for `container_port`.
+fn free_port_in(
+    range: std::ops::RangeInclusive<u16>,
     proto: Protocol,
     host_ip: Option<IpAddr>,
     container_port: u16,
     clashing: impl Fn(&PortMapping) -> Result<Option<PortMapping>>,
 ) -> Result<PortMapping> {
-    for host_port in RANDOM_PORTS {
+    for host_port in range.clone() {
         let m = PortMapping {
             proto,
             host_ip,
@@ -293,7 +311,20 @@ fn free_random_port(
             return Ok(m);
         }
     }
-    bail!("no free host port left in 49153-65535")
+    bail!(
+        "no free host port left in {}-{}/{}",
+        range.start(),
+        range.end(),
+        proto_name(proto)
+    )
+}
+
+/// Whether `req` gives a range of host ports for one container port (`-p 8000-8010:80`): as
+/// Docker, one free port of the range is taken.
+fn one_of_range(req: &Publish) -> Option<std::ops::RangeInclusive<u16>> {
+    req.host_ports
+        .filter(|h| len(*h) > 1 && len(req.container_ports) == 1)
+        .map(|(lo, hi)| lo..=hi)
 }
 
 pub fn proto_name(p: Protocol) -> &'static str {
@@ -360,6 +391,39 @@ mod tests {
     /// What the store answers, over a list.
     fn in_list(taken: &[PortMapping]) -> impl Fn(&PortMapping) -> Result<Option<PortMapping>> + '_ {
         |m| Ok(taken.iter().find(|t| clash(t, m)).cloned())
+    }
+
+    #[test]
+    fn a_host_range_for_one_container_port_takes_one_free_port_of_it() {
+        let req = parse_publish("8000-8002:80").unwrap();
+        let at = |host_port| PortMapping {
+            proto: Protocol::Tcp,
+            host_ip: None,
+            host_port,
+            container_port: 80,
+        };
+        assert_eq!(
+            assign(std::slice::from_ref(&req), None, in_list(&[])).unwrap(),
+            [at(8000)]
+        );
+        let taken = [at(8000), at(8001)];
+        assert_eq!(
+            assign(std::slice::from_ref(&req), None, in_list(&taken)).unwrap(),
+            [at(8002)]
+        );
+        let full = [at(8000), at(8001), at(8002)];
+        let err = assign(std::slice::from_ref(&req), None, in_list(&full))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no free host port left in 8000-8002/tcp"),
+            "{err}"
+        );
+        // Unpublished by the same range: whichever port of it was taken.
+        assert_eq!(
+            select_published("c", &[req], None, &[at(8001)]).unwrap(),
+            [at(8001)]
+        );
     }
 
     #[test]

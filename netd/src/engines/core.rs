@@ -210,9 +210,8 @@ impl Core {
     }
 
     /// Publishes more ports of an existing endpoint.
-    pub async fn publish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
-        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
-        self.ctl.publish(name, &requests).await?;
+    pub async fn publish(&mut self, name: &str, requests: &[Publish]) -> Result<()> {
+        self.ctl.publish(name, requests).await?;
         Ok(())
     }
 

@@ -23,7 +23,8 @@ use super::protocol::{
 use crate::{
     core::{
         ipam,
-        spec::{NetworkSpec, PortMapping},
+        ports::{self, Publish},
+        spec::NetworkSpec,
     },
     datapath::{DatapathKind, Protocol},
     engines::core::{AttachRequest, Core, hand_out_interface},
@@ -272,13 +273,21 @@ pub async fn program_external_connectivity(
             })
         })
         .collect::<Result<_>>()?;
-    let mut ports = Vec::new();
+    let host_ip = core
+        .network(&a.network)?
+        .and_then(|n| n.host_ip)
+        .map(IpAddr::from);
+    let mut requests = Vec::new();
     for b in &bindings {
-        ports.extend(ports_of(b)?);
+        let req = publish_of(b)?;
+        // Programmed again (a restart of the same endpoint): what is published stays.
+        let published = std::slice::from_ref(&req);
+        if ports::select_published(&name, published, host_ip, &a.ports).is_err() {
+            requests.push(req);
+        }
     }
-    ports.retain(|p| !a.ports.contains(p));
-    if !ports.is_empty() {
-        core.publish(&name, &ports).await?;
+    if !requests.is_empty() {
+        core.publish(&name, &requests).await?;
     }
     core.set_exposed(&name, exposed)?;
     Ok(json!({}))
@@ -322,7 +331,9 @@ fn protocol(number: u8) -> Result<Protocol> {
     }
 }
 
-fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
+/// One binding as netd publishes it. A host port range (`-p 8000-8010:80`, with `HostPortEnd`)
+/// is Docker's "any free one of these" for the one container port.
+fn publish_of(b: &PortBinding) -> Result<Publish> {
     let proto = protocol(b.proto)?;
     // Docker sends "" for `-p H:C` (every address of both families, as netd's own -p);
     // 0.0.0.0 and :: are every address of one family.
@@ -333,22 +344,19 @@ fn ports_of(b: &PortBinding) -> Result<Vec<PortMapping>> {
                 .with_context(|| format!("invalid host IP {text:?}"))?,
         ),
     };
-    if b.host_port == 0 {
+    if b.host_port == 0 || b.port == 0 {
         bail!(
             "port {}: netd needs a host port (give -p HOSTPORT:{})",
             b.port,
             b.port
         );
     }
-    let end = b.host_port_end.max(b.host_port);
-    Ok((b.host_port..=end)
-        .map(|host_port| PortMapping {
-            proto,
-            host_ip,
-            host_port,
-            container_port: b.port + (host_port - b.host_port),
-        })
-        .collect())
+    Ok(Publish {
+        host_ip,
+        host_ports: Some((b.host_port, b.host_port_end.max(b.host_port))),
+        container_ports: (b.port, b.port),
+        proto,
+    })
 }
 
 #[cfg(test)]
@@ -367,22 +375,22 @@ mod tests {
     }
 
     #[test]
-    fn port_bindings_become_one_mapping_per_port() {
+    fn a_port_binding_publishes_its_one_container_port() {
         let b: PortBinding = serde_json::from_value(json!(
             {"Proto": 17, "IP": "", "Port": 53, "HostIP": "127.0.0.1", "HostPort": 5353, "HostPortEnd": 5354}
         ))
         .unwrap();
-        let ports = ports_of(&b).unwrap();
-        assert_eq!(ports.len(), 2);
-        assert_eq!(ports[1].host_port, 5354);
-        assert_eq!(ports[1].container_port, 54);
-        assert_eq!(ports[0].host_ip, Some(Ipv4Addr::LOCALHOST.into()));
-        assert_eq!(ports[0].proto, Protocol::Udp);
+        // A host range is one free port of it, for the one container port.
+        let req = publish_of(&b).unwrap();
+        assert_eq!(req.host_ports, Some((5353, 5354)));
+        assert_eq!(req.container_ports, (53, 53));
+        assert_eq!(req.host_ip, Some(Ipv4Addr::LOCALHOST.into()));
+        assert_eq!(req.proto, Protocol::Udp);
         let sctp = PortBinding {
             proto: 132,
             ..b.clone()
         };
-        assert!(ports_of(&sctp).is_err());
+        assert!(publish_of(&sctp).is_err());
         for (text, ip) in [
             ("", None),
             ("0.0.0.0", Some(Ipv4Addr::UNSPECIFIED.into())),
@@ -393,13 +401,13 @@ mod tests {
                 host_ip: Some(text.into()),
                 ..b.clone()
             };
-            assert_eq!(ports_of(&b).unwrap()[0].host_ip, ip, "{text:?}");
+            assert_eq!(publish_of(&b).unwrap().host_ip, ip, "{text:?}");
         }
         let bad = PortBinding {
             host_ip: Some("[::1]".into()),
             ..b
         };
-        assert!(ports_of(&bad).is_err());
+        assert!(publish_of(&bad).is_err());
     }
 
     #[test]
