@@ -15,7 +15,7 @@ use std::{
 use netd_common::datapath::{PUBLISHED_MAP, PUBLISHED_MAX};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::{Value, json};
-use tests::harness::{HOST_ADDR, TestEnv};
+use tests::harness::{HOST_ADDR, TestEnv, UPLINK};
 
 /// One request to the daemon; returns the status code and the JSON answer.
 fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -259,8 +259,14 @@ fn the_daemon_publishes_100000_ports_and_refuses_one_past_the_map_in_one_line() 
         published_memlock(&env)
     );
 
-    // The map's last 31,072 entries, on another address; then it is full.
+    // The map's last 31,072 entries, on another address of the host; then it is full.
     let other = Ipv4Addr::new(198, 18, 0, 3);
+    let out = env.run_in(
+        &env.host_ns(),
+        "ip",
+        &["addr", "add", &format!("{other}/24"), "dev", UPLINK],
+    );
+    assert!(out.status.success(), "{out:?}");
     let (status, added) = call(
         &socket,
         "POST",
@@ -299,4 +305,89 @@ fn the_daemon_publishes_100000_ports_and_refuses_one_past_the_map_in_one_line() 
     assert_eq!(call(&socket, "DELETE", "/v1/networks/n", None).0, 200);
     nix::sys::signal::kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
     assert!(daemon.wait().unwrap().success());
+}
+
+/// A `netd daemon` with the Docker plugin `p` in `dir`, started with umask 000.
+fn start_with_plugin(env: &TestEnv, socket: &Path, dir: &Path) -> Child {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = env.netd_cmd(&["daemon", "--sweep-interval", "60", "--socket"]);
+    cmd.arg(socket)
+        .args(["--docker-plugin", "p", "--docker-plugin-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: umask is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    tests::cli::wait_until_serving(&mut child, &dir.join("p.sock"));
+    tests::cli::wait_until_serving(&mut child, socket);
+    child
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn the_sockets_are_roots_alone_and_a_second_daemon_takes_neither() {
+    let env = TestEnv::new();
+    let (socket, dir) = (
+        env.state_dir.join("api.sock"),
+        env.state_dir.join("plugins"),
+    );
+    let daemon = start_with_plugin(&env, &socket, &dir);
+    let plugin = dir.join("p.sock");
+    // Root's alone, whatever the umask.
+    assert_eq!(mode_of(&socket), 0o600);
+    assert_eq!(mode_of(&plugin), 0o600);
+    assert_eq!(mode_of(&dir), 0o700);
+    // A second daemon with the same plugin (on another API socket) is refused, and the first
+    // keeps both of its sockets.
+    let other = env.state_dir.join("other.sock");
+    let out = env
+        .netd_cmd(&["daemon", "--socket"])
+        .arg(&other)
+        .args(["--docker-plugin", "p", "--docker-plugin-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a daemon already serves"),
+        "{err}"
+    );
+    UnixStream::connect(&plugin).expect("the first daemon lost its plugin socket");
+    UnixStream::connect(&socket).expect("the first daemon lost its API socket");
+    // A body past 4 MiB is refused in one line rather than read into memory.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = std::thread::spawn(move || {
+        let huge = vec![b'x'; 5 << 20];
+        let head = format!(
+            "POST /v1/networks HTTP/1.1\r\nHost: netd\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            huge.len()
+        );
+        // The daemon may answer and close before it has all of it.
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&huge);
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    sent.join().unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(
+        raw.starts_with("HTTP/1.1 400") && raw.contains("request body over 4 MiB"),
+        "{raw}"
+    );
+    nix::sys::signal::kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(daemon.wait_with_output().unwrap().status.success());
 }

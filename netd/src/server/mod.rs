@@ -22,27 +22,24 @@
 //! | `POST /v1/gc` | | `{"containers", "networks", "ports", "links"}` |
 //!
 //! Requests are served one at a time, in order (the core changes the kernel under one lock
-//! anyway); the socket is made mode 0600.
+//! anyway). The socket is root's alone (mode 0600, from the moment it exists), a body is at
+//! most 4 MiB, and a client gets 30 s to send a request's headers.
 
-use std::{
-    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
-    path::Path,
-    time::Duration,
-};
+use std::{os::unix::fs::FileTypeExt as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use tokio::{
-    net::UnixListener,
     signal::unix::{SignalKind, signal},
     task::LocalSet,
 };
@@ -67,6 +64,63 @@ pub struct LinkRequest {
 /// The controller, shared by the connections and the sweeper (on this thread) and the Docker
 /// plugin (on a thread of its own).
 type Shared = SharedController;
+
+/// The largest request body either socket reads: bigger ones would only cost memory.
+const MAX_BODY: usize = 4 << 20;
+/// How long a client may take to send a request's headers before its connection is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause after a failed accept (out of file descriptors): it would fail again at once.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Binds `socket` for root alone: a stale socket is replaced, never a live daemon's or any
+/// other file, and the socket is made mode 0600 as it is created (a client that connected
+/// in between would keep its connection).
+/// Non-blocking, for the runtime that will serve it.
+pub(crate) fn bind_private(socket: &Path) -> Result<std::os::unix::net::UnixListener> {
+    remove_stale_socket(socket)?;
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(socket);
+    umask(old);
+    let listener = bound.with_context(|| format!("listen on {}", socket.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves HTTP/1.1 on `stream` with `service` until the client goes: headers must come within
+/// [`HEADER_TIMEOUT`]. `what` names the socket in the error reported.
+pub(crate) async fn serve_connection<S>(stream: tokio::net::UnixStream, service: S, what: &str)
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(e) = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        eprintln!("netd daemon: {what} connection: {e}");
+    }
+}
+
+/// Reports a failed accept on `what` and waits a moment before the next one.
+pub(crate) async fn accept_failed(what: &str, e: std::io::Error) {
+    eprintln!("netd daemon: accept on {what}: {e}");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// A request's body, at most [`MAX_BODY`] bytes.
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, String> {
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => {
+            Err(format!("request body over {} MiB", MAX_BODY >> 20))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// Makes way for the daemon's socket: one left by a daemon that is gone is removed; a live
 /// daemon's socket, or any other file, stays and the daemon doesn't start.
@@ -93,10 +147,7 @@ pub async fn run(shared: Shared, socket: &Path, interval: Duration) -> Result<()
     // Before the socket exists: once a client can connect, SIGTERM stops the daemon cleanly.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    remove_stale_socket(socket)?;
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let listener = tokio::net::UnixListener::from_std(bind_private(socket)?)?;
     let mut tick = tokio::time::interval(interval);
     eprintln!(
         "netd daemon: serving {}, sweeping every {}s",
@@ -112,17 +163,10 @@ pub async fn run(shared: Shared, socket: &Path, interval: Duration) -> Result<()
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => {
                             let shared = shared.clone();
-                            tokio::task::spawn_local(async move {
-                                let service = service_fn(move |req| handle(shared.clone(), req));
-                                if let Err(e) = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await
-                                {
-                                    eprintln!("netd daemon: connection: {e}");
-                                }
-                            });
+                            let service = service_fn(move |req| handle(shared.clone(), req));
+                            tokio::task::spawn_local(serve_connection(stream, service, "API"));
                         }
-                        Err(e) => eprintln!("netd daemon: accept: {e}"),
+                        Err(e) => accept_failed("the API socket", e).await,
                     },
                     _ = tick.tick() => sweep_once(&shared).await,
                     _ = term.recv() => break,
@@ -191,14 +235,9 @@ async fn handle(
         .split('/')
         .map(String::from)
         .collect();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return Ok(answer(
-                StatusCode::BAD_REQUEST,
-                json!({"error": e.to_string()}),
-            ));
-        }
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(e) => return Ok(answer(StatusCode::BAD_REQUEST, json!({"error": e}))),
     };
     let path: Vec<&str> = path.iter().map(String::as_str).collect();
     let mut ctl = shared.lock().await;

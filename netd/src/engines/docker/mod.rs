@@ -8,19 +8,18 @@ pub mod protocol;
 
 use std::{
     convert::Infallible,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     rc::Rc,
 };
 
 use anyhow::{Context as _, Result};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::oneshot};
@@ -28,6 +27,7 @@ use tokio::{net::UnixListener, sync::oneshot};
 use crate::{
     datapath::DatapathKind,
     engines::core::{Core, SharedController},
+    server,
 };
 
 /// Where Docker looks for plugin sockets.
@@ -65,18 +65,13 @@ pub fn serve(
     dir: &Path,
 ) -> Result<Served> {
     crate::core::spec::validate_name("Docker plugin", name)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
     let socket = dir.join(format!("{name}.sock"));
-    // A socket file left by a daemon that was killed: nobody serves it any more.
-    match std::fs::remove_file(&socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("remove stale {}", socket.display()));
-        }
-        _ => {}
-    }
-    let listener = std::os::unix::net::UnixListener::bind(&socket)
-        .with_context(|| format!("listen on {}", socket.display()))?;
-    listener.set_nonblocking(true)?;
+    let listener = server::bind_private(&socket)?;
     eprintln!(
         "netd daemon: Docker network and IPAM driver {name:?} on {}",
         socket.display()
@@ -114,22 +109,15 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    eprintln!("netd daemon: accept on the plugin socket: {e}");
+                    server::accept_failed("the plugin socket", e).await;
                     continue;
                 }
             },
             _ = &mut stopped => return,
         };
         let plugin = plugin.clone();
-        tokio::task::spawn_local(async move {
-            let service = service_fn(move |req| answer(plugin.clone(), req));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                eprintln!("netd daemon: plugin connection: {e}");
-            }
-        });
+        let service = service_fn(move |req| answer(plugin.clone(), req));
+        tokio::task::spawn_local(server::serve_connection(stream, service, "plugin"));
     }
 }
 
@@ -162,9 +150,9 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let verb = req.uri().path().trim_start_matches('/').to_string();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return Ok(reply(&verb, Err(Failure::BadRequest(e.to_string())))),
+    let body = match server::read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(e) => return Ok(reply(&verb, Err(Failure::BadRequest(e)))),
     };
     let outcome = plugin.dispatch(&verb, &body).await;
     if let Err(Failure::Failed(e)) = &outcome {
