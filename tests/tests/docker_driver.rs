@@ -752,10 +752,57 @@ fn the_plugin_socket_speaks_dockers_protocol() {
         body["Err"].as_str().unwrap().contains("invalid Docker ID"),
         "{body}"
     );
+    // An ID is all 64 characters of it, not its first 12.
+    let (_, body) = post(
+        "NetworkDriver.DeleteEndpoint",
+        &format!(
+            r#"{{"NetworkID":"{}","EndpointID":"abcdef012345/../x"}}"#,
+            "0".repeat(64)
+        ),
+    );
+    assert!(
+        body["Err"].as_str().unwrap().contains("invalid Docker ID"),
+        "{body}"
+    );
+    // No address from a pool nobody asked for.
+    let (_, body) = post(
+        "IpamDriver.RequestAddress",
+        r#"{"PoolID":"netd/0.0.0.0/0","Address":""}"#,
+    );
+    assert!(
+        body["Error"].as_str().unwrap().contains("unknown pool"),
+        "{body}"
+    );
     // A well-formed request succeeds (the positive control).
     let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.66.0.0/24"}"#);
     assert_eq!(
         (status, body["PoolID"].as_str()),
         (200, Some("netd/10.66.0.0/24"))
+    );
+    // A pool is one network's: none overlapping it is handed out while it is.
+    let (_, again) = post("IpamDriver.RequestPool", r#"{"Pool":"10.66.0.0/25"}"#);
+    assert!(
+        again["Error"]
+            .as_str()
+            .unwrap()
+            .contains("overlaps pool 10.66.0.0/24"),
+        "{again}"
+    );
+    // An address handed out is not the gateway too.
+    let address = |text: &str| {
+        post(
+            "IpamDriver.RequestAddress",
+            &format!(r#"{{"PoolID":"netd/10.66.0.0/24","Address":"10.66.0.9",{text}}}"#),
+        )
+        .1
+    };
+    assert_eq!(address(r#""Options":{}"#)["Address"], "10.66.0.9/24");
+    let gateway = address(r#""Options":{"RequestAddressType":"com.docker.network.gateway"}"#);
+    assert!(
+        gateway["Error"]
+            .as_str()
+            .unwrap()
+            .contains("already handed out"),
+        "{gateway}"
     );
 }

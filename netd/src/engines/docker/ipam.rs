@@ -50,8 +50,8 @@ fn network_on(core: &mut Core, subnet: IpNet) -> Result<Option<Network>> {
         .find(|n| IpNet::from(n.subnet) == subnet || n.subnet6.map(IpNet::from) == Some(subnet)))
 }
 
-/// A pool: the one asked for, or the first free private subnet (as `netd network create`
-/// picks: a ULA /64 for IPv6). Asking for the same pool again gets the same answer.
+/// A pool: the one asked for, if no network or other pool has any of it, or the first free
+/// private subnet (as `netd network create` picks: a ULA /64 for IPv6).
 pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
     if !req.sub_pool.is_empty() {
         bail!(
@@ -67,15 +67,24 @@ pub async fn request_pool(core: &mut Core, req: RequestPool) -> Result<Value> {
         if subnet.addr().is_ipv6() != req.v6 {
             bail!("pool {subnet} is not of the family Docker asks for");
         }
+        // A pool is one network's: releasing a second grant of it would take the first's
+        // addresses with it.
         for n in core.networks()? {
             let theirs = [Some(IpNet::from(n.subnet)), n.subnet6.map(IpNet::from)];
             if let Some(other) = theirs
                 .into_iter()
                 .flatten()
-                .find(|t| *t != subnet && ipam::overlaps(t, &subnet))
+                .find(|t| ipam::overlaps(t, &subnet))
             {
                 bail!("pool {subnet} overlaps netd network {:?} ({other})", n.name);
             }
+        }
+        if let Some(other) = core
+            .reserved_pools()?
+            .into_iter()
+            .find(|t| ipam::overlaps(t, &subnet))
+        {
+            bail!("pool {subnet} overlaps pool {other}, already handed out");
         }
         subnet
     };
@@ -115,6 +124,12 @@ pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
         ),
     };
     let network = network_on(core, subnet)?;
+    if network.is_none() && !core.reserved_pools()?.contains(&subnet) {
+        bail!(
+            "unknown pool {:?}: never requested, or released",
+            req.pool_id
+        );
+    }
     let v6 = subnet.addr().is_ipv6();
     // The network's gateway and address range in the pool's family.
     let (net_gateway, range) = match &network {
@@ -127,10 +142,14 @@ pub fn request_address(core: &mut Core, req: RequestAddress) -> Result<Value> {
         .as_ref()
         .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
         .is_some_and(|t| t == GATEWAY_REQUEST);
+    let mut used = core.reserved_addresses(subnet)?;
     let address = if wants_gateway {
-        gateway_of(subnet, asked.or(net_gateway))?
+        let gateway = gateway_of(subnet, asked.or(net_gateway))?;
+        if used.contains(&gateway) {
+            bail!("address {gateway} of pool {subnet} is already handed out");
+        }
+        gateway
     } else {
-        let mut used = core.reserved_addresses(subnet)?;
         if let Some(n) = &network {
             for a in core.attachments_on(&n.name, "")? {
                 used.insert(a.ip.into());

@@ -27,18 +27,33 @@ use crate::{
         spec::NetworkSpec,
     },
     datapath::{DatapathKind, Protocol},
-    engines::core::{AttachRequest, Core, hand_out_interface},
+    engines::core::{AttachRequest, Attachment, Core, hand_out_interface},
     store::model::Exposed,
 };
 
 /// How netd names what it makes for a Docker object (an ID is 64 hex characters).
 pub fn netd_name(docker_id: &str) -> Result<String> {
-    let short = docker_id.get(..12).filter(|s| {
-        s.chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    });
-    let short = short.with_context(|| format!("invalid Docker ID {docker_id:?}"))?;
-    Ok(format!("docker-{short}"))
+    let valid = docker_id.len() == 64
+        && docker_id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+    if !valid {
+        bail!("invalid Docker ID {docker_id:?}: not 64 lowercase hex characters");
+    }
+    Ok(format!("docker-{}", &docker_id[..12]))
+}
+
+/// The endpoint `endpoint_id` of network `network_id`: `None` when there is no such endpoint,
+/// an error when it is another network's.
+fn endpoint_of(core: &mut Core, network_id: &str, endpoint_id: &str) -> Result<Option<Attachment>> {
+    let network = netd_name(network_id)?;
+    let Some(a) = core.attachment(&netd_name(endpoint_id)?)? else {
+        return Ok(None);
+    };
+    if a.network != network {
+        bail!("endpoint {endpoint_id} is not on network {network_id}");
+    }
+    Ok(Some(a))
 }
 
 /// The host-side name of an endpoint's container interface between Join and Docker's move.
@@ -199,7 +214,9 @@ pub async fn create_endpoint(core: &mut Core, req: CreateEndpoint) -> Result<Val
 }
 
 pub async fn delete_endpoint(core: &mut Core, req: EndpointRef) -> Result<Value> {
-    core.detach(&netd_name(&req.endpoint_id)?).await?;
+    if let Some(a) = endpoint_of(core, &req.network_id, &req.endpoint_id)? {
+        core.detach(&a.name).await?;
+    }
     Ok(json!({}))
 }
 
@@ -216,8 +233,7 @@ pub fn endpoint_oper_info(core: &mut Core, req: EndpointRef) -> Result<Value> {
 }
 
 pub async fn join(core: &mut Core, req: Join) -> Result<Value> {
-    let name = netd_name(&req.endpoint_id)?;
-    let a = core.attachment(&name)?.with_context(|| {
+    let a = endpoint_of(core, &req.network_id, &req.endpoint_id)?.with_context(|| {
         format!(
             "no endpoint {} (network {})",
             req.endpoint_id, req.network_id
