@@ -805,4 +805,19 @@ fn the_plugin_socket_speaks_dockers_protocol() {
             .contains("already handed out"),
         "{gateway}"
     );
+    // What the IPAM handed out is the endpoint's it was for: netd's own allocation on the
+    // network skips it.
+    let lowest = post(
+        "IpamDriver.RequestAddress",
+        r#"{"PoolID":"netd/10.66.0.0/24","Address":""}"#,
+    )
+    .1;
+    assert_eq!(lowest["Address"], "10.66.0.2/24");
+    env.netd_ok(&["network", "create", "dn", "--subnet", "10.66.0.0/24"]);
+    let c = env.name("c");
+    env.netd_ok(&["container", "create", &c, "--network", "dn"]);
+    let created = env.netd_json(&["container", "inspect", &c]);
+    assert_eq!(created["ip"], "10.66.0.3", "{created}");
+    env.netd_ok(&["container", "rm", &c]);
+    env.netd_ok(&["network", "rm", "dn"]);
 }

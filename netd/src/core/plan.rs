@@ -179,7 +179,15 @@ fn attach(
     if net.status != Status::Running {
         bail!("network {:?} is {}", net.name, net.status.name());
     }
-    let used = view.addresses_on(&net.name)?;
+    let mut used = view.addresses_on(&net.name)?;
+    // An address an engine's IPAM (Docker's) handed out is for the endpoint it was handed to:
+    // another container gets it only by asking for it.
+    if at.ip.is_none() {
+        used.extend(view.handed_out(net.subnet.into())?);
+    }
+    if let (None, Some(subnet6)) = (at.ip6, net.subnet6) {
+        used.extend(view.handed_out(subnet6.into())?);
+    }
     let asked = at.ip.map(IpAddr::from);
     let range = net.ip_range.into();
     let IpAddr::V4(ip) = address(net.subnet.into(), range, net.gateway.into(), &used, asked)?

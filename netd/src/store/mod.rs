@@ -131,6 +131,8 @@ pub trait View {
     fn addresses_on(&self, network: &str) -> Result<HashSet<IpAddr>>;
     /// The container on network `network` with MAC `mac` (as written by `ipam::format_mac`).
     fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>>;
+    /// The addresses of `subnet` an engine's IPAM (Docker's) handed out, held or not.
+    fn handed_out(&self, subnet: IpNet) -> Result<HashSet<IpAddr>>;
     /// A published port that takes the host address, port and protocol `m` would.
     fn port_clash(&self, m: &PortMapping) -> Result<Option<PortMapping>>;
     fn next_network_id(&self) -> Result<u32>;
@@ -729,6 +731,10 @@ impl View for Tx<'_> {
         rows.map(|ip| Ok(ip?.parse()?)).collect()
     }
 
+    fn handed_out(&self, subnet: IpNet) -> Result<HashSet<IpAddr>> {
+        self.ipam_addresses(subnet)
+    }
+
     fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>> {
         Ok(self
             .0
@@ -794,6 +800,11 @@ impl View for State {
             .flat_map(|c| [c.ip.map(IpAddr::from), c.ip6.map(IpAddr::from)])
             .flatten()
             .collect())
+    }
+
+    /// The in-memory state has no engine's IPAM.
+    fn handed_out(&self, _subnet: IpNet) -> Result<HashSet<IpAddr>> {
+        Ok(HashSet::new())
     }
 
     fn mac_holder(&self, network: &str, mac: &str) -> Result<Option<String>> {

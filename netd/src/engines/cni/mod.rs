@@ -15,11 +15,27 @@ use serde_json::Value;
 use commands::Call;
 use types::{CniError, Code, Config, SUPPORTED_VERSIONS, version_json};
 
+/// The largest config read from stdin: a runtime's is a few KiB even with thousands of port
+/// mappings; past this only memory would grow.
+const MAX_CONFIG: u64 = 16 << 20;
+
 /// Runs one CNI call and returns the process's exit status.
 pub fn main() -> i32 {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     let mut stdin = String::new();
-    let read = std::io::stdin().read_to_string(&mut stdin);
+    let read = std::io::stdin()
+        .take(MAX_CONFIG + 1)
+        .read_to_string(&mut stdin)
+        .and_then(|n| {
+            if n as u64 > MAX_CONFIG {
+                Err(std::io::Error::other(format!(
+                    "the config is over {} MiB",
+                    MAX_CONFIG >> 20
+                )))
+            } else {
+                Ok(n)
+            }
+        });
     // Errors carry the config's version when it has a supported one.
     let version = serde_json::from_str::<Value>(&stdin)
         .ok()
