@@ -85,8 +85,8 @@ fn network_spec(config: &Config) -> Result<NetworkSpec, CniError> {
 }
 
 /// The network of the config, made on first use; an existing one must match the config.
-/// Returns it, and whether this call made it.
-async fn ensure_network(core: &mut Core, config: &Config) -> Result<(Network, bool), CniError> {
+/// Returns whether this call made it.
+async fn ensure_network(core: &mut Core, config: &Config) -> Result<bool, CniError> {
     let spec = network_spec(config)?;
     let existed = core.network(&config.name)?.is_some();
     let net = core.ensure_network(spec.clone()).await?;
@@ -99,7 +99,7 @@ async fn ensure_network(core: &mut Core, config: &Config) -> Result<(Network, bo
             ),
         ));
     }
-    Ok((net, !existed))
+    Ok(!existed)
 }
 
 /// The first setting of existing network `net` that isn't what the config asks (`spec` is
@@ -289,7 +289,7 @@ pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     let ports = ports_of(config)?;
     let (ip, ip6) = requested_ips(config, call)?;
     let mut core = open(config)?;
-    let (_, made) = ensure_network(&mut core, config).await?;
+    let made = ensure_network(&mut core, config).await?;
     let attached = attach(&mut core, config, call, netns, ports, (ip, ip6)).await;
     if attached.is_err() && made {
         // Nothing of this failed ADD stays: the network it made has no container yet.
