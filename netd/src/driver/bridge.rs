@@ -34,12 +34,14 @@ pub async fn host_subnets() -> Result<Vec<IpNet>> {
     Netlink::in_ns(None)?.networks_in_use().await
 }
 
-/// Checks that the host has each address in `addrs` that ports would be published on (the
-/// unspecified address stands for all of them), as Docker's proxy finds when it binds them:
-/// published on an address the host lacks, a port would catch only what the host forwards for
-/// someone else.
+/// Checks that the host has each address in `addrs` that ports would be published on, as
+/// Docker's proxy finds when it binds them: published on an address the host lacks, a port
+/// would catch only what the host forwards for someone else. The unspecified address stands
+/// for all of them, and a loopback address is the host's whether or not its loopback has it
+/// yet (no packet to it is forwarded).
 pub fn check_host_has(addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
-    for ip in addrs.into_iter().filter(|ip| !ip.is_unspecified()) {
+    let checked = |ip: &IpAddr| !ip.is_unspecified() && !ip.is_loopback();
+    for ip in addrs.into_iter().filter(checked) {
         UdpSocket::bind((ip, 0))
             .map_err(|e| anyhow!("publishing on {ip}: not an address of the host ({e})"))?;
     }

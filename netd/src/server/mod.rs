@@ -72,10 +72,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed accept (out of file descriptors): it would fail again at once.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Binds `socket` for root alone: a stale socket is replaced, never a live daemon's or any
-/// other file, and the socket is made mode 0600 as it is created (a client that connected
-/// in between would keep its connection).
-/// Non-blocking, for the runtime that will serve it.
+/// Binds `socket` for root alone, non-blocking for the runtime that will serve it: a stale
+/// socket is replaced, never a live daemon's or any other file. The socket is created mode
+/// 0600 (under umask 0177): set after the bind, a client that connected in between would keep
+/// its connection.
 pub(crate) fn bind_private(socket: &Path) -> Result<std::os::unix::net::UnixListener> {
     remove_stale_socket(socket)?;
     let old = umask(Mode::from_bits_truncate(0o177));
