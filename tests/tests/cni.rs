@@ -377,6 +377,12 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
     }
     assert_eq!(containers(&env).len(), 1);
     call("DEL", "ctr", Some(&ns), &good).ok();
+    // DEL on an instance that never ran succeeds and makes nothing.
+    let mut nowhere = good.clone();
+    let never = env.state_dir.join("never");
+    nowhere["stateDir"] = json!(never);
+    call("DEL", "ctr", Some(&ns), &nowhere).ok();
+    assert!(!never.exists());
     // An ADD that made its network and then failed takes the network away again.
     let fresh = network_config(
         &env,

@@ -148,6 +148,15 @@ pub struct Store {
 pub struct KernelLock(#[allow(dead_code)] Flock<File>);
 
 impl Store {
+    /// Whether `dir` holds a state (a netd ever ran on it).
+    pub fn exists(dir: &Path) -> bool {
+        Self::db_path(dir).exists()
+    }
+
+    fn db_path(dir: &Path) -> PathBuf {
+        dir.join("state.db")
+    }
+
     /// Opens (creating or migrating) the state under `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("create state dir {}", dir.display()))?;
@@ -155,7 +164,7 @@ impl Store {
         // busy timeout doesn't wait for, so commands started at once on a fresh state dir
         // failed with "database is locked". Held until the schema is migrated.
         let _opening = exclusive_lock(&dir.join("open.lock"))?;
-        let path = dir.join("state.db");
+        let path = Self::db_path(dir);
         let db = Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
         // Writers wait for each other; readers never wait (WAL).
         db.busy_timeout(Duration::from_secs(60))?;

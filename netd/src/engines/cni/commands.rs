@@ -18,7 +18,7 @@ use crate::{
     },
     datapath::{DatapathKind, Protocol},
     engines::core::{AttachRequest, Core, check_attachment},
-    store::Network,
+    store::{Network, Store},
 };
 
 /// What the runtime says about the container (the `CNI_*` variables).
@@ -46,14 +46,17 @@ pub fn endpoint_name(network: &str, container_id: &str, ifname: &str) -> String 
 /// Every endpoint netd-cni makes is named with this prefix, so GC leaves the CLI's alone.
 const ENDPOINT_PREFIX: &str = "cni-";
 
+/// The state dir the config names (the CLI's default when it doesn't).
+fn state_dir(config: &Config) -> PathBuf {
+    config
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/netd".into())
+}
+
 /// The netd instance the config names (the CLI's defaults for what it doesn't).
 fn open(config: &Config) -> Result<Core, CniError> {
-    let mut c = core::Config::new(
-        config
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| "/var/lib/netd".into()),
-    );
+    let mut c = core::Config::new(state_dir(config));
     if let Some(bpffs) = &config.bpffs {
         c.bpffs = bpffs.clone();
     }
@@ -346,7 +349,11 @@ async fn remove_orphans(core: &mut Core, config: &Config) -> Result<(), CniError
 }
 
 /// Removes the attachment if there is one: a second DEL, or a DEL after a failed ADD, is fine.
+/// On an instance that never ran there is none, and nothing is made.
 pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
+    if !Store::exists(&state_dir(config)) {
+        return Ok(());
+    }
     let mut core = open(config)?;
     core.detach(&endpoint_name(
         &config.name,

@@ -124,14 +124,17 @@ fn cidr_address<N: std::str::FromStr, A>(
 /// `-o KEY=VALUE` of `docker network create`: netd's network options, under their netd names
 /// or the names Docker's bridge driver uses.
 fn apply_options(opts: &mut NetworkSpec, generic: &Value) -> Result<()> {
-    let Some(map) = generic.as_object() else {
-        return Ok(());
+    let map = match generic {
+        Value::Null => return Ok(()),
+        Value::Object(map) => map,
+        other => bail!("{GENERIC_OPTIONS} must be an object of options, not {other}"),
     };
     for (key, value) in map {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+        // `-o KEY=VALUE` gives strings: anything else (a null, a number) is no one's option.
+        let Value::String(text) = value else {
+            bail!("option {key}: expected a string, not {value}");
         };
+        let text = text.clone();
         let flag = || -> Result<bool> {
             text.parse()
                 .with_context(|| format!("option {key}={text}: expected true or false"))
@@ -434,6 +437,14 @@ mod tests {
         assert!(!spec.icc);
         assert_eq!(spec.mtu, 1400);
         assert_eq!(spec.datapath, DatapathKind::Iptables);
+        for (bad, why) in [
+            (json!({"bridge": null}), "expected a string, not null"),
+            (json!({"mtu": 1400}), "expected a string, not 1400"),
+            (json!(["icc"]), "must be an object of options"),
+        ] {
+            let err = apply_options(&mut spec, &bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
         let err = apply_options(&mut spec, &json!({"icc": "maybe"})).unwrap_err();
         assert!(err.to_string().contains("icc=maybe"), "{err}");
     }
