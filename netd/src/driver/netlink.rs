@@ -91,10 +91,15 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Link `index`, if there is one.
+    async fn link_at(&self, index: u32) -> Result<Option<LinkMessage>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        links.try_next().await.context("get interface")
+    }
+
     /// The MAC address of the link `index`.
     pub async fn link_mac(&self, index: u32) -> Result<Option<[u8; 6]>> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let Some(link) = links.try_next().await.context("get interface")? else {
+        let Some(link) = self.link_at(index).await? else {
             return Ok(None);
         };
         Ok(link.attributes.iter().find_map(|a| match a {
@@ -106,11 +111,9 @@ impl Netlink {
     /// Whether link `index` is up (administratively).
     pub async fn is_up(&self, index: u32) -> Result<bool> {
         use netlink_packet_route::link::LinkFlags;
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let link = links
-            .try_next()
-            .await
-            .context("get interface")?
+        let link = self
+            .link_at(index)
+            .await?
             .ok_or_else(|| anyhow!("no interface #{index}"))?;
         Ok(link.header.flags.contains(LinkFlags::Up))
     }

@@ -363,7 +363,10 @@ fn publish_of(b: &PortBinding) -> Result<Publish> {
                 .with_context(|| format!("invalid host IP {text:?}"))?,
         ),
     };
-    if b.host_port == 0 || b.port == 0 {
+    if b.port == 0 {
+        bail!("container port 0: no such port");
+    }
+    if b.host_port == 0 {
         bail!(
             "port {}: netd needs a host port (give -p HOSTPORT:{})",
             b.port,
