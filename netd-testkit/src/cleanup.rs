@@ -3,6 +3,8 @@
 
 use std::{fmt::Display, path::Path};
 
+use anyhow::Context as _;
+
 /// Clean-up failures a guard collects while it removes what it made.
 pub struct Cleanup {
     what: String,
@@ -83,6 +85,43 @@ pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
 /// Removes the (empty) cgroup directory at `path`; one that isn't there is fine.
 pub fn remove_cgroup(path: &Path) -> anyhow::Result<()> {
     gone(std::fs::remove_dir(path), "remove cgroup", path)
+}
+
+/// Removes the cgroup tree `relative` (cgroups only, children first) from every cgroup
+/// hierarchy mounted: a runtime using cgroupfs on a hybrid machine makes its parent in each
+/// v1 controller's hierarchy as well as in the unified one. Reports each it couldn't remove.
+pub fn remove_cgroup_everywhere(relative: &str) -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    let mut left = Vec::new();
+    for point in mounts.lines().filter_map(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        let (point, fstype) = (fields.next()?, fields.next()?);
+        matches!(fstype, "cgroup" | "cgroup2").then_some(point)
+    }) {
+        if let Err(e) = remove_cgroup_tree(&Path::new(point).join(relative)) {
+            left.push(format!("{e:#}"));
+        }
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", left.join("; "))
+    }
+}
+
+/// Removes the cgroup at `path` and the cgroups under it, deepest first.
+fn remove_cgroup_tree(path: &Path) -> anyhow::Result<()> {
+    let children = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("read {}", path.display()))),
+    };
+    for entry in children.filter_map(Result::ok) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    remove_cgroup(path)
 }
 
 /// `removed`, with "it was not there" counted as done.

@@ -232,6 +232,9 @@ pub fn busybox_tar(workdir: &Path) -> PathBuf {
 pub struct Podman {
     host_ns: PathBuf,
     workdir: PathBuf,
+    /// The cgroup parent of this instance's containers (`--cgroup-parent`): podman's default,
+    /// `libpod_parent`, is one for the whole machine and outlives every container.
+    cgroup_parent: String,
 }
 
 /// Podman raises a container's open-files and process limits by default, above what a
@@ -266,6 +269,7 @@ impl Podman {
         let podman = Self {
             host_ns: env.host_ns(),
             workdir,
+            cgroup_parent: format!("netd-{}", env.name("podman")),
         };
         podman.import_busybox();
         podman
@@ -276,7 +280,8 @@ impl Podman {
         self.podman(&["import", tarball.to_str().unwrap(), PODMAN_IMAGE]);
     }
 
-    /// A podman command of this instance.
+    /// A podman command of this instance; `run` and `create` put the container under the
+    /// instance's cgroup parent.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let dir = |d: &str| self.workdir.join(d).display().to_string();
         let mut cmd = Command::new("nsenter");
@@ -285,9 +290,15 @@ impl Podman {
             .args(["--root", &dir("root"), "--runroot", &dir("run")])
             .args(["--tmpdir", &dir("tmp"), "--storage-driver", "vfs"])
             .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
-            .args(args)
             .env("CONTAINERS_CONF", self.workdir.join("containers.conf"))
             .stdin(Stdio::null());
+        match args.split_first() {
+            Some((sub @ (&"run" | &"create"), rest)) => cmd
+                .arg(sub)
+                .args(["--cgroup-parent", &format!("/{}", self.cgroup_parent)])
+                .args(rest),
+            _ => cmd.args(args),
+        };
         cmd
     }
 
@@ -318,6 +329,9 @@ impl Drop for Podman {
                 String::from_utf8_lossy(&out.stderr)
             ),
             Err(e) => eprintln!("warning: podman rm -af: {e}"),
+        }
+        if let Err(e) = netd_testkit::cleanup::remove_cgroup_everywhere(&self.cgroup_parent) {
+            eprintln!("warning: {e:#}");
         }
         if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
             eprintln!("warning: remove {}: {e}", self.workdir.display());
