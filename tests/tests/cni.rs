@@ -147,6 +147,37 @@ fn add_check_del_at_every_version_with_a_published_port() {
     assert!(containers(&env).is_empty());
 }
 
+/// Chained after a plugin that made an interface, ADD's result keeps the earlier result and
+/// adds its own (its address pointing at its own interface).
+#[test]
+fn add_after_another_plugin_keeps_its_result() {
+    let env = TestEnv::new();
+    let ns = container_ns(&env, "c");
+    let mut cfg = config(&env, "1.0.0", json!({}));
+    cfg["prevResult"] = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{ "name": "tap0", "sandbox": ns }],
+        "ips": [{ "address": "192.0.2.7/24", "interface": 0 }],
+        "routes": [{ "dst": "192.0.2.0/24" }],
+        "dns": { "nameservers": ["192.0.2.53"] },
+    });
+    let result = call("ADD", "ctr", Some(&ns), &cfg).ok();
+    assert_eq!(result["interfaces"][0]["name"], "tap0", "{result}");
+    assert_eq!(result["interfaces"][1]["name"], "eth0", "{result}");
+    assert_eq!(result["ips"][0]["address"], "192.0.2.7/24", "{result}");
+    assert_eq!(result["ips"][1]["interface"], 1, "{result}");
+    let ours = result["ips"][1]["address"].as_str().unwrap();
+    assert!(
+        ours.starts_with("10.89.0.") && ours.ends_with("/24"),
+        "{result}"
+    );
+    assert_eq!(result["routes"][0]["dst"], "192.0.2.0/24", "{result}");
+    assert_eq!(result["routes"][1]["dst"], "0.0.0.0/0", "{result}");
+    assert_eq!(result["dns"]["nameservers"][0], "192.0.2.53", "{result}");
+    call("DEL", "ctr", Some(&ns), &cfg).ok();
+    assert!(containers(&env).is_empty());
+}
+
 #[test]
 fn status_and_gc_need_1_1_0() {
     let env = TestEnv::new();
@@ -327,6 +358,21 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
             7,
         ),
         (
+            "an ips prefix other than the subnet's",
+            cni(
+                Some("ADD"),
+                id,
+                Some(&ns),
+                &with("runtimeConfig", json!({ "ips": ["10.89.0.5/16"] })),
+            ),
+            7,
+        ),
+        (
+            "prevResult not an object",
+            cni(Some("ADD"), id, Some(&ns), &with("prevResult", json!([]))),
+            7,
+        ),
+        (
             "the host's namespace",
             cni(Some("ADD"), id, Some(&env.host_ns()), &good.to_string()),
             4,
@@ -351,6 +397,8 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
         assert_eq!(outcome.out["cniVersion"].as_str().map(str::len), Some(5));
     }
     assert!(containers(&env).is_empty());
+    let networks = env.netd_json(&["network", "ls", "--json"]);
+    assert_eq!(networks, json!([]), "a failed first ADD leaves its network");
     // The positive control: the same call with everything right succeeds (unknown CNI_ARGS
     // keys are fine with IgnoreUnknown; IP= is the address asked for).
     let result = cni_with_env(
@@ -382,6 +430,13 @@ fn bad_input_gets_the_spec_error_code_and_leaves_nothing() {
     let never = env.state_dir.join("never");
     nowhere["stateDir"] = json!(never);
     call("DEL", "ctr", Some(&ns), &nowhere).ok();
+    // CHECK finds no container there, STATUS says ready (the first ADD would make the
+    // instance), GC has nothing to collect; none of them makes anything.
+    assert_eq!(call("CHECK", "ctr", Some(&ns), &nowhere).code(), 3);
+    nowhere["cniVersion"] = json!("1.1.0");
+    cni(Some("STATUS"), None, None, &nowhere.to_string()).ok();
+    nowhere["cni.dev/valid-attachments"] = json!([]);
+    cni(Some("GC"), None, None, &nowhere.to_string()).ok();
     assert!(!never.exists());
     // An ADD that made its network and then failed takes the network away again.
     let fresh = network_config(

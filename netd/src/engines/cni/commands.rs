@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::types::{CniError, Code, Config, prev_result_addresses, result_json};
+use super::types::{CniError, Code, Config, after_prev_result, prev_result_addresses, result_json};
 use crate::{
     core::{
         self,
@@ -217,35 +217,63 @@ fn ports_of(config: &Config) -> Result<Vec<PortMapping>, CniError> {
         .collect()
 }
 
-/// The addresses asked for, if any (netd gives one of each family): the `ips` capability,
-/// or `CNI_ARGS` `IP=`.
-fn requested_ips(
-    config: &Config,
-    call: &Call,
-) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), CniError> {
+/// The addresses asked for, if any (netd gives one of each family): the `ips` capability
+/// (with the prefix length it names, if any), or `CNI_ARGS` `IP=`.
+#[derive(Debug, Default, PartialEq)]
+struct Requested {
+    ip: Option<(Ipv4Addr, Option<u8>)>,
+    ip6: Option<(Ipv6Addr, Option<u8>)>,
+}
+
+fn requested_ips(config: &Config, call: &Call) -> Result<Requested, CniError> {
     let invalid = |msg: String| CniError::new(Code::InvalidConfig, msg);
-    let (mut ip, mut ip6) = (call.ip, None);
-    if !config.runtime_config.ips.is_empty() {
-        ip = None;
-    }
-    for one in &config.runtime_config.ips {
-        let addr = one
-            .parse::<IpNet>()
-            .map(|n| n.addr())
-            .or_else(|_| one.parse::<IpAddr>())
-            .map_err(|_| invalid(format!("ips {one:?} is not an IP address")))?;
+    let ips = &config.runtime_config.ips;
+    let mut asked = Requested {
+        ip: call.ip.filter(|_| ips.is_empty()).map(|ip| (ip, None)),
+        ip6: None,
+    };
+    for one in ips {
+        let (addr, prefix) = match one.parse::<IpNet>() {
+            Ok(net) => (net.addr(), Some(net.prefix_len())),
+            Err(_) => (
+                one.parse::<IpAddr>()
+                    .map_err(|_| invalid(format!("ips {one:?} is not an IP address")))?,
+                None,
+            ),
+        };
         let taken = match addr {
-            IpAddr::V4(v4) => ip.replace(v4).is_some(),
-            IpAddr::V6(v6) => ip6.replace(v6).is_some(),
+            IpAddr::V4(v4) => asked.ip.replace((v4, prefix)).is_some(),
+            IpAddr::V6(v6) => asked.ip6.replace((v6, prefix)).is_some(),
         };
         if taken {
             return Err(invalid(format!(
-                "ips {:?}: netd gives a container one address of each family",
-                config.runtime_config.ips
+                "ips {ips:?}: netd gives a container one address of each family"
             )));
         }
     }
-    Ok((ip, ip6))
+    Ok(asked)
+}
+
+/// Refuses an `ips` prefix length other than network `net`'s: the container's address gets
+/// the network's, and a result saying otherwise would be wrong.
+fn check_prefixes(asked: &Requested, net: &Network) -> Result<(), CniError> {
+    let differs = |addr: String, given: Option<u8>, have: Option<u8>| match (given, have) {
+        (Some(given), Some(have)) if given != have => Some(format!(
+            "ips {addr}/{given}: network {:?} is a /{have}",
+            net.name
+        )),
+        _ => None,
+    };
+    let v4 = asked
+        .ip
+        .and_then(|(ip, p)| differs(ip.to_string(), p, Some(net.subnet.prefix_len())));
+    let v6 = asked
+        .ip6
+        .and_then(|(ip, p)| differs(ip.to_string(), p, net.subnet6.map(|s| s.prefix_len())));
+    match v4.or(v6) {
+        Some(msg) => Err(CniError::new(Code::InvalidConfig, msg)),
+        None => Ok(()),
+    }
 }
 
 fn require_netns(config: &Config, call: &Call) -> Result<PathBuf, CniError> {
@@ -290,10 +318,16 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub async fn add(config: &Config, call: &Call) -> Result<Value, CniError> {
     let netns = require_netns(config, call)?;
     let ports = ports_of(config)?;
-    let (ip, ip6) = requested_ips(config, call)?;
+    let asked = requested_ips(config, call)?;
+    if config.prev_result.as_ref().is_some_and(|p| !p.is_object()) {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "prevResult is not a result object",
+        ));
+    }
     let mut core = open(config)?;
     let made = ensure_network(&mut core, config).await?;
-    let attached = attach(&mut core, config, call, netns, ports, (ip, ip6)).await;
+    let attached = attach(&mut core, config, call, netns, ports, &asked).await;
     if attached.is_err() && made {
         // Nothing of this failed ADD stays: the network it made has no container yet.
         if let Err(e) = core.remove_network(&config.name).await {
@@ -313,8 +347,12 @@ async fn attach(
     call: &Call,
     netns: PathBuf,
     ports: Vec<PortMapping>,
-    (ip, ip6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    asked: &Requested,
 ) -> Result<Value, CniError> {
+    let net = core
+        .network(&config.name)?
+        .ok_or_else(|| CniError::new(Code::Netd, format!("network {:?} is gone", config.name)))?;
+    check_prefixes(asked, &net)?;
     remove_orphans(core, config).await?;
     let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
     if core.attachment(&name)?.is_some() {
@@ -330,13 +368,17 @@ async fn attach(
         name,
         network: config.name.clone(),
         netns: Some(netns),
-        ip,
-        ip6,
+        ip: asked.ip.map(|(ip, _)| ip),
+        ip6: asked.ip6.map(|(ip6, _)| ip6),
         mac: None,
         ports,
     };
     let attachment = core.attach_as(&request, Some(&call.ifname)).await?;
-    Ok(result_json(&config.cni_version, &call.ifname, &attachment))
+    let ours = result_json(&config.cni_version, &call.ifname, &attachment);
+    Ok(match &config.prev_result {
+        Some(prev) => after_prev_result(prev, ours),
+        None => ours,
+    })
 }
 
 /// Removes the attachments of the network whose namespace is gone (their runtime never
@@ -364,11 +406,11 @@ pub async fn del(config: &Config, call: &Call) -> Result<(), CniError> {
     Ok(())
 }
 
+/// CHECK: the attachment is as ADD left it. On an instance that never ran there is none,
+/// and nothing is made.
 pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
     let netns = require_netns(config, call)?;
-    let mut core = open(config)?;
-    let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
-    let a = core.attachment(&name)?.ok_or_else(|| {
+    let unknown = || {
         CniError::new(
             Code::UnknownContainer,
             format!(
@@ -376,7 +418,13 @@ pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
                 call.container_id, call.ifname, config.name
             ),
         )
-    })?;
+    };
+    if !Store::exists(&state_dir(config)) {
+        return Err(unknown());
+    }
+    let mut core = open(config)?;
+    let name = endpoint_name(&config.name, &call.container_id, &call.ifname);
+    let a = core.attachment(&name)?.ok_or_else(unknown)?;
     if a.netns != netns {
         return Err(CniError::new(
             Code::Netd,
@@ -414,12 +462,37 @@ pub async fn check(config: &Config, call: &Call) -> Result<(), CniError> {
     Ok(())
 }
 
-/// STATUS: ready when the netd instance can be opened (its state dir locked and read).
+/// STATUS: ready when the netd instance can be opened (its state dir locked and read), or,
+/// for one that never ran, when its state dir could be made (the first ADD makes it; STATUS
+/// leaves nothing).
 pub fn status(config: &Config) -> Result<(), CniError> {
+    let dir = state_dir(config);
+    if !Store::exists(&dir) {
+        return can_make_dir_at(&dir).map_err(|e| CniError::new(Code::NotAvailable, e));
+    }
     open(config)
         .and_then(|mut core| Ok(core.networks()?))
         .map(|_| ())
         .map_err(|e| CniError::new(Code::NotAvailable, e.msg))
+}
+
+/// Whether a directory can be made at `dir`: one is made and removed again in its nearest
+/// existing ancestor.
+fn can_make_dir_at(dir: &Path) -> Result<(), String> {
+    let parent = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    let probe = parent.join(format!(".netd-cni-status-{}", std::process::id()));
+    std::fs::create_dir(&probe)
+        .and_then(|()| std::fs::remove_dir(&probe))
+        .map_err(|e| {
+            format!(
+                "state dir {}: can't be made in {}: {e}",
+                dir.display(),
+                parent.display()
+            )
+        })
 }
 
 /// GC: removes every attachment of this network the runtime no longer lists.
@@ -435,6 +508,9 @@ pub async fn gc(config: &Config) -> Result<(), CniError> {
         .iter()
         .map(|v| endpoint_name(&config.name, &v.container_id, &v.ifname))
         .collect();
+    if !Store::exists(&state_dir(config)) {
+        return Ok(());
+    }
     let mut core = open(config)?;
     if core.network(&config.name)?.is_none() {
         return Ok(());

@@ -165,6 +165,37 @@ pub fn result_json(version: &str, ifname: &str, a: &Attachment) -> Value {
     })
 }
 
+/// ADD's result when an earlier plugin of the chain handed over `prev` (an object): its
+/// interfaces, addresses and routes, then this plugin's (whose addresses' `interface`
+/// indexes move past the earlier interfaces); its DNS unless this plugin has some.
+pub fn after_prev_result(prev: &Value, ours: Value) -> Value {
+    let list = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
+    let earlier = list(prev, "interfaces");
+    let offset = earlier.len();
+    let mut interfaces = earlier;
+    interfaces.extend(list(&ours, "interfaces"));
+    let mut ips = list(prev, "ips");
+    ips.extend(list(&ours, "ips").into_iter().map(|mut ip| {
+        if let Some(i) = ip["interface"].as_u64() {
+            ip["interface"] = json!(i + offset as u64);
+        }
+        ip
+    }));
+    let mut routes = list(prev, "routes");
+    routes.extend(list(&ours, "routes"));
+    let dns = match &ours["dns"] {
+        Value::Object(d) if !d.is_empty() => ours["dns"].clone(),
+        _ => prev.get("dns").cloned().unwrap_or_else(|| json!({})),
+    };
+    json!({
+        "cniVersion": ours["cniVersion"],
+        "interfaces": interfaces,
+        "ips": ips,
+        "routes": routes,
+        "dns": dns,
+    })
+}
+
 /// The addresses a previous result (CHECK's `prevResult`) says the container has.
 pub fn prev_result_addresses(prev: &Value) -> Vec<String> {
     prev["ips"]
