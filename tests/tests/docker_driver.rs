@@ -736,6 +736,13 @@ fn the_plugin_socket_speaks_dockers_protocol() {
     assert_eq!(status, 404);
     assert!(body["Err"].as_str().unwrap().contains("does not implement"));
     assert_eq!(post("NetworkDriver.CreateNetwork", "{not json").0, 400);
+    // Docker's plugin client reads `Err` from any answer but 200, IPAM's too.
+    let (status, body) = post("IpamDriver.RequestPool", "{not json");
+    assert_eq!(status, 400);
+    assert!(
+        body["Err"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     // A failed operation: 200 with the API's error field.
     let (status, body) = post("IpamDriver.RequestPool", r#"{"Pool":"10.0.0.0/33"}"#);
     assert_eq!(status, 200);

@@ -490,6 +490,16 @@ fn priority_tagged(dp: Dp, internal: bool) {
 /// containers. The control: the host forwarded it (`Ip6OutForwDatagrams`), to a neighbour it
 /// knows (a permanent entry: no NDP to lose on the way).
 fn ipv6(dp: Dp, internal: bool) {
+    ipv6_from_outside(dp, internal, None);
+}
+
+/// [`ipv6`] priority-tagged (VLAN 0): the stack routes what the tag carries, so the tag must
+/// not hide it from the rules.
+fn ipv6_priority_tagged(dp: Dp, internal: bool) {
+    ipv6_from_outside(dp, internal, Some(0));
+}
+
+fn ipv6_from_outside(dp: Dp, internal: bool, vlan: Option<u16>) {
     let world = inbound(dp, internal);
     let (w, victim) = (&world.w, &world.victim);
     let host = w.env.host_ns();
@@ -545,7 +555,7 @@ fn ipv6(dp: Dp, internal: bool) {
     let frame = rawsock::ether(
         w.host_mac(UPLINK),
         w.outside().mac,
-        None,
+        vlan,
         ETHERTYPE_IPV6,
         &packet,
     );
@@ -1466,6 +1476,7 @@ matrix! {
         vlan_tagged,
         priority_tagged,
         ipv6,
+        ipv6_priority_tagged,
         via_second_nic;
     outbound:
         spoofed_source,

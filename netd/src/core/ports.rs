@@ -21,6 +21,18 @@ pub struct Publish {
     pub proto: Protocol,
 }
 
+impl From<&PortMapping> for Publish {
+    /// One mapping as a request: its host port to its container port.
+    fn from(p: &PortMapping) -> Self {
+        Self {
+            host_ip: p.host_ip,
+            host_ports: Some((p.host_port, p.host_port)),
+            container_ports: (p.container_port, p.container_port),
+            proto: p.proto,
+        }
+    }
+}
+
 fn parse_proto(text: &str, spec: &str) -> Result<Protocol> {
     match text {
         "tcp" => Ok(Protocol::Tcp),
@@ -232,35 +244,7 @@ pub fn select_published(
     for req in requests {
         for offset in 0..len(req.container_ports) {
             let offset = offset as u16;
-            let container_port = req.container_ports.0 + offset;
-            let named: Vec<&PortMapping> = match req.host_ports {
-                Some(_) if let Some(range) = one_of_range(req) => published
-                    .iter()
-                    .filter(|p| {
-                        p.proto == req.proto
-                            && p.host_ip == req.host_ip.or(default_ip)
-                            && p.container_port == container_port
-                            && range.contains(&p.host_port)
-                    })
-                    .collect(),
-                Some((lo, _)) => {
-                    let m = PortMapping {
-                        proto: req.proto,
-                        host_ip: req.host_ip.or(default_ip),
-                        host_port: lo + offset,
-                        container_port,
-                    };
-                    published.iter().filter(|p| **p == m).collect()
-                }
-                None => published
-                    .iter()
-                    .filter(|p| {
-                        p.proto == req.proto
-                            && p.container_port == container_port
-                            && (req.host_ip.is_none() || p.host_ip == req.host_ip)
-                    })
-                    .collect(),
-            };
+            let named = named_by(req, offset, default_ip, published);
             if named.is_empty() {
                 bail!(
                     "container {name:?} does not publish {}",
@@ -275,6 +259,50 @@ pub fn select_published(
         }
     }
     Ok(out)
+}
+
+/// Whether every port of `req` is published already (see [`select_published`]).
+pub fn is_published(req: &Publish, default_ip: Option<IpAddr>, published: &[PortMapping]) -> bool {
+    (0..len(req.container_ports))
+        .all(|offset| !named_by(req, offset as u16, default_ip, published).is_empty())
+}
+
+/// The mappings of `published` that port `offset` of `req` names (see [`select_published`]).
+fn named_by<'a>(
+    req: &Publish,
+    offset: u16,
+    default_ip: Option<IpAddr>,
+    published: &'a [PortMapping],
+) -> Vec<&'a PortMapping> {
+    let container_port = req.container_ports.0 + offset;
+    match req.host_ports {
+        Some(_) if let Some(range) = one_of_range(req) => published
+            .iter()
+            .filter(|p| {
+                p.proto == req.proto
+                    && p.host_ip == req.host_ip.or(default_ip)
+                    && p.container_port == container_port
+                    && range.contains(&p.host_port)
+            })
+            .collect(),
+        Some((lo, _)) => {
+            let m = PortMapping {
+                proto: req.proto,
+                host_ip: req.host_ip.or(default_ip),
+                host_port: lo + offset,
+                container_port,
+            };
+            published.iter().filter(|p| **p == m).collect()
+        }
+        None => published
+            .iter()
+            .filter(|p| {
+                p.proto == req.proto
+                    && p.container_port == container_port
+                    && (req.host_ip.is_none() || p.host_ip == req.host_ip)
+            })
+            .collect(),
+    }
 }
 
 /// One port of a request as `-p` writes it: `[IP:][HOSTPORT:]CPORT/PROTO`.
@@ -552,6 +580,17 @@ mod tests {
         ] {
             let err = select(&[spec]).unwrap_err().to_string();
             assert_eq!(err, format!("container \"web\" does not publish {named}"));
+            assert!(!is_published(
+                &parse_publish(spec).unwrap(),
+                None,
+                &published
+            ));
+        }
+        for spec in ["8080:80", "80", "9000-9001:90-91", "127.0.0.1:8443:443"] {
+            assert!(
+                is_published(&parse_publish(spec).unwrap(), None, &published),
+                "{spec}"
+            );
         }
         // The network's --host-ip is where a port without an address was published.
         let on_host_ip = [m(Some("198.18.0.2"), 8080, 80)];

@@ -152,7 +152,7 @@ impl Core {
             ip6: req.ip6,
             mac: req.mac,
             ifname: ifname.map(str::to_string),
-            publish: req.ports.iter().map(publish_of).collect(),
+            publish: req.ports.iter().map(Publish::from).collect(),
             ..Bridge::on(&req.network)
         });
         spec.netns = req.netns.clone().map_or(Netns::Own, Netns::Path);
@@ -217,7 +217,7 @@ impl Core {
 
     /// Unpublishes ports of an existing endpoint (each must be published).
     pub async fn unpublish(&mut self, name: &str, ports: &[PortMapping]) -> Result<()> {
-        let requests: Vec<Publish> = ports.iter().map(publish_of).collect();
+        let requests: Vec<Publish> = ports.iter().map(Publish::from).collect();
         self.ctl.unpublish(name, &requests).await?;
         Ok(())
     }
@@ -326,14 +326,4 @@ pub async fn hand_out_interface(a: &Attachment, host_name: &str) -> Result<()> {
             m.setns_by_fd(host.as_raw_fd()).name(host_name.to_string())
         })
         .await
-}
-
-/// One port as a publish request (one host port to one container port).
-fn publish_of(p: &PortMapping) -> Publish {
-    Publish {
-        host_ip: p.host_ip,
-        host_ports: Some((p.host_port, p.host_port)),
-        container_ports: (p.container_port, p.container_port),
-        proto: p.proto,
-    }
 }

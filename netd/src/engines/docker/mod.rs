@@ -161,20 +161,21 @@ async fn answer(
     Ok(reply(&verb, outcome))
 }
 
-/// Errors as Docker reads them: the network driver's `{"Err"}`, IPAM's `{"Error"}`, with
-/// HTTP 200 for a failed operation (libnetwork reads the field), 400 for an undecodable
-/// request and 404 for a verb netd doesn't implement.
+/// Errors as Docker reads them: HTTP 200 for a failed operation, its message in the field
+/// the API's response has (the network driver's `{"Err"}`, IPAM's `{"Error"}`); 400 for an
+/// undecodable request and 404 for a verb netd doesn't implement, with `{"Err"}`, which
+/// Docker's plugin client reads from any answer other than 200.
 fn reply(verb: &str, outcome: Result<Value, Failure>) -> Response<Full<Bytes>> {
-    let field = if verb.starts_with("IpamDriver.") {
+    let failed_field = if verb.starts_with("IpamDriver.") {
         "Error"
     } else {
         "Err"
     };
     let (status, body) = match outcome {
         Ok(v) => (StatusCode::OK, v),
-        Err(Failure::Failed(e)) => (StatusCode::OK, json!({ field: format!("{e:#}") })),
-        Err(Failure::BadRequest(msg)) => (StatusCode::BAD_REQUEST, json!({ field: msg })),
-        Err(Failure::NotFound(msg)) => (StatusCode::NOT_FOUND, json!({ field: msg })),
+        Err(Failure::Failed(e)) => (StatusCode::OK, json!({ failed_field: format!("{e:#}") })),
+        Err(Failure::BadRequest(msg)) => (StatusCode::BAD_REQUEST, json!({ "Err": msg })),
+        Err(Failure::NotFound(msg)) => (StatusCode::NOT_FOUND, json!({ "Err": msg })),
     };
     Response::builder()
         .status(status)

@@ -300,8 +300,7 @@ pub async fn program_external_connectivity(
     for b in &bindings {
         let req = publish_of(b)?;
         // Programmed again (a restart of the same endpoint): what is published stays.
-        let published = std::slice::from_ref(&req);
-        if ports::select_published(&name, published, host_ip, &a.ports).is_err() {
+        if !ports::is_published(&req, host_ip, &a.ports) {
             requests.push(req);
         }
     }
