@@ -94,13 +94,12 @@ impl CreateArgs {
         };
         // Checked after `mode` took it (a bridge attachment's).
         let publish_allow = !self.publish_allow.is_empty();
-        let mode = match self.network.as_str() {
-            "host" => Mode::Host,
-            "none" => Mode::None,
-            other => match other.strip_prefix("container:") {
+        let mode = match Mode::without_network(&self.network) {
+            Some(mode) => mode,
+            None => match self.network.strip_prefix("container:") {
                 Some(c) => Mode::Container(c.to_string()),
                 None => Mode::Bridge(Attachment {
-                    network: other.to_string(),
+                    network: self.network.clone(),
                     ip: self.ip,
                     ip6: self.ip6,
                     mac: self.mac.as_deref().map(ipam::parse_mac).transpose()?,

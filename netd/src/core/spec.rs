@@ -88,7 +88,7 @@ impl NetworkSpec {
         validate_name("network", &self.name)?;
         // `--network host` and `--network none` name modes: such a network could never be
         // joined.
-        if RESERVED_NETWORK_NAMES.contains(&self.name.as_str()) {
+        if Mode::without_network(&self.name).is_some() {
             bail!(
                 "invalid network name {:?}: reserved for `container create --network {}`",
                 self.name,
@@ -152,6 +152,18 @@ pub enum Mode {
     None,
     /// Another container's namespace.
     Container(String),
+}
+
+impl Mode {
+    /// The mode `--network NAME` names without a network (`host`, `none`): no network may
+    /// take these names.
+    pub fn without_network(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(Self::Host),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
 }
 
 /// A container's place on a bridge network.
@@ -308,9 +320,6 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Network names `container create --network` takes as modes.
-const RESERVED_NETWORK_NAMES: [&str; 2] = ["host", "none"];
-
 /// Checks a host or domain name (`what` says which option gave it): dot-separated labels of
 /// letters, digits, '-' and '_', at most 253 characters (RFC 1123, with Docker's underscores).
 pub fn validate_host_name(what: &str, name: &str) -> Result<()> {
@@ -374,7 +383,7 @@ mod tests {
 
     #[test]
     fn host_and_none_are_no_network_names() {
-        for name in RESERVED_NETWORK_NAMES {
+        for name in ["host", "none"] {
             let err = NetworkSpec {
                 name: name.into(),
                 ..NetworkSpec::default()
