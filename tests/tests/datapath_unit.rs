@@ -266,7 +266,11 @@ fn traffic_from_outside_netd_networks_is_not_translated() {
         )
         .unwrap();
     });
-    b.assert_untouched(&tcp_frame(routed, 20000, SERVER, 80, SYN));
+    let from_routed = tcp_frame(routed, 20000, SERVER, 80, SYN);
+    assert_eq!(
+        b.run(UPLINK_EGRESS_PROG, &from_routed),
+        (PASS, from_routed.clone())
+    );
     assert!(b.stat("no_nat") >= 6);
 }
 
@@ -893,6 +897,85 @@ fn dnat_refuses_martian_sources() {
     );
 }
 
+/// A container subnet's address as the source of a packet from outside is spoofed: routed
+/// back out, it would start a masqueraded flow in the container's name whose replies reach
+/// the container; as an ICMP error's source, it would speak for a container to another.
+#[test]
+fn a_container_subnets_source_from_outside_is_dropped_as_martian() {
+    let b = Bench::new();
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    let sent = &udp_frame(HOST_ADDR, 5000, SERVER, 53, true)[ETH_LEN..];
+    for src in [C1, C2, GATEWAY, Ipv4Addr::new(172, 17, 200, 9)] {
+        for frame in [
+            udp_frame(src, 53, SERVER, 7777, true),
+            tcp_frame(src, 22, OTHER_HOST_ADDR, 7777, SYN),
+            icmp_error_frame(src, HOST_ADDR, DEST_UNREACH, PORT_UNREACH, sent),
+        ] {
+            let before = b.stat("martian");
+            assert_eq!(b.run(UPLINK_INGRESS_PROG, &frame).0, DROP, "from {src}");
+            assert_eq!(b.stat("martian"), before + 1, "from {src}");
+        }
+    }
+    // Control: from the outside's own address the error is the flow's.
+    let error = icmp_error_frame(SERVER, HOST_ADDR, DEST_UNREACH, PORT_UNREACH, sent);
+    let (outer, _) = translate_icmp_error(&b, UPLINK_INGRESS_PROG, &error);
+    assert_eq!(outer.dst, C1);
+}
+
+/// A container's ICMP error about a packet another container got is dropped on its way out:
+/// it would end or clamp that container's flow.
+#[test]
+fn a_container_sends_icmp_errors_only_about_its_own_flows() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    // C2's published flow, and C1's masqueraded one.
+    assert_eq!(
+        b.ingress(&udp_frame(client, 6000, HOST_ADDR, 5353, true))
+            .dst,
+        C2
+    );
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    let got_by_c2 = &udp_frame(client, 6000, C2, 53, true)[ETH_LEN..];
+    let got_by_c1 = &udp_frame(SERVER, 53, C1, 5000, true)[ETH_LEN..];
+    for (from, to, quoted) in [(C1, client, got_by_c2), (C2, SERVER, got_by_c1)] {
+        let before = b.stat("icmp_no_flow");
+        let error = icmp_error_frame(from, to, DEST_UNREACH, PORT_UNREACH, quoted);
+        assert_eq!(b.run(UPLINK_EGRESS_PROG, &error).0, DROP, "from {from}");
+        assert_eq!(b.stat("icmp_no_flow"), before + 1, "from {from}");
+    }
+    // Control: each container's own error leaves from the host.
+    for (from, to, quoted) in [(C2, client, got_by_c2), (C1, SERVER, got_by_c1)] {
+        let error = icmp_error_frame(from, to, DEST_UNREACH, PORT_UNREACH, quoted);
+        let (outer, _) = translate_icmp_error(&b, UPLINK_EGRESS_PROG, &error);
+        assert_eq!(outer.src, HOST_ADDR, "from {from}");
+    }
+}
+
+/// A UDP flow is assured by whichever of its packets comes first after it has been answered
+/// and has lasted: a reply too. Both directions go on being translated.
+#[test]
+fn a_flow_assured_by_a_reply_keeps_both_directions() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    let reply = udp_frame(SERVER, 53, HOST_ADDR, 5000, true);
+    assert_eq!(b.ingress(&reply).dst, C1);
+    // Past CT_ASSURE_AFTER_NS (2 s), a reply comes first.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(b.ingress(&reply).dst, C1);
+    let flows = live_flows(&pins);
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert!(flows[0].assured, "{flows:?}");
+    assert_eq!(flows[0].reply.src, SERVER, "{flows:?}");
+    // Both directions still translate, in the same flow.
+    let new_before = b.stat("snat_new");
+    assert_eq!(b.ingress(&reply).dst, C1);
+    assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
+    assert_eq!(b.ingress(&reply).dst, C1);
+    assert_eq!(b.stat("snat_new"), new_before);
+    assert_eq!(live_flows(&pins).len(), 1);
+}
+
 #[test]
 fn masquerade_drops_a_new_flow_when_every_port_towards_its_destination_is_taken() {
     use netd_common::datapath::{
@@ -1189,8 +1272,10 @@ fn every_frame_a_container_sends_is_policed_whatever_it_carries() {
     assert_eq!(run(tcp_frame(C1, 40000, C2, 80, SYN)), REDIRECT);
     let options = with_ip_options(tcp_frame(C1, 40000, C2, 80, SYN), &record_route(9));
     assert_eq!(run(options.clone()), REDIRECT);
-    // IPv6 between link-local addresses goes on to the bridge (icc=true)...
-    assert_eq!(run(ipv6_frame(LINK_LOCAL, ALL_NODES)), PASS);
+    // IPv6 from its own link-local address (its MAC's) goes on to the bridge (icc=true)...
+    let own_link_local = tests::frames6::link_local(c1_mac).octets();
+    assert_eq!(run(ipv6_frame(own_link_local, ALL_NODES)), PASS);
+    dropped(ipv6_frame(LINK_LOCAL, ALL_NODES), "spoofed_addr");
     // ...nothing else of IPv6 from a container without an IPv6 address (ipv6_programs.rs
     // has dual-stack networks), no tags, no other protocols.
     dropped(ipv6_frame(GLOBAL, GLOBAL), "spoofed_addr");

@@ -202,6 +202,7 @@ fn a_container_sends_from_its_own_addresses_only() {
     assert_eq!(sent(&bench, &n.a, multicast_mac(group), dad), PASS);
     // Another container's address, one of no container, a link-local or the unspecified
     // source beyond the link.
+    // Another container's or the bridge's link-local address, even on the link.
     let spoofed = [
         (b, b),
         (addr6(3, 99), b),
@@ -209,6 +210,9 @@ fn a_container_sends_from_its_own_addresses_only() {
         (link_local_a, OUTSIDE_ADDR6),
         (Ipv6Addr::UNSPECIFIED, b),
         (Ipv6Addr::UNSPECIFIED, ALL_NODES),
+        (link_local(n.b.mac), ALL_NODES),
+        (link_local(n.b.mac), link_local(n.net.bridge_mac())),
+        (link_local(n.net.bridge_mac()), link_local(n.b.mac)),
     ];
     for (src, dst) in spoofed {
         let f = frame(src, dst, &[], UDP, &dns(src, dst));
@@ -579,6 +583,48 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
 }
 
 /// `frame` with an 802.1Q tag for VLAN `vid` in front of its EtherType.
+/// A container's address as the source of IPv6 from outside is spoofed (a new flow's, an
+/// ICMPv6 error's), and a container's ICMPv6 error about a packet another container got
+/// doesn't leave: as IPv4's.
+#[test]
+fn nat66_drops_spoofed_container_sources_and_errors_about_anothers_flow() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 7);
+    let (a, b, outside) = (ip6(&n.a), ip6(&n.b), OUTSIDE_ADDR6);
+    let query = frame(a, outside, &[], UDP, &dns(a, outside));
+    let out = nat66(&bench, UPLINK_EGRESS_PROG, &query);
+    let ptb_about = |sent: &[u8]| [&1280u32.to_be_bytes()[..], sent].concat();
+    // From outside with b's address: to anywhere (routed back out, it would start a flow in
+    // b's name), or as an error about a's flow.
+    let elsewhere: Ipv6Addr = "2001:db8:2::5".parse().unwrap();
+    let spoofed_flow = frame(b, elsewhere, &[], UDP, &udp(b, 53, elsewhere, 7777, b"x"));
+    nat66_drops(&bench, UPLINK_INGRESS_PROG, &spoofed_flow, "martian");
+    let ptb = icmpv6(
+        b,
+        HOST_ADDR6,
+        PACKET_TOO_BIG,
+        0,
+        &ptb_about(&out[ETH_LEN..]),
+    );
+    let spoofed_error = frame(b, HOST_ADDR6, &[], ICMPV6, &ptb);
+    nat66_drops(&bench, UPLINK_INGRESS_PROG, &spoofed_error, "martian");
+    // b reports on the answer a got: dropped; a's own report leaves from the host.
+    let answer = frame(outside, a, &[], UDP, &udp(outside, 53, a, 5000, b"answer"));
+    let unreachable = |from: Ipv6Addr| {
+        let body = [&[0u8; 4][..], &answer[ETH_LEN..]].concat();
+        frame(
+            from,
+            outside,
+            &[],
+            ICMPV6,
+            &icmpv6(from, outside, 1, 4, &body),
+        )
+    };
+    nat66_drops(&bench, UPLINK_EGRESS_PROG, &unreachable(b), "icmp_no_flow");
+    let own = nat66(&bench, UPLINK_EGRESS_PROG, &unreachable(a));
+    assert_eq!(addr_at(&own[ETH_LEN..], 8), HOST_ADDR6);
+}
+
 fn tagged(vid: u16, mut frame: Vec<u8>) -> Vec<u8> {
     frame.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
     frame
@@ -840,6 +886,19 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
             UPLINK,
             "nodad",
         ],
+    );
+    // The kernel adds the address's local route from a work queue, a moment later.
+    let local = || {
+        let out = bench.env.run_in(
+            &ns,
+            "ip",
+            &["-6", "route", "show", "table", "local", &gained.to_string()],
+        );
+        !out.stdout.is_empty()
+    };
+    assert!(
+        tests::cli::eventually(std::time::Duration::from_secs(5), local),
+        "no local route for {gained}"
     );
     let pins = Pins::open(&bench.env.bpffs).unwrap();
     let mirror = netd::datapath::ebpf::maps::host_addrs6(&pins).unwrap();

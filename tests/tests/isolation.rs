@@ -205,8 +205,11 @@ fn icc_false_on(datapath: &str) {
     }
     assert!(endpoint_drops_for(&env, stranger.ip, "icc_denied") > 0);
     // Nothing the bridge would flood to the others: broadcast, multicast, IPv6. netd gives a
-    // container on a network without IPv6 no IPv6 address, but its root can make one.
-    let own_ipv6 = ["-6", "addr", "add", "fe80::1/64", "dev", "eth0", "nodad"];
+    // container on a network without IPv6 no IPv6 address, but its root can make one (its
+    // MAC's link-local one: any other is a spoofed source).
+    let mac = tests::rawsock::mac_of(&env, &stranger.ns, "eth0");
+    let own = format!("{}/64", tests::frames6::link_local(mac));
+    let own_ipv6 = ["-6", "addr", "add", &own, "dev", "eth0", "nodad"];
     assert!(env.run_in(&stranger.ns, "ip", &own_ipv6).status.success());
     for args in [
         ["-b", "-c1", "-W1", "255.255.255.255"],

@@ -767,12 +767,19 @@ fn ipv6_not_link_local(dp: Dp) {
         Dp::Iptables => Expect::DeliveredAsDocker,
     };
     o.w.check(&o.a2, &o.a2, expect, |to, mark, attack| {
-        let prefix: u16 = if attack { 0xfd00 } else { 0xfe80 };
-        let packet = rawsock::ipv6(
-            Ipv6Addr::new(prefix, 0, 0, 0, 0, 0, 0, 2),
-            Ipv6Addr::new(prefix, 0, 0, 0, 0, 0, 0, 3),
-            mark,
-        );
+        // The control: from a1's own link-local address (its MAC's).
+        let (src, dst) = if attack {
+            (
+                Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
+                Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3),
+            )
+        } else {
+            (
+                tests::frames6::link_local(o.a1.mac),
+                tests::frames6::link_local(to.mac),
+            )
+        };
+        let packet = rawsock::ipv6(src, dst, mark);
         let frame = rawsock::ether(to.mac, o.a1.mac, None, ETHERTYPE_IPV6, &packet);
         rawsock::send_frames(&o.w.env, &o.a1.ns, "eth0", &[frame]);
     });

@@ -213,7 +213,14 @@ pub fn track(
     state.packets[i] += 1;
     state.bytes[i] += u64::from(ctx.len());
     if state.flags & CT_ASSURED == 0 && assured(state, now) {
-        promote(live.state, live.partner);
+        // The flow's other entry than its state: the partner of an original-direction
+        // packet's entry, the entry a reply-direction packet matched.
+        let reply = if live.entry == live.state {
+            live.partner
+        } else {
+            live.entry
+        };
+        promote(live.state, reply);
     }
     Some(entry)
 }
@@ -363,8 +370,8 @@ fn assured(s: &CtEntry, now: u64) -> bool {
     now.saturating_sub(s.created_ns) >= CT_ASSURE_AFTER_NS
 }
 
-/// Moves the flow of original entry `state` and its `partner` to the assured table (the
-/// original first: a packet finding one there finds its partner in either table).
+/// Moves the flow of original entry `state` and its reply entry `partner` to the assured
+/// table (the original first: a packet finding one there finds its partner in either table).
 #[inline(always)]
 fn promote(state: *mut CtEntry, partner: *mut CtEntry) {
     // SAFETY: pointers into map values, valid for this program run.

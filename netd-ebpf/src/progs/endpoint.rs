@@ -287,7 +287,7 @@ fn decide6(ctx: &TcContext, from: &Sender) -> Verdict6 {
     };
     let tuple = Tuple6::of(&p);
     let owns = |addr: Addr| maps::endpoint6(addr).is_some_and(|ep| ep.ifindex == from.ifindex);
-    if !source_allowed6(&p, owns) {
+    if !source_allowed6(&p, &from.veth.mac, owns) {
         return Verdict6::Drop(Stat::SpoofedAddr, tuple);
     }
     if let Err(reason) = ipv6::check_nd(ctx, &p, &from.veth.mac, owns) {
@@ -321,13 +321,14 @@ fn on_the_link6(from: &Sender, dst: &Addr) -> bool {
             .is_some_and(|net| ipv6::in_subnet(dst, &net.subnet, net.prefix_len))
 }
 
-/// Whether the container may send from `p`'s source: its own address; a link-local one on
-/// the link only (the stack routes none beyond it); the unspecified one for duplicate
-/// address detection and multicast listener reports, before it has an address.
+/// Whether the container may send from `p`'s source: its own address; its own link-local
+/// one (the one of its MAC `mac`: netd makes the interface derive it so) on the link only
+/// (the stack routes none beyond it); the unspecified one for duplicate address detection
+/// and multicast listener reports, before it has an address.
 #[inline(always)]
-fn source_allowed6(p: &Packet, owns: impl Fn(Addr) -> bool) -> bool {
+fn source_allowed6(p: &Packet, mac: &[u8; 6], owns: impl Fn(Addr) -> bool) -> bool {
     if ipv6::is_link_local(&p.src) {
-        return ipv6::is_link_scope(&p.dst);
+        return p.src == ipv6::link_local_of(mac) && ipv6::is_link_scope(&p.dst);
     }
     if ipv6::is_unspecified(&p.src) {
         return ipv6::is_link_scope(&p.dst) && (p.is_neighbour_discovery() || p.is_mld());

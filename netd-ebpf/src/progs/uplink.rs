@@ -190,6 +190,12 @@ fn ingress(ctx: &TcContext) -> Stat {
         Ok(untracked) => untracked,
         Err(outcome) => return outcome,
     };
+    // A container's address (any of a container subnet) as the source of a packet from
+    // outside is spoofed: routed back out, it would start a masqueraded flow in the
+    // container's name, whose replies reach the container.
+    if maps::in_container_subnet(flow.saddr) {
+        return dropped(ctx, &flow, Stat::Martian, flow.saddr);
+    }
     let target = match inbound(&flow, cfg) {
         Inbound::Published(target) => target,
         Inbound::Refused(reason, container) => return dropped(ctx, &flow, reason, container),
@@ -221,6 +227,9 @@ fn icmp_error(
     cfg: &Config,
     path: Path,
 ) -> Stat {
+    if let Some(reason) = forged_error(flow.saddr, q.daddr, path) {
+        return dropped(ctx, flow, reason, flow.saddr);
+    }
     let key = conntrack::quoted_key(q);
     let Some(hit) = conntrack::flow_of_error(&key, now, cfg, path).map(conntrack::hit_of) else {
         return untranslatable(ctx, Stat::IcmpNoFlow, path);
@@ -228,6 +237,21 @@ fn icmp_error(
     match nat::apply_icmp_error(ctx, flow, q, &hit.rewrite) {
         Ok(()) => Stat::IcmpError,
         Err(reason) => reason,
+    }
+}
+
+/// Why an ICMP error from `saddr` about a packet sent to `quoted_daddr` can't be genuine on
+/// `path`, if it can't: from outside, a source in a container subnet is spoofed (`martian`);
+/// going out, a container reports only on packets it got itself, not on another container's
+/// flows (`icmp_no_flow`). The host's own errors go on.
+#[inline(always)]
+fn forged_error(saddr: u32, quoted_daddr: u32, path: Path) -> Option<Stat> {
+    match path {
+        Path::In if maps::in_container_subnet(saddr) => Some(Stat::Martian),
+        Path::Out if saddr != quoted_daddr && maps::endpoint(saddr).is_some() => {
+            Some(Stat::IcmpNoFlow)
+        }
+        _ => None,
     }
 }
 
@@ -347,6 +371,12 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
         icmp_error6(ctx, flow, path)
     } else if let Some(outcome) = tracked6(ctx, flow, path) {
         outcome
+    } else if path == Path::In && maps::endpoint6(flow.saddr).is_some() {
+        // Spoofed, as IPv4's container-subnet sources (`ingress`).
+        Err(Drop6 {
+            reason: Stat::Martian,
+            container: flow.saddr[0],
+        })
     } else if !flow.has_l4_header() {
         // A later fragment whose flow ended since its first fragment: it starts none.
         Ok(untranslatable6(ctx, Stat::Fragment, path, L3_OFF))
@@ -491,12 +521,29 @@ fn icmp_error6(ctx: &TcContext, flow: &Flow6, path: Path) -> Result<Stat, Drop6>
     let (Some(cfg), Some(q)) = (maps::config(), &flow.quoted) else {
         return Ok(Stat::NoNat);
     };
+    if let Some(reason) = forged_error6(&flow.saddr, &q.daddr, path) {
+        return Err(Drop6 {
+            reason,
+            container: flow.saddr[0],
+        });
+    }
     let Some(entry) = conntrack::flow_of_error(&nat66::quoted_key(q), now_ns(), cfg, path) else {
         return Ok(untranslatable6(ctx, Stat::IcmpNoFlow, path, L3_OFF));
     };
     match nat66::apply_icmp_error(ctx, flow, q, &nat66::rewrite_of(entry)) {
         Ok(()) => Ok(Stat::IcmpError),
         Err(reason) => Ok(reason),
+    }
+}
+
+/// [`forged_error`] for IPv6 (a container's own address, from outside).
+#[inline(always)]
+fn forged_error6(saddr: &Addr, quoted_daddr: &Addr, path: Path) -> Option<Stat> {
+    let container = || maps::endpoint6(*saddr).is_some();
+    match path {
+        Path::In if container() => Some(Stat::Martian),
+        Path::Out if saddr != quoted_daddr && container() => Some(Stat::IcmpNoFlow),
+        _ => None,
     }
 }
 
