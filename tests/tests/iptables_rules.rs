@@ -66,7 +66,7 @@ fn iptables_datapath_installs_and_removes_docker_rules() {
 
     let rules = iptables_save(&env);
     for expected in [
-        "-A PREROUTING -m addrtype --dst-type LOCAL -j NETD",
+        "-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD",
         "-A POSTROUTING -s 172.17.0.0/16 ! -o netd0 -j MASQUERADE",
         "-A NETD -d 198.18.0.2/32 -p udp -m udp --dport 5353 -j DNAT --to-destination 172.17.0.2:53",
         "-A FORWARD -i netd0 -o netd0 -j DROP",
@@ -347,6 +347,13 @@ const KNOWN_DIFFERENCES_USER_NETWORKS: &[(&str, Option<&str>, Option<&str>)] = &
         Some("-A OUTPUT -m addrtype --dst-type LOCAL -j NETD"),
         Some("-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD"),
     ),
+    // Nor from outside: a loopback destination DNATed in PREROUTING escapes the stack's
+    // martian check (a port published on 127.0.0.1 reachable from the host's neighbours).
+    (
+        "nat PREROUTING",
+        Some("-A PREROUTING -m addrtype --dst-type LOCAL -j NETD"),
+        Some("-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD"),
+    ),
     (
         "nat POSTROUTING",
         Some("-A POSTROUTING -o br-quiet -m addrtype --src-type LOCAL -j MASQUERADE"),
@@ -461,6 +468,11 @@ const KNOWN_DIFFERENCES_IPV6: &[(&str, Option<&str>, Option<&str>)] = &[
         Some("-A OUTPUT ! -d ::1/128 -m addrtype --dst-type LOCAL -j NETD"),
     ),
     (
+        "nat PREROUTING",
+        Some("-A PREROUTING -m addrtype --dst-type LOCAL -j NETD"),
+        Some("-A PREROUTING ! -d ::1/128 -m addrtype --dst-type LOCAL -j NETD"),
+    ),
+    (
         "nat POSTROUTING",
         Some("-A POSTROUTING -o netd-br1 -m addrtype --src-type LOCAL -j MASQUERADE"),
         None,
@@ -518,6 +530,13 @@ const KNOWN_DIFFERENCES: &[(&str, Option<&str>, Option<&str>)] = &[
         "nat OUTPUT",
         Some("-A OUTPUT -m addrtype --dst-type LOCAL -j NETD"),
         Some("-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD"),
+    ),
+    // Nor from outside: a loopback destination DNATed in PREROUTING escapes the stack's
+    // martian check (a port published on 127.0.0.1 reachable from the host's neighbours).
+    (
+        "nat PREROUTING",
+        Some("-A PREROUTING -m addrtype --dst-type LOCAL -j NETD"),
+        Some("-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD"),
     ),
     // Without the proxy Docker masquerades host-sourced traffic into the bridge (hairpin).
     (

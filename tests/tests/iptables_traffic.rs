@@ -9,6 +9,7 @@ use std::{
 
 use tests::{
     cli::{assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings},
+    engines::{udp_ask, udp_name_server},
     harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
 };
 
@@ -143,5 +144,44 @@ fn the_iptables_datapath_lets_the_outside_reach_a_published_port_at_the_containe
     assert!(
         matched(&env, "FORWARD", "DROP") > drops,
         "dropped in FORWARD"
+    );
+}
+
+/// A flow through a published port outlives the port's rules in the kernel's conntrack: when
+/// its container goes, its flows go too (Docker's `clearEndpointConnections`), or the next
+/// container given the address would get the old flow's datagrams.
+#[test]
+fn a_removed_containers_flows_do_not_reach_the_next_one_with_its_address() {
+    let env = TestEnv::new();
+    env.netd_ok(&[
+        "--datapath",
+        "iptables",
+        "network",
+        "create",
+        "n",
+        "--subnet",
+        "10.67.0.0/24",
+    ]);
+    let ip = "10.67.0.9";
+    let first = create(
+        &env,
+        "first",
+        &["--network", "n", "--ip", ip, "-p", "5353:53/udp"],
+    );
+    udp_name_server(&env, &first.ns, 53, "first");
+    let (outside, port) = (env.outside_ns(), sock(HOST_ADDR, 5353));
+    assert_eq!(
+        udp_ask(&env, &outside, 40001, port).as_deref(),
+        Some("first")
+    );
+    env.netd_ok(&["container", "rm", &first.name]);
+    let next = create(&env, "next", &["--network", "n", "--ip", ip]);
+    udp_name_server(&env, &next.ns, 53, "next");
+    assert_eq!(udp_ask(&env, &outside, 40001, port), None);
+    // Control: published again, the port reaches it.
+    env.netd_ok(&["publish", &next.name, "-p", "5353:53/udp"]);
+    assert_eq!(
+        udp_ask(&env, &outside, 40002, port).as_deref(),
+        Some("next")
     );
 }

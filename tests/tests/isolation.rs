@@ -676,6 +676,12 @@ fn monitor_streams_each_drop_with_its_reason_and_five_tuple() {
 /// Whether a TCP connection from the outside, from source address `src`, to the host's
 /// `port` is accepted.
 fn connects_from(env: &TestEnv, src: Ipv4Addr, port: u16) -> bool {
+    connects_from_to(env, src, HOST_ADDR, port)
+}
+
+/// Whether a TCP connection from the outside, from source address `src`, to `dst:port` is
+/// accepted.
+fn connects_from_to(env: &TestEnv, src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> bool {
     env.run_in(
         &env.outside_ns(),
         "nc",
@@ -685,7 +691,7 @@ fn connects_from(env: &TestEnv, src: Ipv4Addr, port: u16) -> bool {
             "1",
             "-s",
             &src.to_string(),
-            &HOST_ADDR.to_string(),
+            &dst.to_string(),
             &port.to_string(),
         ],
     )
@@ -758,6 +764,22 @@ fn publish_allow_on(datapath: &str) {
         "{datapath}: open to all"
     );
     assert!(connects_from(&env, second, 8082), "{datapath}");
+    // Routed straight to the container's address, a source outside the ranges gets nowhere
+    // either (on the iptables datapath the allowed one does, as Docker's rules let it).
+    let route = [&format!("{}/32", one.ip), "via", &HOST_ADDR.to_string()];
+    let out = env.run_in(
+        &env.outside_ns(),
+        "ip",
+        &[&["route", "add"][..], &route].concat(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !connects_from_to(&env, second, one.ip, 80),
+        "{datapath}: straight to the container"
+    );
+    if datapath == "iptables" {
+        assert!(connects_from_to(&env, OUTSIDE_ADDR, one.ip, 80));
+    }
     // The ranges hold for other containers (hairpin through the host's address) and host
     // processes.
     assert!(

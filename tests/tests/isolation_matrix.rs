@@ -1228,6 +1228,26 @@ fn container_source_to_published_port(dp: Dp) {
     martian_to_published_port(&p, a2, Expect::DeliveredAsDocker);
 }
 
+/// To 127.0.0.1 at the uplink's MAC, on a port published on every address: the stack drops
+/// a loopback destination from outside as a martian, and no DNAT may take it first (the
+/// iptables datapath's PREROUTING jump leaves loopback to the userland proxy).
+fn loopback_destination_to_published_port(dp: Dp) {
+    let p = published(dp);
+    let expect = Expect::Refused(Reason::Stack("martian destination"));
+    let (up, out) = (p.w.host_mac(UPLINK), p.w.outside().mac);
+    p.w.check(&p.p1, &p.p1, expect, |_, mark, attack| {
+        let dst = if attack {
+            Ipv4Addr::LOCALHOST
+        } else {
+            HOST_ADDR
+        };
+        let header = Ipv4::new(OUTSIDE_ADDR, dst, TCP);
+        let syn = header.packet(&rawsock::syn(&header, 40003, 8080, mark));
+        let frame = rawsock::ether(up, out, None, ETHERTYPE_IPV4, &syn);
+        rawsock::send_frames(&p.w.env, &p.w.env.outside_ns(), OUTSIDE_LINK, &[frame]);
+    });
+}
+
 /// A UDP datagram carrying `mark` from `from`'s namespace to `dst:port`.
 fn send_udp(env: &TestEnv, from: &Receiver, dst: Ipv4Addr, port: u16, mark: &[u8]) {
     env.in_ns(&from.ns, || {
@@ -1508,6 +1528,7 @@ matrix! {
         fragments_to_published_port,
         host_source_to_published_port,
         container_source_to_published_port,
+        loopback_destination_to_published_port,
         icmp_error_of_a_masqueraded_flow,
         icmp_error_of_a_hairpin_flow,
         out_through_second_nic_never_leaves_private,

@@ -208,13 +208,41 @@ fn saved(family: Family, table: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The nat PREROUTING jump into netd's chain: never for loopback destinations. Arriving from
+/// outside, those would be DNATed to a container before the stack drops them as martians (a
+/// port published on 127.0.0.1, or on every address, reachable from the host's neighbours);
+/// the userland proxy serves loopback.
+fn prerouting_jump(family: Family) -> String {
+    let lo = family.loopback();
+    format!("-A PREROUTING ! -d {lo} -m addrtype --dst-type LOCAL -j {CHAIN}")
+}
+
+/// The jump earlier builds made, with loopback: replaced by [`prerouting_jump`] wherever
+/// netd finds it.
+fn unguarded_prerouting_jump() -> String {
+    format!("-A PREROUTING -m addrtype --dst-type LOCAL -j {CHAIN}")
+}
+
+/// Replaces an earlier build's [`unguarded_prerouting_jump`] in `family`'s nat table.
+fn guard_prerouting(family: Family) -> Result<()> {
+    let old = unguarded_prerouting_jump();
+    if saved(family, "nat")?.lines().any(|l| l == old) {
+        let script = Script {
+            nat: vec![delete_form(&old), prerouting_jump(family)],
+            filter: vec![],
+        };
+        restore(family, &script).context("keep loopback out of netd's PREROUTING jump")?;
+    }
+    Ok(())
+}
+
 /// The chains and jumps every network relies on (`setupIPChains` in Docker).
 fn base_rules(family: Family) -> Script {
     let lo = family.loopback();
     Script {
         nat: vec![
             format!(":{CHAIN} - [0:0]"),
-            format!("-A PREROUTING -m addrtype --dst-type LOCAL -j {CHAIN}"),
+            prerouting_jump(family),
             format!("-A OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j {CHAIN}"),
         ],
         filter: vec![
@@ -236,7 +264,7 @@ fn base_removal(family: Family) -> Script {
     let lo = family.loopback();
     let mut script = Script {
         nat: vec![
-            format!("-D PREROUTING -m addrtype --dst-type LOCAL -j {CHAIN}"),
+            delete_form(&prerouting_jump(family)),
             format!("-D OUTPUT ! -d {lo} -m addrtype --dst-type LOCAL -j {CHAIN}"),
             format!("-F {CHAIN}"),
             format!("-X {CHAIN}"),
@@ -336,7 +364,11 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec, family: Family) -> Script {
             None => return Script::default(),
         },
     };
-    if port.host_ip.is_some_and(|ip| Family::of(ip) != family) {
+    // Loopback is the userland proxy's alone: neither jump into netd's chain takes it.
+    if port
+        .host_ip
+        .is_some_and(|ip| Family::of(ip) != family || ip.is_loopback())
+    {
         return Script::default();
     }
     let allowed: Vec<&IpNet> = port
@@ -376,12 +408,19 @@ fn port_rules(net: &NetworkSpec, port: &PortSpec, family: Family) -> Script {
     ));
     // An internal network's ports serve its own containers (hairpin) and the host: nothing
     // comes in from elsewhere to accept.
+    // From the allowed sources only, as the DNAT: routed straight to the container's address,
+    // the others would get in all the same.
     let filter = if net.internal {
         vec![]
     } else {
-        vec![format!(
-            "-A {CHAIN} -d {chost} ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
-        )]
+        sources
+            .iter()
+            .map(|src| {
+                format!(
+                    "-A {CHAIN} {src}-d {chost} ! -i {br} -o {br} -p {p} -m {p} --dport {cport} -j ACCEPT"
+                )
+            })
+            .collect()
     };
     Script { nat, filter }
 }
@@ -511,9 +550,9 @@ impl IptablesDatapath {
 
     fn ensure_base(&self, family: Family) -> Result<()> {
         if !saved(family, "filter")?.contains(&format!(":{ISOLATION_1} ")) {
-            restore(family, &base_rules(family))?;
+            return restore(family, &base_rules(family));
         }
-        Ok(())
+        guard_prerouting(family)
     }
 
     /// Whether any network still has rules in the isolation chain of `family`.
@@ -527,6 +566,7 @@ impl IptablesDatapath {
     /// Removes the base chains of `family` when no network uses them any more.
     fn remove_base_if_unused(&self, family: Family) -> Result<()> {
         if !self.networks_remain(family)? {
+            guard_prerouting(family)?;
             restore(family, &base_removal(family))
                 .with_context(|| format!("remove netd's {} chains", family.tool()))?;
         }
@@ -607,6 +647,7 @@ impl Datapath for IptablesDatapath {
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         let ips = [Some(IpAddr::from(ep.ip)), ep.ip6.map(IpAddr::from)];
         for ip in ips.into_iter().flatten() {
+            flush_flows_of(ip)?;
             let family = Family::of(ip);
             let stale = link_rules_naming(&saved(family, "filter")?, &net.bridge, ip);
             if stale.is_empty() {
@@ -669,6 +710,44 @@ impl Datapath for IptablesDatapath {
     fn bridge_hairpin(&self) -> bool {
         true
     }
+}
+
+/// Deletes the kernel's conntrack entries of the flows from or to `ip` (Docker's
+/// `clearEndpointConnections`): a flow through a published port outlives the port's rules,
+/// and would go on to the next container given the address. Without the `conntrack` tool
+/// it warns and leaves them.
+fn flush_flows_of(ip: IpAddr) -> Result<()> {
+    let family = match ip {
+        IpAddr::V4(_) => "ipv4",
+        IpAddr::V6(_) => "ipv6",
+    };
+    // The original source is the container's for flows it started; the reply source, for
+    // flows to it (published ports included).
+    for side in ["--orig-src", "--reply-src"] {
+        let run = Command::new("conntrack")
+            .args(["-D", "-f", family, side, &ip.to_string()])
+            .stdout(Stdio::null())
+            .output();
+        let out = match run {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "netd: warning: no conntrack tool: the flows of {ip} stay until they time out"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e).context("run conntrack"),
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        // It fails saying so when there was nothing to delete.
+        if !out.status.success() && !err.contains(" 0 flow entries") {
+            bail!(
+                "conntrack -D {side} {ip}: {}",
+                err.lines().next().unwrap_or("").trim()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Docker's rules have no per-container or per-network flow cap: asking for one here is an
