@@ -849,7 +849,8 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
     assert_eq!(ends6(&out[ETH_LEN..]), (host, 5353, outside, 4000));
 
     // Not from a source outside the port's ranges, nor one that can't be from outside (the
-    // network's other container, the host itself), nor to an address that isn't the host's.
+    // network's other container, the host itself, one embedding an IPv4 address), nor to an
+    // address that isn't the host's.
     let stranger: Ipv6Addr = "2001:db8::9".parse().unwrap();
     let to = |src: Ipv6Addr, dst: Ipv6Addr, port: u16| {
         frame(src, dst, &[], UDP, &udp(src, 4000, dst, port, b"?"))
@@ -860,7 +861,16 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
         &to(stranger, host, 5353),
         "publish_denied",
     );
-    for src in [b, host] {
+    let embedding_ipv4 = [
+        "::ffff:127.0.0.1",
+        "::ffff:198.18.10.3",
+        "::198.18.10.3",
+        "::1",
+    ];
+    for src in [b, host]
+        .into_iter()
+        .chain(embedding_ipv4.iter().map(|a| a.parse().unwrap()))
+    {
         nat66_drops(&bench, UPLINK_INGRESS_PROG, &to(src, host, 5354), "martian");
     }
     let elsewhere = to(outside, stranger, 5354);

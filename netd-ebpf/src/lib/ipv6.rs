@@ -333,10 +333,11 @@ pub fn is_link_scope(addr: &Addr) -> bool {
     is_link_local(addr) || b[0] == 0xff && b[1] & 0x0f == 2
 }
 
-/// The loopback address (::1).
+/// An address that carries an IPv4 one: IPv4-mapped (::ffff:0:0/96) or IPv4-compatible
+/// (::/96, loopback and unspecified included). No packet from a network comes from one.
 #[inline(always)]
-pub fn is_loopback(addr: &Addr) -> bool {
-    addr[0] | addr[1] | addr[2] == 0 && addr[3] == u32::from_be(1)
+pub fn embeds_ipv4(addr: &Addr) -> bool {
+    addr[0] | addr[1] == 0 && (addr[2] == 0 || addr[2] == u32::from_be(0xffff))
 }
 
 /// The unspecified address (::), the source of duplicate address detection.

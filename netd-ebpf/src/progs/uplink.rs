@@ -481,13 +481,14 @@ fn inbound6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
     rewrite6(ctx, flow, &rw, Stat::DnatNew)
 }
 
-/// Whether `saddr` can't be the source of a packet from outside: unspecified, loopback,
-/// multicast, link-local (never routed), a container's, or one of the host's. Translated to a
-/// container, such a packet would make it answer the host or another container.
+/// Whether `saddr` can't be the source of a packet from outside: one embedding an IPv4
+/// address (unspecified and loopback included: an IPv4-mapped source would reach a socket as
+/// that IPv4 address), multicast, link-local (never routed), a container's, or one of the
+/// host's. Translated to a container, such a packet would make it answer the host or another
+/// container.
 #[inline(always)]
 fn martian6(ctx: &TcContext, saddr: &Addr) -> bool {
-    ipv6::is_unspecified(saddr)
-        || ipv6::is_loopback(saddr)
+    ipv6::embeds_ipv4(saddr)
         || ipv6::is_multicast(saddr)
         || ipv6::is_link_local(saddr)
         || maps::container6(*saddr).is_some()
