@@ -10,7 +10,7 @@ use std::{
 use tests::{
     cli::{assert_echoed, connect_error, create, echo_server, echo_servers, output_in, pings},
     engines::{udp_ask, udp_name_server},
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv},
 };
 
 /// Packets the `target` rules of filter chain `chain` in the host namespace matched, and its
@@ -184,4 +184,49 @@ fn a_removed_containers_flows_do_not_reach_the_next_one_with_its_address() {
         udp_ask(&env, &outside, 40002, port).as_deref(),
         Some("next")
     );
+}
+
+/// On a host whose interfaces start with IPv6 on, the bridge of a network without IPv6 has it
+/// off: no ip6tables rule looks at such a network, so IPv6 a container crafts (its interface
+/// has none) must not be routed on, out of an `--internal` network least of all.
+#[test]
+fn a_network_without_ipv6_routes_no_ipv6_a_container_crafts() {
+    let env = TestEnv::dual_stack();
+    let host = env.host_ns();
+    for key in ["default.disable_ipv6", "all.forwarding"] {
+        let value = if key.ends_with("forwarding") {
+            "1"
+        } else {
+            "0"
+        };
+        netd::netlink::set_sysctl(Some(&host), &format!("net.ipv6.conf.{key}"), value).unwrap();
+    }
+    env.netd_ok(&[
+        "--datapath",
+        "iptables",
+        "network",
+        "create",
+        "v4only",
+        "--subnet",
+        "10.68.0.0/24",
+        "--internal",
+    ]);
+    let c = create(&env, "c", &["--network", "v4only"]);
+    let bridge = env.netd_json(&["network", "inspect", "v4only"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A datagram to the outside's IPv6 address, at the bridge's MAC.
+    let src: std::net::Ipv6Addr = "fd00:68::2".parse().unwrap();
+    let packet = tests::rawsock::ipv6(src, OUTSIDE_ADDR6, &tests::rawsock::marker());
+    let bridge_mac = tests::rawsock::mac_of(&env, &host, &bridge);
+    let own_mac = tests::rawsock::mac_of(&env, &c.ns, "eth0");
+    let frame = tests::rawsock::ether(bridge_mac, own_mac, None, 0x86dd, &packet);
+    let forwarded = || tests::counters::snmp6(&env, &host, "Ip6OutForwDatagrams");
+    let before = forwarded();
+    tests::rawsock::send_frames(&env, &c.ns, "eth0", &[frame]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(forwarded(), before, "the host routed a container's IPv6 on");
+    let conf = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
+    assert_eq!(output_in(&env, &host, "cat", &[&conf]).trim(), "1");
 }

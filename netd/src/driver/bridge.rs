@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use super::{
     Failures,
-    netlink::{Netlink, enable_ipv6_without_dad, no_such_device, set_sysctl},
+    netlink::{Netlink, disable_ipv6, enable_ipv6_without_dad, no_such_device, set_sysctl},
     netns,
 };
 use crate::{
@@ -83,6 +83,10 @@ pub async fn setup_network(net: &Network, dp: &dyn Datapath) -> Result<()> {
         // As Docker: the host routes IPv6 too. A host that takes its own IPv6 route from
         // router advertisements needs accept_ra=2 on its uplink to keep doing so.
         set_sysctl(None, "net.ipv6.conf.all.forwarding", "1")?;
+    } else {
+        // Off even where the host turns it on for new interfaces: its containers have none,
+        // and IPv6 a container crafts anyway must not be routed on.
+        disable_ipv6(&net.bridge)?;
     }
     dp.setup_network(&net.spec())
         .with_context(|| format!("set up the {} datapath for {}", net.datapath, net.name))?;

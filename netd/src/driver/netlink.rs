@@ -453,6 +453,16 @@ pub fn set_ipv6_conf(ns: Option<&Path>, ifname: &str, key: &str, value: &str) ->
     })
 }
 
+/// Turns IPv6 off on the host's interface `ifname`: the bridge of a network without IPv6
+/// takes no IPv6 in to route, where no rule of the iptables datapath would look at it. A
+/// kernel without IPv6 has none to turn off.
+pub fn disable_ipv6(ifname: &str) -> Result<()> {
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    set_ipv6_conf(None, ifname, "disable_ipv6", "1")
+}
+
 /// Turns IPv6 on for interface `ifname` in namespace `ns` without duplicate address
 /// detection: netd's addresses are unique by construction (and the link-local one derives
 /// from a MAC made from one), and a tentative link-local address would leave the interface
