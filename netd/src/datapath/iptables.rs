@@ -644,20 +644,23 @@ impl Datapath for IptablesDatapath {
     /// Removes every link rule naming the endpoint's addresses, on either side: its own links
     /// may be gone from `ep` already (the linked container was removed first), and other
     /// containers' links to it must not pass on to the next container with its address.
+    /// Its flows go too. Each address's rules and flows are tried whatever the other's did;
+    /// what failed is reported.
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         let ips = [Some(IpAddr::from(ep.ip)), ep.ip6.map(IpAddr::from)];
-        for ip in ips.into_iter().flatten() {
-            flush_flows_of(ip)?;
-            let family = Family::of(ip);
-            let stale = link_rules_naming(&saved(family, "filter")?, &net.bridge, ip);
-            if stale.is_empty() {
-                continue;
-            }
-            let script = Script {
-                nat: vec![],
-                filter: stale.iter().map(|rule| delete_form(rule)).collect(),
-            };
-            restore(family, &script).context("remove iptables rules of links")?;
+        let failed: Vec<String> = ips
+            .into_iter()
+            .flatten()
+            .flat_map(|ip| {
+                [
+                    remove_link_rules_naming(&net.bridge, ip),
+                    flush_flows_of(ip),
+                ]
+            })
+            .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+            .collect();
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
         }
         Ok(())
     }
@@ -710,6 +713,20 @@ impl Datapath for IptablesDatapath {
     fn bridge_hairpin(&self) -> bool {
         true
     }
+}
+
+/// Removes the link rules on bridge `br` naming `ip`.
+fn remove_link_rules_naming(br: &str, ip: IpAddr) -> Result<()> {
+    let family = Family::of(ip);
+    let stale = link_rules_naming(&saved(family, "filter")?, br, ip);
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let script = Script {
+        nat: vec![],
+        filter: stale.iter().map(|rule| delete_form(rule)).collect(),
+    };
+    restore(family, &script).context("remove iptables rules of links")
 }
 
 /// Deletes the kernel's conntrack entries of the flows from or to `ip` (Docker's
