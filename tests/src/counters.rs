@@ -25,6 +25,26 @@ pub fn iptables_drops(env: &TestEnv, chain: &str, input: &str, output: &str) -> 
     rules.iter().map(|f| f[0].parse::<u64>().unwrap()).sum()
 }
 
+/// Frames the ebtables DROP rules of FORWARD in the host namespace matched.
+pub fn ebtables_drops(env: &TestEnv) -> u64 {
+    let out = env.run_in(&env.host_ns(), "ebtables", &["-L", "FORWARD", "--Lc"]);
+    assert!(out.status.success(), "{out:?}");
+    // `-p 802_1Q -i vethX -j DROP , pcnt = 3 -- bcnt = 210`
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("-j DROP"))
+        .filter_map(|l| {
+            l.split("pcnt = ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// A counter of /proc/net/snmp6 (`Ip6OutForwDatagrams`: `name`) in the namespace at `ns`.
 pub fn snmp6(env: &TestEnv, ns: &Path, name: &str) -> u64 {
     let out = env.run_in(ns, "cat", &["/proc/net/snmp6"]);

@@ -75,6 +75,8 @@ enum Reason {
         input: String,
         output: String,
     },
+    /// iptables: the ebtables DROP rules of FORWARD (tagged frames from a container's veth).
+    Ebtables,
     /// iptables: held by conntrack's defragmentation for a first fragment that never comes
     /// (the host's `Ip: ReasmReqds`), so never forwarded.
     HeldForReassembly,
@@ -185,6 +187,7 @@ impl World {
                 output,
             } => counters::iptables_drops(&self.env, chain, input, output),
             Reason::HeldForReassembly => snmp(&self.env.host_ns(), "Ip", "ReasmReqds"),
+            Reason::Ebtables => counters::ebtables_drops(&self.env),
             Reason::Stack(_) => 0,
         }
     }
@@ -785,20 +788,44 @@ fn ipv6_not_link_local(dp: Dp) {
     });
 }
 
+/// A frame with two priority tags between two containers of an `--icc=false` network:
+/// br_netfilter looks behind one tag only, and the receiving stack strips both. The control
+/// is the frame untagged between two containers of a network with ICC.
+fn two_tags_without_icc(dp: Dp) {
+    let o = outbound(dp);
+    o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
+    let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
+    let expect = Expect::Refused(match dp {
+        Dp::Ebpf => Reason::Stat("vlan"),
+        Dp::Iptables => Reason::Ebtables,
+    });
+    o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
+        let from = if attack { &q2 } else { &o.a1 };
+        let header = Ipv4::new(from.ip, to.ip, UDP);
+        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
+        let frame = if attack {
+            // The inner tag (PCP 3, VLAN 0) and the IPv4 behind it, under the outer one.
+            let inner = [&[0x60, 0x00][..], &ETHERTYPE_IPV4.to_be_bytes(), &packet].concat();
+            rawsock::ether(to.mac, from.mac, Some(0), 0x8100, &inner)
+        } else {
+            rawsock::ether(to.mac, from.mac, None, ETHERTYPE_IPV4, &packet)
+        };
+        rawsock::send_frames(&o.w.env, &from.ns, "eth0", &[frame]);
+    });
+}
+
 /// A priority-tagged frame (VLAN 0: the receiving stack takes it as untagged) between two
-/// containers of an `--icc=false` network, through the bridge: netfilter must see it as the
-/// IPv4 it carries (Docker's `-i BRIDGE -o BRIDGE -j DROP`). The control is the frame
-/// untagged between two containers of a network with ICC.
+/// containers of an `--icc=false` network, through the bridge: dropped as every tagged frame
+/// a container sends there (on the iptables datapath by netd's ebtables rules, before the
+/// `-i BRIDGE -o BRIDGE -j DROP` that `bridge-nf-filter-vlan-tagged` would apply). The control
+/// is the frame untagged between two containers of a network with ICC.
 fn priority_tagged_without_icc(dp: Dp) {
     let o = outbound(dp);
     o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
     let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
     let expect = Expect::Refused(match dp {
         Dp::Ebpf => Reason::Stat("vlan"),
-        Dp::Iptables => {
-            let bridge = bridge_of(&o.w, "q");
-            rule("FORWARD", &bridge, &bridge)
-        }
+        Dp::Iptables => Reason::Ebtables,
     });
     o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
         let mut frame = if attack {
@@ -1512,6 +1539,7 @@ matrix! {
         vlan_tagged_spoofed_source,
         ipv6_not_link_local,
         priority_tagged_without_icc,
+        two_tags_without_icc,
         priority_tagged_to_other_network,
         priority_tagged_from_internal,
         fragments_to_other_network,

@@ -631,14 +631,28 @@ impl Datapath for IptablesDatapath {
         Ok(())
     }
 
-    // Docker writes no rule per container (links aside); the bridge carries them.
+    // Docker writes no rule per container (links aside); the bridge carries them. Without
+    // ICC, netd adds ebtables rules for the container's tagged frames.
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         refuse_conntrack_limit(ep.conntrack_limit)?;
+        let tagged = if net.icc {
+            vec![]
+        } else {
+            tagged_frame_rules(ep).to_vec()
+        };
+        for (added, rule) in tagged.iter().enumerate() {
+            if let Err(e) = ebtables("-A", rule) {
+                remove_ebtables_rules(&tagged[..added]);
+                return Err(e).context("install ebtables rules for tagged frames");
+            }
+        }
         let steps: Vec<(Family, Script)> = Family::ALL
             .into_iter()
             .map(|family| (family, link_rules(net, ep, family)))
             .collect();
-        restore_all(&steps).context("install iptables rules of links")
+        restore_all(&steps)
+            .inspect_err(|_| remove_ebtables_rules(&tagged))
+            .context("install iptables rules of links")
     }
 
     /// Removes every link rule naming the endpoint's addresses, on either side: its own links
@@ -648,7 +662,7 @@ impl Datapath for IptablesDatapath {
     /// what failed is reported.
     fn remove_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         let ips = [Some(IpAddr::from(ep.ip)), ep.ip6.map(IpAddr::from)];
-        let failed: Vec<String> = ips
+        let mut failed: Vec<String> = ips
             .into_iter()
             .flatten()
             .flat_map(|ip| {
@@ -659,6 +673,20 @@ impl Datapath for IptablesDatapath {
             })
             .filter_map(|r| r.err().map(|e| format!("{e:#}")))
             .collect();
+        if !net.icc {
+            for rule in tagged_frame_rules(ep) {
+                match ebtables("-D", &rule) {
+                    // Never added (a create that failed first), or removed before
+                    // (ebtables-nft's words, then ebtables-legacy's).
+                    Err(e)
+                        if ["does a matching rule exist", "rule does not exist"]
+                            .iter()
+                            .any(|gone| format!("{e:#}").contains(gone)) => {}
+                    Err(e) => failed.push(format!("{e:#}")),
+                    Ok(()) => {}
+                }
+            }
+        }
         if !failed.is_empty() {
             bail!("{}", failed.join("; "));
         }
@@ -712,6 +740,40 @@ impl Datapath for IptablesDatapath {
     /// Docker's `--userland-proxy=false` sets hairpin mode on its bridge ports for the same.
     fn bridge_hairpin(&self) -> bool {
         true
+    }
+}
+
+/// On a network without ICC, a container's tagged frames must not be bridged:
+/// br_netfilter looks behind one tag only, so a frame with two would pass the
+/// `-i BR -o BR -j DROP` (and the neighbour's stack strips both and takes the IPv4 behind
+/// them). These ebtables rules drop every tagged frame (C-tag, S-tag: the outer one) the
+/// container's veth brings to the bridge, as the eBPF datapath does.
+fn tagged_frame_rules(ep: &EndpointSpec) -> [String; 2] {
+    ["802_1Q", "0x88a8"].map(|tag| format!("FORWARD -i {} -p {tag} -j DROP", ep.host_ifname))
+}
+
+/// Runs `ebtables ACTION RULE` in the host namespace.
+fn ebtables(action: &str, rule: &str) -> Result<()> {
+    let out = Command::new("ebtables")
+        .arg(action)
+        .args(rule.split(' '))
+        .stdin(Stdio::null())
+        .output()
+        .context("run ebtables (is iptables installed?)")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "ebtables {action} {rule}: {}",
+            err.lines().next().unwrap_or("").trim()
+        );
+    }
+    Ok(())
+}
+
+/// Undoes `rules` after a failure (best effort: the failure is what gets reported).
+fn remove_ebtables_rules(rules: &[String]) {
+    for rule in rules {
+        let _ = ebtables("-D", rule);
     }
 }
 
