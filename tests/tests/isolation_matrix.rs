@@ -814,6 +814,29 @@ fn two_tags_without_icc(dp: Dp) {
     });
 }
 
+/// IPv6 between two containers of an `--icc=false` network without IPv6 (link-local, which
+/// a container's root can make): no ip6tables rule looks at such a network. The control is
+/// the same between two containers of a network with ICC.
+fn ipv6_without_icc(dp: Dp) {
+    let o = outbound(dp);
+    o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
+    let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
+    let expect = Expect::Refused(match dp {
+        Dp::Ebpf => Reason::Stat("icc_denied"),
+        Dp::Iptables => Reason::Ebtables,
+    });
+    o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
+        let from = if attack { &q2 } else { &o.a1 };
+        let (src, dst) = (
+            tests::frames6::link_local(from.mac),
+            tests::frames6::link_local(to.mac),
+        );
+        let packet = rawsock::ipv6(src, dst, mark);
+        let frame = rawsock::ether(to.mac, from.mac, None, ETHERTYPE_IPV6, &packet);
+        rawsock::send_frames(&o.w.env, &from.ns, "eth0", &[frame]);
+    });
+}
+
 /// A priority-tagged frame (VLAN 0: the receiving stack takes it as untagged) between two
 /// containers of an `--icc=false` network, through the bridge: dropped as every tagged frame
 /// a container sends there (on the iptables datapath by netd's ebtables rules, before the
@@ -1540,6 +1563,7 @@ matrix! {
         ipv6_not_link_local,
         priority_tagged_without_icc,
         two_tags_without_icc,
+        ipv6_without_icc,
         priority_tagged_to_other_network,
         priority_tagged_from_internal,
         fragments_to_other_network,

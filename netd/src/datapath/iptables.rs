@@ -635,15 +635,11 @@ impl Datapath for IptablesDatapath {
     // ICC, netd adds ebtables rules for the container's tagged frames.
     fn add_endpoint(&self, net: &NetworkSpec, ep: &EndpointSpec) -> Result<()> {
         refuse_conntrack_limit(ep.conntrack_limit)?;
-        let tagged = if net.icc {
-            vec![]
-        } else {
-            tagged_frame_rules(ep).to_vec()
-        };
-        for (added, rule) in tagged.iter().enumerate() {
+        let bridged = bridged_frame_rules(net, ep);
+        for (added, rule) in bridged.iter().enumerate() {
             if let Err(e) = ebtables("-A", rule) {
-                remove_ebtables_rules(&tagged[..added]);
-                return Err(e).context("install ebtables rules for tagged frames");
+                remove_ebtables_rules(&bridged[..added]);
+                return Err(e).context("install ebtables rules for a network without ICC");
             }
         }
         let steps: Vec<(Family, Script)> = Family::ALL
@@ -651,7 +647,7 @@ impl Datapath for IptablesDatapath {
             .map(|family| (family, link_rules(net, ep, family)))
             .collect();
         restore_all(&steps)
-            .inspect_err(|_| remove_ebtables_rules(&tagged))
+            .inspect_err(|_| remove_ebtables_rules(&bridged))
             .context("install iptables rules of links")
     }
 
@@ -673,18 +669,16 @@ impl Datapath for IptablesDatapath {
             })
             .filter_map(|r| r.err().map(|e| format!("{e:#}")))
             .collect();
-        if !net.icc {
-            for rule in tagged_frame_rules(ep) {
-                match ebtables("-D", &rule) {
-                    // Never added (a create that failed first), or removed before
-                    // (ebtables-nft's words, then ebtables-legacy's).
-                    Err(e)
-                        if ["does a matching rule exist", "rule does not exist"]
-                            .iter()
-                            .any(|gone| format!("{e:#}").contains(gone)) => {}
-                    Err(e) => failed.push(format!("{e:#}")),
-                    Ok(()) => {}
-                }
+        for rule in bridged_frame_rules(net, ep) {
+            match ebtables("-D", &rule) {
+                // Never added (a create that failed first), or removed before
+                // (ebtables-nft's words, then ebtables-legacy's).
+                Err(e)
+                    if ["does a matching rule exist", "rule does not exist"]
+                        .iter()
+                        .any(|gone| format!("{e:#}").contains(gone)) => {}
+                Err(e) => failed.push(format!("{e:#}")),
+                Ok(()) => {}
             }
         }
         if !failed.is_empty() {
@@ -743,13 +737,24 @@ impl Datapath for IptablesDatapath {
     }
 }
 
-/// On a network without ICC, a container's tagged frames must not be bridged:
+/// The ebtables rules for container `ep`'s frames on a network without ICC (none with ICC):
 /// br_netfilter looks behind one tag only, so a frame with two would pass the
 /// `-i BR -o BR -j DROP` (and the neighbour's stack strips both and takes the IPv4 behind
-/// them). These ebtables rules drop every tagged frame (C-tag, S-tag: the outer one) the
-/// container's veth brings to the bridge, as the eBPF datapath does.
-fn tagged_frame_rules(ep: &EndpointSpec) -> [String; 2] {
-    ["802_1Q", "0x88a8"].map(|tag| format!("FORWARD -i {} -p {tag} -j DROP", ep.host_ifname))
+/// them): every tagged frame (C-tag, S-tag: the outer one) the container's veth brings to the
+/// bridge is dropped, as the eBPF datapath does. On a network without IPv6, whose containers
+/// have none and which no ip6tables rule looks at, so is every IPv6 frame: a crafted one
+/// would reach a neighbour's IPv6 sockets (its link-local multicast above all).
+fn bridged_frame_rules(net: &NetworkSpec, ep: &EndpointSpec) -> Vec<String> {
+    if net.icc {
+        return vec![];
+    }
+    // By number: the names come from /etc/ethertypes, which a host may lack.
+    let ipv6 = net.subnet6.is_none().then_some("0x86dd");
+    ["0x8100", "0x88a8"]
+        .into_iter()
+        .chain(ipv6)
+        .map(|proto| format!("FORWARD -i {} -p {proto} -j DROP", ep.host_ifname))
+        .collect()
 }
 
 /// Runs `ebtables ACTION RULE` in the host namespace.
