@@ -454,10 +454,11 @@ pub fn set_ipv6_conf(ns: Option<&Path>, ifname: &str, key: &str, value: &str) ->
 }
 
 /// Turns IPv6 off on the host's interface `ifname`: the bridge of a network without IPv6
-/// takes no IPv6 in to route, where no rule of the iptables datapath would look at it. A
-/// kernel without IPv6 has none to turn off.
+/// takes no IPv6 in to route, where no rule of the iptables datapath would look at it. An
+/// interface with no IPv6 settings (a kernel without IPv6, an MTU under IPv6's 1280) has none
+/// to turn off.
 pub fn disable_ipv6(ifname: &str) -> Result<()> {
-    if !Path::new("/proc/sys/net/ipv6").exists() {
+    if !Path::new(&format!("/proc/sys/net/ipv6/conf/{ifname}")).exists() {
         return Ok(());
     }
     set_ipv6_conf(None, ifname, "disable_ipv6", "1")
