@@ -788,76 +788,76 @@ fn ipv6_not_link_local(dp: Dp) {
     });
 }
 
-/// A frame with two priority tags between two containers of an `--icc=false` network:
-/// br_netfilter looks behind one tag only, and the receiving stack strips both. The control
-/// is the frame untagged between two containers of a network with ICC.
-fn two_tags_without_icc(dp: Dp) {
+/// From `q2` to `q1`, two containers of an `--icc=false` network (without IPv6), the frame
+/// `frame(from, to, mark, tagged)` makes, `tagged` for the attack; the control is the same
+/// frame untagged from `a1` to `a2`, on a network with ICC. Dropped for `ebpf_reason` on the
+/// eBPF datapath, by netd's ebtables rules on the iptables one.
+fn without_icc(
+    dp: Dp,
+    ebpf_reason: &'static str,
+    frame: impl Fn(&Receiver, &Receiver, &[u8], bool) -> Vec<u8>,
+) {
     let o = outbound(dp);
     o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
     let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
     let expect = Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("vlan"),
+        Dp::Ebpf => Reason::Stat(ebpf_reason),
         Dp::Iptables => Reason::Ebtables,
     });
     o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
         let from = if attack { &q2 } else { &o.a1 };
-        let header = Ipv4::new(from.ip, to.ip, UDP);
-        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
-        let frame = if attack {
+        rawsock::send_frames(&o.w.env, &from.ns, "eth0", &[frame(from, to, mark, attack)]);
+    });
+}
+
+/// A UDP datagram from `from` to `to` carrying `mark`, as IPv4.
+fn udp_packet(from: &Receiver, to: &Receiver, mark: &[u8]) -> Vec<u8> {
+    let header = Ipv4::new(from.ip, to.ip, UDP);
+    header.packet(&rawsock::udp(&header, 4000, 5000, mark))
+}
+
+/// A frame with two priority tags: br_netfilter looks behind one tag only, and the receiving
+/// stack strips both.
+fn two_tags_without_icc(dp: Dp) {
+    without_icc(dp, "vlan", |from, to, mark, tagged| {
+        let packet = udp_packet(from, to, mark);
+        if tagged {
             // The inner tag (PCP 3, VLAN 0) and the IPv4 behind it, under the outer one.
             let inner = [&[0x60, 0x00][..], &ETHERTYPE_IPV4.to_be_bytes(), &packet].concat();
             rawsock::ether(to.mac, from.mac, Some(0), 0x8100, &inner)
         } else {
             rawsock::ether(to.mac, from.mac, None, ETHERTYPE_IPV4, &packet)
-        };
-        rawsock::send_frames(&o.w.env, &from.ns, "eth0", &[frame]);
+        }
     });
 }
 
-/// IPv6 between two containers of an `--icc=false` network without IPv6 (link-local, which
-/// a container's root can make): no ip6tables rule looks at such a network. The control is
-/// the same between two containers of a network with ICC.
+/// IPv6 on a network without IPv6 (link-local, which a container's root can make): no
+/// ip6tables rule looks at such a network. (The control's network has no IPv6 either.)
 fn ipv6_without_icc(dp: Dp) {
-    let o = outbound(dp);
-    o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
-    let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
-    let expect = Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("icc_denied"),
-        Dp::Iptables => Reason::Ebtables,
-    });
-    o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
-        let from = if attack { &q2 } else { &o.a1 };
+    without_icc(dp, "icc_denied", |from, to, mark, _| {
         let (src, dst) = (
             tests::frames6::link_local(from.mac),
             tests::frames6::link_local(to.mac),
         );
         let packet = rawsock::ipv6(src, dst, mark);
-        let frame = rawsock::ether(to.mac, from.mac, None, ETHERTYPE_IPV6, &packet);
-        rawsock::send_frames(&o.w.env, &from.ns, "eth0", &[frame]);
+        rawsock::ether(to.mac, from.mac, None, ETHERTYPE_IPV6, &packet)
     });
 }
 
-/// A priority-tagged frame (VLAN 0: the receiving stack takes it as untagged) between two
-/// containers of an `--icc=false` network, through the bridge: dropped as every tagged frame
-/// a container sends there (on the iptables datapath by netd's ebtables rules, before the
-/// `-i BRIDGE -o BRIDGE -j DROP` that `bridge-nf-filter-vlan-tagged` would apply). The control
-/// is the frame untagged between two containers of a network with ICC.
+/// A priority-tagged frame (VLAN 0: the receiving stack takes it as untagged): dropped as
+/// every tagged frame a container sends there (on the iptables datapath by netd's ebtables
+/// rules, before the `-i BRIDGE -o BRIDGE -j DROP` that `bridge-nf-filter-vlan-tagged` would
+/// apply).
 fn priority_tagged_without_icc(dp: Dp) {
-    let o = outbound(dp);
-    o.w.network("q", "10.76.0.0/24", &["--icc=false"]);
-    let (q1, q2) = (o.w.container("q1", "q", &[]), o.w.container("q2", "q", &[]));
-    let expect = Expect::Refused(match dp {
-        Dp::Ebpf => Reason::Stat("vlan"),
-        Dp::Iptables => Reason::Ebtables,
-    });
-    o.w.check(&q1, &o.a2, expect, |to, mark, attack| {
-        let mut frame = if attack {
-            Forged::honest(&q2, to.mac)
-        } else {
-            Forged::honest(&o.a1, to.mac)
-        };
-        frame.vlan = attack.then_some(0);
-        frame.send(&o.w, to, mark);
+    without_icc(dp, "vlan", |from, to, mark, tagged| {
+        let packet = udp_packet(from, to, mark);
+        rawsock::ether(
+            to.mac,
+            from.mac,
+            tagged.then_some(0),
+            ETHERTYPE_IPV4,
+            &packet,
+        )
     });
 }
 

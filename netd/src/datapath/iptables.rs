@@ -669,18 +669,11 @@ impl Datapath for IptablesDatapath {
             })
             .filter_map(|r| r.err().map(|e| format!("{e:#}")))
             .collect();
-        for rule in bridged_frame_rules(net, ep) {
-            match ebtables("-D", &rule) {
-                // Never added (a create that failed first), or removed before
-                // (ebtables-nft's words, then ebtables-legacy's).
-                Err(e)
-                    if ["does a matching rule exist", "rule does not exist"]
-                        .iter()
-                        .any(|gone| format!("{e:#}").contains(gone)) => {}
-                Err(e) => failed.push(format!("{e:#}")),
-                Ok(()) => {}
-            }
-        }
+        failed.extend(
+            bridged_frame_rules(net, ep)
+                .iter()
+                .filter_map(|rule| remove_ebtables_rule(rule).err().map(|e| format!("{e:#}"))),
+        );
         if !failed.is_empty() {
             bail!("{}", failed.join("; "));
         }
@@ -775,10 +768,25 @@ fn ebtables(action: &str, rule: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes ebtables `rule`; one that isn't there (never added: a create that failed first;
+/// or removed before) is fine (ebtables-nft's words, then ebtables-legacy's).
+fn remove_ebtables_rule(rule: &str) -> Result<()> {
+    match ebtables("-D", rule) {
+        Err(e)
+            if ["does a matching rule exist", "rule does not exist"]
+                .iter()
+                .any(|gone| format!("{e:#}").contains(gone)) =>
+        {
+            Ok(())
+        }
+        done => done,
+    }
+}
+
 /// Undoes `rules` after a failure (best effort: the failure is what gets reported).
 fn remove_ebtables_rules(rules: &[String]) {
     for rule in rules {
-        let _ = ebtables("-D", rule);
+        let _ = remove_ebtables_rule(rule);
     }
 }
 
