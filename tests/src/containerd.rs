@@ -226,6 +226,16 @@ impl Containerd {
             command,
         ]
         .concat();
+        // `ctr task exec` can lose a short-lived process's output: its copy of the fifo races
+        // the exit (an empty `ip route` once in CI). The commands asked change nothing, so
+        // asking again is harmless.
+        for _ in 0..4 {
+            let out = self.ctr(&exec);
+            if !out.trim().is_empty() {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.ctr(&exec)
     }
 
