@@ -110,14 +110,27 @@ impl Bench {
 
     /// Runs TC program `prog` on `frame` as if on interface `iface` of the sandbox host.
     pub fn run_on(&self, prog: &str, frame: &[u8], iface: &str) -> (u32, Vec<u8>) {
+        self.run_from(prog, frame, iface, 0)
+    }
+
+    /// [`Bench::run_on`] for a packet that came into the host through the interface with
+    /// index `way_in` (0: none, the host's own).
+    pub fn run_from(&self, prog: &str, frame: &[u8], iface: &str, way_in: u32) -> (u32, Vec<u8>) {
         let program = <&SchedClassifier>::try_from(self.ebpf.program(prog).unwrap()).unwrap();
         self.env.in_ns(&self.env.host_ns(), || {
-            let ifindex = nix::net::if_::if_nametoindex(iface).unwrap();
             let skb = Skb {
-                ifindex,
+                ifindex: nix::net::if_::if_nametoindex(iface).unwrap(),
+                ingress_ifindex: way_in,
                 ..Skb::default()
             };
             test_run_ctx(program, prog, frame, &skb)
+        })
+    }
+
+    /// The ifindex of interface `iface` of the sandbox host.
+    pub fn ifindex(&self, iface: &str) -> u32 {
+        self.env.in_ns(&self.env.host_ns(), || {
+            nix::net::if_::if_nametoindex(iface).unwrap()
         })
     }
 
@@ -219,9 +232,7 @@ impl Bench {
 
     /// The ifindex of the sandbox's bridge.
     pub fn bridge_ifindex(&self) -> u32 {
-        self.env.in_ns(&self.env.host_ns(), || {
-            nix::net::if_::if_nametoindex(BRIDGE).unwrap()
-        })
+        self.ifindex(BRIDGE)
     }
 }
 

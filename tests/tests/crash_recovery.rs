@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _};
 
 use netd_common::datapath::{
     ENDPOINTS_MAP, LINKS_MAP, NETWORKS_MAP, NETWORKS6_MAP, PUBLISH_ALLOW_MAP, PUBLISHED_MAP,
-    VETHS_MAP,
+    SUBNETS_MAP, SUBNETS6_MAP, VETHS_MAP,
 };
 use tests::harness::{TestEnv, host_links, namespaces, netd_state, proxies};
 
@@ -42,6 +42,8 @@ fn leftovers(env: &TestEnv) -> Leftovers {
     let maps = [
         NETWORKS_MAP,
         NETWORKS6_MAP,
+        SUBNETS_MAP,
+        SUBNETS6_MAP,
         ENDPOINTS_MAP,
         PUBLISHED_MAP,
         VETHS_MAP,

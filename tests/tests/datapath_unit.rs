@@ -922,6 +922,37 @@ fn a_container_subnets_source_from_outside_is_dropped_as_martian() {
     assert_eq!(outer.dst, C1);
 }
 
+/// A new flow with a container's source starts (is masqueraded) only when it came into the
+/// host through that container's veth or its network's bridge, or through no interface (the
+/// host's own, a fragment the host cut). Through any other (an interface without netd's
+/// programs; here the uplink itself and C2's veth) its source is spoofed, and the answers to
+/// a flow in the container's name would reach the container.
+#[test]
+fn a_containers_new_flow_out_starts_only_where_its_packets_come_in() {
+    let b = Bench::new();
+    let way_in = |sport: u16, ifindex: u32| {
+        let frame = udp_frame(C1, sport, SERVER, 53, true);
+        (
+            frame.clone(),
+            b.run_from(UPLINK_EGRESS_PROG, &frame, UPLINK, ifindex),
+        )
+    };
+    for (sport, ifindex) in [(5001, b.veths[0]), (5002, b.bridge_ifindex()), (5003, 0)] {
+        let (frame, run) = way_in(sport, ifindex);
+        assert_eq!(run.0, PASS, "in through {ifindex}");
+        assert_only_nat_fields_changed(&frame, &run.1);
+        assert_eq!(ends(&run.1).src, HOST_ADDR, "in through {ifindex}");
+    }
+    for (sport, ifindex) in [(5004, b.ifindex(UPLINK)), (5005, b.veths[1])] {
+        let before = b.stat("martian");
+        assert_eq!(way_in(sport, ifindex).1.0, DROP, "in through {ifindex}");
+        assert_eq!(b.stat("martian"), before + 1, "in through {ifindex}");
+        // Nothing was tracked: an answer is no flow's, the host's.
+        let answer = udp_frame(SERVER, 53, HOST_ADDR, sport, true);
+        assert_eq!(b.run(UPLINK_INGRESS_PROG, &answer), (PASS, answer));
+    }
+}
+
 /// A container's ICMP error about a packet another container got is dropped on its way out:
 /// it would end or clamp that container's flow.
 #[test]

@@ -582,10 +582,39 @@ fn nat66_translates_with_valid_checksums_and_drops_what_it_cannot() {
     assert_eq!(bench.run_on(UPLINK_EGRESS_PROG, &own, UPLINK), (PASS, own));
 }
 
-/// `frame` with an 802.1Q tag for VLAN `vid` in front of its EtherType.
-/// A container's address as the source of IPv6 from outside is spoofed (a new flow's, an
-/// ICMPv6 error's), and a container's ICMPv6 error about a packet another container got
-/// doesn't leave: as IPv4's.
+/// As IPv4's: a container's new IPv6 flow out is masqueraded only when it came into the host
+/// through the container's veth or its network's bridge (or no interface: the host's own);
+/// through any other, its source is spoofed (`martian`).
+#[test]
+fn a_containers_new_ipv6_flow_out_starts_only_where_its_packets_come_in() {
+    let bench = Bench::dual_stack();
+    let n = DualStack::masquerading(&bench, 8);
+    let a = ip6(&n.a);
+    let query = |sport| {
+        let datagram = udp(a, sport, OUTSIDE_ADDR6, 53, b"query");
+        frame(a, OUTSIDE_ADDR6, &[], UDP, &datagram)
+    };
+    let run = |sport, way_in| bench.run_from(UPLINK_EGRESS_PROG, &query(sport), UPLINK, way_in);
+    for (sport, way_in) in [
+        (5001, n.a.host_ifindex),
+        (5002, bench.bridge_ifindex()),
+        (5003, 0),
+    ] {
+        let (verdict, out) = run(sport, way_in);
+        assert_eq!(verdict, PASS, "in through {way_in}");
+        assert_eq!(ends6(&out[ETH_LEN..]).0, HOST_ADDR6, "in through {way_in}");
+        assert!(l4_checksum_ok(&out), "a bad checksum: {out:02x?}");
+    }
+    for (sport, way_in) in [(5004, bench.ifindex(UPLINK)), (5005, n.b.host_ifindex)] {
+        let before = bench.stat("martian");
+        assert_eq!(run(sport, way_in).0, DROP, "in through {way_in}");
+        assert_eq!(bench.stat("martian"), before + 1, "in through {way_in}");
+    }
+}
+
+/// An address of a container subnet (a container's, one not given out yet) as the source of
+/// IPv6 from outside is spoofed (a new flow's, an ICMPv6 error's), and a container's ICMPv6
+/// error about a packet another container got doesn't leave: as IPv4's.
 #[test]
 fn nat66_drops_spoofed_container_sources_and_errors_about_anothers_flow() {
     let bench = Bench::dual_stack();
@@ -597,8 +626,16 @@ fn nat66_drops_spoofed_container_sources_and_errors_about_anothers_flow() {
     // From outside with b's address: to anywhere (routed back out, it would start a flow in
     // b's name), or as an error about a's flow.
     let elsewhere: Ipv6Addr = "2001:db8:2::5".parse().unwrap();
-    let spoofed_flow = frame(b, elsewhere, &[], UDP, &udp(b, 53, elsewhere, 7777, b"x"));
-    nat66_drops(&bench, UPLINK_INGRESS_PROG, &spoofed_flow, "martian");
+    for src in [b, addr6(7, 0x99)] {
+        let spoofed_flow = frame(
+            src,
+            elsewhere,
+            &[],
+            UDP,
+            &udp(src, 53, elsewhere, 7777, b"x"),
+        );
+        nat66_drops(&bench, UPLINK_INGRESS_PROG, &spoofed_flow, "martian");
+    }
     let ptb = icmpv6(
         b,
         HOST_ADDR6,
@@ -625,6 +662,7 @@ fn nat66_drops_spoofed_container_sources_and_errors_about_anothers_flow() {
     assert_eq!(addr_at(&own[ETH_LEN..], 8), HOST_ADDR6);
 }
 
+/// `frame` with an 802.1Q tag for VLAN `vid` in front of its EtherType.
 fn tagged(vid: u16, mut frame: Vec<u8>) -> Vec<u8> {
     frame.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
     frame
@@ -849,8 +887,8 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
     assert_eq!(ends6(&out[ETH_LEN..]), (host, 5353, outside, 4000));
 
     // Not from a source outside the port's ranges, nor one that can't be from outside (the
-    // network's other container, the host itself, one embedding an IPv4 address), nor to an
-    // address that isn't the host's.
+    // network's other container, an address of its subnet not given out yet, the host itself,
+    // one embedding an IPv4 address), nor to an address that isn't the host's.
     let stranger: Ipv6Addr = "2001:db8::9".parse().unwrap();
     let to = |src: Ipv6Addr, dst: Ipv6Addr, port: u16| {
         frame(src, dst, &[], UDP, &udp(src, 4000, dst, port, b"?"))
@@ -867,7 +905,7 @@ fn a_port_published_over_ipv6_takes_new_flows_from_allowed_sources_only() {
         "::198.18.10.3",
         "::1",
     ];
-    for src in [b, host]
+    for src in [b, addr6(7, 0x99), host]
         .into_iter()
         .chain(embedding_ipv4.iter().map(|a| a.parse().unwrap()))
     {

@@ -1472,6 +1472,32 @@ fn tcp_through_second_nic(dp: Dp) {
     }
 }
 
+/// From the neighbour on a second NIC that netd has no programs on (made after the networks,
+/// with no `netd reload`), a datagram to the outside with `a2`'s source: masqueraded, it would
+/// start a flow in `a2`'s name whose answers reach `a2`. The eBPF datapath drops it on the
+/// uplink (`martian`: it came into the host elsewhere than through `a2`'s veth or bridge);
+/// Docker's MASQUERADE (`-s SUBNET ! -o BRIDGE`, any way in) takes it. The control: the
+/// neighbour's datagram from its own address goes out.
+fn container_source_through_an_unprogrammed_nic(dp: Dp) {
+    let p = published(dp);
+    let lan = topology::second_nic(&p.w.env);
+    p.w.ip(
+        &lan,
+        &["route", "add", "default", "via", &NIC1_ADDR.to_string()],
+    );
+    let expect = match dp {
+        Dp::Ebpf => Expect::Refused(Reason::Stat("martian")),
+        Dp::Iptables => Expect::DeliveredAsDocker,
+    };
+    let outside = p.w.outside();
+    p.w.check(&outside, &outside, expect, |_, mark, attack| {
+        let src = if attack { p.a2.ip } else { LAN_ADDR };
+        let header = Ipv4::new(src, OUTSIDE_ADDR, UDP);
+        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
+        rawsock::send_ipv4(&p.w.env, &lan, &[packet]);
+    });
+}
+
 /// How long a socket of these tests waits for its peer.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1585,4 +1611,5 @@ matrix! {
         icmp_error_of_a_hairpin_flow,
         out_through_second_nic_never_leaves_private,
         tcp_through_second_nic,
+        container_source_through_an_unprogrammed_nic,
 }

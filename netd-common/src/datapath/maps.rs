@@ -23,6 +23,8 @@ pub const PUBLISH_ALLOW_MAX: u32 = PUBLISHED_MAX;
 /// `SUBNETS`: LPM trie of IPv4 subnets (the key's data: the address in wire byte order) →
 /// network id: every netd network's subnet, gateway included.
 pub const SUBNETS_MAP: &str = "SUBNETS";
+/// `SUBNETS6`: the same for IPv6 subnets (the key's data: an [`Addr`]).
+pub const SUBNETS6_MAP: &str = "SUBNETS6";
 /// `VETHS`: host-side veth ifindex (`u32`) → the [`VethInfo`] of the container behind it.
 pub const VETHS_MAP: &str = "VETHS";
 /// `LINKS`: [`LinkKey`] → `u8` (1): what `--link` opens on a network with `--icc=false`.

@@ -162,7 +162,9 @@ stats! {
     /// An ICMP error to a container that quotes no tracked flow of it: dropped.
     IcmpNoFlow "icmp_no_flow" drop,
     /// A new flow to a published port from a source that can't be outside (a host address,
-    /// loopback, a container, multicast or broadcast): dropped, as rp_filter would.
+    /// loopback, a container, multicast or broadcast), or one with a container's source that
+    /// came into the host elsewhere than through that container's veth or bridge: dropped,
+    /// as rp_filter would.
     Martian "martian" drop,
     /// Leaving the uplink with the source of a container of a masquerading or internal
     /// network, not masqueraded, or routed by a container of a masquerading network out of an

@@ -31,6 +31,8 @@ static PUBLISH_ALLOW: LpmTrie<PublishAllowKey, u8> = LpmTrie::pinned(PUBLISH_ALL
 #[map]
 static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
 #[map]
+static SUBNETS6: LpmTrie<Addr, u32> = LpmTrie::pinned(NETWORKS_MAX, 0);
+#[map]
 static VETHS: HashMap<u32, VethInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 #[map]
 static LINKS: HashMap<LinkKey, u8> = HashMap::pinned(LINKS_MAX, 0);
@@ -272,6 +274,13 @@ pub fn is_sealed(addr: u32) -> bool {
 #[inline(always)]
 pub fn in_container_subnet(addr: u32) -> bool {
     SUBNETS.get(&Key::new(32, addr)).is_some()
+}
+
+/// Whether `addr` is in a netd network's IPv6 subnet (a container, a gateway, an address not
+/// given out yet).
+#[inline(always)]
+pub fn in_container_subnet6(addr: &Addr) -> bool {
+    SUBNETS6.get(&Key::new(128, *addr)).is_some()
 }
 
 /// Whether network `id` is `--internal`: nothing gets in from beyond it.

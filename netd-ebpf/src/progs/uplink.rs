@@ -6,7 +6,8 @@
 //!   (masqueraded flows: source → host:port; published-port replies: source → host:published
 //!   port); a new flow from a container of a masquerading network is masqueraded to the
 //!   address of the interface it leaves through (dropped, `unmasqueraded`, on an interface
-//!   netd has no address for).
+//!   netd has no address for; `martian` when it came into the host elsewhere than through
+//!   the container's veth or bridge).
 //! - ingress (arriving from outside): a packet of a tracked flow gets its rewrite (replies to
 //!   masqueraded flows: destination → container); a new flow is decided by `lib::inbound`: to a
 //!   published port it is DNATed to the container, straight to a container it is mostly
@@ -159,6 +160,10 @@ fn egress(ctx: &TcContext) -> Stat {
     if flags & NET_MASQUERADE == 0 {
         return Stat::NoNat;
     }
+    let bridge = maps::veth(ep.ifindex).map_or(0, |veth| veth.bridge_ifindex);
+    if !entered_from_container(ctx, ep.ifindex, bridge) {
+        return dropped(ctx, &flow, Stat::Martian, flow.saddr);
+    }
     // A flow starts only where netd knows the interface's address: anywhere else it would
     // leave with the container's private source.
     let Some(nat_addr) =
@@ -177,6 +182,19 @@ fn egress(ctx: &TcContext) -> Stat {
         }
         Err(reason) => dropped(ctx, &flow, reason, flow.saddr),
     }
+}
+
+/// Whether a packet with a container's source came into the host where that container's
+/// packets do: its host-side veth `veth` (the fast path out) or its network's bridge `bridge`
+/// (the stack's path; the veth is its port), whose program checked the source; or from no
+/// interface (the host's own, or a fragment the host cut: fragments don't keep the way in).
+/// Come in anywhere else (an interface without netd's programs), the source is spoofed, and a
+/// flow masqueraded in the container's name would bring the answers into the container.
+#[inline(always)]
+fn entered_from_container(ctx: &TcContext, veth: u32, bridge: u32) -> bool {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let way_in = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    way_in == 0 || way_in == veth || way_in == bridge
 }
 
 #[inline(always)]
@@ -371,7 +389,7 @@ fn translate6(ctx: &TcContext, path: Path) -> Stat {
         icmp_error6(ctx, flow, path)
     } else if let Some(outcome) = tracked6(ctx, flow, path) {
         outcome
-    } else if path == Path::In && maps::endpoint6(flow.saddr).is_some() {
+    } else if path == Path::In && maps::in_container_subnet6(&flow.saddr) {
         // Spoofed, as IPv4's container-subnet sources (`ingress`).
         Err(Drop6 {
             reason: Stat::Martian,
@@ -406,7 +424,10 @@ fn tracked6(ctx: &TcContext, flow: &Flow6, path: Path) -> Option<Result<Stat, Dr
 /// the container's own source).
 #[inline(never)]
 fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
-    let (Some(cfg), Some(from)) = (maps::config(), maps::container6(flow.saddr)) else {
+    let Some((cfg, ep)) = maps::config().zip(maps::endpoint6(flow.saddr)) else {
+        return Ok(Stat::NoNat);
+    };
+    let Some(from) = maps::veth(ep.ifindex) else {
         return Ok(Stat::NoNat);
     };
     let container = from.addr[0];
@@ -416,6 +437,9 @@ fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
     }
     if from.net_flags & NET_MASQUERADE == 0 {
         return Ok(Stat::NoNat);
+    }
+    if !entered_from_container(ctx, ep.ifindex, from.bridge_ifindex) {
+        return refused(Stat::Martian);
     }
     let Some(nat_addr) =
         maps::masquerade_addr6(ctx.ifindex()).filter(|_| conntrack::may_start_flow(flow))
@@ -491,7 +515,7 @@ fn martian6(ctx: &TcContext, saddr: &Addr) -> bool {
     ipv6::embeds_ipv4(saddr)
         || ipv6::is_multicast(saddr)
         || ipv6::is_link_local(saddr)
-        || maps::container6(*saddr).is_some()
+        || maps::in_container_subnet6(saddr)
         || fib::is_local6(ctx, saddr)
 }
 
@@ -540,10 +564,11 @@ fn icmp_error6(ctx: &TcContext, flow: &Flow6, path: Path) -> Result<Stat, Drop6>
 /// [`forged_error`] for IPv6 (a container's own address, from outside).
 #[inline(always)]
 fn forged_error6(saddr: &Addr, quoted_daddr: &Addr, path: Path) -> Option<Stat> {
-    let container = || maps::endpoint6(*saddr).is_some();
     match path {
-        Path::In if container() => Some(Stat::Martian),
-        Path::Out if saddr != quoted_daddr && container() => Some(Stat::IcmpNoFlow),
+        Path::In if maps::in_container_subnet6(saddr) => Some(Stat::Martian),
+        Path::Out if saddr != quoted_daddr && maps::endpoint6(*saddr).is_some() => {
+            Some(Stat::IcmpNoFlow)
+        }
         _ => None,
     }
 }

@@ -778,10 +778,15 @@ impl EbpfDatapath {
         }
     }
 
-    /// Removes `net`'s IPv6 side from `NETWORKS6` (best effort: an IPv4-only network has none).
+    /// Removes `net`'s IPv6 side from `NETWORKS6` and `SUBNETS6` (best effort: an IPv4-only
+    /// network has none).
     fn forget_network6(&self, net: &NetworkSpec) {
         if let Ok(mut networks6) = maps::networks6(&self.pins) {
             let _ = networks6.remove(&net.id);
+        }
+        if let (Ok(mut subnets6), Some(key)) = (maps::subnets6(&self.pins), maps::subnet6_key(net))
+        {
+            let _ = subnets6.remove(&key);
         }
     }
 
@@ -912,12 +917,16 @@ impl Datapath for EbpfDatapath {
                     .with_context(|| format!("add network {}", net.name))
             })
             .and_then(|()| {
-                let Some(info6) = maps::network6_info(net) else {
+                let (Some(info6), Some(key6)) = (maps::network6_info(net), maps::subnet6_key(net))
+                else {
                     return Ok(());
                 };
                 maps::networks6(&self.pins)?
                     .insert(net.id, info6, 0)
-                    .with_context(|| format!("add the IPv6 side of network {}", net.name))
+                    .with_context(|| format!("add the IPv6 side of network {}", net.name))?;
+                maps::subnets6(&self.pins)?
+                    .insert(&key6, net.id, 0)
+                    .with_context(|| format!("add the IPv6 subnet of network {}", net.name))
             })
             .and_then(|()| self.attach_bridge_program(&mut ebpf, &net.bridge))
             .and_then(|()| self.follow(&mut Object::Given(&mut ebpf)).map(drop));

@@ -11,7 +11,7 @@ use netd_common::datapath::{
     EndpointKey, HOST_ADDRS_MAP, HOST_ADDRS6_MAP, IPPROTO_TCP, IPPROTO_UDP, LINKS_MAP, LinkKey,
     NAT_IFACES_MAP, NAT6_ADDRS_MAP, NETWORKS_MAP, NETWORKS6_MAP, NatIface, NetworkInfo,
     PUBLISH_ALLOW_MAP, PUBLISH_RESTRICTED, PUBLISHED_MAP, PublishAllowKey, PublishedKey,
-    PublishedTarget, STATS_MAP, SUBNETS_MAP, VETHS_MAP, VethInfo, addr_v4, addr_v6,
+    PublishedTarget, STATS_MAP, SUBNETS_MAP, SUBNETS6_MAP, VETHS_MAP, VethInfo, addr_v4, addr_v6,
 };
 
 use crate::bpf::Pins;
@@ -28,6 +28,7 @@ pub type EndpointDrops = PerCpuHashMap<MapData, EndpointDropKey, u64>;
 pub type PublishAllow = LpmTrie<MapData, PublishAllowKey, u8>;
 pub type Veths = HashMap<MapData, u32, VethInfo>;
 pub type Subnets = LpmTrie<MapData, u32, u32>;
+pub type Subnets6 = LpmTrie<MapData, Addr, u32>;
 pub type Links = HashMap<MapData, LinkKey, u8>;
 pub type HostAddrs = HashMap<MapData, u32, u8>;
 pub type HostAddrs6 = HashMap<MapData, Addr, u8>;
@@ -126,6 +127,21 @@ pub fn subnet_key(net: &NetworkSpec) -> Key<u32> {
         u32::from(net.subnet.prefix_len()),
         u32::from_ne_bytes(net.subnet.network().octets()),
     )
+}
+
+pub fn subnets6(pins: &Pins) -> Result<Subnets6> {
+    Ok(LpmTrie::try_from(Map::LpmTrie(
+        pins.open_map(SUBNETS6_MAP)?,
+    ))?)
+}
+
+/// The `SUBNETS6` key of a network's IPv6 subnet, if it has one.
+pub fn subnet6_key(net: &NetworkSpec) -> Option<Key<Addr>> {
+    let subnet = net.subnet6?;
+    Some(Key::new(
+        u32::from(subnet.prefix_len()),
+        addr_v6(subnet.network().octets()),
+    ))
 }
 
 pub fn veths(pins: &Pins) -> Result<Veths> {
