@@ -343,6 +343,16 @@ const KNOWN_DIFFERENCES_USER_NETWORKS: &[(&str, Option<&str>, Option<&str>)] = &
         Some("-A FORWARD -o br-quiet -j DROP"),
     ),
     (
+        "filter NETD-ISOLATION-STAGE-1",
+        None,
+        Some("-A NETD-ISOLATION-STAGE-1 -s 172.17.0.0/16 ! -i netd0 -j DROP"),
+    ),
+    (
+        "filter NETD-ISOLATION-STAGE-1",
+        None,
+        Some("-A NETD-ISOLATION-STAGE-1 -s 10.50.0.0/24 ! -i br-quiet -j DROP"),
+    ),
+    (
         "nat OUTPUT",
         Some("-A OUTPUT -m addrtype --dst-type LOCAL -j NETD"),
         Some("-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j NETD"),
@@ -463,6 +473,11 @@ const KNOWN_DIFFERENCES_IPV6: &[(&str, Option<&str>, Option<&str>)] = &[
         Some("-A FORWARD -o netd-br1 -j DROP"),
     ),
     (
+        "filter NETD-ISOLATION-STAGE-1",
+        None,
+        Some("-A NETD-ISOLATION-STAGE-1 -s fd00:60::/64 ! -i netd-br1 -j DROP"),
+    ),
+    (
         "nat OUTPUT",
         Some("-A OUTPUT -m addrtype --dst-type LOCAL -j NETD"),
         Some("-A OUTPUT ! -d ::1/128 -m addrtype --dst-type LOCAL -j NETD"),
@@ -524,6 +539,13 @@ const KNOWN_DIFFERENCES: &[(&str, Option<&str>, Option<&str>)] = &[
     // host's policy is the host's).
     ("filter FORWARD", Some("policy DROP"), Some("policy ACCEPT")),
     ("filter FORWARD", None, Some("-A FORWARD -o netd0 -j DROP")),
+    // A masquerading network's source from anywhere but its bridge is spoofed; Docker's
+    // MASQUERADE would start a flow in a container's name for it.
+    (
+        "filter NETD-ISOLATION-STAGE-1",
+        None,
+        Some("-A NETD-ISOLATION-STAGE-1 -s 172.17.0.0/16 ! -i netd0 -j DROP"),
+    ),
     // Without the proxy Docker DNATs loopback too (and sets route_localnet on the bridge, which
     // lets neighbours reach the host's loopback services: CVE-2020-8558); netd doesn't.
     (

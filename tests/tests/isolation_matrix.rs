@@ -6,8 +6,9 @@
 //! attack, reaches its receiver through the same path) and names the specific reason: a
 //! `netd stats` counter on the eBPF datapath, the packet counter of the Docker rule that drops
 //! it on the iptables one. Where Docker 20.10's rules don't drop a case (anti-spoofing, ARP,
-//! IPv6, a container's address as the source of a published port's flow: Docker has no such
-//! rules), the iptables datapath must do exactly what Docker does, and its test says so.
+//! IPv6: Docker has no such rules), the iptables datapath does what Docker does, and its test
+//! says so; where it adds a rule of its own (tagged frames, a masquerading network's source
+//! from elsewhere than its bridge), the test names that rule.
 //!
 //! Beside the refusals, what must be translated is: options and fragments to published ports
 //! and out of masquerading networks, ICMP errors of masqueraded and hairpin flows.
@@ -1068,6 +1069,7 @@ fn arp_spoofing(dp: Dp) {
 /// publishing 8082 and its neighbour `q2`.
 struct Published {
     w: World,
+    a: Net,
     i: Net,
     q: Net,
     p1: Receiver,
@@ -1079,7 +1081,7 @@ struct Published {
 
 fn published(dp: Dp) -> Published {
     let w = World::new(dp);
-    w.network("a", "10.73.0.0/24", &[]);
+    let a = w.network("a", "10.73.0.0/24", &[]);
     let i = w.network("i", "10.75.0.0/24", &["--internal"]);
     let q = w.network("q", "10.76.0.0/24", &["--icc=false"]);
     let p1 = w.container("p1", "a", &["-p", "8080:80", "-p", "8081:81/udp"]);
@@ -1093,6 +1095,7 @@ fn published(dp: Dp) -> Published {
     }
     Published {
         w,
+        a,
         i,
         q,
         p1,
@@ -1271,11 +1274,13 @@ fn host_source_to_published_port(dp: Dp) {
 }
 
 /// From a container's address: the reply would go to that container. Docker's rules don't
-/// drop it (only a strict rp_filter would, and the sandbox's is off, as on most hosts).
+/// drop it (only a strict rp_filter would, and the sandbox's is off, as on most hosts); the
+/// iptables datapath drops the subnet's source from anywhere but its bridge.
 fn container_source_to_published_port(dp: Dp) {
     let p = published(dp);
     let a2 = p.a2.ip;
-    martian_to_published_port(&p, a2, Expect::DeliveredAsDocker);
+    let spoofed = rule("NETD-ISOLATION-STAGE-1", &format!("!{}", p.a.bridge), "*");
+    martian_to_published_port(&p, a2, Expect::Refused(spoofed));
 }
 
 /// To 127.0.0.1 at the uplink's MAC, on a port published on every address: the stack drops
@@ -1475,9 +1480,10 @@ fn tcp_through_second_nic(dp: Dp) {
 /// From the neighbour on a second NIC that netd has no programs on (made after the networks,
 /// with no `netd reload`), a datagram to the outside with `a2`'s source: masqueraded, it would
 /// start a flow in `a2`'s name whose answers reach `a2`. The eBPF datapath drops it on the
-/// uplink (`martian`: it came into the host elsewhere than through `a2`'s veth or bridge);
-/// Docker's MASQUERADE (`-s SUBNET ! -o BRIDGE`, any way in) takes it. The control: the
-/// neighbour's datagram from its own address goes out.
+/// uplink (`martian`: it came into the host elsewhere than through `a2`'s veth or bridge), the
+/// iptables one by its subnet's source from elsewhere than its bridge (Docker's MASQUERADE,
+/// `-s SUBNET ! -o BRIDGE`, takes it from any way in). The control: the neighbour's datagram
+/// from its own address goes out.
 fn container_source_through_an_unprogrammed_nic(dp: Dp) {
     let p = published(dp);
     let lan = topology::second_nic(&p.w.env);
@@ -1485,17 +1491,22 @@ fn container_source_through_an_unprogrammed_nic(dp: Dp) {
         &lan,
         &["route", "add", "default", "via", &NIC1_ADDR.to_string()],
     );
-    let expect = match dp {
-        Dp::Ebpf => Expect::Refused(Reason::Stat("martian")),
-        Dp::Iptables => Expect::DeliveredAsDocker,
+    let reason = match dp {
+        Dp::Ebpf => Reason::Stat("martian"),
+        Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &format!("!{}", p.a.bridge), "*"),
     };
     let outside = p.w.outside();
-    p.w.check(&outside, &outside, expect, |_, mark, attack| {
-        let src = if attack { p.a2.ip } else { LAN_ADDR };
-        let header = Ipv4::new(src, OUTSIDE_ADDR, UDP);
-        let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
-        rawsock::send_ipv4(&p.w.env, &lan, &[packet]);
-    });
+    p.w.check(
+        &outside,
+        &outside,
+        Expect::Refused(reason),
+        |_, mark, attack| {
+            let src = if attack { p.a2.ip } else { LAN_ADDR };
+            let header = Ipv4::new(src, OUTSIDE_ADDR, UDP);
+            let packet = header.packet(&rawsock::udp(&header, 4000, 5000, mark));
+            rawsock::send_ipv4(&p.w.env, &lan, &[packet]);
+        },
+    );
 }
 
 /// How long a socket of these tests waits for its peer.

@@ -338,6 +338,11 @@ fn network_rules(net: &NetworkSpec, subnet: IpNet) -> Script {
         // What Docker's FORWARD policy DROP does to new flows routed straight to a container,
         // without changing the host's policy; only where masquerading, as the eBPF datapath.
         s.filter.push(format!("-A FORWARD -o {br} -j DROP"));
+        // The subnet's source from anywhere but the bridge is spoofed: MASQUERADE (any way
+        // in) would start a flow in a container's name and let its answers in. Docker has no
+        // such rule; the eBPF datapath drops these as `martian`.
+        s.filter
+            .push(format!("-I {ISOLATION_1} -s {subnet} ! -i {br} -j DROP"));
     }
     s
 }
