@@ -1,7 +1,7 @@
 //! `netd reload` across netd versions whose pinned maps differ: a map an older netd pinned
 //! with fewer entries (PUBLISHED had 65,536, preallocated) is made again with this build's
 //! size, its entries copied, before the programs are replaced; a map the older netd had not
-//! (BRIDGE6_PROGS, ENDPOINT6_PROGS) is made and filled; a map whose value layout changed is
+//! (BRIDGE6_PROGS, ENDPOINT6_PROGS, SUBNETS6) is made and filled; a map whose value layout changed is
 //! refused in one line before anything is touched, and the running programs go on.
 //!
 //! The older netd's map is made here with bpftool, holding the entries of the pinned one,
@@ -17,7 +17,7 @@ use std::{
 
 use netd_common::datapath::{
     BRIDGE6_PROGS_MAP, ENDPOINT6_PROGS_MAP, HOST_ADDRS_MAP, HOST_ADDRS_MAX, PUBLISHED_FLAGS,
-    PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, Stat, VETHS_MAP,
+    PUBLISHED_MAP, PUBLISHED_MAX, STATS_MAP, SUBNETS6_MAP, Stat, VETHS_MAP,
 };
 use serde_json::Value;
 use tests::{
@@ -318,6 +318,38 @@ fn reload_makes_and_fills_the_endpoint_ipv6_array_an_older_netd_had_not() {
         stat(&env, "fast_path_out") > fast,
         "not by the fast path out"
     );
+}
+
+/// A datapath an older netd set up has no `SUBNETS6` (its IPv6 subnets, a source in which is
+/// spoofed from outside): a reload makes it and puts each dual-stack network's subnet in it
+/// before the programs are replaced.
+#[test]
+fn reload_makes_and_fills_the_ipv6_subnet_map_an_older_netd_had_not() {
+    let env = TestEnv::dual_stack();
+    for (name, subnet, subnet6) in [
+        ("n", "10.87.0.0/24", "fd00:87::/64"),
+        ("m", "10.85.0.0/24", "fd00:85::/64"),
+    ] {
+        let args = ["network", "create", name, "--ipv6", "--subnet", subnet];
+        env.netd_ok(&[&args[..], &["--subnet", subnet6]].concat());
+    }
+    let pin = map_pin(&env, SUBNETS6_MAP);
+    assert_eq!(map_dump(&pin).len(), 2, "the networks' subnets");
+    std::fs::remove_file(&pin).unwrap();
+    let out = env.netd_ok(&["reload"]);
+    assert!(out.contains("programs replaced"), "{out}");
+    let prefixes: Vec<_> = map_dump(&pin)
+        .into_iter()
+        .map(|(key, _)| key[..12].to_vec())
+        .collect();
+    let expected = |network: u8| [&[64, 0, 0, 0, 0xfd, 0, 0, network][..], &[0; 4]].concat();
+    assert_eq!(prefixes.len(), 2, "{prefixes:02x?}");
+    for network in [0x87, 0x85] {
+        assert!(
+            prefixes.contains(&expected(network)),
+            "fd00:{network:x}::/64 not in SUBNETS6 after the reload: {prefixes:02x?}"
+        );
+    }
 }
 
 /// A pinned map whose value is another size than this build's is refused in one line naming

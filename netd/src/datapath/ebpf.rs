@@ -169,6 +169,7 @@ impl EbpfDatapath {
         // Every program through the verifier before any pin moves: until the swap, a failure
         // leaves the old pins, and the old programs never stopped running.
         let before = crate::bpf::load_programs(&mut ebpf)
+            .and_then(|()| self.fill_subnets6())
             .and_then(|()| self.pins.attached())
             .and_then(|before| upgrade.swap().map(|()| before));
         let mut before = match before {
@@ -200,6 +201,19 @@ impl EbpfDatapath {
             self.follow(&mut Object::Given(&mut ebpf))?;
         }
         Ok(replaced)
+    }
+
+    /// Puts each dual-stack network's IPv6 subnet in `SUBNETS6`, where a network an earlier
+    /// build made has none (that build had no such map): this build's programs take a source
+    /// in no subnet there, from outside, for one that may be outside.
+    fn fill_subnets6(&self) -> Result<()> {
+        let mut subnets6 = maps::subnets6(&self.pins)?;
+        for (id, info6) in maps::networks6(&self.pins)?.iter().filter_map(Result::ok) {
+            subnets6
+                .insert(&maps::subnet6_key(&info6), id, 0)
+                .with_context(|| format!("add the IPv6 subnet of network id {id}"))?;
+        }
+        Ok(())
     }
 
     /// The host-side veths of the containers, by name (those still there).
@@ -784,9 +798,10 @@ impl EbpfDatapath {
         if let Ok(mut networks6) = maps::networks6(&self.pins) {
             let _ = networks6.remove(&net.id);
         }
-        if let (Ok(mut subnets6), Some(key)) = (maps::subnets6(&self.pins), maps::subnet6_key(net))
+        if let (Ok(mut subnets6), Some(info6)) =
+            (maps::subnets6(&self.pins), maps::network6_info(net))
         {
-            let _ = subnets6.remove(&key);
+            let _ = subnets6.remove(&maps::subnet6_key(&info6));
         }
     }
 
@@ -917,15 +932,14 @@ impl Datapath for EbpfDatapath {
                     .with_context(|| format!("add network {}", net.name))
             })
             .and_then(|()| {
-                let (Some(info6), Some(key6)) = (maps::network6_info(net), maps::subnet6_key(net))
-                else {
+                let Some(info6) = maps::network6_info(net) else {
                     return Ok(());
                 };
                 maps::networks6(&self.pins)?
                     .insert(net.id, info6, 0)
                     .with_context(|| format!("add the IPv6 side of network {}", net.name))?;
                 maps::subnets6(&self.pins)?
-                    .insert(&key6, net.id, 0)
+                    .insert(&maps::subnet6_key(&info6), net.id, 0)
                     .with_context(|| format!("add the IPv6 subnet of network {}", net.name))
             })
             .and_then(|()| self.attach_bridge_program(&mut ebpf, &net.bridge))

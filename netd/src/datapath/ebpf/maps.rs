@@ -135,13 +135,9 @@ pub fn subnets6(pins: &Pins) -> Result<Subnets6> {
     ))?)
 }
 
-/// The `SUBNETS6` key of a network's IPv6 subnet, if it has one.
-pub fn subnet6_key(net: &NetworkSpec) -> Option<Key<Addr>> {
-    let subnet = net.subnet6?;
-    Some(Key::new(
-        u32::from(subnet.prefix_len()),
-        addr_v6(subnet.network().octets()),
-    ))
+/// The `SUBNETS6` key of a network's IPv6 side (its `NETWORKS6` entry).
+pub fn subnet6_key(info6: &NetworkInfo) -> Key<Addr> {
+    Key::new(u32::from(info6.prefix_len), info6.subnet)
 }
 
 pub fn veths(pins: &Pins) -> Result<Veths> {
