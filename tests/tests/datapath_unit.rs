@@ -922,6 +922,29 @@ fn a_container_subnets_source_from_outside_is_dropped_as_martian() {
     assert_eq!(outer.dst, C1);
 }
 
+/// Drops are counted per container against a container's address only: spoofed sources
+/// spread over a container subnet from outside make no entries of their own (a sender picking
+/// the keys would fill `ENDPOINT_DROPS`, and the containers' drops would go uncounted), while
+/// one spoofing C1's address counts against C1.
+#[test]
+fn spoofed_subnet_sources_make_no_per_container_drop_entries() {
+    let b = Bench::new();
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let before = b.stat("martian");
+    for host in 1..=200 {
+        let src = Ipv4Addr::new(172, 17, 200, host);
+        let frame = udp_frame(src, 53, SERVER, 7777, true);
+        assert_eq!(b.run(UPLINK_INGRESS_PROG, &frame).0, DROP, "from {src}");
+    }
+    assert_eq!(b.stat("martian"), before + 200);
+    assert!(stats::read_endpoint_drops(&pins).unwrap().is_empty());
+    let spoofed = udp_frame(C1, 53, SERVER, 7777, true);
+    assert_eq!(b.run(UPLINK_INGRESS_PROG, &spoofed).0, DROP);
+    let drops = stats::read_endpoint_drops(&pins).unwrap();
+    assert_eq!(drops.len(), 1, "one entry, C1's");
+    assert_eq!((drops[0].endpoint, drops[0].dropped), (C1, 1));
+}
+
 /// A new flow with a container's source starts (is masqueraded) only when it came into the
 /// host through that container's veth or its network's bridge, or through no interface (the
 /// host's own, a fragment the host cut). Through any other (an interface without netd's

@@ -23,9 +23,14 @@ pub fn count(stat: Stat) {
     }
 }
 
-/// Counts a packet of the container at `addr` (wire byte order) dropped for `reason`.
+/// Counts a packet of the container at `addr` (wire byte order) dropped for `reason`. An
+/// address no container has (none, or a spoofed source anywhere in a container subnet) is not
+/// counted: keys a sender picks would fill the map, and the containers' drops go uncounted.
 #[inline(always)]
 pub fn count_endpoint_drop(addr: u32, reason: Stat) {
+    if maps::endpoint(addr).is_none() {
+        return;
+    }
     let key = EndpointDropKey {
         endpoint: maps::endpoint_key(addr),
         reason: reason as u32,
