@@ -1115,6 +1115,15 @@ fn connects(env: &TestEnv, ns: &Path, dst: Ipv4Addr, port: u16) -> bool {
 }
 
 impl Published {
+    /// The iptables datapath's DROP of network `a`'s source from anywhere but its bridge.
+    fn a_source_from_elsewhere(&self) -> Reason {
+        rule(
+            "NETD-ISOLATION-STAGE-1",
+            &format!("!{}", self.a.bridge),
+            "*",
+        )
+    }
+
     /// From `client`, `port` through each of `addresses` must not reach `server` (counted at
     /// the server: no TCP segment arrives), for `reason`; then the control, `a2` to `p1`'s
     /// 8080 through the host's address, connects.
@@ -1279,8 +1288,7 @@ fn host_source_to_published_port(dp: Dp) {
 fn container_source_to_published_port(dp: Dp) {
     let p = published(dp);
     let a2 = p.a2.ip;
-    let spoofed = rule("NETD-ISOLATION-STAGE-1", &format!("!{}", p.a.bridge), "*");
-    martian_to_published_port(&p, a2, Expect::Refused(spoofed));
+    martian_to_published_port(&p, a2, Expect::Refused(p.a_source_from_elsewhere()));
 }
 
 /// To 127.0.0.1 at the uplink's MAC, on a port published on every address: the stack drops
@@ -1493,7 +1501,7 @@ fn container_source_through_an_unprogrammed_nic(dp: Dp) {
     );
     let reason = match dp {
         Dp::Ebpf => Reason::Stat("martian"),
-        Dp::Iptables => rule("NETD-ISOLATION-STAGE-1", &format!("!{}", p.a.bridge), "*"),
+        Dp::Iptables => p.a_source_from_elsewhere(),
     };
     let outside = p.w.outside();
     p.w.check(
