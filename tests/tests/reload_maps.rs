@@ -22,7 +22,10 @@ use netd_common::datapath::{
 use serde_json::Value;
 use tests::{
     cli::{Ctr, create, echo_server, map_entries, output_in, stat, tcp_echo},
-    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, TestEnv},
+    frames::with_macs,
+    frames6::{UDP, frame, udp},
+    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR6, OUTSIDE_LINK, TestEnv, UPLINK},
+    rawsock::{Tap, mac_of, marker, send_frames},
 };
 
 fn bpftool(args: &[&str]) -> String {
@@ -322,7 +325,7 @@ fn reload_makes_and_fills_the_endpoint_ipv6_array_an_older_netd_had_not() {
 
 /// A datapath an older netd set up has no `SUBNETS6` (its IPv6 subnets, a source in which is
 /// spoofed from outside): a reload makes it and puts each dual-stack network's subnet in it
-/// before the programs are replaced.
+/// before the programs are replaced, and a spoofed source of the subnet gets nowhere after.
 #[test]
 fn reload_makes_and_fills_the_ipv6_subnet_map_an_older_netd_had_not() {
     let env = TestEnv::dual_stack();
@@ -350,6 +353,29 @@ fn reload_makes_and_fills_the_ipv6_subnet_map_an_older_netd_had_not() {
             "fd00:{network:x}::/64 not in SUBNETS6 after the reload: {prefixes:02x?}"
         );
     }
+    // Real packets, from outside to a port published over IPv6: from an address of n's
+    // subnet that no container has, dropped (`martian`); from the outside's own, delivered.
+    let srv = create(&env, "srv", &["--network", "n", "-p", "5353:53/udp"]);
+    let tap = Tap::open(&env, &srv.ns, "eth0");
+    let macs = (
+        mac_of(&env, &env.host_ns(), UPLINK),
+        mac_of(&env, &env.outside_ns(), OUTSIDE_LINK),
+    );
+    let send = |src: Ipv6Addr, mark: &[u8]| {
+        let datagram = udp(src, 4000, HOST_ADDR6, 5353, mark);
+        let f = with_macs(frame(src, HOST_ADDR6, &[], UDP, &datagram), macs.0, macs.1);
+        send_frames(&env, &env.outside_ns(), OUTSIDE_LINK, &[f]);
+    };
+    let martian = stat(&env, "martian");
+    let (spoofed, honest) = (marker(), marker());
+    send("fd00:87::99".parse().unwrap(), &spoofed);
+    send(OUTSIDE_ADDR6, &honest);
+    assert!(
+        tap.arrived(&honest),
+        "the control didn't reach the container"
+    );
+    assert_eq!(tap.count(&spoofed), 0, "fd00:87::99 reached the container");
+    assert!(stat(&env, "martian") > martian, "not counted as martian");
 }
 
 /// A pinned map whose value is another size than this build's is refused in one line naming

@@ -160,8 +160,7 @@ fn egress(ctx: &TcContext) -> Stat {
     if flags & NET_MASQUERADE == 0 {
         return Stat::NoNat;
     }
-    let bridge = maps::veth(ep.ifindex).map_or(0, |veth| veth.bridge_ifindex);
-    if !entered_from_container(ctx, ep.ifindex, bridge) {
+    if !entered_from_container(ctx, ep.ifindex) {
         return dropped(ctx, &flow, Stat::Martian, flow.saddr);
     }
     // A flow starts only where netd knows the interface's address: anywhere else it would
@@ -185,16 +184,19 @@ fn egress(ctx: &TcContext) -> Stat {
 }
 
 /// Whether a packet with a container's source came into the host where that container's
-/// packets do: its host-side veth `veth` (the fast path out) or its network's bridge `bridge`
-/// (the stack's path; the veth is its port), whose program checked the source; or from no
-/// interface (the host's own, or a fragment the host cut: fragments don't keep the way in).
-/// Come in anywhere else (an interface without netd's programs), the source is spoofed, and a
-/// flow masqueraded in the container's name would bring the answers into the container.
+/// packets do: its host-side veth `veth` (the fast path out) or its network's bridge (the
+/// stack's path; the veth is its port, looked up only then), whose program checked the
+/// source; or from no interface (the host's own, or a fragment the host cut: fragments don't
+/// keep the way in). Come in anywhere else (an interface without netd's programs), the source
+/// is spoofed, and a flow masqueraded in the container's name would bring the answers into the
+/// container.
 #[inline(always)]
-fn entered_from_container(ctx: &TcContext, veth: u32, bridge: u32) -> bool {
+fn entered_from_container(ctx: &TcContext, veth: u32) -> bool {
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let way_in = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    way_in == 0 || way_in == veth || way_in == bridge
+    way_in == 0
+        || way_in == veth
+        || maps::veth(veth).is_some_and(|info| info.bridge_ifindex == way_in)
 }
 
 #[inline(always)]
@@ -438,7 +440,7 @@ fn masquerade6(ctx: &TcContext, flow: &Flow6) -> Result<Stat, Drop6> {
     if from.net_flags & NET_MASQUERADE == 0 {
         return Ok(Stat::NoNat);
     }
-    if !entered_from_container(ctx, ep.ifindex, from.bridge_ifindex) {
+    if !entered_from_container(ctx, ep.ifindex) {
         return refused(Stat::Martian);
     }
     let Some(nat_addr) =
