@@ -5,6 +5,7 @@
 //! interface that counts the frames carrying a test's marker.
 
 use std::{
+    cell::RefCell,
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
@@ -268,9 +269,11 @@ fn parse_mac(text: &str) -> [u8; 6] {
 }
 
 /// A tap on one interface of one namespace: every frame the interface receives (not those it
-/// sends), as the receiver's own stack gets it, before any of its rules.
+/// sends), as the receiver's own stack gets it, before any of its rules. It keeps what it read,
+/// so each question is about every frame since it opened, whatever was asked before.
 pub struct Tap {
     fd: OwnedFd,
+    seen: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Tap {
@@ -301,14 +304,17 @@ impl Tap {
                 fd
             }
         });
-        Self { fd }
+        Self {
+            fd,
+            seen: RefCell::default(),
+        }
     }
 
     /// The frames received since the tap opened (after letting those in flight arrive) that
     /// carry `marker` (any, when empty) and that `accept` takes.
     pub fn received(&self, marker: &[u8], accept: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         thread::sleep(SETTLE);
-        self.drain(marker, &accept)
+        self.matching(marker, &accept)
     }
 
     /// How many received frames carry `marker`.
@@ -321,7 +327,7 @@ impl Tap {
     pub fn arrived(&self, marker: &[u8]) -> bool {
         let deadline = Instant::now() + ARRIVAL;
         loop {
-            if !self.drain(marker, &|_| true).is_empty() {
+            if !self.matching(marker, &|_| true).is_empty() {
                 return true;
             }
             if Instant::now() > deadline {
@@ -331,9 +337,9 @@ impl Tap {
         }
     }
 
-    /// The frames queued on the tap, taken off it, that carry `marker` and `accept` takes.
-    fn drain(&self, marker: &[u8], accept: &dyn Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-        let mut frames = Vec::new();
+    /// The frames received since the tap opened that carry `marker` and `accept` takes.
+    fn matching(&self, marker: &[u8], accept: &dyn Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let mut seen = self.seen.borrow_mut();
         let mut buf = vec![0u8; 65536];
         loop {
             // SAFETY: recvfrom into a buffer and sockaddr_ll we own, with their real sizes.
@@ -351,14 +357,16 @@ impl Tap {
                 (len, addr)
             };
             if len < 0 {
-                return frames;
+                break;
             }
-            let frame = &buf[..len as usize];
-            if addr.sll_pkttype != libc::PACKET_OUTGOING && contains(frame, marker) && accept(frame)
-            {
-                frames.push(frame.to_vec());
+            if addr.sll_pkttype != libc::PACKET_OUTGOING {
+                seen.push(buf[..len as usize].to_vec());
             }
         }
+        seen.iter()
+            .filter(|frame| contains(frame, marker) && accept(frame))
+            .cloned()
+            .collect()
     }
 }
 

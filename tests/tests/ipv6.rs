@@ -254,6 +254,22 @@ fn masqueraded_on_ebpf(env: &TestEnv, subnet6: &str) -> Ctr {
     create(env, "c", &["--network", "n6"])
 }
 
+/// Container `web` on the eBPF datapath's dual-stack network `n6` (`subnet` and `subnet6`),
+/// publishing `ports` (each a `-p` value).
+fn web_on_ebpf(env: &TestEnv, subnet: &str, subnet6: &str, ports: &[&str]) -> Ctr {
+    dual_stack_network_on(
+        env,
+        "ebpf",
+        "n6",
+        &["--subnet", subnet, "--subnet", subnet6],
+    );
+    let mut args = vec!["--network", "n6"];
+    for port in ports {
+        args.extend(["-p", port]);
+    }
+    create(env, "web", &args)
+}
+
 /// Packets netd's programs dropped so far, whatever the reason.
 fn dropped(env: &TestEnv) -> u64 {
     env.netd_json(&["stats", "--json"])["reasons"]
@@ -389,6 +405,80 @@ fn nothing_from_outside_reaches_a_masquerading_dual_stack_container_unasked_on_t
     );
 }
 
+/// A port published on `[::1]` is for the host's own processes alone, and `::` is the key a
+/// port published on every address is kept under: neither destination reaches a container,
+/// from outside (at the uplink's MAC) or from a container (at its gateway's MAC). The stack
+/// drops both as martians; no DNAT may take them first.
+#[test]
+fn loopback_and_unspecified_ipv6_destinations_reach_no_published_port_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    let web = web_on_ebpf(
+        &env,
+        "10.67.0.0/24",
+        "fd00:67::/64",
+        &["[::1]:5301:53/udp", "5300:53/udp"],
+    );
+    let peer = create(&env, "peer", &["--network", "n6"]);
+    let peer6 = ip6(&env, &peer);
+    let bridge = env.netd_json(&["network", "inspect", "n6"])["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let outside = env.outside_ns();
+    let from_outside = (
+        rawsock::mac_of(&env, &env.host_ns(), UPLINK),
+        rawsock::mac_of(&env, &outside, OUTSIDE_LINK),
+    );
+    let from_peer = (
+        rawsock::mac_of(&env, &env.host_ns(), &bridge),
+        mac_of(&env, &peer).1,
+    );
+    let tap = Tap::open(&env, &web.ns, "eth0");
+    // Each from a port of its own: a reply tuple an attack took must not be what refuses a
+    // control.
+    let sport = std::cell::Cell::new(40000);
+    let datagram = |src: Ipv6Addr, dst: Ipv6Addr, port: u16, (to, from): ([u8; 6], [u8; 6])| {
+        let mark = marker();
+        sport.set(sport.get() + 1);
+        let udp = frames6::udp(src, sport.get(), dst, port, &mark);
+        let frame = with_macs(frames6::frame(src, dst, &[], frames6::UDP, &udp), to, from);
+        (mark, frame)
+    };
+    let attacks = [
+        (OUTSIDE_ADDR6, Ipv6Addr::LOCALHOST, 5301, from_outside),
+        (OUTSIDE_ADDR6, Ipv6Addr::UNSPECIFIED, 5300, from_outside),
+        (peer6, Ipv6Addr::LOCALHOST, 5301, from_peer),
+        (peer6, Ipv6Addr::UNSPECIFIED, 5300, from_peer),
+    ];
+    let mut sent = Vec::new();
+    for (src, dst, port, macs) in attacks {
+        let (mark, frame) = datagram(src, dst, port, macs);
+        let (ns, link) = if src == peer6 {
+            (&peer.ns, "eth0")
+        } else {
+            (&outside, OUTSIDE_LINK)
+        };
+        rawsock::send_frames(&env, ns, link, &[frame]);
+        sent.push((dst, src, mark));
+    }
+    // The controls: the port published on every address, through the host's address.
+    for (src, macs, ns, link) in [
+        (OUTSIDE_ADDR6, from_outside, &outside, OUTSIDE_LINK),
+        (peer6, from_peer, &peer.ns, "eth0"),
+    ] {
+        let (mark, frame) = datagram(src, HOST_ADDR6, 5300, macs);
+        rawsock::send_frames(&env, ns, link, &[frame]);
+        assert!(tap.arrived(&mark), "the control from {src} didn't arrive");
+    }
+    for (dst, src, mark) in sent {
+        assert_eq!(
+            tap.count(&mark),
+            0,
+            "from {src} to [{dst}] reached the container"
+        );
+    }
+}
+
 /// ICMPv6 Destination Unreachable, code port unreachable.
 const DEST_UNREACH6: u8 = 1;
 const PORT_UNREACH6: u8 = 4;
@@ -509,16 +599,11 @@ fn nat66_masquerades_to_the_uplinks_preferred_address_not_a_deprecated_one() {
 #[test]
 fn a_dual_stack_container_is_reached_from_outside_over_both_families_on_the_ebpf_datapath() {
     let env = TestEnv::dual_stack();
-    dual_stack_network_on(
+    let web = web_on_ebpf(
         &env,
-        "ebpf",
-        "n6",
-        &["--subnet", "10.67.0.0/24", "--subnet", "fd00:67::/64"],
-    );
-    let web = create(
-        &env,
-        "web",
-        &["--network", "n6", "-p", "8080:80", "-p", "5353:53/udp"],
+        "10.67.0.0/24",
+        "fd00:67::/64",
+        &["8080:80", "5353:53/udp"],
     );
     let web6 = ip6(&env, &web);
     // Both families' sides of both ports.
@@ -863,28 +948,12 @@ fn ipv6_is_refused_where_it_would_not_be_enforced() {
 #[test]
 fn host_processes_reach_ipv6_ports_on_host_addresses_and_loopback_on_the_ebpf_datapath() {
     let env = TestEnv::dual_stack();
-    dual_stack_network_on(
-        &env,
-        "ebpf",
-        "n6",
-        &["--subnet", "10.60.0.0/24", "--subnet", "fd00:60::/64"],
-    );
     let one_addr = format!("[{HOST_ADDR6}]:8082:80");
-    let web = create(
+    let web = web_on_ebpf(
         &env,
-        "web",
-        &[
-            "--network",
-            "n6",
-            "-p",
-            "8080:80",
-            "-p",
-            "[::1]:8081:80",
-            "-p",
-            &one_addr,
-            "-p",
-            "5353:53/udp",
-        ],
+        "10.60.0.0/24",
+        "fd00:60::/64",
+        &["8080:80", "[::1]:8081:80", &one_addr, "5353:53/udp"],
     );
     let cgroup = TestCgroup::new(&env);
     let host = env.host_ns();

@@ -1296,19 +1296,70 @@ fn container_source_to_published_port(dp: Dp) {
 /// iptables datapath's PREROUTING jump leaves loopback to the userland proxy).
 fn loopback_destination_to_published_port(dp: Dp) {
     let p = published(dp);
-    let expect = Expect::Refused(Reason::Stack("martian destination"));
-    let (up, out) = (p.w.host_mac(UPLINK), p.w.outside().mac);
-    p.w.check(&p.p1, &p.p1, expect, |_, mark, attack| {
-        let dst = if attack {
-            Ipv4Addr::LOCALHOST
+    p.martian_destination(Ipv4Addr::LOCALHOST, 8080, false);
+}
+
+/// To 127.0.0.1 on a port published on 127.0.0.1 itself, for the host's own clients alone:
+/// as above (Docker 20.10's DNAT took it: moby#45610, CVE-2020-8558's kind).
+fn loopback_destination_to_port_published_on_loopback(dp: Dp) {
+    let p = published(dp);
+    p.publish_p1_on_loopback(8083);
+    p.martian_destination(Ipv4Addr::LOCALHOST, 8083, false);
+}
+
+/// To 0.0.0.0, the address a port published on every address is kept under: as above.
+fn unspecified_destination_to_published_port(dp: Dp) {
+    let p = published(dp);
+    p.martian_destination(Ipv4Addr::UNSPECIFIED, 8080, false);
+}
+
+/// From `a2` through its gateway to 127.0.0.1 on a port published on 127.0.0.1 for `p1`: the
+/// stack drops a loopback destination from the bridge as a martian, and no hairpin DNAT may
+/// take it first.
+fn container_to_port_published_on_loopback(dp: Dp) {
+    let p = published(dp);
+    p.publish_p1_on_loopback(8083);
+    p.martian_destination(Ipv4Addr::LOCALHOST, 8083, true);
+}
+
+impl Published {
+    /// Publishes `p1`'s port 80 on 127.0.0.1:`port` too.
+    fn publish_p1_on_loopback(&self, port: u16) {
+        let name = self.p1.ns.file_name().unwrap().to_str().unwrap();
+        let spec = format!("127.0.0.1:{port}:80");
+        self.w.env.netd_ok(&["publish", name, "-p", &spec]);
+    }
+
+    /// A SYN to `dst:port`, from outside at the uplink's MAC or (`from_a2`) from `a2` at its
+    /// gateway's, must not reach `p1`: the stack drops the destination as a martian. The
+    /// control goes the same way to the host's address on 8080 (`--icc` is on: hairpin).
+    fn martian_destination(&self, dst: Ipv4Addr, port: u16, from_a2: bool) {
+        let expect = Expect::Refused(Reason::Stack("martian destination"));
+        let outside = self.w.outside();
+        let (from, link, macs) = if from_a2 {
+            let gateway = self.w.host_mac(&self.a.bridge);
+            (&self.a2, "eth0", (gateway, self.a2.mac))
         } else {
-            HOST_ADDR
+            (
+                &outside,
+                OUTSIDE_LINK,
+                (self.w.host_mac(UPLINK), outside.mac),
+            )
         };
-        let header = Ipv4::new(OUTSIDE_ADDR, dst, TCP);
-        let syn = header.packet(&rawsock::syn(&header, 40003, 8080, mark));
-        let frame = rawsock::ether(up, out, None, ETHERTYPE_IPV4, &syn);
-        rawsock::send_frames(&p.w.env, &p.w.env.outside_ns(), OUTSIDE_LINK, &[frame]);
-    });
+        self.w.check(&self.p1, &self.p1, expect, |_, mark, attack| {
+            // Client ports of their own: a reply tuple the attack took must not be what
+            // refuses the control.
+            let (dst, sport, port) = if attack {
+                (dst, 40003, port)
+            } else {
+                (HOST_ADDR, 40004, 8080)
+            };
+            let header = Ipv4::new(from.ip, dst, TCP);
+            let syn = header.packet(&rawsock::syn(&header, sport, port, mark));
+            let frame = rawsock::ether(macs.0, macs.1, None, ETHERTYPE_IPV4, &syn);
+            rawsock::send_frames(&self.w.env, &from.ns, link, &[frame]);
+        });
+    }
 }
 
 /// A UDP datagram carrying `mark` from `from`'s namespace to `dst:port`.
@@ -1626,6 +1677,9 @@ matrix! {
         host_source_to_published_port,
         container_source_to_published_port,
         loopback_destination_to_published_port,
+        loopback_destination_to_port_published_on_loopback,
+        unspecified_destination_to_published_port,
+        container_to_port_published_on_loopback,
         icmp_error_of_a_masqueraded_flow,
         icmp_error_of_a_hairpin_flow,
         out_through_second_nic_never_leaves_private,

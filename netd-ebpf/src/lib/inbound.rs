@@ -3,9 +3,11 @@
 
 use netd_common::datapath::{Config, NET_INTERNAL, NET_MASQUERADE, PublishedTarget, Stat};
 
-use super::{maps, parse::Flow};
+use super::{
+    maps::{self, LOOPBACK_FIRST_OCTET},
+    parse::Flow,
+};
 
-const LOOPBACK_FIRST_OCTET: u8 = 127;
 const MULTICAST_FIRST_OCTET: u8 = 224;
 
 /// What becomes of a new flow arriving from outside.

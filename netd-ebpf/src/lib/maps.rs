@@ -13,7 +13,10 @@ use netd_common::datapath::{
     PublishAllowKey, PublishedKey, PublishedTarget, VethInfo,
 };
 
-use super::{conntrack::v4, fib};
+use super::{conntrack::v4, fib, ipv6};
+
+/// The first octet of 127/8, loopback.
+pub const LOOPBACK_FIRST_OCTET: u8 = 127;
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -163,12 +166,32 @@ pub fn network(id: u32) -> Option<&'static NetworkInfo> {
     unsafe { NETWORKS.get(&id) }
 }
 
-/// The container a new flow to `daddr:port` goes to: a port published on that address, else
-/// one published on any address when `daddr` is one of the host's ([`is_host_addr`], or
-/// `also_host`: an address the caller knows to be the host's, such as a gateway). The host's
-/// addresses are looked up last, only for a published wildcard port.
+/// The container a packet starting a new flow to `daddr:port` goes to: [`published_for_host`],
+/// never for a destination in 0/8 or 127/8. A packet on an interface has no such destination
+/// (the stack drops it as a martian): a port published on loopback is for the host's own
+/// processes alone, and 0.0.0.0 is the key of a port published on every address.
 #[inline(always)]
 pub fn published(
+    daddr: u32,
+    port: u16,
+    proto: u8,
+    cfg: &Config,
+    also_host: bool,
+) -> Option<PublishedTarget> {
+    let first = daddr.to_ne_bytes()[0];
+    if first == 0 || first == LOOPBACK_FIRST_OCTET {
+        return None;
+    }
+    published_for_host(daddr, port, proto, cfg, also_host)
+}
+
+/// The container a host process's new flow to `daddr:port` goes to: a port published on that
+/// address, else one published on any address when `daddr` is one of the host's
+/// ([`is_host_addr`], or `also_host`: an address the caller knows to be the host's, such as a
+/// gateway or loopback). The host's addresses are looked up last, only for a published
+/// wildcard port.
+#[inline(always)]
+pub fn published_for_host(
     daddr: u32,
     port: u16,
     proto: u8,
@@ -209,7 +232,9 @@ pub fn published6(addr: &Addr, port: u16, proto: u8) -> Option<PublishedTarget> 
 /// host's, such as a gateway; else one the controller mirrored into `HOST_ADDRS6`, as IPv4's
 /// [`is_host_addr`], or failing that one the FIB says is local, as for the packet in `ctx`:
 /// the mirror answers a new flow to the host's own address for a fraction of a FIB lookup,
-/// and the FIB covers an address added since the controller last mirrored them).
+/// and the FIB covers an address added since the controller last mirrored them). Never for a
+/// destination embedding an IPv4 address, `::1` and `::` (the key of a port published on
+/// every address) included, which no packet on an interface has.
 #[inline(always)]
 pub fn published_to6(
     ctx: &TcContext,
@@ -218,6 +243,9 @@ pub fn published_to6(
     proto: u8,
     also_host: bool,
 ) -> Option<PublishedTarget> {
+    if ipv6::embeds_ipv4(daddr) {
+        return None;
+    }
     published6(daddr, port, proto).or_else(|| {
         published6(&[0; 4], port, proto)
             .filter(|_| also_host || is_host_addr6(daddr) || fib::is_local6(ctx, daddr))

@@ -22,11 +22,13 @@ use netd_common::datapath::{
     SockRedirectKey, SockRedirectOrigin,
 };
 
-use crate::lib::{conntrack::v4, maps};
+use crate::lib::{
+    conntrack::v4,
+    maps::{self, LOOPBACK_FIRST_OCTET},
+};
 
 /// What a sock_addr program returns to let the call go on.
 const ALLOW: i32 = 1;
-const LOOPBACK_FIRST_OCTET: u8 = 127;
 /// `::1`, as `user_ip6` holds it (each word in wire byte order).
 const LOOPBACK6: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`).
@@ -143,7 +145,7 @@ impl Peer {
         match self {
             Peer::V4(addr) => {
                 let loopback = addr.to_ne_bytes()[0] == LOOPBACK_FIRST_OCTET;
-                maps::published(addr, port, proto, cfg, loopback)
+                maps::published_for_host(addr, port, proto, cfg, loopback)
             }
             Peer::V6(addr) => maps::published6(&addr, port, proto).or_else(|| {
                 maps::published6(&[0; 4], port, proto)
