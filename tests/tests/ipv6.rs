@@ -23,7 +23,7 @@ use tests::{
     frames6,
     harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK},
     rawsock::{self, Tap, marker},
-    topology::{TestCgroup, connect_from_cgroup, udp_from_cgroup},
+    topology::{TestCgroup, connect_from_cgroup, second_nic, udp_from_cgroup},
     traffic::retry_interrupted,
 };
 
@@ -477,6 +477,73 @@ fn loopback_and_unspecified_ipv6_destinations_reach_no_published_port_on_the_ebp
             "from {src} to [{dst}] reached the container"
         );
     }
+}
+
+/// From a neighbour on a second NIC that netd has no programs on (made after the network,
+/// with no `netd reload`), an IPv6 datagram to the outside with a container's source:
+/// masqueraded, it would start a flow in the container's name whose answers reach it. The
+/// uplink drops it (`martian`: it came into the host elsewhere than through the container's
+/// veth or bridge); the neighbour's datagram from its own address goes out.
+#[test]
+fn a_containers_ipv6_source_from_an_unprogrammed_nic_never_leaves_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    let c = masqueraded_on_ebpf(&env, "fd00:68::/64");
+    let c6 = ip6(&env, &c);
+    let lan = second_nic(&env);
+    for (ns, link) in [(env.host_ns(), "nic1"), (lan.clone(), "lan0")] {
+        let key = format!("net.ipv6.conf.{link}.disable_ipv6");
+        netd::netlink::set_sysctl(Some(&ns), &key, "0").unwrap();
+    }
+    let (nic1, lan0): (Ipv6Addr, Ipv6Addr) =
+        ("fd01:19::2".parse().unwrap(), "fd01:19::1".parse().unwrap());
+    output_in(
+        &env,
+        &env.host_ns(),
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{nic1}/64"),
+            "dev",
+            "nic1",
+            "nodad",
+        ],
+    );
+    output_in(
+        &env,
+        &lan,
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{lan0}/64"),
+            "dev",
+            "lan0",
+            "nodad",
+        ],
+    );
+    let macs = (
+        rawsock::mac_of(&env, &env.host_ns(), "nic1"),
+        rawsock::mac_of(&env, &lan, "lan0"),
+    );
+    let send = |src: Ipv6Addr, mark: &[u8]| {
+        let udp = frames6::udp(src, 4000, OUTSIDE_ADDR6, 5000, mark);
+        let frame = frames6::frame(src, OUTSIDE_ADDR6, &[], frames6::UDP, &udp);
+        rawsock::send_frames(&env, &lan, "lan0", &[with_macs(frame, macs.0, macs.1)]);
+    };
+    let tap = Tap::open(&env, &env.outside_ns(), OUTSIDE_LINK);
+    let martian = stat(&env, "martian");
+    let (spoofed, honest) = (marker(), marker());
+    send(c6, &spoofed);
+    send(lan0, &honest);
+    assert!(
+        tap.arrived(&honest),
+        "the neighbour's own datagram didn't leave"
+    );
+    assert_eq!(tap.count(&spoofed), 0, "{c6}'s datagram left the host");
+    assert!(stat(&env, "martian") > martian, "not counted as martian");
 }
 
 /// ICMPv6 Destination Unreachable, code port unreachable.
