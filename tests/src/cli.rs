@@ -13,7 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{harness::TestEnv, traffic::retry_interrupted};
+use crate::{
+    harness::TestEnv,
+    rawsock::{Tap, marker},
+    traffic::retry_interrupted,
+};
 
 /// How long a connection attempt or a read may take before the test calls it lost.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,6 +56,30 @@ pub fn stat(env: &TestEnv, reason: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {reason}: {stats}"))["packets"]
         .as_u64()
         .unwrap()
+}
+
+/// `send(from, marker)` from `spoofed`, then from `honest`, each with a marker of its own:
+/// only the honest one reaches `tap`, and the spoofed one counts as `martian`.
+pub fn assert_spoofed_refused<A: std::fmt::Display + Copy>(
+    env: &TestEnv,
+    tap: &Tap,
+    spoofed: A,
+    honest: A,
+    send: impl Fn(A, &[u8]),
+) {
+    let martian = stat(env, "martian");
+    let (attack, control) = (marker(), marker());
+    send(spoofed, &attack);
+    send(honest, &control);
+    assert!(
+        tap.arrived(&control),
+        "the control from {honest} didn't arrive"
+    );
+    assert_eq!(tap.count(&attack), 0, "the datagram from {spoofed} arrived");
+    assert!(
+        stat(env, "martian") > martian,
+        "{spoofed}: not counted as martian"
+    );
 }
 
 /// A one-shot TCP echo server on `addr` in `ns`: its thread yields the peer it saw.

@@ -112,6 +112,18 @@ pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8])
     l4
 }
 
+/// An Ethernet frame of a UDP datagram carrying `payload` (the IPv6 twin of
+/// [`crate::frames::udp_frame_carrying`]).
+pub fn udp_frame_carrying(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    frame(src, dst, &[], UDP, &udp(src, sport, dst, dport, payload))
+}
+
 /// A TCP segment with `flags` (and, with ACK, acknowledging a peer's first sequence number),
 /// no options or payload, with its checksum.
 pub fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {

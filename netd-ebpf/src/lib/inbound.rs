@@ -3,10 +3,7 @@
 
 use netd_common::datapath::{Config, NET_INTERNAL, NET_MASQUERADE, PublishedTarget, Stat};
 
-use super::{
-    maps::{self, LOOPBACK_FIRST_OCTET},
-    parse::Flow,
-};
+use super::{maps, parse::Flow};
 
 const MULTICAST_FIRST_OCTET: u8 = 224;
 
@@ -62,10 +59,8 @@ pub fn inbound(flow: &Flow, cfg: &Config) -> Inbound {
 /// drops these as martians (rp_filter), DNAT must too.
 #[inline(always)]
 fn martian(saddr: u32, cfg: &Config) -> bool {
-    let first = saddr.to_ne_bytes()[0];
-    first == 0
-        || first == LOOPBACK_FIRST_OCTET
-        || first >= MULTICAST_FIRST_OCTET
+    maps::local_only(saddr)
+        || saddr.to_ne_bytes()[0] >= MULTICAST_FIRST_OCTET
         || maps::is_host_addr(saddr, cfg)
         || maps::in_container_subnet(saddr)
 }

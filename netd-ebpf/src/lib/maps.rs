@@ -18,6 +18,14 @@ use super::{conntrack::v4, fib, ipv6};
 /// The first octet of 127/8, loopback.
 pub const LOOPBACK_FIRST_OCTET: u8 = 127;
 
+/// Whether IPv4 `addr` (wire byte order) is in 0/8 ("this" network) or 127/8 (loopback): the
+/// host's own, which no packet on an interface carries, as source or destination.
+#[inline(always)]
+pub fn local_only(addr: u32) -> bool {
+    let first = addr.to_ne_bytes()[0];
+    first == 0 || first == LOOPBACK_FIRST_OCTET
+}
+
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
@@ -178,8 +186,7 @@ pub fn published(
     cfg: &Config,
     also_host: bool,
 ) -> Option<PublishedTarget> {
-    let first = daddr.to_ne_bytes()[0];
-    if first == 0 || first == LOOPBACK_FIRST_OCTET {
+    if local_only(daddr) {
         return None;
     }
     published_for_host(daddr, port, proto, cfg, also_host)
