@@ -50,24 +50,42 @@ pub fn netd_state(env: &TestEnv) -> String {
 
 /// A TCP connection from the fixed local address `local` (SO_REUSEADDR so tests can repeat).
 pub fn bound_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    try_bound_connect(local, server)
+        .unwrap_or_else(|e| panic!("connect from {local} to {server}: {e}"))
+}
+
+/// [`bound_connect`], or why it failed: a connection nothing answers gives up after 5 s
+/// (`SO_SNDTIMEO`, which `connect` keeps to).
+pub fn try_bound_connect(local: SocketAddr, server: SocketAddr) -> nix::Result<TcpStream> {
+    use nix::sys::{
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+            sockopt,
+        },
+        time::TimeVal,
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let family = if local.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
     setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-    let v4 = |a: SocketAddr| match a {
-        SocketAddr::V4(a) => SockaddrIn::from(a),
-        SocketAddr::V6(_) => unreachable!("IPv4 only"),
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(5, 0)).unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    bind(raw, &SockaddrStorage::from(local)).unwrap();
+    connect(raw, &SockaddrStorage::from(server))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Closes `conn` with a RST (`SO_LINGER` 0), as a client that resets its connections does:
+/// no TIME_WAIT holds its port.
+pub fn reset(conn: TcpStream) {
+    let now = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
     };
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(local)).unwrap();
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &v4(server)).unwrap();
-    TcpStream::from(fd)
+    nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &now).unwrap();
 }
 
 /// The userland proxies running in `env`'s sandbox host namespace, as their arguments

@@ -922,8 +922,11 @@ fn the_daemon_sweeps_a_90_percent_full_table_in_place_keeping_live_flows() {
         filled >= live + SWEPT_TABLE as usize * 85 / 100,
         "the table holds only {filled} of {SWEPT_TABLE} entries"
     );
-    // The datagrams' flows time out; the established one doesn't.
-    thread::sleep((FILL_TIMEOUT + Duration::from_millis(500)).saturating_sub(filling.elapsed()));
+    // The datagrams' flows time out, and stay idle long enough to be swept (twice their
+    // timeout); the established one doesn't.
+    thread::sleep(
+        (FILL_TIMEOUT * 2 + Duration::from_millis(500)).saturating_sub(filling.elapsed()),
+    );
 
     let (daemon, swept) = Daemon::sweeping_once(&env);
     assert_eq!(

@@ -1223,8 +1223,9 @@ fn conntrack_size_and_timeouts_are_configurable() {
     });
     let flows = env.netd_json(&["conntrack", "ls", "--json"]);
     assert_eq!(flows.as_array().unwrap().len(), 1, "{flows}");
-    std::thread::sleep(Duration::from_millis(2100));
-    // Timed out after 1 s: hidden from listings at once, its two entries removed by a sweep.
+    std::thread::sleep(Duration::from_millis(2500));
+    // Timed out after 1 s: hidden from listings at once, its two entries removed by a sweep
+    // once idle twice that (until then a new flow with its tuple could take them over).
     assert_eq!(tests::cli::flows(&env), Vec::<serde_json::Value>::new());
     assert_eq!(tests::cli::conntrack_entries(&env), 2);
     assert_eq!(

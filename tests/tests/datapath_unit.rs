@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use netd::{
     bpf::Pins,
     datapath::{
-        Datapath as _,
+        Datapath as _, Protocol,
         ebpf::{EbpfDatapath, stats},
     },
 };
@@ -478,7 +478,8 @@ fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
     let pins = Pins::open(&b.env.bpffs).unwrap();
     assert_eq!(b.egress(&udp_frame(C1, 5000, SERVER, 53, true)).sport, 5000);
     assert_eq!(live_flows(&pins).len(), 1);
-    std::thread::sleep(std::time::Duration::from_millis(2200));
+    // Idle for twice its timeout: a sweep may remove it.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     // The flow timed out: a late reply is not translated, and the flow is not listed.
     b.assert_untouched(&udp_frame(SERVER, 53, HOST_ADDR, 5000, true));
     assert!(live_flows(&pins).is_empty());
@@ -497,6 +498,125 @@ fn timed_out_flows_are_ignored_their_ports_reused_and_swept() {
     let live = live_flows(&pins);
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].original.src, C2);
+}
+
+/// The datapath's publishing of tcp *:8080 changed as the controller changes it: published
+/// to `target`:80 (`publish`), or that taken back.
+fn change_8080(b: &Bench, target: Ipv4Addr, publish: bool) {
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    b.env.in_ns(&b.env.host_ns(), || {
+        let dp = EbpfDatapath::new(pins).with_host_cgroup(None);
+        let ports = [tests::netdata::port(Protocol::Tcp, None, 8080, target, 80)];
+        let changed = if publish {
+            dp.publish(&network(), &ports)
+        } else {
+            dp.unpublish(&network(), &ports)
+        };
+        changed.unwrap();
+    });
+}
+
+/// A connection from `client:sport` to the published *:8080 (C1:80), opened and closed by
+/// FINs both ways.
+fn closed_published_connection(b: &Bench, client: Ipv4Addr, sport: u16) {
+    let inbound = |flags| b.ingress(&tcp_frame(client, sport, HOST_ADDR, 8080, flags));
+    let outbound = |flags| b.egress(&tcp_frame(C1, 80, client, sport, flags));
+    inbound(SYN);
+    outbound(SYN | ACK);
+    inbound(ACK);
+    inbound(FIN | ACK);
+    outbound(FIN | ACK);
+}
+
+/// How many entries each conntrack table has: assured, then unassured.
+fn table_sizes(b: &Bench) -> [usize; 2] {
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    netd::datapath::ebpf::maps::conntrack(&pins)
+        .unwrap()
+        .map(|table| table.keys().count())
+}
+
+/// A SYN reopening a closed flow's tuple is a new flow, checked as any other (as netfilter
+/// kills a closed entry a SYN reopens): with its port unpublished since, it reaches no
+/// container; published to another container since, it goes there. The closed flow's
+/// entries used to take it where they pointed.
+#[test]
+fn a_syn_reopening_a_closed_published_flow_is_checked_as_a_new_flow() {
+    let b = Bench::new();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    closed_published_connection(&b, client, 5555);
+    assert_eq!(
+        live_flows(&Pins::open(&b.env.bpffs).unwrap())[0].state,
+        "TIME_WAIT"
+    );
+    let reopen = tcp_frame(client, 5555, HOST_ADDR, 8080, SYN);
+    change_8080(&b, C1, false);
+    b.assert_untouched(&reopen);
+    // Published again, the same SYN reopens the tuple: to where the port goes now.
+    change_8080(&b, C2, true);
+    assert_eq!(b.ingress(&reopen), at(client, 5555, C2, 80));
+}
+
+/// The same for a masqueraded flow: a SYN reopening a closed flow of C1's that comes in
+/// anywhere but where C1's packets do is spoofed (`martian`), as a new flow's would be.
+#[test]
+fn a_syn_reopening_a_closed_masqueraded_flow_must_come_in_where_the_containers_packets_do() {
+    let b = Bench::new();
+    let outbound = |flags| tcp_frame(C1, 41000, SERVER, 80, flags);
+    let port = b.egress(&outbound(SYN)).sport;
+    let inbound = |flags| b.ingress(&tcp_frame(SERVER, 80, HOST_ADDR, port, flags));
+    inbound(SYN | ACK);
+    b.egress(&outbound(ACK));
+    b.egress(&outbound(FIN | ACK));
+    inbound(FIN | ACK);
+    let before = b.stat("martian");
+    let spoofed = b.run_from(
+        UPLINK_EGRESS_PROG,
+        &outbound(SYN),
+        UPLINK,
+        b.ifindex(UPLINK),
+    );
+    assert_eq!(spoofed.0, DROP, "reopened from the uplink's side");
+    assert_eq!(b.stat("martian"), before + 1);
+    // The control: from C1's veth, the same SYN reopens the flow on its port.
+    let honest = b.run_from(UPLINK_EGRESS_PROG, &outbound(SYN), UPLINK, b.veths[0]);
+    assert_eq!(honest.0, PASS);
+    assert_eq!(ends(&honest.1), at(HOST_ADDR, port, SERVER, 80));
+}
+
+/// A new flow with a finished flow's tuple and translation takes its entries over where they
+/// are, closed or timed out: no inserts, and the flow stays in the assured table (a client
+/// reconnecting from its port, as the benchmark's do between rounds, costs lookups only).
+/// Idle for more than twice its timeout, a flow is a sweep's: a new one gets entries of its own.
+#[test]
+fn a_finished_flows_entries_are_taken_over_in_place_by_the_same_flow_again() {
+    let b = Bench::with_timeouts(Timeouts {
+        tcp_time_wait: 1,
+        ..Timeouts::default()
+    });
+    let pins = Pins::open(&b.env.bpffs).unwrap();
+    let client = Ipv4Addr::new(198, 18, 0, 1);
+    let syn = tcp_frame(client, 5555, HOST_ADDR, 8080, SYN);
+    for wait_ms in [0, 1500] {
+        closed_published_connection(&b, client, 5555);
+        assert_eq!(table_sizes(&b), [2, 0], "promoted once established");
+        // Closed (TIME_WAIT), then timed out too.
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        let news = b.stat("dnat_new");
+        assert_eq!(b.ingress(&syn), at(client, 5555, C1, 80));
+        assert_eq!(
+            b.stat("dnat_new"),
+            news + 1,
+            "a new flow, after {wait_ms} ms"
+        );
+        assert_eq!(table_sizes(&b), [2, 0], "taken over, after {wait_ms} ms");
+        let flows = live_flows(&pins);
+        assert_eq!((flows[0].state, flows[0].original.packets), ("SYN_SENT", 1));
+    }
+    closed_published_connection(&b, client, 5555);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(b.ingress(&syn), at(client, 5555, C1, 80));
+    assert_eq!(table_sizes(&b), [0, 2], "new entries, unassured");
 }
 
 /// A masqueradable TCP SYN from C1, mangled by `edit`.

@@ -14,6 +14,7 @@ use std::{
 
 use netd_common::datapath::{PUBLISH_ALLOW_MAP, PUBLISHED_MAP};
 use netd_testkit::sandbox::OUTSIDE_LINK;
+use nix::errno::Errno;
 use tests::{
     cli::{
         Ctr, TIMEOUT, assert_echoed, assert_spoofed_refused, connect_error, create, echo_server,
@@ -21,10 +22,13 @@ use tests::{
     },
     frames::{ETH_LEN, send_raw, with_macs},
     frames6,
-    harness::{HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK},
+    harness::{
+        HOST_ADDR, HOST_ADDR6, OUTSIDE_ADDR, OUTSIDE_ADDR6, TestEnv, UPLINK, reset,
+        try_bound_connect,
+    },
     rawsock::{self, Tap, marker},
     topology::{TestCgroup, connect_from_cgroup, second_nic, udp_from_cgroup},
-    traffic::retry_interrupted,
+    traffic::{retry_interrupted, snmp_counter},
 };
 
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -268,6 +272,37 @@ fn web_on_ebpf(env: &TestEnv, subnet: &str, subnet6: &str, ports: &[&str]) -> Ct
         args.extend(["-p", port]);
     }
     create(env, "web", &args)
+}
+
+/// The IPv6 twin of the isolation matrix's `reconnect_after_unpublish` (NAT66 flows are in the
+/// same conntrack): a client reconnecting from the port of a connection it reset reaches a
+/// published port only while it is published; refused, the host answers and `web` accepts
+/// nothing.
+#[test]
+fn an_ipv6_reconnection_reaches_a_port_only_while_it_is_published_on_the_ebpf_datapath() {
+    let env = TestEnv::dual_stack();
+    let web = web_on_ebpf(&env, "10.68.0.0/24", "fd00:68::/64", &["8080:80"]);
+    let _listening = env.in_ns(&web.ns, || {
+        TcpListener::bind(sock(Ipv6Addr::UNSPECIFIED, 80)).unwrap()
+    });
+    let (client, server) = (sock(OUTSIDE_ADDR6, 40123), sock(HOST_ADDR6, 8080));
+    let reconnect = || {
+        env.in_ns(&env.outside_ns(), || {
+            try_bound_connect(client, server).map(reset)
+        })
+    };
+    reconnect().unwrap_or_else(|e| panic!("published, the first connection: {e}"));
+    env.netd_ok(&["unpublish", &web.name, "8080:80"]);
+    let accepted = || snmp_counter(&web.ns, "Tcp", "PassiveOpens").unwrap();
+    let before = accepted();
+    assert_eq!(
+        reconnect(),
+        Err(Errno::ECONNREFUSED),
+        "unpublished, the reconnection got through"
+    );
+    assert_eq!(accepted(), before, "web accepted the reconnection");
+    env.netd_ok(&["publish", &web.name, "-p", "8080:80"]);
+    reconnect().unwrap_or_else(|e| panic!("published again, the reconnection: {e}"));
 }
 
 /// Packets netd's programs dropped so far, whatever the reason.

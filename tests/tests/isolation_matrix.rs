@@ -25,9 +25,10 @@ use std::{
 };
 
 use netd_testkit::sandbox::OUTSIDE_LINK;
+use nix::errno::Errno;
 use tests::{
     counters,
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, UPLINK, reset, try_bound_connect},
     rawsock::{
         self, ESP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, GRE, ICMP, Ipv4, SCTP, TCP, Tap, UDP, marked,
         marker,
@@ -1362,6 +1363,38 @@ impl Published {
     }
 }
 
+/// A client reconnecting from the port of a connection it reset reaches a published port only
+/// while the port is published (netfilter kills a closed entry a SYN reopens, so Docker's rules
+/// see a new connection; the eBPF datapath used to take it where the closed flow went).
+/// Refused: the host answers (nothing listens on its 8080) and `p1` accepts nothing. The
+/// control: published again, the same reconnection gets through.
+fn reconnect_after_unpublish(dp: Dp) {
+    let p = published(dp);
+    let env = &p.w.env;
+    let name = p.p1.ns.file_name().unwrap().to_str().unwrap();
+    let (client, server) = ((OUTSIDE_ADDR, 40123).into(), (HOST_ADDR, 8080).into());
+    let reconnect = || {
+        env.in_ns(&env.outside_ns(), || {
+            try_bound_connect(client, server).map(reset)
+        })
+    };
+    reconnect().unwrap_or_else(|e| panic!("{dp:?}: published, the first connection: {e}"));
+    env.netd_ok(&["unpublish", name, "8080:80"]);
+    let accepted = snmp(&p.p1.ns, "Tcp", "PassiveOpens");
+    assert_eq!(
+        reconnect(),
+        Err(Errno::ECONNREFUSED),
+        "{dp:?}: unpublished, the reconnection got through"
+    );
+    assert_eq!(
+        snmp(&p.p1.ns, "Tcp", "PassiveOpens"),
+        accepted,
+        "{dp:?}: p1 accepted the reconnection"
+    );
+    env.netd_ok(&["publish", name, "-p", "8080:80"]);
+    reconnect().unwrap_or_else(|e| panic!("{dp:?}: published again, the reconnection: {e}"));
+}
+
 /// A UDP datagram carrying `mark` from `from`'s namespace to `dst:port`.
 fn send_udp(env: &TestEnv, from: &Receiver, dst: Ipv4Addr, port: u16, mark: &[u8]) {
     env.in_ns(&from.ns, || {
@@ -1685,4 +1718,5 @@ matrix! {
         out_through_second_nic_never_leaves_private,
         tcp_through_second_nic,
         container_source_through_an_unprogrammed_nic,
+        reconnect_after_unpublish,
 }

@@ -19,6 +19,12 @@ pub const CONNTRACK_DEFAULT_MAX: u32 = 262_144;
 /// flows (DNS) stay unassured.
 pub const CT_ASSURE_AFTER_NS: u64 = 2_000_000_000;
 
+/// How many times its timeout a timed-out flow's entries stay: until then a new flow with the
+/// same tuple and translation takes them over in place (the programs), only after that does a
+/// sweep remove them. An idle time only grows, so a sweep never removes entries a new flow
+/// took over after the sweep read them.
+pub const CT_TAKE_OVER_TIMEOUTS: u64 = 2;
+
 /// `CT_LIMITS`: [`CtLimitKey`] → [`CtLimit`]: the most flows a container or a network may
 /// have (`--conntrack-limit`), and how many it has. The programs count new flows up; the
 /// sweep (`netd conntrack sweep`, the daemon) sets counts to the live flows.
@@ -169,6 +175,12 @@ pub struct CtEntry {
 }
 
 impl CtEntry {
+    /// [`CtEntry::timeout_secs`] in ns.
+    #[inline(always)]
+    pub fn timeout_ns(&self, t: &Timeouts) -> u64 {
+        u64::from(self.timeout_secs(t)) * 1_000_000_000
+    }
+
     /// How long the flow of this original-direction entry may stay idle in its state.
     #[inline(always)]
     pub fn timeout_secs(&self, t: &Timeouts) -> u32 {

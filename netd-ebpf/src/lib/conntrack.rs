@@ -2,7 +2,9 @@
 //! seen where the flow is translated (the uplink; the bridge for hairpin flows). The
 //! original-direction entry holds the flow's state, timestamps and counters; the reply-direction
 //! entry points back to it. An entry whose flow has timed out (netfilter's timeouts, from
-//! `Config`) is treated as absent, and overwritten when its tuple is needed again.
+//! `Config`) is treated as absent, and overwritten when its tuple is needed again. A SYN
+//! reopening a closed flow's tuple starts a new flow, checked as any other; a new flow with a
+//! finished flow's tuple and translation takes that flow's entries over in place.
 //!
 //! Under pressure: a flow starts in `CONNTRACK_NEW` and moves to `CONNTRACK` once assured (a
 //! TCP handshake completed and answered; a UDP or ICMP flow answered and still going after
@@ -29,9 +31,9 @@ use netd_common::datapath::{
     AF_INET, Addr, CONNTRACK_DEFAULT_MAX, CT_ASSURE_AFTER_NS, CT_ASSURED, CT_CLOSE,
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_ORIGINAL, CT_FIN_REPLY, CT_FIN_WAIT,
     CT_LIMITS_MAX, CT_NAT_DNAT, CT_NAT_HAIRPIN, CT_NAT_SNAT, CT_NEW, CT_REWRITE_BOTH,
-    CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, Config,
-    CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    PublishedTarget, Stat, TcpWindow, Timeouts,
+    CT_REWRITE_DST, CT_REWRITE_SRC, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TAKE_OVER_TIMEOUTS,
+    CT_TIME_WAIT, Config, CtEntry, CtKey, CtLimit, CtLimitKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, PublishedTarget, Stat, TcpWindow, Timeouts,
 };
 
 use super::{
@@ -74,8 +76,6 @@ const CLAIM_GRACE_NS: u64 = 1_000_000_000;
 /// How long a TCP flow closed by FINs (TIME_WAIT) holds its tuple before a new connection
 /// may take it over. A flow closed by a RST gives it up at once.
 const TIME_WAIT_REUSE_NS: u64 = 1_000_000_000;
-
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// What conntrack reads of a packet it tracks, and what it looks up in the packet's family
 /// (a type for each, so no program carries a branch on the family it doesn't take).
@@ -197,6 +197,9 @@ pub fn track(
         return None;
     }
     let dir = entry.dir;
+    if reopens(state, dir, flow) {
+        return None;
+    }
     if flow.proto() == IPPROTO_TCP {
         let Some(seg) = flow.segment(ctx) else {
             return Some(entry);
@@ -223,6 +226,20 @@ pub fn track(
         promote(live.state, reply);
     }
     Some(entry)
+}
+
+/// Whether the packet, in direction `dir` of the flow whose state is `s`, is a SYN opening a
+/// new connection on a closed flow's tuple. That is a new flow, not a packet of this one:
+/// every check a new flow gets runs again (its port may have been unpublished, or published
+/// to another container, since), as netfilter kills a closed conntrack entry a SYN reopens.
+/// Starting it takes the entries over in place when its translation is the same
+/// ([`take_over`]).
+#[inline(always)]
+fn reopens(s: &CtEntry, dir: u8, flow: &impl Tracked) -> bool {
+    dir == CT_DIR_ORIGINAL
+        && flow.proto() == IPPROTO_TCP
+        && flow.tcp_flags() & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && matches!(s.state, CT_CLOSE | CT_TIME_WAIT)
 }
 
 /// The rewrites of IPv4 packets matching `entry`.
@@ -315,6 +332,20 @@ fn live_among(
 /// the flow has not timed out.
 #[inline(always)]
 fn consistent(entry: *mut CtEntry, now: u64, timeouts: &Timeouts) -> Option<Live> {
+    let flow = paired(entry)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    (!timed_out(unsafe { &*flow.state }, now, timeouts)).then_some(flow)
+}
+
+/// Whether the flow of original entry `s` has been idle longer than its state allows.
+#[inline(always)]
+fn timed_out(s: &CtEntry, now: u64, timeouts: &Timeouts) -> bool {
+    now.saturating_sub(s.last_seen_ns) > s.timeout_ns(timeouts)
+}
+
+/// `entry` and its partner, if the partner points back at it (the flow may have timed out).
+#[inline(always)]
+fn paired(entry: *mut CtEntry) -> Option<Live> {
     // SAFETY: a pointer into the map value, valid for this program run.
     let e = unsafe { &*entry };
     let other_key = if e.dir == CT_DIR_ORIGINAL {
@@ -335,12 +366,6 @@ fn consistent(entry: *mut CtEntry, now: u64, timeouts: &Timeouts) -> Option<Live
     } else {
         partner
     };
-    // SAFETY: as above.
-    let s = unsafe { &*state };
-    let age = now.saturating_sub(s.last_seen_ns);
-    if age > u64::from(s.timeout_secs(timeouts)) * NS_PER_SEC {
-        return None;
-    }
     Some(Live {
         entry,
         state,
@@ -435,13 +460,6 @@ fn advance_tcp(s: &mut CtEntry, dir: u8, tcp: u8, seg: &Segment) -> bool {
     s.state = match (s.state, dir) {
         (CT_SYN_SENT, CT_DIR_REPLY) if syn_ack => CT_SYN_RECV,
         (CT_SYN_RECV, CT_DIR_ORIGINAL) if tcp & TCP_ACK != 0 => CT_ESTABLISHED,
-        // A new connection reusing the tuple of a closed one: its sequence space is new.
-        (CT_CLOSE | CT_TIME_WAIT, CT_DIR_ORIGINAL) if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-            s.flags &= CT_ASSURED;
-            s.tcp = [TcpWindow::default(); 2];
-            tcp_window::update(&mut s.tcp, dir, seg);
-            CT_SYN_SENT
-        }
         (state, _) => state,
     };
     true
@@ -468,7 +486,6 @@ pub fn start_snat<F: Tracked>(
     now: u64,
     cfg: &Config,
 ) -> Result<u16, Stat> {
-    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_SNAT;
     // The reply entry: from the destination back to host:port, rewritten to the container.
@@ -483,7 +500,12 @@ pub fn start_snat<F: Tracked>(
     e.rewrite = CT_REWRITE_DST;
     e.nat_addr = key.saddr;
     e.nat_port = key.sport;
-    let port = claim_reply_tuple::<F>(ctx, e, has_ports(key.proto), now, cfg)?;
+    let choose_port = has_ports(key.proto);
+    if take_over::<F>(ctx, key, e, choose_port, cfg) {
+        return Ok(e.reply.dport);
+    }
+    charge(container)?;
+    let port = claim_reply_tuple::<F>(ctx, e, choose_port, now, cfg)?;
     // The original entry: from the container, rewritten to host:port.
     e.dir = CT_DIR_ORIGINAL;
     e.rewrite = CT_REWRITE_SRC;
@@ -506,7 +528,6 @@ pub fn start_dnat<F: Tracked>(
     now: u64,
     cfg: &Config,
 ) -> Result<(), Stat> {
-    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_DNAT;
     // The reply entry: from the container back to the client, rewritten to host:port.
@@ -521,6 +542,10 @@ pub fn start_dnat<F: Tracked>(
     e.rewrite = CT_REWRITE_SRC;
     e.nat_addr = key.daddr;
     e.nat_port = key.dport;
+    if take_over::<F>(ctx, key, e, false, cfg) {
+        return Ok(());
+    }
+    charge(container)?;
     // The client picked its port: the tuple is free or the flow is refused.
     claim_reply_tuple::<F>(ctx, e, false, now, cfg)?;
     // The original entry: from the client, rewritten to the container.
@@ -549,7 +574,6 @@ pub fn start_hairpin<F: Tracked>(
     now: u64,
     cfg: &Config,
 ) -> Result<u16, Stat> {
-    charge(container)?;
     let e = scratch_flow(ctx, key, flow, now)?;
     e.nat = CT_NAT_HAIRPIN;
     e.rewrite = CT_REWRITE_BOTH;
@@ -566,7 +590,12 @@ pub fn start_hairpin<F: Tracked>(
     e.nat_port = key.sport;
     e.nat2_addr = key.daddr;
     e.nat2_port = key.dport;
-    let port = claim_reply_tuple::<F>(ctx, e, has_ports(key.proto), now, cfg)?;
+    let choose_port = has_ports(key.proto);
+    if take_over::<F>(ctx, key, e, choose_port, cfg) {
+        return Ok(e.reply.dport);
+    }
+    charge(container)?;
+    let port = claim_reply_tuple::<F>(ctx, e, choose_port, now, cfg)?;
     // The original entry: container → host:port, to gateway:port → target.
     e.dir = CT_DIR_ORIGINAL;
     e.nat_addr = target.addr;
@@ -694,12 +723,8 @@ fn claim_reply_tuple<F: Tracked>(
     } else {
         (false, 1)
     };
-    // Echo identifiers are not ports: no host socket takes one from the ephemeral range.
-    let any_id = is_icmp(e.reply.proto);
     for attempt in 0..tries {
-        let port = e.reply.dport;
-        let in_range = any_id || u32::from(port.wrapping_sub(min)) < span;
-        if translated && (attempt > 0 || !in_range) {
+        if translated && (attempt > 0 || !in_nat_range(&e.reply, cfg)) {
             // SAFETY: a helper without preconditions.
             let random = unsafe { bpf_get_prandom_u32() };
             e.reply.dport = min + (random % span) as u16;
@@ -717,6 +742,14 @@ fn claim_reply_tuple<F: Tracked>(
         }
     }
     Err(Stat::PortExhausted)
+}
+
+/// Whether the translated source port of reply tuple `reply` is in `Config`'s NAT range (any
+/// echo identifier is: they are not ports, no host socket takes one from the ephemeral range).
+#[inline(always)]
+fn in_nat_range(reply: &CtKey, cfg: &Config) -> bool {
+    let (min, span) = nat_ports(cfg);
+    is_icmp(reply.proto) || u32::from(reply.dport.wrapping_sub(min)) < span
 }
 
 /// `take_tuple`'s `how`: the tuple's destination port is a translated source port.
@@ -739,20 +772,116 @@ fn take_tuple<F: Tracked>(
     now: u64,
     cfg: &Config,
 ) -> bool {
-    let translated = how & TAKE_TRANSLATED != 0;
-    if translated && F::published(&e.reply, cfg) {
-        return false;
-    }
     // Only a translated source can collide with a host socket: a published flow's reply
     // tuple ends at its client, where a host listener on the client's port (matched on any
     // address) has nothing to do with it.
-    if translated && F::host_socket_owns(ctx, &e.reply) {
+    if how & TAKE_TRANSLATED != 0 && !translated_port_free::<F>(ctx, &e.reply, cfg) {
         return false;
     }
     tuple_free(&e.reply, now, cfg, how & TAKE_REUSING_CLOSED != 0)
         && CONNTRACK_NEW
             .insert(&e.reply, &*e, u64::from(BPF_ANY))
             .is_ok()
+}
+
+/// Whether the translated source port of reply tuple `reply` is neither published nor held
+/// by a host socket.
+#[inline(always)]
+fn translated_port_free<F: Tracked>(ctx: &TcContext, reply: &CtKey, cfg: &Config) -> bool {
+    !F::published(reply, cfg) && !F::host_socket_owns(ctx, reply)
+}
+
+/// Starts the new flow `key` in the entries of the finished flow (closed, or timed out) with
+/// the same original tuple, when its translation is the one the new flow gets: the reply
+/// tuple of `e` (the new flow's reply entry), its translated port aside with `choose_port`
+/// (then it must still be one a new flow could take, and `e` gets it). A client reconnecting
+/// from the same port, or a container to the same server from the same port, then costs
+/// lookups only, where a new flow's entries are four inserts and two removals. Not charged
+/// against the container's and network's caps: it takes no new entries. Returns whether it
+/// did.
+///
+/// A function of its own (a BPF-to-BPF call), as `take_tuple`, so that the verifier's ways
+/// through it end in two; `now` is `e`'s creation time (a call takes at most five arguments).
+#[inline(never)]
+fn take_over<F: Tracked>(
+    ctx: &TcContext,
+    key: &CtKey,
+    e: &mut CtEntry,
+    choose_port: bool,
+    cfg: &Config,
+) -> bool {
+    let now = e.created_ns;
+    let Some(flow) = finished_flow(CONNTRACK.get_ptr_mut(key), now, &cfg.timeouts)
+        .or_else(|| finished_flow(CONNTRACK_NEW.get_ptr_mut(key), now, &cfg.timeouts))
+    else {
+        return false;
+    };
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let s = unsafe { &mut *flow.state };
+    let reply = &s.reply;
+    if s.nat != e.nat || !same_but_port(reply, &e.reply, choose_port) {
+        return false;
+    }
+    if choose_port && !(in_nat_range(reply, cfg) && translated_port_free::<F>(ctx, reply, cfg)) {
+        return false;
+    }
+    if claimed_elsewhere(reply, flow.partner, now) {
+        return false;
+    }
+    e.reply.dport = reply.dport;
+    // The new flow's state, as `scratch_flow` made it; the entries keep their table.
+    s.state = e.state;
+    s.flags &= CT_ASSURED;
+    s.created_ns = e.created_ns;
+    s.last_seen_ns = e.last_seen_ns;
+    s.packets = e.packets;
+    s.bytes = e.bytes;
+    s.tcp = e.tcp;
+    true
+}
+
+/// Whether tuples `a` and `b` are the same, their destination ports aside with `any_port`
+/// (compared field by field: a copy of either would not fit on the stack of every caller).
+#[inline(always)]
+fn same_but_port(a: &CtKey, b: &CtKey, any_port: bool) -> bool {
+    a.saddr == b.saddr
+        && a.daddr == b.daddr
+        && a.sport == b.sport
+        && (any_port || a.dport == b.dport)
+        && a.proto == b.proto
+        && a.family == b.family
+}
+
+/// The flow whose original entry is `entry`, if it is finished (a TCP flow closed by FINs or
+/// a RST, or timed out) and not yet a sweep's: idle no longer than `CT_TAKE_OVER_TIMEOUTS`
+/// times its timeout.
+#[inline(always)]
+fn finished_flow(entry: Option<*mut CtEntry>, now: u64, timeouts: &Timeouts) -> Option<Live> {
+    let flow = paired(entry?)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let s = unsafe { &*flow.state };
+    let idle = now.saturating_sub(s.last_seen_ns);
+    let timeout = s.timeout_ns(timeouts);
+    let closed = s.original.proto == IPPROTO_TCP && matches!(s.state, CT_CLOSE | CT_TIME_WAIT);
+    let finished = closed || idle > timeout;
+    (flow.entry == flow.state && finished && idle <= timeout * CT_TAKE_OVER_TIMEOUTS)
+        .then_some(flow)
+}
+
+/// Whether another CPU is creating a flow with reply tuple `reply`: an unassured entry of it,
+/// younger than `CLAIM_GRACE_NS`, other than `ours`.
+#[inline(always)]
+fn claimed_elsewhere(reply: &CtKey, ours: *mut CtEntry, now: u64) -> bool {
+    CONNTRACK_NEW
+        .get_ptr_mut(reply)
+        .is_some_and(|other| other != ours && claimed_lately(other, now))
+}
+
+/// Whether the unassured entry `e` was made less than `CLAIM_GRACE_NS` ago.
+#[inline(always)]
+fn claimed_lately(e: *mut CtEntry, now: u64) -> bool {
+    // SAFETY: a pointer into the map value, valid for this program run.
+    now.saturating_sub(unsafe { (*e).created_ns }) < CLAIM_GRACE_NS
 }
 
 /// Whether a new flow may take the tuple `key`: no live flow holds it (with `reuse_closed`,
@@ -785,11 +914,8 @@ fn tuple_free(key: &CtKey, now: u64, cfg: &Config, reuse_closed: bool) -> bool {
             return false;
         }
     }
-    if let Some(e) = unassured {
-        // SAFETY: a pointer into the map value, valid for this program run.
-        if now.saturating_sub(unsafe { (*e).created_ns }) < CLAIM_GRACE_NS {
-            return false;
-        }
+    if unassured.is_some_and(|e| claimed_lately(e, now)) {
+        return false;
     }
     if assured.is_some() {
         // A finished assured flow's entry: the new flow takes its tuple.

@@ -1,9 +1,9 @@
 //! `netd daemon`: the long-running part of netd, a server for the core's API (see
 //! `server`). The datapath never needs it (programs, maps and links are pinned, so packets
-//! keep flowing with no netd process at all); it sweeps timed-out conntrack entries so their
-//! slots free up before the LRU would evict, finishes or undoes what a command killed midway
-//! left, and moves the eBPF datapath's NAT to a new uplink or uplink address. It can be
-//! killed and restarted at any time.
+//! keep flowing with no netd process at all); it sweeps long timed-out conntrack entries so
+//! their slots free up before the LRU would evict, finishes or undoes what a command killed
+//! midway left, and moves the eBPF datapath's NAT to a new uplink or uplink address. It can
+//! be killed and restarted at any time.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -16,7 +16,8 @@ pub enum ConntrackCommand {
     },
     /// Remove every flow.
     Flush,
-    /// Remove the entries of timed-out flows.
+    /// Remove the entries of flows timed out long enough that no new flow takes them over
+    /// (idle twice their timeout).
     Sweep,
 }
 

@@ -12,9 +12,10 @@ use aya::maps::IterableMap as _;
 use ipnet::IpNet;
 use netd_common::datapath::{
     AF_INET, AF_INET6, Addr, CT_ASSURED, CT_CLOSE, CT_DIR_ORIGINAL, CT_ESTABLISHED, CT_FIN_WAIT,
-    CT_NAT_DNAT, CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT,
-    CtEntry, CtKey, CtLimit, EndpointInfo, EndpointKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, Timeouts, VethInfo, v4_octets, v6_octets,
+    CT_NAT_DNAT, CT_NAT_SNAT, CT_NEW, CT_SEEN_REPLY, CT_SYN_RECV, CT_SYN_SENT,
+    CT_TAKE_OVER_TIMEOUTS, CT_TIME_WAIT, CtEntry, CtKey, CtLimit, EndpointInfo, EndpointKey,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Timeouts, VethInfo, v4_octets,
+    v6_octets,
 };
 use serde::Serialize;
 
@@ -140,7 +141,8 @@ pub fn for_each_flow(pins: &Pins, mut visit: impl FnMut(Flow) -> Result<()>) -> 
     })
 }
 
-/// Removes the entries of timed-out flows (the datapath already ignores them; this frees
+/// Removes the entries of timed-out flows once no new flow may take them over (idle for
+/// `CT_TAKE_OVER_TIMEOUTS` times their timeout; the datapath already ignores them, this frees
 /// their slots before the LRU would), and sets the flow counts of capped containers and
 /// networks to their live flows (the datapath counts up only). Returns how many entries
 /// went.
@@ -158,7 +160,7 @@ pub fn sweep(pins: &Pins) -> Result<usize> {
         };
         // A reply entry left behind by an older flow of the same original tuple.
         let superseded = e.dir != CT_DIR_ORIGINAL && flow.reply != *key;
-        superseded || remaining_ns(&flow, &timeouts, now).is_none()
+        superseded || past_take_over(&flow, &timeouts, now)
     })?;
     recount_limits(pins)?;
     Ok(removed)
@@ -358,9 +360,14 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// out. In nanoseconds, as the datapath compares: whole seconds would keep a flow listed up to
 /// a second after the datapath stopped matching it.
 fn remaining_ns(e: &CtEntry, timeouts: &Timeouts, now: u64) -> Option<u64> {
-    let idle = now.saturating_sub(e.last_seen_ns);
-    let timeout = u64::from(e.timeout_secs(timeouts)) * NS_PER_SEC;
-    timeout.checked_sub(idle)
+    e.timeout_ns(timeouts)
+        .checked_sub(now.saturating_sub(e.last_seen_ns))
+}
+
+/// Whether the flow of original entry `e` has been idle longer than `CT_TAKE_OVER_TIMEOUTS`
+/// times its timeout: no new flow takes its entries over any more, so they may go.
+fn past_take_over(e: &CtEntry, timeouts: &Timeouts, now: u64) -> bool {
+    now.saturating_sub(e.last_seen_ns) > e.timeout_ns(timeouts) * CT_TAKE_OVER_TIMEOUTS
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
@@ -537,5 +544,14 @@ mod tests {
             remaining_ns(&e, &timeouts, timeout_ns + NS_PER_SEC - 1),
             None
         );
+    }
+
+    #[test]
+    fn a_timed_out_flow_is_swept_only_once_no_new_flow_may_take_it_over() {
+        let (e, timeouts, timeout_ns) = udp_flow();
+        let span = timeout_ns * CT_TAKE_OVER_TIMEOUTS;
+        assert!(!past_take_over(&e, &timeouts, timeout_ns + 1));
+        assert!(!past_take_over(&e, &timeouts, span));
+        assert!(past_take_over(&e, &timeouts, span + 1));
     }
 }
