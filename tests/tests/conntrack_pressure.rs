@@ -20,7 +20,7 @@ use netd::netns;
 use netd_testkit::sandbox::OUTSIDE_LINK;
 use tests::{
     frames::{SYN, TCP, UDP, ipv4, send_ipv4, tcp_at, udp},
-    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, bound_connect},
+    harness::{HOST_ADDR, OUTSIDE_ADDR, TestEnv, bound_connect, reset},
     traffic::retry_interrupted,
 };
 
@@ -695,19 +695,14 @@ fn reset_connections_give_their_nat_ports_back_at_once() {
     });
     let server_addr = (OUTSIDE_ADDR, SERVER_PORT).into();
     env.in_ns(&c.ns, || {
-        let reset_on_close = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
         for i in 0..CONNECTIONS {
             let mut conn = TcpStream::connect_timeout(&server_addr, Duration::from_millis(500))
                 .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-            nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &reset_on_close)
-                .unwrap();
             conn.set_read_timeout(Some(TIMEOUT)).unwrap();
             conn.write_all(b"x").unwrap();
             let mut byte = [0u8; 1];
             conn.read_exact(&mut byte).unwrap();
+            reset(conn);
         }
     });
     let ports = server.join().unwrap();
